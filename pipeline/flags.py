@@ -1,0 +1,60 @@
+"""Per-tile quality flags, defined once.
+
+Each flag is one bit of an unsigned integer.  The CF attributes
+``flag_masks`` / ``flag_meanings`` written with kernel maps are generated from
+:data:`FLAGS`, so this table is the only place a flag is defined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Flag", "FLAGS", "FLAG_DTYPE", "NO_DATA", "NO_SIGNAL", "MASKED",
+           "REGULARIZATION_AT_BOUND", "HIGH_RESIDUAL", "OUTLIERS_CLIPPED",
+           "MOMENTS_FAILED", "BAD", "cf_flag_attrs", "describe"]
+
+FLAG_DTYPE = np.uint16
+
+
+@dataclass(frozen=True)
+class Flag:
+    bit: int
+    name: str
+    description: str
+
+    @property
+    def mask(self) -> int:
+        return 1 << self.bit
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag(0, "no_data", "too few valid pixels (or segments) to estimate a kernel; kernel is NaN"),
+    Flag(1, "no_signal", "the source has no usable power; kernel is NaN"),
+    Flag(2, "masked", "some pixels were bad (NaN or masked) and were excluded"),
+    Flag(3, "regularization_at_bound", "the automatic regularisation reached its upper bound: the data hardly constrain the kernel"),
+    Flag(4, "high_residual", "fit residual is well above the noise level"),
+    Flag(5, "outliers_clipped", "the robust pass excluded outlying target pixels"),
+    Flag(6, "moments_failed", "adaptive second moments of the kernel did not converge"),
+)
+
+NO_DATA, NO_SIGNAL, MASKED, REGULARIZATION_AT_BOUND, HIGH_RESIDUAL, OUTLIERS_CLIPPED, \
+    MOMENTS_FAILED = (f.mask for f in FLAGS)
+
+#: Flags meaning the kernel itself is unusable (it is NaN).
+BAD = NO_DATA | NO_SIGNAL
+
+
+def cf_flag_attrs() -> dict[str, object]:
+    """CF-convention attributes describing the flag bits."""
+    return {
+        "flag_masks": np.array([f.mask for f in FLAGS], dtype=FLAG_DTYPE),
+        "flag_meanings": " ".join(f.name for f in FLAGS),
+        "flag_descriptions": "; ".join(f"{f.name}: {f.description}" for f in FLAGS),
+    }
+
+
+def describe(value: int) -> list[str]:
+    """Names of the flags set in ``value``."""
+    return [f.name for f in FLAGS if int(value) & f.mask]

@@ -1,0 +1,73 @@
+"""Input checks shared by every estimator: clear errors before any heavy work."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .errors import InputError, OptionError
+
+__all__ = ["check_kernel_size", "as_image_stack", "bad_pixels", "max_kernel_size"]
+
+
+def max_kernel_size(tile_shape: tuple[int, int]) -> int:
+    """Largest odd kernel side allowed for tiles of this shape (half the shorter side)."""
+    largest = min(tile_shape) // 2
+    return largest if largest % 2 else largest - 1
+
+
+def check_kernel_size(kernel_size: object, tile_shape: tuple[int, int]) -> int:
+    """Validate ``kernel_size`` against the tile shape and return it as ``int``."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
+        raise OptionError(
+            f"kernel_size must be an odd integer, got {kernel_size!r} "
+            f"({type(kernel_size).__name__}); pass e.g. kernel_size=21"
+        )
+    size = int(kernel_size)
+    if size < 1 or size % 2 == 0:
+        raise OptionError(
+            f"kernel_size must be odd and positive so the kernel has a centre pixel, "
+            f"got {size}; use {max(size + 1, 1)} or {max(size - 1, 1)}"
+        )
+    largest = max_kernel_size(tile_shape)
+    if size > largest:
+        raise OptionError(
+            f"kernel_size={size} is too large for {tile_shape[0]}x{tile_shape[1]} tiles: "
+            f"at most {largest} (the kernel may span at most half the tile); "
+            "use a smaller kernel or larger tiles"
+        )
+    return size
+
+
+def as_image_stack(array: object, name: str, *, ndim: tuple[int, ...]) -> np.ndarray:
+    """``array`` as a real-valued ndarray with one of the allowed dimensionalities.
+
+    The input is never modified; a view or a copy is returned.
+    """
+    arr = np.asarray(array)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.integer)
+        or np.issubdtype(arr.dtype, np.bool_)
+    ):
+        raise InputError(
+            f"{name} must hold real numbers, got dtype {arr.dtype}; "
+            "convert it (complex data: take .real or abs)"
+        )
+    if arr.ndim not in ndim:
+        dims = " or ".join(f"{d}-D" for d in ndim)
+        raise InputError(f"{name} must be {dims}, got shape {arr.shape} ({arr.ndim}-D)")
+    if arr.size == 0:
+        raise InputError(f"{name} is empty (shape {arr.shape})")
+    return arr
+
+
+def bad_pixels(
+    source: np.ndarray, target: np.ndarray, mask: np.ndarray | None
+) -> np.ndarray:
+    """Boolean map of pixels bad in either image: non-finite values or a nonzero mask."""
+    bad = ~np.isfinite(source) | ~np.isfinite(target)
+    if mask is not None:
+        bad = bad | (mask != 0)
+    return bad

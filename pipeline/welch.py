@@ -1,0 +1,367 @@
+"""Welch-style kernel estimation from overlapping, tapered segments.
+
+Each tile is cut into overlapping ``segment_size x segment_size`` segments.
+Every kept segment of the source and of the target has its own mean removed, is
+multiplied by a separable taper and Fourier transformed; the cross spectrum
+``sum conj(FS) * FR`` and the source auto spectrum ``sum |FS|**2`` are summed
+over the tile's kept segments, and the kernel's transform is their regularised
+ratio. Averaging over segments tames the noise of the plain ratio, and the taper
+suppresses the cross-shaped artifact caused by non-periodic edges. The taper
+does not commute with the convolution, which leaves a bias of a few percent on
+the kernel: on noise-free white-noise tiles, a 21x21 Gaussian kernel (sigma
+2-2.6 px) comes back with about 2 % relative L2 error from 64-pixel segments,
+3 % from 48-pixel and 8 % from 32-pixel ones; an integer shift ``d`` gives a
+delta of height ``a(dy) a(dx)`` with ``a(d) = sum w(x) w(x - d) / sum w**2``.
+
+All tiles of a batch and all their segments are transformed together with
+batched real FFTs (float32 when the inputs are float32); the batch is processed
+in chunks of tiles so the working memory stays bounded. Segment means are
+removed in the Fourier domain, ``F((x - m) w) = F(x w) - m F(w)``, at the few
+frequencies where ``F(w)`` is nonzero.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import numpy as np
+import scipy.fft as sfft
+from numpy.lib.stride_tricks import as_strided
+
+from pipeline.errors import InputError, OptionError
+
+__all__ = ["WelchResult", "welch_kernels", "taper"]
+
+#: Default of ``regularization``: the ridge added to the summed source power
+#: is this fraction of its mean over all frequencies.
+DEFAULT_REGULARIZATION = 1e-3
+
+#: Upper bound on the number of segment pixels transformed at once per image
+#: (at least one tile); the working memory per thread is about 25 bytes
+#: (float32) or 50 bytes (float64) per segment pixel.
+_CHUNK_PIXELS = 1 << 18
+
+
+@dataclass(frozen=True)
+class WelchResult:
+    """Kernels estimated by :func:`welch_kernels`.
+
+    Attributes
+    ----------
+    kernels : numpy.ndarray
+        ``(n, k, k)`` float64 kernels, centre at ``(k // 2, k // 2)``; NaN for
+        tiles without any usable segment.
+    background : numpy.ndarray
+        ``(n,)`` float64 constant offset of the target relative to
+        ``kernel (*) source``: ``mean(target) - sum(kernel) * mean(source)``
+        over the pixels of the kept segments; NaN where the kernel is NaN.
+    n_segments : numpy.ndarray
+        ``(n,)`` int64 number of segments used per tile.
+    """
+
+    kernels: np.ndarray
+    background: np.ndarray
+    n_segments: np.ndarray
+
+
+def taper(window: str | tuple[str, float], size: int) -> np.ndarray:
+    """Return the 1-D periodic taper of length ``size``.
+
+    Parameters
+    ----------
+    window : str or (str, float)
+        ``"hann"``, ``"tukey"`` (tapered fraction 0.5), ``("tukey", alpha)``
+        with ``0 <= alpha <= 1``, or ``"none"`` (no taper).
+    size : int
+        Number of samples.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(size,)`` float64 window, periodic (DFT-even) form.
+    """
+    if isinstance(window, str):
+        name, param = window.lower(), None
+    elif isinstance(window, (tuple, list)) and len(window) == 2 and isinstance(window[0], str):
+        name, param = window[0].lower(), window[1]
+    else:
+        raise OptionError(f"window must be a name or a (name, parameter) pair, got {window!r}")
+    x = np.arange(size, dtype=np.float64) / size  # periodic: sample n of a size+1 window
+    if name in ("none", "boxcar", "rectangular"):
+        if param is not None:
+            raise OptionError(f"window {name!r} takes no parameter")
+        return np.ones(size)
+    if name in ("hann", "hanning"):
+        if param is not None:
+            raise OptionError("window 'hann' takes no parameter")
+        return 0.5 - 0.5 * np.cos(2.0 * np.pi * x)
+    if name == "tukey":
+        alpha = 0.5 if param is None else param
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= float(alpha) <= 1.0:
+            raise OptionError(f"tukey parameter must be in [0, 1], got {alpha!r}")
+        alpha = float(alpha)
+        w = np.ones(size)
+        if alpha > 0.0:
+            lo = x < alpha / 2.0
+            hi = x > 1.0 - alpha / 2.0
+            w[lo] = 0.5 - 0.5 * np.cos(2.0 * np.pi * x[lo] / alpha)
+            w[hi] = 0.5 - 0.5 * np.cos(2.0 * np.pi * (1.0 - x[hi]) / alpha)
+        return w
+    raise OptionError(f"unknown window {name!r}; expected 'hann', 'tukey' or 'none'")
+
+
+def _positions(length: int, size: int, step: int) -> np.ndarray:
+    """Segment start offsets along one axis; the last segment ends at the edge."""
+    pos = np.arange(0, length - size + 1, step)
+    if pos[-1] != length - size:
+        pos = np.append(pos, length - size)
+    return pos
+
+
+def _groups(pos: np.ndarray, step: int) -> list[tuple[slice, int, int]]:
+    """Split offsets into runs of constant ``step``: ``(slot slice, start, count)``."""
+    uniform = pos[0] + step * np.arange(pos.size) == pos
+    n_uni = int(np.argmin(uniform)) if not uniform.all() else pos.size
+    out = [(slice(0, n_uni), int(pos[0]), n_uni)]
+    for i in range(n_uni, pos.size):
+        out.append((slice(i, i + 1), int(pos[i]), 1))
+    return out
+
+
+def _selector(pos: np.ndarray, size: int, length: int, dtype: np.dtype) -> np.ndarray:
+    """``(len(pos) + 1, length)`` 0/1 matrix: one row per segment plus all-ones."""
+    sel = np.zeros((pos.size + 1, length), dtype=dtype)
+    idx = pos[:, None] + np.arange(size)
+    np.put_along_axis(sel[:-1], idx, 1, axis=1)
+    sel[-1] = 1
+    return sel
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < minimum:
+        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def welch_kernels(
+    sources: np.ndarray,
+    targets: np.ndarray,
+    bad: np.ndarray | None = None,
+    *,
+    kernel_size: int,
+    segment_size: int = 64,
+    overlap: float = 0.5,
+    window: str | tuple[str, float] = "hann",
+    regularization: float = DEFAULT_REGULARIZATION,
+    workers: int = 1,
+) -> WelchResult:
+    """Estimate one kernel per tile by Welch-averaged cross/auto spectra.
+
+    Parameters
+    ----------
+    sources, targets : numpy.ndarray
+        ``(n, ty, tx)`` finite float32 or float64 tiles with
+        ``targets ~ kernel (*) sources + background``. Transforms run in float32
+        when both are float32, else in float64.
+    bad : numpy.ndarray, optional
+        ``(n, ty, tx)`` bool, True marks a bad pixel; segments touching one are
+        dropped.
+    kernel_size : int
+        Odd kernel side ``k <= segment_size``.
+    segment_size : int
+        Side of the square segments; at most the tile's smaller side.
+    overlap : float
+        Fraction of overlap of neighbouring segments, ``0 <= overlap < 1``;
+        step ``max(1, round(segment_size * (1 - overlap)))``. The last segment
+        of each row/column is aligned to the tile's end.
+    window : str or (str, float)
+        Taper applied to every segment, see :func:`taper`.
+    regularization : float
+        Ridge factor ``lambda >= 0``: the kernel transform is
+        ``cross / (power + eps)`` with ``eps = lambda * mean(power)``, the mean
+        taken over all ``segment_size**2`` frequencies of the tile's summed
+        source power (equal, by Parseval, to the summed energy of its tapered,
+        mean-removed source segments). ``0`` is plain division (frequencies of
+        zero power give zero).
+    workers : int
+        Number of threads. Chunks of tiles are processed concurrently, each
+        with single-threaded :mod:`scipy.fft` transforms; a batch that fits in
+        one chunk passes ``workers`` to :mod:`scipy.fft` instead.
+
+    Returns
+    -------
+    WelchResult
+        Kernels, background offsets and number of segments used per tile.
+    """
+    kernel_size = _check_int("kernel_size", kernel_size, 1)
+    if kernel_size % 2 == 0:
+        raise OptionError(f"kernel_size must be odd, got {kernel_size}")
+    seg = _check_int("segment_size", segment_size, 2)
+    if kernel_size > seg:
+        raise OptionError(f"kernel_size {kernel_size} exceeds segment_size {seg}")
+    if isinstance(overlap, bool) or not isinstance(overlap, Real) or not 0.0 <= overlap < 1.0:
+        raise OptionError(f"overlap must be in [0, 1), got {overlap!r}")
+    if (
+        isinstance(regularization, bool)
+        or not isinstance(regularization, Real)
+        or not np.isfinite(regularization)
+        or regularization < 0
+    ):
+        raise OptionError(f"regularization must be finite and >= 0, got {regularization!r}")
+    workers = _check_int("workers", workers, 1)
+    win1 = taper(window, seg)
+
+    sources = np.asarray(sources)
+    targets = np.asarray(targets)
+    if sources.ndim != 3 or sources.shape != targets.shape:
+        raise InputError(
+            f"sources and targets must be (n, ty, tx) of one shape, got {sources.shape} and {targets.shape}"
+        )
+    if bad is not None:
+        bad = np.asarray(bad, dtype=bool)
+        if bad.shape != sources.shape:
+            raise InputError(f"bad must have shape {sources.shape}, got {bad.shape}")
+    n, ty, tx = sources.shape
+    if seg > min(ty, tx):
+        raise OptionError(f"segment_size {seg} exceeds the tile size {(ty, tx)}")
+
+    single = sources.dtype == np.float32 and targets.dtype == np.float32
+    wdt = np.dtype(np.float32 if single else np.float64)
+    step = max(1, int(round(seg * (1.0 - overlap))))
+    py, px = _positions(ty, seg, step), _positions(tx, seg, step)
+    ny, nx = py.size, px.size
+    nseg = ny * nx
+    gy, gx = _groups(py, step), _groups(px, step)
+    sel_y = _selector(py, seg, ty, wdt)  # (ny + 1, ty)
+    sel_xt = _selector(px, seg, tx, wdt).T.copy()  # (tx, nx + 1)
+    win2 = np.outer(win1, win1).astype(wdt)
+    # Spectrum of the taper: removing a segment's mean m is F((x - m) w) =
+    # F(x w) - m F(w); only the bins where F(w) is nonzero need the correction.
+    wspec = sfft.rfft2(np.outer(win1, win1))
+    wy, wx = np.nonzero(np.abs(wspec) > 1e-12 * np.abs(wspec).max())
+    wvals = wspec[wy, wx].astype(np.complex64 if single else np.complex128)
+    wvals_conj = wvals.conj()
+    half = seg // 2 + 1
+    # Parseval weights of the half spectrum (columns 1..ceil(seg/2)-1 count twice).
+    colw = np.full(half, 2.0)
+    colw[0] = 1.0
+    if seg % 2 == 0:
+        colw[-1] = 1.0
+    crop = (np.arange(kernel_size) - kernel_size // 2) % seg
+
+    cdt = np.complex64 if single else np.complex128
+    cross = np.empty((n, seg, half), dtype=cdt)
+    power = np.empty((n, seg, half), dtype=wdt)
+    sums_s = np.empty((n, ny + 1, nx + 1), dtype=wdt)
+    sums_r = np.empty_like(sums_s)
+    if bad is None:
+        kept = np.ones((n, ny, nx), dtype=bool)
+    else:
+        kept = (sel_y[:-1] @ bad.astype(wdt) @ sel_xt[:, :-1]) == 0
+    used = kept.sum(axis=(1, 2))
+    inv_area = 1.0 / (seg * seg)
+    chunk = max(1, _CHUNK_PIXELS // (nseg * seg * seg))
+
+    def accumulate(lo: int, hi: int, fft_workers: int) -> None:
+        """Fill ``cross``, ``power`` and the segment sums of tiles ``lo:hi``."""
+        buf_s = np.empty((min(chunk, hi - lo), ny, nx, seg, seg), dtype=wdt)
+        buf_r = np.empty_like(buf_s)
+        for a in range(lo, hi, chunk):
+            b = min(hi, a + chunk)
+            c = b - a
+            src, tgt = sources[a:b], targets[a:b]
+            # Segment sums (whole-tile sums in the last row/column) by two products.
+            np.matmul(sel_y @ src.astype(wdt, copy=False), sel_xt, out=sums_s[a:b])
+            np.matmul(sel_y @ tgt.astype(wdt, copy=False), sel_xt, out=sums_r[a:b])
+            # Conjugated source spectra come straight from the transform.
+            fs = _tapered_spectra(src, buf_s[:c], gy, gx, step, win2, fft_workers, conj=True)
+            fr = _tapered_spectra(tgt, buf_r[:c], gy, gx, step, win2, fft_workers)
+            fs[..., wy, wx] -= (sums_s[a:b, :-1, :-1, None] * inv_area) * wvals_conj
+            fr[..., wy, wx] -= (sums_r[a:b, :-1, :-1, None] * inv_area) * wvals
+            drop = ~kept[a:b]
+            if drop.any():
+                fs[drop] = 0
+                fr[drop] = 0
+            fs = fs.reshape(c, nseg, seg * half)
+            fr = fr.reshape(c, nseg, seg * half)
+            fsv = fs.view(wdt)
+            sq = np.einsum("tsk,tsk->tk", fsv, fsv)
+            np.add(sq[:, 0::2], sq[:, 1::2], out=power[a:b].reshape(c, -1))
+            # Sum over segments of conj(FS) * FR, in place.
+            np.multiply(fs, fr, out=fs)
+            np.add.reduce(fs, axis=1, out=cross[a:b].reshape(c, -1))
+
+    n_chunks = -(-n // chunk)
+    threads = min(workers, n_chunks)
+    if threads <= 1:
+        accumulate(0, n, workers)
+    else:
+        # Contiguous runs of whole chunks, one per thread, written to disjoint slices.
+        bounds = [min(n, chunk * (n_chunks * i // threads)) for i in range(threads + 1)]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            jobs = [pool.submit(accumulate, lo, hi, 1) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            for job in jobs:
+                job.result()
+
+    # Division and inverse transform in the working precision.
+    eps = regularization * (power @ colw.astype(wdt)).sum(axis=1, dtype=np.float64) / (seg * seg)
+    denom = power + eps.astype(wdt)[:, None, None]
+    ratio = np.divide(cross, denom, out=np.zeros_like(cross), where=denom > 0)
+    full = sfft.irfft2(ratio, s=(seg, seg), workers=workers, overwrite_x=True)
+    kernels = full[:, crop][:, :, crop].astype(np.float64)
+
+    ksum = kernels.sum(axis=(1, 2))
+    mean_s = sums_s[:, -1, -1].astype(np.float64) / (ty * tx)
+    mean_r = sums_r[:, -1, -1].astype(np.float64) / (ty * tx)
+    partial = np.nonzero((used > 0) & (used < nseg))[0]
+    if partial.size:
+        cover = (sel_y[:-1].T @ kept[partial].astype(wdt) @ sel_xt[:, :-1].T) > 0
+        count = cover.sum(axis=(1, 2))
+        mean_s[partial] = np.where(cover, sources[partial], 0).sum(axis=(1, 2), dtype=np.float64) / count
+        mean_r[partial] = np.where(cover, targets[partial], 0).sum(axis=(1, 2), dtype=np.float64) / count
+    background = mean_r - ksum * mean_s
+    none = used == 0
+    kernels[none] = np.nan
+    background[none] = np.nan
+
+    return WelchResult(kernels=kernels, background=background, n_segments=used.astype(np.int64))
+
+
+def _tapered_spectra(
+    tiles: np.ndarray,
+    buf: np.ndarray,
+    gy: list[tuple[slice, int, int]],
+    gx: list[tuple[slice, int, int]],
+    step: int,
+    win2: np.ndarray,
+    workers: int,
+    *,
+    conj: bool = False,
+) -> np.ndarray:
+    """Half spectra ``(c, ny, nx, L, L // 2 + 1)`` of the tapered segments.
+
+    With ``conj`` the complex conjugate spectra are returned (same cost).
+
+    Segments are copied from strided views of ``tiles`` into ``buf`` and
+    multiplied by the taper there; their means are not removed here.
+    """
+    c = tiles.shape[0]
+    seg = win2.shape[0]
+    s0, s1, s2 = tiles.strides
+    for sy, y0, cy in gy:
+        for sx, x0, cx in gx:
+            base = tiles[:, y0:, x0:]
+            view = as_strided(
+                base,
+                shape=(c, cy, cx, seg, seg),
+                strides=(s0, step * s1, step * s2, s1, s2),
+                writeable=False,
+            )
+            np.copyto(buf[:, sy, sx], view)
+    flat = buf.reshape(-1, seg * seg)
+    np.multiply(flat, win2.reshape(-1), out=flat)
+    if conj:
+        return sfft.ihfft2(buf, norm="forward", workers=workers, overwrite_x=True)
+    return sfft.rfft2(buf, workers=workers, overwrite_x=True)

@@ -1,0 +1,343 @@
+"""Tests of the Welch-style estimator, :func:`pipeline.welch.welch_kernels`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.ndimage import gaussian_filter
+from scipy.signal import fftconvolve
+
+from pipeline.errors import OptionError
+from pipeline.welch import WelchResult, taper, welch_kernels
+
+
+def circular_convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Periodic ``kernel (*) image`` with the kernel centre at its middle pixel."""
+    ky, kx = kernel.shape
+    full = np.zeros(image.shape[-2:])
+    full[:ky, :kx] = kernel
+    full = np.roll(full, (-(ky // 2), -(kx // 2)), axis=(0, 1))
+    return np.fft.irfft2(np.fft.rfft2(image) * np.fft.rfft2(full), s=image.shape[-2:])
+
+
+def same_convolve(n: int, size: int, kernel: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """White-noise tiles and their 'same' convolution, cut from a padded canvas (no edges)."""
+    rng = np.random.default_rng(seed)
+    pad = kernel.shape[0]
+    canvas = rng.standard_normal((n, size + 2 * pad, size + 2 * pad))
+    conv = fftconvolve(canvas, kernel[None], mode="same", axes=(1, 2))
+    return canvas[:, pad:-pad, pad:-pad].copy(), conv[:, pad:-pad, pad:-pad].copy()
+
+
+def gaussian(k: int, sy: float, sx: float, dy: float = 0.0, dx: float = 0.0, flux: float = 1.0) -> np.ndarray:
+    h = k // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    g = np.exp(-((yy - dy) ** 2 / (2 * sy**2) + (xx - dx) ** 2 / (2 * sx**2)))
+    return flux * g / g.sum()
+
+
+def l_kernel(k: int) -> np.ndarray:
+    """An asymmetric, L-shaped kernel: a flip or transpose changes it."""
+    h = k // 2
+    out = np.zeros((k, k))
+    out[h, h] = 1.0
+    out[h + 1, h] = 0.6
+    out[h + 2, h] = 0.3
+    out[h, h + 1] = 0.45
+    out[h - 1, h - 2] = 0.2
+    return out
+
+
+def rel_l2(est: np.ndarray, true: np.ndarray) -> float:
+    return float(np.linalg.norm(est - true) / np.linalg.norm(true))
+
+
+def welch_reference(src, tgt, bad, *, k, seg, overlap=0.5, regularization=1e-3):
+    """Slow, loop-based Welch estimate with full complex FFTs (independent of the fast path)."""
+    step = max(1, int(round(seg * (1 - overlap))))
+
+    def starts(length):
+        pos = list(range(0, length - seg + 1, step))
+        if pos[-1] != length - seg:
+            pos.append(length - seg)
+        return pos
+
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(seg) / seg)
+    w2 = np.outer(w, w)
+    cross = np.zeros((seg, seg), complex)
+    power = np.zeros((seg, seg))
+    cover = np.zeros(src.shape, bool)
+    used = 0
+    for y0 in starts(src.shape[0]):
+        for x0 in starts(src.shape[1]):
+            sl = (slice(y0, y0 + seg), slice(x0, x0 + seg))
+            if bad is not None and bad[sl].any():
+                continue
+            fs = np.fft.fft2((src[sl] - src[sl].mean()) * w2)
+            fr = np.fft.fft2((tgt[sl] - tgt[sl].mean()) * w2)
+            cross += np.conj(fs) * fr
+            power += np.abs(fs) ** 2
+            cover[sl] = True
+            used += 1
+    if used == 0:
+        return np.full((k, k), np.nan), np.nan, 0
+    full = np.real(np.fft.ifft2(cross / (power + regularization * power.mean())))
+    kern = np.roll(full, (k // 2, k // 2), axis=(0, 1))[:k, :k]
+    return kern, tgt[cover].mean() - kern.sum() * src[cover].mean(), used
+
+
+@pytest.fixture(scope="module")
+def noise() -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((2, 128, 128))
+
+
+def test_matches_loop_reference_with_bad_pixels() -> None:
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal((3, 100, 90)) + 5.0
+    tgt = circular_convolve(src, gaussian(7, 1.2, 0.9, 0.3, -0.5, flux=1.7)) + 2.0
+    tgt += 0.05 * rng.standard_normal(tgt.shape)
+    bad = np.zeros(src.shape, bool)
+    bad[0, 40, 45] = True
+    bad[1, 0:5, 80:90] = True
+    bad[2, 0:20, 0:20] = True
+    bad[2, 85, 70] = True
+    res = welch_kernels(src, tgt, bad, kernel_size=7, segment_size=32)
+    for i in range(3):
+        kern, bg, used = welch_reference(src[i], tgt[i], bad[i], k=7, seg=32)
+        np.testing.assert_allclose(res.kernels[i], kern, atol=1e-10)
+        np.testing.assert_allclose(res.background[i], bg, atol=1e-10)
+        assert res.n_segments[i] == used
+    # 100 rows -> starts 0, 16, ..., 64 and 68 (6); 90 columns -> 0, ..., 48 and 58 (5)
+    assert res.n_segments.tolist() == [30 - 4, 30 - 1, 30 - 8]
+
+
+def taper_overlap(d: int, seg: int = 64) -> float:
+    """Correlation of the hann taper with itself shifted by ``d``: the expected delta height."""
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(seg) / seg)
+    d = abs(d)
+    return float(np.sum(w[d:] * w[: seg - d]) / np.sum(w * w))
+
+
+@pytest.mark.parametrize("dy,dx", [(0, 0), (2, -3), (-4, 1), (6, 6)])
+def test_shift_gives_delta(noise: np.ndarray, dy: int, dx: int) -> None:
+    k, h = 21, 10
+    res = welch_kernels(noise, np.roll(noise, (dy, dx), axis=(1, 2)), kernel_size=k)
+    assert isinstance(res, WelchResult)
+    assert res.kernels.shape == (2, k, k) and res.kernels.dtype == np.float64
+    assert res.n_segments.tolist() == [9, 9]
+    # the taper shortens the overlap of shifted segments: a delta of height a(dy) a(dx)
+    height = taper_overlap(dy) * taper_overlap(dx)
+    for kern in res.kernels:
+        assert np.unravel_index(np.argmax(kern), kern.shape) == (h + dy, h + dx)
+        assert kern[h + dy, h + dx] == pytest.approx(height, abs=0.02)
+        rest = kern.copy()
+        rest[h + dy, h + dx] = 0.0
+        assert np.abs(rest).max() < 0.03
+
+
+def test_shift_on_smooth_image() -> None:
+    img = gaussian_filter(np.random.default_rng(4).standard_normal((1, 128, 128)), (0, 1.0, 1.0), mode="wrap")
+    res = welch_kernels(img, np.roll(img, (3, -2), axis=(1, 2)), kernel_size=11)
+    kern = res.kernels[0]
+    assert np.unravel_index(np.argmax(kern), kern.shape) == (5 + 3, 5 - 2)
+    assert kern.max() > 0.7
+
+
+def test_asymmetric_kernel_not_flipped(noise: np.ndarray) -> None:
+    kern = l_kernel(9)
+    res = welch_kernels(noise, circular_convolve(noise, kern), kernel_size=9, segment_size=64)
+    for est in res.kernels:
+        assert rel_l2(est, kern) < 0.1
+        assert rel_l2(est, kern[::-1, ::-1]) > 0.8
+        assert rel_l2(est, kern.T) > 0.3  # the transpose shares the centre pixel
+
+
+def test_gaussian_accuracy_noise_free() -> None:
+    """256x256 white noise, 21x21 Gaussian, 64-pixel segments: measured ~1.9 % error."""
+    kern = gaussian(21, 2.0, 2.6, 0.7, -0.4, flux=1.3)
+    src, tgt = same_convolve(2, 256, kern, seed=1)
+    res = welch_kernels(src, tgt, kernel_size=21)
+    errs = [rel_l2(e, kern) for e in res.kernels]
+    assert max(errs) < 0.05
+    np.testing.assert_allclose(res.kernels.sum(axis=(1, 2)), 1.3, rtol=0.06)
+    np.testing.assert_allclose(res.background, 0.0, atol=0.01)
+
+
+def test_float32_path_agrees(noise: np.ndarray) -> None:
+    tgt = circular_convolve(noise, l_kernel(9)) + 100.0
+    r64 = welch_kernels(noise, tgt, kernel_size=9)
+    r32 = welch_kernels(noise.astype(np.float32), tgt.astype(np.float32), kernel_size=9)
+    assert r32.kernels.dtype == np.float64
+    np.testing.assert_allclose(r32.kernels, r64.kernels, atol=2e-4)
+    np.testing.assert_allclose(r32.background, r64.background, atol=1e-3)
+
+
+def test_constant_offsets_change_only_background(noise: np.ndarray) -> None:
+    kern = l_kernel(9)
+    tgt = circular_convolve(noise, kern)
+    base = welch_kernels(noise, tgt, kernel_size=9, segment_size=32)
+    plus_t = welch_kernels(noise, tgt + 7.5, kernel_size=9, segment_size=32)
+    plus_s = welch_kernels(noise + 3.0, tgt, kernel_size=9, segment_size=32)
+    np.testing.assert_allclose(plus_t.kernels, base.kernels, atol=1e-10)
+    np.testing.assert_allclose(plus_s.kernels, base.kernels, atol=1e-10)
+    np.testing.assert_allclose(plus_t.background, base.background + 7.5, atol=1e-9)
+    ksum = base.kernels.sum(axis=(1, 2))
+    np.testing.assert_allclose(plus_s.background, base.background - 3.0 * ksum, atol=1e-9)
+
+
+def test_scaling_target_scales_kernel(noise: np.ndarray) -> None:
+    tgt = circular_convolve(noise, l_kernel(9))
+    base = welch_kernels(noise, tgt, kernel_size=9)
+    scaled = welch_kernels(noise, 2.5 * tgt, kernel_size=9)
+    np.testing.assert_allclose(scaled.kernels, 2.5 * base.kernels, atol=1e-10)
+
+
+def test_segments_touching_bad_pixels_are_dropped(noise: np.ndarray) -> None:
+    tgt = circular_convolve(noise, l_kernel(9))
+    bad = np.zeros(noise.shape, bool)
+    bad[0, 40:50, 40:50] = True  # inside 4 of the 9 segments (64 px, step 32)
+    clean = welch_kernels(np.where(bad, 0.0, noise), np.where(bad, 0.0, tgt), bad, kernel_size=9)
+    src_c, tgt_c = noise.copy(), tgt.copy()
+    src_c[bad], tgt_c[bad] = 1e8, -3e7
+    corrupt = welch_kernels(src_c, tgt_c, bad, kernel_size=9)
+    assert corrupt.n_segments.tolist() == [5, 9]
+    np.testing.assert_allclose(corrupt.kernels, clean.kernels, atol=1e-10)
+    np.testing.assert_allclose(corrupt.background, clean.background, atol=1e-10)
+    # the 5 kept segments (bottom row, right column) still give the kernel
+    assert rel_l2(corrupt.kernels[0], l_kernel(9)) < 0.15
+    # without the mask the huge values would ruin the kernel
+    assert rel_l2(welch_kernels(src_c, tgt_c, kernel_size=9).kernels[0], l_kernel(9)) > 0.5
+
+
+def test_dropped_segments_equal_excluded_region() -> None:
+    """Masking the left column of segments equals cutting the tile to its other columns."""
+    rng = np.random.default_rng(9)
+    src = rng.standard_normal((1, 128, 160))
+    tgt = circular_convolve(src, l_kernel(7)) + 1.0
+    bad = np.zeros(src.shape, bool)
+    bad[:, :, 31] = True  # touches segments starting at x = 0 only
+    masked = welch_kernels(src, tgt, bad, kernel_size=7)
+    cut = welch_kernels(src[:, :, 32:], tgt[:, :, 32:], kernel_size=7)
+    assert masked.n_segments[0] == cut.n_segments[0] == 3 * 3
+    np.testing.assert_allclose(masked.kernels, cut.kernels, atol=1e-10)
+    np.testing.assert_allclose(masked.background, cut.background, atol=1e-10)
+
+
+def test_all_bad_tile_is_nan(noise: np.ndarray) -> None:
+    bad = np.zeros(noise.shape, bool)
+    bad[1] = True
+    res = welch_kernels(noise, noise, bad, kernel_size=5)
+    assert np.isnan(res.kernels[1]).all() and np.isnan(res.background[1])
+    assert res.n_segments.tolist() == [9, 0]
+    assert np.isfinite(res.kernels[0]).all()
+    # one bad pixel in every segment also leaves nothing
+    bad = np.zeros(noise.shape, bool)
+    bad[:, 62:66, 62:66] = True
+    res = welch_kernels(noise, noise, bad, kernel_size=5, overlap=0.5)
+    assert res.n_segments.tolist() == [0, 0] and np.isnan(res.kernels).all()
+
+
+def test_batch_equals_one_by_one_and_threads() -> None:
+    rng = np.random.default_rng(12)
+    src = rng.standard_normal((11, 128, 128)).astype(np.float32)  # several chunks
+    tgt = (circular_convolve(src, l_kernel(7)) + rng.standard_normal((11, 1, 1))).astype(np.float32)
+    bad = np.zeros(src.shape, bool)
+    bad[3, 5, 5] = bad[8, 100:, :] = True
+    batch = welch_kernels(src, tgt, bad, kernel_size=7, segment_size=32)
+    threaded = welch_kernels(src, tgt, bad, kernel_size=7, segment_size=32, workers=3)
+    for name in ("kernels", "background", "n_segments"):
+        np.testing.assert_allclose(getattr(threaded, name), getattr(batch, name), rtol=0, atol=1e-12)
+    for i in range(len(src)):
+        one = welch_kernels(src[i : i + 1], tgt[i : i + 1], bad[i : i + 1], kernel_size=7, segment_size=32)
+        np.testing.assert_allclose(one.kernels[0], batch.kernels[i], atol=1e-6)
+        np.testing.assert_allclose(one.background[0], batch.background[i], atol=1e-5)
+        assert one.n_segments[0] == batch.n_segments[i]
+
+
+@pytest.mark.parametrize("window", ["tukey", ("tukey", 0.25), "none"])
+def test_other_windows(noise: np.ndarray, window) -> None:
+    kern = gaussian(9, 1.0, 1.5)
+    res = welch_kernels(noise, circular_convolve(noise, kern), kernel_size=9, window=window)
+    assert rel_l2(res.kernels[0], kern) < 0.15
+
+
+def test_taper_shapes() -> None:
+    np.testing.assert_allclose(taper("hann", 8), 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(8) / 8))
+    np.testing.assert_allclose(taper(("tukey", 1.0), 16), taper("hann", 16), atol=1e-15)
+    np.testing.assert_allclose(taper(("tukey", 0.0), 16), 1.0)
+    assert taper("none", 5).tolist() == [1.0] * 5
+
+
+def test_regularization_zero_is_plain_division(noise: np.ndarray) -> None:
+    tgt = circular_convolve(noise, l_kernel(7))
+    res = welch_kernels(noise[:1], tgt[:1], kernel_size=7, segment_size=32, regularization=0.0)
+    ref, _, _ = welch_reference(noise[0], tgt[0], None, k=7, seg=32, regularization=0.0)
+    np.testing.assert_allclose(res.kernels[0], ref, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kernel_size": 8},
+        {"kernel_size": 0},
+        {"kernel_size": 65},
+        {"kernel_size": 5, "segment_size": 256},
+        {"kernel_size": 5, "overlap": 1.0},
+        {"kernel_size": 5, "overlap": -0.1},
+        {"kernel_size": 5, "window": "gauss"},
+        {"kernel_size": 5, "window": ("tukey", 2.0)},
+        {"kernel_size": 5, "regularization": -1.0},
+        {"kernel_size": 5, "regularization": float("nan")},
+        {"kernel_size": 5, "workers": 0},
+    ],
+)
+def test_options_are_checked(noise: np.ndarray, options: dict) -> None:
+    with pytest.raises(OptionError):
+        welch_kernels(noise, noise, **options)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.sampled_from([5, 7, 9]),
+    seed=st.integers(0, 2**32 - 1),
+    offset=st.floats(-100.0, 100.0),
+    scale=st.floats(0.1, 10.0),
+)
+def test_property_random_kernel(k: int, seed: int, offset: float, scale: float) -> None:
+    rng = np.random.default_rng(seed)
+    kern = rng.random((k, k)) + 0.2
+    src = rng.standard_normal((1, 96, 96))
+    base = circular_convolve(src, kern)
+    res = welch_kernels(src, scale * base + offset, kernel_size=k, segment_size=32)
+    ref = welch_kernels(src, base, kernel_size=k, segment_size=32)
+    # exact: linear in the target, blind to its offset
+    np.testing.assert_allclose(res.kernels, scale * ref.kernels, atol=1e-9 * scale)
+    np.testing.assert_allclose(res.background - scale * ref.background, offset, atol=1e-8 * (1 + abs(offset)))
+    # approximate: the taper bias
+    assert rel_l2(ref.kernels[0], kern) < 0.25
+    assert res.n_segments[0] == 25
+
+
+def test_no_cross_artifact_on_non_periodic_image() -> None:
+    """The tile that gives the ratio estimate its cross gives Welch none (see test_ratio)."""
+    rng = np.random.default_rng(0)
+    k, h = 21, 10
+    kern = gaussian(k, 1.5, 1.5)
+    ramp = np.linspace(0.0, 20.0, 300)
+    canvas = rng.standard_normal((300, 300)) + ramp[None, :] + ramp[:, None]
+    conv = fftconvolve(canvas, kern, mode="same")
+    src, tgt = canvas[22:150, 22:150][None], conv[22:150, 22:150][None]
+    est = welch_kernels(src, tgt, kernel_size=k).kernels[0]
+    off = kern < 1e-8 * kern.max()
+    cross = np.zeros((k, k), dtype=bool)
+    cross[h, :] = cross[:, h] = True
+    contrast = np.mean(est[off & cross] ** 2) / np.mean(est[off & ~cross] ** 2)
+    assert contrast < 2.0
+    assert rel_l2(est, kern) < 0.08
+
+
+def test_empty_batch() -> None:
+    res = welch_kernels(np.zeros((0, 64, 64)), np.zeros((0, 64, 64)), kernel_size=5)
+    assert res.kernels.shape == (0, 5, 5) and res.background.shape == (0,) and res.n_segments.shape == (0,)
