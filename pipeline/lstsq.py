@@ -214,7 +214,7 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int):
             x = np.minimum(x + np.log(10.0), hi)
             result = tile.update(np.exp(x))
         lam_new, sol = result
-        step = np.clip(np.log(np.maximum(lam_new, _LAM_MIN * 1e-3)) - x, -2.0, 2.0)
+        step = np.clip(np.log(np.maximum(lam_new, _LAM_MIN * 1e-3)) - x, -3.0, 3.0)
         if np.max(np.abs(step)) < tol:
             break  # ``sol`` is the solution at ``x``, within ``tol`` of the fixed point
         if prev_step is not None:
@@ -247,7 +247,7 @@ def lstsq_kernels(
     penalty: str = "compact",
     robust: bool = True,
     clip: float = 5.0,
-    lam_init: float = 1e-2,
+    lam_init: float = 1.0,
     tol: float = 0.03,
     max_iter: int = 60,
     n_probes: int = 24,
@@ -274,8 +274,8 @@ def lstsq_kernels(
     robust
         Exclude pixels with residuals beyond ``clip`` robust sigmas and refit.
     lam_init
-        Starting ``lam`` of the search for the first tile; later tiles start
-        from the previous tile's values.
+        Starting ``lam`` of the search.  Every tile starts from it, so a
+        tile's result does not depend on the other tiles of the batch.
     tol
         Convergence tolerance of the search, in ``log lam``.
     n_probes
@@ -311,7 +311,7 @@ def lstsq_kernels(
     flux_error = np.full(n, np.nan)
     gamma_out = np.full(n, np.nan)
     flag_out = np.zeros(n, dtype=fl.FLAG_DTYPE)
-    lam_prev = np.full(n_terms, float(lam_init))
+    lam_start = np.full(n_terms, float(lam_init))
 
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -360,7 +360,7 @@ def lstsq_kernels(
                 lam_fixed = np.full(n_terms, float(regularization))
                 return tile.solve(lam_fixed), lam_fixed, False
 
-            sol, lam, at_bound = fit(lam_prev)
+            sol, lam, at_bound = fit(lam_start)
             if sol is not None and robust:
                 kern = sol.kernel
                 model = _model(fs[i], kern, shape, (ny, nx), half)
@@ -394,8 +394,6 @@ def lstsq_kernels(
             dof = max(tile.count - 1 - sol.gamma, 1.0)
             ones, _ = lapack.dpotrs(sol.chol, np.ones(k2), lower=1)
             flux_error[t] = np.sqrt(sol.ed / dof * ones.sum())
-            if auto_lam and not at_bound:
-                lam_prev = lam
 
     return LstsqResult(kernels, background, lam_out, n_valid, n_clipped, flux_error,
                        gamma_out, flag_out)

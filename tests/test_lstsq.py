@@ -1,0 +1,158 @@
+"""The exact solver: equals a dense least-squares reference, handles bad pixels exactly,
+and chooses its regularisation from the data."""
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_dilation
+from scipy.signal import fftconvolve
+
+import pipeline as km
+from pipeline import flags as fl
+from pipeline.gram import design_rows
+from pipeline.lstsq import lstsq_kernels, penalty_operators
+
+
+def noisy_pair(seed, size=64, k=7, noise=0.5):
+    rng = np.random.default_rng(seed)
+    canvas = rng.normal(size=(size + 20, size + 20)) * 10.0
+    kernel = rng.uniform(0.0, 1.0, size=(k, k)) / k
+    tgt = fftconvolve(canvas, kernel, mode="same")[10:-10, 10:-10] + 3.0
+    src = canvas[10:-10, 10:-10]
+    return src, tgt + noise * rng.normal(size=tgt.shape), kernel
+
+
+def dense_reference(src, tgt, bad, k, lam, penalty):
+    """Explicit design matrix over the valid pixels, penalised normal equations."""
+    h = k // 2
+    region = np.zeros(src.shape, dtype=bool)
+    region[h:-h, h:-h] = True
+    region &= ~binary_dilation(bad, np.ones((k, k), dtype=bool))
+    s = np.where(bad, 0.0, src)
+    rows = design_rows(s, h, np.nonzero(region))
+    y = tgt[region]
+    xc = rows - rows.mean(axis=0)
+    yc = y - y.mean()
+    gram = xc.T @ xc
+    normal = gram.copy()
+    for op in penalty_operators(k, penalty):
+        p = op.T @ op
+        normal += lam * np.trace(gram) / np.trace(p) * p
+    kern = np.linalg.solve(normal, xc.T @ yc)
+    background = y.mean() - rows.mean(axis=0) @ kern
+    return kern.reshape(k, k), background
+
+
+@pytest.mark.parametrize("penalty", ["compact", "laplacian", "identity"])
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.3])
+def test_fixed_regularization_equals_dense_solve_with_bad_pixels(penalty, lam):
+    src, tgt, _ = noisy_pair(1)
+    bad = np.zeros(src.shape, dtype=bool)
+    bad[20:23, 30:34] = True
+    bad[50, 5] = True
+    src_nan = np.where(bad, np.nan, src)
+    res = km.estimate_kernels(src_nan[None], tgt[None], kernel_size=7, regularization=lam,
+                              penalty=penalty, robust=False)
+    ref_k, ref_b = dense_reference(src, tgt, bad, 7, lam, penalty)
+    np.testing.assert_allclose(res.kernels[0], ref_k, rtol=1e-8, atol=1e-10)
+    assert res.background[0] == pytest.approx(ref_b, rel=1e-8)
+    assert res.flags[0] & fl.MASKED
+    region = ~binary_dilation(bad, np.ones((7, 7), dtype=bool))
+    region[:3], region[-3:], region[:, :3], region[:, -3:] = False, False, False, False
+    assert res.n_valid[0] == region.sum()
+
+
+def test_bad_pixel_values_are_never_used():
+    src, tgt, _ = noisy_pair(2)
+    mask = np.zeros(src.shape, dtype=np.uint8)
+    mask[10:14, 40:44] = 1
+    clean = km.estimate_kernels(src[None], tgt[None], kernel_size=7, masks=mask)
+    corrupt_src, corrupt_tgt = src.copy(), tgt.copy()
+    corrupt_src[mask != 0] = 1e30
+    corrupt_tgt[mask != 0] = -1e25
+    dirty = km.estimate_kernels(corrupt_src[None], corrupt_tgt[None], kernel_size=7, masks=mask)
+    np.testing.assert_allclose(dirty.kernels, clean.kernels, rtol=1e-9, atol=1e-12)
+    # NaN at the same pixels is the same as the mask
+    nan_tgt = np.where(mask != 0, np.nan, tgt)
+    nan_res = km.estimate_kernels(src[None], nan_tgt[None], kernel_size=7)
+    np.testing.assert_allclose(nan_res.kernels, clean.kernels, rtol=1e-9, atol=1e-12)
+
+
+def test_inputs_are_not_modified():
+    src, tgt, _ = noisy_pair(3)
+    src[5, 5] = np.nan
+    before_src, before_tgt = src.copy(), tgt.copy()
+    km.estimate_kernels(src[None], tgt[None], kernel_size=7)
+    np.testing.assert_array_equal(src, before_src)
+    np.testing.assert_array_equal(tgt, before_tgt)
+
+
+def test_too_little_valid_data_gives_nan_and_a_flag():
+    src, tgt, _ = noisy_pair(4)
+    mask = np.ones(src.shape, dtype=bool)
+    mask[20:34, 20:34] = False  # 8x8 fit pixels for 50 unknowns: too few
+    res = km.estimate_kernels(np.stack([src, src]), np.stack([tgt, tgt]), kernel_size=7,
+                              masks=np.stack([mask, np.zeros_like(mask)]))
+    assert res.flags[0] & fl.NO_DATA
+    assert np.all(np.isnan(res.kernels[0])) and np.isnan(res.background[0])
+    assert not res.flags[1] & fl.BAD
+    assert np.all(np.isfinite(res.kernels[1]))
+    with pytest.raises(km.InputError, match="no kernel could be estimated"):
+        km.estimate_kernel(src, tgt, kernel_size=7, mask=mask)
+
+
+def test_source_without_power_is_flagged_in_a_batch():
+    src, tgt, _ = noisy_pair(5)
+    flat = np.full_like(src, 4.0)
+    res = km.estimate_kernels(np.stack([flat, src]), np.stack([tgt, tgt]), kernel_size=7)
+    assert res.flags[0] & fl.NO_SIGNAL and np.all(np.isnan(res.kernels[0]))
+    assert not res.flags[1] & fl.BAD
+
+
+def test_evidence_regularizes_more_when_the_noise_is_larger():
+    lams = []
+    for noise in (0.01, 1.0, 30.0):
+        src, tgt, _ = noisy_pair(6, size=96, noise=noise)
+        lams.append(km.estimate_kernels(src[None], tgt[None], kernel_size=7).regularization[0])
+    assert lams[0] < lams[1] < lams[2]
+
+
+def test_automatic_regularization_beats_none_and_far_too_much():
+    rng = np.random.default_rng(7)
+    canvas = rng.normal(size=(116, 116)) * 10.0
+    yy, xx = np.mgrid[-4:5, -4:5]
+    kernel = np.exp(-0.5 * ((yy - 0.5) ** 2 + (xx + 0.3) ** 2 / 1.5) / 1.3**2)
+    kernel /= kernel.sum()
+    tgt = fftconvolve(canvas, kernel, mode="same")[10:-10, 10:-10] + rng.normal(size=(96, 96)) * 5.0
+    src = canvas[10:-10, 10:-10]
+    err = {lam: np.linalg.norm(km.estimate_kernel(src, tgt, kernel_size=9, regularization=lam) - kernel)
+           for lam in (0.0, 100.0)}
+    auto_err = np.linalg.norm(km.estimate_kernel(src, tgt, kernel_size=9) - kernel)
+    assert auto_err < err[0.0] and auto_err < err[100.0]
+
+
+def test_robust_pass_removes_cosmic_rays():
+    src, tgt, kernel = noisy_pair(8, size=96, noise=0.5)
+    rng = np.random.default_rng(8)
+    hits = tgt.copy()
+    ys, xs = rng.integers(10, 86, size=(2, 25))
+    hits[ys, xs] += 500.0
+    robust = lstsq_kernels(src[None], hits[None], kernel_size=7, robust=True)
+    plain = lstsq_kernels(src[None], hits[None], kernel_size=7, robust=False)
+    assert robust.flags[0] & fl.OUTLIERS_CLIPPED and robust.n_clipped[0] >= 25
+    err_robust = np.linalg.norm(robust.kernels[0] - kernel) / np.linalg.norm(kernel)
+    err_plain = np.linalg.norm(plain.kernels[0] - kernel) / np.linalg.norm(kernel)
+    assert err_robust < 0.5 * err_plain
+
+
+def test_flux_error_describes_the_scatter():
+    """The reported standard error of the kernel sum matches its scatter over noise draws."""
+    sums, errors = [], []
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        canvas = np.random.default_rng(9).normal(size=(84, 84)) * 10.0
+        kernel = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
+        tgt = fftconvolve(canvas, kernel, mode="same")[10:-10, 10:-10] + rng.normal(size=(64, 64)) * 2.0
+        res = lstsq_kernels(canvas[None, 10:-10, 10:-10], tgt[None], kernel_size=5, robust=False)
+        sums.append(res.kernels[0].sum())
+        errors.append(res.flux_error[0])
+    assert 0.5 < np.std(sums, ddof=1) / np.median(errors) < 2.0
