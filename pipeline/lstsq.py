@@ -40,6 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.fft as sfft
+from scipy import sparse
 from scipy.linalg import lapack
 from scipy.ndimage import binary_dilation
 
@@ -70,48 +71,61 @@ class LstsqResult:
     flags: np.ndarray  #: ``(n,)`` quality bits, see :mod:`pipeline.flags`
 
 
-def _laplacian(k: int) -> np.ndarray:
-    second = -2.0 * np.eye(k) + np.eye(k, k=1) + np.eye(k, k=-1)
-    eye = np.eye(k)
-    return np.kron(eye, second) + np.kron(second, eye)
+def _laplacian(k: int) -> sparse.csr_matrix:
+    """5-point Laplacian on the ``k x k`` stamp, zero outside it."""
+    second = sparse.diags([1.0, -2.0, 1.0], [-1, 0, 1], shape=(k, k))
+    eye = sparse.identity(k)
+    return sparse.csr_matrix(sparse.kron(eye, second) + sparse.kron(second, eye))
 
 
-@lru_cache(maxsize=16)
+def _radius2(kernel_size: int) -> np.ndarray:
+    """Squared radius from the stamp centre over ``h^2``, per pixel (raster order)."""
+    h = max(kernel_size // 2, 1)
+    yy, xx = np.mgrid[-(kernel_size // 2) : kernel_size // 2 + 1, -(kernel_size // 2) : kernel_size // 2 + 1]
+    return ((yy**2 + xx**2) / h**2).ravel()
+
+
+def _operators(kernel_size: int, penalty: str) -> tuple:
+    """Penalty operators as sparse matrices."""
+    k = kernel_size
+    if penalty == "identity":
+        return (sparse.identity(k * k, format="csr"),)
+    lap = _laplacian(k)
+    if penalty == "laplacian":
+        return (lap,)
+    rho2 = _radius2(k)
+    return (
+        sparse.diags(rho2 + _CORE_SMOOTHING) @ lap,
+        sparse.diags(rho2**2 + 1e-4),
+    )
+
+
 def penalty_operators(kernel_size: int, penalty: str) -> tuple[np.ndarray, ...]:
     """Operators ``D_i`` (``k*k`` columns) of the penalty terms ``||D_i K||^2``."""
     if penalty not in PENALTIES:
         raise OptionError(f"penalty={penalty!r} is not known; choose one of {', '.join(PENALTIES)}")
-    k = kernel_size
-    if penalty == "identity":
-        ops = (np.eye(k * k),)
-    elif penalty == "laplacian":
-        ops = (_laplacian(k),)
-    else:
-        h = max(k // 2, 1)
-        yy, xx = np.mgrid[-(k // 2) : k // 2 + 1, -(k // 2) : k // 2 + 1]
-        rho2 = ((yy**2 + xx**2) / h**2).ravel()
-        ops = (
-            (rho2 + _CORE_SMOOTHING)[:, None] * _laplacian(k),
-            np.diag(rho2**2 + 1e-4),
-        )
+    return tuple(op.toarray() for op in _operators(kernel_size, penalty))
+
+
+def _terms(ops: tuple, n_probes: int):
+    """Penalty Grams ``D_i^T D_i`` and probes ``D_i^T z`` (fixed Rademacher ``z``)."""
+    rng = np.random.default_rng(20261126)
+    grams, probes = [], []
     for op in ops:
-        op.setflags(write=False)
-    return ops
+        z = rng.choice([-1.0, 1.0], size=(op.shape[0], n_probes))
+        grams.append((op.T @ op).toarray())
+        probes.append(np.asarray(op.T @ z))
+    return tuple(grams), tuple(probes)
 
 
 @lru_cache(maxsize=16)
 def _penalty_terms(kernel_size: int, penalty: str, n_probes: int):
-    """Penalty Grams ``D_i^T D_i`` and probes ``D_i^T z`` (fixed Rademacher ``z``)."""
-    rng = np.random.default_rng(20261126)
-    grams, probes = [], []
-    for op in penalty_operators(kernel_size, penalty):
-        z = rng.choice([-1.0, 1.0], size=(op.shape[0], n_probes))
-        g, p = op.T @ op, op.T @ z
-        g.setflags(write=False)
-        p.setflags(write=False)
-        grams.append(g)
-        probes.append(p)
-    return tuple(grams), tuple(probes)
+    if penalty not in PENALTIES:
+        raise OptionError(f"penalty={penalty!r} is not known; choose one of {', '.join(PENALTIES)}")
+    grams, probes = _terms(_operators(kernel_size, penalty), n_probes)
+    for arr in (*grams, *probes):
+        arr.setflags(write=False)
+    return grams, probes
 
 
 class _Tile:
