@@ -116,7 +116,12 @@ def _check_options(method: str, options: dict[str, Any]) -> None:
 
 
 def _prepare(sources, targets, masks, kernel_size):
-    """Validate and convert inputs to float64 stacks with bad pixels zeroed."""
+    """Validate inputs; return float stacks with bad pixels zeroed and the bad map.
+
+    float32 inputs stay float32 (the spectral methods run faster in single
+    precision; the exact solver always works in float64); anything else
+    becomes float64.  The inputs are never written.
+    """
     tgt = as_image_stack(targets, "targets", ndim=(3,))
     src = as_image_stack(sources, "sources", ndim=(2, 3))
     if src.ndim == 2:
@@ -135,32 +140,66 @@ def _prepare(sources, targets, masks, kernel_size):
             )
         mask = np.broadcast_to(mask, tgt.shape)
     size = check_kernel_size(kernel_size, tgt.shape[1:])
-    src64 = np.array(src, dtype=np.float64)  # always a copy: inputs are never written
-    tgt64 = np.array(tgt, dtype=np.float64)
-    bad = bad_pixels(src64, tgt64, mask)
-    src64[bad] = 0.0
-    tgt64[bad] = 0.0
-    return src64, tgt64, bad, size
+    single = src.dtype == np.float32 and tgt.dtype == np.float32
+    dtype = np.float32 if single else np.float64
+    src_f = np.array(src, dtype=dtype)  # always a copy: inputs are never written
+    tgt_f = np.array(tgt, dtype=dtype)
+    bad = bad_pixels(src_f, tgt_f, mask)
+    if bad.any():
+        src_f[bad] = 0.0
+        tgt_f[bad] = 0.0
+    return src_f, tgt_f, bad, size
 
 
-def _run_method(method, src, tgt, bad, size, options, workers):
-    func = METHODS[method]
+def _estimate_part(method, src, tgt, bad, size, options):
+    """Kernels and diagnostics of one contiguous part of the batch."""
+    n = len(tgt)
     any_bad = bool(bad.any())
-    parts = np.array_split(np.arange(len(src)), max(1, min(workers, len(src))))
+    out = vars(METHODS[method](src, tgt, bad if any_bad else None, kernel_size=size, **options))
+    kernels = np.array(out["kernels"], dtype=np.float64)
+    flags = np.array(out.get("flags", np.zeros(n)), dtype=fl.FLAG_DTYPE)
+    if method != "lstsq":
+        flags[bad.reshape(n, -1).any(axis=1)] |= fl.MASKED
+        if "n_segments" in out:
+            flags[out["n_segments"] == 0] |= fl.NO_DATA
+        flat = src.reshape(n, -1)
+        flags[~np.any(flat != flat[:, :1], axis=1)] |= fl.NO_SIGNAL
+    unusable = (flags & fl.BAD) != 0
+    unusable |= ~np.all(np.isfinite(kernels), axis=(1, 2))
+    flags[unusable & ((flags & fl.BAD) == 0)] |= fl.NO_SIGNAL
+    kernels[unusable] = np.nan
+    background = np.where(unusable, np.nan, out["background"])
 
-    def run(idx: np.ndarray):
-        return func(src[idx], tgt[idx], bad[idx] if any_bad else None, kernel_size=size, **options)
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        if len(parts) == 1:
-            results = [run(parts[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-                results = list(pool.map(run, parts))
-    merged = {}
-    for name in vars(results[0]):
-        merged[name] = np.concatenate([getattr(r, name) for r in results])
-    return merged
+    region = fit_region(bad, size)
+    noise = robust_noise(tgt, bad)
+    residual, snr = residual_statistics(src, tgt, kernels, background, region, noise)
+    flags[residual > HIGH_RESIDUAL] |= fl.HIGH_RESIDUAL
+    moments = shape_statistics(kernels)
+    flags[~moments.converged & ~unusable] |= fl.MOMENTS_FAILED
+    centroid_y, centroid_x = plain_centroids(kernels, moments)
+    if "n_valid" in out:
+        n_valid = out["n_valid"]
+    elif "n_segments" in out:
+        n_valid = out["n_segments"]
+    else:
+        n_valid = (~bad).reshape(n, -1).sum(axis=1)
+    return {
+        "kernels": kernels,
+        "flux": kernels.sum(axis=(1, 2)),
+        "background": background,
+        "residual": residual,
+        "noise": noise,
+        "snr": snr,
+        "centroid_y": centroid_y,
+        "centroid_x": centroid_x,
+        "fwhm": moments.fwhm,
+        "e1": moments.e1,
+        "e2": moments.e2,
+        "ellipticity": moments.ellipticity,
+        "regularization": out.get("lam", np.full(n, np.nan)),
+        "n_valid": np.asarray(n_valid, dtype=np.int64),
+        "flags": flags,
+    }
 
 
 def estimate_kernels(
@@ -192,7 +231,8 @@ def estimate_kernels(
     normalize
         Divide each kernel by its sum (``flux`` still reports the sum).
     workers
-        Threads over tiles.
+        Threads over tiles (each part of the batch is estimated and
+        diagnosed in its own thread; BLAS runs single-threaded inside).
     **options
         Method options (see :func:`pipeline.lstsq.lstsq_kernels`,
         :func:`pipeline.welch.welch_kernels`).
@@ -206,62 +246,26 @@ def estimate_kernels(
     """
     method = _check_method(method)
     _check_options(method, options)
-    src, tgt, bad, size = _prepare(sources, targets, masks, kernel_size)
-    if not isinstance(workers, int) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise OptionError(f"workers must be a positive integer, got {workers!r}")
-    out = _run_method(method, src, tgt, bad, size, options, workers)
-    n = len(tgt)
-    kernels = out["kernels"]
-    flags = out.get("flags", np.zeros(n, dtype=fl.FLAG_DTYPE)).astype(fl.FLAG_DTYPE)
-    if method != "lstsq":
-        has_bad = bad.reshape(n, -1).any(axis=1)
-        flags[has_bad] |= fl.MASKED
-        if "n_segments" in out:
-            flags[out["n_segments"] == 0] |= fl.NO_DATA
-        flat = src.reshape(n, -1)
-        no_power = ~np.any(flat != flat[:, :1], axis=1)
-        flags[no_power] |= fl.NO_SIGNAL
-    unusable = (flags & fl.BAD) != 0
-    unusable |= ~np.all(np.isfinite(kernels), axis=(1, 2))
-    flags[unusable & ((flags & fl.BAD) == 0)] |= fl.NO_SIGNAL
-    kernels[unusable] = np.nan
-    background = np.where(unusable, np.nan, out["background"])
+    src, tgt, bad, size = _prepare(sources, targets, masks, kernel_size)
+    parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
 
-    region = fit_region(bad, size)
-    noise = robust_noise(tgt, bad)
-    residual, snr = residual_statistics(src, tgt, kernels, background, region, noise)
-    flags[residual > HIGH_RESIDUAL] |= fl.HIGH_RESIDUAL
-    flux = kernels.sum(axis=(1, 2))
-    moments = shape_statistics(kernels)
-    flags[~moments.converged & ~unusable] |= fl.MOMENTS_FAILED
-    centroid_y, centroid_x = plain_centroids(kernels, moments)
+    def run(idx: np.ndarray) -> dict[str, np.ndarray]:
+        sl = slice(int(idx[0]), int(idx[-1]) + 1)
+        return _estimate_part(method, src[sl], tgt[sl], bad[sl], size, options)
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        if len(parts) == 1:
+            results = [run(parts[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                results = list(pool.map(run, parts))
+    merged = {name: np.concatenate([r[name] for r in results]) for name in results[0]}
     if normalize:
         with np.errstate(divide="ignore", invalid="ignore"):
-            kernels = kernels / flux[:, None, None]
-    if "n_valid" in out:
-        n_valid = out["n_valid"]
-    elif "n_segments" in out:
-        n_valid = out["n_segments"]
-    else:
-        n_valid = (~bad).reshape(n, -1).sum(axis=1)
-    return KernelEstimates(
-        kernels=kernels,
-        flux=flux,
-        background=background,
-        residual=residual,
-        noise=noise,
-        snr=snr,
-        centroid_y=centroid_y,
-        centroid_x=centroid_x,
-        fwhm=moments.fwhm,
-        e1=moments.e1,
-        e2=moments.e2,
-        ellipticity=moments.ellipticity,
-        regularization=out.get("lam", np.full(n, np.nan)),
-        n_valid=np.asarray(n_valid, dtype=np.int64),
-        flags=flags,
-        method=method,
-    )
+            merged["kernels"] = merged["kernels"] / merged["flux"][:, None, None]
+    return KernelEstimates(method=method, **merged)
 
 
 def estimate_kernel(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.fft as sfft
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 __all__ = ["fft_shape", "valid_gram", "dense_gram", "design_rows"]
 
@@ -119,58 +119,58 @@ def valid_gram(
     return np.concatenate([_tile_gram(sources[i : i + 1], auto[i : i + 1], half) for i in range(n)])
 
 
-def _tile_gram(sources: np.ndarray, auto: np.ndarray, half: int) -> np.ndarray:
-    """Gram of ``(n, ny, nx)`` tiles from their autocorrelation lags ``(n, 4h+1, 4h+1)``."""
-    n, ny, nx = sources.shape
+def _toeplitz_view(table: np.ndarray, half: int, order: str) -> np.ndarray:
+    """A strided view expanding a lag table into ``[jy, jx, ly, lx]`` order, no copy.
+
+    ``order="yx"``: ``table[lag_y, lag_x]`` (the autocorrelation);
+    ``order="rows"``: ``table[jy, ly, lag_x]``; ``order="cols"``:
+    ``table[jx, lx, lag_y]``; with ``lag = j - l + 2h``.
+    """
     k = 2 * half + 1
     w = 2 * half
-    j = np.arange(k)
-    lag = j[:, None] - j[None, :] + w  # [j, l] -> index of lag j - l
-    jy = j[:, None, None, None]
-    jx = j[None, :, None, None]
-    ly = j[None, None, :, None]
-    lx = j[None, None, None, :]
-    lag_y = lag[:, None, :, None]
-    lag_x = lag[None, :, None, :]
-    gram = auto[:, lag_y, lag_x]  # [n, jy, jx, ly, lx]
+    table = np.ascontiguousarray(table)
+    st = table.strides
+    if order == "yx":
+        base, strides = table[w:, w:], (st[0], st[1], -st[0], -st[1])
+    elif order == "rows":
+        base, strides = table[:, :, w:], (st[0], st[2], st[1], -st[2])
+    else:
+        base, strides = table[:, :, w:], (st[2], st[0], -st[2], st[1])
+    return as_strided(base, shape=(k, k, k, k), strides=strides, writeable=False)
+
+
+def _tile_gram(sources: np.ndarray, auto: np.ndarray, half: int) -> np.ndarray:
+    """Gram of one ``(1, ny, nx)`` tile from its autocorrelation lags ``(1, 4h+1, 4h+1)``."""
+    _, ny, nx = sources.shape
+    k = 2 * half + 1
+    w = 2 * half
+    src = sources[0]
 
     # Edge strips: the first/last 2h rows (all columns) and columns (all rows).
-    flip_y = sources[:, ::-1, :]
-    transposed = sources.transpose(0, 2, 1)
-    flip_x_t = transposed[:, ::-1, :]
+    flip_y = src[::-1, :]
+    transposed = src.T
+    flip_x_t = transposed[::-1, :]
     if ny == nx:
-        strips = _band_sums(
-            np.concatenate([sources[:, :w], flip_y[:, :w], transposed[:, :w], flip_x_t[:, :w]]),
-            half,
-        )
-        top, bottom, left, right = np.split(strips, 4)
+        strips = _band_sums(np.stack([src[:w], flip_y[:w], transposed[:w], flip_x_t[:w]]), half)
+        top, bottom, left, right = strips
     else:
-        top, bottom = np.split(_band_sums(np.concatenate([sources[:, :w], flip_y[:, :w]]), half), 2)
-        left, right = np.split(
-            _band_sums(np.concatenate([transposed[:, :w], flip_x_t[:, :w]]), half), 2
-        )
-    rows = top[:, ::-1, ::-1, :] + bottom  # [jy, ly, lag_x]
-    gram -= rows[:, jy, ly, lag_x]
-    cols = left[:, ::-1, ::-1, :] + right  # [jx, lx, lag_y]
-    gram -= cols[:, jx, lx, lag_y]
+        top, bottom = _band_sums(np.stack([src[:w], flip_y[:w]]), half)
+        left, right = _band_sums(np.stack([transposed[:w], flip_x_t[:w]]), half)
+    rows = top[::-1, ::-1, :] + bottom  # [jy, ly, lag_x]
+    cols = left[::-1, ::-1, :] + right  # [jx, lx, lag_y]
 
-    # Corners, counted twice above.
-    corners = _corner_sums(
-        np.concatenate(
-            [
-                sources[:, :w, :w],
-                sources[:, :w, ::-1][:, :, :w],
-                flip_y[:, :w, :w],
-                flip_y[:, :w, ::-1][:, :, :w],
-            ]
-        )
+    # Corners, counted twice by the strips.
+    tl, tr, bl, br = _corner_sums(
+        np.stack([src[:w, :w], src[:w, ::-1][:, :w], flip_y[:w, :w], flip_y[:w, ::-1][:, :w]])
     )
-    tl, tr, bl, br = np.split(corners, 4)
-    gram += tl[:, ::-1, ::-1, ::-1, ::-1]
-    gram += tr[:, ::-1, :, ::-1, :]
-    gram += bl[:, :, ::-1, :, ::-1]
-    gram += br
-    return gram.reshape(n, k * k, k * k)
+    gram = br.copy()  # [jy, jx, ly, lx]
+    gram += tl[::-1, ::-1, ::-1, ::-1]
+    gram += tr[::-1, :, ::-1, :]
+    gram += bl[:, ::-1, :, ::-1]
+    gram += _toeplitz_view(auto[0], half, "yx")
+    gram -= _toeplitz_view(rows, half, "rows")
+    gram -= _toeplitz_view(cols, half, "cols")
+    return gram.reshape(1, k * k, k * k)
 
 
 def design_rows(source: np.ndarray, half: int, pixels: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

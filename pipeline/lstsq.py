@@ -107,36 +107,49 @@ def penalty_operators(kernel_size: int, penalty: str) -> tuple[np.ndarray, ...]:
     return tuple(op.toarray() for op in _operators(kernel_size, penalty))
 
 
-def _terms(ops: tuple, n_probes: int):
-    """Penalty Grams ``D_i^T D_i`` and probes ``D_i^T z`` (fixed Rademacher ``z``)."""
+@dataclass(frozen=True)
+class _Penalty:
+    """Penalty Grams ``D_i^T D_i`` (sparse) and trace probes ``D_i^T z``."""
+
+    grams: tuple[sparse.csr_matrix, ...]
+    flat_index: tuple[np.ndarray, ...]  #: raster positions of each Gram's nonzeros
+    traces: np.ndarray  #: ``tr(D_i^T D_i)``
+    probes64: np.ndarray  #: all terms' probes side by side, ``(k*k, m * n_probes)``
+    probes32: np.ndarray
+    n_probes: int
+
+
+def _terms(ops: tuple, n_probes: int) -> _Penalty:
     rng = np.random.default_rng(20261126)
-    grams, probes = [], []
+    grams, flat, probes = [], [], []
     for op in ops:
+        op = sparse.csr_matrix(op)
         z = rng.choice([-1.0, 1.0], size=(op.shape[0], n_probes))
-        grams.append((op.T @ op).toarray())
+        gram = sparse.csr_matrix(op.T @ op)
+        gram.sum_duplicates()
+        rows = np.repeat(np.arange(gram.shape[0]), np.diff(gram.indptr))
+        grams.append(gram)
+        flat.append(rows * gram.shape[1] + gram.indices)
         probes.append(np.asarray(op.T @ z))
-    return tuple(grams), tuple(probes)
+    probes64 = np.ascontiguousarray(np.hstack(probes))
+    return _Penalty(tuple(grams), tuple(flat), np.array([g.diagonal().sum() for g in grams]),
+                    probes64, probes64.astype(np.float32), n_probes)
 
 
 @lru_cache(maxsize=16)
-def _penalty_terms(kernel_size: int, penalty: str, n_probes: int):
+def _penalty_terms(kernel_size: int, penalty: str, n_probes: int) -> _Penalty:
     if penalty not in PENALTIES:
         raise OptionError(f"penalty={penalty!r} is not known; choose one of {', '.join(PENALTIES)}")
-    grams, probes = _terms(_operators(kernel_size, penalty), n_probes)
-    for arr in (*grams, *probes):
-        arr.setflags(write=False)
-    return grams, probes
+    return _terms(_operators(kernel_size, penalty), n_probes)
 
 
 class _Tile:
     """Normal equations of one tile, with the background eliminated."""
 
-    def __init__(self, gram, colsum, rhs, rsum, rsq, count, penalty_grams, probes):
+    def __init__(self, gram, colsum, rhs, rsum, rsq, count, penalty: _Penalty):
         self.gram, self.colsum, self.rhs = gram, colsum, rhs
         self.rsum, self.rsq, self.count = rsum, rsq, count
-        self.penalty_grams = penalty_grams
-        self.probes = probes
-        self.prior_mean: np.ndarray | None = None
+        self.penalty = penalty
         self.refresh()
 
     def refresh(self) -> None:
@@ -144,8 +157,7 @@ class _Tile:
         self.gc = self.gram - np.outer(self.colsum, self.colsum) / n
         self.cc = self.rhs - self.colsum * (self.rsum / n)
         self.yy = self.rsq - self.rsum**2 / n
-        tr = np.trace(self.gc)
-        self.scale = np.array([tr / np.trace(p) for p in self.penalty_grams])
+        self.scale = np.trace(self.gc) / self.penalty.traces
 
     def remove(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Drop target pixels (design rows and target values) from the fit."""
@@ -157,35 +169,55 @@ class _Tile:
         self.count -= len(values)
         self.refresh()
 
-    def solve(self, lam: np.ndarray):
-        """Kernel and evidence quantities at ``lam``; ``None`` if not positive definite."""
+    def solve(self, lam: np.ndarray, *, fast: bool = False):
+        """Kernel and evidence quantities at ``lam``; ``None`` if not positive definite.
+
+        ``fast`` factorises in single precision and refines the kernel once in
+        double precision (about 2x cheaper; used while searching ``lam``).  It
+        falls back to double precision when the system is too ill-conditioned
+        for that.
+        """
+        pen = self.penalty
         mu = lam * self.scale
         a = self.gc.copy()
-        for m, p in zip(mu, self.penalty_grams):
-            a += m * p
+        flat = a.reshape(-1)
+        for m, g, idx in zip(mu, pen.grams, pen.flat_index):
+            flat[idx] += m * g.data
         rhs = self.cc
-        if self.prior_mean is not None:
-            rhs = rhs + (a - self.gc) @ self.prior_mean
-        chol, info = lapack.dpotrf(a, lower=1, clean=1, overwrite_a=1)
-        if info != 0:
+        kern = None
+        if fast:
+            chol, info = lapack.spotrf(a.astype(np.float32), lower=1, clean=1, overwrite_a=1)
+            if info == 0:
+                kern, _ = lapack.spotrs(chol, rhs.astype(np.float32), lower=1)
+                kern = kern.astype(np.float64)
+                step, _ = lapack.spotrs(chol, (rhs - a @ kern).astype(np.float32), lower=1)
+                kern += step
+                if not np.linalg.norm(rhs - a @ kern) <= 1e-7 * np.linalg.norm(rhs):
+                    kern = None
+        if kern is None:
+            chol, info = lapack.dpotrf(a, lower=1, clean=1, overwrite_a=1)
+            if info != 0:
+                return None
+            kern, info = lapack.dpotrs(chol, rhs, lower=1)
+            if info != 0:
+                return None
+        if not np.all(np.isfinite(kern)):
             return None
-        kern, info = lapack.dpotrs(chol, rhs, lower=1)
-        if info != 0 or not np.all(np.isfinite(kern)):
-            return None
-        dev = kern if self.prior_mean is None else kern - self.prior_mean
-        ew = np.array([dev @ (p @ dev) for p in self.penalty_grams])
+        ew = np.array([kern @ (g @ kern) for g in pen.grams])
         ed = max(self.yy - 2.0 * (kern @ self.cc) + kern @ (self.gc @ kern), 0.0)
-        traces = np.empty(len(mu))
-        for i, z in enumerate(self.probes):
-            w, _ = lapack.dtrtrs(chol, z, lower=1)
-            traces[i] = np.einsum("ij,ij->", w, w) / z.shape[1]
+        if chol.dtype == np.float32:
+            w, _ = lapack.strtrs(chol, pen.probes32, lower=1)
+        else:
+            w, _ = lapack.dtrtrs(chol, pen.probes64, lower=1)
+        per_probe = np.einsum("ij,ij->j", w, w, dtype=np.float64)
+        traces = per_probe.reshape(len(mu), pen.n_probes).mean(axis=1)
         suppressed = mu * traces
         gamma = float(np.clip(len(kern) - suppressed.sum(), 0.0, len(kern)))
         return _Solution(kern, chol, ew, ed, gamma, suppressed)
 
     def update(self, lam: np.ndarray):
         """One evidence fixed-point update; returns (new lam, solution) or None."""
-        sol = self.solve(lam)
+        sol = self.solve(lam, fast=True)
         if sol is None:
             return None
         k2 = len(sol.kernel)
@@ -230,9 +262,10 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int):
         lam_new, sol = result
         step = np.clip(np.log(np.maximum(lam_new, _LAM_MIN * 1e-3)) - x, -3.0, 3.0)
         if np.max(np.abs(step)) < tol:
-            break  # ``sol`` is the solution at ``x``, within ``tol`` of the fixed point
+            break  # ``x`` is within ``tol`` of the fixed point
         if prev_step is not None:
-            # Aitken-style extrapolation while steps shrink in the same direction
+            # Aitken-style extrapolation while the steps shrink monotonically:
+            # with a ratio r between steps the fixed point is step / (1 - r) away
             ratio = np.where(prev_step != 0, step / np.where(prev_step != 0, prev_step, 1.0), 0.0)
             accel = (ratio > 0) & (ratio < 1)
             step = np.where(accel, step / np.maximum(1.0 - ratio, 0.25), step)
@@ -242,7 +275,7 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int):
     # the lower bound only means the data need no regularisation; the upper one
     # means the data say nothing the prior does not
     at_bound = bool(np.any(x >= hi - tol))
-    return sol, np.exp(x), at_bound
+    return tile.solve(np.exp(x)), np.exp(x), at_bound
 
 
 def _valid_box(shape: tuple[int, int], half: int) -> np.ndarray:
@@ -309,8 +342,8 @@ def lstsq_kernels(
     n, ny, nx = sources.shape
     half = kernel_size // 2
     k2 = kernel_size * kernel_size
-    penalty_grams, probes = _penalty_terms(kernel_size, penalty, n_probes)
-    n_terms = len(penalty_grams)
+    pen = _penalty_terms(kernel_size, penalty, n_probes)
+    n_terms = len(pen.grams)
     shape = fft_shape((ny, nx), half)
     box = _valid_box((ny, nx), half)
     footprint = np.ones((kernel_size, kernel_size), dtype=bool)
@@ -338,11 +371,16 @@ def lstsq_kernels(
             tile_bad = np.asarray(bad[start:stop], dtype=bool)
             excluded = np.stack([binary_dilation(b, footprint) if b.any() else b for b in tile_bad])
         valid = box & ~excluded
-        weights = valid.astype(np.float64)
-        spec = sfft.rfft2(np.concatenate([src, tgt * weights, weights]), s=shape)
+        masked = excluded.reshape(m, -1).any(axis=1)
+        weights = valid[masked].astype(np.float64)
+        # correlations of the source with the masked target (right-hand side)
+        # and, for masked tiles, with the fit region (background column)
+        spec = sfft.rfft2(np.concatenate([src, tgt * valid, weights]), s=shape)
         fs, fr, fw = spec[:m], spec[m : 2 * m], spec[2 * m :]
-        cross = sfft.irfft2(np.concatenate([np.conj(fs) * fr, np.conj(fs) * fw]), s=shape)
-        cross = cross[:, (lag % shape[0])[:, None], (lag % shape[1])[None, :]].reshape(2 * m, k2)
+        cross = sfft.irfft2(np.concatenate([np.conj(fs) * fr, np.conj(fs[masked]) * fw]), s=shape)
+        cross = cross[:, (lag % shape[0])[:, None], (lag % shape[1])[None, :]].reshape(-1, k2)
+        colsums = _box_sums(src, half)
+        colsums[masked] = cross[m:]
         grams = valid_gram(src, half, spectra=fs)
 
         for i in range(m):
@@ -360,8 +398,8 @@ def lstsq_kernels(
                 rows = design_rows(src[i], half, np.nonzero(drop))
                 gram = gram - rows.T @ rows
             vals = tgt[i][valid[i]]
-            tile = _Tile(gram, cross[m + i], cross[i], float(vals.sum()), float(vals @ vals),
-                         count, penalty_grams, probes)
+            tile = _Tile(gram, colsums[i], cross[i], float(vals.sum()), float(vals @ vals),
+                         count, pen)
             src_vals = src[i][valid[i]]
             src_level = float(np.mean(src_vals**2)) + np.finfo(float).tiny
             if not np.all(np.isfinite(tile.scale)) or np.trace(tile.gc) <= 1e-12 * src_level * count * k2:
@@ -380,8 +418,9 @@ def lstsq_kernels(
                 model = _model(fs[i], kern, shape, (ny, nx), half)
                 resid = tgt[i] - model - (tile.rsum - kern @ tile.colsum) / tile.count
                 r = resid[valid[i]]
-                centre = np.median(r)
-                sigma = 1.4826 * np.median(np.abs(r - centre))
+                sample = r[:: max(1, r.size // 16384)]  # the robust scale needs no more
+                centre = np.median(sample)
+                sigma = 1.4826 * np.median(np.abs(sample - centre))
                 outlier = np.zeros((ny, nx), dtype=bool)
                 outlier[valid[i]] = np.abs(r - centre) > clip * sigma
                 n_out = int(outlier.sum())
@@ -411,6 +450,23 @@ def lstsq_kernels(
 
     return LstsqResult(kernels, background, lam_out, n_valid, n_clipped, flux_error,
                        gamma_out, flag_out)
+
+
+def _box_sums(sources: np.ndarray, half: int) -> np.ndarray:
+    """``sum_{p in V} S(p - a_j)`` for every kernel offset: the background column.
+
+    ``V`` is the valid box; each sum is a box sum of the source, read from an
+    integral image.  Returns ``(n, k*k)``.
+    """
+    n, ny, nx = sources.shape
+    k = 2 * half + 1
+    integral = np.zeros((n, ny + 1, nx + 1))
+    integral[:, 1:, 1:] = sources.cumsum(axis=1).cumsum(axis=2)
+    start = 2 * half - np.arange(k)  # box of offset j starts at 2h - j
+    y0, x0 = start[:, None], start[None, :]
+    y1, x1 = y0 + ny - 2 * half, x0 + nx - 2 * half
+    sums = integral[:, y1, x1] - integral[:, y0, x1] - integral[:, y1, x0] + integral[:, y0, x0]
+    return sums.reshape(n, k * k)
 
 
 def _model(spectrum: np.ndarray, kernel: np.ndarray, shape, tile_shape, half: int) -> np.ndarray:
