@@ -50,20 +50,24 @@ def robust_noise(images: np.ndarray, bad: np.ndarray, *, max_samples: int = 2000
     return out
 
 
-def model_images(sources: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+def model_images(sources: np.ndarray, kernels: np.ndarray, *, chunk: int = 8) -> np.ndarray:
     """``fftconvolve(source, kernel, mode="same")`` for every tile (NaN kernels give NaN).
 
-    Computed in the sources' precision (float32 stays float32).
+    Computed in the sources' precision (float32 stays float32), ``chunk``
+    tiles per transform so the spectra stay small.
     """
     n, ny, nx = sources.shape
     k = kernels.shape[-1]
     h = k // 2
     shape = tuple(sfft.next_fast_len(s + k - 1, real=True) for s in (ny, nx))
-    fs = sfft.rfft2(sources, s=shape)
-    fk = sfft.rfft2(np.nan_to_num(kernels, nan=0.0).astype(sources.dtype), s=shape)
-    full = sfft.irfft2(fs * fk, s=shape)
-    out = full[:, h : h + ny, h : h + nx]
-    out[~np.all(np.isfinite(kernels), axis=(1, 2))] = np.nan
+    out = np.empty(sources.shape, dtype=sources.dtype)
+    finite = np.all(np.isfinite(kernels), axis=(1, 2))
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        fs = sfft.rfft2(sources[sl], s=shape)
+        fk = sfft.rfft2(np.where(finite[sl, None, None], kernels[sl], 0.0).astype(sources.dtype), s=shape)
+        out[sl] = sfft.irfft2(fs * fk, s=shape)[:, h : h + ny, h : h + nx]
+    out[~finite] = np.nan
     return out
 
 

@@ -242,11 +242,13 @@ class _Solution:
     suppressed: np.ndarray
 
 
-def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int):
+def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, final: bool = True):
     """Evidence-maximising ``lam`` by accelerated fixed-point iteration in ``log lam``.
 
     Returns ``(solution, lam, at_bound)``; ``solution`` is ``None`` when no
-    ``lam`` in range gives a positive definite system.
+    ``lam`` in range gives a positive definite system.  With ``final=False``
+    the solution is the last single-precision step's (good enough to look
+    at residuals), else a double-precision solve at the returned ``lam``.
     """
     lo, hi = np.log(_LAM_MIN), np.log(_LAM_MAX)
     x = np.clip(np.log(lam0), lo, hi)
@@ -275,7 +277,7 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int):
     # the lower bound only means the data need no regularisation; the upper one
     # means the data say nothing the prior does not
     at_bound = bool(np.any(x >= hi - tol))
-    return tile.solve(np.exp(x)), np.exp(x), at_bound
+    return (tile.solve(np.exp(x)) if final else sol), np.exp(x), at_bound
 
 
 def _valid_box(shape: tuple[int, int], half: int) -> np.ndarray:
@@ -406,13 +408,13 @@ def lstsq_kernels(
                 flag_out[t] |= fl.NO_SIGNAL
                 continue
 
-            def fit(lam_start: np.ndarray):
+            def fit(lam_start: np.ndarray, final: bool):
                 if auto_lam:
-                    return _search_lam(tile, lam_start, tol=tol, max_iter=max_iter)
+                    return _search_lam(tile, lam_start, tol=tol, max_iter=max_iter, final=final)
                 lam_fixed = np.full(n_terms, float(regularization))
                 return tile.solve(lam_fixed), lam_fixed, False
 
-            sol, lam, at_bound = fit(lam_start)
+            sol, lam, at_bound = fit(lam_start, final=not robust)
             if sol is not None and robust:
                 kern = sol.kernel
                 model = _model(fs[i], kern, shape, (ny, nx), half)
@@ -424,16 +426,18 @@ def lstsq_kernels(
                 outlier = np.zeros((ny, nx), dtype=bool)
                 outlier[valid[i]] = np.abs(r - centre) > clip * sigma
                 n_out = int(outlier.sum())
-                if n_out and tile.count - n_out >= min_pixels_per_parameter * (k2 + 1):
+                if not (n_out and tile.count - n_out >= min_pixels_per_parameter * (k2 + 1)):
+                    n_out = 0
+                if n_out:
                     pix = np.nonzero(outlier)
                     tile.remove(design_rows(src[i], half, pix), tgt[i][pix])
                     n_clipped[t] = n_out
                     n_valid[t] = tile.count
                     flag_out[t] |= fl.OUTLIERS_CLIPPED
-                    if n_out > _RESEARCH_FRACTION * count:
-                        sol, lam, at_bound = fit(lam)
-                    else:  # a few pixels barely move the evidence optimum
-                        sol = tile.solve(lam)
+                if auto_lam and n_out > _RESEARCH_FRACTION * count:
+                    sol, lam, at_bound = fit(lam, final=True)
+                else:  # a few pixels barely move the evidence optimum
+                    sol = tile.solve(lam)
             if sol is None:
                 flag_out[t] |= fl.NO_SIGNAL
                 continue
