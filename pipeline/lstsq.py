@@ -53,6 +53,8 @@ __all__ = ["PENALTIES", "LstsqResult", "lstsq_kernels", "penalty_operators"]
 PENALTIES = ("compact", "laplacian", "identity")
 _LAM_MIN, _LAM_MAX = 1e-12, 1e8
 _CORE_SMOOTHING = 0.01
+#: Kernels whose core is off the stamp centre by more than this (px) get a recentred penalty.
+_RECENTRE = 0.75
 #: Re-run the evidence search after clipping only when more pixels than this fraction went.
 _RESEARCH_FRACTION = 0.002
 
@@ -78,14 +80,17 @@ def _laplacian(k: int) -> sparse.csr_matrix:
     return sparse.csr_matrix(sparse.kron(eye, second) + sparse.kron(second, eye))
 
 
-def _radius2(kernel_size: int) -> np.ndarray:
-    """Squared radius from the stamp centre over ``h^2``, per pixel (raster order)."""
+def _radius2(kernel_size: int, centre: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Squared distance from ``centre`` (an offset from the stamp centre) over ``h^2``.
+
+    One value per stamp pixel, raster order.
+    """
     h = max(kernel_size // 2, 1)
     yy, xx = np.mgrid[-(kernel_size // 2) : kernel_size // 2 + 1, -(kernel_size // 2) : kernel_size // 2 + 1]
-    return ((yy**2 + xx**2) / h**2).ravel()
+    return (((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / h**2).ravel()
 
 
-def _operators(kernel_size: int, penalty: str) -> tuple:
+def _operators(kernel_size: int, penalty: str, centre: tuple[float, float] = (0.0, 0.0)) -> tuple:
     """Penalty operators as sparse matrices."""
     k = kernel_size
     if penalty == "identity":
@@ -93,7 +98,7 @@ def _operators(kernel_size: int, penalty: str) -> tuple:
     lap = _laplacian(k)
     if penalty == "laplacian":
         return (lap,)
-    rho2 = _radius2(k)
+    rho2 = _radius2(k, centre)
     return (
         sparse.diags(rho2 + _CORE_SMOOTHING) @ lap,
         sparse.diags(rho2**2 + 1e-4),
@@ -137,10 +142,26 @@ def _terms(ops: tuple, n_probes: int) -> _Penalty:
 
 
 @lru_cache(maxsize=16)
-def _penalty_terms(kernel_size: int, penalty: str, n_probes: int) -> _Penalty:
+def _penalty_terms(
+    kernel_size: int, penalty: str, n_probes: int, centre: tuple[float, float] = (0.0, 0.0)
+) -> _Penalty:
     if penalty not in PENALTIES:
         raise OptionError(f"penalty={penalty!r} is not known; choose one of {', '.join(PENALTIES)}")
-    return _terms(_operators(kernel_size, penalty), n_probes)
+    return _terms(_operators(kernel_size, penalty, centre), n_probes)
+
+
+def _kernel_centre(kernel: np.ndarray, kernel_size: int) -> tuple[float, float]:
+    """Centroid offset of the kernel's positive core, in pixels from the stamp centre."""
+    k = kernel.reshape(kernel_size, kernel_size)
+    peak = np.unravel_index(np.argmax(k), k.shape)
+    h = kernel_size // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    near = (yy - (peak[0] - h)) ** 2 + (xx - (peak[1] - h)) ** 2 <= max(h / 3.0, 1.5) ** 2
+    weight = np.where(near, np.clip(k, 0.0, None), 0.0)
+    total = weight.sum()
+    if not total > 0:
+        return 0.0, 0.0
+    return float((weight * yy).sum() / total), float((weight * xx).sum() / total)
 
 
 class _Tile:
@@ -252,7 +273,7 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, fin
     """
     lo, hi = np.log(_LAM_MIN), np.log(_LAM_MAX)
     x = np.clip(np.log(lam0), lo, hi)
-    prev_step = None
+    prev: tuple[np.ndarray, np.ndarray] | None = None  # previous (x, g)
     sol = None
     for _ in range(max_iter):
         result = tile.update(np.exp(x))
@@ -260,20 +281,22 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, fin
             if np.all(x >= hi):
                 return None, np.exp(x), True
             x = np.minimum(x + np.log(10.0), hi)
+            prev = None
             result = tile.update(np.exp(x))
         lam_new, sol = result
-        step = np.clip(np.log(np.maximum(lam_new, _LAM_MIN * 1e-3)) - x, -3.0, 3.0)
-        if np.max(np.abs(step)) < tol:
+        g = np.log(np.maximum(lam_new, _LAM_MIN * 1e-3)) - x  # fixed-point residual
+        if np.max(np.abs(g)) < tol:
             break  # ``x`` is within ``tol`` of the fixed point
-        if prev_step is not None:
-            # Aitken-style extrapolation while the steps shrink monotonically:
-            # with a ratio r between steps the fixed point is step / (1 - r) away
-            ratio = np.where(prev_step != 0, step / np.where(prev_step != 0, prev_step, 1.0), 0.0)
-            accel = (ratio > 0) & (ratio < 1)
-            step = np.where(accel, step / np.maximum(1.0 - ratio, 0.25), step)
-            step = np.clip(step, -3.0, 3.0)
-        prev_step = step
-        x = np.clip(x + step, lo, hi)
+        step = g
+        if prev is not None:
+            # secant on g, per term: the map contracts, so the slope of g lies
+            # in (-2, 0); anything else falls back to the plain update
+            dx, dg = x - prev[0], g - prev[1]
+            slope = np.where(np.abs(dx) > 1e-12, dg / np.where(np.abs(dx) > 1e-12, dx, 1.0), 0.0)
+            good = (slope < -0.1) & (slope > -5.0)
+            step = np.where(good, -g / np.where(good, slope, 1.0), g)
+        prev = (x, g)
+        x = np.clip(x + np.clip(step, -3.0, 3.0), lo, hi)
     # the lower bound only means the data need no regularisation; the upper one
     # means the data say nothing the prior does not
     at_bound = bool(np.any(x >= hi - tol))
@@ -297,7 +320,7 @@ def lstsq_kernels(
     robust: bool = True,
     clip: float = 5.0,
     lam_init: float = 1.0,
-    tol: float = 0.03,
+    tol: float = 0.07,
     max_iter: int = 60,
     n_probes: int = 24,
     min_pixels_per_parameter: float = 2.0,
@@ -415,6 +438,15 @@ def lstsq_kernels(
                 return tile.solve(lam_fixed), lam_fixed, False
 
             sol, lam, at_bound = fit(lam_start, final=not robust)
+            if sol is not None and penalty == "compact":
+                # a shifted kernel: centre the compact penalty on it and refit
+                cy, cx = _kernel_centre(sol.kernel, kernel_size)
+                if max(abs(cy), abs(cx)) > _RECENTRE:
+                    tile.penalty = _penalty_terms(
+                        kernel_size, penalty, n_probes, (round(cy * 4) / 4, round(cx * 4) / 4)
+                    )
+                    tile.refresh()
+                    sol, lam, at_bound = fit(lam, final=not robust)
             if sol is not None and robust:
                 kern = sol.kernel
                 model = _model(fs[i], kern, shape, (ny, nx), half)
