@@ -15,9 +15,19 @@ dimensionless.  Penalties (``penalty=``):
     Laplacian) weighted by ``(r/h)^2``, so the core may be as sharp as the
     data say while the noise-dominated wings are kept smooth; and an
     amplitude term weighted by ``(r/h)^4`` that keeps power out of the outer
-    stamp.  ``r`` is the distance from the stamp centre.  Measured on
-    simulated survey tiles it roughly halves the kernel error of a plain
-    Laplacian and removes most of its peak-flattening bias (kernel FWHM).
+    stamp.  ``r`` is the distance from the kernel's core: the stamp centre,
+    or, when a first fit finds the core more than 0.75 px away (a shift
+    between the images), that core, and the fit is repeated.  Measured on
+    simulated survey tiles it brings the median kernel error of a plain
+    Laplacian with truth-tuned strength from 0.12 to 0.05 and removes most
+    of the Laplacian's peak-flattening bias (kernel FWHM +7 % to about 1 %).
+``"wings"``
+    ``"compact"`` without the amplitude penalty on smooth radial profiles in
+    the outer stamp.  For kernels with extended wings (Moffat-like, or a
+    faint broad component): ``"compact"`` then loses the wings' light and
+    underestimates the kernel sum by 2-5 % (measured on simulated survey
+    tiles), ``"wings"`` keeps it to about 0.5 %, at some cost in pixel-wise
+    error for compact kernels.
 ``"laplacian"``
     Plain smoothness ``||Laplacian K||^2`` (zero outside the stamp).
 ``"identity"``
@@ -29,8 +39,8 @@ evidence (MacKay's fixed-point updates ``alpha_i = gamma_i / E_W,i``,
 noise level and the signal power of the tile set them, no truth needed.
 A fixed ``regularization=lam`` uses that ``lam`` for every term.  A robust
 pass then excludes target pixels whose residual exceeds ``clip`` robust
-standard deviations (cosmic rays, saturated cores, artefacts) and
-re-converges.
+standard deviations (cosmic rays, saturated cores, artefacts) and solves
+again (searching ``lam`` again when more than 0.2 % of the pixels went).
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from .gram import design_rows, fft_shape, valid_gram
 
 __all__ = ["PENALTIES", "LstsqResult", "lstsq_kernels", "penalty_operators"]
 
-PENALTIES = ("compact", "laplacian", "identity")
+PENALTIES = ("compact", "wings", "laplacian", "identity")
 _LAM_MIN, _LAM_MAX = 1e-12, 1e8
 _CORE_SMOOTHING = 0.01
 #: Kernels whose core is off the stamp centre by more than this (px) get a recentred penalty.
@@ -99,10 +109,17 @@ def _operators(kernel_size: int, penalty: str, centre: tuple[float, float] = (0.
     if penalty == "laplacian":
         return (lap,)
     rho2 = _radius2(k, centre)
-    return (
-        sparse.diags(rho2 + _CORE_SMOOTHING) @ lap,
-        sparse.diags(rho2**2 + 1e-4),
-    )
+    wall = sparse.diags(rho2**2 + 1e-4)
+    if penalty == "wings":
+        # leave smooth radial wing profiles out of the amplitude term, so the
+        # light in extended wings (and with it the kernel sum) is kept
+        rho = np.sqrt(rho2)
+        centres = np.linspace(0.3, 1.0, 4)
+        width = centres[1] - centres[0]
+        rings = np.clip(1.0 - np.abs(rho[:, None] - centres[None, :]) / width, 0.0, None)
+        q, _ = np.linalg.qr(rings)
+        wall = sparse.csr_matrix(wall.toarray() - (wall @ q) @ q.T)
+    return (sparse.diags(rho2 + _CORE_SMOOTHING) @ lap, wall)
 
 
 def penalty_operators(kernel_size: int, penalty: str) -> tuple[np.ndarray, ...]:
@@ -318,6 +335,7 @@ def lstsq_kernels(
     regularization: float | str = "auto",
     penalty: str = "compact",
     robust: bool = True,
+    recentre: bool = True,
     clip: float = 5.0,
     lam_init: float = 1.0,
     tol: float = 0.07,
@@ -342,7 +360,11 @@ def lstsq_kernels(
         ``"auto"`` (evidence maximisation) or a fixed dimensionless ``lam >= 0``
         used for every penalty term.
     penalty
-        ``"compact"``, ``"laplacian"`` or ``"identity"`` (see the module docs).
+        ``"compact"``, ``"wings"``, ``"laplacian"`` or ``"identity"`` (see the
+        module docs).
+    recentre
+        For the compact penalties: centre them on the kernel's core when a
+        first fit finds it off the stamp centre (see the module docs).
     robust
         Exclude pixels with residuals beyond ``clip`` robust sigmas and refit.
     lam_init
@@ -438,7 +460,7 @@ def lstsq_kernels(
                 return tile.solve(lam_fixed), lam_fixed, False
 
             sol, lam, at_bound = fit(lam_start, final=not robust)
-            if sol is not None and penalty == "compact":
+            if sol is not None and recentre and penalty in ("compact", "wings"):
                 # a shifted kernel: centre the compact penalty on it and refit
                 cy, cx = _kernel_centre(sol.kernel, kernel_size)
                 if max(abs(cy), abs(cx)) > _RECENTRE:
@@ -446,7 +468,7 @@ def lstsq_kernels(
                         kernel_size, penalty, n_probes, (round(cy * 4) / 4, round(cx * 4) / 4)
                     )
                     tile.refresh()
-                    sol, lam, at_bound = fit(lam, final=not robust)
+                    sol, lam, at_bound = fit(lam_start if at_bound else lam, final=not robust)
             if sol is not None and robust:
                 kern = sol.kernel
                 model = _model(fs[i], kern, shape, (ny, nx), half)
@@ -467,7 +489,7 @@ def lstsq_kernels(
                     n_valid[t] = tile.count
                     flag_out[t] |= fl.OUTLIERS_CLIPPED
                 if auto_lam and n_out > _RESEARCH_FRACTION * count:
-                    sol, lam, at_bound = fit(lam, final=True)
+                    sol, lam, at_bound = fit(lam_start if at_bound else lam, final=True)
                 else:  # a few pixels barely move the evidence optimum
                     sol = tile.solve(lam)
             if sol is None:
