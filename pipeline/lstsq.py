@@ -51,10 +51,10 @@ from functools import lru_cache
 import numpy as np
 import scipy.fft as sfft
 from scipy import sparse
-from scipy.linalg import lapack
 from scipy.ndimage import binary_dilation
 
 from . import flags as fl
+from ._lapack import cho_solve, cholesky, lower_solve
 from .errors import OptionError
 from .gram import design_rows, fft_shape, valid_gram
 
@@ -136,7 +136,7 @@ class _Penalty:
     grams: tuple[sparse.csr_matrix, ...]
     flat_index: tuple[np.ndarray, ...]  #: raster positions of each Gram's nonzeros
     traces: np.ndarray  #: ``tr(D_i^T D_i)``
-    probes64: np.ndarray  #: all terms' probes side by side, ``(k*k, m * n_probes)``
+    probes64: np.ndarray  #: all terms' probes as rows, ``(m * n_probes, k*k)``
     probes32: np.ndarray
     n_probes: int
 
@@ -152,8 +152,8 @@ def _terms(ops: tuple, n_probes: int) -> _Penalty:
         rows = np.repeat(np.arange(gram.shape[0]), np.diff(gram.indptr))
         grams.append(gram)
         flat.append(rows * gram.shape[1] + gram.indices)
-        probes.append(np.asarray(op.T @ z))
-    probes64 = np.ascontiguousarray(np.hstack(probes))
+        probes.append(np.asarray(op.T @ z).T)
+    probes64 = np.ascontiguousarray(np.vstack(probes))
     return _Penalty(tuple(grams), tuple(flat), np.array([g.diagonal().sum() for g in grams]),
                     probes64, probes64.astype(np.float32), n_probes)
 
@@ -211,7 +211,8 @@ class _Tile:
         """Kernel and evidence quantities at ``lam``; ``None`` if not positive definite.
 
         ``fast`` factorises in single precision and refines the kernel once in
-        double precision (about 2x cheaper; used while searching ``lam``).  It
+        double precision (about 2x cheaper; used while searching ``lam``).
+        LAPACK runs without the GIL, so threads factorise tiles in parallel.  It
         falls back to double precision when the system is too ill-conditioned
         for that.
         """
@@ -224,30 +225,24 @@ class _Tile:
         rhs = self.cc
         kern = None
         if fast:
-            chol, info = lapack.spotrf(a.astype(np.float32), lower=1, clean=1, overwrite_a=1)
+            chol, info = cholesky(a.astype(np.float32))
             if info == 0:
-                kern, _ = lapack.spotrs(chol, rhs.astype(np.float32), lower=1)
-                kern = kern.astype(np.float64)
-                step, _ = lapack.spotrs(chol, (rhs - a @ kern).astype(np.float32), lower=1)
-                kern += step
+                kern = cho_solve(chol, rhs).astype(np.float64)
+                kern += cho_solve(chol, rhs - a @ kern)
                 if not np.linalg.norm(rhs - a @ kern) <= 1e-7 * np.linalg.norm(rhs):
                     kern = None
         if kern is None:
-            chol, info = lapack.dpotrf(a, lower=1, clean=1, overwrite_a=1)
+            chol, info = cholesky(a)
             if info != 0:
                 return None
-            kern, info = lapack.dpotrs(chol, rhs, lower=1)
-            if info != 0:
-                return None
+            kern = cho_solve(chol, rhs)
         if not np.all(np.isfinite(kern)):
             return None
         ew = np.array([kern @ (g @ kern) for g in pen.grams])
         ed = max(self.yy - 2.0 * (kern @ self.cc) + kern @ (self.gc @ kern), 0.0)
-        if chol.dtype == np.float32:
-            w, _ = lapack.strtrs(chol, pen.probes32, lower=1)
-        else:
-            w, _ = lapack.dtrtrs(chol, pen.probes64, lower=1)
-        per_probe = np.einsum("ij,ij->j", w, w, dtype=np.float64)
+        probes = pen.probes32 if chol.dtype == np.float32 else pen.probes64
+        w = lower_solve(chol, probes)
+        per_probe = np.einsum("ij,ij->i", w, w, dtype=np.float64)
         traces = per_probe.reshape(len(mu), pen.n_probes).mean(axis=1)
         suppressed = mu * traces
         gamma = float(np.clip(len(kern) - suppressed.sum(), 0.0, len(kern)))
@@ -503,7 +498,7 @@ def lstsq_kernels(
             lam_out[t] = float(np.exp(np.mean(np.log(np.maximum(lam, _LAM_MIN)))))
             gamma_out[t] = sol.gamma
             dof = max(tile.count - 1 - sol.gamma, 1.0)
-            ones, _ = lapack.dpotrs(sol.chol, np.ones(k2), lower=1)
+            ones = cho_solve(sol.chol, np.ones(k2))
             flux_error[t] = np.sqrt(sol.ed / dof * ones.sum())
 
     return LstsqResult(kernels, background, lam_out, n_valid, n_clipped, flux_error,
