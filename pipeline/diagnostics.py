@@ -10,7 +10,6 @@ from .moments import adaptive_moments
 
 __all__ = [
     "fit_region",
-    "robust_noise",
     "model_images",
     "residual_statistics",
     "shape_statistics",
@@ -29,25 +28,6 @@ def fit_region(bad: np.ndarray, kernel_size: int) -> np.ndarray:
         if bad[i].any():
             region[i] &= ~binary_dilation(bad[i], footprint)
     return region
-
-
-def robust_noise(images: np.ndarray, bad: np.ndarray, *, max_samples: int = 20000) -> np.ndarray:
-    """Per-tile Gaussian noise level from the MAD of horizontal pixel differences.
-
-    Differences of neighbours cancel smooth structure; the median absolute
-    deviation ignores stars and outliers.  At most ``max_samples`` evenly
-    spread differences are used per tile.
-    """
-    n = len(images)
-    diff = images[:, :, 1:] - images[:, :, :-1]
-    ok = ~(bad[:, :, 1:] | bad[:, :, :-1])
-    out = np.full(n, np.nan)
-    step = max(1, diff[0].size // max_samples)
-    for i in range(n):
-        d = diff[i].ravel()[::step][ok[i].ravel()[::step]].astype(np.float64)
-        if d.size:
-            out[i] = 1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0)
-    return out
 
 
 def model_images(sources: np.ndarray, kernels: np.ndarray, *, chunk: int = 8) -> np.ndarray:
@@ -77,22 +57,34 @@ def residual_statistics(
     kernels: np.ndarray,
     background: np.ndarray,
     region: np.ndarray,
-    noise: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Residual RMS and model signal RMS over the fit region, both in units of the noise."""
+    *,
+    max_samples: int = 20000,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noise, residual and signal of each fit over its fit region.
+
+    ``noise`` is the robust (MAD) standard deviation of the residual
+    ``target - kernel * source - background``, from at most ``max_samples``
+    evenly spread pixels; ``residual`` is the residual's RMS over that (about
+    1 for Gaussian residuals, large with outliers or a kernel that does not
+    fit); ``signal`` is the RMS of the model ``kernel * source`` over the noise.
+    """
+    n = len(sources)
     model = model_images(sources, kernels)
-    residual = np.full(len(sources), np.nan)
-    signal = np.full(len(sources), np.nan)
-    for i in range(len(sources)):
+    noise = np.full(n, np.nan)
+    residual = np.full(n, np.nan)
+    signal = np.full(n, np.nan)
+    for i in range(n):
         sel = region[i]
         if not sel.any() or not np.isfinite(background[i]):
             continue
         m = model[i][sel].astype(np.float64)
         r = targets[i][sel] - m - background[i]
+        sample = r[:: max(1, r.size // max_samples)]
+        noise[i] = 1.4826 * np.median(np.abs(sample - np.median(sample)))
         with np.errstate(divide="ignore", invalid="ignore"):
             residual[i] = np.sqrt(np.mean(r * r)) / noise[i]
             signal[i] = np.std(m) / noise[i]
-    return residual, signal
+    return noise, residual, signal
 
 
 def shape_statistics(kernels: np.ndarray):

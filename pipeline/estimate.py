@@ -30,7 +30,6 @@ from .diagnostics import (
     fit_region,
     plain_centroids,
     residual_statistics,
-    robust_noise,
     shape_statistics,
 )
 from .errors import InputError, OptionError
@@ -50,8 +49,9 @@ METHODS: dict[str, Callable[..., Any]] = {
     "ratio": ratio_kernels,
 }
 
-#: Residual RMS (in noise units) above which a tile is flagged ``high_residual``.
-HIGH_RESIDUAL = 5.0
+#: Residual RMS over its robust standard deviation above which a tile is flagged
+#: ``high_residual`` (heavy tails: outliers, or a kernel that does not fit).
+HIGH_RESIDUAL = 3.0
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class KernelEstimates:
     kernels: np.ndarray  #: ``(n, k, k)``; NaN where the tile is flagged unusable
     flux: np.ndarray  #: kernel sum (flux scale target/source), before any normalisation
     background: np.ndarray  #: constant offset of the target relative to ``K * source``
-    residual: np.ndarray  #: RMS of the fit residual over the valid region / noise
-    noise: np.ndarray  #: robust noise level of the target
+    residual: np.ndarray  #: RMS of the fit residual over the valid region / noise (about 1 for a good fit)
+    noise: np.ndarray  #: robust (MAD) standard deviation of the fit residual
     snr: np.ndarray  #: RMS of the model signal (``K * source``) / noise
     centroid_y: np.ndarray
     centroid_x: np.ndarray
@@ -151,7 +151,7 @@ def _prepare(sources, targets, masks, kernel_size):
     return src_f, tgt_f, bad, size
 
 
-def _estimate_part(method, src, tgt, bad, size, options):
+def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
     """Kernels and diagnostics of one contiguous part of the batch."""
     n = len(tgt)
     any_bad = bool(bad.any())
@@ -170,10 +170,12 @@ def _estimate_part(method, src, tgt, bad, size, options):
     kernels[unusable] = np.nan
     background = np.where(unusable, np.nan, out["background"])
 
-    region = fit_region(bad, size)
-    noise = robust_noise(tgt, bad)
-    residual, snr = residual_statistics(src, tgt, kernels, background, region, noise)
-    flags[residual > HIGH_RESIDUAL] |= fl.HIGH_RESIDUAL
+    if diagnostics:
+        region = fit_region(bad, size)
+        noise, residual, snr = residual_statistics(src, tgt, kernels, background, region)
+        flags[residual > HIGH_RESIDUAL] |= fl.HIGH_RESIDUAL
+    else:
+        noise = residual = snr = np.full(n, np.nan)
     moments = shape_statistics(kernels)
     flags[~moments.converged & ~unusable] |= fl.MOMENTS_FAILED
     centroid_y, centroid_x = plain_centroids(kernels, moments)
@@ -211,6 +213,7 @@ def estimate_kernels(
     masks: np.ndarray | None = None,
     normalize: bool = False,
     workers: int = 1,
+    diagnostics: bool = True,
     **options: Any,
 ) -> KernelEstimates:
     """Estimate the kernel of every tile of a batch, with diagnostics.
@@ -233,6 +236,10 @@ def estimate_kernels(
     workers
         Threads over tiles (each part of the batch is estimated and
         diagnosed in its own thread; BLAS runs single-threaded inside).
+    diagnostics
+        Compute the residual, noise and signal-to-noise of each fit (one more
+        FFT convolution per tile).  ``False`` leaves them NaN; the kernel,
+        flux, background, shape and flags are always there.
     **options
         Method options (see :func:`pipeline.lstsq.lstsq_kernels`,
         :func:`pipeline.welch.welch_kernels`).
@@ -253,7 +260,7 @@ def estimate_kernels(
 
     def run(idx: np.ndarray) -> dict[str, np.ndarray]:
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        return _estimate_part(method, src[sl], tgt[sl], bad[sl], size, options)
+        return _estimate_part(method, src[sl], tgt[sl], bad[sl], size, options, diagnostics)
 
     with threadpool_limits(limits=1, user_api="blas"):
         if len(parts) == 1:

@@ -34,7 +34,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(1, "no_signal", "the source has no usable power; kernel is NaN"),
     Flag(2, "masked", "some pixels were bad (NaN or masked) and were excluded"),
     Flag(3, "regularization_at_bound", "the automatic regularisation reached its upper bound: the data hardly constrain the kernel"),
-    Flag(4, "high_residual", "fit residual is well above the noise level"),
+    Flag(4, "high_residual", "the fit residual has heavy tails: its RMS exceeds 3 robust standard deviations"),
     Flag(5, "outliers_clipped", "the robust pass excluded outlying target pixels"),
     Flag(6, "moments_failed", "adaptive second moments of the kernel did not converge"),
 )

@@ -37,7 +37,7 @@ With ``regularization="auto"`` every ``lam_i`` maximises the Bayesian
 evidence (MacKay's fixed-point updates ``alpha_i = gamma_i / E_W,i``,
 ``beta = (n - gamma) / E_D``, traces from fixed Rademacher probes): the
 noise level and the signal power of the tile set them, no truth needed.
-A fixed ``regularization=lam`` uses that ``lam`` for every term.  A robust
+A fixed ``regularization=lam`` uses that ``lam`` for every term (or one per term).  A robust
 pass then excludes target pixels whose residual exceeds ``clip`` robust
 standard deviations (cosmic rays, saturated cores, artefacts) and solves
 again (searching ``lam`` again when more than 0.2 % of the pixels went).
@@ -76,6 +76,7 @@ class LstsqResult:
     kernels: np.ndarray  #: ``(n, k, k)`` float64
     background: np.ndarray  #: ``(n,)`` constant offset of the target
     lam: np.ndarray  #: ``(n,)`` geometric mean of the dimensionless ``lam_i`` used
+    lam_terms: np.ndarray  #: ``(n, m)`` the ``lam_i`` of each penalty term
     n_valid: np.ndarray  #: ``(n,)`` target pixels fitted
     n_clipped: np.ndarray  #: ``(n,)`` pixels removed by the robust pass
     flux_error: np.ndarray  #: ``(n,)`` standard error of the kernel sum
@@ -315,6 +316,22 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, fin
     return (tile.solve(np.exp(x)) if final else sol), np.exp(x), at_bound
 
 
+def _fixed_lam(regularization: object, n_terms: int, penalty: str) -> np.ndarray:
+    """Validate a fixed ``regularization`` and return one ``lam`` per penalty term."""
+    try:
+        lam = np.asarray(regularization, dtype=np.float64)
+    except (TypeError, ValueError):
+        lam = np.array(np.nan)
+    if lam.ndim == 0:
+        lam = np.full(n_terms, float(lam))
+    if lam.shape != (n_terms,) or not np.all(np.isfinite(lam)) or np.any(lam < 0):
+        raise OptionError(
+            f"regularization must be 'auto', a number >= 0 or {n_terms} numbers >= 0 "
+            f"(one per term of penalty={penalty!r}), got {regularization!r}"
+        )
+    return lam
+
+
 def _valid_box(shape: tuple[int, int], half: int) -> np.ndarray:
     box = np.zeros(shape, dtype=bool)
     box[half : shape[0] - half, half : shape[1] - half] = True
@@ -352,8 +369,9 @@ def lstsq_kernels(
     kernel_size
         Odd kernel side ``k``.
     regularization
-        ``"auto"`` (evidence maximisation) or a fixed dimensionless ``lam >= 0``
-        used for every penalty term.
+        ``"auto"`` (evidence maximisation), a fixed dimensionless ``lam >= 0``
+        used for every penalty term, or one ``lam`` per term (a sequence as
+        long as the penalty has terms: 2 for the compact penalties).
     penalty
         ``"compact"``, ``"wings"``, ``"laplacian"`` or ``"identity"`` (see the
         module docs).
@@ -374,27 +392,25 @@ def lstsq_kernels(
     chunk
         Tiles transformed together (bounds memory).
     """
-    if not (isinstance(regularization, str) and regularization == "auto"):
-        if isinstance(regularization, str) or not np.isfinite(regularization) or regularization < 0:
-            raise OptionError(
-                f"regularization must be 'auto' or a number >= 0, got {regularization!r}"
-            )
+    pen = _penalty_terms(kernel_size, penalty, n_probes)
+    n_terms = len(pen.grams)
+    auto_lam = isinstance(regularization, str) and regularization == "auto"
+    if not auto_lam:
+        lam_fixed = _fixed_lam(regularization, n_terms, penalty)
     if clip <= 0:
         raise OptionError(f"clip must be positive (robust sigmas), got {clip!r}")
     n, ny, nx = sources.shape
     half = kernel_size // 2
     k2 = kernel_size * kernel_size
-    pen = _penalty_terms(kernel_size, penalty, n_probes)
-    n_terms = len(pen.grams)
     shape = fft_shape((ny, nx), half)
     box = _valid_box((ny, nx), half)
     footprint = np.ones((kernel_size, kernel_size), dtype=bool)
     lag = np.arange(kernel_size) - half
-    auto_lam = isinstance(regularization, str)
 
     kernels = np.full((n, kernel_size, kernel_size), np.nan)
     background = np.full(n, np.nan)
     lam_out = np.full(n, np.nan)
+    lam_terms = np.full((n, n_terms), np.nan)
     n_valid = np.zeros(n, dtype=np.int64)
     n_clipped = np.zeros(n, dtype=np.int64)
     flux_error = np.full(n, np.nan)
@@ -451,7 +467,6 @@ def lstsq_kernels(
             def fit(lam_start: np.ndarray, final: bool):
                 if auto_lam:
                     return _search_lam(tile, lam_start, tol=tol, max_iter=max_iter, final=final)
-                lam_fixed = np.full(n_terms, float(regularization))
                 return tile.solve(lam_fixed), lam_fixed, False
 
             sol, lam, at_bound = fit(lam_start, final=not robust)
@@ -496,12 +511,13 @@ def lstsq_kernels(
             kernels[t] = kern.reshape(kernel_size, kernel_size)
             background[t] = (tile.rsum - kern @ tile.colsum) / tile.count
             lam_out[t] = float(np.exp(np.mean(np.log(np.maximum(lam, _LAM_MIN)))))
+            lam_terms[t] = lam
             gamma_out[t] = sol.gamma
             dof = max(tile.count - 1 - sol.gamma, 1.0)
             ones = cho_solve(sol.chol, np.ones(k2))
             flux_error[t] = np.sqrt(sol.ed / dof * ones.sum())
 
-    return LstsqResult(kernels, background, lam_out, n_valid, n_clipped, flux_error,
+    return LstsqResult(kernels, background, lam_out, lam_terms, n_valid, n_clipped, flux_error,
                        gamma_out, flag_out)
 
 

@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 import pipeline as km
 from pipeline.lstsq import lstsq_kernels
 from pipeline.moments import adaptive_moments
+from pipeline.welch import welch_kernels
 from pipeline.simulate import blurred_photo, gaussian_kernel, motion_kernel, survey_tile_pair
 
 K = 21
@@ -91,28 +92,39 @@ def main() -> None:
           f"({args.unique} distinct), single process")
     print(f"{'method':34s} {'threads':>7s} {'tiles/s':>9s} {'median rel L2':>14s}")
 
+    src32, tgt32 = src.astype(np.float32), tgt.astype(np.float32)
     auto = km.estimate_kernels(src_u, tgt_u, kernel_size=K)
-    lam_fixed = float(np.median(auto.regularization))
+    # a fixed regularisation: the median of what the evidence chose, per penalty term
+    lam_fixed = tuple(float(v) for v in np.median(lstsq_kernels(src_u, tgt_u, kernel_size=K).lam_terms, axis=0))
+    lam_text = "/".join(f"{v:.3g}" for v in lam_fixed)
     configs = [
         ("lstsq (default: auto lam, robust)", "lstsq", {}),
-        (f"lstsq fixed lam={lam_fixed:.3g}", "lstsq", {"regularization": lam_fixed, "robust": False}),
+        (f"lstsq fixed lam={lam_text}", "lstsq", {"regularization": lam_fixed, "robust": False}),
         ("welch", "welch", {}),
+        ("welch float32, diagnostics=False", "welch32", {"diagnostics": False}),
         ("ratio", "ratio", {}),
     ]
     for label, method, options in configs:
         for threads in (1, 2):
-            dt, res = timed(lambda: km.estimate_kernels(src, tgt, kernel_size=K, method=method,
+            s_in, t_in = (src32, tgt32) if method == "welch32" else (src, tgt)
+            dt, res = timed(lambda: km.estimate_kernels(s_in, t_in, kernel_size=K, method=method.rstrip("32"),
                                                         workers=threads, **options))
             print(f"{label:34s} {threads:7d} {args.tiles / dt:9.1f} {rel_l2(res.kernels, truth):14.4f}")
 
-    # the bare solver, without the diagnostics the public API adds
-    with threadpool_limits(1, "blas"):
-        dt, res = timed(lambda: lstsq_kernels(src, tgt, kernel_size=K))
-    print(f"{'lstsq core only (no diagnostics)':34s} {1:7d} {args.tiles / dt:9.1f} {rel_l2(res.kernels, truth):14.4f}")
-    with threadpool_limits(1, "blas"):
-        dt, res = timed(lambda: lstsq_kernels(src, tgt, kernel_size=K, regularization=lam_fixed,
-                                              robust=False))
-    print(f"{'lstsq core, fixed lam':34s} {1:7d} {args.tiles / dt:9.1f} {rel_l2(res.kernels, truth):14.4f}")
+    # the bare estimators, without the validation and diagnostics the public API adds
+    cores = [
+        ("core: lstsq default", lambda: lstsq_kernels(src, tgt, kernel_size=K)),
+        ("core: lstsq fixed lam", lambda: lstsq_kernels(src, tgt, kernel_size=K, regularization=lam_fixed,
+                                                        robust=False)),
+        ("core: welch float64", lambda: welch_kernels(src, tgt, kernel_size=K)),
+        ("core: welch float32", lambda: welch_kernels(src32, tgt32, kernel_size=K)),
+        ("core: welch float32, workers=2", lambda: welch_kernels(src32, tgt32, kernel_size=K, workers=2)),
+    ]
+    for label, func in cores:
+        threads = 2 if "workers=2" in label else 1
+        with threadpool_limits(1, "blas"):
+            dt, res = timed(func)
+        print(f"{label:34s} {threads:7d} {args.tiles / dt:9.1f} {rel_l2(res.kernels, truth):14.4f}")
 
     n_ph = min(args.tiles, 16)
     dt, ph = timed(lambda: photutils_kernels(src[:n_ph], tgt[:n_ph]), repeat=1)

@@ -167,3 +167,17 @@ def test_flag_table_is_consistent():
     assert len(attrs["flag_masks"]) == len(attrs["flag_meanings"].split())
     assert len(set(attrs["flag_masks"].tolist())) == len(fl.FLAGS)
     assert fl.describe(fl.NO_DATA | fl.MASKED) == ["no_data", "masked"]
+
+
+def test_diagnostics_can_be_skipped_without_changing_the_kernels():
+    rng = np.random.default_rng(8)
+    kern = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
+    src, tgt = convolved_pair(rng, kern, size=48)
+    tgt = tgt + rng.normal(size=tgt.shape)
+    full = km.estimate_kernels(src[None], tgt[None], kernel_size=5)
+    lean = km.estimate_kernels(src[None], tgt[None], kernel_size=5, diagnostics=False)
+    np.testing.assert_array_equal(lean.kernels, full.kernels)
+    assert np.isnan(lean.residual[0]) and np.isnan(lean.noise[0]) and np.isnan(lean.snr[0])
+    assert np.isfinite(full.residual[0]) and np.isfinite(full.noise[0])
+    assert full.residual[0] == pytest.approx(1.0, abs=0.2)  # the fit leaves just the noise
+    assert lean.fwhm[0] == full.fwhm[0] and lean.flux[0] == full.flux[0]

@@ -34,9 +34,11 @@ def dense_reference(src, tgt, bad, k, lam, penalty):
     yc = y - y.mean()
     gram = xc.T @ xc
     normal = gram.copy()
-    for op in penalty_operators(k, penalty):
+    ops = penalty_operators(k, penalty)
+    lams = np.broadcast_to(lam, (len(ops),))
+    for op, lam_i in zip(ops, lams):
         p = op.T @ op
-        normal += lam * np.trace(gram) / np.trace(p) * p
+        normal += lam_i * np.trace(gram) / np.trace(p) * p
     kern = np.linalg.solve(normal, xc.T @ yc)
     background = y.mean() - rows.mean(axis=0) @ kern
     return kern.reshape(k, k), background
@@ -59,6 +61,16 @@ def test_fixed_regularization_equals_dense_solve_with_bad_pixels(penalty, lam):
     region = ~binary_dilation(bad, np.ones((7, 7), dtype=bool))
     region[:3], region[-3:], region[:, :3], region[:, -3:] = False, False, False, False
     assert res.n_valid[0] == region.sum()
+
+
+def test_one_regularization_per_penalty_term():
+    src, tgt, _ = noisy_pair(9)
+    bad = np.zeros(src.shape, dtype=bool)
+    res = km.estimate_kernels(src[None], tgt[None], kernel_size=7, regularization=(0.01, 3.0),
+                              robust=False, recentre=False)
+    ref_k, _ = dense_reference(src, tgt, bad, 7, np.array([0.01, 3.0]), "compact")
+    np.testing.assert_allclose(res.kernels[0], ref_k, rtol=1e-8, atol=1e-10)
+    assert res.regularization[0] == pytest.approx(np.sqrt(0.01 * 3.0))
 
 
 def test_bad_pixel_values_are_never_used():
@@ -156,3 +168,17 @@ def test_flux_error_describes_the_scatter():
         sums.append(res.kernels[0].sum())
         errors.append(res.flux_error[0])
     assert 0.5 < np.std(sums, ddof=1) / np.median(errors) < 2.0
+
+
+def test_high_residual_flag_marks_outliers_left_in_the_data():
+    src, tgt, _ = noisy_pair(10, size=96, noise=0.5)
+    clean = km.estimate_kernels(src[None], tgt[None], kernel_size=7)
+    rng = np.random.default_rng(10)
+    hits = tgt.copy()
+    ys, xs = rng.integers(10, 86, size=(2, 40))
+    hits[ys, xs] += 500.0
+    dirty = km.estimate_kernels(src[None], hits[None], kernel_size=7)
+    assert clean.residual[0] == pytest.approx(1.0, abs=0.15)
+    assert not clean.flags[0] & fl.HIGH_RESIDUAL
+    assert dirty.flags[0] & fl.HIGH_RESIDUAL and dirty.flags[0] & fl.OUTLIERS_CLIPPED
+    assert clean.noise[0] == pytest.approx(0.5, rel=0.1)
