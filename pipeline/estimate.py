@@ -115,7 +115,7 @@ def _check_options(method: str, options: dict[str, Any]) -> None:
         )
 
 
-def _prepare(sources, targets, masks, kernel_size):
+def _prepare(sources, targets, mask, kernel_size):
     """Validate inputs; return float stacks with bad pixels zeroed and the bad map.
 
     float32 inputs stay float32 (the spectral methods run faster in single
@@ -130,9 +130,8 @@ def _prepare(sources, targets, masks, kernel_size):
         raise InputError(
             f"sources and targets must have the same shape, got {src.shape} and {tgt.shape}"
         )
-    mask = None
-    if masks is not None:
-        mask = as_image_stack(masks, "mask", ndim=(2, 3))
+    if mask is not None:
+        mask = as_image_stack(mask, "mask", ndim=(2, 3))
         if mask.shape not in (tgt.shape, tgt.shape[1:]):
             raise InputError(
                 f"mask must have the targets' shape {tgt.shape} or one tile's {tgt.shape[1:]}, "
@@ -210,7 +209,7 @@ def estimate_kernels(
     *,
     kernel_size: int,
     method: str = DEFAULT_METHOD,
-    masks: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
     normalize: bool = False,
     workers: int = 1,
     diagnostics: bool = True,
@@ -228,7 +227,7 @@ def estimate_kernels(
         Odd side of the kernel, at most half the shorter tile side.
     method
         ``"lstsq"`` (default), ``"welch"`` or ``"ratio"``.
-    masks
+    mask
         Optional, like ``targets`` or one tile; nonzero marks a bad pixel.
         NaN/inf in either image is bad too.  Bad pixels are never used.
     normalize
@@ -255,7 +254,7 @@ def estimate_kernels(
     _check_options(method, options)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise OptionError(f"workers must be a positive integer, got {workers!r}")
-    src, tgt, bad, size = _prepare(sources, targets, masks, kernel_size)
+    src, tgt, bad, size = _prepare(sources, targets, mask, kernel_size)
     parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
 
     def run(idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -314,7 +313,7 @@ def estimate_kernel(
         )
     result = estimate_kernels(
         src[None], tgt[None], kernel_size=kernel_size, method=method,
-        masks=None if mask is None else mask[None], normalize=normalize, **options,
+        mask=None if mask is None else mask[None], normalize=normalize, **options,
     )
     flag = int(result.flags[0])
     if flag & fl.BAD:

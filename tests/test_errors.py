@@ -48,7 +48,7 @@ def test_errors_are_value_errors():
     [
         (IMG[None], IMG, {}, r"targets must be 3-D"),
         (np.stack([IMG, IMG]), IMG[None], {}, r"same shape"),
-        (IMG, np.stack([IMG, IMG]), {"masks": np.zeros((3, 64, 64))}, r"mask must have the targets' shape"),
+        (IMG, np.stack([IMG, IMG]), {"mask": np.zeros((3, 64, 64))}, r"mask must have the targets' shape"),
         (IMG, np.stack([IMG, IMG]), {"workers": 0}, r"workers must be a positive integer"),
         (IMG, np.stack([IMG, IMG]), {"method": "welch", "segment_size": 128}, r"segment_size"),
     ],

@@ -77,11 +77,11 @@ def test_bad_pixel_values_are_never_used():
     src, tgt, _ = noisy_pair(2)
     mask = np.zeros(src.shape, dtype=np.uint8)
     mask[10:14, 40:44] = 1
-    clean = km.estimate_kernels(src[None], tgt[None], kernel_size=7, masks=mask)
+    clean = km.estimate_kernels(src[None], tgt[None], kernel_size=7, mask=mask)
     corrupt_src, corrupt_tgt = src.copy(), tgt.copy()
     corrupt_src[mask != 0] = 1e30
     corrupt_tgt[mask != 0] = -1e25
-    dirty = km.estimate_kernels(corrupt_src[None], corrupt_tgt[None], kernel_size=7, masks=mask)
+    dirty = km.estimate_kernels(corrupt_src[None], corrupt_tgt[None], kernel_size=7, mask=mask)
     np.testing.assert_allclose(dirty.kernels, clean.kernels, rtol=1e-9, atol=1e-12)
     # NaN at the same pixels is the same as the mask
     nan_tgt = np.where(mask != 0, np.nan, tgt)
@@ -103,7 +103,7 @@ def test_too_little_valid_data_gives_nan_and_a_flag():
     mask = np.ones(src.shape, dtype=bool)
     mask[20:34, 20:34] = False  # 8x8 fit pixels for 50 unknowns: too few
     res = km.estimate_kernels(np.stack([src, src]), np.stack([tgt, tgt]), kernel_size=7,
-                              masks=np.stack([mask, np.zeros_like(mask)]))
+                              mask=np.stack([mask, np.zeros_like(mask)]))
     assert res.flags[0] & fl.NO_DATA
     assert np.all(np.isnan(res.kernels[0])) and np.isnan(res.background[0])
     assert not res.flags[1] & fl.BAD

@@ -9,17 +9,10 @@ from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
+from kernels import circular_convolve, l_kernel, rel_l2
+
 from pipeline.errors import OptionError
 from pipeline.welch import WelchResult, taper, welch_kernels
-
-
-def circular_convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Periodic ``kernel (*) image`` with the kernel centre at its middle pixel."""
-    ky, kx = kernel.shape
-    full = np.zeros(image.shape[-2:])
-    full[:ky, :kx] = kernel
-    full = np.roll(full, (-(ky // 2), -(kx // 2)), axis=(0, 1))
-    return np.fft.irfft2(np.fft.rfft2(image) * np.fft.rfft2(full), s=image.shape[-2:])
 
 
 def same_convolve(n: int, size: int, kernel: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,22 +29,6 @@ def gaussian(k: int, sy: float, sx: float, dy: float = 0.0, dx: float = 0.0, flu
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     g = np.exp(-((yy - dy) ** 2 / (2 * sy**2) + (xx - dx) ** 2 / (2 * sx**2)))
     return flux * g / g.sum()
-
-
-def l_kernel(k: int) -> np.ndarray:
-    """An asymmetric, L-shaped kernel: a flip or transpose changes it."""
-    h = k // 2
-    out = np.zeros((k, k))
-    out[h, h] = 1.0
-    out[h + 1, h] = 0.6
-    out[h + 2, h] = 0.3
-    out[h, h + 1] = 0.45
-    out[h - 1, h - 2] = 0.2
-    return out
-
-
-def rel_l2(est: np.ndarray, true: np.ndarray) -> float:
-    return float(np.linalg.norm(est - true) / np.linalg.norm(true))
 
 
 def welch_reference(src, tgt, bad, *, k, seg, overlap=0.5, regularization=1e-3):
