@@ -212,10 +212,10 @@ class _Tile:
         """Kernel and evidence quantities at ``lam``; ``None`` if not positive definite.
 
         ``fast`` factorises in single precision and refines the kernel once in
-        double precision (about 2x cheaper; used while searching ``lam``).
-        LAPACK runs without the GIL, so threads factorise tiles in parallel.  It
+        double precision (about 2x cheaper; used while searching ``lam``), and
         falls back to double precision when the system is too ill-conditioned
-        for that.
+        for that.  LAPACK runs without the GIL, so threads factorise tiles in
+        parallel.
         """
         pen = self.penalty
         mu = lam * self.scale
@@ -384,7 +384,7 @@ def lstsq_kernels(
         Starting ``lam`` of the search.  Every tile starts from it, so a
         tile's result does not depend on the other tiles of the batch.
     tol
-        Convergence tolerance of the search, in ``log lam``.
+        Convergence tolerance of the search, in natural ``log lam``.
     n_probes
         Random probes of the trace estimates used by the evidence updates.
     min_pixels_per_parameter
@@ -480,21 +480,9 @@ def lstsq_kernels(
                     tile.refresh()
                     sol, lam, at_bound = fit(lam_start if at_bound else lam, final=not robust)
             if sol is not None and robust:
-                kern = sol.kernel
-                model = _model(fs[i], kern, shape, (ny, nx), half)
-                resid = tgt[i] - model - (tile.rsum - kern @ tile.colsum) / tile.count
-                r = resid[valid[i]]
-                sample = r[:: max(1, r.size // 16384)]  # the robust scale needs no more
-                centre = np.median(sample)
-                sigma = 1.4826 * np.median(np.abs(sample - centre))
-                outlier = np.zeros((ny, nx), dtype=bool)
-                outlier[valid[i]] = np.abs(r - centre) > clip * sigma
-                n_out = int(outlier.sum())
-                if not (n_out and tile.count - n_out >= min_pixels_per_parameter * (k2 + 1)):
-                    n_out = 0
+                n_out = _clip_outliers(tile, sol.kernel, fs[i], shape, src[i], tgt[i], valid[i],
+                                       clip, min_pixels_per_parameter * (k2 + 1))
                 if n_out:
-                    pix = np.nonzero(outlier)
-                    tile.remove(design_rows(src[i], half, pix), tgt[i][pix])
                     n_clipped[t] = n_out
                     n_valid[t] = tile.count
                     flag_out[t] |= fl.OUTLIERS_CLIPPED
@@ -519,6 +507,32 @@ def lstsq_kernels(
 
     return LstsqResult(kernels, background, lam_out, lam_terms, n_valid, n_clipped, flux_error,
                        gamma_out, flag_out)
+
+
+def _clip_outliers(tile: _Tile, kernel: np.ndarray, spectrum: np.ndarray, shape: tuple[int, int],
+                   source: np.ndarray, target: np.ndarray, valid: np.ndarray, clip: float,
+                   min_count: float) -> int:
+    """Remove target pixels whose residual exceeds ``clip`` robust sigmas from ``tile``.
+
+    ``spectrum`` is the source's ``rfft2`` at FFT size ``shape``.  Nothing is
+    removed if fewer than ``min_count`` pixels would remain.  Returns the
+    number of pixels removed.
+    """
+    half = (int(round(np.sqrt(kernel.size))) - 1) // 2
+    model = _model(spectrum, kernel, shape, source.shape, half)
+    resid = target - model - (tile.rsum - kernel @ tile.colsum) / tile.count
+    r = resid[valid]
+    sample = r[:: max(1, r.size // 16384)]  # the robust scale needs no more
+    centre = np.median(sample)
+    sigma = 1.4826 * np.median(np.abs(sample - centre))
+    outlier = np.zeros(source.shape, dtype=bool)
+    outlier[valid] = np.abs(r - centre) > clip * sigma
+    n_out = int(outlier.sum())
+    if not n_out or tile.count - n_out < min_count:
+        return 0
+    pix = np.nonzero(outlier)
+    tile.remove(design_rows(source, half, pix), target[pix])
+    return n_out
 
 
 def _box_sums(sources: np.ndarray, half: int) -> np.ndarray:
