@@ -3,9 +3,9 @@
 Methods
 -------
 ``"lstsq"`` (default)
-    Exact least squares over the valid region with a Laplacian smoothness
-    penalty whose strength maximises the Bayesian evidence, plus one robust
-    pass.  Unbiased at the edges, accurate on noisy astronomical tiles.
+    Exact least squares over the valid region with a compact smoothness
+    penalty whose strengths maximise the Bayesian evidence, plus one robust
+    pass.  No edge artifact; accurate on noisy astronomical tiles.
 ``"welch"``
     Overlapping tapered segments, averaged cross/auto spectra, regularised
     division.  Several times faster; a taper bias of a few percent remains.
@@ -79,7 +79,7 @@ class KernelEstimates:
     e1: np.ndarray
     e2: np.ndarray
     ellipticity: np.ndarray
-    regularization: np.ndarray  #: dimensionless ``lam`` used (lstsq), else NaN
+    regularization: np.ndarray  #: dimensionless ``lam`` used (lstsq; geometric mean over penalty terms), else NaN
     n_valid: np.ndarray  #: target pixels fitted (lstsq) or kept segments (welch)
     flags: np.ndarray  #: quality bits, see :mod:`pipeline.flags`
     method: str
@@ -93,7 +93,7 @@ class KernelEstimates:
 
 
 def _check_method(method: object) -> str:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise OptionError(
             f"method={method!r} is not known; choose one of {', '.join(sorted(METHODS))} "
             f"(default {DEFAULT_METHOD!r})"
