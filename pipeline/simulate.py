@@ -14,9 +14,11 @@ covariance has ``det(C) ** 0.25 = fwhm / FWHM_PER_SIGMA`` and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 import scipy.ndimage
 import scipy.signal
 
@@ -25,11 +27,16 @@ from pipeline.moments import FWHM_PER_SIGMA
 
 __all__ = [
     "CATALOG_DTYPE",
+    "MoffatPSF",
     "SurveyPair",
+    "add_noise",
     "blurred_photo",
+    "convolve_varying",
     "gaussian_kernel",
     "moffat_psf",
     "motion_kernel",
+    "render_scene",
+    "scene_reach",
     "survey_tile_pair",
 ]
 
@@ -383,6 +390,216 @@ def _galaxy_stamp(dy: float, dx: float, *, hlr: float, n: float, e1: float, e2: 
     return prof * (flux / prof.sum())
 
 
+@dataclass(frozen=True)
+class MoffatPSF:
+    """A round Moffat PSF ``(1 + r^2 / alpha^2) ** -beta``.
+
+    Attributes
+    ----------
+    fwhm
+        Full width at half maximum, pixels.
+    beta
+        Moffat index, ``> 1``.
+    """
+
+    fwhm: float
+    beta: float = 3.5
+
+    def __post_init__(self) -> None:
+        fwhm = _float_option(self.fwhm, "psf fwhm", positive=True)
+        beta = _float_option(self.beta, "psf beta")
+        if beta <= 1.0:
+            raise OptionError(f"psf beta must be > 1, got {beta}")
+        object.__setattr__(self, "fwhm", fwhm)
+        object.__setattr__(self, "beta", beta)
+
+    @property
+    def half_size(self) -> int:
+        """Half-size of the stamp the PSF is rendered on, ``ceil(6 fwhm)``."""
+        return int(math.ceil(6.0 * self.fwhm))
+
+    def stamp(self) -> np.ndarray:
+        """The PSF on a ``(2 half_size + 1)`` square stamp summing to 1."""
+        return moffat_psf(2 * self.half_size + 1, fwhm=self.fwhm, beta=self.beta)
+
+
+def _as_psf(psf: object) -> MoffatPSF:
+    if isinstance(psf, MoffatPSF):
+        return psf
+    if isinstance(psf, bool) or not isinstance(psf, (int, float, np.integer, np.floating)):
+        raise OptionError(f"psf must be a MoffatPSF or a FWHM in pixels, got {psf!r}")
+    return MoffatPSF(fwhm=float(psf))
+
+
+def scene_reach(psf: MoffatPSF | float) -> int:
+    """Farthest a simulated object's light reaches from its centre, pixels.
+
+    A canvas padded by this much (plus the half-size of any kernel applied
+    later) holds every object whose light lands on the image.
+
+    Parameters
+    ----------
+    psf
+        The PSF, or its FWHM for a Moffat PSF with ``beta = 3.5``.
+
+    Returns
+    -------
+    int
+    """
+    return _GALAXY_MAX_RADIUS + _as_psf(psf).half_size + 2
+
+
+def render_scene(
+    rng: int | np.random.Generator,
+    shape: tuple[int, int],
+    *,
+    psf: MoffatPSF | float,
+    star_density: float = 2e-3,
+    galaxy_density: float = 1e-3,
+    star_flux: tuple[float, float] = (1e3, 1e6),
+    galaxy_flux: tuple[float, float] = (1e3, 1e6),
+    margin: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render a noiseless sky scene of stars and galaxies seen through a PSF.
+
+    Stars are the Moffat profile evaluated at sub-pixel positions; Sersic
+    galaxies (index 0.8-2.5, half-light radius 1-6 px log-uniform, distortion
+    up to 0.6, random orientation) are pixel-averaged and convolved with the
+    PSF stamp. Fluxes follow ``dN/dF ∝ F^-2``; positions are uniform over the
+    canvas, which is the image padded by ``margin`` on every side.
+
+    Parameters
+    ----------
+    rng
+        Generator (advanced in place) or integer seed.
+    shape
+        ``(ny, nx)`` of the image.
+    psf
+        The PSF, or its FWHM for a Moffat PSF with ``beta = 3.5``.
+    star_density, galaxy_density
+        Mean number of objects per canvas pixel.
+    star_flux, galaxy_flux
+        ``(min, max)`` of the total fluxes, ADU.
+    margin
+        Canvas padding, pixels; default :func:`scene_reach` of ``psf``, so the
+        image part of the canvas misses no light.
+
+    Returns
+    -------
+    canvas : numpy.ndarray
+        float64 ``(ny + 2 margin, nx + 2 margin)``; the image is
+        ``canvas[margin:margin + ny, margin:margin + nx]``.
+    catalog : numpy.ndarray
+        Every object (:data:`CATALOG_DTYPE`), positions in image coordinates
+        (canvas index minus ``margin``).
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    try:
+        ny, nx = shape
+    except (TypeError, ValueError):
+        raise OptionError(f"shape must be a (ny, nx) pair, got {shape!r}") from None
+    ny = _int_option(ny, "shape[0]", minimum=1)
+    nx = _int_option(nx, "shape[1]", minimum=1)
+    psf = _as_psf(psf)
+    star_density = _float_option(star_density, "star_density", nonnegative=True)
+    galaxy_density = _float_option(galaxy_density, "galaxy_density", nonnegative=True)
+    s_lo, s_hi = _flux_range(star_flux, "star_flux")
+    g_lo, g_hi = _flux_range(galaxy_flux, "galaxy_flux")
+    pad = scene_reach(psf) if margin is None else _int_option(margin, "margin", minimum=0)
+
+    psf_half = psf.half_size
+    psf_stamp = psf.stamp()
+    alpha = _moffat_alpha(psf.fwhm, psf.beta)
+    psf_norm = _moffat_profile(*_offsets(2 * psf_half + 1, 0.0, 0.0), alpha=alpha,
+                               beta=psf.beta, inv=(1.0, 0.0, 1.0)).sum()
+
+    my, mx = ny + 2 * pad, nx + 2 * pad
+    area = float(my) * float(mx)
+    n_star = int(rng.poisson(star_density * area))
+    n_gal = int(rng.poisson(galaxy_density * area))
+    catalog = np.zeros(n_star + n_gal, dtype=CATALOG_DTYPE)
+    catalog["kind"][:n_star] = "star"
+    catalog["kind"][n_star:] = "galaxy"
+    # Canvas pixel coordinates: -0.5 .. n - 0.5.
+    cy = rng.uniform(-0.5, my - 0.5, n_star + n_gal)
+    cx = rng.uniform(-0.5, mx - 0.5, n_star + n_gal)
+    catalog["y"], catalog["x"] = cy - pad, cx - pad
+    catalog["flux"][:n_star] = _power_law_fluxes(rng, n_star, s_lo, s_hi)
+    catalog["flux"][n_star:] = _power_law_fluxes(rng, n_gal, g_lo, g_hi)
+    gal = catalog[n_star:]  # a view: filling it fills the catalog
+    gal["hlr"] = np.exp(rng.uniform(math.log(1.0), math.log(6.0), n_gal))
+    gal["sersic_n"] = rng.uniform(0.8, 2.5, n_gal)
+    e = rng.uniform(0.0, 0.6, n_gal)
+    theta = rng.uniform(0.0, math.pi, n_gal)
+    gal["e1"], gal["e2"] = e * np.cos(2.0 * theta), e * np.sin(2.0 * theta)
+
+    # Galaxies: rendered before the PSF, then convolved with it.
+    galaxies = np.zeros((my, mx))
+    for obj, y, x in zip(gal, cy[n_star:], cx[n_star:]):
+        iy, ix = int(round(y)), int(round(x))
+        radius = min(int(math.ceil(8.0 * obj["hlr"])), _GALAXY_MAX_RADIUS)
+        stamp = _galaxy_stamp(y - iy, x - ix, hlr=float(obj["hlr"]),
+                              n=float(obj["sersic_n"]), e1=float(obj["e1"]),
+                              e2=float(obj["e2"]), flux=float(obj["flux"]), radius=radius)
+        _add_stamp(galaxies, stamp, iy - radius, ix - radius)
+    scene = scipy.signal.fftconvolve(galaxies, psf_stamp, mode="same")
+
+    # Stars: the PSF evaluated at their sub-pixel positions.
+    for flux, y, x in zip(catalog["flux"][:n_star], cy[:n_star], cx[:n_star]):
+        iy, ix = int(round(y)), int(round(x))
+        yy, xx = _offsets(2 * psf_half + 1, y - iy, x - ix)
+        stamp = _moffat_profile(yy, xx, alpha=alpha, beta=psf.beta, inv=(1.0, 0.0, 1.0))
+        _add_stamp(scene, stamp * (flux / psf_norm), iy - psf_half, ix - psf_half)
+    return scene, catalog
+
+
+def add_noise(
+    rng: int | np.random.Generator,
+    image: np.ndarray,
+    *,
+    sky: float = 1000.0,
+    read_noise: float = 5.0,
+    gain: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Observe a noiseless image on a sky background, then subtract the sky.
+
+    The expectation ``mu = clip(image + sky, 0)`` (ADU) becomes
+    ``(Poisson(gain * mu) + Normal(0, read_noise)) / gain - sky``.
+
+    Parameters
+    ----------
+    rng
+        Generator (advanced in place) or integer seed.
+    image
+        Noiseless, sky-free image, ADU.
+    sky
+        Sky level, ADU per pixel.
+    read_noise
+        Read noise, electrons RMS.
+    gain
+        Electrons per ADU.
+
+    Returns
+    -------
+    noisy : numpy.ndarray
+        float64, sky subtracted; its expectation is ``image`` where
+        ``image + sky >= 0``.
+    variance : numpy.ndarray
+        ``mu / gain + (read_noise / gain) ** 2``, ADU^2.
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    expect = np.asarray(image, dtype=np.float64)
+    sky = _float_option(sky, "sky", nonnegative=True)
+    read_noise = _float_option(read_noise, "read_noise", nonnegative=True)
+    gain = _float_option(gain, "gain", positive=True)
+    mu = np.clip(expect + sky, 0.0, None)
+    electrons = rng.poisson(mu * gain).astype(np.float64)
+    electrons += rng.normal(0.0, read_noise, mu.shape) if read_noise > 0 else 0.0
+    noisy = electrons / gain - sky
+    variance = mu / gain + (read_noise / gain) ** 2
+    return noisy, variance
+
+
 def survey_tile_pair(
     *,
     seed: int | np.random.Generator,
@@ -473,56 +690,17 @@ def survey_tile_pair(
     sky_offset = _float_option(sky_offset, "sky_offset")
     source_sky_offset = _float_option(source_sky_offset, "source_sky_offset")
 
-    psf_half = int(math.ceil(6.0 * psf_fwhm))
-    psf = moffat_psf(2 * psf_half + 1, fwhm=psf_fwhm, beta=psf_beta)
-    alpha = _moffat_alpha(psf_fwhm, psf_beta)
-    psf_norm = _moffat_profile(*_offsets(2 * psf_half + 1, 0.0, 0.0), alpha=alpha,
-                               beta=psf_beta, inv=(1.0, 0.0, 1.0)).sum()
+    psf_spec = MoffatPSF(fwhm=psf_fwhm, beta=psf_beta)
+    psf = psf_spec.stamp()
 
-    # Objects reach at most ``reach`` pixels from their centre; a canvas padded
-    # by the kernel half-size plus ``reach`` therefore holds every object whose
-    # light lands, after the kernel, on the tile.
-    reach = _GALAXY_MAX_RADIUS + psf_half + 2
-    pad = max(kern.shape) // 2 + reach
-    n_canvas = size + 2 * pad
-    area = float(n_canvas) ** 2
-
-    n_star = int(rng.poisson(star_density * area))
-    n_gal = int(rng.poisson(galaxy_density * area))
-    catalog = np.zeros(n_star + n_gal, dtype=CATALOG_DTYPE)
-    catalog["kind"][:n_star] = "star"
-    catalog["kind"][n_star:] = "galaxy"
-    # Canvas pixel coordinates: -0.5 .. n_canvas - 0.5.
-    cy = rng.uniform(-0.5, n_canvas - 0.5, n_star + n_gal)
-    cx = rng.uniform(-0.5, n_canvas - 0.5, n_star + n_gal)
-    catalog["y"], catalog["x"] = cy - pad, cx - pad
-    catalog["flux"][:n_star] = _power_law_fluxes(rng, n_star, s_lo, s_hi)
-    catalog["flux"][n_star:] = _power_law_fluxes(rng, n_gal, g_lo, g_hi)
-    gal = catalog[n_star:]  # a view: filling it fills the catalog
-    gal["hlr"] = np.exp(rng.uniform(math.log(1.0), math.log(6.0), n_gal))
-    gal["sersic_n"] = rng.uniform(0.8, 2.5, n_gal)
-    e = rng.uniform(0.0, 0.6, n_gal)
-    theta = rng.uniform(0.0, math.pi, n_gal)
-    gal["e1"], gal["e2"] = e * np.cos(2.0 * theta), e * np.sin(2.0 * theta)
-
-    # Galaxies: rendered before the PSF, then convolved with it.
-    galaxies = np.zeros((n_canvas, n_canvas))
-    for obj, y, x in zip(gal, cy[n_star:], cx[n_star:]):
-        iy, ix = int(round(y)), int(round(x))
-        radius = min(int(math.ceil(8.0 * obj["hlr"])), _GALAXY_MAX_RADIUS)
-        stamp = _galaxy_stamp(y - iy, x - ix, hlr=float(obj["hlr"]),
-                              n=float(obj["sersic_n"]), e1=float(obj["e1"]),
-                              e2=float(obj["e2"]), flux=float(obj["flux"]), radius=radius)
-        _add_stamp(galaxies, stamp, iy - radius, ix - radius)
-    scene = scipy.signal.fftconvolve(galaxies, psf, mode="same")
-
-    # Stars: the PSF evaluated at their sub-pixel positions.
-    for flux, y, x in zip(catalog["flux"][:n_star], cy[:n_star], cx[:n_star]):
-        iy, ix = int(round(y)), int(round(x))
-        yy, xx = _offsets(2 * psf_half + 1, y - iy, x - ix)
-        stamp = _moffat_profile(yy, xx, alpha=alpha, beta=psf_beta,
-                                inv=(1.0, 0.0, 1.0))
-        _add_stamp(scene, stamp * (flux / psf_norm), iy - psf_half, ix - psf_half)
+    # Objects reach at most ``scene_reach`` pixels from their centre; a canvas
+    # padded by the kernel half-size plus that therefore holds every object
+    # whose light lands, after the kernel, on the tile.
+    pad = max(kern.shape) // 2 + scene_reach(psf_spec)
+    scene, catalog = render_scene(
+        rng, (size, size), psf=psf_spec, star_density=star_density,
+        galaxy_density=galaxy_density, star_flux=(s_lo, s_hi), galaxy_flux=(g_lo, g_hi),
+        margin=pad)
 
     source_canvas = scene + source_sky_offset
     convolved = scipy.signal.fftconvolve(scene, kern, mode="same")
@@ -535,12 +713,8 @@ def survey_tile_pair(
     target_true = conv_tile + sky_offset
 
     def observe(expect: np.ndarray, level: float, residual: float) -> tuple[np.ndarray, ...]:
-        mu = np.clip(expect + level, 0.0, None)
-        electrons = rng.poisson(mu * gain).astype(np.float64)
-        electrons += rng.normal(0.0, read_noise, mu.shape) if read_noise > 0 else 0.0
-        image = electrons / gain - level + residual
-        variance = mu / gain + (read_noise / gain) ** 2
-        return image, variance
+        image, variance = add_noise(rng, expect, sky=level, read_noise=read_noise, gain=gain)
+        return image + residual, variance
 
     source, source_var = observe(scene_tile, sky, source_sky_offset)
     target, target_var = observe(conv_tile, target_sky, sky_offset)
@@ -551,6 +725,105 @@ def survey_tile_pair(
         source_variance=source_var, target_variance=target_var,
         source_canvas=source_canvas, pad=pad, psf=psf, catalog=catalog,
     )
+
+
+# --------------------------------------------------------------------------
+# spatially varying convolution
+
+_BAND_BYTES = 64 * 2**20  # spectra held at once by convolve_varying
+
+
+def convolve_varying(
+    image: np.ndarray,
+    kernel_at: Callable[[float, float], np.ndarray],
+    *,
+    patch: int = 32,
+    kernel_size: int,
+) -> np.ndarray:
+    """Convolve with a piecewise-constant, spatially varying kernel field.
+
+    The image is cut into ``patch`` x ``patch`` blocks, rows
+    ``[i patch, (i + 1) patch)`` and columns likewise (the last block in each
+    direction may be smaller). In each block the output equals
+    ``scipy.signal.fftconvolve(image, kernel_at(yc, xc), mode="same")``
+    restricted to that block, where ``(yc, xc)`` is the block centre,
+    ``y0 + (rows - 1) / 2`` (and likewise in ``x``). So light landing in a
+    block has gone through that block's kernel wherever it came from, the
+    kernel field is constant within a block and jumps at block edges, and
+    pixels outside the image count as zero. Each block is convolved with its margin
+    of ``kernel_size // 2`` pixels only, all blocks of a band at once by FFT.
+
+    Parameters
+    ----------
+    image
+        2-D real, finite image.
+    kernel_at
+        ``kernel_at(yc, xc)`` returns the ``(kernel_size, kernel_size)`` kernel
+        at a block centre (floats, image pixel coordinates); called once per
+        block, row by row.
+    patch
+        Block size, pixels.
+    kernel_size
+        Odd size of the kernels.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, the shape of ``image``.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2 or img.size == 0:
+        raise InputError(f"image must be a non-empty 2-D array, got shape {img.shape}")
+    if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
+        raise InputError(f"image must be real, got dtype {img.dtype}")
+    img = img.astype(np.float64, copy=False)
+    if not np.isfinite(img).all():
+        raise InputError("image contains non-finite values")
+    if not callable(kernel_at):
+        raise OptionError("kernel_at must be callable as kernel_at(yc, xc)")
+    patch = _int_option(patch, "patch", minimum=1)
+    k = _odd_size(kernel_size, "kernel_size")
+    c = k // 2
+    ny, nx = img.shape
+    nby, nbx = -(-ny // patch), -(-nx // patch)
+    win = patch + 2 * c
+    # A circular convolution of length >= win leaves the block's outputs,
+    # indices 2c .. 2c + patch - 1 of the full convolution, free of wrap-around.
+    n_fft = scipy.fft.next_fast_len(win, real=True)
+    padded = np.zeros((nby * patch + 2 * c, nbx * patch + 2 * c))
+    padded[c:c + ny, c:c + nx] = img
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (win, win))[::patch, ::patch]
+
+    def centre(start: int, n: int) -> float:
+        return start + (min(start + patch, n) - start - 1) / 2.0
+
+    def kernel(yc: float, xc: float) -> np.ndarray:
+        kern = np.asarray(kernel_at(yc, xc))
+        if kern.shape != (k, k):
+            raise InputError(f"kernel_at({yc}, {xc}) returned shape {kern.shape}, "
+                             f"expected {(k, k)}")
+        if not (np.issubdtype(kern.dtype, np.integer)
+                or np.issubdtype(kern.dtype, np.floating)):
+            raise InputError(f"kernel_at({yc}, {xc}) returned dtype {kern.dtype}")
+        if not np.isfinite(kern).all():
+            raise InputError(f"kernel_at({yc}, {xc}) returned non-finite values")
+        return kern
+
+    out = np.empty((nby * patch, nbx * patch))
+    per_row = nbx * n_fft * (n_fft // 2 + 1) * 16 * 2
+    band = max(1, _BAND_BYTES // per_row)
+    xcs = [centre(j * patch, nx) for j in range(nbx)]
+    for i0 in range(0, nby, band):
+        i1 = min(i0 + band, nby)
+        kerns = np.stack([[kernel(centre(i * patch, ny), xc) for xc in xcs]
+                          for i in range(i0, i1)]).astype(np.float64, copy=False)
+        spec = scipy.fft.rfft2(windows[i0:i1], s=(n_fft, n_fft))
+        spec *= scipy.fft.rfft2(kerns, s=(n_fft, n_fft))
+        conv = scipy.fft.irfft2(spec, s=(n_fft, n_fft))[..., 2 * c:2 * c + patch,
+                                                      2 * c:2 * c + patch]
+        out[i0 * patch:i1 * patch] = conv.transpose(0, 2, 1, 3).reshape(
+            (i1 - i0) * patch, nbx * patch)
+    return out[:ny, :nx]
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,719 @@
+"""Job files: what to read, how to tile, which estimator, where to write, how to run.
+
+A job file is YAML with five sections::
+
+    input:   {path, source, target, mask, group, storage_options}
+    tiles:   {size, step}
+    kernel:  {method, size, normalize, <options of the method>}
+    output:  {path, mode, dtype}
+    compute: {scheduler, n_workers, threads_per_worker, processes,
+              memory_limit, dashboard_address, block_tiles}
+
+Only ``input.path`` and ``output.path`` are required; :func:`dump_job` shows
+every default.  A ``kernel`` section without ``method`` is the default method,
+``lstsq``.  A section left empty (all its keys commented out) takes its
+defaults.  Command-line overrides (``dotted.key=value``, the value parsed as
+YAML) are applied on top of the file before validation, so they beat it.
+
+Every problem of a job is reported at once in a :class:`ConfigError`, one
+line per problem, each starting with the dotted key at fault.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .errors import KernelmapError
+
+__all__ = [
+    "ConfigError",
+    "InputConfig",
+    "TilesConfig",
+    "LstsqKernel",
+    "WelchKernel",
+    "RatioKernel",
+    "KernelConfig",
+    "OutputConfig",
+    "ComputeConfig",
+    "JobConfig",
+    "KERNEL_METHODS",
+    "load_job",
+    "job_from_dict",
+    "apply_overrides",
+    "dump_job",
+]
+
+#: Smallest allowed ``tiles.size``.
+MIN_TILE_SIZE = 16
+#: Number of penalty terms of each lstsq penalty (length of a per-term regularization list).
+PENALTY_TERMS = {"compact": 2, "wings": 2, "laplacian": 1, "identity": 1}
+#: Names of the local schedulers accepted by ``compute.scheduler``.
+LOCAL_SCHEDULERS = ("local", "threads", "synchronous")
+
+_SECTIONS = ("input", "tiles", "kernel", "output", "compute")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):[0-9]{1,5}$")
+_CHECKS = "kernelmap_checks"  # error type of the cross-field checks below
+
+
+class ConfigError(KernelmapError):
+    """A job configuration is invalid.
+
+    Parameters
+    ----------
+    errors
+        One line per problem, each ``"dotted.key: message"``.
+    source
+        The job file, when the configuration came from one.
+
+    Attributes
+    ----------
+    errors : list of str
+        The problems, in the order found.
+    source : str or None
+        The job file, if any.
+    """
+
+    def __init__(self, errors: Sequence[str] | str, *, source: str | None = None) -> None:
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid job configuration{where}:\n  " + "\n  ".join(self.errors))
+
+    def __reduce__(self):  # keep the keyword argument when pickled
+        return _rebuild_config_error, (self.errors, self.source)
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError, *, source: str | None = None) -> ConfigError:
+        """Convert a pydantic error on :class:`JobConfig` to one line per problem."""
+        return cls(_format_errors(exc), source=source)
+
+
+def _rebuild_config_error(errors: list[str], source: str | None) -> ConfigError:
+    return ConfigError(errors, source=source)
+
+
+def _problems(*items: tuple[str, str]) -> PydanticCustomError:
+    """One validation error carrying several ``(relative dotted key, message)`` problems."""
+    text = "; ".join(f"{key}: {msg}" for key, msg in items)
+    return PydanticCustomError(_CHECKS, "{text}", {"text": text, "problems": tuple(items)})
+
+
+# ---------------------------------------------------------------------------
+# value types: YAML already gives typed values, so numbers and flags are
+# strict (no "21" -> 21, no true -> 1); names accept numbers (group: 2020).
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Name = Annotated[str, Strict(False), Field(min_length=1)]
+Text = Annotated[str, Strict(False)]
+_NonNegative = Annotated[Float, Field(ge=0)]
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, coerce_numbers_to_str=True)
+
+
+class InputConfig(BaseModel):
+    """The input stack: a Zarr group with source, target and optional mask arrays."""
+
+    model_config = _STRICT
+
+    path: Name
+    source: Name = "source"
+    target: Name = "target"
+    mask: Name | None = None
+    group: Text | None = None
+    storage_options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _distinct_arrays(self) -> InputConfig:
+        items = []
+        if self.target == self.source:
+            items.append(("target", f"{self.target!r} is also the source array"))
+        if self.mask is not None and self.mask in (self.source, self.target):
+            role = "source" if self.mask == self.source else "target"
+            items.append(("mask", f"{self.mask!r} is also the {role} array"))
+        if items:
+            raise _problems(*items)
+        return self
+
+
+class TilesConfig(BaseModel):
+    """Tile geometry: square tiles of ``size`` pixels every ``step`` pixels."""
+
+    model_config = _STRICT
+
+    size: Annotated[Int, Field(ge=MIN_TILE_SIZE)] = 256
+    step: Annotated[Int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _default_step(self) -> TilesConfig:
+        if self.step is None:
+            self.step = self.size
+        elif self.step > self.size:
+            raise _problems(("step", f"{self.step} is larger than tiles.size {self.size}: at most "
+                                     f"{self.size} (a smaller step gives overlapping tiles)"))
+        return self
+
+
+class _KernelBase(BaseModel):
+    model_config = _STRICT
+
+    method: str
+    size: Int = 21
+    normalize: Bool = False
+
+    @field_validator("size")
+    @classmethod
+    def _odd_size(cls, value: int) -> int:
+        if value < 1:
+            raise PydanticCustomError(_CHECKS, "{text}", {"text": f"{value} is too small: the kernel "
+                                                                  "size must be an odd integer >= 1"})
+        if value % 2 == 0:
+            raise PydanticCustomError(_CHECKS, "{text}", {
+                "text": f"{value} is even: the kernel needs a centre pixel, use {value - 1} or {value + 1}"})
+        return value
+
+    def estimator_options(self) -> dict[str, Any]:
+        """Options for :func:`pipeline.estimate_kernels` (all but method, size, normalize)."""
+        return self.model_dump(exclude={"method", "size", "normalize"})
+
+
+class LstsqKernel(_KernelBase):
+    """Exact regularised least squares (:func:`pipeline.lstsq.lstsq_kernels`)."""
+
+    method: Literal["lstsq"] = "lstsq"
+    regularization: Literal["auto"] | _NonNegative | list[_NonNegative] = "auto"
+    penalty: Literal["compact", "wings", "laplacian", "identity"] = "compact"
+    robust: Bool = True
+    recentre: Bool = True
+    clip: Annotated[Float, Field(gt=0)] = 5.0
+
+    @field_validator("regularization", mode="wrap")
+    @classmethod
+    def _one_message(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(_CHECKS, "{text}", {
+                "text": f"{_show(value)} is not 'auto', a number >= 0 or a list of numbers >= 0 "
+                        "(one per penalty term)"}) from None
+
+    @model_validator(mode="after")
+    def _terms_match(self) -> LstsqKernel:
+        if isinstance(self.regularization, list):
+            n, m = len(self.regularization), PENALTY_TERMS[self.penalty]
+            if n != m:
+                raise _problems(("regularization", f"{_show(self.regularization)} has {n} value(s) but "
+                                 f"penalty {self.penalty!r} has {m} term(s): give {m} numbers or one number"))
+        return self
+
+
+class WelchKernel(_KernelBase):
+    """Welch-averaged cross/auto spectra (:func:`pipeline.welch.welch_kernels`)."""
+
+    method: Literal["welch"] = "welch"
+    segment_size: Int = 64
+    overlap: Annotated[Float, Field(ge=0, lt=1)] = 0.5
+    window: Literal["hann", "tukey", "none"] = "hann"
+    regularization: Annotated[Float, Field(ge=0)] = 1e-3
+
+    @model_validator(mode="after")
+    def _segment_fits_kernel(self) -> WelchKernel:
+        if self.segment_size < self.size:
+            raise _problems(("segment_size", f"{self.segment_size} is smaller than kernel.size "
+                                             f"{self.size}: at least {self.size}"))
+        return self
+
+
+class RatioKernel(_KernelBase):
+    """The plain ``FFT(target) / FFT(source)`` baseline (no options)."""
+
+    method: Literal["ratio"] = "ratio"
+
+
+#: Method name -> kernel section model.
+KERNEL_METHODS: dict[str, type[_KernelBase]] = {
+    "lstsq": LstsqKernel, "welch": WelchKernel, "ratio": RatioKernel,
+}
+
+
+def _kernel_method(value: Any) -> str | None:
+    """Discriminator: the ``method`` of a kernel section, ``lstsq`` when absent."""
+    if isinstance(value, Mapping):
+        method = value.get("method", "lstsq")
+        return method if isinstance(method, str) else None
+    return getattr(value, "method", "lstsq")  # non-mappings fail in the lstsq model
+
+
+KernelConfig = Annotated[
+    Union[
+        Annotated[LstsqKernel, Tag("lstsq")],
+        Annotated[WelchKernel, Tag("welch")],
+        Annotated[RatioKernel, Tag("ratio")],
+    ],
+    Discriminator(_kernel_method),
+]
+_KERNEL_ADAPTER: TypeAdapter[Any] = TypeAdapter(KernelConfig)
+
+
+class OutputConfig(BaseModel):
+    """The output store."""
+
+    model_config = _STRICT
+
+    path: Name
+    mode: Literal["create", "resume", "overwrite"] = "create"
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+class ComputeConfig(BaseModel):
+    """Where and how the job runs."""
+
+    model_config = _STRICT
+
+    scheduler: Name = "local"
+    n_workers: Annotated[Int, Field(ge=1)] = 2
+    threads_per_worker: Annotated[Int, Field(ge=1)] = 1
+    processes: Bool = True
+    memory_limit: Text | None = "auto"
+    dashboard_address: Text | None = ":0"
+    block_tiles: Annotated[Int, Field(ge=1)] | None = None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if _scheduler_kind(value) is None:
+            raise PydanticCustomError(_CHECKS, "{text}", {
+                "text": f"{value!r} is not a scheduler: use 'local' (a local cluster), 'threads' or "
+                        "'synchronous' (no cluster), or the address of a running scheduler "
+                        "('tcp://host:8786' or 'host:8786')"})
+        return value
+
+    @property
+    def scheduler_kind(self) -> Literal["local", "threads", "synchronous", "address"]:
+        """``"local"``, ``"threads"``, ``"synchronous"`` or ``"address"`` (a running scheduler)."""
+        return _scheduler_kind(self.scheduler)  # type: ignore[return-value]
+
+
+def _scheduler_kind(value: str) -> str | None:
+    if value in LOCAL_SCHEDULERS:
+        return value
+    scheme, sep, rest = value.partition("://")
+    if (sep and scheme and rest) or _HOST_PORT.match(value):
+        return "address"
+    return None
+
+
+class JobConfig(BaseModel):
+    """A whole job: input, tiles, kernel, output and compute sections."""
+
+    model_config = _STRICT
+
+    input: InputConfig
+    tiles: TilesConfig = TilesConfig()
+    kernel: KernelConfig = LstsqKernel()
+    output: OutputConfig
+    compute: ComputeConfig = ComputeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        return _fill_empty_sections(data)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        items = _consistency(self.tiles, self.kernel) + _paths_differ(self.input, self.output)
+        if items:
+            raise _problems(*items)
+        return self
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of everything that changes the result.
+
+        That is the input (except ``storage_options``), the tiles, the kernel
+        section and ``output.dtype``; not where the output goes, how it is
+        written, or how the job is computed.
+        """
+        data = self.model_dump(mode="json")
+        data["input"].pop("storage_options")
+        canonical = {"input": data["input"], "tiles": data["tiles"], "kernel": data["kernel"],
+                     "output": {"dtype": data["output"]["dtype"]}}
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _fill_empty_sections(data: Any) -> Any:
+    """A section given as ``null`` (all its keys commented out) means an empty one."""
+    if isinstance(data, Mapping) and any(data.get(s, {}) is None for s in _SECTIONS):
+        data = {k: ({} if k in _SECTIONS and v is None else v) for k, v in data.items()}
+    return data
+
+
+def _consistency(tiles: TilesConfig, kernel: _KernelBase) -> list[tuple[str, str]]:
+    """Checks between the tiles and the kernel sections."""
+    items = []
+    largest = tiles.size // 2 if (tiles.size // 2) % 2 else tiles.size // 2 - 1
+    if kernel.size > largest:
+        items.append(("kernel.size", f"{kernel.size} is too large for tiles.size {tiles.size}: "
+                                     f"at most {largest}"))
+    if isinstance(kernel, WelchKernel) and kernel.segment_size > tiles.size:
+        items.append(("kernel.segment_size", f"{kernel.segment_size} is larger than tiles.size "
+                                             f"{tiles.size}: at most {tiles.size}"))
+    return items
+
+
+def _paths_differ(inp: InputConfig, out: OutputConfig) -> list[tuple[str, str]]:
+    def norm(path: str) -> str:
+        return path.rstrip("/") if "://" in path else os.path.normpath(path)
+
+    if norm(inp.path) == norm(out.path):
+        return [("output.path", f"{out.path!r} is the input store (input.path): the output "
+                                "must go to another store")]
+    return []
+
+
+# ---------------------------------------------------------------------------
+# error messages
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, short."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(_show(v) for v in value[:6]) + (", ..." if len(value) > 6 else "") + "]"
+        return text
+    return repr(value)
+
+
+def _bound(value: Any) -> str:
+    """A numeric limit: ``0`` rather than ``0.0``."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _literal_choices(model: type[BaseModel] | None, field: Any) -> list[str] | None:
+    if model is None or not isinstance(field, str) or field not in model.model_fields:
+        return None
+
+    def walk(tp: Any) -> list[str]:
+        if typing.get_origin(tp) is Literal:
+            return [str(a) for a in typing.get_args(tp)]
+        return [c for arg in typing.get_args(tp) for c in walk(arg)]
+
+    return walk(model.model_fields[field].annotation) or None
+
+
+def _locate(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Dotted path (without union tags) and the model holding its last key."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = JobConfig
+    holder: type[BaseModel] | None = None
+    i = 0
+    while i < len(loc):
+        seg = loc[i]
+        holder = model
+        parts.append(str(seg))
+        if model is not None and isinstance(seg, str) and seg in model.model_fields:
+            if model is JobConfig and seg == "kernel":
+                tag = loc[i + 1] if i + 1 < len(loc) else None
+                if tag in KERNEL_METHODS:
+                    model = KERNEL_METHODS[tag]
+                    i += 2
+                    continue
+                model = None
+            else:
+                ann = model.model_fields[seg].annotation
+                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        else:
+            model = None
+        i += 1
+    return parts, holder
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "a boolean (true or false)",
+    "bool_parsing": "a boolean (true or false)", "string_type": "a string", "list_type": "a list",
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+}
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        parts, holder = _locate(tuple(err["loc"]))
+        path = ".".join(parts)
+        kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+        if kind == _CHECKS:
+            problems = ctx.get("problems")
+            if problems is None:
+                lines.append(f"{path or '<job>'}: {ctx['text']}")
+            for key, msg in problems or ():
+                lines.append(f"{'.'.join([*parts, key])}: {msg}")
+            continue
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            method = value.get("method") if isinstance(value, Mapping) else value
+            lines.append(f"{path}.method: {_show(method)} is not one of {', '.join(KERNEL_METHODS)}")
+            continue
+        lines.append(f"{path or '<job>'}: {_message(kind, value, ctx, err['msg'], holder, parts)}")
+    return lines
+
+
+def _message(kind: str, value: Any, ctx: Mapping[str, Any], default: str,
+             holder: type[BaseModel] | None, parts: list[str]) -> str:
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        allowed = ", ".join(holder.model_fields) if holder is not None else "?"
+        if holder is not None and issubclass(holder, _KernelBase):
+            method = holder.model_fields["method"].default
+            msg = f"unknown key for method {method!r}; allowed keys: {allowed}"
+            owners = [m for m, cls in KERNEL_METHODS.items() if m != method and parts[-1] in cls.model_fields]
+            if owners:
+                msg += f" ({parts[-1]!r} is an option of method {' and '.join(map(repr, owners))})"
+            return msg
+        return f"unknown key; allowed keys: {allowed}"
+    if kind == "literal_error":
+        choices = _literal_choices(holder, parts[-1] if parts else None)
+        if choices:
+            return f"{_show(value)} is not one of {', '.join(choices)}"
+        return f"{_show(value)}: {default.lower()}"
+    if kind in _TYPE_NAMES:
+        return f"{_show(value)} is not {_TYPE_NAMES[kind]}"
+    if kind == "finite_number":
+        return f"{_show(value)} is not a finite number"
+    if kind == "greater_than_equal":
+        return f"{_show(value)} is too small: at least {_bound(ctx['ge'])}"
+    if kind == "greater_than":
+        return f"{_show(value)} is too small: must be greater than {_bound(ctx['gt'])}"
+    if kind == "less_than_equal":
+        return f"{_show(value)} is too large: at most {_bound(ctx['le'])}"
+    if kind == "less_than":
+        return f"{_show(value)} is too large: must be less than {_bound(ctx['lt'])}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    return f"{default} (got {_show(value)})"
+
+
+# ---------------------------------------------------------------------------
+# building jobs
+
+
+def _plain(data: Any) -> Any:
+    """Deep copy with every mapping as a ``dict``."""
+    if isinstance(data, Mapping):
+        return {k: _plain(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_plain(v) for v in data]
+    return copy.deepcopy(data)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``dotted.key=value`` overrides applied in order.
+
+    Parameters
+    ----------
+    data
+        The job as read from the file (not modified).
+    overrides
+        ``"tiles.size=512"``, ``"kernel.regularization=[0.1, 1]"``, ...; the
+        value is parsed as YAML like the job file (``yaml.safe_load``, plus
+        exponent floats such as ``1e-3``; an empty value is ``null``).
+        Missing intermediate sections are created; later overrides win.
+
+    Raises
+    ------
+    ConfigError
+        Naming every malformed override (no ``=``, an empty key or key part,
+        a value that is not YAML, a path through a value that is not a mapping).
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"the job must be a mapping of sections, got {type(data).__name__}"])
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    result = _plain(data)
+    problems = []
+    for item in overrides:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        keys = key.split(".")
+        if not sep:
+            problems.append(f"override {item!r}: expected dotted.key=value, e.g. tiles.size=512")
+            continue
+        if not key or not all(k.strip() for k in keys):
+            problems.append(f"override {item!r}: empty key{' part' if key else ''}; "
+                            "expected dotted.key=value, e.g. tiles.size=512")
+            continue
+        keys = [k.strip() for k in keys]
+        try:
+            value = _parse_value(text)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            problems.append(f"override {item!r}: the value is not valid YAML ({problem})")
+            continue
+        node = result
+        for depth, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                problems.append(f"override {item!r}: {where} is {_show(child)}, not a mapping")
+                break
+            node = child
+        else:
+            node[keys[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+def job_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> JobConfig:
+    """Validate a job given as a mapping (after applying ``overrides``).
+
+    Raises
+    ------
+    ConfigError
+        With every problem found, one line each.
+    """
+    return _build(data, overrides, None)
+
+
+def _build(data: Any, overrides: Sequence[str], source: str | None) -> JobConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"the top level must be a mapping of sections ({', '.join(_SECTIONS)}), "
+                           f"got {_show(data) if isinstance(data, (list, str)) else type(data).__name__}"],
+                          source=source)
+    try:
+        merged = apply_overrides(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, source=source) from None
+    try:
+        return JobConfig.model_validate(merged)
+    except ValidationError as exc:
+        lines = _format_errors(exc)
+        lines += _partial_consistency(merged, exc)
+        raise ConfigError(lines, source=source) from None
+
+
+def _partial_consistency(data: dict[str, Any], exc: ValidationError) -> list[str]:
+    """The tiles/kernel checks, when those sections are valid but others are not."""
+    if any(not err["loc"] or err["loc"][0] in ("tiles", "kernel") for err in exc.errors()):
+        return []
+    data = _fill_empty_sections(data)
+    try:
+        tiles = TilesConfig.model_validate(data.get("tiles", {}))
+        kernel = _KERNEL_ADAPTER.validate_python(data.get("kernel", {}))
+    except ValidationError:
+        return []
+    return [f"{key}: {msg}" for key, msg in _consistency(tiles, kernel)]
+
+
+class _JobLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads 1e-3 and 1.0e3 as strings; job files mean numbers (as YAML 1.2 does).
+_JobLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_value(text: str) -> Any:
+    """An override's value: YAML, read like the job file."""
+    return yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
+    """Read, override and validate a YAML job file.
+
+    Parameters
+    ----------
+    path
+        The job file.  Relative paths inside it are kept as written (they are
+        resolved against the working directory when used).
+    overrides
+        ``dotted.key=value`` settings that beat the file, see
+        :func:`apply_overrides`.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML (with the line), or the job is invalid
+        (every problem at once).
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError([f"job file {name!r} does not exist"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"job file {name!r} is a directory, not a file"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"job file {name!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"]
+                          ) from None
+    except OSError as exc:
+        raise ConfigError([f"job file {name!r} cannot be read: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError([f"{where}invalid YAML: {problem}"], source=name) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"invalid YAML: {exc}"], source=name) from None
+    return _build(data, overrides, name)
+
+
+def dump_job(job: JobConfig) -> str:
+    """The effective job as YAML: every default filled in, sections and keys in model order."""
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, default_flow_style=False,
+                          allow_unicode=True)

@@ -1,0 +1,358 @@
+"""Running a job: plan the tiles and blocks, prepare the output store, compute, record.
+
+The orchestration stays thin: each task reads one block of input pixels,
+calls :func:`pipeline.estimate_kernels` on all the block's tiles at once and
+writes the results into the block's own chunks of the output store, then
+records the block as done.  A killed run is resumed by running the same job
+with ``output.mode: resume``: only blocks without a record are computed, and
+every tile's result does not depend on which other tiles ran with it, so the
+result equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import numpy as np
+
+from . import flags as fl
+from .config import JobConfig, dump_job, load_job
+from .errors import OptionError
+from .estimate import estimate_kernels
+from .inputs import Inputs, open_inputs
+from .store import (
+    StoreLayout,
+    completed_blocks,
+    create_store,
+    json_attr,
+    mark_complete,
+    read_attrs,
+    remove_store,
+    store_exists,
+    write_block,
+)
+from .tiles import Block, TileGrid, block_shape_for_chunks
+
+__all__ = ["Plan", "RunSummary", "plan_job", "run_job"]
+
+#: Environment of worker processes: one thread per FFT/BLAS call inside tasks.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a job will do: inputs, tiles, blocks and the output layout."""
+
+    job: JobConfig
+    inputs: Inputs
+    grid: TileGrid
+    layout: StoreLayout
+
+    @property
+    def blocks(self) -> list[Block]:
+        return list(self.grid.blocks(self.layout.n_images))
+
+    @property
+    def n_tiles(self) -> int:
+        ty, tx = self.grid.shape
+        return self.layout.n_images * ty * tx
+
+    def memory_per_task(self) -> int:
+        """Rough peak bytes of one task: its pixel region in float64 plus estimator work space."""
+        by, bx = self.grid.block_tiles
+        size, step = self.grid.size, self.grid.step
+        h, w = (by - 1) * step + size, (bx - 1) * step + size
+        k = self.layout.kernel_size
+        region = h * w * 8 * 4  # source, target, bad map and their float copies
+        tiles = by * bx * size * size * 8 * 3  # tile stacks and model images
+        solver = 4 * (k * k) ** 2 * 8 * 3 + 12 * (size + k) ** 2 * 16  # Grams, FFT spectra
+        return region + tiles + solver
+
+    def describe(self) -> str:
+        """The dry-run text."""
+        job, grid, inp = self.job, self.grid, self.inputs
+        n, ny, nx = inp.shape
+        ty, tx = grid.shape
+        nby, nbx = grid.blocks_shape
+        by, bx = grid.block_tiles
+        uy, ux = grid.uncovered
+        k = self.layout.kernel_size
+        lines = [
+            f"input      {job.input.path}: {n} image(s) of {ny}x{nx} px, chunks {inp.chunks[0]}x{inp.chunks[1]}, "
+            f"source {'shared 2-D reference' if inp.shared_source else 'one per image'}, "
+            f"mask {job.input.mask or 'none (NaN pixels are bad)'}",
+            f"images     {', '.join(map(str, inp.images[:6]))}{' ...' if n > 6 else ''}",
+            f"tiles      {grid.size} px every {grid.step} px: {ty}x{tx} per image, {self.n_tiles} in all"
+            + (f"; {uy} rows and {ux} columns at the far edges not covered" if uy or ux else ""),
+            f"blocks     {by}x{bx} tiles each: {nby}x{nbx} per image, {n * nby * nbx} tasks",
+            f"memory     about {self.memory_per_task() / 2**20:.0f} MiB per task",
+            f"kernel     {k}x{k}, method {job.kernel.method}, options {job.kernel.estimator_options()}",
+            f"output     {job.output.path} (mode {job.output.mode}): kernel(image={n}, y={ty}, x={tx}, "
+            f"ky={k}, kx={k}) {job.output.dtype}, chunks (1, {by}, {bx}, {k}, {k}); "
+            f"{len(_diagnostic_names())} per-tile diagnostics",
+            f"compute    {_describe_compute(job)}",
+        ]
+        return "\n".join(lines)
+
+
+def _diagnostic_names() -> list[str]:
+    from .store import DIAGNOSTICS
+
+    return list(DIAGNOSTICS)
+
+
+def _describe_compute(job: JobConfig) -> str:
+    c = job.compute
+    if c.scheduler == "local":
+        kind = "processes" if c.processes else "threads"
+        return (f"local cluster: {c.n_workers} worker {kind} x {c.threads_per_worker} thread(s), "
+                f"memory limit {c.memory_limit}")
+    if c.scheduler in ("threads", "synchronous"):
+        return f"dask {c.scheduler} scheduler in this process"
+    return f"running scheduler at {c.scheduler}"
+
+
+def plan_job(job: JobConfig) -> Plan:
+    """Open and check the inputs and lay out tiles, blocks and the output."""
+    inputs = open_inputs(
+        job.input.path, source=job.input.source, target=job.input.target, mask=job.input.mask,
+        group=job.input.group, storage_options=job.input.storage_options, min_size=job.tiles.size,
+    )
+    n, ny, nx = inputs.shape
+    step = job.tiles.step or job.tiles.size
+    if job.compute.block_tiles:
+        block = (job.compute.block_tiles, job.compute.block_tiles)
+    else:
+        block = block_shape_for_chunks(inputs.chunks, job.tiles.size, step)
+    grid = TileGrid(ny, nx, job.tiles.size, step, block)
+    layout = StoreLayout(grid, np.asarray(inputs.images), dict(inputs.image_attrs), job.kernel.size,
+                         job.output.dtype)
+    return Plan(job, inputs, grid, layout)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did."""
+
+    path: str
+    n_tiles: int
+    tiles_computed: int
+    tiles_skipped: int
+    tiles_flagged: int
+    blocks_computed: int
+    blocks_skipped: int
+    seconds: float
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.tiles_computed / self.seconds if self.seconds > 0 else float("nan")
+
+    def open_dataset(self):
+        """The result as an :class:`xarray.Dataset` (lazy)."""
+        import xarray as xr
+
+        return xr.open_zarr(self.path)
+
+    def describe(self) -> str:
+        return (
+            f"done: {self.tiles_computed} tiles computed, {self.tiles_skipped} skipped (already done), "
+            f"{self.tiles_flagged} flagged unusable, in {self.seconds:.1f} s "
+            f"({self.tiles_per_second:.1f} tiles/s); result: {self.path}"
+        )
+
+
+def _process_block(src, tgt, mask, block: Block, grid: TileGrid, job: JobConfig) -> dict[str, int]:
+    """One task: estimate every tile of a block and write the block's chunks."""
+    src_tiles = grid.cut(np.asarray(src), block)
+    tgt_tiles = grid.cut(np.asarray(tgt), block)
+    mask_tiles = None if mask is None else grid.cut(np.asarray(mask), block)
+    kernel = job.kernel
+    res = estimate_kernels(
+        src_tiles, tgt_tiles, kernel_size=kernel.size, method=kernel.method, mask=mask_tiles,
+        normalize=kernel.normalize, workers=1, **kernel.estimator_options(),
+    )
+    results = {name: value for name, value in res.as_dict().items() if name != "flags"}
+    results["quality_flag"] = res.flags
+    write_block(job.output.path, block, results, kernel.size)
+    return {"tiles": block.n_tiles, "flagged": int(np.count_nonzero(res.flags & fl.BAD))}
+
+
+def _block_task(plan: Plan, block: Block):
+    """The delayed task of a block, reading its pixel region lazily from the inputs."""
+    ys, xs = plan.grid.pixel_region(block)
+    inp = plan.inputs
+    src = inp.source[ys, xs] if inp.shared_source else inp.source[block.image, ys, xs]
+    tgt = inp.target[block.image, ys, xs]
+    mask = None
+    if inp.mask is not None:
+        mask = inp.mask[ys, xs] if inp.mask.ndim == 2 else inp.mask[block.image, ys, xs]
+    name = f"kernelmap-block-{block.image}-{block.by}-{block.bx}"
+    return dask.delayed(_process_block, pure=False)(src, tgt, mask, block, plan.grid, plan.job,
+                                                     dask_key_name=name)
+
+
+def _prepare_output(plan: Plan, attrs: dict[str, Any], log: Callable[[str], None]) -> np.ndarray:
+    """Create, replace or reopen the output store; returns the done-block map."""
+    out = plan.job.output
+    nby, nbx = plan.grid.blocks_shape
+    exists = store_exists(out.path)
+    if exists and out.mode == "create":
+        raise OptionError(
+            f"output.path {out.path} already exists and output.mode is 'create': nothing was changed. "
+            "Use output.mode=resume to finish an interrupted run of this job, or output.mode=overwrite "
+            "to replace it (e.g. --set output.mode=resume)"
+        )
+    if exists and out.mode == "resume":
+        old = read_attrs(out.path)
+        if old.get("kernelmap_fingerprint") != attrs["kernelmap_fingerprint"]:
+            raise OptionError(
+                f"output.mode=resume: {out.path} was made by a different configuration "
+                "(tiles, kernel, input or output dtype differ); run the same job again, or use "
+                "output.mode=overwrite or another output.path"
+            )
+        if old.get("kernelmap_input") != attrs["kernelmap_input"]:
+            raise OptionError(
+                f"output.mode=resume: {out.path} was made from different input data "
+                f"({json_attr(old.get('kernelmap_input'))[:200]}); use output.mode=overwrite or another output.path"
+            )
+        done = completed_blocks(out.path)
+        log(f"resuming {out.path}: {int(done.sum())} of {done.size} blocks already done, skipped")
+        return done
+    if exists:  # overwrite
+        log(f"overwriting {out.path}")
+        remove_store(out.path)
+    create_store(out.path, plan.layout, attrs)
+    return np.zeros((plan.layout.n_images, nby, nbx), dtype=bool)
+
+
+def _attributes(plan: Plan) -> dict[str, Any]:
+    from . import __version__
+
+    job = plan.job
+    return {
+        "title": "kernelmap kernel maps",
+        "kernelmap_version": __version__,
+        "kernelmap_config": dump_job(job),
+        "kernelmap_fingerprint": job.fingerprint(),
+        "kernelmap_input": json_attr(plan.inputs.identity),
+        "kernelmap_method": job.kernel.method,
+        "kernelmap_command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "python API",
+        "kernelmap_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tile_size": job.tiles.size,
+        "tile_step": plan.grid.step,
+        "Conventions": "CF-1.10",
+    }
+
+
+class _Progress:
+    """A bar on a terminal; plain periodic lines otherwise (batch logs)."""
+
+    def __init__(self, total: int, log: Callable[[str], None], enabled: bool, interval: float = 10.0):
+        self.total, self.log, self.enabled, self.interval = total, log, enabled, interval
+        self.done = 0
+        self.tty = enabled and sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+
+    def update(self, tiles: int) -> None:
+        self.done += tiles
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        frac = self.done / self.total if self.total else 1.0
+        rate = self.done / max(now - self.start, 1e-9)
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} tiles {rate:6.1f}/s")
+            sys.stderr.flush()
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+        elif now - self.last >= self.interval or self.done >= self.total:
+            self.last = now
+            self.log(f"progress: {self.done}/{self.total} tiles ({100 * frac:.0f} %), {rate:.1f} tiles/s")
+
+
+def _local_cluster(job: JobConfig, stack: ExitStack):
+    from distributed import Client, LocalCluster
+
+    c = job.compute
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV}):
+        cluster = stack.enter_context(LocalCluster(
+            n_workers=c.n_workers, threads_per_worker=c.threads_per_worker, processes=c.processes,
+            memory_limit=c.memory_limit, dashboard_address=c.dashboard_address,
+        ))
+    return stack.enter_context(Client(cluster))
+
+
+def run_job(
+    job: JobConfig | str | os.PathLike,
+    *,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+    client: Any = None,
+    performance_report: str | None = None,
+    log: Callable[[str], None] = print,
+) -> RunSummary:
+    """Run a job (a :class:`JobConfig` or a YAML path) and return its summary.
+
+    ``client``: a ``distributed.Client`` to use instead of what
+    ``compute.scheduler`` says (e.g. a cluster kept running between jobs).
+    """
+    if not isinstance(job, JobConfig):
+        job = load_job(job, overrides)
+    elif overrides:
+        raise OptionError("overrides apply to job files; pass a JobConfig already overridden")
+    t0 = time.monotonic()
+    plan = plan_job(job)
+    attrs = _attributes(plan)
+    done = _prepare_output(plan, attrs, log)
+    blocks = plan.blocks
+    pending = [b for b in blocks if not done[b.image, b.by, b.bx]]
+    skipped_tiles = sum(b.n_tiles for b in blocks if done[b.image, b.by, b.bx])
+    bar = _Progress(sum(b.n_tiles for b in pending), log, progress)
+    flagged = 0
+    with ExitStack() as stack:
+        scheduler = job.compute.scheduler
+        if client is None and scheduler == "local":
+            client = _local_cluster(job, stack)
+        elif client is None and scheduler not in ("threads", "synchronous"):
+            from distributed import Client
+
+            client = stack.enter_context(Client(scheduler))
+        if client is not None and progress:
+            log(f"dashboard: {client.dashboard_link}")
+        tasks = [_block_task(plan, b) for b in pending]
+        if client is not None:
+            from distributed import as_completed as dist_completed
+            from distributed import performance_report as perf
+
+            with perf(filename=performance_report) if performance_report else nullcontext():
+                futures = client.compute(tasks)
+                for future in dist_completed(futures):
+                    result = future.result()
+                    flagged += result["flagged"]
+                    bar.update(result["tiles"])
+        else:
+            workers = 1 if scheduler == "synchronous" else job.compute.n_workers * job.compute.threads_per_worker
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(dask.compute, t, scheduler="synchronous") for t in tasks]
+                for future in as_completed(futures):
+                    (result,) = future.result()
+                    flagged += result["flagged"]
+                    bar.update(result["tiles"])
+    seconds = time.monotonic() - t0
+    summary = RunSummary(job.output.path, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
+                         flagged, len(pending), len(blocks) - len(pending), seconds)
+    mark_complete(job.output.path, {"kernelmap_finished": _dt.datetime.now(_dt.timezone.utc)
+                                    .isoformat(timespec="seconds")})
+    if progress:
+        log(summary.describe())
+    return summary

@@ -1,0 +1,87 @@
+"""Small input stacks with a known kernel in every tile, written as real Zarr stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+from scipy.ndimage import gaussian_filter
+from scipy.signal import fftconvolve
+
+from pipeline.simulate import gaussian_kernel
+
+
+def tile_kernel(image: int, ty: int, tx: int, k: int) -> np.ndarray:
+    """The true kernel of tile (ty, tx) of an image: width and shape vary smoothly."""
+    return gaussian_kernel(k, fwhm=2.2 + 0.25 * tx + 0.1 * ty + 0.15 * image,
+                           e1=0.04 * (ty - 1), e2=0.03 * (tx - 1), dx=0.3 * image, flux=1.0 + 0.05 * image)
+
+
+def make_stack(
+    path: Path,
+    *,
+    n_images: int = 2,
+    size: int = 192,
+    tile: int = 64,
+    chunk: int = 64,
+    k: int = 9,
+    shared_source: bool = True,
+    zarr_format: int = 3,
+    writer: str = "xarray",
+    mask: bool = False,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """Write a stack whose target is, tile by tile, the source convolved with ``tile_kernel``.
+
+    Returns the truth: ``kernels[image, ty, tx]`` and the background offsets.
+    """
+    rng = np.random.default_rng(seed)
+    margin = 2 * k
+    n_src = 1 if shared_source else n_images
+    canvases = [gaussian_filter(rng.normal(size=(size + 2 * margin,) * 2), 0.7) * 100.0 for _ in range(n_src)]
+    inner = slice(margin, margin + size)
+    nt = size // tile
+    target = np.zeros((n_images, size, size), dtype=np.float32)
+    kernels = np.zeros((n_images, nt, nt, k, k))
+    background = 10.0 * np.arange(1, n_images + 1)
+    for i in range(n_images):
+        canvas = canvases[0 if shared_source else i]
+        for ty in range(nt):
+            for tx in range(nt):
+                kern = tile_kernel(i, ty, tx, k)
+                kernels[i, ty, tx] = kern
+                ys = slice(margin + ty * tile - k, margin + (ty + 1) * tile + k)
+                xs = slice(margin + tx * tile - k, margin + (tx + 1) * tile + k)
+                conv = fftconvolve(canvas[ys, xs], kern, mode="same")[k:-k, k:-k]
+                target[i, ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile] = conv
+        target[i] += background[i] + noise * rng.normal(size=(size, size))
+    source = np.stack([c[inner, inner] for c in canvases]).astype(np.float32)
+    if shared_source:
+        source = source[0]
+    bad = None
+    if mask:
+        bad = np.zeros((n_images, size, size), dtype=np.uint8)
+        bad[:, 5:9, 20:60] = 1
+        target[:, 5:9, 20:60] = 1e6  # garbage under the mask
+    labels = np.array([f"epoch-{i}" for i in range(n_images)], dtype=object)
+    if writer == "xarray":
+        data = {"target": (("image", "y", "x"), target)}
+        data["source"] = (("y", "x"), source) if shared_source else (("image", "y", "x"), source)
+        if bad is not None:
+            data["mask"] = (("image", "y", "x"), bad)
+        ds = xr.Dataset(data, coords={"image": labels})
+        enc = {"target": {"chunks": (1, chunk, chunk)},
+               "source": {"chunks": (chunk, chunk) if shared_source else (1, chunk, chunk)}}
+        if bad is not None:
+            enc["mask"] = {"chunks": (1, chunk, chunk)}
+        ds.to_zarr(path, mode="w-", zarr_format=zarr_format, encoding=enc, consolidated=zarr_format == 2)
+    else:
+        group = zarr.open_group(path, mode="w-", zarr_format=zarr_format)
+        group.create_array("target", data=target, chunks=(1, chunk, chunk))
+        group.create_array("source", data=source, chunks=(chunk, chunk) if shared_source else (1, chunk, chunk))
+        if bad is not None:
+            group.create_array("mask", data=bad, chunks=(1, chunk, chunk))
+    return {"kernels": kernels, "background": background, "tile": tile, "k": k, "labels": labels}

@@ -1,0 +1,216 @@
+"""End to end: real Zarr stores on disk, real schedulers, the ``kernelmap`` command."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+import zarr
+from stacks import make_stack
+
+from pipeline import flags as fl
+from pipeline.cli import main
+from pipeline.config import job_from_dict
+from pipeline.errors import OptionError
+from pipeline.run import plan_job, run_job
+
+K = 9
+TILE = 64
+
+
+def job_dict(tmp_path: Path, **sections) -> dict:
+    data = {
+        "input": {"path": str(tmp_path / "stack.zarr")},
+        "tiles": {"size": TILE},
+        "kernel": {"size": K},
+        "output": {"path": str(tmp_path / "kernels.zarr")},
+        "compute": {"scheduler": "synchronous"},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return data
+
+
+def open_result(path) -> xr.Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain open must not warn
+        return xr.open_zarr(path).load()
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+        digest.update(str(file.stat().st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def assert_matches_truth(ds: xr.Dataset, truth: dict, tol: float = 2e-3) -> None:
+    est = ds["kernel"].values.astype(float)
+    true = truth["kernels"]
+    err = np.sqrt(((est - true) ** 2).sum(axis=(-2, -1)) / (true**2).sum(axis=(-2, -1)))
+    assert err.max() < tol, err
+    np.testing.assert_allclose(ds["flux"].values, true.sum(axis=(-2, -1)), rtol=5e-4)
+    np.testing.assert_allclose(ds["background"].values, truth["background"][:, None, None]
+                               * np.ones(ds["background"].shape), atol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("writer", "zarr_format", "shared"),
+    [("xarray", 3, True), ("xarray", 2, False), ("zarr", 3, False), ("zarr", 2, True)],
+)
+def test_kernel_map_matches_the_truth_at_tile_centres(tmp_path, writer, zarr_format, shared):
+    truth = make_stack(tmp_path / "stack.zarr", writer=writer, zarr_format=zarr_format, shared_source=shared)
+    summary = run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    ds = open_result(summary.path)
+    assert ds["kernel"].dims == ("image", "y", "x", "ky", "kx")
+    assert ds["kernel"].dtype == np.float32
+    np.testing.assert_array_equal(ds["y"].values, np.arange(3) * TILE + (TILE - 1) / 2)
+    np.testing.assert_array_equal(ds["ky"].values, np.arange(-(K // 2), K // 2 + 1))
+    if writer == "xarray":
+        assert list(ds["image"].values) == ["epoch-0", "epoch-1"]
+    else:
+        assert list(ds["image"].values) == [0, 1]
+    assert_matches_truth(ds, truth)
+    assert ds.attrs["kernelmap_status"] == "complete"
+    assert "kernelmap_config" in ds.attrs and "kernelmap_version" in ds.attrs
+    assert yaml.safe_load(ds.attrs["kernelmap_config"])["tiles"]["size"] == TILE
+    flag = ds["quality_flag"]
+    assert list(flag.attrs["flag_masks"]) == [f.mask for f in fl.FLAGS]
+    assert flag.attrs["flag_meanings"].split() == [f.name for f in fl.FLAGS]
+    assert summary.tiles_computed == 2 * 9 and summary.tiles_skipped == 0
+
+
+def test_mask_excludes_garbage_pixels(tmp_path):
+    truth = make_stack(tmp_path / "stack.zarr", mask=True)
+    run_job(job_from_dict(job_dict(tmp_path, input={"mask": "mask"})), progress=False)
+    ds = open_result(tmp_path / "kernels.zarr")
+    assert_matches_truth(ds, truth)
+    assert np.all(ds["quality_flag"].values[:, 0, 0] & fl.MASKED)
+
+
+def test_local_cluster_with_processes_equals_a_synchronous_run(tmp_path):
+    make_stack(tmp_path / "stack.zarr", n_images=2)
+    run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    reference = open_result(tmp_path / "kernels.zarr")
+    other = job_dict(tmp_path, output={"path": str(tmp_path / "cluster.zarr")},
+                     compute={"scheduler": "local", "n_workers": 2, "processes": True})
+    run_job(job_from_dict(other), progress=False)
+    xr.testing.assert_identical(open_result(tmp_path / "cluster.zarr").drop_attrs(), reference.drop_attrs())
+
+
+def test_create_refuses_an_existing_store_and_leaves_it_untouched(tmp_path):
+    make_stack(tmp_path / "stack.zarr")
+    job = job_from_dict(job_dict(tmp_path))
+    run_job(job, progress=False)
+    before = tree_digest(tmp_path / "kernels.zarr")
+    inputs_before = tree_digest(tmp_path / "stack.zarr")
+    with pytest.raises(OptionError, match="already exists.*output.mode=resume.*overwrite"):
+        run_job(job, progress=False)
+    assert tree_digest(tmp_path / "kernels.zarr") == before
+    assert tree_digest(tmp_path / "stack.zarr") == inputs_before  # the input is never written
+
+
+def test_resume_refuses_a_store_of_another_configuration(tmp_path):
+    make_stack(tmp_path / "stack.zarr")
+    run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    other = job_from_dict(job_dict(tmp_path, kernel={"size": 7}, output={"mode": "resume"}))
+    with pytest.raises(OptionError, match="different configuration"):
+        run_job(other, progress=False)
+
+
+def test_overwrite_replaces_and_resume_of_a_complete_store_skips_everything(tmp_path):
+    make_stack(tmp_path / "stack.zarr")
+    run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    first = open_result(tmp_path / "kernels.zarr")
+    again = run_job(job_from_dict(job_dict(tmp_path, output={"mode": "resume"})), progress=False)
+    assert again.tiles_skipped == again.n_tiles and again.tiles_computed == 0
+    run_job(job_from_dict(job_dict(tmp_path, output={"mode": "overwrite"})), progress=False)
+    xr.testing.assert_identical(open_result(tmp_path / "kernels.zarr").drop_attrs(), first.drop_attrs())
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a ``kernelmap run`` mid-way, resume it, compare with a run never interrupted."""
+    make_stack(tmp_path / "stack.zarr", n_images=3, size=256, chunk=64)
+    data = job_dict(tmp_path, compute={"scheduler": "threads", "n_workers": 1, "block_tiles": 1})
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    status = tmp_path / "kernels.zarr" / "status" / "blocks"
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = int(np.count_nonzero(zarr.open_array(str(status), mode="r")[...]))
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeNotFoundError):
+            done = 0
+        if done >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = xr.open_zarr(tmp_path / "kernels.zarr")
+    assert partial.attrs["kernelmap_status"] == "incomplete"
+    assert 0 < done < 48
+    assert main(["run", str(job_file), "--quiet", "--set", "output.mode=resume"]) == 0
+    resumed = open_result(tmp_path / "kernels.zarr")
+    assert resumed.attrs["kernelmap_status"] == "complete"
+    reference = job_dict(tmp_path, output={"path": str(tmp_path / "reference.zarr")})
+    run_job(job_from_dict(reference), progress=False)
+    xr.testing.assert_identical(resumed.drop_attrs(), open_result(tmp_path / "reference.zarr").drop_attrs())
+
+
+def test_command_line_values_beat_the_file(tmp_path, capsys):
+    make_stack(tmp_path / "stack.zarr")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(tmp_path)))
+    assert main(["config", str(job_file), "--set", "tiles.size=96", "--set", "kernel.method=welch",
+                 "--set", "kernel.segment_size=32"]) == 0
+    effective = yaml.safe_load(capsys.readouterr().out)
+    assert effective["tiles"] == {"size": 96, "step": 96}
+    assert effective["kernel"]["method"] == "welch" and effective["kernel"]["segment_size"] == 32
+    assert effective["compute"]["n_workers"] == 2  # defaults filled in
+    assert main(["run", str(job_file), "--dry-run", "--set", "tiles.step=32"]) == 0
+    plan = capsys.readouterr().out
+    assert "tiles      64 px every 32 px: 5x5 per image, 50 in all" in plan
+    assert "tasks" in plan and "MiB per task" in plan
+    assert not (tmp_path / "kernels.zarr").exists()  # a dry run writes nothing
+
+
+def test_bad_job_files_fail_before_any_work_with_every_error(tmp_path, capsys):
+    make_stack(tmp_path / "stack.zarr")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(tmp_path, tiles={"size": 8}, kernel={"penalty": "tv"},
+                                                output={"mode": "append"})))
+    assert main(["run", str(job_file)]) == 2
+    err = capsys.readouterr().err
+    assert "tiles.size: 8 is too small" in err
+    assert "kernel.penalty: 'tv' is not one of" in err
+    assert "output.mode: 'append' is not one of" in err
+    assert not (tmp_path / "kernels.zarr").exists()
+    job_file.write_text(yaml.safe_dump(job_dict(tmp_path, input={"target": "tgt"})))
+    assert main(["run", str(job_file)]) == 2
+    assert "no array 'tgt'" in capsys.readouterr().err
+
+
+def test_plan_groups_tiles_into_chunk_aligned_blocks(tmp_path):
+    make_stack(tmp_path / "stack.zarr", size=256, chunk=128)
+    plan = plan_job(job_from_dict(job_dict(tmp_path)))
+    assert plan.grid.block_tiles == (2, 2)
+    blocks = plan.blocks
+    assert len(blocks) == 2 * 4 and sum(b.n_tiles for b in blocks) == plan.n_tiles
+    ys, xs = plan.grid.pixel_region(blocks[1])
+    assert (ys.start, ys.stop, xs.start, xs.stop) == (0, 128, 128, 256)
