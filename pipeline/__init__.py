@@ -15,8 +15,20 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
+def __getattr__(name: str):
+    # the job runner pulls in Dask, xarray and Zarr: imported only when asked for
+    if name in ("run_job", "plan_job", "load_job"):
+        from . import config, run
+
+        return {"run_job": run.run_job, "plan_job": run.plan_job, "load_job": config.load_job}[name]
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    "run_job",
+    "plan_job",
+    "load_job",
     "DEFAULT_METHOD",
     "METHODS",
     "KernelEstimates",

@@ -214,3 +214,40 @@ def test_plan_groups_tiles_into_chunk_aligned_blocks(tmp_path):
     assert len(blocks) == 2 * 4 and sum(b.n_tiles for b in blocks) == plan.n_tiles
     ys, xs = plan.grid.pixel_region(blocks[1])
     assert (ys.start, ys.stop, xs.start, xs.stop) == (0, 128, 128, 256)
+
+
+def test_demo_command_runs_the_demo_job(tmp_path, capsys):
+    from pipeline.config import load_job
+    from pipeline.demo import demo_job
+
+    shipped = load_job(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    built_in = demo_job("demo-output")
+    assert built_in == shipped  # configs/demo.yaml documents exactly what `kernelmap demo` runs
+    assert main(["demo", "--dir", str(tmp_path / "demo"), "--images", "2", "--size", "256",
+                 "--set", "compute.scheduler=threads"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel FWHM across the field" in out and "relative L2 error" in out
+    ds = open_result(tmp_path / "demo" / "kernels.zarr")
+    assert ds["kernel"].shape == (2, 2, 2, 15, 15)
+    assert np.all(np.isfinite(ds["fwhm"].values))
+
+
+def test_a_running_scheduler_is_used_by_address(tmp_path):
+    from distributed import LocalCluster
+
+    make_stack(tmp_path / "stack.zarr", n_images=1)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        data = job_dict(tmp_path, compute={"scheduler": cluster.scheduler_address})
+        summary = run_job(job_from_dict(data), progress=False)
+        assert summary.tiles_computed == 9
+        assert cluster.scheduler_address.startswith("tcp://")
+    assert open_result(tmp_path / "kernels.zarr").attrs["kernelmap_status"] == "complete"
+
+
+def test_performance_report_is_written(tmp_path):
+    make_stack(tmp_path / "stack.zarr", n_images=1)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(tmp_path, compute={"scheduler": "local", "n_workers": 1})))
+    report = tmp_path / "report.html"
+    assert main(["run", str(job_file), "--quiet", "--performance-report", str(report)]) == 0
+    assert report.stat().st_size > 1000 and "<html" in report.read_text()[:2000].lower()
