@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import fsspec
 import numpy as np
 import xarray as xr
 import zarr
@@ -126,13 +127,30 @@ def _consolidate(path: str) -> None:
         zarr.consolidate_metadata(path)
 
 
+def _location(path: str) -> str:
+    """``file://`` URLs as plain paths (local folders are created as needed); other URLs as given."""
+    text = str(path)
+    if text.startswith("file://"):
+        return fsspec.core.url_to_fs(text)[1]
+    return text
+
+
 def store_exists(path: str) -> bool:
-    """Whether a Zarr group (or anything) already exists at ``path``."""
-    return Path(path).exists()
+    """Whether anything already exists at ``path`` (a local path or an fsspec URL)."""
+    path = _location(path)
+    if "://" not in str(path):
+        return Path(path).exists()
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return bool(fs.exists(root))
 
 
 def remove_store(path: str) -> None:
-    """Delete an existing output store."""
+    """Delete an existing output store (a local path or an fsspec URL)."""
+    path = _location(path)
+    if "://" in str(path):
+        fs, root = fsspec.core.url_to_fs(str(path))
+        fs.rm(root, recursive=True)
+        return
     p = Path(path)
     if p.is_dir():
         shutil.rmtree(p)
@@ -142,6 +160,7 @@ def remove_store(path: str) -> None:
 
 def create_store(path: str, layout: StoreLayout, attrs: dict[str, Any]) -> None:
     """Write the empty template (metadata and coordinates, no data) and the status array."""
+    path = _location(path)
     ds = _template(layout, {**attrs, "kernelmap_status": "incomplete"})
     ds.to_zarr(path, mode="w-", compute=False, consolidated=False, zarr_format=3)
     group = zarr.open_group(path, mode="r+")
@@ -155,11 +174,13 @@ def create_store(path: str, layout: StoreLayout, attrs: dict[str, Any]) -> None:
 
 def read_attrs(path: str) -> dict[str, Any]:
     """Root attributes of an existing output store."""
+    path = _location(path)
     return dict(zarr.open_group(path, mode="r").attrs)
 
 
 def completed_blocks(path: str) -> np.ndarray:
     """``(image, block_y, block_x)`` bool: blocks already written."""
+    path = _location(path)
     group = zarr.open_group(path, mode="r")
     try:
         return np.asarray(group[f"{STATUS_GROUP}/{BLOCKS_ARRAY}"][...]) != 0
@@ -172,6 +193,7 @@ def completed_blocks(path: str) -> np.ndarray:
 
 def write_block(path: str, block: Block, results: dict[str, np.ndarray], kernel_size: int) -> None:
     """Write one block's results into its chunks, then record the block as done."""
+    path = _location(path)
     group = zarr.open_group(path, mode="r+")
     ny, nx = block.ty1 - block.ty0, block.tx1 - block.tx0
     region = (block.image, slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
@@ -185,6 +207,7 @@ def write_block(path: str, block: Block, results: dict[str, np.ndarray], kernel_
 
 def mark_complete(path: str, attrs: dict[str, Any] | None = None) -> None:
     """Set ``kernelmap_status`` to complete (with extra attributes) and consolidate."""
+    path = _location(path)
     group = zarr.open_group(path, mode="r+")
     group.attrs.update({**(attrs or {}), "kernelmap_status": "complete"})
     _consolidate(path)

@@ -251,3 +251,15 @@ def test_performance_report_is_written(tmp_path):
     report = tmp_path / "report.html"
     assert main(["run", str(job_file), "--quiet", "--performance-report", str(report)]) == 0
     assert report.stat().st_size > 1000 and "<html" in report.read_text()[:2000].lower()
+
+
+def test_output_to_an_fsspec_url(tmp_path):
+    truth = make_stack(tmp_path / "stack.zarr", n_images=1)
+    url = (tmp_path / "remote.zarr").as_uri()
+    data = job_dict(tmp_path, input={"path": (tmp_path / "stack.zarr").as_uri()},
+                    output={"path": url})
+    run_job(job_from_dict(data), progress=False)
+    ds = open_result(url)
+    assert_matches_truth(ds, {**truth, "background": truth["background"][:1]})
+    run_job(job_from_dict({**data, "output": {"path": url, "mode": "overwrite"}}), progress=False)
+    assert open_result(url).attrs["kernelmap_status"] == "complete"
