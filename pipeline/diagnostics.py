@@ -58,7 +58,7 @@ def residual_statistics(
     background: np.ndarray,
     region: np.ndarray,
     *,
-    max_samples: int = 20000,
+    max_samples: int = 8192,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Noise, residual and signal of each fit over its fit region.
 

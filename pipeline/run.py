@@ -38,6 +38,7 @@ from .store import (
     read_attrs,
     remove_store,
     store_exists,
+    store_id,
     write_block,
 )
 from .tiles import Block, TileGrid, block_shape_for_chunks
@@ -170,7 +171,8 @@ class RunSummary:
         )
 
 
-def _process_block(src, tgt, mask, block: Block, grid: TileGrid, job: JobConfig) -> dict[str, int]:
+def _process_block(src, tgt, mask, block: Block, grid: TileGrid, job: JobConfig,
+                   store: str) -> dict[str, int]:
     """One task: estimate every tile of a block and write the block's chunks."""
     src_tiles = grid.cut(np.asarray(src), block)
     tgt_tiles = grid.cut(np.asarray(tgt), block)
@@ -178,15 +180,16 @@ def _process_block(src, tgt, mask, block: Block, grid: TileGrid, job: JobConfig)
     kernel = job.kernel
     res = estimate_kernels(
         src_tiles, tgt_tiles, kernel_size=kernel.size, method=kernel.method, mask=mask_tiles,
-        normalize=kernel.normalize, workers=1, **kernel.estimator_options(),
+        normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
+        **kernel.estimator_options(),
     )
     results = {name: value for name, value in res.as_dict().items() if name != "flags"}
     results["quality_flag"] = res.flags
-    write_block(job.output.path, block, results, kernel.size)
+    write_block(job.output.path, block, results, kernel.size, store)
     return {"tiles": block.n_tiles, "flagged": int(np.count_nonzero(res.flags & fl.BAD))}
 
 
-def _block_task(plan: Plan, block: Block):
+def _block_task(plan: Plan, block: Block, store: str):
     """The delayed task of a block, reading its pixel region lazily from the inputs."""
     ys, xs = plan.grid.pixel_region(block)
     inp = plan.inputs
@@ -196,7 +199,7 @@ def _block_task(plan: Plan, block: Block):
     if inp.mask is not None:
         mask = inp.mask[ys, xs] if inp.mask.ndim == 2 else inp.mask[block.image, ys, xs]
     name = f"kernelmap-block-{block.image}-{block.by}-{block.bx}"
-    return dask.delayed(_process_block, pure=False)(src, tgt, mask, block, plan.grid, plan.job,
+    return dask.delayed(_process_block, pure=False)(src, tgt, mask, block, plan.grid, plan.job, store,
                                                      dask_key_name=name)
 
 
@@ -329,12 +332,14 @@ def run_job(
             client = stack.enter_context(Client(scheduler))
         if client is not None and progress:
             log(f"dashboard: {client.dashboard_link}")
-        tasks = [_block_task(plan, b) for b in pending]
+        store = store_id(job.output.path)
+        tasks = [_block_task(plan, b, store) for b in pending]
         if client is not None:
             from distributed import as_completed as dist_completed
             from distributed import performance_report as perf
 
-            with perf(filename=performance_report) if performance_report else nullcontext():
+            with client.as_current(), (perf(filename=performance_report) if performance_report
+                                       else nullcontext()):
                 futures = client.compute(tasks)
                 for future in dist_completed(futures):
                     result = future.result()

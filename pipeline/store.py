@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +163,8 @@ def remove_store(path: str) -> None:
 def create_store(path: str, layout: StoreLayout, attrs: dict[str, Any]) -> None:
     """Write the empty template (metadata and coordinates, no data) and the status array."""
     path = _location(path)
-    ds = _template(layout, {**attrs, "kernelmap_status": "incomplete"})
+    ds = _template(layout, {**attrs, "kernelmap_status": "incomplete",
+                            "kernelmap_store_id": uuid.uuid4().hex})
     ds.to_zarr(path, mode="w-", compute=False, consolidated=False, zarr_format=3)
     group = zarr.open_group(path, mode="r+")
     nby, nbx = layout.grid.blocks_shape
@@ -191,18 +194,39 @@ def completed_blocks(path: str) -> np.ndarray:
         ) from exc
 
 
-def write_block(path: str, block: Block, results: dict[str, np.ndarray], kernel_size: int) -> None:
-    """Write one block's results into its chunks, then record the block as done."""
-    path = _location(path)
+@lru_cache(maxsize=4)
+def _arrays(path: str, store_id: str) -> dict[str, zarr.Array]:
+    """The output arrays, opened once per process and store: their metadata is read once.
+
+    ``store_id`` (set when the store is created) keys the cache, so a store
+    replaced at the same path is opened afresh.
+    """
     group = zarr.open_group(path, mode="r+")
+    names = ["kernel", *DIAGNOSTICS, f"{STATUS_GROUP}/{BLOCKS_ARRAY}"]
+    return {name: group[name] for name in names}
+
+
+def store_id(path: str) -> str:
+    """The identifier given to the store when it was created."""
+    return str(read_attrs(path).get("kernelmap_store_id", ""))
+
+
+def write_block(path: str, block: Block, results: dict[str, np.ndarray], kernel_size: int,
+                store: str = "") -> None:
+    """Write one block's results into its chunks, then record the block as done.
+
+    ``store`` is the store's identifier (:func:`store_id`), for reusing opened arrays.
+    """
+    path = _location(path)
+    arrays = _arrays(path, store) if store else _arrays.__wrapped__(path, store)
     ny, nx = block.ty1 - block.ty0, block.tx1 - block.tx0
     region = (block.image, slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
-    kern = group["kernel"]
+    kern = arrays["kernel"]
     kern[region] = results["kernels"].reshape(ny, nx, kernel_size, kernel_size).astype(kern.dtype)
     for name in DIAGNOSTICS:
-        arr = group[name]
+        arr = arrays[name]
         arr[region] = results[name].reshape(ny, nx).astype(arr.dtype)
-    group[f"{STATUS_GROUP}/{BLOCKS_ARRAY}"][block.image, block.by, block.bx] = 1
+    arrays[f"{STATUS_GROUP}/{BLOCKS_ARRAY}"][block.image, block.by, block.bx] = 1
 
 
 def mark_complete(path: str, attrs: dict[str, Any] | None = None) -> None:

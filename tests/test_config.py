@@ -56,7 +56,8 @@ def test_minimal_job_dump_shows_every_default():
         "input": {"path": "in.zarr", "source": "source", "target": "target", "mask": None,
                   "group": None, "storage_options": {}},
         "tiles": {"size": 256, "step": 256},
-        "kernel": {"method": "lstsq", "size": 21, "normalize": False, "regularization": "auto",
+        "kernel": {"method": "lstsq", "size": 21, "normalize": False, "diagnostics": True,
+                   "regularization": "auto",
                    "penalty": "compact", "robust": True, "recentre": True, "clip": 5.0},
         "output": {"path": "out.zarr", "mode": "create", "dtype": "float32"},
         "compute": {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True,
@@ -219,7 +220,7 @@ def test_all_errors_are_reported_together_with_dotted_paths():
         "tiles.extra: unknown key; allowed keys: size, step",
         "kernel.size: 20 is even: the kernel needs a centre pixel, use 19 or 21",
         "kernel.penalty: 'tv' is not one of compact, wings, laplacian, identity",
-        "kernel.segment_size: unknown key for method 'lstsq'; allowed keys: method, size, normalize, "
+        "kernel.segment_size: unknown key for method 'lstsq'; allowed keys: method, size, normalize, diagnostics, "
         "regularization, penalty, robust, recentre, clip ('segment_size' is an option of method 'welch')",
         "output.path: required",
         "compute.scheduler: 'slurm' is not a scheduler: use 'local' (a local cluster), 'threads' or "
@@ -266,7 +267,7 @@ def test_error_message_text():
     ({"kernel": {"method": "welch", "window": "hamming"}},
      "kernel.window: 'hamming' is not one of hann, tukey, none"),
     ({"kernel": {"method": "ratio", "penalty": "compact"}},
-     "kernel.penalty: unknown key for method 'ratio'; allowed keys: method, size, normalize "
+     "kernel.penalty: unknown key for method 'ratio'; allowed keys: method, size, normalize, diagnostics "
      "('penalty' is an option of method 'lstsq')"),
     ({"output": {"path": "o", "mode": "append"}},
      "output.mode: 'append' is not one of create, resume, overwrite"),

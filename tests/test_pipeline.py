@@ -263,3 +263,14 @@ def test_output_to_an_fsspec_url(tmp_path):
     assert_matches_truth(ds, {**truth, "background": truth["background"][:1]})
     run_job(job_from_dict({**data, "output": {"path": url, "mode": "overwrite"}}), progress=False)
     assert open_result(url).attrs["kernelmap_status"] == "complete"
+
+
+def test_welch_job_without_diagnostics(tmp_path):
+    truth = make_stack(tmp_path / "stack.zarr", n_images=1)
+    run_job(job_from_dict(job_dict(tmp_path, kernel={"method": "welch", "segment_size": 32,
+                                                     "diagnostics": False})), progress=False)
+    ds = open_result(tmp_path / "kernels.zarr")
+    assert np.all(np.isnan(ds["residual"].values)) and np.all(np.isnan(ds["noise"].values))
+    assert np.all(np.isfinite(ds["flux"].values)) and np.all(np.isfinite(ds["fwhm"].values))
+    est, true = ds["kernel"].values, truth["kernels"]
+    assert np.median(np.sqrt(((est - true) ** 2).sum(axis=(-2, -1)) / (true**2).sum(axis=(-2, -1)))) < 0.1
