@@ -154,7 +154,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             done = int(np.count_nonzero(zarr.open_array(str(status), mode="r")[...]))
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeNotFoundError):
+        except Exception:  # not created yet, or a chunk caught mid-write: look again
             done = 0
         if done >= 5:
             break
