@@ -120,7 +120,8 @@ def _prepare(sources, targets, mask, kernel_size):
 
     float32 inputs stay float32 (the spectral methods run faster in single
     precision; the exact solver always works in float64); anything else
-    becomes float64.  The inputs are never written.
+    becomes float64.  The inputs are never written: bad pixels are zeroed
+    in copies, and arrays without bad pixels are passed on as they are.
     """
     tgt = as_image_stack(targets, "targets", ndim=(3,))
     src = as_image_stack(sources, "sources", ndim=(2, 3))
@@ -141,12 +142,12 @@ def _prepare(sources, targets, mask, kernel_size):
     size = check_kernel_size(kernel_size, tgt.shape[1:])
     single = src.dtype == np.float32 and tgt.dtype == np.float32
     dtype = np.float32 if single else np.float64
-    src_f = np.array(src, dtype=dtype)  # always a copy: inputs are never written
-    tgt_f = np.array(tgt, dtype=dtype)
+    src_f = np.asarray(src, dtype=dtype)
+    tgt_f = np.asarray(tgt, dtype=dtype)
     bad = bad_pixels(src_f, tgt_f, mask)
-    if bad.any():
-        src_f[bad] = 0.0
-        tgt_f[bad] = 0.0
+    if bad.any():  # zero the bad pixels in copies: inputs are never written
+        src_f = np.where(bad, 0.0, src_f).astype(dtype, copy=False)
+        tgt_f = np.where(bad, 0.0, tgt_f).astype(dtype, copy=False)
     return src_f, tgt_f, bad, size
 
 

@@ -181,3 +181,15 @@ def test_diagnostics_can_be_skipped_without_changing_the_kernels():
     assert np.isfinite(full.residual[0]) and np.isfinite(full.noise[0])
     assert full.residual[0] == pytest.approx(1.0, abs=0.2)  # the fit leaves just the noise
     assert lean.fwhm[0] == full.fwhm[0] and lean.flux[0] == full.flux[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inputs_without_bad_pixels_are_not_written(method, dtype):
+    rng = np.random.default_rng(9)
+    src, tgt = convolved_pair(rng, np.outer([1, 2, 1], [1, 2, 1]) / 16.0, size=64)
+    src, tgt = src.astype(dtype)[None], (tgt + rng.normal(size=tgt.shape)).astype(dtype)[None]
+    before = (src.copy(), tgt.copy())
+    km.estimate_kernels(src, tgt, kernel_size=5, method=method)
+    np.testing.assert_array_equal(src, before[0])
+    np.testing.assert_array_equal(tgt, before[1])
