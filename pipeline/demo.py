@@ -35,6 +35,8 @@ field at the tile centre to within its curvature.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pathlib import Path
 
 from collections.abc import Sequence
@@ -58,6 +60,9 @@ from pipeline.simulate import (
     render_scene,
     scene_reach,
 )
+
+if TYPE_CHECKING:
+    from .config import JobConfig
 
 __all__ = [
     "DemoTruth",
@@ -462,7 +467,7 @@ DEMO_JOB: dict = {
 }
 
 
-def demo_job(folder: str | os.PathLike = "demo-output", overrides: Sequence[str] = ()) -> "JobConfig":
+def demo_job(folder: str | os.PathLike = "demo-output", overrides: Sequence[str] = ()) -> JobConfig:
     """The demo job with its stack and result inside ``folder``."""
     from .config import job_from_dict
 

@@ -487,7 +487,7 @@ def main() -> int:
     gen_s = ensure_data(stores, log)
     if gen_s:
         log(f"data written in {gen_s:.1f} s")
-    small, large = stores[small_n], stores[large_n]
+    small = stores[small_n]
     outs = folder / "outputs"
     outs.mkdir(exist_ok=True)
     py = sys.executable
@@ -496,7 +496,6 @@ def main() -> int:
     if not Path(kernelmap).exists():
         kernelmap = shutil.which("kernelmap") or kernelmap
 
-    rows = []  # (label, pairs, seconds, ratio, peak, target, verdict)
     notes = []
 
     # ---- where the time goes: one block, one thread
