@@ -1,33 +1,15 @@
-"""Per-tile diagnostics of estimated kernels: noise, fit residual, signal, shape."""
+"""Per-tile diagnostics of estimated kernels: noise, fit residual, signal, centroid."""
 
 from __future__ import annotations
 
 import numpy as np
 import scipy.fft as sfft
-from scipy.ndimage import binary_dilation
-
-from .moments import adaptive_moments
 
 __all__ = [
-    "fit_region",
     "model_images",
     "residual_statistics",
-    "shape_statistics",
     "plain_centroids",
 ]
-
-
-def fit_region(bad: np.ndarray, kernel_size: int) -> np.ndarray:
-    """Target pixels whose whole kernel footprint is inside the tile and good."""
-    n, ny, nx = bad.shape
-    h = kernel_size // 2
-    region = np.zeros(bad.shape, dtype=bool)
-    region[:, h : ny - h, h : nx - h] = True
-    footprint = np.ones((kernel_size, kernel_size), dtype=bool)
-    for i in range(n):
-        if bad[i].any():
-            region[i] &= ~binary_dilation(bad[i], footprint)
-    return region
 
 
 def model_images(sources: np.ndarray, kernels: np.ndarray, *, chunk: int = 8) -> np.ndarray:
@@ -85,11 +67,6 @@ def residual_statistics(
             residual[i] = np.sqrt(np.mean(r * r)) / noise[i]
             signal[i] = np.std(m) / noise[i]
     return noise, residual, signal
-
-
-def shape_statistics(kernels: np.ndarray):
-    """Adaptive second moments of the kernels (see :func:`pipeline.moments.adaptive_moments`)."""
-    return adaptive_moments(kernels)
 
 
 def plain_centroids(kernels: np.ndarray, moments) -> tuple[np.ndarray, np.ndarray]:

@@ -26,12 +26,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import flags as fl
-from .diagnostics import (
-    fit_region,
-    plain_centroids,
-    residual_statistics,
-    shape_statistics,
-)
+from .diagnostics import plain_centroids, residual_statistics
+from .gram import fit_region
+from .moments import adaptive_moments
 from .errors import InputError, OptionError
 from .lstsq import lstsq_kernels
 from .ratio import ratio_kernels
@@ -176,7 +173,7 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
         flags[residual > HIGH_RESIDUAL] |= fl.HIGH_RESIDUAL
     else:
         noise = residual = snr = np.full(n, np.nan)
-    moments = shape_statistics(kernels)
+    moments = adaptive_moments(kernels)
     flags[~moments.converged & ~unusable] |= fl.MOMENTS_FAILED
     centroid_y, centroid_x = plain_centroids(kernels, moments)
     if "n_valid" in out:

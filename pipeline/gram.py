@@ -21,13 +21,27 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
+from scipy.ndimage import binary_dilation
 
-__all__ = ["fft_shape", "valid_gram", "dense_gram", "design_rows"]
+__all__ = ["fft_shape", "fit_region", "valid_gram", "dense_gram", "design_rows"]
 
 
 def fft_shape(tile_shape: tuple[int, int], half: int) -> tuple[int, int]:
     """FFT size that holds every correlation lag up to ``2 * half`` without wrap."""
     return tuple(sfft.next_fast_len(n + 2 * half, real=True) for n in tile_shape)  # type: ignore[return-value]
+
+
+def fit_region(bad: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Target pixels whose whole kernel footprint is inside the tile and good."""
+    n, ny, nx = bad.shape
+    h = kernel_size // 2
+    region = np.zeros(bad.shape, dtype=bool)
+    region[:, h : ny - h, h : nx - h] = True
+    footprint = np.ones((kernel_size, kernel_size), dtype=bool)
+    for i in range(n):
+        if bad[i].any():
+            region[i] &= ~binary_dilation(bad[i], footprint)
+    return region
 
 
 def _diag_cumsum(x: np.ndarray, a0: int, a1: int) -> np.ndarray:

@@ -51,12 +51,11 @@ from functools import lru_cache
 import numpy as np
 import scipy.fft as sfft
 from scipy import sparse
-from scipy.ndimage import binary_dilation
 
 from . import flags as fl
 from ._lapack import cho_solve, cholesky, lower_solve
 from .errors import OptionError
-from .gram import design_rows, fft_shape, valid_gram
+from .gram import design_rows, fft_shape, fit_region, valid_gram
 
 __all__ = ["PENALTIES", "LstsqResult", "lstsq_kernels", "penalty_operators"]
 
@@ -332,12 +331,6 @@ def _fixed_lam(regularization: object, n_terms: int, penalty: str) -> np.ndarray
     return lam
 
 
-def _valid_box(shape: tuple[int, int], half: int) -> np.ndarray:
-    box = np.zeros(shape, dtype=bool)
-    box[half : shape[0] - half, half : shape[1] - half] = True
-    return box
-
-
 def lstsq_kernels(
     sources: np.ndarray,
     targets: np.ndarray,
@@ -403,8 +396,7 @@ def lstsq_kernels(
     half = kernel_size // 2
     k2 = kernel_size * kernel_size
     shape = fft_shape((ny, nx), half)
-    box = _valid_box((ny, nx), half)
-    footprint = np.ones((kernel_size, kernel_size), dtype=bool)
+    box = fit_region(np.zeros((1, ny, nx), dtype=bool), kernel_size)[0]
     lag = np.arange(kernel_size) - half
 
     kernels = np.full((n, kernel_size, kernel_size), np.nan)
@@ -424,12 +416,11 @@ def lstsq_kernels(
         src = np.asarray(sources[start:stop], dtype=np.float64)
         tgt = np.asarray(targets[start:stop], dtype=np.float64)
         if bad is None:
-            excluded = np.zeros(src.shape, dtype=bool)
+            valid = np.broadcast_to(box, src.shape)
         else:
-            tile_bad = np.asarray(bad[start:stop], dtype=bool)
-            excluded = np.stack([binary_dilation(b, footprint) if b.any() else b for b in tile_bad])
-        valid = box & ~excluded
-        masked = excluded.reshape(m, -1).any(axis=1)
+            valid = fit_region(np.asarray(bad[start:stop], dtype=bool), kernel_size)
+        dropped = box & ~valid  # pixels of the valid box lost to bad pixels
+        masked = dropped.reshape(m, -1).any(axis=1)
         weights = valid[masked].astype(np.float64)
         # correlations of the source with the masked target (right-hand side)
         # and, for masked tiles, with the fit region (background column)
@@ -445,15 +436,14 @@ def lstsq_kernels(
             t = start + i
             count = int(valid[i].sum())
             n_valid[t] = count
-            if bad is not None and (excluded[i] & box).any():
+            if masked[i]:
                 flag_out[t] |= fl.MASKED
             if count < min_pixels_per_parameter * (k2 + 1):
                 flag_out[t] |= fl.NO_DATA
                 continue
             gram = grams[i]
-            drop = box & excluded[i]
-            if drop.any():
-                rows = design_rows(src[i], half, np.nonzero(drop))
+            if masked[i]:
+                rows = design_rows(src[i], half, np.nonzero(dropped[i]))
                 gram = gram - rows.T @ rows
             vals = tgt[i][valid[i]]
             tile = _Tile(gram, colsums[i], cross[i], float(vals.sum()), float(vals @ vals),

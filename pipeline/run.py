@@ -30,6 +30,7 @@ from .errors import OptionError
 from .estimate import estimate_kernels
 from .inputs import Inputs, open_inputs
 from .store import (
+    DIAGNOSTICS,
     StoreLayout,
     completed_blocks,
     create_store,
@@ -99,16 +100,10 @@ class Plan:
             f"kernel     {k}x{k}, method {job.kernel.method}, options {job.kernel.estimator_options()}",
             f"output     {job.output.path} (mode {job.output.mode}): kernel(image={n}, y={ty}, x={tx}, "
             f"ky={k}, kx={k}) {job.output.dtype}, chunks (1, {by}, {bx}, {k}, {k}); "
-            f"{len(_diagnostic_names())} per-tile diagnostics",
+            f"{len(DIAGNOSTICS)} per-tile diagnostics",
             f"compute    {_describe_compute(job)}",
         ]
         return "\n".join(lines)
-
-
-def _diagnostic_names() -> list[str]:
-    from .store import DIAGNOSTICS
-
-    return list(DIAGNOSTICS)
 
 
 def _describe_compute(job: JobConfig) -> str:
