@@ -21,17 +21,19 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 import zarr
 import zarr.errors
-from dask.base import tokenize
 
 from .errors import InputError
 
-__all__ = ["Inputs", "open_inputs"]
+if TYPE_CHECKING:
+    import dask.array as da
+
+__all__ = ["InputReader", "Inputs", "StoredImages", "open_inputs"]
 
 IMAGE_DIMS = ("image", "y", "x")
 SPATIAL_DIMS = ("y", "x")
@@ -46,12 +48,6 @@ class Inputs:
 
     Attributes
     ----------
-    source
-        ``(image, y, x)``, or ``(y, x)`` for one reference shared by every target.
-    target
-        ``(image, y, x)``.
-    mask
-        ``(image, y, x)`` or ``(y, x)``, nonzero = bad pixel; ``None`` without a mask.
     images
         Labels of the image axis: the ``image`` coordinate if the store has one,
         else ``arange(n_images)``.
@@ -61,36 +57,55 @@ class Inputs:
         Spatial ``(y, x)`` chunk shape of the stored target: the natural read unit.
     identity
         JSON-serialisable description of the store and of every array read.
+    reader
+        Reads one block's pixels of all three directly from the store (what
+        pipeline tasks use: no Dask graph between the store and a task).
+
+    ``source``, ``target`` and ``mask`` are Dask arrays made on first use.
     """
 
-    source: da.Array
-    target: da.Array
-    mask: da.Array | None
+    reader: InputReader
     images: np.ndarray
     image_attrs: dict[str, Any] = field(default_factory=dict)
     chunks: tuple[int, int] = (0, 0)
     identity: dict[str, Any] = field(default_factory=dict)
 
+    @cached_property
+    def source(self) -> da.Array:
+        """``(image, y, x)``, or ``(y, x)`` for one reference shared by every target."""
+        return self.reader.source.to_dask()
+
+    @cached_property
+    def target(self) -> da.Array:
+        """``(image, y, x)``."""
+        return self.reader.target.to_dask()
+
+    @cached_property
+    def mask(self) -> da.Array | None:
+        """``(image, y, x)`` or ``(y, x)``, nonzero = bad pixel; ``None`` without a mask."""
+        return None if self.reader.mask is None else self.reader.mask.to_dask()
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(n_images, ny, nx)`` of the target."""
-        n, ny, nx = self.target.shape
-        return int(n), int(ny), int(nx)
+        n, ny, nx = self.reader.target.shape
+        return n, ny, nx
 
     @property
     def shared_source(self) -> bool:
         """True when one 2-D source is the reference of every target image."""
-        return self.source.ndim == 2
+        return self.reader.source.ndim == 2
 
     def __repr__(self) -> str:
         n, ny, nx = self.shape
         src = "shared (y, x)" if self.shared_source else "(image, y, x)"
-        mask = "none" if self.mask is None else ("(y, x)" if self.mask.ndim == 2 else "(image, y, x)")
+        stored_mask = self.reader.mask
+        mask = "none" if stored_mask is None else ("(y, x)" if stored_mask.ndim == 2 else "(image, y, x)")
         labels = ", ".join(str(v) for v in self.images[:3]) + (", ..." if n > 3 else "")
         return (
             f"Inputs({self.identity.get('store')!r}, group={self.identity.get('group')!r}: "
-            f"{n} images of {ny}x{nx} pixels [{labels}], source {src} {self.source.dtype}, "
-            f"target {self.target.dtype}, mask {mask}, chunks {self.chunks[0]}x{self.chunks[1]})"
+            f"{n} images of {ny}x{nx} pixels [{labels}], source {src} {self.reader.source.dtype}, "
+            f"target {self.reader.target.dtype}, mask {mask}, chunks {self.chunks[0]}x{self.chunks[1]})"
         )
 
 
@@ -122,7 +137,7 @@ def open_inputs(
     Returns
     -------
     Inputs
-        Dask arrays chunked like the store, with the image labels and identity.
+        The block reader, Dask arrays chunked like the store, the image labels and identity.
 
     Raises
     ------
@@ -165,8 +180,8 @@ def open_inputs(
             f"for one reference shared by every target, got shape {src_z.shape}"
         )
 
-    tgt = _as_dask(tgt_z, tgt_name, _axis_order(tgt_dims, IMAGE_DIMS))
-    src = _as_dask(src_z, src_name, _axis_order(_dimension_names(src_z), IMAGE_DIMS[-src_z.ndim:]))
+    tgt = _stored(tgt_z, tgt_name, _axis_order(tgt_dims, IMAGE_DIMS))
+    src = _stored(src_z, src_name, _axis_order(_dimension_names(src_z), IMAGE_DIMS[-src_z.ndim:]))
     n, ny, nx = (int(s) for s in tgt.shape)
     if n == 0:
         raise InputError(f"input.target: array '{tgt_name}' in {where} holds no images (shape {tgt_z.shape})")
@@ -191,7 +206,7 @@ def open_inputs(
                 f"(y, x) shared by every image, got shape {msk_z.shape}"
             )
         order = _axis_order(_dimension_names(msk_z), IMAGE_DIMS[-msk_z.ndim:])
-        msk = _as_dask(msk_z, msk_name, order, decode=False)
+        msk = _stored(msk_z, msk_name, order, decode=False)
         allowed = ((n, ny, nx), (ny, nx))
         dims_label = "(image, y, x)" if msk.ndim == 3 else "(y, x)"
         if tuple(msk.shape) not in allowed:
@@ -224,9 +239,7 @@ def open_inputs(
     }
     json.dumps(identity)  # fails here, not in a later writer, if something is not serialisable
     return Inputs(
-        source=src,
-        target=tgt,
-        mask=msk,
+        reader=InputReader(src, tgt, msk),
         images=images,
         image_attrs=image_attrs,
         chunks=chunks,
@@ -372,25 +385,107 @@ def _read_chunks(z: zarr.Array) -> tuple[int, ...]:
     return tuple(int(c) for c in (shards or z.chunks))
 
 
-def _as_dask(z: zarr.Array, name: str, order: tuple[int, ...], *, decode: bool = True) -> da.Array:
-    """``z`` as a Dask array chunked like the store, axes in ``order``, CF-decoded."""
-    chunks = _read_chunks(z)
-    dtype = z.dtype
-    arr = da.from_array(
-        z,
-        chunks=chunks,
-        name=f"zarr-{name}-" + tokenize(str(z.store_path), z.metadata.to_dict(), chunks),
-        meta=np.empty((0,) * z.ndim, dtype=dtype),
-        lock=False,
-        asarray=True,
-    )
-    if not dtype.isnative:
-        arr = arr.astype(dtype.newbyteorder("="))
-    if decode:
-        arr = _decode_cf(arr, z)
-    if order != tuple(range(z.ndim)):
-        arr = arr.transpose(order)
-    return arr
+@dataclass(frozen=True)
+class CFDecoding:
+    """xarray's CF decoding of one stored array: missing values to NaN, then unpacking."""
+
+    missing: tuple[float, ...] = ()
+    scale_factor: float | None = None
+    add_offset: float | None = None
+    dtype: str = "float64"
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        dtype = np.dtype(self.dtype)
+        out = values.astype(dtype)
+        if self.scale_factor is not None:
+            out *= dtype.type(self.scale_factor)
+        if self.add_offset is not None:
+            out += dtype.type(self.add_offset)
+        if self.missing:
+            out[np.isin(values, self.missing)] = np.nan
+        return out
+
+
+@dataclass(frozen=True)
+class StoredImages:
+    """One stored input array, read region by region as ``(image, y, x)`` or ``(y, x)``.
+
+    ``order`` gives the stored axis of each of those dimensions; values come
+    back in native byte order and CF-decoded when ``decoding`` is set.
+    Picklable: a task on another process reads its own pixels with it.
+    """
+
+    array: zarr.Array
+    name: str
+    order: tuple[int, ...]
+    decoding: CFDecoding | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.order)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(self.array.shape[axis]) for axis in self.order)
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self.decoding is not None:
+            return np.dtype(self.decoding.dtype)
+        return self.array.dtype.newbyteorder("=")
+
+    def decode(self, values: np.ndarray) -> np.ndarray:
+        """Stored values (in stored axis order) to what the pipeline reads."""
+        if self.decoding is not None:
+            return self.decoding(values)
+        return values.astype(self.dtype, copy=False)
+
+    def read(self, image: int | None, ys: slice, xs: slice) -> np.ndarray:
+        """Pixels ``[ys, xs]`` of ``image`` (``None`` for a 2-D array), shape ``(ny, nx)``."""
+        wanted = (ys, xs) if self.ndim == 2 else (slice(image, image + 1), ys, xs)
+        selection: list[slice] = [slice(None)] * self.ndim
+        for dim, axis in enumerate(self.order):
+            selection[axis] = wanted[dim]
+        values = np.transpose(self.decode(self.array[tuple(selection)]), self.order)
+        return values if self.ndim == 2 else values[0]
+
+    def to_dask(self) -> da.Array:
+        """The whole array as Dask, chunked like the store (its read unit)."""
+        import dask.array as da
+        from dask.base import tokenize
+
+        z, name = self.array, self.name
+        chunks = _read_chunks(z)
+        token = tokenize(str(z.store_path), z.metadata.to_dict(), chunks)
+        arr = da.from_array(
+            z, chunks=chunks, name=f"zarr-{name}-{token}", meta=np.empty((0,) * z.ndim, dtype=z.dtype),
+            lock=False, asarray=True,
+        )
+        if self.decoding is not None or not z.dtype.isnative:
+            arr = arr.map_blocks(self.decode, dtype=self.dtype, name=f"decode-{name}-{token}")
+        if self.order != tuple(range(z.ndim)):
+            arr = arr.transpose(self.order)
+        return arr
+
+
+@dataclass(frozen=True)
+class InputReader:
+    """Reads the source, target and mask pixels of one block; travels to worker processes."""
+
+    source: StoredImages
+    target: StoredImages
+    mask: StoredImages | None = None
+
+    def read(self, image: int, ys: slice, xs: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(source, target, mask)`` pixels ``[ys, xs]`` of ``image``; mask ``None`` without one."""
+        def one(arr: StoredImages) -> np.ndarray:
+            return arr.read(None if arr.ndim == 2 else image, ys, xs)
+
+        return one(self.source), one(self.target), None if self.mask is None else one(self.mask)
+
+
+def _stored(z: zarr.Array, name: str, order: tuple[int, ...], *, decode: bool = True) -> StoredImages:
+    return StoredImages(z, name, order, _cf_decoding(z) if decode else None)
 
 
 def _missing_values(z: zarr.Array) -> list[float]:
@@ -415,35 +510,26 @@ def _missing_values(z: zarr.Array) -> list[float]:
     return out
 
 
-def _decode_cf(arr: da.Array, z: zarr.Array) -> da.Array:
-    """Apply ``_FillValue``/``missing_value`` (to NaN) and ``scale_factor``/``add_offset``.
-
-    Arrays without these attributes come back untouched.
-    """
+def _cf_decoding(z: zarr.Array) -> CFDecoding | None:
+    """The CF decoding xarray would apply to ``z``; ``None`` when there is none."""
     attrs = z.attrs
     missing = _missing_values(z)
     packed = [k for k in _CF_PACKING if k in attrs]
     if not missing and not packed:
-        return arr
-    kind, size = arr.dtype.kind, arr.dtype.itemsize
+        return None
+    kind, size = z.dtype.kind, z.dtype.itemsize
     if kind == "f" and not packed:
-        out_dtype = arr.dtype
+        out_dtype = z.dtype.newbyteorder("=")
     elif (kind == "f" and size <= 4) or (kind in "iu" and size <= 2):
         out_dtype = np.dtype("float32")
     else:
         out_dtype = np.dtype("float64")
-    bad = None
-    for v in missing:
-        hit = arr == v
-        bad = hit if bad is None else bad | hit
-    out = arr.astype(out_dtype)
-    if "scale_factor" in attrs:
-        out = out * out_dtype.type(attrs["scale_factor"])
-    if "add_offset" in attrs:
-        out = out + out_dtype.type(attrs["add_offset"])
-    if bad is not None:
-        out = da.where(bad, out_dtype.type(np.nan), out)
-    return out.astype(out_dtype, copy=False)
+    return CFDecoding(
+        missing=tuple(float(v) for v in missing),
+        scale_factor=float(attrs["scale_factor"]) if "scale_factor" in attrs else None,
+        add_offset=float(attrs["add_offset"]) if "add_offset" in attrs else None,
+        dtype=out_dtype.str,
+    )
 
 
 def _describe(name: str, z: zarr.Array, *, decoded: bool) -> dict[str, Any]:

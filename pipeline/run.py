@@ -1,9 +1,11 @@
 """Running a job: plan the tiles and blocks, prepare the output store, compute, record.
 
-The orchestration stays thin: each task reads one block of input pixels,
-calls :func:`pipeline.estimate_kernels` on all the block's tiles at once and
-writes the results into the block's own chunks of the output store, then
-records the block as done.  A killed run is resumed by running the same job
+The orchestration stays thin: each task reads one block of input pixels
+straight from the store, calls :func:`pipeline.estimate_kernels` on all the
+block's tiles at once, writes the kernels into the block's own chunk of the
+output store and then the block's record (its per-tile diagnostics, which
+mark it done).  The client copies an image's diagnostics into the Dataset's
+variables once all its blocks are in.  A killed run is resumed by running the same job
 with ``output.mode: resume``: only blocks without a record are computed, and
 every tile's result does not depend on which other tiles ran with it, so the
 result equals an uninterrupted run's.
@@ -18,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dask
@@ -28,19 +30,23 @@ from . import flags as fl
 from .config import JobConfig, dump_job, load_job
 from .errors import OptionError
 from .estimate import estimate_kernels
-from .inputs import Inputs, open_inputs
+from .inputs import InputReader, Inputs, open_inputs
 from .store import (
     DIAGNOSTICS,
     StoreLayout,
+    block_record,
     completed_blocks,
     create_store,
     json_attr,
     mark_complete,
     read_attrs,
+    read_records,
     remove_store,
     store_exists,
     store_id,
+    stored_block_tiles,
     write_block,
+    write_diagnostics,
 )
 from .tiles import Block, TileGrid, block_shape_for_chunks
 
@@ -100,7 +106,7 @@ class Plan:
             f"kernel     {k}x{k}, method {job.kernel.method}, options {job.kernel.estimator_options()}",
             f"output     {job.output.path} (mode {job.output.mode}): kernel(image={n}, y={ty}, x={tx}, "
             f"ky={k}, kx={k}) {job.output.dtype}, chunks (1, {by}, {bx}, {k}, {k}); "
-            f"{len(DIAGNOSTICS)} per-tile diagnostics",
+            f"{len(DIAGNOSTICS)} per-tile diagnostics, chunks (1, {ty}, {tx}); block records in status/records",
             f"compute    {_describe_compute(job)}",
         ]
         return "\n".join(lines)
@@ -166,50 +172,71 @@ class RunSummary:
         )
 
 
-def _process_block(src, tgt, mask, block: Block, grid: TileGrid, job: JobConfig,
-                   store: str) -> dict[str, int]:
-    """One task: estimate every tile of a block and write the block's chunks."""
-    src_tiles = grid.cut(np.asarray(src), block)
-    tgt_tiles = grid.cut(np.asarray(tgt), block)
-    mask_tiles = None if mask is None else grid.cut(np.asarray(mask), block)
+def _process_block(reader: InputReader, block: Block, grid: TileGrid, job: JobConfig,
+                   store: str) -> dict[str, Any]:
+    """One task: read the block's pixels, estimate every tile, write the block's chunks and record."""
+    ys, xs = grid.pixel_region(block)
+    src, tgt, mask = reader.read(block.image, ys, xs)
+    src_tiles, tgt_tiles = grid.cut(src, block), grid.cut(tgt, block)
+    mask_tiles = None if mask is None else grid.cut(mask, block)
+    del src, tgt, mask
     kernel = job.kernel
     res = estimate_kernels(
         src_tiles, tgt_tiles, kernel_size=kernel.size, method=kernel.method, mask=mask_tiles,
         normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
         **kernel.estimator_options(),
     )
-    results = {name: value for name, value in res.as_dict().items() if name != "flags"}
-    results["quality_flag"] = res.flags
-    write_block(job.output.path, block, results, kernel.size, store)
-    return {"tiles": block.n_tiles, "flagged": int(np.count_nonzero(res.flags & fl.BAD))}
+    shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
+    results = {**res.as_dict(), "quality_flag": res.flags}
+    record = block_record(results, shape)
+    write_block(job.output.path, block, res.kernels.reshape(*shape, kernel.size, kernel.size), record, store)
+    return {"tiles": block.n_tiles, "flagged": int(np.count_nonzero(res.flags & fl.BAD)), "record": record}
 
 
 def _block_task(plan: Plan, block: Block, store: str):
-    """The delayed task of a block, reading its pixel region lazily from the inputs."""
-    ys, xs = plan.grid.pixel_region(block)
-    inp = plan.inputs
-    src = inp.source[ys, xs] if inp.shared_source else inp.source[block.image, ys, xs]
-    tgt = inp.target[block.image, ys, xs]
-    mask = None
-    if inp.mask is not None:
-        mask = inp.mask[ys, xs] if inp.mask.ndim == 2 else inp.mask[block.image, ys, xs]
+    """The delayed task of a block; it reads its own pixels (no input graph to move data around)."""
     name = f"kernelmap-block-{block.image}-{block.by}-{block.bx}"
-    return dask.delayed(_process_block, pure=False)(src, tgt, mask, block, plan.grid, plan.job, store,
+    return dask.delayed(_process_block, pure=False)(plan.inputs.reader, block, plan.grid, plan.job, store,
                                                      dask_key_name=name)
 
 
-def _prepare_output(plan: Plan, attrs: dict[str, Any], log: Callable[[str], None]) -> np.ndarray:
-    """Create, replace or reopen the output store; returns the done-block map."""
+class _ImageDiagnostics:
+    """Gathers block records per image and writes an image's diagnostics once all its blocks are in."""
+
+    def __init__(self, path: str, grid: TileGrid, done: np.ndarray):
+        self.path, self.grid = path, grid
+        self.missing = (~done).sum(axis=(1, 2))
+        self.records: dict[int, np.ndarray] = {}
+        for image in map(int, np.flatnonzero(done.any(axis=(1, 2)))):  # resumed: records on disk
+            self.records[image] = read_records(path, image)
+            self._write_if_complete(image)
+
+    def add(self, block: Block, record: np.ndarray) -> None:
+        image = block.image
+        if image not in self.records:
+            ty, tx = self.grid.shape
+            self.records[image] = np.full((ty, tx, record.shape[-1]), np.nan)
+        self.records[image][block.ty0:block.ty1, block.tx0:block.tx1] = record
+        self.missing[image] -= 1
+        self._write_if_complete(image)
+
+    def _write_if_complete(self, image: int) -> None:
+        if self.missing[image] == 0:
+            write_diagnostics(self.path, image, self.records.pop(image))
+
+
+def _check_output(plan: Plan, attrs: dict[str, Any]) -> str:
+    """Refuse what ``output.mode`` forbids, reading only; returns ``create``, ``overwrite`` or ``resume``."""
     out = plan.job.output
-    nby, nbx = plan.grid.blocks_shape
-    exists = store_exists(out.path)
-    if exists and out.mode == "create":
+    if not store_exists(out.path):
+        return "create"
+    if out.mode == "create":
         raise OptionError(
             f"output.path {out.path} already exists and output.mode is 'create': nothing was changed. "
             "Use output.mode=resume to finish an interrupted run of this job, or output.mode=overwrite "
             "to replace it (e.g. --set output.mode=resume)"
         )
-    if exists and out.mode == "resume":
+    if out.mode == "resume":
         old = read_attrs(out.path)
         if old.get("kernelmap_fingerprint") != attrs["kernelmap_fingerprint"]:
             raise OptionError(
@@ -222,14 +249,33 @@ def _prepare_output(plan: Plan, attrs: dict[str, Any], log: Callable[[str], None
                 f"output.mode=resume: {out.path} was made from different input data "
                 f"({json_attr(old.get('kernelmap_input'))[:200]}); use output.mode=overwrite or another output.path"
             )
-        done = completed_blocks(out.path)
-        log(f"resuming {out.path}: {int(done.sum())} of {done.size} blocks already done, skipped")
-        return done
-    if exists:  # overwrite
-        log(f"overwriting {out.path}")
-        remove_store(out.path)
-    create_store(out.path, plan.layout, attrs)
-    return np.zeros((plan.layout.n_images, nby, nbx), dtype=bool)
+        stored_block_tiles(out.path)  # refuses a store without readable block records
+    return out.mode
+
+
+def _prepare_output(plan: Plan, attrs: dict[str, Any], action: str,
+                    log: Callable[[str], None]) -> tuple[Plan, np.ndarray]:
+    """Create, replace or reopen the output store; returns the plan to run and the done-block map.
+
+    A resumed store keeps its own blocks (they are its chunks), whatever
+    ``compute.block_tiles`` says now: results do not depend on them.
+    """
+    path = plan.job.output.path
+    if action == "resume":
+        block = stored_block_tiles(path)
+        if block != plan.grid.block_tiles:
+            log(f"resuming with the store's blocks of {block[0]}x{block[1]} tiles")
+            grid = replace(plan.grid, block_tiles=block)
+            plan = replace(plan, grid=grid, layout=replace(plan.layout, grid=grid))
+        done = completed_blocks(path)
+        log(f"resuming {path}: {int(done.sum())} of {done.size} blocks already done, skipped")
+        return plan, done
+    if action == "overwrite":
+        log(f"overwriting {path}")
+        remove_store(path)
+    create_store(path, plan.layout, attrs)
+    nby, nbx = plan.grid.blocks_shape
+    return plan, np.zeros((plan.layout.n_images, nby, nbx), dtype=bool)
 
 
 def _attributes(plan: Plan) -> dict[str, Any]:
@@ -278,16 +324,33 @@ class _Progress:
             self.log(f"progress: {self.done}/{self.total} tiles ({100 * frac:.0f} %), {rate:.1f} tiles/s")
 
 
-def _local_cluster(job: JobConfig, stack: ExitStack):
+def _start_local_cluster(job: JobConfig, stack: ExitStack) -> Callable[[], Any]:
+    """Start a LocalCluster from ``compute`` in the background; returns a function giving its client.
+
+    Its worker processes take a second or two to start: the output store is
+    prepared meanwhile.  The cluster is closed when ``stack`` exits.
+    """
     from distributed import Client, LocalCluster
 
     c = job.compute
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV}):
-        cluster = stack.enter_context(LocalCluster(
-            n_workers=c.n_workers, threads_per_worker=c.threads_per_worker, processes=c.processes,
-            memory_limit=c.memory_limit, dashboard_address=c.dashboard_address,
-        ))
-    return stack.enter_context(Client(cluster))
+
+    def start() -> LocalCluster:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV}):
+            return LocalCluster(
+                n_workers=c.n_workers, threads_per_worker=c.threads_per_worker, processes=c.processes,
+                memory_limit=c.memory_limit, dashboard_address=c.dashboard_address,
+            )
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelmap-cluster-start")
+    future = pool.submit(start)
+    pool.shutdown(wait=False)
+
+    def close() -> None:
+        if future.exception() is None:
+            future.result().close()
+
+    stack.callback(close)
+    return lambda: stack.enter_context(Client(future.result()))
 
 
 def run_job(
@@ -311,16 +374,28 @@ def run_job(
     t0 = time.monotonic()
     plan = plan_job(job)
     attrs = _attributes(plan)
-    done = _prepare_output(plan, attrs, log)
-    blocks = plan.blocks
-    pending = [b for b in blocks if not done[b.image, b.by, b.bx]]
-    skipped_tiles = sum(b.n_tiles for b in blocks if done[b.image, b.by, b.bx])
-    bar = _Progress(sum(b.n_tiles for b in pending), log, progress)
+    action = _check_output(plan, attrs)
     flagged = 0
     with ExitStack() as stack:
         scheduler = job.compute.scheduler
+        local_client = None
         if client is None and scheduler == "local":
-            client = _local_cluster(job, stack)
+            local_client = _start_local_cluster(job, stack)
+        plan, done = _prepare_output(plan, attrs, action, log)
+        blocks = plan.blocks
+        pending = [b for b in blocks if not done[b.image, b.by, b.bx]]
+        skipped_tiles = sum(b.n_tiles for b in blocks if done[b.image, b.by, b.bx])
+        bar = _Progress(sum(b.n_tiles for b in pending), log, progress)
+        diagnostics = _ImageDiagnostics(job.output.path, plan.grid, done)
+
+        def finished(block: Block, result: dict[str, Any]) -> None:
+            nonlocal flagged
+            flagged += result["flagged"]
+            diagnostics.add(block, result["record"])
+            bar.update(result["tiles"])
+
+        if local_client is not None:
+            client = local_client()
         elif client is None and scheduler not in ("threads", "synchronous"):
             from distributed import Client
 
@@ -336,18 +411,16 @@ def run_job(
             with client.as_current(), (perf(filename=performance_report) if performance_report
                                        else nullcontext()):
                 futures = client.compute(tasks)
+                block_of = {future.key: block for future, block in zip(futures, pending)}
                 for future in dist_completed(futures):
-                    result = future.result()
-                    flagged += result["flagged"]
-                    bar.update(result["tiles"])
+                    finished(block_of[future.key], future.result())
         else:
             workers = 1 if scheduler == "synchronous" else job.compute.n_workers * job.compute.threads_per_worker
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(dask.compute, t, scheduler="synchronous") for t in tasks]
+                futures = {pool.submit(dask.compute, t, scheduler="synchronous"): b
+                           for t, b in zip(tasks, pending)}
                 for future in as_completed(futures):
-                    (result,) = future.result()
-                    flagged += result["flagged"]
-                    bar.update(result["tiles"])
+                    finished(futures[future], future.result()[0])
     seconds = time.monotonic() - t0
     summary = RunSummary(job.output.path, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
                          flagged, len(pending), len(blocks) - len(pending), seconds)

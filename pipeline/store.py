@@ -3,12 +3,14 @@
 Layout (see DESIGN.md): ``kernel(image, y, x, ky, kx)`` and per-tile
 diagnostics on ``(image, y, x)``, coordinates ``image``, ``y``, ``x`` (tile
 centres), ``ky``, ``kx`` (kernel offsets).  Every block of tiles owns exactly
-one chunk of every variable, so blocks are written independently and a
-region never straddles chunks.  The group ``status`` holds ``blocks(image,
-block_y, block_x)``, 1 once a block's results are all written: the explicit
-completion record that resume reads (chunk presence is no such record).  The
-root attribute ``kernelmap_status`` is ``"incomplete"`` until every block is
-done, then ``"complete"``.
+one chunk of ``kernel`` and one chunk of ``status/records`` ``(image, y, x,
+field)``: the block's per-tile diagnostics with a ``written`` field of 1, its
+completion record, written after its kernels (chunk presence alone is no such
+record).  A block therefore costs two chunk writes whatever the number of
+diagnostics.  Once every block of an image is recorded, its diagnostics are
+copied from the records into the Dataset's variables (one chunk per image
+each).  The root attribute ``kernelmap_status`` is ``"incomplete"`` until
+every block and every image's diagnostics are written, then ``"complete"``.
 """
 
 from __future__ import annotations
@@ -20,23 +22,25 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import fsspec
 import numpy as np
-import xarray as xr
 import zarr
 
 from . import flags as fl
 from .errors import OptionError
 from .tiles import Block, TileGrid
 
-__all__ = ["DIAGNOSTICS", "StoreLayout", "create_store", "completed_blocks", "write_block",
-           "mark_complete", "store_exists", "remove_store"]
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = ["DIAGNOSTICS", "RECORD_FIELDS", "StoreLayout", "block_record", "create_store",
+           "completed_blocks", "read_records", "stored_block_tiles", "write_block", "write_diagnostics", "mark_complete",
+           "store_exists", "remove_store"]
 
 STATUS_GROUP = "status"
-BLOCKS_ARRAY = "blocks"
+RECORDS_ARRAY = "records"
 
 #: Per-tile diagnostics written beside the kernel: name -> (dtype, attributes).
 DIAGNOSTICS: dict[str, tuple[str, dict[str, str]]] = {
@@ -67,6 +71,9 @@ DIAGNOSTICS: dict[str, tuple[str, dict[str, str]]] = {
                                 "flag_descriptions": fl.cf_flag_attrs()["flag_descriptions"]}),
 }
 
+#: Fields of a block record, in order: ``written`` (1 once the block is stored), then the diagnostics.
+RECORD_FIELDS: tuple[str, ...] = ("written", *DIAGNOSTICS)
+
 
 @dataclass(frozen=True)
 class StoreLayout:
@@ -83,29 +90,11 @@ class StoreLayout:
         return len(self.images)
 
 
-def _template(layout: StoreLayout, attrs: dict[str, Any]) -> xr.Dataset:
-    grid, k = layout.grid, layout.kernel_size
-    ty, tx = grid.shape
-    by, bx = grid.block_tiles
-    n = layout.n_images
-    h = k // 2
-    chunks3 = (1, by, bx)
-    variables: dict[str, Any] = {
-        "kernel": (
-            ("image", "y", "x", "ky", "kx"),
-            da.full((n, ty, tx, k, k), np.nan, dtype=layout.dtype, chunks=(1, by, bx, k, k)),
-            {"long_name": "convolution kernel: target = kernel * source + background",
-             "convention": "true convolution (scipy.signal.fftconvolve, mode 'same'); "
-                           "kernel centre at (ky, kx) = (0, 0)"},
-        )
-    }
-    for name, (kind, var_attrs) in DIAGNOSTICS.items():
-        dtype = layout.dtype if kind == "float" else kind
-        fill = np.nan if kind == "float" else 0
-        extra = fl.cf_flag_attrs() if name == "quality_flag" else {}
-        extra = {key: value for key, value in extra.items() if key != "flag_descriptions"}
-        variables[name] = (("image", "y", "x"), da.full((n, ty, tx), fill, dtype=dtype, chunks=chunks3),
-                           {**var_attrs, **extra})
+def _coordinates(layout: StoreLayout, attrs: dict[str, Any]) -> xr.Dataset:
+    """The coordinates and root attributes; xarray writes them (CF-encoding image labels)."""
+    import xarray as xr
+
+    grid, h = layout.grid, layout.kernel_size // 2
     images = layout.images
     if images.dtype.kind in "US":
         images = images.astype(object)
@@ -118,7 +107,42 @@ def _template(layout: StoreLayout, attrs: dict[str, Any]) -> xr.Dataset:
         "ky": ("ky", np.arange(-h, h + 1), {"long_name": "kernel row offset", "units": "pixel"}),
         "kx": ("kx", np.arange(-h, h + 1), {"long_name": "kernel column offset", "units": "pixel"}),
     }
-    return xr.Dataset(variables, coords=coords, attrs=attrs)
+    return xr.Dataset(coords=coords, attrs=attrs)
+
+
+def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
+    """The data variables and the block records, empty (metadata only; fill values read back)."""
+    grid, k, n = layout.grid, layout.kernel_size, layout.n_images
+    ty, tx = grid.shape
+    by, bx = grid.block_tiles
+    group.create_array(
+        "kernel", shape=(n, ty, tx, k, k), chunks=(1, by, bx, k, k), dtype=layout.dtype,
+        fill_value=np.nan, dimension_names=("image", "y", "x", "ky", "kx"),
+        attributes={"long_name": "convolution kernel: target = kernel * source + background",
+                    "convention": "true convolution (scipy.signal.fftconvolve, mode 'same'); "
+                                  "kernel centre at (ky, kx) = (0, 0)"},
+    )
+    flag_attrs = {key: value for key, value in fl.cf_flag_attrs().items() if key != "flag_descriptions"}
+    for name, (kind, var_attrs) in DIAGNOSTICS.items():
+        extra = flag_attrs if name == "quality_flag" else {}
+        group.create_array(
+            name, shape=(n, ty, tx), chunks=(1, ty, tx), dtype=layout.dtype if kind == "float" else kind,
+            fill_value=np.nan if kind == "float" else 0, dimension_names=("image", "y", "x"),
+            attributes=_json_ready({**var_attrs, **extra}),
+        )
+    group.create_group(STATUS_GROUP).create_array(
+        RECORDS_ARRAY, shape=(n, ty, tx, len(RECORD_FIELDS)), chunks=(1, by, bx, len(RECORD_FIELDS)),
+        dtype="float64", fill_value=np.nan, dimension_names=("image", "y", "x", "field"),
+        attributes={"long_name": "per-block completion records: the per-tile diagnostics of each "
+                                 "written block, field 'written' = 1",
+                    "fields": list(RECORD_FIELDS)},
+    )
+
+
+def _json_ready(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes with NumPy values as plain Python (lists, ints)."""
+    return {key: value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+            for key, value in attrs.items()}
 
 
 def _consolidate(path: str) -> None:
@@ -161,17 +185,12 @@ def remove_store(path: str) -> None:
 
 
 def create_store(path: str, layout: StoreLayout, attrs: dict[str, Any]) -> None:
-    """Write the empty template (metadata and coordinates, no data) and the status array."""
+    """Write the empty store: coordinates, attributes, variable metadata and the block records."""
     path = _location(path)
-    ds = _template(layout, {**attrs, "kernelmap_status": "incomplete",
-                            "kernelmap_store_id": uuid.uuid4().hex})
-    ds.to_zarr(path, mode="w-", compute=False, consolidated=False, zarr_format=3)
-    group = zarr.open_group(path, mode="r+")
-    nby, nbx = layout.grid.blocks_shape
-    status = group.create_group(STATUS_GROUP)
-    status.create_array(BLOCKS_ARRAY, shape=(layout.n_images, nby, nbx), chunks=(1, 1, 1),
-                        dtype="uint8", fill_value=0,
-                        attributes={"long_name": "1 where the block of tiles has been written"})
+    ds = _coordinates(layout, {**attrs, "kernelmap_status": "incomplete",
+                               "kernelmap_store_id": uuid.uuid4().hex})
+    ds.to_zarr(path, mode="w-", consolidated=False, zarr_format=3)
+    _create_variables(zarr.open_group(path, mode="r+"), layout)
     _consolidate(path)
 
 
@@ -181,29 +200,50 @@ def read_attrs(path: str) -> dict[str, Any]:
     return dict(zarr.open_group(path, mode="r").attrs)
 
 
-def completed_blocks(path: str) -> np.ndarray:
-    """``(image, block_y, block_x)`` bool: blocks already written."""
-    path = _location(path)
-    group = zarr.open_group(path, mode="r")
+def _records(group: zarr.Group, path: str) -> zarr.Array:
     try:
-        return np.asarray(group[f"{STATUS_GROUP}/{BLOCKS_ARRAY}"][...]) != 0
-    except KeyError as exc:
+        records = group[f"{STATUS_GROUP}/{RECORDS_ARRAY}"]
+    except KeyError:
+        records = None
+    if not isinstance(records, zarr.Array) or records.attrs.get("fields") != list(RECORD_FIELDS):
         raise OptionError(
-            f"output.mode=resume: {path} has no block status record, so it was not written by "
-            "kernelmap run; use output.mode=overwrite or another output.path"
-        ) from exc
+            f"output.mode=resume: {path} has no block records this version of kernelmap can read, so "
+            "it was not written by this kernelmap run; use output.mode=overwrite or another output.path"
+        )
+    return records
+
+
+def completed_blocks(path: str) -> np.ndarray:
+    """``(image, block_y, block_x)`` bool: blocks whose record is written."""
+    path = _location(path)
+    records = _records(zarr.open_group(path, mode="r"), path)
+    by, bx = records.chunks[1:3]
+    written = np.asarray(records[:, ::by, ::bx, 0])
+    return written == 1
+
+
+def stored_block_tiles(path: str) -> tuple[int, int]:
+    """``(by, bx)`` tiles per block of an existing store (its chunks of ``kernel``)."""
+    path = _location(path)
+    records = _records(zarr.open_group(path, mode="r"), path)
+    return int(records.chunks[1]), int(records.chunks[2])
+
+
+def read_records(path: str, image: int) -> np.ndarray:
+    """``(y, x, field)`` records of one image's tiles (NaN where a block is not written)."""
+    path = _location(path)
+    return np.asarray(_records(zarr.open_group(path, mode="r"), path)[image])
 
 
 @lru_cache(maxsize=4)
 def _arrays(path: str, store_id: str) -> dict[str, zarr.Array]:
-    """The output arrays, opened once per process and store: their metadata is read once.
+    """The arrays blocks write, opened once per process and store: their metadata is read once.
 
     ``store_id`` (set when the store is created) keys the cache, so a store
     replaced at the same path is opened afresh.
     """
     group = zarr.open_group(path, mode="r+")
-    names = ["kernel", *DIAGNOSTICS, f"{STATUS_GROUP}/{BLOCKS_ARRAY}"]
-    return {name: group[name] for name in names}
+    return {name: group[name] for name in ("kernel", f"{STATUS_GROUP}/{RECORDS_ARRAY}")}
 
 
 def store_id(path: str) -> str:
@@ -211,25 +251,38 @@ def store_id(path: str) -> str:
     return str(read_attrs(path).get("kernelmap_store_id", ""))
 
 
-def write_block(path: str, block: Block, results: dict[str, np.ndarray], kernel_size: int,
-                store: str = "") -> None:
-    """Write one block's results into its chunks, then record the block as done.
+def block_record(results: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """``(ny, nx, field)`` record of a block's tiles from per-tile results (raster order)."""
+    record = np.empty((*shape, len(RECORD_FIELDS)), dtype=np.float64)
+    record[..., 0] = 1.0
+    for i, name in enumerate(DIAGNOSTICS, start=1):
+        record[..., i] = np.asarray(results[name], dtype=np.float64).reshape(shape)
+    return record
+
+
+def write_block(path: str, block: Block, kernels: np.ndarray, record: np.ndarray, store: str = "") -> None:
+    """Write one block's kernels ``(ny, nx, k, k)`` into its chunk, then its record.
 
     ``store`` is the store's identifier (:func:`store_id`), for reusing opened arrays.
     """
     path = _location(path)
     arrays = _arrays(path, store) if store else _arrays.__wrapped__(path, store)
-    ny, nx = block.ty1 - block.ty0, block.tx1 - block.tx0
     region = (block.image, slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
     kern = arrays["kernel"]
-    kern[region] = results["kernels"].reshape(ny, nx, kernel_size, kernel_size).astype(kern.dtype)
-    for name in DIAGNOSTICS:
-        values = results[name]
-        if values.dtype.kind == "f" and np.isnan(values).all():
-            continue  # the template's fill value already reads as NaN (e.g. diagnostics off)
-        arr = arrays[name]
-        arr[region] = values.reshape(ny, nx).astype(arr.dtype)
-    arrays[f"{STATUS_GROUP}/{BLOCKS_ARRAY}"][block.image, block.by, block.bx] = 1
+    kern[region] = kernels.astype(kern.dtype, copy=False)
+    arrays[f"{STATUS_GROUP}/{RECORDS_ARRAY}"][region] = record
+
+
+def write_diagnostics(path: str, image: int, records: np.ndarray) -> None:
+    """Copy one image's ``(y, x, field)`` records into the diagnostic variables."""
+    path = _location(path)
+    group = zarr.open_group(path, mode="r+")
+    for i, name in enumerate(DIAGNOSTICS, start=1):
+        arr = group[name]
+        values = records[..., i]
+        if arr.dtype.kind != "f":
+            values = np.nan_to_num(values, nan=0.0)
+        arr[image] = values.astype(arr.dtype)
 
 
 def mark_complete(path: str, attrs: dict[str, Any] | None = None) -> None:

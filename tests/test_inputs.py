@@ -79,10 +79,27 @@ def epoch_dataset(data: dict[str, np.ndarray], labels: np.ndarray | None = None)
 
 
 def computed(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The whole arrays through Dask, after checking the block reader agrees with them."""
     out = {"source": inputs.source.compute(), "target": inputs.target.compute()}
     if inputs.mask is not None:
         out["mask"] = inputs.mask.compute()
+    check_reader(inputs, out)
     return out
+
+
+def check_reader(inputs: Inputs, whole: dict[str, np.ndarray]) -> None:
+    """What tasks read (regions straddling chunks, every image) equals the Dask arrays."""
+    n, ny, nx = inputs.shape
+    regions = [(slice(0, ny), slice(0, nx)), (slice(3, ny - 2), slice(5, nx - 1)), (slice(7, 9), slice(9, 11))]
+    for image in range(n):
+        for ys, xs in regions:
+            got = dict(zip(("source", "target", "mask"), inputs.reader.read(image, ys, xs)))
+            for name, values in whole.items():
+                want = values[ys, xs] if values.ndim == 2 else values[image, ys, xs]
+                assert got[name].dtype == want.dtype, name
+                np.testing.assert_array_equal(got[name], want, err_msg=name)
+    if "mask" not in whole:
+        assert inputs.reader.read(0, slice(0, 2), slice(0, 2))[2] is None
 
 
 # --------------------------------------------------------------------------- formats and layouts
@@ -221,6 +238,7 @@ def test_dimension_names_zarr3(tmp_path: Path) -> None:
     inputs = open_inputs(path)
     np.testing.assert_array_equal(inputs.target.compute(), data["target"])
     np.testing.assert_array_equal(inputs.source.compute(), data["source"])
+    computed(inputs)  # the block reader reorders axes like the Dask arrays
     assert inputs.chunks == (8, 10)
     # the image dimension is named "epoch", so its labels come from the array "epoch"
     assert inputs.images.tolist() == [7, 8, 9]
@@ -240,6 +258,7 @@ def test_shared_source_and_2d_mask(tmp_path: Path, zarr_format: int) -> None:
     assert inputs.source.shape == (NY, NX) and inputs.mask.shape == (NY, NX)
     np.testing.assert_array_equal(inputs.source.compute(), reference)
     np.testing.assert_array_equal(inputs.mask.compute(), bad)
+    computed(inputs)
     assert inputs.identity["arrays"]["source"]["name"] == "ref"
 
 
@@ -334,6 +353,7 @@ def test_sharded_store_reads_whole_shards(tmp_path: Path) -> None:
     assert inputs.target.chunksize == (1, 8, 10)
     assert inputs.identity["arrays"]["target"]["shards"] == [1, 8, 10]
     np.testing.assert_array_equal(inputs.target.compute(), data["target"])
+    computed(inputs)
 
 
 def test_big_endian_zarr2(tmp_path: Path) -> None:
@@ -345,6 +365,7 @@ def test_big_endian_zarr2(tmp_path: Path) -> None:
     assert inputs.target.dtype == np.dtype("float64") and inputs.target.dtype.isnative
     np.testing.assert_array_equal(inputs.target.compute(), data["target"])
     np.testing.assert_array_equal(inputs.source.compute(), data["source"])
+    computed(inputs)
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -370,6 +391,7 @@ def test_cf_packed_values_and_fill(tmp_path: Path, zarr_format: int) -> None:
     assert desc["packing"] == {"scale_factor": 0.25, "add_offset": 1.0}
     assert desc["missing_values"] == [-999]
     np.testing.assert_array_equal(inputs.source.compute(), data["source"])
+    computed(inputs)  # tasks decode their blocks the same way
 
 
 def test_stale_consolidated_metadata(tmp_path: Path) -> None:
@@ -393,6 +415,11 @@ def test_threads_and_pickling(tmp_path: Path) -> None:
         np.testing.assert_array_equal(inputs.target.compute(), data["target"])
     again = pickle.loads(pickle.dumps(inputs.source))
     np.testing.assert_array_equal(again.compute(), data["source"])
+    reader = pickle.loads(pickle.dumps(inputs.reader))
+    src, tgt, bad = reader.read(2, slice(5, 20), slice(3, 17))
+    np.testing.assert_array_equal(tgt, data["target"][2, 5:20, 3:17])
+    np.testing.assert_array_equal(src, data["source"][2, 5:20, 3:17])
+    np.testing.assert_array_equal(bad, data["mask"][2, 5:20, 3:17])
     # the same store opened twice gives the same graph keys
     assert open_inputs(path, mask="mask").target.name == inputs.target.name
 

@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.config import job_from_dict
 from pipeline.errors import OptionError
 from pipeline.run import plan_job, run_job
+from pipeline.store import completed_blocks
 
 K = 9
 TILE = 64
@@ -140,6 +141,34 @@ def test_overwrite_replaces_and_resume_of_a_complete_store_skips_everything(tmp_
     xr.testing.assert_identical(open_result(tmp_path / "kernels.zarr").drop_attrs(), first.drop_attrs())
 
 
+def test_block_records_hold_the_diagnostics_and_rebuild_them_on_resume(tmp_path):
+    """Each block's record carries its tiles' diagnostics; a run killed after the last block
+    but before an image's diagnostics were copied is finished from the records alone."""
+    make_stack(tmp_path / "stack.zarr", n_images=2)
+    run_job(job_from_dict(job_dict(tmp_path, compute={"block_tiles": 2})), progress=False)
+    path = tmp_path / "kernels.zarr"
+    first = open_result(path)
+    records = zarr.open_array(str(path / "status" / "records"), mode="r")
+    fields = records.attrs["fields"]
+    values = records[...]
+    assert records.chunks == (1, 2, 2, len(fields)) and values.shape == (2, 3, 3, len(fields))
+    assert np.all(values[..., fields.index("written")] == 1)
+    for name in ("flux", "background", "fwhm", "e1", "n_valid", "quality_flag"):
+        assert first[name].encoding["chunks"] == (1, 3, 3)
+        np.testing.assert_array_equal(values[..., fields.index(name)].astype(first[name].dtype),
+                                      first[name].values, err_msg=name)
+    group = zarr.open_group(str(path), mode="r+")
+    for name in ("flux", "fwhm", "quality_flag"):  # as if killed before image 1's diagnostics
+        group[name][1] = group[name].fill_value
+    group.attrs["kernelmap_status"] = "incomplete"
+    # resumed with the default blocks (1x1 here): the store's own 2x2 blocks are kept
+    again = run_job(job_from_dict(job_dict(tmp_path, output={"mode": "resume"})), progress=False)
+    assert again.tiles_computed == 0 and again.blocks_skipped == 2 * 4
+    resumed = open_result(path)
+    assert resumed.attrs["kernelmap_status"] == "complete"
+    xr.testing.assert_identical(resumed.drop_attrs(), first.drop_attrs())
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL a ``kernelmap run`` mid-way, resume it, compare with a run never interrupted."""
     make_stack(tmp_path / "stack.zarr", n_images=3, size=256, chunk=64)
@@ -148,12 +177,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     job_file.write_text(yaml.safe_dump(data))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    status = tmp_path / "kernels.zarr" / "status" / "blocks"
     deadline = time.monotonic() + 120
     done = 0
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            done = int(np.count_nonzero(zarr.open_array(str(status), mode="r")[...]))
+            done = int(completed_blocks(str(tmp_path / "kernels.zarr")).sum())
         except Exception:  # not created yet, or a chunk caught mid-write: look again
             done = 0
         if done >= 5:
