@@ -412,7 +412,9 @@ def run_job(
                                        else nullcontext()):
                 futures = client.compute(tasks)
                 block_of = {future.key: block for future, block in zip(futures, pending)}
-                for future in dist_completed(futures):
+                completed = dist_completed(futures)
+                del futures, tasks  # each result is released once read: memory does not grow with the stack
+                for future in completed:
                     finished(block_of[future.key], future.result())
         else:
             workers = 1 if scheduler == "synchronous" else job.compute.n_workers * job.compute.threads_per_worker
