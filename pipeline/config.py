@@ -56,6 +56,8 @@ __all__ = [
     "RatioKernel",
     "KernelConfig",
     "OutputConfig",
+    "AdaptConfig",
+    "BatchConfig",
     "ComputeConfig",
     "JobConfig",
     "KERNEL_METHODS",
@@ -71,6 +73,8 @@ MIN_TILE_SIZE = 16
 PENALTY_TERMS = {"compact": 2, "wings": 2, "laplacian": 1, "identity": 1}
 #: Names of the local schedulers accepted by ``compute.scheduler``.
 LOCAL_SCHEDULERS = ("local", "threads", "synchronous")
+#: Batch systems accepted by ``compute.scheduler`` (workers as batch jobs, through dask-jobqueue).
+BATCH_SYSTEMS = ("slurm", "sge", "pbs", "lsf", "htcondor")
 
 _SECTIONS = ("input", "tiles", "kernel", "output", "compute")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):[0-9]{1,5}$")
@@ -290,6 +294,56 @@ class OutputConfig(BaseModel):
     dtype: Literal["float32", "float64"] = "float32"
 
 
+class AdaptConfig(BaseModel):
+    """Adaptive scaling of batch worker jobs between two bounds (replaces jobs that end)."""
+
+    model_config = _STRICT
+
+    minimum_jobs: Annotated[Int, Field(ge=0)] = 1
+    maximum_jobs: Annotated[Int, Field(ge=1)] = 4
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptConfig:
+        if self.minimum_jobs > self.maximum_jobs:
+            raise _problems(("minimum_jobs", f"{self.minimum_jobs} is more than maximum_jobs "
+                                             f"({self.maximum_jobs})"))
+        return self
+
+
+class BatchConfig(BaseModel):
+    """Dask workers as jobs of a batch system, through dask-jobqueue.
+
+    Settings left ``null`` are not passed: dask-jobqueue then takes them from
+    the user's configuration (``~/.config/dask/jobqueue.yaml``).
+    """
+
+    model_config = _STRICT
+
+    queue: Text | None = None
+    account: Text | None = None
+    walltime: Text | None = None
+    cores: Annotated[Int, Field(ge=1)] | None = None
+    memory: Text | None = None
+    processes: Annotated[Int, Field(ge=1)] | None = None
+    job_extra_directives: list[Text] | None = None
+    job_script_prologue: list[Text] | None = None
+    interface: Text | None = None
+    python: Text | None = None
+    local_directory: Text | None = None
+    log_directory: Text | None = None
+    #: a worker leaves gracefully after this long (e.g. "50m", shorter than walltime); with
+    #: ``adapt`` a new job replaces it
+    worker_lifetime: Text | None = None
+    worker_lifetime_stagger: Text | None = None
+    #: worker jobs to keep (``scale``); ignored when ``adapt`` is set
+    jobs: Annotated[Int, Field(ge=1)] = 2
+    adapt: AdaptConfig | None = None
+    #: seconds to wait for the first worker job to start; null: as long as the queue takes
+    start_timeout: Annotated[Float, Field(gt=0)] | Annotated[Int, Field(gt=0)] | None = None
+    #: any other keyword argument of the dask-jobqueue cluster class, passed as is
+    options: dict[str, Any] = {}
+
+
 class ComputeConfig(BaseModel):
     """Where and how the job runs."""
 
@@ -302,6 +356,7 @@ class ComputeConfig(BaseModel):
     memory_limit: Text | None = "auto"
     dashboard_address: Text | None = ":0"
     block_tiles: Annotated[Int, Field(ge=1)] | None = None
+    batch: BatchConfig = BatchConfig()
 
     @field_validator("scheduler")
     @classmethod
@@ -309,19 +364,21 @@ class ComputeConfig(BaseModel):
         if _scheduler_kind(value) is None:
             raise PydanticCustomError(_CHECKS, "{text}", {
                 "text": f"{value!r} is not a scheduler: use 'local' (a local cluster), 'threads' or "
-                        "'synchronous' (no cluster), or the address of a running scheduler "
-                        "('tcp://host:8786' or 'host:8786')"})
+                        f"'synchronous' (no cluster), a batch system ({', '.join(BATCH_SYSTEMS)}), or "
+                        "the address of a running scheduler ('tcp://host:8786' or 'host:8786')"})
         return value
 
     @property
-    def scheduler_kind(self) -> Literal["local", "threads", "synchronous", "address"]:
-        """``"local"``, ``"threads"``, ``"synchronous"`` or ``"address"`` (a running scheduler)."""
+    def scheduler_kind(self) -> Literal["local", "threads", "synchronous", "address", "batch"]:
+        """``"local"``, ``"threads"``, ``"synchronous"``, ``"batch"`` or ``"address"`` (a running scheduler)."""
         return _scheduler_kind(self.scheduler)  # type: ignore[return-value]
 
 
 def _scheduler_kind(value: str) -> str | None:
     if value in LOCAL_SCHEDULERS:
         return value
+    if value in BATCH_SYSTEMS:
+        return "batch"
     scheme, sep, rest = value.partition("://")
     if (sep and scheme and rest) or _HOST_PORT.match(value):
         return "address"

@@ -27,6 +27,7 @@ import dask
 import numpy as np
 
 from . import flags as fl
+from .cluster import WORKER_ENV, connect, worker_job_script
 from .config import JobConfig, dump_job, load_job
 from .errors import OptionError
 from .estimate import estimate_kernels
@@ -50,10 +51,8 @@ from .store import (
 )
 from .tiles import Block, TileGrid, block_shape_for_chunks
 
-__all__ = ["Plan", "RunSummary", "plan_job", "run_job"]
+__all__ = ["WORKER_ENV", "Plan", "RunSummary", "plan_job", "run_job"]
 
-#: Environment of worker processes: one thread per FFT/BLAS call inside tasks.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +119,12 @@ def _describe_compute(job: JobConfig) -> str:
                 f"memory limit {c.memory_limit}")
     if c.scheduler in ("threads", "synchronous"):
         return f"dask {c.scheduler} scheduler in this process"
+    if c.scheduler_kind == "batch":
+        b = c.batch
+        size = (f"adaptive, {b.adapt.minimum_jobs} to {b.adapt.maximum_jobs} jobs" if b.adapt
+                else f"{b.jobs} job(s)")
+        script = worker_job_script(job).rstrip().replace("\n", "\n    ")
+        return f"{c.scheduler} worker jobs through dask-jobqueue, {size}; each job runs:\n    {script}"
     return f"running scheduler at {c.scheduler}"
 
 
@@ -324,35 +329,6 @@ class _Progress:
             self.log(f"progress: {self.done}/{self.total} tiles ({100 * frac:.0f} %), {rate:.1f} tiles/s")
 
 
-def _start_local_cluster(job: JobConfig, stack: ExitStack) -> Callable[[], Any]:
-    """Start a LocalCluster from ``compute`` in the background; returns a function giving its client.
-
-    Its worker processes take a second or two to start: the output store is
-    prepared meanwhile.  The cluster is closed when ``stack`` exits.
-    """
-    from distributed import Client, LocalCluster
-
-    c = job.compute
-
-    def start() -> LocalCluster:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV}):
-            return LocalCluster(
-                n_workers=c.n_workers, threads_per_worker=c.threads_per_worker, processes=c.processes,
-                memory_limit=c.memory_limit, dashboard_address=c.dashboard_address,
-            )
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelmap-cluster-start")
-    future = pool.submit(start)
-    pool.shutdown(wait=False)
-
-    def close() -> None:
-        if future.exception() is None:
-            future.result().close()
-
-    stack.callback(close)
-    return lambda: stack.enter_context(Client(future.result()))
-
-
 def run_job(
     job: JobConfig | str | os.PathLike,
     *,
@@ -378,9 +354,7 @@ def run_job(
     flagged = 0
     with ExitStack() as stack:
         scheduler = job.compute.scheduler
-        local_client = None
-        if client is None and scheduler == "local":
-            local_client = _start_local_cluster(job, stack)
+        get_client = connect(job, stack, log) if client is None else None
         plan, done = _prepare_output(plan, attrs, action, log)
         blocks = plan.blocks
         pending = [b for b in blocks if not done[b.image, b.by, b.bx]]
@@ -394,12 +368,8 @@ def run_job(
             diagnostics.add(block, result["record"])
             bar.update(result["tiles"])
 
-        if local_client is not None:
-            client = local_client()
-        elif client is None and scheduler not in ("threads", "synchronous"):
-            from distributed import Client
-
-            client = stack.enter_context(Client(scheduler))
+        if get_client is not None:
+            client = get_client()
         if client is not None and progress:
             log(f"dashboard: {client.dashboard_link}")
         store = store_id(job.output.path)
