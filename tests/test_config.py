@@ -61,7 +61,13 @@ def test_minimal_job_dump_shows_every_default():
                    "penalty": "compact", "robust": True, "recentre": True, "clip": 5.0},
         "output": {"path": "out.zarr", "mode": "create", "dtype": "float32"},
         "compute": {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True,
-                    "memory_limit": "auto", "dashboard_address": ":0", "block_tiles": None},
+                    "memory_limit": "auto", "dashboard_address": ":0", "block_tiles": None,
+                    "batch": {"queue": None, "account": None, "walltime": None, "cores": None, "memory": None,
+                              "processes": None, "job_extra_directives": None, "job_script_prologue": None,
+                              "interface": None, "python": None, "local_directory": None,
+                              "log_directory": None, "worker_lifetime": None,
+                              "worker_lifetime_stagger": None, "jobs": 2, "adapt": None,
+                              "start_timeout": None, "options": {}}},
     }
 
 
@@ -210,7 +216,7 @@ def test_all_errors_are_reported_together_with_dotted_paths():
         "tiles": {"size": "big", "extra": 1},
         "kernel": {"penalty": "tv", "segment_size": 32, "size": 20},
         "output": {},
-        "compute": {"n_workers": 0, "processes": 1, "scheduler": "slurm"},
+        "compute": {"n_workers": 0, "processes": 1, "scheduler": "slurmm"},
         "notes": "x",
     }
     errs = errors_of(data)
@@ -223,9 +229,9 @@ def test_all_errors_are_reported_together_with_dotted_paths():
         "kernel.segment_size: unknown key for method 'lstsq'; allowed keys: method, size, normalize, diagnostics, "
         "regularization, penalty, robust, recentre, clip ('segment_size' is an option of method 'welch')",
         "output.path: required",
-        "compute.scheduler: 'slurm' is not a scheduler: use 'local' (a local cluster), 'threads' or "
-        "'synchronous' (no cluster), or the address of a running scheduler ('tcp://host:8786' or "
-        "'host:8786')",
+        "compute.scheduler: 'slurmm' is not a scheduler: use 'local' (a local cluster), 'threads' or "
+        "'synchronous' (no cluster), a batch system (slurm, sge, pbs, lsf, htcondor), or the address of "
+        "a running scheduler ('tcp://host:8786' or 'host:8786')",
         "compute.n_workers: 0 is too small: at least 1",
         "compute.processes: 1 is not a boolean (true or false)",
         "notes: unknown key; allowed keys: input, tiles, kernel, output, compute",
@@ -288,12 +294,13 @@ def test_single_error_messages(section, expected):
     ("local", "local"), ("threads", "threads"), ("synchronous", "synchronous"),
     ("tcp://scheduler.example.org:8786", "address"), ("tls://10.0.0.1:8786", "address"),
     ("scheduler:8786", "address"), ("10.1.2.3:8786", "address"), ("[::1]:8786", "address"),
+    ("slurm", "batch"), ("sge", "batch"), ("pbs", "batch"), ("lsf", "batch"), ("htcondor", "batch"),
 ])
 def test_scheduler_forms(scheduler, kind):
     assert job(compute={"scheduler": scheduler}).compute.scheduler_kind == kind
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "Local", "host:", "tcp://", "host:port", ""])
+@pytest.mark.parametrize("scheduler", ["Slurm", "Local", "host:", "tcp://", "host:port", ""])
 def test_bad_scheduler(scheduler):
     (err,) = errors_of({**MINIMAL, "compute": {"scheduler": scheduler}})
     if scheduler:
