@@ -1,4 +1,4 @@
-"""The ``kernelmap`` command: ``run``, ``config`` and ``demo``."""
+"""The ``kernelmap`` command: ``run``, ``submit``, ``config`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     config = sub.add_parser("config", help="print the effective configuration with all defaults")
     _add_job_arguments(config)
+    submit = sub.add_parser("submit", help="submit the whole job as one batch job (Slurm, PBS or SGE)")
+    _add_job_arguments(submit)
+    for flag, key, what in (("--system", "compute.scheduler", "batch system: slurm, pbs or sge"),
+                            ("--queue", "compute.batch.queue", "queue (partition)"),
+                            ("--account", "compute.batch.account", "account (project)"),
+                            ("--walltime", "compute.batch.walltime", "time limit, e.g. 02:00:00"),
+                            ("--cores", "compute.batch.cores", "CPUs of the allocation (one worker each)"),
+                            ("--memory", "compute.batch.memory", "memory of the allocation, e.g. 16GB")):
+        submit.add_argument(flag, dest=key, metavar=flag[2:].upper(), help=f"{what} (sets {key})")
+    submit.add_argument("--print", action="store_true", help="print the batch script and exit; submit nothing")
+    submit.add_argument("--wait", action="store_true", help="follow the job to its end; exit with its status")
     demo = sub.add_parser("demo", help="write the built-in demo stack, run the demo job, summarise")
     demo.add_argument("--dir", default="demo-output", help="folder for the demo stack and result")
     demo.add_argument("--images", type=int, default=3, help="epochs in the demo stack")
@@ -48,6 +59,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     run_job(job, progress=not args.quiet, performance_report=args.performance_report)
     return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .config import load_job
+    from .submit import submission_script, submit_job, wait_for_job
+
+    flags = [f"{key}={value}" for key, value in vars(args).items() if key.startswith("compute.") and value]
+    job = load_job(args.job, [*args.overrides, *flags])
+    if args.print:
+        sys.stdout.write(submission_script(job))
+        return 0
+    submission = submit_job(job)
+    print(submission.job_id, flush=True)
+    return wait_for_job(submission) if args.wait else 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -75,7 +100,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kernelmap`` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"run": _cmd_run, "config": _cmd_config, "demo": _cmd_demo}
+    handlers = {"run": _cmd_run, "config": _cmd_config, "submit": _cmd_submit, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
     except KernelmapError as exc:

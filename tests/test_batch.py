@@ -9,9 +9,11 @@ wait is bounded, logs go to each test's own folder.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,13 +23,16 @@ import numpy as np
 import psutil
 import pytest
 import xarray as xr
+import yaml
 from stacks import make_stack
 
+from pipeline.cli import main
 from pipeline.cluster import BatchError, worker_job_script
 from pipeline.config import job_from_dict
 from pipeline.errors import OptionError
 from pipeline.run import plan_job, run_job
 from pipeline.store import completed_blocks
+from pipeline.submit import Submission, wait_for_job
 
 REQUIRE_SLURM = os.environ.get("KERNELMAP_REQUIRE_SLURM") == "1"
 
@@ -197,9 +202,9 @@ def test_refused_submission_is_a_clear_error_at_once(slurm, tmp_path, setting, m
     assert not (tmp_path / "kernels.zarr").exists()  # refused before the output was touched
 
 
-def _slow_stack_job(tmp_path: Path) -> dict:
-    """Enough one-tile blocks of the exact solver for a fault to land mid-run."""
-    make_stack(tmp_path / "stack.zarr", n_images=4, size=256)
+def _slow_stack_job(tmp_path: Path, n_images: int = 4) -> dict:
+    """Enough one-tile blocks (16 an image) of the exact solver for a fault to land mid-run."""
+    make_stack(tmp_path / "stack.zarr", n_images=n_images, size=256)
     return job_dict(tmp_path, kernel={"method": "lstsq"}, compute={"block_tiles": 1})
 
 
@@ -253,3 +258,104 @@ def test_a_killed_worker_process_does_not_change_the_result(slurm, tmp_path):
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     assert_same_result(tmp_path / "kernels.zarr", expected)
     np.testing.assert_array_equal(completed_blocks(str(tmp_path / "kernels.zarr")), True)
+
+
+# --------------------------------------------------------------------------- the whole job as one batch job
+
+
+def _submit_job_file(tmp_path: Path, data: dict, **batch) -> Path:
+    data = {**data, "compute": {"batch": {"queue": "debug", "cores": 2, "memory": "2GB",
+                                          "walltime": "00:10:00", **batch}}}
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(data))
+    return job_file
+
+
+def test_submit_prints_a_script_and_writes_nothing(tmp_path, capsys):
+    make_stack(tmp_path / "stack.zarr")
+    job_file = _submit_job_file(tmp_path, job_dict(tmp_path), account="survey42")
+    assert main(["submit", str(job_file), "--print", "--cores", "4", "--system", "slurm"]) == 0
+    script = capsys.readouterr().out
+    for line in ("#SBATCH -c 4", "#SBATCH -p debug", "#SBATCH -A survey42", "#SBATCH --mem=2000M",
+                 "#SBATCH -t 00:10:00", "WORKERS=${SLURM_CPUS_PER_TASK:-4}", "-m pipeline.cli run",
+                 "--set compute.scheduler=local", "--set compute.n_workers=$WORKERS"):
+        assert line in script, line
+    assert not (tmp_path / "kernels.zarr.batch").exists() and not (tmp_path / "kernels.zarr").exists()
+    assert main(["submit", str(job_file), "--print", "--system", "pbs"]) == 0
+    assert "#PBS -l select=1:ncpus=2:mem=2000MB" in capsys.readouterr().out
+
+
+def test_submit_wait_runs_the_whole_job_in_one_allocation(slurm, tmp_path, capsys):
+    make_stack(tmp_path / "stack.zarr", n_images=2)
+    data = job_dict(tmp_path)
+    expected = reference(tmp_path, data)
+    job_file = _submit_job_file(tmp_path, data)
+    assert main(["submit", str(job_file), "--wait"]) == 0
+    job_id = capsys.readouterr().out.splitlines()[1]
+    assert_same_result(tmp_path / "kernels.zarr", expected)
+    folder = tmp_path / "kernels.zarr.batch"
+    assert (folder / "submit.sh").read_text().startswith("#!/usr/bin/env bash")
+    assert (folder / f"submit-{job_id}.exit").read_text().strip() == "0"
+    assert "18 tiles computed" in (folder / f"submit-{job_id}.log").read_text()
+    # the job's own exit status comes back: the output now exists and mode is create
+    assert main(["submit", str(job_file), "--wait"]) == 2
+
+
+def test_a_cancelled_whole_job_is_finished_by_resume(slurm, tmp_path, capsys):
+    data = _slow_stack_job(tmp_path)
+    expected = reference(tmp_path, data)
+    job_file = _submit_job_file(tmp_path, data)
+    assert main(["submit", str(job_file)]) == 0
+    job_id = capsys.readouterr().out.splitlines()[1]
+    wait_until(lambda: _blocks_done(tmp_path / "kernels.zarr") >= 4, 90, "the first blocks")
+    subprocess.run(["scancel", job_id], check=True, timeout=10)
+    done = _blocks_done(tmp_path / "kernels.zarr")
+    assert 0 < done < 64
+    assert wait_for_job(Submission("slurm", tmp_path / "kernels.zarr.batch" / "submit.sh", job_id),
+                        poll=0.5, log=lambda _m: None) == 1  # killed: no exit status
+    assert xr.open_zarr(tmp_path / "kernels.zarr").attrs["kernelmap_status"] == "incomplete"
+    assert main(["submit", str(job_file), "--wait", "--set", "output.mode=resume"]) == 0
+    log = next((tmp_path / "kernels.zarr.batch").glob(f"submit-{capsys.readouterr().out.splitlines()[1]}.log"))
+    skipped = int(re.search(r"(\d+) of 64 blocks already done", log.read_text()).group(1))
+    assert skipped >= done
+    assert_same_result(tmp_path / "kernels.zarr", expected)
+
+
+def test_workers_that_reach_their_lifetime_are_replaced(slurm, tmp_path):
+    """Worker jobs shorter than the run (lifetime well under walltime): adapt submits new ones."""
+    data = _slow_stack_job(tmp_path, n_images=12)
+    data["compute"]["batch"].update({"worker_lifetime": "3s",
+                                     "adapt": {"minimum_jobs": 2, "maximum_jobs": 2}})
+    expected = reference(tmp_path, data)
+    lines: list[str] = []
+    run_job(job_from_dict(data), log=lines.append)
+    assert_same_result(tmp_path / "kernels.zarr", expected)
+    jobs = {p.stem for p in (tmp_path / "logs").glob("*.err")}
+    assert len(jobs) > 2, f"no worker job was replaced: {sorted(jobs)}"
+    wait_until(lambda: not our_jobs(data), 30, "the worker jobs to end")
+
+
+def test_a_killed_run_with_worker_jobs_is_finished_by_resume(slurm, tmp_path):
+    """SIGKILL the client of a run on worker jobs; cancel its orphans; resume gives the same result."""
+    data = _slow_stack_job(tmp_path)
+    expected = reference(tmp_path, data)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _blocks_done(tmp_path / "kernels.zarr") >= 4, 90, "the first blocks")
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    name = data["compute"]["batch"]["options"]["job_name"]
+    subprocess.run(["scancel", "-n", name], check=True, timeout=10)  # its orphaned worker jobs
+    done = _blocks_done(tmp_path / "kernels.zarr")
+    assert 0 < done < 64
+    data["output"]["mode"] = "resume"
+    summary = run_job(job_from_dict(data), progress=False)
+    assert summary.blocks_skipped >= done and summary.tiles_computed == 64 - summary.blocks_skipped
+    assert_same_result(tmp_path / "kernels.zarr", expected)

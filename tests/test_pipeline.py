@@ -261,14 +261,34 @@ def test_demo_command_runs_the_demo_job(tmp_path, capsys):
 
 
 def test_a_running_scheduler_is_used_by_address(tmp_path):
-    from distributed import LocalCluster
+    """A ``dask scheduler`` and a ``dask worker`` started as separate processes, reached by address."""
+    import socket
 
     make_stack(tmp_path / "stack.zarr", n_images=1)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        data = job_dict(tmp_path, compute={"scheduler": cluster.scheduler_address})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bin_dir = Path(sys.executable).parent
+    logs = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - closed below
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], stdout=logs, stderr=logs)]
+    try:
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1",
+                                       "--nworkers", "1", "--local-directory", str(tmp_path / "w")],
+                                      stdout=logs, stderr=logs))
+        data = job_dict(tmp_path, compute={"scheduler": address})
         summary = run_job(job_from_dict(data), progress=False)
         assert summary.tiles_computed == 9
-        assert cluster.scheduler_address.startswith("tcp://")
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        logs.close()
     assert open_result(tmp_path / "kernels.zarr").attrs["kernelmap_status"] == "complete"
 
 

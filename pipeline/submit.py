@@ -1,0 +1,208 @@
+"""The whole job as one batch job: write its script, submit it, follow it.
+
+The script runs ``kernelmap run`` inside the allocation with a local cluster
+sized from the allocation (one worker per allocated CPU, its memory shared
+among them).  The allocation's resources come from ``compute.batch`` (queue,
+account, walltime, cores, memory, job_extra_directives, job_script_prologue,
+python, log_directory); the batch system from ``compute.scheduler`` when it
+names one, else Slurm.  Script, effective job file, log and exit status are
+kept beside the output, in ``<output>.batch/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cluster import BatchError, batch_dir
+from .config import BATCH_SYSTEMS, JobConfig, dump_job
+from .errors import OptionError
+
+__all__ = ["Submission", "submission_script", "submit_job", "wait_for_job"]
+
+#: Systems ``kernelmap submit`` can write scripts for, with their submit command.
+SUBMIT_COMMANDS = {"slurm": "sbatch", "pbs": "qsub", "sge": "qsub"}
+#: Seconds a submit command may take before it counts as not answering.
+SUBMIT_TIMEOUT = 60
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submitted (or only written) whole-job batch script."""
+
+    system: str
+    script: Path
+    job_id: str | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.script.parent
+
+    def exit_file(self) -> Path:
+        return self.folder / f"submit-{self.job_id}.exit"
+
+
+def _system(job: JobConfig) -> str:
+    system = job.compute.scheduler if job.compute.scheduler in BATCH_SYSTEMS else "slurm"
+    if system not in SUBMIT_COMMANDS:
+        raise OptionError(
+            f"kernelmap submit writes scripts for {', '.join(SUBMIT_COMMANDS)}, not {system}: set "
+            "compute.scheduler to one of them (or to local, for Slurm)")
+    return system
+
+
+def _folder(job: JobConfig) -> Path:
+    path = str(job.output.path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if "://" in path:
+        raise OptionError(
+            f"kernelmap submit keeps its script and log beside the output, which must then be a local "
+            f"or shared path, not {job.output.path}")
+    return Path(os.path.abspath(os.path.expanduser(batch_dir(path))))
+
+
+def _directives(system: str, job: JobConfig, folder: Path) -> list[str]:
+    b = job.compute.batch
+    name = "kernelmap-" + Path(str(job.output.path)).name.removesuffix(".zarr")
+    cores = b.cores or 1
+    if system == "slurm":
+        lines = [f"-J {name}", f"-o {folder}/submit-%j.log", f"-e {folder}/submit-%j.log",
+                 "-N 1", "-n 1", f"-c {cores}"]
+        lines += [f"-p {b.queue}"] if b.queue else []
+        lines += [f"-A {b.account}"] if b.account else []
+        lines += [f"-t {b.walltime}"] if b.walltime else []
+        lines += [f"--mem={_megabytes(b.memory)}M"] if b.memory else []
+        prefix = "#SBATCH"
+    else:
+        lines = [f"-N {name}", f"-o {folder}/", f"-e {folder}/"]
+        lines += [f"-q {b.queue}"] if b.queue else []
+        if system == "pbs":
+            lines += [f"-A {b.account}"] if b.account else []
+            resources = f"select=1:ncpus={cores}" + (f":mem={_megabytes(b.memory)}MB" if b.memory else "")
+            lines += [f"-l {resources}"]
+            lines += [f"-l walltime={b.walltime}"] if b.walltime else []
+            prefix = "#PBS"
+        else:  # sge
+            lines += [f"-P {b.account}"] if b.account else []
+            lines += [f"-pe smp {cores}"] if cores > 1 else []
+            lines += [f"-l h_vmem={_megabytes(b.memory) // cores}M"] if b.memory else []
+            lines += [f"-l h_rt={b.walltime}"] if b.walltime else []
+            lines += ["-cwd", "-V"]
+            prefix = "#$"
+    lines += list(b.job_extra_directives or [])
+    return [f"{prefix} {line}" for line in lines]
+
+
+def _megabytes(memory: str) -> int:
+    """``"4GB"``, ``"2GiB"``, ``"500MB"`` ... in megabytes (10^6 bytes)."""
+    from dask.utils import parse_bytes
+
+    try:
+        return max(1, int(parse_bytes(memory) // 10**6))
+    except ValueError as exc:
+        raise OptionError(f"compute.batch.memory: {memory!r} is not an amount of memory "
+                          "(e.g. 4GB, 2GiB, 500MB)") from exc
+
+
+def submission_script(job: JobConfig) -> str:
+    """The batch script that runs the whole job in one allocation (its job file: ``job.yaml`` beside it)."""
+    system = _system(job)
+    folder = _folder(job)
+    job_file = folder / "job.yaml"
+    b = job.compute.batch
+    python = b.python or sys.executable
+    cores = b.cores or 1
+    memory = (f'$(( {_megabytes(b.memory)} / WORKERS ))MB' if b.memory else "auto")
+    cpus = {"slurm": "${SLURM_CPUS_PER_TASK:-%d}" % cores, "pbs": "${NCPUS:-%d}" % cores,
+            "sge": "${NSLOTS:-%d}" % cores}[system]
+    job_id = "${SLURM_JOB_ID:-${PBS_JOBID:-${JOB_ID:-unknown}}}"
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# kernelmap: the whole job {job.output.path} as one {system} job.",
+        *_directives(system, job, folder),
+        *(b.job_script_prologue or []),
+        f"cd {shlex.quote(os.getcwd())}",
+        f"WORKERS={cpus}",
+        f"{python} -m pipeline.cli run {shlex.quote(str(job_file))} --set compute.scheduler=local "
+        f"--set compute.n_workers=$WORKERS --set compute.threads_per_worker=1 "
+        f"--set compute.memory_limit={memory}",
+        "status=$?",
+        f'echo "$status" > {shlex.quote(str(folder))}/submit-{job_id}.exit',
+        'exit "$status"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def submit_job(job: JobConfig, *, log: Callable[[str], None] = print) -> Submission:
+    """Write the whole-job script and job file beside the output, and submit the script."""
+    system = _system(job)
+    folder = _folder(job)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.yaml").write_text(dump_job(job))
+    script = folder / "submit.sh"
+    script.write_text(submission_script(job))
+    command = [SUBMIT_COMMANDS[system], str(script)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT)
+    except FileNotFoundError as exc:
+        raise BatchError(f"{command[0]} not found: kernelmap submit needs the {system} commands on PATH") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise BatchError(f"{command[0]} did not answer within {SUBMIT_TIMEOUT} s: is {system} up?") from exc
+    if done.returncode != 0:
+        raise BatchError(f"{system} refused the job: {(done.stderr or done.stdout).strip()[:500]}; "
+                         f"check compute.batch (queue, account, walltime, cores, memory); script {script}")
+    match = re.search(r"\d+", done.stdout)
+    if match is None:
+        raise BatchError(f"cannot read a job id from {command[0]}'s answer: {done.stdout.strip()[:200]!r}")
+    submission = Submission(system, script, match.group(0))
+    log(f"submitted {system} job {submission.job_id}: script {script}, log in {folder}")
+    return submission
+
+
+def _running(submission: Submission) -> bool:
+    """Whether the batch system still lists the job (pending, running or finishing)."""
+    if submission.system == "slurm":
+        cmd = ["squeue", "-h", "-j", submission.job_id, "-o", "%T"]
+    else:
+        cmd = ["qstat", submission.job_id]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return True  # a busy batch system: ask again
+    if out.returncode != 0:
+        return False
+    if submission.system == "slurm":
+        return bool(out.stdout.strip())
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] and
+            line.split()[0].split(".")[0] == submission.job_id]
+    return any(row[-2] not in ("C", "E", "F") for row in rows if len(row) >= 2) if rows else False
+
+
+def wait_for_job(submission: Submission, *, poll: float = 2.0, log: Callable[[str], None] = print) -> int:
+    """Follow a submitted job to its end; returns its exit status (1 if it left none: killed, out of time)."""
+    t0 = last = time.monotonic()
+    while _running(submission):
+        now = time.monotonic()
+        if now - last >= 60:
+            last = now
+            log(f"job {submission.job_id} still queued or running ({now - t0:.0f} s)")
+        time.sleep(poll)
+    exit_file = submission.exit_file()
+    deadline = time.monotonic() + 10  # a shared file system may show the file late
+    while not exit_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not exit_file.exists():
+        log(f"job {submission.job_id} ended without an exit status (cancelled, killed or out of time); "
+            f"see its log in {submission.folder}; rerun with --set output.mode=resume to finish it")
+        return 1
+    status = int(exit_file.read_text().strip() or 1)
+    log(f"job {submission.job_id} finished with exit status {status} after {time.monotonic() - t0:.0f} s")
+    return status
