@@ -489,7 +489,7 @@ def test_errors_of_a_file_name_it(tmp_path):
 
 
 def test_example_configs_exist():
-    assert {p.name for p in CONFIGS.glob("*.yaml")} >= {"demo.yaml", "survey.yaml", "cluster.yaml"}
+    assert {p.name for p in CONFIGS.glob("*.yaml")} >= {"demo.yaml", "survey.yaml", "cluster.yaml", "slurm.yaml"}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -518,6 +518,8 @@ def test_example_configs_content():
     assert cluster.compute.scheduler == "tcp://scheduler.example.org:8786"
     assert cluster.compute.scheduler_kind == "address"
     assert isinstance(cluster.kernel, WelchKernel)
+    slurm = load_job(CONFIGS / "slurm.yaml")
+    assert slurm.compute.scheduler_kind == "batch" and slurm.compute.batch.adapt.maximum_jobs == 16
 
 
 def test_models_forbid_extra_keys_directly():
