@@ -70,6 +70,7 @@ def batch_options(job: JobConfig) -> dict[str, Any]:
     """
     system = job.compute.scheduler
     b = job.compute.batch
+    importlib.import_module("dask_jobqueue")  # its defaults join the dask configuration read below
     opts: dict[str, Any] = {}
     for key in ("queue", "walltime", "cores", "memory", "processes", "job_extra_directives",
                 "interface", "python", "local_directory", "log_directory"):

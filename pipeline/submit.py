@@ -123,7 +123,6 @@ def submission_script(job: JobConfig) -> str:
     memory = (f'$(( {_megabytes(b.memory)} / WORKERS ))MB' if b.memory else "auto")
     cpus = {"slurm": "${SLURM_CPUS_PER_TASK:-%d}" % cores, "pbs": "${NCPUS:-%d}" % cores,
             "sge": "${NSLOTS:-%d}" % cores}[system]
-    job_id = "${SLURM_JOB_ID:-${PBS_JOBID:-${JOB_ID:-unknown}}}"
     lines = [
         "#!/usr/bin/env bash",
         f"# kernelmap: the whole job {job.output.path} as one {system} job.",
@@ -135,7 +134,8 @@ def submission_script(job: JobConfig) -> str:
         f"--set compute.n_workers=$WORKERS --set compute.threads_per_worker=1 "
         f"--set compute.memory_limit={memory}",
         "status=$?",
-        f'echo "$status" > {shlex.quote(str(folder))}/submit-{job_id}.exit',
+        "job=${SLURM_JOB_ID:-${PBS_JOBID:-${JOB_ID:-unknown}}}",
+        f'echo "$status" > {shlex.quote(str(folder))}/"submit-${{job%%.*}}.exit"',
         'exit "$status"',
     ]
     return "\n".join(lines) + "\n"

@@ -136,6 +136,24 @@ def test_dry_run_shows_the_worker_job_script(tmp_path):
     assert "#$ -P survey42" in worker_job_script(job_from_dict(sge))  # SGE calls the account a project
 
 
+def test_unset_batch_settings_come_from_the_dask_jobqueue_configuration(tmp_path):
+    import dask
+    import dask_jobqueue  # noqa: F401 - its defaults must exist before the override (restored after)
+
+    make_stack(tmp_path / "stack.zarr")
+    data = job_dict(tmp_path, compute={"batch": {"queue": None, "cores": None, "memory": None,
+                                                 "walltime": None}})
+    user = {"jobqueue.slurm.queue": "from-config", "jobqueue.slurm.cores": 3,
+            "jobqueue.slurm.memory": "3GB", "jobqueue.slurm.walltime": "01:23:00"}
+    with dask.config.set(user):
+        script = worker_job_script(job_from_dict(data))
+        assert "#SBATCH -p from-config" in script and "#SBATCH --cpus-per-task=3" in script
+        assert "#SBATCH -t 01:23:00" in script
+        # what the job file sets beats the user's configuration
+        data["compute"]["batch"]["queue"] = "debug"
+        assert "#SBATCH -p debug" in worker_job_script(job_from_dict(data))
+
+
 def test_batch_settings_are_checked_before_anything_runs(tmp_path):
     make_stack(tmp_path / "stack.zarr")
     data = job_dict(tmp_path, compute={"batch": {"cores": None, "memory": None}})
@@ -299,6 +317,18 @@ def test_submit_wait_runs_the_whole_job_in_one_allocation(slurm, tmp_path, capsy
     assert "18 tiles computed" in (folder / f"submit-{job_id}.log").read_text()
     # the job's own exit status comes back: the output now exists and mode is create
     assert main(["submit", str(job_file), "--wait"]) == 2
+
+
+def test_submit_through_pbs_commands(pbs, tmp_path, capsys):
+    make_stack(tmp_path / "stack.zarr")
+    data = job_dict(tmp_path)
+    expected = reference(tmp_path, data)
+    job_file = _submit_job_file(tmp_path, data)
+    assert main(["submit", str(job_file), "--system", "pbs", "--wait"]) == 0
+    job_id = capsys.readouterr().out.splitlines()[1]
+    assert "#PBS -l select=1:ncpus=2:mem=2000MB" in (tmp_path / "kernels.zarr.batch" / "submit.sh").read_text()
+    assert (tmp_path / "kernels.zarr.batch" / f"submit-{job_id}.exit").read_text().strip() == "0"
+    assert_same_result(tmp_path / "kernels.zarr", expected)
 
 
 def test_a_cancelled_whole_job_is_finished_by_resume(slurm, tmp_path, capsys):
