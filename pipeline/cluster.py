@@ -101,6 +101,7 @@ def batch_options(job: JobConfig) -> dict[str, Any]:
             opts["log_directory"] = str(logs / "logs")
     opts.update(b.options)
     scheduler_options = {"dashboard_address": job.compute.dashboard_address or ":0",
+                         **dict(dask.config.get(f"{section}.scheduler-options", None) or {}),
                          **dict(opts.pop("scheduler_options", None) or {})}
     opts["scheduler_options"] = scheduler_options
     return opts

@@ -137,8 +137,11 @@ def test_dry_run_shows_the_worker_job_script(tmp_path):
 
 
 def test_unset_batch_settings_come_from_the_dask_jobqueue_configuration(tmp_path):
+    import importlib
+
     import dask
-    import dask_jobqueue  # noqa: F401 - its defaults must exist before the override (restored after)
+
+    importlib.import_module("dask_jobqueue")  # its defaults must exist before the override (restored after)
 
     make_stack(tmp_path / "stack.zarr")
     data = job_dict(tmp_path, compute={"batch": {"queue": None, "cores": None, "memory": None,
