@@ -55,6 +55,7 @@ __all__ = [
     "WelchKernel",
     "RatioKernel",
     "KernelConfig",
+    "ModelConfig",
     "OutputConfig",
     "AdaptConfig",
     "BatchConfig",
@@ -76,7 +77,7 @@ LOCAL_SCHEDULERS = ("local", "threads", "synchronous")
 #: Batch systems accepted by ``compute.scheduler`` (workers as batch jobs, through dask-jobqueue).
 BATCH_SYSTEMS = ("slurm", "sge", "pbs", "lsf", "htcondor")
 
-_SECTIONS = ("input", "tiles", "kernel", "output", "compute")
+_SECTIONS = ("input", "tiles", "kernel", "model", "output", "compute")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):[0-9]{1,5}$")
 _CHECKS = "kernelmap_checks"  # error type of the cross-field checks below
 
@@ -284,6 +285,19 @@ KernelConfig = Annotated[
 _KERNEL_ADAPTER: TypeAdapter[Any] = TypeAdapter(KernelConfig)
 
 
+class ModelConfig(BaseModel):
+    """The smooth model of the kernel field fitted to each image's tiles (see :mod:`pipeline.kernel_field`)."""
+
+    model_config = _STRICT
+
+    #: total polynomial degree in (y, x); null: chosen by leave-one-out cross-validation
+    degree: Annotated[Int, Field(ge=0, le=8)] | None = None
+    #: highest degree tried when ``degree`` is null
+    max_degree: Annotated[Int, Field(ge=0, le=8)] = 3
+    #: tiles farther from the model than this many robust standard deviations are rejected
+    clip: Annotated[Float, Field(gt=0)] | Annotated[Int, Field(gt=0)] = 4.0
+
+
 class OutputConfig(BaseModel):
     """The output store."""
 
@@ -393,6 +407,7 @@ class JobConfig(BaseModel):
     input: InputConfig
     tiles: TilesConfig = TilesConfig()
     kernel: KernelConfig = LstsqKernel()
+    model: ModelConfig = ModelConfig()
     output: OutputConfig
     compute: ComputeConfig = ComputeConfig()
 
@@ -412,13 +427,13 @@ class JobConfig(BaseModel):
         """SHA-256 (hex) of everything that changes the result.
 
         That is the input (except ``storage_options``), the tiles, the kernel
-        section and ``output.dtype``; not where the output goes, how it is
-        written, or how the job is computed.
+        and model sections and ``output.dtype``; not where the output goes,
+        how it is written, or how the job is computed.
         """
         data = self.model_dump(mode="json")
         data["input"].pop("storage_options")
         canonical = {"input": data["input"], "tiles": data["tiles"], "kernel": data["kernel"],
-                     "output": {"dtype": data["output"]["dtype"]}}
+                     "model": data["model"], "output": {"dtype": data["output"]["dtype"]}}
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

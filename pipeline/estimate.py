@@ -173,6 +173,12 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
         flags[residual > HIGH_RESIDUAL] |= fl.HIGH_RESIDUAL
     else:
         noise = residual = snr = np.full(n, np.nan)
+    flux = kernels.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore"):
+        flags[flux <= 0] |= fl.NON_POSITIVE_FLUX
+        if kernels.shape[-1] >= 3:
+            border = flux - kernels[:, 1:-1, 1:-1].sum(axis=(1, 2))
+            flags[(flux > 0) & (border > fl.TRUNCATION_FRACTION * flux)] |= fl.KERNEL_TRUNCATED
     moments = adaptive_moments(kernels)
     flags[~moments.converged & ~unusable] |= fl.MOMENTS_FAILED
     centroid_y, centroid_x = plain_centroids(kernels, moments)
@@ -184,7 +190,7 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
         n_valid = (~bad).reshape(n, -1).sum(axis=1)
     return {
         "kernels": kernels,
-        "flux": kernels.sum(axis=(1, 2)),
+        "flux": flux,
         "background": background,
         "residual": residual,
         "noise": noise,

@@ -13,7 +13,8 @@ import numpy as np
 
 __all__ = ["Flag", "FLAGS", "FLAG_DTYPE", "NO_DATA", "NO_SIGNAL", "MASKED",
            "REGULARIZATION_AT_BOUND", "HIGH_RESIDUAL", "OUTLIERS_CLIPPED",
-           "MOMENTS_FAILED", "BAD", "cf_flag_attrs", "describe"]
+           "MOMENTS_FAILED", "KERNEL_TRUNCATED", "NON_POSITIVE_FLUX", "MODEL_OUTLIER", "BAD",
+           "TRUNCATION_FRACTION", "cf_flag_attrs", "describe"]
 
 FLAG_DTYPE = np.uint16
 
@@ -37,10 +38,18 @@ FLAGS: tuple[Flag, ...] = (
     Flag(4, "high_residual", "the fit residual has heavy tails: its RMS exceeds 3 robust standard deviations"),
     Flag(5, "outliers_clipped", "the robust pass excluded outlying target pixels"),
     Flag(6, "moments_failed", "adaptive second moments of the kernel did not converge"),
+    Flag(7, "kernel_truncated", "more than 2 % of the kernel's flux lies on the border of its stamp: "
+                                "the kernel is probably larger than kernel.size"),
+    Flag(8, "non_positive_flux", "the kernel sums to zero or less"),
+    Flag(9, "model_outlier", "far from the smooth kernel-field model fitted to the image's other tiles; "
+                             "left out of that model"),
 )
 
 NO_DATA, NO_SIGNAL, MASKED, REGULARIZATION_AT_BOUND, HIGH_RESIDUAL, OUTLIERS_CLIPPED, \
-    MOMENTS_FAILED = (f.mask for f in FLAGS)
+    MOMENTS_FAILED, KERNEL_TRUNCATED, NON_POSITIVE_FLUX, MODEL_OUTLIER = (f.mask for f in FLAGS)
+
+#: Fraction of a kernel's flux on the border of its stamp above which it is flagged truncated.
+TRUNCATION_FRACTION = 0.02
 
 #: Flags meaning the kernel itself is unusable (it is NaN).
 BAD = NO_DATA | NO_SIGNAL

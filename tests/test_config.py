@@ -59,6 +59,7 @@ def test_minimal_job_dump_shows_every_default():
         "kernel": {"method": "lstsq", "size": 21, "normalize": False, "diagnostics": True,
                    "regularization": "auto",
                    "penalty": "compact", "robust": True, "recentre": True, "clip": 5.0},
+        "model": {"degree": None, "max_degree": 3, "clip": 4.0},
         "output": {"path": "out.zarr", "mode": "create", "dtype": "float32"},
         "compute": {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True,
                     "memory_limit": "auto", "dashboard_address": ":0", "block_tiles": None,
@@ -74,7 +75,7 @@ def test_minimal_job_dump_shows_every_default():
 def test_dump_keeps_section_and_field_order():
     text = dump_job(job(kernel={"method": "welch"}))
     top = [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")]
-    assert top == ["input", "tiles", "kernel", "output", "compute"]
+    assert top == ["input", "tiles", "kernel", "model", "output", "compute"]
     assert list(yaml.safe_load(text)["kernel"]) == list(WelchKernel.model_fields)
     assert list(WelchKernel.model_fields)[:3] == ["method", "size", "normalize"]
 
@@ -234,7 +235,7 @@ def test_all_errors_are_reported_together_with_dotted_paths():
         "a running scheduler ('tcp://host:8786' or 'host:8786')",
         "compute.n_workers: 0 is too small: at least 1",
         "compute.processes: 1 is not a boolean (true or false)",
-        "notes: unknown key; allowed keys: input, tiles, kernel, output, compute",
+        "notes: unknown key; allowed keys: input, tiles, kernel, model, output, compute",
     ]
 
 

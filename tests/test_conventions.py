@@ -193,3 +193,18 @@ def test_inputs_without_bad_pixels_are_not_written(method, dtype):
     km.estimate_kernels(src, tgt, kernel_size=5, method=method)
     np.testing.assert_array_equal(src, before[0])
     np.testing.assert_array_equal(tgt, before[1])
+
+
+@pytest.mark.parametrize("method", ["lstsq", "welch"])
+def test_truncated_and_non_positive_kernels_are_flagged(method):
+    from pipeline.simulate import gaussian_kernel
+
+    rng = np.random.default_rng(5)
+    source = gaussian_filter(rng.normal(size=(3, 128, 128)), 1.0) * 100
+    kernels = [gaussian_kernel(9, fwhm=2.0), gaussian_kernel(9, fwhm=9.0), -gaussian_kernel(9, fwhm=2.0)]
+    target = np.stack([fftconvolve(s, k, mode="same") for s, k in zip(source, kernels)])
+    res = km.estimate_kernels(source, target, kernel_size=9, method=method)
+    truncated = (res.flags & fl.KERNEL_TRUNCATED) != 0
+    negative = (res.flags & fl.NON_POSITIVE_FLUX) != 0
+    assert truncated.tolist() == [False, True, False]
+    assert negative.tolist() == [False, False, True]

@@ -1,0 +1,152 @@
+"""A smooth model of how the kernel varies across an image.
+
+Every kernel pixel is a low-order 2-D polynomial in the tile position,
+``K(y, x) = sum_t c_t P_i(u) P_j(v)`` with Legendre polynomials ``P`` of the
+normalised coordinates ``u = (x - cx) / sx``, ``v = (y - cy) / sy`` (both in
+[-1, 1] over the tile centres) and total degree ``i + j <= degree``.  The
+coefficients come from one weighted least-squares fit over the usable tiles
+(one right-hand side per kernel pixel).  The degree is chosen by exact
+leave-one-out cross-validation (each tile predicted from a fit without it,
+through the hat matrix), or fixed; tiles far from the model are rejected and
+the fit repeated.  Pure NumPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.polynomial import legendre
+
+__all__ = ["KernelField", "fit_kernel_field", "polynomial_terms"]
+
+
+def polynomial_terms(degree: int) -> list[tuple[int, int]]:
+    """``(i, j)`` of the terms ``P_i(u) P_j(v)`` with ``i + j <= degree``, by total degree."""
+    return [(total - j, j) for total in range(degree + 1) for j in range(total + 1)]
+
+
+def _design(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
+    lu, lv = legendre.legvander(u, degree), legendre.legvander(v, degree)
+    return np.stack([lu[:, i] * lv[:, j] for i, j in polynomial_terms(degree)], axis=1)
+
+
+@dataclass(frozen=True)
+class KernelField:
+    """A fitted kernel field: evaluate it anywhere with :meth:`kernel_at`."""
+
+    degree: int
+    coefficients: np.ndarray  #: ``(n_terms, k, k)``, terms in :func:`polynomial_terms` order
+    centre: tuple[float, float]  #: ``(cy, cx)`` of the normalised coordinates
+    scale: tuple[float, float]  #: ``(sy, sx)``
+    used: np.ndarray  #: ``(n,)`` bool: tiles in the final fit
+    rejected: np.ndarray  #: ``(n,)`` bool: usable tiles rejected as far from the model
+    cv_error: float  #: relative RMS error of leave-one-out predictions of the tiles used
+    cv_errors: dict[int, float]  #: the same for every degree tried
+
+    def kernel_at(self, y: np.ndarray | float, x: np.ndarray | float) -> np.ndarray:
+        """Model kernels at positions ``(y, x)`` (input pixel coordinates): ``shape + (k, k)``."""
+        y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+        u = (x.ravel() - self.centre[1]) / self.scale[1]
+        v = (y.ravel() - self.centre[0]) / self.scale[0]
+        k = self.coefficients.shape[-1]
+        values = _design(u, v, self.degree) @ self.coefficients.reshape(len(self.coefficients), -1)
+        return values.reshape(*y.shape, k, k)
+
+
+def _fit(a: np.ndarray, kernels: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least squares; returns coefficients, residuals and leave-one-out residuals."""
+    sw = np.sqrt(w)[:, None]
+    aw = a * sw
+    q, r = np.linalg.qr(aw)
+    coef = np.linalg.solve(r, q.T @ (kernels * sw))
+    resid = kernels - a @ coef
+    leverage = np.einsum("ij,ij->i", q, q)
+    loo = resid / np.maximum(1.0 - leverage, 1e-12)[:, None]
+    return coef, resid, loo
+
+
+def _cv(loo: np.ndarray, kernels: np.ndarray, w: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(w * np.sum(loo**2, axis=1)) / np.sum(w * np.sum(kernels**2, axis=1))))
+
+
+def fit_kernel_field(
+    y: np.ndarray,
+    x: np.ndarray,
+    kernels: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    degree: int | None = None,
+    max_degree: int = 3,
+    clip: float = 4.0,
+    max_iterations: int = 5,
+) -> KernelField:
+    """Fit a smooth polynomial kernel field to per-tile kernels.
+
+    Parameters
+    ----------
+    y, x
+        ``(n,)`` tile centres in input pixel coordinates.
+    kernels
+        ``(n, k, k)`` per-tile kernels; tiles with any NaN are not used.
+    weights
+        ``(n,)`` non-negative, e.g. inverse variances; 0 excludes a tile.  Default: equal.
+    degree
+        Total polynomial degree; ``None`` chooses it by leave-one-out
+        cross-validation among ``0 .. max_degree`` (only degrees with at most
+        half as many terms as usable tiles).
+    clip
+        Tiles whose residual norm exceeds the median by ``clip`` robust
+        standard deviations are rejected and the model refitted (at most
+        ``max_iterations`` times); ``inf`` keeps every tile.
+
+    Returns
+    -------
+    KernelField
+        With the coefficients, the tiles used and rejected, and the
+        cross-validated error.  Raises ``ValueError`` without enough usable tiles.
+    """
+    y = np.asarray(y, dtype=np.float64).ravel()
+    x = np.asarray(x, dtype=np.float64).ravel()
+    kernels = np.asarray(kernels, dtype=np.float64)
+    n, k = len(kernels), kernels.shape[-1]
+    flat = kernels.reshape(n, -1)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).ravel().copy()
+    usable = np.all(np.isfinite(flat), axis=1) & np.isfinite(w) & (w > 0)
+    if usable.sum() < 1:
+        raise ValueError("no usable tile to fit a kernel field to")
+    cy, cx = (y[usable].max() + y[usable].min()) / 2, (x[usable].max() + x[usable].min()) / 2
+    sy = max((y[usable].max() - y[usable].min()) / 2, 1.0)
+    sx = max((x[usable].max() - x[usable].min()) / 2, 1.0)
+    u, v = (x - cx) / sx, (y - cy) / sy
+    if degree is not None and len(polynomial_terms(degree)) > usable.sum():
+        raise ValueError(f"degree {degree} has {len(polynomial_terms(degree))} terms but only "
+                         f"{int(usable.sum())} usable tiles")
+    used = usable.copy()
+    for _ in range(max_iterations + 1):
+        m = int(used.sum())
+        degrees = [degree] if degree is not None else [
+            d for d in range(max_degree + 1) if 2 * len(polynomial_terms(d)) <= m] or [0]
+        errors, fits = {}, {}
+        for d in degrees:
+            a = _design(u[used], v[used], d)
+            fits[d] = _fit(a, flat[used], w[used])
+            errors[d] = _cv(fits[d][2], flat[used], w[used]) if m > len(polynomial_terms(d)) else np.nan
+        best = degree if degree is not None else min(degrees, key=lambda d: np.inf if np.isnan(errors[d])
+                                                     else errors[d])
+        coef, resid, _loo = fits[best]
+        norms = np.sqrt(np.sum(resid**2, axis=1))
+        med = np.median(norms)
+        spread = 1.4826 * np.median(np.abs(norms - med))
+        negligible = 1e-6 * np.median(np.sqrt(np.sum(flat[used] ** 2, axis=1)))  # round-off of an exact fit
+        outliers = (norms > med + clip * spread) & (norms > negligible) if np.isfinite(clip) else \
+            np.zeros(m, bool)
+        if not outliers.any() or m - outliers.sum() < 2 * len(polynomial_terms(best)):
+            break
+        idx = np.flatnonzero(used)
+        used[idx[outliers]] = False
+    return KernelField(
+        degree=int(best), coefficients=coef.reshape(-1, k, k), centre=(float(cy), float(cx)),
+        scale=(float(sy), float(sx)), used=used, rejected=usable & ~used,
+        cv_error=float(errors[best]), cv_errors={int(d): float(e) for d, e in errors.items()},
+    )

@@ -1,0 +1,124 @@
+"""The smooth kernel-field model: exact recovery, cross-validation, noise, outliers, invariances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.kernel_field import fit_kernel_field, polynomial_terms
+from pipeline.simulate import gaussian_kernel
+
+K = 9
+
+
+def grid(n: int = 6, step: float = 256.0, first: float = 127.5) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.meshgrid(first + step * np.arange(n), first + step * np.arange(n), indexing="ij")
+    return y.ravel(), x.ravel()
+
+
+def polynomial_field(y, x, degree: int, seed: int = 0) -> np.ndarray:
+    """Kernels whose every pixel is a random polynomial of total degree ``degree`` in (y, x)."""
+    rng = np.random.default_rng(seed)
+    yn, xn = (y - 700.0) / 900.0, (x - 500.0) / 800.0
+    out = np.zeros((len(y), K, K))
+    for i, j in polynomial_terms(degree):
+        out += (xn**i * yn**j)[:, None, None] * rng.normal(size=(K, K))
+    return out
+
+
+def smooth_gaussian_field(y, x) -> np.ndarray:
+    """A realistic field: width and shape drift smoothly (not exactly polynomial)."""
+    return np.stack([gaussian_kernel(K, fwhm=2.4 + 0.6 * xx / 1536 + 0.3 * (yy / 1536) ** 2,
+                                     e1=0.05 * yy / 1536, e2=0.04 * xx / 1536) for yy, xx in zip(y, x)])
+
+
+def test_terms_by_total_degree():
+    assert polynomial_terms(0) == [(0, 0)]
+    assert polynomial_terms(2) == [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2)]
+    assert len(polynomial_terms(3)) == 10
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_recovers_a_polynomial_field_exactly_and_finds_its_degree(degree):
+    y, x = grid(7)
+    truth = polynomial_field(y, x, degree)
+    field = fit_kernel_field(y, x, truth, max_degree=4)
+    assert field.degree >= degree  # any higher degree also reproduces it exactly
+    assert field.cv_error < 1e-9
+    assert not field.rejected.any() and field.used.all()
+    yq, xq = np.array([10.0, 900.3, 1600.0]), np.array([1500.0, 33.0, 800.5])
+    np.testing.assert_allclose(field.kernel_at(yq, xq), polynomial_field(yq, xq, degree), atol=1e-9)
+    if degree < 4:
+        lower = fit_kernel_field(y, x, truth, degree=max(degree - 1, 0))
+        assert degree == 0 or lower.cv_error > 1e-3
+
+
+def test_leave_one_out_error_equals_refitting_without_each_tile():
+    y, x = grid(5)
+    rng = np.random.default_rng(3)
+    kernels = polynomial_field(y, x, 1) + 0.05 * rng.normal(size=(len(y), K, K))
+    weights = rng.uniform(0.5, 2.0, len(y))
+    field = fit_kernel_field(y, x, kernels, weights=weights, degree=2, clip=np.inf)
+    num = den = 0.0
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        other = fit_kernel_field(y[keep], x[keep], kernels[keep], weights=weights[keep], degree=2, clip=np.inf)
+        err = other.kernel_at(y[i], x[i]) - kernels[i]
+        num += weights[i] * np.sum(err**2)
+        den += weights[i] * np.sum(kernels[i] ** 2)
+    assert field.cv_error == pytest.approx(np.sqrt(num / den), rel=1e-9)
+
+
+def test_the_model_halves_the_error_of_noisy_tiles():
+    y, x = grid(6)
+    truth = smooth_gaussian_field(y, x)
+    rng = np.random.default_rng(7)
+    noisy = truth + 0.004 * rng.normal(size=truth.shape)  # about 5 % relative error per tile
+    field = fit_kernel_field(y, x, noisy)
+    model = field.kernel_at(y, x)
+
+    def err(k):
+        return np.median(np.sqrt(np.sum((k - truth) ** 2, axis=(1, 2)) / np.sum(truth**2, axis=(1, 2))))
+
+    assert err(model) < 0.5 * err(noisy), (err(model), err(noisy), field.degree)
+    assert 1 <= field.degree <= 3
+
+
+def test_a_wild_tile_is_rejected_and_does_not_spoil_the_model():
+    y, x = grid(6)
+    truth = smooth_gaussian_field(y, x)
+    rng = np.random.default_rng(1)
+    tiles = truth + 0.002 * rng.normal(size=truth.shape)
+    tiles[14] = np.roll(truth[14], 3, axis=1) * 1.5  # a bad estimate
+    tiles[20] = np.nan  # an unusable tile
+    field = fit_kernel_field(y, x, tiles)
+    assert field.rejected[14] and not field.used[14]
+    assert not field.used[20] and not field.rejected[20]
+    assert field.rejected.sum() <= 2
+    model = field.kernel_at(y[14], x[14])
+    assert np.sqrt(np.sum((model - truth[14]) ** 2) / np.sum(truth[14] ** 2)) < 0.03
+
+
+def test_too_few_tiles_is_an_error():
+    y, x = grid(2)
+    with pytest.raises(ValueError, match="degree 2 has 6 terms but only 4 usable tiles"):
+        fit_kernel_field(y, x, polynomial_field(y, x, 1), degree=2)
+    with pytest.raises(ValueError, match="no usable tile"):
+        fit_kernel_field(y, x, np.full((4, K, K), np.nan))
+
+
+@settings(max_examples=25)
+@given(shift_y=st.floats(-1e4, 1e4), shift_x=st.floats(-1e4, 1e4), scale=st.floats(0.1, 10.0),
+       seed=st.integers(0, 2**16))
+def test_predictions_do_not_depend_on_the_coordinate_origin_or_unit(shift_y, shift_x, scale, seed):
+    y, x = grid(5)
+    rng = np.random.default_rng(seed)
+    kernels = polynomial_field(y, x, 2, seed) + 0.02 * rng.normal(size=(len(y), K, K))
+    a = fit_kernel_field(y, x, kernels, degree=2)
+    b = fit_kernel_field(shift_y + scale * y, shift_x + scale * x, kernels, degree=2)
+    yq, xq = np.array([5.0, 700.0]), np.array([1200.0, 64.0])
+    np.testing.assert_allclose(b.kernel_at(shift_y + scale * yq, shift_x + scale * xq), a.kernel_at(yq, xq),
+                               rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(a.used, b.used)
