@@ -21,6 +21,10 @@ def __getattr__(name: str):
         from . import config, run
 
         return {"run_job": run.run_job, "plan_job": run.plan_job, "load_job": config.load_job}[name]
+    if name == "KernelMap":  # reading kernel maps needs xarray; importing it registers ds.kernelmap
+        from .maps import KernelMap
+
+        return KernelMap
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 
@@ -29,6 +33,7 @@ __all__ = [
     "run_job",
     "plan_job",
     "load_job",
+    "KernelMap",
     "DEFAULT_METHOD",
     "METHODS",
     "KernelEstimates",

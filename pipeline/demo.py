@@ -500,6 +500,31 @@ def summarise_demo(ds, truth: DemoTruth, *, positions: int = 3) -> str:
             f"{float(truth.fwhm(0, ys[iy], xs[ix])):.2f}), flux {est.sum():.3f} (true {true.sum():.3f}), "
             f"relative L2 error {err:.3f}"
         )
+    if "model_coefficient" in ds:
+        tiles, model = model_against_truth(ds, truth)
+        lines.append("smooth kernel-field model (per epoch: degree, cross-validated error) and its kernels "
+                     "against the truth at the tile centres (median relative L2 error, tiles -> model):")
+        for i, label in enumerate(ds["image"].values):
+            lines.append(f"  {label}: degree {int(ds['model_degree'].values[i])}, CV error "
+                         f"{float(ds['model_cv_error'].values[i]):.3f}; {tiles[i]:.3f} -> {model[i]:.3f}")
     flags = np.asarray(ds["quality_flag"].values)
     lines.append(f"tiles with unusable kernels: {int(np.count_nonzero(flags & 3))} of {flags.size}")
     return "\n".join(lines)
+
+
+def model_against_truth(ds, truth: DemoTruth) -> tuple[np.ndarray, np.ndarray]:
+    """Median relative L2 error against the true kernels at the tile centres, per image:
+    ``(tiles, model)``."""
+    from .maps import KernelMap
+
+    yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
+    tiles = np.asarray(ds["kernel"].values, dtype=np.float64)
+    model = KernelMap(ds).model_kernels().values
+    out = np.zeros((2, len(tiles)))
+    for i in range(len(tiles)):
+        true = np.stack([truth.kernel(i, float(a), float(b)) for a, b in zip(yy.ravel(), xx.ravel())])
+        true = true.reshape(tiles.shape[1:])
+        norm = np.sum(true**2, axis=(-2, -1))
+        for j, est in enumerate((tiles[i], model[i])):
+            out[j, i] = np.nanmedian(np.sqrt(np.sum((est - true) ** 2, axis=(-2, -1)) / norm))
+    return out[0], out[1]

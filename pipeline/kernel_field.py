@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.polynomial import legendre
 
-__all__ = ["KernelField", "fit_kernel_field", "polynomial_terms"]
+__all__ = ["KernelField", "fit_kernel_field", "fit_tiles", "polynomial_terms", "tile_weights"]
 
 
 def polynomial_terms(degree: int) -> list[tuple[int, int]]:
@@ -150,3 +150,44 @@ def fit_kernel_field(
         scale=(float(sy), float(sx)), used=used, rejected=usable & ~used,
         cv_error=float(errors[best]), cv_errors={int(d): float(e) for d, e in errors.items()},
     )
+
+
+def tile_weights(snr: np.ndarray, flux: np.ndarray, cap: float = 10.0) -> np.ndarray:
+    """Inverse-variance-like weights ``(snr / flux)^2`` (a kernel's error scales as flux / snr),
+    capped at ``cap`` times their median so that no tile dominates; equal where unknown."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = (np.asarray(snr, dtype=np.float64) / np.asarray(flux, dtype=np.float64)) ** 2
+    good = np.isfinite(w) & (w > 0)
+    if not good.any():
+        return np.ones(np.shape(w))
+    w = np.where(good, w, np.median(w[good]))
+    return np.minimum(w, cap * np.median(w))
+
+
+def fit_tiles(
+    y: np.ndarray,
+    x: np.ndarray,
+    kernels: np.ndarray,
+    usable: np.ndarray,
+    weights: np.ndarray,
+    **options,
+) -> tuple[KernelField | None, np.ndarray, np.ndarray]:
+    """Fit the field to a grid of tiles: ``(field or None, residual, rejected)``.
+
+    ``y``, ``x`` are the grid's tile centres (1-D), ``kernels`` ``(ny, nx, k, k)``;
+    ``residual`` is each tile's relative L2 difference from the model (NaN
+    where its kernel is), ``rejected`` the tiles left out as outliers.  No
+    model (``None``) when too few tiles are usable.
+    """
+    ny, nx, k, _ = kernels.shape
+    yy, xx = np.meshgrid(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64), indexing="ij")
+    flat = kernels.reshape(-1, k, k).astype(np.float64)
+    w = np.where(np.asarray(usable).ravel(), np.asarray(weights, dtype=np.float64).ravel(), 0.0)
+    try:
+        field = fit_kernel_field(yy.ravel(), xx.ravel(), flat, weights=w, **options)
+    except ValueError:
+        return None, np.full((ny, nx), np.nan), np.zeros((ny, nx), dtype=bool)
+    model = field.kernel_at(yy.ravel(), xx.ravel())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        residual = np.sqrt(np.sum((flat - model) ** 2, axis=(1, 2)) / np.sum(model**2, axis=(1, 2)))
+    return field, residual.reshape(ny, nx), field.rejected.reshape(ny, nx)

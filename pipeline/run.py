@@ -28,12 +28,13 @@ import numpy as np
 
 from . import flags as fl
 from .cluster import WORKER_ENV, connect, worker_job_script
-from .config import JobConfig, dump_job, load_job
+from .config import JobConfig, ModelConfig, dump_job, load_job
 from .errors import OptionError
 from .estimate import estimate_kernels
 from .inputs import InputReader, Inputs, open_inputs
 from .store import (
     DIAGNOSTICS,
+    RECORD_FIELDS,
     StoreLayout,
     block_record,
     completed_blocks,
@@ -41,6 +42,7 @@ from .store import (
     json_attr,
     mark_complete,
     read_attrs,
+    read_kernels,
     read_records,
     remove_store,
     store_exists,
@@ -48,7 +50,9 @@ from .store import (
     stored_block_tiles,
     write_block,
     write_diagnostics,
+    write_model,
 )
+from .kernel_field import fit_tiles, tile_weights
 from .tiles import Block, TileGrid, block_shape_for_chunks
 
 __all__ = ["WORKER_ENV", "Plan", "RunSummary", "plan_job", "run_job"]
@@ -141,8 +145,9 @@ def plan_job(job: JobConfig) -> Plan:
     else:
         block = block_shape_for_chunks(inputs.chunks, job.tiles.size, step)
     grid = TileGrid(ny, nx, job.tiles.size, step, block)
+    model_degree = job.model.degree if job.model.degree is not None else job.model.max_degree
     layout = StoreLayout(grid, np.asarray(inputs.images), dict(inputs.image_attrs), job.kernel.size,
-                         job.output.dtype)
+                         job.output.dtype, model_degree)
     return Plan(job, inputs, grid, layout)
 
 
@@ -206,10 +211,11 @@ def _block_task(plan: Plan, block: Block, store: str):
 
 
 class _ImageDiagnostics:
-    """Gathers block records per image and writes an image's diagnostics once all its blocks are in."""
+    """Gathers block records per image; once all its blocks are in, fits the image's kernel-field
+    model and writes its diagnostics and model."""
 
-    def __init__(self, path: str, grid: TileGrid, done: np.ndarray):
-        self.path, self.grid = path, grid
+    def __init__(self, path: str, grid: TileGrid, done: np.ndarray, model: ModelConfig):
+        self.path, self.grid, self.model = path, grid, model
         self.missing = (~done).sum(axis=(1, 2))
         self.records: dict[int, np.ndarray] = {}
         for image in map(int, np.flatnonzero(done.any(axis=(1, 2)))):  # resumed: records on disk
@@ -226,8 +232,18 @@ class _ImageDiagnostics:
         self._write_if_complete(image)
 
     def _write_if_complete(self, image: int) -> None:
-        if self.missing[image] == 0:
-            write_diagnostics(self.path, image, self.records.pop(image))
+        if self.missing[image] != 0:
+            return
+        records = self.records.pop(image)
+        field = {name: records[..., i] for i, name in enumerate(RECORD_FIELDS)}
+        kernels = read_kernels(self.path, image)
+        usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & (field["quality_flag"].astype(np.int64) & fl.BAD == 0)
+        model, residual, rejected = fit_tiles(
+            self.grid.centres_y, self.grid.centres_x, kernels, usable, tile_weights(field["snr"], field["flux"]),
+            degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
+        )
+        write_diagnostics(self.path, image, records, extra_flags=np.where(rejected, fl.MODEL_OUTLIER, 0))
+        write_model(self.path, image, model, residual)
 
 
 def _check_output(plan: Plan, attrs: dict[str, Any]) -> str:
@@ -360,7 +376,7 @@ def run_job(
         pending = [b for b in blocks if not done[b.image, b.by, b.bx]]
         skipped_tiles = sum(b.n_tiles for b in blocks if done[b.image, b.by, b.bx])
         bar = _Progress(sum(b.n_tiles for b in pending), log, progress)
-        diagnostics = _ImageDiagnostics(job.output.path, plan.grid, done)
+        diagnostics = _ImageDiagnostics(job.output.path, plan.grid, done, job.model)
 
         def finished(block: Block, result: dict[str, Any]) -> None:
             nonlocal flagged

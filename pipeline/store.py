@@ -30,13 +30,15 @@ import zarr
 
 from . import flags as fl
 from .errors import OptionError
+from .kernel_field import KernelField, polynomial_terms
 from .tiles import Block, TileGrid
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["DIAGNOSTICS", "RECORD_FIELDS", "StoreLayout", "block_record", "create_store",
-           "completed_blocks", "read_records", "stored_block_tiles", "write_block", "write_diagnostics", "mark_complete",
+__all__ = ["DIAGNOSTICS", "MODEL_VARIABLES", "RECORD_FIELDS", "StoreLayout", "block_record", "create_store",
+           "completed_blocks", "read_kernels", "read_records", "stored_block_tiles", "write_block",
+           "write_diagnostics", "write_model", "mark_complete",
            "store_exists", "remove_store"]
 
 STATUS_GROUP = "status"
@@ -71,6 +73,20 @@ DIAGNOSTICS: dict[str, tuple[str, dict[str, str]]] = {
                                 "flag_descriptions": fl.cf_flag_attrs()["flag_descriptions"]}),
 }
 
+#: Per-image scalars of the kernel-field model: name -> (dtype, fill value, attributes).
+MODEL_VARIABLES: dict[str, tuple[str, Any, dict[str, str]]] = {
+    "model_degree": ("int8", -1, {"long_name": "total polynomial degree of the kernel-field model "
+                                                "(-1: no model, too few usable tiles)"}),
+    "model_cv_error": ("float64", np.nan, {
+        "long_name": "leave-one-out cross-validated error of the kernel-field model: relative RMS "
+                     "difference between each used tile's kernel and the model fitted without it",
+        "units": "1"}),
+    "model_centre_y": ("float64", np.nan, {"long_name": "centre of the model's v coordinate", "units": "pixel"}),
+    "model_centre_x": ("float64", np.nan, {"long_name": "centre of the model's u coordinate", "units": "pixel"}),
+    "model_scale_y": ("float64", np.nan, {"long_name": "scale of the model's v coordinate", "units": "pixel"}),
+    "model_scale_x": ("float64", np.nan, {"long_name": "scale of the model's u coordinate", "units": "pixel"}),
+}
+
 #: Fields of a block record, in order: ``written`` (1 once the block is stored), then the diagnostics.
 RECORD_FIELDS: tuple[str, ...] = ("written", *DIAGNOSTICS)
 
@@ -84,6 +100,7 @@ class StoreLayout:
     image_attrs: dict[str, Any]
     kernel_size: int
     dtype: str  # float32 or float64
+    model_degree: int = 3  # highest degree of the kernel-field model: its number of terms
 
     @property
     def n_images(self) -> int:
@@ -106,6 +123,10 @@ def _coordinates(layout: StoreLayout, attrs: dict[str, Any]) -> xr.Dataset:
               {"long_name": "tile centre column in input pixel coordinates", "units": "pixel"}),
         "ky": ("ky", np.arange(-h, h + 1), {"long_name": "kernel row offset", "units": "pixel"}),
         "kx": ("kx", np.arange(-h, h + 1), {"long_name": "kernel column offset", "units": "pixel"}),
+        "term": ("term", np.array([f"P{i}(u)P{j}(v)" for i, j in polynomial_terms(layout.model_degree)],
+                                  dtype=object),
+                 {"long_name": "term of the kernel-field model: Legendre polynomials P_i, P_j of "
+                               "u = (x - model_centre_x) / model_scale_x, v = (y - model_centre_y) / model_scale_y"}),
     }
     return xr.Dataset(coords=coords, attrs=attrs)
 
@@ -130,6 +151,23 @@ def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
             fill_value=np.nan if kind == "float" else 0, dimension_names=("image", "y", "x"),
             attributes=_json_ready({**var_attrs, **extra}),
         )
+    n_terms = len(polynomial_terms(layout.model_degree))
+    group.create_array(
+        "model_coefficient", shape=(n, n_terms, k, k), chunks=(1, n_terms, k, k), dtype="float64",
+        fill_value=np.nan, dimension_names=("image", "term", "ky", "kx"),
+        attributes={"long_name": "coefficients of the smooth kernel-field model: kernel(y, x) = "
+                                 "sum over term of model_coefficient * term(u, v); NaN for terms above "
+                                 "model_degree"},
+    )
+    for name, (dtype, fill, var_attrs) in MODEL_VARIABLES.items():
+        group.create_array(name, shape=(n,), chunks=(n,), dtype=dtype, fill_value=fill,
+                           dimension_names=("image",), attributes=var_attrs)
+    group.create_array(
+        "model_residual", shape=(n, ty, tx), chunks=(1, ty, tx), dtype=layout.dtype, fill_value=np.nan,
+        dimension_names=("image", "y", "x"),
+        attributes={"long_name": "L2 norm of (tile kernel - model kernel) over that of the model kernel, "
+                                 "at the tile centre", "units": "1"},
+    )
     group.create_group(STATUS_GROUP).create_array(
         RECORDS_ARRAY, shape=(n, ty, tx, len(RECORD_FIELDS)), chunks=(1, by, bx, len(RECORD_FIELDS)),
         dtype="float64", fill_value=np.nan, dimension_names=("image", "y", "x", "field"),
@@ -273,16 +311,45 @@ def write_block(path: str, block: Block, kernels: np.ndarray, record: np.ndarray
     arrays[f"{STATUS_GROUP}/{RECORDS_ARRAY}"][region] = record
 
 
-def write_diagnostics(path: str, image: int, records: np.ndarray) -> None:
-    """Copy one image's ``(y, x, field)`` records into the diagnostic variables."""
+def write_diagnostics(path: str, image: int, records: np.ndarray, extra_flags: np.ndarray | None = None) -> None:
+    """Copy one image's ``(y, x, field)`` records into the diagnostic variables.
+
+    ``extra_flags`` ``(y, x)`` are OR-ed into ``quality_flag`` (flags decided per image).
+    """
     path = _location(path)
     group = zarr.open_group(path, mode="r+")
     for i, name in enumerate(DIAGNOSTICS, start=1):
         arr = group[name]
         values = records[..., i]
         if arr.dtype.kind != "f":
-            values = np.nan_to_num(values, nan=0.0)
+            values = np.nan_to_num(values, nan=0.0).astype(arr.dtype)
+        if name == "quality_flag" and extra_flags is not None:
+            values = values | extra_flags.astype(arr.dtype)
         arr[image] = values.astype(arr.dtype)
+
+
+def read_kernels(path: str, image: int) -> np.ndarray:
+    """``(y, x, ky, kx)`` kernels of one image."""
+    return np.asarray(zarr.open_group(_location(path), mode="r")["kernel"][image])
+
+
+def write_model(path: str, image: int, field: KernelField | None, residual: np.ndarray) -> None:
+    """Store one image's kernel-field model (``None``: no model could be fitted) and per-tile residual."""
+    path = _location(path)
+    group = zarr.open_group(path, mode="r+")
+    coef = group["model_coefficient"]
+    values = np.full(coef.shape[1:], np.nan)
+    scalars: dict[str, Any] = {"model_degree": -1}
+    if field is not None:
+        values[: len(field.coefficients)] = field.coefficients
+        scalars = {"model_degree": field.degree, "model_cv_error": field.cv_error,
+                   "model_centre_y": field.centre[0], "model_centre_x": field.centre[1],
+                   "model_scale_y": field.scale[0], "model_scale_x": field.scale[1]}
+    coef[image] = values
+    for name, value in scalars.items():
+        group[name][image] = value
+    arr = group["model_residual"]
+    arr[image] = residual.astype(arr.dtype)
 
 
 def mark_complete(path: str, attrs: dict[str, Any] | None = None) -> None:

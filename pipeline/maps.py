@@ -1,0 +1,127 @@
+"""Reading kernel maps: per-tile measurements and the smooth kernel-field model, anywhere.
+
+>>> km = KernelMap.open("kernels.zarr")
+>>> km.kernel_at("epoch-1", y=1000.0, x=2500.5)       # (k, k) model kernel there
+>>> ds = km.ds; ds.kernelmap.fwhm_map(model=True)     # the same through the xarray accessor
+
+Importing this module (or ``pipeline.KernelMap``) registers the ``kernelmap``
+accessor on :class:`xarray.Dataset`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from . import flags as fl
+from .kernel_field import KernelField, polynomial_terms
+from .moments import adaptive_moments
+
+__all__ = ["KernelMap", "KernelMapAccessor"]
+
+
+class KernelMap:
+    """A kernel-map Dataset (as written by ``kernelmap run``) with its analysis verbs."""
+
+    def __init__(self, ds: xr.Dataset):
+        missing = [name for name in ("kernel", "model_coefficient", "model_degree") if name not in ds]
+        if missing:
+            raise ValueError(f"not a kernelmap kernel map: no {', '.join(missing)} in the dataset")
+        self.ds = ds
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], **kwargs: Any) -> KernelMap:
+        """Open a kernel-map store (lazily, with :func:`xarray.open_zarr`)."""
+        return cls(xr.open_zarr(path, **kwargs))
+
+    def image_index(self, image: Any) -> int:
+        """Position of ``image``: a label of the ``image`` coordinate, else an integer position."""
+        labels = list(self.ds["image"].values)
+        if image in labels:
+            return labels.index(image)
+        if isinstance(image, (int, np.integer)) and -len(labels) <= int(image) < len(labels):
+            return int(image) % len(labels)
+        raise KeyError(f"image {image!r} is neither a label ({', '.join(map(str, labels[:5]))}"
+                       f"{' ...' if len(labels) > 5 else ''}) nor a position below {len(labels)}")
+
+    def field(self, image: Any) -> KernelField | None:
+        """The stored kernel-field model of one image (``None`` where none could be fitted)."""
+        i = self.image_index(image)
+        ds = self.ds
+        degree = int(ds["model_degree"].values[i])
+        if degree < 0:
+            return None
+        n_terms = len(polynomial_terms(degree))
+        flags = np.asarray(ds["quality_flag"].values[i]).astype(np.int64)
+        rejected = (flags & fl.MODEL_OUTLIER) != 0
+        used = np.isfinite(np.asarray(ds["model_residual"].values[i])) & ~rejected
+        return KernelField(
+            degree=degree,
+            coefficients=np.asarray(ds["model_coefficient"].values[i, :n_terms], dtype=np.float64),
+            centre=(float(ds["model_centre_y"].values[i]), float(ds["model_centre_x"].values[i])),
+            scale=(float(ds["model_scale_y"].values[i]), float(ds["model_scale_x"].values[i])),
+            used=used.ravel(), rejected=rejected.ravel(),
+            cv_error=float(ds["model_cv_error"].values[i]), cv_errors={},
+        )
+
+    def kernel_at(self, image: Any, y: Any, x: Any) -> np.ndarray:
+        """Model kernel(s) of ``image`` at input pixel position(s) ``(y, x)``: ``shape + (k, k)``."""
+        field = self.field(image)
+        if field is None:
+            k = self.ds.sizes["ky"]
+            return np.full(np.broadcast(np.asarray(y), np.asarray(x)).shape + (k, k), np.nan)
+        return field.kernel_at(y, x)
+
+    def model_kernels(self) -> xr.DataArray:
+        """The model's kernels at every tile centre, like ``kernel``."""
+        yy, xx = np.meshgrid(self.ds["y"].values, self.ds["x"].values, indexing="ij")
+        values = np.stack([self.kernel_at(i, yy, xx) for i in range(self.ds.sizes["image"])])
+        return xr.DataArray(values, coords=self.ds["kernel"].coords, dims=self.ds["kernel"].dims,
+                            name="model_kernel",
+                            attrs={"long_name": "kernel of the smooth kernel-field model at the tile centre"})
+
+    def _shape_map(self, name: str, model: bool) -> xr.DataArray:
+        if not model:
+            return self.ds[name]
+        kernels = self.model_kernels()
+        flat = np.asarray(kernels.values).reshape(-1, *kernels.shape[-2:])
+        moments = adaptive_moments(flat)
+        values = np.asarray(getattr(moments, name)).reshape(kernels.shape[:-2])
+        return xr.DataArray(values, coords=self.ds[name].coords, dims=self.ds[name].dims, name=f"model_{name}",
+                            attrs={**self.ds[name].attrs, "source": "the smooth kernel-field model"})
+
+    def fwhm_map(self, model: bool = False) -> xr.DataArray:
+        """FWHM per tile (pixels): measured, or of the model's kernel with ``model=True``."""
+        return self._shape_map("fwhm", model)
+
+    def ellipticity_map(self, model: bool = False) -> xr.DataArray:
+        """|e| per tile: measured, or of the model's kernel with ``model=True``."""
+        return self._shape_map("ellipticity", model)
+
+
+@xr.register_dataset_accessor("kernelmap")
+class KernelMapAccessor:
+    """``ds.kernelmap``: the :class:`KernelMap` verbs on a kernel-map Dataset."""
+
+    def __init__(self, ds: xr.Dataset):
+        self._ds = ds
+
+    @property
+    def map(self) -> KernelMap:
+        return KernelMap(self._ds)
+
+    def kernel_at(self, y: Any, x: Any, image: Any = 0) -> np.ndarray:
+        """Model kernel(s) at ``(y, x)`` of ``image`` (a label or position; default the first)."""
+        return self.map.kernel_at(image, y, x)
+
+    def model_kernels(self) -> xr.DataArray:
+        return self.map.model_kernels()
+
+    def fwhm_map(self, model: bool = False) -> xr.DataArray:
+        return self.map.fwhm_map(model)
+
+    def ellipticity_map(self, model: bool = False) -> xr.DataArray:
+        return self.map.ellipticity_map(model)

@@ -1,0 +1,86 @@
+"""Kernel maps as written by a run: the stored kernel-field model, KernelMap and ds.kernelmap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import pipeline
+from pipeline import flags as fl
+from pipeline.demo import demo_job, model_against_truth, write_demo_stack
+from pipeline.kernel_field import fit_tiles, tile_weights
+from pipeline.run import run_job
+
+
+@pytest.fixture(scope="module")
+def demo_map(tmp_path_factory):
+    """The demo job (3 epochs of 768x768, 6x6 tiles of 128) run in threads."""
+    folder = tmp_path_factory.mktemp("demo")
+    job = demo_job(folder, ["compute.scheduler=threads"])
+    truth = write_demo_stack(job.input.path, n_images=3, size=768, kernel_size=job.kernel.size)
+    run_job(job, progress=False)
+    return pipeline.KernelMap.open(job.output.path), truth
+
+
+def test_the_model_is_closer_to_the_truth_than_the_tiles(demo_map):
+    km, truth = demo_map
+    tiles, model = model_against_truth(km.ds, truth)
+    assert np.all(model < 0.8 * tiles), (tiles, model)
+    assert np.all(km.ds["model_degree"].values >= 1)
+    cv = km.ds["model_cv_error"].values
+    assert np.all(np.isfinite(cv)) and np.all(cv < 0.2)
+
+
+def test_stored_model_is_the_fit_of_the_stored_tiles(demo_map):
+    km, _ = demo_map
+    ds = km.ds
+    for i in range(ds.sizes["image"]):
+        kernels = ds["kernel"].values[i].astype(np.float64)
+        usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & ((ds["quality_flag"].values[i] & fl.BAD) == 0)
+        field, residual, rejected = fit_tiles(ds["y"].values, ds["x"].values, kernels, usable,
+                                              tile_weights(ds["snr"].values[i], ds["flux"].values[i]))
+        stored = km.field(ds["image"].values[i])
+        assert stored.degree == field.degree
+        # the run weighted the tiles with snr and flux before they were stored as float32
+        np.testing.assert_allclose(stored.coefficients, field.coefficients, rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(ds["model_residual"].values[i], residual, rtol=1e-3)
+        np.testing.assert_array_equal((ds["quality_flag"].values[i] & fl.MODEL_OUTLIER) != 0, rejected)
+
+
+def test_kernel_at_through_the_class_and_the_accessor(demo_map):
+    km, truth = demo_map
+    ds = km.ds
+    label = ds["image"].values[1]
+    y, x = np.array([50.0, 400.25, 700.0]), np.array([700.0, 10.0, 383.5])
+    kernels = km.kernel_at(label, y, x)
+    assert kernels.shape == (3, 15, 15)
+    np.testing.assert_array_equal(ds.kernelmap.kernel_at(y=y, x=x, image=label), kernels)
+    np.testing.assert_array_equal(km.kernel_at(1, y, x), kernels)  # a position works too
+    # at a tile centre the model is the smooth version of that tile
+    centre = km.kernel_at(label, float(ds["y"][2]), float(ds["x"][3]))
+    tile = ds["kernel"].values[1, 2, 3]
+    assert np.linalg.norm(centre - tile) / np.linalg.norm(centre) == pytest.approx(
+        float(ds["model_residual"].values[1, 2, 3]), rel=1e-5)
+    true = truth.kernel(1, 700.0, 383.5)  # between tile centres
+    assert np.linalg.norm(kernels[2] - true) / np.linalg.norm(true) < 0.1
+    with pytest.raises(KeyError, match="neither a label"):
+        km.kernel_at("no-such-epoch", 1.0, 1.0)
+
+
+def test_fwhm_maps_measured_and_modelled(demo_map):
+    km, truth = demo_map
+    ds = km.ds
+    measured = ds.kernelmap.fwhm_map()
+    modelled = ds.kernelmap.fwhm_map(model=True)
+    assert modelled.dims == measured.dims == ("image", "y", "x")
+    yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
+    true = np.stack([truth.fwhm(i, yy, xx) for i in range(ds.sizes["image"])])
+    assert np.median(np.abs(modelled.values / true - 1)) <= np.median(np.abs(measured.values / true - 1)) + 0.01
+    assert isinstance(ds.kernelmap.ellipticity_map(model=True), xr.DataArray)
+
+
+def test_a_dataset_without_a_model_is_refused(tmp_path):
+    ds = xr.Dataset({"kernel": (("image", "y", "x", "ky", "kx"), np.zeros((1, 1, 1, 3, 3)))})
+    with pytest.raises(ValueError, match="not a kernelmap kernel map: no model_coefficient, model_degree"):
+        ds.kernelmap.kernel_at(y=0.0, x=0.0)
