@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 from . import flags as fl
 from .diagnostics import plain_centroids, residual_statistics
 from .gram import fit_region
-from .moments import adaptive_moments
+from .moments import FWHM_PER_SIGMA, adaptive_moments
 from .errors import InputError, OptionError
 from .lstsq import lstsq_kernels
 from .ratio import ratio_kernels
@@ -73,9 +73,12 @@ class KernelEstimates:
     centroid_y: np.ndarray
     centroid_x: np.ndarray
     fwhm: np.ndarray
+    size: np.ndarray  #: ``det(M)^(1/4)`` in pixels: the sigma of a round Gaussian (fwhm / 2.3548)
     e1: np.ndarray
     e2: np.ndarray
     ellipticity: np.ndarray
+    #: angle of the major axis from +x towards +y, degrees in (-90, 90]: ``atan2(e2, e1) / 2``
+    position_angle: np.ndarray
     regularization: np.ndarray  #: dimensionless ``lam`` used (lstsq; geometric mean over penalty terms), else NaN
     n_valid: np.ndarray  #: target pixels fitted (lstsq) or kept segments (welch)
     flags: np.ndarray  #: quality bits, see :mod:`pipeline.flags`
@@ -198,9 +201,11 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
         "centroid_y": centroid_y,
         "centroid_x": centroid_x,
         "fwhm": moments.fwhm,
+        "size": moments.fwhm / FWHM_PER_SIGMA,
         "e1": moments.e1,
         "e2": moments.e2,
         "ellipticity": moments.ellipticity,
+        "position_angle": 0.5 * np.degrees(np.arctan2(moments.e2, moments.e1)),
         "regularization": out.get("lam", np.full(n, np.nan)),
         "n_valid": np.asarray(n_valid, dtype=np.int64),
         "flags": flags,

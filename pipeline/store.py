@@ -61,10 +61,14 @@ DIAGNOSTICS: dict[str, tuple[str, dict[str, str]]] = {
                                           "(adaptive moments)", "units": "pixel"}),
     "fwhm": ("float", {"long_name": "kernel FWHM from Gaussian-weighted adaptive second moments, "
                                     "2 sqrt(2 ln 2) det(M)^(1/4)", "units": "pixel"}),
+    "size": ("float", {"long_name": "kernel size det(M)^(1/4) from adaptive second moments (the sigma of "
+                                    "a round Gaussian)", "units": "pixel"}),
     "e1": ("float", {"long_name": "kernel ellipticity (Mxx - Myy) / (Mxx + Myy)", "units": "1"}),
     "e2": ("float", {"long_name": "kernel ellipticity 2 Mxy / (Mxx + Myy)", "units": "1"}),
     "ellipticity": ("float", {"long_name": "kernel ellipticity |e| = (a^2 - b^2) / (a^2 + b^2)",
                               "units": "1"}),
+    "position_angle": ("float", {"long_name": "position angle of the kernel's major axis, from +x towards +y: "
+                                              "atan2(e2, e1) / 2", "units": "degree"}),
     "regularization": ("float", {"long_name": "dimensionless regularisation strength used "
                                               "(geometric mean over penalty terms; NaN if none)",
                                  "units": "1"}),

@@ -208,3 +208,24 @@ def test_truncated_and_non_positive_kernels_are_flagged(method):
     negative = (res.flags & fl.NON_POSITIVE_FLUX) != 0
     assert truncated.tolist() == [False, True, False]
     assert negative.tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize(("e1", "e2", "angle"), [(0.2, 0.0, 0.0), (0.0, 0.2, 45.0), (-0.2, 0.0, 90.0),
+                                                 (0.0, -0.2, -45.0), (0.1, 0.1, 22.5)])
+def test_position_angle_and_size_of_gaussian_kernels(e1, e2, angle):
+    """Analytic truths: the major axis angle from +x towards +y; rotating by 90 degrees turns only the angle."""
+    from pipeline.simulate import gaussian_kernel
+
+    rng = np.random.default_rng(9)
+    source = gaussian_filter(rng.normal(size=(2, 160, 160)), 1.0) * 100
+    kern = gaussian_kernel(15, fwhm=3.5, e1=e1, e2=e2)
+    turned = np.rot90(kern)  # a quarter turn of the image plane
+    target = np.stack([fftconvolve(source[0], kern, mode="same"), fftconvolve(source[1], turned, mode="same")])
+    res = km.estimate_kernels(source, target, kernel_size=15)
+    got = res.position_angle[0]
+    assert abs((got - angle + 90) % 180 - 90) < 0.5
+    assert res.size[0] == pytest.approx(res.fwhm[0] / 2.3548200450309493, rel=1e-12)
+    assert res.fwhm[0] == pytest.approx(3.5, rel=0.02)
+    assert abs((res.position_angle[1] - got) % 180 - 90) < 0.5  # quarter turn: +-90 degrees
+    assert res.ellipticity[1] == pytest.approx(res.ellipticity[0], abs=2e-3)
+    assert res.fwhm[1] == pytest.approx(res.fwhm[0], rel=2e-3)
