@@ -1,4 +1,4 @@
-"""The ``kernelmap`` command: ``run``, ``submit``, ``config`` and ``demo``."""
+"""The ``kernelmap`` command: ``run``, ``submit``, ``config``, ``report``, ``compare`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
         submit.add_argument(flag, dest=key, metavar=flag[2:].upper(), help=f"{what} (sets {key})")
     submit.add_argument("--print", action="store_true", help="print the batch script and exit; submit nothing")
     submit.add_argument("--wait", action="store_true", help="follow the job to its end; exit with its status")
+    report = sub.add_parser("report", help="figures and an index.html of a kernel map")
+    report.add_argument("store", help="kernel-map store written by kernelmap run")
+    report.add_argument("--out", help="folder for the figures (default: STORE.report)")
+    report.add_argument("--max-images", type=int, default=8, help="images given panels (the first ones)")
+    compare = sub.add_parser("compare", help="per-tile differences B - A of two kernel maps")
+    compare.add_argument("a", help="kernel map A")
+    compare.add_argument("b", help="kernel map B")
+    compare.add_argument("--out", default="kernelmap-compare", help="folder for compare.zarr and compare.png")
     demo = sub.add_parser("demo", help="write the built-in demo stack, run the demo job, summarise")
     demo.add_argument("--dir", default="demo-output", help="folder for the demo stack and result")
     demo.add_argument("--images", type=int, default=3, help="epochs in the demo stack")
@@ -75,6 +83,31 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return wait_for_job(submission) if args.wait else 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    index = write_report(args.store, args.out, max_images=args.max_images)
+    print(f"report: {index}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .compare import write_comparison
+
+    store, figure = write_comparison(args.a, args.b, args.out)
+    import xarray as xr
+
+    diff = xr.open_zarr(store)
+    for name in ("fwhm", "ellipticity", "flux", "kernel_difference"):
+        if name in diff:
+            values = np.asarray(diff[name].values, dtype=float)
+            print(f"{name:>18}: median {np.nanmedian(values):+.4g}, max |.| {np.nanmax(np.abs(values)):.4g}")
+    print(f"differences: {store}; figure: {figure}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from .config import dump_job, load_job
 
@@ -94,13 +127,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                              kernel_size=job.kernel.size, overwrite=True)
     summary = run_job(job)
     print(summarise_demo(summary.open_dataset(), truth))
+    from .report import write_report
+
+    print(f"report (open it in a browser): {write_report(summary.path, folder / 'report')}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kernelmap`` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"run": _cmd_run, "config": _cmd_config, "submit": _cmd_submit, "demo": _cmd_demo}
+    handlers = {"run": _cmd_run, "config": _cmd_config, "submit": _cmd_submit, "report": _cmd_report,
+                "compare": _cmd_compare, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
     except KernelmapError as exc:

@@ -96,9 +96,10 @@ def fit_kernel_field(
         cross-validation among ``0 .. max_degree`` (only degrees with at most
         half as many terms as usable tiles).
     clip
-        Tiles whose residual norm exceeds the median by ``clip`` robust
-        standard deviations are rejected and the model refitted (at most
-        ``max_iterations`` times); ``inf`` keeps every tile.
+        Tiles whose weighted residual norm (``sqrt(weight) * |residual|``)
+        exceeds the median by ``clip`` robust standard deviations are
+        rejected and the model refitted (at most ``max_iterations`` times);
+        ``inf`` keeps every tile.
 
     Returns
     -------
@@ -135,10 +136,10 @@ def fit_kernel_field(
         best = degree if degree is not None else min(degrees, key=lambda d: np.inf if np.isnan(errors[d])
                                                      else errors[d])
         coef, resid, _loo = fits[best]
-        norms = np.sqrt(np.sum(resid**2, axis=1))
+        norms = np.sqrt(w[used] * np.sum(resid**2, axis=1))  # in units of each tile's expected error
         med = np.median(norms)
         spread = 1.4826 * np.median(np.abs(norms - med))
-        negligible = 1e-6 * np.median(np.sqrt(np.sum(flat[used] ** 2, axis=1)))  # round-off of an exact fit
+        negligible = 1e-6 * np.median(np.sqrt(w[used] * np.sum(flat[used] ** 2, axis=1)))  # round-off
         outliers = (norms > med + clip * spread) & (norms > negligible) if np.isfinite(clip) else \
             np.zeros(m, bool)
         if not outliers.any() or m - outliers.sum() < 2 * len(polynomial_terms(best)):

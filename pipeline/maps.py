@@ -26,16 +26,17 @@ __all__ = ["KernelMap", "KernelMapAccessor"]
 class KernelMap:
     """A kernel-map Dataset (as written by ``kernelmap run``) with its analysis verbs."""
 
-    def __init__(self, ds: xr.Dataset):
+    def __init__(self, ds: xr.Dataset, path: str | None = None):
         missing = [name for name in ("kernel", "model_coefficient", "model_degree") if name not in ds]
         if missing:
             raise ValueError(f"not a kernelmap kernel map: no {', '.join(missing)} in the dataset")
         self.ds = ds
+        self.path = path  #: the store it was opened from, if any
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], **kwargs: Any) -> KernelMap:
         """Open a kernel-map store (lazily, with :func:`xarray.open_zarr`)."""
-        return cls(xr.open_zarr(path, **kwargs))
+        return cls(xr.open_zarr(path, **kwargs), os.fspath(path))
 
     def image_index(self, image: Any) -> int:
         """Position of ``image``: a label of the ``image`` coordinate, else an integer position."""

@@ -187,7 +187,8 @@ def _json_ready(attrs: dict[str, Any]) -> dict[str, Any]:
             for key, value in attrs.items()}
 
 
-def _consolidate(path: str) -> None:
+def consolidate(path: str) -> None:
+    """Write consolidated metadata (what xarray reads first)."""
     with warnings.catch_warnings():
         # consolidated metadata is not yet part of the Zarr v3 specification;
         # xarray reads it, and without it every plain open_zarr warns
@@ -233,7 +234,7 @@ def create_store(path: str, layout: StoreLayout, attrs: dict[str, Any]) -> None:
                                "kernelmap_store_id": uuid.uuid4().hex})
     ds.to_zarr(path, mode="w-", consolidated=False, zarr_format=3)
     _create_variables(zarr.open_group(path, mode="r+"), layout)
-    _consolidate(path)
+    consolidate(path)
 
 
 def read_attrs(path: str) -> dict[str, Any]:
@@ -361,7 +362,7 @@ def mark_complete(path: str, attrs: dict[str, Any] | None = None) -> None:
     path = _location(path)
     group = zarr.open_group(path, mode="r+")
     group.attrs.update({**(attrs or {}), "kernelmap_status": "complete"})
-    _consolidate(path)
+    consolidate(path)
 
 
 def json_attr(value: Any) -> str:

@@ -84,3 +84,88 @@ def test_a_dataset_without_a_model_is_refused(tmp_path):
     ds = xr.Dataset({"kernel": (("image", "y", "x", "ky", "kx"), np.zeros((1, 1, 1, 3, 3)))})
     with pytest.raises(ValueError, match="not a kernelmap kernel map: no model_coefficient, model_degree"):
         ds.kernelmap.kernel_at(y=0.0, x=0.0)
+
+
+# --------------------------------------------------------------------------- report and compare
+
+
+def test_report_figures_carry_their_panels_and_titles(demo_map):
+    from pipeline.report import FIGURES, figures
+
+    km, _ = demo_map
+    ds = km.ds.load()
+    figs = figures(ds)
+    assert set(figs) == {"kernels-0", "kernels-1", "kernels-2", *FIGURES}
+    labels = [f"image {v}" for v in ds["image"].values]
+    for stem in ("fwhm", "flux", "background", "residual", "ellipticity", "flags"):
+        fig = figs[stem]
+        assert fig._suptitle.get_text().startswith(FIGURES[stem])
+        titles = [ax.get_title() for ax in fig.axes]
+        assert all(label in titles for label in labels), (stem, titles)
+    colorbar_labels = [ax.get_ylabel() for ax in figs["fwhm"].axes]
+    assert "fwhm (pixel)" in colorbar_labels
+    assert figs["kernels-1"].axes[0].get_title() == f"Kernels across the field, {labels[1]}"
+    assert [ax.get_ylabel() for ax in figs["trends"].axes] == ["median FWHM (pixel)", "median |e|",
+                                                                "median flux scale"]
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_report_command_writes_pngs_and_an_index(demo_map, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    from pipeline.cli import main
+
+    km, _ = demo_map
+    out = tmp_path / "report"
+    assert main(["report", _store_path(km), "--out", str(out)]) == 0
+    assert f"report: {out / 'index.html'}" in capsys.readouterr().out
+    index = (out / "index.html").read_text()
+    for stem in ("fwhm", "ellipticity", "flux", "background", "residual", "flags", "trends", "kernels-0"):
+        image = imread(out / f"{stem}.png")
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+        assert f'<img src="{stem}.png"' in index
+    assert index.count("<tr>") == 1 + km.ds.sizes["image"]  # header + one row per image
+    assert "epoch-2" in index and "model CV error" in index
+
+
+def _store_path(km) -> str:
+    return km.path
+
+
+def test_compare_gives_per_tile_differences(demo_map, tmp_path):
+    from pipeline.compare import compare_maps
+
+    km, _ = demo_map
+    a = km.ds.load()
+    same = compare_maps(a, a)
+    assert float(np.nanmax(np.abs(same["fwhm"].values))) == 0.0
+    assert float(np.nanmax(same["kernel_difference"].values)) == 0.0
+    b = a.copy()
+    b["fwhm"] = a["fwhm"] + 0.25
+    b["kernel"] = a["kernel"] * 1.1
+    diff = compare_maps(a, b)
+    np.testing.assert_allclose(diff["fwhm"].values, 0.25, rtol=1e-6)
+    np.testing.assert_allclose(diff["kernel_difference"].values, 0.1, rtol=1e-5)
+    single = compare_maps(a, b.isel(image=[1]))  # every image of A against the one of B
+    np.testing.assert_allclose(single["flux"].values[2], a["flux"].values[1] - a["flux"].values[2],
+                               rtol=1e-6, atol=1e-7)
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="different tile grids along x"):
+        compare_maps(a, b.isel(x=slice(0, 3)))
+
+
+def test_compare_command(demo_map, tmp_path, capsys):
+    from pipeline.cli import main
+
+    km, _ = demo_map
+    path = _store_path(km)
+    out = tmp_path / "cmp"
+    assert main(["compare", path, path, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fwhm: median +0" in text and (out / "compare.png").stat().st_size > 1000
+    assert xr.open_zarr(out / "compare.zarr")["fwhm"].dims == ("image", "y", "x")
+    assert main(["compare", path, path, "--out", str(out)]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err

@@ -255,6 +255,8 @@ def test_demo_command_runs_the_demo_job(tmp_path, capsys):
                  "--set", "compute.scheduler=threads"]) == 0
     out = capsys.readouterr().out
     assert "kernel FWHM across the field" in out and "relative L2 error" in out
+    report = tmp_path / "demo" / "report" / "index.html"
+    assert f"report (open it in a browser): {report}" in out and report.exists()
     ds = open_result(tmp_path / "demo" / "kernels.zarr")
     assert ds["kernel"].shape == (2, 2, 2, 15, 15)
     assert np.all(np.isfinite(ds["fwhm"].values))

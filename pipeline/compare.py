@@ -1,0 +1,93 @@
+"""Comparing two kernel maps tile by tile: ``kernelmap compare A.zarr B.zarr``.
+
+E.g. two epochs, or two methods on the same data.  The maps must share the
+tile grid; images are paired by position (or every image of ``A`` against
+the single image of ``B``).  Differences are ``B - A``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .errors import InputError
+from .store import consolidate
+
+__all__ = ["MEASUREMENTS", "compare_maps", "compare_figure", "write_comparison"]
+
+#: Per-tile measurements compared (those present in both maps).
+MEASUREMENTS = ("flux", "background", "centroid_y", "centroid_x", "fwhm", "size", "e1", "e2", "ellipticity")
+
+
+def compare_maps(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
+    """Per-tile differences ``B - A`` of the measurements, and the kernels' relative L2 difference."""
+    for coord in ("y", "x"):
+        if a.sizes[coord] != b.sizes[coord] or not np.allclose(a[coord].values, b[coord].values):
+            raise InputError(f"the kernel maps have different tile grids along {coord} "
+                             f"({a.sizes[coord]} tiles from {a[coord].values[0]:g} vs {b.sizes[coord]} from "
+                             f"{b[coord].values[0]:g}): compare maps made with the same tiles on the same images")
+    if a.sizes["ky"] != b.sizes["ky"]:
+        raise InputError(f"the kernels have different sizes ({a.sizes['ky']} vs {b.sizes['ky']})")
+    n_a, n_b = a.sizes["image"], b.sizes["image"]
+    if n_b not in (n_a, 1):
+        raise InputError(f"A has {n_a} images and B {n_b}: give maps with as many images, or B with one")
+    b_aligned = b.isel(image=[0] * n_a if n_b == 1 else slice(None)).assign_coords(image=a["image"].values)
+    out = xr.Dataset(coords={"image": a["image"], "y": a["y"], "x": a["x"]})
+    for name in MEASUREMENTS:
+        if name in a and name in b:
+            diff = b_aligned[name].astype(np.float64) - a[name].astype(np.float64)
+            out[name] = diff.assign_attrs(long_name=f"{name} of B minus {name} of A",
+                                          units=a[name].attrs.get("units", ""))
+    ka = a["kernel"].astype(np.float64)
+    kb = b_aligned["kernel"].astype(np.float64)
+    out["kernel_difference"] = (np.sqrt(((kb - ka) ** 2).sum(("ky", "kx"), skipna=False)
+                                        / (ka**2).sum(("ky", "kx"), skipna=False))
+                                ).assign_attrs(long_name="L2 norm of (kernel B - kernel A) over that of A",
+                                               units="1")
+    out.attrs["b_images"] = [str(v) for v in b["image"].values]
+    return out
+
+
+def compare_figure(diff: xr.Dataset, *, image: int = 0):
+    """Maps of the main differences for one image pair."""
+    from .report import _extent, _pyplot
+
+    plt = _pyplot()
+    names = [n for n in ("fwhm", "ellipticity", "flux", "kernel_difference") if n in diff]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1, 3.6), constrained_layout=True,
+                             squeeze=False)
+    fig.suptitle(f"B - A per tile, image {diff['image'].values[image]}")
+    for ax, name in zip(axes[0], names):
+        values = np.asarray(diff[name].values[image], dtype=np.float64)
+        lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+        cmap, lo = ("magma", 0.0) if name == "kernel_difference" else ("RdBu_r", -lim)
+        im = ax.imshow(values, extent=_extent(diff), vmin=lo, vmax=lim or 1.0, cmap=cmap, interpolation="nearest")
+        units = diff[name].attrs.get("units", "")
+        ax.set_title(name.replace("_", " "))
+        ax.set_xlabel("x (pixel)")
+        ax.set_ylabel("y (pixel)")
+        fig.colorbar(im, ax=ax, label=f"{name} ({units})" if units else name, shrink=0.8)
+    return fig
+
+
+def write_comparison(a_path: str | os.PathLike[str], b_path: str | os.PathLike[str],
+                     out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``compare.zarr`` (the differences) and ``compare.png`` into ``out``."""
+    from .report import _pyplot
+
+    folder = Path(out)
+    store = folder / "compare.zarr"
+    if store.exists():
+        raise InputError(f"{store} already exists: choose another --out folder or remove it")
+    diff = compare_maps(xr.open_zarr(a_path).load(), xr.open_zarr(b_path).load())
+    diff.attrs.update(a=str(a_path), b=str(b_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    diff.to_zarr(store, mode="w-", zarr_format=3, consolidated=False)
+    consolidate(str(store))  # a plain xr.open_zarr then opens it without warnings
+    fig = compare_figure(diff)
+    fig.savefig(folder / "compare.png", dpi=110)
+    _pyplot().close(fig)
+    return store, folder / "compare.png"
