@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = ["Flag", "FLAGS", "FLAG_DTYPE", "NO_DATA", "NO_SIGNAL", "MASKED",
            "REGULARIZATION_AT_BOUND", "HIGH_RESIDUAL", "OUTLIERS_CLIPPED",
-           "MOMENTS_FAILED", "KERNEL_TRUNCATED", "NON_POSITIVE_FLUX", "MODEL_OUTLIER", "BAD",
+           "MOMENTS_FAILED", "KERNEL_TRUNCATED", "NON_POSITIVE_FLUX", "MODEL_OUTLIER", "BAD", "NOT_MODELLED",
            "TRUNCATION_FRACTION", "cf_flag_attrs", "describe"]
 
 FLAG_DTYPE = np.uint16
@@ -53,6 +53,8 @@ TRUNCATION_FRACTION = 0.02
 
 #: Flags meaning the kernel itself is unusable (it is NaN).
 BAD = NO_DATA | NO_SIGNAL
+#: Flags keeping a tile out of the smooth kernel-field model of its image.
+NOT_MODELLED = BAD | NON_POSITIVE_FLUX | HIGH_RESIDUAL
 
 
 def cf_flag_attrs() -> dict[str, object]:

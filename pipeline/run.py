@@ -237,7 +237,8 @@ class _ImageDiagnostics:
         records = self.records.pop(image)
         field = {name: records[..., i] for i, name in enumerate(RECORD_FIELDS)}
         kernels = read_kernels(self.path, image)
-        usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & (field["quality_flag"].astype(np.int64) & fl.BAD == 0)
+        flags = field["quality_flag"].astype(np.int64)
+        usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & (flags & fl.NOT_MODELLED == 0)
         model, residual, rejected = fit_tiles(
             self.grid.centres_y, self.grid.centres_x, kernels, usable, tile_weights(field["snr"], field["flux"]),
             degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,

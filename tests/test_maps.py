@@ -37,7 +37,7 @@ def test_stored_model_is_the_fit_of_the_stored_tiles(demo_map):
     ds = km.ds
     for i in range(ds.sizes["image"]):
         kernels = ds["kernel"].values[i].astype(np.float64)
-        usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & ((ds["quality_flag"].values[i] & fl.BAD) == 0)
+        usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & ((ds["quality_flag"].values[i] & fl.NOT_MODELLED) == 0)
         field, residual, rejected = fit_tiles(ds["y"].values, ds["x"].values, kernels, usable,
                                               tile_weights(ds["snr"].values[i], ds["flux"].values[i]))
         stored = km.field(ds["image"].values[i])
