@@ -20,7 +20,7 @@ from . import flags as fl
 from .kernel_field import KernelField, polynomial_terms
 from .moments import adaptive_moments
 
-__all__ = ["KernelMap", "KernelMapAccessor"]
+__all__ = ["KernelMap", "KernelMapAccessor", "decode_flags"]
 
 
 class KernelMap:
@@ -103,6 +103,16 @@ class KernelMap:
         return self._shape_map("ellipticity", model)
 
 
+def decode_flags(flags: xr.DataArray) -> xr.Dataset:
+    """One boolean variable per flag, read from the CF ``flag_masks`` / ``flag_meanings`` attributes alone."""
+    masks = np.atleast_1d(flags.attrs["flag_masks"]).astype(np.int64)
+    names = str(flags.attrs["flag_meanings"]).split()
+    if len(masks) != len(names):
+        raise ValueError(f"{flags.name}: {len(masks)} flag_masks but {len(names)} flag_meanings")
+    values = flags.astype(np.int64)
+    return xr.Dataset({name: (values & int(mask)) != 0 for name, mask in zip(names, masks)})
+
+
 @xr.register_dataset_accessor("kernelmap")
 class KernelMapAccessor:
     """``ds.kernelmap``: the :class:`KernelMap` verbs on a kernel-map Dataset."""
@@ -126,3 +136,7 @@ class KernelMapAccessor:
 
     def ellipticity_map(self, model: bool = False) -> xr.DataArray:
         return self.map.ellipticity_map(model)
+
+    def flags(self) -> xr.Dataset:
+        """``quality_flag`` decoded: one boolean map per flag."""
+        return decode_flags(self._ds["quality_flag"])

@@ -169,3 +169,24 @@ def test_compare_command(demo_map, tmp_path, capsys):
     assert xr.open_zarr(out / "compare.zarr")["fwhm"].dims == ("image", "y", "x")
     assert main(["compare", path, path, "--out", str(out)]) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_flag_table_round_trips_through_cf_attributes(demo_map):
+    from pipeline.maps import decode_flags
+
+    km, _ = demo_map
+    ds = km.ds
+    decoded = ds.kernelmap.flags()
+    assert list(decoded) == [f.name for f in fl.FLAGS]
+    values = ds["quality_flag"].values
+    for flag in fl.FLAGS:
+        np.testing.assert_array_equal(decoded[flag.name].values, (values & flag.mask) != 0)
+    # every combination of bits, through attributes written and read back from a store
+    every = xr.DataArray(np.arange(2 ** len(fl.FLAGS), dtype=np.uint16), dims="t", name="quality_flag",
+                         attrs={k: v for k, v in fl.cf_flag_attrs().items() if k != "flag_descriptions"})
+    store = km.path + ".flags.zarr"
+    every.to_dataset().to_zarr(store, mode="w", zarr_format=3, consolidated=False)
+    back = xr.open_zarr(store, consolidated=False)["quality_flag"].load()
+    table = decode_flags(back)
+    for value in range(2 ** len(fl.FLAGS)):
+        assert [name for name in table if bool(table[name].values[value])] == fl.describe(value)
