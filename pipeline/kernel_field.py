@@ -123,19 +123,28 @@ def fit_kernel_field(
     if degree is not None and len(polynomial_terms(degree)) > usable.sum():
         raise ValueError(f"degree {degree} has {len(polynomial_terms(degree))} terms but only "
                          f"{int(usable.sum())} usable tiles")
-    used = usable.copy()
-    for _ in range(max_iterations + 1):
+    def select(used: np.ndarray, degrees: list[int]):
+        """Fit every candidate degree on the tiles ``used``; the best by leave-one-out error."""
         m = int(used.sum())
-        degrees = [degree] if degree is not None else [
-            d for d in range(max_degree + 1) if 2 * len(polynomial_terms(d)) <= m] or [0]
         errors, fits = {}, {}
         for d in degrees:
-            a = _design(u[used], v[used], d)
-            fits[d] = _fit(a, flat[used], w[used])
+            fits[d] = _fit(_design(u[used], v[used], d), flat[used], w[used])
             errors[d] = _cv(fits[d][2], flat[used], w[used]) if m > len(polynomial_terms(d)) else np.nan
-        best = degree if degree is not None else min(degrees, key=lambda d: np.inf if np.isnan(errors[d])
-                                                     else errors[d])
+        best = min(degrees, key=lambda d: np.inf if np.isnan(errors[d]) else errors[d])
+        return best, errors, fits
+
+    def candidates(used: np.ndarray) -> list[int]:
+        if degree is not None:
+            return [degree]
+        m = int(used.sum())
+        return [d for d in range(max_degree + 1) if 2 * len(polynomial_terms(d)) <= m] or [0]
+
+    used = usable.copy()
+    best, errors, fits = select(used, candidates(used))
+    rejected_any = False
+    for _ in range(max_iterations):  # reject outliers at the chosen degree, refit
         coef, resid, _loo = fits[best]
+        m = int(used.sum())
         norms = np.sqrt(w[used] * np.sum(resid**2, axis=1))  # in units of each tile's expected error
         med = np.median(norms)
         spread = 1.4826 * np.median(np.abs(norms - med))
@@ -144,8 +153,12 @@ def fit_kernel_field(
             np.zeros(m, bool)
         if not outliers.any() or m - outliers.sum() < 2 * len(polynomial_terms(best)):
             break
-        idx = np.flatnonzero(used)
-        used[idx[outliers]] = False
+        used[np.flatnonzero(used)[outliers]] = False
+        rejected_any = True
+        best, errors, fits = select(used, [best])
+    if rejected_any and degree is None:  # the degree again, on the tiles finally kept
+        best, errors, fits = select(used, candidates(used))
+    coef = fits[best][0]
     return KernelField(
         degree=int(best), coefficients=coef.reshape(-1, k, k), centre=(float(cy), float(cx)),
         scale=(float(sy), float(sx)), used=used, rejected=usable & ~used,

@@ -35,6 +35,7 @@ from .inputs import InputReader, Inputs, open_inputs
 from .store import (
     DIAGNOSTICS,
     RECORD_FIELDS,
+    ImageResults,
     StoreLayout,
     block_record,
     completed_blocks,
@@ -49,8 +50,7 @@ from .store import (
     store_id,
     stored_block_tiles,
     write_block,
-    write_diagnostics,
-    write_model,
+    write_images,
 )
 from .kernel_field import fit_tiles, tile_weights
 from .tiles import Block, TileGrid, block_shape_for_chunks
@@ -199,8 +199,10 @@ def _process_block(reader: InputReader, block: Block, grid: TileGrid, job: JobCo
     shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
     results = {**res.as_dict(), "quality_flag": res.flags}
     record = block_record(results, shape)
-    write_block(job.output.path, block, res.kernels.reshape(*shape, kernel.size, kernel.size), record, store)
-    return {"tiles": block.n_tiles, "flagged": int(np.count_nonzero(res.flags & fl.BAD)), "record": record}
+    kernels = res.kernels.reshape(*shape, kernel.size, kernel.size).astype(job.output.dtype)
+    write_block(job.output.path, block, kernels, record, store)
+    return {"tiles": block.n_tiles, "flagged": int(np.count_nonzero(res.flags & fl.BAD)), "record": record,
+            "kernels": kernels}
 
 
 def _block_task(plan: Plan, block: Block, store: str):
@@ -210,41 +212,58 @@ def _block_task(plan: Plan, block: Block, store: str):
                                                      dask_key_name=name)
 
 
-class _ImageDiagnostics:
-    """Gathers block records per image; once all its blocks are in, fits the image's kernel-field
-    model and writes its diagnostics and model."""
+class _ImageFinisher:
+    """Gathers the block results of each image; once all its blocks are in, fits the image's
+    kernel-field model.  Diagnostics and models are written in batches (:meth:`flush`): every
+    ``FLUSH_IMAGES`` images, ``FLUSH_SECONDS`` after the last write, and at the end."""
+
+    FLUSH_IMAGES = 16
+    FLUSH_SECONDS = 10.0
 
     def __init__(self, path: str, grid: TileGrid, done: np.ndarray, model: ModelConfig):
         self.path, self.grid, self.model = path, grid, model
         self.missing = (~done).sum(axis=(1, 2))
         self.records: dict[int, np.ndarray] = {}
-        for image in map(int, np.flatnonzero(done.any(axis=(1, 2)))):  # resumed: records on disk
+        self.kernels: dict[int, np.ndarray] = {}
+        self.pending: list[ImageResults] = []
+        self.last_flush = time.monotonic()
+        for image in map(int, np.flatnonzero(done.any(axis=(1, 2)))):  # resumed: results on disk
             self.records[image] = read_records(path, image)
-            self._write_if_complete(image)
+            self.kernels[image] = read_kernels(path, image)
+            self._finish_if_complete(image)
 
-    def add(self, block: Block, record: np.ndarray) -> None:
+    def add(self, block: Block, record: np.ndarray, kernels: np.ndarray) -> None:
         image = block.image
         if image not in self.records:
             ty, tx = self.grid.shape
             self.records[image] = np.full((ty, tx, record.shape[-1]), np.nan)
+            self.kernels[image] = np.full((ty, tx, *kernels.shape[-2:]), np.nan, dtype=kernels.dtype)
         self.records[image][block.ty0:block.ty1, block.tx0:block.tx1] = record
+        self.kernels[image][block.ty0:block.ty1, block.tx0:block.tx1] = kernels
         self.missing[image] -= 1
-        self._write_if_complete(image)
+        self._finish_if_complete(image)
 
-    def _write_if_complete(self, image: int) -> None:
+    def _finish_if_complete(self, image: int) -> None:
         if self.missing[image] != 0:
             return
-        records = self.records.pop(image)
+        records, kernels = self.records.pop(image), self.kernels.pop(image)
         field = {name: records[..., i] for i, name in enumerate(RECORD_FIELDS)}
-        kernels = read_kernels(self.path, image)
         flags = field["quality_flag"].astype(np.int64)
         usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & (flags & fl.NOT_MODELLED == 0)
         model, residual, rejected = fit_tiles(
             self.grid.centres_y, self.grid.centres_x, kernels, usable, tile_weights(field["snr"], field["flux"]),
             degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
         )
-        write_diagnostics(self.path, image, records, extra_flags=np.where(rejected, fl.MODEL_OUTLIER, 0))
-        write_model(self.path, image, model, residual)
+        extra = np.where(rejected, fl.MODEL_OUTLIER, 0).astype(fl.FLAG_DTYPE)
+        self.pending.append(ImageResults(image, records, extra, model, residual))
+        if len(self.pending) >= self.FLUSH_IMAGES or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the diagnostics and models of the images finished since the last write."""
+        write_images(self.path, self.pending)
+        self.pending = []
+        self.last_flush = time.monotonic()
 
 
 def _check_output(plan: Plan, attrs: dict[str, Any]) -> str:
@@ -377,12 +396,12 @@ def run_job(
         pending = [b for b in blocks if not done[b.image, b.by, b.bx]]
         skipped_tiles = sum(b.n_tiles for b in blocks if done[b.image, b.by, b.bx])
         bar = _Progress(sum(b.n_tiles for b in pending), log, progress)
-        diagnostics = _ImageDiagnostics(job.output.path, plan.grid, done, job.model)
+        finisher = _ImageFinisher(job.output.path, plan.grid, done, job.model)
 
         def finished(block: Block, result: dict[str, Any]) -> None:
             nonlocal flagged
             flagged += result["flagged"]
-            diagnostics.add(block, result["record"])
+            finisher.add(block, result["record"], result["kernels"])
             bar.update(result["tiles"])
 
         if get_client is not None:
@@ -410,6 +429,7 @@ def run_job(
                            for t, b in zip(tasks, pending)}
                 for future in as_completed(futures):
                     finished(futures[future], future.result()[0])
+    finisher.flush()
     seconds = time.monotonic() - t0
     summary = RunSummary(job.output.path, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
                          flagged, len(pending), len(blocks) - len(pending), seconds)

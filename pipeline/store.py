@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["DIAGNOSTICS", "MODEL_VARIABLES", "RECORD_FIELDS", "StoreLayout", "block_record", "create_store",
-           "completed_blocks", "read_kernels", "read_records", "stored_block_tiles", "write_block",
-           "write_diagnostics", "write_model", "mark_complete",
+           "completed_blocks", "ImageResults", "read_kernels", "read_records", "stored_block_tiles",
+           "write_block", "write_images", "mark_complete",
            "store_exists", "remove_store"]
 
 STATUS_GROUP = "status"
@@ -316,45 +316,64 @@ def write_block(path: str, block: Block, kernels: np.ndarray, record: np.ndarray
     arrays[f"{STATUS_GROUP}/{RECORDS_ARRAY}"][region] = record
 
 
-def write_diagnostics(path: str, image: int, records: np.ndarray, extra_flags: np.ndarray | None = None) -> None:
-    """Copy one image's ``(y, x, field)`` records into the diagnostic variables.
+@dataclass(frozen=True)
+class ImageResults:
+    """What is written per image once all its blocks are in: diagnostics and the kernel-field model."""
 
-    ``extra_flags`` ``(y, x)`` are OR-ed into ``quality_flag`` (flags decided per image).
-    """
+    image: int
+    records: np.ndarray  #: ``(y, x, field)`` block records of the image
+    extra_flags: np.ndarray  #: ``(y, x)`` flags decided per image, OR-ed into ``quality_flag``
+    field: KernelField | None  #: the model; ``None`` where none could be fitted
+    residual: np.ndarray  #: ``(y, x)`` tile-versus-model residual
+
+
+def _runs(images: list[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` positions in ``images`` (sorted) of runs of consecutive indices."""
+    starts = [0] + [i for i in range(1, len(images)) if images[i] != images[i - 1] + 1]
+    return list(zip(starts, starts[1:] + [len(images)]))
+
+
+def write_images(path: str, results: list[ImageResults]) -> None:
+    """Write the diagnostics and models of several images: one write per variable and run of
+    consecutive images (each image is its own chunk, so the chunks of a run are written together)."""
+    if not results:
+        return
     path = _location(path)
     group = zarr.open_group(path, mode="r+")
-    for i, name in enumerate(DIAGNOSTICS, start=1):
-        arr = group[name]
-        values = records[..., i]
-        if arr.dtype.kind != "f":
-            values = np.nan_to_num(values, nan=0.0).astype(arr.dtype)
-        if name == "quality_flag" and extra_flags is not None:
-            values = values | extra_flags.astype(arr.dtype)
-        arr[image] = values.astype(arr.dtype)
+    results = sorted(results, key=lambda r: r.image)
+    n_terms = group["model_coefficient"].shape[1]
+    for start, stop in _runs([r.image for r in results]):
+        part = results[start:stop]
+        where = slice(part[0].image, part[-1].image + 1)
+        records = np.stack([r.records for r in part])
+        for i, name in enumerate(DIAGNOSTICS, start=1):
+            arr = group[name]
+            values = records[..., i]
+            if arr.dtype.kind != "f":
+                values = np.nan_to_num(values, nan=0.0).astype(arr.dtype)
+            if name == "quality_flag":
+                values = values | np.stack([r.extra_flags for r in part]).astype(arr.dtype)
+            arr[where] = values.astype(arr.dtype)
+        coefficients = np.full((len(part), n_terms, *group["model_coefficient"].shape[2:]), np.nan)
+        scalars = {name: np.full(len(part), fill, dtype=dtype) for name, (dtype, fill, _) in MODEL_VARIABLES.items()}
+        for j, r in enumerate(part):
+            if r.field is None:
+                continue
+            coefficients[j, : len(r.field.coefficients)] = r.field.coefficients
+            for name, value in (("model_degree", r.field.degree), ("model_cv_error", r.field.cv_error),
+                                ("model_centre_y", r.field.centre[0]), ("model_centre_x", r.field.centre[1]),
+                                ("model_scale_y", r.field.scale[0]), ("model_scale_x", r.field.scale[1])):
+                scalars[name][j] = value
+        group["model_coefficient"][where] = coefficients
+        for name, values in scalars.items():
+            group[name][where] = values
+        residual = group["model_residual"]
+        residual[where] = np.stack([r.residual for r in part]).astype(residual.dtype)
 
 
 def read_kernels(path: str, image: int) -> np.ndarray:
     """``(y, x, ky, kx)`` kernels of one image."""
     return np.asarray(zarr.open_group(_location(path), mode="r")["kernel"][image])
-
-
-def write_model(path: str, image: int, field: KernelField | None, residual: np.ndarray) -> None:
-    """Store one image's kernel-field model (``None``: no model could be fitted) and per-tile residual."""
-    path = _location(path)
-    group = zarr.open_group(path, mode="r+")
-    coef = group["model_coefficient"]
-    values = np.full(coef.shape[1:], np.nan)
-    scalars: dict[str, Any] = {"model_degree": -1}
-    if field is not None:
-        values[: len(field.coefficients)] = field.coefficients
-        scalars = {"model_degree": field.degree, "model_cv_error": field.cv_error,
-                   "model_centre_y": field.centre[0], "model_centre_x": field.centre[1],
-                   "model_scale_y": field.scale[0], "model_scale_x": field.scale[1]}
-    coef[image] = values
-    for name, value in scalars.items():
-        group[name][image] = value
-    arr = group["model_residual"]
-    arr[image] = residual.astype(arr.dtype)
 
 
 def mark_complete(path: str, attrs: dict[str, Any] | None = None) -> None:
