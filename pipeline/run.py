@@ -25,6 +25,7 @@ from typing import Any
 
 import dask
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import flags as fl
 from .cluster import WORKER_ENV, connect, worker_job_script
@@ -34,6 +35,7 @@ from .estimate import estimate_kernels
 from .inputs import InputReader, Inputs, open_inputs
 from .store import (
     DIAGNOSTICS,
+    IMAGES_PER_CHUNK,
     RECORD_FIELDS,
     ImageResults,
     StoreLayout,
@@ -109,7 +111,8 @@ class Plan:
             f"kernel     {k}x{k}, method {job.kernel.method}, options {job.kernel.estimator_options()}",
             f"output     {job.output.path} (mode {job.output.mode}): kernel(image={n}, y={ty}, x={tx}, "
             f"ky={k}, kx={k}) {job.output.dtype}, chunks (1, {by}, {bx}, {k}, {k}); "
-            f"{len(DIAGNOSTICS)} per-tile diagnostics, chunks (1, {ty}, {tx}); block records in status/records",
+            f"{len(DIAGNOSTICS)} per-tile diagnostics and the kernel-field model, chunks of "
+            f"{min(n, IMAGES_PER_CHUNK)} images; block records in status/records",
             f"compute    {_describe_compute(job)}",
         ]
         return "\n".join(lines)
@@ -217,7 +220,7 @@ class _ImageFinisher:
     kernel-field model.  Diagnostics and models are written in batches (:meth:`flush`): every
     ``FLUSH_IMAGES`` images, ``FLUSH_SECONDS`` after the last write, and at the end."""
 
-    FLUSH_IMAGES = 16
+    FLUSH_IMAGES = IMAGES_PER_CHUNK
     FLUSH_SECONDS = 10.0
 
     def __init__(self, path: str, grid: TileGrid, done: np.ndarray, model: ModelConfig):
@@ -250,10 +253,12 @@ class _ImageFinisher:
         field = {name: records[..., i] for i, name in enumerate(RECORD_FIELDS)}
         flags = field["quality_flag"].astype(np.int64)
         usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & (flags & fl.NOT_MODELLED == 0)
-        model, residual, rejected = fit_tiles(
-            self.grid.centres_y, self.grid.centres_x, kernels, usable, tile_weights(field["snr"], field["flux"]),
-            degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
-        )
+        with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend with workers
+            model, residual, rejected = fit_tiles(
+                self.grid.centres_y, self.grid.centres_x, kernels, usable,
+                tile_weights(field["snr"], field["flux"]),
+                degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
+            )
         extra = np.where(rejected, fl.MODEL_OUTLIER, 0).astype(fl.FLAG_DTYPE)
         self.pending.append(ImageResults(image, records, extra, model, residual))
         if len(self.pending) >= self.FLUSH_IMAGES or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:

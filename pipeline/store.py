@@ -7,10 +7,12 @@ one chunk of ``kernel`` and one chunk of ``status/records`` ``(image, y, x,
 field)``: the block's per-tile diagnostics with a ``written`` field of 1, its
 completion record, written after its kernels (chunk presence alone is no such
 record).  A block therefore costs two chunk writes whatever the number of
-diagnostics.  Once every block of an image is recorded, its diagnostics are
-copied from the records into the Dataset's variables (one chunk per image
-each).  The root attribute ``kernelmap_status`` is ``"incomplete"`` until
-every block and every image's diagnostics are written, then ``"complete"``.
+diagnostics.  Once every block of an image is recorded, the client fits the
+image's kernel-field model (``model_*`` variables) and copies its diagnostics
+from the records into the Dataset's variables, for groups of images at a time
+(``IMAGES_PER_CHUNK`` images share a chunk of those variables).  The root
+attribute ``kernelmap_status`` is ``"incomplete"`` until every block and every
+image's diagnostics are written, then ``"complete"``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ DIAGNOSTICS: dict[str, tuple[str, dict[str, str]]] = {
                                 "flag_descriptions": fl.cf_flag_attrs()["flag_descriptions"]}),
 }
 
+#: Images per chunk of the per-tile diagnostics and the model variables: the client writes
+#: them for groups of finished images, so a group costs one chunk write per variable.
+IMAGES_PER_CHUNK = 16
+
 #: Per-image scalars of the kernel-field model: name -> (dtype, fill value, attributes).
 MODEL_VARIABLES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "model_degree": ("int8", -1, {"long_name": "total polynomial degree of the kernel-field model "
@@ -140,6 +146,7 @@ def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
     grid, k, n = layout.grid, layout.kernel_size, layout.n_images
     ty, tx = grid.shape
     by, bx = grid.block_tiles
+    per = min(n, IMAGES_PER_CHUNK)
     group.create_array(
         "kernel", shape=(n, ty, tx, k, k), chunks=(1, by, bx, k, k), dtype=layout.dtype,
         fill_value=np.nan, dimension_names=("image", "y", "x", "ky", "kx"),
@@ -151,23 +158,23 @@ def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
     for name, (kind, var_attrs) in DIAGNOSTICS.items():
         extra = flag_attrs if name == "quality_flag" else {}
         group.create_array(
-            name, shape=(n, ty, tx), chunks=(1, ty, tx), dtype=layout.dtype if kind == "float" else kind,
+            name, shape=(n, ty, tx), chunks=(per, ty, tx), dtype=layout.dtype if kind == "float" else kind,
             fill_value=np.nan if kind == "float" else 0, dimension_names=("image", "y", "x"),
             attributes=_json_ready({**var_attrs, **extra}),
         )
     n_terms = len(polynomial_terms(layout.model_degree))
     group.create_array(
-        "model_coefficient", shape=(n, n_terms, k, k), chunks=(1, n_terms, k, k), dtype="float64",
+        "model_coefficient", shape=(n, n_terms, k, k), chunks=(per, n_terms, k, k), dtype="float64",
         fill_value=np.nan, dimension_names=("image", "term", "ky", "kx"),
         attributes={"long_name": "coefficients of the smooth kernel-field model: kernel(y, x) = "
                                  "sum over term of model_coefficient * term(u, v); NaN for terms above "
                                  "model_degree"},
     )
     for name, (dtype, fill, var_attrs) in MODEL_VARIABLES.items():
-        group.create_array(name, shape=(n,), chunks=(n,), dtype=dtype, fill_value=fill,
+        group.create_array(name, shape=(n,), chunks=(per,), dtype=dtype, fill_value=fill,
                            dimension_names=("image",), attributes=var_attrs)
     group.create_array(
-        "model_residual", shape=(n, ty, tx), chunks=(1, ty, tx), dtype=layout.dtype, fill_value=np.nan,
+        "model_residual", shape=(n, ty, tx), chunks=(per, ty, tx), dtype=layout.dtype, fill_value=np.nan,
         dimension_names=("image", "y", "x"),
         attributes={"long_name": "L2 norm of (tile kernel - model kernel) over that of the model kernel, "
                                  "at the tile centre", "units": "1"},
