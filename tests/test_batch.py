@@ -197,8 +197,9 @@ def pbs(slurm) -> None:
         pytest.skip(message)
 
 
-def test_the_same_job_through_pbs_commands(pbs, tmp_path):
+def test_the_same_job_through_pbs_commands(pbs, tmp_path, monkeypatch):
     """The seam is general: PBSCluster's job scripts and qsub/qdel drive the same run."""
+    monkeypatch.chdir(tmp_path)  # qsub (Slurm's wrapper) leaves the job logs in the working directory
     make_stack(tmp_path / "stack.zarr", n_images=2)
     data = job_dict(tmp_path, compute={"scheduler": "pbs", "batch": {"job_extra_directives": None}})
     expected = reference(tmp_path, data)
@@ -322,7 +323,8 @@ def test_submit_wait_runs_the_whole_job_in_one_allocation(slurm, tmp_path, capsy
     assert main(["submit", str(job_file), "--wait"]) == 2
 
 
-def test_submit_through_pbs_commands(pbs, tmp_path, capsys):
+def test_submit_through_pbs_commands(pbs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # qsub (Slurm's wrapper) leaves the job log in the working directory
     make_stack(tmp_path / "stack.zarr")
     data = job_dict(tmp_path)
     expected = reference(tmp_path, data)
