@@ -149,12 +149,13 @@ class _HideRefusals(logging.Filter):
         return True
 
 
-def _recording(job_cls: type, outcomes: list[Any]) -> type:
+def _recording(job_cls: type, outcomes: list[Any], running: list[bool]) -> type:
     """``job_cls`` whose submissions are kept in ``outcomes``: a job id, or the exception.
 
     dask-jobqueue submits from a callback that only logs a failure and then
     waits for a worker that never comes; kept here, the run stops at once
-    with the batch system's message.
+    with the batch system's message.  Once the run has workers (``running``
+    holds ``True``), a refused replacement job is a warning instead.
     """
 
     class RecordingJob(job_cls):  # type: ignore[misc, valid-type]
@@ -165,6 +166,8 @@ def _recording(job_cls: type, outcomes: list[Any]) -> type:
                 from distributed.core import Status
 
                 outcomes.append(exc)
+                if running:
+                    logger.warning("the batch system refused a new worker job: %s", _submission_error(exc))
                 self.status = Status.failed  # nothing to stop: lets the cluster close at once
                 raise _Refused(str(exc)) from exc
             outcomes.append(self.job_id)
@@ -196,6 +199,7 @@ def _submit_batch_workers(job: JobConfig, stack: ExitStack, log: Callable[[str],
     script = worker_job_script(job)  # settings are checked before anything is submitted
     cluster_cls = getattr(importlib.import_module("dask_jobqueue"), BATCH_CLUSTERS[system])
     outcomes: list[Any] = []
+    running: list[bool] = []
     opts = batch_options(job)
     if "log_directory" in opts:
         Path(opts["log_directory"]).mkdir(parents=True, exist_ok=True)
@@ -204,7 +208,7 @@ def _submit_batch_workers(job: JobConfig, stack: ExitStack, log: Callable[[str],
         logging.getLogger(name).addFilter(hide)
         stack.callback(logging.getLogger(name).removeFilter, hide)
     try:
-        cluster = cluster_cls(job_cls=_recording(cluster_cls.job_cls, outcomes), **opts)
+        cluster = cluster_cls(job_cls=_recording(cluster_cls.job_cls, outcomes, running), **opts)
     except (ValueError, TypeError) as exc:
         raise _explain(exc, system) from exc
     stack.callback(_close_quietly, cluster)
@@ -265,6 +269,7 @@ def _submit_batch_workers(job: JobConfig, stack: ExitStack, log: Callable[[str],
                 log(f"{system}: waiting for the first worker job to start ({now - t0:.0f} s)")
             time.sleep(0.2)
         log(f"{system}: first worker up after {time.monotonic() - t0:.1f} s")
+        running.append(True)
         return c
 
     return client

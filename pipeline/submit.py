@@ -171,6 +171,8 @@ def _running(submission: Submission) -> bool:
     """Whether the batch system still lists the job (pending, running or finishing)."""
     if submission.system == "slurm":
         cmd = ["squeue", "-h", "-j", submission.job_id, "-o", "%T"]
+    elif submission.system == "sge":
+        cmd = ["qstat", "-j", submission.job_id]  # exit status 1 once the job is gone
     else:
         cmd = ["qstat", submission.job_id]
     try:
@@ -181,6 +183,8 @@ def _running(submission: Submission) -> bool:
         return False
     if submission.system == "slurm":
         return bool(out.stdout.strip())
+    if submission.system == "sge":
+        return True
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] and
             line.split()[0].split(".")[0] == submission.job_id]
     return any(row[-2] not in ("C", "E", "F") for row in rows if len(row) >= 2) if rows else False
