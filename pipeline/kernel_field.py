@@ -55,11 +55,13 @@ class KernelField:
 
 
 def _fit(a: np.ndarray, kernels: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted least squares; returns coefficients, residuals and leave-one-out residuals."""
+    """Weighted least squares (minimum norm where the terms are not independent); returns the
+    coefficients, residuals and leave-one-out residuals."""
     sw = np.sqrt(w)[:, None]
-    aw = a * sw
-    q, r = np.linalg.qr(aw)
-    coef = np.linalg.solve(r, q.T @ (kernels * sw))
+    q, sv, vt = np.linalg.svd(a * sw, full_matrices=False)
+    keep = sv > sv[0] * 1e-10 if sv.size and sv[0] > 0 else np.zeros(sv.shape, bool)
+    q, sv, vt = q[:, keep], sv[keep], vt[keep]
+    coef = vt.T @ ((q.T @ (kernels * sw)) / sv[:, None])
     resid = kernels - a @ coef
     leverage = np.einsum("ij,ij->i", q, q)
     loo = resid / np.maximum(1.0 - leverage, 1e-12)[:, None]
@@ -120,16 +122,29 @@ def fit_kernel_field(
     sy = max((y[usable].max() - y[usable].min()) / 2, 1.0)
     sx = max((x[usable].max() - x[usable].min()) / 2, 1.0)
     u, v = (x - cx) / sx, (y - cy) / sy
-    if degree is not None and len(polynomial_terms(degree)) > usable.sum():
-        raise ValueError(f"degree {degree} has {len(polynomial_terms(degree))} terms but only "
+    # a term P_i(u) P_j(v) needs more than i distinct columns and j distinct rows of tiles:
+    # on a single row of tiles the model cannot (and does not) vary along y
+    distinct_x = len(np.unique(np.round(u[usable], 9)))
+    distinct_y = len(np.unique(np.round(v[usable], 9)))
+
+    def terms(d: int) -> np.ndarray:
+        return np.array([i < distinct_x and j < distinct_y for i, j in polynomial_terms(d)])
+
+    if degree is not None and terms(degree).sum() > usable.sum():
+        raise ValueError(f"degree {degree} has {int(terms(degree).sum())} terms but only "
                          f"{int(usable.sum())} usable tiles")
+
     def select(used: np.ndarray, degrees: list[int]):
         """Fit every candidate degree on the tiles ``used``; the best by leave-one-out error."""
         m = int(used.sum())
         errors, fits = {}, {}
         for d in degrees:
-            fits[d] = _fit(_design(u[used], v[used], d), flat[used], w[used])
-            errors[d] = _cv(fits[d][2], flat[used], w[used]) if m > len(polynomial_terms(d)) else np.nan
+            mask = terms(d)
+            coef, resid, loo = _fit(_design(u[used], v[used], d)[:, mask], flat[used], w[used])
+            full = np.zeros((len(mask), flat.shape[1]))
+            full[mask] = coef
+            fits[d] = (full, resid, loo)
+            errors[d] = _cv(loo, flat[used], w[used]) if m > mask.sum() else np.nan
         best = min(degrees, key=lambda d: np.inf if np.isnan(errors[d]) else errors[d])
         return best, errors, fits
 
@@ -137,7 +152,7 @@ def fit_kernel_field(
         if degree is not None:
             return [degree]
         m = int(used.sum())
-        return [d for d in range(max_degree + 1) if 2 * len(polynomial_terms(d)) <= m] or [0]
+        return [d for d in range(max_degree + 1) if 2 * terms(d).sum() <= m] or [0]
 
     used = usable.copy()
     best, errors, fits = select(used, candidates(used))
@@ -151,7 +166,7 @@ def fit_kernel_field(
         negligible = 1e-6 * np.median(np.sqrt(w[used] * np.sum(flat[used] ** 2, axis=1)))  # round-off
         outliers = (norms > med + clip * spread) & (norms > negligible) if np.isfinite(clip) else \
             np.zeros(m, bool)
-        if not outliers.any() or m - outliers.sum() < 2 * len(polynomial_terms(best)):
+        if not outliers.any() or m - outliers.sum() < 2 * terms(best).sum():
             break
         used[np.flatnonzero(used)[outliers]] = False
         rejected_any = True

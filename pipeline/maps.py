@@ -50,7 +50,9 @@ class KernelMap:
 
     def field(self, image: Any) -> KernelField | None:
         """The stored kernel-field model of one image (``None`` where none could be fitted)."""
-        i = self.image_index(image)
+        return self._field_at(self.image_index(image))
+
+    def _field_at(self, i: int) -> KernelField | None:
         ds = self.ds
         degree = int(ds["model_degree"].values[i])
         if degree < 0:
@@ -58,7 +60,8 @@ class KernelMap:
         n_terms = len(polynomial_terms(degree))
         flags = np.asarray(ds["quality_flag"].values[i]).astype(np.int64)
         rejected = (flags & fl.MODEL_OUTLIER) != 0
-        used = np.isfinite(np.asarray(ds["model_residual"].values[i])) & ~rejected
+        kernels = np.asarray(ds["kernel"].values[i])
+        used = np.all(np.isfinite(kernels), axis=(-2, -1)) & (flags & (fl.NOT_MODELLED | fl.MODEL_OUTLIER) == 0)
         return KernelField(
             degree=degree,
             coefficients=np.asarray(ds["model_coefficient"].values[i, :n_terms], dtype=np.float64),
@@ -69,8 +72,14 @@ class KernelMap:
         )
 
     def kernel_at(self, image: Any, y: Any, x: Any) -> np.ndarray:
-        """Model kernel(s) of ``image`` at input pixel position(s) ``(y, x)``: ``shape + (k, k)``."""
-        field = self.field(image)
+        """Model kernel(s) of ``image`` at input pixel position(s) ``(y, x)``: ``shape + (k, k)``.
+
+        ``image`` is a label of the ``image`` coordinate, or else a position.
+        """
+        return self._kernel_at(self.image_index(image), y, x)
+
+    def _kernel_at(self, i: int, y: Any, x: Any) -> np.ndarray:
+        field = self._field_at(i)
         if field is None:
             k = self.ds.sizes["ky"]
             return np.full(np.broadcast(np.asarray(y), np.asarray(x)).shape + (k, k), np.nan)
@@ -79,7 +88,7 @@ class KernelMap:
     def model_kernels(self) -> xr.DataArray:
         """The model's kernels at every tile centre, like ``kernel``."""
         yy, xx = np.meshgrid(self.ds["y"].values, self.ds["x"].values, indexing="ij")
-        values = np.stack([self.kernel_at(i, yy, xx) for i in range(self.ds.sizes["image"])])
+        values = np.stack([self._kernel_at(i, yy, xx) for i in range(self.ds.sizes["image"])])
         return xr.DataArray(values, coords=self.ds["kernel"].coords, dims=self.ds["kernel"].dims,
                             name="model_kernel",
                             attrs={"long_name": "kernel of the smooth kernel-field model at the tile centre"})

@@ -103,10 +103,28 @@ def test_a_wild_tile_is_rejected_and_does_not_spoil_the_model():
 
 def test_too_few_tiles_is_an_error():
     y, x = grid(2)
-    with pytest.raises(ValueError, match="degree 2 has 6 terms but only 4 usable tiles"):
-        fit_kernel_field(y, x, polynomial_field(y, x, 1), degree=2)
+    kernels = polynomial_field(y, x, 1)
+    kernels[3] = np.nan  # 3 usable tiles; on a 2x2 grid degree 2 keeps the 4 terms it supports
+    with pytest.raises(ValueError, match="degree 2 has 4 terms but only 3 usable tiles"):
+        fit_kernel_field(y, x, kernels, degree=2)
     with pytest.raises(ValueError, match="no usable tile"):
         fit_kernel_field(y, x, np.full((4, K, K), np.nan))
+
+
+@pytest.mark.parametrize("degree", [None, 2, 3])
+def test_a_single_row_or_two_rows_of_tiles(degree):
+    """Terms a grid cannot constrain are left out: no variation along y on one row, no blow-up on two."""
+    y1, x1 = np.full(8, 127.5), 127.5 + 256.0 * np.arange(8)
+    truth = polynomial_field(y1, x1, 1)  # linear in x (and y, but y is constant here)
+    field = fit_kernel_field(y1, x1, truth, degree=degree)
+    np.testing.assert_allclose(field.kernel_at(y1, x1), truth, atol=1e-9)
+    np.testing.assert_allclose(field.kernel_at(y1 + 300.0, x1), truth, atol=1e-9)  # flat along y
+    y2, x2 = np.concatenate([y1, y1 + 256.0]), np.concatenate([x1, x1])
+    truth2 = polynomial_field(y2, x2, 1)
+    field2 = fit_kernel_field(y2, x2, truth2, degree=degree)
+    between = field2.kernel_at(y1 + 128.0, x1)
+    np.testing.assert_allclose(between, polynomial_field(y1 + 128.0, x1, 1), atol=1e-8)
+    assert np.abs(field2.coefficients).max() < 1e3
 
 
 @settings(max_examples=25)

@@ -190,3 +190,13 @@ def test_the_flag_table_round_trips_through_cf_attributes(demo_map):
     table = decode_flags(back)
     for value in range(2 ** len(fl.FLAGS)):
         assert [name for name in table if bool(table[name].values[value])] == fl.describe(value)
+
+
+def test_integer_image_labels_are_labels_first_and_positions_inside(demo_map):
+    km, _ = demo_map
+    relabelled = pipeline.KernelMap(km.ds.assign_coords(image=[1, 2, 3]))
+    y, x = float(km.ds["y"][1]), float(km.ds["x"][4])
+    for position, label in enumerate([1, 2, 3]):
+        expected = km.kernel_at(position, y, x)
+        np.testing.assert_array_equal(relabelled.kernel_at(label, y, x), expected)
+        np.testing.assert_array_equal(relabelled.model_kernels().values[position, 1, 4], expected)
