@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                             ("--walltime", "compute.batch.walltime", "time limit, e.g. 02:00:00"),
                             ("--cores", "compute.batch.cores", "CPUs of the allocation (one worker each)"),
                             ("--memory", "compute.batch.memory", "memory of the allocation, e.g. 16GB")):
-        submit.add_argument(flag, dest=key, metavar=flag[2:].upper(), help=f"{what} (sets {key})")
+        submit.add_argument(flag, dest=key, metavar=flag[2:].upper(), help=f"{what} (sets {key})",
+                            type=int if flag == "--cores" else str)
     submit.add_argument("--print", action="store_true", help="print the batch script and exit; submit nothing")
     submit.add_argument("--wait", action="store_true", help="follow the job to its end; exit with its status")
     report = sub.add_parser("report", help="figures and an index.html of a kernel map")
@@ -73,14 +75,19 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from .config import load_job
     from .submit import submission_script, submit_job, wait_for_job
 
-    flags = [f"{key}={value}" for key, value in vars(args).items() if key.startswith("compute.") and value]
+    # flag values are text as given (quoted for the YAML parser: 2:00:00 stays 2:00:00)
+    flags = [f"{key}={json.dumps(value)}" for key, value in vars(args).items()
+             if key.startswith("compute.") and value is not None]
     job = load_job(args.job, [*args.overrides, *flags])
     if args.print:
         sys.stdout.write(submission_script(job))
         return 0
-    submission = submit_job(job)
-    print(submission.job_id, flush=True)
-    return wait_for_job(submission) if args.wait else 0
+    def note(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    submission = submit_job(job, log=note)
+    print(submission.job_id, flush=True)  # alone on stdout: JOB=$(kernelmap submit job.yaml)
+    return wait_for_job(submission, log=note) if args.wait else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -313,7 +313,8 @@ class AdaptConfig(BaseModel):
 
     model_config = _STRICT
 
-    minimum_jobs: Annotated[Int, Field(ge=0)] = 1
+    #: at least one: the run waits for a first worker before it submits any work
+    minimum_jobs: Annotated[Int, Field(ge=1)] = 1
     maximum_jobs: Annotated[Int, Field(ge=1)] = 4
 
     @model_validator(mode="after")
@@ -356,6 +357,15 @@ class BatchConfig(BaseModel):
     start_timeout: Annotated[Float, Field(gt=0)] | Annotated[Int, Field(gt=0)] | None = None
     #: any other keyword argument of the dask-jobqueue cluster class, passed as is
     options: dict[str, Any] = {}
+
+    @field_validator("walltime", "account", "queue", "memory", mode="before")
+    @classmethod
+    def _text_not_number(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise PydanticCustomError(_CHECKS, "{text}", {
+                "text": f"{value!r} is a number, not text (YAML reads 2:00:00 as 7200 and 0123 as 83): "
+                        "quote it, e.g. walltime: '02:00:00'"})
+        return value
 
 
 class ComputeConfig(BaseModel):

@@ -157,6 +157,17 @@ def test_unset_batch_settings_come_from_the_dask_jobqueue_configuration(tmp_path
         assert "#SBATCH -p debug" in worker_job_script(job_from_dict(data))
 
 
+def test_batch_text_settings_are_not_taken_for_yaml_numbers(tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"compute.batch.walltime: 7200 is a number.*quote it"):
+        job_from_dict(job_dict(tmp_path), ["compute.batch.walltime=2:00:00"])  # YAML 1.1 reads seconds
+    assert job_from_dict(job_dict(tmp_path), ["compute.batch.walltime='2:00:00'"]).compute.batch.walltime \
+        == "2:00:00"
+    with pytest.raises(ConfigError, match="compute.batch.adapt.minimum_jobs: 0 is too small: at least 1"):
+        job_from_dict(job_dict(tmp_path, compute={"batch": {"adapt": {"minimum_jobs": 0}}}))
+
+
 def test_batch_settings_are_checked_before_anything_runs(tmp_path):
     make_stack(tmp_path / "stack.zarr")
     data = job_dict(tmp_path, compute={"batch": {"cores": None, "memory": None}})
@@ -296,10 +307,11 @@ def _submit_job_file(tmp_path: Path, data: dict, **batch) -> Path:
 def test_submit_prints_a_script_and_writes_nothing(tmp_path, capsys):
     make_stack(tmp_path / "stack.zarr")
     job_file = _submit_job_file(tmp_path, job_dict(tmp_path), account="survey42")
-    assert main(["submit", str(job_file), "--print", "--cores", "4", "--system", "slurm"]) == 0
+    assert main(["submit", str(job_file), "--print", "--cores", "4", "--system", "slurm",
+                 "--walltime", "2:00:00", "--account", "0123"]) == 0
     script = capsys.readouterr().out
-    for line in ("#SBATCH -c 4", "#SBATCH -p debug", "#SBATCH -A survey42", "#SBATCH --mem=2000M",
-                 "#SBATCH -t 00:10:00", "WORKERS=${SLURM_CPUS_PER_TASK:-4}", "-m pipeline.cli run",
+    assert "#SBATCH -t 2:00:00" in script and "#SBATCH -A 0123" in script  # flags are text, not YAML numbers
+    for line in ("#SBATCH -c 4", "#SBATCH -p debug", "#SBATCH --mem=2000M", "WORKERS=${SLURM_CPUS_PER_TASK:-4}", "-m pipeline.cli run",
                  "--set compute.scheduler=local", "--set compute.n_workers=$WORKERS"):
         assert line in script, line
     assert not (tmp_path / "kernels.zarr.batch").exists() and not (tmp_path / "kernels.zarr").exists()
@@ -313,7 +325,7 @@ def test_submit_wait_runs_the_whole_job_in_one_allocation(slurm, tmp_path, capsy
     expected = reference(tmp_path, data)
     job_file = _submit_job_file(tmp_path, data)
     assert main(["submit", str(job_file), "--wait"]) == 0
-    job_id = capsys.readouterr().out.splitlines()[1]
+    job_id = capsys.readouterr().out.strip()  # the job id alone on stdout
     assert_same_result(tmp_path / "kernels.zarr", expected)
     folder = tmp_path / "kernels.zarr.batch"
     assert (folder / "submit.sh").read_text().startswith("#!/usr/bin/env bash")
@@ -330,7 +342,7 @@ def test_submit_through_pbs_commands(pbs, tmp_path, capsys, monkeypatch):
     expected = reference(tmp_path, data)
     job_file = _submit_job_file(tmp_path, data)
     assert main(["submit", str(job_file), "--system", "pbs", "--wait"]) == 0
-    job_id = capsys.readouterr().out.splitlines()[1]
+    job_id = capsys.readouterr().out.strip()
     assert "#PBS -l select=1:ncpus=2:mem=2000MB" in (tmp_path / "kernels.zarr.batch" / "submit.sh").read_text()
     assert (tmp_path / "kernels.zarr.batch" / f"submit-{job_id}.exit").read_text().strip() == "0"
     assert_same_result(tmp_path / "kernels.zarr", expected)
@@ -341,7 +353,7 @@ def test_a_cancelled_whole_job_is_finished_by_resume(slurm, tmp_path, capsys):
     expected = reference(tmp_path, data)
     job_file = _submit_job_file(tmp_path, data)
     assert main(["submit", str(job_file)]) == 0
-    job_id = capsys.readouterr().out.splitlines()[1]
+    job_id = capsys.readouterr().out.strip()
     wait_until(lambda: _blocks_done(tmp_path / "kernels.zarr") >= 4, 90, "the first blocks")
     subprocess.run(["scancel", job_id], check=True, timeout=10)
     done = _blocks_done(tmp_path / "kernels.zarr")
@@ -350,7 +362,7 @@ def test_a_cancelled_whole_job_is_finished_by_resume(slurm, tmp_path, capsys):
                         poll=0.5, log=lambda _m: None) == 1  # killed: no exit status
     assert xr.open_zarr(tmp_path / "kernels.zarr").attrs["kernelmap_status"] == "incomplete"
     assert main(["submit", str(job_file), "--wait", "--set", "output.mode=resume"]) == 0
-    log = next((tmp_path / "kernels.zarr.batch").glob(f"submit-{capsys.readouterr().out.splitlines()[1]}.log"))
+    log = tmp_path / "kernels.zarr.batch" / f"submit-{capsys.readouterr().out.strip()}.log"
     skipped = int(re.search(r"(\d+) of 64 blocks already done", log.read_text()).group(1))
     assert skipped >= done
     assert_same_result(tmp_path / "kernels.zarr", expected)
