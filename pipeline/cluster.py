@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +49,23 @@ class BatchError(KernelmapError):
     """The batch system refused a worker job, or its workers never came."""
 
 
+def _jobqueue() -> Any:
+    """dask_jobqueue, imported without the SIGINT handler its ``runner`` module installs on import.
+
+    That handler turns Ctrl-C into ``sys.exit()`` for the whole process (so an
+    interrupted run could not say how to resume it), and installing it fails
+    outside the main thread, e.g. when a run is started from a thread.
+    """
+    if "dask_jobqueue" in sys.modules:
+        return sys.modules["dask_jobqueue"]
+    install = signal.signal
+    signal.signal = lambda signum, handler: signal.getsignal(signum)  # type: ignore[assignment]
+    try:
+        return importlib.import_module("dask_jobqueue")
+    finally:
+        signal.signal = install
+
+
 def batch_dir(output_path: str) -> str:
     """Folder beside the output store for batch job scripts and logs (``<output>.batch``)."""
     return str(output_path).rstrip("/") + ".batch"
@@ -70,7 +89,7 @@ def batch_options(job: JobConfig) -> dict[str, Any]:
     """
     system = job.compute.scheduler
     b = job.compute.batch
-    importlib.import_module("dask_jobqueue")  # its defaults join the dask configuration read below
+    _jobqueue()  # its defaults join the dask configuration read below
     opts: dict[str, Any] = {}
     for key in ("queue", "walltime", "cores", "memory", "processes", "job_extra_directives",
                 "interface", "python", "local_directory", "log_directory"):
@@ -108,7 +127,7 @@ def batch_options(job: JobConfig) -> dict[str, Any]:
 
 
 def _job_class(system: str):
-    module = importlib.import_module("dask_jobqueue")
+    module = _jobqueue()
     return getattr(module, BATCH_CLUSTERS[system]).job_cls
 
 
@@ -197,7 +216,7 @@ def _submit_batch_workers(job: JobConfig, stack: ExitStack, log: Callable[[str],
 
     system, b = job.compute.scheduler, job.compute.batch
     script = worker_job_script(job)  # settings are checked before anything is submitted
-    cluster_cls = getattr(importlib.import_module("dask_jobqueue"), BATCH_CLUSTERS[system])
+    cluster_cls = getattr(_jobqueue(), BATCH_CLUSTERS[system])
     outcomes: list[Any] = []
     running: list[bool] = []
     opts = batch_options(job)

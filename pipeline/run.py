@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -28,7 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import flags as fl
-from .cluster import WORKER_ENV, connect, worker_job_script
+from .cluster import WORKER_ENV, BatchError, connect, worker_job_script
 from .config import JobConfig, ModelConfig, dump_job, load_job
 from .errors import OptionError
 from .estimate import estimate_kernels
@@ -271,6 +272,54 @@ class _ImageFinisher:
         self.last_flush = time.monotonic()
 
 
+#: Seconds without any worker after which a batch run that cannot get new workers (fixed
+#: ``compute.batch.jobs``, no ``adapt``) stops instead of waiting forever.
+NO_WORKERS_GRACE = 30.0
+
+
+class _WorkerWatch(threading.Thread):
+    """Watches that the run still has workers; says so when none are left, and stops a run whose
+    workers cannot come back (``give_up``) by cancelling what is left of it."""
+
+    def __init__(self, client: Any, waiting: dict[Any, Any], give_up: bool, log: Callable[[str], None]):
+        super().__init__(name="kernelmap-worker-watch", daemon=True)
+        self.client, self.waiting, self.give_up, self.log = client, waiting, give_up, log
+        self.error: BatchError | None = None
+        self._stop_event = threading.Event()
+
+    def __enter__(self) -> _WorkerWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+    def run(self) -> None:
+        since = last = None
+        while not self._stop_event.wait(2.0):
+            try:
+                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            except Exception:  # noqa: BLE001 - the scheduler is busy or closing: look again
+                continue
+            now = time.monotonic()
+            if workers:
+                since = None
+                continue
+            since = since or now
+            if last is None or now - last >= 30:
+                last = now
+                self.log(f"no workers connected for {now - since:.0f} s; waiting for them")
+            if self.give_up and now - since > NO_WORKERS_GRACE:
+                self.error = BatchError(
+                    f"every worker job has ended and none replaces them ({len(self.waiting)} blocks left): "
+                    "set compute.batch.adapt (with worker_lifetime under the walltime) so that lost or "
+                    "expired worker jobs are replaced, then run the job again with output.mode=resume"
+                )
+                self.client.cancel(list(self.waiting.values()))
+                return
+
+
 def _check_output(plan: Plan, attrs: dict[str, Any]) -> str:
     """Refuse what ``output.mode`` forbids, reading only; returns ``create``, ``overwrite`` or ``resume``."""
     out = plan.job.output
@@ -423,10 +472,16 @@ def run_job(
                                        else nullcontext()):
                 futures = client.compute(tasks)
                 block_of = {future.key: block for future, block in zip(futures, pending)}
+                waiting = {future.key: future for future in futures}
                 completed = dist_completed(futures)
                 del futures, tasks  # each result is released once read: memory does not grow with the stack
+                give_up = job.compute.scheduler_kind == "batch" and job.compute.batch.adapt is None
+                watch = stack.enter_context(_WorkerWatch(client, waiting, give_up, log))
                 for future in completed:
+                    if watch.error is not None:
+                        raise watch.error
                     finished(block_of[future.key], future.result())
+                    del waiting[future.key]
         else:
             workers = 1 if scheduler == "synchronous" else job.compute.n_workers * job.compute.threads_per_worker
             with ThreadPoolExecutor(max_workers=workers) as pool:

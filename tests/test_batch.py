@@ -137,11 +137,11 @@ def test_dry_run_shows_the_worker_job_script(tmp_path):
 
 
 def test_unset_batch_settings_come_from_the_dask_jobqueue_configuration(tmp_path):
-    import importlib
-
     import dask
 
-    importlib.import_module("dask_jobqueue")  # its defaults must exist before the override (restored after)
+    from pipeline.cluster import _jobqueue
+
+    _jobqueue()  # its defaults must exist before the override (which is undone after)
 
     make_stack(tmp_path / "stack.zarr")
     data = job_dict(tmp_path, compute={"batch": {"queue": None, "cores": None, "memory": None,
@@ -268,6 +268,7 @@ def test_a_cancelled_worker_job_does_not_change_the_result(slurm, tmp_path):
     thread, outcome = _run_in_thread(data)
     jobs = wait_until(lambda: len(our_jobs(data)) == 2 and our_jobs(data), 60, "two running worker jobs")
     wait_until(lambda: _blocks_done(tmp_path / "kernels.zarr") >= 4, 60, "the first blocks")
+    assert thread.is_alive()
     subprocess.run(["scancel", jobs[0]], check=True, timeout=10)
     done_at_cancel = _blocks_done(tmp_path / "kernels.zarr")
     thread.join(180)
@@ -406,3 +407,37 @@ def test_a_killed_run_with_worker_jobs_is_finished_by_resume(slurm, tmp_path):
     summary = run_job(job_from_dict(data), progress=False)
     assert summary.blocks_skipped >= done and summary.tiles_computed == 64 - summary.blocks_skipped
     assert_same_result(tmp_path / "kernels.zarr", expected)
+
+
+def test_a_run_whose_worker_jobs_all_end_stops_with_advice(slurm, tmp_path, monkeypatch):
+    """Fixed jobs (no adapt) are not replaced: once none is left the run says so instead of hanging."""
+    import pipeline.run
+
+    monkeypatch.setattr(pipeline.run, "NO_WORKERS_GRACE", 3.0)
+    data = _slow_stack_job(tmp_path)
+    data["compute"]["batch"]["jobs"] = 1
+    thread, outcome = _run_in_thread(data)
+    jobs = wait_until(lambda: our_jobs(data), 60, "a running worker job")
+    wait_until(lambda: _blocks_done(tmp_path / "kernels.zarr") >= 2, 60, "the first blocks")
+    assert thread.is_alive()
+    subprocess.run(["scancel", jobs[0]], check=True, timeout=10)
+    thread.join(60)
+    assert not thread.is_alive(), "the run still waits for workers that will not come"
+    assert isinstance(outcome.get("error"), BatchError), outcome
+    assert "set compute.batch.adapt" in str(outcome["error"]) and "output.mode=resume" in str(outcome["error"])
+    assert 0 < _blocks_done(tmp_path / "kernels.zarr") < 64
+
+
+def test_batch_support_loads_off_the_main_thread_and_keeps_ctrl_c():
+    """dask-jobqueue installs a SIGINT handler on import; kernelmap's import keeps Python's own."""
+    code = (
+        "import signal, threading\n"
+        "from pipeline.cluster import _jobqueue\n"
+        "before = signal.getsignal(signal.SIGINT)\n"
+        "t = threading.Thread(target=_jobqueue); t.start(); t.join()\n"
+        "import sys; assert 'dask_jobqueue' in sys.modules\n"
+        "assert signal.getsignal(signal.SIGINT) is before is signal.default_int_handler\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
