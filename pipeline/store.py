@@ -258,7 +258,8 @@ def _records(group: zarr.Group, path: str) -> zarr.Array:
     if not isinstance(records, zarr.Array) or records.attrs.get("fields") != list(RECORD_FIELDS):
         raise OptionError(
             f"output.mode=resume: {path} has no block records this version of kernelmap can read, so "
-            "it was not written by this kernelmap run; use output.mode=overwrite or another output.path"
+            "its creation was interrupted or another program (or kernelmap version) wrote it; use "
+            "output.mode=overwrite or another output.path"
         )
     return records
 
@@ -342,7 +343,8 @@ def _runs(images: list[int]) -> list[tuple[int, int]]:
 
 def write_images(path: str, results: list[ImageResults]) -> None:
     """Write the diagnostics and models of several images: one write per variable and run of
-    consecutive images (each image is its own chunk, so the chunks of a run are written together)."""
+    consecutive images (``IMAGES_PER_CHUNK`` images share a chunk, so a group of finished images
+    costs about one chunk write per variable)."""
     if not results:
         return
     path = _location(path)

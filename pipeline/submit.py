@@ -167,20 +167,33 @@ def submit_job(job: JobConfig, *, log: Callable[[str], None] = print) -> Submiss
     return submission
 
 
+#: What the batch systems answer for a job they no longer know (finished and forgotten).
+_UNKNOWN_JOB = ("invalid job id", "unknown job", "do not exist", "does not exist")
+
+
 def _running(submission: Submission) -> bool:
-    """Whether the batch system still lists the job (pending, running or finishing)."""
+    """Whether the batch system still lists the job (pending, running or finishing).
+
+    Only a definite "unknown job" (or a listing without it) counts as ended;
+    a failing or slow command is asked again.
+    """
     if submission.system == "slurm":
         cmd = ["squeue", "-h", "-j", submission.job_id, "-o", "%T"]
     elif submission.system == "sge":
-        cmd = ["qstat", "-j", submission.job_id]  # exit status 1 once the job is gone
+        cmd = ["qstat", "-j", submission.job_id]
     else:
         cmd = ["qstat", submission.job_id]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         return True  # a busy batch system: ask again
+    except FileNotFoundError as exc:
+        raise BatchError(f"{cmd[0]} not found: following a {submission.system} job needs its commands "
+                         "on PATH") from exc
     if out.returncode != 0:
-        return False
+        if submission.system == "pbs" and out.returncode == 153:  # PBS's exit status for an unknown job
+            return False
+        return not any(text in (out.stderr + out.stdout).lower() for text in _UNKNOWN_JOB)
     if submission.system == "slurm":
         return bool(out.stdout.strip())
     if submission.system == "sge":

@@ -6,7 +6,7 @@ A tile of side ``size`` starting at row ``y0`` covers rows ``[y0, y0 + size)``
 and has its centre at ``y0 + (size - 1) / 2`` (pixel centres at integers).
 Tiles start every ``step`` pixels from 0; a remainder narrower than ``step``
 at the far edges is not covered.  Blocks are rectangles of ``by x bx`` tiles
-of one image: one task each, and one chunk of every output variable.
+of one image: one task each, and one chunk of ``kernel`` and of the block records.
 """
 
 from __future__ import annotations

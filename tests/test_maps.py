@@ -200,3 +200,17 @@ def test_integer_image_labels_are_labels_first_and_positions_inside(demo_map):
         expected = km.kernel_at(position, y, x)
         np.testing.assert_array_equal(relabelled.kernel_at(label, y, x), expected)
         np.testing.assert_allclose(relabelled.model_kernels().values[position, 1, 4], expected, rtol=1e-12, atol=1e-15)
+
+
+def test_report_names_what_is_wrong_with_its_store(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.report import write_report
+
+    with pytest.raises(InputError, match="cannot open .* as a Zarr store"):
+        write_report(tmp_path / "missing.zarr", tmp_path / "out")
+    xr.Dataset({"a": ("x", np.arange(3.0))}).to_zarr(tmp_path / "other.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(InputError, match="not a kernelmap kernel map"):
+        write_report(tmp_path / "other.zarr", tmp_path / "out")
+    with pytest.raises(InputError, match="is a URL: give --out"):
+        write_report("s3://bucket/kernels.zarr")
+    assert not (tmp_path / "out").exists()
