@@ -316,7 +316,15 @@ class _WorkerWatch(threading.Thread):
                     "set compute.batch.adapt (with worker_lifetime under the walltime) so that lost or "
                     "expired worker jobs are replaced, then run the job again with output.mode=resume"
                 )
-                self.client.cancel(list(self.waiting.values()))
+                for _ in range(10):  # the run's thread may be removing a finished one meanwhile
+                    try:
+                        left = list(self.waiting.values())
+                        break
+                    except RuntimeError:
+                        continue
+                else:
+                    left = []
+                self.client.cancel(left)
                 return
 
 
@@ -478,9 +486,15 @@ def run_job(
                 give_up = job.compute.scheduler_kind == "batch" and job.compute.batch.adapt is None
                 watch = stack.enter_context(_WorkerWatch(client, waiting, give_up, log))
                 for future in completed:
-                    if watch.error is not None:
-                        raise watch.error
-                    finished(block_of[future.key], future.result())
+                    try:
+                        if watch.error is not None:
+                            raise watch.error
+                        result = future.result()  # may wait for a recomputation, then be cancelled
+                    except Exception:
+                        if watch.error is not None:
+                            raise watch.error from None
+                        raise
+                    finished(block_of[future.key], result)
                     del waiting[future.key]
         else:
             workers = 1 if scheduler == "synchronous" else job.compute.n_workers * job.compute.threads_per_worker
