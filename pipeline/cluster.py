@@ -26,7 +26,8 @@ import dask
 from .config import JobConfig
 from .errors import KernelmapError, OptionError
 
-__all__ = ["WORKER_ENV", "BatchError", "batch_dir", "batch_options", "connect", "worker_job_script"]
+__all__ = ["WORKER_ENV", "BatchError", "batch_dir", "batch_options", "connect", "local_batch_dir",
+           "worker_job_script"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def batch_dir(output_path: str) -> str:
     return str(output_path).rstrip("/") + ".batch"
 
 
-def _local_batch_dir(job: JobConfig) -> Path | None:
+def local_batch_dir(job: JobConfig) -> Path | None:
+    """The job's ``<output>.batch`` folder as an absolute local path; ``None`` for a URL output."""
     path = str(job.output.path)
     if path.startswith("file://"):
         path = path[len("file://"):]
@@ -115,7 +117,7 @@ def batch_options(job: JobConfig) -> dict[str, Any]:
             extra += ["--lifetime-stagger", b.worker_lifetime_stagger]
         opts["worker_extra_args"] = extra
     if "log_directory" not in opts and dask.config.get(f"{section}.log-directory", None) is None:
-        logs = _local_batch_dir(job)
+        logs = local_batch_dir(job)
         if logs is not None:
             opts["log_directory"] = str(logs / "logs")
     opts.update(b.options)
@@ -215,7 +217,8 @@ def _submit_batch_workers(job: JobConfig, stack: ExitStack, log: Callable[[str],
     from distributed import Client
 
     system, b = job.compute.scheduler, job.compute.batch
-    script = worker_job_script(job)  # settings are checked before anything is submitted
+    # settings checked on a bare job first: a cluster object failing its own check is left half-made
+    script = worker_job_script(job)
     cluster_cls = getattr(_jobqueue(), BATCH_CLUSTERS[system])
     outcomes: list[Any] = []
     running: list[bool] = []
@@ -231,7 +234,7 @@ def _submit_batch_workers(job: JobConfig, stack: ExitStack, log: Callable[[str],
     except (ValueError, TypeError) as exc:
         raise _explain(exc, system) from exc
     stack.callback(_close_quietly, cluster)
-    here = _local_batch_dir(job)
+    here = local_batch_dir(job)
     where = f"{here / 'worker-job.sh'}" if here is not None else "shown by --dry-run"
     if here is not None:
         here.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError
+from .maps import read_kernel_map
 from .store import consolidate
 
 __all__ = ["MEASUREMENTS", "compare_maps", "compare_figure", "write_comparison"]
@@ -82,7 +83,7 @@ def write_comparison(a_path: str | os.PathLike[str], b_path: str | os.PathLike[s
     store = folder / "compare.zarr"
     if store.exists():
         raise InputError(f"{store} already exists: choose another --out folder or remove it")
-    diff = compare_maps(xr.open_zarr(a_path).load(), xr.open_zarr(b_path).load())
+    diff = compare_maps(read_kernel_map(a_path), read_kernel_map(b_path))
     diff.attrs.update(a=str(a_path), b=str(b_path))
     folder.mkdir(parents=True, exist_ok=True)
     diff.to_zarr(store, mode="w-", zarr_format=3, consolidated=False)

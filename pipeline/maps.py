@@ -11,16 +11,36 @@ accessor on :class:`xarray.Dataset`.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from . import flags as fl
+from .errors import InputError
 from .kernel_field import KernelField, polynomial_terms
 from .moments import adaptive_moments
 
-__all__ = ["KernelMap", "KernelMapAccessor", "decode_flags"]
+__all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "read_kernel_map"]
+
+
+def read_kernel_map(path: str | os.PathLike[str]) -> xr.Dataset:
+    """A kernel-map store's Dataset, loaded; an :class:`~pipeline.errors.InputError` naming the
+    problem when ``path`` is not a Zarr store or not a kernel map."""
+    where = os.fspath(path)
+    try:
+        with warnings.catch_warnings():  # a store without consolidated metadata is read all the same
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ds = xr.open_zarr(where)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise InputError(f"cannot open {where} as a Zarr store ({exc}): give the output.path of a "
+                         "kernelmap run") from exc
+    missing = [name for name in ("kernel", "fwhm", "quality_flag", "image") if name not in ds.variables]
+    if missing:
+        raise InputError(f"{where} is not a kernelmap kernel map (no {', '.join(missing)}): give the "
+                         "output.path of a kernelmap run")
+    return ds.load()
 
 
 class KernelMap:

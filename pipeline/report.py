@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import xarray as xr
 
 from . import flags as fl
 from .errors import InputError
+from .maps import read_kernel_map
 
 __all__ = ["FIGURES", "figures", "summary_table", "write_report"]
 
@@ -233,18 +233,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     if out is None and "://" in path:
         raise InputError(f"{path} is a URL: give --out, a local folder for the figures")
     folder = Path(out) if out is not None else Path(path.rstrip("/") + ".report")
-    try:
-        with warnings.catch_warnings():  # a store without consolidated metadata is read all the same
-            warnings.simplefilter("ignore", RuntimeWarning)
-            ds = xr.open_zarr(path)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise InputError(f"cannot open {path} as a Zarr store ({exc}): give the output.path of a "
-                         "kernelmap run") from exc
-    missing = [name for name in ("kernel", "fwhm", "quality_flag", "image") if name not in ds.variables]
-    if missing:
-        raise InputError(f"{path} is not a kernelmap kernel map (no {', '.join(missing)}): give the "
-                         "output.path of a kernelmap run")
-    ds = ds.load()
+    ds = read_kernel_map(path)
     folder.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
     figs = figures(ds, max_images=max_images)

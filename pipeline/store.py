@@ -350,7 +350,7 @@ def write_images(path: str, results: list[ImageResults]) -> None:
     path = _location(path)
     group = zarr.open_group(path, mode="r+")
     results = sorted(results, key=lambda r: r.image)
-    n_terms = group["model_coefficient"].shape[1]
+    coef = group["model_coefficient"]
     for start, stop in _runs([r.image for r in results]):
         part = results[start:stop]
         where = slice(part[0].image, part[-1].image + 1)
@@ -363,7 +363,7 @@ def write_images(path: str, results: list[ImageResults]) -> None:
             if name == "quality_flag":
                 values = values | np.stack([r.extra_flags for r in part]).astype(arr.dtype)
             arr[where] = values.astype(arr.dtype)
-        coefficients = np.full((len(part), n_terms, *group["model_coefficient"].shape[2:]), np.nan)
+        coefficients = np.full((len(part), *coef.shape[1:]), np.nan)
         scalars = {name: np.full(len(part), fill, dtype=dtype) for name, (dtype, fill, _) in MODEL_VARIABLES.items()}
         for j, r in enumerate(part):
             if r.field is None:
@@ -373,7 +373,7 @@ def write_images(path: str, results: list[ImageResults]) -> None:
                                 ("model_centre_y", r.field.centre[0]), ("model_centre_x", r.field.centre[1]),
                                 ("model_scale_y", r.field.scale[0]), ("model_scale_x", r.field.scale[1])):
                 scalars[name][j] = value
-        group["model_coefficient"][where] = coefficients
+        coef[where] = coefficients
         for name, values in scalars.items():
             group[name][where] = values
         residual = group["model_residual"]

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cluster import BatchError, batch_dir
+from .cluster import BatchError, local_batch_dir
 from .config import BATCH_SYSTEMS, JobConfig, dump_job
 from .errors import OptionError
 
@@ -59,14 +59,12 @@ def _system(job: JobConfig) -> str:
 
 
 def _folder(job: JobConfig) -> Path:
-    path = str(job.output.path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    if "://" in path:
+    folder = local_batch_dir(job)
+    if folder is None:
         raise OptionError(
             f"kernelmap submit keeps its script and log beside the output, which must then be a local "
             f"or shared path, not {job.output.path}")
-    return Path(os.path.abspath(os.path.expanduser(batch_dir(path))))
+    return folder
 
 
 def _directives(system: str, job: JobConfig, folder: Path) -> list[str]:

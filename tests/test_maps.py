@@ -119,7 +119,7 @@ def test_report_command_writes_pngs_and_an_index(demo_map, tmp_path, capsys):
 
     km, _ = demo_map
     out = tmp_path / "report"
-    assert main(["report", _store_path(km), "--out", str(out)]) == 0
+    assert main(["report", km.path, "--out", str(out)]) == 0
     assert f"report: {out / 'index.html'}" in capsys.readouterr().out
     index = (out / "index.html").read_text()
     for stem in ("fwhm", "ellipticity", "flux", "background", "residual", "flags", "trends", "kernels-0"):
@@ -128,10 +128,6 @@ def test_report_command_writes_pngs_and_an_index(demo_map, tmp_path, capsys):
         assert f'<img src="{stem}.png"' in index
     assert index.count("<tr>") == 1 + km.ds.sizes["image"]  # header + one row per image
     assert "epoch-2" in index and "model CV error" in index
-
-
-def _store_path(km) -> str:
-    return km.path
 
 
 def test_compare_gives_per_tile_differences(demo_map, tmp_path):
@@ -161,7 +157,7 @@ def test_compare_command(demo_map, tmp_path, capsys):
     from pipeline.cli import main
 
     km, _ = demo_map
-    path = _store_path(km)
+    path = km.path
     out = tmp_path / "cmp"
     assert main(["compare", path, path, "--out", str(out)]) == 0
     text = capsys.readouterr().out
