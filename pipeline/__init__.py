@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import InputError, KernelmapError, OptionError
-from .estimate import DEFAULT_METHOD, METHODS, KernelEstimates, estimate_kernel, estimate_kernels
+from .errors import BatchError, ConfigError, InputError, KernelmapError, OptionError
+from .core.estimate import DEFAULT_METHOD, METHODS, KernelEstimates, estimate_kernel, estimate_kernels
 
 try:
     __version__ = version("kernelmap")
@@ -18,11 +18,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 def __getattr__(name: str):
     # the job runner pulls in Dask, xarray and Zarr: imported only when asked for
     if name in ("run_job", "plan_job", "load_job"):
-        from . import config, run
+        from .job import config, run
 
         return {"run_job": run.run_job, "plan_job": run.plan_job, "load_job": config.load_job}[name]
     if name == "KernelMap":  # reading kernel maps needs xarray; importing it registers ds.kernelmap
-        from .maps import KernelMap
+        from .analysis.maps import KernelMap
 
         return KernelMap
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
@@ -42,4 +42,6 @@ __all__ = [
     "KernelmapError",
     "InputError",
     "OptionError",
+    "ConfigError",
+    "BatchError",
 ]

@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_job
-    from .run import plan_job, run_job
+    from .job.config import load_job
+    from .job.run import plan_job, run_job
 
     job = load_job(args.job, args.overrides)
     if args.dry_run:
@@ -72,8 +72,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from .config import load_job
-    from .submit import submission_script, submit_job, wait_for_job
+    from .job.config import load_job
+    from .job.submit import submission_script, submit_job, wait_for_job
 
     # flag values are text as given (quoted for the YAML parser: 2:00:00 stays 2:00:00)
     flags = [f"{key}={json.dumps(value)}" for key, value in vars(args).items()
@@ -91,7 +91,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .analysis.report import write_report
 
     index = write_report(args.store, args.out, max_images=args.max_images)
     print(f"report: {index}")
@@ -101,7 +101,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .compare import write_comparison
+    from .analysis.compare import write_comparison
 
     store, figure = write_comparison(args.a, args.b, args.out)
     import xarray as xr
@@ -116,15 +116,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from .config import dump_job, load_job
+    from .job.config import dump_job, load_job
 
     sys.stdout.write(dump_job(load_job(args.job, args.overrides)))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import demo_job, summarise_demo, write_demo_stack
-    from .run import run_job
+    from .sim.demo import demo_job, summarise_demo, write_demo_stack
+    from .job.run import run_job
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                              kernel_size=job.kernel.size, overwrite=True)
     summary = run_job(job)
     print(summarise_demo(summary.open_dataset(), truth))
-    from .report import write_report
+    from .analysis.report import write_report
 
     print(f"report (open it in a browser): {write_report(summary.path, folder / 'report')}")
     return 0

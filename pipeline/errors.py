@@ -6,7 +6,9 @@ which is itself a :class:`ValueError`, so callers can catch either.
 
 from __future__ import annotations
 
-__all__ = ["KernelmapError", "InputError", "OptionError"]
+from collections.abc import Sequence
+
+__all__ = ["KernelmapError", "InputError", "OptionError", "ConfigError", "BatchError"]
 
 
 class KernelmapError(ValueError):
@@ -19,3 +21,39 @@ class InputError(KernelmapError):
 
 class OptionError(KernelmapError):
     """An option has a value outside what is allowed."""
+
+
+class ConfigError(KernelmapError):
+    """A job configuration is invalid.
+
+    Parameters
+    ----------
+    errors
+        One line per problem, each ``"dotted.key: message"``.
+    source
+        The job file, when the configuration came from one.
+
+    Attributes
+    ----------
+    errors : list of str
+        The problems, in the order found.
+    source : str or None
+        The job file, if any.
+    """
+
+    def __init__(self, errors: Sequence[str] | str, *, source: str | None = None) -> None:
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid job configuration{where}:\n  " + "\n  ".join(self.errors))
+
+    def __reduce__(self):  # keep the keyword argument when pickled
+        return _rebuild_config_error, (self.errors, self.source)
+
+
+def _rebuild_config_error(errors: list[str], source: str | None) -> ConfigError:
+    return ConfigError(errors, source=source)
+
+
+class BatchError(KernelmapError):
+    """The batch system refused a job, did not answer, or its workers never came."""

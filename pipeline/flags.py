@@ -14,7 +14,7 @@ import numpy as np
 __all__ = ["Flag", "FLAGS", "FLAG_DTYPE", "NO_DATA", "NO_SIGNAL", "MASKED",
            "REGULARIZATION_AT_BOUND", "HIGH_RESIDUAL", "OUTLIERS_CLIPPED",
            "MOMENTS_FAILED", "KERNEL_TRUNCATED", "NON_POSITIVE_FLUX", "MODEL_OUTLIER", "BAD", "NOT_MODELLED",
-           "TRUNCATION_FRACTION", "cf_flag_attrs", "describe"]
+           "TRUNCATION_FRACTION", "cf_flag_attrs", "describe", "modelled", "model_outliers"]
 
 FLAG_DTYPE = np.uint16
 
@@ -55,6 +55,20 @@ TRUNCATION_FRACTION = 0.02
 BAD = NO_DATA | NO_SIGNAL
 #: Flags keeping a tile out of the smooth kernel-field model of its image.
 NOT_MODELLED = BAD | NON_POSITIVE_FLUX | HIGH_RESIDUAL
+
+
+def modelled(kernels: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Tiles that may enter their image's kernel-field model: a finite kernel, no :data:`NOT_MODELLED` flag.
+
+    ``kernels`` ``(..., k, k)``, ``flags`` ``(...)``.
+    """
+    finite = np.all(np.isfinite(kernels), axis=(-2, -1))
+    return finite & ((np.asarray(flags).astype(np.int64) & NOT_MODELLED) == 0)
+
+
+def model_outliers(rejected: np.ndarray) -> np.ndarray:
+    """The flags the kernel-field model adds: :data:`MODEL_OUTLIER` where it rejected a tile."""
+    return np.where(rejected, MODEL_OUTLIER, 0).astype(FLAG_DTYPE)
 
 
 def cf_flag_attrs() -> dict[str, object]:

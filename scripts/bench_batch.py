@@ -56,7 +56,7 @@ def _job(store: Path, out: Path, logs: Path, name: str) -> dict:
 
 
 def _blocks_done(path: Path) -> int:
-    from pipeline.store import completed_blocks
+    from pipeline.io.store import completed_blocks
 
     try:
         return int(completed_blocks(str(path)).sum())
@@ -102,8 +102,8 @@ def _identical(a: Path, b: Path) -> bool:
 
 
 def worker_jobs(store: Path, tmp: Path, kill: bool, blocks: int) -> dict:
-    from pipeline.config import job_from_dict
-    from pipeline.run import run_job
+    from pipeline.job.config import job_from_dict
+    from pipeline.job.run import run_job
 
     out = tmp / ("killed.zarr" if kill else "clean.zarr")
     data = _job(store, out, tmp / "logs", f"km-bench-{uuid.uuid4().hex[:6]}")
@@ -137,7 +137,7 @@ def whole_job(store: Path, tmp: Path) -> dict:
     import yaml
 
     from pipeline.cli import main
-    from pipeline.submit import Submission, wait_for_job
+    from pipeline.job.submit import Submission, wait_for_job
 
     out = tmp / "submitted.zarr"
     data = _job(store, out, tmp / "logs", "unused")

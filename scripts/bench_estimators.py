@@ -2,7 +2,7 @@
 """Speed and accuracy of the kernel estimators, measured side by side in one run.
 
 Survey tiles: 256x256, 21x21 kernels, simulated stars and galaxies with
-Poisson and read noise (``pipeline.simulate.survey_tile_pair``).  Prints tiles
+Poisson and read noise (``pipeline.sim.scenes.survey_tile_pair``).  Prints tiles
 per second (single process, 1 and 2 threads) and the median relative L2 error
 of each method, plus photutils' Fourier ratio (``make_kernel``) on the same
 tiles when photutils is installed, and the accuracy on the 8-bit photo case.
@@ -19,10 +19,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import pipeline as km
-from pipeline.lstsq import lstsq_kernels
-from pipeline.moments import adaptive_moments
-from pipeline.welch import welch_kernels
-from pipeline.simulate import blurred_photo, gaussian_kernel, motion_kernel, survey_tile_pair
+from pipeline.core.lstsq import lstsq_kernels
+from pipeline.core.moments import adaptive_moments
+from pipeline.core.welch import welch_kernels
+from pipeline.sim.scenes import blurred_photo, gaussian_kernel, motion_kernel, survey_tile_pair
 
 K = 21
 SIZE = 256

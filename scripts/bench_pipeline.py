@@ -7,14 +7,14 @@ kernel 21.  Generated once under ``--dir`` and reused when present.
 
 What it prints, in one run:
 
-1. the floor: the Welch core alone (:func:`pipeline.welch.welch_kernels`,
+1. the floor: the Welch core alone (:func:`pipeline.core.welch.welch_kernels`,
    float32, no diagnostics) over every 1024x1024 chunk -- read source and
    target with zarr, cut the 16 tiles, estimate, write the kernels to an
    output Zarr array -- with 2 Python threads over chunks (one thread per
    FFT/BLAS call); timed in-process, and as a whole separate process
    (``--floor-only``, imports included);
 2. ``kernelmap run``, Welch and the default method: (a) through
-   :func:`pipeline.run.run_job` with a running LocalCluster (2 worker
+   :func:`pipeline.job.run.run_job` with a running LocalCluster (2 worker
    processes x 1 thread) passed as ``client=``, on the small stack, against
    the in-process floor on the same pairs (target <= 1.2x for Welch); (b) the
    whole ``kernelmap run`` command (a subprocess, start-up included, Welch) on
@@ -26,7 +26,7 @@ What it prints, in one run:
 It also times the parts of one block (read, estimate with and without
 diagnostics, write), the set-up costs, and compares the worker environment
 with and without ``MALLOC_TRIM_THRESHOLD_`` (dask sets 65536 by default;
-``pipeline.run.WORKER_ENV`` replaces dask's default environment).
+``pipeline.job.run.WORKER_ENV`` replaces dask's default environment).
 
 Mpix/s counts image pixels of the pairs processed (one pair = 4096*4096 px).
 
@@ -150,7 +150,7 @@ def floor_run(store: str, out: str, threads: int = 2) -> float:
     import zarr
     from threadpoolctl import threadpool_limits
 
-    from pipeline.welch import welch_kernels
+    from pipeline.core.welch import welch_kernels
 
     t0 = time.perf_counter()
     g = zarr.open_group(store, mode="r")
@@ -274,7 +274,7 @@ def _mpix(pairs: int, seconds: float) -> float:
 
 
 def _job(store: Path, out: Path, method: str):
-    from pipeline.config import job_from_dict
+    from pipeline.job.config import job_from_dict
 
     return job_from_dict({
         "input": {"path": str(store)},
@@ -315,9 +315,9 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
     from threadpoolctl import threadpool_limits
 
     from pipeline import estimate_kernels
-    from pipeline.run import _attributes, _ImageFinisher, _process_block, plan_job
-    from pipeline.store import block_record, create_store, mark_complete, store_id, write_block
-    from pipeline.welch import welch_kernels
+    from pipeline.job.run import _attributes, _ImageFinisher, _process_block, plan_job
+    from pipeline.io.store import block_record, create_store, mark_complete, store_id, write_block
+    from pipeline.core.welch import welch_kernels
 
     out = tmp / "profile.zarr"
     floor_out = tmp / "profile-floor.zarr"
@@ -394,7 +394,7 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
 
 
 def start_cluster(worker_env: dict[str, str], env0: dict[str, str]):
-    """A LocalCluster like ``pipeline.run`` starts, with ``worker_env`` for its workers."""
+    """A LocalCluster like ``pipeline.job.run`` starts, with ``worker_env`` for its workers."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -424,7 +424,7 @@ def api_run(client, pids, job):
     """One run_job through ``client``: (seconds, peak RSS per worker, CPU delta, task stream summary)."""
     from distributed.utils import key_split
 
-    from pipeline.run import run_job
+    from pipeline.job.run import run_job
 
     for pid in pids:
         _reset_hwm(pid)
@@ -518,11 +518,11 @@ def main() -> int:
         subprocess.run([py, "-c", code], env=floor_env, check=True, cwd=str(ROOT))
         return time.perf_counter() - t
 
-    imp_floor = import_time("import zarr, threadpoolctl, pipeline.welch")
-    imp_cli = import_time("import pipeline.cli, pipeline.run, pipeline.config, distributed, xarray")
+    imp_floor = import_time("import zarr, threadpoolctl, pipeline.core.welch")
+    imp_cli = import_time("import pipeline.cli, pipeline.job.run, pipeline.job.config, distributed, xarray")
 
     # ---- (a) API with a running cluster, side by side with the in-process floor
-    import pipeline.run as prun
+    import pipeline.job.run as prun
 
     base_env = {k: str(v) for k, v in prun.WORKER_ENV.items() if k != TRIM}
     # unset: glibc's dynamic thresholds; 65536: dask's default; 256 MiB: raised

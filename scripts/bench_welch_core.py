@@ -1,4 +1,4 @@
-"""Time :func:`pipeline.welch.welch_kernels` and measure its accuracy.
+"""Time :func:`pipeline.core.welch.welch_kernels` and measure its accuracy.
 
 Synthetic data: white-noise sources convolved with an elliptical, off-centre
 Gaussian kernel (on a padded canvas, so tiles have no edge effects), with and
@@ -21,7 +21,7 @@ from scipy.signal import fftconvolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.welch import welch_kernels  # noqa: E402
+from pipeline.core.welch import welch_kernels  # noqa: E402
 
 
 def gaussian_kernel(size: int, *, sy: float = 2.0, sx: float = 2.6, dy: float = 0.7, dx: float = -0.4) -> np.ndarray:

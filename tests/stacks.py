@@ -10,7 +10,7 @@ import zarr
 from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
-from pipeline.simulate import gaussian_kernel
+from pipeline.sim.scenes import gaussian_kernel
 
 
 def tile_kernel(image: int, ty: int, tx: int, k: int) -> np.ndarray:

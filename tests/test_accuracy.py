@@ -12,8 +12,8 @@ from scipy.ndimage import binary_dilation
 
 import pipeline as km
 import pipeline.flags
-from pipeline.moments import adaptive_moments
-from pipeline.simulate import blurred_photo, gaussian_kernel, motion_kernel, survey_tile_pair
+from pipeline.core.moments import adaptive_moments
+from pipeline.sim.scenes import blurred_photo, gaussian_kernel, motion_kernel, survey_tile_pair
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -171,7 +171,7 @@ def test_shifted_kernels_are_as_accurate_as_centred_ones():
 @pytest.mark.slow
 def test_wings_penalty_keeps_the_flux_of_extended_kernels():
     """Moffat-like kernels: the compact amplitude term loses wing light, 'wings' keeps it."""
-    from pipeline.simulate import moffat_psf
+    from pipeline.sim.scenes import moffat_psf
 
     src, tgt, truth = survey_set(
         lambda rng, k: 0.9 * moffat_psf(k, fwhm=3.0 + rng.uniform(0.0, 0.3), beta=2.5, e1=0.05), 8, seed=12

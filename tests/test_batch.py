@@ -27,12 +27,13 @@ import yaml
 from stacks import make_stack
 
 from pipeline.cli import main
-from pipeline.cluster import BatchError, worker_job_script
-from pipeline.config import job_from_dict
+from pipeline.errors import BatchError
+from pipeline.job.executors import worker_job_script
+from pipeline.job.config import job_from_dict
 from pipeline.errors import OptionError
-from pipeline.run import plan_job, run_job
-from pipeline.store import completed_blocks
-from pipeline.submit import Submission, wait_for_job
+from pipeline.job.run import plan_job, run_job
+from pipeline.io.store import completed_blocks
+from pipeline.job.submit import Submission, wait_for_job
 
 REQUIRE_SLURM = os.environ.get("KERNELMAP_REQUIRE_SLURM") == "1"
 
@@ -139,7 +140,7 @@ def test_dry_run_shows_the_worker_job_script(tmp_path):
 def test_unset_batch_settings_come_from_the_dask_jobqueue_configuration(tmp_path):
     import dask
 
-    from pipeline.cluster import _jobqueue
+    from pipeline.job.executors import _jobqueue
 
     _jobqueue()  # its defaults must exist before the override (which is undone after)
 
@@ -158,7 +159,7 @@ def test_unset_batch_settings_come_from_the_dask_jobqueue_configuration(tmp_path
 
 
 def test_batch_text_settings_are_not_taken_for_yaml_numbers(tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.job.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"compute.batch.walltime: 7200 is a number.*quote it"):
         job_from_dict(job_dict(tmp_path), ["compute.batch.walltime=2:00:00"])  # YAML 1.1 reads seconds
@@ -411,9 +412,9 @@ def test_a_killed_run_with_worker_jobs_is_finished_by_resume(slurm, tmp_path):
 
 def test_a_run_whose_worker_jobs_all_end_stops_with_advice(slurm, tmp_path, monkeypatch):
     """Fixed jobs (no adapt) are not replaced: once none is left the run says so instead of hanging."""
-    import pipeline.run
+    import pipeline.job.run
 
-    monkeypatch.setattr(pipeline.run, "NO_WORKERS_GRACE", 3.0)
+    monkeypatch.setattr(pipeline.job.run, "NO_WORKERS_GRACE", 3.0)
     data = _slow_stack_job(tmp_path)
     data["compute"]["batch"]["jobs"] = 1
     thread, outcome = _run_in_thread(data)
@@ -432,7 +433,7 @@ def test_batch_support_loads_off_the_main_thread_and_keeps_ctrl_c():
     """dask-jobqueue installs a SIGINT handler on import; kernelmap's import keeps Python's own."""
     code = (
         "import signal, threading\n"
-        "from pipeline.cluster import _jobqueue\n"
+        "from pipeline.job.executors import _jobqueue\n"
         "before = signal.getsignal(signal.SIGINT)\n"
         "t = threading.Thread(target=_jobqueue); t.start(); t.join()\n"
         "import sys; assert 'dask_jobqueue' in sys.modules\n"

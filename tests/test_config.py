@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import yaml
 
-from pipeline.config import (
+from pipeline.job.config import (
     PENALTY_TERMS,
     ComputeConfig,
     ConfigError,
@@ -355,7 +355,7 @@ def test_estimator_options_are_accepted_by_the_estimators():
 
 
 def test_penalty_term_counts_match_the_estimator():
-    from pipeline.lstsq import PENALTIES, penalty_operators
+    from pipeline.core.lstsq import PENALTIES, penalty_operators
 
     assert tuple(PENALTY_TERMS) == PENALTIES
     assert tuple(LstsqKernel.model_fields["penalty"].annotation.__args__) == PENALTIES

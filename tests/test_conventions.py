@@ -197,7 +197,7 @@ def test_inputs_without_bad_pixels_are_not_written(method, dtype):
 
 @pytest.mark.parametrize("method", ["lstsq", "welch"])
 def test_truncated_and_non_positive_kernels_are_flagged(method):
-    from pipeline.simulate import gaussian_kernel
+    from pipeline.sim.scenes import gaussian_kernel
 
     rng = np.random.default_rng(5)
     source = gaussian_filter(rng.normal(size=(3, 128, 128)), 1.0) * 100
@@ -214,7 +214,7 @@ def test_truncated_and_non_positive_kernels_are_flagged(method):
                                                  (0.0, -0.2, -45.0), (0.1, 0.1, 22.5)])
 def test_position_angle_and_size_of_gaussian_kernels(e1, e2, angle):
     """Analytic truths: the major axis angle from +x towards +y; rotating by 90 degrees turns only the angle."""
-    from pipeline.simulate import gaussian_kernel
+    from pipeline.sim.scenes import gaussian_kernel
 
     rng = np.random.default_rng(9)
     source = gaussian_filter(rng.normal(size=(2, 160, 160)), 1.0) * 100

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.gram import dense_gram, design_rows, valid_gram
+from pipeline.core.gram import dense_gram, design_rows, valid_gram
 
 
 @settings(max_examples=30)

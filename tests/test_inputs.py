@@ -17,7 +17,7 @@ import zarr
 import zarr.errors
 
 from pipeline.errors import InputError
-from pipeline.inputs import Inputs, open_inputs
+from pipeline.io.inputs import Inputs, open_inputs
 
 N, NY, NX = 3, 24, 20
 CHUNKS = (1, 8, 10)

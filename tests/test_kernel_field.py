@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.kernel_field import fit_kernel_field, polynomial_terms
-from pipeline.simulate import gaussian_kernel
+from pipeline.core.field import fit_kernel_field, polynomial_terms
+from pipeline.sim.scenes import gaussian_kernel
 
 K = 9
 

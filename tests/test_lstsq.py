@@ -8,8 +8,8 @@ from scipy.signal import fftconvolve
 
 import pipeline as km
 from pipeline import flags as fl
-from pipeline.gram import design_rows
-from pipeline.lstsq import lstsq_kernels, penalty_operators
+from pipeline.core.gram import design_rows
+from pipeline.core.lstsq import lstsq_kernels, penalty_operators
 
 
 def noisy_pair(seed, size=64, k=7, noise=0.5):

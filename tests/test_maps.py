@@ -8,9 +8,9 @@ import xarray as xr
 
 import pipeline
 from pipeline import flags as fl
-from pipeline.demo import demo_job, model_against_truth, write_demo_stack
-from pipeline.kernel_field import fit_tiles, tile_weights
-from pipeline.run import run_job
+from pipeline.sim.demo import demo_job, model_against_truth, write_demo_stack
+from pipeline.core.field import fit_tiles, tile_weights
+from pipeline.job.run import run_job
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_a_dataset_without_a_model_is_refused(tmp_path):
 
 
 def test_report_figures_carry_their_panels_and_titles(demo_map):
-    from pipeline.report import FIGURES, figures
+    from pipeline.analysis.report import FIGURES, figures
 
     km, _ = demo_map
     ds = km.ds.load()
@@ -131,7 +131,7 @@ def test_report_command_writes_pngs_and_an_index(demo_map, tmp_path, capsys):
 
 
 def test_compare_gives_per_tile_differences(demo_map, tmp_path):
-    from pipeline.compare import compare_maps
+    from pipeline.analysis.compare import compare_maps
 
     km, _ = demo_map
     a = km.ds.load()
@@ -168,7 +168,7 @@ def test_compare_command(demo_map, tmp_path, capsys):
 
 
 def test_the_flag_table_round_trips_through_cf_attributes(demo_map):
-    from pipeline.maps import decode_flags
+    from pipeline.analysis.maps import decode_flags
 
     km, _ = demo_map
     ds = km.ds
@@ -200,7 +200,7 @@ def test_integer_image_labels_are_labels_first_and_positions_inside(demo_map):
 
 def test_report_names_what_is_wrong_with_its_store(tmp_path):
     from pipeline.errors import InputError
-    from pipeline.report import write_report
+    from pipeline.analysis.report import write_report
 
     with pytest.raises(InputError, match="cannot open .* as a Zarr store"):
         write_report(tmp_path / "missing.zarr", tmp_path / "out")

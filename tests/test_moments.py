@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import InputError, OptionError
-from pipeline.moments import FWHM_PER_SIGMA, Moments, adaptive_moments
+from pipeline.core.moments import FWHM_PER_SIGMA, Moments, adaptive_moments
 
 
 def sampled_gaussian(size: int, cov: np.ndarray, cy: float = 0.0, cx: float = 0.0,

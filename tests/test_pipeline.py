@@ -20,10 +20,10 @@ from stacks import make_stack
 
 from pipeline import flags as fl
 from pipeline.cli import main
-from pipeline.config import job_from_dict
+from pipeline.job.config import job_from_dict
 from pipeline.errors import OptionError
-from pipeline.run import plan_job, run_job
-from pipeline.store import completed_blocks
+from pipeline.job.run import plan_job, run_job
+from pipeline.io.store import completed_blocks
 
 K = 9
 TILE = 64
@@ -245,8 +245,8 @@ def test_plan_groups_tiles_into_chunk_aligned_blocks(tmp_path):
 
 
 def test_demo_command_runs_the_demo_job(tmp_path, capsys):
-    from pipeline.config import load_job
-    from pipeline.demo import demo_job
+    from pipeline.job.config import load_job
+    from pipeline.sim.demo import demo_job
 
     shipped = load_job(Path(__file__).parents[1] / "configs" / "demo.yaml")
     built_in = demo_job("demo-output")

@@ -1,4 +1,4 @@
-"""Tests of the textbook ratio estimator, :func:`pipeline.ratio.ratio_kernels`."""
+"""Tests of the textbook ratio estimator, :func:`pipeline.core.ratio.ratio_kernels`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scipy.signal import fftconvolve
 from kernels import circular_convolve, delta, l_kernel
 
 from pipeline.errors import OptionError
-from pipeline.ratio import RatioResult, ratio_kernels
+from pipeline.core.ratio import RatioResult, ratio_kernels
 
 
 @pytest.fixture(scope="module")

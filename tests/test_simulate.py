@@ -10,8 +10,8 @@ import scipy.ndimage
 from scipy.signal import fftconvolve
 
 from pipeline.errors import InputError, OptionError
-from pipeline.moments import FWHM_PER_SIGMA, adaptive_moments
-from pipeline.simulate import (
+from pipeline.core.moments import FWHM_PER_SIGMA, adaptive_moments
+from pipeline.sim.scenes import (
     SurveyPair,
     blurred_photo,
     gaussian_kernel,

@@ -1,4 +1,4 @@
-"""Tests of the Welch-style estimator, :func:`pipeline.welch.welch_kernels`."""
+"""Tests of the Welch-style estimator, :func:`pipeline.core.welch.welch_kernels`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from scipy.signal import fftconvolve
 from kernels import circular_convolve, l_kernel, rel_l2
 
 from pipeline.errors import OptionError
-from pipeline.welch import WelchResult, taper, welch_kernels
+from pipeline.core.welch import WelchResult, taper, welch_kernels
 
 
 def same_convolve(n: int, size: int, kernel: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import flags as fl
+from .. import flags as fl
 from .diagnostics import plain_centroids, residual_statistics
 from .gram import fit_region
 from .moments import FWHM_PER_SIGMA, adaptive_moments
-from .errors import InputError, OptionError
+from ..errors import InputError, OptionError
 from .lstsq import lstsq_kernels
 from .ratio import ratio_kernels
 from .validate import as_image_stack, bad_pixels, check_kernel_size
@@ -249,8 +249,8 @@ def estimate_kernels(
         FFT convolution per tile).  ``False`` leaves them NaN; the kernel,
         flux, background, shape and flags are always there.
     **options
-        Method options (see :func:`pipeline.lstsq.lstsq_kernels`,
-        :func:`pipeline.welch.welch_kernels`).
+        Method options (see :func:`pipeline.core.lstsq.lstsq_kernels`,
+        :func:`pipeline.core.welch.welch_kernels`).
 
     Returns
     -------

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from . import flags as fl
-from .errors import InputError
-from .kernel_field import KernelField, polynomial_terms
-from .moments import adaptive_moments
+from .. import flags as fl
+from ..errors import InputError
+from ..core.field import STORED, KernelField
+from ..core.moments import adaptive_moments
 
 __all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "read_kernel_map"]
 
@@ -74,22 +74,11 @@ class KernelMap:
 
     def _field_at(self, i: int) -> KernelField | None:
         ds = self.ds
-        degree = int(ds["model_degree"].values[i])
-        if degree < 0:
-            return None
-        n_terms = len(polynomial_terms(degree))
         flags = np.asarray(ds["quality_flag"].values[i]).astype(np.int64)
-        rejected = (flags & fl.MODEL_OUTLIER) != 0
         kernels = np.asarray(ds["kernel"].values[i])
-        used = np.all(np.isfinite(kernels), axis=(-2, -1)) & (flags & (fl.NOT_MODELLED | fl.MODEL_OUTLIER) == 0)
-        return KernelField(
-            degree=degree,
-            coefficients=np.asarray(ds["model_coefficient"].values[i, :n_terms], dtype=np.float64),
-            centre=(float(ds["model_centre_y"].values[i]), float(ds["model_centre_x"].values[i])),
-            scale=(float(ds["model_scale_y"].values[i]), float(ds["model_scale_x"].values[i])),
-            used=used.ravel(), rejected=rejected.ravel(),
-            cv_error=float(ds["model_cv_error"].values[i]), cv_errors={},
-        )
+        return KernelField.from_arrays({name: ds[name].values[i] for name in STORED},
+                                       used=fl.modelled(kernels, flags) & (flags & fl.MODEL_OUTLIER == 0),
+                                       rejected=(flags & fl.MODEL_OUTLIER) != 0)
 
     def kernel_at(self, image: Any, y: Any, x: Any) -> np.ndarray:
         """Model kernel(s) of ``image`` at input pixel position(s) ``(y, x)``: ``shape + (k, k)``.

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from . import flags as fl
-from .errors import InputError
+from .. import flags as fl
+from ..errors import InputError
 from .maps import read_kernel_map
 
 __all__ = ["FIGURES", "figures", "summary_table", "write_report"]

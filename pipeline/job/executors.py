@@ -4,7 +4,7 @@
 from the ``compute`` settings), the address of a running scheduler, a batch
 system (``slurm``, ``sge``, ``pbs``, ``lsf``, ``htcondor``: Dask workers as
 batch jobs through dask-jobqueue, imported only then), or ``threads`` /
-``synchronous`` (no cluster; :mod:`pipeline.run` runs blocks in threads).
+``synchronous`` (no cluster; :mod:`pipeline.job.run` runs blocks in threads).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import dask
 
 from .config import JobConfig
-from .errors import KernelmapError, OptionError
+from ..errors import BatchError, OptionError
 
 __all__ = ["WORKER_ENV", "BatchError", "batch_dir", "batch_options", "connect", "local_batch_dir",
            "worker_job_script"]
@@ -44,10 +44,6 @@ _CLUSTER_ONLY = ("scheduler_options", "silence_logs", "shared_temp_directory", "
 SUBMIT_TIMEOUT = 60.0
 #: The scheduler address written into a job script shown before any scheduler exists.
 _PLACEHOLDER_ADDRESS = "tcp://<scheduler-address>:8786"
-
-
-class BatchError(KernelmapError):
-    """The batch system refused a worker job, or its workers never came."""
 
 
 def _jobqueue() -> Any:

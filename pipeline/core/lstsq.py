@@ -3,7 +3,7 @@
 Unknowns: the ``k x k`` kernel and a constant background.  Only target pixels
 whose whole kernel footprint lies inside the tile and contains no bad pixel
 are fitted, so edges and bad pixels leave no artifact.  The normal equations
-come from :mod:`pipeline.gram` (FFT correlations plus exact boundary terms);
+come from :mod:`pipeline.core.gram` (FFT correlations plus exact boundary terms);
 bad pixels are removed from them as low-rank downdates.
 
 Regularisation adds ``sum_i mu_i ||D_i K||^2`` to the squared residual, with
@@ -52,9 +52,9 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import sparse
 
-from . import flags as fl
+from .. import flags as fl
 from ._lapack import cho_solve, cholesky, lower_solve
-from .errors import OptionError
+from ..errors import OptionError
 from .gram import design_rows, fft_shape, fit_region, valid_gram
 
 __all__ = ["PENALTIES", "LstsqResult", "lstsq_kernels", "penalty_operators"]

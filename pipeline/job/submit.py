@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cluster import BatchError, local_batch_dir
+from .executors import local_batch_dir
 from .config import BATCH_SYSTEMS, JobConfig, dump_job
-from .errors import OptionError
+from ..errors import BatchError, OptionError
 
 __all__ = ["Submission", "submission_script", "submit_job", "wait_for_job"]
 

@@ -30,10 +30,10 @@ import fsspec
 import numpy as np
 import zarr
 
-from . import flags as fl
-from .errors import OptionError
-from .kernel_field import KernelField, polynomial_terms
-from .tiles import Block, TileGrid
+from .. import flags as fl
+from ..errors import OptionError
+from ..core.field import KernelField, polynomial_terms
+from ..core.tiles import Block, TileGrid
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -368,11 +368,10 @@ def write_images(path: str, results: list[ImageResults]) -> None:
         for j, r in enumerate(part):
             if r.field is None:
                 continue
-            coefficients[j, : len(r.field.coefficients)] = r.field.coefficients
-            for name, value in (("model_degree", r.field.degree), ("model_cv_error", r.field.cv_error),
-                                ("model_centre_y", r.field.centre[0]), ("model_centre_x", r.field.centre[1]),
-                                ("model_scale_y", r.field.scale[0]), ("model_scale_x", r.field.scale[1])):
-                scalars[name][j] = value
+            values = r.field.to_arrays()
+            coefficients[j, : len(values["model_coefficient"])] = values["model_coefficient"]
+            for name in scalars:
+                scalars[name][j] = values[name]
         coef[where] = coefficients
         for name, values in scalars.items():
             group[name][where] = values

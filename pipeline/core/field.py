@@ -13,12 +13,14 @@ the fit repeated.  Pure NumPy.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.polynomial import legendre
 
-__all__ = ["KernelField", "fit_kernel_field", "fit_tiles", "polynomial_terms", "tile_weights"]
+__all__ = ["STORED", "KernelField", "fit_kernel_field", "fit_tiles", "polynomial_terms", "tile_weights"]
 
 
 def polynomial_terms(degree: int) -> list[tuple[int, int]]:
@@ -52,6 +54,40 @@ class KernelField:
         k = self.coefficients.shape[-1]
         values = _design(u, v, self.degree) @ self.coefficients.reshape(len(self.coefficients), -1)
         return values.reshape(*y.shape, k, k)
+
+    def to_arrays(self) -> dict[str, Any]:
+        """The model as the per-image values stored with a kernel map (names of :data:`STORED`)."""
+        return {
+            "model_degree": self.degree,
+            "model_coefficient": self.coefficients,
+            "model_cv_error": self.cv_error,
+            "model_centre_y": self.centre[0],
+            "model_centre_x": self.centre[1],
+            "model_scale_y": self.scale[0],
+            "model_scale_x": self.scale[1],
+        }
+
+    @classmethod
+    def from_arrays(cls, values: Mapping[str, Any], *, used: np.ndarray, rejected: np.ndarray) -> KernelField | None:
+        """The model of one image from its stored values (:meth:`to_arrays`); ``None`` where its
+        degree is negative (no model was fitted).  ``used``/``rejected`` come from the tiles' flags."""
+        degree = int(values["model_degree"])
+        if degree < 0:
+            return None
+        n_terms = len(polynomial_terms(degree))
+        return cls(
+            degree=degree,
+            coefficients=np.asarray(values["model_coefficient"], dtype=np.float64)[:n_terms],
+            centre=(float(values["model_centre_y"]), float(values["model_centre_x"])),
+            scale=(float(values["model_scale_y"]), float(values["model_scale_x"])),
+            used=np.asarray(used, dtype=bool).ravel(), rejected=np.asarray(rejected, dtype=bool).ravel(),
+            cv_error=float(values["model_cv_error"]), cv_errors={},
+        )
+
+
+#: Names of the values :meth:`KernelField.to_arrays` gives (the store's ``model_*`` variables).
+STORED = ("model_degree", "model_coefficient", "model_cv_error", "model_centre_y", "model_centre_x",
+          "model_scale_y", "model_scale_x")
 
 
 def _fit(a: np.ndarray, kernels: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import InputError, OptionError
+from ..errors import InputError, OptionError
 
 __all__ = ["FWHM_PER_SIGMA", "Moments", "adaptive_moments"]
 

@@ -16,7 +16,7 @@ from numbers import Integral
 import numpy as np
 import scipy.fft as sfft
 
-from pipeline.errors import InputError, OptionError
+from ..errors import InputError, OptionError
 
 __all__ = ["RatioResult", "ratio_kernels"]
 

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
 
-from pipeline.errors import InputError, OptionError
+from ..errors import InputError, OptionError
 
 __all__ = ["WelchResult", "welch_kernels", "taper"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .errors import InputError
+from ..errors import InputError
 from .maps import read_kernel_map
-from .store import consolidate
+from ..io.store import consolidate
 
 __all__ = ["MEASUREMENTS", "compare_maps", "compare_figure", "write_comparison"]
 

@@ -45,7 +45,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .errors import KernelmapError
+from ..errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -80,43 +80,6 @@ BATCH_SYSTEMS = ("slurm", "sge", "pbs", "lsf", "htcondor")
 _SECTIONS = ("input", "tiles", "kernel", "model", "output", "compute")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):[0-9]{1,5}$")
 _CHECKS = "kernelmap_checks"  # error type of the cross-field checks below
-
-
-class ConfigError(KernelmapError):
-    """A job configuration is invalid.
-
-    Parameters
-    ----------
-    errors
-        One line per problem, each ``"dotted.key: message"``.
-    source
-        The job file, when the configuration came from one.
-
-    Attributes
-    ----------
-    errors : list of str
-        The problems, in the order found.
-    source : str or None
-        The job file, if any.
-    """
-
-    def __init__(self, errors: Sequence[str] | str, *, source: str | None = None) -> None:
-        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
-        self.source = source
-        where = f" in {source}" if source else ""
-        super().__init__(f"invalid job configuration{where}:\n  " + "\n  ".join(self.errors))
-
-    def __reduce__(self):  # keep the keyword argument when pickled
-        return _rebuild_config_error, (self.errors, self.source)
-
-    @classmethod
-    def from_validation_error(cls, exc: ValidationError, *, source: str | None = None) -> ConfigError:
-        """Convert a pydantic error on :class:`JobConfig` to one line per problem."""
-        return cls(_format_errors(exc), source=source)
-
-
-def _rebuild_config_error(errors: list[str], source: str | None) -> ConfigError:
-    return ConfigError(errors, source=source)
 
 
 def _problems(*items: tuple[str, str]) -> PydanticCustomError:
@@ -208,7 +171,7 @@ class _KernelBase(BaseModel):
 
 
 class LstsqKernel(_KernelBase):
-    """Exact regularised least squares (:func:`pipeline.lstsq.lstsq_kernels`)."""
+    """Exact regularised least squares (:func:`pipeline.core.lstsq.lstsq_kernels`)."""
 
     method: Literal["lstsq"] = "lstsq"
     regularization: Literal["auto"] | _NonNegative | list[_NonNegative] = "auto"
@@ -238,7 +201,7 @@ class LstsqKernel(_KernelBase):
 
 
 class WelchKernel(_KernelBase):
-    """Welch-averaged cross/auto spectra (:func:`pipeline.welch.welch_kernels`)."""
+    """Welch-averaged cross/auto spectra (:func:`pipeline.core.welch.welch_kernels`)."""
 
     method: Literal["welch"] = "welch"
     segment_size: Int = 64
@@ -286,7 +249,7 @@ _KERNEL_ADAPTER: TypeAdapter[Any] = TypeAdapter(KernelConfig)
 
 
 class ModelConfig(BaseModel):
-    """The smooth model of the kernel field fitted to each image's tiles (see :mod:`pipeline.kernel_field`)."""
+    """The smooth model of the kernel field fitted to each image's tiles (see :mod:`pipeline.core.field`)."""
 
     model_config = _STRICT
 

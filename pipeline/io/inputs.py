@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:
     import dask.array as da

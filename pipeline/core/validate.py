@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from .errors import InputError, OptionError
+from ..errors import InputError, OptionError
 
 __all__ = ["check_kernel_size", "as_image_stack", "bad_pixels", "max_kernel_size"]
 

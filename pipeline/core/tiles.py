@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OptionError
+from ..errors import OptionError
 
 __all__ = ["TileGrid", "Block", "block_shape_for_chunks"]
 

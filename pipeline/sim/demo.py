@@ -10,7 +10,7 @@ independently, and the targets get a few NaN bad pixels.
 With ``u = x / (nx - 1)``, ``v = y / (ny - 1)``, ``X = 2u - 1``, ``Y = 2v - 1``
 (image pixel coordinates, centres at integers) the kernel of epoch ``i`` at
 ``(y, x)`` is ``gaussian_kernel(kernel_size, fwhm, e1, e2, dy_i, dx_i,
-flux_i)`` (see :mod:`pipeline.simulate`) with::
+flux_i)`` (see :mod:`pipeline.sim.scenes`) with::
 
     fwhm = 2.0 + 1.4 u + 0.3 (v - 0.5) + dfwhm_i
     e1   = 0.035 (X**2 - Y**2) + c1_i
@@ -24,7 +24,7 @@ with ``p ~ U(0, pi)``; the offset ``(dy_i, dx_i) = r (sin t, cos t)`` with
 ``r ~ U(0.1, 0.4)``, ``t ~ U(0, 2 pi)``; ``flux_i ~ U(0.9, 1.1)``; the
 background ``b_i ~ U(-20, 50)`` ADU.
 
-The field is applied piecewise constant (:func:`pipeline.simulate.convolve_varying`)
+The field is applied piecewise constant (:func:`pipeline.sim.scenes.convolve_varying`)
 on ``PATCH``-pixel blocks aligned with the image origin: light landing on
 pixel ``(y, x)`` went through the kernel at the block centre
 ``(PATCH floor(y / PATCH) + (PATCH - 1) / 2, ...)``
@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from pipeline.errors import InputError, OptionError
-from pipeline.simulate import (
+from ..errors import InputError, OptionError
+from .scenes import (
     MoffatPSF,
     add_noise,
     convolve_varying,
@@ -62,7 +62,7 @@ from pipeline.simulate import (
 )
 
 if TYPE_CHECKING:
-    from .config import JobConfig
+    from ..job.config import JobConfig
 
 __all__ = [
     "DemoTruth",
@@ -469,7 +469,7 @@ DEMO_JOB: dict = {
 
 def demo_job(folder: str | os.PathLike = "demo-output", overrides: Sequence[str] = ()) -> JobConfig:
     """The demo job with its stack and result inside ``folder``."""
-    from .config import job_from_dict
+    from ..job.config import job_from_dict
 
     data = {section: dict(values) for section, values in DEMO_JOB.items()}
     data["input"]["path"] = str(Path(folder) / "stack.zarr")
@@ -515,7 +515,7 @@ def summarise_demo(ds, truth: DemoTruth, *, positions: int = 3) -> str:
 def model_against_truth(ds, truth: DemoTruth) -> tuple[np.ndarray, np.ndarray]:
     """Median relative L2 error against the true kernels at the tile centres, per image:
     ``(tiles, model)``."""
-    from .maps import KernelMap
+    from ..analysis.maps import KernelMap
 
     yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
     tiles = np.asarray(ds["kernel"].values, dtype=np.float64)

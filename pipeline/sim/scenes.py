@@ -8,7 +8,7 @@ stamps, centre at ``(size // 2, size // 2)``, ``y`` rows and ``x`` columns, and
 Shapes are given as a FWHM and a distortion ``(e1, e2)``; the matching
 covariance has ``det(C) ** 0.25 = fwhm / FWHM_PER_SIGMA`` and
 ``e1 = (Cxx - Cyy) / (Cxx + Cyy)``, ``e2 = 2 Cxy / (Cxx + Cyy)``, which is what
-:func:`pipeline.moments.adaptive_moments` measures.
+:func:`pipeline.core.moments.adaptive_moments` measures.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import scipy.fft
 import scipy.ndimage
 import scipy.signal
 
-from pipeline.errors import InputError, OptionError
-from pipeline.moments import FWHM_PER_SIGMA
+from ..errors import InputError, OptionError
+from ..core.moments import FWHM_PER_SIGMA
 
 __all__ = [
     "CATALOG_DTYPE",

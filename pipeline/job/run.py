@@ -28,13 +28,13 @@ import dask
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import flags as fl
-from .cluster import WORKER_ENV, BatchError, connect, worker_job_script
+from .. import flags as fl
+from .executors import WORKER_ENV, connect, worker_job_script
 from .config import JobConfig, ModelConfig, dump_job, load_job
-from .errors import OptionError
-from .estimate import estimate_kernels
-from .inputs import InputReader, Inputs, open_inputs
-from .store import (
+from ..errors import BatchError, OptionError
+from ..core.estimate import estimate_kernels
+from ..io.inputs import InputReader, Inputs, open_inputs
+from ..io.store import (
     DIAGNOSTICS,
     IMAGES_PER_CHUNK,
     RECORD_FIELDS,
@@ -55,8 +55,8 @@ from .store import (
     write_block,
     write_images,
 )
-from .kernel_field import fit_tiles, tile_weights
-from .tiles import Block, TileGrid, block_shape_for_chunks
+from ..core.field import fit_tiles, tile_weights
+from ..core.tiles import Block, TileGrid, block_shape_for_chunks
 
 __all__ = ["WORKER_ENV", "Plan", "RunSummary", "plan_job", "run_job"]
 
@@ -253,14 +253,14 @@ class _ImageFinisher:
         records, kernels = self.records.pop(image), self.kernels.pop(image)
         field = {name: records[..., i] for i, name in enumerate(RECORD_FIELDS)}
         flags = field["quality_flag"].astype(np.int64)
-        usable = np.all(np.isfinite(kernels), axis=(-2, -1)) & (flags & fl.NOT_MODELLED == 0)
+        usable = fl.modelled(kernels, flags)
         with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend with workers
             model, residual, rejected = fit_tiles(
                 self.grid.centres_y, self.grid.centres_x, kernels, usable,
                 tile_weights(field["snr"], field["flux"]),
                 degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
             )
-        extra = np.where(rejected, fl.MODEL_OUTLIER, 0).astype(fl.FLAG_DTYPE)
+        extra = fl.model_outliers(rejected)
         self.pending.append(ImageResults(image, records, extra, model, residual))
         if len(self.pending) >= self.FLUSH_IMAGES or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
             self.flush()
@@ -382,7 +382,7 @@ def _prepare_output(plan: Plan, attrs: dict[str, Any], action: str,
 
 
 def _attributes(plan: Plan) -> dict[str, Any]:
-    from . import __version__
+    from .. import __version__
 
     job = plan.job
     return {

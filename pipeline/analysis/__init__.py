@@ -1,0 +1,1 @@
+"""Reading and looking at kernel maps: ``maps`` (KernelMap and ``ds.kernelmap``), ``report``, ``compare``."""

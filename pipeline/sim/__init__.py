@@ -1,0 +1,1 @@
+"""Simulated data: ``scenes`` (scenes, kernels, image pairs) and ``demo`` (the demo stack and job)."""
