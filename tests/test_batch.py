@@ -28,7 +28,7 @@ from stacks import make_stack
 
 from pipeline.cli import main
 from pipeline.errors import BatchError
-from pipeline.job.executors import worker_job_script
+from pipeline.job.batch import worker_job_script
 from pipeline.job.config import job_from_dict
 from pipeline.errors import OptionError
 from pipeline.job.run import plan_job, run_job
@@ -140,7 +140,7 @@ def test_dry_run_shows_the_worker_job_script(tmp_path):
 def test_unset_batch_settings_come_from_the_dask_jobqueue_configuration(tmp_path):
     import dask
 
-    from pipeline.job.executors import _jobqueue
+    from pipeline.job.batch import _jobqueue
 
     _jobqueue()  # its defaults must exist before the override (which is undone after)
 
@@ -433,7 +433,7 @@ def test_batch_support_loads_off_the_main_thread_and_keeps_ctrl_c():
     """dask-jobqueue installs a SIGINT handler on import; kernelmap's import keeps Python's own."""
     code = (
         "import signal, threading\n"
-        "from pipeline.job.executors import _jobqueue\n"
+        "from pipeline.job.batch import _jobqueue\n"
         "before = signal.getsignal(signal.SIGINT)\n"
         "t = threading.Thread(target=_jobqueue); t.start(); t.join()\n"
         "import sys; assert 'dask_jobqueue' in sys.modules\n"

@@ -29,7 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
-from .executors import WORKER_ENV, connect, worker_job_script
+from .executors import WORKER_ENV, connect
 from .config import JobConfig, ModelConfig, dump_job, load_job
 from ..errors import BatchError, OptionError
 from ..core.estimate import estimate_kernels
@@ -128,6 +128,8 @@ def _describe_compute(job: JobConfig) -> str:
     if c.scheduler in ("threads", "synchronous"):
         return f"dask {c.scheduler} scheduler in this process"
     if c.scheduler_kind == "batch":
+        from .batch import worker_job_script
+
         b = c.batch
         size = (f"adaptive, {b.adapt.minimum_jobs} to {b.adapt.maximum_jobs} jobs" if b.adapt
                 else f"{b.jobs} job(s)")

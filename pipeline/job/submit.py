@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .executors import local_batch_dir
+from .batch import local_batch_dir
 from .config import BATCH_SYSTEMS, JobConfig, dump_job
 from ..errors import BatchError, OptionError
 

@@ -1,0 +1,296 @@
+"""Dask workers as jobs of a batch system (Slurm, PBS, SGE, LSF, HTCondor) through dask-jobqueue.
+
+Imported only when ``compute.scheduler`` names a batch system.  The worker
+jobs are submitted before the output is touched: a refusal stops the run at
+once with the batch system's own message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import dask
+
+from ..errors import BatchError, OptionError
+from .config import JobConfig
+from .executors import WORKER_ENV
+
+__all__ = ["batch_dir", "batch_options", "local_batch_dir", "submit_workers", "worker_job_script"]
+
+logger = logging.getLogger(__name__)
+
+#: dask-jobqueue cluster class of each batch system.
+BATCH_CLUSTERS = {"slurm": "SLURMCluster", "sge": "SGECluster", "pbs": "PBSCluster", "lsf": "LSFCluster",
+                  "htcondor": "HTCondorCluster"}
+#: Keywords of the cluster classes that are not job settings.
+_CLUSTER_ONLY = ("scheduler_options", "silence_logs", "shared_temp_directory", "n_workers", "name")
+#: Seconds a batch system has to accept or refuse the worker jobs.
+SUBMIT_TIMEOUT = 60.0
+#: The scheduler address written into a job script shown before any scheduler exists.
+_PLACEHOLDER_ADDRESS = "tcp://<scheduler-address>:8786"
+
+
+def _jobqueue() -> Any:
+    """dask_jobqueue, imported without the SIGINT handler its ``runner`` module installs on import.
+
+    That handler turns Ctrl-C into ``sys.exit()`` for the whole process (so an
+    interrupted run could not say how to resume it), and installing it fails
+    outside the main thread, e.g. when a run is started from a thread.
+    """
+    if "dask_jobqueue" in sys.modules:
+        return sys.modules["dask_jobqueue"]
+    install = signal.signal
+    signal.signal = lambda signum, handler: signal.getsignal(signum)  # type: ignore[assignment]
+    try:
+        return importlib.import_module("dask_jobqueue")
+    finally:
+        signal.signal = install
+
+
+def batch_dir(output_path: str) -> str:
+    """Folder beside the output store for batch job scripts and logs (``<output>.batch``)."""
+    return str(output_path).rstrip("/") + ".batch"
+
+
+def local_batch_dir(job: JobConfig) -> Path | None:
+    """The job's ``<output>.batch`` folder as an absolute local path; ``None`` for a URL output."""
+    path = str(job.output.path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if "://" in path:
+        return None
+    return Path(os.path.abspath(os.path.expanduser(batch_dir(path))))
+
+
+def batch_options(job: JobConfig) -> dict[str, Any]:
+    """Keyword arguments for the dask-jobqueue cluster class of ``compute.scheduler``.
+
+    Only settings given in ``compute.batch`` are passed (dask-jobqueue's own
+    configuration supplies the rest), plus the worker environment, a worker
+    lifetime when asked, logs beside the output and a free dashboard port.
+    """
+    system = job.compute.scheduler
+    b = job.compute.batch
+    _jobqueue()  # its defaults join the dask configuration read below
+    opts: dict[str, Any] = {}
+    for key in ("queue", "walltime", "cores", "memory", "processes", "job_extra_directives",
+                "interface", "python", "local_directory", "log_directory"):
+        value = getattr(b, key)
+        if value is not None:
+            opts[key] = list(value) if isinstance(value, list) else value
+    if b.account is not None:
+        opts["project" if system in ("sge", "lsf") else "account"] = b.account
+    section = f"jobqueue.{system}"
+    prologue = b.job_script_prologue
+    if prologue is None:
+        prologue = dask.config.get(f"{section}.job-script-prologue", None) or []
+    env = ", ".join(f"'{k}': '{v}'" for k, v in WORKER_ENV.items())
+    opts["job_script_prologue"] = [
+        "export " + " ".join(f"{k}={v}" for k, v in WORKER_ENV.items()),
+        f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{{{env}}}"',
+        *prologue,
+    ]
+    if b.worker_lifetime is not None:
+        extra = dask.config.get(f"{section}.worker-extra-args", None) or []
+        extra = [*extra, "--lifetime", b.worker_lifetime]
+        if b.worker_lifetime_stagger is not None:
+            extra += ["--lifetime-stagger", b.worker_lifetime_stagger]
+        opts["worker_extra_args"] = extra
+    if "log_directory" not in opts and dask.config.get(f"{section}.log-directory", None) is None:
+        logs = local_batch_dir(job)
+        if logs is not None:
+            opts["log_directory"] = str(logs / "logs")
+    opts.update(b.options)
+    scheduler_options = {"dashboard_address": job.compute.dashboard_address or ":0",
+                         **dict(dask.config.get(f"{section}.scheduler-options", None) or {}),
+                         **dict(opts.pop("scheduler_options", None) or {})}
+    opts["scheduler_options"] = scheduler_options
+    return opts
+
+
+def _job_class(system: str):
+    module = _jobqueue()
+    return getattr(module, BATCH_CLUSTERS[system]).job_cls
+
+
+def _explain(exc: Exception, system: str) -> OptionError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "cores and memory" in text:
+        return OptionError(
+            f"compute.batch: {system} worker jobs need cores and memory per job: set compute.batch.cores "
+            "and compute.batch.memory (e.g. --set compute.batch.cores=1 --set compute.batch.memory=2GB), "
+            "or jobqueue.%s.cores/memory in your dask-jobqueue configuration" % system)
+    return OptionError(f"compute.batch: {system} worker jobs cannot be set up with these settings: {text}; "
+                       "check compute.batch (and compute.batch.options)")
+
+
+def worker_job_script(job: JobConfig, address: str = _PLACEHOLDER_ADDRESS) -> str:
+    """The batch script of one worker job, as dask-jobqueue writes it (nothing is started)."""
+    system = job.compute.scheduler
+    opts = {k: v for k, v in batch_options(job).items() if k not in _CLUSTER_ONLY}
+    try:
+        return _job_class(system)(scheduler=address, name="kernelmap-worker", **opts).job_script()
+    except (ValueError, TypeError) as exc:
+        raise _explain(exc, system) from exc
+
+
+class _Refused(RuntimeError):
+    """A worker job the batch system did not accept (reported by the run, not logged)."""
+
+
+class _HideRefusals(logging.Filter):
+    """Drops the tracebacks that asyncio and tornado log for refused submissions."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:
+            if isinstance(exc, _Refused):
+                return False
+            exc = exc.__cause__ or exc.__context__
+        return True
+
+
+def _recording(job_cls: type, outcomes: list[Any], running: list[bool]) -> type:
+    """``job_cls`` whose submissions are kept in ``outcomes``: a job id, or the exception.
+
+    dask-jobqueue submits from a callback that only logs a failure and then
+    waits for a worker that never comes; kept here, the run stops at once
+    with the batch system's message.  Once the run has workers (``running``
+    holds ``True``), a refused replacement job is a warning instead.
+    """
+
+    class RecordingJob(job_cls):  # type: ignore[misc, valid-type]
+        async def start(self):
+            try:
+                await super().start()
+            except Exception as exc:
+                from distributed.core import Status
+
+                outcomes.append(exc)
+                if running:
+                    logger.warning("the batch system refused a new worker job: %s", _submission_error(exc))
+                self.status = Status.failed  # nothing to stop: lets the cluster close at once
+                raise _Refused(str(exc)) from exc
+            outcomes.append(self.job_id)
+
+    RecordingJob.__name__ = RecordingJob.__qualname__ = job_cls.__name__
+    return RecordingJob
+
+
+def _submission_error(exc: BaseException) -> str:
+    """The batch system's own words from a failed submission."""
+    text = str(exc)
+    if "stderr:" in text:
+        text = text.split("stderr:", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(lines)[:500] or type(exc).__name__
+
+
+def submit_workers(job: JobConfig, stack: ExitStack, log: Callable[[str], None]) -> Callable[[], Any]:
+    """Submit the worker jobs and wait until the batch system has accepted (or refused) them.
+
+    Returns a function that gives a client once the first worker is up.  A
+    refused submission raises :class:`BatchError` with the batch system's
+    message, here or while waiting for workers; so does a batch system that
+    does not answer within ``SUBMIT_TIMEOUT`` seconds.
+    """
+    from distributed import Client
+
+    system, b = job.compute.scheduler, job.compute.batch
+    # settings checked on a bare job first: a cluster object failing its own check is left half-made
+    script = worker_job_script(job)
+    cluster_cls = getattr(_jobqueue(), BATCH_CLUSTERS[system])
+    outcomes: list[Any] = []
+    running: list[bool] = []
+    opts = batch_options(job)
+    if "log_directory" in opts:
+        Path(opts["log_directory"]).mkdir(parents=True, exist_ok=True)
+    hide = _HideRefusals()
+    for name in ("asyncio", "tornado.application", "distributed.deploy.spec"):
+        logging.getLogger(name).addFilter(hide)
+        stack.callback(logging.getLogger(name).removeFilter, hide)
+    try:
+        cluster = cluster_cls(job_cls=_recording(cluster_cls.job_cls, outcomes, running), **opts)
+    except (ValueError, TypeError) as exc:
+        raise _explain(exc, system) from exc
+    stack.callback(_close_quietly, cluster)
+    here = local_batch_dir(job)
+    where = f"{here / 'worker-job.sh'}" if here is not None else "shown by --dry-run"
+    if here is not None:
+        here.mkdir(parents=True, exist_ok=True)
+        (here / "worker-job.sh").write_text(cluster.job_script())
+        log(f"{system} worker job script: {where}")
+    else:
+        log(f"{system} worker job script:\n{script}")
+
+    def refused() -> BatchError | None:
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                return BatchError(
+                    f"{system} refused the worker job: {_submission_error(outcome)}. Check compute.batch "
+                    "(queue, account, walltime, cores, memory, job_extra_directives) against what the "
+                    f"cluster allows; the job script is {where}"
+                )
+        return None
+
+    if b.adapt is not None:
+        cluster.adapt(minimum_jobs=b.adapt.minimum_jobs, maximum_jobs=b.adapt.maximum_jobs)
+        expected = b.adapt.minimum_jobs
+        log(f"{system}: adaptive, {b.adapt.minimum_jobs} to {b.adapt.maximum_jobs} worker jobs")
+    else:
+        cluster.scale(jobs=b.jobs)
+        expected = b.jobs
+    deadline = time.monotonic() + SUBMIT_TIMEOUT
+    while len(outcomes) < expected:
+        if (error := refused()) is not None:
+            raise error
+        if time.monotonic() > deadline:
+            raise BatchError(
+                f"{system} did not answer the submission of {expected} worker job(s) within "
+                f"{SUBMIT_TIMEOUT:.0f} s: is the batch system up (e.g. sinfo, qstat)?")
+        time.sleep(0.05)
+    if (error := refused()) is not None:
+        raise error
+    if expected:
+        log(f"{system}: worker job(s) {', '.join(str(o) for o in outcomes)} submitted")
+
+    def client() -> Any:
+        c = stack.enter_context(Client(cluster))
+        t0 = last = time.monotonic()
+        limit = b.start_timeout
+        while not c.scheduler_info(n_workers=-1)["workers"]:
+            if (error := refused()) is not None:
+                raise error
+            now = time.monotonic()
+            if limit is not None and now - t0 > limit:
+                raise BatchError(
+                    f"no {system} worker came up within compute.batch.start_timeout ({limit:g} s): see the "
+                    f"worker job logs ({opts.get('log_directory', 'the log directory')}) and the queue")
+            if now - last >= 30:
+                last = now
+                log(f"{system}: waiting for the first worker job to start ({now - t0:.0f} s)")
+            time.sleep(0.2)
+        log(f"{system}: first worker up after {time.monotonic() - t0:.1f} s")
+        running.append(True)
+        return c
+
+    return client
+
+
+def _close_quietly(cluster: Any) -> None:
+    """Close a batch cluster; one whose jobs never started can fail to close (and has nothing to stop)."""
+    try:
+        cluster.close()
+    except Exception as exc:  # noqa: BLE001 - nothing left to clean up
+        logger.debug("closing the batch cluster: %r", exc)
+
+
