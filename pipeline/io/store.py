@@ -23,7 +23,7 @@ import threading
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,15 +237,35 @@ class Opening:
 
     ``action`` is ``create``, ``overwrite`` or ``resume``; ``refusal`` the error a
     run raises before it starts anything where ``output.mode`` forbids going on.
-    A resumable store comes with its identifier, its own blocks (its chunks) and
-    the ``(image, block_y, block_x)`` map of the blocks already recorded.
+    A resumable ``store`` comes with its identifier, its own blocks (its chunks)
+    and the ``(image, block_y, block_x)`` map of the blocks already recorded.
+    :meth:`open` carries the decision out.
     """
 
     action: str
+    store: OutputStore
     refusal: Exception | None = None
-    store: OutputStore | None = None
     block_tiles: tuple[int, int] | None = None
     done: np.ndarray | None = None
+
+    def open(self, layout: StoreLayout, attrs: dict[str, Any], *,
+             log: Callable[[str], None] = print) -> OutputStore:
+        """Create, replace or reopen the store as decided; returns it with its identifier.
+
+        Raises the refusal, if any, before touching anything.  ``layout`` and
+        ``attrs`` (root attributes) are those of a created store.
+        """
+        if self.refusal is not None:
+            raise self.refusal
+        store = self.store
+        if self.action == "resume":
+            done = self.done if self.done is not None else store.completed_blocks()
+            log(f"resuming {store.path}: {int(done.sum())} of {done.size} blocks already done, skipped")
+            return store
+        if self.action == "overwrite":
+            log(f"overwriting {store.path}")
+            store.remove()
+        return store.create(layout, attrs)
 
 
 #: Opened arrays of the stores this process writes blocks to: (location, store id) -> arrays.
@@ -310,34 +330,34 @@ class OutputStore:
         try:
             return self._opening(mode, fingerprint, input_identity)
         except Exception as exc:  # noqa: BLE001 - an unreadable store: the run raises it before it starts
-            return Opening(mode, refusal=exc)
+            return Opening(mode, self, refusal=exc)
 
     def _opening(self, mode: str, fingerprint: str, input_identity: str) -> Opening:
         if not self.exists():
-            return Opening("create")
+            return Opening("create", self)
         if mode == "create":
-            return Opening("create", refusal=OptionError(
+            return Opening("create", self, refusal=OptionError(
                 f"output.path {self.path} already exists and output.mode is 'create': nothing was changed. "
                 "Use output.mode=resume to finish an interrupted run of this job, or output.mode=overwrite "
                 "to replace it (e.g. --set output.mode=resume)"
             ))
         if mode != "resume":
-            return Opening(mode)
+            return Opening(mode, self)
         old = self.attrs()
         if old.get("kernelmap_fingerprint") != fingerprint:
-            return Opening("resume", refusal=OptionError(
+            return Opening("resume", self, refusal=OptionError(
                 f"output.mode=resume: {self.path} was made by a different configuration "
                 "(tiles, kernel, input or output dtype differ); run the same job again, or use "
                 "output.mode=overwrite or another output.path"
             ))
         if old.get("kernelmap_input") != input_identity:
-            return Opening("resume", refusal=OptionError(
+            return Opening("resume", self, refusal=OptionError(
                 f"output.mode=resume: {self.path} was made from different input data "
                 f"({json_attr(old.get('kernelmap_input'))[:200]}); use output.mode=overwrite or another "
                 "output.path"
             ))
         store = replace(self, id=str(old.get("kernelmap_store_id", "")))
-        return Opening("resume", store=store, block_tiles=store.block_tiles(), done=store.completed_blocks())
+        return Opening("resume", store, block_tiles=store.block_tiles(), done=store.completed_blocks())
 
     # ---- creating, opening
 

@@ -29,10 +29,11 @@ if TYPE_CHECKING:
     from ..core.tiles import Block
     from .blocks import BlockResult, BlockTask
 
-__all__ = ["WORKER_ENV", "WorkerWatch", "connect", "run_in_threads", "run_on_client"]
+__all__ = ["WORKER_ENV", "WaitingFutures", "WorkerWatch", "connect", "run_in_threads", "run_on_client"]
 
 #: Environment of worker processes: one thread per FFT/BLAS call inside tasks.  It replaces
-#: dask's default, whose ``MALLOC_TRIM_THRESHOLD_`` slows these tasks by a fifth to a half.
+#: dask's default, whose ``MALLOC_TRIM_THRESHOLD_`` slows these tasks (``scripts/bench_pipeline.py``
+#: compares both).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

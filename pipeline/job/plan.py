@@ -56,7 +56,7 @@ class Plan:
     @property
     def output(self) -> OutputStore:
         """The output store (with its identifier where a resumed one was read)."""
-        return self.opening.store or OutputStore(self.job.output.path)
+        return self.opening.store
 
     @property
     def asked_block_tiles(self) -> tuple[int, int]:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import OptionError
-from ..io.store import OutputStore
 from .blocks import BlockResult, BlockTask
 from .config import JobConfig, load_job
 from .executors import WORKER_ENV, connect, run_in_threads, run_on_client
@@ -107,7 +106,9 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
     flagged = 0
     with ExitStack() as stack:
         get_client = connect(job, stack, log) if client is None else None
-        store = _open_output(plan, attrs, log)
+        if plan.grid.block_tiles != plan.asked_block_tiles:
+            log("resuming with the store's blocks of {}x{} tiles".format(*plan.grid.block_tiles))
+        store = opening.open(plan.layout, attrs, log=log)
         bar = Progress(sum(b.n_tiles for b in pending), log, progress)
         finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
         finisher.add_stored(stored)
@@ -141,18 +142,3 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
         log(summary.describe())
     return summary
 
-
-def _open_output(plan: Plan, attrs: dict[str, Any], log: Callable[[str], None]) -> OutputStore:
-    """Create, replace or reopen the output store as the plan says; returns it with its identifier."""
-    store, action = plan.output, plan.opening.action
-    if action == "resume":
-        by, bx = plan.grid.block_tiles
-        if (by, bx) != plan.asked_block_tiles:
-            log(f"resuming with the store's blocks of {by}x{bx} tiles")
-        done = plan.done
-        log(f"resuming {store.path}: {int(done.sum())} of {done.size} blocks already done, skipped")
-        return store
-    if action == "overwrite":
-        log(f"overwriting {store.path}")
-        store.remove()
-    return store.create(plan.layout, attrs)
