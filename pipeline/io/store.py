@@ -13,6 +13,11 @@ from the records into the Dataset's variables, for groups of images at a time
 (``IMAGES_PER_CHUNK`` images share a chunk of those variables).  The root
 attribute ``kernelmap_status`` is ``"incomplete"`` until every block and every
 image's diagnostics are written, then ``"complete"``.
+
+:class:`OutputStore` is a store at a path: it decides how a run opens it
+under ``output.mode`` (:meth:`OutputStore.opening`, reading only), creates it,
+writes blocks (from any process: it travels as its path and identifier),
+reads blocks back, writes finished images and marks it complete.
 """
 
 from __future__ import annotations
@@ -373,10 +378,6 @@ class OutputStore:
         _create_variables(zarr.open_group(location, mode="r+"), layout)
         consolidate(location)
         return replace(self, id=store_id)
-
-    def open(self) -> OutputStore:
-        """The existing store with its identifier."""
-        return replace(self, id=str(self.attrs().get("kernelmap_store_id", "")))
 
     # ---- blocks
 
