@@ -56,10 +56,10 @@ def _job(store: Path, out: Path, logs: Path, name: str) -> dict:
 
 
 def _blocks_done(path: Path) -> int:
-    from pipeline.io.store import completed_blocks
+    from pipeline.io.store import OutputStore
 
     try:
-        return int(completed_blocks(str(path)).sum())
+        return int(OutputStore(str(path)).completed_blocks().sum())
     except Exception:  # noqa: BLE001 - not created yet, or a chunk caught mid-write
         return 0
 

@@ -315,8 +315,10 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
     from threadpoolctl import threadpool_limits
 
     from pipeline import estimate_kernels
-    from pipeline.job.run import _attributes, _ImageFinisher, _process_block, plan_job
-    from pipeline.io.store import block_record, create_store, mark_complete, store_id, write_block
+    from pipeline.io.store import block_record
+    from pipeline.job.blocks import BlockTask
+    from pipeline.job.finish import ImageFinisher
+    from pipeline.job.plan import plan_job
     from pipeline.core.welch import welch_kernels
 
     out = tmp / "profile.zarr"
@@ -328,9 +330,9 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
     plan = plan_job(job)
     ms["setup: plan_job (open inputs)"] = (time.perf_counter() - t) * 1e3
     t = time.perf_counter()
-    create_store(str(out), plan.layout, _attributes(plan))
+    output = plan.output.create(plan.layout, plan.attributes())
     ms["setup: create output store (first use: imports xarray)"] = (time.perf_counter() - t) * 1e3
-    sid = store_id(str(out))
+    task = BlockTask(plan.inputs.reader, plan.grid, job, output)
     kern = zarr.create_array(str(floor_out), shape=(1, 16, 16, KERNEL, KERNEL), chunks=(1, 4, 4, KERNEL, KERNEL),
                              dtype="float32", overwrite=True)
     g = zarr.open_group(str(store), mode="r")
@@ -340,7 +342,7 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
                             "estimate_kernels welch, diagnostics=False",
                             "estimate_kernels welch, diagnostics=True",
                             "write_block (kernel chunk + block record)", "floor write (kernel only)",
-                            "whole pipeline task (_process_block, diagnostics=False)")}
+                            "whole pipeline task (BlockTask, diagnostics=False)")}
     with threadpool_limits(1):
         # warm-up
         s0 = _cut(src_z[0, :CHUNK, :CHUNK])
@@ -359,11 +361,11 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
             res = estimate_kernels(st, rt, kernel_size=KERNEL, method="welch", workers=1)
             t5 = time.perf_counter()
             record = block_record({**res.as_dict(), "quality_flag": res.flags}, (4, 4))
-            write_block(str(out), b, res.kernels.reshape(4, 4, KERNEL, KERNEL), record, sid)
+            output.write_block(b, res.kernels.reshape(4, 4, KERNEL, KERNEL), record)
             t6 = time.perf_counter()
             kern[0, b.ty0:b.ty1, b.tx0:b.tx1] = core.kernels.reshape(4, 4, KERNEL, KERNEL).astype(np.float32)
             t7 = time.perf_counter()
-            _process_block(plan.inputs.reader, b, plan.grid, job, sid)
+            task(b)
             t8 = time.perf_counter()
             for key, dt in zip(acc, (t1 - t, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7)):
                 acc[key] += dt
@@ -377,13 +379,13 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
                 estimate_kernels(st, rt, kernel_size=KERNEL, workers=1, diagnostics=diag)
                 ms[f"estimate_kernels lstsq, diagnostics={diag}"] = (time.perf_counter() - t) * 1e3
     t = time.perf_counter()
-    done = np.zeros((plan.layout.n_images, *plan.grid.blocks_shape), dtype=bool)
-    done[0] = True
-    _ImageFinisher(str(out), plan.grid, done, job.model).flush()
+    finisher = ImageFinisher(output, plan.grid, plan.layout.n_images, job.model)
+    finisher.add_stored(blocks)  # image 0's blocks, read back from the store
+    finisher.flush()
     ms["setup: finish one image (read its results, fit its model, write diagnostics and model)"] = (
         time.perf_counter() - t) * 1e3
     t = time.perf_counter()
-    mark_complete(str(out))
+    output.mark_complete()
     ms["setup: mark_complete (consolidate)"] = (time.perf_counter() - t) * 1e3
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(floor_out, ignore_errors=True)
@@ -394,7 +396,7 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
 
 
 def start_cluster(worker_env: dict[str, str], env0: dict[str, str]):
-    """A LocalCluster like ``pipeline.job.run`` starts, with ``worker_env`` for its workers."""
+    """A LocalCluster like ``pipeline.job.executors`` starts, with ``worker_env`` for its workers."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -654,7 +656,7 @@ def main() -> int:
         if not key.startswith("setup"):
             print(f"  {key:<55} {v:8.1f}")
     core = prof["welch core (floor)"]
-    pipe = prof["whole pipeline task (_process_block, diagnostics=False)"]
+    pipe = prof["whole pipeline task (BlockTask, diagnostics=False)"]
     floor_blk = (prof["read source+target chunks"] + prof["cut tiles"] + core + prof["floor write (kernel only)"])
     diag = (prof["estimate_kernels welch, diagnostics=True"]
             - prof["estimate_kernels welch, diagnostics=False"])

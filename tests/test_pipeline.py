@@ -324,3 +324,120 @@ def test_welch_job_without_diagnostics(tmp_path):
     assert np.all(np.isfinite(ds["flux"].values)) and np.all(np.isfinite(ds["fwhm"].values))
     est, true = ds["kernel"].values, truth["kernels"]
     assert np.median(np.sqrt(((est - true) ** 2).sum(axis=(-2, -1)) / (true**2).sum(axis=(-2, -1)))) < 0.1
+
+
+def _lose_blocks(path: Path) -> None:
+    """As if a run with 2x2-tile blocks was killed: image 1's right-hand blocks and its diagnostics
+    were never written."""
+    group = zarr.open_group(str(path), mode="r+")
+    group["status/records"][1, :, 2:] = np.nan
+    group["kernel"][1, :, 2:] = np.nan
+    for name in ("flux", "fwhm", "quality_flag", "model_degree", "model_coefficient", "model_residual"):
+        group[name][1] = group[name].fill_value
+    group.attrs["kernelmap_status"] = "incomplete"
+
+
+def test_resume_dry_run_shows_the_stores_blocks_and_the_blocks_done(tmp_path, capsys):
+    make_stack(tmp_path / "stack.zarr", n_images=2)
+    run_job(job_from_dict(job_dict(tmp_path, compute={"block_tiles": 2})), progress=False)
+    _lose_blocks(tmp_path / "kernels.zarr")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(tmp_path)))  # blocks of 1x1 tile (the input's chunks)
+    before = tree_digest(tmp_path / "kernels.zarr")
+    assert main(["run", str(job_file), "--dry-run", "--set", "output.mode=resume"]) == 0
+    plan = capsys.readouterr().out
+    assert "blocks     2x2 tiles each: 2x2 per image, 8 tasks" in plan  # the store's, not the job's 1x1
+    assert ("resume     6 of 8 blocks already done, skipped; the store's own blocks of 2x2 tiles are kept "
+            "(compute.block_tiles asks for 1x1)") in plan
+    assert "chunks (1, 2, 2, 9, 9)" in plan
+    assert main(["run", str(job_file), "--dry-run"]) == 0  # mode create: the run would refuse, and says so
+    plan = capsys.readouterr().out
+    assert "blocks     1x1 tiles each: 3x3 per image, 18 tasks" in plan
+    assert "refused    output.path" in plan and "already exists and output.mode is 'create'" in plan
+    assert "\nresume " not in plan
+    assert tree_digest(tmp_path / "kernels.zarr") == before  # a dry run writes nothing
+    plan = plan_job(job_from_dict(job_dict(tmp_path, compute={"block_tiles": 2}, output={"mode": "resume"})))
+    assert plan.grid.block_tiles == (2, 2) and plan.asked_block_tiles == (2, 2)
+    assert plan.done.sum() == 6 and not plan.done[1, :, 1].any()
+    assert "(compute.block_tiles asks" not in plan.describe()
+
+
+def test_resume_of_another_configuration_is_refused_in_the_dry_run_and_before_anything_starts(tmp_path, capsys):
+    make_stack(tmp_path / "stack.zarr")
+    run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    before = tree_digest(tmp_path / "kernels.zarr")
+    other = job_dict(tmp_path, kernel={"size": 7}, output={"mode": "resume"},
+                     compute={"scheduler": "local", "n_workers": 1})
+    plan = plan_job(job_from_dict(other))
+    assert "refused    output.mode=resume:" in plan.describe() and "different configuration" in plan.describe()
+    started = []
+    with pytest.raises(OptionError, match="different configuration"):
+        plan.execute(progress=False, log=started.append)
+    assert started == [] and tree_digest(tmp_path / "kernels.zarr") == before
+
+
+@pytest.mark.parametrize("block_tiles", [1, 2])
+def test_resumed_run_finishes_stored_blocks_through_the_same_path(tmp_path, monkeypatch, block_tiles):
+    """Blocks already in the store go through ``ImageFinisher.add`` like computed ones, whatever
+    ``compute.block_tiles`` says now; the result equals the uninterrupted run's."""
+    from pipeline.job.finish import ImageFinisher
+
+    make_stack(tmp_path / "stack.zarr", n_images=2)
+    run_job(job_from_dict(job_dict(tmp_path, compute={"block_tiles": 2})), progress=False)
+    first = open_result(tmp_path / "kernels.zarr")
+    _lose_blocks(tmp_path / "kernels.zarr")
+    added = []
+    original = ImageFinisher.add
+
+    def add(self, block, record, kernels):
+        added.append((block.image, block.by, block.bx, record.shape, kernels.shape))
+        original(self, block, record, kernels)
+
+    monkeypatch.setattr(ImageFinisher, "add", add)
+    job = job_from_dict(job_dict(tmp_path, compute={"block_tiles": block_tiles}, output={"mode": "resume"}))
+    summary = run_job(job, progress=False)
+    assert summary.blocks_skipped == 6 and summary.blocks_computed == 2
+    assert summary.tiles_skipped == 15 and summary.tiles_computed == 3
+    fields = len(zarr.open_array(str(tmp_path / "kernels.zarr" / "status" / "records"), mode="r").attrs["fields"])
+
+    def shape(by: int, bx: int) -> tuple[int, int]:  # blocks of 2x2 tiles on 3x3 tiles
+        return (2 if by == 0 else 1, 2 if bx == 0 else 1)
+
+    expected = [(image, by, bx, (*shape(by, bx), fields), (*shape(by, bx), K, K))
+                for image in range(2) for by in range(2) for bx in range(2)]
+    assert sorted(added) == expected  # every block once, with the store's blocks
+    assert {a[:3] for a in added[-2:]} == {(1, 0, 1), (1, 1, 1)}  # the stored ones first, then those computed
+    resumed = open_result(tmp_path / "kernels.zarr")
+    assert resumed.attrs["kernelmap_status"] == "complete"
+    xr.testing.assert_identical(resumed.drop_attrs(), first.drop_attrs())
+
+
+def test_worker_watch_cancels_what_is_left_once_no_worker_comes_back():
+    """Without workers for ``give_up_after`` seconds the watch cancels the futures not yet read (the
+    run's thread removes read ones meanwhile) and holds the advice the run raises."""
+    from types import SimpleNamespace
+
+    from pipeline.errors import BatchError
+    from pipeline.job.executors import WaitingFutures, WorkerWatch
+
+    class Client:
+        cancelled: list = []
+
+        def scheduler_info(self, n_workers):
+            return {"workers": {}}
+
+        def cancel(self, futures):
+            self.cancelled.extend(futures)
+
+    futures = [SimpleNamespace(key=f"kernelmap-block-0-0-{i}") for i in range(5)]
+    waiting = WaitingFutures(futures)
+    waiting.remove(futures[0].key)
+    lines = []
+    client = Client()
+    with WorkerWatch(client, waiting, 0.5, lines.append) as watch:
+        deadline = time.monotonic() + 20
+        while watch.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert isinstance(watch.error, BatchError) and "(4 blocks left)" in str(watch.error)
+    assert client.cancelled == futures[1:] and len(waiting) == 4
+    assert lines and lines[0].startswith("no workers connected for 0 s")

@@ -1,6 +1,6 @@
 """The output store: a kernel-map Dataset in Zarr, written block by block.
 
-Layout (see DESIGN.md): ``kernel(image, y, x, ky, kx)`` and per-tile
+Layout (see docs/conventions.md): ``kernel(image, y, x, ky, kx)`` and per-tile
 diagnostics on ``(image, y, x)``, coordinates ``image``, ``y``, ``x`` (tile
 centres), ``ky``, ``kx`` (kernel offsets).  Every block of tiles owns exactly
 one chunk of ``kernel`` and one chunk of ``status/records`` ``(image, y, x,
@@ -13,16 +13,23 @@ from the records into the Dataset's variables, for groups of images at a time
 (``IMAGES_PER_CHUNK`` images share a chunk of those variables).  The root
 attribute ``kernelmap_status`` is ``"incomplete"`` until every block and every
 image's diagnostics are written, then ``"complete"``.
+
+:class:`OutputStore` is a store at a path: it decides how a run opens it
+under ``output.mode`` (:meth:`OutputStore.opening`, reading only), creates it,
+writes blocks (from any process: it travels as its path and identifier),
+reads blocks back, writes finished images and marks it complete.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 import uuid
 import warnings
-from dataclasses import dataclass
-from functools import lru_cache
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +45,8 @@ from ..core.tiles import Block, TileGrid
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["DIAGNOSTICS", "MODEL_VARIABLES", "RECORD_FIELDS", "StoreLayout", "block_record", "create_store",
-           "completed_blocks", "ImageResults", "read_kernels", "read_records", "stored_block_tiles",
-           "write_block", "write_images", "mark_complete",
-           "store_exists", "remove_store"]
+__all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
+           "OutputStore", "StoreLayout", "block_record", "completed_blocks", "consolidate", "json_attr"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -211,97 +216,6 @@ def _location(path: str) -> str:
     return text
 
 
-def store_exists(path: str) -> bool:
-    """Whether anything already exists at ``path`` (a local path or an fsspec URL)."""
-    path = _location(path)
-    if "://" not in str(path):
-        return Path(path).exists()
-    fs, root = fsspec.core.url_to_fs(str(path))
-    return bool(fs.exists(root))
-
-
-def remove_store(path: str) -> None:
-    """Delete an existing output store (a local path or an fsspec URL)."""
-    path = _location(path)
-    if "://" in str(path):
-        fs, root = fsspec.core.url_to_fs(str(path))
-        fs.rm(root, recursive=True)
-        return
-    p = Path(path)
-    if p.is_dir():
-        shutil.rmtree(p)
-    elif p.exists():
-        p.unlink()
-
-
-def create_store(path: str, layout: StoreLayout, attrs: dict[str, Any]) -> None:
-    """Write the empty store: coordinates, attributes, variable metadata and the block records."""
-    path = _location(path)
-    ds = _coordinates(layout, {**attrs, "kernelmap_status": "incomplete",
-                               "kernelmap_store_id": uuid.uuid4().hex})
-    ds.to_zarr(path, mode="w-", consolidated=False, zarr_format=3)
-    _create_variables(zarr.open_group(path, mode="r+"), layout)
-    consolidate(path)
-
-
-def read_attrs(path: str) -> dict[str, Any]:
-    """Root attributes of an existing output store."""
-    path = _location(path)
-    return dict(zarr.open_group(path, mode="r").attrs)
-
-
-def _records(group: zarr.Group, path: str) -> zarr.Array:
-    try:
-        records = group[f"{STATUS_GROUP}/{RECORDS_ARRAY}"]
-    except KeyError:
-        records = None
-    if not isinstance(records, zarr.Array) or records.attrs.get("fields") != list(RECORD_FIELDS):
-        raise OptionError(
-            f"output.mode=resume: {path} has no block records this version of kernelmap can read, so "
-            "its creation was interrupted or another program (or kernelmap version) wrote it; use "
-            "output.mode=overwrite or another output.path"
-        )
-    return records
-
-
-def completed_blocks(path: str) -> np.ndarray:
-    """``(image, block_y, block_x)`` bool: blocks whose record is written."""
-    path = _location(path)
-    records = _records(zarr.open_group(path, mode="r"), path)
-    by, bx = records.chunks[1:3]
-    written = np.asarray(records[:, ::by, ::bx, 0])
-    return written == 1
-
-
-def stored_block_tiles(path: str) -> tuple[int, int]:
-    """``(by, bx)`` tiles per block of an existing store (its chunks of ``kernel``)."""
-    path = _location(path)
-    records = _records(zarr.open_group(path, mode="r"), path)
-    return int(records.chunks[1]), int(records.chunks[2])
-
-
-def read_records(path: str, image: int) -> np.ndarray:
-    """``(y, x, field)`` records of one image's tiles (NaN where a block is not written)."""
-    path = _location(path)
-    return np.asarray(_records(zarr.open_group(path, mode="r"), path)[image])
-
-
-@lru_cache(maxsize=4)
-def _arrays(path: str, store_id: str) -> dict[str, zarr.Array]:
-    """The arrays blocks write, opened once per process and store: their metadata is read once.
-
-    ``store_id`` (set when the store is created) keys the cache, so a store
-    replaced at the same path is opened afresh.
-    """
-    group = zarr.open_group(path, mode="r+")
-    return {name: group[name] for name in ("kernel", f"{STATUS_GROUP}/{RECORDS_ARRAY}")}
-
-
-def store_id(path: str) -> str:
-    """The identifier given to the store when it was created."""
-    return str(read_attrs(path).get("kernelmap_store_id", ""))
-
-
 def block_record(results: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     """``(ny, nx, field)`` record of a block's tiles from per-tile results (raster order)."""
     record = np.empty((*shape, len(RECORD_FIELDS)), dtype=np.float64)
@@ -309,19 +223,6 @@ def block_record(results: dict[str, np.ndarray], shape: tuple[int, int]) -> np.n
     for i, name in enumerate(DIAGNOSTICS, start=1):
         record[..., i] = np.asarray(results[name], dtype=np.float64).reshape(shape)
     return record
-
-
-def write_block(path: str, block: Block, kernels: np.ndarray, record: np.ndarray, store: str = "") -> None:
-    """Write one block's kernels ``(ny, nx, k, k)`` into its chunk, then its record.
-
-    ``store`` is the store's identifier (:func:`store_id`), for reusing opened arrays.
-    """
-    path = _location(path)
-    arrays = _arrays(path, store) if store else _arrays.__wrapped__(path, store)
-    region = (block.image, slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
-    kern = arrays["kernel"]
-    kern[region] = kernels.astype(kern.dtype, copy=False)
-    arrays[f"{STATUS_GROUP}/{RECORDS_ARRAY}"][region] = record
 
 
 @dataclass(frozen=True)
@@ -335,61 +236,286 @@ class ImageResults:
     residual: np.ndarray  #: ``(y, x)`` tile-versus-model residual
 
 
+@dataclass(frozen=True, eq=False)
+class Opening:
+    """How a run opens its output store, decided from ``output.mode`` and what exists (reading only).
+
+    ``action`` is ``create``, ``overwrite`` or ``resume``; ``refusal`` the error a
+    run raises before it starts anything where ``output.mode`` forbids going on.
+    A resumable ``store`` comes with its identifier, its own blocks (its chunks)
+    and the ``(image, block_y, block_x)`` map of the blocks already recorded.
+    :meth:`open` carries the decision out.
+    """
+
+    action: str
+    store: OutputStore
+    refusal: Exception | None = None
+    block_tiles: tuple[int, int] | None = None
+    done: np.ndarray | None = None
+
+    def open(self, layout: StoreLayout, attrs: dict[str, Any], *,
+             log: Callable[[str], None] = print) -> OutputStore:
+        """Create, replace or reopen the store as decided; returns it with its identifier.
+
+        Raises the refusal, if any, before touching anything.  ``layout`` and
+        ``attrs`` (root attributes) are those of a created store.
+        """
+        if self.refusal is not None:
+            raise self.refusal
+        store = self.store
+        if self.action == "resume":
+            done = self.done if self.done is not None else store.completed_blocks()
+            log(f"resuming {store.path}: {int(done.sum())} of {done.size} blocks already done, skipped")
+            return store
+        if self.action == "overwrite":
+            log(f"overwriting {store.path}")
+            store.remove()
+        return store.create(layout, attrs)
+
+
+#: Opened arrays of the stores this process writes blocks to: (location, store id) -> arrays.
+_OPENED: OrderedDict[tuple[str, str], dict[str, zarr.Array]] = OrderedDict()
+_OPENED_LOCK = threading.Lock()
+_OPENED_MAX = 4
+
+
+@dataclass(frozen=True)
+class OutputStore:
+    """The kernel-map store at ``path`` (a local path or an fsspec URL).
+
+    Only its path and identifier travel with it (tasks carry it to write their
+    blocks); ``id`` is the ``kernelmap_store_id`` given at creation, empty for a
+    store not yet created or opened (:meth:`create`, :meth:`open`).
+    """
+
+    path: str
+    id: str = ""
+
+    @property
+    def location(self) -> str:
+        """Where Zarr opens it: ``file://`` URLs as plain paths, other URLs as given."""
+        return _location(self.path)
+
+    # ---- existence, attributes
+
+    def exists(self) -> bool:
+        """Whether anything already exists at the path."""
+        location = self.location
+        if "://" not in location:
+            return Path(location).exists()
+        fs, root = fsspec.core.url_to_fs(location)
+        return bool(fs.exists(root))
+
+    def remove(self) -> None:
+        """Delete what exists at the path."""
+        location = self.location
+        if "://" in location:
+            fs, root = fsspec.core.url_to_fs(location)
+            fs.rm(root, recursive=True)
+            return
+        p = Path(location)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes."""
+        return dict(zarr.open_group(self.location, mode="r").attrs)
+
+    # ---- the output-mode policy
+
+    def opening(self, mode: str, *, fingerprint: str, input_identity: str) -> Opening:
+        """Decide how a run with ``output.mode`` ``mode`` opens this store, reading only.
+
+        ``fingerprint`` and ``input_identity`` are the ``kernelmap_fingerprint``
+        and ``kernelmap_input`` attributes the run would write; a store is resumed
+        only where both match.  Nothing raises here: a refusal is returned.
+        """
+        try:
+            return self._opening(mode, fingerprint, input_identity)
+        except Exception as exc:  # noqa: BLE001 - an unreadable store: the run raises it before it starts
+            return Opening(mode, self, refusal=exc)
+
+    def _opening(self, mode: str, fingerprint: str, input_identity: str) -> Opening:
+        if not self.exists():
+            return Opening("create", self)
+        if mode == "create":
+            return Opening("create", self, refusal=OptionError(
+                f"output.path {self.path} already exists and output.mode is 'create': nothing was changed. "
+                "Use output.mode=resume to finish an interrupted run of this job, or output.mode=overwrite "
+                "to replace it (e.g. --set output.mode=resume)"
+            ))
+        if mode != "resume":
+            return Opening(mode, self)
+        old = self.attrs()
+        if old.get("kernelmap_fingerprint") != fingerprint:
+            return Opening("resume", self, refusal=OptionError(
+                f"output.mode=resume: {self.path} was made by a different configuration "
+                "(tiles, kernel, input or output dtype differ); run the same job again, or use "
+                "output.mode=overwrite or another output.path"
+            ))
+        if old.get("kernelmap_input") != input_identity:
+            return Opening("resume", self, refusal=OptionError(
+                f"output.mode=resume: {self.path} was made from different input data "
+                f"({json_attr(old.get('kernelmap_input'))[:200]}); use output.mode=overwrite or another "
+                "output.path"
+            ))
+        store = replace(self, id=str(old.get("kernelmap_store_id", "")))
+        return Opening("resume", store, block_tiles=store.block_tiles(), done=store.completed_blocks())
+
+    # ---- creating, opening
+
+    def create(self, layout: StoreLayout, attrs: dict[str, Any]) -> OutputStore:
+        """Write the empty store: coordinates, attributes, variable metadata and the block records.
+
+        Refuses (Zarr's error) where something exists; returns the store with its new identifier.
+        """
+        location = self.location
+        store_id = uuid.uuid4().hex
+        ds = _coordinates(layout, {**attrs, "kernelmap_status": "incomplete", "kernelmap_store_id": store_id})
+        ds.to_zarr(location, mode="w-", consolidated=False, zarr_format=3)
+        _create_variables(zarr.open_group(location, mode="r+"), layout)
+        consolidate(location)
+        return replace(self, id=store_id)
+
+    # ---- blocks
+
+    def _records(self, group: zarr.Group) -> zarr.Array:
+        try:
+            records = group[f"{STATUS_GROUP}/{RECORDS_ARRAY}"]
+        except KeyError:
+            records = None
+        if not isinstance(records, zarr.Array) or records.attrs.get("fields") != list(RECORD_FIELDS):
+            raise OptionError(
+                f"output.mode=resume: {self.path} has no block records this version of kernelmap can read, "
+                "so its creation was interrupted or another program (or kernelmap version) wrote it; use "
+                "output.mode=overwrite or another output.path"
+            )
+        return records
+
+    def block_tiles(self) -> tuple[int, int]:
+        """``(by, bx)`` tiles per block (the chunks of ``kernel`` and of the block records)."""
+        records = self._records(zarr.open_group(self.location, mode="r"))
+        return int(records.chunks[1]), int(records.chunks[2])
+
+    def completed_blocks(self) -> np.ndarray:
+        """``(image, block_y, block_x)`` bool: blocks whose record is written."""
+        records = self._records(zarr.open_group(self.location, mode="r"))
+        by, bx = records.chunks[1:3]
+        written = np.asarray(records[:, ::by, ::bx, 0])
+        return written == 1
+
+    def _block_arrays(self) -> dict[str, zarr.Array]:
+        """The arrays blocks write, opened once per process and store (their metadata is read once).
+
+        The store's identifier keys them with its location, so a store replaced at
+        the same path is opened afresh; a store without one is opened every time.
+        """
+        key = (self.location, self.id)
+        if self.id:
+            with _OPENED_LOCK:
+                arrays = _OPENED.get(key)
+                if arrays is not None:
+                    _OPENED.move_to_end(key)
+                    return arrays
+        group = zarr.open_group(self.location, mode="r+")
+        arrays = {name: group[name] for name in ("kernel", f"{STATUS_GROUP}/{RECORDS_ARRAY}")}
+        if self.id:
+            with _OPENED_LOCK:
+                _OPENED[key] = arrays
+                while len(_OPENED) > _OPENED_MAX:
+                    _OPENED.popitem(last=False)
+        return arrays
+
+    def write_block(self, block: Block, kernels: np.ndarray, record: np.ndarray) -> None:
+        """Write one block's kernels ``(ny, nx, k, k)`` into its chunk, then its record (marks it done)."""
+        arrays = self._block_arrays()
+        region = (block.image, slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
+        kern = arrays["kernel"]
+        kern[region] = kernels.astype(kern.dtype, copy=False)
+        arrays[f"{STATUS_GROUP}/{RECORDS_ARRAY}"][region] = record
+
+    def read_records(self, image: int) -> np.ndarray:
+        """``(y, x, field)`` records of one image's tiles (NaN where a block is not written)."""
+        return np.asarray(self._records(zarr.open_group(self.location, mode="r"))[image])
+
+    def read_kernels(self, image: int) -> np.ndarray:
+        """``(y, x, ky, kx)`` kernels of one image."""
+        return np.asarray(zarr.open_group(self.location, mode="r")["kernel"][image])
+
+    def read_blocks(self, blocks: Iterable[Block]) -> Iterator[tuple[Block, np.ndarray, np.ndarray]]:
+        """``(block, record, kernels)`` of written blocks, as their task returned them.
+
+        Blocks come image by image in the order given; each image's records and
+        kernels are read once.
+        """
+        by_image: dict[int, list[Block]] = {}
+        for block in blocks:
+            by_image.setdefault(block.image, []).append(block)
+        for image, image_blocks in by_image.items():
+            records, kernels = self.read_records(image), self.read_kernels(image)
+            for block in image_blocks:
+                region = (slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
+                yield block, records[region], kernels[region]
+
+    # ---- images, completion
+
+    def write_images(self, results: list[ImageResults]) -> None:
+        """Write the diagnostics and models of several images: one write per variable and run of
+        consecutive images (``IMAGES_PER_CHUNK`` images share a chunk, so a group of finished images
+        costs about one chunk write per variable)."""
+        if not results:
+            return
+        group = zarr.open_group(self.location, mode="r+")
+        results = sorted(results, key=lambda r: r.image)
+        coef = group["model_coefficient"]
+        for start, stop in _runs([r.image for r in results]):
+            part = results[start:stop]
+            where = slice(part[0].image, part[-1].image + 1)
+            records = np.stack([r.records for r in part])
+            for i, name in enumerate(DIAGNOSTICS, start=1):
+                arr = group[name]
+                values = records[..., i]
+                if arr.dtype.kind != "f":
+                    values = np.nan_to_num(values, nan=0.0).astype(arr.dtype)
+                if name == "quality_flag":
+                    values = values | np.stack([r.extra_flags for r in part]).astype(arr.dtype)
+                arr[where] = values.astype(arr.dtype)
+            coefficients = np.full((len(part), *coef.shape[1:]), np.nan)
+            scalars = {name: np.full(len(part), fill, dtype=dtype)
+                       for name, (dtype, fill, _) in MODEL_VARIABLES.items()}
+            for j, r in enumerate(part):
+                if r.field is None:
+                    continue
+                values = r.field.to_arrays()
+                coefficients[j, : len(values["model_coefficient"])] = values["model_coefficient"]
+                for name in scalars:
+                    scalars[name][j] = values[name]
+            coef[where] = coefficients
+            for name, values in scalars.items():
+                group[name][where] = values
+            residual = group["model_residual"]
+            residual[where] = np.stack([r.residual for r in part]).astype(residual.dtype)
+
+    def mark_complete(self, attrs: dict[str, Any] | None = None) -> None:
+        """Set ``kernelmap_status`` to complete (with extra attributes) and consolidate."""
+        location = self.location
+        group = zarr.open_group(location, mode="r+")
+        group.attrs.update({**(attrs or {}), "kernelmap_status": "complete"})
+        consolidate(location)
+
+
 def _runs(images: list[int]) -> list[tuple[int, int]]:
     """``(start, stop)`` positions in ``images`` (sorted) of runs of consecutive indices."""
     starts = [0] + [i for i in range(1, len(images)) if images[i] != images[i - 1] + 1]
     return list(zip(starts, starts[1:] + [len(images)]))
 
 
-def write_images(path: str, results: list[ImageResults]) -> None:
-    """Write the diagnostics and models of several images: one write per variable and run of
-    consecutive images (``IMAGES_PER_CHUNK`` images share a chunk, so a group of finished images
-    costs about one chunk write per variable)."""
-    if not results:
-        return
-    path = _location(path)
-    group = zarr.open_group(path, mode="r+")
-    results = sorted(results, key=lambda r: r.image)
-    coef = group["model_coefficient"]
-    for start, stop in _runs([r.image for r in results]):
-        part = results[start:stop]
-        where = slice(part[0].image, part[-1].image + 1)
-        records = np.stack([r.records for r in part])
-        for i, name in enumerate(DIAGNOSTICS, start=1):
-            arr = group[name]
-            values = records[..., i]
-            if arr.dtype.kind != "f":
-                values = np.nan_to_num(values, nan=0.0).astype(arr.dtype)
-            if name == "quality_flag":
-                values = values | np.stack([r.extra_flags for r in part]).astype(arr.dtype)
-            arr[where] = values.astype(arr.dtype)
-        coefficients = np.full((len(part), *coef.shape[1:]), np.nan)
-        scalars = {name: np.full(len(part), fill, dtype=dtype) for name, (dtype, fill, _) in MODEL_VARIABLES.items()}
-        for j, r in enumerate(part):
-            if r.field is None:
-                continue
-            values = r.field.to_arrays()
-            coefficients[j, : len(values["model_coefficient"])] = values["model_coefficient"]
-            for name in scalars:
-                scalars[name][j] = values[name]
-        coef[where] = coefficients
-        for name, values in scalars.items():
-            group[name][where] = values
-        residual = group["model_residual"]
-        residual[where] = np.stack([r.residual for r in part]).astype(residual.dtype)
-
-
-def read_kernels(path: str, image: int) -> np.ndarray:
-    """``(y, x, ky, kx)`` kernels of one image."""
-    return np.asarray(zarr.open_group(_location(path), mode="r")["kernel"][image])
-
-
-def mark_complete(path: str, attrs: dict[str, Any] | None = None) -> None:
-    """Set ``kernelmap_status`` to complete (with extra attributes) and consolidate."""
-    path = _location(path)
-    group = zarr.open_group(path, mode="r+")
-    group.attrs.update({**(attrs or {}), "kernelmap_status": "complete"})
-    consolidate(path)
+def completed_blocks(path: str) -> np.ndarray:
+    """``(image, block_y, block_x)`` bool: blocks of the store at ``path`` whose record is written
+    (e.g. to follow a running job from another process)."""
+    return OutputStore(path).completed_blocks()
 
 
 def json_attr(value: Any) -> str:

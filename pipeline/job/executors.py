@@ -4,24 +4,36 @@
 from the ``compute`` settings), the address of a running scheduler, a batch
 system (``slurm``, ``sge``, ``pbs``, ``lsf``, ``htcondor``: Dask workers as
 batch jobs through dask-jobqueue, imported only then), or ``threads`` /
-``synchronous`` (no cluster; :mod:`pipeline.job.run` runs blocks in threads).
+``synchronous`` (no cluster: blocks run in a pool of threads of this process).
+
+:func:`connect` reaches the cluster; :func:`run_on_client` and
+:func:`run_in_threads` run a block task over blocks and hand each result, as
+it comes, to the caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import dask
 
+from ..errors import BatchError
 from .config import JobConfig
 
-__all__ = ["WORKER_ENV", "connect"]
+if TYPE_CHECKING:
+    from ..core.tiles import Block
+    from .blocks import BlockResult, BlockTask
+
+__all__ = ["WORKER_ENV", "WaitingFutures", "WorkerWatch", "connect", "run_in_threads", "run_on_client"]
 
 #: Environment of worker processes: one thread per FFT/BLAS call inside tasks.  It replaces
-#: dask's default, whose ``MALLOC_TRIM_THRESHOLD_`` slows these tasks by a fifth to a half.
+#: dask's default, whose ``MALLOC_TRIM_THRESHOLD_`` slows these tasks (``scripts/bench_pipeline.py``
+#: compares both).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -78,3 +90,114 @@ def connect(job: JobConfig, stack: ExitStack, log: Callable[[str], None]) -> Cal
 
         return client
     return lambda: None
+
+
+def run_in_threads(task: BlockTask, blocks: Sequence[Block], on_result: Callable[[BlockResult], None], *,
+                   workers: int) -> None:
+    """Run ``task`` on every block in a pool of ``workers`` threads of this process; each result goes to
+    ``on_result`` in this thread as soon as it is in."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(task, block) for block in blocks]
+        for future in as_completed(futures):
+            on_result(future.result())
+
+
+def run_on_client(client: Any, task: BlockTask, blocks: Sequence[Block],
+                  on_result: Callable[[BlockResult], None], *, give_up_after: float | None,
+                  log: Callable[[str], None], performance_report: str | None = None) -> None:
+    """Run ``task`` on every block through a ``distributed.Client``; each result goes to ``on_result``
+    in this thread as soon as it is in, and is released once read (memory does not grow with the stack).
+
+    A :class:`WorkerWatch` says when no worker is left; with ``give_up_after``
+    (seconds), it stops the run that long after the last worker left by
+    cancelling what is left, and the run raises its :class:`~pipeline.errors.BatchError`.
+    ``performance_report``: the file of a Dask performance report of the run.
+    """
+    from distributed import as_completed as completed_in_turn
+    from distributed import performance_report as dask_performance_report
+
+    report = dask_performance_report(filename=performance_report) if performance_report else nullcontext()
+    with client.as_current(), report:
+        futures = client.compute([task.delayed(block) for block in blocks])
+        waiting = WaitingFutures(futures)
+        completed = completed_in_turn(futures)
+        del futures
+        with WorkerWatch(client, waiting, give_up_after, log) as watch:
+            for future in completed:
+                try:
+                    if watch.error is not None:
+                        raise watch.error
+                    result = future.result()  # may wait for a recomputation, then be cancelled
+                except Exception:
+                    if watch.error is not None:
+                        raise watch.error from None
+                    raise
+                on_result(result)
+                waiting.remove(future.key)
+
+
+class WaitingFutures:
+    """The futures of a run not yet read, by key; the run's thread removes them as it reads them while
+    the :class:`WorkerWatch` may take what is left, hence the lock."""
+
+    def __init__(self, futures: Iterable[Any]):
+        self._lock = threading.Lock()
+        self._futures = {future.key: future for future in futures}
+
+    def remove(self, key: Any) -> None:
+        with self._lock:
+            del self._futures[key]
+
+    def left(self) -> list[Any]:
+        """The futures not read yet."""
+        with self._lock:
+            return list(self._futures.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._futures)
+
+
+class WorkerWatch(threading.Thread):
+    """Watches that the run still has workers; says so when none are left, and stops a run whose
+    workers cannot come back (``give_up_after`` seconds without any) by cancelling what is left of it."""
+
+    def __init__(self, client: Any, waiting: WaitingFutures, give_up_after: float | None,
+                 log: Callable[[str], None]):
+        super().__init__(name="kernelmap-worker-watch", daemon=True)
+        self.client, self.waiting, self.give_up_after, self.log = client, waiting, give_up_after, log
+        self.error: BatchError | None = None
+        self._stop_event = threading.Event()
+
+    def __enter__(self) -> WorkerWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+    def run(self) -> None:
+        since = last = None
+        while not self._stop_event.wait(2.0):
+            try:
+                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            except Exception:  # noqa: BLE001 - the scheduler is busy or closing: look again
+                continue
+            now = time.monotonic()
+            if workers:
+                since = None
+                continue
+            since = since or now
+            if last is None or now - last >= 30:
+                last = now
+                self.log(f"no workers connected for {now - since:.0f} s; waiting for them")
+            if self.give_up_after is not None and now - since > self.give_up_after:
+                left = self.waiting.left()
+                self.error = BatchError(
+                    f"every worker job has ended and none replaces them ({len(left)} blocks left): "
+                    "set compute.batch.adapt (with worker_lifetime under the walltime) so that lost or "
+                    "expired worker jobs are replaced, then run the job again with output.mode=resume"
+                )
+                self.client.cancel(left)
+                return

@@ -1,0 +1,74 @@
+"""The task of one block: read its pixels, estimate every tile's kernel, write the block.
+
+A task reads its own pixels straight from the input store (no input graph moves
+data around), calls :func:`pipeline.estimate_kernels` on all the block's tiles
+at once, writes the kernels into the block's own chunk of the output store and
+then the block's record (its per-tile diagnostics, which mark it done).  What it
+returns is what :class:`pipeline.job.finish.ImageFinisher` takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import flags as fl
+from ..core.estimate import estimate_kernels
+from ..core.tiles import Block, TileGrid
+from ..io.inputs import InputReader
+from ..io.store import OutputStore, block_record
+from .config import JobConfig
+
+__all__ = ["BlockResult", "BlockTask"]
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What a block's task returns (its record and kernels are also in the store)."""
+
+    block: Block
+    record: np.ndarray  #: ``(ny, nx, field)`` block record
+    kernels: np.ndarray  #: ``(ny, nx, k, k)`` kernels in the output dtype
+    flagged: int  #: tiles flagged unusable
+
+    @property
+    def n_tiles(self) -> int:
+        return self.block.n_tiles
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """The work of any block of a job; travels to worker processes (inputs and output by reference)."""
+
+    reader: InputReader
+    grid: TileGrid
+    job: JobConfig
+    store: OutputStore
+
+    def __call__(self, block: Block) -> BlockResult:
+        """Read the block's pixels, estimate every tile, write the block's chunks and record."""
+        ys, xs = self.grid.pixel_region(block)
+        src, tgt, mask = self.reader.read(block.image, ys, xs)
+        src_tiles, tgt_tiles = self.grid.cut(src, block), self.grid.cut(tgt, block)
+        mask_tiles = None if mask is None else self.grid.cut(mask, block)
+        del src, tgt, mask
+        kernel = self.job.kernel
+        res = estimate_kernels(
+            src_tiles, tgt_tiles, kernel_size=kernel.size, method=kernel.method, mask=mask_tiles,
+            normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
+            **kernel.estimator_options(),
+        )
+        shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
+        record = block_record({**res.as_dict(), "quality_flag": res.flags}, shape)
+        kernels = res.kernels.reshape(*shape, kernel.size, kernel.size).astype(self.job.output.dtype)
+        self.store.write_block(block, kernels, record)
+        return BlockResult(block, record, kernels, int(np.count_nonzero(res.flags & fl.BAD)))
+
+    def delayed(self, block: Block) -> Any:
+        """The block's Dask task, named after the block."""
+        import dask
+
+        name = f"kernelmap-block-{block.image}-{block.by}-{block.bx}"
+        return dask.delayed(self, pure=False)(block, dask_key_name=name)

@@ -1,0 +1,93 @@
+"""Finishing images: once all blocks of an image are in, fit its kernel-field model and write its
+diagnostics and model with those of other finished images.
+
+Block results come through one door, :meth:`ImageFinisher.add`: those computed
+by this run and, on a resumed run, those of the blocks already in the store
+(:meth:`ImageFinisher.add_stored`, read back as the tasks returned them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from .. import flags as fl
+from ..core.field import fit_tiles, tile_weights
+from ..core.tiles import Block, TileGrid
+from ..io.store import IMAGES_PER_CHUNK, RECORD_FIELDS, ImageResults, OutputStore
+from .config import ModelConfig
+
+__all__ = ["ImageFinisher"]
+
+
+class ImageFinisher:
+    """Gathers the block results of each image; once all its blocks are in, fits the image's
+    kernel-field model.  Diagnostics and models are written in batches (:meth:`flush`): every
+    ``FLUSH_IMAGES`` images, ``FLUSH_SECONDS`` after the last write, and at the end.
+
+    Parameters
+    ----------
+    store
+        The output store the results are written to.
+    grid
+        The tile grid, with the store's blocks.
+    n_images
+        Images in the store.
+    model
+        The kernel-field model settings (``model`` section of the job).
+    """
+
+    FLUSH_IMAGES = IMAGES_PER_CHUNK
+    FLUSH_SECONDS = 10.0
+
+    def __init__(self, store: OutputStore, grid: TileGrid, n_images: int, model: ModelConfig):
+        self.store, self.grid, self.model = store, grid, model
+        nby, nbx = grid.blocks_shape
+        self.missing = np.full(n_images, nby * nbx)
+        self.records: dict[int, np.ndarray] = {}
+        self.kernels: dict[int, np.ndarray] = {}
+        self.pending: list[ImageResults] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, block: Block, record: np.ndarray, kernels: np.ndarray) -> None:
+        """Take one block's ``(ny, nx, field)`` record and ``(ny, nx, k, k)`` kernels."""
+        image = block.image
+        if image not in self.records:
+            ty, tx = self.grid.shape
+            self.records[image] = np.full((ty, tx, record.shape[-1]), np.nan)
+            self.kernels[image] = np.full((ty, tx, *kernels.shape[-2:]), np.nan, dtype=kernels.dtype)
+        self.records[image][block.ty0:block.ty1, block.tx0:block.tx1] = record
+        self.kernels[image][block.ty0:block.ty1, block.tx0:block.tx1] = kernels
+        self.missing[image] -= 1
+        if self.missing[image] == 0:
+            self._finish(image)
+
+    def add_stored(self, blocks: Iterable[Block]) -> None:
+        """Take the results of blocks already written to the store (a resumed run)."""
+        for block, record, kernels in self.store.read_blocks(blocks):
+            self.add(block, record, kernels)
+
+    def _finish(self, image: int) -> None:
+        records, kernels = self.records.pop(image), self.kernels.pop(image)
+        field = {name: records[..., i] for i, name in enumerate(RECORD_FIELDS)}
+        flags = field["quality_flag"].astype(np.int64)
+        usable = fl.modelled(kernels, flags)
+        with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend with workers
+            model, residual, rejected = fit_tiles(
+                self.grid.centres_y, self.grid.centres_x, kernels, usable,
+                tile_weights(field["snr"], field["flux"]),
+                degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
+            )
+        extra = fl.model_outliers(rejected)
+        self.pending.append(ImageResults(image, records, extra, model, residual))
+        if len(self.pending) >= self.FLUSH_IMAGES or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the diagnostics and models of the images finished since the last write."""
+        self.store.write_images(self.pending)
+        self.pending = []
+        self.last_flush = time.monotonic()

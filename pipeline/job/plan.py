@@ -1,0 +1,201 @@
+"""What a job will do: its inputs, tile grid, blocks and output, and how the output is opened.
+
+:func:`plan_job` opens and checks the inputs, lays out tiles and blocks, and
+reads what already exists at ``output.path`` (only reads): a store resumed with
+``output.mode: resume`` keeps its own blocks (they are its chunks), whatever
+``compute.block_tiles`` says now, and its blocks already recorded are not
+computed again.  :meth:`Plan.describe` is the dry run; :meth:`Plan.execute`
+runs the plan (:mod:`pipeline.job.run`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..core.tiles import Block, TileGrid, block_shape_for_chunks
+from ..io.inputs import Inputs, open_inputs
+from ..io.store import DIAGNOSTICS, IMAGES_PER_CHUNK, Opening, OutputStore, StoreLayout, json_attr
+from .config import JobConfig, dump_job
+
+if TYPE_CHECKING:
+    from .run import RunSummary
+
+__all__ = ["Plan", "plan_job"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a job will do: inputs, tiles, blocks, the output layout and how the output is opened.
+
+    ``opening`` is what :func:`plan_job` found at ``output.path``: the action
+    (``create``, ``overwrite``, ``resume``), the refusal a run raises before it
+    starts anything, and for a resumed store its blocks already done.
+    """
+
+    job: JobConfig
+    inputs: Inputs
+    grid: TileGrid
+    layout: StoreLayout
+    opening: Opening
+
+    @property
+    def blocks(self) -> list[Block]:
+        return list(self.grid.blocks(self.layout.n_images))
+
+    @property
+    def n_tiles(self) -> int:
+        ty, tx = self.grid.shape
+        return self.layout.n_images * ty * tx
+
+    @property
+    def output(self) -> OutputStore:
+        """The output store (with its identifier where a resumed one was read)."""
+        return self.opening.store
+
+    @property
+    def asked_block_tiles(self) -> tuple[int, int]:
+        """``(by, bx)`` tiles per block the job asks for (``grid.block_tiles`` may be a resumed store's)."""
+        return _job_block_tiles(self.job, self.inputs)
+
+    @property
+    def done(self) -> np.ndarray:
+        """``(image, block_y, block_x)`` bool: blocks already in a resumed store (none otherwise)."""
+        if self.opening.done is not None:
+            return self.opening.done
+        return np.zeros((self.layout.n_images, *self.grid.blocks_shape), dtype=bool)
+
+    def memory_per_task(self) -> int:
+        """Rough peak bytes of one task: its pixel region in float64 plus estimator work space."""
+        by, bx = self.grid.block_tiles
+        size, step = self.grid.size, self.grid.step
+        h, w = (by - 1) * step + size, (bx - 1) * step + size
+        k = self.layout.kernel_size
+        region = h * w * 8 * 4  # source, target, bad map and their float copies
+        tiles = by * bx * size * size * 8 * 3  # tile stacks and model images
+        solver = 4 * (k * k) ** 2 * 8 * 3 + 12 * (size + k) ** 2 * 16  # Grams, FFT spectra
+        return region + tiles + solver
+
+    def attributes(self) -> dict[str, Any]:
+        """Root attributes of the store this plan creates (provenance, creation time now)."""
+        from .. import __version__
+
+        job = self.job
+        return {
+            "title": "kernelmap kernel maps",
+            "kernelmap_version": __version__,
+            "kernelmap_config": dump_job(job),
+            "kernelmap_fingerprint": job.fingerprint(),
+            "kernelmap_input": json_attr(self.inputs.identity),
+            "kernelmap_method": job.kernel.method,
+            "kernelmap_command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "python API",
+            "kernelmap_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "tile_size": job.tiles.size,
+            "tile_step": self.grid.step,
+            "Conventions": "CF-1.10",
+        }
+
+    def describe(self) -> str:
+        """The dry-run text."""
+        job, grid, inp = self.job, self.grid, self.inputs
+        n, ny, nx = inp.shape
+        ty, tx = grid.shape
+        nby, nbx = grid.blocks_shape
+        by, bx = grid.block_tiles
+        uy, ux = grid.uncovered
+        k = self.layout.kernel_size
+        lines = [
+            f"input      {job.input.path}: {n} image(s) of {ny}x{nx} px, chunks {inp.chunks[0]}x{inp.chunks[1]}, "
+            f"source {'shared 2-D reference' if inp.shared_source else 'one per image'}, "
+            f"mask {job.input.mask or 'none (NaN pixels are bad)'}",
+            f"images     {', '.join(map(str, inp.images[:6]))}{' ...' if n > 6 else ''}",
+            f"tiles      {grid.size} px every {grid.step} px: {ty}x{tx} per image, {self.n_tiles} in all"
+            + (f"; {uy} rows and {ux} columns at the far edges not covered" if uy or ux else ""),
+            f"blocks     {by}x{bx} tiles each: {nby}x{nbx} per image, {n * nby * nbx} tasks",
+            f"memory     about {self.memory_per_task() / 2**20:.0f} MiB per task",
+            f"kernel     {k}x{k}, method {job.kernel.method}, options {job.kernel.estimator_options()}",
+            f"output     {job.output.path} (mode {job.output.mode}): kernel(image={n}, y={ty}, x={tx}, "
+            f"ky={k}, kx={k}) {job.output.dtype}, chunks (1, {by}, {bx}, {k}, {k}); "
+            f"{len(DIAGNOSTICS)} per-tile diagnostics and the kernel-field model, chunks of "
+            f"{min(n, IMAGES_PER_CHUNK)} images; block records in status/records",
+        ]
+        opening = self.opening
+        if opening.refusal is not None:
+            lines.append(f"refused    {opening.refusal}")
+        elif opening.action == "resume":
+            done = self.done
+            asked = self.asked_block_tiles
+            lines.append(
+                f"resume     {int(done.sum())} of {done.size} blocks already done, skipped; the store's own "
+                f"blocks of {by}x{bx} tiles are kept"
+                + (f" (compute.block_tiles asks for {asked[0]}x{asked[1]})" if asked != (by, bx) else "")
+            )
+        lines.append(f"compute    {_describe_compute(job)}")
+        return "\n".join(lines)
+
+    def execute(self, *, client: Any = None, progress: bool = True, performance_report: str | None = None,
+                log: Callable[[str], None] = print) -> RunSummary:
+        """Run the plan: open the output, compute the blocks not done, finish every image.
+
+        ``client``: a ``distributed.Client`` to use instead of what
+        ``compute.scheduler`` says (e.g. a cluster kept running between jobs).
+        ``performance_report``: the file of a Dask performance report (with a
+        client).  A refusal of ``output.mode`` is raised before anything is
+        started or written.
+        """
+        from .run import execute_plan
+
+        return execute_plan(self, client=client, progress=progress, performance_report=performance_report,
+                            log=log)
+
+
+def _describe_compute(job: JobConfig) -> str:
+    c = job.compute
+    if c.scheduler == "local":
+        kind = "processes" if c.processes else "threads"
+        return (f"local cluster: {c.n_workers} worker {kind} x {c.threads_per_worker} thread(s), "
+                f"memory limit {c.memory_limit}")
+    if c.scheduler in ("threads", "synchronous"):
+        return f"dask {c.scheduler} scheduler in this process"
+    if c.scheduler_kind == "batch":
+        from .batch import worker_job_script
+
+        b = c.batch
+        size = (f"adaptive, {b.adapt.minimum_jobs} to {b.adapt.maximum_jobs} jobs" if b.adapt
+                else f"{b.jobs} job(s)")
+        script = worker_job_script(job).rstrip().replace("\n", "\n    ")
+        return f"{c.scheduler} worker jobs through dask-jobqueue, {size}; each job runs:\n    {script}"
+    return f"running scheduler at {c.scheduler}"
+
+
+def _job_block_tiles(job: JobConfig, inputs: Inputs) -> tuple[int, int]:
+    """``(by, bx)`` tiles per block the job asks for: ``compute.block_tiles``, or the input's chunks."""
+    if job.compute.block_tiles:
+        return (job.compute.block_tiles, job.compute.block_tiles)
+    step = job.tiles.step or job.tiles.size
+    return block_shape_for_chunks(inputs.chunks, job.tiles.size, step)
+
+
+def plan_job(job: JobConfig) -> Plan:
+    """Open and check the inputs, lay out tiles, blocks and the output, and read what exists at
+    ``output.path`` (a resumed store's own blocks and its blocks done); writes nothing."""
+    inputs = open_inputs(
+        job.input.path, source=job.input.source, target=job.input.target, mask=job.input.mask,
+        group=job.input.group, storage_options=job.input.storage_options, min_size=job.tiles.size,
+    )
+    n, ny, nx = inputs.shape
+    step = job.tiles.step or job.tiles.size
+    grid = TileGrid(ny, nx, job.tiles.size, step, _job_block_tiles(job, inputs))
+    opening = OutputStore(job.output.path).opening(
+        job.output.mode, fingerprint=job.fingerprint(), input_identity=json_attr(inputs.identity))
+    if opening.block_tiles is not None:
+        grid = replace(grid, block_tiles=opening.block_tiles)
+    model_degree = job.model.degree if job.model.degree is not None else job.model.max_degree
+    layout = StoreLayout(grid, np.asarray(inputs.images), dict(inputs.image_attrs), job.kernel.size,
+                         job.output.dtype, model_degree)
+    return Plan(job, inputs, grid, layout, opening)

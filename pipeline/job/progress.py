@@ -1,0 +1,38 @@
+"""The progress of a run: a bar on a terminal, plain periodic lines otherwise (batch logs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """Counts computed tiles out of ``total``; draws a bar on a terminal (standard error), or logs
+    a line every ``interval`` seconds and at the end.  Silent unless ``enabled``."""
+
+    def __init__(self, total: int, log: Callable[[str], None], enabled: bool, interval: float = 10.0):
+        self.total, self.log, self.enabled, self.interval = total, log, enabled, interval
+        self.done = 0
+        self.tty = enabled and sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+
+    def update(self, tiles: int) -> None:
+        """Count ``tiles`` more tiles done."""
+        self.done += tiles
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        frac = self.done / self.total if self.total else 1.0
+        rate = self.done / max(now - self.start, 1e-9)
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} tiles {rate:6.1f}/s")
+            sys.stderr.flush()
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+        elif now - self.last >= self.interval or self.done >= self.total:
+            self.last = now
+            self.log(f"progress: {self.done}/{self.total} tiles ({100 * frac:.0f} %), {rate:.1f} tiles/s")
