@@ -132,7 +132,8 @@ def test_import_pipeline_registers_the_accessor_without_importing_xarray():
     )
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["[]", "not a kernelmap kernel map: no model_coefficient, model_degree in the dataset"]
+    assert out.stdout.splitlines() == [
+        "[]", "not a kernelmap kernel map: no model_coefficient, model_degree in the dataset"]
     # xarray first, then pipeline: registered at once
     code = "import xarray, pipeline; print(hasattr(xarray.Dataset, 'kernelmap'))"
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
