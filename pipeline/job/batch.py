@@ -159,14 +159,15 @@ class _Refusal:
 def _recording(job_cls: type, outcomes: list[Any], running: list[bool]) -> type:
     """``job_cls`` whose submissions are kept in ``outcomes``: a job id, or a :class:`_Refusal`.
 
-    dask-jobqueue submits from a callback that only logs a failure and then
-    waits for a worker that never comes; kept here, the run stops at once
-    with the batch system's message.  Once the run has workers (``running``
+    dask-jobqueue submits from a callback: a failure would only be logged
+    while the run waits for a worker that never comes; kept here, the run
+    stops at once with the batch system's message.  Once the run has workers (``running``
     holds ``True``), a refused replacement job is a warning instead.
 
     Only the submission step is wrapped (``_submit_job`` and
     ``_job_id_from_submit_output``, the two steps of dask-jobqueue's
-    ``Job.start``): a refused job then starts without a job id, like a job
+    ``Job.start``, private to it: tests/test_batch.py exercises them without
+    a batch system): a refused job then starts without a job id, like a job
     with nothing to cancel, so ``Job.start`` and ``Job.close`` run unchanged,
     the cluster keeps its own bookkeeping of job states, and closing it
     cancels the accepted jobs and skips the refused ones.  Raising from
