@@ -8,12 +8,16 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import BatchError, ConfigError, InputError, KernelmapError, OptionError
+from .analysis.hook import register_accessor as _register_accessor
 from .core.estimate import DEFAULT_METHOD, METHODS, KernelEstimates, estimate_kernel, estimate_kernels
 
 try:
     __version__ = version("kernelmap")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
+
+_register_accessor()  # ds.kernelmap, as soon as xarray is imported (pipeline itself imports no xarray)
+
 
 def __getattr__(name: str):
     # the job runner pulls in Dask, xarray and Zarr: imported only when asked for

@@ -180,6 +180,135 @@ def test_batch_settings_are_checked_before_anything_runs(tmp_path):
     assert not (tmp_path / "kernels.zarr").exists()
 
 
+# --------------------------------------------------------------------------- the table of batch systems
+
+
+def test_every_batch_system_has_one_table_entry_used_by_worker_jobs():
+    import inspect
+
+    from pipeline.job.batch import _jobqueue
+    from pipeline.job.config import BATCH_SYSTEMS
+    from pipeline.job.systems import BATCH_SYSTEMS_TABLE
+
+    assert set(BATCH_SYSTEMS_TABLE) == set(BATCH_SYSTEMS)
+    jobqueue = _jobqueue()
+    for name, system in BATCH_SYSTEMS_TABLE.items():
+        assert system.name == name
+        job_cls = getattr(jobqueue, system.cluster_class).job_cls
+        if name != "htcondor":  # HTCondorJob takes no account at all
+            assert system.account_keyword in inspect.signature(job_cls.__init__).parameters, name
+        whole_job = (system.submit_command, system.directive_prefix, system.header, system.cpus_variable,
+                     system.job_id_variable, system.status_command, system.listed)
+        assert all(entry is not None for entry in whole_job) == system.can_submit, name
+        assert all(entry is None for entry in whole_job) != system.can_submit, name
+    assert [s.name for s in BATCH_SYSTEMS_TABLE.values() if s.can_submit] == ["slurm", "pbs", "sge"]
+
+
+def test_the_submit_script_comes_from_the_table(tmp_path, monkeypatch):
+    import dataclasses
+
+    from pipeline.job import systems
+    from pipeline.job.submit import submission_script
+
+    data = job_dict(tmp_path, compute={"batch": {"account": "survey42", "cores": 3}})
+    for name in ("slurm", "pbs", "sge"):
+        system = systems.BATCH_SYSTEMS_TABLE[name]
+        job = job_from_dict({**data, "compute": {**data["compute"], "scheduler": name}})
+        lines = submission_script(job).splitlines()
+        folder = tmp_path / "kernels.zarr.batch"
+        directives = [line for line in lines if line.startswith(system.directive_prefix + " ")]
+        assert directives == system.directives(job, folder) and directives[-1].endswith("--no-requeue")
+        assert f"WORKERS=${{{system.cpus_variable}:-3}}" in lines
+        assert "job=${SLURM_JOB_ID:-${PBS_JOBID:-${JOB_ID:-unknown}}}" in lines  # whichever system runs it
+    # an entry changed in the table changes the script
+    slurm = systems.BATCH_SYSTEMS_TABLE["slurm"]
+    monkeypatch.setitem(systems.BATCH_SYSTEMS_TABLE, "slurm", dataclasses.replace(
+        slurm, directive_prefix="#TEST", header=lambda job, folder: ["-x 1"], cpus_variable="TEST_CPUS"))
+    text = submission_script(job_from_dict(data))
+    assert "#TEST -x 1\n#TEST --no-requeue\n" in text and "WORKERS=${TEST_CPUS:-3}" in text
+    assert "#SBATCH" not in text
+
+
+@pytest.mark.parametrize("system", ["lsf", "htcondor"])
+def test_systems_without_whole_job_scripts_say_so(tmp_path, system):
+    from pipeline.job.submit import submission_script
+
+    data = job_dict(tmp_path, compute={"scheduler": system})
+    with pytest.raises(OptionError, match=f"kernelmap submit writes scripts for slurm, pbs, sge, not {system}"):
+        submission_script(job_from_dict(data))
+
+
+def test_status_answers_are_read_per_system():
+    from subprocess import CompletedProcess
+
+    from pipeline.job.systems import BATCH_SYSTEMS_TABLE as table
+
+    def answer(returncode=0, stdout="", stderr=""):
+        return CompletedProcess([], returncode, stdout, stderr)
+
+    assert table["slurm"].status("42") == ["squeue", "-h", "-j", "42", "-o", "%T"]
+    assert table["pbs"].status("42") == ["qstat", "42"] and table["sge"].status("42") == ["qstat", "-j", "42"]
+    assert table["slurm"].listed(answer(stdout="RUNNING\n"), "42")
+    assert not table["slurm"].listed(answer(stdout=""), "42")
+    assert not table["slurm"].listed(answer(1, stderr="slurm_load_jobs error: Invalid job id specified"), "42")
+    assert table["slurm"].listed(answer(1, stderr="Socket timed out"), "42")  # asked again
+    assert not table["pbs"].listed(answer(153), "42")
+    listing = "Job id  Name  User  Time Use S Queue\n42.server  km  me  00:00:01 R debug\n"
+    assert table["pbs"].listed(answer(stdout=listing), "42")
+    assert not table["pbs"].listed(answer(stdout=listing.replace(" R ", " C ")), "42")
+    assert not table["pbs"].listed(answer(stdout=listing), "43")
+    assert table["sge"].listed(answer(), "42")
+    assert not table["sge"].listed(answer(1, stderr="Following jobs do not exist: 42"), "42")
+
+
+def _fake_sbatch(tmp_path: Path, monkeypatch) -> Path:
+    """An ``sbatch`` first on PATH that refuses every job the way Slurm does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\n"
+                      "exit 1\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return sbatch
+
+
+def test_a_refused_worker_job_stops_the_run_and_the_cluster_closes(tmp_path, monkeypatch, caplog):
+    _fake_sbatch(tmp_path, monkeypatch)
+    make_stack(tmp_path / "stack.zarr")
+    data = job_dict(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(BatchError, match="slurm refused the worker job: sbatch: error: Batch job submission "
+                                         "failed: Invalid account. Check compute.batch"):
+        run_job(job_from_dict(data), progress=False)
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "kernels.zarr").exists()
+    assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage() for r in caplog.records]
+
+
+def test_a_refused_replacement_job_is_a_warning(tmp_path, monkeypatch, caplog):
+    """Once the run has workers, a refusal is logged; the job starts without an id and closes as a no-op."""
+    import asyncio
+
+    from pipeline.job.batch import _Refusal, _jobqueue, _recording
+
+    sbatch = _fake_sbatch(tmp_path, monkeypatch)
+    outcomes: list = []
+    job_cls = _recording(_jobqueue().SLURMCluster.job_cls, outcomes, [True])
+    job = job_cls(scheduler="tcp://127.0.0.1:8786", name="w", cores=1, memory="1GB")
+    assert job.submit_command.split()[0] == "sbatch" and Path(sbatch).exists()
+
+    async def start_and_close():
+        await job  # ProcessInterface's own start protocol: asserts the job is running afterwards
+        await job.close()
+
+    with caplog.at_level("WARNING", logger="pipeline.job.batch"):
+        asyncio.run(start_and_close())
+    assert outcomes == [_Refusal("sbatch: error: Batch job submission failed: Invalid account")]
+    assert job.job_id is None
+    assert "the batch system refused a new worker job: sbatch: error" in caplog.text
+
+
 # --------------------------------------------------------------------------- on Slurm
 
 

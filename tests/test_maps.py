@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import xarray as xr
 
 import pipeline
 from pipeline import flags as fl
+from pipeline.errors import InputError
 from pipeline.sim.demo import demo_job, model_against_truth, write_demo_stack
 from pipeline.core.field import fit_tiles, tile_weights
 from pipeline.job.run import run_job
@@ -55,7 +59,8 @@ def test_kernel_at_through_the_class_and_the_accessor(demo_map):
     y, x = np.array([50.0, 400.25, 700.0]), np.array([700.0, 10.0, 383.5])
     kernels = km.kernel_at(label, y, x)
     assert kernels.shape == (3, 15, 15)
-    np.testing.assert_array_equal(ds.kernelmap.kernel_at(y=y, x=x, image=label), kernels)
+    np.testing.assert_array_equal(ds.kernelmap.kernel_at(label, y=y, x=x), kernels)
+    np.testing.assert_array_equal(ds.kernelmap.kernel_at(image=label, y=y, x=x), kernels)
     np.testing.assert_array_equal(km.kernel_at(1, y, x), kernels)  # a position works too
     # at a tile centre the model is the smooth version of that tile
     centre = km.kernel_at(label, float(ds["y"][2]), float(ds["x"][3]))
@@ -64,8 +69,75 @@ def test_kernel_at_through_the_class_and_the_accessor(demo_map):
         float(ds["model_residual"].values[1, 2, 3]), rel=1e-5)
     true = truth.kernel(1, 700.0, 383.5)  # between tile centres
     assert np.linalg.norm(kernels[2] - true) / np.linalg.norm(true) < 0.1
-    with pytest.raises(KeyError, match="neither a label"):
+    with pytest.raises(InputError, match="neither a label"):
         km.kernel_at("no-such-epoch", 1.0, 1.0)
+
+
+def test_the_class_and_the_accessor_take_the_same_arguments_and_raise_the_same_errors(demo_map):
+    import inspect
+
+    km, _ = demo_map
+    ds = km.ds
+    for verb in ("kernel_at", "model_kernels", "fwhm_map", "ellipticity_map"):
+        assert (inspect.signature(getattr(pipeline.KernelMap, verb)).parameters.keys()
+                == inspect.signature(getattr(type(ds.kernelmap), verb)).parameters.keys()), verb
+    # the README's form, both ways
+    np.testing.assert_array_equal(ds.kernelmap.kernel_at("epoch-1", y=300.0, x=250.5),
+                                  km.kernel_at("epoch-1", y=300.0, x=250.5))
+    for image in ("no-such-epoch", 3, -4):
+        for reader in (km, ds.kernelmap):
+            with pytest.raises(InputError, match=f"image {image!r} is neither a label"):
+                reader.kernel_at(image, 1.0, 1.0)
+    bare = ds[["kernel", "fwhm", "quality_flag"]]
+    for make in (pipeline.KernelMap, lambda d: d.kernelmap.fwhm_map(model=True)):
+        with pytest.raises(InputError, match="not a kernelmap kernel map: no model_coefficient, model_degree"):
+            make(bare)
+
+
+def test_one_reader_of_stores_for_the_class_report_and_compare(demo_map, tmp_path):
+    from pipeline.analysis.maps import read_kernel_map
+
+    km, _ = demo_map
+    loaded = read_kernel_map(km.path)
+    xr.testing.assert_identical(loaded, km.ds.load())
+    for path in (tmp_path / "missing.zarr", tmp_path / "not-a-store.txt"):
+        if path.suffix == ".txt":
+            path.write_text("not a store")
+        for opener in (pipeline.KernelMap.open, read_kernel_map):
+            with pytest.raises(InputError, match="cannot open .* as a Zarr store"):
+                opener(path)
+    xr.Dataset({"kernel": (("image", "y", "x", "ky", "kx"), np.zeros((1, 1, 1, 3, 3)))}).to_zarr(
+        tmp_path / "no-model.zarr", zarr_format=3, consolidated=False)
+    for opener in (pipeline.KernelMap.open, read_kernel_map):
+        with pytest.raises(InputError, match=r"no-model.zarr is not a kernelmap kernel map \(no "):
+            opener(tmp_path / "no-model.zarr")
+
+
+def test_import_pipeline_registers_the_accessor_without_importing_xarray():
+    heavy = ("xarray", "dask", "zarr", "yaml", "pydantic")
+    code = (
+        "import sys\n"
+        "import pipeline\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+        "import importlib.util; assert importlib.util.find_spec('xarray') is not None  # a look-up only\n"
+        "import numpy as np, xarray as xr\n"
+        "assert 'pipeline.analysis.maps' in sys.modules\n"
+        "assert not any(type(f).__module__ == 'pipeline.analysis.hook' for f in sys.meta_path)\n"
+        "assert xr.__spec__.loader is xr.__loader__ and type(xr.__loader__).__module__ != 'pipeline.analysis.hook'\n"
+        "ds = xr.Dataset({'kernel': (('image', 'y', 'x', 'ky', 'kx'), np.zeros((1, 1, 1, 3, 3)))})\n"
+        "try:\n"
+        "    ds.kernelmap.kernel_at(0, y=0.0, x=0.0)\n"
+        "except pipeline.InputError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "[]", "not a kernelmap kernel map: no model_coefficient, model_degree in the dataset"]
+    # xarray first, then pipeline: registered at once
+    code = "import xarray, pipeline; print(hasattr(xarray.Dataset, 'kernelmap'))"
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
 
 
 def test_fwhm_maps_measured_and_modelled(demo_map):
@@ -82,8 +154,8 @@ def test_fwhm_maps_measured_and_modelled(demo_map):
 
 def test_a_dataset_without_a_model_is_refused(tmp_path):
     ds = xr.Dataset({"kernel": (("image", "y", "x", "ky", "kx"), np.zeros((1, 1, 1, 3, 3)))})
-    with pytest.raises(ValueError, match="not a kernelmap kernel map: no model_coefficient, model_degree"):
-        ds.kernelmap.kernel_at(y=0.0, x=0.0)
+    with pytest.raises(InputError, match="not a kernelmap kernel map: no model_coefficient, model_degree"):
+        ds.kernelmap.kernel_at(0, y=0.0, x=0.0)
 
 
 # --------------------------------------------------------------------------- report and compare

@@ -4,8 +4,11 @@
 >>> km.kernel_at("epoch-1", y=1000.0, x=2500.5)       # (k, k) model kernel there
 >>> ds = km.ds; ds.kernelmap.fwhm_map(model=True)     # the same through the xarray accessor
 
-Importing this module (or ``pipeline.KernelMap``) registers the ``kernelmap``
-accessor on :class:`xarray.Dataset`.
+The ``kernelmap`` accessor on :class:`xarray.Dataset` is registered when this
+module is imported, which ``import pipeline`` arranges for as soon as xarray is
+imported (see :mod:`pipeline.analysis.hook`).  Both forms take the same
+arguments and raise the same errors: :class:`~pipeline.errors.InputError` for a
+dataset or store that is not a kernel map and for an image it does not hold.
 """
 
 from __future__ import annotations
@@ -25,21 +28,40 @@ from ..core.moments import adaptive_moments
 __all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "read_kernel_map"]
 
 
-def read_kernel_map(path: str | os.PathLike[str]) -> xr.Dataset:
-    """A kernel-map store's Dataset, loaded; an :class:`~pipeline.errors.InputError` naming the
-    problem when ``path`` is not a Zarr store or not a kernel map."""
+#: Variables every kernel map has: what the report and the comparison read.
+MEASURED = ("kernel", "fwhm", "quality_flag", "image")
+#: Variables :class:`KernelMap` needs besides the kernels: the stored kernel-field model.
+MODEL = ("model_coefficient", "model_degree")
+
+
+def _open_store(path: str | os.PathLike[str], **kwargs: Any) -> xr.Dataset:
+    """A Zarr store opened lazily; an :class:`~pipeline.errors.InputError` when it cannot be."""
     where = os.fspath(path)
     try:
         with warnings.catch_warnings():  # a store without consolidated metadata is read all the same
             warnings.simplefilter("ignore", RuntimeWarning)
-            ds = xr.open_zarr(where)
+            return xr.open_zarr(where, **kwargs)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise InputError(f"cannot open {where} as a Zarr store ({exc}): give the output.path of a "
                          "kernelmap run") from exc
-    missing = [name for name in ("kernel", "fwhm", "quality_flag", "image") if name not in ds.variables]
-    if missing:
-        raise InputError(f"{where} is not a kernelmap kernel map (no {', '.join(missing)}): give the "
-                         "output.path of a kernelmap run")
+
+
+def _require(ds: xr.Dataset, names: tuple[str, ...], where: str | None) -> None:
+    """An :class:`~pipeline.errors.InputError` naming what a kernel map lacks (``where``: its store, if any)."""
+    missing = [name for name in names if name not in ds.variables]
+    if not missing:
+        return
+    if where is None:
+        raise InputError(f"not a kernelmap kernel map: no {', '.join(missing)} in the dataset")
+    raise InputError(f"{where} is not a kernelmap kernel map (no {', '.join(missing)}): give the "
+                     "output.path of a kernelmap run")
+
+
+def read_kernel_map(path: str | os.PathLike[str]) -> xr.Dataset:
+    """A kernel-map store's Dataset, loaded; an :class:`~pipeline.errors.InputError` naming the
+    problem when ``path`` is not a Zarr store or not a kernel map."""
+    ds = _open_store(path)
+    _require(ds, MEASURED, os.fspath(path))
     return ds.load()
 
 
@@ -47,16 +69,14 @@ class KernelMap:
     """A kernel-map Dataset (as written by ``kernelmap run``) with its analysis verbs."""
 
     def __init__(self, ds: xr.Dataset, path: str | None = None):
-        missing = [name for name in ("kernel", "model_coefficient", "model_degree") if name not in ds]
-        if missing:
-            raise ValueError(f"not a kernelmap kernel map: no {', '.join(missing)} in the dataset")
+        _require(ds, ("kernel", *MODEL), path)
         self.ds = ds
         self.path = path  #: the store it was opened from, if any
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], **kwargs: Any) -> KernelMap:
-        """Open a kernel-map store (lazily, with :func:`xarray.open_zarr`)."""
-        return cls(xr.open_zarr(path, **kwargs), os.fspath(path))
+        """Open a kernel-map store (lazily, with :func:`xarray.open_zarr`; ``kwargs`` go to it)."""
+        return cls(_open_store(path, **kwargs), os.fspath(path))
 
     def image_index(self, image: Any) -> int:
         """Position of ``image``: a label of the ``image`` coordinate, else an integer position."""
@@ -65,7 +85,7 @@ class KernelMap:
             return labels.index(image)
         if isinstance(image, (int, np.integer)) and -len(labels) <= int(image) < len(labels):
             return int(image) % len(labels)
-        raise KeyError(f"image {image!r} is neither a label ({', '.join(map(str, labels[:5]))}"
+        raise InputError(f"image {image!r} is neither a label ({', '.join(map(str, labels[:5]))}"
                        f"{' ...' if len(labels) > 5 else ''}) nor a position below {len(labels)}")
 
     def field(self, image: Any) -> KernelField | None:
@@ -126,14 +146,14 @@ def decode_flags(flags: xr.DataArray) -> xr.Dataset:
     masks = np.atleast_1d(flags.attrs["flag_masks"]).astype(np.int64)
     names = str(flags.attrs["flag_meanings"]).split()
     if len(masks) != len(names):
-        raise ValueError(f"{flags.name}: {len(masks)} flag_masks but {len(names)} flag_meanings")
+        raise InputError(f"{flags.name}: {len(masks)} flag_masks but {len(names)} flag_meanings")
     values = flags.astype(np.int64)
     return xr.Dataset({name: (values & int(mask)) != 0 for name, mask in zip(names, masks)})
 
 
 @xr.register_dataset_accessor("kernelmap")
 class KernelMapAccessor:
-    """``ds.kernelmap``: the :class:`KernelMap` verbs on a kernel-map Dataset."""
+    """``ds.kernelmap``: the :class:`KernelMap` verbs on a kernel-map Dataset, with the same arguments."""
 
     def __init__(self, ds: xr.Dataset):
         self._ds = ds
@@ -142,8 +162,8 @@ class KernelMapAccessor:
     def map(self) -> KernelMap:
         return KernelMap(self._ds)
 
-    def kernel_at(self, y: Any, x: Any, image: Any = 0) -> np.ndarray:
-        """Model kernel(s) at ``(y, x)`` of ``image`` (a label or position; default the first)."""
+    def kernel_at(self, image: Any, y: Any, x: Any) -> np.ndarray:
+        """Model kernel(s) of ``image`` at input pixel position(s) ``(y, x)``: see :meth:`KernelMap.kernel_at`."""
         return self.map.kernel_at(image, y, x)
 
     def model_kernels(self) -> xr.DataArray:

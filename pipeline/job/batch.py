@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,18 +24,20 @@ import dask
 from ..errors import BatchError, OptionError
 from .config import JobConfig
 from .executors import WORKER_ENV
+from .systems import BATCH_SYSTEMS_TABLE
 
 __all__ = ["batch_dir", "batch_options", "local_batch_dir", "submit_workers", "worker_job_script"]
 
 logger = logging.getLogger(__name__)
 
-#: dask-jobqueue cluster class of each batch system.
-BATCH_CLUSTERS = {"slurm": "SLURMCluster", "sge": "SGECluster", "pbs": "PBSCluster", "lsf": "LSFCluster",
-                  "htcondor": "HTCondorCluster"}
 #: Keywords of the cluster classes that are not job settings.
 _CLUSTER_ONLY = ("scheduler_options", "silence_logs", "shared_temp_directory", "n_workers", "name")
 #: Seconds a batch system has to accept or refuse the worker jobs.
 SUBMIT_TIMEOUT = 60.0
+#: Seconds of one wait for the first worker, between looks at refusals and compute.batch.start_timeout.
+_WAIT_STEP = 1.0
+#: Seconds between the log lines that say the run still waits for its first worker.
+_WAIT_NOTE_EVERY = 30.0
 #: The scheduler address written into a job script shown before any scheduler exists.
 _PLACEHOLDER_ADDRESS = "tcp://<scheduler-address>:8786"
 
@@ -45,6 +48,9 @@ def _jobqueue() -> Any:
     That handler turns Ctrl-C into ``sys.exit()`` for the whole process (so an
     interrupted run could not say how to resume it), and installing it fails
     outside the main thread, e.g. when a run is started from a thread.
+    dask-jobqueue offers no switch for it, and restoring the handler after the
+    import would not help off the main thread (the import itself fails there),
+    so ``signal.signal`` is stood in for during the import alone.
     """
     if "dask_jobqueue" in sys.modules:
         return sys.modules["dask_jobqueue"]
@@ -88,7 +94,7 @@ def batch_options(job: JobConfig) -> dict[str, Any]:
         if value is not None:
             opts[key] = list(value) if isinstance(value, list) else value
     if b.account is not None:
-        opts["project" if system in ("sge", "lsf") else "account"] = b.account
+        opts[BATCH_SYSTEMS_TABLE[system].account_keyword] = b.account
     section = f"jobqueue.{system}"
     prologue = b.job_script_prologue
     if prologue is None:
@@ -117,9 +123,9 @@ def batch_options(job: JobConfig) -> dict[str, Any]:
     return opts
 
 
-def _job_class(system: str):
-    module = _jobqueue()
-    return getattr(module, BATCH_CLUSTERS[system]).job_cls
+def _cluster_class(system: str) -> Any:
+    """dask-jobqueue's cluster class of ``system``."""
+    return getattr(_jobqueue(), BATCH_SYSTEMS_TABLE[system].cluster_class)
 
 
 def _explain(exc: Exception, system: str) -> OptionError:
@@ -138,49 +144,65 @@ def worker_job_script(job: JobConfig, address: str = _PLACEHOLDER_ADDRESS) -> st
     system = job.compute.scheduler
     opts = {k: v for k, v in batch_options(job).items() if k not in _CLUSTER_ONLY}
     try:
-        return _job_class(system)(scheduler=address, name="kernelmap-worker", **opts).job_script()
+        return _cluster_class(system).job_cls(scheduler=address, name="kernelmap-worker", **opts).job_script()
     except (ValueError, TypeError) as exc:
         raise _explain(exc, system) from exc
 
 
-class _Refused(RuntimeError):
-    """A worker job the batch system did not accept (reported by the run, not logged)."""
+@dataclass(frozen=True)
+class _Refusal:
+    """A worker job the batch system did not accept, in its own words."""
 
-
-class _HideRefusals(logging.Filter):
-    """Drops the tracebacks that asyncio and tornado log for refused submissions."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        while exc is not None:
-            if isinstance(exc, _Refused):
-                return False
-            exc = exc.__cause__ or exc.__context__
-        return True
+    message: str
 
 
 def _recording(job_cls: type, outcomes: list[Any], running: list[bool]) -> type:
-    """``job_cls`` whose submissions are kept in ``outcomes``: a job id, or the exception.
+    """``job_cls`` whose submissions are kept in ``outcomes``: a job id, or a :class:`_Refusal`.
 
-    dask-jobqueue submits from a callback that only logs a failure and then
-    waits for a worker that never comes; kept here, the run stops at once
-    with the batch system's message.  Once the run has workers (``running``
+    dask-jobqueue submits from a callback: a failure would only be logged
+    while the run waits for a worker that never comes; kept here, the run
+    stops at once with the batch system's message.  Once the run has workers (``running``
     holds ``True``), a refused replacement job is a warning instead.
+
+    Only the submission step is wrapped (``_submit_job`` and
+    ``_job_id_from_submit_output``, the two steps of dask-jobqueue's
+    ``Job.start``, private to it: tests/test_batch.py exercises them without
+    a batch system): a refused job then starts without a job id, like a job
+    with nothing to cancel, so ``Job.start`` and ``Job.close`` run unchanged,
+    the cluster keeps its own bookkeeping of job states, and closing it
+    cancels the accepted jobs and skips the refused ones.  Raising from
+    ``start`` instead would leave the job neither running nor closed, which
+    the cluster's ``close`` does not accept.  Refusals are kept as text: an
+    exception's traceback would keep the job object alive past the close.
     """
 
     class RecordingJob(job_cls):  # type: ignore[misc, valid-type]
-        async def start(self):
-            try:
-                await super().start()
-            except Exception as exc:
-                from distributed.core import Status
+        _refused = False
 
-                outcomes.append(exc)
-                if running:
-                    logger.warning("the batch system refused a new worker job: %s", _submission_error(exc))
-                self.status = Status.failed  # nothing to stop: lets the cluster close at once
-                raise _Refused(str(exc)) from exc
-            outcomes.append(self.job_id)
+        async def _submit_job(self, script_filename):
+            try:
+                return await super()._submit_job(script_filename)
+            except Exception as exc:  # noqa: BLE001 - the batch system's refusal, reported by the run
+                self._refuse(exc)
+                return ""
+
+        def _job_id_from_submit_output(self, out):
+            if self._refused:
+                return None  # no job: nothing to cancel on close
+            try:
+                job_id = super()._job_id_from_submit_output(out)
+            except ValueError as exc:  # an answer without a job id
+                self._refuse(exc)
+                return None
+            outcomes.append(job_id)
+            return job_id
+
+        def _refuse(self, exc: Exception) -> None:
+            self._refused = True
+            message = _submission_error(exc)
+            outcomes.append(_Refusal(message))
+            if running:
+                logger.warning("the batch system refused a new worker job: %s", message)
 
     RecordingJob.__name__ = RecordingJob.__qualname__ = job_cls.__name__
     return RecordingJob
@@ -208,16 +230,12 @@ def submit_workers(job: JobConfig, stack: ExitStack, log: Callable[[str], None])
     system, b = job.compute.scheduler, job.compute.batch
     # settings checked on a bare job first: a cluster object failing its own check is left half-made
     script = worker_job_script(job)
-    cluster_cls = getattr(_jobqueue(), BATCH_CLUSTERS[system])
+    cluster_cls = _cluster_class(system)
     outcomes: list[Any] = []
     running: list[bool] = []
     opts = batch_options(job)
     if "log_directory" in opts:
         Path(opts["log_directory"]).mkdir(parents=True, exist_ok=True)
-    hide = _HideRefusals()
-    for name in ("asyncio", "tornado.application", "distributed.deploy.spec"):
-        logging.getLogger(name).addFilter(hide)
-        stack.callback(logging.getLogger(name).removeFilter, hide)
     try:
         cluster = cluster_cls(job_cls=_recording(cluster_cls.job_cls, outcomes, running), **opts)
     except (ValueError, TypeError) as exc:
@@ -234,9 +252,9 @@ def submit_workers(job: JobConfig, stack: ExitStack, log: Callable[[str], None])
 
     def refused() -> BatchError | None:
         for outcome in outcomes:
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, _Refusal):
                 return BatchError(
-                    f"{system} refused the worker job: {_submission_error(outcome)}. Check compute.batch "
+                    f"{system} refused the worker job: {outcome.message}. Check compute.batch "
                     "(queue, account, walltime, cores, memory, job_extra_directives) against what the "
                     f"cluster allows; the job script is {where}"
                 )
@@ -267,7 +285,7 @@ def submit_workers(job: JobConfig, stack: ExitStack, log: Callable[[str], None])
         c = stack.enter_context(Client(cluster))
         t0 = last = time.monotonic()
         limit = b.start_timeout
-        while not c.scheduler_info(n_workers=-1)["workers"]:
+        while True:
             if (error := refused()) is not None:
                 raise error
             now = time.monotonic()
@@ -275,10 +293,15 @@ def submit_workers(job: JobConfig, stack: ExitStack, log: Callable[[str], None])
                 raise BatchError(
                     f"no {system} worker came up within compute.batch.start_timeout ({limit:g} s): see the "
                     f"worker job logs ({opts.get('log_directory', 'the log directory')}) and the queue")
-            if now - last >= 30:
+            if now - last >= _WAIT_NOTE_EVERY:
                 last = now
                 log(f"{system}: waiting for the first worker job to start ({now - t0:.0f} s)")
-            time.sleep(0.2)
+            step = _WAIT_STEP if limit is None else min(_WAIT_STEP, max(limit - (now - t0), 0.0) + 0.05)
+            try:
+                c.wait_for_workers(1, timeout=step)
+                break
+            except TimeoutError:  # distributed's WorkerStartTimeoutError: look at refusals and limits again
+                continue
         log(f"{system}: first worker up after {time.monotonic() - t0:.1f} s")
         running.append(True)
         return c

@@ -23,12 +23,11 @@ from pathlib import Path
 
 from .batch import local_batch_dir
 from .config import BATCH_SYSTEMS, JobConfig, dump_job
+from .systems import BATCH_SYSTEMS_TABLE, BatchSystem, megabytes, submit_systems
 from ..errors import BatchError, OptionError
 
 __all__ = ["Submission", "submission_script", "submit_job", "wait_for_job"]
 
-#: Systems ``kernelmap submit`` can write scripts for, with their submit command.
-SUBMIT_COMMANDS = {"slurm": "sbatch", "pbs": "qsub", "sge": "qsub"}
 #: Seconds a submit command may take before it counts as not answering.
 SUBMIT_TIMEOUT = 60
 
@@ -49,12 +48,13 @@ class Submission:
         return self.folder / f"submit-{self.job_id}.exit"
 
 
-def _system(job: JobConfig) -> str:
-    system = job.compute.scheduler if job.compute.scheduler in BATCH_SYSTEMS else "slurm"
-    if system not in SUBMIT_COMMANDS:
+def _system(job: JobConfig) -> BatchSystem:
+    """The batch system of the whole job: ``compute.scheduler`` where it names one, else Slurm."""
+    system = BATCH_SYSTEMS_TABLE[job.compute.scheduler if job.compute.scheduler in BATCH_SYSTEMS else "slurm"]
+    if not system.can_submit:
         raise OptionError(
-            f"kernelmap submit writes scripts for {', '.join(SUBMIT_COMMANDS)}, not {system}: set "
-            "compute.scheduler to one of them (or to local, for Slurm)")
+            f"kernelmap submit writes scripts for {', '.join(s.name for s in submit_systems())}, not "
+            f"{system.name}: set compute.scheduler to one of them (or to local, for Slurm)")
     return system
 
 
@@ -67,47 +67,12 @@ def _folder(job: JobConfig) -> Path:
     return folder
 
 
-def _directives(system: str, job: JobConfig, folder: Path) -> list[str]:
-    b = job.compute.batch
-    name = "kernelmap-" + Path(str(job.output.path)).name.removesuffix(".zarr")
-    cores = b.cores or 1
-    if system == "slurm":
-        lines = [f"-J {name}", f"-o {folder}/submit-%j.log", f"-e {folder}/submit-%j.log",
-                 "-N 1", "-n 1", f"-c {cores}"]
-        lines += [f"-p {b.queue}"] if b.queue else []
-        lines += [f"-A {b.account}"] if b.account else []
-        lines += [f"-t {b.walltime}"] if b.walltime else []
-        lines += [f"--mem={_megabytes(b.memory)}M"] if b.memory else []
-        prefix = "#SBATCH"
-    else:
-        lines = [f"-N {name}", f"-o {folder}/", f"-e {folder}/"]
-        lines += [f"-q {b.queue}"] if b.queue else []
-        if system == "pbs":
-            lines += [f"-A {b.account}"] if b.account else []
-            resources = f"select=1:ncpus={cores}" + (f":mem={_megabytes(b.memory)}MB" if b.memory else "")
-            lines += [f"-l {resources}"]
-            lines += [f"-l walltime={b.walltime}"] if b.walltime else []
-            prefix = "#PBS"
-        else:  # sge
-            lines += [f"-P {b.account}"] if b.account else []
-            lines += [f"-pe smp {cores}"] if cores > 1 else []
-            lines += [f"-l h_vmem={_megabytes(b.memory) // cores}M"] if b.memory else []
-            lines += [f"-l h_rt={b.walltime}"] if b.walltime else []
-            lines += ["-cwd", "-V"]
-            prefix = "#$"
-    lines += list(b.job_extra_directives or [])
-    return [f"{prefix} {line}" for line in lines]
-
-
-def _megabytes(memory: str) -> int:
-    """``"4GB"``, ``"2GiB"``, ``"500MB"`` ... in megabytes (10^6 bytes)."""
-    from dask.utils import parse_bytes
-
-    try:
-        return max(1, int(parse_bytes(memory) // 10**6))
-    except ValueError as exc:
-        raise OptionError(f"compute.batch.memory: {memory!r} is not an amount of memory "
-                          "(e.g. 4GB, 2GiB, 500MB)") from exc
+def _job_id_expression() -> str:
+    """Shell expression of the job id inside any whole-job system (Slurm's PBS wrappers set Slurm's)."""
+    expression = "unknown"
+    for system in reversed(submit_systems()):
+        expression = f"${{{system.job_id_variable}:-{expression}}}"
+    return expression
 
 
 def submission_script(job: JobConfig) -> str:
@@ -118,21 +83,19 @@ def submission_script(job: JobConfig) -> str:
     b = job.compute.batch
     python = b.python or sys.executable
     cores = b.cores or 1
-    memory = (f'$(( {_megabytes(b.memory)} / WORKERS ))MB' if b.memory else "auto")
-    cpus = {"slurm": "${SLURM_CPUS_PER_TASK:-%d}" % cores, "pbs": "${NCPUS:-%d}" % cores,
-            "sge": "${NSLOTS:-%d}" % cores}[system]
+    memory = (f'$(( {megabytes(b.memory)} / WORKERS ))MB' if b.memory else "auto")
     lines = [
         "#!/usr/bin/env bash",
-        f"# kernelmap: the whole job {job.output.path} as one {system} job.",
-        *_directives(system, job, folder),
+        f"# kernelmap: the whole job {job.output.path} as one {system.name} job.",
+        *system.directives(job, folder),
         *(b.job_script_prologue or []),
         f"cd {shlex.quote(os.getcwd())}",
-        f"WORKERS={cpus}",
+        f"WORKERS=${{{system.cpus_variable}:-{cores}}}",
         f"{python} -m pipeline.cli run {shlex.quote(str(job_file))} --set compute.scheduler=local "
         f"--set compute.n_workers=$WORKERS --set compute.threads_per_worker=1 "
         f"--set compute.memory_limit={memory}",
         "status=$?",
-        "job=${SLURM_JOB_ID:-${PBS_JOBID:-${JOB_ID:-unknown}}}",
+        f"job={_job_id_expression()}",
         f'echo "$status" > {shlex.quote(str(folder))}/"submit-${{job%%.*}}.exit"',
         'exit "$status"',
     ]
@@ -147,26 +110,23 @@ def submit_job(job: JobConfig, *, log: Callable[[str], None] = print) -> Submiss
     (folder / "job.yaml").write_text(dump_job(job))
     script = folder / "submit.sh"
     script.write_text(submission_script(job))
-    command = [SUBMIT_COMMANDS[system], str(script)]
+    command = [system.submit_command, str(script)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT)
     except FileNotFoundError as exc:
-        raise BatchError(f"{command[0]} not found: kernelmap submit needs the {system} commands on PATH") from exc
+        raise BatchError(f"{command[0]} not found: kernelmap submit needs the {system.name} commands on "
+                         "PATH") from exc
     except subprocess.TimeoutExpired as exc:
-        raise BatchError(f"{command[0]} did not answer within {SUBMIT_TIMEOUT} s: is {system} up?") from exc
+        raise BatchError(f"{command[0]} did not answer within {SUBMIT_TIMEOUT} s: is {system.name} up?") from exc
     if done.returncode != 0:
-        raise BatchError(f"{system} refused the job: {(done.stderr or done.stdout).strip()[:500]}; "
+        raise BatchError(f"{system.name} refused the job: {(done.stderr or done.stdout).strip()[:500]}; "
                          f"check compute.batch (queue, account, walltime, cores, memory); script {script}")
     match = re.search(r"\d+", done.stdout)
     if match is None:
         raise BatchError(f"cannot read a job id from {command[0]}'s answer: {done.stdout.strip()[:200]!r}")
-    submission = Submission(system, script, match.group(0))
-    log(f"submitted {system} job {submission.job_id}: script {script}, log in {folder}")
+    submission = Submission(system.name, script, match.group(0))
+    log(f"submitted {system.name} job {submission.job_id}: script {script}, log in {folder}")
     return submission
-
-
-#: What the batch systems answer for a job they no longer know (finished and forgotten).
-_UNKNOWN_JOB = ("invalid job id", "unknown job", "do not exist", "does not exist")
 
 
 def _running(submission: Submission) -> bool:
@@ -175,30 +135,16 @@ def _running(submission: Submission) -> bool:
     Only a definite "unknown job" (or a listing without it) counts as ended;
     a failing or slow command is asked again.
     """
-    if submission.system == "slurm":
-        cmd = ["squeue", "-h", "-j", submission.job_id, "-o", "%T"]
-    elif submission.system == "sge":
-        cmd = ["qstat", "-j", submission.job_id]
-    else:
-        cmd = ["qstat", submission.job_id]
+    system = BATCH_SYSTEMS_TABLE[submission.system]
+    cmd = system.status(submission.job_id)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        answer = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         return True  # a busy batch system: ask again
     except FileNotFoundError as exc:
-        raise BatchError(f"{cmd[0]} not found: following a {submission.system} job needs its commands "
+        raise BatchError(f"{cmd[0]} not found: following a {system.name} job needs its commands "
                          "on PATH") from exc
-    if out.returncode != 0:
-        if submission.system == "pbs" and out.returncode == 153:  # PBS's exit status for an unknown job
-            return False
-        return not any(text in (out.stderr + out.stdout).lower() for text in _UNKNOWN_JOB)
-    if submission.system == "slurm":
-        return bool(out.stdout.strip())
-    if submission.system == "sge":
-        return True
-    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] and
-            line.split()[0].split(".")[0] == submission.job_id]
-    return any(row[-2] not in ("C", "E", "F") for row in rows if len(row) >= 2) if rows else False
+    return system.listed(answer, submission.job_id)
 
 
 def wait_for_job(submission: Submission, *, poll: float = 2.0, log: Callable[[str], None] = print) -> int:
