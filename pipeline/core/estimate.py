@@ -8,7 +8,7 @@ Methods
     pass.  No edge artifact; accurate on noisy astronomical tiles.
 ``"welch"``
     Overlapping tapered segments, averaged cross/auto spectra, regularised
-    division.  Several times faster; a taper bias of a few percent remains.
+    division.  Faster; a taper bias of a few percent remains.
 ``"ratio"``
     The textbook ``FFT(target) / FFT(source)``: the baseline that shows the
     cross-shaped edge artifact and noise amplification.

@@ -117,7 +117,7 @@ class _Tile:
         """Kernel and evidence quantities at ``lam``; ``None`` if not positive definite.
 
         ``fast`` factorises in single precision and refines the kernel once in
-        double precision (about 2x cheaper; used while searching ``lam``), and
+        double precision (cheaper; used while searching ``lam``), and
         falls back to double precision when the system is too ill-conditioned
         for that.  LAPACK runs without the GIL, so threads factorise tiles in
         parallel.
