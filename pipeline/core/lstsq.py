@@ -37,10 +37,10 @@ from .. import flags as fl
 from ._lapack import cho_solve, cholesky, lower_solve
 from .gram import design_rows, fft_shape, fit_region, valid_gram
 from .options import LstsqOptions
-from .penalties import PENALTIES, PenaltyTerms, penalty_operators, penalty_terms
+from .penalties import PenaltyTerms, penalty_terms
 from .validate import check_positive_int
 
-__all__ = ["PENALTIES", "LstsqResult", "lstsq_kernels", "penalty_operators"]
+__all__ = ["LstsqResult", "lstsq_kernels"]
 
 _LAM_MIN, _LAM_MAX = 1e-12, 1e8
 #: Kernels whose core is off the stamp centre by more than this (px) get a recentred penalty.
