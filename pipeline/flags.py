@@ -31,16 +31,23 @@ class Flag:
         return 1 << self.bit
 
 
+#: Fraction of a kernel's flux on the border of its stamp above which it is flagged truncated.
+TRUNCATION_FRACTION = 0.02
+#: Residual RMS over its robust standard deviation above which a tile is flagged
+#: ``high_residual`` (heavy tails: outliers, or a kernel that does not fit).
+HIGH_RESIDUAL_RATIO = 3.0
+
 FLAGS: tuple[Flag, ...] = (
     Flag(0, "no_data", "too few valid pixels (or segments) to estimate a kernel; kernel is NaN"),
     Flag(1, "no_signal", "the source has no usable power; kernel is NaN"),
     Flag(2, "masked", "some pixels were bad (NaN or masked) and were excluded"),
     Flag(3, "regularization_at_bound", "the automatic regularisation reached its upper bound: the data hardly constrain the kernel"),
-    Flag(4, "high_residual", "the fit residual has heavy tails: its RMS exceeds 3 robust standard deviations"),
+    Flag(4, "high_residual", "the fit residual has heavy tails: its RMS exceeds "
+                              f"{HIGH_RESIDUAL_RATIO:g} robust standard deviations"),
     Flag(5, "outliers_clipped", "the robust pass excluded outlying target pixels"),
     Flag(6, "moments_failed", "adaptive second moments of the kernel did not converge"),
-    Flag(7, "kernel_truncated", "more than 2 % of the kernel's flux lies on the border of its stamp: "
-                                "the kernel is probably larger than kernel.size"),
+    Flag(7, "kernel_truncated", f"more than {TRUNCATION_FRACTION * 100:g} % of the kernel's flux lies on the "
+                                "border of its stamp: the kernel is probably larger than kernel.size"),
     Flag(8, "non_positive_flux", "the kernel sums to zero or less"),
     Flag(9, "model_outlier", "far from the smooth kernel-field model fitted to the image's other tiles; "
                              "left out of that model"),
@@ -49,11 +56,6 @@ FLAGS: tuple[Flag, ...] = (
 NO_DATA, NO_SIGNAL, MASKED, REGULARIZATION_AT_BOUND, HIGH_RESIDUAL, OUTLIERS_CLIPPED, \
     MOMENTS_FAILED, KERNEL_TRUNCATED, NON_POSITIVE_FLUX, MODEL_OUTLIER = (f.mask for f in FLAGS)
 
-#: Fraction of a kernel's flux on the border of its stamp above which it is flagged truncated.
-TRUNCATION_FRACTION = 0.02
-#: Residual RMS over its robust standard deviation above which a tile is flagged
-#: ``high_residual`` (heavy tails: outliers, or a kernel that does not fit).
-HIGH_RESIDUAL_RATIO = 3.0
 
 #: Flags meaning the kernel itself is unusable (it is NaN).
 BAD = NO_DATA | NO_SIGNAL

@@ -388,3 +388,15 @@ def test_options_errors():
     res = km.estimate_kernels(img, img, kernel_size=5, options=km.LstsqOptions(regularization=5.0),
                               regularization=0.0, robust=False)
     assert res.regularization[0] == pytest.approx(1e-12)
+
+
+def test_help_shows_every_option_with_its_default():
+    import pydoc
+    from dataclasses import fields
+
+    text = pydoc.render_doc(km.estimate_kernels, renderer=pydoc.plaintext)
+    for method in REGISTRY.values():
+        cls_text = pydoc.render_doc(method.options, renderer=pydoc.plaintext)
+        for f in fields(method.options):
+            assert f"{f.name}={f.default!r}" in " ".join(text.split())
+            assert f"{f.name} = {f.default!r}" in cls_text

@@ -47,21 +47,24 @@ __all__ = ["REGISTRY", "METHODS", "DEFAULT_METHOD", "Method", "KernelEstimates",
 
 @dataclass(frozen=True)
 class Method:
-    """An estimator method: its name, batched estimator and options class."""
+    """An estimator method: its batched estimator and options class (which names the method)."""
 
-    name: str
     #: ``f(sources, targets, bad, *, kernel_size, options)``
     estimator: Callable[..., Any]
     options: type[MethodOptions]
+
+    @property
+    def name(self) -> str:
+        return self.options.method
 
 
 #: Method name -> :class:`Method`, the default first.
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("lstsq", lstsq_kernels, LstsqOptions),
-        Method("welch", welch_kernels, WelchOptions),
-        Method("ratio", ratio_kernels, RatioOptions),
+        Method(lstsq_kernels, LstsqOptions),
+        Method(welch_kernels, WelchOptions),
+        Method(ratio_kernels, RatioOptions),
     )
 }
 DEFAULT_METHOD = next(iter(REGISTRY))

@@ -15,6 +15,7 @@ estimator functions, not an option.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import textwrap
@@ -76,6 +77,8 @@ class Option:
         bounds = [f"{op} {_bound(v)}" for op, v in ((">=", self.ge), (">", self.gt),
                                                      ("<=", self.le), ("<", self.lt)) if v is not None]
         text = f"{noun} {' and '.join(bounds)}".strip()
+        if self.per_term:
+            text = f"{text} (or one such number per penalty term)"
         if self.choices:
             text = f"{' or '.join(map(repr, self.choices))} or {text}"
         return text
@@ -115,7 +118,7 @@ def _document(cls: type[_Options]) -> type[_Options]:
         items.append(f"{f.name} = {f.default!r}\n" + textwrap.fill(text, 80, initial_indent="    ",
                                                                    subsequent_indent="    "))
     if items:
-        cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\nOptions\n-------\n" + "\n".join(items) + "\n"
+        cls.__doc__ = inspect.cleandoc(cls.__doc__ or "") + "\n\nOptions\n-------\n" + "\n".join(items) + "\n"
     return cls
 
 
@@ -194,12 +197,7 @@ class MethodOptions:
 @_document
 @dataclass(frozen=True, kw_only=True)
 class LstsqOptions(MethodOptions):
-    """Options of the exact least-squares method ``"lstsq"`` (:mod:`pipeline.core.lstsq`).
-
-    The job file's ``kernel`` section exposes ``regularization``, ``penalty``,
-    ``robust``, ``recentre`` and ``clip``; the others tune the search and are
-    for Python callers.
-    """
+    """Options of the exact least-squares method ``"lstsq"`` (:mod:`pipeline.core.lstsq`)."""
 
     method: ClassVar[str] = "lstsq"
 
