@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .errors import BatchError, ConfigError, InputError, KernelmapError, OptionError
 from .analysis.hook import register_accessor as _register_accessor
 from .core.estimate import DEFAULT_METHOD, METHODS, KernelEstimates, estimate_kernel, estimate_kernels
+from .core.options import LstsqOptions, RatioOptions, WelchOptions
 
 try:
     __version__ = version("kernelmap")
@@ -40,6 +41,9 @@ __all__ = [
     "KernelMap",
     "DEFAULT_METHOD",
     "METHODS",
+    "LstsqOptions",
+    "WelchOptions",
+    "RatioOptions",
     "KernelEstimates",
     "estimate_kernel",
     "estimate_kernels",

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
+from kernels import rel_l2
+
 import pipeline as km
 import pipeline.flags
 from pipeline.core.moments import adaptive_moments
@@ -21,10 +23,6 @@ PHOTO_KERNELS = {
     "gaussian": lambda k: gaussian_kernel(k, fwhm=3.0, e1=0.1, dy=0.3),
     "motion-streak": lambda k: motion_kernel(k, length=5.0, angle_deg=30.0, dy=1.0, dx=-2.0),
 }
-
-
-def rel_l2(est, truth):
-    return float(np.linalg.norm(est - truth) / np.linalg.norm(truth))
 
 
 def cross_artifact(est, truth):

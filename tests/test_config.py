@@ -10,7 +10,9 @@ import textwrap
 import pytest
 import yaml
 
+from pipeline import LstsqOptions, WelchOptions
 from pipeline.job.config import (
+    KERNEL_METHODS,
     PENALTY_TERMS,
     ComputeConfig,
     ConfigError,
@@ -354,13 +356,80 @@ def test_estimator_options_are_accepted_by_the_estimators():
         assert res.kernels.shape == (1, 5, 5)
 
 
-def test_penalty_term_counts_match_the_estimator():
-    from pipeline.core.lstsq import PENALTIES, penalty_operators
+def test_kernel_sections_follow_the_options_registry():
+    """Keys, order and defaults of each kernel section are the core's options marked in_job."""
+    from pipeline.core.estimate import REGISTRY
+    from pipeline.core.options import option_fields
 
-    assert tuple(PENALTY_TERMS) == PENALTIES
+    assert tuple(KERNEL_METHODS) == tuple(REGISTRY)
+    for name, model in KERNEL_METHODS.items():
+        options = REGISTRY[name].options
+        in_job = [f for f in option_fields(options) if f.metadata["option"].in_job]
+        assert list(model.model_fields) == ["method", "size", "normalize", "diagnostics", *(f.name for f in in_job)]
+        for f in in_job:
+            assert model.model_fields[f.name].default == f.default
+        dumped = yaml.safe_load(dump_job(job(kernel={"method": name})))["kernel"]
+        assert {f.name: dumped[f.name] for f in in_job} == {f.name: f.default for f in in_job}
+        assert model().options() == options()  # the YAML defaults are the dataclass defaults
+    # options that tune the search or the threads stay out of job files
+    for hidden in ("lam_init", "tol", "max_iter", "n_probes", "min_pixels_per_parameter", "chunk"):
+        assert hidden not in LstsqKernel.model_fields
+    assert "workers" not in WelchKernel.model_fields
+
+
+def test_kernel_section_options_object():
+    kernel = job(kernel={"penalty": "wings", "regularization": [0.5, 2]}).kernel
+    assert kernel.options() == LstsqOptions(penalty="wings", regularization=[0.5, 2.0])
+    welch = job(kernel={"method": "welch", "size": 15, "segment_size": 32}, tiles={"size": 64}).kernel
+    assert welch.options() == WelchOptions(segment_size=32)
+
+
+def test_choices_and_bounds_come_from_the_core():
+    from pipeline.core.options import WINDOWS
+    from pipeline.core.penalties import PENALTIES, PENALTY_TERMS as CORE_TERMS, penalty_operators
+
+    assert PENALTY_TERMS is CORE_TERMS
     assert tuple(LstsqKernel.model_fields["penalty"].annotation.__args__) == PENALTIES
-    for name, n in PENALTY_TERMS.items():
+    assert tuple(WelchKernel.model_fields["window"].annotation.__args__) == WINDOWS
+    for name, n in CORE_TERMS.items():
         assert len(penalty_operators(5, name)) == n
+    (err,) = errors_of({**MINIMAL, "kernel": {"method": "welch", "overlap": 1.0}})
+    assert err == "kernel.overlap: 1.0 is too large: must be less than 1"
+    (err,) = errors_of({**MINIMAL, "kernel": {"method": "welch", "segment_size": 1, "size": 1}})
+    assert err == "kernel.segment_size: 1 is too small: at least 2"
+
+
+@pytest.mark.parametrize("tile_size", [16, 30, 64, 100, 256])
+def test_largest_kernel_size_is_the_cores(tile_size):
+    from pipeline.core.validate import max_kernel_size
+
+    largest = max_kernel_size((tile_size, tile_size))
+    assert job(tiles={"size": tile_size}, kernel={"size": largest}).kernel.size == largest
+    (err,) = errors_of({**MINIMAL, "tiles": {"size": tile_size}, "kernel": {"size": largest + 2}})
+    assert err == f"kernel.size: {largest + 2} is too large for tiles.size {tile_size}: at most {largest}"
+
+
+def test_a_new_job_option_appears_in_the_schema():
+    """An option added to a method's dataclass with in_job=True becomes a key; without, it does not."""
+    from dataclasses import dataclass, field
+
+    from pydantic import ValidationError
+
+    from pipeline.core.options import Option
+    from pipeline.job.config import _LstsqChecks, kernel_model
+
+    @dataclass(frozen=True, kw_only=True)
+    class Extended(LstsqOptions):
+        smoothing: float = field(default=0.5, metadata={"option": Option("new", float, ge=0, le=1, in_job=True)})
+        passes: int = field(default=3, metadata={"option": Option("not in jobs", int, ge=1)})
+
+    model = kernel_model("lstsq", Extended, _LstsqChecks)
+    assert list(model.model_fields)[-1] == "smoothing" and "passes" not in model.model_fields
+    assert model().smoothing == 0.5 and model(smoothing=1).smoothing == 1.0
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        model(smoothing=1.5)
+    with pytest.raises(ValidationError):
+        model(regularization=[1.0])  # the lstsq checks still apply
 
 
 # --- cross-field checks -----------------------------------------------------

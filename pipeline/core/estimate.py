@@ -8,15 +8,20 @@ Methods
     pass.  No edge artifact; accurate on noisy astronomical tiles.
 ``"welch"``
     Overlapping tapered segments, averaged cross/auto spectra, regularised
-    division.  Several times faster; a taper bias of a few percent remains.
+    division.  Faster; a taper bias of a few percent remains.
 ``"ratio"``
     The textbook ``FFT(target) / FFT(source)``: the baseline that shows the
     cross-shaped edge artifact and noise amplification.
+
+:data:`REGISTRY` holds each method's estimator and options class
+(:mod:`pipeline.core.options`); options are given as that class's object
+(``options=LstsqOptions(penalty="wings")``) or as keywords
+(``penalty="wings"``).
 """
 
 from __future__ import annotations
 
-import inspect
+import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -30,25 +35,41 @@ from .diagnostics import plain_centroids, residual_statistics
 from .gram import fit_region
 from .moments import FWHM_PER_SIGMA, adaptive_moments
 from ..errors import InputError, OptionError
-from .lstsq import lstsq_kernels
+from .lstsq import LstsqResult, lstsq_kernels
+from .options import LstsqOptions, MethodOptions, RatioOptions, WelchOptions, option_summary
 from .ratio import ratio_kernels
-from .validate import as_image_stack, bad_pixels, check_kernel_size
+from .validate import as_image_stack, bad_pixels, check_kernel_size, check_positive_int
 from .welch import welch_kernels
 
-__all__ = ["METHODS", "DEFAULT_METHOD", "KernelEstimates", "estimate_kernel", "estimate_kernels"]
+__all__ = ["REGISTRY", "METHODS", "DEFAULT_METHOD", "Method", "KernelEstimates", "estimate_kernel",
+           "estimate_kernels", "method_options"]
 
-DEFAULT_METHOD = "lstsq"
 
-#: Method name -> batched estimator ``f(sources, targets, bad, *, kernel_size, **options)``.
-METHODS: dict[str, Callable[..., Any]] = {
-    "lstsq": lstsq_kernels,
-    "welch": welch_kernels,
-    "ratio": ratio_kernels,
+@dataclass(frozen=True)
+class Method:
+    """An estimator method: its batched estimator and options class (which names the method)."""
+
+    #: ``f(sources, targets, bad, *, kernel_size, options)``
+    estimator: Callable[..., Any]
+    options: type[MethodOptions]
+
+    @property
+    def name(self) -> str:
+        return self.options.method
+
+
+#: Method name -> :class:`Method`, the default first.
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(lstsq_kernels, LstsqOptions),
+        Method(welch_kernels, WelchOptions),
+        Method(ratio_kernels, RatioOptions),
+    )
 }
-
-#: Residual RMS over its robust standard deviation above which a tile is flagged
-#: ``high_residual`` (heavy tails: outliers, or a kernel that does not fit).
-HIGH_RESIDUAL = 3.0
+DEFAULT_METHOD = next(iter(REGISTRY))
+#: Method name -> batched estimator (the estimators of :data:`REGISTRY`).
+METHODS: dict[str, Callable[..., Any]] = {name: m.estimator for name, m in REGISTRY.items()}
 
 
 @dataclass(frozen=True)
@@ -93,26 +114,22 @@ class KernelEstimates:
 
 
 def _check_method(method: object) -> str:
-    if not isinstance(method, str) or method not in METHODS:
+    if not isinstance(method, str) or method not in REGISTRY:
         raise OptionError(
-            f"method={method!r} is not known; choose one of {', '.join(sorted(METHODS))} "
+            f"method={method!r} is not known; choose one of {', '.join(sorted(REGISTRY))} "
             f"(default {DEFAULT_METHOD!r})"
         )
     return str(method)
 
 
-def _check_options(method: str, options: dict[str, Any]) -> None:
-    params = inspect.signature(METHODS[method]).parameters
-    allowed = sorted(
-        p for p, v in params.items()
-        if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in ("kernel_size", "workers", "chunk")
-    )
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise OptionError(
-            f"unknown option(s) {', '.join(unknown)} for method={method!r}; "
-            f"allowed: {', '.join(allowed)}"
-        )
+def method_options(method: str, options: MethodOptions | None = None, **option_keywords: Any) -> MethodOptions:
+    """The options object of ``method`` from an options object and/or keywords (keywords win).
+
+    Raises :class:`~pipeline.errors.OptionError` for an unknown method, an
+    options object of another method, an unknown keyword (naming the
+    allowed ones) or an invalid value.
+    """
+    return REGISTRY[_check_method(method)].options.resolve(options, option_keywords)
 
 
 def _prepare(sources, targets, mask, kernel_size):
@@ -155,35 +172,31 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
     """Kernels and diagnostics of one contiguous part of the batch."""
     n = len(tgt)
     any_bad = bool(bad.any())
-    out = vars(METHODS[method](src, tgt, bad if any_bad else None, kernel_size=size, **options))
+    result = REGISTRY[method].estimator(src, tgt, bad if any_bad else None, kernel_size=size, options=options)
+    out = vars(result)
     kernels = np.array(out["kernels"], dtype=np.float64)
-    flags = np.array(out.get("flags", np.zeros(n)), dtype=fl.FLAG_DTYPE)
-    if method != "lstsq":
-        flags[bad.reshape(n, -1).any(axis=1)] |= fl.MASKED
-        if "n_segments" in out:
-            flags[out["n_segments"] == 0] |= fl.NO_DATA
+    if isinstance(result, LstsqResult):
+        flags = result.flags
+    else:
         flat = src.reshape(n, -1)
-        flags[~np.any(flat != flat[:, :1], axis=1)] |= fl.NO_SIGNAL
-    unusable = (flags & fl.BAD) != 0
-    unusable |= ~np.all(np.isfinite(kernels), axis=(1, 2))
-    flags[unusable & ((flags & fl.BAD) == 0)] |= fl.NO_SIGNAL
+        flags = fl.fit_flags(
+            masked=bad.reshape(n, -1).any(axis=1),
+            no_data=out["n_segments"] == 0 if "n_segments" in out else False,
+            no_signal=~np.any(flat != flat[:, :1], axis=1),
+        )
+    flags, unusable = fl.unusable_kernels(flags, kernels)
     kernels[unusable] = np.nan
     background = np.where(unusable, np.nan, out["background"])
 
     if diagnostics:
         region = fit_region(bad, size)
         noise, residual, snr = residual_statistics(src, tgt, kernels, background, region)
-        flags[residual > HIGH_RESIDUAL] |= fl.HIGH_RESIDUAL
     else:
         noise = residual = snr = np.full(n, np.nan)
     flux = kernels.sum(axis=(1, 2))
-    with np.errstate(invalid="ignore"):
-        flags[flux <= 0] |= fl.NON_POSITIVE_FLUX
-        if kernels.shape[-1] >= 3:
-            border = flux - kernels[:, 1:-1, 1:-1].sum(axis=(1, 2))
-            flags[(flux > 0) & (border > fl.TRUNCATION_FRACTION * flux)] |= fl.KERNEL_TRUNCATED
     moments = adaptive_moments(kernels)
-    flags[~moments.converged & ~unusable] |= fl.MOMENTS_FAILED
+    flags |= fl.kernel_flags(kernels, flux, residual=residual, moments_converged=moments.converged,
+                             unusable=unusable)
     centroid_y, centroid_x = plain_centroids(kernels, moments)
     if "n_valid" in out:
         n_valid = out["n_valid"]
@@ -218,11 +231,12 @@ def estimate_kernels(
     *,
     kernel_size: int,
     method: str = DEFAULT_METHOD,
+    options: MethodOptions | None = None,
     mask: np.ndarray | None = None,
     normalize: bool = False,
     workers: int = 1,
     diagnostics: bool = True,
-    **options: Any,
+    **option_keywords: Any,
 ) -> KernelEstimates:
     """Estimate the kernel of every tile of a batch, with diagnostics.
 
@@ -236,6 +250,10 @@ def estimate_kernels(
         Odd side of the kernel, at most half the shorter tile side.
     method
         ``"lstsq"`` (default), ``"welch"`` or ``"ratio"``.
+    options
+        The method's options object: :class:`~pipeline.LstsqOptions`,
+        :class:`~pipeline.WelchOptions` or :class:`~pipeline.RatioOptions`
+        (default: the class's defaults).
     mask
         Optional, like ``targets`` or one tile; nonzero marks a bad pixel.
         NaN/inf in either image is bad too.  Bad pixels are never used.
@@ -248,9 +266,12 @@ def estimate_kernels(
         Compute the residual, noise and signal-to-noise of each fit (one more
         FFT convolution per tile).  ``False`` leaves them NaN; the kernel,
         flux, background, shape and flags are always there.
-    **options
-        Method options (see :func:`pipeline.core.lstsq.lstsq_kernels`,
-        :func:`pipeline.core.welch.welch_kernels`).
+    **option_keywords
+        Method options as keywords, applied on top of ``options``; the
+        names, defaults and meaning of each method's options are those of
+        its options class:
+
+{options}
 
     Returns
     -------
@@ -260,15 +281,14 @@ def estimate_kernels(
         valid data or no source signal are flagged and have NaN kernels.
     """
     method = _check_method(method)
-    _check_options(method, options)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise OptionError(f"workers must be a positive integer, got {workers!r}")
+    opts = method_options(method, options, **option_keywords)
+    workers = check_positive_int("workers", workers)
     src, tgt, bad, size = _prepare(sources, targets, mask, kernel_size)
     parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
 
     def run(idx: np.ndarray) -> dict[str, np.ndarray]:
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        return _estimate_part(method, src[sl], tgt[sl], bad[sl], size, options, diagnostics)
+        return _estimate_part(method, src[sl], tgt[sl], bad[sl], size, opts, diagnostics)
 
     with threadpool_limits(limits=1, user_api="blas"):
         if len(parts) == 1:
@@ -289,9 +309,10 @@ def estimate_kernel(
     *,
     kernel_size: int,
     method: str = DEFAULT_METHOD,
+    options: MethodOptions | None = None,
     mask: np.ndarray | None = None,
     normalize: bool = False,
-    **options: Any,
+    **option_keywords: Any,
 ) -> np.ndarray:
     """Estimate the kernel ``K`` with ``target ~ fftconvolve(source, K, "same") + b``.
 
@@ -299,6 +320,7 @@ def estimate_kernel(
     ``(kernel_size // 2, kernel_size // 2)``, not normalised unless asked.
     Raises :class:`pipeline.errors.InputError` when the inputs cannot give a
     kernel (all pixels bad, too few valid pixels, a source with no power).
+    Options (``options=`` or keywords) as in :func:`estimate_kernels`.
     Use :func:`estimate_kernels` for diagnostics and batches.
     """
     src = as_image_stack(source, "source", ndim=(2,))
@@ -322,7 +344,7 @@ def estimate_kernel(
         )
     result = estimate_kernels(
         src[None], tgt[None], kernel_size=kernel_size, method=method,
-        mask=None if mask is None else mask[None], normalize=normalize, **options,
+        options=options, mask=None if mask is None else mask[None], normalize=normalize, **option_keywords,
     )
     flag = int(result.flags[0])
     if flag & fl.BAD:
@@ -332,3 +354,14 @@ def estimate_kernel(
             "mask fewer pixels, use a smaller kernel or a larger image"
         )
     return result.kernels[0]
+
+
+def _options_doc(indent: str = "        ") -> str:
+    lines = []
+    for name, m in REGISTRY.items():
+        text = f"``{name}`` (:class:`~pipeline.{m.options.__name__}`): {option_summary(m.options)}"
+        lines.append(textwrap.fill(text, 88, initial_indent=indent, subsequent_indent=indent + "    "))
+    return "\n".join(lines)
+
+
+estimate_kernels.__doc__ = (estimate_kernels.__doc__ or "").replace("{options}", _options_doc())

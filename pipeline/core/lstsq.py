@@ -8,30 +8,11 @@ bad pixels are removed from them as low-rank downdates.
 
 Regularisation adds ``sum_i mu_i ||D_i K||^2`` to the squared residual, with
 ``mu_i = lam_i * tr(G) / tr(D_i^T D_i)`` so that each ``lam_i`` is
-dimensionless.  Penalties (``penalty=``):
-
-``"compact"`` (default)
-    Two terms that describe a PSF-matching kernel: smoothness (the 5-point
-    Laplacian) weighted by ``(r/h)^2``, so the core may be as sharp as the
-    data say while the noise-dominated wings are kept smooth; and an
-    amplitude term weighted by ``(r/h)^4`` that keeps power out of the outer
-    stamp.  ``r`` is the distance from the kernel's core: the stamp centre,
-    or, when a first fit finds the core more than 0.75 px away (a shift
-    between the images), that core, and the fit is repeated.  Measured on
-    simulated survey tiles it brings the median kernel error of a plain
-    Laplacian with truth-tuned strength from 0.12 to 0.05 and removes most
-    of the Laplacian's peak-flattening bias (kernel FWHM +7 % to about 1 %).
-``"wings"``
-    ``"compact"`` without the amplitude penalty on smooth radial profiles in
-    the outer stamp.  For kernels with extended wings (Moffat-like, or a
-    faint broad component): ``"compact"`` then loses the wings' light and
-    underestimates the kernel sum by 2-5 % (measured on simulated survey
-    tiles), ``"wings"`` keeps it to about 0.5 %, at some cost in pixel-wise
-    error for compact kernels.
-``"laplacian"``
-    Plain smoothness ``||Laplacian K||^2`` (zero outside the stamp).
-``"identity"``
-    Tikhonov ``||K||^2``.
+dimensionless; the operators ``D_i`` of each penalty are in
+:mod:`pipeline.core.penalties`.  The compact penalties are centred on the
+kernel's core: the stamp centre, or, when a first fit finds the core more
+than 0.75 px away (a shift between the images), that core, and the fit is
+repeated.
 
 With ``regularization="auto"`` every ``lam_i`` maximises the Bayesian
 evidence (MacKay's fixed-point updates ``alpha_i = gamma_i / E_W,i``,
@@ -41,27 +22,27 @@ A fixed ``regularization=lam`` uses that ``lam`` for every term (or one per term
 pass then excludes target pixels whose residual exceeds ``clip`` robust
 standard deviations (cosmic rays, saturated cores, artefacts) and solves
 again (searching ``lam`` again when more than 0.2 % of the pixels went).
+The options and their defaults are those of :class:`pipeline.core.options.LstsqOptions`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
-from scipy import sparse
 
 from .. import flags as fl
 from ._lapack import cho_solve, cholesky, lower_solve
-from ..errors import OptionError
 from .gram import design_rows, fft_shape, fit_region, valid_gram
+from .options import LstsqOptions
+from .penalties import PenaltyTerms, penalty_terms
+from .validate import check_positive_int
 
-__all__ = ["PENALTIES", "LstsqResult", "lstsq_kernels", "penalty_operators"]
+__all__ = ["LstsqResult", "lstsq_kernels"]
 
-PENALTIES = ("compact", "wings", "laplacian", "identity")
 _LAM_MIN, _LAM_MAX = 1e-12, 1e8
-_CORE_SMOOTHING = 0.01
 #: Kernels whose core is off the stamp centre by more than this (px) get a recentred penalty.
 _RECENTRE = 0.75
 #: Re-run the evidence search after clipping only when more pixels than this fraction went.
@@ -80,91 +61,16 @@ class LstsqResult:
     n_clipped: np.ndarray  #: ``(n,)`` pixels removed by the robust pass
     flux_error: np.ndarray  #: ``(n,)`` standard error of the kernel sum
     effective_parameters: np.ndarray  #: ``(n,)`` well-determined kernel parameters
-    flags: np.ndarray  #: ``(n,)`` quality bits, see :mod:`pipeline.flags`
+    masked: np.ndarray  #: ``(n,)`` bool: bad pixels took target pixels out of the fit
+    no_data: np.ndarray  #: ``(n,)`` bool: too few valid pixels per unknown; no fit
+    no_signal: np.ndarray  #: ``(n,)`` bool: the source has no usable power; no kernel
+    at_bound: np.ndarray  #: ``(n,)`` bool: the evidence search ended at its upper bound
 
-
-def _laplacian(k: int) -> sparse.csr_matrix:
-    """5-point Laplacian on the ``k x k`` stamp, zero outside it."""
-    second = sparse.diags([1.0, -2.0, 1.0], [-1, 0, 1], shape=(k, k))
-    eye = sparse.identity(k)
-    return sparse.csr_matrix(sparse.kron(eye, second) + sparse.kron(second, eye))
-
-
-def _radius2(kernel_size: int, centre: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """Squared distance from ``centre`` (an offset from the stamp centre) over ``h^2``.
-
-    One value per stamp pixel, raster order.
-    """
-    h = max(kernel_size // 2, 1)
-    yy, xx = np.mgrid[-(kernel_size // 2) : kernel_size // 2 + 1, -(kernel_size // 2) : kernel_size // 2 + 1]
-    return (((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / h**2).ravel()
-
-
-def _operators(kernel_size: int, penalty: str, centre: tuple[float, float] = (0.0, 0.0)) -> tuple:
-    """Penalty operators as sparse matrices."""
-    k = kernel_size
-    if penalty == "identity":
-        return (sparse.identity(k * k, format="csr"),)
-    lap = _laplacian(k)
-    if penalty == "laplacian":
-        return (lap,)
-    rho2 = _radius2(k, centre)
-    wall = sparse.diags(rho2**2 + 1e-4)
-    if penalty == "wings":
-        # leave smooth radial wing profiles out of the amplitude term, so the
-        # light in extended wings (and with it the kernel sum) is kept
-        rho = np.sqrt(rho2)
-        centres = np.linspace(0.3, 1.0, 4)
-        width = centres[1] - centres[0]
-        rings = np.clip(1.0 - np.abs(rho[:, None] - centres[None, :]) / width, 0.0, None)
-        q, _ = np.linalg.qr(rings)
-        wall = sparse.csr_matrix(wall.toarray() - (wall @ q) @ q.T)
-    return (sparse.diags(rho2 + _CORE_SMOOTHING) @ lap, wall)
-
-
-def penalty_operators(kernel_size: int, penalty: str) -> tuple[np.ndarray, ...]:
-    """Operators ``D_i`` (``k*k`` columns) of the penalty terms ``||D_i K||^2``."""
-    if penalty not in PENALTIES:
-        raise OptionError(f"penalty={penalty!r} is not known; choose one of {', '.join(PENALTIES)}")
-    return tuple(op.toarray() for op in _operators(kernel_size, penalty))
-
-
-@dataclass(frozen=True)
-class _Penalty:
-    """Penalty Grams ``D_i^T D_i`` (sparse) and trace probes ``D_i^T z``."""
-
-    grams: tuple[sparse.csr_matrix, ...]
-    flat_index: tuple[np.ndarray, ...]  #: raster positions of each Gram's nonzeros
-    traces: np.ndarray  #: ``tr(D_i^T D_i)``
-    probes64: np.ndarray  #: all terms' probes as rows, ``(m * n_probes, k*k)``
-    probes32: np.ndarray
-    n_probes: int
-
-
-def _terms(ops: tuple, n_probes: int) -> _Penalty:
-    rng = np.random.default_rng(20261126)
-    grams, flat, probes = [], [], []
-    for op in ops:
-        op = sparse.csr_matrix(op)
-        z = rng.choice([-1.0, 1.0], size=(op.shape[0], n_probes))
-        gram = sparse.csr_matrix(op.T @ op)
-        gram.sum_duplicates()
-        rows = np.repeat(np.arange(gram.shape[0]), np.diff(gram.indptr))
-        grams.append(gram)
-        flat.append(rows * gram.shape[1] + gram.indices)
-        probes.append(np.asarray(op.T @ z).T)
-    probes64 = np.ascontiguousarray(np.vstack(probes))
-    return _Penalty(tuple(grams), tuple(flat), np.array([g.diagonal().sum() for g in grams]),
-                    probes64, probes64.astype(np.float32), n_probes)
-
-
-@lru_cache(maxsize=16)
-def _penalty_terms(
-    kernel_size: int, penalty: str, n_probes: int, centre: tuple[float, float] = (0.0, 0.0)
-) -> _Penalty:
-    if penalty not in PENALTIES:
-        raise OptionError(f"penalty={penalty!r} is not known; choose one of {', '.join(PENALTIES)}")
-    return _terms(_operators(kernel_size, penalty, centre), n_probes)
+    @property
+    def flags(self) -> np.ndarray:
+        """``(n,)`` quality bits of these facts, see :func:`pipeline.flags.fit_flags`."""
+        return fl.fit_flags(masked=self.masked, no_data=self.no_data, no_signal=self.no_signal,
+                            outliers_clipped=self.n_clipped > 0, regularization_at_bound=self.at_bound)
 
 
 def _kernel_centre(kernel: np.ndarray, kernel_size: int) -> tuple[float, float]:
@@ -184,7 +90,7 @@ def _kernel_centre(kernel: np.ndarray, kernel_size: int) -> tuple[float, float]:
 class _Tile:
     """Normal equations of one tile, with the background eliminated."""
 
-    def __init__(self, gram, colsum, rhs, rsum, rsq, count, penalty: _Penalty):
+    def __init__(self, gram, colsum, rhs, rsum, rsq, count, penalty: PenaltyTerms):
         self.gram, self.colsum, self.rhs = gram, colsum, rhs
         self.rsum, self.rsq, self.count = rsum, rsq, count
         self.penalty = penalty
@@ -211,7 +117,7 @@ class _Tile:
         """Kernel and evidence quantities at ``lam``; ``None`` if not positive definite.
 
         ``fast`` factorises in single precision and refines the kernel once in
-        double precision (about 2x cheaper; used while searching ``lam``), and
+        double precision (cheaper; used while searching ``lam``), and
         falls back to double precision when the system is too ill-conditioned
         for that.  LAPACK runs without the GIL, so threads factorise tiles in
         parallel.
@@ -315,39 +221,15 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, fin
     return (tile.solve(np.exp(x)) if final else sol), np.exp(x), at_bound
 
 
-def _fixed_lam(regularization: object, n_terms: int, penalty: str) -> np.ndarray:
-    """Validate a fixed ``regularization`` and return one ``lam`` per penalty term."""
-    try:
-        lam = np.asarray(regularization, dtype=np.float64)
-    except (TypeError, ValueError):
-        lam = np.array(np.nan)
-    if lam.ndim == 0:
-        lam = np.full(n_terms, float(lam))
-    if lam.shape != (n_terms,) or not np.all(np.isfinite(lam)) or np.any(lam < 0):
-        raise OptionError(
-            f"regularization must be 'auto', a number >= 0 or {n_terms} numbers >= 0 "
-            f"(one per term of penalty={penalty!r}), got {regularization!r}"
-        )
-    return lam
-
-
 def lstsq_kernels(
     sources: np.ndarray,
     targets: np.ndarray,
     bad: np.ndarray | None = None,
     *,
     kernel_size: int,
-    regularization: float | str = "auto",
-    penalty: str = "compact",
-    robust: bool = True,
-    recentre: bool = True,
-    clip: float = 5.0,
-    lam_init: float = 1.0,
-    tol: float = 0.07,
-    max_iter: int = 60,
-    n_probes: int = 24,
-    min_pixels_per_parameter: float = 2.0,
+    options: LstsqOptions | None = None,
     chunk: int = 4,
+    **option_keywords: Any,
 ) -> LstsqResult:
     """Exact regularised least-squares kernels for a batch of tiles.
 
@@ -361,37 +243,21 @@ def lstsq_kernels(
         is fitted only if no bad pixel lies in its kernel footprint.
     kernel_size
         Odd kernel side ``k``.
-    regularization
-        ``"auto"`` (evidence maximisation), a fixed dimensionless ``lam >= 0``
-        used for every penalty term, or one ``lam`` per term (a sequence as
-        long as the penalty has terms: 2 for the compact penalties).
-    penalty
-        ``"compact"``, ``"wings"``, ``"laplacian"`` or ``"identity"`` (see the
-        module docs).
-    recentre
-        For the compact penalties: centre them on the kernel's core when a
-        first fit finds it off the stamp centre (see the module docs).
-    robust
-        Exclude pixels with residuals beyond ``clip`` robust sigmas and refit.
-    lam_init
-        Starting ``lam`` of the search.  Every tile starts from it, so a
-        tile's result does not depend on the other tiles of the batch.
-    tol
-        Convergence tolerance of the search, in natural ``log lam``.
-    n_probes
-        Random probes of the trace estimates used by the evidence updates.
-    min_pixels_per_parameter
-        Tiles with fewer valid pixels per unknown are flagged ``no_data``.
+    options
+        :class:`~pipeline.core.options.LstsqOptions` (regularization, penalty,
+        robust, recentre, clip and the search's settings); keyword options
+        (``penalty="wings"``, ...) are applied on top.
     chunk
         Tiles transformed together (bounds memory).
     """
-    pen = _penalty_terms(kernel_size, penalty, n_probes)
+    opts = LstsqOptions.resolve(options, option_keywords)
+    chunk = check_positive_int("chunk", chunk)
+    penalty, n_probes, recentre, robust = opts.penalty, opts.n_probes, opts.recentre, opts.robust
+    min_pixels_per_parameter = opts.min_pixels_per_parameter
+    pen = penalty_terms(kernel_size, penalty, n_probes)
     n_terms = len(pen.grams)
-    auto_lam = isinstance(regularization, str) and regularization == "auto"
-    if not auto_lam:
-        lam_fixed = _fixed_lam(regularization, n_terms, penalty)
-    if clip <= 0:
-        raise OptionError(f"clip must be positive (robust sigmas), got {clip!r}")
+    auto_lam = opts.auto
+    lam_fixed = opts.fixed_lam()
     n, ny, nx = sources.shape
     half = kernel_size // 2
     k2 = kernel_size * kernel_size
@@ -407,8 +273,11 @@ def lstsq_kernels(
     n_clipped = np.zeros(n, dtype=np.int64)
     flux_error = np.full(n, np.nan)
     gamma_out = np.full(n, np.nan)
-    flag_out = np.zeros(n, dtype=fl.FLAG_DTYPE)
-    lam_start = np.full(n_terms, float(lam_init))
+    masked_out = np.zeros(n, dtype=bool)
+    no_data = np.zeros(n, dtype=bool)
+    no_signal = np.zeros(n, dtype=bool)
+    at_bound_out = np.zeros(n, dtype=bool)
+    lam_start = np.full(n_terms, float(opts.lam_init))
 
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -436,10 +305,9 @@ def lstsq_kernels(
             t = start + i
             count = int(valid[i].sum())
             n_valid[t] = count
-            if masked[i]:
-                flag_out[t] |= fl.MASKED
+            masked_out[t] = masked[i]
             if count < min_pixels_per_parameter * (k2 + 1):
-                flag_out[t] |= fl.NO_DATA
+                no_data[t] = True
                 continue
             gram = grams[i]
             if masked[i]:
@@ -451,12 +319,12 @@ def lstsq_kernels(
             src_vals = src[i][valid[i]]
             src_level = float(np.mean(src_vals**2)) + np.finfo(float).tiny
             if not np.all(np.isfinite(tile.scale)) or np.trace(tile.gc) <= 1e-12 * src_level * count * k2:
-                flag_out[t] |= fl.NO_SIGNAL
+                no_signal[t] = True
                 continue
 
             def fit(lam_start: np.ndarray, final: bool):
                 if auto_lam:
-                    return _search_lam(tile, lam_start, tol=tol, max_iter=max_iter, final=final)
+                    return _search_lam(tile, lam_start, tol=opts.tol, max_iter=opts.max_iter, final=final)
                 return tile.solve(lam_fixed), lam_fixed, False
 
             sol, lam, at_bound = fit(lam_start, final=not robust)
@@ -464,27 +332,25 @@ def lstsq_kernels(
                 # a shifted kernel: centre the compact penalty on it and refit
                 cy, cx = _kernel_centre(sol.kernel, kernel_size)
                 if max(abs(cy), abs(cx)) > _RECENTRE:
-                    tile.penalty = _penalty_terms(
+                    tile.penalty = penalty_terms(
                         kernel_size, penalty, n_probes, (round(cy * 4) / 4, round(cx * 4) / 4)
                     )
                     tile.refresh()
                     sol, lam, at_bound = fit(lam_start if at_bound else lam, final=not robust)
             if sol is not None and robust:
                 n_out = _clip_outliers(tile, sol.kernel, fs[i], shape, src[i], tgt[i], valid[i],
-                                       clip, min_pixels_per_parameter * (k2 + 1))
+                                       opts.clip, min_pixels_per_parameter * (k2 + 1))
                 if n_out:
                     n_clipped[t] = n_out
                     n_valid[t] = tile.count
-                    flag_out[t] |= fl.OUTLIERS_CLIPPED
                 if auto_lam and n_out > _RESEARCH_FRACTION * count:
                     sol, lam, at_bound = fit(lam_start if at_bound else lam, final=True)
                 else:  # a few pixels barely move the evidence optimum
                     sol = tile.solve(lam)
             if sol is None:
-                flag_out[t] |= fl.NO_SIGNAL
+                no_signal[t] = True
                 continue
-            if at_bound:
-                flag_out[t] |= fl.REGULARIZATION_AT_BOUND
+            at_bound_out[t] = at_bound
             kern = sol.kernel
             kernels[t] = kern.reshape(kernel_size, kernel_size)
             background[t] = (tile.rsum - kern @ tile.colsum) / tile.count
@@ -496,7 +362,7 @@ def lstsq_kernels(
             flux_error[t] = np.sqrt(sol.ed / dof * ones.sum())
 
     return LstsqResult(kernels, background, lam_out, lam_terms, n_valid, n_clipped, flux_error,
-                       gamma_out, flag_out)
+                       gamma_out, masked_out, no_data, no_signal, at_bound_out)
 
 
 def _clip_outliers(tile: _Tile, kernel: np.ndarray, spectrum: np.ndarray, shape: tuple[int, int],

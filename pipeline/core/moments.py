@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError, OptionError
+from .validate import check_positive_int
 
 __all__ = ["FWHM_PER_SIGMA", "Moments", "adaptive_moments"]
 
@@ -83,10 +84,7 @@ class Moments:
 
 
 def _check_options(max_iter: int, tol: float) -> None:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)):
-        raise OptionError(f"max_iter must be an integer, got {max_iter!r}")
-    if max_iter < 1:
-        raise OptionError(f"max_iter must be >= 1, got {max_iter}")
+    check_positive_int("max_iter", max_iter)
     try:
         tol_f = float(tol)
     except (TypeError, ValueError):

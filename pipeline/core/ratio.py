@@ -11,12 +11,14 @@ that is an exact circular convolution of its source the estimate is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
+from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
 
 from ..errors import InputError, OptionError
+from .options import RatioOptions
+from .validate import check_odd_size, check_positive_int
 
 __all__ = ["RatioResult", "ratio_kernels"]
 
@@ -45,7 +47,9 @@ def ratio_kernels(
     bad: np.ndarray | None = None,
     *,
     kernel_size: int,
+    options: RatioOptions | None = None,
     workers: int = 1,
+    **option_keywords: Any,
 ) -> RatioResult:
     """Estimate one kernel per tile as the ratio of the tiles' transforms.
 
@@ -64,6 +68,8 @@ def ratio_kernels(
         ``(n, ty, tx)`` bool, True marks a bad pixel.
     kernel_size : int
         Odd kernel side, at most the tile's smaller side.
+    options : RatioOptions, optional
+        The method has no options; accepted for a uniform call.
     workers : int
         Threads used by :mod:`scipy.fft`.
 
@@ -72,13 +78,9 @@ def ratio_kernels(
     RatioResult
         Kernels and background offsets.
     """
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, Integral) or kernel_size < 1:
-        raise OptionError(f"kernel_size must be a positive integer, got {kernel_size!r}")
-    k = int(kernel_size)
-    if k % 2 == 0:
-        raise OptionError(f"kernel_size must be odd, got {k}")
-    if isinstance(workers, bool) or not isinstance(workers, Integral) or workers < 1:
-        raise OptionError(f"workers must be an integer >= 1, got {workers!r}")
+    RatioOptions.resolve(options, option_keywords)
+    k = check_odd_size("kernel_size", kernel_size)
+    workers = check_positive_int("workers", workers)
     sources = np.asarray(sources)
     targets = np.asarray(targets)
     if sources.ndim != 3 or sources.shape != targets.shape:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OptionError
+from .validate import check_positive_int
 
 __all__ = ["TileGrid", "Block", "block_shape_for_chunks"]
 
@@ -49,14 +50,14 @@ class TileGrid:
     block_tiles: tuple[int, int]
 
     def __post_init__(self) -> None:
-        if self.size < 1 or self.step < 1:
-            raise OptionError(f"tile size and step must be positive, got {self.size} and {self.step}")
+        check_positive_int("tile size", self.size)
+        check_positive_int("tile step", self.step)
         if self.size > min(self.ny, self.nx):
             raise OptionError(
                 f"tiles of {self.size} px do not fit {self.ny}x{self.nx} images: use a smaller tiles.size"
             )
-        if min(self.block_tiles) < 1:
-            raise OptionError(f"blocks must hold at least one tile per side, got {self.block_tiles}")
+        for side in self.block_tiles:
+            check_positive_int("tiles per block side", side)
 
     @property
     def y0(self) -> np.ndarray:

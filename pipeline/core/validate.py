@@ -8,7 +8,49 @@ import numpy as np
 
 from ..errors import InputError, OptionError
 
-__all__ = ["check_kernel_size", "as_image_stack", "bad_pixels", "max_kernel_size"]
+__all__ = ["check_int", "check_positive_int", "check_odd_size", "check_kernel_size", "odd_size_problem",
+           "as_image_stack", "bad_pixels", "max_kernel_size"]
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as ``int`` if it is an integer (not a bool) ``>= minimum``, else an :class:`OptionError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as ``int`` if it is an integer >= 1 (a count of threads, tiles, ...)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise OptionError(f"{name} must be a positive integer (>= 1), got {value!r}")
+    return int(value)
+
+
+def odd_size_problem(size: int) -> str | None:
+    """What is wrong with an integer kernel side (``None`` if it is odd and positive).
+
+    The fix is part of the text: a side needs a centre pixel.
+    """
+    if size < 1:
+        return f"{size} is too small: the kernel size must be an odd integer >= 1"
+    if size % 2 == 0:
+        return f"{size} is even: the kernel needs a centre pixel, use {size - 1} or {size + 1}"
+    return None
+
+
+def check_odd_size(name: str, value: object) -> int:
+    """``value`` as ``int`` if it is an odd positive integer (a kernel side), else an :class:`OptionError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(
+            f"{name} must be an odd integer, got {value!r} ({type(value).__name__}); pass e.g. {name}=21"
+        )
+    size = int(value)
+    if size < 1 or size % 2 == 0:
+        raise OptionError(
+            f"{name} must be odd and positive so the kernel has a centre pixel, "
+            f"got {size}; use {max(size + 1, 1)} or {max(size - 1, 1)}"
+        )
+    return size
 
 
 def max_kernel_size(tile_shape: tuple[int, int]) -> int:
@@ -19,17 +61,7 @@ def max_kernel_size(tile_shape: tuple[int, int]) -> int:
 
 def check_kernel_size(kernel_size: object, tile_shape: tuple[int, int]) -> int:
     """Validate ``kernel_size`` against the tile shape and return it as ``int``."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
-        raise OptionError(
-            f"kernel_size must be an odd integer, got {kernel_size!r} "
-            f"({type(kernel_size).__name__}); pass e.g. kernel_size=21"
-        )
-    size = int(kernel_size)
-    if size < 1 or size % 2 == 0:
-        raise OptionError(
-            f"kernel_size must be odd and positive so the kernel has a centre pixel, "
-            f"got {size}; use {max(size + 1, 1)} or {max(size - 1, 1)}"
-        )
+    size = check_odd_size("kernel_size", kernel_size)
     largest = max_kernel_size(tile_shape)
     if size > largest:
         raise OptionError(

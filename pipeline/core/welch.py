@@ -8,9 +8,7 @@ over the tile's kept segments, and the kernel's transform is their regularised
 ratio. Averaging over segments tames the noise of the plain ratio, and the taper
 suppresses the cross-shaped artifact caused by non-periodic edges. The taper
 does not commute with the convolution, which leaves a bias of a few percent on
-the kernel: on noise-free white-noise tiles, a 21x21 Gaussian kernel (sigma
-2-2.6 px) comes back with about 2 % relative L2 error from 64-pixel segments,
-3 % from 48-pixel and 8 % from 32-pixel ones; an integer shift ``d`` gives a
+the kernel, larger for shorter segments; an integer shift ``d`` gives a
 delta of height ``a(dy) a(dx)`` with ``a(d) = sum w(x) w(x - d) / sum w**2``.
 
 All tiles of a batch and all their segments are transformed together with
@@ -24,19 +22,17 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
 
 from ..errors import InputError, OptionError
+from .options import WelchOptions, parse_window
+from .validate import check_odd_size, check_positive_int
 
 __all__ = ["WelchResult", "welch_kernels", "taper"]
-
-#: Default of ``regularization``: the ridge added to the summed source power
-#: is this fraction of its mean over all frequencies.
-DEFAULT_REGULARIZATION = 1e-3
 
 #: Upper bound on the number of segment pixels transformed at once per image
 #: (at least one tile); the working memory per thread is about 25 bytes
@@ -82,34 +78,20 @@ def taper(window: str | tuple[str, float], size: int) -> np.ndarray:
     numpy.ndarray
         ``(size,)`` float64 window, periodic (DFT-even) form.
     """
-    if isinstance(window, str):
-        name, param = window.lower(), None
-    elif isinstance(window, (tuple, list)) and len(window) == 2 and isinstance(window[0], str):
-        name, param = window[0].lower(), window[1]
-    else:
-        raise OptionError(f"window must be a name or a (name, parameter) pair, got {window!r}")
+    name, param = parse_window(window)
     x = np.arange(size, dtype=np.float64) / size  # periodic: sample n of a size+1 window
-    if name in ("none", "boxcar", "rectangular"):
-        if param is not None:
-            raise OptionError(f"window {name!r} takes no parameter")
+    if name == "none":
         return np.ones(size)
-    if name in ("hann", "hanning"):
-        if param is not None:
-            raise OptionError("window 'hann' takes no parameter")
+    if name == "hann":
         return 0.5 - 0.5 * np.cos(2.0 * np.pi * x)
-    if name == "tukey":
-        alpha = 0.5 if param is None else param
-        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= float(alpha) <= 1.0:
-            raise OptionError(f"tukey parameter must be in [0, 1], got {alpha!r}")
-        alpha = float(alpha)
-        w = np.ones(size)
-        if alpha > 0.0:
-            lo = x < alpha / 2.0
-            hi = x > 1.0 - alpha / 2.0
-            w[lo] = 0.5 - 0.5 * np.cos(2.0 * np.pi * x[lo] / alpha)
-            w[hi] = 0.5 - 0.5 * np.cos(2.0 * np.pi * (1.0 - x[hi]) / alpha)
-        return w
-    raise OptionError(f"unknown window {name!r}; expected 'hann', 'tukey' or 'none'")
+    alpha = param  # tukey
+    w = np.ones(size)
+    if alpha > 0.0:
+        lo = x < alpha / 2.0
+        hi = x > 1.0 - alpha / 2.0
+        w[lo] = 0.5 - 0.5 * np.cos(2.0 * np.pi * x[lo] / alpha)
+        w[hi] = 0.5 - 0.5 * np.cos(2.0 * np.pi * (1.0 - x[hi]) / alpha)
+    return w
 
 
 def _positions(length: int, size: int, step: int) -> np.ndarray:
@@ -139,23 +121,15 @@ def _selector(pos: np.ndarray, size: int, length: int, dtype: np.dtype) -> np.nd
     return sel
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def welch_kernels(
     sources: np.ndarray,
     targets: np.ndarray,
     bad: np.ndarray | None = None,
     *,
     kernel_size: int,
-    segment_size: int = 64,
-    overlap: float = 0.5,
-    window: str | tuple[str, float] = "hann",
-    regularization: float = DEFAULT_REGULARIZATION,
+    options: WelchOptions | None = None,
     workers: int = 1,
+    **option_keywords: Any,
 ) -> WelchResult:
     """Estimate one kernel per tile by Welch-averaged cross/auto spectra.
 
@@ -170,21 +144,13 @@ def welch_kernels(
         dropped.
     kernel_size : int
         Odd kernel side ``k <= segment_size``.
-    segment_size : int
-        Side of the square segments; at most the tile's smaller side.
-    overlap : float
-        Fraction of overlap of neighbouring segments, ``0 <= overlap < 1``;
-        step ``max(1, round(segment_size * (1 - overlap)))``. The last segment
-        of each row/column is aligned to the tile's end.
-    window : str or (str, float)
-        Taper applied to every segment, see :func:`taper`.
-    regularization : float
-        Ridge factor ``lambda >= 0``: the kernel transform is
-        ``cross / (power + eps)`` with ``eps = lambda * mean(power)``, the mean
-        taken over all ``segment_size**2`` frequencies of the tile's summed
+    options : WelchOptions, optional
+        :class:`~pipeline.core.options.WelchOptions` (segment_size, overlap,
+        window, regularization); keyword options (``segment_size=32``, ...)
+        are applied on top.  The ridge ``eps = regularization * mean(power)``
+        is taken over all ``segment_size**2`` frequencies of the tile's summed
         source power (equal, by Parseval, to the summed energy of its tapered,
-        mean-removed source segments). ``0`` is plain division (frequencies of
-        zero power give zero).
+        mean-removed source segments).
     workers : int
         Number of threads. Chunks of tiles are processed concurrently, each
         with single-threaded :mod:`scipy.fft` transforms; a batch that fits in
@@ -195,23 +161,13 @@ def welch_kernels(
     WelchResult
         Kernels, background offsets and number of segments used per tile.
     """
-    kernel_size = _check_int("kernel_size", kernel_size, 1)
-    if kernel_size % 2 == 0:
-        raise OptionError(f"kernel_size must be odd, got {kernel_size}")
-    seg = _check_int("segment_size", segment_size, 2)
+    opts = WelchOptions.resolve(options, option_keywords)
+    kernel_size = check_odd_size("kernel_size", kernel_size)
+    seg, overlap, regularization = opts.segment_size, opts.overlap, opts.regularization
     if kernel_size > seg:
         raise OptionError(f"kernel_size {kernel_size} exceeds segment_size {seg}")
-    if isinstance(overlap, bool) or not isinstance(overlap, Real) or not 0.0 <= overlap < 1.0:
-        raise OptionError(f"overlap must be in [0, 1), got {overlap!r}")
-    if (
-        isinstance(regularization, bool)
-        or not isinstance(regularization, Real)
-        or not np.isfinite(regularization)
-        or regularization < 0
-    ):
-        raise OptionError(f"regularization must be finite and >= 0, got {regularization!r}")
-    workers = _check_int("workers", workers, 1)
-    win1 = taper(window, seg)
+    workers = check_positive_int("workers", workers)
+    win1 = taper(opts.window, seg)
 
     sources = np.asarray(sources)
     targets = np.asarray(targets)

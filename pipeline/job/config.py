@@ -40,11 +40,16 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from ..core.estimate import DEFAULT_METHOD, REGISTRY
+from ..core.options import MethodOptions, Option, option_fields
+from ..core.penalties import PENALTY_TERMS
+from ..core.validate import max_kernel_size, odd_size_problem
 from ..errors import ConfigError
 
 __all__ = [
@@ -70,8 +75,6 @@ __all__ = [
 
 #: Smallest allowed ``tiles.size``.
 MIN_TILE_SIZE = 16
-#: Number of penalty terms of each lstsq penalty (length of a per-term regularization list).
-PENALTY_TERMS = {"compact": 2, "wings": 2, "laplacian": 1, "identity": 1}
 #: Names of the local schedulers accepted by ``compute.scheduler``.
 LOCAL_SCHEDULERS = ("local", "threads", "synchronous")
 #: Batch systems accepted by ``compute.scheduler`` (workers as batch jobs, through dask-jobqueue).
@@ -157,30 +160,57 @@ class _KernelBase(BaseModel):
     @field_validator("size")
     @classmethod
     def _odd_size(cls, value: int) -> int:
-        if value < 1:
-            raise PydanticCustomError(_CHECKS, "{text}", {"text": f"{value} is too small: the kernel "
-                                                                  "size must be an odd integer >= 1"})
-        if value % 2 == 0:
-            raise PydanticCustomError(_CHECKS, "{text}", {
-                "text": f"{value} is even: the kernel needs a centre pixel, use {value - 1} or {value + 1}"})
+        problem = odd_size_problem(value)
+        if problem:
+            raise PydanticCustomError(_CHECKS, "{text}", {"text": problem})
         return value
 
     def estimator_options(self) -> dict[str, Any]:
         """Method options for :func:`pipeline.estimate_kernels` (all but method, size, normalize, diagnostics)."""
         return self.model_dump(exclude={"method", "size", "normalize", "diagnostics"})
 
+    def options(self) -> MethodOptions:
+        """The method's options object (:class:`pipeline.LstsqOptions`, ...) with this section's values."""
+        return REGISTRY[self.method].options(**self.estimator_options())
 
-class LstsqKernel(_KernelBase):
-    """Exact regularised least squares (:func:`pipeline.core.lstsq.lstsq_kernels`)."""
 
-    method: Literal["lstsq"] = "lstsq"
-    regularization: Literal["auto"] | _NonNegative | list[_NonNegative] = "auto"
-    penalty: Literal["compact", "wings", "laplacian", "identity"] = "compact"
-    robust: Bool = True
-    recentre: Bool = True
-    clip: Annotated[Float, Field(gt=0)] = 5.0
+# ---------------------------------------------------------------------------
+# kernel sections, one per method of the core's registry: the keys, defaults,
+# choices and bounds of a method's options marked ``in_job``
 
-    @field_validator("regularization", mode="wrap")
+
+def _schema_type(spec: Option) -> Any:
+    """The pydantic type of an option from its :class:`~pipeline.core.options.Option`."""
+    if spec.kind is bool:
+        return Bool
+    if spec.kind is str:
+        return Literal[spec.choices]
+    bounds = {name: getattr(spec, name) for name in ("ge", "gt", "le", "lt") if getattr(spec, name) is not None}
+    number = Int if spec.kind is int else Float
+    if bounds:
+        number = Annotated[number, Field(**bounds)]
+    forms = [number, list[number]] if spec.per_term else [number]
+    if spec.choices:
+        forms.insert(0, Literal[spec.choices])
+    return Union[tuple(forms)] if len(forms) > 1 else number
+
+
+def kernel_model(method: str, options: type[MethodOptions], base: type[_KernelBase] = _KernelBase,
+                 doc: str | None = None) -> type[_KernelBase]:
+    """The kernel section of ``method``: the common keys plus the options marked ``in_job``."""
+    fields: dict[str, Any] = {"method": (Literal[method], method)}
+    for f in option_fields(options):
+        spec: Option = f.metadata["option"]
+        if spec.in_job:
+            fields[f.name] = (_schema_type(spec), f.default)
+    name = f"{method.capitalize()}Kernel"
+    return create_model(name, __base__=base, __doc__=doc, __module__=__name__, **fields)
+
+
+class _LstsqChecks(_KernelBase):
+    """Checks of the lstsq section beyond each key's type and bounds."""
+
+    @field_validator("regularization", mode="wrap", check_fields=False)
     @classmethod
     def _one_message(cls, value: Any, handler: Any) -> Any:
         try:
@@ -191,58 +221,55 @@ class LstsqKernel(_KernelBase):
                         "(one per penalty term)"}) from None
 
     @model_validator(mode="after")
-    def _terms_match(self) -> LstsqKernel:
-        if isinstance(self.regularization, list):
-            n, m = len(self.regularization), PENALTY_TERMS[self.penalty]
+    def _terms_match(self) -> _LstsqChecks:
+        regularization, penalty = getattr(self, "regularization"), getattr(self, "penalty")
+        if isinstance(regularization, list):
+            n, m = len(regularization), PENALTY_TERMS[penalty]
             if n != m:
-                raise _problems(("regularization", f"{_show(self.regularization)} has {n} value(s) but "
-                                 f"penalty {self.penalty!r} has {m} term(s): give {m} numbers or one number"))
+                raise _problems(("regularization", f"{_show(regularization)} has {n} value(s) but "
+                                 f"penalty {penalty!r} has {m} term(s): give {m} numbers or one number"))
         return self
 
 
-class WelchKernel(_KernelBase):
-    """Welch-averaged cross/auto spectra (:func:`pipeline.core.welch.welch_kernels`)."""
-
-    method: Literal["welch"] = "welch"
-    segment_size: Int = 64
-    overlap: Annotated[Float, Field(ge=0, lt=1)] = 0.5
-    window: Literal["hann", "tukey", "none"] = "hann"
-    regularization: Annotated[Float, Field(ge=0)] = 1e-3
+class _WelchChecks(_KernelBase):
+    """Checks of the welch section beyond each key's type and bounds."""
 
     @model_validator(mode="after")
-    def _segment_fits_kernel(self) -> WelchKernel:
-        if self.segment_size < self.size:
-            raise _problems(("segment_size", f"{self.segment_size} is smaller than kernel.size "
+    def _segment_fits_kernel(self) -> _WelchChecks:
+        segment_size = getattr(self, "segment_size")
+        if segment_size < self.size:
+            raise _problems(("segment_size", f"{segment_size} is smaller than kernel.size "
                                              f"{self.size}: at least {self.size}"))
         return self
 
 
-class RatioKernel(_KernelBase):
-    """The plain ``FFT(target) / FFT(source)`` baseline (no options)."""
+LstsqKernel = kernel_model(
+    "lstsq", REGISTRY["lstsq"].options, _LstsqChecks,
+    "Exact regularised least squares (:func:`pipeline.core.lstsq.lstsq_kernels`).")
+WelchKernel = kernel_model(
+    "welch", REGISTRY["welch"].options, _WelchChecks,
+    "Welch-averaged cross/auto spectra (:func:`pipeline.core.welch.welch_kernels`).")
+RatioKernel = kernel_model(
+    "ratio", REGISTRY["ratio"].options, _KernelBase,
+    "The plain ``FFT(target) / FFT(source)`` baseline (no options).")
 
-    method: Literal["ratio"] = "ratio"
-
-
-#: Method name -> kernel section model.
+#: Method name -> kernel section model, in the order of the core's registry.
 KERNEL_METHODS: dict[str, type[_KernelBase]] = {
     "lstsq": LstsqKernel, "welch": WelchKernel, "ratio": RatioKernel,
 }
+assert tuple(KERNEL_METHODS) == tuple(REGISTRY), "every method of the registry has a kernel section"
 
 
 def _kernel_method(value: Any) -> str | None:
     """Discriminator: the ``method`` of a kernel section, ``lstsq`` when absent."""
     if isinstance(value, Mapping):
-        method = value.get("method", "lstsq")
+        method = value.get("method", DEFAULT_METHOD)
         return method if isinstance(method, str) else None
-    return getattr(value, "method", "lstsq")  # non-mappings fail in the lstsq model
+    return getattr(value, "method", DEFAULT_METHOD)  # non-mappings fail in the default method's model
 
 
 KernelConfig = Annotated[
-    Union[
-        Annotated[LstsqKernel, Tag("lstsq")],
-        Annotated[WelchKernel, Tag("welch")],
-        Annotated[RatioKernel, Tag("ratio")],
-    ],
+    Union[tuple(Annotated[model, Tag(name)] for name, model in KERNEL_METHODS.items())],
     Discriminator(_kernel_method),
 ]
 _KERNEL_ADAPTER: TypeAdapter[Any] = TypeAdapter(KernelConfig)
@@ -421,7 +448,7 @@ def _fill_empty_sections(data: Any) -> Any:
 def _consistency(tiles: TilesConfig, kernel: _KernelBase) -> list[tuple[str, str]]:
     """Checks between the tiles and the kernel sections."""
     items = []
-    largest = tiles.size // 2 if (tiles.size // 2) % 2 else tiles.size // 2 - 1
+    largest = max_kernel_size((tiles.size, tiles.size))
     if kernel.size > largest:
         items.append(("kernel.size", f"{kernel.size} is too large for tiles.size {tiles.size}: "
                                      f"at most {largest}"))
