@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import BatchError, ConfigError, InputError, KernelmapError, OptionError
 from .analysis.hook import register_accessor as _register_accessor
 from .core.estimate import DEFAULT_METHOD, METHODS, KernelEstimates, estimate_kernel, estimate_kernels
 from .core.options import LstsqOptions, RatioOptions, WelchOptions
+from .errors import BatchError, ConfigError, InputError, KernelmapError, OptionError
 
 try:
     __version__ = version("kernelmap")

@@ -123,8 +123,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .sim.demo import demo_job, summarise_demo, write_demo_stack
     from .job.run import run_job
+    from .sim.demo import demo_job, summarise_demo, write_demo_stack
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(0, "no_data", "too few valid pixels (or segments) to estimate a kernel; kernel is NaN"),
     Flag(1, "no_signal", "the source has no usable power; kernel is NaN"),
     Flag(2, "masked", "some pixels were bad (NaN or masked) and were excluded"),
-    Flag(3, "regularization_at_bound", "the automatic regularisation reached its upper bound: the data hardly constrain the kernel"),
+    Flag(3, "regularization_at_bound", "the automatic regularisation reached its upper bound: "
+                                       "the data hardly constrain the kernel"),
     Flag(4, "high_residual", "the fit residual has heavy tails: its RMS exceeds "
                               f"{HIGH_RESIDUAL_RATIO:g} robust standard deviations"),
     Flag(5, "outliers_clipped", "the robust pass excluded outlying target pixels"),

@@ -60,7 +60,7 @@ def _blocks_done(path: Path) -> int:
 
     try:
         return int(OutputStore(str(path)).completed_blocks().sum())
-    except Exception:  # noqa: BLE001 - not created yet, or a chunk caught mid-write
+    except Exception:
         return 0
 
 
@@ -213,7 +213,8 @@ def main() -> int:
           f"({killed.get('done_at', '?')} of 256 blocks written): end {killed['end']:.1f} s, "
           f"slowdown {killed['end'] - clean['end']:+.1f} s ({killed['end'] / clean['end']:.2f}x); "
           f"result identical to (1): {same}")
-    print(f"(3) 4 pairs (64 blocks), kernelmap submit --wait, one 2-CPU allocation: first block {whole['clean_first']:.1f} s, "
+    print(f"(3) 4 pairs (64 blocks), kernelmap submit --wait, one 2-CPU allocation: "
+          f"first block {whole['clean_first']:.1f} s, "
           f"end {whole['clean_end']:.1f} s after submission (exit {whole['clean_code']})")
     print(f"    scancel at a quarter ({whole['done_at_cancel']} of 64 blocks written; --wait exit "
           f"{whole['cancel_code']}), then submit --set output.mode=resume --wait: exit "

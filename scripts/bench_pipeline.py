@@ -78,7 +78,7 @@ def _store_ready(path: Path, n: int) -> bool:
         g = zarr.open_group(str(path), mode="r")
         return g.attrs.get("bench_data") == {"version": DATA_VERSION, "pairs": n, "size": SIZE,
                                               "chunk": CHUNK, "seed": SEED}
-    except Exception:  # noqa: BLE001 - anything unreadable is regenerated
+    except Exception:
         return False
 
 
@@ -315,11 +315,11 @@ def profile_block(store: Path, tmp: Path, lstsq: bool) -> dict[str, float]:
     from threadpoolctl import threadpool_limits
 
     from pipeline import estimate_kernels
+    from pipeline.core.welch import welch_kernels
     from pipeline.io.store import block_record
     from pipeline.job.blocks import BlockTask
     from pipeline.job.finish import ImageFinisher
     from pipeline.job.plan import plan_job
-    from pipeline.core.welch import welch_kernels
 
     out = tmp / "profile.zarr"
     floor_out = tmp / "profile-floor.zarr"
@@ -458,7 +458,7 @@ def api_run(client, pids, job):
                 elif ss["action"] == "compute":
                     name = key_split(task["key"])
                     stream["compute"][name] = stream["compute"].get(name, 0.0) + dt
-    except Exception:  # noqa: BLE001 - the breakdown is optional
+    except Exception:
         pass
     return seconds, max(poller.peak.values(), default=0), cpu, stream
 
@@ -626,8 +626,9 @@ def main() -> int:
             "(no target; ratio to the Welch floor)")
     for n in sorted(stores, reverse=True):
         fbest = fl_proc[n]
+        in_process = min(json.loads(r[1].strip().splitlines()[-1])["seconds"] for r in fp[n])
         row("floor whole process (python ... --floor-only)", n, fbest, len(fp[n]),
-            target=f"(in-process part {min(json.loads(r[1].strip().splitlines()[-1])['seconds'] for r in fp[n]):.2f} s)")
+            target=f"(in-process part {in_process:.2f} s)")
         cbest = min(r[0] for r in cl[n])
         ratio = cbest / fbest
         peak = max(max(r[2].peak.values(), default=0) for r in cl[n])

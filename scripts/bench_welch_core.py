@@ -21,7 +21,7 @@ from scipy.signal import fftconvolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.core.welch import welch_kernels  # noqa: E402
+from pipeline.core.welch import welch_kernels
 
 
 def gaussian_kernel(size: int, *, sy: float = 2.0, sx: float = 2.6, dy: float = 0.7, dx: float = -0.4) -> np.ndarray:
@@ -66,9 +66,11 @@ def main() -> None:
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             for a in range(0, args.tiles, args.batch):
-                welch_kernels(src32[a : a + args.batch], tgt32[a : a + args.batch], kernel_size=args.kernel, workers=workers)
+                welch_kernels(src32[a : a + args.batch], tgt32[a : a + args.batch], kernel_size=args.kernel,
+                              workers=workers)
             best = min(best, time.perf_counter() - t0)
-        print(f"workers={workers}: {args.tiles / best:7.1f} tiles/s  ({args.tiles} tiles {args.size}x{args.size}, k={args.kernel}, batches of {args.batch}, float32)")
+        print(f"workers={workers}: {args.tiles / best:7.1f} tiles/s  ({args.tiles} tiles {args.size}x{args.size}, "
+              f"k={args.kernel}, batches of {args.batch}, float32)")
 
     rng = np.random.default_rng(1)
     noisy = tgt + 0.1 * tgt.std() * rng.standard_normal(tgt.shape)

@@ -8,9 +8,8 @@
 
 import numpy as np
 import pytest
-from scipy.ndimage import binary_dilation
-
 from kernels import rel_l2
+from scipy.ndimage import binary_dilation
 
 import pipeline as km
 import pipeline.flags
@@ -62,7 +61,7 @@ def survey():
     rng = np.random.default_rng(2026)
     k = 21
     sources, targets, kernels = [], [], []
-    for i in range(36):
+    for _ in range(36):
         kernel = gaussian_kernel(
             k, fwhm=rng.uniform(2.5, 3.5), e1=rng.uniform(-0.08, 0.08), e2=rng.uniform(-0.08, 0.08),
             dy=rng.uniform(-0.3, 0.3), dx=rng.uniform(-0.3, 0.3), flux=rng.uniform(0.9, 1.1),

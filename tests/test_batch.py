@@ -27,12 +27,11 @@ import yaml
 from stacks import make_stack
 
 from pipeline.cli import main
-from pipeline.errors import BatchError
+from pipeline.errors import BatchError, OptionError
+from pipeline.io.store import completed_blocks
 from pipeline.job.batch import worker_job_script
 from pipeline.job.config import job_from_dict
-from pipeline.errors import OptionError
 from pipeline.job.run import plan_job, run_job
-from pipeline.io.store import completed_blocks
 from pipeline.job.submit import Submission, wait_for_job
 
 REQUIRE_SLURM = os.environ.get("KERNELMAP_REQUIRE_SLURM") == "1"
@@ -290,7 +289,7 @@ def test_a_refused_replacement_job_is_a_warning(tmp_path, monkeypatch, caplog):
     """Once the run has workers, a refusal is logged; the job starts without an id and closes as a no-op."""
     import asyncio
 
-    from pipeline.job.batch import _Refusal, _jobqueue, _recording
+    from pipeline.job.batch import _jobqueue, _recording, _Refusal
 
     sbatch = _fake_sbatch(tmp_path, monkeypatch)
     outcomes: list = []
@@ -377,7 +376,7 @@ def _run_in_thread(data: dict) -> tuple[threading.Thread, dict]:
     def target():
         try:
             outcome["summary"] = run_job(job_from_dict(data), progress=False)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
@@ -388,7 +387,7 @@ def _run_in_thread(data: dict) -> tuple[threading.Thread, dict]:
 def _blocks_done(path: Path) -> int:
     try:
         return int(completed_blocks(str(path)).sum())
-    except Exception:  # noqa: BLE001 - store not there yet, or a chunk caught mid-write
+    except Exception:
         return 0
 
 
@@ -442,7 +441,8 @@ def test_submit_prints_a_script_and_writes_nothing(tmp_path, capsys):
                  "--walltime", "2:00:00", "--account", "0123"]) == 0
     script = capsys.readouterr().out
     assert "#SBATCH -t 2:00:00" in script and "#SBATCH -A 0123" in script  # flags are text, not YAML numbers
-    for line in ("#SBATCH -c 4", "#SBATCH -p debug", "#SBATCH --mem=2000M", "WORKERS=${SLURM_CPUS_PER_TASK:-4}", "-m pipeline.cli run",
+    for line in ("#SBATCH -c 4", "#SBATCH -p debug", "#SBATCH --mem=2000M", "WORKERS=${SLURM_CPUS_PER_TASK:-4}",
+                 "-m pipeline.cli run",
                  "--set compute.scheduler=local", "--set compute.n_workers=$WORKERS"):
         assert line in script, line
     assert not (tmp_path / "kernels.zarr.batch").exists() and not (tmp_path / "kernels.zarr").exists()

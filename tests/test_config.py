@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pipeline import LstsqOptions, WelchOptions
+from pipeline.errors import KernelmapError
 from pipeline.job.config import (
     KERNEL_METHODS,
     PENALTY_TERMS,
@@ -26,7 +27,6 @@ from pipeline.job.config import (
     job_from_dict,
     load_job,
 )
-from pipeline.errors import KernelmapError
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 MINIMAL = {"input": {"path": "in.zarr"}, "output": {"path": "out.zarr"}}
@@ -330,7 +330,7 @@ def test_welch_options_only_with_method_welch():
     errs = errors_of({**MINIMAL, "kernel": {"size": 15, **options}, "tiles": {"size": 64}})
     # regularization is an lstsq option too; the others belong to welch only
     assert [e.split(":")[0] for e in errs] == ["kernel.segment_size", "kernel.overlap", "kernel.window"]
-    assert all(e.endswith("('%s' is an option of method 'welch')" % e.split(":")[0][7:]) for e in errs)
+    assert all(e.endswith(f"('{e.split(':')[0][7:]}' is an option of method 'welch')") for e in errs)
 
 
 def test_estimator_options():
@@ -386,7 +386,8 @@ def test_kernel_section_options_object():
 
 def test_choices_and_bounds_come_from_the_core():
     from pipeline.core.options import WINDOWS
-    from pipeline.core.penalties import PENALTIES, PENALTY_TERMS as CORE_TERMS, penalty_operators
+    from pipeline.core.penalties import PENALTIES, penalty_operators
+    from pipeline.core.penalties import PENALTY_TERMS as CORE_TERMS
 
     assert PENALTY_TERMS is CORE_TERMS
     assert tuple(LstsqKernel.model_fields["penalty"].annotation.__args__) == PENALTIES

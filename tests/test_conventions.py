@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernels import circular_convolve, delta, l_kernel, rel_l2
 from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
-
-from kernels import circular_convolve, delta, l_kernel, rel_l2
 
 import pipeline as km
 from pipeline import flags as fl

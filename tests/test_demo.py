@@ -9,9 +9,9 @@ import pytest
 import xarray as xr
 from scipy.signal import fftconvolve
 
-from pipeline.sim.demo import PATCH, DemoTruth, demo_dataset, write_demo_stack
-from pipeline.errors import InputError, OptionError
 from pipeline.core.moments import FWHM_PER_SIGMA
+from pipeline.errors import InputError, OptionError
+from pipeline.sim.demo import PATCH, DemoTruth, demo_dataset, write_demo_stack
 from pipeline.sim.scenes import convolve_varying, gaussian_kernel
 
 # --------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import xarray as xr
 
 import pipeline
 from pipeline import flags as fl
-from pipeline.errors import InputError
-from pipeline.sim.demo import demo_job, model_against_truth, write_demo_stack
 from pipeline.core.field import fit_tiles, tile_weights
+from pipeline.errors import InputError
 from pipeline.job.run import run_job
+from pipeline.sim.demo import demo_job, model_against_truth, write_demo_stack
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +271,8 @@ def test_integer_image_labels_are_labels_first_and_positions_inside(demo_map):
 
 
 def test_report_names_what_is_wrong_with_its_store(tmp_path):
-    from pipeline.errors import InputError
     from pipeline.analysis.report import write_report
+    from pipeline.errors import InputError
 
     with pytest.raises(InputError, match="cannot open .* as a Zarr store"):
         write_report(tmp_path / "missing.zarr", tmp_path / "out")

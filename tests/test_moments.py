@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import InputError, OptionError
 from pipeline.core.moments import FWHM_PER_SIGMA, Moments, adaptive_moments
+from pipeline.errors import InputError, OptionError
 
 
 def sampled_gaussian(size: int, cov: np.ndarray, cy: float = 0.0, cx: float = 0.0,
@@ -116,7 +117,7 @@ def test_single_stamp_gives_zero_dim_outputs() -> None:
     m = adaptive_moments(sampled_gaussian(21, np.eye(2) * 3.0))
     for name in Moments.__dataclass_fields__:
         assert np.shape(getattr(m, name)) == ()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         m.flux = np.array(1.0)  # type: ignore[misc]  # frozen
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from stacks import make_stack
 
 from pipeline import flags as fl
 from pipeline.cli import main
-from pipeline.job.config import job_from_dict
 from pipeline.errors import OptionError
-from pipeline.job.run import plan_job, run_job
 from pipeline.io.store import completed_blocks
+from pipeline.job.config import job_from_dict
+from pipeline.job.run import plan_job, run_job
 
 K = 9
 TILE = 64
@@ -272,7 +273,7 @@ def test_a_running_scheduler_is_used_by_address(tmp_path):
         port = sock.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
-    logs = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - closed below
+    logs = open(tmp_path / "dask.log", "w")
     procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--dashboard-address", ":0"], stdout=logs, stderr=logs)]
     try:
@@ -421,7 +422,7 @@ def test_worker_watch_cancels_what_is_left_once_no_worker_comes_back():
     from pipeline.job.executors import WaitingFutures, WorkerWatch
 
     class Client:
-        cancelled: list = []
+        cancelled: typing.ClassVar[list] = []
 
         def scheduler_info(self, n_workers):
             return {"workers": {}}

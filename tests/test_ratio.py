@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kernels import l_kernel
 from scipy.signal import fftconvolve
 
-from kernels import l_kernel
-
-from pipeline.errors import OptionError
 from pipeline.core.ratio import RatioResult, ratio_kernels
+from pipeline.errors import OptionError
 
 
 @pytest.fixture(scope="module")

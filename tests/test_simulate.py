@@ -9,8 +9,8 @@ import pytest
 import scipy.ndimage
 from scipy.signal import fftconvolve
 
-from pipeline.errors import InputError, OptionError
 from pipeline.core.moments import FWHM_PER_SIGMA, adaptive_moments
+from pipeline.errors import InputError, OptionError
 from pipeline.sim.scenes import (
     SurveyPair,
     blurred_photo,

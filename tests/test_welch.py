@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kernels import circular_convolve, l_kernel, rel_l2
 from scipy.signal import fftconvolve
 
-from kernels import circular_convolve, l_kernel, rel_l2
-
-from pipeline.errors import OptionError
 from pipeline.core.welch import WelchResult, taper, welch_kernels
+from pipeline.errors import OptionError
 
 
 def same_convolve(n: int, size: int, kernel: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,8 +14,8 @@ import numpy as np
 import xarray as xr
 
 from ..errors import InputError
-from .maps import read_kernel_map
 from ..io.store import consolidate
+from .maps import read_kernel_map
 
 __all__ = ["MEASUREMENTS", "compare_maps", "compare_figure", "write_comparison"]
 

@@ -83,6 +83,6 @@ class _ThenLoader(importlib.abc.Loader):
         self.loader.exec_module(module)
         try:
             self.then()
-        except Exception as exc:  # noqa: BLE001 - xarray itself is imported all the same
+        except Exception as exc:
             warnings.warn(f"kernelmap could not register the ds.kernelmap accessor: {exc!r}; "
                           f"import {_MAPS} to see why", RuntimeWarning, stacklevel=2)

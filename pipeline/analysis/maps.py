@@ -21,9 +21,9 @@ import numpy as np
 import xarray as xr
 
 from .. import flags as fl
-from ..errors import InputError
 from ..core.field import STORED, KernelField
 from ..core.moments import adaptive_moments
+from ..errors import InputError
 
 __all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "read_kernel_map"]
 
@@ -111,7 +111,7 @@ class KernelMap:
         field = self._field_at(i)
         if field is None:
             k = self.ds.sizes["ky"]
-            return np.full(np.broadcast(np.asarray(y), np.asarray(x)).shape + (k, k), np.nan)
+            return np.full((*np.broadcast(np.asarray(y), np.asarray(x)).shape, k, k), np.nan)
         return field.kernel_at(y, x)
 
     def model_kernels(self) -> xr.DataArray:

@@ -209,7 +209,7 @@ def summary_table(ds: xr.Dataset) -> list[dict[str, Any]]:
     rows = []
     for i, label in enumerate(ds["image"].values):
         def med(name: str) -> float:
-            v = np.asarray(ds[name].values[i], dtype=np.float64)
+            v = np.asarray(ds[name].values[i], dtype=np.float64)  # noqa: B023 - called in this iteration
             return float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
 
         flags = np.asarray(ds["quality_flag"].values[i]).astype(np.int64)

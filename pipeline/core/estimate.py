@@ -31,11 +31,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
+from ..errors import InputError, OptionError
 from .diagnostics import plain_centroids, residual_statistics
 from .gram import fit_region
-from .moments import FWHM_PER_SIGMA, adaptive_moments
-from ..errors import InputError, OptionError
 from .lstsq import LstsqResult, lstsq_kernels
+from .moments import FWHM_PER_SIGMA, adaptive_moments
 from .options import LstsqOptions, MethodOptions, RatioOptions, WelchOptions, option_summary
 from .ratio import ratio_kernels
 from .validate import as_image_stack, bad_pixels, check_kernel_size, check_positive_int

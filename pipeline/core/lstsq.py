@@ -324,8 +324,9 @@ def lstsq_kernels(
 
             def fit(lam_start: np.ndarray, final: bool):
                 if auto_lam:
-                    return _search_lam(tile, lam_start, tol=opts.tol, max_iter=opts.max_iter, final=final)
-                return tile.solve(lam_fixed), lam_fixed, False
+                    return _search_lam(tile, lam_start, tol=opts.tol, max_iter=opts.max_iter,  # noqa: B023
+                                       final=final)
+                return tile.solve(lam_fixed), lam_fixed, False  # noqa: B023 - called in this iteration only
 
             sol, lam, at_bound = fit(lam_start, final=not robust)
             if sol is not None and recentre and penalty in ("compact", "wings"):

@@ -19,7 +19,7 @@ import inspect
 import math
 import numbers
 import textwrap
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np

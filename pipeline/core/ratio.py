@@ -87,7 +87,7 @@ def ratio_kernels(
         raise InputError(
             f"sources and targets must be (n, ty, tx) of one shape, got {sources.shape} and {targets.shape}"
         )
-    n, ty, tx = sources.shape
+    _, ty, tx = sources.shape
     if k > min(ty, tx):
         raise OptionError(f"kernel_size {k} exceeds the tile size {(ty, tx)}")
     good = np.ones(sources.shape, dtype=bool) if bad is None else ~np.asarray(bad, dtype=bool)

@@ -20,6 +20,7 @@ frequencies where ``F(w)`` is nonzero.
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -257,7 +258,7 @@ def welch_kernels(
         # Contiguous runs of whole chunks, one per thread, written to disjoint slices.
         bounds = [min(n, chunk * (n_chunks * i // threads)) for i in range(threads + 1)]
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            jobs = [pool.submit(accumulate, lo, hi, 1) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            jobs = [pool.submit(accumulate, lo, hi, 1) for lo, hi in itertools.pairwise(bounds)]
             for job in jobs:
                 job.result()
 

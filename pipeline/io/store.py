@@ -38,9 +38,9 @@ import numpy as np
 import zarr
 
 from .. import flags as fl
-from ..errors import OptionError
 from ..core.field import KernelField, polynomial_terms
 from ..core.tiles import Block, TileGrid
+from ..errors import OptionError
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -334,7 +334,7 @@ class OutputStore:
         """
         try:
             return self._opening(mode, fingerprint, input_identity)
-        except Exception as exc:  # noqa: BLE001 - an unreadable store: the run raises it before it starts
+        except Exception as exc:
             return Opening(mode, self, refusal=exc)
 
     def _opening(self, mode: str, fingerprint: str, input_identity: str) -> Opening:
@@ -508,8 +508,8 @@ class OutputStore:
 
 def _runs(images: list[int]) -> list[tuple[int, int]]:
     """``(start, stop)`` positions in ``images`` (sorted) of runs of consecutive indices."""
-    starts = [0] + [i for i in range(1, len(images)) if images[i] != images[i - 1] + 1]
-    return list(zip(starts, starts[1:] + [len(images)]))
+    starts = [0, *(i for i in range(1, len(images)) if images[i] != images[i - 1] + 1)]
+    return list(zip(starts, [*starts[1:], len(images)]))
 
 
 def completed_blocks(path: str) -> np.ndarray:

@@ -13,9 +13,9 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ def _recording(job_cls: type, outcomes: list[Any], running: list[bool]) -> type:
         async def _submit_job(self, script_filename):
             try:
                 return await super()._submit_job(script_filename)
-            except Exception as exc:  # noqa: BLE001 - the batch system's refusal, reported by the run
+            except Exception as exc:
                 self._refuse(exc)
                 return ""
 
@@ -313,7 +313,7 @@ def _close_quietly(cluster: Any) -> None:
     """Close a batch cluster; one whose jobs never started can fail to close (and has nothing to stop)."""
     try:
         cluster.close()
-    except Exception as exc:  # noqa: BLE001 - nothing left to clean up
+    except Exception as exc:
         logger.debug("closing the batch cluster: %r", exc)
 
 

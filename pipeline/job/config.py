@@ -192,7 +192,7 @@ def _schema_type(spec: Option) -> Any:
     forms = [number, list[number]] if spec.per_term else [number]
     if spec.choices:
         forms.insert(0, Literal[spec.choices])
-    return Union[tuple(forms)] if len(forms) > 1 else number
+    return Union[tuple(forms)] if len(forms) > 1 else number  # noqa: UP007 - a union built at run time
 
 
 def kernel_model(method: str, options: type[MethodOptions], base: type[_KernelBase] = _KernelBase,
@@ -222,7 +222,7 @@ class _LstsqChecks(_KernelBase):
 
     @model_validator(mode="after")
     def _terms_match(self) -> _LstsqChecks:
-        regularization, penalty = getattr(self, "regularization"), getattr(self, "penalty")
+        regularization, penalty = self.regularization, self.penalty
         if isinstance(regularization, list):
             n, m = len(regularization), PENALTY_TERMS[penalty]
             if n != m:
@@ -236,7 +236,7 @@ class _WelchChecks(_KernelBase):
 
     @model_validator(mode="after")
     def _segment_fits_kernel(self) -> _WelchChecks:
-        segment_size = getattr(self, "segment_size")
+        segment_size = self.segment_size
         if segment_size < self.size:
             raise _problems(("segment_size", f"{segment_size} is smaller than kernel.size "
                                              f"{self.size}: at least {self.size}"))
@@ -269,7 +269,7 @@ def _kernel_method(value: Any) -> str | None:
 
 
 KernelConfig = Annotated[
-    Union[tuple(Annotated[model, Tag(name)] for name, model in KERNEL_METHODS.items())],
+    tuple(Annotated[model, Tag(name)] for name, model in KERNEL_METHODS.items()),
     Discriminator(_kernel_method),
 ]
 _KERNEL_ADAPTER: TypeAdapter[Any] = TypeAdapter(KernelConfig)
@@ -742,7 +742,7 @@ _JobLoader.add_implicit_resolver(
 
 def _parse_value(text: str) -> Any:
     """An override's value: YAML, read like the job file."""
-    return yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_JobLoader)
 
 
 def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
@@ -777,7 +777,7 @@ def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Job
     except OSError as exc:
         raise ConfigError([f"job file {name!r} cannot be read: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_JobLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

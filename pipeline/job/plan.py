@@ -94,7 +94,7 @@ class Plan:
             "kernelmap_input": json_attr(self.inputs.identity),
             "kernelmap_method": job.kernel.method,
             "kernelmap_command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "python API",
-            "kernelmap_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "kernelmap_created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "tile_size": job.tiles.size,
             "tile_step": self.grid.step,
             "Conventions": "CF-1.10",
@@ -188,7 +188,7 @@ def plan_job(job: JobConfig) -> Plan:
         job.input.path, source=job.input.source, target=job.input.target, mask=job.input.mask,
         group=job.input.group, storage_options=job.input.storage_options, min_size=job.tiles.size,
     )
-    n, ny, nx = inputs.shape
+    _, ny, nx = inputs.shape
     step = job.tiles.step or job.tiles.size
     grid = TileGrid(ny, nx, job.tiles.size, step, _job_block_tiles(job, inputs))
     opening = OutputStore(job.output.path).opening(

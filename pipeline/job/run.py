@@ -137,7 +137,7 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
     skipped_tiles = sum(b.n_tiles for b in stored)
     summary = RunSummary(store.path, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
                          flagged, len(pending), len(blocks) - len(pending), seconds)
-    store.mark_complete({"kernelmap_finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    store.mark_complete({"kernelmap_finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     if progress:
         log(summary.describe())
     return summary

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import BatchError, OptionError
 from .batch import local_batch_dir
 from .config import BATCH_SYSTEMS, JobConfig, dump_job
 from .systems import BATCH_SYSTEMS_TABLE, BatchSystem, megabytes, submit_systems
-from ..errors import BatchError, OptionError
 
 __all__ = ["Submission", "submission_script", "submit_job", "wait_for_job"]
 

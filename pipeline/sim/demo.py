@@ -35,18 +35,13 @@ field at the tile centre to within its curvature.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pathlib import Path
-
-from collections.abc import Sequence
-
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr

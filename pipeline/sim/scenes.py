@@ -22,8 +22,8 @@ import scipy.fft
 import scipy.ndimage
 import scipy.signal
 
-from ..errors import InputError, OptionError
 from ..core.moments import FWHM_PER_SIGMA
+from ..errors import InputError, OptionError
 
 __all__ = [
     "CATALOG_DTYPE",
