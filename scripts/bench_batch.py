@@ -60,7 +60,7 @@ def _blocks_done(path: Path) -> int:
 
     try:
         return int(OutputStore(str(path)).completed_blocks().sum())
-    except Exception:
+    except Exception:  # not created yet, or a chunk caught mid-write
         return 0
 
 

@@ -1,4 +1,11 @@
+"""Shared test settings and helpers: hypothesis profiles, the job builder."""
+
+from __future__ import annotations
+
+import copy
 import os
+from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 
@@ -13,3 +20,31 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def job_dict(tmp_path: Path, *, base: dict[str, Any] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A job as a mapping, for ``job_from_dict``: ``base`` (default: the tests' small synchronous job on
+    ``tmp_path/stack.zarr``) with ``sections`` on top.
+
+    A ``kernel`` section replaces the base's (keeping its ``size``), so that another method's options do not
+    linger; other sections update the base's keys, and a mapping given for a key that holds a mapping
+    (``compute={"batch": {...}}``) updates that mapping.
+    """
+    data = copy.deepcopy(base) if base is not None else {
+        "input": {"path": str(tmp_path / "stack.zarr")},
+        "tiles": {"size": 64},
+        "kernel": {"size": 9},
+        "output": {"path": str(tmp_path / "kernels.zarr")},
+        "compute": {"scheduler": "synchronous"},
+    }
+    for section, values in sections.items():
+        if section == "kernel":
+            data["kernel"] = {"size": data["kernel"]["size"], **values}
+            continue
+        data.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(data[section].get(key), dict):
+                data[section][key] = {**data[section][key], **value}
+            else:
+                data[section][key] = value
+    return data

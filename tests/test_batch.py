@@ -24,6 +24,7 @@ import psutil
 import pytest
 import xarray as xr
 import yaml
+from conftest import job_dict as build_job
 from stacks import make_stack
 
 from pipeline.cli import main
@@ -63,8 +64,9 @@ def slurm() -> None:
 
 
 def job_dict(tmp_path: Path, **sections) -> dict:
+    """A Welch job on two Slurm worker jobs (``compute.batch``), ``sections`` on top."""
     name = f"km-test-{uuid.uuid4().hex[:8]}"
-    data = {
+    base = {
         "input": {"path": str(tmp_path / "stack.zarr")},
         "tiles": {"size": 64},
         "kernel": {"size": 9, "method": "welch", "segment_size": 32},
@@ -76,16 +78,7 @@ def job_dict(tmp_path: Path, **sections) -> dict:
                       "log_directory": str(tmp_path / "logs"), "options": {"job_name": name}},
         },
     }
-    for section, values in sections.items():
-        if section == "kernel":
-            data["kernel"] = {"size": 9, **values}
-            continue
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(data[section].get(key), dict):
-                data[section][key] = {**data[section][key], **value}
-            else:
-                data[section][key] = value
-    return data
+    return build_job(tmp_path, base=base, **sections)
 
 
 def reference(tmp_path: Path, data: dict) -> xr.Dataset:
@@ -376,7 +369,7 @@ def _run_in_thread(data: dict) -> tuple[threading.Thread, dict]:
     def target():
         try:
             outcome["summary"] = run_job(job_from_dict(data), progress=False)
-        except BaseException as exc:
+        except BaseException as exc:  # reported by the test
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
@@ -387,7 +380,7 @@ def _run_in_thread(data: dict) -> tuple[threading.Thread, dict]:
 def _blocks_done(path: Path) -> int:
     try:
         return int(completed_blocks(str(path)).sum())
-    except Exception:
+    except Exception:  # store not there yet, or a chunk caught mid-write
         return 0
 
 

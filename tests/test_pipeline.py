@@ -17,6 +17,7 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
+from conftest import job_dict
 from stacks import make_stack
 
 from pipeline import flags as fl
@@ -28,19 +29,6 @@ from pipeline.job.run import plan_job, run_job
 
 K = 9
 TILE = 64
-
-
-def job_dict(tmp_path: Path, **sections) -> dict:
-    data = {
-        "input": {"path": str(tmp_path / "stack.zarr")},
-        "tiles": {"size": TILE},
-        "kernel": {"size": K},
-        "output": {"path": str(tmp_path / "kernels.zarr")},
-        "compute": {"scheduler": "synchronous"},
-    }
-    for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
-    return data
 
 
 def open_result(path) -> xr.Dataset:
@@ -273,7 +261,7 @@ def test_a_running_scheduler_is_used_by_address(tmp_path):
         port = sock.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
-    logs = open(tmp_path / "dask.log", "w")
+    logs = open(tmp_path / "dask.log", "w")  # closed below
     procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--dashboard-address", ":0"], stdout=logs, stderr=logs)]
     try:

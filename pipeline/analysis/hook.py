@@ -83,6 +83,6 @@ class _ThenLoader(importlib.abc.Loader):
         self.loader.exec_module(module)
         try:
             self.then()
-        except Exception as exc:
+        except Exception as exc:  # xarray itself is imported all the same
             warnings.warn(f"kernelmap could not register the ds.kernelmap accessor: {exc!r}; "
                           f"import {_MAPS} to see why", RuntimeWarning, stacklevel=2)

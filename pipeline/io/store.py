@@ -334,7 +334,7 @@ class OutputStore:
         """
         try:
             return self._opening(mode, fingerprint, input_identity)
-        except Exception as exc:
+        except Exception as exc:  # an unreadable store: the run raises it before it starts
             return Opening(mode, self, refusal=exc)
 
     def _opening(self, mode: str, fingerprint: str, input_identity: str) -> Opening:

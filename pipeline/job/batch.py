@@ -182,7 +182,7 @@ def _recording(job_cls: type, outcomes: list[Any], running: list[bool]) -> type:
         async def _submit_job(self, script_filename):
             try:
                 return await super()._submit_job(script_filename)
-            except Exception as exc:
+            except Exception as exc:  # the batch system's refusal, reported by the run
                 self._refuse(exc)
                 return ""
 
@@ -313,7 +313,7 @@ def _close_quietly(cluster: Any) -> None:
     """Close a batch cluster; one whose jobs never started can fail to close (and has nothing to stop)."""
     try:
         cluster.close()
-    except Exception as exc:
+    except Exception as exc:  # nothing left to clean up
         logger.debug("closing the batch cluster: %r", exc)
 
 

@@ -269,7 +269,7 @@ def _kernel_method(value: Any) -> str | None:
 
 
 KernelConfig = Annotated[
-    tuple(Annotated[model, Tag(name)] for name, model in KERNEL_METHODS.items()),
+    Union[tuple(Annotated[model, Tag(name)] for name, model in KERNEL_METHODS.items())],  # noqa: UP007
     Discriminator(_kernel_method),
 ]
 _KERNEL_ADAPTER: TypeAdapter[Any] = TypeAdapter(KernelConfig)
@@ -742,7 +742,7 @@ _JobLoader.add_implicit_resolver(
 
 def _parse_value(text: str) -> Any:
     """An override's value: YAML, read like the job file."""
-    return yaml.load(text, Loader=_JobLoader)
+    return yaml.load(text, Loader=_JobLoader)  # a SafeLoader subclass
 
 
 def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
@@ -777,7 +777,7 @@ def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Job
     except OSError as exc:
         raise ConfigError([f"job file {name!r} cannot be read: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.load(text, Loader=_JobLoader)
+        data = yaml.load(text, Loader=_JobLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -182,7 +182,7 @@ class WorkerWatch(threading.Thread):
         while not self._stop_event.wait(2.0):
             try:
                 workers = self.client.scheduler_info(n_workers=-1)["workers"]
-            except Exception:
+            except Exception:  # the scheduler is busy or closing: look again
                 continue
             now = time.monotonic()
             if workers:
