@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from ..core.validate import check_int, check_odd_size
 from ..errors import InputError, OptionError
 from .scenes import (
     MoffatPSF,
@@ -218,21 +219,14 @@ class DemoTruth:
 
 def _check_options(n_images: object, size: object, kernel_size: object,
                    seed: object) -> tuple[int, int, int, int]:
-    def integer(value: object, name: str, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise OptionError(f"{name} must be an integer, got {value!r}")
-        if value < minimum:
-            raise OptionError(f"{name} must be >= {minimum}, got {value}")
-        return int(value)
-
-    n_images = integer(n_images, "n_images", 1)
-    size = integer(size, "size", PATCH)
-    kernel_size = integer(kernel_size, "kernel_size", 3)
-    if kernel_size % 2 == 0:
-        raise OptionError(f"kernel_size must be odd, got {kernel_size}")
+    n_images = check_int("n_images", n_images, 1)
+    size = check_int("size", size, PATCH)
+    kernel_size = check_odd_size("kernel_size", kernel_size)
+    if kernel_size < 3:
+        raise OptionError(f"kernel_size must be at least 3, got {kernel_size}")
     if kernel_size > size:
         raise OptionError(f"kernel_size must be <= size ({size}), got {kernel_size}")
-    seed = integer(seed, "seed", 0)
+    seed = check_int("seed", seed, 0)
     return n_images, size, kernel_size, seed
 
 

@@ -23,6 +23,7 @@ import scipy.ndimage
 import scipy.signal
 
 from ..core.moments import FWHM_PER_SIGMA
+from ..core.validate import check_int, check_odd_size
 from ..errors import InputError, OptionError
 
 __all__ = [
@@ -55,21 +56,6 @@ CATALOG_DTYPE = np.dtype([
 
 # --------------------------------------------------------------------------
 # validation helpers
-
-
-def _int_option(value: object, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise OptionError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise OptionError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _odd_size(size: object, name: str = "size") -> int:
-    n = _int_option(size, name, minimum=1)
-    if n % 2 == 0:
-        raise OptionError(f"{name} must be odd, got {n}")
-    return n
 
 
 def _float_option(value: object, name: str, *, positive: bool = False,
@@ -146,7 +132,7 @@ def gaussian_kernel(
     numpy.ndarray
         float64 ``(size, size)`` stamp summing to ``flux``.
     """
-    size = _odd_size(size)
+    size = check_odd_size("size", size)
     fwhm = _float_option(fwhm, "fwhm", positive=True)
     flux = _float_option(flux, "flux")
     sigma = fwhm / FWHM_PER_SIGMA
@@ -194,7 +180,7 @@ def moffat_psf(
     numpy.ndarray
         float64 ``(size, size)`` stamp summing to 1.
     """
-    size = _odd_size(size)
+    size = check_odd_size("size", size)
     fwhm = _float_option(fwhm, "fwhm", positive=True)
     beta = _float_option(beta, "beta")
     if beta <= 1.0:
@@ -246,7 +232,7 @@ def motion_kernel(
     OptionError
         If the streak does not fit on the stamp.
     """
-    size = _odd_size(size)
+    size = check_odd_size("size", size)
     length = _float_option(length, "length", nonnegative=True)
     angle = math.radians(_float_option(angle_deg, "angle_deg"))
     dy = _float_option(dy, "dy")
@@ -498,14 +484,14 @@ def render_scene(
         ny, nx = shape
     except (TypeError, ValueError):
         raise OptionError(f"shape must be a (ny, nx) pair, got {shape!r}") from None
-    ny = _int_option(ny, "shape[0]", minimum=1)
-    nx = _int_option(nx, "shape[1]", minimum=1)
+    ny = check_int("shape[0]", ny, 1)
+    nx = check_int("shape[1]", nx, 1)
     psf = _as_psf(psf)
     star_density = _float_option(star_density, "star_density", nonnegative=True)
     galaxy_density = _float_option(galaxy_density, "galaxy_density", nonnegative=True)
     s_lo, s_hi = _flux_range(star_flux, "star_flux")
     g_lo, g_hi = _flux_range(galaxy_flux, "galaxy_flux")
-    pad = scene_reach(psf) if margin is None else _int_option(margin, "margin", minimum=0)
+    pad = scene_reach(psf) if margin is None else check_int("margin", margin, 0)
 
     psf_half = psf.half_size
     psf_stamp = psf.stamp()
@@ -675,7 +661,7 @@ def survey_tile_pair(
     kern = kern.astype(np.float64)
     if not np.isfinite(kern).all():
         raise InputError("kernel contains non-finite values")
-    size = _int_option(size, "size", minimum=1)
+    size = check_int("size", size, 1)
     psf_fwhm = _float_option(psf_fwhm, "psf_fwhm", positive=True)
     psf_beta = _float_option(psf_beta, "psf_beta")
     star_density = _float_option(star_density, "star_density", nonnegative=True)
@@ -781,8 +767,8 @@ def convolve_varying(
         raise InputError("image contains non-finite values")
     if not callable(kernel_at):
         raise OptionError("kernel_at must be callable as kernel_at(yc, xc)")
-    patch = _int_option(patch, "patch", minimum=1)
-    k = _odd_size(kernel_size, "kernel_size")
+    patch = check_int("patch", patch, 1)
+    k = check_odd_size("kernel_size", kernel_size)
     c = k // 2
     ny, nx = img.shape
     nby, nbx = -(-ny // patch), -(-nx // patch)
