@@ -21,6 +21,7 @@ from contextlib import ExitStack, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import dask
+from threadpoolctl import threadpool_limits
 
 from ..errors import BatchError
 from .config import JobConfig
@@ -95,8 +96,13 @@ def connect(job: JobConfig, stack: ExitStack, log: Callable[[str], None]) -> Cal
 def run_in_threads(task: BlockTask, blocks: Sequence[Block], on_result: Callable[[BlockResult], None], *,
                    workers: int) -> None:
     """Run ``task`` on every block in a pool of ``workers`` threads of this process; each result goes to
-    ``on_result`` in this thread as soon as it is in."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    ``on_result`` in this thread as soon as it is in.
+
+    BLAS is held to one thread for the whole pool: the tasks' own (process-wide)
+    limits overlap in time, and one ending would otherwise lift the limit under
+    another, whose sums would then depend on the timing in their last bits.
+    """
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(task, block) for block in blocks]
         for future in as_completed(futures):
             on_result(future.result())
