@@ -29,6 +29,8 @@ import numpy as np
 import yaml
 import zarr
 
+#: File marking a working folder as this script's (it replaces only such folders).
+MARKER = ".result-digest"
 #: Job variants: name -> overrides of the demo job.
 VARIANTS: dict[str, list[str]] = {
     "lstsq": [],
@@ -88,11 +90,16 @@ def digest(store: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="working folder (replaced)")
+    parser.add_argument("folder", type=Path,
+                        help="working folder for the stack and the jobs' outputs: new, empty, or made by this script")
     args = parser.parse_args()
     folder: Path = args.folder
+    marker = folder / MARKER
+    if folder.exists() and any(folder.iterdir()) and not marker.exists():
+        raise SystemExit(f"{folder} is not empty and was not made by this script: give a new folder")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    marker.write_text("made by scripts/result_digest.py; replaced on its next run\n")
     kernelmap("demo", "--dir", str(folder / "demo"), "--images", "3", "--size", "512")
     stack = folder / "demo" / "stack.zarr"
     add_mask(stack)

@@ -112,6 +112,22 @@ def test_create_refuses_an_existing_store_and_leaves_it_untouched(tmp_path):
     assert tree_digest(tmp_path / "stack.zarr") == inputs_before  # the input is never written
 
 
+def test_a_plan_executed_later_reads_the_output_again(tmp_path):
+    """A plan made before its output existed refuses to create it over a store made since, untouched;
+    a plan executed twice in resume mode computes nothing the second time."""
+    make_stack(tmp_path / "stack.zarr")
+    job = job_from_dict(job_dict(tmp_path))
+    late = plan_job(job)
+    run_job(job, progress=False)
+    before = tree_digest(tmp_path / "kernels.zarr")
+    with pytest.raises(OptionError, match="already exists and output.mode is 'create': nothing was changed"):
+        late.execute(progress=False)
+    assert tree_digest(tmp_path / "kernels.zarr") == before
+    resume = plan_job(job_from_dict(job_dict(tmp_path, output={"mode": "resume"})))
+    assert resume.execute(progress=False).tiles_computed == 0
+    assert resume.execute(progress=False).tiles_skipped == resume.n_tiles
+
+
 def test_resume_refuses_a_store_of_another_configuration(tmp_path):
     make_stack(tmp_path / "stack.zarr")
     run_job(job_from_dict(job_dict(tmp_path)), progress=False)

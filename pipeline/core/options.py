@@ -241,6 +241,8 @@ class LstsqOptions(MethodOptions):
     def __post_init__(self) -> None:
         check_penalty(self.penalty)  # first: the number of terms of regularization depends on it
         super().__post_init__()
+        if isinstance(self.regularization, list):  # frozen means frozen: no list to change afterwards
+            object.__setattr__(self, "regularization", tuple(self.regularization))
 
     def _check(self, name: str, spec: Option, value: Any) -> None:
         if name == "regularization":

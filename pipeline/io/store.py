@@ -334,8 +334,8 @@ class OutputStore:
         """
         try:
             return self._opening(mode, fingerprint, input_identity)
-        except Exception as exc:  # an unreadable store: the run raises it before it starts
-            return Opening(mode, self, refusal=exc)
+        except (OSError, ValueError, LookupError) as exc:  # an unreadable store (Zarr's errors are
+            return Opening(mode, self, refusal=exc)        # ValueErrors): the run raises it before it starts
 
     def _opening(self, mode: str, fingerprint: str, input_identity: str) -> Opening:
         if not self.exists():

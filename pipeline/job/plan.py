@@ -145,13 +145,14 @@ class Plan:
         ``client``: a ``distributed.Client`` to use instead of what
         ``compute.scheduler`` says (e.g. a cluster kept running between jobs).
         ``performance_report``: the file of a Dask performance report (with a
-        client).  A refusal of ``output.mode`` is raised before anything is
-        started or written.
+        client).  What exists at ``output.path`` is read again first (a plan
+        may be executed long after it was made, or twice), and a refusal of
+        ``output.mode`` is raised before anything is started or written.
         """
         from .run import execute_plan
 
-        return execute_plan(self, client=client, progress=progress, performance_report=performance_report,
-                            log=log)
+        return execute_plan(plan_job(self.job), client=client, progress=progress,
+                            performance_report=performance_report, log=log)
 
 
 def _describe_compute(job: JobConfig) -> str:

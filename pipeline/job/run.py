@@ -93,7 +93,8 @@ def run_job(
 
 def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, performance_report: str | None = None,
                  log: Callable[[str], None] = print, started: float | None = None) -> RunSummary:
-    """Execute a plan (:meth:`Plan.execute`); ``started``: the ``time.monotonic()`` its run's time counts
+    """Execute a plan just made by :func:`plan_job` (:meth:`Plan.execute` makes it again, so that what exists
+    at ``output.path`` is read at once before); ``started``: the ``time.monotonic()`` its run's time counts
     from (now by default)."""
     t0 = time.monotonic() if started is None else started
     job, opening = plan.job, plan.opening
