@@ -29,7 +29,7 @@ from stacks import make_stack
 
 from pipeline.cli import main
 from pipeline.errors import BatchError, OptionError
-from pipeline.io.store import completed_blocks
+from pipeline.io.store import OutputStore
 from pipeline.job.batch import worker_job_script
 from pipeline.job.config import job_from_dict
 from pipeline.job.run import plan_job, run_job
@@ -379,7 +379,7 @@ def _run_in_thread(data: dict) -> tuple[threading.Thread, dict]:
 
 def _blocks_done(path: Path) -> int:
     try:
-        return int(completed_blocks(str(path)).sum())
+        return int(OutputStore(str(path)).completed_blocks().sum())
     except Exception:  # store not there yet, or a chunk caught mid-write
         return 0
 
@@ -413,7 +413,7 @@ def test_a_killed_worker_process_does_not_change_the_result(slurm, tmp_path):
     thread.join(180)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     assert_same_result(tmp_path / "kernels.zarr", expected)
-    np.testing.assert_array_equal(completed_blocks(str(tmp_path / "kernels.zarr")), True)
+    np.testing.assert_array_equal(OutputStore(str(tmp_path / "kernels.zarr")).completed_blocks(), True)
 
 
 # --------------------------------------------------------------------------- the whole job as one batch job

@@ -23,7 +23,7 @@ from stacks import make_stack
 from pipeline import flags as fl
 from pipeline.cli import main
 from pipeline.errors import OptionError
-from pipeline.io.store import completed_blocks
+from pipeline.io.store import OutputStore
 from pipeline.job.config import job_from_dict
 from pipeline.job.run import plan_job, run_job
 
@@ -186,7 +186,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     done = 0
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            done = int(completed_blocks(str(tmp_path / "kernels.zarr")).sum())
+            done = int(OutputStore(str(tmp_path / "kernels.zarr")).completed_blocks().sum())
         except Exception:  # not created yet, or a chunk caught mid-write: look again
             done = 0
         if done >= 5:

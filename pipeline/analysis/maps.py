@@ -93,11 +93,13 @@ class KernelMap:
         return self._field_at(self.image_index(image))
 
     def _field_at(self, i: int) -> KernelField | None:
-        ds = self.ds
-        flags = np.asarray(ds["quality_flag"].values[i]).astype(np.int64)
-        kernels = np.asarray(ds["kernel"].values[i])
-        return KernelField.from_arrays({name: ds[name].values[i] for name in STORED},
-                                       used=fl.modelled(kernels, flags) & (flags & fl.MODEL_OUTLIER == 0),
+        one = self.ds.isel(image=i)  # a lazy map reads this image's chunks only
+        stored = {name: one[name].values for name in STORED}
+        if int(stored["model_degree"]) < 0:  # no model: its tiles need not be read
+            return None
+        flags = np.asarray(one["quality_flag"].values).astype(np.int64)
+        kernels = np.asarray(one["kernel"].values)
+        return KernelField.from_arrays(stored, used=fl.modelled(kernels, flags) & (flags & fl.MODEL_OUTLIER == 0),
                                        rejected=(flags & fl.MODEL_OUTLIER) != 0)
 
     def kernel_at(self, image: Any, y: Any, x: Any) -> np.ndarray:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
-           "OutputStore", "StoreLayout", "block_record", "completed_blocks", "consolidate", "json_attr"]
+           "OutputStore", "StoreLayout", "block_record", "consolidate", "json_attr"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -510,12 +510,6 @@ def _runs(images: list[int]) -> list[tuple[int, int]]:
     """``(start, stop)`` positions in ``images`` (sorted) of runs of consecutive indices."""
     starts = [0, *(i for i in range(1, len(images)) if images[i] != images[i - 1] + 1)]
     return list(zip(starts, [*starts[1:], len(images)]))
-
-
-def completed_blocks(path: str) -> np.ndarray:
-    """``(image, block_y, block_x)`` bool: blocks of the store at ``path`` whose record is written
-    (e.g. to follow a running job from another process)."""
-    return OutputStore(path).completed_blocks()
 
 
 def json_attr(value: Any) -> str:
