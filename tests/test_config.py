@@ -60,7 +60,8 @@ def test_minimal_job_dump_shows_every_default():
         "tiles": {"size": 256, "step": 256},
         "kernel": {"method": "lstsq", "size": 21, "normalize": False, "diagnostics": True,
                    "regularization": "auto",
-                   "penalty": "compact", "robust": True, "recentre": True, "clip": 5.0},
+                   "penalty": "compact", "robust": True, "recentre": True, "bad_source": "fill",
+                       "clip": 5.0},
         "model": {"degree": None, "max_degree": 3, "clip": 4.0},
         "output": {"path": "out.zarr", "mode": "create", "dtype": "float32"},
         "compute": {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True,
@@ -230,7 +231,7 @@ def test_all_errors_are_reported_together_with_dotted_paths():
         "kernel.size: 20 is even: the kernel needs a centre pixel, use 19 or 21",
         "kernel.penalty: 'tv' is not one of compact, wings, laplacian, identity",
         "kernel.segment_size: unknown key for method 'lstsq'; allowed keys: method, size, normalize, diagnostics, "
-        "regularization, penalty, robust, recentre, clip ('segment_size' is an option of method 'welch')",
+        "regularization, penalty, robust, recentre, bad_source, clip ('segment_size' is an option of method 'welch')",
         "output.path: required",
         "compute.scheduler: 'slurmm' is not a scheduler: use 'local' (a local cluster), 'threads' or "
         "'synchronous' (no cluster), a batch system (slurm, sge, pbs, lsf, htcondor), or the address of "
@@ -335,7 +336,8 @@ def test_welch_options_only_with_method_welch():
 
 def test_estimator_options():
     assert LstsqKernel().estimator_options() == {
-        "regularization": "auto", "penalty": "compact", "robust": True, "recentre": True, "clip": 5.0}
+        "regularization": "auto", "penalty": "compact", "robust": True, "recentre": True, "bad_source": "fill",
+        "clip": 5.0}
     assert LstsqKernel(regularization=[1, 2]).estimator_options()["regularization"] == [1.0, 2.0]
     assert RatioKernel().estimator_options() == {}
     assert WelchKernel().estimator_options() == {

@@ -8,6 +8,7 @@ from scipy.signal import fftconvolve
 
 import pipeline as km
 from pipeline import flags as fl
+from pipeline.core.fill import fill_bad_pixels
 from pipeline.core.gram import design_rows
 from pipeline.core.lstsq import lstsq_kernels
 from pipeline.core.penalties import penalty_operators
@@ -22,12 +23,18 @@ def noisy_pair(seed, size=64, k=7, noise=0.5):
     return src, tgt + noise * rng.normal(size=tgt.shape), kernel
 
 
-def dense_reference(src, tgt, bad, k, lam, penalty):
-    """Explicit design matrix over the valid pixels, penalised normal equations."""
+def dense_reference(src, tgt, bad, k, lam, penalty, rows_out=None):
+    """Explicit design matrix over the valid pixels, penalised normal equations.
+
+    ``bad`` source pixels exclude every target pixel whose footprint covers
+    them; ``rows_out`` target pixels exclude only themselves.
+    """
     h = k // 2
     region = np.zeros(src.shape, dtype=bool)
     region[h:-h, h:-h] = True
     region &= ~binary_dilation(bad, np.ones((k, k), dtype=bool))
+    if rows_out is not None:
+        region &= ~rows_out
     s = np.where(bad, 0.0, src)
     rows = design_rows(s, h, np.nonzero(region))
     y = tgt[region]
@@ -45,23 +52,64 @@ def dense_reference(src, tgt, bad, k, lam, penalty):
     return kern.reshape(k, k), background
 
 
+def _defects(shape):
+    """A 3x4 block and a single pixel (source), two pixels and a column piece (target)."""
+    src_bad = np.zeros(shape, dtype=bool)
+    src_bad[20:23, 30:34] = True
+    src_bad[50, 5] = True
+    tgt_bad = np.zeros(shape, dtype=bool)
+    tgt_bad[12, 40] = tgt_bad[44, 17] = True
+    tgt_bad[30:50, 25] = True
+    return src_bad, tgt_bad
+
+
 @pytest.mark.parametrize("penalty", ["compact", "wings", "laplacian", "identity"])
 @pytest.mark.parametrize("lam", [0.0, 1e-3, 0.3])
-def test_fixed_regularization_equals_dense_solve_with_bad_pixels(penalty, lam):
+def test_fixed_regularization_equals_dense_solve_excluding_bad_pixels(penalty, lam):
+    """``bad_source="exclude"``: source defects drop their footprints, target defects their own rows."""
     src, tgt, _ = noisy_pair(1)
-    bad = np.zeros(src.shape, dtype=bool)
-    bad[20:23, 30:34] = True
-    bad[50, 5] = True
-    src_nan = np.where(bad, np.nan, src)
-    res = km.estimate_kernels(src_nan[None], tgt[None], kernel_size=7, regularization=lam,
-                              penalty=penalty, robust=False, recentre=False)
-    ref_k, ref_b = dense_reference(src, tgt, bad, 7, lam, penalty)
+    src_bad, tgt_bad = _defects(src.shape)
+    res = km.estimate_kernels(np.where(src_bad, np.nan, src)[None], np.where(tgt_bad, np.inf, tgt)[None],
+                              kernel_size=7, regularization=lam, penalty=penalty, robust=False,
+                              recentre=False, bad_source="exclude")
+    ref_k, ref_b = dense_reference(src, tgt, src_bad, 7, lam, penalty, rows_out=tgt_bad)
     np.testing.assert_allclose(res.kernels[0], ref_k, rtol=1e-8, atol=1e-10)
     assert res.background[0] == pytest.approx(ref_b, rel=1e-8)
     assert res.flags[0] & fl.MASKED
-    region = ~binary_dilation(bad, np.ones((7, 7), dtype=bool))
+    region = ~binary_dilation(src_bad, np.ones((7, 7), dtype=bool)) & ~tgt_bad
     region[:3], region[-3:], region[:, :3], region[:, -3:] = False, False, False, False
     assert res.n_valid[0] == region.sum()
+
+
+@pytest.mark.parametrize("lam", [1e-3, 0.3])
+def test_filled_source_pixels_keep_their_target_pixels(lam):
+    """``bad_source="fill"`` (default): the fit is the dense one on the filled source; only the
+    target's own bad rows and the footprints of unfillable source pixels (the block's centre) go."""
+    src, tgt, _ = noisy_pair(2)
+    src_bad, tgt_bad = _defects(src.shape)
+    filled, unfillable = fill_bad_pixels(src, src_bad)
+    assert unfillable[21, 31] and unfillable.sum() < src_bad.sum() and not unfillable[50, 5]
+    res = km.estimate_kernels(np.where(src_bad, np.nan, src)[None], np.where(tgt_bad, np.nan, tgt)[None],
+                              kernel_size=7, regularization=lam, robust=False, recentre=False)
+    ref_k, ref_b = dense_reference(filled, tgt, unfillable, 7, lam, "compact", rows_out=tgt_bad)
+    np.testing.assert_allclose(res.kernels[0], ref_k, rtol=1e-8, atol=1e-10)
+    assert res.background[0] == pytest.approx(ref_b, rel=1e-8)
+    region = ~binary_dilation(unfillable, np.ones((7, 7), dtype=bool)) & ~tgt_bad
+    region[:3], region[-3:], region[:, :3], region[:, -3:] = False, False, False, False
+    assert res.n_valid[0] == region.sum()
+    assert res.flags[0] & fl.MASKED
+
+
+def test_a_masked_pixel_is_bad_in_both_images():
+    src, tgt, _ = noisy_pair(3)
+    mask = np.zeros(src.shape, dtype=bool)
+    mask[40, 40] = True
+    via_mask = km.estimate_kernels(src[None], tgt[None], kernel_size=7, mask=mask, regularization=0.1,
+                                   robust=False, recentre=False)
+    via_nan = km.estimate_kernels(np.where(mask, np.nan, src)[None], np.where(mask, np.nan, tgt)[None],
+                                  kernel_size=7, regularization=0.1, robust=False, recentre=False)
+    np.testing.assert_array_equal(via_mask.kernels, via_nan.kernels)
+    assert via_mask.n_valid[0] == 58 * 58 - 1
 
 
 def test_one_regularization_per_penalty_term():

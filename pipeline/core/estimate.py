@@ -38,7 +38,7 @@ from .lstsq import LstsqResult, lstsq_kernels
 from .moments import FWHM_PER_SIGMA, adaptive_moments
 from .options import LstsqOptions, MethodOptions, RatioOptions, WelchOptions, option_summary
 from .ratio import ratio_kernels
-from .validate import as_image_stack, bad_pixels, check_kernel_size, check_positive_int
+from .validate import as_image_stack, check_kernel_size, check_positive_int, either_bad
 from .welch import welch_kernels
 
 __all__ = ["REGISTRY", "METHODS", "DEFAULT_METHOD", "Method", "KernelEstimates", "estimate_kernel",
@@ -133,12 +133,14 @@ def method_options(method: str, options: MethodOptions | None = None, **option_k
 
 
 def _prepare(sources, targets, mask, kernel_size):
-    """Validate inputs; return float stacks with bad pixels zeroed and the bad map.
+    """Validate inputs; return float stacks with bad pixels zeroed and the bad maps.
 
     float32 inputs stay float32 (the spectral methods run faster in single
     precision; the exact solver always works in float64); anything else
     becomes float64.  The inputs are never written: bad pixels are zeroed
     in copies, and arrays without bad pixels are passed on as they are.
+    Returns ``(sources, targets, bad, size)`` with ``bad`` a
+    :class:`BadPixels`.
     """
     tgt = as_image_stack(targets, "targets", ndim=(3,))
     src = as_image_stack(sources, "sources", ndim=(2, 3))
@@ -161,18 +163,41 @@ def _prepare(sources, targets, mask, kernel_size):
     dtype = np.float32 if single else np.float64
     src_f = np.asarray(src, dtype=dtype)
     tgt_f = np.asarray(tgt, dtype=dtype)
-    bad = bad_pixels(src_f, tgt_f, mask)
-    if bad.any():  # zero the bad pixels in copies: inputs are never written
-        src_f = np.where(bad, 0.0, src_f).astype(dtype, copy=False)
-        tgt_f = np.where(bad, 0.0, tgt_f).astype(dtype, copy=False)
+    user = None if mask is None else mask != 0
+    bad = BadPixels(~np.isfinite(src_f), ~np.isfinite(tgt_f), user if user is not None and user.any() else None)
+    # zero the bad pixels in copies: inputs are never written
+    src_zero, tgt_zero = either_bad(bad.source, bad.mask), either_bad(bad.target, bad.mask)
+    if src_zero.any():
+        src_f = np.where(src_zero, 0.0, src_f).astype(dtype, copy=False)
+    if tgt_zero.any():
+        tgt_f = np.where(tgt_zero, 0.0, tgt_f).astype(dtype, copy=False)
     return src_f, tgt_f, bad, size
 
 
-def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
+@dataclass(frozen=True)
+class BadPixels:
+    """Bad pixels of a batch: NaN/inf in the source, in the target, and the user's mask (bad in both)."""
+
+    source: np.ndarray  #: ``(n, ny, nx)`` bool
+    target: np.ndarray  #: ``(n, ny, nx)`` bool
+    mask: np.ndarray | None  #: ``(n, ny, nx)`` bool or ``None``
+
+    @property
+    def either(self) -> np.ndarray:
+        """Bad in either image."""
+        either = self.source | self.target
+        return either if self.mask is None else either | self.mask
+
+    def part(self, sl: slice) -> BadPixels:
+        return BadPixels(self.source[sl], self.target[sl], None if self.mask is None else self.mask[sl])
+
+
+def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=True):
     """Kernels and diagnostics of one contiguous part of the batch."""
     n = len(tgt)
-    any_bad = bool(bad.any())
-    result = REGISTRY[method].estimator(src, tgt, bad if any_bad else None, kernel_size=size, options=options)
+    either = bad.either
+    result = REGISTRY[method].estimator(src, tgt, bad.mask, source_bad=_any_or_none(bad.source),
+                                        target_bad=_any_or_none(bad.target), kernel_size=size, options=options)
     out = vars(result)
     kernels = np.array(out["kernels"], dtype=np.float64)
     if isinstance(result, LstsqResult):
@@ -180,7 +205,7 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
     else:
         flat = src.reshape(n, -1)
         flags = fl.fit_flags(
-            masked=bad.reshape(n, -1).any(axis=1),
+            masked=either.reshape(n, -1).any(axis=1),
             no_data=out["n_segments"] == 0 if "n_segments" in out else False,
             no_signal=~np.any(flat != flat[:, :1], axis=1),
         )
@@ -188,11 +213,13 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
     kernels[unusable] = np.nan
     background = np.where(unusable, np.nan, out["background"])
 
-    if diagnostics:
-        region = fit_region(bad, size)
-        noise, residual, snr = residual_statistics(src, tgt, kernels, background, region)
-    else:
+    if not diagnostics:
         noise = residual = snr = np.full(n, np.nan)
+    elif isinstance(result, LstsqResult):  # from the fit's own statistics, over its own fit region
+        noise, residual, snr = (np.where(unusable, np.nan, a) for a in (result.noise, result.residual, result.snr))
+    else:
+        region = fit_region(either, size)
+        noise, residual, snr = residual_statistics(src, tgt, kernels, background, region)
     flux = kernels.sum(axis=(1, 2))
     moments = adaptive_moments(kernels)
     flags |= fl.kernel_flags(kernels, flux, residual=residual, moments_converged=moments.converged,
@@ -203,7 +230,7 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
     elif "n_segments" in out:
         n_valid = out["n_segments"]
     else:
-        n_valid = (~bad).reshape(n, -1).sum(axis=1)
+        n_valid = (~either).reshape(n, -1).sum(axis=1)
     return {
         "kernels": kernels,
         "flux": flux,
@@ -223,6 +250,10 @@ def _estimate_part(method, src, tgt, bad, size, options, diagnostics=True):
         "n_valid": np.asarray(n_valid, dtype=np.int64),
         "flags": flags,
     }
+
+
+def _any_or_none(bad: np.ndarray) -> np.ndarray | None:
+    return bad if bad.any() else None
 
 
 def estimate_kernels(
@@ -288,7 +319,7 @@ def estimate_kernels(
 
     def run(idx: np.ndarray) -> dict[str, np.ndarray]:
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        return _estimate_part(method, src[sl], tgt[sl], bad[sl], size, opts, diagnostics)
+        return _estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics)
 
     with threadpool_limits(limits=1, user_api="blas"):
         if len(parts) == 1:

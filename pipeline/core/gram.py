@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
-from scipy.ndimage import binary_dilation
+from scipy.ndimage import maximum_filter
 
 __all__ = ["fft_shape", "fit_region", "valid_gram", "dense_gram", "design_rows"]
 
@@ -37,10 +37,9 @@ def fit_region(bad: np.ndarray, kernel_size: int) -> np.ndarray:
     h = kernel_size // 2
     region = np.zeros(bad.shape, dtype=bool)
     region[:, h : ny - h, h : nx - h] = True
-    footprint = np.ones((kernel_size, kernel_size), dtype=bool)
     for i in range(n):
         if bad[i].any():
-            region[i] &= ~binary_dilation(bad[i], footprint)
+            region[i] &= ~maximum_filter(bad[i].view(np.uint8), size=kernel_size, mode="constant").astype(bool)
     return region
 
 

@@ -35,10 +35,11 @@ import scipy.fft as sfft
 
 from .. import flags as fl
 from ._lapack import cho_solve, cholesky, lower_solve
+from .fill import fill_bad_pixels
 from .gram import design_rows, fft_shape, fit_region, valid_gram
 from .options import LstsqOptions
 from .penalties import PenaltyTerms, penalty_terms
-from .validate import check_positive_int
+from .validate import check_positive_int, either_bad
 
 __all__ = ["LstsqResult", "lstsq_kernels"]
 
@@ -65,6 +66,11 @@ class LstsqResult:
     no_data: np.ndarray  #: ``(n,)`` bool: too few valid pixels per unknown; no fit
     no_signal: np.ndarray  #: ``(n,)`` bool: the source has no usable power; no kernel
     at_bound: np.ndarray  #: ``(n,)`` bool: the evidence search ended at its upper bound
+    n_filled: np.ndarray  #: ``(n,)`` bad source pixels filled from their neighbours
+    noise: np.ndarray  #: ``(n,)`` robust (MAD) standard deviation of the first fit's residual
+    #: ``(n,)`` RMS residual of the final kernel over the fit region (clipped pixels included) / noise
+    residual: np.ndarray
+    snr: np.ndarray  #: ``(n,)`` RMS of the model ``K * source`` over the fitted pixels / noise
 
     @property
     def flags(self) -> np.ndarray:
@@ -102,6 +108,10 @@ class _Tile:
         self.cc = self.rhs - self.colsum * (self.rsum / n)
         self.yy = self.rsq - self.rsum**2 / n
         self.scale = np.trace(self.gc) / self.penalty.traces
+
+    def statistics(self) -> _Statistics:
+        """The background-free sufficient statistics as they are now."""
+        return _Statistics(self.gc.copy(), self.cc.copy(), self.yy, self.count)
 
     def remove(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Drop target pixels (design rows and target values) from the fit."""
@@ -171,6 +181,20 @@ class _Tile:
         return lam_new, sol
 
 
+@dataclass(frozen=True)
+class _Statistics:
+    """``Gc``, ``c`` and ``yy`` of a fit region (background profiled out) and its pixel count."""
+
+    gc: np.ndarray
+    cc: np.ndarray
+    yy: float
+    count: int
+
+    def rss(self, kernel: np.ndarray) -> float:
+        """Residual sum of squares of ``kernel`` (with its best background) over the region."""
+        return max(self.yy - 2.0 * (kernel @ self.cc) + kernel @ (self.gc @ kernel), 0.0)
+
+
 @dataclass
 class _Solution:
     kernel: np.ndarray
@@ -228,6 +252,8 @@ def lstsq_kernels(
     *,
     kernel_size: int,
     options: LstsqOptions | None = None,
+    source_bad: np.ndarray | None = None,
+    target_bad: np.ndarray | None = None,
     chunk: int = 4,
     **option_keywords: Any,
 ) -> LstsqResult:
@@ -237,10 +263,17 @@ def lstsq_kernels(
     ----------
     sources, targets
         ``(n, ny, nx)`` float64 tiles; bad pixels must already be finite
-        (e.g. zero) and marked in ``bad``.
+        (e.g. zero) and marked in ``bad``, ``source_bad`` or ``target_bad``.
     bad
-        ``(n, ny, nx)`` bool, True where either image is bad.  A target pixel
-        is fitted only if no bad pixel lies in its kernel footprint.
+        ``(n, ny, nx)`` bool, True where a pixel is bad in both images (a
+        user's mask).
+    source_bad, target_bad
+        ``(n, ny, nx)`` bool, pixels bad in one image only.  A bad target
+        pixel removes its own equation.  A bad source pixel is filled from
+        its neighbours (option ``bad_source="fill"``, see
+        :mod:`pipeline.core.fill`), or, if it cannot be filled or with
+        ``bad_source="exclude"``, removes every target pixel whose kernel
+        footprint covers it.
     kernel_size
         Odd kernel side ``k``.
     options
@@ -264,6 +297,8 @@ def lstsq_kernels(
     shape = fft_shape((ny, nx), half)
     box = fit_region(np.zeros((1, ny, nx), dtype=bool), kernel_size)[0]
     lag = np.arange(kernel_size) - half
+    src_side = either_bad(bad, source_bad)
+    tgt_side = either_bad(bad, target_bad)
 
     kernels = np.full((n, kernel_size, kernel_size), np.nan)
     background = np.full(n, np.nan)
@@ -271,8 +306,12 @@ def lstsq_kernels(
     lam_terms = np.full((n, n_terms), np.nan)
     n_valid = np.zeros(n, dtype=np.int64)
     n_clipped = np.zeros(n, dtype=np.int64)
+    n_filled = np.zeros(n, dtype=np.int64)
     flux_error = np.full(n, np.nan)
     gamma_out = np.full(n, np.nan)
+    noise_out = np.full(n, np.nan)
+    residual_out = np.full(n, np.nan)
+    snr_out = np.full(n, np.nan)
     masked_out = np.zeros(n, dtype=bool)
     no_data = np.zeros(n, dtype=bool)
     no_signal = np.zeros(n, dtype=bool)
@@ -284,21 +323,31 @@ def lstsq_kernels(
         m = stop - start
         src = np.asarray(sources[start:stop], dtype=np.float64)
         tgt = np.asarray(targets[start:stop], dtype=np.float64)
-        if bad is None:
-            valid = np.broadcast_to(box, src.shape)
-        else:
-            valid = fit_region(np.asarray(bad[start:stop], dtype=bool), kernel_size)
+        excluded = np.zeros(src.shape, dtype=bool)  # source pixels whose footprints are excluded
+        if src_side is not None:
+            sb = np.asarray(src_side[start:stop], dtype=bool)
+            src = src.copy()
+            for i in np.flatnonzero(sb.reshape(m, -1).any(axis=1)):
+                if opts.bad_source == "fill":
+                    src[i], excluded[i] = fill_bad_pixels(src[i], sb[i])
+                    n_filled[start + i] = int(sb[i].sum() - excluded[i].sum())
+                else:
+                    excluded[i] = sb[i]
+        valid = fit_region(excluded, kernel_size)
+        if tgt_side is not None:
+            valid &= ~np.asarray(tgt_side[start:stop], dtype=bool)
         dropped = box & ~valid  # pixels of the valid box lost to bad pixels
-        masked = dropped.reshape(m, -1).any(axis=1)
-        weights = valid[masked].astype(np.float64)
+        masked = dropped.reshape(m, -1).any(axis=1) | (n_filled[start:stop] > 0)
+        reduced = dropped.reshape(m, -1).any(axis=1)
+        weights = valid[reduced].astype(np.float64)
         # correlations of the source with the masked target (right-hand side)
-        # and, for masked tiles, with the fit region (background column)
+        # and, where pixels were dropped, with the fit region (background column)
         spec = sfft.rfft2(np.concatenate([src, tgt * valid, weights]), s=shape)
         fs, fr, fw = spec[:m], spec[m : 2 * m], spec[2 * m :]
-        cross = sfft.irfft2(np.concatenate([np.conj(fs) * fr, np.conj(fs[masked]) * fw]), s=shape)
+        cross = sfft.irfft2(np.concatenate([np.conj(fs) * fr, np.conj(fs[reduced]) * fw]), s=shape)
         cross = cross[:, (lag % shape[0])[:, None], (lag % shape[1])[None, :]].reshape(-1, k2)
         colsums = _box_sums(src, half)
-        colsums[masked] = cross[m:]
+        colsums[reduced] = cross[m:]
         grams = valid_gram(src, half, spectra=fs)
 
         for i in range(m):
@@ -310,8 +359,8 @@ def lstsq_kernels(
                 no_data[t] = True
                 continue
             gram = grams[i]
-            if masked[i]:
-                rows = design_rows(src[i], half, np.nonzero(dropped[i]))
+            if reduced[i]:
+                rows = np.ascontiguousarray(design_rows(src[i], half, np.nonzero(dropped[i])))
                 gram = gram - rows.T @ rows
             vals = tgt[i][valid[i]]
             tile = _Tile(gram, colsums[i], cross[i], float(vals.sum()), float(vals @ vals),
@@ -322,13 +371,13 @@ def lstsq_kernels(
                 no_signal[t] = True
                 continue
 
-            def fit(lam_start: np.ndarray, final: bool):
+            def fit(lam_start: np.ndarray):
                 if auto_lam:
                     return _search_lam(tile, lam_start, tol=opts.tol, max_iter=opts.max_iter,  # noqa: B023
-                                       final=final)
+                                       final=False)
                 return tile.solve(lam_fixed), lam_fixed, False  # noqa: B023 - called in this iteration only
 
-            sol, lam, at_bound = fit(lam_start, final=not robust)
+            sol, lam, at_bound = fit(lam_start)
             if sol is not None and recentre and penalty in ("compact", "wings"):
                 # a shifted kernel: centre the compact penalty on it and refit
                 cy, cx = _kernel_centre(sol.kernel, kernel_size)
@@ -337,17 +386,23 @@ def lstsq_kernels(
                         kernel_size, penalty, n_probes, (round(cy * 4) / 4, round(cx * 4) / 4)
                     )
                     tile.refresh()
-                    sol, lam, at_bound = fit(lam_start if at_bound else lam, final=not robust)
-            if sol is not None and robust:
-                n_out = _clip_outliers(tile, sol.kernel, fs[i], shape, src[i], tgt[i], valid[i],
-                                       opts.clip, min_pixels_per_parameter * (k2 + 1))
+                    sol, lam, at_bound = fit(lam_start if at_bound else lam)
+            if sol is None:
+                no_signal[t] = True
+                continue
+            before = tile.statistics()  # the whole fit region, for the residual diagnostic
+            resid = _residuals(tile, sol.kernel, fs[i], shape, tgt[i], valid[i])
+            noise = _robust_sigma(resid)
+            if robust:
+                n_out = _clip_outliers(tile, resid, noise, src[i], tgt[i], valid[i], opts.clip,
+                                       min_pixels_per_parameter * (k2 + 1))
                 if n_out:
                     n_clipped[t] = n_out
                     n_valid[t] = tile.count
                 if auto_lam and n_out > _RESEARCH_FRACTION * count:
-                    sol, lam, at_bound = fit(lam_start if at_bound else lam, final=True)
-                else:  # a few pixels barely move the evidence optimum
-                    sol = tile.solve(lam)
+                    sol, lam, at_bound = fit(lam_start if at_bound else lam)
+                elif n_out:  # a few pixels barely move the evidence optimum
+                    sol = tile.solve(lam, fast=auto_lam)
             if sol is None:
                 no_signal[t] = True
                 continue
@@ -359,36 +414,52 @@ def lstsq_kernels(
             lam_terms[t] = lam
             gamma_out[t] = sol.gamma
             dof = max(tile.count - 1 - sol.gamma, 1.0)
-            ones = cho_solve(sol.chol, np.ones(k2))
+            ones = cho_solve(sol.chol, np.ones(k2)).astype(np.float64)
             flux_error[t] = np.sqrt(sol.ed / dof * ones.sum())
+            noise_out[t] = noise
+            with np.errstate(divide="ignore", invalid="ignore"):
+                residual_out[t] = np.sqrt(before.rss(kern) / before.count) / noise
+                snr_out[t] = np.sqrt(max(kern @ (tile.gc @ kern), 0.0) / tile.count) / noise
 
     return LstsqResult(kernels, background, lam_out, lam_terms, n_valid, n_clipped, flux_error,
-                       gamma_out, masked_out, no_data, no_signal, at_bound_out)
+                       gamma_out, masked_out, no_data, no_signal, at_bound_out, n_filled,
+                       noise_out, residual_out, snr_out)
 
 
-def _clip_outliers(tile: _Tile, kernel: np.ndarray, spectrum: np.ndarray, shape: tuple[int, int],
-                   source: np.ndarray, target: np.ndarray, valid: np.ndarray, clip: float,
-                   min_count: float) -> int:
-    """Remove target pixels whose residual exceeds ``clip`` robust sigmas from ``tile``.
+def _residuals(tile: _Tile, kernel: np.ndarray, spectrum: np.ndarray, shape: tuple[int, int],
+               target: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``target - kernel * source - background`` over the fit region (a 1-D array).
 
-    ``spectrum`` is the source's ``rfft2`` at FFT size ``shape``.  Nothing is
-    removed if fewer than ``min_count`` pixels would remain.  Returns the
-    number of pixels removed.
+    ``spectrum`` is the source's ``rfft2`` at FFT size ``shape``.
     """
     half = (int(round(np.sqrt(kernel.size))) - 1) // 2
-    model = _model(spectrum, kernel, shape, source.shape, half)
-    resid = target - model - (tile.rsum - kernel @ tile.colsum) / tile.count
-    r = resid[valid]
-    sample = r[:: max(1, r.size // 16384)]  # the robust scale needs no more
-    centre = np.median(sample)
-    sigma = 1.4826 * np.median(np.abs(sample - centre))
+    model = _model(spectrum, kernel, shape, target.shape, half)
+    return (target - model)[valid] - (tile.rsum - kernel @ tile.colsum) / tile.count
+
+
+def _robust_sigma(resid: np.ndarray) -> float:
+    """Robust (MAD) standard deviation of residuals, from at most 16384 evenly spread samples."""
+    sample = resid[:: max(1, resid.size // 16384)]
+    return float(1.4826 * np.median(np.abs(sample - np.median(sample))))
+
+
+def _clip_outliers(tile: _Tile, resid: np.ndarray, sigma: float, source: np.ndarray, target: np.ndarray,
+                   valid: np.ndarray, clip: float, min_count: float) -> int:
+    """Remove target pixels whose residual exceeds ``clip`` robust sigmas from ``tile``.
+
+    ``resid`` holds the residuals of the pixels of ``valid`` (in raster
+    order).  Nothing is removed if fewer than ``min_count`` pixels would
+    remain.  Returns the number of pixels removed.
+    """
+    half = (int(round(np.sqrt(tile.gram.shape[0]))) - 1) // 2
+    centre = np.median(resid[:: max(1, resid.size // 16384)])
     outlier = np.zeros(source.shape, dtype=bool)
-    outlier[valid] = np.abs(r - centre) > clip * sigma
+    outlier[valid] = np.abs(resid - centre) > clip * sigma
     n_out = int(outlier.sum())
     if not n_out or tile.count - n_out < min_count:
         return 0
     pix = np.nonzero(outlier)
-    tile.remove(design_rows(source, half, pix), target[pix])
+    tile.remove(np.ascontiguousarray(design_rows(source, half, pix)), target[pix])
     return n_out
 
 

@@ -222,6 +222,13 @@ class LstsqOptions(MethodOptions):
         "For the compact penalties: centre them on the kernel's core when a first "
         "fit finds it off the stamp centre.",
         bool, in_job=True)
+    bad_source: str = _option(
+        "fill",
+        "Bad source pixels: ``\"fill\"`` replaces each isolated one by a polynomial "
+        "through its good neighbours and keeps every target pixel (a cluster too dense "
+        "to fill is excluded as with ``\"exclude\"``); ``\"exclude\"`` drops every "
+        "target pixel whose kernel footprint covers one.",
+        str, choices=("fill", "exclude"), in_job=True)
     clip: float = _option(
         5.0, "Threshold of the robust pass, in robust standard deviations (robust sigmas).",
         float, gt=0, in_job=True)

@@ -18,7 +18,7 @@ import scipy.fft as sfft
 
 from ..errors import InputError, OptionError
 from .options import RatioOptions
-from .validate import check_odd_size, check_positive_int
+from .validate import check_odd_size, check_positive_int, either_bad
 
 __all__ = ["RatioResult", "ratio_kernels"]
 
@@ -48,6 +48,8 @@ def ratio_kernels(
     *,
     kernel_size: int,
     options: RatioOptions | None = None,
+    source_bad: np.ndarray | None = None,
+    target_bad: np.ndarray | None = None,
     workers: int = 1,
     **option_keywords: Any,
 ) -> RatioResult:
@@ -66,6 +68,8 @@ def ratio_kernels(
         ``(n, ty, tx)`` finite real tiles.
     bad : numpy.ndarray, optional
         ``(n, ty, tx)`` bool, True marks a bad pixel.
+    source_bad, target_bad : numpy.ndarray, optional
+        Pixels bad in one image only; treated like ``bad``.
     kernel_size : int
         Odd kernel side, at most the tile's smaller side.
     options : RatioOptions, optional
@@ -79,6 +83,7 @@ def ratio_kernels(
         Kernels and background offsets.
     """
     RatioOptions.resolve(options, option_keywords)
+    bad = either_bad(bad, source_bad, target_bad)
     k = check_odd_size("kernel_size", kernel_size)
     workers = check_positive_int("workers", workers)
     sources = np.asarray(sources)

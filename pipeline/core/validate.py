@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import InputError, OptionError
 
 __all__ = ["check_int", "check_positive_int", "check_odd_size", "check_kernel_size", "odd_size_problem",
-           "as_image_stack", "bad_pixels", "max_kernel_size"]
+           "as_image_stack", "either_bad", "max_kernel_size"]
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -95,11 +95,9 @@ def as_image_stack(array: object, name: str, *, ndim: tuple[int, ...]) -> np.nda
     return arr
 
 
-def bad_pixels(
-    source: np.ndarray, target: np.ndarray, mask: np.ndarray | None
-) -> np.ndarray:
-    """Boolean map of pixels bad in either image: non-finite values or a nonzero mask."""
-    bad = ~np.isfinite(source) | ~np.isfinite(target)
-    if mask is not None:
-        bad = bad | (mask != 0)
-    return bad
+def either_bad(*maps: np.ndarray | None) -> np.ndarray | None:
+    """The union of optional boolean bad-pixel maps (``None`` when none is given)."""
+    given = [np.asarray(m, dtype=bool) for m in maps if m is not None]
+    if not given:
+        return None
+    return given[0] if len(given) == 1 else np.logical_or.reduce(given)

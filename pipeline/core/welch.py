@@ -31,7 +31,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..errors import InputError, OptionError
 from .options import WelchOptions, parse_window
-from .validate import check_odd_size, check_positive_int
+from .validate import check_odd_size, check_positive_int, either_bad
 
 __all__ = ["WelchResult", "welch_kernels", "taper"]
 
@@ -129,6 +129,8 @@ def welch_kernels(
     *,
     kernel_size: int,
     options: WelchOptions | None = None,
+    source_bad: np.ndarray | None = None,
+    target_bad: np.ndarray | None = None,
     workers: int = 1,
     **option_keywords: Any,
 ) -> WelchResult:
@@ -143,6 +145,8 @@ def welch_kernels(
     bad : numpy.ndarray, optional
         ``(n, ty, tx)`` bool, True marks a bad pixel; segments touching one are
         dropped.
+    source_bad, target_bad : numpy.ndarray, optional
+        Pixels bad in one image only; treated like ``bad``.
     kernel_size : int
         Odd kernel side ``k <= segment_size``.
     options : WelchOptions, optional
@@ -163,6 +167,7 @@ def welch_kernels(
         Kernels, background offsets and number of segments used per tile.
     """
     opts = WelchOptions.resolve(options, option_keywords)
+    bad = either_bad(bad, source_bad, target_bad)
     kernel_size = check_odd_size("kernel_size", kernel_size)
     seg, overlap, regularization = opts.segment_size, opts.overlap, opts.regularization
     if kernel_size > seg:
