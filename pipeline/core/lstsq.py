@@ -143,10 +143,7 @@ class _Tile:
         if fast:
             chol, info = cholesky(a.astype(np.float32))
             if info == 0:
-                kern = cho_solve(chol, rhs).astype(np.float64)
-                kern += cho_solve(chol, rhs - a @ kern)
-                if not np.linalg.norm(rhs - a @ kern) <= 1e-7 * np.linalg.norm(rhs):
-                    kern = None
+                kern = _refined(a, chol, rhs, 1e-7)
         if kern is None:
             chol, info = cholesky(a)
             if info != 0:
@@ -162,7 +159,7 @@ class _Tile:
         traces = per_probe.reshape(len(mu), pen.n_probes).mean(axis=1)
         suppressed = mu * traces
         gamma = float(np.clip(len(kern) - suppressed.sum(), 0.0, len(kern)))
-        return _Solution(kern, chol, ew, ed, gamma, suppressed)
+        return _Solution(kern, chol, ew, ed, gamma, suppressed, a)
 
     def update(self, lam: np.ndarray):
         """One evidence fixed-point update; returns (new lam, solution) or None."""
@@ -203,6 +200,39 @@ class _Solution:
     ed: float
     gamma: float
     suppressed: np.ndarray
+    matrix: np.ndarray  #: the regularised normal matrix (float64)
+
+    def polished(self, rhs: np.ndarray) -> np.ndarray:
+        """The kernel to double precision: refined further with a single-precision factor,
+        or solved again in double precision where refinement does not converge."""
+        if self.chol.dtype == np.float64:
+            return self.kernel
+        kern = _refined(self.matrix, self.chol, rhs, 1e-13, self.kernel)
+        if kern is None:
+            chol, info = cholesky(self.matrix)
+            kern = cho_solve(chol, rhs) if info == 0 else self.kernel
+        return kern
+
+
+def _refined(a: np.ndarray, chol: np.ndarray, rhs: np.ndarray, rtol: float,
+             start: np.ndarray | None = None, max_steps: int = 8) -> np.ndarray | None:
+    """Solve ``a x = rhs`` by iterative refinement with a single-precision factor of ``a``.
+
+    Returns ``None`` unless the residual falls below ``rtol * |rhs|``.
+    """
+    kern = cho_solve(chol, rhs).astype(np.float64) if start is None else start.copy()
+    target = rtol * np.linalg.norm(rhs)
+    last = np.inf
+    for _ in range(max_steps):
+        r = rhs - a @ kern
+        size = np.linalg.norm(r)
+        if size <= target:
+            return kern
+        if not size < 0.5 * last:  # not converging: too ill-conditioned for single precision
+            return None
+        last = size
+        kern = kern + cho_solve(chol, r)
+    return kern if np.linalg.norm(rhs - a @ kern) <= target else None
 
 
 def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, final: bool = True):
@@ -407,7 +437,7 @@ def lstsq_kernels(
                 no_signal[t] = True
                 continue
             at_bound_out[t] = at_bound
-            kern = sol.kernel
+            kern = sol.polished(tile.cc)
             kernels[t] = kern.reshape(kernel_size, kernel_size)
             background[t] = (tile.rsum - kern @ tile.colsum) / tile.count
             lam_out[t] = float(np.exp(np.mean(np.log(np.maximum(lam, _LAM_MIN)))))
