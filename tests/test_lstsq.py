@@ -10,8 +10,10 @@ import pipeline as km
 from pipeline import flags as fl
 from pipeline.core.fill import fill_bad_pixels
 from pipeline.core.gram import design_rows
-from pipeline.core.lstsq import lstsq_kernels
+from pipeline.core.lstsq import lstsq_kernels, noise_model, saturation_plateau
 from pipeline.core.penalties import penalty_operators
+from pipeline.sim.defects import add_defects
+from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
 
 
 def noisy_pair(seed, size=64, k=7, noise=0.5):
@@ -204,3 +206,68 @@ def test_high_residual_flag_marks_outliers_left_in_the_data():
     assert not clean.flags[0] & fl.HIGH_RESIDUAL
     assert dirty.flags[0] & fl.HIGH_RESIDUAL and dirty.flags[0] & fl.OUTLIERS_CLIPPED
     assert clean.noise[0] == pytest.approx(0.5, rel=0.1)
+
+
+def test_noise_model_recovers_sky_and_poisson_terms_despite_outliers():
+    rng = np.random.default_rng(12)
+    model = rng.pareto(1.2, 60000) * 30.0  # mostly faint, a tail of bright pixels
+    resid = rng.normal(size=model.size) * np.sqrt(900.0 + 2.0 * model)
+    hits = rng.choice(model.size, 600, replace=False)  # 1 % outliers
+    resid[hits] += rng.uniform(500.0, 5e4, hits.size)
+    a, b = noise_model(resid, model)
+    assert a == pytest.approx(900.0, rel=0.1)
+    assert b == pytest.approx(2.0, rel=0.25)
+
+
+def test_saturation_plateau_finds_flat_cores_only():
+    rng = np.random.default_rng(13)
+    image = rng.normal(size=(64, 64))
+    usable = np.ones(image.shape, dtype=bool)
+    assert not saturation_plateau(image, usable).any()  # one maximum: no plateau
+    image[30:32, 40:43] = 50.0  # a saturated core of 6 pixels
+    np.testing.assert_array_equal(np.argwhere(saturation_plateau(image, usable)),
+                                  np.argwhere(image == 50.0))
+    scattered = rng.normal(size=(64, 64))
+    scattered[[3, 20, 50], [7, 33, 60]] = 50.0  # equal maxima that do not touch: not a core
+    assert not saturation_plateau(scattered, usable).any()
+    assert not saturation_plateau(np.full((16, 16), 3.0), np.ones((16, 16), dtype=bool)).any()  # flat: no core
+    usable[30:32, 40:43] = False  # masked pixels are not judged
+    assert not saturation_plateau(image, usable).any()
+
+
+@pytest.fixture(scope="module")
+def blind_tiles():
+    """Survey tiles with saturated stars (both images) and cosmic rays (target), and their truth."""
+    rng = np.random.default_rng(21)
+    out = []
+    for _ in range(3):
+        kernel = gaussian_kernel(21, fwhm=rng.uniform(2.5, 3.5), e1=0.05, dx=0.2)
+        pair = survey_tile_pair(seed=rng, kernel=kernel, size=256, star_flux=(1e3, 3e6))
+        out.append((add_defects(pair.source, pair.target, seed=rng, saturation=2e4, cosmic_rays=8), kernel))
+    return out
+
+
+def test_robust_fit_without_a_mask_is_as_good_as_with_the_true_mask(blind_tiles):
+    """Saturated cores (flat plateaus in either image) and cosmic rays, nobody's mask: the noise
+    model clips the cosmic rays and the plateaus are found, so the kernel matches the masked fit."""
+    src = np.stack([d.source for d, _ in blind_tiles])
+    tgt = np.stack([d.target for d, _ in blind_tiles])
+    mask = np.stack([d.source_bad | d.target_bad for d, _ in blind_tiles])
+    truth = np.stack([k for _, k in blind_tiles])
+    assert all(d.source_saturated.any() and d.cosmic_ray.any() for d, _ in blind_tiles)
+    blind = km.estimate_kernels(src, tgt, kernel_size=21)
+    masked = km.estimate_kernels(src, tgt, kernel_size=21, mask=mask)
+    plain = km.estimate_kernels(src, tgt, kernel_size=21, robust=False)
+
+    def err(res):
+        return np.linalg.norm((res.kernels - truth).reshape(3, -1), axis=1) / np.linalg.norm(
+            truth.reshape(3, -1), axis=1)
+
+    assert np.median(err(blind)) < 1.2 * np.median(err(masked))
+    assert np.max(err(blind)) < 2.0 * np.max(err(masked))
+    assert np.median(err(plain)) > 2.0 * np.median(err(blind))
+    flux = truth.sum(axis=(1, 2))
+    assert np.median(np.abs(blind.flux / flux - 1)) < 0.01
+    assert np.max(np.abs(blind.flux / flux - 1)) < 2.0 * np.max(np.abs(masked.flux / flux - 1)) + 0.005
+    assert np.all(blind.flags & fl.OUTLIERS_CLIPPED)
+    np.testing.assert_allclose(blind.noise, masked.noise, rtol=0.1)

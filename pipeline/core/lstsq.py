@@ -27,11 +27,13 @@ The options and their defaults are those of :class:`pipeline.core.options.LstsqO
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
+from scipy.ndimage import label, maximum_filter
 
 from .. import flags as fl
 from ._lapack import cho_solve, cholesky, lower_solve
@@ -41,13 +43,21 @@ from .options import LstsqOptions
 from .penalties import PenaltyTerms, penalty_terms
 from .validate import check_positive_int, either_bad
 
-__all__ = ["LstsqResult", "lstsq_kernels"]
+__all__ = ["LstsqResult", "lstsq_kernels", "noise_model", "saturation_plateau"]
 
 _LAM_MIN, _LAM_MAX = 1e-12, 1e8
 #: Kernels whose core is off the stamp centre by more than this (px) get a recentred penalty.
 _RECENTRE = 0.75
-#: Re-run the evidence search after clipping only when more pixels than this fraction went.
+#: Re-run the evidence search after clipping only when more pixels than this fraction went ...
 _RESEARCH_FRACTION = 0.002
+#: ... or when they held more than this share of the squared residuals (they set the noise level).
+_RESEARCH_SHARE = 0.01
+#: Most clip-and-refit passes of the robust fit (each judges the residuals of the previous fit).
+_ROBUST_PASSES = 3
+#: Pixels at a tile's maximum value that make a saturation plateau.
+_PLATEAU = 3
+#: Outlier clusters larger than this (pixels) exclude a whole kernel footprint around them.
+_CLUSTER = 8
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class LstsqResult:
     no_signal: np.ndarray  #: ``(n,)`` bool: the source has no usable power; no kernel
     at_bound: np.ndarray  #: ``(n,)`` bool: the evidence search ended at its upper bound
     n_filled: np.ndarray  #: ``(n,)`` bad source pixels filled from their neighbours
-    noise: np.ndarray  #: ``(n,)`` robust (MAD) standard deviation of the first fit's residual
+    noise: np.ndarray  #: ``(n,)`` robust (MAD) standard deviation of the fit residual over the fitted pixels
     #: ``(n,)`` RMS residual of the final kernel over the fit region (clipped pixels included) / noise
     residual: np.ndarray
     snr: np.ndarray  #: ``(n,)`` RMS of the model ``K * source`` over the fitted pixels / noise
@@ -354,8 +364,8 @@ def lstsq_kernels(
         src = np.asarray(sources[start:stop], dtype=np.float64)
         tgt = np.asarray(targets[start:stop], dtype=np.float64)
         excluded = np.zeros(src.shape, dtype=bool)  # source pixels whose footprints are excluded
+        sb = np.zeros(src.shape, dtype=bool) if src_side is None else np.asarray(src_side[start:stop], dtype=bool)
         if src_side is not None:
-            sb = np.asarray(src_side[start:stop], dtype=bool)
             src = src.copy()
             for i in np.flatnonzero(sb.reshape(m, -1).any(axis=1)):
                 if opts.bad_source == "fill":
@@ -363,9 +373,12 @@ def lstsq_kernels(
                     n_filled[start + i] = int(sb[i].sum() - excluded[i].sum())
                 else:
                     excluded[i] = sb[i]
-        valid = fit_region(excluded, kernel_size)
-        if tgt_side is not None:
-            valid &= ~np.asarray(tgt_side[start:stop], dtype=bool)
+        rows_out = np.zeros(src.shape, dtype=bool) if tgt_side is None else np.array(tgt_side[start:stop], dtype=bool)
+        if robust:  # saturated cores nobody marked: plateaus at the tile's maximum
+            for i in range(m):
+                excluded[i] |= saturation_plateau(src[i], ~sb[i])
+                rows_out[i] |= saturation_plateau(tgt[i], ~rows_out[i])
+        valid = fit_region(excluded, kernel_size) & ~rows_out
         dropped = box & ~valid  # pixels of the valid box lost to bad pixels
         masked = dropped.reshape(m, -1).any(axis=1) | (n_filled[start:stop] > 0)
         reduced = dropped.reshape(m, -1).any(axis=1)
@@ -421,21 +434,29 @@ def lstsq_kernels(
                 no_signal[t] = True
                 continue
             before = tile.statistics()  # the whole fit region, for the residual diagnostic
-            resid = _residuals(tile, sol.kernel, fs[i], shape, tgt[i], valid[i])
-            noise = _robust_sigma(resid)
-            if robust:
-                n_out = _clip_outliers(tile, resid, noise, src[i], tgt[i], valid[i], opts.clip,
-                                       min_pixels_per_parameter * (k2 + 1))
-                if n_out:
-                    n_clipped[t] = n_out
-                    n_valid[t] = tile.count
-                if auto_lam and n_out > _RESEARCH_FRACTION * count:
+            resid, model = _residuals(tile, sol.kernel, fs[i], shape, tgt[i], valid[i])
+            fitted = valid[i].copy()
+            for _ in range(_ROBUST_PASSES if robust else 0):
+                out, share = _outliers(resid, model, opts.clip)
+                if not out.any() or tile.count - out.sum() < min_pixels_per_parameter * (k2 + 1):
+                    break
+                pix = np.nonzero(fitted)
+                pix = _grown(pix[0][out], pix[1][out], fitted, half)
+                tile.remove(np.ascontiguousarray(design_rows(src[i], half, pix)), tgt[i][pix])
+                fitted[pix] = False
+                n_clipped[t] += len(pix[0])
+                n_valid[t] = tile.count
+                if auto_lam and (len(pix[0]) > _RESEARCH_FRACTION * count or share > _RESEARCH_SHARE):
                     sol, lam, at_bound = fit(lam_start if at_bound else lam)
-                elif n_out:  # a few pixels barely move the evidence optimum
+                else:  # a few pixels that barely move the evidence optimum
                     sol = tile.solve(lam, fast=auto_lam)
+                if sol is None:
+                    break
+                resid, model = _residuals(tile, sol.kernel, fs[i], shape, tgt[i], fitted)
             if sol is None:
                 no_signal[t] = True
                 continue
+            noise = _robust_sigma(resid)  # of the final kernel, over the pixels it fits
             at_bound_out[t] = at_bound
             kern = sol.polished(tile.cc)
             kernels[t] = kern.reshape(kernel_size, kernel_size)
@@ -457,14 +478,15 @@ def lstsq_kernels(
 
 
 def _residuals(tile: _Tile, kernel: np.ndarray, spectrum: np.ndarray, shape: tuple[int, int],
-               target: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``target - kernel * source - background`` over the fit region (a 1-D array).
+               target: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals ``target - kernel * source - background`` and the model ``kernel * source``
+    over the fit region (1-D arrays in raster order).
 
     ``spectrum`` is the source's ``rfft2`` at FFT size ``shape``.
     """
     half = (int(round(np.sqrt(kernel.size))) - 1) // 2
-    model = _model(spectrum, kernel, shape, target.shape, half)
-    return (target - model)[valid] - (tile.rsum - kernel @ tile.colsum) / tile.count
+    model = _model(spectrum, kernel, shape, target.shape, half)[valid]
+    return target[valid] - model - (tile.rsum - kernel @ tile.colsum) / tile.count, model
 
 
 def _robust_sigma(resid: np.ndarray) -> float:
@@ -473,24 +495,97 @@ def _robust_sigma(resid: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(sample - np.median(sample))))
 
 
-def _clip_outliers(tile: _Tile, resid: np.ndarray, sigma: float, source: np.ndarray, target: np.ndarray,
-                   valid: np.ndarray, clip: float, min_count: float) -> int:
-    """Remove target pixels whose residual exceeds ``clip`` robust sigmas from ``tile``.
+#: Upper quantiles of the model's signal at which the noise model measures the residuals' spread.
+_NOISE_QUANTILES = np.array([0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 1.0])
 
-    ``resid`` holds the residuals of the pixels of ``valid`` (in raster
-    order).  Nothing is removed if fewer than ``min_count`` pixels would
-    remain.  Returns the number of pixels removed.
+
+def noise_model(resid: np.ndarray, model: np.ndarray) -> tuple[float, float]:
+    """Per-tile noise model ``var = a + b * max(model, 0)`` of the fit residuals.
+
+    ``a`` is the robust variance where the model is faint (sky and read
+    noise), ``b`` the slope of the robust variance against the signal in
+    brighter quantiles of the model (the Poisson term of both images):
+    each quantile bin's MAD variance, medians throughout, so that outliers
+    (saturated cores, cosmic rays) do not inflate it.
     """
-    half = (int(round(np.sqrt(tile.gram.shape[0]))) - 1) // 2
-    centre = np.median(resid[:: max(1, resid.size // 16384)])
-    outlier = np.zeros(source.shape, dtype=bool)
-    outlier[valid] = np.abs(resid - centre) > clip * sigma
-    n_out = int(outlier.sum())
-    if not n_out or tile.count - n_out < min_count:
-        return 0
-    pix = np.nonzero(outlier)
-    tile.remove(np.ascontiguousarray(design_rows(source, half, pix)), target[pix])
-    return n_out
+    order = np.argsort(model)
+    edges = (_NOISE_QUANTILES * len(order)).astype(int)
+    faint = resid[order[: edges[0]]]
+    a = _robust_sigma(faint) ** 2
+    slopes, weights = [], []
+    for lo, hi in itertools.pairwise(edges):
+        if hi - lo < 16:
+            continue
+        sel = order[lo:hi]
+        level = float(np.median(model[sel]))
+        if level <= 0:
+            continue
+        slopes.append((_robust_sigma(resid[sel]) ** 2 - a) / level)
+        weights.append(level * np.sqrt(hi - lo))  # bright, well-populated bins measure the slope best
+    if not slopes:
+        return a, 0.0
+    order_s = np.argsort(slopes)
+    cum = np.cumsum(np.asarray(weights)[order_s])
+    b = float(np.asarray(slopes)[order_s][np.searchsorted(cum, 0.5 * cum[-1])])  # weighted median
+    return a, max(b, 0.0)
+
+
+def saturation_plateau(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Pixels of a saturation plateau: the image's maximum, shared by several touching pixels.
+
+    A saturated star's core is flat at the detector's limit, so its pixels
+    hold one identical value, the largest of the tile.  Three or more
+    pixels at the maximum (within 1e-6 of it, relatively), at least two of
+    them side by side, are taken as saturated; otherwise nothing is (nor
+    when they are more than a quarter of the image: a flat image).
+    Returns a boolean map (all False for an image without a plateau).
+    """
+    values = np.where(usable, image, -np.inf)
+    top = float(values.max())
+    if not np.isfinite(top):
+        return np.zeros(image.shape, dtype=bool)
+    plateau = values >= top - 1e-6 * abs(top)
+    count = int(plateau.sum())
+    if count < _PLATEAU or count > 0.25 * usable.sum() or not (
+        (plateau[1:] & plateau[:-1]).any() or (plateau[:, 1:] & plateau[:, :-1]).any()
+    ):
+        return np.zeros(image.shape, dtype=bool)
+    return plateau
+
+
+def _grown(ys: np.ndarray, xs: np.ndarray, fitted: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Outlying pixels grown into the defects they belong to, restricted to ``fitted`` pixels.
+
+    Every outlier takes its 8 neighbours (the faint edges of cosmic-ray
+    tracks); a cluster of more than :data:`_CLUSTER` outliers (a saturated
+    core, a bleed trail, or the imprint of a defect in the *source*, which
+    spreads over a whole kernel footprint) takes everything within the
+    kernel's half-size ``half``.
+    """
+    out = np.zeros(fitted.shape, dtype=bool)
+    out[ys, xs] = True
+    labels, _ = label(out, structure=np.ones((3, 3)))
+    sizes = np.bincount(labels.ravel())
+    big = sizes[labels] > _CLUSTER
+    big[labels == 0] = False
+    grown = maximum_filter(out.view(np.uint8), size=3).astype(bool)
+    if big.any():
+        grown |= maximum_filter(big.view(np.uint8), size=2 * half + 1).astype(bool)
+    return np.nonzero(grown & fitted)
+
+
+def _outliers(resid: np.ndarray, model: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
+    """Residuals beyond ``clip`` sigmas of the tile's noise model, and their share of the squared residuals.
+
+    ``resid`` and ``model`` are the residuals and the model over the fitted
+    pixels; sigma is :func:`noise_model`'s.
+    """
+    every = max(1, resid.size // 16384)  # the noise model needs no more pixels
+    a, b = noise_model(resid[::every], model[::every])
+    centre = np.median(resid[::every])
+    out = np.abs(resid - centre) > clip * np.sqrt(a + b * np.maximum(model, 0.0))
+    total = float(resid @ resid)
+    return out, float(resid[out] @ resid[out]) / total if total > 0 else 0.0
 
 
 def _box_sums(sources: np.ndarray, half: int) -> np.ndarray:
