@@ -9,18 +9,29 @@ configurable.  Dimension names come from Zarr 3 ``dimension_names`` or the
 names are taken positionally.  An ``image`` coordinate array, when present,
 labels the image axis.
 
+Saturation levels (``input.saturation``), when given, make the source or
+target pixels at or above them bad, widened by ``grow`` pixels
+(:mod:`pipeline.core.saturation`): they are set to NaN in the copies the
+reader returns.  A level is a number, a per-image coordinate of the store or
+an attribute of the array; levels are resolved and checked when the store is
+opened.
+
 The store is opened read-only and never written.  Everything is checked
-before any pixel is read, and the arrays come back as Dask arrays chunked like
-the store, so later steps read whole stored chunks.
+before any block is read (the saturation check reads one chunk of a few
+images), and the arrays come back as Dask arrays chunked like the store, so
+later steps read whole stored chunks.
 """
 
 from __future__ import annotations
 
 import base64
+import difflib
 import json
+import math
 import os
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -28,18 +39,21 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from ..core.saturation import halo, mask_saturated
 from ..errors import InputError
 
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["InputReader", "Inputs", "StoredImages", "open_inputs"]
+__all__ = ["InputReader", "Inputs", "Saturation", "SaturationLevels", "StoredImages", "open_inputs"]
 
 IMAGE_DIMS = ("image", "y", "x")
 SPATIAL_DIMS = ("y", "x")
 #: Attributes an xarray/CF writer uses to pack values or flag missing ones.
 _CF_MISSING = ("_FillValue", "missing_value")
 _CF_PACKING = ("scale_factor", "add_offset")
+#: Images whose central chunk is read to check their saturation level against their median.
+SATURATION_SAMPLE_IMAGES = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +75,8 @@ class Inputs:
         Reads one block's pixels of all three directly from the store (what
         pipeline tasks use: no Dask graph between the store and a task).
 
-    ``source``, ``target`` and ``mask`` are Dask arrays made on first use.
+    ``source``, ``target`` and ``mask`` are Dask arrays made on first use
+    (saturated pixels NaN, as the reader returns them).
     """
 
     reader: InputReader
@@ -73,12 +88,12 @@ class Inputs:
     @cached_property
     def source(self) -> da.Array:
         """``(image, y, x)``, or ``(y, x)`` for one reference shared by every target."""
-        return self.reader.source.to_dask()
+        return self.reader.to_dask("source")
 
     @cached_property
     def target(self) -> da.Array:
         """``(image, y, x)``."""
-        return self.reader.target.to_dask()
+        return self.reader.to_dask("target")
 
     @cached_property
     def mask(self) -> da.Array | None:
@@ -90,6 +105,11 @@ class Inputs:
         """``(n_images, ny, nx)`` of the target."""
         n, ny, nx = self.reader.target.shape
         return n, ny, nx
+
+    @property
+    def saturation(self) -> Saturation | None:
+        """The saturation levels in use (``None`` without ``input.saturation``)."""
+        return self.reader.saturation
 
     @property
     def shared_source(self) -> bool:
@@ -118,6 +138,7 @@ def open_inputs(
     group: str | None = None,
     storage_options: dict[str, Any] | None = None,
     min_size: int | None = None,
+    saturation: Mapping[str, Any] | None = None,
 ) -> Inputs:
     """Open the input stack in a Zarr store, read-only and lazily.
 
@@ -133,6 +154,13 @@ def open_inputs(
         Options for the fsspec filesystem of a URL (credentials, endpoint ...).
     min_size
         Smallest allowed image side in pixels, e.g. the tile size.
+    saturation
+        ``{"source": level, "target": level, "grow": pixels}`` (each key
+        optional, ``grow`` 1 by default): pixels at or above an image's level,
+        widened by ``grow`` pixels, are read as NaN.  A level is a number (in
+        the stored units after CF decoding), the name of a 1-D array along the
+        image axis (one level per image; not for a shared 2-D source), the name
+        of an attribute of the array (a number, or one per image), or ``None``.
 
     Returns
     -------
@@ -142,7 +170,9 @@ def open_inputs(
     Raises
     ------
     InputError
-        The store, group or an array is missing, or the arrays do not fit together.
+        The store, group or an array is missing, or the arrays do not fit
+        together; a saturation level is missing, not one finite number per
+        image, or at or below the median of an image (other units?).
     """
     where = os.fspath(path)
     if not isinstance(where, str):
@@ -231,15 +261,23 @@ def open_inputs(
     order = _axis_order(tgt_dims, IMAGE_DIMS)
     chunks = (int(read_chunks[order[1]]), int(read_chunks[order[2]]))
 
+    sat = None
+    if saturation is not None:
+        stored = {"source": src, "target": tgt}
+        sat = _saturation(saturation, grp, stored, where, images, image_name,
+                          exclude={name for name, _ in arrays.values()} | {image_name})
+
     identity: dict[str, Any] = {
         "store": store_id,
         "group": group or "",
         "image_coordinate": image_source,
         "arrays": {key: _describe(name, z, decoded=key != "mask") for key, (name, z) in arrays.items()},
     }
+    if sat is not None:
+        identity["saturation"] = sat.identity()
     json.dumps(identity)  # fails here, not in a later writer, if something is not serialisable
     return Inputs(
-        reader=InputReader(src, tgt, msk),
+        reader=InputReader(src, tgt, msk, sat),
         images=images,
         image_attrs=image_attrs,
         chunks=chunks,
@@ -470,18 +508,68 @@ class StoredImages:
 
 @dataclass(frozen=True)
 class InputReader:
-    """Reads the source, target and mask pixels of one block; travels to worker processes."""
+    """Reads the source, target and mask pixels of one block; travels to worker processes.
+
+    With ``saturation``, the source and target pixels at or above their
+    image's level, widened by ``saturation.grow`` pixels, come back as NaN
+    (in a float copy; the store is never written).  The widening reads
+    ``grow`` pixels around the region, so a pixel's value does not depend on
+    the region it is read in.
+    """
 
     source: StoredImages
     target: StoredImages
     mask: StoredImages | None = None
+    saturation: Saturation | None = None
 
     def read(self, image: int, ys: slice, xs: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(source, target, mask)`` pixels ``[ys, xs]`` of ``image``; mask ``None`` without one."""
-        def one(arr: StoredImages) -> np.ndarray:
-            return arr.read(None if arr.ndim == 2 else image, ys, xs)
+        def one(arr: StoredImages, levels: SaturationLevels | None = None) -> np.ndarray:
+            index = None if arr.ndim == 2 else image
+            if levels is None:
+                return arr.read(index, ys, xs)
+            return _read_saturated(arr, index, ys, xs, levels.level(index), self.saturation.grow)
 
-        return one(self.source), one(self.target), None if self.mask is None else one(self.mask)
+        sat = self.saturation
+        return (one(self.source, sat and sat.source), one(self.target, sat and sat.target),
+                None if self.mask is None else one(self.mask))
+
+    def to_dask(self, role: str) -> da.Array:
+        """The whole ``source`` or ``target`` as Dask, chunked like the store, saturated pixels NaN."""
+        arr: StoredImages = getattr(self, role)
+        levels = None if self.saturation is None else getattr(self.saturation, role)
+        lazy = arr.to_dask()
+        if levels is None:
+            return lazy
+        grow = self.saturation.grow
+        dtype = mask_dtype(arr.dtype)
+
+        def mask_block(values: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+            if values.ndim == 2:
+                return mask_saturated(values, levels.level(None), grow)
+            start, stop = block_info[0]["array-location"][0]
+            return mask_saturated(values, levels.levels[start:stop], grow)
+
+        depth = {axis: (grow if axis >= lazy.ndim - 2 else 0) for axis in range(lazy.ndim)}
+        return lazy.map_overlap(mask_block, depth=depth, boundary="none", dtype=dtype,
+                                meta=np.empty((0,) * lazy.ndim, dtype=dtype))
+
+
+def mask_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of values with saturated pixels as NaN: floats keep theirs, others become float64."""
+    return dtype if dtype.kind == "f" else np.dtype(np.float64)
+
+
+def _read_saturated(arr: StoredImages, image: int | None, ys: slice, xs: slice, level: float,
+                    grow: int) -> np.ndarray:
+    """Pixels ``[ys, xs]`` with the saturated ones NaN, read with a halo of ``grow`` pixels."""
+    ny, nx = arr.shape[-2:]
+    y0, y1, _ = ys.indices(ny)
+    x0, x1, _ = xs.indices(nx)
+    read_y, keep_y = halo(y0, max(y0, y1), grow, ny)
+    read_x, keep_x = halo(x0, max(x0, x1), grow, nx)
+    values = arr.read(image, read_y, read_x)
+    return mask_saturated(values, level, grow)[keep_y, keep_x]
 
 
 def _stored(z: zarr.Array, name: str, order: tuple[int, ...], *, decode: bool = True) -> StoredImages:
@@ -626,3 +714,240 @@ def _decode_times(
     if values.dtype.kind != "M":
         return raw, attrs
     return values, {k: v for k, v in attrs.items() if k not in ("units", "calendar")}
+
+
+# --------------------------------------------------------------------------- saturation levels
+
+
+@dataclass(frozen=True, eq=False)
+class SaturationLevels:
+    """The upper valid levels of one input array, resolved from ``input.saturation``.
+
+    Attributes
+    ----------
+    levels
+        ``(n_images,)`` float64 for an ``(image, y, x)`` array, a 0-d array for a shared 2-D source.
+    origin
+        Where the levels came from, for people: ``"60000"``, ``"coordinate 'SATURATE'"``, ...
+    setting
+        The value of ``input.saturation.<role>`` (a number or a name).
+    medians
+        ``(image index or None, median)`` of the images sampled to check the levels.
+    """
+
+    levels: np.ndarray
+    origin: str
+    setting: float | str
+    medians: tuple[tuple[int | None, float], ...] = ()
+
+    def level(self, image: int | None) -> float:
+        """The level of ``image`` (``None`` for a shared 2-D source)."""
+        return float(self.levels if image is None or self.levels.ndim == 0 else self.levels[image])
+
+    def describe(self) -> str:
+        """``coordinate 'SATURATE' (58000 to 61000 over 3 images; sampled medians 96 to 130)``."""
+        lo, hi = float(np.min(self.levels)), float(np.max(self.levels))
+        text = self.origin
+        if not isinstance(self.setting, float):
+            text += f" = {lo:g}" if lo == hi else f" ({lo:g} to {hi:g} over {self.levels.size} images)"
+        meds = [m for _, m in self.medians if math.isfinite(m)]
+        if meds:
+            low, high = min(meds), max(meds)
+            what = f"median {low:.4g}" if len(meds) == 1 else f"medians {low:.4g} to {high:.4g}"
+            text += f"; sampled {what}"
+        return text
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-serialisable: the setting and the levels (one number when all are equal)."""
+        flat = self.levels.ravel()
+        same = bool(flat.size) and bool(np.all(flat == flat[0]))
+        levels: Any = float(flat[0]) if same else [float(v) for v in flat]
+        return {"setting": self.setting, "levels": levels}
+
+
+@dataclass(frozen=True, eq=False)
+class Saturation:
+    """Saturation levels of the source and the target (``None``: no limit) and the widening in pixels."""
+
+    source: SaturationLevels | None
+    target: SaturationLevels | None
+    grow: int = 1
+
+    def describe(self) -> str:
+        """One line for the dry run."""
+        parts = [f"{role} >= {levels.describe()}" if levels is not None else f"{role} no limit"
+                 for role, levels in (("target", self.target), ("source", self.source))]
+        return "; ".join(parts) + f"; bad areas grown by {self.grow} px"
+
+    def identity(self) -> dict[str, Any]:
+        return {"grow": self.grow,
+                **{role: None if lv is None else lv.identity()
+                   for role, lv in (("source", self.source), ("target", self.target))}}
+
+
+def _saturation(spec: Mapping[str, Any], grp: zarr.Group, stored: dict[str, StoredImages], where: str,
+                images: np.ndarray, image_name: str, *, exclude: set[str]) -> Saturation:
+    """Resolve and check ``input.saturation`` against the opened store."""
+    if not isinstance(spec, Mapping):
+        raise InputError(f"input.saturation must be a mapping of source, target and grow, got {spec!r}")
+    unknown = sorted(set(spec) - {"source", "target", "grow"})
+    if unknown:
+        raise InputError(f"input.saturation: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         "allowed keys: source, target, grow")
+    grow = spec.get("grow", 1)
+    if isinstance(grow, bool) or not isinstance(grow, (int, np.integer)) or grow < 0:
+        raise InputError(f"input.saturation.grow: {grow!r} is not an integer >= 0: give the radius in pixels "
+                         "by which saturated areas are widened (0: only the pixels at or above the level)")
+    resolved = {}
+    for role in ("source", "target"):
+        setting = spec.get(role)
+        if setting is None:
+            resolved[role] = None
+            continue
+        levels = _resolve_levels(setting, role, grp, stored[role], where, len(images), image_name,
+                                 exclude)
+        resolved[role] = _checked_levels(levels, role, stored[role], images)
+    return Saturation(resolved["source"], resolved["target"], int(grow))
+
+
+def _resolve_levels(setting: Any, role: str, grp: zarr.Group, arr: StoredImages, where: str, n: int,
+                    image_name: str, exclude: set[str]) -> SaturationLevels:
+    """The levels ``input.saturation.<role>`` names, one per image of ``arr`` (one for a 2-D source)."""
+    key = f"input.saturation.{role}"
+    shape = () if arr.ndim == 2 else (n,)
+    if isinstance(setting, (int, float, np.number)) and not isinstance(setting, (bool, np.bool_)):
+        if not math.isfinite(setting):
+            raise InputError(f"{key}: {setting!r} is not a finite number: give the level, or none")
+        return SaturationLevels(np.full(shape, float(setting)), f"{float(setting):g}", float(setting))
+    if not isinstance(setting, str) or not setting:
+        raise InputError(f"{key}: {setting!r} is not a number or the name of a coordinate or attribute")
+    name = setting
+    node = None if name in exclude else _lookup(grp, name)
+    attrs = arr.array.attrs
+    # a coordinate (one level per image) before an attribute, except for a shared source (one level)
+    if name in attrs and (arr.ndim == 2 or not isinstance(node, zarr.Array)):
+        return _attribute_levels(attrs[name], key, name, arr, n)
+    if isinstance(node, zarr.Array):
+        return _coordinate_levels(node, name, key, role, arr, where, n, image_name)
+    coords = [c for c in sorted(grp.array_keys()) if c not in exclude and _along_images(grp[c], n)]
+    attr_names = sorted(k for k in attrs if not k.startswith("_"))
+    listed = ", ".join(attr_names[:20]) + (f" and {len(attr_names) - 20} more" if len(attr_names) > 20 else "")
+    close = _close_names(name, (coords if arr.ndim == 3 else []) + attr_names)
+    what = f"'{name}' in {where} is a group, not a coordinate" if isinstance(node, zarr.Group) else \
+        f"no coordinate '{name}' along the images in {where}"
+    available = f"attributes of '{arr.name}': {listed or '(none)'}"
+    if arr.ndim == 3:
+        available = f"coordinates along '{image_name}' there: {_listing(coords)}; {available}"
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
+    raise InputError(f"{key}: {what}, and no attribute '{name}' of array '{arr.name}'; {available}{hint} "
+                     "Give one of those, or the level as a number")
+
+
+def _along_images(node: zarr.Array | zarr.Group, n: int) -> bool:
+    return isinstance(node, zarr.Array) and node.ndim == 1 and node.shape[0] == n
+
+
+def _close_names(name: str, names: list[str]) -> list[str]:
+    """Names like ``name``, ignoring case first."""
+    by_lower = {c.lower(): c for c in names}
+    if name.lower() in by_lower:
+        return [by_lower[name.lower()]]
+    return [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=2, cutoff=0.6)]
+
+
+def _coordinate_levels(node: zarr.Array, name: str, key: str, role: str, arr: StoredImages, where: str,
+                       n: int, image_name: str) -> SaturationLevels:
+    """One level per image from the 1-D array ``name`` of the store, along the image axis."""
+    if arr.ndim == 2:
+        raise InputError(
+            f"{key}: '{name}' is an array of the input store (a level per image), but {role} "
+            f"'{arr.name}' is one 2-D reference shared by every target image, so it has one level: give a "
+            f"number, or the name of an attribute of array '{arr.name}'")
+    dims = _dimension_names(node)
+    if node.ndim != 1 or node.shape[0] != n:
+        raise InputError(
+            f"{key}: coordinate '{name}' in {where} has shape {tuple(node.shape)} but must be 1-D along "
+            f"'{image_name}' with one level per image ({n}); fix it, or give the level as a number")
+    if dims is not None and dims[0] is not None and dims[0] != image_name:
+        raise InputError(
+            f"{key}: coordinate '{name}' in {where} lies along '{dims[0]}', not along the image axis "
+            f"'{image_name}': give a coordinate with one level per image, or the level as a number")
+    if not (isinstance(node.dtype, np.dtype) and node.dtype.kind in "iuf"):
+        raise InputError(
+            f"{key}: coordinate '{name}' in {where} holds {node.dtype} values, not numbers: the levels must "
+            "be numbers in the units of the stored pixels")
+    raw = np.asarray(node[...])
+    decoding = _cf_decoding(node)
+    values = (decoding(raw) if decoding is not None else raw).astype(np.float64)
+    return SaturationLevels(values, f"coordinate '{name}'", name)
+
+
+def _attribute_levels(value: Any, key: str, name: str, arr: StoredImages, n: int) -> SaturationLevels:
+    """The level(s) in attribute ``name`` of the array: one number, or one per image."""
+    where = f"attribute '{name}' of array '{arr.name}'"
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(value):
+        levels = np.full(() if arr.ndim == 2 else (n,), float(value))
+    elif isinstance(value, list) and arr.ndim == 3 and len(value) == n and all(map(number, value)):
+        levels = np.asarray(value, dtype=np.float64)
+    else:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        per_image = "" if arr.ndim == 2 else f", or a list of {n} numbers (one per image)"
+        raise InputError(
+            f"{key}: {where} is {shown}, not a number{per_image}: fix the attribute, or give the level "
+            "as a number")
+    return SaturationLevels(levels, where, name)
+
+
+def _checked_levels(levels: SaturationLevels, role: str, arr: StoredImages,
+                    images: np.ndarray) -> SaturationLevels:
+    """``levels`` after checking they are finite and above the median of a few images (their medians kept)."""
+    key = f"input.saturation.{role}"
+    values = levels.levels
+    bad = np.flatnonzero(~np.isfinite(values.ravel()))
+    if bad.size:
+        which = ", ".join(repr(str(images[i])) for i in bad[:5]) + (" ..." if bad.size > 5 else "")
+        raise InputError(
+            f"{key}: {levels.origin} is not a finite number for {bad.size} image(s) ({which}): every image "
+            "needs a finite level; fix those values, or give the level as a number")
+    medians = []
+    origin = "" if isinstance(levels.setting, float) else f" ({levels.origin})"
+    for image in _sample_images(values):
+        median, region = _central_median(arr, image)
+        medians.append((image, median))
+        level = levels.level(image)
+        if math.isfinite(median) and level <= median:
+            label = "the shared source" if image is None else f"image {str(images[image])!r}"
+            raise InputError(
+                f"{key}: the level {level:g}{origin} of {label} is at or below its median pixel "
+                f"value {median:.6g} (sampled in rows {region[0]}, columns {region[1]} of '{arr.name}'): "
+                "at least half of its pixels would be bad, so the level is probably in other units than "
+                "the stored pixels (e.g. electrons rather than ADU, or before a scale_factor/add_offset "
+                f"the store applies). Give the level in the units of the stored values, or remove {key}")
+    return replace(levels, medians=tuple(medians))
+
+
+def _sample_images(levels: np.ndarray) -> list[int | None]:
+    """Images checked against their median: evenly spaced ones and the one with the lowest level."""
+    if levels.ndim == 0:
+        return [None]
+    n = levels.size
+    picks = {int(i) for i in np.linspace(0, n - 1, min(n, SATURATION_SAMPLE_IMAGES)).round()}
+    picks.add(int(np.argmin(levels)))
+    return sorted(picks)
+
+
+def _central_median(arr: StoredImages, image: int | None) -> tuple[float, tuple[str, str]]:
+    """NaN-ignoring median of the stored read unit at the centre of ``image``, and where it lies."""
+    chunks = _read_chunks(arr.array)
+    ny, nx = arr.shape[-2:]
+    cy, cx = (int(chunks[arr.order[-2]]), int(chunks[arr.order[-1]]))
+    y0, x0 = (ny // 2) // cy * cy, (nx // 2) // cx * cx
+    ys, xs = slice(y0, min(y0 + cy, ny)), slice(x0, min(x0 + cx, nx))
+    values = arr.read(image, ys, xs)
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values.ravel()
+    median = float(np.median(finite)) if finite.size else math.nan
+    return median, (f"{ys.start}:{ys.stop}", f"{xs.start}:{xs.stop}")

@@ -2,7 +2,8 @@
 
 A job file is YAML with five sections::
 
-    input:   {path, source, target, mask, group, storage_options}
+    input:   {path, source, target, mask, group, storage_options,
+              saturation: {source, target, grow}}
     tiles:   {size, step}
     kernel:  {method, size, normalize, <options of the method>}
     output:  {path, mode, dtype}
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import typing
@@ -55,6 +57,7 @@ from ..errors import ConfigError
 __all__ = [
     "ConfigError",
     "InputConfig",
+    "SaturationConfig",
     "TilesConfig",
     "LstsqKernel",
     "WelchKernel",
@@ -104,6 +107,68 @@ _NonNegative = Annotated[Float, Field(ge=0)]
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, coerce_numbers_to_str=True)
 
 
+_LEVEL_FORMS = ("a number (the level in the images' stored units, after any scale_factor/add_offset), "
+                "or the name of a per-image coordinate in the input store or of an attribute of the array")
+
+
+class SaturationConfig(BaseModel):
+    """Upper valid levels of the images: pixels at or above them are bad, widened by ``grow`` pixels.
+
+    ``source`` and ``target`` are each a number, the name of a coordinate along
+    ``image`` in the input store (one level per image), the name of an
+    attribute of that array (e.g. ``SATURATE``), or null (no limit); see
+    :mod:`pipeline.core.saturation`.  A single number given for the whole
+    section sets both.
+    """
+
+    model_config = _STRICT
+
+    source: Float | Name | None = None
+    target: Float | Name | None = None
+    grow: Annotated[Int, Field(ge=0)] = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_number(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"source": value, "target": value}
+        if isinstance(value, str):
+            raise PydanticCustomError(_CHECKS, "{text}", {
+                "text": f"{_show(value)} is not a number or a mapping: a name is looked up for source and "
+                        f"target separately, so give it per image, e.g. saturation: {{target: {value}}}"})
+        return value
+
+    @field_validator("source", "target", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        def fail(text: str) -> PydanticCustomError:
+            return PydanticCustomError(_CHECKS, "{text}", {"text": text})
+
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # never a name
+            if not math.isfinite(value):
+                raise fail(f"{_show(value)} is not a finite number: give the level, or null for none")
+            return float(value)
+        if isinstance(value, str):
+            if not value.strip():
+                raise fail(f"must not be empty: give {_LEVEL_FORMS}, or null for none")
+            try:
+                float(value)
+            except ValueError:
+                return value
+            raise fail(f"{_show(value)} is quoted text, not a number: write the level without quotes")
+        raise fail(f"{_show(value)} is not {_LEVEL_FORMS}")
+
+    @model_validator(mode="after")
+    def _some_level(self) -> SaturationConfig:
+        if self.source is None and self.target is None:
+            raise PydanticCustomError(_CHECKS, "{text}", {
+                "text": "no level for the source or the target: give source and/or target (a number or a "
+                        "name), or remove input.saturation"})
+        return self
+
+
 class InputConfig(BaseModel):
     """The input stack: a Zarr group with source, target and optional mask arrays."""
 
@@ -115,6 +180,8 @@ class InputConfig(BaseModel):
     mask: Name | None = None
     group: Text | None = None
     storage_options: dict[str, Any] = {}
+    #: upper valid levels of the images (null: none)
+    saturation: SaturationConfig | None = None
 
     @model_validator(mode="after")
     def _distinct_arrays(self) -> InputConfig:
@@ -427,12 +494,15 @@ class JobConfig(BaseModel):
     def fingerprint(self) -> str:
         """SHA-256 (hex) of everything that changes the result.
 
-        That is the input (except ``storage_options``), the tiles, the kernel
-        and model sections and ``output.dtype``; not where the output goes,
-        how it is written, or how the job is computed.
+        That is the input (except ``storage_options``; with ``saturation``
+        when set), the tiles, the kernel and model sections and
+        ``output.dtype``; not where the output goes, how it is written, or how
+        the job is computed.
         """
         data = self.model_dump(mode="json")
         data["input"].pop("storage_options")
+        if data["input"]["saturation"] is None:  # the fingerprint of a job without it, as before it existed
+            del data["input"]["saturation"]
         canonical = {"input": data["input"], "tiles": data["tiles"], "kernel": data["kernel"],
                      "model": data["model"], "output": {"dtype": data["output"]["dtype"]}}
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -508,6 +578,14 @@ def _literal_choices(model: type[BaseModel] | None, field: Any) -> list[str] | N
     return walk(model.model_fields[field].annotation) or None
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a key holding a section (``Model`` or ``Model | None``), else ``None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
 def _locate(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
     """Dotted path (without union tags) and the model holding its last key."""
     parts: list[str] = []
@@ -527,8 +605,7 @@ def _locate(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
                     continue
                 model = None
             else:
-                ann = model.model_fields[seg].annotation
-                model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                model = _section_model(model.model_fields[seg].annotation)
         else:
             model = None
         i += 1

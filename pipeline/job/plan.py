@@ -113,6 +113,7 @@ class Plan:
             f"input      {job.input.path}: {n} image(s) of {ny}x{nx} px, chunks {inp.chunks[0]}x{inp.chunks[1]}, "
             f"source {'shared 2-D reference' if inp.shared_source else 'one per image'}, "
             f"mask {job.input.mask or 'none (NaN pixels are bad)'}",
+            f"saturation {_describe_saturation(inp)}",
             f"images     {', '.join(map(str, inp.images[:6]))}{' ...' if n > 6 else ''}",
             f"tiles      {grid.size} px every {grid.step} px: {ty}x{tx} per image, {self.n_tiles} in all"
             + (f"; {uy} rows and {ux} columns at the far edges not covered" if uy or ux else ""),
@@ -155,6 +156,13 @@ class Plan:
                             performance_report=performance_report, log=log)
 
 
+def _describe_saturation(inputs: Inputs) -> str:
+    sat = inputs.saturation
+    if sat is None:
+        return "none (input.saturation not set: no pixel is bad for its value)"
+    return sat.describe()
+
+
 def _describe_compute(job: JobConfig) -> str:
     c = job.compute
     if c.scheduler == "local":
@@ -188,6 +196,7 @@ def plan_job(job: JobConfig) -> Plan:
     inputs = open_inputs(
         job.input.path, source=job.input.source, target=job.input.target, mask=job.input.mask,
         group=job.input.group, storage_options=job.input.storage_options, min_size=job.tiles.size,
+        saturation=None if job.input.saturation is None else job.input.saturation.model_dump(),
     )
     _, ny, nx = inputs.shape
     step = job.tiles.step or job.tiles.size
