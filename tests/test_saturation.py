@@ -435,14 +435,18 @@ def test_a_run_masks_the_saturated_stars_and_records_the_settings(tmp_path, caps
 
     ds = run_job(job_from_dict(data), progress=False).open_dataset().load()
     touched = np.zeros((2, 2, 2), dtype=bool)  # tiles holding a saturated pixel or its grown area
+    fitted = np.zeros((2, 2, 2), dtype=bool)  # ... where the tile fits target pixels (a bad one drops its row)
     bad = expected_bad(1)
+    h = K // 2
     for image in range(2):
         for ty in range(2):
             for tx in range(2):
-                touched[image, ty, tx] = bad[image, ty * TILE:(ty + 1) * TILE, tx * TILE:(tx + 1) * TILE].any()
-    assert touched.sum() == 5
+                tile = bad[image, ty * TILE:(ty + 1) * TILE, tx * TILE:(tx + 1) * TILE]
+                touched[image, ty, tx] = tile.any()
+                fitted[image, ty, tx] = tile[h:-h, h:-h].any()
+    assert touched.sum() == 5 and fitted.sum() >= 1
     masked = (ds["quality_flag"].values & fl.MASKED) != 0
-    np.testing.assert_array_equal(masked, touched)
+    np.testing.assert_array_equal(masked, fitted)
     assert not np.any(ds["quality_flag"].values & fl.BAD)
     kernels = ds["kernel"].values.astype(float)
     assert np.isfinite(kernels).all()
@@ -454,12 +458,14 @@ def test_a_run_masks_the_saturated_stars_and_records_the_settings(tmp_path, caps
     assert '"saturation": {"grow": 1, "source": null, "target": {"levels": 5000.0, "setting": 5000.0}}' \
         in ds.attrs["kernelmap_input"]
 
-    # without the level a star spoils the kernel of its tile
+    # without the level (and without the robust pass, which finds flat saturated cores by itself)
+    # a star spoils the kernel of its tile
     data = small_job(tmp_path)
+    data["kernel"]["robust"] = False
     data["output"]["path"] = str(tmp_path / "plain.zarr")
     plain = run_job(job_from_dict(data), progress=False).open_dataset()["kernel"].values.astype(float)
     plain_err = np.sqrt(((plain - true) ** 2).sum(axis=(-2, -1)) / (true**2).sum(axis=(-2, -1)))
-    assert plain_err[touched].max() > 0.5  # (the robust fit clips most of them, not all)
+    assert plain_err[touched].max() > 0.5
 
 
 def test_blocks_of_any_size_give_the_same_result(tmp_path):
@@ -473,7 +479,7 @@ def test_blocks_of_any_size_give_the_same_result(tmp_path):
         assert plan.grid.block_tiles == (block_tiles, block_tiles)
         results.append(plan.execute(progress=False).open_dataset().load())
     xr.testing.assert_identical(results[0].drop_attrs(), results[1].drop_attrs())
-    assert np.count_nonzero(results[0]["quality_flag"].values & fl.MASKED) == 5
+    assert np.count_nonzero(results[0]["quality_flag"].values & fl.MASKED) >= 1
 
 
 def test_a_resume_with_other_saturation_settings_is_refused(tmp_path):

@@ -233,8 +233,9 @@ class LstsqOptions(MethodOptions):
         5.0, "Threshold of the robust pass, in robust standard deviations (robust sigmas).",
         float, gt=0, in_job=True)
     lam_init: float = _option(
-        1.0,
-        "Starting ``lam`` of the evidence search.  Every tile starts from it, so a "
+        300.0,
+        "Starting ``lam`` of the evidence search (about where survey tiles end, so the "
+        "search takes fewer steps there).  Every tile starts from it, so a "
         "tile's result does not depend on the other tiles of the batch.",
         float, gt=0)
     tol: float = _option(0.07, "Convergence tolerance of the search, in natural ``log lam``.",
