@@ -23,7 +23,12 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelmap", description="Kernel maps between image stacks.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a job")
+    run = sub.add_parser(
+        "run", help="run a job",
+        description="Run a job. Exit status: 0 done; 2 the job was refused (bad job file, inputs or options; "
+                    "nothing is started); 3 done and the output complete, but every tile of some image is "
+                    "unusable (flagged no_data or no_signal): stderr names the images, the flags and the "
+                    "option to change; 130 interrupted (resume with --set output.mode=resume).")
     _add_job_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     run.add_argument("--performance-report", metavar="FILE.html", help="write Dask's performance report")
@@ -61,13 +66,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .job.config import load_job
-    from .job.run import plan_job, run_job
+    from .job.run import EXIT_UNUSABLE, plan_job, run_job
 
     job = load_job(args.job, args.overrides)
     if args.dry_run:
         print(plan_job(job).describe())
         return 0
-    run_job(job, progress=not args.quiet, performance_report=args.performance_report)
+    summary = run_job(job, progress=not args.quiet, performance_report=args.performance_report)
+    if summary.unusable_images:  # after the output is written: it stays complete and inspectable
+        print(f"kernelmap run: {summary.unusable_report()}", file=sys.stderr)
+        return EXIT_UNUSABLE
     return 0
 
 

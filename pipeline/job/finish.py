@@ -3,7 +3,10 @@ diagnostics and model with those of other finished images.
 
 Block results come through one door, :meth:`ImageFinisher.add`: those computed
 by this run and, on a resumed run, those of the blocks already in the store
-(:meth:`ImageFinisher.add_stored`, read back as the tasks returned them).
+(:meth:`ImageFinisher.add_stored`, read back as the tasks returned them).  An
+image none of whose tiles has a usable kernel is noted
+(:attr:`ImageFinisher.unusable`) with the number of tiles of each flag that made
+them unusable.
 """
 
 from __future__ import annotations
@@ -20,7 +23,20 @@ from ..core.tiles import Block, TileGrid
 from ..io.store import IMAGES_PER_CHUNK, RECORD_FIELDS, ImageResults, OutputStore
 from .config import ModelConfig
 
-__all__ = ["ImageFinisher"]
+__all__ = ["ImageFinisher", "unusable_flag_counts"]
+
+
+def unusable_flag_counts(flags: np.ndarray) -> dict[str, int] | None:
+    """Tiles per :data:`~pipeline.flags.BAD` flag when every tile of an image is unusable, else ``None``.
+
+    ``flags``: the quality flags of all the image's tiles.  A tile may count
+    under more than one flag.
+    """
+    flags = np.asarray(flags, dtype=np.int64).ravel()
+    if flags.size == 0 or not np.all(flags & fl.BAD):
+        return None
+    return {f.name: int(np.count_nonzero(flags & f.mask)) for f in fl.FLAGS
+            if f.mask & fl.BAD and np.any(flags & f.mask)}
 
 
 class ImageFinisher:
@@ -51,6 +67,8 @@ class ImageFinisher:
         self.kernels: dict[int, np.ndarray] = {}
         self.pending: list[ImageResults] = []
         self.last_flush = time.monotonic()
+        #: images every tile of which is unusable: tiles per flag that made them so
+        self.unusable: dict[int, dict[str, int]] = {}
 
     def add(self, block: Block, record: np.ndarray, kernels: np.ndarray) -> None:
         """Take one block's ``(ny, nx, field)`` record and ``(ny, nx, k, k)`` kernels."""
@@ -74,6 +92,9 @@ class ImageFinisher:
         records, kernels = self.records.pop(image), self.kernels.pop(image)
         field = {name: records[..., i] for i, name in enumerate(RECORD_FIELDS)}
         flags = field["quality_flag"].astype(np.int64)
+        counts = unusable_flag_counts(flags)
+        if counts is not None:
+            self.unusable[image] = counts
         usable = fl.modelled(kernels, flags)
         with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend with workers
             model, residual, rejected = fit_tiles(

@@ -10,6 +10,12 @@ marks the store complete.  A killed run is resumed by running the same job with
 are read back from the store and finished the same way, and every tile's result
 does not depend on which other tiles ran with it, so the result equals an
 uninterrupted run's.
+
+A run in which every tile of some image is unusable (flagged ``no_data`` or
+``no_signal``, its kernels NaN) still writes everything and marks the store
+complete; its summary lists those images (:attr:`RunSummary.unusable_images`),
+says why and what to change (:meth:`RunSummary.unusable_report`), and the
+``kernelmap run`` command exits with :data:`EXIT_UNUSABLE`.
 """
 
 from __future__ import annotations
@@ -30,16 +36,64 @@ from .finish import ImageFinisher
 from .plan import Plan, plan_job
 from .progress import Progress
 
-__all__ = ["WORKER_ENV", "Plan", "RunSummary", "execute_plan", "plan_job", "run_job"]
+__all__ = ["EXIT_UNUSABLE", "WORKER_ENV", "Plan", "RunSummary", "UnusableImage", "execute_plan", "plan_job",
+           "run_job", "unusable_hint"]
 
 #: Seconds without any worker after which a batch run that cannot get new workers (fixed
 #: ``compute.batch.jobs``, no ``adapt``) stops instead of waiting forever.
 NO_WORKERS_GRACE = 30.0
 
+#: Exit status of ``kernelmap run`` when every tile of some image is unusable (the output is
+#: written and complete all the same).  2 is a refused job or bad input, 130 an interrupted run.
+EXIT_UNUSABLE = 3
+
+#: What makes a tile unusable and what to change, by flag and method (``None``: any method).
+_HINTS: dict[tuple[str, str | None], str] = {
+    ("no_data", "welch"): (
+        "every segment of these tiles touches bad pixels too clustered to fill (NaN/inf in the source or "
+        "target, or input.mask; an image entirely bad gives this): check the image's bad pixels, "
+        "set kernel.segment_size smaller, or use kernel.method: lstsq"),
+    ("no_data", "lstsq"): (
+        "too few valid pixels for the kernel's unknowns (NaN/inf in the source or target, or input.mask; "
+        "an image entirely bad gives this): set kernel.size smaller or tiles.size larger, or mask fewer "
+        "pixels"),
+    ("no_data", None): (
+        "too few valid pixels (NaN/inf in the source or target, or input.mask): check the image's bad pixels"),
+    ("no_signal", None): (
+        "the source has no usable power: check that input.source and input.target are not swapped and that "
+        "neither image is blank or constant"),
+}
+
+
+def unusable_hint(flag: str, method: str) -> str:
+    """Why tiles get ``flag`` (``no_data``, ``no_signal``) with ``method``, and which option to change."""
+    return _HINTS.get((flag, method)) or _HINTS.get((flag, None)) or f"tiles flagged {flag}"
+
+
+@dataclass(frozen=True)
+class UnusableImage:
+    """An image none of whose tiles has a usable kernel."""
+
+    index: int  #: position along the output's ``image`` dimension
+    label: str  #: its ``image`` coordinate, as text
+    n_tiles: int  #: tiles of the image (all unusable)
+    flags: dict[str, int]  #: tiles per flag that made them unusable (a tile may have several)
+
+    def describe(self) -> str:
+        """``image 1 ('epoch-1'): 9 of 9 tiles unusable: no_data 9``."""
+        name = f"image {self.index}" + ("" if self.label == str(self.index) else f" ({self.label!r})")
+        counts = ", ".join(f"{flag} {count}" for flag, count in self.flags.items())
+        return f"{name}: {self.n_tiles} of {self.n_tiles} tiles unusable: {counts}"
+
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What a run did."""
+    """What a run did.
+
+    ``unusable_images``: the images none of whose tiles has a usable kernel
+    (the output holds them, with NaN kernels); ``method``: the job's
+    estimator, which the advice of :meth:`unusable_report` depends on.
+    """
 
     path: str
     n_tiles: int
@@ -49,6 +103,9 @@ class RunSummary:
     blocks_computed: int
     blocks_skipped: int
     seconds: float
+    unusable_images: tuple[UnusableImage, ...] = ()
+    method: str = ""
+    n_images: int = 0
 
     @property
     def tiles_per_second(self) -> float:
@@ -60,12 +117,37 @@ class RunSummary:
 
         return xr.open_zarr(self.path)
 
+    @property
+    def all_images_usable(self) -> bool:
+        """Whether every image has at least one usable kernel."""
+        return not self.unusable_images
+
     def describe(self) -> str:
-        return (
+        text = (
             f"done: {self.tiles_computed} tiles computed, {self.tiles_skipped} skipped (already done), "
             f"{self.tiles_flagged} flagged unusable, in {self.seconds:.1f} s "
             f"({self.tiles_per_second:.1f} tiles/s); result: {self.path}"
         )
+        if self.unusable_images:
+            text += f"; every tile unusable in {len(self.unusable_images)} image(s)"
+        return text
+
+    def unusable_report(self) -> str:
+        """Which images have no usable kernel, by which flags, and what to change ("" when none).
+
+        The first line says how many images and where the (complete) output
+        is; one line per image gives its tiles per flag; one line per flag
+        says what it means for the job's method and which option to change.
+        """
+        if not self.unusable_images:
+            return ""
+        n, total = len(self.unusable_images), self.n_images or len(self.unusable_images)
+        lines = [f"every tile of {n} of {total} image{'s' if total != 1 else ''} is unusable (kernels NaN); "
+                 f"the output is complete: {self.path}"]
+        lines += [f"  {image.describe()}" for image in self.unusable_images]
+        seen = dict.fromkeys(flag for image in self.unusable_images for flag in image.flags)
+        lines += [f"  {flag}: {unusable_hint(flag, self.method)}" for flag in seen]
+        return "\n".join(lines)
 
 
 def run_job(
@@ -136,8 +218,13 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
     finisher.flush()
     seconds = time.monotonic() - t0
     skipped_tiles = sum(b.n_tiles for b in stored)
+    labels = plan.layout.images
+    tiles_per_image = plan.n_tiles // max(1, plan.layout.n_images)
+    unusable = tuple(UnusableImage(int(i), str(labels[i]), tiles_per_image, counts)
+                     for i, counts in sorted(finisher.unusable.items()))
     summary = RunSummary(store.path, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
-                         flagged, len(pending), len(blocks) - len(pending), seconds)
+                         flagged, len(pending), len(blocks) - len(pending), seconds,
+                         unusable_images=unusable, method=job.kernel.method, n_images=plan.layout.n_images)
     store.mark_complete({"kernelmap_finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     if progress:
         log(summary.describe())
