@@ -1,1 +1,2 @@
-"""Simulated data: ``scenes`` (scenes, kernels, image pairs) and ``demo`` (the demo stack and job)."""
+"""Simulated data: ``scenes`` (scenes, kernels, image pairs), ``defects`` (bad pixels, saturation, cosmic
+rays injected into a pair) and ``demo`` (the demo stack and job)."""
