@@ -49,9 +49,11 @@ __all__ = ["REGISTRY", "METHODS", "DEFAULT_METHOD", "Method", "KernelEstimates",
 class Method:
     """An estimator method: its batched estimator and options class (which names the method)."""
 
-    #: ``f(sources, targets, bad, *, kernel_size, options)``
+    #: ``f(sources, targets, bad, *, kernel_size, options, source_bad, target_bad)``
     estimator: Callable[..., Any]
     options: type[MethodOptions]
+    #: whether the estimator takes ``variance`` and ``source_variance`` (per-pixel noise)
+    uses_variance: bool = False
 
     @property
     def name(self) -> str:
@@ -62,7 +64,7 @@ class Method:
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
-        Method(lstsq_kernels, LstsqOptions),
+        Method(lstsq_kernels, LstsqOptions, uses_variance=True),
         Method(welch_kernels, WelchOptions),
         Method(ratio_kernels, RatioOptions),
     )
@@ -132,7 +134,28 @@ def method_options(method: str, options: MethodOptions | None = None, **option_k
     return REGISTRY[_check_method(method)].options.resolve(options, option_keywords)
 
 
-def _prepare(sources, targets, mask, kernel_size):
+def _variances(variance, source_variance, shape):
+    """Validated per-pixel variances (or ``None``), and where they say a pixel is bad (not finite)."""
+    out, bad = [], []
+    for name, var in (("variance", variance), ("source_variance", source_variance)):
+        if var is None:
+            out.append(None)
+            bad.append(None)
+            continue
+        arr = as_image_stack(var, name, ndim=(2, 3))
+        if arr.shape not in (shape, shape[1:]):
+            raise InputError(f"{name} must have the targets' shape {shape} or one tile's {shape[1:]}, "
+                             f"got {arr.shape}")
+        arr = np.broadcast_to(np.asarray(arr, dtype=np.float64), shape)
+        finite = np.isfinite(arr)
+        if np.any(arr[finite] < 0):
+            raise InputError(f"{name} has negative values; a variance is >= 0 (NaN or inf marks a bad pixel)")
+        out.append(np.where(finite, arr, 0.0))
+        bad.append(~finite)
+    return out, bad
+
+
+def _prepare(sources, targets, mask, kernel_size, variance=None, source_variance=None):
     """Validate inputs; return float stacks with bad pixels zeroed and the bad maps.
 
     float32 inputs stay float32 (the spectral methods run faster in single
@@ -164,7 +187,9 @@ def _prepare(sources, targets, mask, kernel_size):
     src_f = np.asarray(src, dtype=dtype)
     tgt_f = np.asarray(tgt, dtype=dtype)
     user = None if mask is None else mask != 0
-    bad = BadPixels(~np.isfinite(src_f), ~np.isfinite(tgt_f), user if user is not None and user.any() else None)
+    (var_t, var_s), (bad_var_t, bad_var_s) = _variances(variance, source_variance, tgt.shape)
+    bad = BadPixels(either_bad(~np.isfinite(src_f), bad_var_s), either_bad(~np.isfinite(tgt_f), bad_var_t),
+                    user if user is not None and user.any() else None, var_t, var_s)
     # zero the bad pixels in copies: inputs are never written
     src_zero, tgt_zero = either_bad(bad.source, bad.mask), either_bad(bad.target, bad.mask)
     if src_zero.any():
@@ -181,6 +206,8 @@ class BadPixels:
     source: np.ndarray  #: ``(n, ny, nx)`` bool
     target: np.ndarray  #: ``(n, ny, nx)`` bool
     mask: np.ndarray | None  #: ``(n, ny, nx)`` bool or ``None``
+    variance: np.ndarray | None = None  #: the target's per-pixel variance (0 at bad pixels)
+    source_variance: np.ndarray | None = None  #: the source's
 
     @property
     def either(self) -> np.ndarray:
@@ -189,15 +216,23 @@ class BadPixels:
         return either if self.mask is None else either | self.mask
 
     def part(self, sl: slice) -> BadPixels:
-        return BadPixels(self.source[sl], self.target[sl], None if self.mask is None else self.mask[sl])
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[sl]
+
+        return BadPixels(self.source[sl], self.target[sl], cut(self.mask), cut(self.variance),
+                         cut(self.source_variance))
 
 
 def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=True):
     """Kernels and diagnostics of one contiguous part of the batch."""
     n = len(tgt)
     either = bad.either
+    extra = {}
+    if REGISTRY[method].uses_variance:
+        extra = {"variance": bad.variance, "source_variance": bad.source_variance}
     result = REGISTRY[method].estimator(src, tgt, bad.mask, source_bad=_any_or_none(bad.source),
-                                        target_bad=_any_or_none(bad.target), kernel_size=size, options=options)
+                                        target_bad=_any_or_none(bad.target), kernel_size=size, options=options,
+                                        **extra)
     out = vars(result)
     kernels = np.array(out["kernels"], dtype=np.float64)
     if isinstance(result, LstsqResult):
@@ -264,6 +299,8 @@ def estimate_kernels(
     method: str = DEFAULT_METHOD,
     options: MethodOptions | None = None,
     mask: np.ndarray | None = None,
+    variance: np.ndarray | None = None,
+    source_variance: np.ndarray | None = None,
     normalize: bool = False,
     workers: int = 1,
     diagnostics: bool = True,
@@ -288,6 +325,11 @@ def estimate_kernels(
     mask
         Optional, like ``targets`` or one tile; nonzero marks a bad pixel.
         NaN/inf in either image is bad too.  Bad pixels are never used.
+    variance, source_variance
+        Optional per-pixel variances of the targets and the sources (like
+        ``targets`` or one tile; NaN/inf marks a bad pixel).  ``lstsq``'s
+        robust pass judges residuals against them instead of the noise
+        model it fits per tile; the other methods do not use them.
     normalize
         Divide each kernel by its sum (``flux`` still reports the sum).
     workers
@@ -314,7 +356,7 @@ def estimate_kernels(
     method = _check_method(method)
     opts = method_options(method, options, **option_keywords)
     workers = check_positive_int("workers", workers)
-    src, tgt, bad, size = _prepare(sources, targets, mask, kernel_size)
+    src, tgt, bad, size = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
     parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
 
     def run(idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -287,6 +287,8 @@ def lstsq_kernels(
     options: LstsqOptions | None = None,
     source_bad: np.ndarray | None = None,
     target_bad: np.ndarray | None = None,
+    variance: np.ndarray | None = None,
+    source_variance: np.ndarray | None = None,
     chunk: int = 4,
     **option_keywords: Any,
 ) -> LstsqResult:
@@ -307,6 +309,13 @@ def lstsq_kernels(
         :mod:`pipeline.core.fill`), or, if it cannot be filled or with
         ``bad_source="exclude"``, removes every target pixel whose kernel
         footprint covers it.
+    variance, source_variance
+        Optional ``(n, ny, nx)`` per-pixel variances of the target and the
+        source (finite where the pixel is good).  The robust pass then judges
+        each residual against ``variance + K^2 * source_variance`` (rescaled
+        by the residuals' robust spread, so a variance off by a constant
+        factor still clips at ``clip`` sigmas) instead of the noise model it
+        fits itself.  The least-squares fit stays unweighted.
     kernel_size
         Odd kernel side ``k``.
     options
@@ -429,8 +438,12 @@ def lstsq_kernels(
             before = tile.statistics()  # the whole fit region, for the residual diagnostic
             resid, model = _residuals(tile, sol.kernel, fs[i], shape, tgt[i], valid[i])
             fitted = valid[i].copy()
+            known = None if variance is None and source_variance is None else _KnownVariance(
+                None if variance is None else np.asarray(variance[t], dtype=np.float64),
+                None if source_variance is None else np.asarray(source_variance[t], dtype=np.float64), shape)
             for _ in range(_ROBUST_PASSES if robust else 0):
-                out, share = _outliers(resid, model, opts.clip)
+                pixel_var = None if known is None else known.of(sol.kernel, fitted)
+                out, share = _outliers(resid, model, opts.clip, pixel_var)
                 if not out.any() or tile.count - out.sum() < min_pixels_per_parameter * (k2 + 1):
                     break
                 pix = np.nonzero(fitted)
@@ -567,16 +580,42 @@ def _grown(ys: np.ndarray, xs: np.ndarray, fitted: np.ndarray, half: int) -> tup
     return np.nonzero(grown & fitted)
 
 
-def _outliers(resid: np.ndarray, model: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
-    """Residuals beyond ``clip`` sigmas of the tile's noise model, and their share of the squared residuals.
+class _KnownVariance:
+    """The variance of each residual from the images' known variances: ``var_T + K^2 * var_S``."""
+
+    def __init__(self, target: np.ndarray | None, source: np.ndarray | None, shape: tuple[int, int]):
+        self.target, self.shape = target, shape
+        self.source_spectrum = None if source is None else sfft.rfft2(source, s=shape)
+        self.tile_shape = (target if target is not None else source).shape
+
+    def of(self, kernel: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+        """Variances of the ``fitted`` pixels' residuals (1-D, raster order)."""
+        var = np.zeros(int(fitted.sum())) if self.target is None else self.target[fitted]
+        if self.source_spectrum is not None:
+            half = (int(round(np.sqrt(kernel.size))) - 1) // 2
+            var = var + _model(self.source_spectrum, kernel**2, self.shape, self.tile_shape, half)[fitted]
+        return var
+
+
+def _outliers(resid: np.ndarray, model: np.ndarray, clip: float,
+              variance: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Residuals beyond ``clip`` sigmas, and their share of the squared residuals.
 
     ``resid`` and ``model`` are the residuals and the model over the fitted
-    pixels; sigma is :func:`noise_model`'s.
+    pixels; sigma is :func:`noise_model`'s, or, where the pixels' ``variance``
+    is known, its square root times the robust spread of the residuals so
+    scaled.
     """
     every = max(1, resid.size // 16384)  # the noise model needs no more pixels
-    a, b = noise_model(resid[::every], model[::every])
     centre = np.median(resid[::every])
-    out = np.abs(resid - centre) > clip * np.sqrt(a + b * np.maximum(model, 0.0))
+    if variance is None:
+        a, b = noise_model(resid[::every], model[::every])
+        sigma = np.sqrt(a + b * np.maximum(model, 0.0))
+    else:
+        sigma = np.sqrt(np.maximum(variance, 0.0))
+        scaled = (resid - centre)[::every] / np.where(sigma[::every] > 0, sigma[::every], np.inf)
+        sigma = sigma * max(_robust_sigma(scaled), np.finfo(float).tiny)
+    out = np.abs(resid - centre) > clip * sigma
     total = float(resid @ resid)
     return out, float(resid[out] @ resid[out]) / total if total > 0 else 0.0
 
