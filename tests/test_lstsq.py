@@ -10,7 +10,7 @@ import pipeline as km
 from pipeline import flags as fl
 from pipeline.core.fill import fill_bad_pixels
 from pipeline.core.gram import design_rows
-from pipeline.core.lstsq import lstsq_kernels, noise_model, saturation_plateau
+from pipeline.core.lstsq import lstsq_kernels, noise_model
 from pipeline.core.penalties import penalty_operators
 from pipeline.sim.defects import add_defects
 from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
@@ -217,22 +217,6 @@ def test_noise_model_recovers_sky_and_poisson_terms_despite_outliers():
     a, b = noise_model(resid, model)
     assert a == pytest.approx(900.0, rel=0.1)
     assert b == pytest.approx(2.0, rel=0.25)
-
-
-def test_saturation_plateau_finds_flat_cores_only():
-    rng = np.random.default_rng(13)
-    image = rng.normal(size=(64, 64))
-    usable = np.ones(image.shape, dtype=bool)
-    assert not saturation_plateau(image, usable).any()  # one maximum: no plateau
-    image[30:32, 40:43] = 50.0  # a saturated core of 6 pixels
-    np.testing.assert_array_equal(np.argwhere(saturation_plateau(image, usable)),
-                                  np.argwhere(image == 50.0))
-    scattered = rng.normal(size=(64, 64))
-    scattered[[3, 20, 50], [7, 33, 60]] = 50.0  # equal maxima that do not touch: not a core
-    assert not saturation_plateau(scattered, usable).any()
-    assert not saturation_plateau(np.full((16, 16), 3.0), np.ones((16, 16), dtype=bool)).any()  # flat: no core
-    usable[30:32, 40:43] = False  # masked pixels are not judged
-    assert not saturation_plateau(image, usable).any()
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,14 @@ from scipy.ndimage import label, maximum_filter
 
 from .. import flags as fl
 from ._lapack import cho_solve, cholesky, lower_solve
+from .defects import saturation_plateau, spikes
 from .fill import fill_bad_pixels
 from .gram import design_rows, fft_shape, fit_region, valid_gram
 from .options import LstsqOptions
 from .penalties import PenaltyTerms, penalty_terms
 from .validate import check_positive_int, either_bad
 
-__all__ = ["LstsqResult", "lstsq_kernels", "noise_model", "saturation_plateau"]
+__all__ = ["LstsqResult", "lstsq_kernels", "noise_model"]
 
 _LAM_MIN, _LAM_MAX = 1e-12, 1e8
 #: Kernels whose core is off the stamp centre by more than this (px) get a recentred penalty.
@@ -54,8 +55,6 @@ _RESEARCH_FRACTION = 0.002
 _RESEARCH_SHARE = 0.01
 #: Most clip-and-refit passes of the robust fit (each judges the residuals of the previous fit).
 _ROBUST_PASSES = 3
-#: Pixels at a tile's maximum value that make a saturation plateau.
-_PLATEAU = 3
 #: Outlier clusters larger than this (pixels) exclude a whole kernel footprint around them.
 _CLUSTER = 8
 
@@ -365,24 +364,16 @@ def lstsq_kernels(
         m = stop - start
         src = np.asarray(sources[start:stop], dtype=np.float64)
         tgt = np.asarray(targets[start:stop], dtype=np.float64)
-        excluded = np.zeros(src.shape, dtype=bool)  # source pixels whose footprints are excluded
-        sb = np.zeros(src.shape, dtype=bool) if src_side is None else np.asarray(src_side[start:stop], dtype=bool)
-        if src_side is not None:
-            src = src.copy()
-            for i in np.flatnonzero(sb.reshape(m, -1).any(axis=1)):
-                if opts.bad_source == "fill":
-                    src[i], excluded[i] = fill_bad_pixels(src[i], sb[i])
-                    n_filled[start + i] = int(sb[i].sum() - excluded[i].sum())
-                else:
-                    excluded[i] = sb[i]
-        rows_out = np.zeros(src.shape, dtype=bool) if tgt_side is None else np.array(tgt_side[start:stop], dtype=bool)
-        if robust:  # saturated cores nobody marked: plateaus at the tile's maximum
-            for i in range(m):
-                excluded[i] |= saturation_plateau(src[i], ~sb[i])
-                rows_out[i] |= saturation_plateau(tgt[i], ~rows_out[i])
-        valid = fit_region(excluded, kernel_size) & ~rows_out
+        sb = None if src_side is None else np.asarray(src_side[start:stop], dtype=bool)
+        tb = None if tgt_side is None else np.asarray(tgt_side[start:stop], dtype=bool)
+        pixels = [_tile_pixels(src[i], tgt[i], None if sb is None else sb[i], None if tb is None else tb[i],
+                               kernel_size=kernel_size, box=box, fill=opts.bad_source == "fill", find=robust)
+                  for i in range(m)]
+        src = np.stack([p.source for p in pixels])
+        valid = np.stack([p.valid for p in pixels])
+        masked = np.array([p.masked for p in pixels])
+        n_filled[start:stop] = [p.n_filled for p in pixels]
         dropped = box & ~valid  # pixels of the valid box lost to bad pixels
-        masked = dropped.reshape(m, -1).any(axis=1) | (n_filled[start:stop] > 0)
         reduced = dropped.reshape(m, -1).any(axis=1)
         weights = valid[reduced].astype(np.float64)
         # correlations of the source with the masked target (right-hand side)
@@ -410,9 +401,20 @@ def lstsq_kernels(
             vals = tgt[i][valid[i]]
             tile = _Tile(gram, colsums[i], cross[i], float(vals.sum()), float(vals @ vals),
                          count, pen)
-            src_vals = src[i][valid[i]]
+            before = tile.statistics()  # the whole fit region, for the residual diagnostic
+            fitted = valid[i].copy()
+            found = pixels[i].found_target
+            if found is not None:  # spikes and saturated cores found in the target: out before any fit
+                tile.remove(np.ascontiguousarray(design_rows(src[i], half, found)), tgt[i][found])
+                fitted[found] = False
+                n_valid[t] = tile.count
+            n_clipped[t] = pixels[i].n_found
+            if tile.count < min_pixels_per_parameter * (k2 + 1):
+                no_data[t] = True
+                continue
+            src_vals = src[i][fitted]
             src_level = float(np.mean(src_vals**2)) + np.finfo(float).tiny
-            if not np.all(np.isfinite(tile.scale)) or np.trace(tile.gc) <= 1e-12 * src_level * count * k2:
+            if not np.all(np.isfinite(tile.scale)) or np.trace(tile.gc) <= 1e-12 * src_level * tile.count * k2:
                 no_signal[t] = True
                 continue
 
@@ -435,9 +437,7 @@ def lstsq_kernels(
             if sol is None:
                 no_signal[t] = True
                 continue
-            before = tile.statistics()  # the whole fit region, for the residual diagnostic
-            resid, model = _residuals(tile, sol.kernel, fs[i], shape, tgt[i], valid[i])
-            fitted = valid[i].copy()
+            resid, model = _residuals(tile, sol.kernel, fs[i], shape, tgt[i], fitted)
             known = None if variance is None and source_variance is None else _KnownVariance(
                 None if variance is None else np.asarray(variance[t], dtype=np.float64),
                 None if source_variance is None else np.asarray(source_variance[t], dtype=np.float64), shape)
@@ -536,27 +536,50 @@ def noise_model(resid: np.ndarray, model: np.ndarray) -> tuple[float, float]:
     return a, max(b, 0.0)
 
 
-def saturation_plateau(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """Pixels of a saturation plateau: the image's maximum, shared by several touching pixels.
+@dataclass(frozen=True)
+class _Pixels:
+    """Which pixels of one tile the fit uses, and why others are not."""
 
-    A saturated star's core is flat at the detector's limit, so its pixels
-    hold one identical value, the largest of the tile.  Three or more
-    pixels at the maximum (within 1e-6 of it, relatively), at least two of
-    them side by side, are taken as saturated; otherwise nothing is (nor
-    when they are more than a quarter of the image: a flat image).
-    Returns a boolean map (all False for an image without a plateau).
+    source: np.ndarray  #: the source, bad pixels filled (or zero where they could not be)
+    valid: np.ndarray  #: the fit region: target pixels whose footprint holds no unfilled bad source pixel
+    found_target: tuple[np.ndarray, np.ndarray] | None  #: target pixels of ``valid`` found bad (spikes, cores)
+    masked: bool  #: known bad pixels (NaN, mask) reach the fit
+    n_filled: int  #: bad source pixels filled
+    n_found: int  #: defects found in the pixels (both images) that the fit leaves out
+
+
+def _tile_pixels(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray | None,
+                 target_bad: np.ndarray | None, *, kernel_size: int, box: np.ndarray, fill: bool,
+                 find: bool) -> _Pixels:
+    """The fit's pixels of one tile: known bad pixels, and with ``find`` the defects found blind.
+
+    Bad source pixels (known, or spikes found) are filled where they can be
+    (with ``fill``) and otherwise exclude their footprints, as do saturation
+    plateaus of the source; bad target pixels remove their own equations.
     """
-    values = np.where(usable, image, -np.inf)
-    top = float(values.max())
-    if not np.isfinite(top):
-        return np.zeros(image.shape, dtype=bool)
-    plateau = values >= top - 1e-6 * abs(top)
-    count = int(plateau.sum())
-    if count < _PLATEAU or count > 0.25 * usable.sum() or not (
-        (plateau[1:] & plateau[:-1]).any() or (plateau[:, 1:] & plateau[:, :-1]).any()
-    ):
-        return np.zeros(image.shape, dtype=bool)
-    return plateau
+    shape = source.shape
+    src_bad = np.zeros(shape, dtype=bool) if source_bad is None else source_bad
+    tgt_bad = np.zeros(shape, dtype=bool) if target_bad is None else target_bad
+    masked = bool(src_bad.any() or (tgt_bad & box).any())
+    plateau = spiked = found_tgt = np.zeros(shape, dtype=bool)
+    if find:
+        plateau = saturation_plateau(source, ~src_bad)
+        spiked = spikes(source, ~(src_bad | plateau))
+        found_tgt = (saturation_plateau(target, ~tgt_bad) | spikes(target, ~tgt_bad)) & ~tgt_bad
+    to_fill = src_bad | spiked
+    excluded = plateau.copy()
+    n_filled = 0
+    if to_fill.any():
+        if fill:
+            source, unfilled = fill_bad_pixels(source, to_fill)
+            excluded |= unfilled
+            n_filled = int(to_fill.sum() - unfilled.sum())
+        else:
+            excluded |= to_fill
+    valid = fit_region(excluded[None], kernel_size)[0] & ~tgt_bad
+    found = valid & found_tgt
+    n_found = int(plateau.sum() + spiked.sum() + found.sum())
+    return _Pixels(source, valid, np.nonzero(found) if found.any() else None, masked, n_filled, n_found)
 
 
 def _grown(ys: np.ndarray, xs: np.ndarray, fitted: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:

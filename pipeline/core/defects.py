@@ -1,0 +1,99 @@
+"""Defects nobody marked, found in the pixels: saturated cores and single-pixel spikes.
+
+Both are sharper than any image of the sky can be.  A saturated star's core
+is flat at the detector's limit (:func:`saturation_plateau`); a hot or dead
+pixel stands alone above or below neighbours that a point spread function
+would have lit too (:func:`spikes`).  In the *source* either spoils every
+target pixel whose kernel footprint covers it, so the exact solver's robust
+pass looks for them before fitting, and treats them as bad source pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["saturation_plateau", "spikes"]
+
+#: Pixels at a tile's maximum value that make a saturation plateau.
+_PLATEAU = 3
+#: A spike stands out of its 3x3 median by this many robust sigmas ...
+_SPIKE_SIGMAS = 10.0
+#: ... and its 3x3 median holds less than this fraction of its height (a star's keeps about half).
+_SPIKE_SHARPNESS = 0.25
+#: More spikes than this fraction of the pixels: the image is not of that kind (a photo); none are reported.
+_SPIKE_FRACTION = 0.005
+
+
+def saturation_plateau(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Pixels of a saturation plateau: the image's maximum, shared by several touching pixels.
+
+    A saturated star's core is flat at the detector's limit, so its pixels
+    hold one identical value, the largest of the tile.  Three or more
+    pixels at the maximum (within 1e-6 of it, relatively), at least two of
+    them side by side, are taken as saturated; otherwise nothing is (nor
+    when they are more than a quarter of the image: a flat image).
+    Returns a boolean map (all False for an image without a plateau).
+    """
+    values = np.where(usable, image, -np.inf)
+    top = float(values.max())
+    if not np.isfinite(top):
+        return np.zeros(image.shape, dtype=bool)
+    plateau = values >= top - 1e-6 * abs(top)
+    count = int(plateau.sum())
+    if count < _PLATEAU or count > 0.25 * usable.sum() or not (
+        (plateau[1:] & plateau[:-1]).any() or (plateau[:, 1:] & plateau[:, :-1]).any()
+    ):
+        return np.zeros(image.shape, dtype=bool)
+    return plateau
+
+
+def spikes(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Single-pixel spikes (hot pixels, dead pixels, cosmic-ray hits) of a sampled image.
+
+    A pixel is a spike when it differs from the median of its 3x3
+    neighbourhood by more than 10 robust sigmas of the pixel noise (from
+    the differences of neighbouring pixels), and, for a high pixel, that
+    median rises above the image's median level by less than a quarter of
+    the pixel's own height: a star whose core is sampled by its pixels
+    lights its neighbours too (about half its peak for a FWHM of 3 px), a
+    hot pixel does not.  A pixel below its neighbourhood by as much is a
+    dead pixel (a star cannot make one).  Pixels not ``usable`` are not
+    judged and count as the image's median level.  Only local extrema are
+    examined, so the cost is a few passes over the image.  Stars sharper
+    than about 1.5 px FWHM look like spikes: such undersampled images should
+    give a mask instead.  When more than 0.5 % of the pixels qualify, the
+    image is not one of point sources on a sky (a photo, whose own detail is
+    that sharp) and nothing is reported.
+    """
+    usable = np.asarray(usable, dtype=bool)
+    found = np.zeros(image.shape, dtype=bool)
+    if not usable.any() or min(image.shape) < 3:
+        return found
+    every = max(1, int(usable.sum()) // 16384)
+    level = float(np.median(image[usable][::every]))
+    clean = np.where(usable, image, level)
+    steps = np.diff(clean, axis=1)[usable[:, 1:] & usable[:, :-1]][::every]
+    if not steps.size:
+        return found
+    sigma = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / np.sqrt(2.0)
+    if not sigma > 0:
+        return found
+    inner = clean[1:-1, 1:-1]
+    up, down = clean[:-2, 1:-1], clean[2:, 1:-1]
+    left, right = clean[1:-1, :-2], clean[1:-1, 2:]
+    threshold = _SPIKE_SIGMAS * sigma
+    high = (inner > np.maximum(np.maximum(up, down), np.maximum(left, right))) & (inner - level > threshold)
+    low = (inner < np.minimum(np.minimum(up, down), np.minimum(left, right))) & (level - inner > threshold)
+    ys, xs = np.nonzero(high | low)
+    if not len(ys):
+        return found
+    ys, xs = ys + 1, xs + 1
+    dy, dx = np.mgrid[-1:2, -1:2]
+    local = np.median(clean[ys[:, None] + dy.ravel(), xs[:, None] + dx.ravel()], axis=1)
+    value = clean[ys, xs]
+    spike = (np.abs(value - local) > threshold) & (
+        (value < local) | (local - level < _SPIKE_SHARPNESS * (value - level)))
+    if spike.sum() > _SPIKE_FRACTION * usable.sum():
+        return found  # not an image of point sources on a sky: its own detail is that sharp
+    found[ys[spike], xs[spike]] = True
+    return found & usable
