@@ -1,40 +1,43 @@
-"""Benchmark ``kernelmap run`` against a tight NumPy floor on 4096x4096 image pairs.
+"""Whole-process benchmark: ``kernelmap run`` against the Welch floor ``../shared/bench/limit.py``.
 
-Data: deterministic synthetic pairs (a star field on a smooth sky; the target
-is the source convolved with a Gaussian, scaled, offset, each with its own
-noise), 4096x4096 float32 in Zarr, Blosc-zstd, chunks 1x1024x1024; tiles 256,
-kernel 21.  Generated once under ``--dir`` and reused when present.
+Main table (always printed).  The pairs are the floor's own workload W
+(``../shared/bench/gen_data.py``: 4 pairs of 4096x4096 float32, arrays ``S``
+and ``R``, Blosc-zstd, chunks 1x1024x1024, under ``$KERNELMAP_BENCH_WORK``,
+default ``/tmp/benchwork``; generated there first if missing, a few minutes
+and ~2.5 GB).  Two sizes:
 
-What it prints, in one run:
+- 4 pairs: ``limit.py --repeats 1`` against ``kernelmap run`` on W's store itself;
+- 16 pairs: ``limit.py --repeats 4`` (W's 4 pairs processed 4 times in one
+  process) against ``kernelmap run`` on a 16-pair stack holding W's pairs 0-3
+  four times over (same codec and chunks; written once under ``--dir``).
 
-1. the floor: the Welch core alone (:func:`pipeline.core.welch.welch_kernels`,
-   float32, no diagnostics) over every 1024x1024 chunk -- read source and
-   target with zarr, cut the 16 tiles, estimate, write the kernels to an
-   output Zarr array -- with 2 Python threads over chunks (one thread per
-   FFT/BLAS call); timed in-process, and as a whole separate process
-   (``--floor-only``, imports included);
-2. ``kernelmap run``, Welch and the default method: (a) through
-   :func:`pipeline.job.run.run_job` with a running LocalCluster (2 worker
-   processes x 1 thread) passed as ``client=``, on the small stack, against
-   the in-process floor on the same pairs (target <= 1.2x for Welch); (b) the
-   whole ``kernelmap run`` command (a subprocess, start-up included, Welch) on
-   the large stack against the floor's whole process (target <= 1.5x);
-3. the peak RSS of every worker process during the runs (polled every 0.2 s
-   from /proc, VmHWM included), small and large stacks: target < 1 GB and
-   independent of the stack length.
+Each is a whole process, timed from the outside (start-up, imports, reading,
+estimating, writing, and for ``kernelmap run`` its cluster and the per-image
+finishing included): ``python limit.py --threads 2 --backend pyfftw --store
+blosczstd:1024 --out --repeats R`` and ``kernelmap run job.yaml`` with the
+default job (tiles 256, kernel 21, diagnostics on, the kernel-field model on,
+a local cluster of 2 workers x 1 thread) for ``kernel.method`` ``welch`` and
+the default ``lstsq``.  They run interleaved -- limit, welch, lstsq, limit,
+welch, lstsq, ... -- for ``--rounds`` rounds (default 3; ``--quick``: 1), so
+that a change in the machine's load hits all three alike.  Printed per run:
+the median seconds (all rounds in brackets), Mpix/s and tiles/s (image pixels
+and 256x256 tiles of the pairs processed: one pair is 16.8 Mpix and 256
+tiles), the ratio of the medians to the floor's and the median of the
+per-round ratios, the cores other processes used meanwhile, and the targets:
+Welch within 1.5x of the floor on 16 pairs; the default (lstsq) at least 10
+Mpix/s (150 tiles/s) and within 3.5x of the floor.
 
-It also times the parts of one block (read, estimate with and without
-diagnostics, write), the set-up costs, and compares the worker environment
-with and without ``MALLOC_TRIM_THRESHOLD_`` (dask sets 65536 by default;
-``pipeline.job.run.WORKER_ENV`` replaces dask's default environment).
-
-Mpix/s counts image pixels of the pairs processed (one pair = 4096*4096 px).
+``--details`` adds the older, longer measurements on the script's own
+synthetic stacks (``--pairs-small``/``--pairs-large``): the in-process Welch
+core floor, ``run_job`` on running LocalClusters with three worker
+environments (``MALLOC_TRIM_THRESHOLD_`` unset / 65536 / 256 MiB), the peak
+RSS of the workers, and where the time of one block goes.
 
 Usage::
 
-    python scripts/bench_pipeline.py [--pairs-small 4] [--pairs-large 16]
-        [--dir /tmp/kernelmap-bench] [--keep] [--repeats 3] [--repeats-large 2]
-        [--skip-lstsq]
+    python scripts/bench_pipeline.py [--quick] [--rounds 3] [--work /tmp/benchwork]
+        [--limit ../shared/bench/limit.py] [--dir /tmp/kernelmap-bench] [--keep]
+        [--details [--pairs-small 4] [--pairs-large 16] [--repeats 3] [--repeats-large 2] [--skip-lstsq]]
 """
 
 from __future__ import annotations
@@ -463,11 +466,211 @@ def api_run(client, pids, job):
     return seconds, max(poller.peak.values(), default=0), cpu, stream
 
 
+# --------------------------------------------------------------------------- against limit.py
+
+W_CODEC, W_CHUNK = "blosczstd", 1024  # the floor's store: W_blosczstd_c1024.zarr
+W_PAIRS = 4
+TILES_PER_PAIR = (SIZE // TILE) ** 2
+STACK_VERSION = 1
+
+
+def _machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def whole_process(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
+    """Run ``cmd`` to its end: (wall seconds, cores other processes used meanwhile, output).
+
+    The process's own CPU time counts its waited-for descendants (the
+    workers of ``kernelmap run``); the rest of the machine's busy time over
+    the wall time is the load of other processes.
+    """
+    busy0, own0 = _machine_busy(), _children_cpu()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - t0
+    other = max(0.0, (_machine_busy() - busy0 - (_children_cpu() - own0)) / wall)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    return wall, other, proc.stdout
+
+
+def ensure_w(limit: Path, work: Path, env: dict[str, str], log) -> Path:
+    """The floor's store of workload W under ``work``: generated by its gen_data.py when missing."""
+    import zarr
+
+    store = work / f"W_{W_CODEC}_c{W_CHUNK}.zarr"
+
+    def ready() -> bool:
+        try:
+            g = zarr.open_group(str(store), mode="r")
+            return all(g[a].shape == (W_PAIRS, SIZE, SIZE) and g[a].chunks == (1, W_CHUNK, W_CHUNK)
+                       for a in ("S", "R"))
+        except Exception:  # missing or unreadable: regenerate
+            return False
+
+    if not ready():
+        log(f"generating workload W under {work} with {limit.parent / 'gen_data.py'} (a few minutes, ~2.5 GB) ...")
+        work.mkdir(parents=True, exist_ok=True)
+        whole_process([sys.executable, str(limit.parent / "gen_data.py")], env, limit.parent)
+        if not ready():
+            raise RuntimeError(f"{store} is still not a store of {W_PAIRS} pairs of {SIZE}x{SIZE} after gen_data.py")
+    return store
+
+
+def stacked_w(w_store: Path, path: Path, copies: int, log) -> Path:
+    """A stack of W's pairs ``copies`` times over (pair ``i`` is W's pair ``i % 4``), W's codecs and chunks."""
+    import zarr
+
+    n = W_PAIRS * copies
+    stamp = {"version": STACK_VERSION, "from": str(w_store), "pairs": n}
+    try:
+        if zarr.open_group(str(path), mode="r").attrs.get("bench_stack") == stamp:
+            return path
+    except Exception:  # missing or unreadable: rewrite
+        pass
+    log(f"writing {path}: W's {W_PAIRS} pairs x {copies} ...")
+    shutil.rmtree(path, ignore_errors=True)
+    w = zarr.open_group(str(w_store), mode="r")
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name in ("S", "R"):
+        src = w[name]
+        dst = g.create_array(name, shape=(n, SIZE, SIZE), chunks=src.chunks, dtype=src.dtype,
+                             compressors=src.compressors, filters=src.filters,
+                             dimension_names=src.metadata.dimension_names, fill_value=src.fill_value)
+        for p in range(W_PAIRS):
+            pair = src[p]
+            for c in range(copies):
+                dst[c * W_PAIRS + p] = pair
+    g.attrs["bench_stack"] = stamp
+    return path
+
+
+def _job_yaml(path: Path, store: Path, out: Path, method: str | None) -> Path:
+    """The default job on ``store`` (arrays S and R); ``method`` None keeps the default method."""
+    kernel = f"kernel: {{method: {method}}}\n" if method else ""
+    path.write_text(f"input: {{path: {store}, source: S, target: R}}\n{kernel}"
+                    f"output: {{path: {out}, mode: overwrite}}\n")
+    return path
+
+
+def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], log) -> None:
+    """The main table: whole processes, interleaved, on the same pairs (see the module docstring)."""
+    from pipeline.core.estimate import DEFAULT_METHOD
+
+    limit = Path(args.limit).resolve()
+    if not limit.exists():
+        raise SystemExit(f"{limit} not found: pass --limit PATH/TO/limit.py")
+    work = Path(args.work).resolve()
+    env = {**env0, "KERNELMAP_BENCH_WORK": str(work)}
+    floor_env = {**env, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    w_store = ensure_w(limit, work, floor_env, log)
+    outs = folder / "outputs"
+    outs.mkdir(parents=True, exist_ok=True)
+    stack = folder / f"W{4 * W_PAIRS}.zarr"
+    existed = stack.exists()
+    sizes = {W_PAIRS: w_store, 4 * W_PAIRS: stacked_w(w_store, stack, 4, log)}
+    kernelmap = str(Path(sys.executable).with_name("kernelmap"))
+    if not Path(kernelmap).exists():
+        kernelmap = shutil.which("kernelmap") or kernelmap
+    methods = ("welch", DEFAULT_METHOD)
+    runs: dict[tuple[int, str], list[tuple[float, float, str]]] = {}
+    commands: dict[tuple[int, str], tuple[list[str], dict[str, str], Path]] = {}
+    for n, store in sizes.items():
+        commands[n, "limit"] = ([sys.executable, str(limit), "--threads", "2", "--backend", "pyfftw", "--store",
+                                 f"{W_CODEC}:{W_CHUNK}", "--out", "--repeats", str(n // W_PAIRS)],
+                                floor_env, limit.parent)
+        for method in methods:
+            job = _job_yaml(outs / f"job-{method}-{n}.yaml", store, outs / f"cli-{method}-{n}.zarr",
+                            None if method == DEFAULT_METHOD else method)
+            commands[n, method] = ([kernelmap, "run", str(job)], env, ROOT)
+    order = [(n, what) for n in sizes for what in ("limit", *methods)]
+    log(f"whole processes, interleaved, {args.rounds} round(s): " + ", ".join(f"{w} ({n} pairs)" for n, w in order))
+    for r in range(args.rounds):
+        for key in order:
+            runs.setdefault(key, []).append(whole_process(*commands[key]))
+            log(f"  round {r + 1}: {key[1]:6s} {key[0]:2d} pairs {runs[key][-1][0]:7.2f} s "
+                f"(other processes {runs[key][-1][1]:.2f} cores)")
+
+    def median(key: tuple[int, str]) -> float:
+        return float(np.median([w for w, _, _ in runs[key]]))
+
+    print()
+    print(f"whole processes on the same pairs: {SIZE}x{SIZE} float32, Blosc-zstd chunks 1x{W_CHUNK}x{W_CHUNK}, "
+          f"tiles {TILE}, kernel {KERNEL}; {args.rounds} round(s) interleaved; {os.cpu_count()} CPUs")
+    print(f"limit.py: {limit} --threads 2 --backend pyfftw --store {W_CODEC}:{W_CHUNK} --out --repeats pairs/4; "
+          "kernelmap: the default job (diagnostics and model on, local cluster 2 workers x 1 thread)")
+    hdr = (f"{'pairs':>5} {'run':<31} {'median s':>8} {'[rounds]':<26} {'Mpix/s':>7} {'tiles/s':>8} "
+           f"{'ratio':>6} {'r/round':>7} {'other':>5}  target")
+    print(hdr)
+    print("-" * len(hdr))
+    for n in sizes:
+        floor = median((n, "limit"))
+        for what in ("limit", *methods):
+            secs = median((n, what))
+            walls = [w for w, _, _ in runs[n, what]]
+            per_round = float(np.median([w / f for (w, _, _), (f, _, _) in zip(runs[n, what], runs[n, "limit"])]))
+            other = float(np.median([o for _, o, _ in runs[n, what]]))
+            mpix, tiles = n * SIZE * SIZE / secs / 1e6, n * TILES_PER_PAIR / secs
+            target = ""
+            if what == "welch":
+                ok = per_round <= 1.5 and secs / floor <= 1.5
+                target = f"<= 1.5x floor{'' if n == 4 * W_PAIRS else ' (judged on 16 pairs)'}: " \
+                         f"{'met' if ok else 'NOT met'}"
+            elif what == DEFAULT_METHOD:
+                ok = mpix >= 10.0 and secs / floor <= 3.5 and per_round <= 3.5
+                target = f">= 10 Mpix/s (150 tiles/s) and <= 3.5x floor: {'met' if ok else 'NOT met'}"
+            label = {"limit": "limit.py (the floor)", "welch": "kernelmap run, welch",
+                     DEFAULT_METHOD: f"kernelmap run, {DEFAULT_METHOD} (default)"}[what]
+            print(f"{n:5d} {label:<31} {secs:8.2f} {'[' + ', '.join(f'{w:.2f}' for w in walls) + ']':<26} "
+                  f"{mpix:7.1f} {tiles:8.0f} {secs / floor:6.2f} {per_round:7.2f} {other:5.2f}  {target}")
+    inner = []
+    for n in sizes:
+        for what in methods:
+            found = [float(m.group(1)) for _, _, out in runs[n, what] for m in [re.search(r"in ([0-9.]+) s \(", out)]
+                     if m]
+            if found:
+                inner.append(f"{what} {n} pairs {np.median(found):.2f} s")
+        floor_in = [float(m.group(1)) for _, _, out in runs[n, "limit"]
+                    for m in [re.search(r"median ([0-9.]+) s", out)] if m]
+        if floor_in:
+            inner.append(f"limit.py {n} pairs {np.median(floor_in) * (n // W_PAIRS):.2f} s "
+                         f"({n // W_PAIRS} x its median repeat)")
+    print("ratio: of the medians; r/round: median of the per-round ratios; other: cores other processes used "
+          "meanwhile (median)")
+    if inner:
+        print("in-process parts (run_job as the command reports it; limit.py's compute repeats): " + "; ".join(inner))
+    if not args.keep:
+        shutil.rmtree(outs, ignore_errors=True)
+        if not existed:
+            shutil.rmtree(stack, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the whole-process table")
+    p.add_argument("--quick", action="store_true", help="one round (and, with --details, one repeat each)")
+    p.add_argument("--work", default=os.environ.get("KERNELMAP_BENCH_WORK", "/tmp/benchwork"),
+                   help="limit.py's work folder (KERNELMAP_BENCH_WORK), where workload W is (or is generated)")
+    p.add_argument("--limit", default=str(ROOT.parent / "shared" / "bench" / "limit.py"), help="the floor script")
+    p.add_argument("--details", action="store_true",
+                   help="also the in-process floor, run_job on running clusters, memory and the block profile")
     p.add_argument("--pairs-small", type=int, default=4, help="pairs of the API runs (a) and the memory check")
     p.add_argument("--pairs-large", type=int, default=16, help="pairs of the whole-command run (b)")
     p.add_argument("--dir", default="/tmp/kernelmap-bench", help="folder for the stacks and outputs")
@@ -485,6 +688,10 @@ def main() -> int:
         seconds = floor_run(args.store, args.out)
         print(json.dumps({"seconds": seconds}))
         return 0
+    if args.quick:
+        args.rounds, args.repeats, args.repeats_large = 1, 1, 1
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
 
     t_start = time.perf_counter()
     env0 = dict(os.environ)
@@ -492,10 +699,20 @@ def main() -> int:
         print(f"note: {TRIM} is set in this shell; ignored (the worker environments set it)")
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    against_limit(args, folder, env0, log)
+    if args.details:
+        details(args, folder, env0, log)
+    print(f"total benchmark time {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def details(args: argparse.Namespace, folder: Path, env0: dict[str, str], log) -> None:
+    """The in-process floor, run_job on running clusters, worker memory and the block profile."""
+    t_start = time.perf_counter()
     small_n, large_n = args.pairs_small, args.pairs_large
     stores = {n: folder / f"pairs-{n}.zarr" for n in {small_n, large_n}}
     existed = {n: _store_ready(s, n) for n, s in stores.items()}
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
     gen_s = ensure_data(stores, log)
     if gen_s:
         log(f"data written in {gen_s:.1f} s")
@@ -684,7 +901,7 @@ def main() -> int:
         secs, _, cpu, stream = r
         print(f"(a) lstsq trim={name}: workers user {cpu['user']:.2f} s + sys {cpu['sys']:.2f} s, "
               f"{cpu['minflt'] / 1e3:.0f}k minor faults, peak {r[1] / MiB:.0f} MiB")
-    print(f"total benchmark time {time.perf_counter() - t_start:.0f} s"
+    print(f"details: {time.perf_counter() - t_start:.0f} s"
           + (f" (data generation {gen_s:.0f} s)" if gen_s else " (data reused)"))
 
     # ---- clean up
@@ -693,7 +910,6 @@ def main() -> int:
         for n, s in stores.items():
             if not existed[n]:
                 shutil.rmtree(s, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
