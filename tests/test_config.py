@@ -327,7 +327,7 @@ def test_welch_options_only_with_method_welch():
     options = {"segment_size": 32, "overlap": 0.25, "window": "none", "regularization": 0.01}
     welch = job(kernel={"method": "welch", "size": 15, **options}, tiles={"size": 64})
     assert isinstance(welch.kernel, WelchKernel)
-    assert welch.kernel.estimator_options() == options
+    assert welch.kernel.estimator_options() == {**options, "find_defects": True}
     errs = errors_of({**MINIMAL, "kernel": {"size": 15, **options}, "tiles": {"size": 64}})
     # regularization is an lstsq option too; the others belong to welch only
     assert [e.split(":")[0] for e in errs] == ["kernel.segment_size", "kernel.overlap", "kernel.window"]
@@ -341,7 +341,7 @@ def test_estimator_options():
     assert LstsqKernel(regularization=[1, 2]).estimator_options()["regularization"] == [1.0, 2.0]
     assert RatioKernel().estimator_options() == {}
     assert WelchKernel().estimator_options() == {
-        "segment_size": 64, "overlap": 0.5, "window": "hann", "regularization": 1e-3}
+        "segment_size": 64, "overlap": 0.5, "window": "hann", "regularization": 1e-3, "find_defects": True}
 
 
 def test_estimator_options_are_accepted_by_the_estimators():

@@ -119,8 +119,8 @@ class _Tile:
         self.scale = np.trace(self.gc) / self.penalty.traces
 
     def statistics(self) -> _Statistics:
-        """The background-free sufficient statistics as they are now."""
-        return _Statistics(self.gc.copy(), self.cc.copy(), self.yy, self.count)
+        """The background-free sufficient statistics as they are now (no copy: they are replaced, never changed)."""
+        return _Statistics(self.gc, self.cc, self.yy, self.count)
 
     def remove(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Drop target pixels (design rows and target values) from the fit."""

@@ -340,6 +340,11 @@ class WelchOptions(MethodOptions):
         "``eps = lambda * mean(power)`` over all frequencies of the tile's summed source "
         "power; ``0`` is plain division (frequencies of zero power give zero).",
         float, ge=0, in_job=True)
+    find_defects: bool = _option(
+        True,
+        "Find defects nobody marked (single-pixel spikes and saturation plateaus, "
+        ":mod:`pipeline.core.defects`) in both images and treat them as bad pixels.",
+        bool, in_job=True)
 
     def _check(self, name: str, spec: Option, value: Any) -> None:
         if name == "window":

@@ -56,6 +56,7 @@ import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
 
 from ..errors import InputError, OptionError
+from .defects import saturation_plateau, spikes
 from .fill import FILL_RADIUS, fill_bad_pixels
 from .options import WelchOptions, parse_window
 from .validate import check_odd_size, check_positive_int, either_bad
@@ -221,10 +222,23 @@ def welch_kernels(
     ty, tx = sources.shape[1:]
     if opts.segment_size > min(ty, tx):
         raise OptionError(f"segment_size {opts.segment_size} exceeds the tile size {(ty, tx)}")
-    sources, targets, unusable = _fill_isolated(
-        sources, targets, either_bad(maps.get("bad"), maps.get("source_bad")),
-        either_bad(maps.get("bad"), maps.get("target_bad")))
+    src_bad = either_bad(maps.get("bad"), maps.get("source_bad"))
+    tgt_bad = either_bad(maps.get("bad"), maps.get("target_bad"))
+    if opts.find_defects:
+        src_bad, tgt_bad = _with_found_defects(sources, src_bad), _with_found_defects(targets, tgt_bad)
+    sources, targets, unusable = _fill_isolated(sources, targets, src_bad, tgt_bad)
     return _welch(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers)
+
+
+def _with_found_defects(images: np.ndarray, bad: np.ndarray | None) -> np.ndarray | None:
+    """``bad`` with the spikes and saturation plateaus found in each image added (``None`` if none)."""
+    found = np.zeros(images.shape, dtype=bool)
+    for i, image in enumerate(images):
+        usable = np.ones(image.shape, dtype=bool) if bad is None else ~bad[i]
+        found[i] = saturation_plateau(image, usable) | spikes(image, usable)
+    if not found.any():
+        return bad
+    return found if bad is None else bad | found
 
 
 def _fill_isolated(
