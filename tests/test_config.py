@@ -56,7 +56,8 @@ def test_minimal_job_dump_shows_every_default():
     dumped = yaml.safe_load(dump_job(job_from_dict(MINIMAL)))
     assert dumped == {
         "input": {"path": "in.zarr", "source": "source", "target": "target", "mask": None,
-                  "group": None, "storage_options": {}, "saturation": None},
+                  "group": None, "storage_options": {}, "saturation": None,
+                  "variance": None, "weight": None},
         "tiles": {"size": 256, "step": 256},
         "kernel": {"method": "lstsq", "size": 21, "normalize": False, "diagnostics": True,
                    "regularization": "auto",

@@ -416,7 +416,8 @@ def test_threads_and_pickling(tmp_path: Path) -> None:
     again = pickle.loads(pickle.dumps(inputs.source))
     np.testing.assert_array_equal(again.compute(), data["source"])
     reader = pickle.loads(pickle.dumps(inputs.reader))
-    src, tgt, bad = reader.read(2, slice(5, 20), slice(3, 17))
+    src, tgt, bad, var, src_var = reader.read(2, slice(5, 20), slice(3, 17))
+    assert var is None and src_var is None
     np.testing.assert_array_equal(tgt, data["target"][2, 5:20, 3:17])
     np.testing.assert_array_equal(src, data["source"][2, 5:20, 3:17])
     np.testing.assert_array_equal(bad, data["mask"][2, 5:20, 3:17])

@@ -16,6 +16,13 @@ reader returns.  A level is a number, a per-image coordinate of the store or
 an attribute of the array; levels are resolved and checked when the store is
 opened.
 
+Per-pixel variances (``input.variance``) or weights, their inverses
+(``input.weight``), are arrays of the same store shaped like the image they
+describe; the reader returns them as float64 variances beside the pixels
+(a weight of 0, NaN or inf as a NaN variance: a bad pixel of that image).
+Their names, dtypes and shapes are checked when the store is opened; their
+values (no negative ones) as each block is read.
+
 The store is opened read-only and never written.  Everything is checked
 before any block is read (the saturation check reads one chunk of a few
 images), and the arrays come back as Dask arrays chunked like the store, so
@@ -33,7 +40,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import zarr
@@ -45,7 +52,10 @@ from ..errors import InputError
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["InputReader", "Inputs", "Saturation", "SaturationLevels", "StoredImages", "open_inputs"]
+__all__ = [
+    "BlockPixels", "InputReader", "Inputs", "Saturation", "SaturationLevels", "StoredImages", "Variances",
+    "open_inputs",
+]
 
 IMAGE_DIMS = ("image", "y", "x")
 SPATIAL_DIMS = ("y", "x")
@@ -72,8 +82,9 @@ class Inputs:
     identity
         JSON-serialisable description of the store and of every array read.
     reader
-        Reads one block's pixels of all three directly from the store (what
-        pipeline tasks use: no Dask graph between the store and a task).
+        Reads one block's pixels of all three (and their variances, when
+        given) directly from the store (what pipeline tasks use: no Dask
+        graph between the store and a task).
 
     ``source``, ``target`` and ``mask`` are Dask arrays made on first use
     (saturated pixels NaN, as the reader returns them).
@@ -112,6 +123,11 @@ class Inputs:
         return self.reader.saturation
 
     @property
+    def variances(self) -> Variances | None:
+        """The variance or weight arrays in use (``None`` without ``input.variance`` or ``input.weight``)."""
+        return self.reader.variances
+
+    @property
     def shared_source(self) -> bool:
         """True when one 2-D source is the reference of every target image."""
         return self.reader.source.ndim == 2
@@ -125,7 +141,8 @@ class Inputs:
         return (
             f"Inputs({self.identity.get('store')!r}, group={self.identity.get('group')!r}: "
             f"{n} images of {ny}x{nx} pixels [{labels}], source {src} {self.reader.source.dtype}, "
-            f"target {self.reader.target.dtype}, mask {mask}, chunks {self.chunks[0]}x{self.chunks[1]})"
+            f"target {self.reader.target.dtype}, mask {mask}, chunks {self.chunks[0]}x{self.chunks[1]}"
+            + ("" if self.variances is None else f", {self.variances.describe()}") + ")"
         )
 
 
@@ -139,6 +156,8 @@ def open_inputs(
     storage_options: dict[str, Any] | None = None,
     min_size: int | None = None,
     saturation: Mapping[str, Any] | None = None,
+    variance: Mapping[str, str | None] | None = None,
+    weight: Mapping[str, str | None] | None = None,
 ) -> Inputs:
     """Open the input stack in a Zarr store, read-only and lazily.
 
@@ -161,6 +180,14 @@ def open_inputs(
         the stored units after CF decoding), the name of a 1-D array along the
         image axis (one level per image; not for a shared 2-D source), the name
         of an attribute of the array (a number, or one per image), or ``None``.
+    variance
+        ``{"target": name, "source": name}`` (each optional): arrays of the
+        group holding the per-pixel variances of the target ``(image, y, x)``
+        and of the source (shaped like it: ``(image, y, x)``, or ``(y, x)``
+        for a shared 2-D source).  Their chunks may differ from the images'.
+    weight
+        Like ``variance``, arrays of weights (inverse variances) instead; not
+        with ``variance``.
 
     Returns
     -------
@@ -172,7 +199,9 @@ def open_inputs(
     InputError
         The store, group or an array is missing, or the arrays do not fit
         together; a saturation level is missing, not one finite number per
-        image, or at or below the median of an image (other units?).
+        image, or at or below the median of an image (other units?); a
+        variance or weight array is missing, not real numbers or not shaped
+        like its image; both ``variance`` and ``weight`` are given.
     """
     where = os.fspath(path)
     if not isinstance(where, str):
@@ -252,10 +281,16 @@ def open_inputs(
             f"images are {ny}x{nx} pixels, smaller than one tile ({min_size}): use a smaller tiles.size"
         )
 
+    kind, noise_spec = _noise_spec(variance, weight)
+    noise_names = [name for name in noise_spec.values() if name is not None]
     image_name = _image_dim_name(tgt_dims, IMAGE_DIMS)
     images, image_attrs, image_source = _image_labels(
-        grp, image_name, n, where, exclude={name for name, _ in arrays.values()}
+        grp, image_name, n, where, exclude={name for name, _ in arrays.values()} | set(noise_names)
     )
+    noise = None
+    if kind is not None:
+        labels = () if image_source is None else tuple(str(v) for v in images)
+        noise = _variances(kind, noise_spec, grp, {"source": src, "target": tgt}, arrays, where, group, labels)
 
     read_chunks = _read_chunks(tgt_z)
     order = _axis_order(tgt_dims, IMAGE_DIMS)
@@ -265,7 +300,7 @@ def open_inputs(
     if saturation is not None:
         stored = {"source": src, "target": tgt}
         sat = _saturation(saturation, grp, stored, where, images, image_name,
-                          exclude={name for name, _ in arrays.values()} | {image_name})
+                          exclude={name for name, _ in arrays.values()} | set(noise_names) | {image_name})
 
     identity: dict[str, Any] = {
         "store": store_id,
@@ -275,9 +310,11 @@ def open_inputs(
     }
     if sat is not None:
         identity["saturation"] = sat.identity()
+    if noise is not None:
+        identity["variance"] = noise.identity()
     json.dumps(identity)  # fails here, not in a later writer, if something is not serialisable
     return Inputs(
-        reader=InputReader(src, tgt, msk, sat),
+        reader=InputReader(src, tgt, msk, sat, noise),
         images=images,
         image_attrs=image_attrs,
         chunks=chunks,
@@ -337,8 +374,9 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names) if names else "(none)"
 
 
-def _get_array(grp: zarr.Group, name: str, key: str, where: str, group: str | None) -> zarr.Array:
-    """Array ``name`` of the group, or an error listing what is there."""
+def _get_array(grp: zarr.Group, name: str, key: str, where: str, group: str | None, *,
+               suggest: bool = False) -> zarr.Array:
+    """Array ``name`` of the group, or an error listing what is there (and, with ``suggest``, close names)."""
     if not isinstance(name, str) or not name:
         raise InputError(f"{key}: array names must be non-empty strings, got {name!r}")
     node = _lookup(grp, name)
@@ -352,9 +390,11 @@ def _get_array(grp: zarr.Group, name: str, key: str, where: str, group: str | No
     if node is None:
         subgroups = sorted(grp.group_keys())
         hint = f"; groups there: {_listing(subgroups)} (set input.group to read one)" if subgroups else ""
-        raise InputError(
-            f"{key}: no array '{name}' in {place}; arrays there: {_listing(sorted(grp.array_keys()))}{hint}"
-        )
+        names = sorted(grp.array_keys())
+        close = _close_names(name, names) if suggest else []
+        if close:
+            hint += f"; did you mean {' or '.join(map(repr, close))}? Set {key} to an array there"
+        raise InputError(f"{key}: no array '{name}' in {place}; arrays there: {_listing(names)}{hint}")
     return node
 
 
@@ -506,6 +546,16 @@ class StoredImages:
         return arr
 
 
+class BlockPixels(NamedTuple):
+    """What :meth:`InputReader.read` returns for one region of one image."""
+
+    source: np.ndarray  #: ``(ny, nx)``: the image's source, or the shared 2-D one
+    target: np.ndarray  #: ``(ny, nx)``
+    mask: np.ndarray | None  #: ``(ny, nx)`` nonzero = bad; ``None`` without a mask
+    variance: np.ndarray | None = None  #: ``(ny, nx)`` float64 variances of the target (NaN: bad); or ``None``
+    source_variance: np.ndarray | None = None  #: of the source; ``None`` when not given
+
+
 @dataclass(frozen=True)
 class InputReader:
     """Reads the source, target and mask pixels of one block; travels to worker processes.
@@ -514,25 +564,37 @@ class InputReader:
     image's level, widened by ``saturation.grow`` pixels, come back as NaN
     (in a float copy; the store is never written).  The widening reads
     ``grow`` pixels around the region, so a pixel's value does not depend on
-    the region it is read in.
+    the region it is read in.  With ``variances``, the per-pixel variances
+    of the target and the source come back too.
     """
 
     source: StoredImages
     target: StoredImages
     mask: StoredImages | None = None
     saturation: Saturation | None = None
+    variances: Variances | None = None
 
-    def read(self, image: int, ys: slice, xs: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """``(source, target, mask)`` pixels ``[ys, xs]`` of ``image``; mask ``None`` without one."""
+    def read(self, image: int, ys: slice, xs: slice) -> BlockPixels:
+        """Pixels ``[ys, xs]`` of ``image``: source, target, mask and the variances (``None`` when not given).
+
+        Raises
+        ------
+        InputError
+            A variance or weight array has negative values in the region.
+        """
         def one(arr: StoredImages, levels: SaturationLevels | None = None) -> np.ndarray:
             index = None if arr.ndim == 2 else image
             if levels is None:
                 return arr.read(index, ys, xs)
             return _read_saturated(arr, index, ys, xs, levels.level(index), self.saturation.grow)
 
-        sat = self.saturation
-        return (one(self.source, sat and sat.source), one(self.target, sat and sat.target),
-                None if self.mask is None else one(self.mask))
+        sat, noise = self.saturation, self.variances
+        return BlockPixels(
+            one(self.source, sat and sat.source), one(self.target, sat and sat.target),
+            None if self.mask is None else one(self.mask),
+            None if noise is None else noise.read("target", image, ys, xs),
+            None if noise is None else noise.read("source", image, ys, xs),
+        )
 
     def to_dask(self, role: str) -> da.Array:
         """The whole ``source`` or ``target`` as Dask, chunked like the store, saturated pixels NaN."""
@@ -951,3 +1013,158 @@ def _central_median(arr: StoredImages, image: int | None) -> tuple[float, tuple[
     finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values.ravel()
     median = float(np.median(finite)) if finite.size else math.nan
     return median, (f"{ys.start}:{ys.stop}", f"{xs.start}:{xs.stop}")
+
+
+# --------------------------------------------------------------------------- variances and weights
+
+
+@dataclass(frozen=True, eq=False)
+class Variances:
+    """The arrays of per-pixel variances (or weights, their inverses) of the target and the source.
+
+    Attributes
+    ----------
+    kind
+        ``"variance"`` or ``"weight"`` (``variance = 1 / weight``; a weight of
+        0, NaN or inf is a bad pixel, a NaN variance).
+    target, source
+        The stored arrays, shaped like the image they describe (``None``: not given).
+    where
+        The store, for messages.
+    labels
+        The image labels of the store's image coordinate, for messages (empty without one).
+    """
+
+    kind: str
+    target: StoredImages | None
+    source: StoredImages | None
+    where: str = ""
+    labels: tuple[str, ...] = ()
+
+    def read(self, role: str, image: int, ys: slice, xs: slice) -> np.ndarray | None:
+        """Float64 variances ``[ys, xs]`` of ``image``'s ``role`` image (``None`` when not given).
+
+        Raises
+        ------
+        InputError
+            Naming the array, the image and the region, where a value is negative.
+        """
+        arr: StoredImages | None = getattr(self, role)
+        if arr is None:
+            return None
+        index = None if arr.ndim == 2 else image
+        values = np.asarray(arr.read(index, ys, xs), dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            negative = values < 0
+        if negative.any():
+            self._negative(role, arr, index, ys, xs, values[negative])
+        if self.kind == "variance":
+            return values
+        good = np.isfinite(values) & (values > 0)
+        with np.errstate(divide="ignore"):
+            return np.where(good, 1.0 / np.where(good, values, 1.0), np.nan)
+
+    def _negative(self, role: str, arr: StoredImages, image: int | None, ys: slice, xs: slice,
+                  values: np.ndarray) -> None:
+        key = f"input.{self.kind}.{role}"
+        if image is None:
+            which = "the shared 2-D source"
+        else:
+            which = f"image {image}" + (f" ({self.labels[image]!r})" if image < len(self.labels) else "")
+        ny, nx = arr.shape[-2:]
+        (y0, y1, _), (x0, x1, _) = ys.indices(ny), xs.indices(nx)
+        what = ("a variance is >= 0 (NaN or inf marks a bad pixel)" if self.kind == "variance"
+                else "a weight (inverse variance) is >= 0 (0 marks a bad pixel)")
+        raise InputError(
+            f"{key}: array '{arr.name}' in {self.where} has {values.size} negative value(s) in {which}, "
+            f"rows {y0}:{y1}, columns {x0}:{x1} (e.g. {float(values.min()):g}): {what}. Fix the array "
+            f"(set such pixels to {'NaN' if self.kind == 'variance' else '0'} to mark them bad), or remove {key}")
+
+    def describe(self) -> str:
+        """``weights: target 'target_wht' float32 (image, y, x), source none``."""
+        parts = []
+        for role in ("target", "source"):
+            arr: StoredImages | None = getattr(self, role)
+            dims = "" if arr is None else ("(y, x)" if arr.ndim == 2 else "(image, y, x)")
+            parts.append(f"{role} none" if arr is None else f"{role} '{arr.name}' {arr.dtype} {dims}")
+        return f"{self.kind}s: " + ", ".join(parts)
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-serialisable: the kind and each stored array's description."""
+        return {"kind": self.kind,
+                **{role: None if arr is None else _describe(arr.name, arr.array, decoded=True)
+                   for role, arr in (("target", self.target), ("source", self.source))}}
+
+
+def _noise_spec(variance: Mapping[str, Any] | None,
+                weight: Mapping[str, Any] | None) -> tuple[str | None, dict[str, str | None]]:
+    """``(kind, {role: name})`` from ``input.variance`` or ``input.weight``; ``(None, {})`` without either."""
+    if variance is not None and weight is not None:
+        raise InputError("input.weight: input.variance is given too: give the per-pixel variances (variance) "
+                         "or their inverses (weight), not both; remove one of them")
+    kind = "variance" if variance is not None else "weight" if weight is not None else None
+    if kind is None:
+        return None, {}
+    spec = variance if variance is not None else weight
+    key = f"input.{kind}"
+    if not isinstance(spec, Mapping):
+        raise InputError(f"{key} must be a mapping of target and source array names, got {spec!r}: "
+                         f"e.g. {kind}: {{target: target_{kind[:3]}}}")
+    unknown = sorted(set(spec) - {"target", "source"})
+    if unknown:
+        raise InputError(f"{key}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: target, source")
+    names = {role: spec.get(role) for role in ("target", "source")}
+    for role, name in names.items():
+        if name is not None and (not isinstance(name, str) or not name):
+            raise InputError(f"{key}.{role}: array names must be non-empty strings, got {name!r}")
+    if all(name is None for name in names.values()):
+        raise InputError(f"{key}: no array for the target or the source: give target and/or source, or "
+                         f"remove {key}")
+    return kind, names
+
+
+def _variances(kind: str, spec: dict[str, str | None], grp: zarr.Group, images_by_role: dict[str, StoredImages],
+               arrays: dict[str, tuple[str, zarr.Array]], where: str, group: str | None,
+               labels: tuple[str, ...]) -> Variances:
+    """Open and check the variance or weight arrays ``spec`` names (names, dtypes, shapes)."""
+    used = {name: role for role, (name, _) in arrays.items()}
+    values = "variances" if kind == "variance" else "weights"
+    stored: dict[str, StoredImages | None] = {}
+    for role in ("target", "source"):
+        name = spec.get(role)
+        if name is None:
+            stored[role] = None
+            continue
+        key = f"input.{kind}.{role}"
+        if name in used:
+            raise InputError(f"{key}: '{name}' is the {used[name]} array itself: give the array holding the "
+                             f"{role}'s {values}")
+        z = _get_array(grp, name, key, where, group, suggest=True)
+        _check_dtype(z, name, key, where, allow_bool=False)
+        image = images_by_role[role]
+        stored[role] = _shaped_like(z, name, key, image, role, values, where)
+    return Variances(kind, stored["target"], stored["source"], where, labels)
+
+
+def _shaped_like(z: zarr.Array, name: str, key: str, image: StoredImages, role: str, values: str,
+                 where: str) -> StoredImages:
+    """``z`` as stored images, after checking it has the shape of ``image`` (the array it describes)."""
+    shared = image.ndim == 2
+    dims = "(y, x)" if shared else "(image, y, x)"
+    if z.ndim != image.ndim:
+        if shared:
+            why = (f"the source '{image.name}' is one 2-D (y, x) image shared by every target image, so it has "
+                   f"one variance per pixel: give a 2-D (y, x) array of shape {image.shape}, not one per image")
+        elif z.ndim == 2:
+            why = (f"{role} '{image.name}' holds one image per target image: give an (image, y, x) array of "
+                   f"shape {image.shape}, one map of {values} per image")
+        else:
+            why = f"it must be {dims} like {role} '{image.name}', shape {image.shape}"
+        raise InputError(f"{key}: array '{name}' in {where} has shape {tuple(z.shape)}, but {why}")
+    arr = _stored(z, name, _axis_order(_dimension_names(z), IMAGE_DIMS[-z.ndim:]))
+    if arr.shape != image.shape:
+        raise InputError(
+            f"{key}: array '{name}' in {where} has shape {arr.shape} as {dims} but {role} '{image.name}' has "
+            f"{image.shape}: the {values} must cover every pixel of the {role} (the same images and pixel "
+            "grid; the chunks may differ); resample or crop them to match")
+    return arr

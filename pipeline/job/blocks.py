@@ -1,10 +1,11 @@
 """The task of one block: read its pixels, estimate every tile's kernel, write the block.
 
-A task reads its own pixels straight from the input store (no input graph moves
-data around), calls :func:`pipeline.estimate_kernels` on all the block's tiles
-at once, writes the kernels into the block's own chunk of the output store and
-then the block's record (its per-tile diagnostics, which mark it done).  What it
-returns is what :class:`pipeline.job.finish.ImageFinisher` takes.
+A task reads its own pixels (and their variances, when the job names them)
+straight from the input store (no input graph moves data around), calls
+:func:`pipeline.estimate_kernels` on all the block's tiles at once, writes the
+kernels into the block's own chunk of the output store and then the block's
+record (its per-tile diagnostics, which mark it done).  What it returns is
+what :class:`pipeline.job.finish.ImageFinisher` takes.
 """
 
 from __future__ import annotations
@@ -50,14 +51,13 @@ class BlockTask:
     def __call__(self, block: Block) -> BlockResult:
         """Read the block's pixels, estimate every tile, write the block's chunks and record."""
         ys, xs = self.grid.pixel_region(block)
-        src, tgt, mask = self.reader.read(block.image, ys, xs)
-        src_tiles, tgt_tiles = self.grid.cut(src, block), self.grid.cut(tgt, block)
-        mask_tiles = None if mask is None else self.grid.cut(mask, block)
-        del src, tgt, mask
+        pixels = self.reader.read(block.image, ys, xs)
+        src, tgt, mask, var, src_var = (None if a is None else self.grid.cut(a, block) for a in pixels)
+        del pixels
         kernel = self.job.kernel
         res = estimate_kernels(
-            src_tiles, tgt_tiles, kernel_size=kernel.size, method=kernel.method, mask=mask_tiles,
-            normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
+            src, tgt, kernel_size=kernel.size, method=kernel.method, mask=mask, variance=var,
+            source_variance=src_var, normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
             **kernel.estimator_options(),
         )
         shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)

@@ -3,7 +3,8 @@
 A job file is YAML with five sections::
 
     input:   {path, source, target, mask, group, storage_options,
-              saturation: {source, target, grow}}
+              saturation: {source, target, grow},
+              variance: {target, source} or weight: {target, source}}
     tiles:   {size, step}
     kernel:  {method, size, normalize, <options of the method>}
     output:  {path, mode, dtype}
@@ -30,7 +31,7 @@ import os
 import re
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -58,6 +59,8 @@ __all__ = [
     "ConfigError",
     "InputConfig",
     "SaturationConfig",
+    "VarianceConfig",
+    "WeightConfig",
     "TilesConfig",
     "LstsqKernel",
     "WelchKernel",
@@ -169,6 +172,59 @@ class SaturationConfig(BaseModel):
         return self
 
 
+class VarianceConfig(BaseModel):
+    """Arrays of the input store holding the per-pixel variances of the images.
+
+    ``target`` is like the target ``(image, y, x)``; ``source`` like the
+    source: ``(image, y, x)``, or ``(y, x)`` for a shared 2-D source.  Either
+    may be null (not known).  A NaN or infinite variance marks that pixel bad
+    in that image.  Method ``lstsq``'s robust pass judges its residuals
+    against them instead of the noise model it fits per tile.
+    """
+
+    model_config = _STRICT
+
+    #: kind of values the arrays hold, for messages: variances, or their inverses
+    _key: ClassVar[str] = "variance"
+    _values: ClassVar[str] = "variances"
+
+    target: Name | None = None
+    source: Name | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise PydanticCustomError(_CHECKS, "{text}", {
+                "text": f"{_show(value)} is a name, not a mapping: say which image the array describes, "
+                        f"e.g. {cls._key}: {{target: {value}}} (and source: for the source's {cls._values})"})
+        return value
+
+    @model_validator(mode="after")
+    def _some_array(self) -> VarianceConfig:
+        if self.target is None and self.source is None:
+            raise PydanticCustomError(_CHECKS, "{text}", {
+                "text": f"no array for the target or the source: give target and/or source (names of arrays "
+                        f"of {self._values} in the input store), or remove input.{self._key}"})
+        return self
+
+    def arrays(self) -> dict[str, str]:
+        """``{"target": name, "source": name}`` of the arrays given."""
+        return {role: name for role in ("target", "source") if (name := getattr(self, role)) is not None}
+
+
+class WeightConfig(VarianceConfig):
+    """Arrays of the input store holding per-pixel weights: inverse variances (``variance = 1 / weight``).
+
+    Weight maps as survey pipelines and SWarp write them; a weight of 0 (or
+    NaN or inf) marks that pixel bad in that image.  Otherwise like
+    :class:`VarianceConfig`.
+    """
+
+    _key: ClassVar[str] = "weight"
+    _values: ClassVar[str] = "weights"
+
+
 class InputConfig(BaseModel):
     """The input stack: a Zarr group with source, target and optional mask arrays."""
 
@@ -182,6 +238,10 @@ class InputConfig(BaseModel):
     storage_options: dict[str, Any] = {}
     #: upper valid levels of the images (null: none)
     saturation: SaturationConfig | None = None
+    #: arrays of per-pixel variances of the target and the source (null: not known)
+    variance: VarianceConfig | None = None
+    #: or arrays of per-pixel weights, inverse variances (not both)
+    weight: WeightConfig | None = None
 
     @model_validator(mode="after")
     def _distinct_arrays(self) -> InputConfig:
@@ -191,9 +251,29 @@ class InputConfig(BaseModel):
         if self.mask is not None and self.mask in (self.source, self.target):
             role = "source" if self.mask == self.source else "target"
             items.append(("mask", f"{self.mask!r} is also the {role} array"))
+        if self.variance is not None and self.weight is not None:
+            items.append(("weight", "input.variance is given too: give the per-pixel variances (variance) or "
+                                    "their inverses (weight), not both; remove one of them"))
+        images = {self.source: "source", self.target: "target"}
+        if self.mask is not None:
+            images[self.mask] = "mask"
+        for section in (self.variance, self.weight):
+            if section is None:
+                continue
+            for role, name in section.arrays().items():
+                if name in images:
+                    items.append((f"{section._key}.{role}", f"{name!r} is the {images[name]} array itself: give "
+                                  f"the array holding the {role}'s {section._values}"))
         if items:
             raise _problems(*items)
         return self
+
+    def noise(self) -> tuple[str, dict[str, str]] | None:
+        """``("variance" or "weight", {role: array name})``, or ``None`` when neither is given."""
+        for section in (self.variance, self.weight):
+            if section is not None:
+                return section._key, section.arrays()
+        return None
 
 
 class TilesConfig(BaseModel):
@@ -494,15 +574,16 @@ class JobConfig(BaseModel):
     def fingerprint(self) -> str:
         """SHA-256 (hex) of everything that changes the result.
 
-        That is the input (except ``storage_options``; with ``saturation``
-        when set), the tiles, the kernel and model sections and
+        That is the input (except ``storage_options``; with ``saturation``,
+        ``variance`` and ``weight`` when set), the tiles, the kernel and model sections and
         ``output.dtype``; not where the output goes, how it is written, or how
         the job is computed.
         """
         data = self.model_dump(mode="json")
         data["input"].pop("storage_options")
-        if data["input"]["saturation"] is None:  # the fingerprint of a job without it, as before it existed
-            del data["input"]["saturation"]
+        for key in ("saturation", "variance", "weight"):
+            if data["input"][key] is None:  # the fingerprint of a job without it, as before it existed
+                del data["input"][key]
         canonical = {"input": data["input"], "tiles": data["tiles"], "kernel": data["kernel"],
                      "model": data["model"], "output": {"dtype": data["output"]["dtype"]}}
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

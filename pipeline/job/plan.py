@@ -76,7 +76,9 @@ class Plan:
         size, step = self.grid.size, self.grid.step
         h, w = (by - 1) * step + size, (bx - 1) * step + size
         k = self.layout.kernel_size
-        region = h * w * 8 * 4  # source, target, bad map and their float copies
+        noise = self.inputs.variances
+        given = 0 if noise is None else (noise.target is not None) + (noise.source is not None)
+        region = h * w * 8 * (4 + 2 * given)  # source, target, bad map, variances and their float copies
         tiles = by * bx * size * size * 8 * 3  # tile stacks and model images
         solver = 4 * (k * k) ** 2 * 8 * 3 + 12 * (size + k) ** 2 * 16  # Grams, FFT spectra
         return region + tiles + solver
@@ -114,6 +116,7 @@ class Plan:
             f"source {'shared 2-D reference' if inp.shared_source else 'one per image'}, "
             f"mask {job.input.mask or 'none (NaN pixels are bad)'}",
             f"saturation {_describe_saturation(inp)}",
+            f"variance   {_describe_variances(job, inp)}",
             f"images     {', '.join(map(str, inp.images[:6]))}{' ...' if n > 6 else ''}",
             f"tiles      {grid.size} px every {grid.step} px: {ty}x{tx} per image, {self.n_tiles} in all"
             + (f"; {uy} rows and {ux} columns at the far edges not covered" if uy or ux else ""),
@@ -163,6 +166,22 @@ def _describe_saturation(inputs: Inputs) -> str:
     return sat.describe()
 
 
+def _describe_variances(job: JobConfig, inputs: Inputs) -> str:
+    noise = inputs.variances
+    method = job.kernel.method
+    if noise is None:
+        fitted = "; lstsq's robust pass fits a noise model per tile" if method == "lstsq" else ""
+        return f"none (input.variance/input.weight not set{fitted})"
+    text = noise.describe()
+    if noise.kind == "weight":
+        text += " (variance = 1/weight; a weight of 0 is a bad pixel)"
+    if method != "lstsq":
+        return text + f"; method {method} does not use variances, only the bad pixels they mark"
+    if not getattr(job.kernel, "robust", True):
+        return text + "; kernel.robust is false, so only the bad pixels they mark are used"
+    return text + "; lstsq's robust pass judges residuals against them"
+
+
 def _describe_compute(job: JobConfig) -> str:
     c = job.compute
     if c.scheduler == "local":
@@ -197,6 +216,8 @@ def plan_job(job: JobConfig) -> Plan:
         job.input.path, source=job.input.source, target=job.input.target, mask=job.input.mask,
         group=job.input.group, storage_options=job.input.storage_options, min_size=job.tiles.size,
         saturation=None if job.input.saturation is None else job.input.saturation.model_dump(),
+        variance=None if job.input.variance is None else job.input.variance.arrays(),
+        weight=None if job.input.weight is None else job.input.weight.arrays(),
     )
     _, ny, nx = inputs.shape
     step = job.tiles.step or job.tiles.size
