@@ -1,10 +1,13 @@
 """Exact least-squares kernel estimate over the valid region of each tile.
 
 Unknowns: the ``k x k`` kernel and a constant background.  Only target pixels
-whose whole kernel footprint lies inside the tile and contains no bad pixel
-are fitted, so edges and bad pixels leave no artifact.  The normal equations
-come from :mod:`pipeline.core.gram` (FFT correlations plus exact boundary terms);
-bad pixels are removed from them as low-rank downdates.
+whose whole kernel footprint lies inside the tile are fitted, so edges leave
+no artifact.  The normal equations come from :mod:`pipeline.core.gram` (FFT
+correlations plus exact boundary terms).  A bad target pixel removes its own
+equation (all of them one low-rank downdate); a bad source pixel is filled
+from its neighbours (:mod:`pipeline.core.fill`) and keeps its target pixels,
+unless it sits in a cluster too dense to fill (or ``bad_source="exclude"``),
+when every target pixel whose footprint covers it goes.
 
 Regularisation adds ``sum_i mu_i ||D_i K||^2`` to the squared residual, with
 ``mu_i = lam_i * tr(G) / tr(D_i^T D_i)`` so that each ``lam_i`` is
@@ -18,10 +21,15 @@ With ``regularization="auto"`` every ``lam_i`` maximises the Bayesian
 evidence (MacKay's fixed-point updates ``alpha_i = gamma_i / E_W,i``,
 ``beta = (n - gamma) / E_D``, traces from fixed Rademacher probes): the
 noise level and the signal power of the tile set them, no truth needed.
-A fixed ``regularization=lam`` uses that ``lam`` for every term (or one per term).  A robust
-pass then excludes target pixels whose residual exceeds ``clip`` robust
-standard deviations (cosmic rays, saturated cores, artefacts) and solves
-again (searching ``lam`` again when more than 0.2 % of the pixels went).
+A fixed ``regularization=lam`` uses that ``lam`` for every term (or one per term).
+
+The robust pass (``robust=True``): before the first fit, defects nobody
+marked (saturation plateaus, single-pixel spikes, :mod:`pipeline.core.defects`)
+are treated as bad pixels; after it, up to three times, target pixels whose
+residual exceeds ``clip`` sigmas of the tile's noise model (:func:`noise_model`,
+or the images' known variances) are removed, grown into the defects they
+belong to, and the kernel is solved again (``lam`` searched again when the
+removed pixels held the noise level).
 The options and their defaults are those of :class:`pipeline.core.options.LstsqOptions`.
 """
 
@@ -237,18 +245,18 @@ def _refined(a: np.ndarray, chol: np.ndarray, rhs: np.ndarray, rtol: float,
     return kern if np.linalg.norm(rhs - a @ kern) <= rtol * np.linalg.norm(rhs) else None
 
 
-def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, final: bool = True):
+def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int):
     """Evidence-maximising ``lam`` by accelerated fixed-point iteration in ``log lam``.
 
-    Returns ``(solution, lam, at_bound)``; ``solution`` is ``None`` when no
-    ``lam`` in range gives a positive definite system.  With ``final=False``
-    the solution is the last single-precision step's (good enough to look
-    at residuals), else a double-precision solve at the returned ``lam``.
+    Returns ``(solution, lam, at_bound)``: the last step's (single-precision
+    factor, refined) solution and the ``lam`` it was solved at;
+    ``solution`` is ``None`` when no ``lam`` in range gives a positive
+    definite system.
     """
     lo, hi = np.log(_LAM_MIN), np.log(_LAM_MAX)
     x = np.clip(np.log(lam0), lo, hi)
     prev: tuple[np.ndarray, np.ndarray] | None = None  # previous (x, g)
-    sol = None
+    sol, solved_at = None, x
     for _ in range(max_iter):
         result = tile.update(np.exp(x))
         while result is None:  # not positive definite: regularise more
@@ -258,6 +266,7 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, fin
             prev = None
             result = tile.update(np.exp(x))
         lam_new, sol = result
+        solved_at = x
         g = np.log(np.maximum(lam_new, _LAM_MIN * 1e-3)) - x  # fixed-point residual
         if np.max(np.abs(g)) < tol:
             break  # ``x`` is within ``tol`` of the fixed point
@@ -273,8 +282,8 @@ def _search_lam(tile: _Tile, lam0: np.ndarray, *, tol: float, max_iter: int, fin
         x = np.clip(x + np.clip(step, -3.0, 3.0), lo, hi)
     # the lower bound only means the data need no regularisation; the upper one
     # means the data say nothing the prior does not
-    at_bound = bool(np.any(x >= hi - tol))
-    return (tile.solve(np.exp(x)) if final else sol), np.exp(x), at_bound
+    at_bound = bool(np.any(solved_at >= hi - tol))
+    return sol, np.exp(solved_at), at_bound
 
 
 def lstsq_kernels(
@@ -420,8 +429,7 @@ def lstsq_kernels(
 
             def fit(lam_start: np.ndarray):
                 if auto_lam:
-                    return _search_lam(tile, lam_start, tol=opts.tol, max_iter=opts.max_iter,  # noqa: B023
-                                       final=False)
+                    return _search_lam(tile, lam_start, tol=opts.tol, max_iter=opts.max_iter)  # noqa: B023
                 return tile.solve(lam_fixed), lam_fixed, False  # noqa: B023 - called in this iteration only
 
             sol, lam, at_bound = fit(lam_start)
@@ -444,10 +452,12 @@ def lstsq_kernels(
             for _ in range(_ROBUST_PASSES if robust else 0):
                 pixel_var = None if known is None else known.of(sol.kernel, fitted)
                 out, share = _outliers(resid, model, opts.clip, pixel_var)
-                if not out.any() or tile.count - out.sum() < min_pixels_per_parameter * (k2 + 1):
+                if not out.any():
                     break
                 pix = np.nonzero(fitted)
                 pix = _grown(pix[0][out], pix[1][out], fitted, half)
+                if tile.count - len(pix[0]) < min_pixels_per_parameter * (k2 + 1):
+                    break  # too few pixels would remain: keep the fit as it is
                 tile.remove(np.ascontiguousarray(design_rows(src[i], half, pix)), tgt[i][pix])
                 fitted[pix] = False
                 n_clipped[t] += len(pix[0])
