@@ -3,9 +3,11 @@
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy.ndimage import gaussian_filter
 
+import pipeline as km
 from pipeline.core.defects import saturation_plateau, spikes
-from pipeline.sim.scenes import gaussian_kernel
+from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
 
 
 def test_saturation_plateau_finds_flat_cores_only():
@@ -55,3 +57,27 @@ def test_hot_and_dead_pixels_are_spikes_and_stars_are_not():
 def test_well_sampled_stars_are_never_spikes(seed, fwhm):
     image = star_field(seed, fwhm=fwhm, size=64)
     assert not spikes(image, np.ones(image.shape, dtype=bool)).any()
+
+
+def test_undersampled_stars_are_seen_in_the_other_image_and_hot_pixels_are_not():
+    """Alone, a 1.2 px FWHM star peak looks like a spike; the target (the same sky through a kernel)
+    lights its neighbourhood, so it is not one. A hot pixel at the same place in both images (the
+    same detector) lights neither image's neighbourhood: both are spikes."""
+    rng = np.random.default_rng(5)
+    pair = survey_tile_pair(seed=rng, kernel=gaussian_kernel(15, fwhm=2.5), size=128, psf_fwhm=1.2)
+    usable = np.ones(pair.source.shape, dtype=bool)
+    alone = spikes(pair.source, usable)
+    assert alone.sum() > 10
+    paired = spikes(pair.source, usable, pair.target, usable)
+    assert not (paired & ~alone).any()
+    # what stays flagged is faint: filling it leaves the kernel as good as with no search at all
+    default = km.estimate_kernels(pair.source[None], pair.target[None], kernel_size=15)
+    no_search = km.estimate_kernels(pair.source[None], pair.target[None], kernel_size=15, robust=False)
+    err = [np.linalg.norm(r.kernels[0] - pair.kernel) / np.linalg.norm(pair.kernel) for r in (default, no_search)]
+    assert err[0] < 1.1 * err[1] + 0.002
+    src, tgt = pair.source.copy(), pair.target.copy()
+    quiet = np.unravel_index(np.argmin(np.abs(gaussian_filter(pair.target, 3.0))), tgt.shape)
+    quiet = (int(np.clip(quiet[0], 2, 125)), int(np.clip(quiet[1], 2, 125)))
+    src[quiet] += 2e4
+    tgt[quiet] += 2e4
+    assert spikes(src, usable, tgt, usable)[quiet] and spikes(tgt, usable, src, usable)[quiet]

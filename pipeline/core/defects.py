@@ -20,6 +20,12 @@ _PLATEAU = 3
 _SPIKE_SIGMAS = 10.0
 #: ... and its 3x3 median holds less than this fraction of its height (a star's keeps about half).
 _SPIKE_SHARPNESS = 0.25
+#: With the other image given: a candidate whose 3x3 box there departs from the sky by this many
+#: sigmas is a source of light seen in both images (an undersampled star), not a defect.
+_COUNTERPART_SIGMAS = 5.0
+#: ... and by this fraction of the candidate's own height (a star keeps a fifth or more of its peak
+#: through a kernel of twice its width; a hot pixel on faint light elsewhere does not).
+_COUNTERPART_FRACTION = 0.02
 #: More spikes than this fraction of the pixels: the image is not of that kind (a photo); none are reported.
 _SPIKE_FRACTION = 0.005
 
@@ -47,7 +53,24 @@ def saturation_plateau(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
     return plateau
 
 
-def spikes(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
+def _sky(image: np.ndarray, usable: np.ndarray) -> tuple[float, float, np.ndarray] | None:
+    """Median level, robust pixel noise (from neighbour differences) and the image with unusable
+    pixels at that level; ``None`` when nothing can be measured."""
+    rows = slice(None, None, max(1, image.shape[0] // 16))  # statistics from about 16 rows
+    everywhere = bool(usable.all())
+    level = float(np.median(image[rows] if everywhere else image[rows][usable[rows]]))
+    clean = image if everywhere else np.where(usable, image, level)
+    steps = np.diff(clean[rows], axis=1)
+    if not everywhere:
+        steps = steps[usable[rows][:, 1:] & usable[rows][:, :-1]]
+    if not steps.size:
+        return None
+    sigma = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / np.sqrt(2.0)
+    return (level, sigma, clean) if sigma > 0 else None
+
+
+def spikes(image: np.ndarray, usable: np.ndarray, other: np.ndarray | None = None,
+           other_usable: np.ndarray | None = None) -> np.ndarray:
     """Single-pixel spikes (hot pixels, dead pixels, cosmic-ray hits) of a sampled image.
 
     A pixel is a spike when it differs from the median of its 3x3
@@ -60,28 +83,23 @@ def spikes(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
     low pixel must also lie 10 sigmas below the median level: a dead pixel
     (a star cannot make one).  Pixels not ``usable`` are not judged and
     count as the median level.  Only pixels 10 sigmas from that level are
-    examined, so the cost is about one pass over the image.  Stars sharper
-    than about 1.5 px FWHM look like spikes: such undersampled images should
-    give a mask instead.  When more than 0.5 % of the pixels qualify, the
+    examined, so the cost is about one pass over the image.  Alone, stars
+    sharper than about 1.5 px FWHM look like spikes.  When more than 0.5 % of the pixels qualify, the
     image is not one of point sources on a sky (a photo, whose own detail is
-    that sharp) and nothing is reported.
+    that sharp) and nothing is reported.  Given the ``other`` image of the
+    pair, a candidate whose 3x3 neighbourhood there is lit (a pixel 5 sigmas
+    and 2 % of the candidate's height from that image's sky) is light seen
+    in both images, an undersampled star, and is not a spike: a defect is in
+    one image only.
     """
     usable = np.asarray(usable, dtype=bool)
     found = np.zeros(image.shape, dtype=bool)
     if not usable.any() or min(image.shape) < 3:
         return found
-    rows = slice(None, None, max(1, image.shape[0] // 16))  # statistics from about 16 rows
-    everywhere = bool(usable.all())
-    level = float(np.median(image[rows] if everywhere else image[rows][usable[rows]]))
-    clean = image if everywhere else np.where(usable, image, level)
-    steps = np.diff(clean[rows], axis=1)
-    if not everywhere:
-        steps = steps[usable[rows][:, 1:] & usable[rows][:, :-1]]
-    if not steps.size:
+    sky = _sky(image, usable)
+    if sky is None:
         return found
-    sigma = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / np.sqrt(2.0)
-    if not sigma > 0:
-        return found
+    level, sigma, clean = sky
     threshold = _SPIKE_SIGMAS * sigma
     far = (clean > level + threshold) | (clean < level - threshold)  # candidates: few pixels on a sky
     ys, xs = np.nonzero(far[1:-1, 1:-1])
@@ -97,6 +115,15 @@ def spikes(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
     high = (value > level) & (value - local > threshold) & (local - level < _SPIKE_SHARPNESS * (value - level))
     low = (value < level) & (local - value > threshold)
     spike = high | low
+    if other is not None and spike.any():  # a source of light is in both images, a defect in one
+        ok = np.ones(other.shape, dtype=bool) if other_usable is None else np.asarray(other_usable, dtype=bool)
+        other_sky = _sky(other, ok) if ok.any() else None
+        if other_sky is not None:
+            o_level, o_sigma, o_clean = other_sky
+            o_box = o_clean[ys[:, None] + dy.ravel(), xs[:, None] + dx.ravel()]
+            seen = np.abs(np.median(o_box, axis=1) - o_level)
+            lit = seen > np.maximum(_COUNTERPART_SIGMAS * o_sigma, _COUNTERPART_FRACTION * np.abs(value - level))
+            spike &= ~(lit & high)  # no light makes a pixel darker than the sky: a low spike stays one
     if spike.sum() > _SPIKE_FRACTION * usable.sum():
         return found  # not an image of point sources on a sky: its own detail is that sharp
     found[ys[spike], xs[spike]] = True

@@ -574,8 +574,8 @@ def _tile_pixels(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray 
     plateau = spiked = found_tgt = np.zeros(shape, dtype=bool)
     if find:
         plateau = saturation_plateau(source, ~src_bad)
-        spiked = spikes(source, ~(src_bad | plateau))
-        found_tgt = (saturation_plateau(target, ~tgt_bad) | spikes(target, ~tgt_bad)) & ~tgt_bad
+        spiked = spikes(source, ~(src_bad | plateau), target, ~tgt_bad)
+        found_tgt = (saturation_plateau(target, ~tgt_bad) | spikes(target, ~tgt_bad, source, ~src_bad)) & ~tgt_bad
     to_fill = src_bad | spiked
     excluded = plateau.copy()
     n_filled = 0

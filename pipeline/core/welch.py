@@ -225,17 +225,23 @@ def welch_kernels(
     src_bad = either_bad(maps.get("bad"), maps.get("source_bad"))
     tgt_bad = either_bad(maps.get("bad"), maps.get("target_bad"))
     if opts.find_defects:
-        src_bad, tgt_bad = _with_found_defects(sources, src_bad), _with_found_defects(targets, tgt_bad)
+        src_bad, tgt_bad = (_with_found_defects(sources, src_bad, targets, tgt_bad),
+                            _with_found_defects(targets, tgt_bad, sources, src_bad))
     sources, targets, unusable = _fill_isolated(sources, targets, src_bad, tgt_bad)
     return _welch(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers)
 
 
-def _with_found_defects(images: np.ndarray, bad: np.ndarray | None) -> np.ndarray | None:
-    """``bad`` with the spikes and saturation plateaus found in each image added (``None`` if none)."""
+def _with_found_defects(images: np.ndarray, bad: np.ndarray | None, others: np.ndarray,
+                        others_bad: np.ndarray | None) -> np.ndarray | None:
+    """``bad`` with the spikes and saturation plateaus found in each image added (``None`` if none).
+
+    ``others`` are the other images of the pairs (a spike has no counterpart there).
+    """
     found = np.zeros(images.shape, dtype=bool)
     for i, image in enumerate(images):
         usable = np.ones(image.shape, dtype=bool) if bad is None else ~bad[i]
-        found[i] = saturation_plateau(image, usable) | spikes(image, usable)
+        other_usable = None if others_bad is None else ~others_bad[i]
+        found[i] = saturation_plateau(image, usable) | spikes(image, usable, others[i], other_usable)
     if not found.any():
         return bad
     return found if bad is None else bad | found
