@@ -37,7 +37,10 @@ def saturation_plateau(image: np.ndarray, usable: np.ndarray) -> np.ndarray:
     hold one identical value, the largest of the tile.  Three or more
     pixels at the maximum (within 1e-6 of it, relatively), at least two of
     them side by side, are taken as saturated; otherwise nothing is (nor
-    when they are more than a quarter of the image: a flat image).
+    when they are more than a quarter of the image: a flat image).  Only
+    the tile's highest plateau is found, and only where saturated pixels
+    still share one value (raw or bias-subtracted frames); after division by
+    a flat field they do not: give the level (``input.saturation``).
     Returns a boolean map (all False for an image without a plateau).
     """
     values = np.where(usable, image, -np.inf)
