@@ -42,6 +42,13 @@ of filled pixels gave 1.1-1.2 times the clean error.)  Filling costs
 1-2 ms per 256 x 256 image that has bad pixels, so such tiles take 1.8-2.2
 times as long as clean ones (5.8-7.2 against 3.2 ms, one thread); tiles
 without bad pixels are not touched and give bit-identical results.
+
+With ``find_defects`` (default), defects nobody marked are found first
+(:mod:`pipeline.core.defects`: saturation plateaus, single-pixel spikes that
+the other image does not show) and treated as bad pixels of their image:
+0.03 % unflagged hot and dead pixels in each image gave relative L2 0.81 and
+a 33 % flux error without it, the clean tiles' 0.33 and 1.2-1.4 % with it.
+The search costs about 1 ms a tile.
 """
 
 from __future__ import annotations
