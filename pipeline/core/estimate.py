@@ -201,7 +201,8 @@ def _prepare(sources, targets, mask, kernel_size, variance=None, source_variance
 
 @dataclass(frozen=True)
 class BadPixels:
-    """Bad pixels of a batch: NaN/inf in the source, in the target, and the user's mask (bad in both)."""
+    """Bad pixels of a batch (NaN/inf in the source, in the target, the user's mask: bad in both) and
+    the known variances, whose NaN/inf also mark bad pixels."""
 
     source: np.ndarray  #: ``(n, ny, nx)`` bool
     target: np.ndarray  #: ``(n, ny, nx)`` bool

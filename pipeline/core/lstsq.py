@@ -169,7 +169,7 @@ class _Tile:
         if not np.all(np.isfinite(kern)):
             return None
         ew = np.array([kern @ (g @ kern) for g in pen.grams])
-        ed = max(self.yy - 2.0 * (kern @ self.cc) + kern @ (self.gc @ kern), 0.0)
+        ed = self.statistics().rss(kern)
         probes = pen.probes32 if chol.dtype == np.float32 else pen.probes64
         w = lower_solve(chol, probes)
         per_probe = np.einsum("ij,ij->i", w, w, dtype=np.float64)
@@ -446,7 +446,7 @@ def lstsq_kernels(
                 no_signal[t] = True
                 continue
             resid, model = _residuals(tile, sol.kernel, fs[i], shape, tgt[i], fitted)
-            known = None if variance is None and source_variance is None else _KnownVariance(
+            known = None if not robust or (variance is None and source_variance is None) else _KnownVariance(
                 None if variance is None else np.asarray(variance[t], dtype=np.float64),
                 None if source_variance is None else np.asarray(source_variance[t], dtype=np.float64), shape)
             for _ in range(_ROBUST_PASSES if robust else 0):

@@ -230,7 +230,8 @@ class LstsqOptions(MethodOptions):
         "target pixel whose kernel footprint covers one.",
         str, choices=("fill", "exclude"), in_job=True)
     clip: float = _option(
-        5.0, "Threshold of the robust pass, in robust standard deviations (robust sigmas).",
+        5.0, "Threshold of the robust pass, in sigmas of the tile's noise model (or of the given "
+        "variances, rescaled by the residuals' robust spread).",
         float, gt=0, in_job=True)
     lam_init: float = _option(
         300.0,
