@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import legendre
 
-__all__ = ["STORED", "KernelField", "fit_kernel_field", "fit_tiles", "polynomial_terms", "tile_weights"]
+__all__ = ["STORED", "FieldFrame", "KernelField", "field_frame", "fit_kernel_field", "fit_tiles",
+           "legendre_design", "polynomial_terms", "resolvable_terms", "tile_weights"]
 
 
 def polynomial_terms(degree: int) -> list[tuple[int, int]]:
@@ -28,9 +29,41 @@ def polynomial_terms(degree: int) -> list[tuple[int, int]]:
     return [(total - j, j) for total in range(degree + 1) for j in range(total + 1)]
 
 
-def _design(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
+def legendre_design(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
+    """``(n, n_terms)`` values of the terms ``P_i(u) P_j(v)`` (:func:`polynomial_terms` order)."""
     lu, lv = legendre.legvander(u, degree), legendre.legvander(v, degree)
     return np.stack([lu[:, i] * lv[:, j] for i, j in polynomial_terms(degree)], axis=1)
+
+
+@dataclass(frozen=True)
+class FieldFrame:
+    """Normalised coordinates of a field: ``u = (x - cx) / sx``, ``v = (y - cy) / sy``."""
+
+    centre: tuple[float, float]  #: ``(cy, cx)``
+    scale: tuple[float, float]  #: ``(sy, sx)``
+
+    def normalised(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(u, v)`` of positions ``(y, x)``."""
+        return (x - self.centre[1]) / self.scale[1], (y - self.centre[0]) / self.scale[0]
+
+
+def field_frame(y: np.ndarray, x: np.ndarray, usable: np.ndarray) -> FieldFrame:
+    """The frame in which the ``usable`` tile centres span ``[-1, 1]`` (scale at least 1 px)."""
+    y, x = np.asarray(y, dtype=np.float64)[usable], np.asarray(x, dtype=np.float64)[usable]
+    return FieldFrame(centre=(float((y.max() + y.min()) / 2), float((x.max() + x.min()) / 2)),
+                      scale=(float(max((y.max() - y.min()) / 2, 1.0)), float(max((x.max() - x.min()) / 2, 1.0))))
+
+
+def resolvable_terms(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
+    """``(n_terms,)`` bool: the terms ``P_i(u) P_j(v)`` that tiles at ``(u, v)`` can constrain.
+
+    A term needs more than ``i`` distinct columns and ``j`` distinct rows of
+    tiles: on a single row of tiles the model cannot (and does not) vary along y.
+    """
+    distinct_x = len(np.unique(np.round(u, 9)))
+    distinct_y = len(np.unique(np.round(v, 9)))
+    return np.array([i < distinct_x and j < distinct_y for i, j in polynomial_terms(degree)])
+
 
 
 @dataclass(frozen=True)
@@ -52,7 +85,7 @@ class KernelField:
         u = (x.ravel() - self.centre[1]) / self.scale[1]
         v = (y.ravel() - self.centre[0]) / self.scale[0]
         k = self.coefficients.shape[-1]
-        values = _design(u, v, self.degree) @ self.coefficients.reshape(len(self.coefficients), -1)
+        values = legendre_design(u, v, self.degree) @ self.coefficients.reshape(len(self.coefficients), -1)
         return values.reshape(*y.shape, k, k)
 
     def to_arrays(self) -> dict[str, Any]:
@@ -154,17 +187,12 @@ def fit_kernel_field(
     usable = np.all(np.isfinite(flat), axis=1) & np.isfinite(w) & (w > 0)
     if usable.sum() < 1:
         raise ValueError("no usable tile to fit a kernel field to")
-    cy, cx = (y[usable].max() + y[usable].min()) / 2, (x[usable].max() + x[usable].min()) / 2
-    sy = max((y[usable].max() - y[usable].min()) / 2, 1.0)
-    sx = max((x[usable].max() - x[usable].min()) / 2, 1.0)
-    u, v = (x - cx) / sx, (y - cy) / sy
-    # a term P_i(u) P_j(v) needs more than i distinct columns and j distinct rows of tiles:
-    # on a single row of tiles the model cannot (and does not) vary along y
-    distinct_x = len(np.unique(np.round(u[usable], 9)))
-    distinct_y = len(np.unique(np.round(v[usable], 9)))
+    frame = field_frame(y, x, usable)
+    (cy, cx), (sy, sx) = frame.centre, frame.scale
+    u, v = frame.normalised(y, x)
 
     def terms(d: int) -> np.ndarray:
-        return np.array([i < distinct_x and j < distinct_y for i, j in polynomial_terms(d)])
+        return resolvable_terms(u[usable], v[usable], d)
 
     if degree is not None and terms(degree).sum() > usable.sum():
         raise ValueError(f"degree {degree} has {int(terms(degree).sum())} terms but only "
@@ -176,7 +204,7 @@ def fit_kernel_field(
         errors, fits = {}, {}
         for d in degrees:
             mask = terms(d)
-            coef, resid, loo = _fit(_design(u[used], v[used], d)[:, mask], flat[used], w[used])
+            coef, resid, loo = _fit(legendre_design(u[used], v[used], d)[:, mask], flat[used], w[used])
             full = np.zeros((len(mask), flat.shape[1]))
             full[mask] = coef
             fits[d] = (full, resid, loo)

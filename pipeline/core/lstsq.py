@@ -88,6 +88,9 @@ class LstsqResult:
     #: ``(n,)`` RMS residual of the final kernel over the fit region (clipped pixels included) / noise
     residual: np.ndarray
     snr: np.ndarray  #: ``(n,)`` RMS of the model ``K * source`` over the fitted pixels / noise
+    #: with ``statistics=True``: ``(gc, cc, yy)`` of the final fit region, ``(n, k*k, k*k)``,
+    #: ``(n, k*k)``, ``(n,)`` with the background profiled out (NaN where no kernel); else ``None``
+    statistics: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def flags(self) -> np.ndarray:
@@ -298,6 +301,7 @@ def lstsq_kernels(
     variance: np.ndarray | None = None,
     source_variance: np.ndarray | None = None,
     chunk: int = 4,
+    statistics: bool = False,
     **option_keywords: Any,
 ) -> LstsqResult:
     """Exact regularised least-squares kernels for a batch of tiles.
@@ -332,6 +336,10 @@ def lstsq_kernels(
         (``penalty="wings"``, ...) are applied on top.
     chunk
         Tiles transformed together (bounds memory).
+    statistics
+        Also return each tile's background-free normal equations of its final
+        fit region (``LstsqResult.statistics``: ``k**4`` floats a tile), for
+        :mod:`pipeline.core.joint`.
     """
     opts = LstsqOptions.resolve(options, option_keywords)
     chunk = check_positive_int("chunk", chunk)
@@ -367,6 +375,7 @@ def lstsq_kernels(
     no_signal = np.zeros(n, dtype=bool)
     at_bound_out = np.zeros(n, dtype=bool)
     lam_start = np.full(n_terms, float(opts.lam_init))
+    stats_out = (np.full((n, k2, k2), np.nan), np.full((n, k2), np.nan), np.full(n, np.nan)) if statistics else None
 
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -487,10 +496,12 @@ def lstsq_kernels(
             with np.errstate(divide="ignore", invalid="ignore"):
                 residual_out[t] = np.sqrt(before.rss(kern) / before.count) / noise
                 snr_out[t] = np.sqrt(max(kern @ (tile.gc @ kern), 0.0) / tile.count) / noise
+            if stats_out is not None:
+                stats_out[0][t], stats_out[1][t], stats_out[2][t] = tile.gc, tile.cc, tile.yy
 
     return LstsqResult(kernels, background, lam_out, lam_terms, n_valid, n_clipped, flux_error,
                        gamma_out, masked_out, no_data, no_signal, at_bound_out, n_filled,
-                       noise_out, residual_out, snr_out)
+                       noise_out, residual_out, snr_out, stats_out)
 
 
 def _residuals(tile: _Tile, kernel: np.ndarray, spectrum: np.ndarray, shape: tuple[int, int],

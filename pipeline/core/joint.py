@@ -1,0 +1,298 @@
+"""Joint fit of a kernel field to the pixels of all tiles of an image.
+
+The per-tile kernels of an image share most of their error (the shrinkage of
+each tile's regularisation), and a model fitted to them keeps it.  Here the
+field ``K(y, x) = sum_p phi_p(y, x) K_p`` (Legendre terms ``phi_p`` of the
+normalised tile position, as in :mod:`pipeline.core.field`) is fitted to the
+pixels themselves, from each tile's background-free normal equations
+(:class:`TileStatistics`: ``Gc_t``, ``c_t``, ``yy_t``; every tile keeps its own
+background, profiled out exactly)::
+
+    A = sum_t (phi_t phi_t^T) kron (Gc_t + s_t Q),    r = sum_t phi_t kron c_t,
+
+with ``s_t = tr(Gc_t)`` and ``Q = f sum_i lam_i D_i^T D_i / tr(D_i^T D_i)``
+the per-tile penalty (:mod:`pipeline.core.penalties`) at ``f`` times the
+image's median per-tile evidence strengths ``lam_i``.  The penalty is the sum
+of the tiles' own, so with as many terms as tiles the joint fit is the
+independent tile fits.  Phi is taken at each tile's centre.
+
+The degree and the strength factor ``f`` are chosen without the truth by
+exact leave-one-tile-out cross-validation: with ``H_t = U_t^T A^{-1} U_t``,
+``U_t = phi_t kron I`` and ``B_t = Gc_t + s_t Q``, the fit without tile ``t``
+predicts ``K_-t = (I - H_t B_t)^{-1} (K_t - H_t c_t)`` at that tile (Woodbury),
+scored by the tile's residual sum of squares
+``RSS_t(K) = yy_t - 2 K.c_t + K.Gc_t.K``; the pair with the smallest total
+wins.  Pure NumPy/SciPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import scipy.linalg.lapack
+
+from .field import KernelField, field_frame, legendre_design, resolvable_terms
+from .penalties import penalty_terms
+
+__all__ = ["JointField", "TileStatistics", "fit_joint_field", "STRENGTHS"]
+
+#: The ladder of strength factors ``f`` (times the image's median per-tile evidence strengths) searched.
+STRENGTHS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+@dataclass(frozen=True)
+class TileStatistics:
+    """Background-free normal equations of the tiles of one image (see :mod:`pipeline.core.lstsq`).
+
+    ``RSS_t(K) = yy_t - 2 K.cc_t + K.gc_t.K`` is tile ``t``'s residual sum of
+    squares of kernel ``K`` (raster order) with its best constant background.
+    """
+
+    gc: np.ndarray  #: ``(n, k*k, k*k)`` Gram with the background column profiled out
+    cc: np.ndarray  #: ``(n, k*k)`` right-hand side, likewise
+    yy: np.ndarray  #: ``(n,)`` centred sum of squares of the target
+    count: np.ndarray  #: ``(n,)`` target pixels fitted (0: no statistics)
+    y: np.ndarray  #: ``(n,)`` tile centres, input pixel coordinates
+    x: np.ndarray  #: ``(n,)``
+    lam: np.ndarray  #: ``(n, m)`` each tile's evidence strengths ``lam_i`` (NaN: unknown)
+
+    @classmethod
+    def from_lstsq(cls, result, y: np.ndarray, x: np.ndarray) -> TileStatistics:
+        """From an :class:`~pipeline.core.lstsq.LstsqResult` computed with ``statistics=True``
+        and the tiles' centres."""
+        if result.statistics is None:
+            raise ValueError("the per-tile fit kept no statistics: call lstsq_kernels(..., statistics=True)")
+        gc, cc, yy = result.statistics
+        count = np.where(np.isfinite(yy), result.n_valid, 0)
+        return cls(gc, cc, yy, count, np.asarray(y, dtype=np.float64).ravel(),
+                   np.asarray(x, dtype=np.float64).ravel(), np.asarray(result.lam_terms, dtype=np.float64))
+
+    @property
+    def kernel_size(self) -> int:
+        return int(round(np.sqrt(self.cc.shape[1])))
+
+    def usable(self) -> np.ndarray:
+        """``(n,)`` bool: tiles with finite statistics and pixels."""
+        return (self.count > 0) & np.isfinite(self.yy) & np.all(np.isfinite(self.cc), axis=1)
+
+    def rss(self, kernels: np.ndarray) -> np.ndarray:
+        """``(n,)`` residual sums of squares of ``(n, k*k)`` kernels, one per tile."""
+        kernels = np.asarray(kernels, dtype=np.float64).reshape(len(self.yy), -1)
+        quad = np.einsum("ti,tij,tj->t", kernels, self.gc, kernels)
+        return self.yy - 2.0 * np.einsum("ti,ti->t", kernels, self.cc) + quad
+
+
+@dataclass(frozen=True)
+class JointField:
+    """The field chosen by cross-validation, and the scores of every candidate."""
+
+    #: coefficients, frame and tiles used; its ``cv_error`` is the RMS leave-one-out residual per pixel
+    field: KernelField
+    strength: float  #: the chosen ``f``
+    lam: np.ndarray  #: ``(m,)`` the penalty strengths used: ``f`` times the median per-tile ``lam_i``
+    cv_rss: dict[tuple[int, float], float]  #: total leave-one-tile-out RSS of each ``(degree, f)``
+    tile_cv_rss: np.ndarray  #: ``(n,)`` each tile's leave-one-out RSS at the choice (NaN: not used)
+
+
+def _penalty_matrix(kernel_size: int, penalty: str, lam: np.ndarray,
+                    centre: tuple[float, float]) -> np.ndarray:
+    """``sum_i lam_i D_i^T D_i / tr(D_i^T D_i)`` as a dense ``(k*k, k*k)`` matrix."""
+    terms = penalty_terms(kernel_size, penalty, 1, centre)
+    q = np.zeros((kernel_size**2, kernel_size**2))
+    for weight, gram, trace in zip(lam, terms.grams, terms.traces):
+        q += (weight / trace) * gram.toarray()
+    return q
+
+
+class _Pooled:
+    """Pooled normal equations of one degree: the data part, assembled once."""
+
+    def __init__(self, stats: TileStatistics, used: np.ndarray, phi: np.ndarray):
+        self.phi = phi  #: ``(T, P)`` of the tiles used
+        t, p = phi.shape
+        k2 = stats.cc.shape[1]
+        gc = stats.gc[used].reshape(t, k2 * k2)
+        outer = np.einsum("tp,tq->tpq", phi, phi).reshape(t, p * p)
+        data = (outer.T @ gc).reshape(p, p, k2, k2).transpose(0, 2, 1, 3)
+        self.data = np.ascontiguousarray(data).reshape(p * k2, p * k2)
+        self.penalty_weights = (outer.T @ np.trace(stats.gc[used], axis1=1, axis2=2)).reshape(p, p)
+        self.rhs = (phi.T @ stats.cc[used]).ravel()
+
+    def solve(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Coefficients ``(P, k*k)`` and the Cholesky factor at penalty ``q``; ``None`` if singular."""
+        a = self.data + np.kron(self.penalty_weights, q)
+        try:
+            factor = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            return None
+        coef = scipy.linalg.cho_solve(factor, self.rhs, check_finite=False)
+        return coef.reshape(len(self.penalty_weights), -1), factor
+
+
+def _inverse(factor) -> np.ndarray:
+    """``A^{-1}`` (full, symmetric) from ``cho_factor``'s lower factor."""
+    chol, _ = factor
+    inverse, info = scipy.linalg.lapack.dpotri(chol, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dpotri failed (info {info})")
+    return np.tril(inverse) + np.tril(inverse, -1).T
+
+
+def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatistics, used: np.ndarray,
+                   q: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Each used tile's RSS under the fit without it (exact, by Woodbury)."""
+    p, k2 = coef.shape
+    phi = pooled.phi
+    # A^{-1} as (P*P, k2*k2) blocks: every tile's H_t is phi_t (x) phi_t times it, one product a batch
+    blocks = _inverse(factor).reshape(p, k2, p, k2).transpose(0, 2, 1, 3).reshape(p * p, k2 * k2)
+    outer = np.einsum("tp,tq->tpq", phi, phi).reshape(len(phi), p * p)
+    index = np.flatnonzero(used)
+    scores = np.empty(len(phi))
+    for start in range(0, len(phi), batch):
+        stop = min(start + batch, len(phi))
+        hats = (outer[start:stop] @ blocks).reshape(-1, k2, k2)
+        tiles = index[start:stop]
+        gc = stats.gc[tiles]
+        b = gc + np.trace(gc, axis1=1, axis2=2)[:, None, None] * q
+        kernels = phi[start:stop] @ coef
+        rhs = kernels - np.einsum("tij,tj->ti", hats, stats.cc[tiles])
+        system = np.eye(k2) - hats @ b
+        try:
+            left = np.linalg.solve(system, rhs[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # one singular system: solve them one by one
+            left = np.stack([_solve_or_inf(m, r) for m, r in zip(system, rhs)])
+        scores[start:stop] = (stats.yy[tiles] - 2.0 * np.einsum("ti,ti->t", left, stats.cc[tiles])
+                              + np.einsum("ti,tij,tj->t", left, gc, left))
+    return scores
+
+
+def _solve_or_inf(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(matrix, rhs)
+    except np.linalg.LinAlgError:
+        return np.full(len(rhs), np.inf)
+
+
+def fit_joint_field(
+    stats: TileStatistics,
+    *,
+    degrees: Sequence[int] | None = None,
+    max_degree: int = 3,
+    strengths: Sequence[float] = STRENGTHS,
+    start: float = 0.1,
+    penalty: str = "compact",
+    centre: tuple[float, float] = (0.0, 0.0),
+) -> JointField:
+    """Fit the kernel field of one image jointly to its tiles' pixels.
+
+    Parameters
+    ----------
+    stats
+        The tiles' normal equations (:class:`TileStatistics`).
+    degrees
+        Total polynomial degrees to try, each with its own search of ``f``.
+        Default: ``0 .. max_degree`` (only degrees with at most half as many
+        terms as usable tiles), searched in three steps: ``f`` at degree 1,
+        the degrees in turn at that ``f`` (stopping at the first above 1 that
+        scores worse than the one below it), ``f`` again at the best degree.
+    strengths
+        The ladder of factors ``f`` (of the image's median per-tile evidence
+        strengths).  A search of ``f`` starts at the value nearest ``start``
+        and steps to the better neighbour on the ladder while the score falls
+        (it is smooth in ``f``, with one minimum).
+    penalty, centre
+        The penalty (as in the per-tile fits) and its centre on the stamp.
+
+    Returns
+    -------
+    JointField
+        The ``(degree, f)`` with the smallest leave-one-tile-out RSS.  Raises
+        ``ValueError`` without usable tiles or per-tile strengths.
+    """
+    used = stats.usable()
+    if not used.any():
+        raise ValueError("no usable tile to fit a kernel field to")
+    lam_tiles = stats.lam[used]
+    if not np.all(np.isfinite(lam_tiles).any(axis=0)):
+        raise ValueError("no per-tile regularisation strength to scale the joint penalty from")
+    ladder = np.sort(np.asarray(strengths, dtype=np.float64))
+    if not ladder.size or np.any(ladder <= 0) or not np.all(np.isfinite(ladder)):
+        raise ValueError(f"strengths must be positive and finite, got {list(strengths)}")
+    base = np.nanmedian(lam_tiles, axis=0)
+    k = stats.kernel_size
+    frame = field_frame(stats.y, stats.x, used)
+    u, v = frame.normalised(stats.y, stats.x)
+    n_used = int(used.sum())
+    explicit = degrees is not None
+    if degrees is None:
+        degrees = [d for d in range(max_degree + 1)
+                   if 2 * resolvable_terms(u[used], v[used], d).sum() <= n_used] or [0]
+    scores: dict[tuple[int, float], float] = {}
+    fits: dict[tuple[int, int], tuple[float, np.ndarray, np.ndarray]] = {}
+    systems: dict[int, tuple[_Pooled, np.ndarray]] = {}
+
+    def evaluate(degree: int, i: int) -> float:
+        """Leave-one-out score of ``degree`` at ladder position ``i`` (each computed once)."""
+        if (degree, i) not in fits:
+            if degree not in systems:
+                mask = resolvable_terms(u[used], v[used], degree)
+                systems[degree] = (_Pooled(stats, used, legendre_design(u[used], v[used], degree)[:, mask]), mask)
+            pooled, mask = systems[degree]
+            q = _penalty_matrix(k, penalty, ladder[i] * base, centre)
+            solved = pooled.solve(q)
+            if solved is None:
+                fits[(degree, i)] = (np.inf, np.empty(0), np.empty(0))
+            else:
+                coef, factor = solved
+                full = np.zeros((len(mask), k * k))
+                full[mask] = coef
+                tiles = _leave_one_out(pooled, factor, coef, stats, used, q)
+                fits[(degree, i)] = (float(tiles.sum()), full, tiles)
+                scores[(degree, float(ladder[i]))] = fits[(degree, i)][0]
+        return fits[(degree, i)][0]
+
+    def downhill(degree: int, i: int) -> int:
+        """Step along the ladder to the better neighbour while the score falls."""
+        while True:
+            near = [j for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
+            j = min(near, key=lambda j: evaluate(degree, j)) if near else i
+            if not evaluate(degree, j) < evaluate(degree, i):
+                return i
+            i = j
+
+    position = int(np.argmin(np.abs(np.log(ladder / start))))
+    if explicit:
+        for degree in degrees:
+            downhill(int(degree), position)
+    else:
+        # the strength at a low degree, then the degree at that strength (stopping when a degree
+        # scores worse than the one below it), then the strength again at the chosen degree
+        first = min(1, max(degrees))
+        position = downhill(first, position)
+        previous = np.inf
+        for degree in degrees:
+            total = evaluate(degree, position)
+            if degree > first and total > previous:
+                break  # this degree fits the noise: higher ones would too
+            previous = total
+        chosen = min((d for d in degrees if (d, position) in fits), key=lambda d: evaluate(d, position))
+        downhill(chosen, position)
+    (degree, i), (total, coef, tile_scores) = min(fits.items(), key=lambda item: item[1][0])
+    best = None if not np.isfinite(total) else (total, degree, float(ladder[i]), coef, tile_scores,
+                                                 ladder[i] * base)
+    if best is None:
+        raise ValueError("the joint normal equations are singular at every strength tried")
+    total, degree, f, coef, tile_scores, lam = best
+    per_tile = np.full(len(used), np.nan)
+    per_tile[used] = tile_scores
+    pixels = float(stats.count[used].sum())
+    field = KernelField(
+        degree=degree, coefficients=coef.reshape(-1, k, k), centre=frame.centre, scale=frame.scale,
+        used=used, rejected=np.zeros(len(used), dtype=bool), cv_error=float(np.sqrt(total / pixels)),
+        cv_errors={d: float(np.sqrt(min(s for (dd, _), s in scores.items() if dd == d) / pixels))
+                   for d in sorted({d for d, _ in scores})},
+    )
+    return JointField(field, f, lam, scores, per_tile)

@@ -1,0 +1,157 @@
+"""The joint fit of a kernel field to the tiles' normal equations."""
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from pipeline.core.field import field_frame, legendre_design
+from pipeline.core.gram import design_rows
+from pipeline.core.joint import TileStatistics, _leave_one_out, _penalty_matrix, _Pooled, fit_joint_field
+from pipeline.core.lstsq import lstsq_kernels
+
+
+def _random_statistics(n_tiles, k, rng, lam=(0.5, 2.0), grid=None):
+    k2 = k * k
+    rows = rng.normal(size=(n_tiles, 3 * k2, k2))
+    gc = np.einsum("tpi,tpj->tij", rows, rows)
+    cc = np.einsum("tpi,tp->ti", rows, rng.normal(size=(n_tiles, 3 * k2)))
+    yy = 10.0 * np.einsum("tii->t", gc)
+    if grid is None:
+        y, x = rng.uniform(0, 1000, n_tiles), rng.uniform(0, 1000, n_tiles)
+    else:
+        y, x = grid
+    lam_t = np.tile(np.asarray(lam, dtype=float), (n_tiles, 1))
+    return TileStatistics(gc, cc, yy, np.full(n_tiles, 3 * k2), y, x, lam_t)
+
+
+def test_as_many_terms_as_tiles_gives_the_independent_tile_fits():
+    """The pooled penalty is the sum of the tiles' own: with P = T the fit is the tile fits."""
+    rng = np.random.default_rng(1)
+    k = 5
+    stats = _random_statistics(3, k, rng, grid=(np.array([0.0, 0.0, 500.0]), np.array([0.0, 500.0, 0.0])))
+    joint = fit_joint_field(stats, degrees=[1], strengths=[1.0])
+    q = _penalty_matrix(k, "compact", np.array([0.5, 2.0]), (0.0, 0.0))
+    model = joint.field.kernel_at(stats.y, stats.x).reshape(3, -1)
+    for t in range(3):
+        own = np.linalg.solve(stats.gc[t] + np.trace(stats.gc[t]) * q, stats.cc[t])
+        np.testing.assert_allclose(model[t], own, rtol=1e-9, atol=1e-12 * np.abs(own).max())
+
+
+def test_leave_one_out_equals_a_refit_without_the_tile():
+    rng = np.random.default_rng(2)
+    k = 3
+    yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
+    stats = _random_statistics(9, k, rng, grid=(yy.ravel(), xx.ravel()))
+    used = stats.usable()
+    frame = field_frame(stats.y, stats.x, used)
+    u, v = frame.normalised(stats.y, stats.x)
+    phi = legendre_design(u, v, 2)
+    q = _penalty_matrix(k, "compact", np.array([0.3, 1.0]), (0.0, 0.0))
+    pooled = _Pooled(stats, used, phi)
+    coef, factor = pooled.solve(q)
+    fast = _leave_one_out(pooled, factor, coef, stats, used, q)
+    for t in range(9):
+        keep = np.arange(9) != t
+        sub = TileStatistics(stats.gc[keep], stats.cc[keep], stats.yy[keep], stats.count[keep],
+                             stats.y[keep], stats.x[keep], stats.lam[keep])
+        coef_t, _ = _Pooled(sub, np.ones(8, bool), phi[keep]).solve(q)
+        predicted = phi[t] @ coef_t
+        brute = stats.rss(np.repeat(predicted[None], 9, axis=0))[t]
+        assert fast[t] == pytest.approx(brute, rel=1e-9)
+
+
+def _field_pair(size, kernel_at, y0, x0, rng):
+    source = rng.normal(size=(size, size)) + 5.0
+    kernel = kernel_at(y0, x0)
+    return source, fftconvolve(source, kernel, mode="same") + 3.0
+
+
+def test_noise_free_polynomial_field_is_recovered_exactly():
+    """Tiles blurred by a degree-1 field (evaluated at their centres): the joint fit returns its terms."""
+    rng = np.random.default_rng(3)
+    k, size = 7, 40
+    yy, xx = np.mgrid[-3:4, -3:4]
+    base = np.exp(-(yy**2 + xx**2) / (2 * 1.2**2))
+    base /= base.sum()
+    slope_x = 0.02 * np.exp(-((yy - 1) ** 2 + xx**2) / 2.0)
+    slope_y = 0.02 * np.exp(-(yy**2 + (xx + 1) ** 2) / 2.0)
+    centres = np.array([(y, x) for y in (20.0, 60.0, 100.0) for x in (20.0, 60.0, 100.0)])
+
+    def kernel_at(y, x):  # u, v in [-1, 1] over the tile centres
+        return base + (x - 60.0) / 40.0 * slope_x + (y - 60.0) / 40.0 * slope_y
+
+    pairs = [_field_pair(size, kernel_at, y, x, rng) for y, x in centres]
+    sources, targets = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    result = lstsq_kernels(sources, targets, kernel_size=k, robust=False, statistics=True)
+    stats = TileStatistics.from_lstsq(result, centres[:, 0], centres[:, 1])
+    joint = fit_joint_field(stats, degrees=[1], strengths=[1.0])
+    assert joint.field.degree == 1
+    coef = joint.field.coefficients  # terms 1, P1(u) = u, P1(v) = v
+    np.testing.assert_allclose(coef[0], base, atol=1e-6)
+    np.testing.assert_allclose(coef[1], slope_x, atol=1e-6)
+    np.testing.assert_allclose(coef[2], slope_y, atol=1e-6)
+
+
+def test_statistics_give_the_tile_residual_and_kernel():
+    """RSS from the statistics is the pixel residual (best background); the per-tile solve is the kernel."""
+    rng = np.random.default_rng(4)
+    k, size = 5, 32
+    src = rng.normal(size=(1, size, size)) + 2.0
+    kernel = np.exp(-((np.mgrid[-2:3, -2:3] ** 2).sum(axis=0)) / 2.0)
+    kernel /= kernel.sum()
+    tgt = fftconvolve(src[0], kernel, mode="same")[None] + 0.05 * rng.normal(size=(1, size, size))
+    result = lstsq_kernels(src, tgt, kernel_size=k, robust=False, recentre=False, statistics=True)
+    stats = TileStatistics.from_lstsq(result, [16.0], [16.0])
+    probe = rng.normal(size=(1, k * k))
+    h = k // 2
+    yy, xx = np.mgrid[h : size - h, h : size - h]
+    rows = design_rows(src[0], h, (yy.ravel(), xx.ravel()))
+    resid = tgt[0][h : size - h, h : size - h].ravel() - rows @ probe[0]
+    resid -= resid.mean()
+    assert stats.rss(probe)[0] == pytest.approx(resid @ resid, rel=1e-9)
+    q = _penalty_matrix(k, "compact", result.lam_terms[0], (0.0, 0.0))
+    own = np.linalg.solve(stats.gc[0] + np.trace(stats.gc[0]) * q, stats.cc[0])
+    np.testing.assert_allclose(own, result.kernels[0].ravel(), rtol=0, atol=1e-7 * np.abs(own).max())
+
+
+def test_no_usable_tile_is_an_error():
+    rng = np.random.default_rng(5)
+    stats = _random_statistics(2, 3, rng)
+    bad = TileStatistics(stats.gc, stats.cc, stats.yy, np.zeros(2, int), stats.y, stats.x, stats.lam)
+    with pytest.raises(ValueError, match="no usable tile"):
+        fit_joint_field(bad)
+
+
+def _noisy_tiles(kernel_at, n_side, rng, k=7, size=48, noise=0.5):
+    centres = np.array([(y, x) for y in range(n_side) for x in range(n_side)], dtype=float) * size + size / 2
+    sources, targets, truth = [], [], []
+    for y, x in centres:
+        kernel = kernel_at(y, x)
+        src = np.zeros((size, size))
+        ys, xs = rng.integers(0, size, 40), rng.integers(0, size, 40)
+        np.add.at(src, (ys, xs), rng.pareto(1.5, 40) * 50 + 20)
+        src = fftconvolve(src, np.exp(-(np.mgrid[-3:4, -3:4] ** 2).sum(axis=0) / 2.0), mode="same")
+        sources.append(src + noise * rng.normal(size=src.shape))
+        targets.append(fftconvolve(src, kernel, mode="same") + 2.0 + noise * rng.normal(size=src.shape))
+        truth.append(kernel)
+    return np.stack(sources), np.stack(targets), np.stack(truth), centres
+
+
+def _rel(est, truth):
+    return np.sqrt(((est - truth) ** 2).sum(axis=(-2, -1)) / (truth**2).sum(axis=(-2, -1)))
+
+
+def test_constant_field_low_degree_and_better_than_tiles():
+    """Tiles sharing one kernel: the cross-validated joint fit keeps a low degree and beats the tiles."""
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[-3:4, -3:4]
+    kernel = np.exp(-(yy**2 + 0.8 * xx**2) / (2 * 1.1**2))
+    kernel /= kernel.sum()
+    src, tgt, truth, centres = _noisy_tiles(lambda y, x: kernel, 4, rng)
+    result = lstsq_kernels(src, tgt, kernel_size=7, statistics=True)
+    joint = fit_joint_field(TileStatistics.from_lstsq(result, centres[:, 0], centres[:, 1]))
+    assert joint.field.degree <= 1
+    model = joint.field.kernel_at(centres[:, 0], centres[:, 1])
+    assert np.median(_rel(model, truth)) < 0.7 * np.median(_rel(result.kernels, truth))
+    assert set(joint.cv_rss) >= {(joint.field.degree, joint.strength)}
+    assert joint.cv_rss[(joint.field.degree, joint.strength)] == min(joint.cv_rss.values())
