@@ -70,8 +70,7 @@ def ccd_variance(image: ArrayLike, gain: ArrayLike, read_noise: ArrayLike = 0.0)
                           "gains[:, None, None]") from None
     with np.errstate(invalid="ignore"):
         variance = np.maximum(values, 0.0) / g + (rn / g) ** 2
-    variance[~np.isfinite(np.broadcast_to(values, shape))] = np.nan
-    return variance
+    return np.where(np.isfinite(values), variance, np.nan).reshape(shape)
 
 
 def _checked(name: str, value: ArrayLike, *, positive: bool) -> np.ndarray:
@@ -84,6 +83,6 @@ def _checked(name: str, value: ArrayLike, *, positive: bool) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(values) | ((values <= 0) if positive else (values < 0))
     if bad.any():
-        shown = value if values.ndim == 0 else f"{int(bad.sum())} bad value(s), e.g. {values[bad].flat[0]!r}"
+        shown = value if values.ndim == 0 else f"{int(bad.sum())} bad value(s), e.g. {float(values[bad].flat[0])!r}"
         raise OptionError(f"{name} must be finite and {rule} ({unit}), got {shown}")
     return values
