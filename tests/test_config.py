@@ -57,7 +57,7 @@ def test_minimal_job_dump_shows_every_default():
     assert dumped == {
         "input": {"path": "in.zarr", "source": "source", "target": "target", "mask": None,
                   "group": None, "storage_options": {}, "saturation": None,
-                  "variance": None, "weight": None},
+                  "variance": None, "weight": None, "gain": None, "read_noise": None},
         "tiles": {"size": 256, "step": 256},
         "kernel": {"method": "lstsq", "size": 21, "normalize": False, "diagnostics": True,
                    "regularization": "auto",

@@ -235,7 +235,8 @@ def test_the_fingerprint_follows_the_saturation_settings():
     assert job(60000).fingerprint() == job({"source": 60000, "target": 60000.0, "grow": 1}).fingerprint()
     # a job without saturation keeps the fingerprint it had before the key existed: stores made then resume
     data = job(None).model_dump(mode="json")
-    later = ("storage_options", "saturation", "variance", "weight")  # keys added since, left out when unset
+    # keys added since, left out when unset
+    later = ("storage_options", "saturation", "variance", "weight", "gain", "read_noise")
     before = {"input": {k: v for k, v in data["input"].items() if k not in later},
               **{k: data[k] for k in ("tiles", "kernel", "model")}, "output": {"dtype": data["output"]["dtype"]}}
     text = json.dumps(before, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

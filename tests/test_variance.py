@@ -407,8 +407,8 @@ def test_a_shared_or_per_image_source_takes_its_own_variances(tmp_path, shared_s
 def test_the_dry_run_says_when_variances_are_not_used(tmp_path):
     noisy_stack(tmp_path / "stack.zarr")
     plain = plan_job(job_from_dict(small_job(tmp_path))).describe()
-    assert ("variance   none (input.variance/input.weight not set; lstsq's robust pass fits a noise model per "
-            "tile)") in plain
+    assert ("variance   none (input.variance/input.weight/input.gain not set; lstsq's robust pass fits a noise "
+            "model per tile)") in plain
     data = small_job(tmp_path, weight={"target": "target_wht"})
     text = plan_job(job_from_dict(data)).describe()
     assert ("variance   weights: target 'target_wht' float32 (image, y, x), source none (variance = 1/weight; a "

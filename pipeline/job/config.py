@@ -4,7 +4,8 @@ A job file is YAML with five sections::
 
     input:   {path, source, target, mask, group, storage_options,
               saturation: {source, target, grow},
-              variance: {target, source} or weight: {target, source}}
+              variance: {target, source} or weight: {target, source},
+              gain: {source, target}, read_noise: {source, target}}
     tiles:   {size, step}
     kernel:  {method, size, normalize, <options of the method>}
     output:  {path, mode, dtype}
@@ -61,6 +62,8 @@ __all__ = [
     "SaturationConfig",
     "VarianceConfig",
     "WeightConfig",
+    "GainConfig",
+    "ReadNoiseConfig",
     "TilesConfig",
     "LstsqKernel",
     "WelchKernel",
@@ -110,11 +113,78 @@ _NonNegative = Annotated[Float, Field(ge=0)]
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, coerce_numbers_to_str=True)
 
 
-_LEVEL_FORMS = ("a number (the level in the images' stored units, after any scale_factor/add_offset), "
-                "or the name of a per-image coordinate in the input store or of an attribute of the array")
+def _level_forms(noun: str, units: str) -> str:
+    return (f"a number (the {noun} in {units}), or the name of a per-image coordinate in the input store or "
+            "of an attribute of the array")
 
 
-class SaturationConfig(BaseModel):
+_LEVEL_FORMS = _level_forms("level", "the images' stored units, after any scale_factor/add_offset")
+
+
+def _fail(text: str) -> PydanticCustomError:
+    return PydanticCustomError(_CHECKS, "{text}", {"text": text})
+
+
+class _PerImage(BaseModel):
+    """A number per image of the source and of the target: each a number, a coordinate name or an attribute name.
+
+    A single number given for the whole section sets both.
+    """
+
+    model_config = _STRICT
+
+    #: the job key, what the numbers are and in which units, for messages
+    _key: ClassVar[str] = ""
+    _noun: ClassVar[str] = "level"
+    _forms: ClassVar[str] = _LEVEL_FORMS
+    _example: ClassVar[str] = "SATURATE"
+
+    source: Float | Name | None = None
+    target: Float | Name | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_number(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"source": value, "target": value}
+        if isinstance(value, str):
+            raise _fail(f"{_show(value)} is not a number or a mapping: a name is looked up for source and "
+                        f"target separately, so give it per image, e.g. {cls._key}: {{target: {value}}}")
+        return value
+
+    @field_validator("source", "target", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # never a name
+            if not math.isfinite(value):
+                raise _fail(f"{_show(value)} is not a finite number: give the {cls._noun}, or null for none")
+            problem = cls._number_problem(float(value))
+            if problem:
+                raise _fail(f"{_show(value)} {problem}")
+            return float(value)
+        if isinstance(value, str):
+            if not value.strip():
+                raise _fail(f"must not be empty: give {cls._forms}, or null for none")
+            try:
+                float(value)
+            except ValueError:
+                return value
+            raise _fail(f"{_show(value)} is quoted text, not a number: write the {cls._noun} without quotes")
+        raise _fail(f"{_show(value)} is not {cls._forms}")
+
+    @classmethod
+    def _number_problem(cls, value: float) -> str | None:
+        """What is wrong with a finite number given (``None``: nothing)."""
+        return None
+
+    def settings(self) -> dict[str, float | str]:
+        """``{"target": value, "source": value}`` of the images given."""
+        return {role: value for role in ("target", "source") if (value := getattr(self, role)) is not None}
+
+
+class SaturationConfig(_PerImage):
     """Upper valid levels of the images: pixels at or above them are bad, widened by ``grow`` pixels.
 
     ``source`` and ``target`` are each a number, the name of a coordinate along
@@ -124,51 +194,67 @@ class SaturationConfig(BaseModel):
     section sets both.
     """
 
-    model_config = _STRICT
+    _key: ClassVar[str] = "saturation"
 
-    source: Float | Name | None = None
-    target: Float | Name | None = None
     grow: Annotated[Int, Field(ge=0)] = 1
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_number(cls, value: Any) -> Any:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return {"source": value, "target": value}
-        if isinstance(value, str):
-            raise PydanticCustomError(_CHECKS, "{text}", {
-                "text": f"{_show(value)} is not a number or a mapping: a name is looked up for source and "
-                        f"target separately, so give it per image, e.g. saturation: {{target: {value}}}"})
-        return value
-
-    @field_validator("source", "target", mode="before")
-    @classmethod
-    def _level(cls, value: Any) -> Any:
-        def fail(text: str) -> PydanticCustomError:
-            return PydanticCustomError(_CHECKS, "{text}", {"text": text})
-
-        if value is None:
-            return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # never a name
-            if not math.isfinite(value):
-                raise fail(f"{_show(value)} is not a finite number: give the level, or null for none")
-            return float(value)
-        if isinstance(value, str):
-            if not value.strip():
-                raise fail(f"must not be empty: give {_LEVEL_FORMS}, or null for none")
-            try:
-                float(value)
-            except ValueError:
-                return value
-            raise fail(f"{_show(value)} is quoted text, not a number: write the level without quotes")
-        raise fail(f"{_show(value)} is not {_LEVEL_FORMS}")
 
     @model_validator(mode="after")
     def _some_level(self) -> SaturationConfig:
         if self.source is None and self.target is None:
-            raise PydanticCustomError(_CHECKS, "{text}", {
-                "text": "no level for the source or the target: give source and/or target (a number or a "
-                        "name), or remove input.saturation"})
+            raise _fail("no level for the source or the target: give source and/or target (a number or a "
+                        "name), or remove input.saturation")
+        return self
+
+
+class GainConfig(_PerImage):
+    """Gains of the images in electrons per ADU (> 0): with them, an image's variances follow the CCD model.
+
+    The variance of a pixel ``p`` (ADU) is ``max(p, 0) / gain + (read_noise /
+    gain)**2`` ADU² (:func:`pipeline.core.noise.ccd_variance`), computed from
+    the image's own pixels, which must not be sky-subtracted.  ``source`` and
+    ``target`` are each a number, the name of a coordinate along ``image`` in
+    the input store (e.g. ``GAIN`` from each FITS header), the name of an
+    attribute of the array, or null (no CCD model for that image); a single
+    number sets both.
+    """
+
+    _key: ClassVar[str] = "gain"
+    _noun: ClassVar[str] = "gain"
+    _forms: ClassVar[str] = _level_forms("gain", "electrons per ADU")
+
+    @classmethod
+    def _number_problem(cls, value: float) -> str | None:
+        return None if value > 0 else "is not > 0: give the gain in electrons per ADU (the GAIN of a FITS header)"
+
+    @model_validator(mode="after")
+    def _some_value(self) -> GainConfig:
+        if self.source is None and self.target is None:
+            raise _fail("no gain for the source or the target: give source and/or target (a number or a name), "
+                        "or remove input.gain")
+        return self
+
+
+class ReadNoiseConfig(_PerImage):
+    """Read noises of the images in electrons RMS (>= 0), for the CCD model of :class:`GainConfig`.
+
+    Only with a gain for the same image; an image with a gain and no read
+    noise has read noise 0 (the Poisson term alone, like HOTPANTS' default).
+    """
+
+    _key: ClassVar[str] = "read_noise"
+    _noun: ClassVar[str] = "read noise"
+    _forms: ClassVar[str] = _level_forms("read noise", "electrons")
+
+    @classmethod
+    def _number_problem(cls, value: float) -> str | None:
+        return None if value >= 0 else "is not >= 0: give the read noise in electrons RMS (the RDNOISE of a " \
+                                       "FITS header; 0 for none)"
+
+    @model_validator(mode="after")
+    def _some_value(self) -> ReadNoiseConfig:
+        if self.source is None and self.target is None:
+            raise _fail("no read noise for the source or the target: give source and/or target (a number or a "
+                        "name), or remove input.read_noise")
         return self
 
 
@@ -242,6 +328,10 @@ class InputConfig(BaseModel):
     variance: VarianceConfig | None = None
     #: or arrays of per-pixel weights, inverse variances (not both)
     weight: WeightConfig | None = None
+    #: or, per image, the CCD model: gains in electrons per ADU (null: none) ...
+    gain: GainConfig | None = None
+    #: ... and read noises in electrons (null: 0)
+    read_noise: ReadNoiseConfig | None = None
 
     @model_validator(mode="after")
     def _distinct_arrays(self) -> InputConfig:
@@ -264,9 +354,37 @@ class InputConfig(BaseModel):
                 if name in images:
                     items.append((f"{section._key}.{role}", f"{name!r} is the {images[name]} array itself: give "
                                   f"the array holding the {role}'s {section._values}"))
+        items += self._ccd_problems()
         if items:
             raise _problems(*items)
         return self
+
+    def _ccd_problems(self) -> list[tuple[str, str]]:
+        """Each image's variances from arrays or from its gain and read noise, and no read noise without gain."""
+        items = []
+        gains = {} if self.gain is None else self.gain.settings()
+        noises = {} if self.read_noise is None else self.read_noise.settings()
+        arrays = {} if self.noise() is None else self.noise()[1]
+        kind = None if self.noise() is None else self.noise()[0]
+        for role in ("target", "source"):
+            if role in noises and role not in gains:
+                items.append((f"read_noise.{role}", f"no gain for the {role}: the CCD model needs the gain "
+                              "(electrons per ADU) to turn the read noise (electrons) into ADU; give "
+                              f"input.gain.{role} too, or remove input.read_noise.{role}"))
+            if role in arrays and (role in gains or role in noises):
+                given = " and ".join(f"input.{key}.{role}" for key, values in (("gain", gains), ("read_noise", noises))
+                                     if role in values)
+                key = "gain" if role in gains else "read_noise"
+                items.append((f"{key}.{role}", f"input.{kind}.{role} is given too: the {role}'s variances come "
+                              f"from its {kind} array or from its gain and read noise; give one: remove "
+                              f"input.{kind}.{role} or {given}"))
+        return items
+
+    def ccd(self) -> dict[str, tuple[float | str, float | str | None]]:
+        """``{role: (gain, read_noise or None)}`` of the images whose variances follow the CCD model."""
+        gains = {} if self.gain is None else self.gain.settings()
+        noises = {} if self.read_noise is None else self.read_noise.settings()
+        return {role: (gain, noises.get(role)) for role, gain in gains.items()}
 
     def noise(self) -> tuple[str, dict[str, str]] | None:
         """``("variance" or "weight", {role: array name})``, or ``None`` when neither is given."""
@@ -575,13 +693,13 @@ class JobConfig(BaseModel):
         """SHA-256 (hex) of everything that changes the result.
 
         That is the input (except ``storage_options``; with ``saturation``,
-        ``variance`` and ``weight`` when set), the tiles, the kernel and model sections and
+        ``variance``, ``weight``, ``gain`` and ``read_noise`` when set), the tiles, the kernel and model sections and
         ``output.dtype``; not where the output goes, how it is written, or how
         the job is computed.
         """
         data = self.model_dump(mode="json")
         data["input"].pop("storage_options")
-        for key in ("saturation", "variance", "weight"):
+        for key in ("saturation", "variance", "weight", "gain", "read_noise"):
             if data["input"][key] is None:  # the fingerprint of a job without it, as before it existed
                 del data["input"][key]
         canonical = {"input": data["input"], "tiles": data["tiles"], "kernel": data["kernel"],

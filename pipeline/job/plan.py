@@ -77,7 +77,7 @@ class Plan:
         h, w = (by - 1) * step + size, (bx - 1) * step + size
         k = self.layout.kernel_size
         noise = self.inputs.variances
-        given = 0 if noise is None else (noise.target is not None) + (noise.source is not None)
+        given = 0 if noise is None else noise.given("target") + noise.given("source")
         region = h * w * 8 * (4 + 2 * given)  # source, target, bad map, variances and their float copies
         tiles = by * bx * size * size * 8 * 3  # tile stacks and model images
         solver = 4 * (k * k) ** 2 * 8 * 3 + 12 * (size + k) ** 2 * 16  # Grams, FFT spectra
@@ -171,7 +171,7 @@ def _describe_variances(job: JobConfig, inputs: Inputs) -> str:
     method = job.kernel.method
     if noise is None:
         fitted = "; lstsq's robust pass fits a noise model per tile" if method == "lstsq" else ""
-        return f"none (input.variance/input.weight not set{fitted})"
+        return f"none (input.variance/input.weight/input.gain not set{fitted})"
     text = noise.describe()
     if noise.kind == "weight":
         text += " (variance = 1/weight; a weight of 0 is a bad pixel)"
@@ -218,6 +218,8 @@ def plan_job(job: JobConfig) -> Plan:
         saturation=None if job.input.saturation is None else job.input.saturation.model_dump(),
         variance=None if job.input.variance is None else job.input.variance.arrays(),
         weight=None if job.input.weight is None else job.input.weight.arrays(),
+        gain=None if job.input.gain is None else job.input.gain.settings(),
+        read_noise=None if job.input.read_noise is None else job.input.read_noise.settings(),
     )
     _, ny, nx = inputs.shape
     step = job.tiles.step or job.tiles.size
