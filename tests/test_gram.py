@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.fft import rfft2
 
-from pipeline.core.gram import dense_gram, design_rows, valid_gram
+from pipeline.core.gram import dense_gram, design_rows, fft_shape, valid_gram
 
 
 @settings(max_examples=30)
@@ -63,3 +64,23 @@ def test_design_rows_follow_the_convolution_convention(half):
     yy, xx = np.mgrid[half : 20 - half, half : 24 - half]
     rows = design_rows(src, half, (yy.ravel(), xx.ravel()))
     np.testing.assert_allclose(rows @ kernel.ravel(), tgt[half : 20 - half, half : 24 - half].ravel(), atol=1e-10)
+
+
+@pytest.mark.parametrize(("shape", "half"), [((3, 3), 1), ((3, 4), 1), ((8, 5), 2), ((21, 22), 10), ((64, 75), 10)])
+def test_valid_gram_small_and_default_half_tiles(shape, half):
+    """Edge bands that overlap (a one-pixel valid box) and the default kernel on non-square tiles."""
+    rng = np.random.default_rng(6)
+    sources = rng.normal(size=(2, *shape)) + 2.0
+    fast = valid_gram(sources, half)
+    assert fast.shape == (2, (2 * half + 1) ** 2, (2 * half + 1) ** 2)
+    assert fast.dtype == np.float64 and fast.flags.c_contiguous
+    for i in range(2):
+        ref = dense_gram(sources[i], half)
+        np.testing.assert_allclose(fast[i], ref, rtol=0, atol=1e-11 * np.abs(ref).max())
+
+
+def test_valid_gram_reuses_given_spectra():
+    rng = np.random.default_rng(7)
+    sources = rng.normal(size=(3, 30, 26))
+    spectra = rfft2(sources, s=fft_shape((30, 26), 3))
+    np.testing.assert_array_equal(valid_gram(sources, 3, spectra=spectra), valid_gram(sources, 3))
