@@ -10,7 +10,7 @@ import pipeline as km
 from pipeline import flags as fl
 from pipeline.core.fill import fill_bad_pixels
 from pipeline.core.gram import design_rows
-from pipeline.core.lstsq import lstsq_kernels, noise_model
+from pipeline.core.lstsq import _box_sums, lstsq_kernels, noise_model
 from pipeline.core.penalties import penalty_operators
 from pipeline.sim.defects import add_defects
 from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
@@ -311,3 +311,14 @@ def test_hot_and_dead_pixels_nobody_marked_leave_the_kernel_as_on_clean_data():
     assert np.all(err["found"] < 1.1 * err["clean"] + 0.005)
     assert np.all(err["plain"] > 3 * err["clean"])
     assert np.all(found.flags & fl.OUTLIERS_CLIPPED) and not np.any(found.flags & fl.MASKED)
+
+
+@pytest.mark.parametrize(("half", "ny", "nx"),
+                         [(10, 256, 256), (10, 41, 23), (1, 3, 3), (1, 4, 7), (3, 20, 9), (0, 5, 5)])
+def test_box_sums_are_the_design_matrix_column_sums(half, ny, nx):
+    """The background column: each offset's sum over the valid box, also where the edge bands overlap."""
+    rng = np.random.default_rng(ny * nx + half)
+    src = rng.normal(size=(2, ny, nx)) + 3.0
+    yy, xx = np.mgrid[half : ny - half, half : nx - half]
+    ref = np.stack([design_rows(s, half, (yy.ravel(), xx.ravel())).sum(axis=0) for s in src])
+    np.testing.assert_allclose(_box_sums(src, half), ref, rtol=0, atol=1e-12 * np.abs(ref).max())

@@ -667,18 +667,27 @@ def _outliers(resid: np.ndarray, model: np.ndarray, clip: float,
 def _box_sums(sources: np.ndarray, half: int) -> np.ndarray:
     """``sum_{p in V} S(p - a_j)`` for every kernel offset: the background column.
 
-    ``V`` is the valid box; each sum is a box sum of the source, read from an
-    integral image.  Returns ``(n, k*k)``.
+    ``V`` is the valid box; the box of offset ``j`` covers rows
+    ``[2h - jy, ny - jy)`` and likewise columns.  Rows shared by every offset
+    are summed once, the ``2h`` edge rows on either side enter as running
+    sums, then columns the same way.  Returns ``(n, k*k)``.
     """
     n, ny, nx = sources.shape
-    k = 2 * half + 1
-    integral = np.zeros((n, ny + 1, nx + 1))
-    integral[:, 1:, 1:] = sources.cumsum(axis=1).cumsum(axis=2)
-    start = 2 * half - np.arange(k)  # box of offset j starts at 2h - j
-    y0, x0 = start[:, None], start[None, :]
-    y1, x1 = y0 + ny - 2 * half, x0 + nx - 2 * half
-    sums = integral[:, y1, x1] - integral[:, y0, x1] - integral[:, y1, x0] + integral[:, y0, x0]
-    return sums.reshape(n, k * k)
+    w = 2 * half
+    k = w + 1
+    start = w - np.arange(k)
+    if ny >= 2 * w:
+        rows = np.repeat(sources[:, w : ny - w].sum(axis=1)[:, None], k, axis=1)  # [n, jy, x]
+        if w:
+            rows[:, 1:] += np.cumsum(sources[:, w - 1 :: -1], axis=1)  # rows w-jy .. w-1
+            rows[:, :w] += np.cumsum(sources[:, ny - w :], axis=1)[:, ::-1]  # rows ny-w .. ny-1-jy
+    else:  # edge bands overlap: an integral over all rows
+        integral_y = np.zeros((n, ny + 1, nx))
+        np.cumsum(sources, axis=1, out=integral_y[:, 1:])
+        rows = integral_y[:, start + ny - w] - integral_y[:, start]
+    integral = np.zeros((n, k, nx + 1))
+    np.cumsum(rows, axis=2, out=integral[:, :, 1:])
+    return (integral[:, :, start + nx - w] - integral[:, :, start]).reshape(n, k * k)
 
 
 def _model(spectrum: np.ndarray, kernel: np.ndarray, shape, tile_shape, half: int) -> np.ndarray:
