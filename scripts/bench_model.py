@@ -91,7 +91,7 @@ def one_image(source: np.ndarray, target: np.ndarray, truth, image: int) -> dict
         "joint_mid": errors(joint.field.kernel_at(my.ravel(), mx.ravel()), true_mid)["rel"],
         "degree": joint.field.degree, "strength": joint.strength, "old_degree": None if old is None else old.degree,
         "t_tiles": t_tiles, "t_joint": t_joint, "peak_mb": peak / 2**20, "n": len(cy),
-        "evaluations": len(joint.cv_rss),
+        "evaluations": len(joint.scores),
     }
 
 

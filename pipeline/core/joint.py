@@ -19,10 +19,22 @@ independent tile fits.  Phi is taken at each tile's centre.
 The degree and the strength factor ``f`` are chosen without the truth by
 exact leave-one-tile-out cross-validation: with ``H_t = U_t^T A^{-1} U_t``,
 ``U_t = phi_t kron I`` and ``B_t = Gc_t + s_t Q``, the fit without tile ``t``
-predicts ``K_-t = (I - H_t B_t)^{-1} (K_t - H_t c_t)`` at that tile (Woodbury),
-scored by the tile's residual sum of squares
-``RSS_t(K) = yy_t - 2 K.c_t + K.Gc_t.K``; the pair with the smallest total
-wins.  Pure NumPy/SciPy.
+predicts ``K_-t = (I - H_t B_t)^{-1} (K_t - H_t c_t)`` at that tile (Woodbury).
+Two scores of these predictions (the smallest total wins):
+
+``"kernels"`` (default)
+    ``sum_t w_t |K_-t - Khat_t|^2`` against the tile's own kernel estimate
+    ``Khat_t``, with the tile weights of the model fitted to the kernels
+    (:func:`pipeline.core.field.tile_weights`): every kernel pixel counts.
+``"pixels"``
+    the tiles' residual sums of squares ``RSS_t(K_-t) = yy_t - 2 K.c_t +
+    K.Gc_t.K``: how well the held-out pixels are predicted.  It weighs the
+    kernel's error by the source's power, so it barely sees the poorly
+    constrained (high-frequency) kernel modes; on the simulated stacks of
+    ``scripts/bench_model.py`` it chose strengths 3-10 times weaker than the
+    best, and kernels 1.2-1.7 times less accurate than the ``"kernels"`` score.
+
+Pure NumPy/SciPy.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.lapack
 
-from .field import KernelField, field_frame, legendre_design, resolvable_terms
+from .field import KernelField, field_frame, legendre_design, resolvable_terms, tile_weights
 from .penalties import penalty_terms
 
 __all__ = ["JointField", "TileStatistics", "fit_joint_field", "STRENGTHS"]
@@ -58,6 +70,10 @@ class TileStatistics:
     y: np.ndarray  #: ``(n,)`` tile centres, input pixel coordinates
     x: np.ndarray  #: ``(n,)``
     lam: np.ndarray  #: ``(n, m)`` each tile's evidence strengths ``lam_i`` (NaN: unknown)
+    #: ``(n, k*k)`` each tile's own kernel estimate (NaN: none), for the ``"kernels"`` score
+    kernels: np.ndarray | None = None
+    #: ``(n,)`` the tiles' weights in that score (default: equal)
+    weights: np.ndarray | None = None
 
     @classmethod
     def from_lstsq(cls, result, y: np.ndarray, x: np.ndarray) -> TileStatistics:
@@ -67,8 +83,11 @@ class TileStatistics:
             raise ValueError("the per-tile fit kept no statistics: call lstsq_kernels(..., statistics=True)")
         gc, cc, yy = result.statistics
         count = np.where(np.isfinite(yy), result.n_valid, 0)
+        kernels = np.asarray(result.kernels, dtype=np.float64)
+        weights = tile_weights(result.snr, kernels.sum(axis=(1, 2)))
         return cls(gc, cc, yy, count, np.asarray(y, dtype=np.float64).ravel(),
-                   np.asarray(x, dtype=np.float64).ravel(), np.asarray(result.lam_terms, dtype=np.float64))
+                   np.asarray(x, dtype=np.float64).ravel(), np.asarray(result.lam_terms, dtype=np.float64),
+                   kernels.reshape(len(kernels), -1), weights)
 
     @property
     def kernel_size(self) -> int:
@@ -89,12 +108,15 @@ class TileStatistics:
 class JointField:
     """The field chosen by cross-validation, and the scores of every candidate."""
 
-    #: coefficients, frame and tiles used; its ``cv_error`` is the RMS leave-one-out residual per pixel
+    #: coefficients, frame and tiles used; its ``cv_error`` is the criterion's RMS leave-one-out error
+    #: (per kernel, relative to the tiles' kernels, or per pixel)
     field: KernelField
     strength: float  #: the chosen ``f``
     lam: np.ndarray  #: ``(m,)`` the penalty strengths used: ``f`` times the median per-tile ``lam_i``
-    cv_rss: dict[tuple[int, float], float]  #: total leave-one-tile-out RSS of each ``(degree, f)``
-    tile_cv_rss: np.ndarray  #: ``(n,)`` each tile's leave-one-out RSS at the choice (NaN: not used)
+    criterion: str  #: ``"kernels"`` or ``"pixels"``: the score that chose
+    scores: dict[tuple[int, float], float]  #: the criterion's total for each ``(degree, f)`` evaluated
+    #: ``(n,)`` each tile's residual sum of squares under the fit without it, at the choice (NaN: not used)
+    tile_cv_rss: np.ndarray
 
 
 def _penalty_matrix(kernel_size: int, penalty: str, lam: np.ndarray,
@@ -143,30 +165,27 @@ def _inverse(factor) -> np.ndarray:
 
 def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatistics, used: np.ndarray,
                    q: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Each used tile's RSS under the fit without it (exact, by Woodbury)."""
+    """``(T, k*k)``: each used tile's kernel as the fit without it predicts it (exact, by Woodbury)."""
     p, k2 = coef.shape
     phi = pooled.phi
     # A^{-1} as (P*P, k2*k2) blocks: every tile's H_t is phi_t (x) phi_t times it, one product a batch
     blocks = _inverse(factor).reshape(p, k2, p, k2).transpose(0, 2, 1, 3).reshape(p * p, k2 * k2)
     outer = np.einsum("tp,tq->tpq", phi, phi).reshape(len(phi), p * p)
     index = np.flatnonzero(used)
-    scores = np.empty(len(phi))
+    predicted = np.empty((len(phi), k2))
     for start in range(0, len(phi), batch):
         stop = min(start + batch, len(phi))
         hats = (outer[start:stop] @ blocks).reshape(-1, k2, k2)
         tiles = index[start:stop]
         gc = stats.gc[tiles]
         b = gc + np.trace(gc, axis1=1, axis2=2)[:, None, None] * q
-        kernels = phi[start:stop] @ coef
-        rhs = kernels - np.einsum("tij,tj->ti", hats, stats.cc[tiles])
+        rhs = phi[start:stop] @ coef - np.einsum("tij,tj->ti", hats, stats.cc[tiles])
         system = np.eye(k2) - hats @ b
         try:
-            left = np.linalg.solve(system, rhs[..., None])[..., 0]
+            predicted[start:stop] = np.linalg.solve(system, rhs[..., None])[..., 0]
         except np.linalg.LinAlgError:  # one singular system: solve them one by one
-            left = np.stack([_solve_or_inf(m, r) for m, r in zip(system, rhs)])
-        scores[start:stop] = (stats.yy[tiles] - 2.0 * np.einsum("ti,ti->t", left, stats.cc[tiles])
-                              + np.einsum("ti,tij,tj->t", left, gc, left))
-    return scores
+            predicted[start:stop] = np.stack([_solve_or_inf(m, r) for m, r in zip(system, rhs)])
+    return predicted
 
 
 def _solve_or_inf(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -182,7 +201,8 @@ def fit_joint_field(
     degrees: Sequence[int] | None = None,
     max_degree: int = 3,
     strengths: Sequence[float] = STRENGTHS,
-    start: float = 0.1,
+    start: float = 0.3,
+    criterion: str = "kernels",
     penalty: str = "compact",
     centre: tuple[float, float] = (0.0, 0.0),
 ) -> JointField:
@@ -191,7 +211,8 @@ def fit_joint_field(
     Parameters
     ----------
     stats
-        The tiles' normal equations (:class:`TileStatistics`).
+        The tiles' normal equations (:class:`TileStatistics`; with the tiles'
+        own kernels for the ``"kernels"`` criterion).
     degrees
         Total polynomial degrees to try, each with its own search of ``f``.
         Default: ``0 .. max_degree`` (only degrees with at most half as many
@@ -203,14 +224,16 @@ def fit_joint_field(
         strengths).  A search of ``f`` starts at the value nearest ``start``
         and steps to the better neighbour on the ladder while the score falls
         (it is smooth in ``f``, with one minimum).
+    criterion
+        ``"kernels"`` or ``"pixels"``: the leave-one-tile-out score (module docstring).
     penalty, centre
         The penalty (as in the per-tile fits) and its centre on the stamp.
 
     Returns
     -------
     JointField
-        The ``(degree, f)`` with the smallest leave-one-tile-out RSS.  Raises
-        ``ValueError`` without usable tiles or per-tile strengths.
+        The ``(degree, f)`` with the smallest score.  Raises ``ValueError``
+        without usable tiles, per-tile strengths, or (``"kernels"``) tile kernels.
     """
     used = stats.usable()
     if not used.any():
@@ -221,11 +244,25 @@ def fit_joint_field(
     ladder = np.sort(np.asarray(strengths, dtype=np.float64))
     if not ladder.size or np.any(ladder <= 0) or not np.all(np.isfinite(ladder)):
         raise ValueError(f"strengths must be positive and finite, got {list(strengths)}")
+    if criterion not in ("kernels", "pixels"):
+        raise ValueError(f"criterion={criterion!r}: use 'kernels' or 'pixels'")
+    if criterion == "kernels":
+        if stats.kernels is None:
+            raise ValueError("criterion='kernels' needs the tiles' own kernels (TileStatistics.kernels): "
+                             "build the statistics with TileStatistics.from_lstsq, or use criterion='pixels'")
+        own = stats.kernels[used]
+        weights = np.ones(len(own)) if stats.weights is None else np.asarray(stats.weights, dtype=np.float64)[used]
+        weights = np.where(np.all(np.isfinite(own), axis=1) & np.isfinite(weights), weights, 0.0)
+        own = np.where(weights[:, None] > 0, own, 0.0)
+        if not np.any(weights > 0):
+            raise ValueError("no tile with a kernel and a positive weight to score the fit against")
+        norm = float(np.sum(weights * np.sum(own**2, axis=1)))
     base = np.nanmedian(lam_tiles, axis=0)
     k = stats.kernel_size
     frame = field_frame(stats.y, stats.x, used)
     u, v = frame.normalised(stats.y, stats.x)
     n_used = int(used.sum())
+    pixels = float(stats.count[used].sum())
     explicit = degrees is not None
     if degrees is None:
         degrees = [d for d in range(max_degree + 1)
@@ -233,6 +270,15 @@ def fit_joint_field(
     scores: dict[tuple[int, float], float] = {}
     fits: dict[tuple[int, int], tuple[float, np.ndarray, np.ndarray]] = {}
     systems: dict[int, tuple[_Pooled, np.ndarray]] = {}
+
+    def score(predicted: np.ndarray) -> tuple[float, np.ndarray]:
+        """The criterion's total over the tiles, and each tile's held-out RSS."""
+        idx = np.flatnonzero(used)
+        rss = (stats.yy[idx] - 2.0 * np.einsum("ti,ti->t", predicted, stats.cc[idx])
+               + np.einsum("ti,tij,tj->t", predicted, stats.gc[idx], predicted))
+        if criterion == "pixels":
+            return float(rss.sum()), rss
+        return float(np.sum(weights * np.sum((predicted - own) ** 2, axis=1))), rss
 
     def evaluate(degree: int, i: int) -> float:
         """Leave-one-out score of ``degree`` at ladder position ``i`` (each computed once)."""
@@ -249,9 +295,9 @@ def fit_joint_field(
                 coef, factor = solved
                 full = np.zeros((len(mask), k * k))
                 full[mask] = coef
-                tiles = _leave_one_out(pooled, factor, coef, stats, used, q)
-                fits[(degree, i)] = (float(tiles.sum()), full, tiles)
-                scores[(degree, float(ladder[i]))] = fits[(degree, i)][0]
+                total, rss = score(_leave_one_out(pooled, factor, coef, stats, used, q))
+                fits[(degree, i)] = (total, full, rss)
+                scores[(degree, float(ladder[i]))] = total
         return fits[(degree, i)][0]
 
     def downhill(degree: int, i: int) -> int:
@@ -280,19 +326,16 @@ def fit_joint_field(
             previous = total
         chosen = min((d for d in degrees if (d, position) in fits), key=lambda d: evaluate(d, position))
         downhill(chosen, position)
-    (degree, i), (total, coef, tile_scores) = min(fits.items(), key=lambda item: item[1][0])
-    best = None if not np.isfinite(total) else (total, degree, float(ladder[i]), coef, tile_scores,
-                                                 ladder[i] * base)
-    if best is None:
+    (degree, i), (total, coef, tile_rss) = min(fits.items(), key=lambda item: item[1][0])
+    if not np.isfinite(total):
         raise ValueError("the joint normal equations are singular at every strength tried")
-    total, degree, f, coef, tile_scores, lam = best
     per_tile = np.full(len(used), np.nan)
-    per_tile[used] = tile_scores
-    pixels = float(stats.count[used].sum())
+    per_tile[used] = tile_rss
+    scale = pixels if criterion == "pixels" else norm
     field = KernelField(
         degree=degree, coefficients=coef.reshape(-1, k, k), centre=frame.centre, scale=frame.scale,
-        used=used, rejected=np.zeros(len(used), dtype=bool), cv_error=float(np.sqrt(total / pixels)),
-        cv_errors={d: float(np.sqrt(min(s for (dd, _), s in scores.items() if dd == d) / pixels))
+        used=used, rejected=np.zeros(len(used), dtype=bool), cv_error=float(np.sqrt(total / scale)),
+        cv_errors={d: float(np.sqrt(min(s for (dd, _), s in scores.items() if dd == d) / scale))
                    for d in sorted({d for d, _ in scores})},
     )
-    return JointField(field, f, lam, scores, per_tile)
+    return JointField(field, float(ladder[i]), ladder[i] * base, criterion, scores, per_tile)
