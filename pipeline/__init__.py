@@ -10,7 +10,16 @@ from importlib.metadata import PackageNotFoundError, version
 from .analysis.hook import register_accessor as _register_accessor
 from .core.estimate import DEFAULT_METHOD, METHODS, KernelEstimates, estimate_kernel, estimate_kernels
 from .core.options import LstsqOptions, RatioOptions, WelchOptions
-from .errors import BatchError, ConfigError, InputError, KernelmapError, OptionError
+from .errors import (
+    BatchError,
+    ConfigError,
+    InputError,
+    KernelmapError,
+    KernelmapWarning,
+    OptionError,
+    OutsideImageError,
+    OutsideImageWarning,
+)
 
 try:
     __version__ = version("kernelmap")
@@ -50,6 +59,9 @@ __all__ = [
     "KernelmapError",
     "InputError",
     "OptionError",
+    "OutsideImageError",
     "ConfigError",
     "BatchError",
+    "KernelmapWarning",
+    "OutsideImageWarning",
 ]

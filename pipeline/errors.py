@@ -1,14 +1,16 @@
 """Exceptions raised by kernelmap.
 
 Every error kernelmap raises on bad input derives from :class:`KernelmapError`,
-which is itself a :class:`ValueError`, so callers can catch either.
+which is itself a :class:`ValueError`, so callers can catch either.  Warnings
+kernelmap gives derive from :class:`KernelmapWarning`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["KernelmapError", "InputError", "OptionError", "ConfigError", "BatchError"]
+__all__ = ["KernelmapError", "InputError", "OptionError", "OutsideImageError", "ConfigError", "BatchError",
+           "KernelmapWarning", "OutsideImageWarning"]
 
 
 class KernelmapError(ValueError):
@@ -21,6 +23,10 @@ class InputError(KernelmapError):
 
 class OptionError(KernelmapError):
     """An option has a value outside what is allowed."""
+
+
+class OutsideImageError(OptionError):
+    """A position asked of the kernel-field model lies outside the image its tiles cover."""
 
 
 class ConfigError(KernelmapError):
@@ -57,3 +63,11 @@ def _rebuild_config_error(errors: list[str], source: str | None) -> ConfigError:
 
 class BatchError(KernelmapError):
     """The batch system refused a job, did not answer, or its workers never came."""
+
+
+class KernelmapWarning(UserWarning):
+    """Base class of every warning kernelmap gives."""
+
+
+class OutsideImageWarning(KernelmapWarning):
+    """Positions outside the image were asked of the kernel-field model and given NaN kernels."""

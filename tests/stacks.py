@@ -85,3 +85,55 @@ def make_stack(
         if bad is not None:
             group.create_array("mask", data=bad, chunks=(1, chunk, chunk))
     return {"kernels": kernels, "background": background, "tile": tile, "k": k, "labels": labels}
+
+
+def make_edge_stack(
+    path: Path,
+    *,
+    shape: tuple[int, int] = (150, 200),
+    tile: int = 64,
+    step: int | None = None,
+    chunk: int = 64,
+    k: int = 9,
+    n_images: int = 1,
+    seed: int = 0,
+) -> dict:
+    """A stack of ``shape`` (not a multiple of the tile) whose target is painted tile by tile on the grid
+    that covers every pixel (tiles every ``step`` from 0 and a last row and column ending at the far edges):
+    each tile's pixels are the source convolved with ``tile_kernel`` of that tile, later tiles (in raster
+    order) painted over earlier ones where they overlap, so the last row and column are wholly their own.
+
+    Returns the truth: ``kernels[image, ty, tx]``, the tile origins ``y0``/``x0``, ``intact[ty, tx]`` (the
+    tiles no later tile painted over: their kernel is exact) and the background offsets.
+    """
+    from pipeline.core.tiles import tile_origins
+
+    step = step or tile
+    ny, nx = shape
+    y0, x0 = tile_origins(ny, tile, step), tile_origins(nx, tile, step)
+    rng = np.random.default_rng(seed)
+    margin = 2 * k
+    canvas = gaussian_filter(rng.normal(size=(ny + 2 * margin, nx + 2 * margin)), 0.7) * 100.0
+    target = np.zeros((n_images, ny, nx), dtype=np.float32)
+    kernels = np.zeros((n_images, len(y0), len(x0), k, k))
+    owner = np.full(shape, -1)
+    background = 10.0 * np.arange(1, n_images + 1)
+    for i in range(n_images):
+        for ty, ys in enumerate(y0):
+            for tx, xs in enumerate(x0):
+                kern = tile_kernel(i, ty, tx, k)
+                kernels[i, ty, tx] = kern
+                window = canvas[margin + ys - k: margin + ys + tile + k, margin + xs - k: margin + xs + tile + k]
+                target[i, ys: ys + tile, xs: xs + tile] = fftconvolve(window, kern, mode="same")[k:-k, k:-k]
+                owner[ys: ys + tile, xs: xs + tile] = ty * len(x0) + tx
+        target[i] += background[i]
+    intact = np.array([[np.all(owner[ys: ys + tile, xs: xs + tile] == ty * len(x0) + tx)
+                        for tx, xs in enumerate(x0)] for ty, ys in enumerate(y0)])
+    source = canvas[margin: margin + ny, margin: margin + nx].astype(np.float32)
+    labels = np.array([f"epoch-{i}" for i in range(n_images)], dtype=object)
+    ds = xr.Dataset({"target": (("image", "y", "x"), target), "source": (("y", "x"), source)},
+                    coords={"image": labels})
+    ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=False,
+               encoding={"target": {"chunks": (1, chunk, chunk)}, "source": {"chunks": (chunk, chunk)}})
+    return {"kernels": kernels, "y0": y0, "x0": x0, "intact": intact, "background": background, "tile": tile,
+            "k": k, "labels": labels}

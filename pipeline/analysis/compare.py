@@ -49,12 +49,13 @@ def compare_maps(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
                                 ).assign_attrs(long_name="L2 norm of (kernel B - kernel A) over that of A",
                                                units="1")
     out.attrs["b_images"] = [str(v) for v in b["image"].values]
+    out.attrs.update({key: a.attrs[key] for key in ("tile_size", "tile_step") if key in a.attrs})
     return out
 
 
 def compare_figure(diff: xr.Dataset, *, image: int = 0):
     """Maps of the main differences for one image pair."""
-    from .report import _extent, _pyplot
+    from .report import _cells, _pyplot
 
     plt = _pyplot()
     names = [n for n in ("fwhm", "ellipticity", "flux", "kernel_difference") if n in diff]
@@ -65,11 +66,9 @@ def compare_figure(diff: xr.Dataset, *, image: int = 0):
         values = np.asarray(diff[name].values[image], dtype=np.float64)
         lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
         cmap, lo = ("magma", 0.0) if name == "kernel_difference" else ("RdBu_r", -lim)
-        im = ax.imshow(values, extent=_extent(diff), vmin=lo, vmax=lim or 1.0, cmap=cmap, interpolation="nearest")
+        im = _cells(ax, diff, values, vmin=lo, vmax=lim or 1.0, cmap=cmap)
         units = diff[name].attrs.get("units", "")
         ax.set_title(name.replace("_", " "))
-        ax.set_xlabel("x (pixel)")
-        ax.set_ylabel("y (pixel)")
         fig.colorbar(im, ax=ax, label=f"{name} ({units})" if units else name, shrink=0.8)
     return fig
 

@@ -8,24 +8,28 @@ The ``kernelmap`` accessor on :class:`xarray.Dataset` is registered when this
 module is imported, which ``import pipeline`` arranges for as soon as xarray is
 imported (see :mod:`pipeline.analysis.hook`).  Both forms take the same
 arguments and raise the same errors: :class:`~pipeline.errors.InputError` for a
-dataset or store that is not a kernel map and for an image it does not hold.
+dataset or store that is not a kernel map and for an image it does not hold,
+:class:`~pipeline.errors.OutsideImageError` for a position outside the image
+(:func:`map_extent`; ``outside="nan"`` gives NaN kernels there and a warning).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from .. import flags as fl
-from ..core.field import STORED, KernelField
+from ..core.field import STORED, KernelField, check_positions, image_extent
 from ..core.moments import adaptive_moments
 from ..errors import InputError
 
-__all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "read_kernel_map"]
+__all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "map_extent", "read_kernel_map"]
 
 
 #: Variables every kernel map has: what the report and the comparison read.
@@ -65,6 +69,36 @@ def read_kernel_map(path: str | os.PathLike[str]) -> xr.Dataset:
     return ds.load()
 
 
+def map_extent(ds: xr.Dataset) -> tuple[float, float, float, float]:
+    """``(y_min, y_max, x_min, x_max)`` of the images a kernel map was made from (pixel centres at integers).
+
+    From the ``input_shape`` attribute; for a store written before it existed, from the target's shape in
+    ``kernelmap_input``; failing both, the pixels its tiles cover (from ``tile_size``), else its tile centres.
+    """
+    attrs = ds.attrs
+    shape = attrs.get("input_shape")
+    if shape is None:
+        shape = _input_shape(attrs.get("kernelmap_input"))
+    if shape is not None:
+        return image_extent(int(shape[0]), int(shape[1]))
+    y, x = np.asarray(ds["y"].values, dtype=np.float64), np.asarray(ds["x"].values, dtype=np.float64)
+    half = (float(attrs["tile_size"]) - 1) / 2 + 0.5 if "tile_size" in attrs else 0.0
+    return (float(y.min()) - half, float(y.max()) + half, float(x.min()) - half, float(x.max()) + half)
+
+
+def _input_shape(identity: Any) -> tuple[int, int] | None:
+    """``(ny, nx)`` of the target as recorded in a store's ``kernelmap_input`` (``None`` where not there)."""
+    from ..io.arrays import IMAGE_DIMS, _axis_order
+
+    try:
+        target = json.loads(identity)["arrays"]["target"]
+        shape, names = target["shape"], target.get("dimension_names")
+        order = _axis_order(None if names is None else tuple(names), IMAGE_DIMS)
+        return int(shape[order[1]]), int(shape[order[2]])
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
+
+
 class KernelMap:
     """A kernel-map Dataset (as written by ``kernelmap run``) with its analysis verbs."""
 
@@ -100,21 +134,36 @@ class KernelMap:
         flags = np.asarray(one["quality_flag"].values).astype(np.int64)
         kernels = np.asarray(one["kernel"].values)
         return KernelField.from_arrays(stored, used=fl.modelled(kernels, flags) & (flags & fl.MODEL_OUTLIER == 0),
-                                       rejected=(flags & fl.MODEL_OUTLIER) != 0)
+                                       rejected=(flags & fl.MODEL_OUTLIER) != 0, extent=self.extent)
 
-    def kernel_at(self, image: Any, y: Any, x: Any) -> np.ndarray:
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """``(y_min, y_max, x_min, x_max)`` of the input images: ``[-0.5, n - 0.5]`` (:func:`map_extent`)."""
+        return map_extent(self.ds)
+
+    def kernel_at(self, image: Any, y: Any, x: Any, *, outside: str = "raise") -> np.ndarray:
         """Model kernel(s) of ``image`` at input pixel position(s) ``(y, x)``: ``shape + (k, k)``.
 
         ``image`` is a label of the ``image`` coordinate, or else a position.
+        Anywhere in the image (``-0.5 <= y <= ny - 0.5``, the same along x),
+        beyond the outermost tile centres too; a position outside it raises an
+        :class:`~pipeline.errors.OutsideImageError` (the model does not
+        extrapolate), or with ``outside="nan"`` gets a NaN kernel and an
+        :class:`~pipeline.errors.OutsideImageWarning`.
         """
-        return self._kernel_at(self.image_index(image), y, x)
+        return self._kernel_at(self.image_index(image), y, x, outside=outside, stacklevel=2)
 
-    def _kernel_at(self, i: int, y: Any, x: Any) -> np.ndarray:
+    def _kernel_at(self, i: int, y: Any, x: Any, *, outside: str = "raise", stacklevel: int = 2) -> np.ndarray:
+        """``stacklevel``: where a warning points, counted from the caller of this method (2: its caller)."""
+        y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+        away = check_positions(y, x, self.extent, outside, stacklevel=stacklevel + 1)
         field = self._field_at(i)
         if field is None:
             k = self.ds.sizes["ky"]
-            return np.full((*np.broadcast(np.asarray(y), np.asarray(x)).shape, k, k), np.nan)
-        return field.kernel_at(y, x)
+            return np.full((*y.shape, k, k), np.nan)
+        values = replace(field, extent=None).kernel_at(y, x)  # positions checked above
+        values[away] = np.nan
+        return values
 
     def model_kernels(self) -> xr.DataArray:
         """The model's kernels at every tile centre, like ``kernel``."""
@@ -164,9 +213,10 @@ class KernelMapAccessor:
     def map(self) -> KernelMap:
         return KernelMap(self._ds)
 
-    def kernel_at(self, image: Any, y: Any, x: Any) -> np.ndarray:
+    def kernel_at(self, image: Any, y: Any, x: Any, *, outside: str = "raise") -> np.ndarray:
         """Model kernel(s) of ``image`` at input pixel position(s) ``(y, x)``: see :meth:`KernelMap.kernel_at`."""
-        return self.map.kernel_at(image, y, x)
+        km = self.map
+        return km._kernel_at(km.image_index(image), y, x, outside=outside, stacklevel=2)
 
     def model_kernels(self) -> xr.DataArray:
         return self.map.model_kernels()

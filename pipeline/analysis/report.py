@@ -62,11 +62,36 @@ def _panels(plt, n: int, title: str, size: float = 3.2):
     return fig, axes.ravel()[:n]
 
 
-def _extent(ds: xr.Dataset) -> list[float]:
+def _cell_edges(centres: np.ndarray, size: float) -> np.ndarray:
+    """Edges of the map cells around tile centres: midway between neighbours (the last tiles, set against
+    the image edge, may lie closer than the step) and the outer tiles' own edges."""
+    c = np.asarray(centres, dtype=np.float64)
+    return np.concatenate([[c[0] - size / 2], (c[1:] + c[:-1]) / 2, [c[-1] + size / 2]])
+
+
+def _edges(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, x)`` cell edges of a kernel map's tiles, in input pixel coordinates."""
     y, x = ds["y"].values, ds["x"].values
-    dy = (y[1] - y[0]) if len(y) > 1 else float(ds.attrs.get("tile_size", 1))
-    dx = (x[1] - x[0]) if len(x) > 1 else float(ds.attrs.get("tile_size", 1))
-    return [x[0] - dx / 2, x[-1] + dx / 2, y[-1] + dy / 2, y[0] - dy / 2]
+    steps = np.concatenate([np.diff(y), np.diff(x)])
+    size = float(ds.attrs.get("tile_size", np.median(steps) if steps.size else 1.0))
+    return _cell_edges(y, size), _cell_edges(x, size)
+
+
+def _cells(ax, ds: xr.Dataset, values: np.ndarray, **style):
+    """A map of per-tile values, each drawn over its tile's cell, y downwards as in an image."""
+    ye, xe = _edges(ds)
+    im = ax.pcolormesh(xe, ye, values, shading="flat", **style)
+    _frame(ax, ds)
+    return im
+
+
+def _frame(ax, ds: xr.Dataset) -> None:
+    ye, xe = _edges(ds)
+    ax.set_xlim(xe[0], xe[-1])
+    ax.set_ylim(ye[-1], ye[0])
+    ax.set_aspect("equal")
+    ax.set_xlabel("x (pixel)")
+    ax.set_ylabel("y (pixel)")
 
 
 def _label(ds: xr.Dataset, i: int) -> str:
@@ -86,10 +111,8 @@ def _map_figure(plt, ds: xr.Dataset, name: str, images: list[int], title: str, c
     units = ds[name].attrs.get("units", "")
     fig, axes = _panels(plt, len(images), title)
     for ax, i, v in zip(axes, images, values):
-        im = ax.imshow(v, extent=_extent(ds), vmin=lo, vmax=hi, cmap=cmap, interpolation="nearest")
+        im = _cells(ax, ds, v, vmin=lo, vmax=hi, cmap=cmap)
         ax.set_title(_label(ds, i))
-        ax.set_xlabel("x (pixel)")
-        ax.set_ylabel("y (pixel)")
     fig.colorbar(im, ax=list(axes), label=f"{name} ({units})" if units else name, shrink=0.8)
     return fig
 
@@ -97,7 +120,9 @@ def _map_figure(plt, ds: xr.Dataset, name: str, images: list[int], title: str, c
 def _whisker_figure(plt, ds: xr.Dataset, images: list[int]):
     fig, axes = _panels(plt, len(images), FIGURES["ellipticity"])
     yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
-    spacing = float(np.min(np.diff(ds["x"].values))) if ds.sizes["x"] > 1 else float(ds.attrs.get("tile_size", 1))
+    # the tiles' step (the last tiles, set against the image edge, may lie closer)
+    spacing = float(ds.attrs.get("tile_step", 0)) or (
+        float(np.median(np.diff(ds["x"].values))) if ds.sizes["x"] > 1 else float(ds.attrs.get("tile_size", 1)))
     e_all = np.asarray(ds["ellipticity"].values[images], dtype=np.float64)
     e_max = float(np.nanmax(e_all)) if np.isfinite(e_all).any() else 1.0
     scale = 0.9 * spacing / max(e_max, 1e-6)  # the longest stick spans 90 % of a tile
@@ -107,13 +132,8 @@ def _whisker_figure(plt, ds: xr.Dataset, images: list[int]):
         u, v = e * np.cos(angle) * scale, e * np.sin(angle) * scale
         ax.quiver(xx, yy, u, v, angles="xy", scale_units="xy", scale=1, headwidth=0, headlength=0,
                   headaxislength=0, pivot="middle", color="k", width=0.006)
-        ext = _extent(ds)
-        ax.set_xlim(ext[0], ext[1])
-        ax.set_ylim(ext[2], ext[3])
-        ax.set_aspect("equal")
+        _frame(ax, ds)
         ax.set_title(_label(ds, i))
-        ax.set_xlabel("x (pixel)")
-        ax.set_ylabel("y (pixel)")
     fig.suptitle(f"{FIGURES['ellipticity']}; a stick one tile wide is |e| = {spacing / scale:.3g}")
     return fig
 
@@ -124,15 +144,13 @@ def _flag_figure(plt, ds: xr.Dataset, images: list[int]):
     n_bits = len(fl.FLAGS)
     for ax, i, f in zip(axes, images, flags):
         count = sum(((f & flag.mask) != 0).astype(int) for flag in fl.FLAGS)
-        im = ax.imshow(count, extent=_extent(ds), vmin=0, vmax=n_bits, cmap="magma_r", interpolation="nearest")
+        im = _cells(ax, ds, count, vmin=0, vmax=n_bits, cmap="magma_r")
         unusable = (f & fl.BAD) != 0
         if unusable.any():
             yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
             ax.plot(xx[unusable], yy[unusable], "x", color="tab:cyan", ms=8, label="unusable")
             ax.legend(loc="lower right", fontsize=7)
         ax.set_title(_label(ds, i))
-        ax.set_xlabel("x (pixel)")
-        ax.set_ylabel("y (pixel)")
     fig.colorbar(im, ax=list(axes[:-1]), label="number of flags set", shrink=0.8)
     bars = axes[-1]
     width = 0.8 / len(images)

@@ -9,10 +9,20 @@ coefficients come from one weighted least-squares fit over the usable tiles
 leave-one-out cross-validation (each tile predicted from a fit without it,
 through the hat matrix), or fixed; tiles far from the model are rejected and
 the fit repeated.  Pure NumPy.
+
+The model is fitted to tiles inside an image and does not extrapolate: a field
+that knows its image's ``extent`` (:func:`image_extent`; pixel centres at
+integers, so an image of ``n`` rows spans ``[-0.5, n - 0.5]``) refuses
+positions outside it (:class:`~pipeline.errors.OutsideImageError`), or with
+``outside="nan"`` gives NaN kernels there and an
+:class:`~pipeline.errors.OutsideImageWarning`.  Positions inside the image but
+beyond the outermost tile centres (``|u|``, ``|v| > 1``) are covered pixels and
+evaluated as anywhere else.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +30,56 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import legendre
 
-__all__ = ["STORED", "FieldFrame", "KernelField", "field_frame", "fit_kernel_field", "fit_tiles",
-           "legendre_design", "polynomial_terms", "resolvable_terms", "tile_weights"]
+from ..errors import OptionError, OutsideImageError, OutsideImageWarning
+
+__all__ = ["OUTSIDE", "STORED", "FieldFrame", "KernelField", "check_positions", "field_frame", "fit_kernel_field",
+           "fit_tiles", "image_extent", "legendre_design", "outside_extent", "polynomial_terms", "resolvable_terms",
+           "tile_weights"]
+
+#: What :meth:`KernelField.kernel_at` does at positions outside the image: raise, or NaN kernels and a warning.
+OUTSIDE = ("raise", "nan")
+
+
+def image_extent(ny: int, nx: int) -> tuple[float, float, float, float]:
+    """``(y_min, y_max, x_min, x_max)`` of an image of ``ny x nx`` pixels: ``[-0.5, n - 0.5]`` along each
+    axis (pixel centres at integers, a half-pixel margin beyond the outermost ones)."""
+    return (-0.5, float(ny) - 0.5, -0.5, float(nx) - 0.5)
+
+
+def outside_extent(y: np.ndarray, x: np.ndarray, extent: tuple[float, float, float, float] | None) -> np.ndarray:
+    """Bool, broadcast shape of ``y`` and ``x``: positions outside ``extent`` ``(y_min, y_max, x_min, x_max)``
+    (none where ``extent`` is ``None``; NaN positions are not outside, they give NaN kernels)."""
+    y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+    if extent is None:
+        return np.zeros(y.shape, dtype=bool)
+    y_min, y_max, x_min, x_max = extent
+    return (y < y_min) | (y > y_max) | (x < x_min) | (x > x_max)
+
+
+def check_positions(y: np.ndarray, x: np.ndarray, extent: tuple[float, float, float, float] | None,
+                    outside: str = "raise", *, stacklevel: int = 2) -> np.ndarray:
+    """Positions outside the image ``extent``, as :func:`outside_extent`; with ``outside="raise"`` any
+    raises an :class:`~pipeline.errors.OutsideImageError`, with ``"nan"`` an
+    :class:`~pipeline.errors.OutsideImageWarning` is given (at ``stacklevel``) and the mask returned."""
+    if outside not in OUTSIDE:
+        raise OptionError(f"outside={outside!r}: use one of {', '.join(map(repr, OUTSIDE))}")
+    y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+    away = outside_extent(y, x, extent)
+    if not away.any():
+        return away
+    y_min, y_max, x_min, x_max = extent
+    first = np.flatnonzero(away.ravel())[0]
+    where = f"(y={y.ravel()[first]:g}, x={x.ravel()[first]:g})"
+    what = f"position {where} is" if away.size == 1 else \
+        f"{int(away.sum())} of {away.size} positions, the first {where}, are"
+    message = (f"{what} outside the image, which spans y {y_min:g} .. {y_max:g} and x {x_min:g} .. {x_max:g} "
+               "(pixel centres at integers); the kernel-field model is fitted to tiles inside it and does not "
+               "extrapolate")
+    if outside == "raise":
+        raise OutsideImageError(message + "; give positions inside it, or outside='nan' for NaN kernels there")
+    warnings.warn(message + (": its kernel is NaN" if away.size == 1 else ": their kernels are NaN"),
+                  OutsideImageWarning, stacklevel=stacklevel + 1)
+    return away
 
 
 def polynomial_terms(degree: int) -> list[tuple[int, int]]:
@@ -78,14 +136,29 @@ class KernelField:
     rejected: np.ndarray  #: ``(n,)`` bool: usable tiles rejected as far from the model
     cv_error: float  #: relative RMS error of leave-one-out predictions of the tiles used
     cv_errors: dict[int, float]  #: the same for every degree tried
+    #: ``(y_min, y_max, x_min, x_max)`` of the image (:func:`image_extent`); ``None``: positions unchecked
+    extent: tuple[float, float, float, float] | None = None
 
-    def kernel_at(self, y: np.ndarray | float, x: np.ndarray | float) -> np.ndarray:
-        """Model kernels at positions ``(y, x)`` (input pixel coordinates): ``shape + (k, k)``."""
+    def outside(self, y: np.ndarray | float, x: np.ndarray | float) -> np.ndarray:
+        """Bool, broadcast shape of ``y`` and ``x``: positions outside :attr:`extent` (none without one)."""
         y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+        return outside_extent(y, x, self.extent)
+
+    def kernel_at(self, y: np.ndarray | float, x: np.ndarray | float, *, outside: str = "raise") -> np.ndarray:
+        """Model kernels at positions ``(y, x)`` (input pixel coordinates): ``shape + (k, k)``.
+
+        With an :attr:`extent`, positions outside the image raise an
+        :class:`~pipeline.errors.OutsideImageError` (``outside="raise"``), or
+        get NaN kernels with an :class:`~pipeline.errors.OutsideImageWarning`
+        (``outside="nan"``).
+        """
+        y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+        away = check_positions(y, x, self.extent, outside, stacklevel=2)
         u = (x.ravel() - self.centre[1]) / self.scale[1]
         v = (y.ravel() - self.centre[0]) / self.scale[0]
         k = self.coefficients.shape[-1]
         values = legendre_design(u, v, self.degree) @ self.coefficients.reshape(len(self.coefficients), -1)
+        values[away.ravel()] = np.nan
         return values.reshape(*y.shape, k, k)
 
     def to_arrays(self) -> dict[str, Any]:
@@ -101,9 +174,11 @@ class KernelField:
         }
 
     @classmethod
-    def from_arrays(cls, values: Mapping[str, Any], *, used: np.ndarray, rejected: np.ndarray) -> KernelField | None:
+    def from_arrays(cls, values: Mapping[str, Any], *, used: np.ndarray, rejected: np.ndarray,
+                    extent: tuple[float, float, float, float] | None = None) -> KernelField | None:
         """The model of one image from its stored values (:meth:`to_arrays`); ``None`` where its
-        degree is negative (no model was fitted).  ``used``/``rejected`` come from the tiles' flags."""
+        degree is negative (no model was fitted).  ``used``/``rejected`` come from the tiles' flags,
+        ``extent`` from the image's shape (:func:`image_extent`)."""
         degree = int(values["model_degree"])
         if degree < 0:
             return None
@@ -115,6 +190,7 @@ class KernelField:
             scale=(float(values["model_scale_y"]), float(values["model_scale_x"])),
             used=np.asarray(used, dtype=bool).ravel(), rejected=np.asarray(rejected, dtype=bool).ravel(),
             cv_error=float(values["model_cv_error"]), cv_errors={},
+            extent=None if extent is None else tuple(float(e) for e in extent),
         )
 
 

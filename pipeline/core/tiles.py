@@ -4,9 +4,17 @@ Pure NumPy; nothing here reads or writes data.
 
 A tile of side ``size`` starting at row ``y0`` covers rows ``[y0, y0 + size)``
 and has its centre at ``y0 + (size - 1) / 2`` (pixel centres at integers).
-Tiles start every ``step`` pixels from 0; a remainder narrower than ``step``
-at the far edges is not covered.  Blocks are rectangles of ``by x bx`` tiles
-of one image: one task each, and one chunk of ``kernel`` and of the block records.
+Tiles start every ``step`` pixels from 0, and where those stop short of the
+far edge a last row (column) of tiles starts at ``ny - size`` (``nx - size``),
+so that it ends exactly at the edge: every pixel is covered.  That last row
+overlaps its neighbour by more than ``size - step`` rows when ``ny - size`` is
+not a multiple of ``step`` (rule :data:`EDGE`, recorded in a store's
+``tile_grid`` attribute).  Stores written before this rule existed used
+:data:`STEP`: tiles every ``step`` pixels only, the remainder narrower than
+``step`` at the far edges not covered; a resumed store keeps its rule.
+Blocks are rectangles of ``by x bx`` tiles of one image (the edge tiles belong
+to the last block like any other): one task each, and one chunk of ``kernel``
+and of the block records.
 """
 
 from __future__ import annotations
@@ -19,7 +27,31 @@ import numpy as np
 from ..errors import OptionError
 from .validate import check_positive_int
 
-__all__ = ["TileGrid", "Block", "block_shape_for_chunks"]
+__all__ = ["EDGE", "RULES", "STEP", "TileGrid", "Block", "block_shape_for_chunks", "tile_origins"]
+
+#: Tiles every ``step`` from 0 plus a last row and column ending at the far edges: every pixel covered.
+EDGE = "edge"
+#: Tiles every ``step`` from 0 only; a remainder narrower than ``step`` at the far edges is not covered
+#: (the rule of stores written before :data:`EDGE`).
+STEP = "step"
+#: The tile-grid rules, by the name a store records in its ``tile_grid`` attribute.
+RULES = (EDGE, STEP)
+
+
+def tile_origins(n: int, size: int, step: int, rule: str = EDGE) -> np.ndarray:
+    """First row (column) of every tile along an axis of ``n`` pixels under ``rule``."""
+    starts = np.arange(0, n - size + 1, step)
+    if rule == EDGE and starts[-1] + size < n:
+        starts = np.append(starts, n - size)
+    return starts
+
+
+def _coverage_counts(n: int, starts: np.ndarray, size: int) -> np.ndarray:
+    """``(n,)`` number of tiles covering each row (column)."""
+    counts = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(counts, starts, 1)
+    np.add.at(counts, starts + size, -1)
+    return np.cumsum(counts)[:n]
 
 
 @dataclass(frozen=True)
@@ -41,13 +73,19 @@ class Block:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Regular grid of square tiles over ``(ny, nx)`` images, grouped into blocks."""
+    """Grid of square tiles over ``(ny, nx)`` images, grouped into blocks.
+
+    ``rule`` (:data:`RULES`): :data:`EDGE` (the default) adds a last row and
+    column of tiles ending at the far edges; :data:`STEP` is the grid of stores
+    written before it.
+    """
 
     ny: int
     nx: int
     size: int
     step: int
     block_tiles: tuple[int, int]
+    rule: str = EDGE
 
     def __post_init__(self) -> None:
         check_positive_int("tile size", self.size)
@@ -58,16 +96,18 @@ class TileGrid:
             )
         for side in self.block_tiles:
             check_positive_int("tiles per block side", side)
+        if self.rule not in RULES:
+            raise OptionError(f"tile-grid rule {self.rule!r} is not one of {', '.join(RULES)}")
 
     @property
     def y0(self) -> np.ndarray:
         """First row of every tile row."""
-        return np.arange(0, self.ny - self.size + 1, self.step)
+        return tile_origins(self.ny, self.size, self.step, self.rule)
 
     @property
     def x0(self) -> np.ndarray:
         """First column of every tile column."""
-        return np.arange(0, self.nx - self.size + 1, self.step)
+        return tile_origins(self.nx, self.size, self.step, self.rule)
 
     @property
     def centres_y(self) -> np.ndarray:
@@ -91,8 +131,25 @@ class TileGrid:
 
     @property
     def uncovered(self) -> tuple[int, int]:
-        """Rows and columns at the far edges that no tile covers."""
-        return (self.ny - (self.y0[-1] + self.size), self.nx - (self.x0[-1] + self.size))
+        """Rows and columns at the far edges that no tile covers (0, 0 under :data:`EDGE`)."""
+        return (self.ny - (int(self.y0[-1]) + self.size), self.nx - (int(self.x0[-1]) + self.size))
+
+    @property
+    def edge_overlap(self) -> tuple[int, int]:
+        """Rows and columns by which the last tile row and column overlap their neighbours
+        (``size - step`` like any other where the image fits the step; 0 with a single tile)."""
+        out = []
+        for starts in (self.y0, self.x0):
+            out.append(max(int(starts[-2]) + self.size - int(starts[-1]), 0) if len(starts) > 1 else 0)
+        return out[0], out[1]
+
+    def coverage(self) -> tuple[float, float]:
+        """Fractions of an image's pixels in at least one tile, and in more than one."""
+        cy = _coverage_counts(self.ny, self.y0, self.size)
+        cx = _coverage_counts(self.nx, self.x0, self.size)
+        covered = float(np.mean(cy > 0) * np.mean(cx > 0))
+        once = float(np.mean(cy == 1) * np.mean(cx == 1))
+        return covered, covered - once
 
     def blocks(self, n_images: int) -> Iterator[Block]:
         """Every block of every image, image by image, in raster order."""
@@ -120,9 +177,13 @@ class TileGrid:
         from numpy.lib.stride_tricks import sliding_window_view
 
         windows = sliding_window_view(region, (self.size, self.size), axis=(-2, -1))
-        tiles = windows[..., :: self.step, :: self.step, :, :]
-        ny, nx = block.ty1 - block.ty0, block.tx1 - block.tx0
-        tiles = tiles[..., :ny, :nx, :, :]
+        oy = self.y0[block.ty0:block.ty1] - self.y0[block.ty0]
+        ox = self.x0[block.tx0:block.tx1] - self.x0[block.tx0]
+        ny, nx = len(oy), len(ox)
+        if np.array_equal(oy, np.arange(ny) * self.step) and np.array_equal(ox, np.arange(nx) * self.step):
+            tiles = windows[..., :: self.step, :: self.step, :, :][..., :ny, :nx, :, :]
+        else:  # the block holds an edge tile, off the step
+            tiles = windows[..., oy[:, None], ox[None, :], :, :]
         return tiles.reshape(*region.shape[:-2], ny * nx, self.size, self.size)
 
 

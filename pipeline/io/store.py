@@ -2,7 +2,9 @@
 
 Layout (see docs/conventions.md): ``kernel(image, y, x, ky, kx)`` and per-tile
 diagnostics on ``(image, y, x)``, coordinates ``image``, ``y``, ``x`` (tile
-centres), ``ky``, ``kx`` (kernel offsets).  Every block of tiles owns exactly
+centres), ``ky``, ``kx`` (kernel offsets); root attributes ``tile_grid`` (the
+grid's rule, :mod:`pipeline.core.tiles`; a store without it has the older
+``step`` grid) and ``input_shape`` (the images' ``[ny, nx]``) among them.  Every block of tiles owns exactly
 one chunk of ``kernel`` and one chunk of ``status/records`` ``(image, y, x,
 field)``: the block's per-tile diagnostics with a ``written`` field of 1, its
 completion record, written after its kernels (chunk presence alone is no such
@@ -39,14 +41,14 @@ import zarr
 
 from .. import flags as fl
 from ..core.field import KernelField, polynomial_terms
-from ..core.tiles import Block, TileGrid
+from ..core.tiles import STEP, Block, TileGrid
 from ..errors import OptionError
 
 if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
-           "OutputStore", "StoreLayout", "block_record", "consolidate", "json_attr"]
+           "OutputStore", "StoreLayout", "block_record", "consolidate", "json_attr", "store_tile_grid"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -242,9 +244,11 @@ class Opening:
 
     ``action`` is ``create``, ``overwrite`` or ``resume``; ``refusal`` the error a
     run raises before it starts anything where ``output.mode`` forbids going on.
-    A resumable ``store`` comes with its identifier, its own blocks (its chunks)
-    and the ``(image, block_y, block_x)`` map of the blocks already recorded.
-    :meth:`open` carries the decision out.
+    A resumable ``store`` comes with its identifier, its own blocks (its chunks),
+    its tile-grid rule (``tile_grid``: :data:`~pipeline.core.tiles.STEP` for a
+    store written before the attribute existed), its tiles per image
+    ``(y, x)`` and the ``(image, block_y, block_x)`` map of the blocks already
+    recorded.  :meth:`open` carries the decision out.
     """
 
     action: str
@@ -252,6 +256,8 @@ class Opening:
     refusal: Exception | None = None
     block_tiles: tuple[int, int] | None = None
     done: np.ndarray | None = None
+    tile_grid: str | None = None
+    tiles: tuple[int, int] | None = None
 
     def open(self, layout: StoreLayout, attrs: dict[str, Any], *,
              log: Callable[[str], None] = print) -> OutputStore:
@@ -362,7 +368,9 @@ class OutputStore:
                 "output.path"
             ))
         store = replace(self, id=str(old.get("kernelmap_store_id", "")))
-        return Opening("resume", store, block_tiles=store.block_tiles(), done=store.completed_blocks())
+        records = store._records(zarr.open_group(store.location, mode="r"))
+        return Opening("resume", store, block_tiles=store.block_tiles(), done=store.completed_blocks(),
+                       tile_grid=store_tile_grid(old), tiles=(int(records.shape[1]), int(records.shape[2])))
 
     # ---- creating, opening
 
@@ -504,6 +512,12 @@ class OutputStore:
         group = zarr.open_group(location, mode="r+")
         group.attrs.update({**(attrs or {}), "kernelmap_status": "complete"})
         consolidate(location)
+
+
+def store_tile_grid(attrs: dict[str, Any]) -> str:
+    """The tile-grid rule of a store from its root attributes: its ``tile_grid``, or
+    :data:`~pipeline.core.tiles.STEP` for a store written before that attribute existed."""
+    return str(attrs.get("tile_grid", STEP))
 
 
 def _runs(images: list[int]) -> list[tuple[int, int]]:

@@ -3,7 +3,9 @@
 :func:`plan_job` opens and checks the inputs, lays out tiles and blocks, and
 reads what already exists at ``output.path`` (only reads): a store resumed with
 ``output.mode: resume`` keeps its own blocks (they are its chunks), whatever
-``compute.block_tiles`` says now, and its blocks already recorded are not
+``compute.block_tiles`` says now, and its own tile grid (its ``tile_grid``
+attribute: a store written before the last tiles were set against the far
+edges keeps its grid without them), and its blocks already recorded are not
 computed again.  :meth:`Plan.describe` is the dry run; :meth:`Plan.execute`
 runs the plan (:mod:`pipeline.job.run`).
 """
@@ -18,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.tiles import Block, TileGrid, block_shape_for_chunks
+from ..core.tiles import EDGE, STEP, Block, TileGrid, block_shape_for_chunks
+from ..errors import OptionError
 from ..io.inputs import Inputs, open_inputs
 from ..io.store import DIAGNOSTICS, IMAGES_PER_CHUNK, Opening, OutputStore, StoreLayout, json_attr
 from .config import JobConfig, dump_job
@@ -99,6 +102,8 @@ class Plan:
             "kernelmap_created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "tile_size": job.tiles.size,
             "tile_step": self.grid.step,
+            "tile_grid": self.grid.rule,
+            "input_shape": [self.grid.ny, self.grid.nx],
             "Conventions": "CF-1.10",
         }
 
@@ -109,7 +114,6 @@ class Plan:
         ty, tx = grid.shape
         nby, nbx = grid.blocks_shape
         by, bx = grid.block_tiles
-        uy, ux = grid.uncovered
         k = self.layout.kernel_size
         lines = [
             f"input      {job.input.path}: {n} image(s) of {ny}x{nx} px, chunks {inp.chunks[0]}x{inp.chunks[1]}, "
@@ -118,8 +122,8 @@ class Plan:
             f"saturation {_describe_saturation(inp)}",
             f"variance   {_describe_variances(job, inp)}",
             f"images     {', '.join(map(str, inp.images[:6]))}{' ...' if n > 6 else ''}",
-            f"tiles      {grid.size} px every {grid.step} px: {ty}x{tx} per image, {self.n_tiles} in all"
-            + (f"; {uy} rows and {ux} columns at the far edges not covered" if uy or ux else ""),
+            f"tiles      {grid.size} px every {grid.step} px: {ty}x{tx} per image, {self.n_tiles} in all",
+            f"coverage   {_describe_coverage(grid)}",
             f"blocks     {by}x{bx} tiles each: {nby}x{nbx} per image, {n * nby * nbx} tasks",
             f"memory     about {self.memory_per_task() / 2**20:.0f} MiB per task",
             f"kernel     {k}x{k}, method {job.kernel.method}, options {job.kernel.estimator_options()}",
@@ -138,6 +142,8 @@ class Plan:
                 f"resume     {int(done.sum())} of {done.size} blocks already done, skipped; the store's own "
                 f"blocks of {by}x{bx} tiles are kept"
                 + (f" (compute.block_tiles asks for {asked[0]}x{asked[1]})" if asked != (by, bx) else "")
+                + (f"; so is its tile grid ({_RULE_NAMES[grid.rule]}, written by an earlier version: "
+                   "output.mode=overwrite covers every pixel)" if grid.rule != EDGE else "")
             )
         lines.append(f"compute    {_describe_compute(job)}")
         return "\n".join(lines)
@@ -157,6 +163,27 @@ class Plan:
 
         return execute_plan(plan_job(self.job), client=client, progress=progress,
                             performance_report=performance_report, log=log)
+
+
+_RULE_NAMES = {EDGE: "the last tiles end at the far edges", STEP: "tiles every step from 0 only"}
+
+
+def _describe_coverage(grid: TileGrid) -> str:
+    """Pixels covered, pixels in more than one tile, how the edge tiles overlap, what is left out."""
+    covered, shared = grid.coverage()
+    text = f"{100 * covered:.4g} % of each image's pixels in a tile, {100 * shared:.3g} % in more than one"
+    uy, ux = grid.uncovered
+    if uy or ux:
+        return text + f"; {uy} rows and {ux} columns at the far edges not covered ({_RULE_NAMES[grid.rule]})"
+    regular = max(grid.size - grid.step, 0)
+    edges = [f"the last {name} overlaps its neighbour by {overlap} {unit}"
+             for name, unit, n, overlap in (("row", "rows", grid.shape[0], grid.edge_overlap[0]),
+                                            ("column", "columns", grid.shape[1], grid.edge_overlap[1]))
+             if n > 1 and overlap != regular]
+    if edges:
+        text += (f"; the last tiles end at the image edges: {' and '.join(edges)} "
+                 f"(tiles a step apart overlap by {regular})")
+    return text
 
 
 def _describe_saturation(inputs: Inputs) -> str:
@@ -209,6 +236,23 @@ def _job_block_tiles(job: JobConfig, inputs: Inputs) -> tuple[int, int]:
     return block_shape_for_chunks(inputs.chunks, job.tiles.size, step)
 
 
+def _keep_store_grid(opening: Opening, grid: TileGrid) -> Opening:
+    """The opening of a resumed store, refused where its tile-grid rule is unknown or its tiles per image
+    are not what that rule gives on these inputs."""
+    rule = opening.tile_grid
+    if rule not in (EDGE, STEP):
+        return replace(opening, refusal=OptionError(
+            f"output.mode=resume: {opening.store.path} has tile_grid {rule!r}, which this version of "
+            f"kernelmap does not know ({EDGE}, {STEP}); use output.mode=overwrite or another output.path"))
+    ty, tx = replace(grid, rule=rule).shape
+    if opening.tiles is not None and opening.tiles != (ty, tx):
+        return replace(opening, refusal=OptionError(
+            f"output.mode=resume: {opening.store.path} holds {opening.tiles[0]}x{opening.tiles[1]} tiles per "
+            f"image, but its tile grid ({rule}) gives {ty}x{tx} on these inputs; use output.mode=overwrite or "
+            "another output.path"))
+    return opening
+
+
 def plan_job(job: JobConfig) -> Plan:
     """Open and check the inputs, lay out tiles, blocks and the output, and read what exists at
     ``output.path`` (a resumed store's own blocks and its blocks done); writes nothing."""
@@ -228,6 +272,10 @@ def plan_job(job: JobConfig) -> Plan:
         job.output.mode, fingerprint=job.fingerprint(), input_identity=json_attr(inputs.identity))
     if opening.block_tiles is not None:
         grid = replace(grid, block_tiles=opening.block_tiles)
+    if opening.tile_grid is not None and opening.refusal is None:
+        opening = _keep_store_grid(opening, grid)
+        if opening.refusal is None:
+            grid = replace(grid, rule=opening.tile_grid)
     model_degree = job.model.degree if job.model.degree is not None else job.model.max_degree
     layout = StoreLayout(grid, np.asarray(inputs.images), dict(inputs.image_attrs), job.kernel.size,
                          job.output.dtype, model_degree)

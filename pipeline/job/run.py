@@ -28,6 +28,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.tiles import EDGE
 from ..errors import OptionError
 from .blocks import BlockResult, BlockTask
 from .config import JobConfig, load_job
@@ -191,6 +192,10 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
         get_client = connect(job, stack, log) if client is None else None
         if plan.grid.block_tiles != plan.asked_block_tiles:
             log("resuming with the store's blocks of {}x{} tiles".format(*plan.grid.block_tiles))
+        if opening.action == "resume" and plan.grid.rule != EDGE:
+            uy, ux = plan.grid.uncovered
+            log(f"resuming with the store's tile grid of an earlier version: {uy} rows and {ux} columns at the "
+                "far edges stay uncovered (output.mode=overwrite covers them)")
         store = opening.open(plan.layout, attrs, log=log)
         bar = Progress(sum(b.n_tiles for b in pending), log, progress)
         finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
