@@ -281,3 +281,30 @@ def test_report_writes_the_survey_figures_tables_and_pages(small_map, tmp_path, 
     assert "epoch-4" not in index.split("<h2>Images</h2>")[1].split("<h2>")[0]  # only the first 4 on the page
     for name in TREND_QUANTITIES:
         assert name in index
+
+
+def test_report_takes_coordinates_from_a_table(small_map, tmp_path, capsys):
+    from pipeline.analysis.survey import with_coordinates
+    from pipeline.cli import main
+
+    table = tmp_path / "exposures.csv"
+    pd.DataFrame({"image": [f"epoch-{i}" for i in (5, 0, 1, 2, 3)],  # any order, one image missing
+                  "seeing": [1.5, 1.0, 1.1, 1.2, 1.3],
+                  "night": ["a", "a", "b", "b", "a"],
+                  "time": [f"2026-03-0{i + 1}T02:00:00" for i in (5, 0, 1, 2, 3)]}).to_csv(table, index=False)
+    ds = with_coordinates(read_kernel_map(small_map, lazy=("kernel",)), table)
+    np.testing.assert_array_equal(ds["seeing"].values, [1.0, 1.1, 1.2, 1.3, np.nan, 1.5])
+    assert list(ds["night"].values) == ["a", "b", "b", "a", "", "a"]
+    assert ds["time"].dtype.kind == "M" and np.isnat(ds["time"].values[4])
+    coords, _ = trend_coordinates(ds)
+    assert {c.name: c.kind for c in coords} == {"airmass": "numeric", "mjd": "numeric", "seeing": "numeric",
+                                                "filter": "categorical", "night": "categorical", "time": "time"}
+    out = tmp_path / "report"
+    assert main(["report", str(small_map), "--out", str(out), "--coords", str(table), "--max-images", "1"]) == 0
+    assert (out / "trends-seeing.png").exists() and (out / "trends-time.png").exists()
+    assert "seeing" in pd.read_csv(out / "images.csv")
+    pd.DataFrame({"label": ["epoch-0"]}).to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["report", str(small_map), "--out", str(out), "--coords", str(tmp_path / "bad.csv")]) == 2
+    assert "has no 'image' column" in capsys.readouterr().err
+    with pytest.raises(InputError, match="no image of the store"):
+        with_coordinates(ds, pd.DataFrame({"image": ["x"], "a": [1.0]}))

@@ -43,7 +43,16 @@ from .. import flags as fl
 from ..core.moments import adaptive_moments
 from ..errors import InputError
 from .maps import model_kernels_at, read_kernel_map
-from .survey import COLUMNS, TREND_QUANTITIES, Coordinate, Survey, _quiet, coordinate_file_stem, survey
+from .survey import (
+    COLUMNS,
+    TREND_QUANTITIES,
+    Coordinate,
+    Survey,
+    _quiet,
+    coordinate_file_stem,
+    survey,
+    with_coordinates,
+)
 
 __all__ = ["FIGURES", "figures", "write_report", "write_tables"]
 
@@ -532,18 +541,23 @@ def _write_pages(table: pd.DataFrame, folder: Path) -> list[str]:
 
 
 def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-                 *, max_images: int = 8, rows: int = 100) -> Path:
+                 *, max_images: int = 8, rows: int = 100,
+                 coordinates: str | os.PathLike[str] | pd.DataFrame | None = None) -> Path:
     """Write the figures, tables and ``index.html`` of a kernel-map store; returns the index path.
 
     ``out`` defaults to ``STORE.report`` beside a local store (give it for a URL).  ``max_images``
     images get per-image panels; the page shows ``rows`` rows of the image table and every outlier
-    up to ``rows`` (the rest in ``images.csv``, ``outliers.csv`` and the pages).
+    up to ``rows`` (the rest in ``images.csv``, ``outliers.csv`` and the pages).  ``coordinates``: a
+    table (CSV file or DataFrame) of per-image values with an ``image`` column of labels, added as
+    coordinates along ``image`` to trend against (:func:`~pipeline.analysis.survey.with_coordinates`).
     """
     path = os.fspath(store)
     if out is None and "://" in path:
         raise InputError(f"{path} is a URL: give --out, a local folder for the figures")
     folder = Path(out) if out is not None else Path(path.rstrip("/") + ".report")
     ds = read_kernel_map(path, lazy=("kernel",))  # the kernels of the panel images only are read
+    if coordinates is not None:
+        ds = with_coordinates(ds, coordinates)
     folder.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
     result = survey(ds)

@@ -34,6 +34,7 @@ Pure NumPy and pandas (which xarray requires).
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -45,13 +46,13 @@ import xarray as xr
 
 from .. import flags as fl
 from ..core.moments import adaptive_moments
-from ..errors import OptionError
+from ..errors import InputError, OptionError
 from .maps import model_kernels_at
 from .pca import KernelPCA, kernel_pca
 
 __all__ = ["COLUMNS", "TREND_QUANTITIES", "MAX_GROUPS", "THRESHOLD", "Coordinate", "Groups", "Quantity", "Survey",
            "Trend", "coordinate_file_stem", "find_outliers", "grid_positions", "image_groups", "image_table",
-           "resistant_slope", "robust_trend", "running_median", "survey", "trend_coordinates"]
+           "resistant_slope", "robust_trend", "running_median", "survey", "trend_coordinates", "with_coordinates"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,43 @@ def resistant_slope(x: np.ndarray, values: np.ndarray) -> float:
     lo, hi = order[:third], order[-third:]
     dx = float(np.median(x[hi]) - np.median(x[lo]))
     return float((np.median(values[hi]) - np.median(values[lo])) / dx) if dx > 0 else 0.0
+
+
+def with_coordinates(ds: xr.Dataset, table: pd.DataFrame | str | os.PathLike[str]) -> xr.Dataset:
+    """``ds`` with every column of ``table`` (a DataFrame, or a CSV file) but ``image`` as a coordinate
+    along ``image``, matched by label (``table["image"]`` against the ``image`` coordinate, as text);
+    images the table lacks get NaN (or an empty text); ISO 8601 texts become times.  Survey metadata
+    (time, airmass, filter) kept beside the images, given to the report without rewriting the store."""
+    if not isinstance(table, pd.DataFrame):
+        where = os.fspath(table)
+        try:
+            table = pd.read_csv(where)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {where} as a CSV table ({exc}): give a CSV file with an 'image' "
+                             "column") from exc
+    if "image" not in table:
+        raise InputError(f"the coordinates table has no 'image' column (it has {', '.join(map(str, table.columns))})"
+                         ": name the column of image labels 'image'")
+    keys = table["image"].astype(str)
+    if keys.duplicated().any():
+        twice = sorted(set(keys[keys.duplicated()]))[:5]
+        raise InputError(f"the coordinates table lists images more than once: {twice}")
+    labels = pd.Index([str(v) for v in ds["image"].values])
+    if not labels.isin(keys).any():
+        raise InputError(f"no image of the store ({', '.join(labels[:3])} ...) is in the coordinates table "
+                         f"({', '.join(keys[:3])} ...): its 'image' column must hold the store's image labels")
+    aligned = table.assign(image=keys).set_index("image").reindex(labels)
+    coords = {}
+    for name in aligned.columns:
+        column = aligned[name]
+        values = column.to_numpy()
+        if column.dtype.kind not in "iufMmb":
+            try:  # ISO 8601 times (2026-01-31T03:04:05) become times
+                values = pd.to_datetime(column, format="ISO8601").to_numpy()
+            except (ValueError, TypeError):
+                values = np.array(["" if pd.isna(v) else str(v) for v in values], dtype=object)
+        coords[str(name)] = ("image", values)
+    return ds.assign_coords(coords)
 
 
 def running_median(x: np.ndarray, values: np.ndarray, window: int | None = None) -> np.ndarray:
