@@ -253,6 +253,10 @@ def test_images_without_a_model_are_left_out_of_the_components_and_listed(small_
     np.testing.assert_array_equal(result.pca_images, [0, 1, 2, 4, 5])
     assert np.isnan(result.table.loc[3, "pc1"]) and np.isfinite(result.table.loc[2, "pc1"])
     assert np.isnan(result.model_fwhm[3]).all()
+    # a map without the model at all: the measurements still summarised, nothing of a model
+    bare = survey(ds.drop_vars([name for name in ds.data_vars if name.startswith("model_")]))
+    assert bare.pca is None and len(bare.without_model) == 6 and len(bare.table) == 6
+    assert np.isfinite(bare.table["fwhm_median"]).all() and (bare.table["model_degree"] == -1).all()
 
 
 def test_report_writes_the_survey_figures_tables_and_pages(small_map, tmp_path, capsys):

@@ -50,6 +50,7 @@ from .survey import (
     Survey,
     _quiet,
     coordinate_file_stem,
+    has_model_variables,
     survey,
     with_coordinates,
 )
@@ -479,10 +480,11 @@ def figures(ds: xr.Dataset, *, max_images: int = 8, result: Survey | None = None
                                     symmetric=True)
     out["residual"] = _map_figure(plt, ds, "residual", images, FIGURES["residual"], cmap="magma")
     out["flags"] = _flag_figure(plt, ds, images)
-    shapes = _model_shapes(ds, images, fine)
-    out["model-fwhm"] = _model_map_figure(plt, ds, images, shapes, "fwhm")
-    out["model-ellipticity"] = _model_map_figure(plt, ds, images, shapes, "ellipticity")
-    out["model-residual"] = _residual_figure(plt, ds, images)
+    if has_model_variables(ds):
+        shapes = _model_shapes(ds, images, fine)
+        out["model-fwhm"] = _model_map_figure(plt, ds, images, shapes, "fwhm")
+        out["model-ellipticity"] = _model_map_figure(plt, ds, images, shapes, "ellipticity")
+        out["model-residual"] = _residual_figure(plt, ds, images)
     out["stack"] = _stack_figure(plt, ds, result)
     for coord in result.coordinates:
         out[coordinate_file_stem(coord)] = _trend_figure(plt, result, coord)

@@ -51,8 +51,9 @@ from .maps import model_kernels_at
 from .pca import KernelPCA, kernel_pca
 
 __all__ = ["COLUMNS", "TREND_QUANTITIES", "MAX_GROUPS", "THRESHOLD", "Coordinate", "Groups", "Quantity", "Survey",
-           "Trend", "coordinate_file_stem", "find_outliers", "grid_positions", "image_groups", "image_table",
-           "resistant_slope", "robust_trend", "running_median", "survey", "trend_coordinates", "with_coordinates"]
+           "Trend", "coordinate_file_stem", "find_outliers", "grid_positions", "has_model_variables", "image_groups",
+           "image_table", "resistant_slope", "robust_trend", "running_median", "survey", "trend_coordinates",
+           "with_coordinates"]
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,12 @@ class Survey:
     groups: Groups | None = None  #: the groups numeric coordinates are trended within
 
 
+def has_model_variables(ds: xr.Dataset) -> bool:
+    """Whether ``ds`` holds the kernel-field model (``model_*`` variables)."""
+    return all(name in ds for name in ("model_coefficient", "model_degree", "model_centre_y", "model_centre_x",
+                                       "model_scale_y", "model_scale_x"))
+
+
 def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: str | None = "kernel",
            threshold: float = THRESHOLD) -> Survey:
     """The survey view of a loaded kernel map (``kernel`` may stay lazy: it is not read).
@@ -409,9 +416,13 @@ def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: s
     n = ds.sizes["image"]
     gy, gx = grid_positions(ds, grid)
     yy, xx = np.meshgrid(gy, gx, indexing="ij")
-    kernels = model_kernels_at(ds, yy, xx)  # (n, grid, grid, k, k)
-    has_model = np.asarray(ds["model_degree"].values).astype(np.int64) >= 0
-    has_model &= np.all(np.isfinite(kernels.reshape(n, -1)), axis=1)
+    k = ds.sizes["ky"]
+    if has_model_variables(ds):
+        kernels = model_kernels_at(ds, yy, xx)  # (n, grid, grid, k, k)
+        has_model = np.asarray(ds["model_degree"].values).astype(np.int64) >= 0
+        has_model &= np.all(np.isfinite(kernels.reshape(n, -1)), axis=1)
+    else:  # a map written without the kernel-field model
+        kernels, has_model = np.full((n, grid, grid, k, k), np.nan), np.zeros(n, dtype=bool)
     moments = adaptive_moments(kernels[has_model].reshape(-1, *kernels.shape[-2:]))
     shapes = {}
     for name in ("fwhm", "e1", "e2"):
