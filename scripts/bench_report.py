@@ -98,9 +98,10 @@ def build_store(path: Path, *, n_images: int = 1000, tiles: int = 8, tile_size: 
         if len(pending) == IMAGES_PER_CHUNK or i == n_images - 1:
             store.write_images(pending)
             pending = []
+    # per-image coordinates beside the image labels (appending replaces the root attributes: keep them)
     xr.Dataset(coords={"mjd": ("image", truth["mjd"], {"units": "day", "long_name": "modified Julian date"}),
                        "airmass": ("image", truth["airmass"]),
-                       "filter": ("image", truth["filter"])}).to_zarr(
+                       "filter": ("image", truth["filter"])}, attrs=store.attrs()).to_zarr(
         store.location, mode="a", consolidated=False, zarr_format=3)
     store.mark_complete()
 

@@ -204,8 +204,8 @@ def small_map(tmp_path_factory):
     path = folder / "kernels.zarr"
     xr.Dataset(coords={"airmass": ("image", np.linspace(1.0, 1.5, 6)),
                        "filter": ("image", np.array(["g", "r"] * 3, dtype=object)),
-                       "mjd": ("image", 60000.0 + np.arange(6.0))}).to_zarr(
-        path, mode="a", consolidated=False, zarr_format=3)
+                       "mjd": ("image", 60000.0 + np.arange(6.0))},
+               attrs=xr.open_zarr(path).attrs).to_zarr(path, mode="a", consolidated=False, zarr_format=3)
     consolidate(str(path))
     return path
 
@@ -268,6 +268,7 @@ def test_report_writes_the_survey_figures_tables_and_pages(small_map, tmp_path, 
     assert main(["report", str(small_map), "--out", str(out), "--rows", "4", "--max-images", "2"]) == 0
     assert "report:" in capsys.readouterr().out
     index = (out / "index.html").read_text()
+    assert "3x3 tiles of 64 px" in index and "store complete" in index
     for stem in ("trends-airmass", "trends-filter", "trends-mjd", "pca", "pca-amplitudes", "stack", "model-fwhm",
                  "model-ellipticity", "model-residual", "kernels-1", "fwhm"):
         image = imread(out / f"{stem}.png")
