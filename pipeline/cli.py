@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("store", help="kernel-map store written by kernelmap run")
     report.add_argument("--out", help="folder for the figures (default: STORE.report)")
     report.add_argument("--max-images", type=int, default=8, help="images given panels (the first ones)")
+    report.add_argument("--rows", type=int, default=100,
+                        help="rows of the image table on the page (all of them in images.csv and pages)")
+    report.add_argument("--coords", metavar="FILE.csv",
+                        help="per-image values to trend against (time, airmass, filter...): a CSV table whose "
+                             "'image' column holds the store's image labels")
     compare = sub.add_parser("compare", help="per-tile differences B - A of two kernel maps")
     compare.add_argument("a", help="kernel map A")
     compare.add_argument("b", help="kernel map B")
@@ -101,7 +106,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .analysis.report import write_report
 
-    index = write_report(args.store, args.out, max_images=args.max_images)
+    index = write_report(args.store, args.out, max_images=args.max_images, rows=args.rows,
+                         coordinates=args.coords)
     print(f"report: {index}")
     return 0
 

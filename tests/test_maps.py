@@ -167,7 +167,7 @@ def test_report_figures_carry_their_panels_and_titles(demo_map):
     km, _ = demo_map
     ds = km.ds.load()
     figs = figures(ds)
-    assert set(figs) == {"kernels-0", "kernels-1", "kernels-2", *FIGURES}
+    assert set(figs) == {"kernels-0", "kernels-1", "kernels-2", "trends-index", *FIGURES}
     labels = [f"image {v}" for v in ds["image"].values]
     for stem in ("fwhm", "flux", "background", "residual", "ellipticity", "flags"):
         fig = figs[stem]
@@ -177,8 +177,9 @@ def test_report_figures_carry_their_panels_and_titles(demo_map):
     colorbar_labels = [ax.get_ylabel() for ax in figs["fwhm"].axes]
     assert "fwhm (pixel)" in colorbar_labels
     assert figs["kernels-1"].axes[0].get_title() == f"Kernels across the field, {labels[1]}"
-    assert [ax.get_ylabel() for ax in figs["trends"].axes] == ["median FWHM (pixel)", "median |e|",
-                                                                "median flux scale"]
+    from pipeline.analysis.survey import TREND_QUANTITIES
+
+    assert [ax.get_ylabel() for ax in figs["trends-index"].axes] == [q.label for q in TREND_QUANTITIES.values()]
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -194,12 +195,12 @@ def test_report_command_writes_pngs_and_an_index(demo_map, tmp_path, capsys):
     assert main(["report", km.path, "--out", str(out)]) == 0
     assert f"report: {out / 'index.html'}" in capsys.readouterr().out
     index = (out / "index.html").read_text()
-    for stem in ("fwhm", "ellipticity", "flux", "background", "residual", "flags", "trends", "kernels-0"):
+    for stem in ("fwhm", "ellipticity", "flux", "background", "residual", "flags", "trends-index", "kernels-0"):
         image = imread(out / f"{stem}.png")
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
         assert f'<img src="{stem}.png"' in index
     assert index.count("<tr>") == 1 + km.ds.sizes["image"]  # header + one row per image
-    assert "epoch-2" in index and "model CV error" in index
+    assert "epoch-2" in index and "model_cv_error" in index
 
 
 def test_compare_gives_per_tile_differences(demo_map, tmp_path):

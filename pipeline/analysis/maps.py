@@ -25,11 +25,11 @@ import numpy as np
 import xarray as xr
 
 from .. import flags as fl
-from ..core.field import STORED, KernelField, check_positions, image_extent
+from ..core.field import STORED, KernelField, check_positions, image_extent, polynomial_terms
 from ..core.moments import adaptive_moments
 from ..errors import InputError
 
-__all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "map_extent", "read_kernel_map"]
+__all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "map_extent", "model_kernels_at", "read_kernel_map"]
 
 
 #: Variables every kernel map has: what the report and the comparison read.
@@ -61,12 +61,52 @@ def _require(ds: xr.Dataset, names: tuple[str, ...], where: str | None) -> None:
                      "output.path of a kernelmap run")
 
 
-def read_kernel_map(path: str | os.PathLike[str]) -> xr.Dataset:
+def read_kernel_map(path: str | os.PathLike[str], *, lazy: tuple[str, ...] = ()) -> xr.Dataset:
     """A kernel-map store's Dataset, loaded; an :class:`~pipeline.errors.InputError` naming the
-    problem when ``path`` is not a Zarr store or not a kernel map."""
+    problem when ``path`` is not a Zarr store or not a kernel map.
+
+    Variables named in ``lazy`` (e.g. ``("kernel",)``, the bulk of a large stack) stay lazy: read
+    only what of them is indexed.
+    """
     ds = _open_store(path)
     _require(ds, MEASURED, os.fspath(path))
-    return ds.load()
+    if not lazy:
+        return ds.load()
+    eager = [name for name in ds.variables if name not in lazy]
+    return ds.assign({name: ds[name].load() for name in eager if name in ds.data_vars}).assign_coords(
+        {name: ds[name].load() for name in eager if name in ds.coords})
+
+
+def model_kernels_at(ds: xr.Dataset, y: Any, x: Any, images: Any = None, *, outside: str = "raise") -> np.ndarray:
+    """Model kernels of many images at once: ``(n_images, *shape, k, k)`` at positions ``(y, x)``
+    (broadcast to ``shape``), NaN for an image without a model (``model_degree < 0``).
+
+    ``images``: positions along ``image`` (default: all).  The same kernels as
+    :meth:`KernelMap.kernel_at` image by image, evaluated for every image in one product; positions
+    outside the image raise or, with ``outside="nan"``, get NaN kernels and a warning, as there.
+    """
+    _require(ds, (*MODEL, "model_centre_y", "model_centre_x", "model_scale_y", "model_scale_x"), None)
+    away = check_positions(y, x, map_extent(ds), outside, stacklevel=3)
+    pick = slice(None) if images is None else np.asarray(images, dtype=np.int64)
+    degree = np.asarray(ds["model_degree"].values[pick]).astype(np.int64)
+    coef = np.asarray(ds["model_coefficient"].values[pick], dtype=np.float64)  # (n, term, k, k)
+    n, n_terms, k = coef.shape[0], coef.shape[1], coef.shape[-1]
+    top = next(d for d in range(n_terms) if len(polynomial_terms(d)) >= n_terms)
+    terms = polynomial_terms(top)[:n_terms]
+    used = np.arange(n_terms)[None, :] < np.array([len(polynomial_terms(d)) if d >= 0 else 0 for d in degree])[:, None]
+    coef = np.where(used[:, :, None, None], np.nan_to_num(coef), 0.0).reshape(n, n_terms, k * k)
+    yb, xb = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+    shape = yb.shape
+    cy, cx, sy, sx = (np.asarray(ds[name].values[pick], dtype=np.float64)[:, None]
+                      for name in ("model_centre_y", "model_centre_x", "model_scale_y", "model_scale_x"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u, v = (xb.ravel()[None, :] - cx) / sx, (yb.ravel()[None, :] - cy) / sy  # (n, p)
+    lu, lv = np.polynomial.legendre.legvander(u, top), np.polynomial.legendre.legvander(v, top)
+    design = np.stack([lu[..., i] * lv[..., j] for i, j in terms], axis=-1)  # (n, p, term)
+    values = np.einsum("npt,ntq->npq", design, coef, optimize=True)
+    values[degree < 0] = np.nan
+    values[:, away.ravel()] = np.nan
+    return values.reshape(n, *shape, k, k)
 
 
 def map_extent(ds: xr.Dataset) -> tuple[float, float, float, float]:

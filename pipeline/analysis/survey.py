@@ -1,0 +1,462 @@
+"""A survey's view of a kernel map: one row per image, trends against the image coordinates, outliers.
+
+:func:`image_table` summarises every image in one row (medians of the per-tile
+measurements, flags, the model's degree and error, the model's FWHM and
+ellipticity over a grid, the principal-component amplitudes), vectorised over
+the stack.  :func:`trend_coordinates` finds what the images can be ordered or
+grouped by: every 1-D coordinate along ``image`` (the labels themselves
+included) that is numeric or a time (an x axis), or that takes fewer distinct
+values than there are images, at most :data:`MAX_GROUPS` (groups, e.g. a
+filter); where none is numeric the position in the stack (``index``) is one.
+
+Outliers (:func:`find_outliers`), for each quantity of :data:`TREND_QUANTITIES`
+and each coordinate:
+
+* numeric coordinate: the trend is Tukey's resistant line (the slope between
+  the medians of the lower and upper thirds of the images by the coordinate)
+  plus the running median of the quantity about it over the ``window`` images
+  nearest in the coordinate (by rank; ``window`` = a tenth of the images, odd,
+  from 5 to 201; the window is shifted, not shrunk, at the ends, where the
+  line keeps a slope from being flattened), within each group of images that the categorical coordinates make (every
+  combination of their values, e.g. each filter) with at least 10 images
+  (the other images: against the running median of all);
+* categorical coordinate: the trend is the median of the image's group;
+* the scale is ``1.4826 * median(|quantity - trend|)`` over all images (per
+  group where a group has at least 10 images), at least the quantity's
+  resolution (0.5 for the counts ``model_degree`` and ``tiles_flagged``, so that
+  they need a difference above 2.5 at the default threshold);
+* an image is an outlier when ``|quantity - trend| > threshold * scale``
+  (``threshold`` = 5 by default: for Gaussian scatter about one image in
+  three million).  With fewer than 5 images no outlier is called.
+
+Pure NumPy and pandas (which xarray requires).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .. import flags as fl
+from ..core.moments import adaptive_moments
+from ..errors import InputError, OptionError
+from .maps import model_kernels_at
+from .pca import KernelPCA, kernel_pca
+
+__all__ = ["COLUMNS", "TREND_QUANTITIES", "MAX_GROUPS", "THRESHOLD", "Coordinate", "Groups", "Quantity", "Survey",
+           "Trend", "coordinate_file_stem", "find_outliers", "grid_positions", "has_model_variables", "image_groups",
+           "image_table", "resistant_slope", "robust_trend", "running_median", "survey", "trend_coordinates",
+           "with_coordinates"]
+
+
+@dataclass(frozen=True)
+class Quantity:
+    label: str  #: axis label
+    resolution: float = 0.0  #: smallest scale of its scatter (counts: 0.5)
+
+
+#: Per-image summaries trended against every coordinate and tested for outliers: column -> label, resolution.
+TREND_QUANTITIES: dict[str, Quantity] = {
+    "fwhm_median": Quantity("median FWHM (pixel)"),
+    "ellipticity_median": Quantity("median |e|"),
+    "flux_median": Quantity("median flux scale"),
+    "background_median": Quantity("median background"),
+    "model_degree": Quantity("model degree", 0.5),
+    "tiles_flagged": Quantity("tiles flagged", 0.5),
+}
+
+#: What each column of :func:`image_table` and :func:`survey` holds (the HTML table's header tips, the docs).
+COLUMNS: dict[str, str] = {
+    "image": "image label",
+    "index": "position in the stack",
+    "tiles": "tiles per image",
+    "tiles_unusable": "tiles without a kernel (no data, no signal)",
+    "tiles_flagged": "tiles with any quality flag",
+    "tiles_model_outlier": "tiles left out of the model as outliers",
+    "fwhm_median": "median over tiles of the kernel FWHM (pixel)",
+    "fwhm_iqr": "interquartile range over tiles of the FWHM (pixel)",
+    "ellipticity_median": "median over tiles of |e|",
+    "e1_median": "median over tiles of e1",
+    "e2_median": "median over tiles of e2",
+    "flux_median": "median over tiles of the flux scale (kernel sum)",
+    "background_median": "median over tiles of the background offset",
+    "residual_median": "median over tiles of the fit residual / noise",
+    "snr_median": "median over tiles of the signal-to-noise",
+    "model_degree": "degree of the kernel-field model (-1: none)",
+    "model_cv_error": "cross-validated error of the model",
+    "model_residual_median": "median over tiles of |tile - model| / |model|",
+    "model_fwhm_median": "median FWHM of the model over the grid (pixel)",
+    "model_fwhm_range": "max - min FWHM of the model over the grid (pixel)",
+    "model_ellipticity_median": "median |e| of the model over the grid",
+    "outlier": "far from the stack's trend in some quantity against some coordinate",
+    "outlier_reasons": "quantity vs coordinate (deviation in robust standard deviations)",
+}
+
+#: Most distinct values of a non-numeric coordinate used as groups (more: identifiers, not groups).
+MAX_GROUPS = 50
+#: Default outlier threshold, in robust standard deviations from the trend.
+THRESHOLD = 5.0
+#: Fewest images with a value for which outliers are called.
+MIN_IMAGES = 5
+#: Fewest images of a group with its own trend and scale.
+MIN_GROUP = 10
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    """A per-image coordinate to trend against."""
+
+    name: str
+    kind: str  #: ``numeric``, ``time`` or ``categorical``
+    values: np.ndarray  #: ``(n,)`` as stored (datetimes as datetime64), for axes and the table
+    position: np.ndarray  #: ``(n,)`` float: the value (times in days since the first), or the group's code
+    groups: tuple[str, ...] = ()  #: group names of a categorical coordinate, by code
+
+
+def _quiet(func, *args, **kwargs):
+    """A NumPy nan-reduction without its warnings about all-NaN slices (their result is NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return func(*args, **kwargs)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "coordinate"
+
+
+def trend_coordinates(ds: xr.Dataset) -> tuple[list[Coordinate], dict[str, str]]:
+    """The coordinates to trend against, and those left out with the reason (see the module)."""
+    n = ds.sizes["image"]
+    found: list[Coordinate] = []
+    skipped: dict[str, str] = {}
+    for name, coord in ds.coords.items():
+        if coord.dims != ("image",):
+            continue
+        values = np.asarray(coord.values)
+        if values.dtype.kind in "Mm":
+            ref = values[~np.isnat(values)].min() if (~np.isnat(values)).any() else values[0]
+            days = (values - ref) / np.timedelta64(1, "D") if values.dtype.kind == "M" else \
+                values / np.timedelta64(1, "D")
+            found.append(Coordinate(str(name), "time", values, np.asarray(days, dtype=np.float64)))
+        elif values.dtype.kind in "iuf":
+            found.append(Coordinate(str(name), "numeric", values, values.astype(np.float64)))
+        else:
+            text = np.array([str(v) for v in values], dtype=object)
+            groups, codes = np.unique(text, return_inverse=True)
+            if len(groups) < n and len(groups) <= MAX_GROUPS:
+                found.append(Coordinate(str(name), "categorical", text, codes.astype(np.float64),
+                                        tuple(str(g) for g in groups)))
+            else:
+                skipped[str(name)] = (f"{len(groups)} distinct values for {n} images: labels, not groups"
+                                      if len(groups) > 1 or n == 1 else "one value")
+    if not any(c.kind in ("numeric", "time") for c in found):
+        index = np.arange(n)
+        found.insert(0, Coordinate("index", "numeric", index, index.astype(np.float64)))
+    return found, skipped
+
+
+def resistant_slope(x: np.ndarray, values: np.ndarray) -> float:
+    """Tukey's resistant line slope: between the medians of the lower and upper thirds (by ``x``)
+    of the points; 0 with fewer than 3 points or no spread in ``x``."""
+    order = np.argsort(x, kind="stable")
+    third = len(order) // 3
+    if third < 1:
+        return 0.0
+    lo, hi = order[:third], order[-third:]
+    dx = float(np.median(x[hi]) - np.median(x[lo]))
+    return float((np.median(values[hi]) - np.median(values[lo])) / dx) if dx > 0 else 0.0
+
+
+def with_coordinates(ds: xr.Dataset, table: pd.DataFrame | str | os.PathLike[str]) -> xr.Dataset:
+    """``ds`` with every column of ``table`` (a DataFrame, or a CSV file) but ``image`` as a coordinate
+    along ``image``, matched by label (``table["image"]`` against the ``image`` coordinate, as text);
+    images the table lacks get NaN (or an empty text); ISO 8601 texts become times.  Survey metadata
+    (time, airmass, filter) kept beside the images, given to the report without rewriting the store."""
+    if not isinstance(table, pd.DataFrame):
+        where = os.fspath(table)
+        try:
+            table = pd.read_csv(where)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {where} as a CSV table ({exc}): give a CSV file with an 'image' "
+                             "column") from exc
+    if "image" not in table:
+        raise InputError(f"the coordinates table has no 'image' column (it has {', '.join(map(str, table.columns))})"
+                         ": name the column of image labels 'image'")
+    keys = table["image"].astype(str)
+    if keys.duplicated().any():
+        twice = sorted(set(keys[keys.duplicated()]))[:5]
+        raise InputError(f"the coordinates table lists images more than once: {twice}")
+    labels = pd.Index([str(v) for v in ds["image"].values])
+    if not labels.isin(keys).any():
+        raise InputError(f"no image of the store ({', '.join(labels[:3])} ...) is in the coordinates table "
+                         f"({', '.join(keys[:3])} ...): its 'image' column must hold the store's image labels")
+    aligned = table.assign(image=keys).set_index("image").reindex(labels)
+    coords = {}
+    for name in aligned.columns:
+        column = aligned[name]
+        values = column.to_numpy()
+        if column.dtype.kind not in "iufMmb":
+            try:  # ISO 8601 times (2026-01-31T03:04:05) become times
+                values = pd.to_datetime(column, format="ISO8601").to_numpy()
+            except (ValueError, TypeError):
+                values = np.array(["" if pd.isna(v) else str(v) for v in values], dtype=object)
+        coords[str(name)] = ("image", values)
+    return ds.assign_coords(coords)
+
+
+def running_median(x: np.ndarray, values: np.ndarray, window: int | None = None) -> np.ndarray:
+    """Robust trend of ``values`` against ``x``: a resistant line plus the running median of the
+    values about it over the ``window`` points nearest in ``x`` (by rank; the window shifted, not
+    shrunk, at the ends, where the line keeps a slope from being flattened); NaN where ``x`` or
+    the value is.  ``window`` default: a tenth of the points, odd, from 5 to 201."""
+    x, values = np.asarray(x, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(x) & np.isfinite(values))
+    trend = np.full(len(values), np.nan)
+    m = len(ok)
+    if m == 0:
+        return trend
+    if window is None:
+        window = int(np.clip(m // 10, 5, 201)) | 1
+    w = int(min(max(window, 1), m))
+    order = ok[np.argsort(x[ok], kind="stable")]
+    slope = resistant_slope(x[order], values[order])
+    line = slope * (x[order] - x[order][0])
+    about = values[order] - line
+    start = np.clip(np.arange(m) - w // 2, 0, m - w)
+    trend[order] = line + np.median(about[start[:, None] + np.arange(w)[None, :]], axis=1)
+    return trend
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One quantity against one coordinate: the trend per image and the robust scale about it."""
+
+    quantity: str
+    coordinate: str
+    trend: np.ndarray  #: ``(n,)``
+    scale: np.ndarray  #: ``(n,)`` robust standard deviation about the trend (per group where groups are)
+    deviation: np.ndarray  #: ``(n,)`` ``(value - trend) / scale``
+    outlier: np.ndarray  #: ``(n,)`` bool
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The images' groups: every combination of the categorical coordinates' values."""
+
+    codes: np.ndarray  #: ``(n,)`` int
+    names: tuple[str, ...]  #: by code, e.g. ``"r"`` or ``"r/ccd-3"``
+    by: tuple[str, ...]  #: the coordinates grouped by
+
+
+def image_groups(coordinates: list[Coordinate]) -> Groups | None:
+    """The groups the categorical ``coordinates`` make (``None`` without any)."""
+    cats = [c for c in coordinates if c.kind == "categorical"]
+    if not cats:
+        return None
+    keys = np.stack([c.position for c in cats], axis=1).astype(np.int64)
+    unique, codes = np.unique(keys, axis=0, return_inverse=True)
+    names = tuple("/".join(c.groups[int(code)] for c, code in zip(cats, row)) for row in unique)
+    return Groups(codes.ravel(), names, tuple(c.name for c in cats))
+
+
+def robust_trend(coord: Coordinate, values: np.ndarray, *, groups: Groups | None = None, resolution: float = 0.0,
+                 threshold: float = THRESHOLD, window: int | None = None, quantity: str = "") -> Trend:
+    """The trend of ``values`` against ``coord``, the scale about it and the outliers (see the module).
+
+    A categorical ``coord`` is its own groups; a numeric one is trended within each of ``groups``
+    that has at least :data:`MIN_GROUP` values (the other images against the trend of all).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    finite = np.isfinite(values)
+    if coord.kind == "categorical":
+        codes = coord.position.astype(np.int64)
+        trend = np.full(n, np.nan)
+        for code in np.unique(codes):
+            members = (codes == code) & finite
+            if members.any():
+                trend[members] = np.median(values[members])
+    else:
+        codes = groups.codes if groups is not None else np.zeros(n, dtype=np.int64)
+        trend = running_median(coord.position, values, window)
+        for code in np.unique(codes):
+            members = np.flatnonzero(codes == code)
+            if len(np.unique(codes)) > 1 and np.count_nonzero(finite[members]) >= MIN_GROUP:
+                trend[members] = running_median(coord.position[members], values[members], window)
+    resid = values - trend
+    ok = np.isfinite(resid)
+    pooled = 1.4826 * float(np.median(np.abs(resid[ok]))) if ok.any() else np.nan
+    scale = np.full(n, pooled)
+    for code in np.unique(codes):
+        members = (codes == code) & ok
+        if members.sum() >= MIN_GROUP and members.sum() < ok.sum():
+            scale[members] = 1.4826 * np.median(np.abs(resid[members]))
+    scale = np.maximum(scale, resolution)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        deviation = np.where(scale > 0, resid / scale, np.where(resid == 0, 0.0, np.inf * np.sign(resid)))
+    outlier = ok & (np.abs(deviation) > threshold) if ok.sum() >= MIN_IMAGES else np.zeros(n, dtype=bool)
+    return Trend(quantity, coord.name, trend, scale, deviation, outlier)
+
+
+def find_outliers(table: pd.DataFrame, coordinates: list[Coordinate], *,
+                  quantities: dict[str, Quantity] | None = None, threshold: float = THRESHOLD,
+                  window: int | None = None) -> tuple[pd.DataFrame, dict[tuple[str, str], Trend]]:
+    """Images far from the stack's trend: one row per (image, quantity, coordinate) flagged, with the
+    value, the trend and the deviation in robust standard deviations; and every trend computed.
+    Numeric coordinates are trended within the groups of the categorical ones (:func:`image_groups`)."""
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise OptionError(f"the outlier threshold must be a positive number, got {threshold!r}")
+    quantities = TREND_QUANTITIES if quantities is None else quantities
+    groups = image_groups(coordinates)
+    trends: dict[tuple[str, str], Trend] = {}
+    rows = []
+    for name, quantity in quantities.items():
+        if name not in table:
+            continue
+        values = table[name].to_numpy(dtype=np.float64)
+        for coord in coordinates:
+            t = robust_trend(coord, values, groups=groups, resolution=quantity.resolution, threshold=threshold,
+                             window=window, quantity=name)
+            trends[(name, coord.name)] = t
+            for i in np.flatnonzero(t.outlier):
+                rows.append({"image": table["image"].iloc[i], "index": int(i), "quantity": name,
+                             "coordinate": coord.name, "value": values[i], "trend": t.trend[i],
+                             "deviation": float(t.deviation[i])})
+    columns = ["image", "index", "quantity", "coordinate", "value", "trend", "deviation"]
+    outliers = pd.DataFrame(rows, columns=columns)
+    if len(outliers):
+        outliers = outliers.sort_values("deviation", key=np.abs, ascending=False, kind="stable").reset_index(
+            drop=True)
+    return outliers, trends
+
+
+def grid_positions(ds: xr.Dataset, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows and ``n`` columns evenly spanning the tile centres (where the model is constrained)."""
+    y, x = np.asarray(ds["y"].values, dtype=np.float64), np.asarray(ds["x"].values, dtype=np.float64)
+    return np.linspace(y.min(), y.max(), n), np.linspace(x.min(), x.max(), n)
+
+
+def _per_image(ds: xr.Dataset, name: str) -> np.ndarray:
+    values = np.asarray(ds[name].values, dtype=np.float64)
+    return values.reshape(len(values), -1)
+
+
+def image_table(ds: xr.Dataset, extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """One row per image: its label and position, every other coordinate along ``image``, medians of
+    the per-tile measurements, tile counts, the model's degree and errors; ``extra`` columns appended."""
+    n = ds.sizes["image"]
+    data: dict[str, Any] = {"image": [str(v) for v in ds["image"].values], "index": np.arange(n)}
+    for name, coord in ds.coords.items():
+        if coord.dims == ("image",) and name != "image":
+            data[str(name)] = np.asarray(coord.values)
+    flags = np.asarray(ds["quality_flag"].values).astype(np.int64).reshape(n, -1)
+    data["tiles"] = np.full(n, flags.shape[1])
+    data["tiles_unusable"] = np.count_nonzero(flags & fl.BAD, axis=1)
+    data["tiles_flagged"] = np.count_nonzero(flags, axis=1)
+    data["tiles_model_outlier"] = np.count_nonzero(flags & fl.MODEL_OUTLIER, axis=1)
+    for name in ("fwhm", "ellipticity", "e1", "e2", "flux", "background", "residual", "snr"):
+        if name in ds:
+            data[f"{name}_median"] = _quiet(np.nanmedian, _per_image(ds, name), axis=1)
+    if "fwhm" in ds:
+        q1, q3 = _quiet(np.nanpercentile, _per_image(ds, "fwhm"), [25, 75], axis=1)
+        data["fwhm_iqr"] = q3 - q1
+    data["model_degree"] = (np.asarray(ds["model_degree"].values).astype(np.int64) if "model_degree" in ds
+                            else np.full(n, -1))
+    data["model_cv_error"] = (np.asarray(ds["model_cv_error"].values, dtype=np.float64)
+                              if "model_cv_error" in ds else np.full(n, np.nan))
+    if "model_residual" in ds:
+        data["model_residual_median"] = _quiet(np.nanmedian, _per_image(ds, "model_residual"), axis=1)
+    data.update(extra or {})
+    return pd.DataFrame(data)
+
+
+@dataclass
+class Survey:
+    """Everything :func:`survey` found about a stack."""
+
+    table: pd.DataFrame  #: one row per image (:func:`image_table` and the model and PCA columns)
+    outliers: pd.DataFrame  #: one row per (image, quantity, coordinate) flagged
+    coordinates: list[Coordinate]
+    skipped: dict[str, str]  #: coordinates not used, with the reason
+    trends: dict[tuple[str, str], Trend]
+    grid_y: np.ndarray  #: rows of the common grid of positions
+    grid_x: np.ndarray
+    model_fwhm: np.ndarray  #: ``(n, gy, gx)`` FWHM of each image's model on the grid (NaN: no model)
+    model_e1: np.ndarray
+    model_e2: np.ndarray
+    pca: KernelPCA | None  #: of the images with a model (None with fewer than 2)
+    pca_images: np.ndarray  #: positions of the images in the PCA
+    without_model: list[str] = field(default_factory=list)  #: labels of the images left out of the PCA
+    threshold: float = THRESHOLD
+    groups: Groups | None = None  #: the groups numeric coordinates are trended within
+
+
+def has_model_variables(ds: xr.Dataset) -> bool:
+    """Whether ``ds`` holds the kernel-field model (``model_*`` variables)."""
+    return all(name in ds for name in ("model_coefficient", "model_degree", "model_centre_y", "model_centre_x",
+                                       "model_scale_y", "model_scale_x"))
+
+
+def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: str | None = "kernel",
+           threshold: float = THRESHOLD) -> Survey:
+    """The survey view of a loaded kernel map (``kernel`` may stay lazy: it is not read).
+
+    Each image's model is evaluated on a ``grid x grid`` set of positions spanning the tile centres;
+    its adaptive moments give the model FWHM and ellipticity columns and the kernels go into the
+    principal-component analysis (:func:`~pipeline.analysis.pca.kernel_pca`, kernels normalised by
+    ``normalize``); images without a model are left out of it and listed.
+    """
+    n = ds.sizes["image"]
+    gy, gx = grid_positions(ds, grid)
+    yy, xx = np.meshgrid(gy, gx, indexing="ij")
+    k = ds.sizes["ky"]
+    if has_model_variables(ds):
+        kernels = model_kernels_at(ds, yy, xx)  # (n, grid, grid, k, k)
+        has_model = np.asarray(ds["model_degree"].values).astype(np.int64) >= 0
+        has_model &= np.all(np.isfinite(kernels.reshape(n, -1)), axis=1)
+    else:  # a map written without the kernel-field model
+        kernels, has_model = np.full((n, grid, grid, k, k), np.nan), np.zeros(n, dtype=bool)
+    moments = adaptive_moments(kernels[has_model].reshape(-1, *kernels.shape[-2:]))
+    shapes = {}
+    for name in ("fwhm", "e1", "e2"):
+        values = np.full((n, grid, grid), np.nan)
+        values[has_model] = np.asarray(getattr(moments, name)).reshape(-1, grid, grid)
+        shapes[name] = values
+    flat_fwhm = shapes["fwhm"].reshape(n, -1)
+    ellipticity = np.hypot(shapes["e1"], shapes["e2"]).reshape(n, -1)
+    extra = {"model_fwhm_median": _quiet(np.nanmedian, flat_fwhm, axis=1),
+             "model_fwhm_range": _quiet(np.nanmax, flat_fwhm, axis=1) - _quiet(np.nanmin, flat_fwhm, axis=1),
+             "model_ellipticity_median": _quiet(np.nanmedian, ellipticity, axis=1)}
+    pca_images = np.flatnonzero(has_model)
+    pca = None
+    if len(pca_images) >= 2:
+        pca = kernel_pca(kernels[pca_images], n_components=n_components, normalize=normalize)
+        for j in range(pca.n_components):
+            column = np.full(n, np.nan)
+            column[pca_images] = pca.amplitudes[:, j]
+            extra[f"pc{j + 1}"] = column
+    table = image_table(ds, extra)
+    coordinates, skipped = trend_coordinates(ds)
+    outliers, trends = find_outliers(table, coordinates, threshold=threshold)
+    reasons: dict[int, list[str]] = {}
+    for row in outliers.itertuples():
+        reasons.setdefault(row.index, []).append(f"{row.quantity} vs {row.coordinate} ({row.deviation:+.1f})")
+    table["outlier"] = [i in reasons for i in range(n)]
+    table["outlier_reasons"] = ["; ".join(reasons.get(i, [])) for i in range(n)]
+    labels = table["image"].to_numpy()
+    return Survey(table=table, outliers=outliers, coordinates=coordinates, skipped=skipped, trends=trends,
+                  grid_y=gy, grid_x=gx, model_fwhm=shapes["fwhm"], model_e1=shapes["e1"], model_e2=shapes["e2"],
+                  pca=pca, pca_images=pca_images, without_model=[str(v) for v in labels[~has_model]],
+                  threshold=threshold, groups=image_groups(coordinates))
+
+
+def coordinate_file_stem(coord: Coordinate) -> str:
+    """File stem of the trend figure against ``coord``."""
+    return f"trends-{_safe_name(coord.name)}"
