@@ -6,7 +6,14 @@ from scipy.signal import fftconvolve
 
 from pipeline.core.field import field_frame, legendre_design
 from pipeline.core.gram import design_rows
-from pipeline.core.joint import TileStatistics, _leave_one_out, _penalty_matrix, _Pooled, fit_joint_field
+from pipeline.core.joint import (
+    TileStatistics,
+    _core_mask,
+    _leave_one_out,
+    _penalty_matrix,
+    _Pooled,
+    fit_joint_field,
+)
 from pipeline.core.lstsq import lstsq_kernels
 
 
@@ -37,7 +44,9 @@ def test_as_many_terms_as_tiles_gives_the_independent_tile_fits():
         np.testing.assert_allclose(model[t], own, rtol=1e-9, atol=1e-12 * np.abs(own).max())
 
 
-def test_leave_one_out_equals_a_refit_without_the_tile():
+@pytest.mark.parametrize("core_radius", [None, 1.0])
+def test_leave_one_out_equals_a_refit_without_the_tile(core_radius):
+    """Also with the variation terms restricted to the kernel's core (the other coefficients held at zero)."""
     rng = np.random.default_rng(2)
     k = 3
     yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
@@ -47,14 +56,17 @@ def test_leave_one_out_equals_a_refit_without_the_tile():
     u, v = frame.normalised(stats.y, stats.x)
     phi = legendre_design(u, v, 2)
     q = _penalty_matrix(k, "compact", np.array([0.3, 1.0]), (0.0, 0.0))
-    pooled = _Pooled(stats, used, phi)
+    keep = _core_mask(k, phi.shape[1], core_radius)
+    pooled = _Pooled(stats, used, phi, keep)
     coef, factor = pooled.solve(q)
+    if core_radius is not None:  # corners of the 3x3 stamp are outside radius 1: held at zero
+        assert np.all(coef[1:].reshape(-1, k, k)[:, [0, 0, -1, -1], [0, -1, 0, -1]] == 0)
     fast = _leave_one_out(pooled, factor, coef, stats, used, q)
     for t in range(9):
-        keep = np.arange(9) != t
-        sub = TileStatistics(stats.gc[keep], stats.cc[keep], stats.yy[keep], stats.count[keep],
-                             stats.y[keep], stats.x[keep], stats.lam[keep])
-        coef_t, _ = _Pooled(sub, np.ones(8, bool), phi[keep]).solve(q)
+        keep_t = np.arange(9) != t
+        sub = TileStatistics(stats.gc[keep_t], stats.cc[keep_t], stats.yy[keep_t], stats.count[keep_t],
+                             stats.y[keep_t], stats.x[keep_t], stats.lam[keep_t])
+        coef_t, _ = _Pooled(sub, np.ones(8, bool), phi[keep_t], keep).solve(q)
         predicted = phi[t] @ coef_t
         np.testing.assert_allclose(fast[t], predicted, rtol=0, atol=1e-9 * np.abs(predicted).max())
 

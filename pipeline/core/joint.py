@@ -130,9 +130,13 @@ def _penalty_matrix(kernel_size: int, penalty: str, lam: np.ndarray,
 
 
 class _Pooled:
-    """Pooled normal equations of one degree: the data part, assembled once."""
+    """Pooled normal equations of one degree: the data part, assembled once.
 
-    def __init__(self, stats: TileStatistics, used: np.ndarray, phi: np.ndarray):
+    ``keep`` (``(P*k*k,)`` bool, default all): the coefficients fitted; the
+    others are held at zero (e.g. the variation terms outside the kernel's core).
+    """
+
+    def __init__(self, stats: TileStatistics, used: np.ndarray, phi: np.ndarray, keep: np.ndarray | None = None):
         self.phi = phi  #: ``(T, P)`` of the tiles used
         t, p = phi.shape
         k2 = stats.cc.shape[1]
@@ -142,16 +146,40 @@ class _Pooled:
         self.data = np.ascontiguousarray(data).reshape(p * k2, p * k2)
         self.penalty_weights = (outer.T @ np.trace(stats.gc[used], axis1=1, axis2=2)).reshape(p, p)
         self.rhs = (phi.T @ stats.cc[used]).ravel()
+        self.keep = np.ones(p * k2, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+        self.index = np.flatnonzero(self.keep)
 
     def solve(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Coefficients ``(P, k*k)`` and the Cholesky factor at penalty ``q``; ``None`` if singular."""
         a = self.data + np.kron(self.penalty_weights, q)
+        if len(self.index) < len(self.keep):
+            a = a[np.ix_(self.index, self.index)]
         try:
             factor = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
         except np.linalg.LinAlgError:
             return None
-        coef = scipy.linalg.cho_solve(factor, self.rhs, check_finite=False)
+        coef = np.zeros(len(self.keep))
+        coef[self.index] = scipy.linalg.cho_solve(factor, self.rhs[self.index], check_finite=False)
         return coef.reshape(len(self.penalty_weights), -1), factor
+
+    def inverse(self, factor) -> np.ndarray:
+        """``A^{-1}`` over all ``P*k*k`` coefficients: zero rows and columns for those held at zero."""
+        inverse = _inverse(factor)
+        if len(self.index) == len(self.keep):
+            return inverse
+        full = np.zeros((len(self.keep), len(self.keep)))
+        full[np.ix_(self.index, self.index)] = inverse
+        return full
+
+
+def _core_mask(kernel_size: int, n_terms: int, radius: float | None) -> np.ndarray | None:
+    """``(n_terms * k*k,)`` bool: every pixel of the first term, the core's of the others (``None``: all)."""
+    if radius is None:
+        return None
+    h = kernel_size // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    core = (yy**2 + xx**2 <= radius**2).ravel()
+    return np.concatenate([np.ones(kernel_size**2, dtype=bool), np.tile(core, n_terms - 1)])
 
 
 def _inverse(factor) -> np.ndarray:
@@ -169,7 +197,7 @@ def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatist
     p, k2 = coef.shape
     phi = pooled.phi
     # A^{-1} as (P*P, k2*k2) blocks: every tile's H_t is phi_t (x) phi_t times it, one product a batch
-    blocks = _inverse(factor).reshape(p, k2, p, k2).transpose(0, 2, 1, 3).reshape(p * p, k2 * k2)
+    blocks = pooled.inverse(factor).reshape(p, k2, p, k2).transpose(0, 2, 1, 3).reshape(p * p, k2 * k2)
     outer = np.einsum("tp,tq->tpq", phi, phi).reshape(len(phi), p * p)
     index = np.flatnonzero(used)
     predicted = np.empty((len(phi), k2))
@@ -203,6 +231,7 @@ def fit_joint_field(
     strengths: Sequence[float] = STRENGTHS,
     start: float = 0.3,
     criterion: str = "kernels",
+    core_radius: float | None = None,
     penalty: str = "compact",
     centre: tuple[float, float] = (0.0, 0.0),
 ) -> JointField:
@@ -226,6 +255,10 @@ def fit_joint_field(
         (it is smooth in ``f``, with one minimum).
     criterion
         ``"kernels"`` or ``"pixels"``: the leave-one-tile-out score (module docstring).
+    core_radius
+        Where given, the terms above the constant vary only within this many
+        pixels of the stamp centre (the constant term keeps every pixel): far
+        fewer unknowns, so a much cheaper fit.
     penalty, centre
         The penalty (as in the per-tile fits) and its centre on the stamp.
 
@@ -285,7 +318,8 @@ def fit_joint_field(
         if (degree, i) not in fits:
             if degree not in systems:
                 mask = resolvable_terms(u[used], v[used], degree)
-                systems[degree] = (_Pooled(stats, used, legendre_design(u[used], v[used], degree)[:, mask]), mask)
+                systems[degree] = (_Pooled(stats, used, legendre_design(u[used], v[used], degree)[:, mask],
+                                           _core_mask(k, int(mask.sum()), core_radius)), mask)
             pooled, mask = systems[degree]
             q = _penalty_matrix(k, penalty, ladder[i] * base, centre)
             solved = pooled.solve(q)
