@@ -130,46 +130,95 @@ def _penalty_matrix(kernel_size: int, penalty: str, lam: np.ndarray,
 
 
 class _Pooled:
-    """Pooled normal equations of one degree: the data part, assembled once.
+    """Pooled normal equations of one degree over the coefficients fitted, assembled once.
 
     ``keep`` (``(P*k*k,)`` bool, default all): the coefficients fitted; the
-    others are held at zero (e.g. the variation terms outside the kernel's core).
+    others are held at zero (e.g. the variation terms outside the kernel's
+    core).  Each term's pixels form one of a few sets (all pixels, the
+    core): the system is built block by block over pairs of terms, from the
+    tiles' Grams restricted to those sets, never at full size.
     """
 
     def __init__(self, stats: TileStatistics, used: np.ndarray, phi: np.ndarray, keep: np.ndarray | None = None):
         self.phi = phi  #: ``(T, P)`` of the tiles used
-        t, p = phi.shape
+        p = phi.shape[1]
         k2 = stats.cc.shape[1]
-        gc = stats.gc[used].reshape(t, k2 * k2)
-        outer = np.einsum("tp,tq->tpq", phi, phi).reshape(t, p * p)
-        data = (outer.T @ gc).reshape(p, p, k2, k2).transpose(0, 2, 1, 3)
-        self.data = np.ascontiguousarray(data).reshape(p * k2, p * k2)
-        self.penalty_weights = (outer.T @ np.trace(stats.gc[used], axis1=1, axis2=2)).reshape(p, p)
-        self.rhs = (phi.T @ stats.cc[used]).ravel()
-        self.keep = np.ones(p * k2, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
-        self.index = np.flatnonzero(self.keep)
+        self.k2 = k2
+        keep = np.ones(p * k2, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+        self.pixels = [np.flatnonzero(keep[i * k2 : (i + 1) * k2]) for i in range(p)]  #: each term's pixels
+        self.offsets = np.concatenate([[0], np.cumsum([len(j) for j in self.pixels])])
+        kinds: dict[bytes, int] = {}
+        self.kind = [kinds.setdefault(j.tobytes(), len(kinds)) for j in self.pixels]  #: each term's pixel set
+        self.sets = {self.kind[i]: self.pixels[i] for i in range(p)}
+        self.weights = np.einsum("tp,tq->tpq", phi, phi)  #: ``(T, P, P)``
+        self.gc = stats.gc[used]
+        n = int(self.offsets[-1])
+        self.data = np.empty((n, n))
+        for (i, j), sub in self._pairs():
+            self.data[self._block(i, j)] = (self.weights[:, i, j] @ sub).reshape(len(self.pixels[i]),
+                                                                                 len(self.pixels[j]))
+        self.data = np.triu(self.data) + np.triu(self.data, 1).T
+        self.penalty_weights = np.einsum("tpq,t->pq", self.weights, np.trace(self.gc, axis1=1, axis2=2))
+        cc = stats.cc[used]
+        self.rhs = np.concatenate([phi[:, i] @ cc[:, self.pixels[i]] for i in range(p)])
+
+    def _restricted(self, matrix: np.ndarray, a: int, b: int) -> np.ndarray:
+        """``matrix[..., set a, set b]`` (no copy where both are every pixel)."""
+        ja, jb = self.sets[a], self.sets[b]
+        if len(ja) == self.k2 and len(jb) == self.k2:
+            return matrix
+        return matrix[..., ja[:, None], jb[None, :]]
+
+    def _pairs(self):
+        """``((i, j), Gc restricted, (T, |set i| * |set j|))`` for the term pairs ``i <= j``."""
+        cache: dict[tuple[int, int], np.ndarray] = {}
+        p = len(self.pixels)
+        for i in range(p):
+            for j in range(i, p):
+                key = (self.kind[i], self.kind[j])
+                if key not in cache:
+                    cache[key] = self._restricted(self.gc, *key).reshape(len(self.gc), -1)
+                yield (i, j), cache[key]
+
+    def _block(self, i: int, j: int) -> tuple[slice, slice]:
+        return slice(self.offsets[i], self.offsets[i + 1]), slice(self.offsets[j], self.offsets[j + 1])
 
     def solve(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Coefficients ``(P, k*k)`` and the Cholesky factor at penalty ``q``; ``None`` if singular."""
-        a = self.data + np.kron(self.penalty_weights, q)
-        if len(self.index) < len(self.keep):
-            a = a[np.ix_(self.index, self.index)]
+        a = self.data.copy()
+        p = len(self.pixels)
+        for i in range(p):
+            for j in range(p):
+                a[self._block(i, j)] += self.penalty_weights[i, j] * self._restricted(q, self.kind[i], self.kind[j])
         try:
             factor = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
         except np.linalg.LinAlgError:
             return None
-        coef = np.zeros(len(self.keep))
-        coef[self.index] = scipy.linalg.cho_solve(factor, self.rhs[self.index], check_finite=False)
-        return coef.reshape(len(self.penalty_weights), -1), factor
+        solution = scipy.linalg.cho_solve(factor, self.rhs, check_finite=False)
+        coef = np.zeros((p, self.k2))
+        for i in range(p):
+            coef[i, self.pixels[i]] = solution[self.offsets[i] : self.offsets[i + 1]]
+        return coef, factor
 
-    def inverse(self, factor) -> np.ndarray:
-        """``A^{-1}`` over all ``P*k*k`` coefficients: zero rows and columns for those held at zero."""
-        inverse = _inverse(factor)
-        if len(self.index) == len(self.keep):
-            return inverse
-        full = np.zeros((len(self.keep), len(self.keep)))
-        full[np.ix_(self.index, self.index)] = inverse
-        return full
+    def hats(self, inverse: np.ndarray, rows: slice) -> np.ndarray:
+        """``H_t = U_t^T A^{-1} U_t`` (``(n, k*k, k*k)``) of the tiles ``rows`` (of those used)."""
+        phi = self.phi[rows]
+        hats = np.zeros((len(phi), self.k2, self.k2))
+        p = len(self.pixels)
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i in range(p):
+            for j in range(p):
+                groups.setdefault((self.kind[i], self.kind[j]), []).append((i, j))
+        for (a, b), pairs in groups.items():
+            blocks = np.stack([inverse[self._block(i, j)].ravel() for i, j in pairs])
+            weights = np.stack([phi[:, i] * phi[:, j] for i, j in pairs], axis=1)
+            part = (weights @ blocks).reshape(len(phi), len(self.sets[a]), len(self.sets[b]))
+            ja, jb = self.sets[a], self.sets[b]
+            if len(ja) == self.k2 and len(jb) == self.k2:
+                hats += part
+            else:
+                hats[:, ja[:, None], jb[None, :]] += part
+        return hats
 
 
 def _core_mask(kernel_size: int, n_terms: int, radius: float | None) -> np.ndarray | None:
@@ -194,16 +243,14 @@ def _inverse(factor) -> np.ndarray:
 def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatistics, used: np.ndarray,
                    q: np.ndarray, batch: int = 16) -> np.ndarray:
     """``(T, k*k)``: each used tile's kernel as the fit without it predicts it (exact, by Woodbury)."""
-    p, k2 = coef.shape
+    k2 = coef.shape[1]
     phi = pooled.phi
-    # A^{-1} as (P*P, k2*k2) blocks: every tile's H_t is phi_t (x) phi_t times it, one product a batch
-    blocks = pooled.inverse(factor).reshape(p, k2, p, k2).transpose(0, 2, 1, 3).reshape(p * p, k2 * k2)
-    outer = np.einsum("tp,tq->tpq", phi, phi).reshape(len(phi), p * p)
+    inverse = _inverse(factor)
     index = np.flatnonzero(used)
     predicted = np.empty((len(phi), k2))
     for start in range(0, len(phi), batch):
         stop = min(start + batch, len(phi))
-        hats = (outer[start:stop] @ blocks).reshape(-1, k2, k2)
+        hats = pooled.hats(inverse, slice(start, stop))
         tiles = index[start:stop]
         gc = stats.gc[tiles]
         b = gc + np.trace(gc, axis1=1, axis2=2)[:, None, None] * q
