@@ -155,9 +155,10 @@ class _Pooled:
         n = int(self.offsets[-1])
         self.data = np.empty((n, n))
         for (i, j), sub in self._pairs():
-            self.data[self._block(i, j)] = (self.weights[:, i, j] @ sub).reshape(len(self.pixels[i]),
-                                                                                 len(self.pixels[j]))
-        self.data = np.triu(self.data) + np.triu(self.data, 1).T
+            block = (self.weights[:, i, j] @ sub).reshape(len(self.pixels[i]), len(self.pixels[j]))
+            self.data[self._block(i, j)] = block
+            if i != j:
+                self.data[self._block(j, i)] = block.T
         self.penalty_weights = np.einsum("tpq,t->pq", self.weights, np.trace(self.gc, axis1=1, axis2=2))
         cc = stats.cc[used]
         self.rhs = np.concatenate([phi[:, i] @ cc[:, self.pixels[i]] for i in range(p)])
@@ -191,7 +192,7 @@ class _Pooled:
             for j in range(p):
                 a[self._block(i, j)] += self.penalty_weights[i, j] * self._restricted(q, self.kind[i], self.kind[j])
         try:
-            factor = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
+            factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:
             return None
         solution = scipy.linalg.cho_solve(factor, self.rhs, check_finite=False)
@@ -200,20 +201,35 @@ class _Pooled:
             coef[i, self.pixels[i]] = solution[self.offsets[i] : self.offsets[i + 1]]
         return coef, factor
 
-    def hats(self, inverse: np.ndarray, rows: slice) -> np.ndarray:
-        """``H_t = U_t^T A^{-1} U_t`` (``(n, k*k, k*k)``) of the tiles ``rows`` (of those used)."""
-        phi = self.phi[rows]
-        hats = np.zeros((len(phi), self.k2, self.k2))
+    def hat_blocks(self, lower: np.ndarray) -> list[tuple[int, int, list[tuple[int, int]], np.ndarray]]:
+        """``A^{-1}``'s blocks, from its lower triangle ``lower``, grouped by the pixel sets of their two
+        terms: ``(set a, set b, term pairs, (pairs, |a| * |b|) blocks)``, for :meth:`hats`."""
         p = len(self.pixels)
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i in range(p):
             for j in range(p):
                 groups.setdefault((self.kind[i], self.kind[j]), []).append((i, j))
-        for (a, b), pairs in groups.items():
-            blocks = np.stack([inverse[self._block(i, j)].ravel() for i, j in pairs])
+
+        def block(i: int, j: int) -> np.ndarray:
+            if i > j:
+                return lower[self._block(i, j)]
+            if i < j:
+                return lower[self._block(j, i)].T
+            diagonal = np.tril(lower[self._block(i, i)])
+            return diagonal + np.tril(diagonal, -1).T
+
+        return [(a, b, pairs, np.stack([block(i, j).ravel() for i, j in pairs]))
+                for (a, b), pairs in groups.items()]
+
+    def hats(self, blocks: list[tuple[int, int, list[tuple[int, int]], np.ndarray]], rows: slice) -> np.ndarray:
+        """``H_t = U_t^T A^{-1} U_t`` (``(n, k*k, k*k)``) of the tiles ``rows`` (of those used), from
+        :meth:`hat_blocks`."""
+        phi = self.phi[rows]
+        hats = np.zeros((len(phi), self.k2, self.k2))
+        for a, b, pairs, stacked in blocks:
             weights = np.stack([phi[:, i] * phi[:, j] for i, j in pairs], axis=1)
-            part = (weights @ blocks).reshape(len(phi), len(self.sets[a]), len(self.sets[b]))
             ja, jb = self.sets[a], self.sets[b]
+            part = (weights @ stacked).reshape(len(phi), len(ja), len(jb))
             if len(ja) == self.k2 and len(jb) == self.k2:
                 hats += part
             else:
@@ -231,13 +247,14 @@ def _core_mask(kernel_size: int, n_terms: int, radius: float | None) -> np.ndarr
     return np.concatenate([np.ones(kernel_size**2, dtype=bool), np.tile(core, n_terms - 1)])
 
 
-def _inverse(factor) -> np.ndarray:
-    """``A^{-1}`` (full, symmetric) from ``cho_factor``'s lower factor."""
+def _lower_inverse(factor) -> np.ndarray:
+    """The lower triangle of ``A^{-1}`` (the upper one is not set) from ``cho_factor``'s lower factor,
+    computed in the factor's memory (the factor is used up)."""
     chol, _ = factor
-    inverse, info = scipy.linalg.lapack.dpotri(chol, lower=1)
+    inverse, info = scipy.linalg.lapack.dpotri(chol, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"dpotri failed (info {info})")
-    return np.tril(inverse) + np.tril(inverse, -1).T
+    return inverse
 
 
 def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatistics, used: np.ndarray,
@@ -245,12 +262,12 @@ def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatist
     """``(T, k*k)``: each used tile's kernel as the fit without it predicts it (exact, by Woodbury)."""
     k2 = coef.shape[1]
     phi = pooled.phi
-    inverse = _inverse(factor)
+    blocks = pooled.hat_blocks(_lower_inverse(factor))
     index = np.flatnonzero(used)
     predicted = np.empty((len(phi), k2))
     for start in range(0, len(phi), batch):
         stop = min(start + batch, len(phi))
-        hats = pooled.hats(inverse, slice(start, stop))
+        hats = pooled.hats(blocks, slice(start, stop))
         tiles = index[start:stop]
         gc = stats.gc[tiles]
         b = gc + np.trace(gc, axis1=1, axis2=2)[:, None, None] * q
