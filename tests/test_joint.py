@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy.signal import fftconvolve
 
 from pipeline.core.field import field_frame, legendre_design
@@ -13,6 +15,7 @@ from pipeline.core.joint import (
     _penalty_matrix,
     _Pooled,
     fit_joint_field,
+    spread_rows,
 )
 from pipeline.core.lstsq import lstsq_kernels
 
@@ -168,3 +171,35 @@ def test_constant_field_low_degree_and_better_than_tiles():
     assert np.median(_rel(model, truth)) < 0.7 * np.median(_rel(result.kernels, truth))
     assert joint.criterion == "kernels"
     assert joint.scores[(joint.field.degree, joint.strength)] == min(joint.scores.values())
+
+
+@given(n=st.integers(1, 500), most=st.one_of(st.none(), st.integers(1, 600)))
+def test_spread_rows_are_distinct_in_range_and_reach_both_ends(n, most):
+    rows = spread_rows(n, most)
+    expected = n if most is None else min(n, most)
+    assert len(rows) == expected
+    assert np.all(np.diff(rows) > 0) and rows[0] == 0 and 0 <= rows[-1] <= n - 1
+    if expected >= 2:
+        assert rows[-1] == n - 1
+
+
+def test_scoring_a_subset_predicts_those_tiles_as_scoring_all_does():
+    rng = np.random.default_rng(7)
+    k = 3
+    yy, xx = np.mgrid[0:4, 0:4] * 256.0 + 128
+    stats = _random_statistics(16, k, rng, grid=(yy.ravel(), xx.ravel()))
+    used = stats.usable()
+    u, v = field_frame(stats.y, stats.x, used).normalised(stats.y, stats.x)
+    phi = legendre_design(u, v, 1)
+    q = _penalty_matrix(k, "compact", np.array([0.3, 1.0]), (0.0, 0.0))
+    pooled = _Pooled(stats, used, phi)
+    coef, factor = pooled.solve(q)
+    every = _leave_one_out(pooled, factor, coef, stats, used, q)
+    coef, factor = pooled.solve(q)  # the inverse is taken in the factor's memory: factor again
+    rows = spread_rows(16, 5)
+    some = _leave_one_out(pooled, factor, coef, stats, used, q, rows)
+    np.testing.assert_allclose(some, every[rows], rtol=1e-10, atol=1e-12 * np.abs(every).max())
+    full = fit_joint_field(stats, degrees=[1], strengths=[1.0], criterion="pixels", scored=None)
+    also = fit_joint_field(stats, degrees=[1], strengths=[1.0], criterion="pixels", scored=16)
+    np.testing.assert_array_equal(full.field.coefficients, also.field.coefficients)
+    assert full.scores == also.scores

@@ -49,7 +49,7 @@ import scipy.linalg.lapack
 from .field import KernelField, field_frame, legendre_design, resolvable_terms, tile_weights
 from .penalties import penalty_terms
 
-__all__ = ["JointField", "TileStatistics", "fit_joint_field", "STRENGTHS"]
+__all__ = ["JointField", "TileStatistics", "fit_joint_field", "spread_rows", "STRENGTHS"]
 
 #: The ladder of strength factors ``f`` (times the image's median per-tile evidence strengths) searched.
 STRENGTHS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -115,7 +115,8 @@ class JointField:
     lam: np.ndarray  #: ``(m,)`` the penalty strengths used: ``f`` times the median per-tile ``lam_i``
     criterion: str  #: ``"kernels"`` or ``"pixels"``: the score that chose
     scores: dict[tuple[int, float], float]  #: the criterion's total for each ``(degree, f)`` evaluated
-    #: ``(n,)`` each tile's residual sum of squares under the fit without it, at the choice (NaN: not used)
+    #: ``(n,)`` each tile's residual sum of squares under the fit without it, at the choice (NaN: not
+    #: used or not scored)
     tile_cv_rss: np.ndarray
 
 
@@ -221,7 +222,8 @@ class _Pooled:
         return [(a, b, pairs, np.stack([block(i, j).ravel() for i, j in pairs]))
                 for (a, b), pairs in groups.items()]
 
-    def hats(self, blocks: list[tuple[int, int, list[tuple[int, int]], np.ndarray]], rows: slice) -> np.ndarray:
+    def hats(self, blocks: list[tuple[int, int, list[tuple[int, int]], np.ndarray]],
+             rows: slice | np.ndarray) -> np.ndarray:
         """``H_t = U_t^T A^{-1} U_t`` (``(n, k*k, k*k)``) of the tiles ``rows`` (of those used), from
         :meth:`hat_blocks`."""
         phi = self.phi[rows]
@@ -258,26 +260,35 @@ def _lower_inverse(factor) -> np.ndarray:
 
 
 def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatistics, used: np.ndarray,
-                   q: np.ndarray, batch: int = 16) -> np.ndarray:
-    """``(T, k*k)``: each used tile's kernel as the fit without it predicts it (exact, by Woodbury)."""
+                   q: np.ndarray, rows: np.ndarray | None = None, batch: int = 16) -> np.ndarray:
+    """``(R, k*k)``: the kernels of the used tiles ``rows`` (positions among the used tiles; default
+    all) as the fit without each of them predicts it (exact, by Woodbury)."""
     k2 = coef.shape[1]
-    phi = pooled.phi
+    rows = np.arange(len(pooled.phi)) if rows is None else np.asarray(rows)
     blocks = pooled.hat_blocks(_lower_inverse(factor))
     index = np.flatnonzero(used)
-    predicted = np.empty((len(phi), k2))
-    for start in range(0, len(phi), batch):
-        stop = min(start + batch, len(phi))
-        hats = pooled.hats(blocks, slice(start, stop))
-        tiles = index[start:stop]
+    predicted = np.empty((len(rows), k2))
+    for start in range(0, len(rows), batch):
+        part = rows[start : start + batch]
+        hats = pooled.hats(blocks, part)
+        tiles = index[part]
         gc = stats.gc[tiles]
         b = gc + np.trace(gc, axis1=1, axis2=2)[:, None, None] * q
-        rhs = phi[start:stop] @ coef - np.einsum("tij,tj->ti", hats, stats.cc[tiles])
+        rhs = pooled.phi[part] @ coef - np.einsum("tij,tj->ti", hats, stats.cc[tiles])
         system = np.eye(k2) - hats @ b
+        stop = start + len(part)
         try:
             predicted[start:stop] = np.linalg.solve(system, rhs[..., None])[..., 0]
         except np.linalg.LinAlgError:  # one singular system: solve them one by one
             predicted[start:stop] = np.stack([_solve_or_inf(m, r) for m, r in zip(system, rhs)])
     return predicted
+
+
+def spread_rows(n: int, most: int | None) -> np.ndarray:
+    """At most ``most`` of ``n`` positions, evenly spread (all of them when ``most`` is ``None`` or ``>= n``)."""
+    if most is None or most >= n:
+        return np.arange(n)
+    return np.unique(np.round(np.linspace(0, n - 1, max(int(most), 1))).astype(np.int64))
 
 
 def _solve_or_inf(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -296,6 +307,7 @@ def fit_joint_field(
     start: float = 0.3,
     criterion: str = "kernels",
     core_radius: float | None = None,
+    scored: int | None = 64,
     penalty: str = "compact",
     centre: tuple[float, float] = (0.0, 0.0),
 ) -> JointField:
@@ -323,6 +335,11 @@ def fit_joint_field(
         Where given, the terms above the constant vary only within this many
         pixels of the stamp centre (the constant term keeps every pixel): far
         fewer unknowns, so a much cheaper fit.
+    scored
+        The held-out score is summed over at most this many of the used
+        tiles, evenly spread in raster order (``None``: all).  Every tile
+        is in every fit; only the held-out predictions, one 441² solve each
+        per candidate, are limited: they are most of a large image's cost.
     penalty, centre
         The penalty (as in the per-tile fits) and its centre on the stamp.
 
@@ -343,12 +360,15 @@ def fit_joint_field(
         raise ValueError(f"strengths must be positive and finite, got {list(strengths)}")
     if criterion not in ("kernels", "pixels"):
         raise ValueError(f"criterion={criterion!r}: use 'kernels' or 'pixels'")
+    rows = spread_rows(int(used.sum()), scored)  # the used tiles whose held-out predictions are scored
+    scored_tiles = np.flatnonzero(used)[rows]
     if criterion == "kernels":
         if stats.kernels is None:
             raise ValueError("criterion='kernels' needs the tiles' own kernels (TileStatistics.kernels): "
                              "build the statistics with TileStatistics.from_lstsq, or use criterion='pixels'")
-        own = stats.kernels[used]
-        weights = np.ones(len(own)) if stats.weights is None else np.asarray(stats.weights, dtype=np.float64)[used]
+        own = stats.kernels[scored_tiles]
+        weights = (np.ones(len(own)) if stats.weights is None
+                   else np.asarray(stats.weights, dtype=np.float64)[scored_tiles])
         weights = np.where(np.all(np.isfinite(own), axis=1) & np.isfinite(weights), weights, 0.0)
         own = np.where(weights[:, None] > 0, own, 0.0)
         if not np.any(weights > 0):
@@ -359,7 +379,7 @@ def fit_joint_field(
     frame = field_frame(stats.y, stats.x, used)
     u, v = frame.normalised(stats.y, stats.x)
     n_used = int(used.sum())
-    pixels = float(stats.count[used].sum())
+    pixels = float(stats.count[scored_tiles].sum())
     explicit = degrees is not None
     if degrees is None:
         degrees = [d for d in range(max_degree + 1)
@@ -369,8 +389,8 @@ def fit_joint_field(
     systems: dict[int, tuple[_Pooled, np.ndarray]] = {}
 
     def score(predicted: np.ndarray) -> tuple[float, np.ndarray]:
-        """The criterion's total over the tiles, and each tile's held-out RSS."""
-        idx = np.flatnonzero(used)
+        """The criterion's total over the scored tiles, and each one's held-out RSS."""
+        idx = scored_tiles
         rss = (stats.yy[idx] - 2.0 * np.einsum("ti,ti->t", predicted, stats.cc[idx])
                + np.einsum("ti,tij,tj->t", predicted, stats.gc[idx], predicted))
         if criterion == "pixels":
@@ -393,7 +413,7 @@ def fit_joint_field(
                 coef, factor = solved
                 full = np.zeros((len(mask), k * k))
                 full[mask] = coef
-                total, rss = score(_leave_one_out(pooled, factor, coef, stats, used, q))
+                total, rss = score(_leave_one_out(pooled, factor, coef, stats, used, q, rows))
                 fits[(degree, i)] = (total, full, rss)
                 scores[(degree, float(ladder[i]))] = total
         return fits[(degree, i)][0]
@@ -428,7 +448,7 @@ def fit_joint_field(
     if not np.isfinite(total):
         raise ValueError("the joint normal equations are singular at every strength tried")
     per_tile = np.full(len(used), np.nan)
-    per_tile[used] = tile_rss
+    per_tile[scored_tiles] = tile_rss
     scale = pixels if criterion == "pixels" else norm
     field = KernelField(
         degree=degree, coefficients=coef.reshape(-1, k, k), centre=frame.centre, scale=frame.scale,
