@@ -203,3 +203,32 @@ def test_scoring_a_subset_predicts_those_tiles_as_scoring_all_does():
     also = fit_joint_field(stats, degrees=[1], strengths=[1.0], criterion="pixels", scored=16)
     np.testing.assert_array_equal(full.field.coefficients, also.field.coefficients)
     assert full.scores == also.scores
+
+
+def test_a_tile_far_from_the_field_is_rejected_and_the_field_refitted():
+    """One tile blurred by a shifted kernel in a noise-free degree-1 field: rejected, the field exact again."""
+    rng = np.random.default_rng(8)
+    k, size = 7, 40
+    yy, xx = np.mgrid[-3:4, -3:4]
+    base = np.exp(-(yy**2 + xx**2) / (2 * 1.2**2))
+    base /= base.sum()
+    slope = 0.02 * np.exp(-((yy - 1) ** 2 + xx**2) / 2.0)
+    centres = np.array([(y, x) for y in (20.0, 60.0, 100.0, 140.0) for x in (20.0, 60.0, 100.0, 140.0)])
+
+    def kernel_at(y, x):
+        return base + (x - 80.0) / 60.0 * slope
+
+    pairs = [_field_pair(size, kernel_at, y, x, rng) for y, x in centres]
+    sources, targets = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    bad = 5
+    targets[bad] = fftconvolve(sources[bad], np.roll(kernel_at(*centres[bad]), 2, axis=1), mode="same") + 3.0
+    result = lstsq_kernels(sources, targets, kernel_size=k, robust=False, statistics=True)
+    stats = TileStatistics.from_lstsq(result, centres[:, 0], centres[:, 1])
+    kept = fit_joint_field(stats, degrees=[1], strengths=[1.0])
+    assert np.flatnonzero(kept.field.rejected).tolist() == [bad]
+    assert not kept.field.used[bad]
+    np.testing.assert_allclose(kept.field.coefficients[0], base, atol=1e-6)
+    np.testing.assert_allclose(kept.field.coefficients[1], slope, atol=1e-6)
+    every = fit_joint_field(stats, degrees=[1], strengths=[1.0], clip=np.inf)
+    assert not every.field.rejected.any()
+    assert np.abs(every.field.coefficients[0] - base).max() > 1e-3

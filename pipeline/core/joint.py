@@ -284,6 +284,24 @@ def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatist
     return predicted
 
 
+def _far_tiles(stats: TileStatistics, kept: np.ndarray, coef: np.ndarray, design: np.ndarray,
+               clip: float) -> np.ndarray:
+    """Kept tiles whose own kernel is far from the model: weighted residual norm
+    ``sqrt(w_t) |Khat_t - K(x_t)|`` above the median by ``clip`` robust standard deviations."""
+    own = stats.kernels
+    weights = np.ones(len(own)) if stats.weights is None else np.asarray(stats.weights, dtype=np.float64)
+    judged = kept & np.all(np.isfinite(own), axis=1) & np.isfinite(weights) & (weights > 0)
+    far = np.zeros(len(own), dtype=bool)
+    if judged.sum() < 3:
+        return far
+    norms = np.sqrt(weights[judged]) * np.linalg.norm(own[judged] - design[judged] @ coef, axis=1)
+    median = np.median(norms)
+    spread = 1.4826 * np.median(np.abs(norms - median))
+    negligible = 1e-6 * np.median(np.sqrt(weights[judged]) * np.linalg.norm(own[judged], axis=1))  # round-off
+    far[np.flatnonzero(judged)] = (norms > median + clip * spread) & (norms > negligible)
+    return far
+
+
 def spread_rows(n: int, most: int | None) -> np.ndarray:
     """At most ``most`` of ``n`` positions, evenly spread (all of them when ``most`` is ``None`` or ``>= n``)."""
     if most is None or most >= n:
@@ -308,6 +326,8 @@ def fit_joint_field(
     criterion: str = "kernels",
     core_radius: float | None = None,
     scored: int | None = 64,
+    clip: float = 4.0,
+    max_rejections: int = 3,
     penalty: str = "compact",
     centre: tuple[float, float] = (0.0, 0.0),
 ) -> JointField:
@@ -340,6 +360,13 @@ def fit_joint_field(
         tiles, evenly spread in raster order (``None``: all).  Every tile
         is in every fit; only the held-out predictions, one 441² solve each
         per candidate, are limited: they are most of a large image's cost.
+    clip, max_rejections
+        Tiles whose own kernel is farther from the chosen field than the
+        median by ``clip`` robust standard deviations (weighted residual norm,
+        as :func:`pipeline.core.field.fit_kernel_field` judges) are left out
+        and the field is fitted again at the chosen degree and strength, at
+        most ``max_rejections`` times (``clip=inf``: never); they are the
+        field's ``rejected`` tiles.  Needs the tiles' kernels.
     penalty, centre
         The penalty (as in the per-tile fits) and its centre on the stamp.
 
@@ -450,9 +477,25 @@ def fit_joint_field(
     per_tile = np.full(len(used), np.nan)
     per_tile[scored_tiles] = tile_rss
     scale = pixels if criterion == "pixels" else norm
+    kept = used.copy()
+    if np.isfinite(clip) and stats.kernels is not None:
+        mask = systems[degree][1]
+        q = _penalty_matrix(k, penalty, ladder[i] * base, centre)
+        for _ in range(max_rejections):
+            far = _far_tiles(stats, kept, coef, legendre_design(u, v, degree), clip)
+            if not far.any() or 2 * int(mask.sum()) > int((kept & ~far).sum()):
+                break
+            kept &= ~far  # refit without them at the chosen degree and strength
+            refit = _Pooled(stats, kept, legendre_design(u[kept], v[kept], degree)[:, mask],
+                            _core_mask(k, int(mask.sum()), core_radius)).solve(q)
+            if refit is None:
+                kept |= far
+                break
+            coef = np.zeros_like(coef)
+            coef[mask] = refit[0]
     field = KernelField(
         degree=degree, coefficients=coef.reshape(-1, k, k), centre=frame.centre, scale=frame.scale,
-        used=used, rejected=np.zeros(len(used), dtype=bool), cv_error=float(np.sqrt(total / scale)),
+        used=kept, rejected=used & ~kept, cv_error=float(np.sqrt(total / scale)),
         cv_errors={d: float(np.sqrt(min(s for (dd, _), s in scores.items() if dd == d) / scale))
                    for d in sorted({d for d, _ in scores})},
     )
