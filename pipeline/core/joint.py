@@ -1,8 +1,8 @@
 """Joint fit of a kernel field to the pixels of all tiles of an image.
 
-The per-tile kernels of an image share most of their error (the shrinkage of
-each tile's regularisation), and a model fitted to them keeps it.  Here the
-field ``K(y, x) = sum_p phi_p(y, x) K_p`` (Legendre terms ``phi_p`` of the
+Part of the per-tile kernels' error can be shared by all tiles of an image
+(the shrinkage of each tile's regularisation), and a model fitted to the
+kernels keeps it.  Here the field ``K(y, x) = sum_p phi_p(y, x) K_p`` (Legendre terms ``phi_p`` of the
 normalised tile position, as in :mod:`pipeline.core.field`) is fitted to the
 pixels themselves, from each tile's background-free normal equations
 (:class:`TileStatistics`: ``Gc_t``, ``c_t``, ``yy_t``; every tile keeps its own
@@ -32,7 +32,7 @@ Two scores of these predictions (the smallest total wins):
     kernel's error by the source's power, so it barely sees the poorly
     constrained (high-frequency) kernel modes; on the simulated stacks of
     ``scripts/bench_model.py`` it chose strengths 3-10 times weaker than the
-    best, and kernels 1.2-1.7 times less accurate than the ``"kernels"`` score.
+    best, and kernels 1.0-1.7 times less accurate than the ``"kernels"`` score.
 
 Pure NumPy/SciPy.
 """
