@@ -4,7 +4,9 @@
 Simulated stacks (``pipeline.sim.demo.demo_dataset``: a survey-like scene, a
 kernel field that varies smoothly across the image and inside each tile,
 Poisson and read noise, bad pixels) of several sizes, kernel 21, tiles 256²
-(16 to 64 tiles an image).  For every image: the default per-tile estimator
+(16 to 64 tiles an image); or (``--field tilt|saddle|constant``) mosaics of
+independent survey tiles (``survey_tile_pair``), each blurred by a smooth
+Gaussian-kernel field (width, ellipticity, shift, flux) at its centre.  For every image: the default per-tile estimator
 (``lstsq``, keeping each tile's normal equations), the model fitted to its
 kernels as a run does today (:func:`pipeline.core.field.fit_tiles`), and the
 joint fit of the field to the tiles' normal equations
@@ -19,6 +21,7 @@ the tiles'.  Targets (issue 11): joint median error at tile centres
 lower; flux error no worse; between tile centres as good as at them.
 
     python scripts/bench_model.py [--sizes 1024 1536 2048] [--images 2] [--seed 2026] [--core-radius R] [--scored N]
+        [--field demo|tilt|saddle|constant]
 """
 
 from __future__ import annotations
@@ -36,9 +39,43 @@ from pipeline.core.joint import TileStatistics, fit_joint_field
 from pipeline.core.lstsq import lstsq_kernels
 from pipeline.core.moments import adaptive_moments
 from pipeline.sim.demo import demo_dataset
+from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
 
 K = 21
 TILE = 256
+
+
+#: Smooth fields for ``--field``: (FWHM, e1, e2, dy, dx, flux) of a Gaussian kernel at normalised (u, v).
+FIELDS = {
+    "tilt": lambda u, v: (2.6 + 0.5 * u - 0.3 * v, 0.04 * u, -0.04 * v, 0.0, 0.0, 1.0 + 0.03 * u),
+    "saddle": lambda u, v: (3.0 + 0.3 * u * v + 0.2 * u * u, 0.05 * v, 0.03 * u * v, 0.0, 0.15 * u, 1.0),
+    "constant": lambda u, v: (2.8, 0.03, -0.02, 0.1, -0.1, 1.0),
+}
+
+
+class TileField:
+    """A smooth kernel field over a mosaic of independent survey tiles, each blurred by the field at its centre."""
+
+    def __init__(self, name: str, n_side: int):
+        self.shape, self.n_side = FIELDS[name], n_side
+
+    def kernel(self, image: int, y: float, x: float) -> np.ndarray:
+        half = self.n_side * TILE / 2
+        fwhm, e1, e2, dy, dx, flux = self.shape((x - half) / half, (y - half) / half)
+        return gaussian_kernel(K, fwhm=fwhm, e1=e1, e2=e2, dy=dy, dx=dx, flux=flux)
+
+    def mosaic(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source and target mosaics of ``n_side`` x ``n_side`` independent tiles."""
+        rng = np.random.default_rng(seed)
+        n = self.n_side
+        source, target = np.zeros((n * TILE, n * TILE)), np.zeros((n * TILE, n * TILE))
+        for ty in range(n):
+            for tx in range(n):
+                centre = (ty * TILE + (TILE - 1) / 2, tx * TILE + (TILE - 1) / 2)
+                pair = survey_tile_pair(seed=rng, kernel=self.kernel(0, *centre), size=TILE)
+                cut = (slice(ty * TILE, (ty + 1) * TILE), slice(tx * TILE, (tx + 1) * TILE))
+                source[cut], target[cut] = pair.source, pair.target
+        return source, target
 
 
 def tiles_of(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,6 +145,9 @@ def main() -> int:
     p.add_argument("--core-radius", type=float, default=None,
                    help="the joint fit's variation terms only within this radius (px) of the stamp centre")
     p.add_argument("--scored", type=int, default=64, help="tiles whose held-out predictions score the joint fit")
+    p.add_argument("--field", choices=["demo", *FIELDS], default="demo",
+                   help="demo: the demo stack (the kernel varies inside tiles too); otherwise a mosaic of "
+                        "independent survey tiles, each blurred by that smooth field at its centre")
     args = p.parse_args()
     rows = []
     header = (f"{'size':>5} {'img':>3} {'tiles':>5} | {'rel L2 at tile centres':^26} | {'midway':^13} | "
@@ -119,11 +159,15 @@ def main() -> int:
     print("-" * len(header))
     with threadpool_limits(args.threads):
         for size in args.sizes:
-            ds, truth = demo_dataset(n_images=args.images, size=size, kernel_size=K, seed=args.seed + size)
-            source = ds["source"].values.astype(np.float64)
-            for i in range(args.images):
-                r = one_image(source, ds["target"].values[i].astype(np.float64), truth, i,
-                              args.core_radius, args.scored)
+            if args.field == "demo":
+                ds, truth = demo_dataset(n_images=args.images, size=size, kernel_size=K, seed=args.seed + size)
+                source = ds["source"].values.astype(np.float64)
+                images = [(source, ds["target"].values[i].astype(np.float64)) for i in range(args.images)]
+            else:
+                truth = TileField(args.field, size // TILE)
+                images = [truth.mosaic(args.seed + size + i) for i in range(args.images)]
+            for i, (source, target) in enumerate(images):
+                r = one_image(source, target, truth, 0 if args.field != "demo" else i, args.core_radius, args.scored)
                 rows.append(r)
                 med = {key: {m: float(np.median(v)) for m, v in r[key].items()} if r[key] is not None else None
                        for key in ("tiles", "old", "joint")}

@@ -206,7 +206,7 @@ def test_scoring_a_subset_predicts_those_tiles_as_scoring_all_does():
 
 
 def test_a_tile_far_from_the_field_is_rejected_and_the_field_refitted():
-    """One tile blurred by a shifted kernel in a noise-free degree-1 field: rejected, the field exact again."""
+    """One tile blurred by a shifted kernel in a degree-1 field: rejected, and the field right again."""
     rng = np.random.default_rng(8)
     k, size = 7, 40
     yy, xx = np.mgrid[-3:4, -3:4]
@@ -222,13 +222,14 @@ def test_a_tile_far_from_the_field_is_rejected_and_the_field_refitted():
     sources, targets = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     bad = 5
     targets[bad] = fftconvolve(sources[bad], np.roll(kernel_at(*centres[bad]), 2, axis=1), mode="same") + 3.0
+    targets += 0.01 * rng.normal(size=targets.shape)
     result = lstsq_kernels(sources, targets, kernel_size=k, robust=False, statistics=True)
     stats = TileStatistics.from_lstsq(result, centres[:, 0], centres[:, 1])
     kept = fit_joint_field(stats, degrees=[1], strengths=[1.0])
     assert np.flatnonzero(kept.field.rejected).tolist() == [bad]
     assert not kept.field.used[bad]
-    np.testing.assert_allclose(kept.field.coefficients[0], base, atol=1e-6)
-    np.testing.assert_allclose(kept.field.coefficients[1], slope, atol=1e-6)
+    kept_error = np.abs(kept.field.coefficients[:2] - np.stack([base, slope])).max()
     every = fit_joint_field(stats, degrees=[1], strengths=[1.0], clip=np.inf)
     assert not every.field.rejected.any()
-    assert np.abs(every.field.coefficients[0] - base).max() > 1e-3
+    every_error = np.abs(every.field.coefficients[:2] - np.stack([base, slope])).max()
+    assert kept_error < 1e-3 < every_error

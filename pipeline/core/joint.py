@@ -286,19 +286,26 @@ def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatist
 
 def _far_tiles(stats: TileStatistics, kept: np.ndarray, coef: np.ndarray, design: np.ndarray,
                clip: float) -> np.ndarray:
-    """Kept tiles whose own kernel is far from the model: weighted residual norm
-    ``sqrt(w_t) |Khat_t - K(x_t)|`` above the median by ``clip`` robust standard deviations."""
+    """Kept tiles whose pixels the field fits far worse than their own kernel does.
+
+    The excess ``RSS_t(K(x_t)) / RSS_t(Khat_t) - 1`` of each tile (pixel
+    residuals, as the joint fit weighs them) above the median by ``clip``
+    robust standard deviations.  (A weighted kernel-space residual would
+    flag the brightest tiles, whose weight is largest, not the wrong ones.)
+    """
     own = stats.kernels
-    weights = np.ones(len(own)) if stats.weights is None else np.asarray(stats.weights, dtype=np.float64)
-    judged = kept & np.all(np.isfinite(own), axis=1) & np.isfinite(weights) & (weights > 0)
+    judged = kept & np.all(np.isfinite(own), axis=1)
     far = np.zeros(len(own), dtype=bool)
     if judged.sum() < 3:
         return far
-    norms = np.sqrt(weights[judged]) * np.linalg.norm(own[judged] - design[judged] @ coef, axis=1)
-    median = np.median(norms)
-    spread = 1.4826 * np.median(np.abs(norms - median))
-    negligible = 1e-6 * np.median(np.sqrt(weights[judged]) * np.linalg.norm(own[judged], axis=1))  # round-off
-    far[np.flatnonzero(judged)] = (norms > median + clip * spread) & (norms > negligible)
+    index = np.flatnonzero(judged)
+    sub = TileStatistics(stats.gc[index], stats.cc[index], stats.yy[index], stats.count[index],
+                         stats.y[index], stats.x[index], stats.lam[index])
+    own_rss = sub.rss(own[index])
+    excess = sub.rss(design[index] @ coef) / np.where(own_rss > 0, own_rss, np.inf) - 1.0
+    median = np.median(excess)
+    spread = 1.4826 * np.median(np.abs(excess - median))
+    far[index] = (excess > median + clip * spread) & (excess > 1e-9)
     return far
 
 
@@ -361,12 +368,12 @@ def fit_joint_field(
         is in every fit; only the held-out predictions, one 441² solve each
         per candidate, are limited: they are most of a large image's cost.
     clip, max_rejections
-        Tiles whose own kernel is farther from the chosen field than the
-        median by ``clip`` robust standard deviations (weighted residual norm,
-        as :func:`pipeline.core.field.fit_kernel_field` judges) are left out
-        and the field is fitted again at the chosen degree and strength, at
-        most ``max_rejections`` times (``clip=inf``: never); they are the
-        field's ``rejected`` tiles.  Needs the tiles' kernels.
+        Tiles whose pixels the chosen field fits worse than their own kernel
+        does by more than the others (the excess of the residual sum of
+        squares, ``clip`` robust standard deviations above the median) are
+        left out and the field is fitted again at the chosen degree and
+        strength, at most ``max_rejections`` times (``clip=inf``: never);
+        they are the field's ``rejected`` tiles.  Needs the tiles' kernels.
     penalty, centre
         The penalty (as in the per-tile fits) and its centre on the stamp.
 
