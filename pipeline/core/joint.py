@@ -333,7 +333,7 @@ def fit_joint_field(
     criterion: str = "kernels",
     core_radius: float | None = None,
     scored: int | None = 64,
-    clip: float = 4.0,
+    clip: float = np.inf,
     max_rejections: int = 3,
     penalty: str = "compact",
     centre: tuple[float, float] = (0.0, 0.0),
@@ -372,8 +372,12 @@ def fit_joint_field(
         does by more than the others (the excess of the residual sum of
         squares, ``clip`` robust standard deviations above the median) are
         left out and the field is fitted again at the chosen degree and
-        strength, at most ``max_rejections`` times (``clip=inf``: never);
-        they are the field's ``rejected`` tiles.  Needs the tiles' kernels.
+        strength, at most ``max_rejections`` times (the default ``clip=inf``:
+        never); they are the field's ``rejected`` tiles.  Needs the tiles'
+        kernels.  Off by default: on the demo stacks, whose kernels vary
+        inside each tile, ``clip=4`` left out well-measured tiles (the field at
+        a tile's centre fits a bright off-centre star worse) and made the
+        field 0.95-1.3 times less accurate.
     penalty, centre
         The penalty (as in the per-tile fits) and its centre on the stamp.
 
