@@ -376,8 +376,8 @@ def fit_joint_field(
         never); they are the field's ``rejected`` tiles.  Needs the tiles'
         kernels.  Off by default: on the demo stacks, whose kernels vary
         inside each tile, ``clip=4`` left out well-measured tiles (the field at
-        a tile's centre fits a bright off-centre star worse) and made the
-        field 0.95-1.3 times less accurate.
+        a tile's centre fits a bright off-centre star worse) and changed the
+        field's error by 0.97-1.28 times.
     penalty, centre
         The penalty (as in the per-tile fits) and its centre on the stamp.
 
