@@ -1,4 +1,4 @@
-"""Shared test settings and helpers: hypothesis profiles, the job builder."""
+"""Shared test settings and helpers: hypothesis profiles, the job builder, the run on an awkward shape."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -48,3 +49,19 @@ def job_dict(tmp_path: Path, *, base: dict[str, Any] | None = None, **sections: 
             else:
                 data[section][key] = value
     return data
+
+
+@pytest.fixture(scope="session")
+def edge_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One default job on a 150x200 stack (kernel 9) with 64-px tiles in blocks of 2x2: tile centres
+    31.5 .. 117.5 and 31.5 .. 167.5, the edge tiles sharing blocks.  ``(folder, truth)``; read it, do
+    not write into it."""
+    from stacks import make_edge_stack
+
+    from pipeline.job.config import job_from_dict
+    from pipeline.job.run import run_job
+
+    folder = tmp_path_factory.mktemp("edge")
+    truth = make_edge_stack(folder / "stack.zarr", shape=(150, 200), k=9)
+    run_job(job_from_dict(job_dict(folder, compute={"block_tiles": 2})), progress=False)
+    return folder, truth

@@ -14,7 +14,6 @@ import zarr
 from conftest import job_dict
 from hypothesis import given
 from hypothesis import strategies as st
-from stacks import make_edge_stack
 
 import pipeline
 from pipeline.cli import main
@@ -99,13 +98,7 @@ def test_the_tile_grid_rule_is_checked():
 # --------------------------------------------------------------------------- a run on an awkward shape
 
 
-@pytest.fixture(scope="module")
-def edge_run(tmp_path_factory):
-    """One job on a 150x200 stack with 64-px tiles in blocks of 2x2 (the edge tiles share blocks)."""
-    folder = tmp_path_factory.mktemp("edge")
-    truth = make_edge_stack(folder / "stack.zarr", shape=SHAPE, k=K)
-    run_job(job_from_dict(job_dict(folder, compute={"block_tiles": 2})), progress=False)
-    return folder, truth
+# edge_run (conftest): the default job on a 150x200 stack, kernel 9, 64-px tiles
 
 
 def test_a_run_on_an_awkward_shape_stores_the_edge_tiles_at_their_centres(edge_run):

@@ -18,6 +18,7 @@ from pipeline.core.joint import (
     spread_rows,
 )
 from pipeline.core.lstsq import lstsq_kernels
+from pipeline.errors import OptionError
 
 
 def _random_statistics(n_tiles, k, rng, lam=(0.5, 2.0), grid=None):
@@ -80,22 +81,32 @@ def _field_pair(size, kernel_at, y0, x0, rng):
     return source, fftconvolve(source, kernel, mode="same") + 3.0
 
 
-def test_noise_free_polynomial_field_is_recovered_exactly():
-    """Tiles blurred by a degree-1 field (evaluated at their centres): the joint fit returns its terms."""
-    rng = np.random.default_rng(3)
-    k, size = 7, 40
+def _linear_field_terms() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A unit-sum 7x7 Gaussian and two small terms varying it along x and along y."""
     yy, xx = np.mgrid[-3:4, -3:4]
     base = np.exp(-(yy**2 + xx**2) / (2 * 1.2**2))
     base /= base.sum()
-    slope_x = 0.02 * np.exp(-((yy - 1) ** 2 + xx**2) / 2.0)
-    slope_y = 0.02 * np.exp(-(yy**2 + (xx + 1) ** 2) / 2.0)
-    centres = np.array([(y, x) for y in (20.0, 60.0, 100.0) for x in (20.0, 60.0, 100.0)])
+    return (base, 0.02 * np.exp(-((yy - 1) ** 2 + xx**2) / 2.0),
+            0.02 * np.exp(-(yy**2 + (xx + 1) ** 2) / 2.0))
+
+
+def _grid_tiles(kernel_at, side: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sources, targets, centres)`` of ``side`` x ``side`` 40-px tiles, centres 20, 60, ... apart by 40."""
+    centres = np.array([(y, x) for y in range(side) for x in range(side)], dtype=float) * 40.0 + 20.0
+    pairs = [_field_pair(40, kernel_at, y, x, rng) for y, x in centres]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), centres
+
+
+def test_noise_free_polynomial_field_is_recovered_exactly():
+    """Tiles blurred by a degree-1 field (evaluated at their centres): the joint fit returns its terms."""
+    rng = np.random.default_rng(3)
+    k = 7
+    base, slope_x, slope_y = _linear_field_terms()
 
     def kernel_at(y, x):  # u, v in [-1, 1] over the tile centres
         return base + (x - 60.0) / 40.0 * slope_x + (y - 60.0) / 40.0 * slope_y
 
-    pairs = [_field_pair(size, kernel_at, y, x, rng) for y, x in centres]
-    sources, targets = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    sources, targets, centres = _grid_tiles(kernel_at, 3, rng)
     result = lstsq_kernels(sources, targets, kernel_size=k, robust=False, statistics=True)
     stats = TileStatistics.from_lstsq(result, centres[:, 0], centres[:, 1])
     joint = fit_joint_field(stats, degrees=[1], strengths=[1.0])
@@ -134,7 +145,7 @@ def test_no_usable_tile_is_an_error():
     bad = TileStatistics(stats.gc, stats.cc, stats.yy, np.zeros(2, int), stats.y, stats.x, stats.lam)
     with pytest.raises(ValueError, match="no usable tile"):
         fit_joint_field(bad)
-    with pytest.raises(ValueError, match="needs the tiles' own kernels"):
+    with pytest.raises(OptionError, match="needs the tiles' own kernels"):
         fit_joint_field(stats)
 
 
@@ -208,18 +219,13 @@ def test_scoring_a_subset_predicts_those_tiles_as_scoring_all_does():
 def test_a_tile_far_from_the_field_is_rejected_and_the_field_refitted():
     """One tile blurred by a shifted kernel in a degree-1 field: rejected, and the field right again."""
     rng = np.random.default_rng(8)
-    k, size = 7, 40
-    yy, xx = np.mgrid[-3:4, -3:4]
-    base = np.exp(-(yy**2 + xx**2) / (2 * 1.2**2))
-    base /= base.sum()
-    slope = 0.02 * np.exp(-((yy - 1) ** 2 + xx**2) / 2.0)
-    centres = np.array([(y, x) for y in (20.0, 60.0, 100.0, 140.0) for x in (20.0, 60.0, 100.0, 140.0)])
+    k = 7
+    base, slope, _ = _linear_field_terms()
 
     def kernel_at(y, x):
         return base + (x - 80.0) / 60.0 * slope
 
-    pairs = [_field_pair(size, kernel_at, y, x, rng) for y, x in centres]
-    sources, targets = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    sources, targets, centres = _grid_tiles(kernel_at, 4, rng)
     bad = 5
     targets[bad] = fftconvolve(sources[bad], np.roll(kernel_at(*centres[bad]), 2, axis=1), mode="same") + 3.0
     targets += 0.01 * rng.normal(size=targets.shape)

@@ -10,26 +10,16 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from conftest import job_dict
-from stacks import make_edge_stack
 
 import pipeline
 from pipeline.core.field import KernelField, image_extent
 from pipeline.errors import OptionError, OutsideImageError, OutsideImageWarning
-from pipeline.job.config import job_from_dict
-from pipeline.job.run import run_job
 
 SHAPE = (150, 200)
 K = 9
 
 
-@pytest.fixture(scope="module")
-def edge_run(tmp_path_factory):
-    """One job on a 150x200 stack with 64-px tiles (tile centres 31.5 .. 117.5 and 31.5 .. 167.5)."""
-    folder = tmp_path_factory.mktemp("outside")
-    truth = make_edge_stack(folder / "stack.zarr", shape=SHAPE, k=K)
-    run_job(job_from_dict(job_dict(folder, compute={"block_tiles": 2})), progress=False)
-    return folder, truth
+# edge_run (conftest): the default job on a 150x200 stack, kernel 9, 64-px tiles
 
 
 def test_kernel_at_outside_the_image_raises_or_gives_nan_with_a_warning(edge_run):

@@ -46,6 +46,7 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.lapack
 
+from ..errors import OptionError
 from .field import KernelField, field_frame, legendre_design, resolvable_terms, tile_weights
 from .penalties import penalty_terms
 
@@ -80,7 +81,7 @@ class TileStatistics:
         """From an :class:`~pipeline.core.lstsq.LstsqResult` computed with ``statistics=True``
         and the tiles' centres."""
         if result.statistics is None:
-            raise ValueError("the per-tile fit kept no statistics: call lstsq_kernels(..., statistics=True)")
+            raise OptionError("the per-tile fit kept no statistics: call lstsq_kernels(..., statistics=True)")
         gc, cc, yy = result.statistics
         count = np.where(np.isfinite(yy), result.n_valid, 0)
         kernels = np.asarray(result.kernels, dtype=np.float64)
@@ -97,11 +98,14 @@ class TileStatistics:
         """``(n,)`` bool: tiles with finite statistics and pixels."""
         return (self.count > 0) & np.isfinite(self.yy) & np.all(np.isfinite(self.cc), axis=1)
 
-    def rss(self, kernels: np.ndarray) -> np.ndarray:
-        """``(n,)`` residual sums of squares of ``(n, k*k)`` kernels, one per tile."""
-        kernels = np.asarray(kernels, dtype=np.float64).reshape(len(self.yy), -1)
-        quad = np.einsum("ti,tij,tj->t", kernels, self.gc, kernels)
-        return self.yy - 2.0 * np.einsum("ti,ti->t", kernels, self.cc) + quad
+    def rss(self, kernels: np.ndarray, tiles: np.ndarray | None = None) -> np.ndarray:
+        """Residual sums of squares of ``(m, k*k)`` kernels, one for each of the ``tiles`` (indices;
+        default all ``n``)."""
+        pick = slice(None) if tiles is None else np.asarray(tiles)  # a slice: no copy of every Gram
+        yy = self.yy[pick]
+        kernels = np.asarray(kernels, dtype=np.float64).reshape(len(yy), -1)
+        quad = np.einsum("ti,tij,tj->t", kernels, self.gc[pick], kernels)
+        return yy - 2.0 * np.einsum("ti,ti->t", kernels, self.cc[pick]) + quad
 
 
 @dataclass(frozen=True)
@@ -152,15 +156,15 @@ class _Pooled:
         self.kind = [kinds.setdefault(j.tobytes(), len(kinds)) for j in self.pixels]  #: each term's pixel set
         self.sets = {self.kind[i]: self.pixels[i] for i in range(p)}
         self.weights = np.einsum("tp,tq->tpq", phi, phi)  #: ``(T, P, P)``
-        self.gc = stats.gc[used]
+        gc = stats.gc if used.all() else stats.gc[used]  # no copy of every tile's Gram where all are used
         n = int(self.offsets[-1])
         self.data = np.empty((n, n))
-        for (i, j), sub in self._pairs():
+        for (i, j), sub in self._pairs(gc):
             block = (self.weights[:, i, j] @ sub).reshape(len(self.pixels[i]), len(self.pixels[j]))
             self.data[self._block(i, j)] = block
             if i != j:
                 self.data[self._block(j, i)] = block.T
-        self.penalty_weights = np.einsum("tpq,t->pq", self.weights, np.trace(self.gc, axis1=1, axis2=2))
+        self.penalty_weights = np.einsum("tpq,t->pq", self.weights, np.trace(gc, axis1=1, axis2=2))
         cc = stats.cc[used]
         self.rhs = np.concatenate([phi[:, i] @ cc[:, self.pixels[i]] for i in range(p)])
 
@@ -171,15 +175,15 @@ class _Pooled:
             return matrix
         return matrix[..., ja[:, None], jb[None, :]]
 
-    def _pairs(self):
-        """``((i, j), Gc restricted, (T, |set i| * |set j|))`` for the term pairs ``i <= j``."""
+    def _pairs(self, gc: np.ndarray):
+        """``((i, j), the Grams ``gc`` restricted, (T, |set i| * |set j|))`` for the term pairs ``i <= j``."""
         cache: dict[tuple[int, int], np.ndarray] = {}
         p = len(self.pixels)
         for i in range(p):
             for j in range(i, p):
                 key = (self.kind[i], self.kind[j])
                 if key not in cache:
-                    cache[key] = self._restricted(self.gc, *key).reshape(len(self.gc), -1)
+                    cache[key] = self._restricted(gc, *key).reshape(len(gc), -1)
                 yield (i, j), cache[key]
 
     def _block(self, i: int, j: int) -> tuple[slice, slice]:
@@ -299,10 +303,8 @@ def _far_tiles(stats: TileStatistics, kept: np.ndarray, coef: np.ndarray, design
     if judged.sum() < 3:
         return far
     index = np.flatnonzero(judged)
-    sub = TileStatistics(stats.gc[index], stats.cc[index], stats.yy[index], stats.count[index],
-                         stats.y[index], stats.x[index], stats.lam[index])
-    own_rss = sub.rss(own[index])
-    excess = sub.rss(design[index] @ coef) / np.where(own_rss > 0, own_rss, np.inf) - 1.0
+    own_rss = stats.rss(own[index], index)
+    excess = stats.rss(design[index] @ coef, index) / np.where(own_rss > 0, own_rss, np.inf) - 1.0
     median = np.median(excess)
     spread = 1.4826 * np.median(np.abs(excess - median))
     far[index] = (excess > median + clip * spread) & (excess > 1e-9)
@@ -385,7 +387,9 @@ def fit_joint_field(
     -------
     JointField
         The ``(degree, f)`` with the smallest score.  Raises ``ValueError``
-        without usable tiles, per-tile strengths, or (``"kernels"``) tile kernels.
+        without usable tiles or per-tile strengths, and
+        :class:`~pipeline.errors.OptionError` for bad options or
+        (``"kernels"``) statistics without the tiles' kernels.
     """
     used = stats.usable()
     if not used.any():
@@ -395,14 +399,14 @@ def fit_joint_field(
         raise ValueError("no per-tile regularisation strength to scale the joint penalty from")
     ladder = np.sort(np.asarray(strengths, dtype=np.float64))
     if not ladder.size or np.any(ladder <= 0) or not np.all(np.isfinite(ladder)):
-        raise ValueError(f"strengths must be positive and finite, got {list(strengths)}")
+        raise OptionError(f"strengths must be positive and finite, got {list(strengths)}")
     if criterion not in ("kernels", "pixels"):
-        raise ValueError(f"criterion={criterion!r}: use 'kernels' or 'pixels'")
+        raise OptionError(f"criterion={criterion!r}: use 'kernels' or 'pixels'")
     rows = spread_rows(int(used.sum()), scored)  # the used tiles whose held-out predictions are scored
     scored_tiles = np.flatnonzero(used)[rows]
     if criterion == "kernels":
         if stats.kernels is None:
-            raise ValueError("criterion='kernels' needs the tiles' own kernels (TileStatistics.kernels): "
+            raise OptionError("criterion='kernels' needs the tiles' own kernels (TileStatistics.kernels): "
                              "build the statistics with TileStatistics.from_lstsq, or use criterion='pixels'")
         own = stats.kernels[scored_tiles]
         weights = (np.ones(len(own)) if stats.weights is None
@@ -428,9 +432,7 @@ def fit_joint_field(
 
     def score(predicted: np.ndarray) -> tuple[float, np.ndarray]:
         """The criterion's total over the scored tiles, and each one's held-out RSS."""
-        idx = scored_tiles
-        rss = (stats.yy[idx] - 2.0 * np.einsum("ti,ti->t", predicted, stats.cc[idx])
-               + np.einsum("ti,tij,tj->t", predicted, stats.gc[idx], predicted))
+        rss = stats.rss(predicted, scored_tiles)
         if criterion == "pixels":
             return float(rss.sum()), rss
         return float(np.sum(weights * np.sum((predicted - own) ** 2, axis=1))), rss

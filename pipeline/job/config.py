@@ -137,7 +137,6 @@ class _PerImage(BaseModel):
     _key: ClassVar[str] = ""
     _noun: ClassVar[str] = "level"
     _forms: ClassVar[str] = _LEVEL_FORMS
-    _example: ClassVar[str] = "SATURATE"
 
     source: Float | Name | None = None
     target: Float | Name | None = None
@@ -179,6 +178,13 @@ class _PerImage(BaseModel):
         """What is wrong with a finite number given (``None``: nothing)."""
         return None
 
+    @model_validator(mode="after")
+    def _some_value(self) -> _PerImage:
+        if self.source is None and self.target is None:
+            raise _fail(f"no {self._noun} for the source or the target: give source and/or target (a number or a "
+                        f"name), or remove input.{self._key}")
+        return self
+
     def settings(self) -> dict[str, float | str]:
         """``{"target": value, "source": value}`` of the images given."""
         return {role: value for role in ("target", "source") if (value := getattr(self, role)) is not None}
@@ -197,13 +203,6 @@ class SaturationConfig(_PerImage):
     _key: ClassVar[str] = "saturation"
 
     grow: Annotated[Int, Field(ge=0)] = 1
-
-    @model_validator(mode="after")
-    def _some_level(self) -> SaturationConfig:
-        if self.source is None and self.target is None:
-            raise _fail("no level for the source or the target: give source and/or target (a number or a "
-                        "name), or remove input.saturation")
-        return self
 
 
 class GainConfig(_PerImage):
@@ -226,13 +225,6 @@ class GainConfig(_PerImage):
     def _number_problem(cls, value: float) -> str | None:
         return None if value > 0 else "is not > 0: give the gain in electrons per ADU (the GAIN of a FITS header)"
 
-    @model_validator(mode="after")
-    def _some_value(self) -> GainConfig:
-        if self.source is None and self.target is None:
-            raise _fail("no gain for the source or the target: give source and/or target (a number or a name), "
-                        "or remove input.gain")
-        return self
-
 
 class ReadNoiseConfig(_PerImage):
     """Read noises of the images in electrons RMS (>= 0), for the CCD model of :class:`GainConfig`.
@@ -249,13 +241,6 @@ class ReadNoiseConfig(_PerImage):
     def _number_problem(cls, value: float) -> str | None:
         return None if value >= 0 else "is not >= 0: give the read noise in electrons RMS (the RDNOISE of a " \
                                        "FITS header; 0 for none)"
-
-    @model_validator(mode="after")
-    def _some_value(self) -> ReadNoiseConfig:
-        if self.source is None and self.target is None:
-            raise _fail("no read noise for the source or the target: give source and/or target (a number or a "
-                        "name), or remove input.read_noise")
-        return self
 
 
 class VarianceConfig(BaseModel):
