@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="figures and an index.html of a kernel map")
     report.add_argument("store", help="kernel-map store written by kernelmap run")
     report.add_argument("--out", help="folder for the figures (default: STORE.report)")
-    report.add_argument("--max-images", type=int, default=8, help="images given panels (the first ones)")
+    report.add_argument("--max-images", type=int, default=8,
+                        help="images given panels: the outliers (most deviant first), then the first ones")
     report.add_argument("--rows", type=int, default=100,
                         help="rows of the image table on the page (all of them in images.csv and pages)")
     report.add_argument("--coords", metavar="FILE.csv",

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         outliers = (out / "outliers.csv").read_text().splitlines()[1:]
         print(f"outlier findings: {len(outliers)}; images planted: "
               f"{[i for i in PLANTED_OUTLIERS if i < args.images]}; first: {outliers[:4]}")
+        panels = sorted(int(p.stem.split("-")[1]) for p in out.glob("kernels-*.png"))
+        print(f"images given per-image panels: {panels}")
         return 0
     finally:
         if not args.keep and args.workdir is None:

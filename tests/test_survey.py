@@ -9,12 +9,15 @@ import pandas as pd
 import pytest
 import xarray as xr
 from conftest import job_dict
+from hypothesis import given
+from hypothesis import strategies as st
 from stacks import make_stack
 
 import pipeline
 from pipeline.analysis import pca as pca_module
 from pipeline.analysis.maps import model_kernels_at, read_kernel_map
 from pipeline.analysis.pca import kernel_pca
+from pipeline.analysis.report import panel_images
 from pipeline.analysis.survey import (
     COLUMNS,
     TREND_QUANTITIES,
@@ -164,6 +167,17 @@ def test_outliers_planted_in_a_trend_are_found_and_nothing_else():
         find_outliers(table, coords, threshold=0)
 
 
+@given(indices=st.lists(st.integers(0, 29), max_size=12), n=st.integers(1, 30), most=st.integers(0, 12))
+def test_panel_images_take_the_outliers_first_then_the_first_images(indices, n, most):
+    indices = [i for i in indices if i < n]
+    shown = panel_images(pd.DataFrame({"index": indices}), n, most)
+    assert shown == sorted(set(shown)) and len(shown) == min(n, most)
+    deviant_first = list(dict.fromkeys(indices))
+    assert set(deviant_first[:most]) <= set(shown)
+    rest = [i for i in shown if i not in deviant_first]
+    assert rest == [i for i in range(n) if i not in deviant_first][: len(rest)]
+
+
 def test_few_images_call_no_outliers():
     table, coords, _ = _planted_table()
     keep = [0, 1, 2, 3]
@@ -269,12 +283,14 @@ def test_report_writes_the_survey_figures_tables_and_pages(small_map, tmp_path, 
     assert "report:" in capsys.readouterr().out
     index = (out / "index.html").read_text()
     assert "3x3 tiles of 64 px" in index and "store complete" in index
+    shown = panel_images(pd.read_csv(out / "outliers.csv"), 6, 2)
+    assert len(shown) == 2 and "per-image figures show 2 of 6 images" in index
     for stem in ("trends-airmass", "trends-filter", "trends-mjd", "pca", "pca-amplitudes", "stack", "model-fwhm",
-                 "model-ellipticity", "model-residual", "kernels-1", "fwhm"):
+                 "model-ellipticity", "model-residual", f"kernels-{shown[1]}", "fwhm"):
         image = imread(out / f"{stem}.png")
         assert image.shape[0] > 200 and image.shape[1] > 200, stem
         assert f'<img src="{stem}.png"' in index
-    assert not (out / "kernels-2.png").exists()
+    assert sorted(int(p.stem.split("-")[1]) for p in out.glob("kernels-*.png")) == shown
     table = pd.read_csv(out / "images.csv")
     assert len(table) == 6 and "pc1" in table and "outlier_reasons" in table
     assert list(pd.read_csv(out / "outliers.csv").columns) == ["image", "index", "quantity", "coordinate", "value",

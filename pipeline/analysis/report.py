@@ -5,7 +5,8 @@ also ``images.parquet`` when pyarrow is installed), the outliers
 (``outliers.csv``) and an ``index.html`` showing them.  Every map of a stack
 shares one colour scale across its images.  Figures, by file name:
 
-- per image, for the first ``max_images`` images:
+- per image, for ``max_images`` images (:func:`panel_images`: the outliers,
+  most deviant first, then the first images):
   ``kernels-<i>.png`` (the kernels across the field of image ``i``);
   ``fwhm.png``, ``ellipticity.png`` (whiskers: length ``|e|``, along the
   major axis), ``flux.png``, ``background.png``, ``residual.png``,
@@ -481,12 +482,25 @@ def _stack_figure(plt, ds: xr.Dataset, result: Survey):
     return fig
 
 
+def panel_images(outliers: pd.DataFrame, n_images: int, most: int) -> list[int]:
+    """The images given per-image panels, in image order: the outliers' (``outliers["index"]``, most
+    deviant first) up to ``most``, then the first images until there are ``most`` (or every image)."""
+    chosen = list(dict.fromkeys(int(i) for i in outliers["index"]))[: max(most, 0)]
+    for i in range(n_images):
+        if len(chosen) >= most:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return sorted(chosen)
+
+
 def figures(ds: xr.Dataset, *, max_images: int = 8, result: Survey | None = None, fine: int = 32) -> dict[str, Any]:
     """Every figure by file stem (matplotlib Figures, not yet saved); ``result``: the stack's
-    :func:`~pipeline.analysis.survey.survey` (computed when not given)."""
+    :func:`~pipeline.analysis.survey.survey` (computed when not given).  Per-image figures show
+    :func:`panel_images`."""
     plt = _pyplot()
     result = survey(ds) if result is None else result
-    images = list(range(min(ds.sizes["image"], max_images)))
+    images = panel_images(result.outliers, ds.sizes["image"], max_images)
     kern = np.asarray(ds["kernel"].isel(image=images).values, dtype=np.float64)
     finite = kern[np.isfinite(kern)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -566,8 +580,9 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     """Write the figures, tables and ``index.html`` of a kernel-map store; returns the index path.
 
     ``out`` defaults to ``STORE.report`` beside a local store (give it for a URL).  ``max_images``
-    images get per-image panels; the page shows ``rows`` rows of the image table and every outlier
-    up to ``rows`` (the rest in ``images.csv``, ``outliers.csv`` and the pages).  ``coordinates``: a
+    images get per-image panels (:func:`panel_images`: the outliers first); the page shows ``rows``
+    rows of the image table and every outlier up to ``rows`` (the rest in ``images.csv``,
+    ``outliers.csv`` and the pages).  ``coordinates``: a
     table (CSV file or DataFrame) of per-image values with an ``image`` column of labels, added as
     coordinates along ``image`` to trend against (:func:`~pipeline.analysis.survey.with_coordinates`).
     """
@@ -589,11 +604,16 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     table, n = result.table, ds.sizes["image"]
     pages = _write_pages(table, folder) if n > rows else []
     status = ds.attrs.get("kernelmap_status", "unknown")
-    shown = min(n, max_images)
+    outliers = result.outliers
+    shown = panel_images(outliers, n, max_images)
+    flagged = sorted(set(shown) & set(int(i) for i in outliers["index"]))
+    labels = [str(v) for v in ds["image"].values]
+    shown_html = (f"per-image figures show {len(shown)} of {n} images"
+                  + (f", the outliers among them ({html.escape(', '.join(labels[i] for i in flagged))})"
+                     if flagged else "") + "; ")
     links = ", ".join(f'<a href="{name}">{name}</a>' for name in tables)
     coords = ", ".join(f"{c.name} ({c.kind})" for c in result.coordinates)
     skipped = "".join(f"; not {html.escape(k)}: {html.escape(v)}" for k, v in result.skipped.items())
-    outliers = result.outliers
     out_html = (f"<p>{len(outliers)} outlier finding(s) in {int(table['outlier'].sum())} image(s): more than "
                 f"{result.threshold:g} robust standard deviations from the trend of "
                 f"{', '.join(TREND_QUANTITIES)} against {html.escape(coords)} (see "
@@ -617,7 +637,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
         f"<p>{n} image(s), {ds.sizes['y']}x{ds.sizes['x']} tiles of "
         f"{html.escape(str(ds.attrs.get('tile_size', '?')))} px, kernels {ds.sizes['ky']}x{ds.sizes['kx']}, "
         f"method {html.escape(str(ds.attrs.get('kernelmap_method', '?')))}, store {html.escape(status)}; "
-        f"per-image figures show the first {shown}; trends against {html.escape(coords)}{skipped}.</p>"
+        f"{shown_html}trends against {html.escape(coords)}{skipped}.</p>"
         f"<h2>Outliers</h2>{out_html}{model_html}"
         f"<h2>Images</h2>{table_note}{_html_table(table.head(rows))}{sections}"))
     return folder / "index.html"
