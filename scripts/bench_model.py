@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.core.diagnostics import plain_centroids
 from pipeline.core.field import fit_tiles, tile_weights
-from pipeline.core.joint import TileStatistics, fit_joint_field
+from pipeline.core.joint import CRITERIA, STRENGTHS, TileStatistics, fit_joint_field
 from pipeline.core.lstsq import lstsq_kernels
 from pipeline.core.moments import adaptive_moments
 from pipeline.sim.demo import demo_dataset
@@ -97,8 +97,30 @@ def errors(est: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
     return {"rel": rel, "centroid": np.hypot(ey - ty, ex - tx), "flux": flux}
 
 
+def candidates(stats: TileStatistics, cy: np.ndarray, cx: np.ndarray, true_at: np.ndarray, tiles_rel: float,
+               core_radius: float | None, scored: int | None) -> dict[str, tuple[int, float, float]]:
+    """Every ``(degree, f)`` of the search fitted and scored by each criterion: the one with the smallest
+    true median error (``"truth"``) and each criterion's pick, as ``(degree, f, error / the tiles')``."""
+    table = []
+    for degree in range(4):
+        for strength in STRENGTHS:
+            row = {}
+            for criterion in CRITERIA:
+                joint = fit_joint_field(stats, degrees=[degree], strengths=[strength], criterion=criterion,
+                                        core_radius=core_radius, scored=scored)
+                row[criterion] = next(iter(joint.scores.values()))
+            row["truth"] = float(np.median(errors(joint.field.kernel_at(cy, cx), true_at)["rel"])) / tiles_rel
+            table.append((degree, strength, row))
+    picks = {}
+    for name in ("truth", *CRITERIA):
+        degree, strength, row = min(table, key=lambda entry: entry[2][name])
+        picks[name] = (degree, strength, row["truth"])
+    return picks
+
+
 def one_image(source: np.ndarray, target: np.ndarray, truth, image: int,
-              core_radius: float | None = None, scored: int | None = 64) -> dict[str, object]:
+              core_radius: float | None = None, scored: int | None = 64, criterion: str = "kernels",
+              oracle: bool = False) -> dict[str, object]:
     src, cy, cx = tiles_of(source)
     tgt, _, _ = tiles_of(target)
     bad = ~np.isfinite(tgt)
@@ -116,14 +138,16 @@ def one_image(source: np.ndarray, target: np.ndarray, truth, image: int,
     stats = TileStatistics.from_lstsq(res, cy, cx)
     tracemalloc.start()
     t0 = time.perf_counter()
-    joint = fit_joint_field(stats, core_radius=core_radius, scored=scored)
+    joint = fit_joint_field(stats, core_radius=core_radius, scored=scored, criterion=criterion)
     t_joint = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     # midway between neighbouring tile centres (the corners shared by four tiles)
     my, mx = np.meshgrid(np.arange(1, n_side) * TILE - 0.5, np.arange(1, n_side) * TILE - 0.5, indexing="ij")
     true_mid = np.stack([truth.kernel(image, float(y), float(x)) for y, x in zip(my.ravel(), mx.ravel())])
+    tiles_rel = float(np.median(errors(res.kernels[usable], true_at[usable])["rel"]))
     return {
+        "oracle": candidates(stats, cy, cx, true_at, tiles_rel, core_radius, scored) if oracle else None,
         "tiles": errors(res.kernels[usable], true_at[usable]),
         "old": errors(old.kernel_at(cy, cx), true_at) if old is not None else None,
         "joint": errors(joint.field.kernel_at(cy, cx), true_at),
@@ -145,6 +169,10 @@ def main() -> int:
     p.add_argument("--core-radius", type=float, default=None,
                    help="the joint fit's variation terms only within this radius (px) of the stamp centre")
     p.add_argument("--scored", type=int, default=64, help="tiles whose held-out predictions score the joint fit")
+    p.add_argument("--criterion", choices=CRITERIA, default="kernels", help="the joint fit's leave-one-tile-out score")
+    p.add_argument("--oracle", action="store_true",
+                   help="also fit every (degree, f) of the search (degrees 0-3) and print, per image, the one "
+                        "closest to the truth and what each criterion would pick (slow: 24 fits per criterion)")
     p.add_argument("--field", choices=["demo", *FIELDS], default="demo",
                    help="demo: the demo stack (the kernel varies inside tiles too); otherwise a mosaic of "
                         "independent survey tiles, each blurred by that smooth field at its centre")
@@ -167,7 +195,9 @@ def main() -> int:
                 truth = TileField(args.field, size // TILE)
                 images = [truth.mosaic(args.seed + size + i) for i in range(args.images)]
             for i, (source, target) in enumerate(images):
-                r = one_image(source, target, truth, 0 if args.field != "demo" else i, args.core_radius, args.scored)
+                r = one_image(source, target, truth, 0 if args.field != "demo" else i, args.core_radius, args.scored,
+                              args.criterion, args.oracle)
+                r.update(size=size, image=i)
                 rows.append(r)
                 med = {key: {m: float(np.median(v)) for m, v in r[key].items()} if r[key] is not None else None
                        for key in ("tiles", "old", "joint")}
@@ -184,6 +214,16 @@ def main() -> int:
                       f"{r['degree']:3d} {r['strength']:5.2f} {r['evaluations']:5d} | "
                       f"{r['t_tiles']:7.1f} {r['t_joint']:7.1f} {r['peak_mb']:5.0f} | {r['pick']:>5} "
                       f"{med[r['pick']]['rel'] / med['tiles']['rel']:5.2f}", flush=True)
+    if args.oracle:
+        print("\nevery (degree, f) against the truth: the best, and each criterion's pick, as degree, f, "
+              "median rel L2 / the tiles'")
+        print(f"{'image':>9} | " + " | ".join(f"{name:^16}" for name in ("truth", *CRITERIA)))
+        for r in rows:
+            print(f"{r['size']:5d} {r['image']:3d} | " + " | ".join(
+                f"{d} {f:5.2f} {ratio:6.3f}" for d, f, ratio in r["oracle"].values()))
+        for name in CRITERIA:
+            ratios = np.array([r["oracle"][name][2] for r in rows])
+            print(f"{name}: median {np.median(ratios):.3f}, worst {ratios.max():.3f}")
     ratios = np.array([np.median(r["joint"]["rel"]) / np.median(r["tiles"]["rel"]) for r in rows])
     print(f"\njoint / per-tile median rel L2: median {np.median(ratios):.2f}, worst {ratios.max():.2f} "
           f"(targets: <= 0.70 and never above 1)")

@@ -13,7 +13,9 @@ from pipeline.core.joint import (
     _core_mask,
     _leave_one_out,
     _penalty_matrix,
+    _penalty_units,
     _Pooled,
+    _TilePenalty,
     fit_joint_field,
     spread_rows,
 )
@@ -35,6 +37,11 @@ def _random_statistics(n_tiles, k, rng, lam=(0.5, 2.0), grid=None):
     return TileStatistics(gc, cc, yy, np.full(n_tiles, 3 * k2), y, x, lam_t)
 
 
+def _tiles_penalty(k, lam):
+    """The compact penalty of each tile at its row of strengths ``lam`` (``(T, 2)``)."""
+    return _TilePenalty(_penalty_units(k, "compact", (0.0, 0.0)), np.asarray(lam, dtype=float))
+
+
 def test_as_many_terms_as_tiles_gives_the_independent_tile_fits():
     """The pooled penalty is the sum of the tiles' own: with P = T the fit is the tile fits."""
     rng = np.random.default_rng(1)
@@ -48,9 +55,10 @@ def test_as_many_terms_as_tiles_gives_the_independent_tile_fits():
         np.testing.assert_allclose(model[t], own, rtol=1e-9, atol=1e-12 * np.abs(own).max())
 
 
-@pytest.mark.parametrize("core_radius", [None, 1.0])
-def test_leave_one_out_equals_a_refit_without_the_tile(core_radius):
-    """Also with the variation terms restricted to the kernel's core (the other coefficients held at zero)."""
+@pytest.mark.parametrize("core_radius, weighted", [(None, False), (1.0, False), (None, True)])
+def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted):
+    """Also with the variation terms restricted to the kernel's core (the other coefficients held at zero),
+    and with each tile's equations weighted."""
     rng = np.random.default_rng(2)
     k = 3
     yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
@@ -59,20 +67,65 @@ def test_leave_one_out_equals_a_refit_without_the_tile(core_radius):
     frame = field_frame(stats.y, stats.x, used)
     u, v = frame.normalised(stats.y, stats.x)
     phi = legendre_design(u, v, 2)
-    q = _penalty_matrix(k, "compact", np.array([0.3, 1.0]), (0.0, 0.0))
+    lam = rng.uniform(0.2, 2.0, size=(9, 2))  # each tile its own strengths
     keep = _core_mask(k, phi.shape[1], core_radius)
-    pooled = _Pooled(stats, used, phi, keep)
-    coef, factor = pooled.solve(q)
+    scale = rng.uniform(0.1, 3.0, 9) if weighted else None
+    pooled = _Pooled(stats, used, phi, keep, scale)
+    coef, factor = pooled.solve(_tiles_penalty(k, lam))
     if core_radius is not None:  # corners of the 3x3 stamp are outside radius 1: held at zero
         assert np.all(coef[1:].reshape(-1, k, k)[:, [0, 0, -1, -1], [0, -1, 0, -1]] == 0)
-    fast = _leave_one_out(pooled, factor, coef, stats, used, q)
+    fast = _leave_one_out(pooled, factor, coef, stats, used, _tiles_penalty(k, lam))
     for t in range(9):
         keep_t = np.arange(9) != t
         sub = TileStatistics(stats.gc[keep_t], stats.cc[keep_t], stats.yy[keep_t], stats.count[keep_t],
                              stats.y[keep_t], stats.x[keep_t], stats.lam[keep_t])
-        coef_t, _ = _Pooled(sub, np.ones(8, bool), phi[keep_t], keep).solve(q)
+        coef_t, _ = _Pooled(sub, np.ones(8, bool), phi[keep_t], keep,
+                            None if scale is None else scale[keep_t]).solve(_tiles_penalty(k, lam[keep_t]))
         predicted = phi[t] @ coef_t
         np.testing.assert_allclose(fast[t], predicted, rtol=0, atol=1e-9 * np.abs(predicted).max())
+
+
+def test_weighted_pooled_fit_equals_the_dense_weighted_normal_equations():
+    """``sum_t w_t (phi_t phi_t^T) kron (Gc_t + s_t Q_t)``, ``sum_t w_t phi_t kron cc_t``, assembled densely."""
+    rng = np.random.default_rng(13)
+    k = 3
+    stats = _random_statistics(6, k, rng)
+    u, v = field_frame(stats.y, stats.x, stats.usable()).normalised(stats.y, stats.x)
+    phi = legendre_design(u, v, 1)
+    lam = rng.uniform(0.2, 2.0, size=(6, 2))
+    scale = rng.uniform(0.1, 3.0, 6)
+    coef, _ = _Pooled(stats, np.ones(6, bool), phi, None, scale).solve(_tiles_penalty(k, lam))
+    a = sum(w * np.kron(np.outer(p, p), g + np.trace(g) * _penalty_matrix(k, "compact", s, (0.0, 0.0)))
+            for w, p, g, s in zip(scale, phi, stats.gc, lam))
+    r = sum(w * np.kron(p, c) for w, p, c in zip(scale, phi, stats.cc))
+    np.testing.assert_allclose(coef.ravel(), np.linalg.solve(a, r), rtol=1e-9)
+
+
+def test_resolved_score_equals_the_refits_seen_through_each_tiles_own_fit():
+    """``sum_t w_t |B_t^-1 (Gc_t K_-t - cc_t)|^2``: each held-out prediction as the tile's own regularised
+    estimator would see it, against that estimator's result, by brute-force refits without the tile."""
+    rng = np.random.default_rng(12)
+    k = 3
+    yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
+    base = _random_statistics(9, k, rng, grid=(yy.ravel(), xx.ravel()))
+    lam = base.lam * rng.uniform(0.5, 2.0, size=base.lam.shape)  # each tile its own strengths
+    weights = rng.uniform(0.2, 1.0, 9)
+    stats = TileStatistics(base.gc, base.cc, base.yy, base.count, base.y, base.x, lam, weights=weights)
+    joint = fit_joint_field(stats, degrees=[1], strengths=[0.3], criterion="resolved", scored=None,
+                            weighting="equal")
+    u, v = field_frame(stats.y, stats.x, stats.usable()).normalised(stats.y, stats.x)
+    phi = legendre_design(u, v, 1)
+    total = 0.0
+    for t in range(9):
+        keep_t = np.arange(9) != t
+        sub = TileStatistics(stats.gc[keep_t], stats.cc[keep_t], stats.yy[keep_t], stats.count[keep_t],
+                             stats.y[keep_t], stats.x[keep_t], stats.lam[keep_t])
+        coef_t, _ = _Pooled(sub, np.ones(8, bool), phi[keep_t]).solve(_tiles_penalty(k, 0.3 * lam[keep_t]))
+        own = stats.gc[t] + np.trace(stats.gc[t]) * _penalty_matrix(k, "compact", lam[t], (0.0, 0.0))
+        seen = np.linalg.solve(own, stats.gc[t] @ (phi[t] @ coef_t) - stats.cc[t])
+        total += weights[t] * np.sum(seen**2)
+    assert joint.criterion == "resolved"
+    np.testing.assert_allclose(joint.scores[(1, 0.3)], total, rtol=1e-8)
 
 
 def _field_pair(size, kernel_at, y0, x0, rng):
@@ -147,6 +200,8 @@ def test_no_usable_tile_is_an_error():
         fit_joint_field(bad)
     with pytest.raises(OptionError, match="needs the tiles' own kernels"):
         fit_joint_field(stats)
+    with pytest.raises(OptionError, match="criterion='tiles': use one of 'kernels', 'resolved', 'pixels'"):
+        fit_joint_field(stats, criterion="tiles")
 
 
 def _noisy_tiles(kernel_at, n_side, rng, k=7, size=48, noise=0.5):
@@ -202,13 +257,13 @@ def test_scoring_a_subset_predicts_those_tiles_as_scoring_all_does():
     used = stats.usable()
     u, v = field_frame(stats.y, stats.x, used).normalised(stats.y, stats.x)
     phi = legendre_design(u, v, 1)
-    q = _penalty_matrix(k, "compact", np.array([0.3, 1.0]), (0.0, 0.0))
+    penalty = _tiles_penalty(k, np.tile([0.3, 1.0], (16, 1)))
     pooled = _Pooled(stats, used, phi)
-    coef, factor = pooled.solve(q)
-    every = _leave_one_out(pooled, factor, coef, stats, used, q)
-    coef, factor = pooled.solve(q)  # the inverse is taken in the factor's memory: factor again
+    coef, factor = pooled.solve(penalty)
+    every = _leave_one_out(pooled, factor, coef, stats, used, penalty)
+    coef, factor = pooled.solve(penalty)  # the inverse is taken in the factor's memory: factor again
     rows = spread_rows(16, 5)
-    some = _leave_one_out(pooled, factor, coef, stats, used, q, rows)
+    some = _leave_one_out(pooled, factor, coef, stats, used, penalty, rows)
     np.testing.assert_allclose(some, every[rows], rtol=1e-10, atol=1e-12 * np.abs(every).max())
     full = fit_joint_field(stats, degrees=[1], strengths=[1.0], criterion="pixels", scored=None)
     also = fit_joint_field(stats, degrees=[1], strengths=[1.0], criterion="pixels", scored=16)
