@@ -21,7 +21,7 @@ the tiles'.  Targets (issue 11): joint median error at tile centres
 lower; flux error no worse; between tile centres as good as at them.
 
     python scripts/bench_model.py [--sizes 1024 1536 2048] [--images 2] [--seed 2026] [--core-radius R] [--scored N]
-        [--field demo|tilt|saddle|constant]
+        [--field demo|tilt|saddle|constant] [--criterion kernels|resolved|pixels] [--oracle] [--replicate SIDE ...]
 """
 
 from __future__ import annotations
@@ -118,9 +118,33 @@ def candidates(stats: TileStatistics, cy: np.ndarray, cx: np.ndarray, true_at: n
     return picks
 
 
+def replicated(first: dict[str, object], side: int, core_radius: float | None, scored: int | None,
+               criterion: str, threads: int) -> str:
+    """The joint fit's time and peak memory on ``side`` x ``side`` tiles made of ``first``'s tile statistics."""
+    stats: TileStatistics = first["stats"]
+    n = side * side
+    order = np.random.default_rng(0).permutation(np.resize(np.arange(len(stats.yy)), n))
+    yy, xx = np.mgrid[0:side, 0:side] * float(TILE) + (TILE - 1) / 2
+    big = TileStatistics(stats.gc[order], stats.cc[order], stats.yy[order], stats.count[order], yy.ravel(),
+                         xx.ravel(), stats.lam[order], stats.kernels[order], stats.weights[order])
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with threadpool_limits(threads):
+        joint = fit_joint_field(big, core_radius=core_radius, scored=scored, criterion=criterion)
+    t_joint = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    per_tile = first["t_tiles"] / first["n"]
+    return (f"{side}x{side} tiles (replicated statistics, {big.gc.nbytes / 2**20:.0f} MB of them): joint fit "
+            f"{t_joint:.1f} s, {len(joint.scores)} candidates, degree {joint.field.degree}; the tiles' own "
+            f"estimation at this run's {1e3 * per_tile:.0f} ms a tile: {n * per_tile:.1f} s "
+            f"(joint / tiles {t_joint / (n * per_tile):.2f}); peak memory of the fit beyond the statistics "
+            f"{peak / 2**20:.0f} MB")
+
+
 def one_image(source: np.ndarray, target: np.ndarray, truth, image: int,
               core_radius: float | None = None, scored: int | None = 64, criterion: str = "kernels",
-              oracle: bool = False) -> dict[str, object]:
+              oracle: bool = False, keep_statistics: bool = False) -> dict[str, object]:
     src, cy, cx = tiles_of(source)
     tgt, _, _ = tiles_of(target)
     bad = ~np.isfinite(tgt)
@@ -155,6 +179,7 @@ def one_image(source: np.ndarray, target: np.ndarray, truth, image: int,
         "joint_mid": errors(joint.field.kernel_at(my.ravel(), mx.ravel()), true_mid)["rel"],
         "pick": "joint" if old is None or joint.field.cv_error < old.cv_error else "old",
         "degree": joint.field.degree, "strength": joint.strength, "old_degree": None if old is None else old.degree,
+        "stats": stats if keep_statistics else None,
         "t_tiles": t_tiles, "t_joint": t_joint, "peak_mb": peak / 2**20, "n": len(cy),
         "evaluations": len(joint.scores),
     }
@@ -173,6 +198,9 @@ def main() -> int:
     p.add_argument("--oracle", action="store_true",
                    help="also fit every (degree, f) of the search (degrees 0-3) and print, per image, the one "
                         "closest to the truth and what each criterion would pick (slow: 24 fits per criterion)")
+    p.add_argument("--replicate", type=int, nargs="*", default=[], metavar="SIDE",
+                   help="also time the joint fit on SIDE x SIDE tiles: the first image's tile statistics "
+                        "repeated (in a random order) over a larger grid, e.g. 32 for an 8192² image")
     p.add_argument("--field", choices=["demo", *FIELDS], default="demo",
                    help="demo: the demo stack (the kernel varies inside tiles too); otherwise a mosaic of "
                         "independent survey tiles, each blurred by that smooth field at its centre")
@@ -196,7 +224,7 @@ def main() -> int:
                 images = [truth.mosaic(args.seed + size + i) for i in range(args.images)]
             for i, (source, target) in enumerate(images):
                 r = one_image(source, target, truth, 0 if args.field != "demo" else i, args.core_radius, args.scored,
-                              args.criterion, args.oracle)
+                              args.criterion, args.oracle, keep_statistics=bool(args.replicate) and not rows)
                 r.update(size=size, image=i)
                 rows.append(r)
                 med = {key: {m: float(np.median(v)) for m, v in r[key].items()} if r[key] is not None else None
@@ -224,6 +252,8 @@ def main() -> int:
         for name in CRITERIA:
             ratios = np.array([r["oracle"][name][2] for r in rows])
             print(f"{name}: median {np.median(ratios):.3f}, worst {ratios.max():.3f}")
+    for side in args.replicate:
+        print(replicated(rows[0], side, args.core_radius, args.scored, args.criterion, args.threads), flush=True)
     ratios = np.array([np.median(r["joint"]["rel"]) / np.median(r["tiles"]["rel"]) for r in rows])
     print(f"\njoint / per-tile median rel L2: median {np.median(ratios):.2f}, worst {ratios.max():.2f} "
           f"(targets: <= 0.70 and never above 1)")

@@ -114,14 +114,20 @@ class TileStatistics:
         """``(n,)`` bool: tiles with finite statistics and pixels."""
         return (self.count > 0) & np.isfinite(self.yy) & np.all(np.isfinite(self.cc), axis=1)
 
-    def rss(self, kernels: np.ndarray, tiles: np.ndarray | None = None) -> np.ndarray:
+    def rss(self, kernels: np.ndarray, tiles: np.ndarray | None = None, batch: int = 64) -> np.ndarray:
         """Residual sums of squares of ``(m, k*k)`` kernels, one for each of the ``tiles`` (indices;
-        default all ``n``)."""
-        pick = slice(None) if tiles is None else np.asarray(tiles)  # a slice: no copy of every Gram
-        yy = self.yy[pick]
-        kernels = np.asarray(kernels, dtype=np.float64).reshape(len(yy), -1)
-        quad = np.einsum("ti,tij,tj->t", kernels, self.gc[pick], kernels)
-        return yy - 2.0 * np.einsum("ti,ti->t", kernels, self.cc[pick]) + quad
+        default all ``n``), ``batch`` tiles at a time (no copy of every tile's Gram)."""
+        index = np.arange(len(self.yy)) if tiles is None else np.asarray(tiles)
+        kernels = np.asarray(kernels, dtype=np.float64).reshape(len(index), -1)
+        out = np.empty(len(index))
+        for start in range(0, len(index), batch):
+            part = index[start : start + batch]
+            if len(part) and part[-1] - part[0] == len(part) - 1 and np.all(np.diff(part) == 1):
+                part = slice(int(part[0]), int(part[-1]) + 1)  # a run of tiles: a view, not a copy
+            k = kernels[start : start + batch]
+            quad = np.einsum("ti,ti->t", k, np.matmul(self.gc[part], k[..., None])[..., 0])
+            out[start : start + len(k)] = self.yy[part] - 2.0 * np.einsum("ti,ti->t", k, self.cc[part]) + quad
+        return out
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,8 @@ class JointField:
     #: (per kernel, relative to the tiles' kernels, or per pixel)
     field: KernelField
     strength: float  #: the chosen ``f``
-    lam: np.ndarray  #: ``(m,)`` the penalty strengths used: ``f`` times the median per-tile ``lam_i``
+    #: ``(m,)`` ``f`` times the median per-tile ``lam_i`` (each tile's penalty is ``f`` times its own, by default)
+    lam: np.ndarray
     criterion: str  #: the score that chose (one of :data:`CRITERIA`)
     scores: dict[tuple[int, float], float]  #: the criterion's total for each ``(degree, f)`` evaluated
     #: ``(n,)`` each tile's residual sum of squares under the fit without it, at the choice (NaN: not
@@ -302,9 +309,11 @@ def _lower_inverse(factor) -> np.ndarray:
 
 
 def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatistics, used: np.ndarray,
-                   penalty: _TilePenalty, rows: np.ndarray | None = None, batch: int = 16) -> np.ndarray:
+                   penalty: _TilePenalty, rows: np.ndarray | None = None, batch: int = 16,
+                   dtype: type = np.float64) -> np.ndarray:
     """``(R, k*k)``: the kernels of the used tiles ``rows`` (positions among the used tiles; default
-    all) as the fit without each of them predicts it (exact, by Woodbury)."""
+    all) as the fit without each of them predicts it (exact, by Woodbury).  ``dtype``: the precision
+    of the ``k*k``-square products and solves (``float32``: half the time, for scores)."""
     k2 = coef.shape[1]
     rows = np.arange(len(pooled.phi)) if rows is None else np.asarray(rows)
     blocks = pooled.hat_blocks(_lower_inverse(factor))
@@ -318,7 +327,8 @@ def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatist
         scale = pooled.scale[part]
         b = scale[:, None, None] * (gc + np.trace(gc, axis1=1, axis2=2)[:, None, None] * penalty.of(part))
         rhs = pooled.phi[part] @ coef - np.einsum("tij,tj->ti", hats, scale[:, None] * stats.cc[tiles])
-        system = np.eye(k2) - hats @ b
+        system = np.eye(k2, dtype=dtype) - hats.astype(dtype, copy=False) @ b.astype(dtype, copy=False)
+        rhs = rhs.astype(dtype, copy=False)
         stop = start + len(part)
         try:
             predicted[start:stop] = np.linalg.solve(system, rhs[..., None])[..., 0]
@@ -436,14 +446,14 @@ def fit_joint_field(
     degrees
         Total polynomial degrees to try, each with its own search of ``f``.
         Default: ``0 .. max_degree`` (only degrees with at most half as many
-        terms as usable tiles), searched in three steps: ``f`` at degree 1,
-        the degrees in turn at that ``f`` (stopping at the first above 1 that
-        scores worse than the one below it), ``f`` again at the best degree.
+        terms as usable tiles), searched in two steps: the degrees in turn at
+        ``f = start`` (stopping at the first above 1 that scores worse than
+        the one below it), then ``f`` at the best degree.
     strengths
-        The ladder of factors ``f`` (of the image's median per-tile evidence
-        strengths).  A search of ``f`` starts at the value nearest ``start``
-        and steps to the better neighbour on the ladder while the score falls
-        (it is smooth in ``f``, with one minimum).
+        The ladder of factors ``f`` (of each tile's own evidence strengths).
+        A search of ``f`` starts at the value nearest ``start`` and steps to
+        the better neighbour on the ladder while the score falls (it is
+        smooth in ``f``, with one minimum).
     criterion
         One of :data:`CRITERIA`: the leave-one-tile-out score (module docstring).
     weighting
@@ -541,15 +551,14 @@ def fit_joint_field(
     fits: dict[tuple[int, int], tuple[float, np.ndarray, np.ndarray]] = {}
     systems: dict[int, tuple[_Pooled, np.ndarray]] = {}
 
-    def score(predicted: np.ndarray) -> tuple[float, np.ndarray]:
-        """The criterion's total over the scored tiles, and each one's held-out RSS."""
-        rss = stats.rss(predicted, scored_tiles)
+    def score(predicted: np.ndarray) -> float:
+        """The criterion's total over the scored tiles."""
         if criterion == "pixels":
-            return float(rss.sum()), rss
+            return float(stats.rss(predicted, scored_tiles).sum())
         if criterion == "resolved":
             seen = np.einsum("tij,tj->ti", stats.gc[scored_tiles], predicted) - stats.cc[scored_tiles]
-            return float(np.sum(weights * np.sum(_batched_solve(own_systems, seen) ** 2, axis=1))), rss
-        return float(np.sum(weights * np.sum((predicted - own) ** 2, axis=1))), rss
+            return float(np.sum(weights * np.sum(_batched_solve(own_systems, seen) ** 2, axis=1)))
+        return float(np.sum(weights * np.sum((predicted - own) ** 2, axis=1)))
 
     def evaluate(degree: int, i: int) -> float:
         """Leave-one-out score of ``degree`` at ladder position ``i`` (each computed once)."""
@@ -567,9 +576,10 @@ def fit_joint_field(
                 coef, factor = solved
                 full = np.zeros((len(mask), k * k))
                 full[mask] = coef
-                total, rss = score(_leave_one_out(pooled, factor, coef, stats, used, tiles_penalty, rows))
-                fits[(degree, i)] = (total, full, rss)
-                scores[(degree, float(ladder[i]))] = total
+                predicted = _leave_one_out(pooled, factor, coef, stats, used, tiles_penalty, rows,
+                                           dtype=np.float32)
+                fits[(degree, i)] = (score(predicted), full, predicted)
+                scores[(degree, float(ladder[i]))] = fits[(degree, i)][0]
         return fits[(degree, i)][0]
 
     def downhill(degree: int, i: int) -> int:
@@ -586,10 +596,9 @@ def fit_joint_field(
         for degree in degrees:
             downhill(int(degree), position)
     else:
-        # the strength at a low degree, then the degree at that strength (stopping when a degree
-        # scores worse than the one below it), then the strength again at the chosen degree
+        # the degree at the starting strength (stopping when a degree above 1 scores worse than the
+        # one below it), then the strength at the chosen degree
         first = min(1, max(degrees))
-        position = downhill(first, position)
         previous = np.inf
         for degree in degrees:
             total = evaluate(degree, position)
@@ -598,11 +607,11 @@ def fit_joint_field(
             previous = total
         chosen = min((d for d in degrees if (d, position) in fits), key=lambda d: evaluate(d, position))
         downhill(chosen, position)
-    (degree, i), (total, coef, tile_rss) = min(fits.items(), key=lambda item: item[1][0])
+    (degree, i), (total, coef, predicted) = min(fits.items(), key=lambda item: item[1][0])
     if not np.isfinite(total):
         raise ValueError("the joint normal equations are singular at every strength tried")
     per_tile = np.full(len(used), np.nan)
-    per_tile[scored_tiles] = tile_rss
+    per_tile[scored_tiles] = stats.rss(predicted, scored_tiles)
     scale = pixels if criterion == "pixels" else norm
     kept = used.copy()
     if np.isfinite(clip) and stats.kernels is not None:
