@@ -63,7 +63,7 @@ def test_minimal_job_dump_shows_every_default():
                    "regularization": "auto",
                    "penalty": "compact", "robust": True, "recentre": True, "bad_source": "fill",
                        "clip": 5.0},
-        "model": {"degree": None, "max_degree": 3, "clip": 4.0},
+        "model": {"method": "kernels", "degree": None, "max_degree": 3, "clip": 4.0},
         "output": {"path": "out.zarr", "mode": "create", "dtype": "float32"},
         "compute": {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True,
                     "memory_limit": "auto", "dashboard_address": ":0", "block_tiles": None,
@@ -484,6 +484,20 @@ def test_fingerprint_ignores_where_and_how():
     assert job(input={"path": "in.zarr", "storage_options": {"anon": True}}).fingerprint() == base
     # writing a default explicitly changes nothing
     assert job(kernel={"method": "lstsq", "clip": 5}, tiles={"size": 256, "step": 256}).fingerprint() == base
+    assert job(model={"method": "kernels"}).fingerprint() == base
+
+
+def test_fingerprint_of_a_default_job_is_the_one_stores_already_carry():
+    """Settings added later leave the fingerprint of a job without them as it was (stores resume)."""
+    assert job().fingerprint() == "d71707e4f2044637ef447b977983b58a3d5d993d966776f7bbde90d7dfa7c251"
+
+
+def test_the_joint_model_needs_the_exact_solver_and_unnormalised_kernels():
+    welch = errors_of({**MINIMAL, "model": {"method": "joint"}, "kernel": {"method": "welch", "normalize": True}})
+    assert any(e.startswith("model.method: joint needs kernel.method: lstsq") and "model.method: kernels" in e
+               for e in welch)
+    assert any(e.startswith("model.method: joint fits the kernels' flux") for e in welch)
+    assert job(model={"method": "joint"}).model.method == "joint"
 
 
 @pytest.mark.parametrize("change", [
@@ -497,6 +511,7 @@ def test_fingerprint_ignores_where_and_how():
     {"input": {"path": "in.zarr", "mask": "mask"}},
     {"input": {"path": "in.zarr", "group": "g"}},
     {"output": {"path": "out.zarr", "dtype": "float64"}},
+    {"model": {"method": "joint"}},
 ])
 def test_fingerprint_changes_with_what_changes_the_result(change):
     assert job(**change).fingerprint() != job().fingerprint()

@@ -394,9 +394,10 @@ def test_resumed_run_finishes_stored_blocks_through_the_same_path(tmp_path, monk
     added = []
     original = ImageFinisher.add
 
-    def add(self, block, record, kernels):
+    def add(self, block, record, kernels, statistics=None):
+        assert statistics is None  # the model of the kernels needs none
         added.append((block.image, block.by, block.bx, record.shape, kernels.shape))
-        original(self, block, record, kernels)
+        original(self, block, record, kernels, statistics)
 
     monkeypatch.setattr(ImageFinisher, "add", add)
     job = job_from_dict(job_dict(tmp_path, compute={"block_tiles": block_tiles}, output={"mode": "resume"}))

@@ -106,13 +106,16 @@ class KernelEstimates:
     n_valid: np.ndarray  #: target pixels fitted (lstsq) or kept segments (welch)
     flags: np.ndarray  #: quality bits, see :mod:`pipeline.flags`
     method: str
+    #: with ``statistics=True``: ``(gc, cc, yy, lam_terms)`` of each lstsq fit, as
+    #: :class:`~pipeline.core.joint.TileStatistics` takes them (``gc`` ``(n, k*k, k*k)``)
+    statistics: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.flags)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        """All per-tile arrays by name (without ``method``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "method"}
+        """All per-tile arrays by name (without ``method`` and ``statistics``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method", "statistics")}
 
 
 def _check_method(method: object) -> str:
@@ -224,13 +227,14 @@ class BadPixels:
                          cut(self.source_variance))
 
 
-def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=True):
-    """Kernels and diagnostics of one contiguous part of the batch."""
+def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=True, statistics=False):
+    """Kernels and diagnostics of one contiguous part of the batch (and, with ``statistics``, the
+    lstsq fits' normal equations as arrays ``gc``, ``cc``, ``yy``, ``lam_terms``)."""
     n = len(tgt)
     either = bad.either
-    extra = {}
+    extra = {"statistics": True} if statistics else {}
     if REGISTRY[method].uses_variance:
-        extra = {"variance": bad.variance, "source_variance": bad.source_variance}
+        extra.update(variance=bad.variance, source_variance=bad.source_variance)
     result = REGISTRY[method].estimator(src, tgt, bad.mask, source_bad=_any_or_none(bad.source),
                                         target_bad=_any_or_none(bad.target), kernel_size=size, options=options,
                                         **extra)
@@ -267,7 +271,11 @@ def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=
         n_valid = out["n_segments"]
     else:
         n_valid = (~either).reshape(n, -1).sum(axis=1)
-    return {
+    kept = {}
+    if statistics:
+        gc, cc, yy = result.statistics
+        kept = {"gc": gc, "cc": cc, "yy": yy, "lam_terms": result.lam_terms}
+    return kept | {
         "kernels": kernels,
         "flux": flux,
         "background": background,
@@ -305,6 +313,7 @@ def estimate_kernels(
     normalize: bool = False,
     workers: int = 1,
     diagnostics: bool = True,
+    statistics: bool = False,
     **option_keywords: Any,
 ) -> KernelEstimates:
     """Estimate the kernel of every tile of a batch, with diagnostics.
@@ -340,6 +349,10 @@ def estimate_kernels(
         Compute the residual, noise and signal-to-noise of each fit (one more
         FFT convolution per tile).  ``False`` leaves them NaN; the kernel,
         flux, background, shape and flags are always there.
+    statistics
+        ``lstsq`` only: keep each tile's background-free normal equations
+        (:attr:`KernelEstimates.statistics`, ``k**4`` floats a tile), for the
+        joint fit of the kernel field (:mod:`pipeline.core.joint`).
     **option_keywords
         Method options as keywords, applied on top of ``options``; the
         names, defaults and meaning of each method's options are those of
@@ -357,12 +370,14 @@ def estimate_kernels(
     method = _check_method(method)
     opts = method_options(method, options, **option_keywords)
     workers = check_positive_int("workers", workers)
+    if statistics and method != "lstsq":
+        raise OptionError(f"statistics=True needs method='lstsq' (the normal equations of its fits), not {method!r}")
     src, tgt, bad, size = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
     parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
 
     def run(idx: np.ndarray) -> dict[str, np.ndarray]:
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        return _estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics)
+        return _estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics, statistics)
 
     with threadpool_limits(limits=1, user_api="blas"):
         if len(parts) == 1:
@@ -374,7 +389,8 @@ def estimate_kernels(
     if normalize:
         with np.errstate(divide="ignore", invalid="ignore"):
             merged["kernels"] = merged["kernels"] / merged["flux"][:, None, None]
-    return KernelEstimates(method=method, **merged)
+    kept = tuple(merged.pop(name) for name in ("gc", "cc", "yy", "lam_terms")) if statistics else None
+    return KernelEstimates(method=method, statistics=kept, **merged)
 
 
 def estimate_kernel(

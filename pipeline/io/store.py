@@ -414,6 +414,11 @@ class OutputStore:
         written = np.asarray(records[:, ::by, ::bx, 0])
         return written == 1
 
+    def modelled_images(self) -> np.ndarray:
+        """``(image,)`` bool: images whose kernel-field model is written (``model_degree`` at least 0; an
+        image whose model could not be fitted reads as not modelled)."""
+        return np.asarray(zarr.open_group(self.location, mode="r")["model_degree"][:]) >= 0
+
     def _block_arrays(self) -> dict[str, zarr.Array]:
         """The arrays blocks write, opened once per process and store (their metadata is read once).
 

@@ -5,7 +5,10 @@ straight from the input store (no input graph moves data around), calls
 :func:`pipeline.estimate_kernels` on all the block's tiles at once, writes the
 kernels into the block's own chunk of the output store and then the block's
 record (its per-tile diagnostics, which mark it done).  What it returns is
-what :class:`pipeline.job.finish.ImageFinisher` takes.
+what :class:`pipeline.job.finish.ImageFinisher` takes: with the joint model
+(``model.method: joint``) also the tiles' normal equations, which are not
+stored; a resumed run computes those of the stored blocks of images without a
+model again (``BlockTask.recompute``), identically, without writing them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from .. import flags as fl
 from ..core.estimate import estimate_kernels
+from ..core.joint import pack_gram
 from ..core.tiles import Block, TileGrid
 from ..io.inputs import InputReader
 from ..io.store import OutputStore, block_record
@@ -33,6 +37,10 @@ class BlockResult:
     record: np.ndarray  #: ``(ny, nx, field)`` block record
     kernels: np.ndarray  #: ``(ny, nx, k, k)`` kernels in the output dtype
     flagged: int  #: tiles flagged unusable
+    #: for the joint model (``model.method: joint``): the tiles' ``(packed gc, cc, yy, lam_terms)`` in raster
+    #: order (:func:`~pipeline.core.joint.pack_gram`)
+    statistics: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    written: bool = True  #: ``False``: computed again for its statistics only (a resumed joint run)
 
     @property
     def n_tiles(self) -> int:
@@ -47,6 +55,9 @@ class BlockTask:
     grid: TileGrid
     job: JobConfig
     store: OutputStore
+    #: ``(image, by, bx)`` of blocks already in the store whose statistics the joint model needs again:
+    #: computed as before, not written
+    recompute: frozenset[tuple[int, int, int]] = frozenset()
 
     def __call__(self, block: Block) -> BlockResult:
         """Read the block's pixels, estimate every tile, write the block's chunks and record."""
@@ -55,16 +66,23 @@ class BlockTask:
         src, tgt, mask, var, src_var = (None if a is None else self.grid.cut(a, block) for a in pixels)
         del pixels
         kernel = self.job.kernel
+        joint = self.job.model.method == "joint"
         res = estimate_kernels(
             src, tgt, kernel_size=kernel.size, method=kernel.method, mask=mask, variance=var,
             source_variance=src_var, normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
-            **kernel.estimator_options(),
+            statistics=joint, **kernel.estimator_options(),
         )
         shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
         record = block_record({**res.as_dict(), "quality_flag": res.flags}, shape)
         kernels = res.kernels.reshape(*shape, kernel.size, kernel.size).astype(self.job.output.dtype)
-        self.store.write_block(block, kernels, record)
-        return BlockResult(block, record, kernels, int(np.count_nonzero(res.flags & fl.BAD)))
+        write = (block.image, block.by, block.bx) not in self.recompute
+        if write:
+            self.store.write_block(block, kernels, record)
+        statistics = None
+        if joint:
+            gc, cc, yy, lam = res.statistics
+            statistics = (pack_gram(gc), cc, yy, lam)
+        return BlockResult(block, record, kernels, int(np.count_nonzero(res.flags & fl.BAD)), statistics, write)
 
     def delayed(self, block: Block) -> Any:
         """The block's Dask task, named after the block."""

@@ -1,6 +1,6 @@
 """Job files: what to read, how to tile, which estimator, where to write, how to run.
 
-A job file is YAML with five sections::
+A job file is YAML with these sections::
 
     input:   {path, source, target, mask, group, storage_options,
               saturation: {source, target, grow},
@@ -8,6 +8,7 @@ A job file is YAML with five sections::
               gain: {source, target}, read_noise: {source, target}}
     tiles:   {size, step}
     kernel:  {method, size, normalize, <options of the method>}
+    model:   {method, degree, max_degree, clip}
     output:  {path, mode, dtype}
     compute: {scheduler, n_workers, threads_per_worker, processes,
               memory_limit, dashboard_address, block_tiles}
@@ -531,11 +532,15 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
+    #: ``kernels``: fitted to the tiles' kernels (:mod:`pipeline.core.field`); ``joint``: fitted to the
+    #: pixels of all tiles at once (:mod:`pipeline.core.joint`; ``kernel.method: lstsq`` only)
+    method: Literal["kernels", "joint"] = "kernels"
     #: total polynomial degree in (y, x); null: chosen by leave-one-out cross-validation
     degree: Annotated[Int, Field(ge=0, le=8)] | None = None
     #: highest degree tried when ``degree`` is null
     max_degree: Annotated[Int, Field(ge=0, le=8)] = 3
     #: tiles farther from the model than this many robust standard deviations are rejected
+    #: (``method: kernels``; the joint fit keeps every usable tile)
     clip: Annotated[Float, Field(gt=0)] | Annotated[Int, Field(gt=0)] = 4.0
 
 
@@ -669,7 +674,8 @@ class JobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
-        items = _consistency(self.tiles, self.kernel) + _paths_differ(self.input, self.output)
+        items = (_consistency(self.tiles, self.kernel) + _paths_differ(self.input, self.output)
+                 + _model_fits(self.model, self.kernel))
         if items:
             raise _problems(*items)
         return self
@@ -687,6 +693,8 @@ class JobConfig(BaseModel):
         for key in ("saturation", "variance", "weight", "gain", "read_noise"):
             if data["input"][key] is None:  # the fingerprint of a job without it, as before it existed
                 del data["input"][key]
+        if data["model"]["method"] == "kernels":  # likewise
+            del data["model"]["method"]
         canonical = {"input": data["input"], "tiles": data["tiles"], "kernel": data["kernel"],
                      "model": data["model"], "output": {"dtype": data["output"]["dtype"]}}
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -710,6 +718,22 @@ def _consistency(tiles: TilesConfig, kernel: _KernelBase) -> list[tuple[str, str
     if isinstance(kernel, WelchKernel) and kernel.segment_size > tiles.size:
         items.append(("kernel.segment_size", f"{kernel.segment_size} is larger than tiles.size "
                                              f"{tiles.size}: at most {tiles.size}"))
+    return items
+
+
+def _model_fits(model: ModelConfig, kernel: _KernelBase) -> list[tuple[str, str]]:
+    """Checks between the model and the kernel sections."""
+    if model.method != "joint":
+        return []
+    items = []
+    if kernel.method != "lstsq":
+        items.append(("model.method", f"joint needs kernel.method: lstsq (it pools the exact solver's normal "
+                                      f"equations), not {kernel.method}; with {kernel.method} use "
+                                      "model.method: kernels"))
+    if kernel.normalize:
+        items.append(("model.method", "joint fits the kernels' flux with their shape: it cannot be combined "
+                                      "with kernel.normalize: true; use model.method: kernels, or normalise "
+                                      "the model's kernels when you evaluate them"))
     return items
 
 

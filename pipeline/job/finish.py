@@ -19,6 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
 from ..core.field import fit_tiles, tile_weights
+from ..core.joint import core_radius_for, fit_joint_tiles, unpack_gram
 from ..core.tiles import Block, TileGrid
 from ..io.store import IMAGES_PER_CHUNK, RECORD_FIELDS, ImageResults, OutputStore
 from .config import ModelConfig
@@ -65,20 +66,30 @@ class ImageFinisher:
         self.missing = np.full(n_images, nby * nbx)
         self.records: dict[int, np.ndarray] = {}
         self.kernels: dict[int, np.ndarray] = {}
+        #: the joint model's per-image tile statistics: packed Grams, cc, yy, lam_terms, each ``(ty, tx, ...)``
+        self.statistics: dict[int, list[np.ndarray]] = {}
         self.pending: list[ImageResults] = []
         self.last_flush = time.monotonic()
         #: images every tile of which is unusable: tiles per flag that made them so
         self.unusable: dict[int, dict[str, int]] = {}
 
-    def add(self, block: Block, record: np.ndarray, kernels: np.ndarray) -> None:
-        """Take one block's ``(ny, nx, field)`` record and ``(ny, nx, k, k)`` kernels."""
+    def add(self, block: Block, record: np.ndarray, kernels: np.ndarray,
+            statistics: tuple[np.ndarray, ...] | None = None) -> None:
+        """Take one block's ``(ny, nx, field)`` record and ``(ny, nx, k, k)`` kernels (and, for the joint
+        model, its tiles' statistics in raster order, see :class:`~pipeline.job.blocks.BlockResult`)."""
         image = block.image
+        ty, tx = self.grid.shape
         if image not in self.records:
-            ty, tx = self.grid.shape
             self.records[image] = np.full((ty, tx, record.shape[-1]), np.nan)
             self.kernels[image] = np.full((ty, tx, *kernels.shape[-2:]), np.nan, dtype=kernels.dtype)
         self.records[image][block.ty0:block.ty1, block.tx0:block.tx1] = record
         self.kernels[image][block.ty0:block.ty1, block.tx0:block.tx1] = kernels
+        if statistics is not None:
+            shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
+            if image not in self.statistics:
+                self.statistics[image] = [np.full((ty, tx, *a.shape[1:]), np.nan) for a in statistics]
+            for whole, part in zip(self.statistics[image], statistics):
+                whole[block.ty0:block.ty1, block.tx0:block.tx1] = part.reshape(*shape, *part.shape[1:])
         self.missing[image] -= 1
         if self.missing[image] == 0:
             self._finish(image)
@@ -96,16 +107,37 @@ class ImageFinisher:
         if counts is not None:
             self.unusable[image] = counts
         usable = fl.modelled(kernels, flags)
+        weights = tile_weights(field["snr"], field["flux"])
         with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend with workers
-            model, residual, rejected = fit_tiles(
-                self.grid.centres_y, self.grid.centres_x, kernels, usable,
-                tile_weights(field["snr"], field["flux"]),
-                degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
-            )
+            if self.model.method == "joint":
+                model, residual, rejected = self._fit_joint(image, kernels, usable, weights, field)
+            else:
+                model, residual, rejected = fit_tiles(
+                    self.grid.centres_y, self.grid.centres_x, kernels, usable, weights,
+                    degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
+                )
         extra = fl.model_outliers(rejected)
         self.pending.append(ImageResults(image, records, extra, model, residual))
         if len(self.pending) >= self.FLUSH_IMAGES or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
             self.flush()
+
+    def _fit_joint(self, image: int, kernels: np.ndarray, usable: np.ndarray, weights: np.ndarray,
+                   field: dict[str, np.ndarray]):
+        """The joint model of one image from its tiles' statistics (released as they are unpacked)."""
+        packed, cc, yy, lam = (a.reshape(-1, *a.shape[2:]) for a in self.statistics.pop(image))
+        k2 = cc.shape[-1]
+        gc = np.empty((len(packed), k2, k2))
+        for start in range(0, len(packed), 64):  # unpacked a few tiles at a time: no second copy of all
+            unpack_gram(packed[start:start + 64], k2, out=gc[start:start + 64])
+        del packed
+        good = usable & np.isfinite(field["fwhm"])
+        fwhm = float(np.median(field["fwhm"][good])) if good.any() else np.nan
+        degrees = None if self.model.degree is None else [self.model.degree]
+        return fit_joint_tiles(
+            self.grid.centres_y, self.grid.centres_x, kernels, usable, weights, (gc, cc, yy, lam),
+            np.nan_to_num(field["n_valid"]).astype(np.int64), degrees=degrees, max_degree=self.model.max_degree,
+            core_radius=core_radius_for(fwhm, kernels.shape[-1]),
+        )
 
     def flush(self) -> None:
         """Write the diagnostics and models of the images finished since the last write."""

@@ -107,6 +107,18 @@ class Plan:
             "Conventions": "CF-1.10",
         }
 
+    def _describe_model(self) -> str:
+        model = self.job.model
+        degree = f"degree {model.degree}" if model.degree is not None else f"degree up to {model.max_degree}"
+        if model.method != "joint":
+            return f"fitted to the tile kernels, {degree}"
+        k2 = self.job.kernel.size ** 2
+        per_tile = (k2 * (k2 + 1) // 2 + k2 + 8) * 8  # packed Gram, right-hand side, sums (float64)
+        ty, tx = self.grid.shape
+        return (f"joint fit to all tiles' pixels, {degree}; each block returns its tiles' normal equations "
+                f"({per_tile / 2**20:.2f} MiB a tile, {ty * tx * per_tile / 2**20:.0f} MiB an image in the "
+                "client until its model is fitted)")
+
     def describe(self) -> str:
         """The dry-run text."""
         job, grid, inp = self.job, self.grid, self.inputs
@@ -127,6 +139,7 @@ class Plan:
             f"blocks     {by}x{bx} tiles each: {nby}x{nbx} per image, {n * nby * nbx} tasks",
             f"memory     about {self.memory_per_task() / 2**20:.0f} MiB per task",
             f"kernel     {k}x{k}, method {job.kernel.method}, options {job.kernel.estimator_options()}",
+            f"model      {self._describe_model()}",
             f"output     {job.output.path} (mode {job.output.mode}): kernel(image={n}, y={ty}, x={tx}, "
             f"ky={k}, kx={k}) {job.output.dtype}, chunks (1, {by}, {bx}, {k}, {k}); "
             f"{len(DIAGNOSTICS)} per-tile diagnostics and the kernel-field model, chunks of "

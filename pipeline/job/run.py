@@ -197,28 +197,41 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
             log(f"resuming with the store's tile grid of an earlier version: {uy} rows and {ux} columns at the "
                 "far edges stay uncovered (output.mode=overwrite covers them)")
         store = opening.open(plan.layout, attrs, log=log)
-        bar = Progress(sum(b.n_tiles for b in pending), log, progress)
+        recompute = []
+        if job.model.method == "joint" and stored:
+            # the joint model needs the tiles' statistics, which are not stored: the stored blocks of images
+            # without a model are computed again (identically, not written); images with one are left as they are
+            modelled = store.modelled_images()
+            recompute = [b for b in stored if not modelled[b.image]]
+            if recompute:
+                n = len({b.image for b in recompute})
+                log(f"computing {len(recompute)} stored blocks again for the joint model's statistics "
+                    f"({n} image{'s' if n > 1 else ''} without a model yet)")
+        bar = Progress(sum(b.n_tiles for b in pending + recompute), log, progress)
         finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
-        finisher.add_stored(stored)
+        finisher.add_stored(stored if job.model.method != "joint" else [])
 
         def finished(result: BlockResult) -> None:
             nonlocal flagged
-            flagged += result.flagged
-            finisher.add(result.block, result.record, result.kernels)
+            if result.written:
+                flagged += result.flagged
+            finisher.add(result.block, result.record, result.kernels, result.statistics)
             bar.update(result.n_tiles)
 
         if get_client is not None:
             client = get_client()
         if client is not None and progress:
             log(f"dashboard: {client.dashboard_link}")
-        task = BlockTask(plan.inputs.reader, plan.grid, job, store)
+        task = BlockTask(plan.inputs.reader, plan.grid, job, store,
+                         frozenset((b.image, b.by, b.bx) for b in recompute))
+        work = pending + recompute
         if client is not None:
             give_up = job.compute.scheduler_kind == "batch" and job.compute.batch.adapt is None
-            run_on_client(client, task, pending, finished, give_up_after=NO_WORKERS_GRACE if give_up else None,
+            run_on_client(client, task, work, finished, give_up_after=NO_WORKERS_GRACE if give_up else None,
                           log=log, performance_report=performance_report)
         else:
             c = job.compute
-            run_in_threads(task, pending, finished,
+            run_in_threads(task, work, finished,
                            workers=1 if c.scheduler == "synchronous" else c.n_workers * c.threads_per_worker)
     finisher.flush()
     seconds = time.monotonic() - t0

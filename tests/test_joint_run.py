@@ -1,0 +1,114 @@
+"""Runs whose kernel-field model is the joint fit (``model.method: joint``)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from conftest import job_dict
+from stacks import make_stack
+
+import pipeline
+from pipeline import flags as fl
+from pipeline.core.estimate import estimate_kernels
+from pipeline.core.field import tile_weights
+from pipeline.core.joint import core_radius_for, fit_joint_tiles
+from pipeline.job.config import job_from_dict
+from pipeline.job.run import run_job
+
+TILE, K = 64, 9
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    """Two noisy images of 3x3 tiles, one tile a block, the joint model; and the stack's truth."""
+    folder = tmp_path_factory.mktemp("joint")
+    truth = make_stack(folder / "stack.zarr", n_images=2, noise=0.5)
+    data = job_dict(folder, model={"method": "joint"}, compute={"block_tiles": 1})
+    summary = run_job(job_from_dict(data), progress=False)
+    return folder, data, truth, summary
+
+
+def _open(path) -> xr.Dataset:
+    return xr.open_zarr(path).load()
+
+
+def test_the_run_stores_the_field_the_library_fits_to_the_same_tiles(joint_run):
+    folder, _, _, summary = joint_run
+    assert summary.tiles_computed == 18
+    ds = _open(folder / "kernels.zarr")
+    stack = xr.open_zarr(folder / "stack.zarr", consolidated=False)
+    source = stack["source"].values.astype(np.float64)
+    for image in range(2):
+        target = stack["target"].values[image].astype(np.float64)
+        cut = [(slice(ty * TILE, (ty + 1) * TILE), slice(tx * TILE, (tx + 1) * TILE))
+               for ty in range(3) for tx in range(3)]
+        res = estimate_kernels(np.stack([source[c] for c in cut]), np.stack([target[c] for c in cut]),
+                               kernel_size=K, statistics=True)
+        kernels = ds["kernel"].values[image]  # as the run gave them to its model (output dtype)
+        usable = fl.modelled(kernels, ds["quality_flag"].values[image].astype(np.int64))
+        weights = tile_weights(ds["snr"].values[image], ds["flux"].values[image])
+        fwhm = float(np.median(ds["fwhm"].values[image][usable]))
+        field, residual, _ = fit_joint_tiles(
+            ds["y"].values, ds["x"].values, kernels, usable, weights, res.statistics,
+            res.n_valid.reshape(3, 3), max_degree=3, core_radius=core_radius_for(fwhm, K))
+        assert int(ds["model_degree"].values[image]) == field.degree
+        stored = ds["model_coefficient"].values[image][: len(field.coefficients)]
+        np.testing.assert_allclose(stored, field.coefficients, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(ds["model_residual"].values[image], residual, rtol=1e-5)
+
+
+def test_the_joint_field_is_evaluated_anywhere_like_any_model(joint_run):
+    folder, _, truth, _ = joint_run
+    km = pipeline.KernelMap.open(folder / "kernels.zarr")
+    centres = np.array([31.5, 95.5, 159.5])
+    for image in range(2):
+        model = km.kernel_at(image, centres[:, None], centres[None, :])
+        assert model.shape == (3, 3, K, K) and np.isfinite(model).all()
+        # each tile's kernel is its own here (no smooth field): the model is a smooth compromise
+        rel = np.sqrt(((model - truth["kernels"][image]) ** 2).sum(axis=(-2, -1))
+                      / (truth["kernels"][image] ** 2).sum(axis=(-2, -1)))
+        assert np.median(rel) < 0.5
+    with pytest.raises(pipeline.OutsideImageError):
+        km.kernel_at(0, 500.0, 10.0)
+
+
+def _forget(path, image: int, tiles: list[tuple[int, int]]) -> None:
+    """As if a run had been killed: ``image``'s model not written and ``tiles`` (blocks of one tile) not done."""
+    group = zarr.open_group(str(path), mode="r+")
+    group["model_degree"][image] = -1
+    records = zarr.open_array(str(path / "status" / "records"), mode="r+")
+    written = records.attrs["fields"].index("written")
+    for ty, tx in tiles:
+        records[image, ty, tx, written] = 0
+    group.attrs["kernelmap_status"] = "incomplete"
+
+
+def test_a_resumed_joint_run_computes_the_statistics_again_and_ends_as_the_uninterrupted_one(joint_run, tmp_path,
+                                                                                              capsys):
+    folder, data, _, _ = joint_run
+    reference = _open(folder / "kernels.zarr")
+    copy = tmp_path / "kernels.zarr"
+    shutil.copytree(folder / "kernels.zarr", copy)
+    _forget(copy, 1, [(0, 1), (2, 2)])  # image 1: 7 blocks stored, 2 to do, no model; image 0: done
+    resumed = run_job(job_from_dict({**data, "output": {"path": str(copy), "mode": "resume"}}))
+    assert "computing 7 stored blocks again for the joint model's statistics (1 image without" in capsys.readouterr().out
+    assert resumed.tiles_computed == 2 and resumed.tiles_skipped == 16
+    xr.testing.assert_identical(_open(copy).drop_attrs(), reference.drop_attrs())
+    # every block stored, the model of image 0 lost: all of its blocks computed again, none written
+    _forget(copy, 0, [])
+    again = run_job(job_from_dict({**data, "output": {"path": str(copy), "mode": "resume"}}), progress=False)
+    assert again.tiles_computed == 0
+    xr.testing.assert_identical(_open(copy).drop_attrs(), reference.drop_attrs())
+
+
+def test_a_run_on_a_local_cluster_gives_the_same_joint_model(joint_run, tmp_path):
+    folder, data, _, _ = joint_run
+    local = {**data, "output": {"path": str(tmp_path / "local.zarr")},
+             "compute": {"scheduler": "local", "n_workers": 2, "dashboard_address": None, "block_tiles": 2}}
+    run_job(job_from_dict(local), progress=False)
+    xr.testing.assert_identical(_open(tmp_path / "local.zarr").drop_attrs(),
+                                _open(folder / "kernels.zarr").drop_attrs())
