@@ -95,7 +95,8 @@ def test_a_resumed_joint_run_computes_the_statistics_again_and_ends_as_the_unint
     shutil.copytree(folder / "kernels.zarr", copy)
     _forget(copy, 1, [(0, 1), (2, 2)])  # image 1: 7 blocks stored, 2 to do, no model; image 0: done
     resumed = run_job(job_from_dict({**data, "output": {"path": str(copy), "mode": "resume"}}))
-    assert "computing 7 stored blocks again for the joint model's statistics (1 image without" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "computing 7 stored blocks again for the joint model's statistics (1 image without" in said
     assert resumed.tiles_computed == 2 and resumed.tiles_skipped == 16
     xr.testing.assert_identical(_open(copy).drop_attrs(), reference.drop_attrs())
     # every block stored, the model of image 0 lost: all of its blocks computed again, none written
