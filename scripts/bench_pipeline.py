@@ -559,9 +559,11 @@ def stacked_w(w_store: Path, path: Path, copies: int, log) -> Path:
     return path
 
 
-def _job_yaml(path: Path, store: Path, out: Path, method: str | None) -> Path:
-    """The default job on ``store`` (arrays S and R); ``method`` None keeps the default method."""
+def _job_yaml(path: Path, store: Path, out: Path, method: str | None, model: str | None = None) -> Path:
+    """The default job on ``store`` (arrays S and R); ``method`` None keeps the default method, ``model``
+    None the default model."""
     kernel = f"kernel: {{method: {method}}}\n" if method else ""
+    kernel += f"model: {{method: {model}}}\n" if model else ""
     path.write_text(f"input: {{path: {store}, source: S, target: R}}\n{kernel}"
                     f"output: {{path: {out}, mode: overwrite}}\n")
     return path
@@ -586,7 +588,7 @@ def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], 
     kernelmap = str(Path(sys.executable).with_name("kernelmap"))
     if not Path(kernelmap).exists():
         kernelmap = shutil.which("kernelmap") or kernelmap
-    methods = ("welch", DEFAULT_METHOD)
+    methods = ("welch", DEFAULT_METHOD) + (("joint",) if args.joint else ())
     runs: dict[tuple[int, str], list[tuple[float, float, str]]] = {}
     commands: dict[tuple[int, str], tuple[list[str], dict[str, str], Path]] = {}
     for n, store in sizes.items():
@@ -595,7 +597,8 @@ def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], 
                                 floor_env, limit.parent)
         for method in methods:
             job = _job_yaml(outs / f"job-{method}-{n}.yaml", store, outs / f"cli-{method}-{n}.zarr",
-                            None if method == DEFAULT_METHOD else method)
+                            None if method in (DEFAULT_METHOD, "joint") else method,
+                            "joint" if method == "joint" else None)
             commands[n, method] = ([kernelmap, "run", str(job)], env, ROOT)
     order = [(n, what) for n in sizes for what in ("limit", *methods)]
     log(f"whole processes, interleaved, {args.rounds} round(s): " + ", ".join(f"{w} ({n} pairs)" for n, w in order))
@@ -633,8 +636,13 @@ def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], 
             elif what == DEFAULT_METHOD:
                 ok = mpix >= 10.0 and secs / floor <= 3.5 and per_round <= 3.5
                 target = f">= 10 Mpix/s (150 tiles/s) and <= 3.5x floor: {'met' if ok else 'NOT met'}"
+            elif what == "joint":
+                added = secs / median((n, DEFAULT_METHOD)) - 1.0
+                target = f"the model adds {100 * added:+.0f} % to the default job (<= 20 %): " \
+                         f"{'met' if added <= 0.2 else 'NOT met'}"
             label = {"limit": "limit.py (the floor)", "welch": "kernelmap run, welch",
-                     DEFAULT_METHOD: f"kernelmap run, {DEFAULT_METHOD} (default)"}[what]
+                     DEFAULT_METHOD: f"kernelmap run, {DEFAULT_METHOD} (default)",
+                     "joint": f"kernelmap run, {DEFAULT_METHOD}, joint model"}[what]
             print(f"{n:5d} {label:<31} {secs:8.2f} {'[' + ', '.join(f'{w:.2f}' for w in walls) + ']':<26} "
                   f"{mpix:7.1f} {tiles:8.0f} {secs / floor:6.2f} {per_round:7.2f} {other:5.2f}  {target}")
     inner = []
@@ -678,6 +686,8 @@ def main() -> int:
                    help="keep the stacks and outputs written by this run (stacks found are always kept)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the small-stack timings (best is shown)")
     p.add_argument("--repeats-large", type=int, default=2, help="repeats of the large-stack timings")
+    p.add_argument("--joint", action="store_true",
+                   help="also the default job with model.method: joint, and what the joint model adds to it")
     p.add_argument("--skip-lstsq", action="store_true", help="no runs of the default (lstsq) method")
     p.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)

@@ -9,6 +9,7 @@ from scipy.signal import fftconvolve
 from pipeline.core.field import field_frame, legendre_design
 from pipeline.core.gram import design_rows
 from pipeline.core.joint import (
+    PackedGrams,
     TileStatistics,
     _core_mask,
     _leave_one_out,
@@ -17,6 +18,7 @@ from pipeline.core.joint import (
     _Pooled,
     _TilePenalty,
     fit_joint_field,
+    pack_gram,
     spread_rows,
 )
 from pipeline.core.lstsq import lstsq_kernels
@@ -297,3 +299,37 @@ def test_a_tile_far_from_the_field_is_rejected_and_the_field_refitted():
     assert not every.field.rejected.any()
     every_error = np.abs(every.field.coefficients[:2] - np.stack([base, slope])).max()
     assert kept_error < 1e-3 < every_error
+
+
+@given(n=st.integers(1, 4), m=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_packed_grams_index_trace_and_select_as_the_matrices_do(n, m, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, m, m))
+    a = a + a.transpose(0, 2, 1)
+    packed = PackedGrams(pack_gram(a), m)
+    assert packed.shape == a.shape and len(packed) == n
+    np.testing.assert_array_equal(packed[:], a)
+    np.testing.assert_array_equal(packed[n - 1], a[n - 1])
+    np.testing.assert_array_equal(packed[np.array([n - 1, 0])], a[[n - 1, 0]])
+    np.testing.assert_allclose(packed.traces(), np.trace(a, axis1=1, axis2=2), rtol=1e-12, atol=1e-12)
+    rows, cols = rng.permutation(m)[: max(1, m // 2)], rng.permutation(m)[: max(1, m - 1)]
+    np.testing.assert_array_equal(packed.packed[:, packed.index(rows, cols)], a[:, rows[:, None], cols[None, :]])
+    keep = rng.random(n) < 0.5
+    np.testing.assert_array_equal(packed.select(keep)[:], a[keep])
+
+
+@pytest.mark.parametrize("core_radius", [None, 1.0])
+def test_a_fit_from_packed_grams_equals_the_fit_from_the_matrices(core_radius):
+    rng = np.random.default_rng(14)
+    k = 3
+    yy, xx = np.mgrid[0:4, 0:4] * 256.0 + 128
+    stats = _random_statistics(16, k, rng, grid=(yy.ravel(), xx.ravel()))
+    packed = TileStatistics(PackedGrams(pack_gram(stats.gc), k * k), stats.cc, stats.yy, stats.count, stats.y,
+                            stats.x, stats.lam)
+    options = {"criterion": "pixels", "core_radius": core_radius, "max_degree": 2}
+    plain, compact = fit_joint_field(stats, **options), fit_joint_field(packed, **options)
+    assert compact.field.degree == plain.field.degree and compact.strength == plain.strength
+    np.testing.assert_allclose(compact.field.coefficients, plain.field.coefficients, rtol=1e-9,
+                               atol=1e-12 * np.abs(plain.field.coefficients).max())
+    assert compact.scores.keys() == plain.scores.keys()
+    np.testing.assert_allclose(list(compact.scores.values()), list(plain.scores.values()), rtol=1e-9)

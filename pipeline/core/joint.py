@@ -52,7 +52,7 @@ Pure NumPy/SciPy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,8 +63,8 @@ from ..errors import OptionError
 from .field import KernelField, field_frame, legendre_design, resolvable_terms, tile_weights
 from .penalties import penalty_terms
 
-__all__ = ["CRITERIA", "JointField", "TileStatistics", "core_radius_for", "fit_joint_field", "fit_joint_tiles",
-           "pack_gram", "spread_rows", "STRENGTHS", "unpack_gram"]
+__all__ = ["CRITERIA", "JointField", "PackedGrams", "TileStatistics", "core_radius_for", "fit_joint_field",
+           "fit_joint_tiles", "pack_gram", "spread_rows", "STRENGTHS", "unpack_gram"]
 
 #: The leave-one-tile-out scores :func:`fit_joint_field` can choose by.
 CRITERIA: tuple[str, ...] = ("kernels", "resolved", "pixels")
@@ -89,6 +89,61 @@ def unpack_gram(packed: np.ndarray, m: int, out: np.ndarray | None = None) -> np
     return out
 
 
+class PackedGrams:
+    """``(n, m, m)`` symmetric matrices kept as their upper triangles (:func:`pack_gram`: half the memory
+    of the matrices).  Indexing (a tile, a slice or an index array) gives the matrices themselves;
+    :meth:`select`, :meth:`traces` and :meth:`columns` work on the packed values."""
+
+    def __init__(self, packed: np.ndarray, m: int):
+        if packed.ndim != 2 or packed.shape[1] != m * (m + 1) // 2:
+            raise ValueError(f"packed Grams of {m}x{m} matrices need {m * (m + 1) // 2} values a row, "
+                             f"got shape {packed.shape}")
+        self.packed, self.m = packed, m
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.packed), self.m, self.m)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = self.packed[key]
+        return unpack_gram(rows, self.m) if rows.ndim == 2 else unpack_gram(rows[None], self.m)[0]
+
+    def select(self, which: np.ndarray) -> PackedGrams:
+        """The matrices ``which`` (bool or indices), still packed."""
+        return PackedGrams(self.packed[which], self.m)
+
+    def traces(self) -> np.ndarray:
+        """``(n,)`` each matrix's trace."""
+        i = np.arange(self.m)
+        return self.packed[:, i * self.m - i * (i - 1) // 2].sum(axis=1)
+
+    def index(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``(len(rows), len(cols))`` positions in a packed row of the entries ``[rows, cols]``."""
+        lo, hi = np.minimum.outer(rows, cols), np.maximum.outer(rows, cols)
+        return lo * self.m - lo * (lo - 1) // 2 + (hi - lo)
+
+
+def _gram_columns(gc: np.ndarray | PackedGrams, rows: np.ndarray, cols: np.ndarray):
+    """The Grams' entries ``[rows, cols]`` as ``(n, X)`` columns, and the map from a weighted sum of those
+    columns (``(X,)``) back to the ``(len(rows), len(cols))`` block."""
+    shape = (len(rows), len(cols))
+    m = gc.shape[-1]
+    if isinstance(gc, PackedGrams):
+        if len(rows) == m and len(cols) == m:  # every entry: the packed values themselves
+            return gc.packed, lambda summed: unpack_gram(summed[None], m)[0]
+        return gc.packed[:, gc.index(rows, cols).ravel()], lambda summed: summed.reshape(shape)
+    if len(rows) == m and len(cols) == m:
+        return gc.reshape(len(gc), -1), lambda summed: summed.reshape(shape)  # a view
+    return gc[:, rows[:, None], cols[None, :]].reshape(len(gc), -1), lambda summed: summed.reshape(shape)
+
+
+def _traces(gc: np.ndarray | PackedGrams) -> np.ndarray:
+    return gc.traces() if isinstance(gc, PackedGrams) else np.trace(gc, axis1=1, axis2=2)
+
+
 @dataclass(frozen=True)
 class TileStatistics:
     """Background-free normal equations of the tiles of one image (see :mod:`pipeline.core.lstsq`).
@@ -97,7 +152,8 @@ class TileStatistics:
     squares of kernel ``K`` (raster order) with its best constant background.
     """
 
-    gc: np.ndarray  #: ``(n, k*k, k*k)`` Gram with the background column profiled out
+    #: ``(n, k*k, k*k)`` Gram with the background column profiled out (an array, or :class:`PackedGrams`)
+    gc: np.ndarray | PackedGrams
     cc: np.ndarray  #: ``(n, k*k)`` right-hand side, likewise
     yy: np.ndarray  #: ``(n,)`` centred sum of squares of the target
     count: np.ndarray  #: ``(n,)`` target pixels fitted (0: no statistics)
@@ -213,15 +269,24 @@ class _Pooled:
         self.kind = [kinds.setdefault(j.tobytes(), len(kinds)) for j in self.pixels]  #: each term's pixel set
         self.sets = {self.kind[i]: self.pixels[i] for i in range(p)}
         self.weights = np.einsum("tp,tq,t->tpq", phi, phi, self.scale)  #: ``(T, P, P)``
-        gc = stats.gc if used.all() else stats.gc[used]  # no copy of every tile's Gram where all are used
+        gc = stats.gc
+        if not used.all():  # no copy of every tile's Gram where all are used
+            gc = gc.select(used) if isinstance(gc, PackedGrams) else gc[used]
         n = int(self.offsets[-1])
         self.data = np.empty((n, n))
-        for (i, j), sub in self._pairs(gc):
-            block = (self.weights[:, i, j] @ sub).reshape(len(self.pixels[i]), len(self.pixels[j]))
-            self.data[self._block(i, j)] = block
-            if i != j:
-                self.data[self._block(j, i)] = block.T
-        self.traces = np.trace(gc, axis1=1, axis2=2)  #: ``(T,)`` ``s_t``
+        columns: dict[tuple[int, int], tuple[np.ndarray, Callable]] = {}
+        for i in range(p):
+            for j in range(i, p):
+                key = (self.kind[i], self.kind[j])
+                if key not in columns:
+                    columns[key] = _gram_columns(gc, self.sets[key[0]], self.sets[key[1]])
+                sub, to_block = columns[key]
+                block = to_block(self.weights[:, i, j] @ sub)
+                self.data[self._block(i, j)] = block
+                if i != j:
+                    self.data[self._block(j, i)] = block.T
+        del columns
+        self.traces = _traces(gc)  #: ``(T,)`` ``s_t``
         cc = stats.cc[used]
         self.rhs = np.concatenate([(phi[:, i] * self.scale) @ cc[:, self.pixels[i]] for i in range(p)])
 
@@ -231,17 +296,6 @@ class _Pooled:
         if len(ja) == self.k2 and len(jb) == self.k2:
             return matrix
         return matrix[..., ja[:, None], jb[None, :]]
-
-    def _pairs(self, gc: np.ndarray):
-        """``((i, j), the Grams ``gc`` restricted, (T, |set i| * |set j|))`` for the term pairs ``i <= j``."""
-        cache: dict[tuple[int, int], np.ndarray] = {}
-        p = len(self.pixels)
-        for i in range(p):
-            for j in range(i, p):
-                key = (self.kind[i], self.kind[j])
-                if key not in cache:
-                    cache[key] = self._restricted(gc, *key).reshape(len(gc), -1)
-                yield (i, j), cache[key]
 
     def _block(self, i: int, j: int) -> tuple[slice, slice]:
         return slice(self.offsets[i], self.offsets[i + 1]), slice(self.offsets[j], self.offsets[j + 1])
@@ -672,7 +726,7 @@ def fit_joint_tiles(
     kernels: np.ndarray,
     usable: np.ndarray,
     weights: np.ndarray,
-    statistics: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    statistics: tuple[np.ndarray | PackedGrams, np.ndarray, np.ndarray, np.ndarray],
     count: np.ndarray,
     **options,
 ) -> tuple[KernelField | None, np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
 from ..core.field import fit_tiles, tile_weights
-from ..core.joint import core_radius_for, fit_joint_tiles, unpack_gram
+from ..core.joint import PackedGrams, core_radius_for, fit_joint_tiles
 from ..core.tiles import Block, TileGrid
 from ..io.store import IMAGES_PER_CHUNK, RECORD_FIELDS, ImageResults, OutputStore
 from .config import ModelConfig
@@ -123,13 +123,9 @@ class ImageFinisher:
 
     def _fit_joint(self, image: int, kernels: np.ndarray, usable: np.ndarray, weights: np.ndarray,
                    field: dict[str, np.ndarray]):
-        """The joint model of one image from its tiles' statistics (released as they are unpacked)."""
+        """The joint model of one image from its tiles' statistics (the Grams stay packed)."""
         packed, cc, yy, lam = (a.reshape(-1, *a.shape[2:]) for a in self.statistics.pop(image))
-        k2 = cc.shape[-1]
-        gc = np.empty((len(packed), k2, k2))
-        for start in range(0, len(packed), 64):  # unpacked a few tiles at a time: no second copy of all
-            unpack_gram(packed[start:start + 64], k2, out=gc[start:start + 64])
-        del packed
+        gc = PackedGrams(packed, cc.shape[-1])
         good = usable & np.isfinite(field["fwhm"])
         fwhm = float(np.median(field["fwhm"][good])) if good.any() else np.nan
         degrees = None if self.model.degree is None else [self.model.degree]
