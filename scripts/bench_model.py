@@ -143,7 +143,7 @@ def replicated(first: dict[str, object], side: int, core_radius: float | None, s
 
 
 def one_image(source: np.ndarray, target: np.ndarray, truth, image: int,
-              core_radius: float | None = None, scored: int | None = 64, criterion: str = "kernels",
+              core_radius: float | None = None, scored: int | None = 32, criterion: str = "kernels",
               oracle: bool = False, keep_statistics: bool = False) -> dict[str, object]:
     src, cy, cx = tiles_of(source)
     tgt, _, _ = tiles_of(target)
@@ -193,7 +193,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="BLAS threads")
     p.add_argument("--core-radius", type=float, default=None,
                    help="the joint fit's variation terms only within this radius (px) of the stamp centre")
-    p.add_argument("--scored", type=int, default=64, help="tiles whose held-out predictions score the joint fit")
+    p.add_argument("--scored", type=int, default=32, help="tiles whose held-out predictions score the joint fit")
     p.add_argument("--criterion", choices=CRITERIA, default="kernels", help="the joint fit's leave-one-tile-out score")
     p.add_argument("--oracle", action="store_true",
                    help="also fit every (degree, f) of the search (degrees 0-3) and print, per image, the one "
