@@ -113,3 +113,19 @@ def test_a_run_on_a_local_cluster_gives_the_same_joint_model(joint_run, tmp_path
     run_job(job_from_dict(local), progress=False)
     xr.testing.assert_identical(_open(tmp_path / "local.zarr").drop_attrs(),
                                 _open(folder / "kernels.zarr").drop_attrs())
+
+
+def test_a_masked_stack_with_a_blank_image_gets_joint_models_for_the_others_and_resumes_the_same(tmp_path):
+    make_stack(tmp_path / "stack.zarr", n_images=3, mask=True, noise=0.5)
+    target = zarr.open_group(str(tmp_path / "stack.zarr"), mode="r+")["target"]
+    target[1] = np.full(target.shape[1:], np.nan, dtype=target.dtype)  # every tile of image 1 unusable
+    data = job_dict(tmp_path, input={"mask": "mask"}, model={"method": "joint"}, compute={"block_tiles": 2})
+    summary = run_job(job_from_dict(data), progress=False)
+    assert [u.index for u in summary.unusable_images] == [1]
+    ds = _open(tmp_path / "kernels.zarr")
+    assert ds["model_degree"].values[1] == -1 and np.all(ds["model_degree"].values[[0, 2]] >= 0)
+    assert np.isnan(ds["model_residual"].values[1]).all() and np.isfinite(ds["model_residual"].values[0]).all()
+    # resumed complete: the image without a model is computed again (and is unusable again), the others kept
+    again = run_job(job_from_dict({**data, "output": {**data["output"], "mode": "resume"}}), progress=False)
+    assert [u.index for u in again.unusable_images] == [1] and again.tiles_computed == 0
+    xr.testing.assert_identical(_open(tmp_path / "kernels.zarr").drop_attrs(), ds.drop_attrs())
