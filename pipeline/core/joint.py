@@ -255,7 +255,7 @@ class _Pooled:
     """
 
     def __init__(self, stats: TileStatistics, used: np.ndarray, phi: np.ndarray, keep: np.ndarray | None = None,
-                 scale: np.ndarray | None = None, columns: dict | None = None):
+                 scale: np.ndarray | None = None, batch: int = 64):
         self.phi = phi  #: ``(T, P)`` of the tiles used
         #: ``(T,)`` each used tile's weight (its equations and penalty multiplied by it)
         self.scale = np.ones(len(phi)) if scale is None else np.asarray(scale, dtype=np.float64)
@@ -274,16 +274,22 @@ class _Pooled:
             gc = gc.select(used) if isinstance(gc, PackedGrams) else gc[used]
         n = int(self.offsets[-1])
         self.data = np.empty((n, n))
-        # the Grams' entries of each pair of pixel sets, gathered once (``columns``: shared by the
-        # systems of several degrees over the same tiles)
-        columns = {} if columns is None else columns
+        # each pair of pixel sets: the Grams' entries gathered ``batch`` tiles at a time (memory does not
+        # grow with the tiles) and summed with the weights of every term pair on those sets at once
+        pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i in range(p):
             for j in range(i, p):
-                key = (self.pixels[i].tobytes(), self.pixels[j].tobytes())
-                if key not in columns:
-                    columns[key] = _gram_columns(gc, self.pixels[i], self.pixels[j])
-                sub, to_block = columns[key]
-                block = to_block(self.weights[:, i, j] @ sub)
+                pairs.setdefault((self.kind[i], self.kind[j]), []).append((i, j))
+        for (a, b), on_sets in pairs.items():
+            w = np.stack([self.weights[:, i, j] for i, j in on_sets], axis=1)  # (T, pairs)
+            summed = None
+            for start in range(0, len(gc), batch):
+                part = slice(start, start + batch)
+                sub, to_block = _gram_columns(gc.select(part) if isinstance(gc, PackedGrams) else gc[part],
+                                              self.sets[a], self.sets[b])
+                summed = w[part].T @ sub if summed is None else summed + w[part].T @ sub
+            for (i, j), row in zip(on_sets, summed):
+                block = to_block(row)
                 self.data[self._block(i, j)] = block
                 if i != j:
                     self.data[self._block(j, i)] = block.T
@@ -625,7 +631,6 @@ def fit_joint_field(
     scores: dict[tuple[int, float], float] = {}
     fits: dict[tuple[int, int], tuple[float, np.ndarray, np.ndarray]] = {}
     systems: dict[int, tuple[_Pooled, np.ndarray]] = {}
-    columns: dict = {}  # the Grams' entries the systems of every degree sum
 
     def score(predicted: np.ndarray) -> float:
         """The criterion's total over the scored tiles."""
@@ -642,8 +647,7 @@ def fit_joint_field(
             if degree not in systems:
                 mask = resolvable_terms(u[used], v[used], degree)
                 systems[degree] = (_Pooled(stats, used, legendre_design(u[used], v[used], degree)[:, mask],
-                                           _core_mask(k, int(mask.sum()), core_radius), tile_scale[used],
-                                           columns), mask)
+                                           _core_mask(k, int(mask.sum()), core_radius), tile_scale[used]), mask)
             pooled, mask = systems[degree]
             tiles_penalty = _TilePenalty(units, ladder[i] * tile_lam[used])
             solved = pooled.solve(tiles_penalty)
