@@ -106,11 +106,18 @@ def test_a_resumed_joint_run_computes_the_statistics_again_and_ends_as_the_unint
     xr.testing.assert_identical(_open(copy).drop_attrs(), reference.drop_attrs())
 
 
-def test_a_run_on_a_local_cluster_gives_the_same_joint_model(joint_run, tmp_path):
+def test_a_run_on_a_local_cluster_fits_on_the_workers_and_gives_the_same_joint_model(joint_run, tmp_path,
+                                                                                    monkeypatch):
+    from pipeline.job.finish import ImageFinisher
+
     folder, data, _, _ = joint_run
+    fitted = []
+    original = ImageFinisher.fitted
+    monkeypatch.setattr(ImageFinisher, "fitted", lambda self, fit: (fitted.append(fit.image), original(self, fit)))
     local = {**data, "output": {"path": str(tmp_path / "local.zarr")},
              "compute": {"scheduler": "local", "n_workers": 2, "dashboard_address": None, "block_tiles": 2}}
     run_job(job_from_dict(local), progress=False)
+    assert sorted(fitted) == [0, 1]  # each image's model came back from a worker
     xr.testing.assert_identical(_open(tmp_path / "local.zarr").drop_attrs(),
                                 _open(folder / "kernels.zarr").drop_attrs())
 

@@ -109,10 +109,12 @@ def run_in_threads(task: BlockTask, blocks: Sequence[Block], on_result: Callable
 
 
 def run_on_client(client: Any, task: BlockTask, blocks: Sequence[Block],
-                  on_result: Callable[[BlockResult], None], *, give_up_after: float | None,
+                  on_result: Callable[[Any], Iterable[Any] | None], *, give_up_after: float | None,
                   log: Callable[[str], None], performance_report: str | None = None) -> None:
     """Run ``task`` on every block through a ``distributed.Client``; each result goes to ``on_result``
     in this thread as soon as it is in, and is released once read (memory does not grow with the stack).
+    ``on_result`` may return more futures (e.g. an image's model fit, submitted once its blocks are in):
+    the run waits for them too and hands their results to ``on_result`` in the same way.
 
     A :class:`WorkerWatch` says when no worker is left; with ``give_up_after``
     (seconds), it stops the run that long after the last worker left by
@@ -138,8 +140,11 @@ def run_on_client(client: Any, task: BlockTask, blocks: Sequence[Block],
                     if watch.error is not None:
                         raise watch.error from None
                     raise
-                on_result(result)
+                more = on_result(result)
                 waiting.remove(future.key)
+                for follow_up in more or ():
+                    waiting.add(follow_up)
+                    completed.add(follow_up)
 
 
 class WaitingFutures:
@@ -149,6 +154,10 @@ class WaitingFutures:
     def __init__(self, futures: Iterable[Any]):
         self._lock = threading.Lock()
         self._futures = {future.key: future for future in futures}
+
+    def add(self, future: Any) -> None:
+        with self._lock:
+            self._futures[future.key] = future
 
     def remove(self, key: Any) -> None:
         with self._lock:

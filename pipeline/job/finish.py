@@ -12,19 +12,21 @@ them unusable.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
-from ..core.field import fit_tiles, tile_weights
+from ..core.field import KernelField, fit_tiles, tile_weights
 from ..core.joint import PackedGrams, core_radius_for, fit_joint_tiles
 from ..core.tiles import Block, TileGrid
 from ..io.store import IMAGES_PER_CHUNK, RECORD_FIELDS, ImageResults, OutputStore
 from .config import ModelConfig
 
-__all__ = ["ImageFinisher", "unusable_flag_counts"]
+__all__ = ["ImageFinisher", "ImageFit", "JointFit", "fit_image", "unusable_flag_counts"]
 
 
 def unusable_flag_counts(flags: np.ndarray) -> dict[str, int] | None:
@@ -38,6 +40,48 @@ def unusable_flag_counts(flags: np.ndarray) -> dict[str, int] | None:
         return None
     return {f.name: int(np.count_nonzero(flags & f.mask)) for f in fl.FLAGS
             if f.mask & fl.BAD and np.any(flags & f.mask)}
+
+
+@dataclass(frozen=True)
+class ImageFit:
+    """An image's kernel-field model, as :meth:`ImageFinisher.fitted` takes it."""
+
+    image: int
+    model: KernelField | None
+    residual: np.ndarray  #: ``(y, x)`` each tile's relative difference from the model
+    rejected: np.ndarray  #: ``(y, x)`` tiles left out as outliers
+
+
+@dataclass(frozen=True, eq=False)
+class JointFit:
+    """The joint model fit of one image with all it needs (:func:`~pipeline.core.joint.fit_joint_tiles`):
+    run here, or on a worker (:func:`fit_image`) while other blocks are computed."""
+
+    image: int
+    y: np.ndarray
+    x: np.ndarray
+    kernels: np.ndarray
+    usable: np.ndarray
+    weights: np.ndarray
+    packed: np.ndarray  #: ``(tiles, k^2 (k^2 + 1) / 2)`` the tiles' packed Grams
+    cc: np.ndarray
+    yy: np.ndarray
+    lam: np.ndarray
+    count: np.ndarray
+    options: dict
+
+    def __call__(self) -> ImageFit:
+        with threadpool_limits(limits=1, user_api="blas"):  # the same sums here and on any worker
+            model, residual, rejected = fit_joint_tiles(
+                self.y, self.x, self.kernels, self.usable, self.weights,
+                (PackedGrams(self.packed, self.cc.shape[-1]), self.cc, self.yy, self.lam), self.count,
+                **self.options)
+        return ImageFit(self.image, model, residual, rejected)
+
+
+def fit_image(fit: JointFit) -> ImageFit:
+    """Run ``fit`` (a task function for a worker)."""
+    return fit()
 
 
 class ImageFinisher:
@@ -72,6 +116,11 @@ class ImageFinisher:
         self.last_flush = time.monotonic()
         #: images every tile of which is unusable: tiles per flag that made them so
         self.unusable: dict[int, dict[str, int]] = {}
+        #: where set, joint fits are handed to it (it returns a future of their :class:`ImageFit`, which the
+        #: caller gives to :meth:`fitted`) instead of being run here; see :meth:`take_submitted`
+        self.offload: Callable[[JointFit], Any] | None = None
+        self.submitted: list[Any] = []
+        self.unfitted: dict[int, np.ndarray] = {}  #: records of images whose model is being fitted elsewhere
 
     def add(self, block: Block, record: np.ndarray, kernels: np.ndarray,
             statistics: tuple[np.ndarray, ...] | None = None) -> None:
@@ -108,32 +157,47 @@ class ImageFinisher:
             self.unusable[image] = counts
         usable = fl.modelled(kernels, flags)
         weights = tile_weights(field["snr"], field["flux"])
+        if self.model.method == "joint":
+            fit = self._joint_fit(image, kernels, usable, weights, field)
+            if self.offload is not None:
+                self.unfitted[image] = records
+                self.submitted.append(self.offload(fit))
+                return
+            self._store(records, fit())
+            return
         with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend with workers
-            if self.model.method == "joint":
-                model, residual, rejected = self._fit_joint(image, kernels, usable, weights, field)
-            else:
-                model, residual, rejected = fit_tiles(
-                    self.grid.centres_y, self.grid.centres_x, kernels, usable, weights,
-                    degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
-                )
-        extra = fl.model_outliers(rejected)
-        self.pending.append(ImageResults(image, records, extra, model, residual))
+            model, residual, rejected = fit_tiles(
+                self.grid.centres_y, self.grid.centres_x, kernels, usable, weights,
+                degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
+            )
+        self._store(records, ImageFit(image, model, residual, rejected))
+
+    def fitted(self, fit: ImageFit) -> None:
+        """Take the model of an image whose fit was handed to :attr:`offload`."""
+        self._store(self.unfitted.pop(fit.image), fit)
+
+    def take_submitted(self) -> list[Any]:
+        """The futures handed out by :attr:`offload` since the last call."""
+        submitted, self.submitted = self.submitted, []
+        return submitted
+
+    def _store(self, records: np.ndarray, fit: ImageFit) -> None:
+        extra = fl.model_outliers(fit.rejected)
+        self.pending.append(ImageResults(fit.image, records, extra, fit.model, fit.residual))
         if len(self.pending) >= self.FLUSH_IMAGES or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
             self.flush()
 
-    def _fit_joint(self, image: int, kernels: np.ndarray, usable: np.ndarray, weights: np.ndarray,
-                   field: dict[str, np.ndarray]):
-        """The joint model of one image from its tiles' statistics (the Grams stay packed)."""
+    def _joint_fit(self, image: int, kernels: np.ndarray, usable: np.ndarray, weights: np.ndarray,
+                   field: dict[str, np.ndarray]) -> JointFit:
+        """The joint model fit of one image from its tiles' statistics (the Grams stay packed)."""
         packed, cc, yy, lam = (a.reshape(-1, *a.shape[2:]) for a in self.statistics.pop(image))
-        gc = PackedGrams(packed, cc.shape[-1])
         good = usable & np.isfinite(field["fwhm"])
         fwhm = float(np.median(field["fwhm"][good])) if good.any() else np.nan
         degrees = None if self.model.degree is None else [self.model.degree]
-        return fit_joint_tiles(
-            self.grid.centres_y, self.grid.centres_x, kernels, usable, weights, (gc, cc, yy, lam),
-            np.nan_to_num(field["n_valid"]).astype(np.int64), degrees=degrees, max_degree=self.model.max_degree,
-            core_radius=core_radius_for(fwhm, kernels.shape[-1]),
-        )
+        return JointFit(image, self.grid.centres_y, self.grid.centres_x, kernels, usable, weights, packed, cc, yy,
+                        lam, np.nan_to_num(field["n_valid"]).astype(np.int64),
+                        {"degrees": degrees, "max_degree": self.model.max_degree,
+                         "core_radius": core_radius_for(fwhm, kernels.shape[-1])})
 
     def flush(self) -> None:
         """Write the diagnostics and models of the images finished since the last write."""

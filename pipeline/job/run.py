@@ -33,7 +33,7 @@ from ..errors import OptionError
 from .blocks import BlockResult, BlockTask
 from .config import JobConfig, load_job
 from .executors import WORKER_ENV, connect, run_in_threads, run_on_client
-from .finish import ImageFinisher
+from .finish import ImageFinisher, ImageFit, JointFit, fit_image
 from .plan import Plan, plan_job
 from .progress import Progress
 
@@ -211,17 +211,28 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
         finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
         finisher.add_stored(stored if job.model.method != "joint" else [])
 
-        def finished(result: BlockResult) -> None:
+        def finished(result: BlockResult | ImageFit) -> list[Any]:
             nonlocal flagged
+            if isinstance(result, ImageFit):  # a model fitted on a worker
+                finisher.fitted(result)
+                return []
             if result.written:
                 flagged += result.flagged
             finisher.add(result.block, result.record, result.kernels, result.statistics)
             bar.update(result.n_tiles)
+            return finisher.take_submitted()
 
         if get_client is not None:
             client = get_client()
         if client is not None and progress:
             log(f"dashboard: {client.dashboard_link}")
+        if client is not None and job.model.method == "joint":
+            # each image's joint fit runs on a worker, beside the blocks of other images
+            def offload(fit: JointFit, client=client) -> Any:
+                data = client.scatter(fit, hash=False)  # the statistics go to a worker, not into the graph
+                return client.submit(fit_image, data, pure=False, key=f"kernelmap-model-{fit.image}")
+
+            finisher.offload = offload
         task = BlockTask(plan.inputs.reader, plan.grid, job, store,
                          frozenset((b.image, b.by, b.bx) for b in recompute))
         work = pending + recompute
