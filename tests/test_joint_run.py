@@ -136,3 +136,20 @@ def test_a_masked_stack_with_a_blank_image_gets_joint_models_for_the_others_and_
     again = run_job(job_from_dict({**data, "output": {**data["output"], "mode": "resume"}}), progress=False)
     assert [u.index for u in again.unusable_images] == [1] and again.tiles_computed == 0
     xr.testing.assert_identical(_open(tmp_path / "kernels.zarr").drop_attrs(), ds.drop_attrs())
+
+
+def test_the_dry_run_shows_the_model_and_what_its_statistics_hold(tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    make_stack(tmp_path / "stack.zarr", n_images=1)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(tmp_path, model={"method": "joint"})))
+    assert main(["run", str(job_file), "--dry-run"]) == 0
+    k2 = K * K
+    per_tile = (k2 * (k2 + 1) // 2 + k2 + 8) * 8 / 2**20
+    assert (f"model      joint fit to all tiles' pixels, degree up to 3; each block returns its tiles' normal "
+            f"equations ({per_tile:.2f} MiB a tile, {9 * per_tile:.1f} MiB an image") in capsys.readouterr().out
+    assert main(["run", str(job_file), "--dry-run", "--set", "model.method=kernels"]) == 0
+    assert "model      fitted to the tile kernels, degree up to 3" in capsys.readouterr().out

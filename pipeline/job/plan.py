@@ -116,7 +116,7 @@ class Plan:
         per_tile = (k2 * (k2 + 1) // 2 + k2 + 8) * 8  # packed Gram, right-hand side, sums (float64)
         ty, tx = self.grid.shape
         return (f"joint fit to all tiles' pixels, {degree}; each block returns its tiles' normal equations "
-                f"({per_tile / 2**20:.2f} MiB a tile, {ty * tx * per_tile / 2**20:.0f} MiB an image in the "
+                f"({per_tile / 2**20:.2f} MiB a tile, {ty * tx * per_tile / 2**20:.1f} MiB an image in the "
                 "client until its model is fitted)")
 
     def describe(self) -> str:
