@@ -21,7 +21,7 @@ the tiles'.  Targets (issue 11): joint median error at tile centres
 lower; flux error no worse; between tile centres as good as at them.
 
     python scripts/bench_model.py [--sizes 1024 1536 2048] [--images 2] [--seed 2026] [--core-radius R] [--scored N]
-        [--field demo|tilt|saddle|constant] [--criterion kernels|resolved|pixels] [--oracle] [--replicate SIDE ...]
+        [--field demo|tilt|saddle|constant|wide] [--criterion kernels|resolved|pixels] [--oracle] [--replicate SIDE ...]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ FIELDS = {
     "tilt": lambda u, v: (2.6 + 0.5 * u - 0.3 * v, 0.04 * u, -0.04 * v, 0.0, 0.0, 1.0 + 0.03 * u),
     "saddle": lambda u, v: (3.0 + 0.3 * u * v + 0.2 * u * u, 0.05 * v, 0.03 * u * v, 0.0, 0.15 * u, 1.0),
     "constant": lambda u, v: (2.8, 0.03, -0.02, 0.1, -0.1, 1.0),
+    "wide": lambda u, v: (4.6 + 0.4 * u - 0.3 * v, 0.04 * u, -0.03 * v, 0.0, 0.0, 1.0 + 0.02 * u),
 }
 
 
