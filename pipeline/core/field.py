@@ -33,8 +33,8 @@ from numpy.polynomial import legendre
 from ..errors import OptionError, OutsideImageError, OutsideImageWarning
 
 __all__ = ["OUTSIDE", "STORED", "FieldFrame", "KernelField", "check_positions", "field_frame", "fit_kernel_field",
-           "fit_tiles", "image_extent", "legendre_design", "outside_extent", "polynomial_terms", "resolvable_terms",
-           "tile_weights"]
+           "fit_tiles", "grid_outcome", "image_extent", "legendre_design", "outside_extent", "polynomial_terms",
+           "resolvable_terms", "tile_weights"]
 
 #: What :meth:`KernelField.kernel_at` does at positions outside the image: raise, or NaN kernels and a warning.
 OUTSIDE = ("raise", "nan")
@@ -348,15 +348,25 @@ def fit_tiles(
     where its kernel is), ``rejected`` the tiles left out as outliers.  No
     model (``None``) when too few tiles are usable.
     """
-    ny, nx, k, _ = kernels.shape
+    k = kernels.shape[-1]
     yy, xx = np.meshgrid(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64), indexing="ij")
     flat = kernels.reshape(-1, k, k).astype(np.float64)
     w = np.where(np.asarray(usable).ravel(), np.asarray(weights, dtype=np.float64).ravel(), 0.0)
     try:
         field = fit_kernel_field(yy.ravel(), xx.ravel(), flat, weights=w, **options)
     except ValueError:
-        return None, np.full((ny, nx), np.nan), np.zeros((ny, nx), dtype=bool)
+        field = None
+    return grid_outcome(field, yy, xx, flat)
+
+
+def grid_outcome(field: KernelField | None, yy: np.ndarray, xx: np.ndarray,
+                 flat: np.ndarray) -> tuple[KernelField | None, np.ndarray, np.ndarray]:
+    """``(field, residual, rejected)`` of a field fitted to a grid of tiles (``yy``, ``xx``: ``(ny, nx)``
+    tile centres; ``flat``: their ``(ny*nx, k, k)`` kernels): each tile's relative L2 difference from
+    the field and the tiles it left out as outliers (NaN and none without a field)."""
+    if field is None:
+        return None, np.full(yy.shape, np.nan), np.zeros(yy.shape, dtype=bool)
     model = field.kernel_at(yy.ravel(), xx.ravel())
     with np.errstate(divide="ignore", invalid="ignore"):
         residual = np.sqrt(np.sum((flat - model) ** 2, axis=(1, 2)) / np.sum(model**2, axis=(1, 2)))
-    return field, residual.reshape(ny, nx), field.rejected.reshape(ny, nx)
+    return field, residual.reshape(yy.shape), field.rejected.reshape(yy.shape)

@@ -60,7 +60,7 @@ import scipy.linalg
 import scipy.linalg.lapack
 
 from ..errors import OptionError
-from .field import KernelField, field_frame, legendre_design, resolvable_terms, tile_weights
+from .field import KernelField, field_frame, grid_outcome, legendre_design, resolvable_terms, tile_weights
 from .penalties import penalty_terms
 
 __all__ = ["CRITERIA", "JointField", "PackedGrams", "TileStatistics", "core_radius_for", "fit_joint_field",
@@ -84,9 +84,9 @@ def pack_gram(gc: np.ndarray) -> np.ndarray:
     return gc[:, *np.triu_indices(m)]
 
 
-def unpack_gram(packed: np.ndarray, m: int, out: np.ndarray | None = None) -> np.ndarray:
-    """The ``(n, m, m)`` symmetric matrices of :func:`pack_gram` (into ``out`` where given)."""
-    out = np.empty((len(packed), m, m), dtype=packed.dtype) if out is None else out
+def unpack_gram(packed: np.ndarray, m: int) -> np.ndarray:
+    """The ``(n, m, m)`` symmetric matrices of :func:`pack_gram`."""
+    out = np.empty((len(packed), m, m), dtype=packed.dtype)
     upper = np.triu_indices(m)
     out[:, upper[0], upper[1]] = packed
     out[:, upper[1], upper[0]] = packed
@@ -96,7 +96,7 @@ def unpack_gram(packed: np.ndarray, m: int, out: np.ndarray | None = None) -> np
 class PackedGrams:
     """``(n, m, m)`` symmetric matrices kept as their upper triangles (:func:`pack_gram`: half the memory
     of the matrices).  Indexing (a tile, a slice or an index array) gives the matrices themselves;
-    :meth:`select`, :meth:`traces` and :meth:`columns` work on the packed values."""
+    :meth:`select`, :meth:`traces` and :meth:`index` work on the packed values."""
 
     def __init__(self, packed: np.ndarray, m: int):
         if packed.ndim != 2 or packed.shape[1] != m * (m + 1) // 2:
@@ -146,6 +146,11 @@ def _gram_columns(gc: np.ndarray | PackedGrams, rows: np.ndarray, cols: np.ndarr
 
 def _traces(gc: np.ndarray | PackedGrams) -> np.ndarray:
     return gc.traces() if isinstance(gc, PackedGrams) else np.trace(gc, axis1=1, axis2=2)
+
+
+def _some_tiles(gc: np.ndarray | PackedGrams, which: slice | np.ndarray) -> np.ndarray | PackedGrams:
+    """The Grams of the tiles ``which``, packed where they were."""
+    return gc.select(which) if isinstance(gc, PackedGrams) else gc[which]
 
 
 @dataclass(frozen=True)
@@ -273,9 +278,7 @@ class _Pooled:
         self.kind = [kinds.setdefault(j.tobytes(), len(kinds)) for j in self.pixels]  #: each term's pixel set
         self.sets = {self.kind[i]: self.pixels[i] for i in range(p)}
         self.weights = np.einsum("tp,tq,t->tpq", phi, phi, self.scale)  #: ``(T, P, P)``
-        gc = stats.gc
-        if not used.all():  # no copy of every tile's Gram where all are used
-            gc = gc.select(used) if isinstance(gc, PackedGrams) else gc[used]
+        gc = stats.gc if used.all() else _some_tiles(stats.gc, used)  # no copy where all are used
         n = int(self.offsets[-1])
         self.data = np.empty((n, n))
         # each pair of pixel sets: the Grams' entries gathered ``batch`` tiles at a time (memory does not
@@ -289,8 +292,7 @@ class _Pooled:
             summed = None
             for start in range(0, len(gc), batch):
                 part = slice(start, start + batch)
-                sub, to_block = _gram_columns(gc.select(part) if isinstance(gc, PackedGrams) else gc[part],
-                                              self.sets[a], self.sets[b])
+                sub, to_block = _gram_columns(_some_tiles(gc, part), self.sets[a], self.sets[b])
                 summed = w[part].T @ sub if summed is None else summed + w[part].T @ sub
             for (i, j), row in zip(on_sets, summed):
                 block = to_block(row)
@@ -410,12 +412,7 @@ def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, stats: TileStatist
         b = scale[:, None, None] * (gc + np.trace(gc, axis1=1, axis2=2)[:, None, None] * penalty.of(part))
         rhs = pooled.phi[part] @ coef - np.einsum("tij,tj->ti", hats, scale[:, None] * stats.cc[tiles])
         system = np.eye(k2, dtype=dtype) - hats.astype(dtype, copy=False) @ b.astype(dtype, copy=False)
-        rhs = rhs.astype(dtype, copy=False)
-        stop = start + len(part)
-        try:
-            predicted[start:stop] = np.linalg.solve(system, rhs[..., None])[..., 0]
-        except np.linalg.LinAlgError:  # one singular system: solve them one by one
-            predicted[start:stop] = np.stack([_solve_or_inf(m, r) for m, r in zip(system, rhs)])
+        predicted[start : start + len(part)] = _batched_solve(system, rhs.astype(dtype, copy=False), batch)
     return predicted
 
 
@@ -459,10 +456,9 @@ def _inverse_noise(stats: TileStatistics, used: np.ndarray, base: np.ndarray, pe
     """``(n,)``: each used tile's inverse residual variance under its own kernel (the tile's kernel where
     given, else its own fit at its evidence strengths), divided by their median; 1 elsewhere."""
     index = np.flatnonzero(used)
-    own = None if stats.kernels is None else np.asarray(stats.kernels, dtype=np.float64)[index]
-    missing = np.ones(len(index), dtype=bool) if own is None else ~np.all(np.isfinite(own), axis=1)
-    if own is None:
-        own = np.zeros((len(index), stats.cc.shape[1]))
+    own = (np.full((len(index), stats.cc.shape[1]), np.nan) if stats.kernels is None
+           else np.asarray(stats.kernels, dtype=np.float64)[index])
+    missing = ~np.all(np.isfinite(own), axis=1)
     if missing.any():
         own[missing] = _batched_solve(_own_systems(stats, index[missing], base, penalty, centre),
                                       stats.cc[index[missing]])
@@ -548,8 +544,8 @@ def fit_joint_field(
         the simulated images of ``scripts/bench_model.py`` the tiles' own
         strengths brought the joint field's median error from 0.29-1.01 of
         the tiles' (median 0.60) to 0.34-0.74 (median 0.49) and made
-        ``"kernels"`` choose as the truth would: a field whose kernels widen across the image needs a weaker
-        penalty where they are narrow.
+        ``"kernels"`` choose as the truth would: a field whose kernels widen
+        across the image needs a weaker penalty where they are narrow.
     core_radius
         Where given, the terms above the constant vary only within this many
         pixels of the stamp centre (the constant term keeps every pixel): far
@@ -599,14 +595,15 @@ def fit_joint_field(
         raise OptionError(f"weighting={weighting!r}: use 'noise' or 'equal'")
     rows = spread_rows(int(used.sum()), scored)  # the used tiles whose held-out predictions are scored
     scored_tiles = np.flatnonzero(used)[rows]
+    weights = (np.ones(len(scored_tiles)) if stats.weights is None
+               else np.asarray(stats.weights, dtype=np.float64)[scored_tiles])
+    weights = np.where(np.isfinite(weights), weights, 0.0)  # the scored tiles' weights in the kernel scores
     if criterion == "kernels":
         if stats.kernels is None:
             raise OptionError("criterion='kernels' needs the tiles' own kernels (TileStatistics.kernels): "
                              "build the statistics with TileStatistics.from_lstsq, or use criterion='pixels'")
         own = stats.kernels[scored_tiles]
-        weights = (np.ones(len(own)) if stats.weights is None
-                   else np.asarray(stats.weights, dtype=np.float64)[scored_tiles])
-        weights = np.where(np.all(np.isfinite(own), axis=1) & np.isfinite(weights), weights, 0.0)
+        weights = np.where(np.all(np.isfinite(own), axis=1), weights, 0.0)
         own = np.where(weights[:, None] > 0, own, 0.0)
         if not np.any(weights > 0):
             raise ValueError("no tile with a kernel and a positive weight to score the fit against")
@@ -614,10 +611,7 @@ def fit_joint_field(
     base = np.nanmedian(lam_tiles, axis=0)
     k = stats.kernel_size
     if criterion == "resolved":
-        weights = (np.ones(len(scored_tiles)) if stats.weights is None
-                   else np.asarray(stats.weights, dtype=np.float64)[scored_tiles])
         own_systems = _own_systems(stats, scored_tiles, base, penalty, centre)
-        weights = np.where(np.isfinite(weights), weights, 0.0)
         norm = float(np.sum(weights * np.sum(_batched_solve(own_systems, stats.cc[scored_tiles]) ** 2, axis=1)))
     units = _penalty_units(k, penalty, centre)
     # each tile's evidence strengths (the median where unknown), or the median for every tile
@@ -753,7 +747,7 @@ def fit_joint_tiles(
     are left out; ``residual`` is each tile's relative L2 difference from the
     field; no field (``None``) where it cannot be fitted.
     """
-    ny, nx, k, _ = kernels.shape
+    k = kernels.shape[-1]
     yy, xx = np.meshgrid(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64), indexing="ij")
     flat = kernels.reshape(-1, k, k).astype(np.float64)
     gc, cc, yy_stat, lam = statistics
@@ -763,8 +757,5 @@ def fit_joint_tiles(
     try:
         field = fit_joint_field(stats, **options).field
     except (ValueError, np.linalg.LinAlgError):
-        return None, np.full((ny, nx), np.nan), np.zeros((ny, nx), dtype=bool)
-    model = field.kernel_at(yy.ravel(), xx.ravel())
-    with np.errstate(divide="ignore", invalid="ignore"):
-        residual = np.sqrt(np.sum((flat - model) ** 2, axis=(1, 2)) / np.sum(model**2, axis=(1, 2)))
-    return field, residual.reshape(ny, nx), field.rejected.reshape(ny, nx)
+        field = None
+    return grid_outcome(field, yy, xx, flat)
