@@ -15,6 +15,7 @@ from pipeline.core.joint import (
     _leave_one_out,
     _penalty_matrix,
     _penalty_units,
+    _HeldOut,
     _Pooled,
     _TilePenalty,
     fit_joint_field,
@@ -76,7 +77,7 @@ def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted):
     coef, factor = pooled.solve(_tiles_penalty(k, lam))
     if core_radius is not None:  # corners of the 3x3 stamp are outside radius 1: held at zero
         assert np.all(coef[1:].reshape(-1, k, k)[:, [0, 0, -1, -1], [0, -1, 0, -1]] == 0)
-    fast = _leave_one_out(pooled, factor, coef, stats, used, _tiles_penalty(k, lam))
+    fast = _leave_one_out(pooled, factor, coef, _HeldOut(stats, used, pooled, _tiles_penalty(k, lam)))
     for t in range(9):
         keep_t = np.arange(9) != t
         sub = TileStatistics(stats.gc[keep_t], stats.cc[keep_t], stats.yy[keep_t], stats.count[keep_t],
@@ -85,6 +86,34 @@ def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted):
                             None if scale is None else scale[keep_t]).solve(_tiles_penalty(k, lam[keep_t]))
         predicted = phi[t] @ coef_t
         np.testing.assert_allclose(fast[t], predicted, rtol=0, atol=1e-9 * np.abs(predicted).max())
+
+
+def test_a_lower_degree_at_another_strength_from_the_top_degree_system_equals_its_own_fit():
+    """The search assembles the highest degree's system once: a lower degree's is its leading block, and the
+    held-out predictions at ``f`` times the tiles' penalties equal refits without each tile."""
+    rng = np.random.default_rng(15)
+    k = 3
+    yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
+    stats = _random_statistics(9, k, rng, grid=(yy.ravel(), xx.ravel()))
+    used = stats.usable()
+    u, v = field_frame(stats.y, stats.x, used).normalised(stats.y, stats.x)
+    lam = rng.uniform(0.2, 2.0, size=(9, 2))
+    scale = rng.uniform(0.5, 2.0, 9)
+    top = _Pooled(stats, used, legendre_design(u, v, 2), _core_mask(k, 6, 1.0), scale)
+    f = 0.3
+    coef, factor = top.solve(_tiles_penalty(k, f * lam), n_terms=3)
+    low = legendre_design(u, v, 1)
+    own, _ = _Pooled(stats, used, low, _core_mask(k, 3, 1.0), scale).solve(_tiles_penalty(k, f * lam))
+    np.testing.assert_allclose(coef, own, rtol=1e-10, atol=1e-13 * np.abs(own).max())
+    held = _HeldOut(stats, used, top, _tiles_penalty(k, lam))  # the penalties at f = 1
+    fast = _leave_one_out(top, factor, coef, held, strength=f)
+    for t in range(9):
+        keep_t = np.arange(9) != t
+        sub = TileStatistics(stats.gc[keep_t], stats.cc[keep_t], stats.yy[keep_t], stats.count[keep_t],
+                             stats.y[keep_t], stats.x[keep_t], stats.lam[keep_t])
+        coef_t, _ = _Pooled(sub, np.ones(8, bool), low[keep_t], _core_mask(k, 3, 1.0), scale[keep_t]).solve(
+            _tiles_penalty(k, f * lam[keep_t]))
+        np.testing.assert_allclose(fast[t], low[t] @ coef_t, rtol=0, atol=1e-9 * np.abs(coef_t).max())
 
 
 def test_weighted_pooled_fit_equals_the_dense_weighted_normal_equations():
@@ -262,13 +291,13 @@ def test_scoring_a_subset_predicts_those_tiles_as_scoring_all_does():
     penalty = _tiles_penalty(k, np.tile([0.3, 1.0], (16, 1)))
     pooled = _Pooled(stats, used, phi)
     coef, factor = pooled.solve(penalty)
-    every = _leave_one_out(pooled, factor, coef, stats, used, penalty)
+    every = _leave_one_out(pooled, factor, coef, _HeldOut(stats, used, pooled, penalty))
     coef, factor = pooled.solve(penalty)  # the inverse is taken in the factor's memory: factor again
     rows = spread_rows(16, 5)
-    some = _leave_one_out(pooled, factor, coef, stats, used, penalty, rows)
+    some = _leave_one_out(pooled, factor, coef, _HeldOut(stats, used, pooled, penalty, rows))
     np.testing.assert_allclose(some, every[rows], rtol=1e-10, atol=1e-12 * np.abs(every).max())
     coef, factor = pooled.solve(penalty)
-    single = _leave_one_out(pooled, factor, coef, stats, used, penalty, dtype=np.float32)  # as the search scores
+    single = _leave_one_out(pooled, factor, coef, _HeldOut(stats, used, pooled, penalty, dtype=np.float32))
     np.testing.assert_allclose(single, every, rtol=0, atol=1e-4 * np.abs(every).max())
     full = fit_joint_field(stats, degrees=[1], strengths=[1.0], criterion="pixels", scored=None)
     also = fit_joint_field(stats, degrees=[1], strengths=[1.0], criterion="pixels", scored=16)
@@ -301,31 +330,47 @@ def test_a_tile_far_from_the_field_is_rejected_and_the_field_refitted():
     assert kept_error < 1e-3 < every_error
 
 
-@given(n=st.integers(1, 4), m=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
-def test_packed_grams_index_trace_and_select_as_the_matrices_do(n, m, seed):
+@given(n=st.integers(1, 9), m=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_packed_grams_in_chunks_index_trace_and_quadratic_as_the_matrices_do(n, m, seed):
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(n, m, m))
     a = a + a.transpose(0, 2, 1)
-    packed = PackedGrams(pack_gram(a), m)
+    order = rng.permutation(n)  # the matrix of each stored row
+    cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(0, n), replace=False)) if n > 1 else []
+    packed = PackedGrams(np.split(pack_gram(a[order]), cuts), m, order)  # in chunks, as blocks return them
     assert packed.shape == a.shape and len(packed) == n
     np.testing.assert_array_equal(packed[:], a)
     np.testing.assert_array_equal(packed[n - 1], a[n - 1])
-    np.testing.assert_array_equal(packed[np.array([n - 1, 0])], a[[n - 1, 0]])
+    some = rng.choice(n, size=rng.integers(1, n + 1), replace=False)
+    np.testing.assert_array_equal(packed[some], a[some])
+    buffer = np.full((n + 1, m * (m + 1) // 2), np.nan)
+    np.testing.assert_array_equal(packed.rows(some, out=buffer), pack_gram(a[some]))
     np.testing.assert_allclose(packed.traces(), np.trace(a, axis1=1, axis2=2), rtol=1e-12, atol=1e-12)
-    rows, cols = rng.permutation(m)[: max(1, m // 2)], rng.permutation(m)[: max(1, m - 1)]
-    np.testing.assert_array_equal(packed.packed[:, packed.index(rows, cols)], a[:, rows[:, None], cols[None, :]])
-    keep = rng.random(n) < 0.5
-    np.testing.assert_array_equal(packed.select(keep)[:], a[keep])
+    vectors = rng.normal(size=(len(some), m))
+    np.testing.assert_allclose(packed.quadratic(vectors, some), np.einsum("ti,tij,tj->t", vectors, a[some], vectors),
+                               rtol=1e-10, atol=1e-10 * np.abs(a).max() * np.sum(vectors**2, axis=1).max())
 
 
-@pytest.mark.parametrize("core_radius", [None, 1.0])
-def test_a_fit_from_packed_grams_equals_the_fit_from_the_matrices(core_radius):
+def test_packed_grams_refuse_an_order_that_is_not_a_permutation():
+    with pytest.raises(ValueError, match="each of the 3 matrices once"):
+        PackedGrams(pack_gram(np.zeros((3, 2, 2))), 2, np.array([0, 0, 2]))
+
+
+@pytest.mark.parametrize("core_radius, chunks", [(None, 1), (1.0, 1), (1.0, 3)])
+def test_a_fit_from_packed_grams_equals_the_fit_from_the_matrices(core_radius, chunks):
+    """Also from Grams in chunks (the blocks' own arrays, their rows in another order), with some tiles
+    unusable."""
     rng = np.random.default_rng(14)
     k = 3
     yy, xx = np.mgrid[0:4, 0:4] * 256.0 + 128
     stats = _random_statistics(16, k, rng, grid=(yy.ravel(), xx.ravel()))
-    packed = TileStatistics(PackedGrams(pack_gram(stats.gc), k * k), stats.cc, stats.yy, stats.count, stats.y,
-                            stats.x, stats.lam)
+    count = stats.count.copy()
+    if chunks > 1:
+        count[[2, 9]] = 0  # not usable
+    stats = TileStatistics(stats.gc, stats.cc, stats.yy, count, stats.y, stats.x, stats.lam)
+    order = np.random.default_rng(3).permutation(16) if chunks > 1 else np.arange(16)  # stored rows' tiles
+    packed = TileStatistics(PackedGrams(np.array_split(pack_gram(stats.gc[order]), chunks), k * k, order), stats.cc,
+                            stats.yy, stats.count, stats.y, stats.x, stats.lam)
     options = {"criterion": "pixels", "core_radius": core_radius, "max_degree": 2}
     plain, compact = fit_joint_field(stats, **options), fit_joint_field(packed, **options)
     assert compact.field.degree == plain.field.degree and compact.strength == plain.strength

@@ -111,13 +111,16 @@ def test_a_run_on_a_local_cluster_fits_on_the_workers_and_gives_the_same_joint_m
     from pipeline.job.finish import ImageFinisher
 
     folder, data, _, _ = joint_run
-    fitted = []
-    original = ImageFinisher.fitted
+    fitted, sent = [], []
+    original, add = ImageFinisher.fitted, ImageFinisher.add
     monkeypatch.setattr(ImageFinisher, "fitted", lambda self, fit: (fitted.append(fit.image), original(self, fit)))
+    monkeypatch.setattr(ImageFinisher, "add", lambda self, block, record, kernels, statistics=None: (
+        sent.append(statistics is not None), add(self, block, record, kernels, statistics)))
     local = {**data, "output": {"path": str(tmp_path / "local.zarr")},
              "compute": {"scheduler": "local", "n_workers": 2, "dashboard_address": None, "block_tiles": 2}}
     run_job(job_from_dict(local), progress=False)
     assert sorted(fitted) == [0, 1]  # each image's model came back from a worker
+    assert len(sent) == 8 and not any(sent)  # the blocks' statistics stayed on the workers
     xr.testing.assert_identical(_open(tmp_path / "local.zarr").drop_attrs(),
                                 _open(folder / "kernels.zarr").drop_attrs())
 

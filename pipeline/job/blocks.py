@@ -13,6 +13,7 @@ model again (``BlockTask.recompute``), identically, without writing them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,10 @@ class BlockResult:
     @property
     def n_tiles(self) -> int:
         return self.block.n_tiles
+
+    def without_statistics(self) -> BlockResult:
+        """The result as the client reads it when the statistics stay on the workers."""
+        return dataclasses.replace(self, statistics=None)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, nullcontext
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -110,7 +111,8 @@ def run_in_threads(task: BlockTask, blocks: Sequence[Block], on_result: Callable
 
 def run_on_client(client: Any, task: BlockTask, blocks: Sequence[Block],
                   on_result: Callable[[Any], Iterable[Any] | None], *, give_up_after: float | None,
-                  log: Callable[[str], None], performance_report: str | None = None) -> None:
+                  log: Callable[[str], None], performance_report: str | None = None,
+                  held: dict[tuple[int, int, int], Any] | None = None) -> None:
     """Run ``task`` on every block through a ``distributed.Client``; each result goes to ``on_result``
     in this thread as soon as it is in, and is released once read (memory does not grow with the stack).
     ``on_result`` may return more futures (e.g. an image's model fit, submitted once its blocks are in):
@@ -120,13 +122,26 @@ def run_on_client(client: Any, task: BlockTask, blocks: Sequence[Block],
     (seconds), it stops the run that long after the last worker left by
     cancelling what is left, and the run raises its :class:`~pipeline.errors.BatchError`.
     ``performance_report``: the file of a Dask performance report of the run.
+
+    ``held``: where given, the blocks' results stay on the workers, in this
+    dict's futures by ``(image, by, bx)`` (for tasks that take them, such as an
+    image's joint model fit), and ``on_result`` gets them without their
+    statistics (:meth:`~pipeline.job.blocks.BlockResult.without_statistics`).
     """
     from distributed import as_completed as completed_in_turn
     from distributed import performance_report as dask_performance_report
 
     report = dask_performance_report(filename=performance_report) if performance_report else nullcontext()
     with client.as_current(), report:
-        futures = client.compute([task.delayed(block) for block in blocks])
+        tasks = []
+        for order, block in enumerate(blocks):
+            with dask.annotate(priority=-order):  # in the given order: images finish one after another
+                tasks.append(task.delayed(block))
+        futures = client.compute(tasks)
+        if held is not None:
+            held.update(((b.image, b.by, b.bx), f) for b, f in zip(blocks, futures))
+            futures = [client.submit(methodcaller("without_statistics"), f, key=f"{f.key}-read", pure=False)
+                       for f in futures]
         waiting = WaitingFutures(futures)
         completed = completed_in_turn(futures)
         del futures

@@ -11,6 +11,7 @@ them unusable.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from ..core.field import KernelField, fit_tiles, tile_weights
 from ..core.joint import PackedGrams, core_radius_for, fit_joint_tiles
 from ..core.tiles import Block, TileGrid
 from ..io.store import IMAGES_PER_CHUNK, RECORD_FIELDS, ImageResults, OutputStore
+from .blocks import BlockResult
 from .config import ModelConfig
 
-__all__ = ["ImageFinisher", "ImageFit", "JointFit", "fit_image", "unusable_flag_counts"]
+__all__ = ["ImageFinisher", "ImageFit", "JointFit", "fit_image", "gathered_statistics", "unusable_flag_counts"]
 
 
 def unusable_flag_counts(flags: np.ndarray) -> dict[str, int] | None:
@@ -52,10 +54,38 @@ class ImageFit:
     rejected: np.ndarray  #: ``(y, x)`` tiles left out as outliers
 
 
+def gathered_statistics(shape: tuple[int, int], parts: Iterable[tuple[Block, tuple[np.ndarray, ...]]]
+                        ) -> tuple[PackedGrams, np.ndarray, np.ndarray, np.ndarray]:
+    """The tiles' ``(packed Grams, cc, yy, lam_terms)`` of a ``shape`` grid in raster order from each block's
+    (raster order within the block, see :class:`~pipeline.job.blocks.BlockResult`); the blocks' Grams are
+    kept as they came (:class:`~pipeline.core.joint.PackedGrams` in chunks: never copied into one array).
+    Tiles of no block are NaN."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no block statistics to gather")
+    width = shape[1]
+    order = np.concatenate([(np.arange(b.ty0, b.ty1)[:, None] * width + np.arange(b.tx0, b.tx1)).ravel()
+                            for b, _ in parts])  # each stored row's tile
+    small = []
+    for i in range(1, 4):  # cc, yy, lam_terms: small, into raster order
+        first = parts[0][1][i]
+        whole = np.full((shape[0] * width, *first.shape[1:]), np.nan, dtype=first.dtype)
+        whole[order] = np.concatenate([p[i] for _, p in parts])
+        small.append(whole)
+    chunks = [p[0] for _, p in parts]
+    missing = np.setdiff1d(np.arange(shape[0] * width), order)
+    if len(missing):  # tiles of no block: NaN Grams
+        chunks.append(np.full((len(missing), chunks[0].shape[1]), np.nan))
+        order = np.concatenate([order, missing])
+    m = small[0].shape[1]
+    return (PackedGrams(chunks, m, order), *small)
+
+
 @dataclass(frozen=True, eq=False)
 class JointFit:
-    """The joint model fit of one image with all it needs (:func:`~pipeline.core.joint.fit_joint_tiles`):
-    run here, or on a worker (:func:`fit_image`) while other blocks are computed."""
+    """The joint model fit of one image (:func:`~pipeline.core.joint.fit_joint_tiles`): run here with its
+    ``statistics``, or on a worker (:func:`fit_image`) from the results of the image's blocks, which
+    stay on the workers, while other blocks are computed."""
 
     image: int
     y: np.ndarray
@@ -63,24 +93,26 @@ class JointFit:
     kernels: np.ndarray
     usable: np.ndarray
     weights: np.ndarray
-    packed: np.ndarray  #: ``(tiles, k^2 (k^2 + 1) / 2)`` the tiles' packed Grams
-    cc: np.ndarray
-    yy: np.ndarray
-    lam: np.ndarray
     count: np.ndarray
     options: dict
+    #: the tiles' ``(packed Grams, cc, yy, lam_terms)`` in raster order (:func:`gathered_statistics`)
+    statistics: tuple[PackedGrams, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __call__(self) -> ImageFit:
+        if self.statistics is None:
+            raise ValueError(f"image {self.image}: the joint fit has no tile statistics")
         with threadpool_limits(limits=1, user_api="blas"):  # the same sums here and on any worker
-            model, residual, rejected = fit_joint_tiles(
-                self.y, self.x, self.kernels, self.usable, self.weights,
-                (PackedGrams(self.packed, self.cc.shape[-1]), self.cc, self.yy, self.lam), self.count,
-                **self.options)
+            model, residual, rejected = fit_joint_tiles(self.y, self.x, self.kernels, self.usable, self.weights,
+                                                        self.statistics, self.count, **self.options)
         return ImageFit(self.image, model, residual, rejected)
 
 
-def fit_image(fit: JointFit) -> ImageFit:
-    """Run ``fit`` (a task function for a worker)."""
+def fit_image(fit: JointFit, *results: BlockResult) -> ImageFit:
+    """Run ``fit`` (a task function for a worker), its statistics taken from the image's block ``results``
+    where given."""
+    if results:
+        shape = fit.kernels.shape[:2]
+        fit = dataclasses.replace(fit, statistics=gathered_statistics(shape, ((r.block, r.statistics) for r in results)))
     return fit()
 
 
@@ -110,8 +142,8 @@ class ImageFinisher:
         self.missing = np.full(n_images, nby * nbx)
         self.records: dict[int, np.ndarray] = {}
         self.kernels: dict[int, np.ndarray] = {}
-        #: the joint model's per-image tile statistics: packed Grams, cc, yy, lam_terms, each ``(ty, tx, ...)``
-        self.statistics: dict[int, list[np.ndarray]] = {}
+        #: the joint model's tile statistics of each image, block by block (those the blocks returned here)
+        self.statistics: dict[int, list[tuple[Block, tuple[np.ndarray, ...]]]] = {}
         self.pending: list[ImageResults] = []
         self.last_flush = time.monotonic()
         #: images every tile of which is unusable: tiles per flag that made them so
@@ -134,11 +166,7 @@ class ImageFinisher:
         self.records[image][block.ty0:block.ty1, block.tx0:block.tx1] = record
         self.kernels[image][block.ty0:block.ty1, block.tx0:block.tx1] = kernels
         if statistics is not None:
-            shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
-            if image not in self.statistics:
-                self.statistics[image] = [np.full((ty, tx, *a.shape[1:]), np.nan) for a in statistics]
-            for whole, part in zip(self.statistics[image], statistics):
-                whole[block.ty0:block.ty1, block.tx0:block.tx1] = part.reshape(*shape, *part.shape[1:])
+            self.statistics.setdefault(image, []).append((block, statistics))
         self.missing[image] -= 1
         if self.missing[image] == 0:
             self._finish(image)
@@ -189,15 +217,17 @@ class ImageFinisher:
 
     def _joint_fit(self, image: int, kernels: np.ndarray, usable: np.ndarray, weights: np.ndarray,
                    field: dict[str, np.ndarray]) -> JointFit:
-        """The joint model fit of one image from its tiles' statistics (the Grams stay packed)."""
-        packed, cc, yy, lam = (a.reshape(-1, *a.shape[2:]) for a in self.statistics.pop(image))
+        """The joint model fit of one image, with its tiles' statistics where they came here (the Grams
+        stay packed)."""
+        parts = self.statistics.pop(image, None)
         good = usable & np.isfinite(field["fwhm"])
         fwhm = float(np.median(field["fwhm"][good])) if good.any() else np.nan
         degrees = None if self.model.degree is None else [self.model.degree]
-        return JointFit(image, self.grid.centres_y, self.grid.centres_x, kernels, usable, weights, packed, cc, yy,
-                        lam, np.nan_to_num(field["n_valid"]).astype(np.int64),
+        return JointFit(image, self.grid.centres_y, self.grid.centres_x, kernels, usable, weights,
+                        np.nan_to_num(field["n_valid"]).astype(np.int64),
                         {"degrees": degrees, "max_degree": self.model.max_degree,
-                         "core_radius": core_radius_for(fwhm, kernels.shape[-1])})
+                         "core_radius": core_radius_for(fwhm, kernels.shape[-1])},
+                        None if parts is None else gathered_statistics(self.grid.shape, parts))
 
     def flush(self) -> None:
         """Write the diagnostics and models of the images finished since the last write."""

@@ -226,11 +226,17 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
             client = get_client()
         if client is not None and progress:
             log(f"dashboard: {client.dashboard_link}")
+        held: dict[tuple[int, int, int], Any] | None = None
         if client is not None and job.model.method == "joint":
-            # each image's joint fit runs on a worker, beside the blocks of other images
+            # each image's joint fit runs on a worker, beside the blocks of other images and before them, from
+            # its blocks' results, which stay on the workers: the client reads only their kernels and records
+            held = {}
+            nby, nbx = plan.grid.blocks_shape
+
             def offload(fit: JointFit, client=client) -> Any:
-                data = client.scatter(fit, hash=False)  # the statistics go to a worker, not into the graph
-                return client.submit(fit_image, data, pure=False, key=f"kernelmap-model-{fit.image}")
+                results = [held.pop((fit.image, by, bx)) for by in range(nby) for bx in range(nbx)]
+                return client.submit(fit_image, fit, *results, pure=False, key=f"kernelmap-model-{fit.image}",
+                                     priority=1)
 
             finisher.offload = offload
         task = BlockTask(plan.inputs.reader, plan.grid, job, store,
@@ -239,7 +245,7 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
         if client is not None:
             give_up = job.compute.scheduler_kind == "batch" and job.compute.batch.adapt is None
             run_on_client(client, task, work, finished, give_up_after=NO_WORKERS_GRACE if give_up else None,
-                          log=log, performance_report=performance_report)
+                          log=log, performance_report=performance_report, held=held)
         else:
             c = job.compute
             run_in_threads(task, work, finished,
