@@ -111,8 +111,8 @@ def fit_image(fit: JointFit, *results: BlockResult) -> ImageFit:
     """Run ``fit`` (a task function for a worker), its statistics taken from the image's block ``results``
     where given."""
     if results:
-        shape = fit.kernels.shape[:2]
-        fit = dataclasses.replace(fit, statistics=gathered_statistics(shape, ((r.block, r.statistics) for r in results)))
+        parts = ((r.block, r.statistics) for r in results)
+        fit = dataclasses.replace(fit, statistics=gathered_statistics(fit.kernels.shape[:2], parts))
     return fit()
 
 
