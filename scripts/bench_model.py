@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.core.diagnostics import plain_centroids
 from pipeline.core.field import fit_tiles, tile_weights
-from pipeline.core.joint import CRITERIA, STRENGTHS, TileStatistics, fit_joint_field
+from pipeline.core.joint import CRITERIA, STRENGTHS, PackedGrams, TileStatistics, fit_joint_field, pack_gram
 from pipeline.core.lstsq import lstsq_kernels
 from pipeline.core.moments import adaptive_moments
 from pipeline.sim.demo import demo_dataset
@@ -121,13 +121,17 @@ def candidates(stats: TileStatistics, cy: np.ndarray, cx: np.ndarray, true_at: n
 
 def replicated(first: dict[str, object], side: int, core_radius: float | None, scored: int | None,
                criterion: str, threads: int) -> str:
-    """The joint fit's time and peak memory on ``side`` x ``side`` tiles made of ``first``'s tile statistics."""
+    """The joint fit's time and peak memory on ``side`` x ``side`` tiles made of ``first``'s tile statistics,
+    the Grams packed in chunks of 16 tiles, as a run's blocks of 4x4 tiles return them."""
     stats: TileStatistics = first["stats"]
     n = side * side
     order = np.random.default_rng(0).permutation(np.resize(np.arange(len(stats.yy)), n))
     yy, xx = np.mgrid[0:side, 0:side] * float(TILE) + (TILE - 1) / 2
-    big = TileStatistics(stats.gc[order], stats.cc[order], stats.yy[order], stats.count[order], yy.ravel(),
+    packed = pack_gram(stats.gc)
+    grams = PackedGrams([packed[order[i : i + 16]] for i in range(0, n, 16)], K * K)
+    big = TileStatistics(grams, stats.cc[order], stats.yy[order], stats.count[order], yy.ravel(),
                          xx.ravel(), stats.lam[order], stats.kernels[order], stats.weights[order])
+    del packed
     tracemalloc.start()
     t0 = time.perf_counter()
     with threadpool_limits(threads):
@@ -136,7 +140,7 @@ def replicated(first: dict[str, object], side: int, core_radius: float | None, s
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     per_tile = first["t_tiles"] / first["n"]
-    return (f"{side}x{side} tiles (replicated statistics, {big.gc.nbytes / 2**20:.0f} MB of them): joint fit "
+    return (f"{side}x{side} tiles (replicated statistics, {sum(c.nbytes for c in grams.chunks) / 2**20:.0f} MB of them, packed): joint fit "
             f"{t_joint:.1f} s, {len(joint.scores)} candidates, degree {joint.field.degree}; the tiles' own "
             f"estimation at this run's {1e3 * per_tile:.0f} ms a tile: {n * per_tile:.1f} s "
             f"(joint / tiles {t_joint / (n * per_tile):.2f}); peak memory of the fit beyond the statistics "

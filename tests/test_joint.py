@@ -337,6 +337,7 @@ def test_packed_grams_in_chunks_index_trace_and_quadratic_as_the_matrices_do(n, 
     a = a + a.transpose(0, 2, 1)
     order = rng.permutation(n)  # the matrix of each stored row
     cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(0, n), replace=False)) if n > 1 else []
+    assert pack_gram(a).flags.c_contiguous  # each matrix's values together
     packed = PackedGrams(np.split(pack_gram(a[order]), cuts), m, order)  # in chunks, as blocks return them
     assert packed.shape == a.shape and len(packed) == n
     np.testing.assert_array_equal(packed[:], a)

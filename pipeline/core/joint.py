@@ -79,10 +79,13 @@ STRENGTHS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def pack_gram(gc: np.ndarray) -> np.ndarray:
-    """``(n, m*(m+1)/2)``: the upper triangles (row by row) of ``(n, m, m)`` symmetric matrices (exact;
-    half the bytes, e.g. to send the tiles' Grams from a worker)."""
+    """``(n, m*(m+1)/2)``, C-contiguous: the upper triangles (row by row) of ``(n, m, m)`` symmetric matrices
+    (exact; half the bytes, e.g. to send the tiles' Grams from a worker)."""
     m = gc.shape[-1]
-    return gc[:, *np.triu_indices(m)]
+    upper = np.triu_indices(m)
+    # ``take`` keeps each matrix's values together (C order); indexing would give them in Fortran order,
+    # every row strided
+    return np.take(gc.reshape(len(gc), m * m), upper[0] * m + upper[1], axis=1)
 
 
 def unpack_gram(packed: np.ndarray, m: int) -> np.ndarray:
