@@ -140,7 +140,8 @@ def replicated(first: dict[str, object], side: int, core_radius: float | None, s
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     per_tile = first["t_tiles"] / first["n"]
-    return (f"{side}x{side} tiles (replicated statistics, {sum(c.nbytes for c in grams.chunks) / 2**20:.0f} MB of them, packed): joint fit "
+    held = sum(c.nbytes for c in grams.chunks) / 2**20
+    return (f"{side}x{side} tiles (replicated statistics, {held:.0f} MB of them, packed): joint fit "
             f"{t_joint:.1f} s, {len(joint.scores)} candidates, degree {joint.field.degree}; the tiles' own "
             f"estimation at this run's {1e3 * per_tile:.0f} ms a tile: {n * per_tile:.1f} s "
             f"(joint / tiles {t_joint / (n * per_tile):.2f}); peak memory of the fit beyond the statistics "

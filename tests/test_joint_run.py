@@ -152,7 +152,9 @@ def test_the_dry_run_shows_the_model_and_what_its_statistics_hold(tmp_path, caps
     assert main(["run", str(job_file), "--dry-run"]) == 0
     k2 = K * K
     per_tile = (k2 * (k2 + 1) // 2 + k2 + 8) * 8 / 2**20
+    fit = (2 * (10 * k2) ** 2 + (55 + 64) * k2 * (k2 + 1) // 2) * 8 + 3 * 32 * k2**2 * 4  # degree 3: 10 terms
     assert (f"model      joint fit to all tiles' pixels, degree up to 3; each block returns its tiles' normal "
-            f"equations ({per_tile:.2f} MiB a tile, {9 * per_tile:.1f} MiB an image") in capsys.readouterr().out
+            f"equations ({per_tile:.2f} MiB a tile, {9 * per_tile:.1f} MiB an image, kept where the blocks ran "
+            f"until the image's fit, which takes up to about {fit / 2**20:.0f} MiB more)") in capsys.readouterr().out
     assert main(["run", str(job_file), "--dry-run", "--set", "model.method=kernels"]) == 0
     assert "model      fitted to the tile kernels, degree up to 3" in capsys.readouterr().out
