@@ -125,7 +125,8 @@ def test_a_run_on_a_local_cluster_fits_on_the_workers_and_gives_the_same_joint_m
                                 _open(folder / "kernels.zarr").drop_attrs())
 
 
-def test_a_masked_stack_with_a_blank_image_gets_joint_models_for_the_others_and_resumes_the_same(tmp_path):
+def test_a_masked_stack_with_a_blank_image_gets_joint_models_for_the_others_and_resumes_the_same(tmp_path,
+                                                                                                  capsys):
     make_stack(tmp_path / "stack.zarr", n_images=3, mask=True, noise=0.5)
     target = zarr.open_group(str(tmp_path / "stack.zarr"), mode="r+")["target"]
     target[1] = np.full(target.shape[1:], np.nan, dtype=target.dtype)  # every tile of image 1 unusable
@@ -135,9 +136,19 @@ def test_a_masked_stack_with_a_blank_image_gets_joint_models_for_the_others_and_
     ds = _open(tmp_path / "kernels.zarr")
     assert ds["model_degree"].values[1] == -1 and np.all(ds["model_degree"].values[[0, 2]] >= 0)
     assert np.isnan(ds["model_residual"].values[1]).all() and np.isfinite(ds["model_residual"].values[0]).all()
-    # resumed complete: the image without a model is computed again (and is unusable again), the others kept
-    again = run_job(job_from_dict({**data, "output": {**data["output"], "mode": "resume"}}), progress=False)
+    # resumed complete: the image without a model, none of whose tiles can enter one, is finished from the
+    # store without computing its blocks again (unusable again, no model); the others are kept
+    capsys.readouterr()
+    again = run_job(job_from_dict({**data, "output": {**data["output"], "mode": "resume"}}))
+    assert "computing" not in capsys.readouterr().out
     assert [u.index for u in again.unusable_images] == [1] and again.tiles_computed == 0
+    xr.testing.assert_identical(_open(tmp_path / "kernels.zarr").drop_attrs(), ds.drop_attrs())
+    # its model lost too: image 0 (usable tiles) is computed again, image 1 still not
+    _forget(tmp_path / "kernels.zarr", 0, [])
+    again = run_job(job_from_dict({**data, "output": {**data["output"], "mode": "resume"}}))
+    said = capsys.readouterr().out
+    assert "computing 4 stored blocks again for the joint model's statistics (1 image without" in said
+    assert [u.index for u in again.unusable_images] == [1]
     xr.testing.assert_identical(_open(tmp_path / "kernels.zarr").drop_attrs(), ds.drop_attrs())
 
 

@@ -186,6 +186,11 @@ class ImageFinisher:
         usable = fl.modelled(kernels, flags)
         weights = tile_weights(field["snr"], field["flux"])
         if self.model.method == "joint":
+            if not usable.any():  # nothing to fit (and no statistics needed)
+                self.statistics.pop(image, None)
+                self._store(records, ImageFit(image, None, np.full(usable.shape, np.nan),
+                                              np.zeros(usable.shape, dtype=bool)))
+                return
             fit = self._joint_fit(image, kernels, usable, weights, field)
             if self.offload is not None:
                 self.unfitted[image] = records

@@ -28,8 +28,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.tiles import EDGE
+from .. import flags as fl
+from ..core.tiles import EDGE, Block
 from ..errors import OptionError
+from ..io.store import RECORD_FIELDS, OutputStore
 from .blocks import BlockResult, BlockTask
 from .config import JobConfig, load_job
 from .executors import WORKER_ENV, connect, run_in_threads, run_on_client
@@ -174,6 +176,19 @@ def run_job(
                         log=log, started=started)
 
 
+def _joint_resume(store: OutputStore, stored: list[Block], pending: list[Block]) -> tuple[list[Block], list[Block]]:
+    """For a resumed run with the joint model: ``(blocks to compute again for their statistics, blocks to
+    finish from the store)``.  Images with a model are in neither; images wholly stored none of whose tiles
+    can enter a model are finished from the store (no model, as before); the others are computed again."""
+    modelled = store.modelled_images()
+    unfinished = {b.image for b in pending}
+    whole = [b for b in stored if not modelled[b.image] and b.image not in unfinished]
+    hopeful = {block.image for block, record, kernels in store.read_blocks(whole)
+               if fl.modelled(kernels, record[..., RECORD_FIELDS.index("quality_flag")]).any()}
+    recompute = [b for b in stored if not modelled[b.image] and (b.image in unfinished or b.image in hopeful)]
+    return recompute, [b for b in whole if b.image not in hopeful]
+
+
 def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, performance_report: str | None = None,
                  log: Callable[[str], None] = print, started: float | None = None) -> RunSummary:
     """Execute a plan just made by :func:`plan_job` (:meth:`Plan.execute` makes it again, so that what exists
@@ -197,19 +212,19 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
             log(f"resuming with the store's tile grid of an earlier version: {uy} rows and {ux} columns at the "
                 "far edges stay uncovered (output.mode=overwrite covers them)")
         store = opening.open(plan.layout, attrs, log=log)
-        recompute = []
+        recompute, without_model = [], []
         if job.model.method == "joint" and stored:
             # the joint model needs the tiles' statistics, which are not stored: the stored blocks of images
-            # without a model are computed again (identically, not written); images with one are left as they are
-            modelled = store.modelled_images()
-            recompute = [b for b in stored if not modelled[b.image]]
+            # without a model are computed again (identically, not written); images with one are left as they
+            # are, and so are images wholly stored none of whose tiles can enter a model (no statistics needed)
+            recompute, without_model = _joint_resume(store, stored, pending)
             if recompute:
                 n = len({b.image for b in recompute})
                 log(f"computing {len(recompute)} stored blocks again for the joint model's statistics "
                     f"({n} image{'s' if n > 1 else ''} without a model yet)")
         bar = Progress(sum(b.n_tiles for b in pending + recompute), log, progress)
         finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
-        finisher.add_stored(stored if job.model.method != "joint" else [])
+        finisher.add_stored(stored if job.model.method != "joint" else without_model)
 
         def finished(result: BlockResult | ImageFit) -> list[Any]:
             nonlocal flagged
