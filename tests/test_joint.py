@@ -223,6 +223,18 @@ def test_statistics_give_the_tile_residual_and_kernel():
     np.testing.assert_allclose(own, result.kernels[0].ravel(), rtol=0, atol=1e-7 * np.abs(own).max())
 
 
+def test_statistics_of_a_tile_without_a_kernel_are_nan():
+    rng = np.random.default_rng(16)
+    src = rng.normal(size=(3, 32, 32)) + 2.0
+    tgt = src + 0.01 * rng.normal(size=src.shape)
+    tgt[1] = np.nan  # no valid pixel: no kernel, no statistics
+    result = lstsq_kernels(src, tgt, kernel_size=5, statistics=True)
+    gc, cc, yy = result.statistics
+    assert np.isnan(gc[1]).all() and np.isnan(cc[1]).all() and np.isnan(yy[1])
+    assert np.isfinite(gc[[0, 2]]).all() and np.isfinite(cc[[0, 2]]).all() and np.isfinite(yy[[0, 2]]).all()
+    assert TileStatistics.from_lstsq(result, np.zeros(3), np.arange(3.0)).usable().tolist() == [True, False, True]
+
+
 def test_no_usable_tile_is_an_error():
     rng = np.random.default_rng(5)
     stats = _random_statistics(2, 3, rng)

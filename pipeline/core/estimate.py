@@ -385,7 +385,8 @@ def estimate_kernels(
         else:
             with ThreadPoolExecutor(max_workers=len(parts)) as pool:
                 results = list(pool.map(run, parts))
-    merged = {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+    merged = results[0] if len(results) == 1 else {name: np.concatenate([r[name] for r in results])
+                                                   for name in results[0]}
     if normalize:
         with np.errstate(divide="ignore", invalid="ignore"):
             merged["kernels"] = merged["kernels"] / merged["flux"][:, None, None]

@@ -375,7 +375,8 @@ def lstsq_kernels(
     no_signal = np.zeros(n, dtype=bool)
     at_bound_out = np.zeros(n, dtype=bool)
     lam_start = np.full(n_terms, float(opts.lam_init))
-    stats_out = (np.full((n, k2, k2), np.nan), np.full((n, k2), np.nan), np.full(n, np.nan)) if statistics else None
+    # the Grams are set tile by tile, NaN at the end where no kernel was fitted (no 8 k**4-byte fill first)
+    stats_out = (np.empty((n, k2, k2)), np.full((n, k2), np.nan), np.full(n, np.nan)) if statistics else None
 
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -499,6 +500,8 @@ def lstsq_kernels(
             if stats_out is not None:
                 stats_out[0][t], stats_out[1][t], stats_out[2][t] = tile.gc, tile.cc, tile.yy
 
+    if stats_out is not None:
+        stats_out[0][np.isnan(stats_out[2])] = np.nan
     return LstsqResult(kernels, background, lam_out, lam_terms, n_valid, n_clipped, flux_error,
                        gamma_out, masked_out, no_data, no_signal, at_bound_out, n_filled,
                        noise_out, residual_out, snr_out, stats_out)
