@@ -136,6 +136,11 @@ def test_a_masked_stack_with_a_blank_image_gets_joint_models_for_the_others_and_
     ds = _open(tmp_path / "kernels.zarr")
     assert ds["model_degree"].values[1] == -1 and np.all(ds["model_degree"].values[[0, 2]] >= 0)
     assert np.isnan(ds["model_residual"].values[1]).all() and np.isfinite(ds["model_residual"].values[0]).all()
+    # on a local cluster: the same (the blank image is finished without a fit, its blocks' results let go)
+    local = {**data, "output": {"path": str(tmp_path / "local.zarr")},
+             "compute": {"scheduler": "local", "n_workers": 2, "dashboard_address": None, "block_tiles": 2}}
+    assert [u.index for u in run_job(job_from_dict(local), progress=False).unusable_images] == [1]
+    xr.testing.assert_identical(_open(tmp_path / "local.zarr").drop_attrs(), ds.drop_attrs())
     # resumed complete: the image without a model, none of whose tiles can enter one, is finished from the
     # store without computing its blocks again (unusable again, no model); the others are kept
     capsys.readouterr()

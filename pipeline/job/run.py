@@ -226,6 +226,9 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
         finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
         finisher.add_stored(stored if job.model.method != "joint" else without_model)
 
+        held: dict[tuple[int, int, int], Any] | None = None  # blocks' results kept on the workers (joint model)
+        nby, nbx = plan.grid.blocks_shape
+
         def finished(result: BlockResult | ImageFit) -> list[Any]:
             nonlocal flagged
             if isinstance(result, ImageFit):  # a model fitted on a worker
@@ -233,20 +236,23 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
                 return []
             if result.written:
                 flagged += result.flagged
+            image = result.block.image
             finisher.add(result.block, result.record, result.kernels, result.statistics)
             bar.update(result.n_tiles)
+            if held is not None and finisher.missing[image] == 0:
+                # an image finished without a fit (no usable tile) leaves its blocks' results on the workers
+                for key in [(image, by, bx) for by in range(nby) for bx in range(nbx)]:
+                    held.pop(key, None)
             return finisher.take_submitted()
 
         if get_client is not None:
             client = get_client()
         if client is not None and progress:
             log(f"dashboard: {client.dashboard_link}")
-        held: dict[tuple[int, int, int], Any] | None = None
         if client is not None and job.model.method == "joint":
             # each image's joint fit runs on a worker, beside the blocks of other images and before them, from
             # its blocks' results, which stay on the workers: the client reads only their kernels and records
             held = {}
-            nby, nbx = plan.grid.blocks_shape
 
             def offload(fit: JointFit, client=client) -> Any:
                 results = [held.pop((fit.image, by, bx)) for by in range(nby) for bx in range(nbx)]
