@@ -284,13 +284,15 @@ class _TilePenalty:
 
 
 class _Pooled:
-    """Pooled normal equations of one degree over the coefficients fitted, assembled once.
+    """Pooled normal equations over the coefficients fitted, assembled once for the highest degree (a
+    lower degree's system is a leading block: :meth:`solve` with ``n_terms``).
 
     ``keep`` (``(P*k*k,)`` bool, default all): the coefficients fitted; the
     others are held at zero (e.g. the variation terms outside the kernel's
-    core).  Each term's pixels form one of a few sets (all pixels, the
-    core): the system is built block by block over pairs of terms, from the
-    tiles' Grams restricted to those sets, never at full size.
+    core).  Each pair of terms' weighted sum of the tiles' Grams is taken
+    in one product over the stored (packed) values, ``batch`` tiles at a
+    time; the system's block of that pair is cut from it at the two terms'
+    pixels (the full ``(P*k*k)^2`` matrix is never formed).
     """
 
     def __init__(self, stats: TileStatistics, used: np.ndarray, phi: np.ndarray, keep: np.ndarray | None = None,
@@ -588,10 +590,12 @@ def fit_joint_field(
         The held-out score is summed over at most this many of the used
         tiles, evenly spread in raster order (``None``: all).  Every tile
         is in every fit; only the held-out predictions, one 441² solve each
-        per candidate, are limited: they are most of the fit's cost.  On the
-        36- and 64-tile images of ``scripts/bench_model.py`` 32 chose as all
-        the tiles did (16 chose degree 3 instead of 2 on one 64-tile image:
-        0.61 instead of 0.52 of the tiles' error).
+        per candidate, are limited: they are a large part of the fit's cost,
+        and each scored tile's two ``k*k``-square matrices are kept in single
+        precision for the whole search (``8 k**4`` bytes: 1.5 MB at k = 21).
+        On the 36- and 64-tile images of ``scripts/bench_model.py`` 32 chose
+        as all the tiles did (16 chose degree 3 instead of 2 on one 64-tile
+        image: 0.61 instead of 0.52 of the tiles' error).
     clip, max_rejections
         Tiles whose pixels the chosen field fits worse than their own kernel
         does by more than the others (the excess of the residual sum of
