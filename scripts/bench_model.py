@@ -43,6 +43,8 @@ from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
 
 K = 21
 TILE = 256
+#: further options of every joint fit (``--variation``)
+JOINT_OPTIONS: dict[str, object] = {}
 
 
 #: Smooth fields for ``--field``: (FWHM, e1, e2, dy, dx, flux) of a Gaussian kernel at normalised (u, v).
@@ -108,7 +110,7 @@ def candidates(stats: TileStatistics, cy: np.ndarray, cx: np.ndarray, true_at: n
             row = {}
             for criterion in CRITERIA:
                 joint = fit_joint_field(stats, degrees=[degree], strengths=[strength], criterion=criterion,
-                                        core_radius=core_radius, scored=scored)
+                                        core_radius=core_radius, scored=scored, **JOINT_OPTIONS)
                 row[criterion] = next(iter(joint.scores.values()))
             row["truth"] = float(np.median(errors(joint.field.kernel_at(cy, cx), true_at)["rel"])) / tiles_rel
             table.append((degree, strength, row))
@@ -135,7 +137,7 @@ def replicated(first: dict[str, object], side: int, core_radius: float | None, s
     tracemalloc.start()
     t0 = time.perf_counter()
     with threadpool_limits(threads):
-        joint = fit_joint_field(big, core_radius=core_radius, scored=scored, criterion=criterion)
+        joint = fit_joint_field(big, core_radius=core_radius, scored=scored, criterion=criterion, **JOINT_OPTIONS)
     t_joint = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -168,7 +170,7 @@ def one_image(source: np.ndarray, target: np.ndarray, truth, image: int,
     stats = TileStatistics.from_lstsq(res, cy, cx)
     tracemalloc.start()
     t0 = time.perf_counter()
-    joint = fit_joint_field(stats, core_radius=core_radius, scored=scored, criterion=criterion)
+    joint = fit_joint_field(stats, core_radius=core_radius, scored=scored, criterion=criterion, **JOINT_OPTIONS)
     t_joint = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -199,6 +201,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="BLAS threads")
     p.add_argument("--core-radius", type=float, default=None,
                    help="the joint fit's variation terms only within this radius (px) of the stamp centre")
+    p.add_argument("--variation", type=int, default=None,
+                   help="the joint fit's variation terms as combinations of this many kernels (the tiles' mean "
+                        "and principal components) instead of pixels")
     p.add_argument("--scored", type=int, default=32, help="tiles whose held-out predictions score the joint fit")
     p.add_argument("--criterion", choices=CRITERIA, default="kernels", help="the joint fit's leave-one-tile-out score")
     p.add_argument("--oracle", action="store_true",
@@ -211,6 +216,8 @@ def main() -> int:
                    help="demo: the demo stack (the kernel varies inside tiles too); otherwise a mosaic of "
                         "independent survey tiles, each blurred by that smooth field at its centre")
     args = p.parse_args()
+    if args.variation is not None:
+        JOINT_OPTIONS["variation"] = args.variation
     rows = []
     header = (f"{'size':>5} {'img':>3} {'tiles':>5} | {'rel L2 at tile centres':^26} | {'midway':^13} | "
               f"{'centroid px':^20} | {'flux error':^20} | {'deg':>3} {'f':>5} {'evals':>5} | "

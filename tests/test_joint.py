@@ -21,6 +21,7 @@ from pipeline.core.joint import (
     fit_joint_field,
     pack_gram,
     spread_rows,
+    variation_basis,
 )
 from pipeline.core.lstsq import lstsq_kernels
 from pipeline.errors import OptionError
@@ -58,10 +59,11 @@ def test_as_many_terms_as_tiles_gives_the_independent_tile_fits():
         np.testing.assert_allclose(model[t], own, rtol=1e-9, atol=1e-12 * np.abs(own).max())
 
 
-@pytest.mark.parametrize("core_radius, weighted", [(None, False), (1.0, False), (None, True)])
-def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted):
+@pytest.mark.parametrize("core_radius, weighted, basis", [(None, False, False), (1.0, False, False),
+                                                         (None, True, False), (None, True, True)])
+def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted, basis):
     """Also with the variation terms restricted to the kernel's core (the other coefficients held at zero),
-    and with each tile's equations weighted."""
+    with each tile's equations weighted, and with the variation terms in a basis of kernels."""
     rng = np.random.default_rng(2)
     k = 3
     yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
@@ -73,8 +75,11 @@ def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted):
     lam = rng.uniform(0.2, 2.0, size=(9, 2))  # each tile its own strengths
     keep = _core_mask(k, phi.shape[1], core_radius)
     scale = rng.uniform(0.1, 3.0, 9) if weighted else None
-    pooled = _Pooled(stats, used, phi, keep, scale)
+    kernels = np.linalg.qr(rng.normal(size=(k * k, 3)))[0] if basis else None
+    pooled = _Pooled(stats, used, phi, keep, scale, basis=kernels)
     coef, factor = pooled.solve(_tiles_penalty(k, lam))
+    if basis:  # every variation term in the span of the basis
+        np.testing.assert_allclose(coef[1:] - coef[1:] @ kernels @ kernels.T, 0, atol=1e-12 * np.abs(coef).max())
     if core_radius is not None:  # corners of the 3x3 stamp are outside radius 1: held at zero
         assert np.all(coef[1:].reshape(-1, k, k)[:, [0, 0, -1, -1], [0, -1, 0, -1]] == 0)
     fast = _leave_one_out(pooled, factor, coef, _HeldOut(stats, used, pooled, _tiles_penalty(k, lam)))
@@ -82,10 +87,23 @@ def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted):
         keep_t = np.arange(9) != t
         sub = TileStatistics(stats.gc[keep_t], stats.cc[keep_t], stats.yy[keep_t], stats.count[keep_t],
                              stats.y[keep_t], stats.x[keep_t], stats.lam[keep_t])
-        coef_t, _ = _Pooled(sub, np.ones(8, bool), phi[keep_t], keep,
-                            None if scale is None else scale[keep_t]).solve(_tiles_penalty(k, lam[keep_t]))
+        coef_t, _ = _Pooled(sub, np.ones(8, bool), phi[keep_t], keep, None if scale is None else scale[keep_t],
+                            basis=kernels).solve(_tiles_penalty(k, lam[keep_t]))
         predicted = phi[t] @ coef_t
         np.testing.assert_allclose(fast[t], predicted, rtol=0, atol=1e-9 * np.abs(predicted).max())
+
+
+def test_variation_basis_spans_the_mean_and_leading_components_orthonormally():
+    rng = np.random.default_rng(17)
+    mean, direction = rng.normal(size=25), rng.normal(size=25)
+    kernels = mean + rng.normal(size=(40, 1)) * direction + 1e-6 * rng.normal(size=(40, 25))
+    kernels[3] = np.nan  # a tile without a kernel is left out
+    basis = variation_basis(kernels, 2)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(2), atol=1e-12)
+    for vector in (mean, direction):  # both in its span, to the noise
+        assert np.linalg.norm(vector - basis @ (basis.T @ vector)) < 1e-4 * np.linalg.norm(vector)
+    with pytest.raises(OptionError, match="variation=0"):
+        variation_basis(kernels, 0)
 
 
 def test_a_lower_degree_at_another_strength_from_the_top_degree_system_equals_its_own_fit():
@@ -130,6 +148,15 @@ def test_weighted_pooled_fit_equals_the_dense_weighted_normal_equations():
             for w, p, g, s in zip(scale, phi, stats.gc, lam))
     r = sum(w * np.kron(p, c) for w, p, c in zip(scale, phi, stats.cc))
     np.testing.assert_allclose(coef.ravel(), np.linalg.solve(a, r), rtol=1e-9)
+    # the variation term as combinations of a basis of kernels: the same equations projected on it
+    basis = np.linalg.qr(rng.normal(size=(k * k, 4)))[0]
+    coef, _ = _Pooled(stats, np.ones(6, bool), phi, None, scale, basis=basis).solve(_tiles_penalty(k, lam))
+    expand = np.zeros((3 * k * k, k * k + 8))
+    expand[: k * k, : k * k] = np.eye(k * k)
+    expand[k * k : 2 * k * k, k * k : k * k + 4] = basis
+    expand[2 * k * k :, k * k + 4 :] = basis
+    theta = np.linalg.solve(expand.T @ a @ expand, expand.T @ r)
+    np.testing.assert_allclose(coef.ravel(), expand @ theta, rtol=1e-9, atol=1e-12 * np.abs(coef).max())
 
 
 def test_resolved_score_equals_the_refits_seen_through_each_tiles_own_fit():

@@ -15,7 +15,14 @@ import pipeline
 from pipeline import flags as fl
 from pipeline.core.estimate import estimate_kernels
 from pipeline.core.field import tile_weights
-from pipeline.core.joint import core_radius_for, fit_joint_tiles
+from pipeline.core.joint import (
+    RUN_VARIATION,
+    RUN_VARIATION_TILES,
+    core_radius_for,
+    fit_joint_tiles,
+    variation_basis,
+    variation_for,
+)
 from pipeline.job.config import job_from_dict
 from pipeline.job.run import run_job
 
@@ -59,6 +66,34 @@ def test_the_run_stores_the_field_the_library_fits_to_the_same_tiles(joint_run):
         stored = ds["model_coefficient"].values[image][: len(field.coefficients)]
         np.testing.assert_allclose(stored, field.coefficients, rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(ds["model_residual"].values[image], residual, rtol=1e-5)
+
+
+def test_a_run_of_64_tiles_fits_the_variation_in_a_basis_of_its_tiles_kernels_as_the_library_does(tmp_path):
+    n = 8  # 8x8 tiles: RUN_VARIATION_TILES
+    make_stack(tmp_path / "stack.zarr", n_images=1, size=n * TILE, noise=0.5)
+    run_job(job_from_dict(job_dict(tmp_path, model={"method": "joint"})), progress=False)
+    ds = _open(tmp_path / "kernels.zarr")
+    kernels = ds["kernel"].values[0]
+    usable = fl.modelled(kernels, ds["quality_flag"].values[0].astype(np.int64))
+    assert usable.sum() >= RUN_VARIATION_TILES and variation_for(int(usable.sum())) == RUN_VARIATION
+    degree = int(ds["model_degree"].values[0])
+    assert degree >= 1  # the field varies: variation terms to look at
+    coef = ds["model_coefficient"].values[0][1 : (degree + 1) * (degree + 2) // 2].reshape(-1, K * K)
+    basis = variation_basis(kernels.reshape(-1, K * K)[usable.ravel()].astype(np.float64), RUN_VARIATION)
+    np.testing.assert_allclose(coef - coef @ basis @ basis.T, 0, atol=1e-9 * np.abs(coef).max())
+    source = xr.open_zarr(tmp_path / "stack.zarr", consolidated=False)["source"].values.astype(np.float64)
+    target = xr.open_zarr(tmp_path / "stack.zarr", consolidated=False)["target"].values[0].astype(np.float64)
+    cut = [(slice(ty * TILE, (ty + 1) * TILE), slice(tx * TILE, (tx + 1) * TILE)) for ty in range(n) for tx in range(n)]
+    res = estimate_kernels(np.stack([source[c] for c in cut]), np.stack([target[c] for c in cut]),
+                           kernel_size=K, statistics=True)
+    weights = tile_weights(ds["snr"].values[0], ds["flux"].values[0])
+    fwhm = float(np.median(ds["fwhm"].values[0][usable]))
+    field, _, _ = fit_joint_tiles(ds["y"].values, ds["x"].values, kernels, usable, weights, res.statistics,
+                                  res.n_valid.reshape(n, n), max_degree=3, core_radius=core_radius_for(fwhm, K),
+                                  variation=RUN_VARIATION)
+    assert field.degree == degree
+    np.testing.assert_allclose(ds["model_coefficient"].values[0][: len(field.coefficients)], field.coefficients,
+                               rtol=1e-10, atol=1e-14)
 
 
 def test_the_joint_field_is_evaluated_anywhere_like_any_model(joint_run):

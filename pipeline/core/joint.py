@@ -65,7 +65,8 @@ from .field import KernelField, field_frame, grid_outcome, legendre_design, reso
 from .penalties import penalty_terms
 
 __all__ = ["CRITERIA", "JointField", "PackedGrams", "TileStatistics", "core_radius_for", "fit_joint_field",
-           "fit_joint_tiles", "pack_gram", "spread_rows", "STRENGTHS", "unpack_gram"]
+           "fit_joint_tiles", "pack_gram", "RUN_VARIATION", "RUN_VARIATION_TILES", "spread_rows", "STRENGTHS",
+           "unpack_gram", "variation_basis", "variation_for"]
 
 #: The leave-one-tile-out scores :func:`fit_joint_field` can choose by.
 CRITERIA: tuple[str, ...] = ("kernels", "resolved", "pixels")
@@ -283,6 +284,35 @@ class _TilePenalty:
         return np.einsum("rm,mij->rij", self.lam[rows], self.units)
 
 
+class _Space:
+    """The unknowns of one term of the field: some of the stamp's pixels, or the coefficients of a basis of
+    kernels (``(k*k, m)`` columns).  ``rows``/``cols`` restrict a ``(..., k*k, k*k)`` matrix's last two axes
+    to it (``B^T M``, ``M B``); ``expand`` maps its unknowns back to a kernel (``B x``)."""
+
+    def __init__(self, k2: int, pixels: np.ndarray | None = None, basis: np.ndarray | None = None):
+        self.k2, self.pixels, self.basis = k2, pixels, basis
+        self.size = len(pixels) if basis is None else basis.shape[1]
+        self.every = basis is None and len(pixels) == k2  #: every pixel, in order (restrictions are views)
+
+    def rows(self, m: np.ndarray) -> np.ndarray:
+        if self.every:
+            return m
+        return m[..., self.pixels, :] if self.basis is None else self.basis.T @ m
+
+    def cols(self, m: np.ndarray) -> np.ndarray:
+        if self.every:
+            return m
+        return m[..., self.pixels] if self.basis is None else m @ self.basis
+
+    def expand(self, x: np.ndarray) -> np.ndarray:
+        """``(k*k,)`` (or ``(k*k, n)``) from ``(size,)`` (or ``(size, n)``) unknowns."""
+        if self.basis is not None:
+            return self.basis @ x
+        out = np.zeros((self.k2, *x.shape[1:]), dtype=x.dtype)
+        out[self.pixels] = x
+        return out
+
+
 class _Pooled:
     """Pooled normal equations over the coefficients fitted, assembled once for the highest degree (a
     lower degree's system is a leading block: :meth:`solve` with ``n_terms``).
@@ -296,19 +326,23 @@ class _Pooled:
     """
 
     def __init__(self, stats: TileStatistics, used: np.ndarray, phi: np.ndarray, keep: np.ndarray | None = None,
-                 scale: np.ndarray | None = None, batch: int = 64):
+                 scale: np.ndarray | None = None, batch: int = 64, basis: np.ndarray | None = None):
         self.phi = phi  #: ``(T, P)`` of the tiles used
         #: ``(T,)`` each used tile's weight (its equations and penalty multiplied by it)
         self.scale = np.ones(len(phi)) if scale is None else np.asarray(scale, dtype=np.float64)
         p = phi.shape[1]
         k2 = stats.cc.shape[1]
         self.k2 = k2
-        keep = np.ones(p * k2, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
-        self.pixels = [np.flatnonzero(keep[i * k2 : (i + 1) * k2]) for i in range(p)]  #: each term's pixels
-        self.offsets = np.concatenate([[0], np.cumsum([len(j) for j in self.pixels])])
-        kinds: dict[bytes, int] = {}
-        self.kind = [kinds.setdefault(j.tobytes(), len(kinds)) for j in self.pixels]  #: each term's pixel set
-        self.sets = {self.kind[i]: self.pixels[i] for i in range(p)}
+        if basis is not None:  # every pixel of the first term, the basis for the others
+            first = _Space(k2, np.arange(k2))
+            rest = _Space(k2, basis=np.asarray(basis, dtype=np.float64))
+            self.spaces = [first] + [rest] * (p - 1)  #: each term's unknowns
+        else:
+            keep = np.ones(p * k2, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+            shared: dict[bytes, _Space] = {}
+            self.spaces = [shared.setdefault(j.tobytes(), _Space(k2, j))
+                           for j in (np.flatnonzero(keep[i * k2 : (i + 1) * k2]) for i in range(p))]
+        self.offsets = np.concatenate([[0], np.cumsum([sp.size for sp in self.spaces])])
         self.weights = np.einsum("tp,tq,t->tpq", phi, phi, self.scale)  #: ``(T, P, P)``
         n = int(self.offsets[-1])
         self.data = np.empty((n, n))
@@ -329,51 +363,42 @@ class _Pooled:
             summed = product if summed is None else summed + product
         for i, j, row in zip(*upper, summed):
             whole = unpack_gram(row[None], k2)[0] if isinstance(stats.gc, PackedGrams) else row.reshape(k2, k2)
-            block = whole[np.ix_(self.pixels[i], self.pixels[j])]
+            block = self.spaces[i].rows(self.spaces[j].cols(whole))
             self.data[self._block(i, j)] = block
             if i != j:
                 self.data[self._block(j, i)] = block.T
         self.traces = _traces(stats.gc)[used]  #: ``(T,)`` ``s_t``
         cc = stats.cc[used]
-        self.rhs = np.concatenate([(phi[:, i] * self.scale) @ cc[:, self.pixels[i]] for i in range(p)])
-
-    def _restricted(self, matrix: np.ndarray, a: int, b: int) -> np.ndarray:
-        """``matrix[..., set a, set b]`` (no copy where both are every pixel)."""
-        ja, jb = self.sets[a], self.sets[b]
-        if len(ja) == self.k2 and len(jb) == self.k2:
-            return matrix
-        return matrix[..., ja[:, None], jb[None, :]]
+        self.rhs = np.concatenate([self.spaces[i].cols((phi[:, i] * self.scale) @ cc) for i in range(p)])
 
     def _block(self, i: int, j: int) -> tuple[slice, slice]:
         return slice(self.offsets[i], self.offsets[i + 1]), slice(self.offsets[j], self.offsets[j + 1])
 
     def size(self, n_terms: int | None = None) -> int:
         """Unknowns of the system of the first ``n_terms`` terms (default all)."""
-        return int(self.offsets[len(self.pixels) if n_terms is None else n_terms])
+        return int(self.offsets[len(self.spaces) if n_terms is None else n_terms])
 
     def solve(self, penalty: _TilePenalty, n_terms: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Coefficients ``(P, k*k)`` and the Cholesky factor with the tiles' ``penalty``, over the first
         ``n_terms`` terms (default all: the terms are ordered by degree, so a lower degree's system is a
         leading block of a higher one's); ``None`` if singular."""
-        p = len(self.pixels) if n_terms is None else n_terms
+        p = len(self.spaces) if n_terms is None else n_terms
         n = self.size(p)
         a = self.data[:n, :n].copy()
         weights = np.einsum("tpq,t,tm->mpq", self.weights[:, :p, :p], self.traces, penalty.lam)  # (m, P, P)
         units: dict[tuple[int, int], np.ndarray] = {}
         for i in range(p):
             for j in range(p):
-                key = (self.kind[i], self.kind[j])
+                key = (id(self.spaces[i]), id(self.spaces[j]))
                 if key not in units:
-                    units[key] = self._restricted(penalty.units, *key)
+                    units[key] = self.spaces[i].rows(self.spaces[j].cols(penalty.units))
                 a[self._block(i, j)] += np.tensordot(weights[:, i, j], units[key], axes=1)
         try:
             factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:
             return None
         solution = scipy.linalg.cho_solve(factor, self.rhs[:n], check_finite=False)
-        coef = np.zeros((p, self.k2))
-        for i in range(p):
-            coef[i, self.pixels[i]] = solution[self.offsets[i] : self.offsets[i + 1]]
+        coef = np.stack([self.spaces[i].expand(solution[self.offsets[i] : self.offsets[i + 1]]) for i in range(p)])
         return coef, factor
 
     def hat_terms(self, lower: np.ndarray, dtype: type = np.float64) -> np.ndarray:
@@ -384,14 +409,13 @@ class _Pooled:
         pairs = [(i, j) for i in range(p) for j in range(i, p)]
         out = np.zeros((len(pairs), self.k2, self.k2), dtype=dtype)
         for row, (i, j) in enumerate(pairs):
-            pi, pj = self.pixels[i], self.pixels[j]
+            si, sj = self.spaces[i], self.spaces[j]
             if i == j:
                 diagonal = np.tril(lower[self._block(i, i)])
-                out[row][np.ix_(pi, pi)] = diagonal + np.tril(diagonal, -1).T
+                out[row] = si.expand(si.expand(diagonal + np.tril(diagonal, -1).T).T)
             else:
-                below = lower[self._block(j, i)]  # A^{-1}_ji, j > i: wholly in the lower triangle
-                out[row][np.ix_(pj, pi)] = below
-                out[row][np.ix_(pi, pj)] += below.T
+                below = si.expand(sj.expand(lower[self._block(j, i)]).T)  # B_i A^{-1}_ij B_j^T (j > i: lower)
+                out[row] = below + below.T
         return out
 
     def hats(self, terms: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
@@ -544,6 +568,7 @@ def fit_joint_field(
     weighting: str = "noise",
     tile_strengths: bool = True,
     core_radius: float | None = None,
+    variation: int | None = None,
     scored: int | None = 32,
     clip: float = np.inf,
     max_rejections: int = 3,
@@ -586,6 +611,12 @@ def fit_joint_field(
         Where given, the terms above the constant vary only within this many
         pixels of the stamp centre (the constant term keeps every pixel): far
         fewer unknowns, so a much cheaper fit.
+    variation
+        Where given, the terms above the constant are combinations of this
+        many kernels (:func:`variation_basis`: the mean of the tiles' own
+        kernels and their leading principal components) instead of pixels
+        (``core_radius`` is then not used): a system of ``k*k + (P - 1) *
+        variation`` unknowns instead of up to ``P * k*k``.
     scored
         The held-out score is summed over at most this many of the used
         tiles, evenly spread in raster order (``None``: all).  Every tile
@@ -679,8 +710,12 @@ def fit_joint_field(
     # one pooled system for the highest degree: each lower degree's is a leading block of it
     top = max(int(d) for d in degrees)
     top_mask = resolvable_terms(u[used], v[used], top)
-    pooled = _Pooled(stats, used, legendre_design(u[used], v[used], top)[:, top_mask],
-                     _core_mask(k, int(top_mask.sum()), core_radius), tile_scale[used])
+    if variation is not None and stats.kernels is None:
+        raise OptionError("variation needs the tiles' own kernels (TileStatistics.kernels)")
+    basis = None if variation is None else variation_basis(stats.kernels[used], variation)
+    keep = None if basis is not None else _core_mask(k, int(top_mask.sum()), core_radius)
+    pooled = _Pooled(stats, used, legendre_design(u[used], v[used], top)[:, top_mask], keep, tile_scale[used],
+                     basis=basis)
     held = _HeldOut(stats, used, pooled, _TilePenalty(units, tile_lam[used]), rows, np.float32)
 
     def evaluate(degree: int, i: int) -> float:
@@ -739,7 +774,8 @@ def fit_joint_field(
                 break
             kept &= ~far  # refit without them at the chosen degree and strength
             refit = _Pooled(stats, kept, legendre_design(u[kept], v[kept], degree)[:, mask],
-                            _core_mask(k, int(mask.sum()), core_radius), tile_scale[kept]).solve(
+                            None if basis is not None else _core_mask(k, int(mask.sum()), core_radius),
+                            tile_scale[kept], basis=basis).solve(
                 _TilePenalty(units, ladder[i] * tile_lam[kept]))
             if refit is None:
                 kept |= far
@@ -753,6 +789,35 @@ def fit_joint_field(
                    for d in sorted({d for d, _ in scores})},
     )
     return JointField(field, float(ladder[i]), ladder[i] * base, criterion, scores, per_tile)
+
+
+def variation_basis(kernels: np.ndarray, size: int) -> np.ndarray:
+    """``(k*k, size)`` orthonormal columns spanning the mean of the ``(n, k*k)`` ``kernels`` (those finite)
+    and their ``size - 1`` leading principal components: where a field's kernels vary, as the tiles see it."""
+    kernels = np.asarray(kernels, dtype=np.float64)
+    kernels = kernels[np.all(np.isfinite(kernels), axis=1)]
+    if size < 1 or not len(kernels):
+        raise OptionError(f"variation={size}: needs at least 1 and tiles with kernels")
+    mean = kernels.mean(axis=0)
+    _, _, components = np.linalg.svd(kernels - mean, full_matrices=False)
+    columns = np.concatenate([mean[:, None], components[: size - 1].T], axis=1)
+    q, _ = np.linalg.qr(columns)
+    return q
+
+
+#: A run's joint fit puts the variation terms in a basis of this many kernels (:func:`variation_basis`) ...
+RUN_VARIATION = 30
+#: ... on images of at least this many usable tiles (fewer: pixels within :func:`core_radius_for`; the
+#: basis is learned from the tiles' kernels, and such systems are small anyway)
+RUN_VARIATION_TILES = 64
+
+
+def variation_for(n_usable: int) -> int | None:
+    """The ``variation`` a run's joint fit uses on an image of ``n_usable`` usable tiles.  On W (256 tiles,
+    kernel 21) it halved the fit of an image that chose degree 3 (1.95 → 1.0 s); on the simulated images
+    of ``scripts/bench_model.py`` its errors were the pixels' within 0.0002 at 64 tiles and within 0.002
+    at 16–36 (docs/benchmarks.md)."""
+    return RUN_VARIATION if n_usable >= RUN_VARIATION_TILES else None
 
 
 def core_radius_for(fwhm: float, kernel_size: int) -> float | None:

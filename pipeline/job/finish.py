@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
 from ..core.field import KernelField, fit_tiles, tile_weights
-from ..core.joint import PackedGrams, core_radius_for, fit_joint_tiles
+from ..core.joint import PackedGrams, core_radius_for, fit_joint_tiles, variation_for
 from ..core.tiles import Block, TileGrid
 from ..io.store import IMAGES_PER_CHUNK, RECORD_FIELDS, ImageResults, OutputStore
 from .blocks import BlockResult
@@ -231,7 +231,8 @@ class ImageFinisher:
         return JointFit(image, self.grid.centres_y, self.grid.centres_x, kernels, usable, weights,
                         np.nan_to_num(field["n_valid"]).astype(np.int64),
                         {"degrees": degrees, "max_degree": self.model.max_degree,
-                         "core_radius": core_radius_for(fwhm, kernels.shape[-1])},
+                         "core_radius": core_radius_for(fwhm, kernels.shape[-1]),
+                         "variation": variation_for(int(usable.sum()))},
                         None if parts is None else gathered_statistics(self.grid.shape, parts))
 
     def flush(self) -> None:
