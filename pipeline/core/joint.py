@@ -326,7 +326,7 @@ class _Pooled:
     """
 
     def __init__(self, stats: TileStatistics, used: np.ndarray, phi: np.ndarray, keep: np.ndarray | None = None,
-                 scale: np.ndarray | None = None, batch: int = 64, basis: np.ndarray | None = None):
+                 scale: np.ndarray | None = None, batch: int = 32, basis: np.ndarray | None = None):
         self.phi = phi  #: ``(T, P)`` of the tiles used
         #: ``(T,)`` each used tile's weight (its equations and penalty multiplied by it)
         self.scale = np.ones(len(phi)) if scale is None else np.asarray(scale, dtype=np.float64)
@@ -359,8 +359,10 @@ class _Pooled:
         for start in range(0, len(index), batch):
             part = index[start : start + batch]
             values = stats.gc.rows(part, out=buffer) if packed else stats.gc[_tile_rows(part)].reshape(-1, k2 * k2)
-            product = pair_weights[start : start + batch].T @ values
-            summed = product if summed is None else summed + product
+            if summed is None:
+                summed = pair_weights[start : start + batch].T @ values
+            else:
+                summed += pair_weights[start : start + batch].T @ values
         for i, j, row in zip(*upper, summed):
             whole = unpack_gram(row[None], k2)[0] if isinstance(stats.gc, PackedGrams) else row.reshape(k2, k2)
             block = self.spaces[i].rows(self.spaces[j].cols(whole))
@@ -438,10 +440,15 @@ class _HeldOut:
         self.rows = np.arange(len(pooled.phi)) if rows is None else np.asarray(rows)
         tiles = np.flatnonzero(used)[self.rows]
         scale = pooled.scale[self.rows]
-        gc = stats.gc[tiles]
-        self.gram = (scale[:, None, None] * gc).astype(dtype, copy=False)
-        traces = np.trace(gc, axis1=1, axis2=2)
-        self.penalty = ((scale * traces)[:, None, None] * penalty.of(self.rows)).astype(dtype, copy=False)
+        k2 = stats.cc.shape[1]
+        self.gram = np.empty((len(tiles), k2, k2), dtype=dtype)
+        self.penalty = np.empty((len(tiles), k2, k2), dtype=dtype)
+        for start in range(0, len(tiles), 8):  # a few tiles at a time: no full-precision copy of them all
+            part = slice(start, start + 8)
+            gc = stats.gc[tiles[part]]
+            self.gram[part] = scale[part, None, None] * gc
+            self.penalty[part] = ((scale[part] * np.trace(gc, axis1=1, axis2=2))[:, None, None]
+                                  * penalty.of(self.rows[part]))
         self.rhs = (scale[:, None] * stats.cc[tiles]).astype(dtype, copy=False)
         self.dtype = dtype
 
@@ -816,7 +823,7 @@ def variation_for(n_usable: int) -> int | None:
     """The ``variation`` a run's joint fit uses on an image of ``n_usable`` usable tiles.  On W (256 tiles,
     kernel 21) it halved the fit of an image that chose degree 3 (1.95 → 1.0 s); on the simulated images
     of ``scripts/bench_model.py`` its errors were the pixels' within 0.0002 at 64 tiles and within 0.002
-    at 16–36 (docs/benchmarks.md)."""
+    at 16-36 (docs/benchmarks.md)."""
     return RUN_VARIATION if n_usable >= RUN_VARIATION_TILES else None
 
 
