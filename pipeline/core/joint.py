@@ -623,7 +623,9 @@ def fit_joint_field(
         many kernels (:func:`variation_basis`: the mean of the tiles' own
         kernels and their leading principal components) instead of pixels
         (``core_radius`` is then not used): a system of ``k*k + (P - 1) *
-        variation`` unknowns instead of up to ``P * k*k``.
+        variation`` unknowns instead of up to ``P * k*k``.  The basis is
+        learned from every used tile's kernel, the held-out tiles' too (the
+        leave-one-out scores do not refit it).
     scored
         The held-out score is summed over at most this many of the used
         tiles, evenly spread in raster order (``None``: all).  Every tile
