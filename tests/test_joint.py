@@ -41,6 +41,17 @@ def _random_statistics(n_tiles, k, rng, lam=(0.5, 2.0), grid=None):
     return TileStatistics(gc, cc, yy, np.full(n_tiles, 3 * k2), y, x, lam_t)
 
 
+def _grid_statistics(side, k, rng):
+    """Random statistics of ``side`` x ``side`` tiles of 256 px."""
+    yy, xx = np.mgrid[0:side, 0:side] * 256.0 + 128
+    return _random_statistics(side * side, k, rng, grid=(yy.ravel(), xx.ravel()))
+
+
+def _normalised(stats):
+    """``(u, v)`` of the tiles in the frame of the usable ones."""
+    return field_frame(stats.y, stats.x, stats.usable()).normalised(stats.y, stats.x)
+
+
 def _tiles_penalty(k, lam):
     """The compact penalty of each tile at its row of strengths ``lam`` (``(T, 2)``)."""
     return _TilePenalty(_penalty_units(k, "compact", (0.0, 0.0)), np.asarray(lam, dtype=float))
@@ -66,11 +77,9 @@ def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted, ba
     with each tile's equations weighted, and with the variation terms in a basis of kernels."""
     rng = np.random.default_rng(2)
     k = 3
-    yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
-    stats = _random_statistics(9, k, rng, grid=(yy.ravel(), xx.ravel()))
+    stats = _grid_statistics(3, k, rng)
     used = stats.usable()
-    frame = field_frame(stats.y, stats.x, used)
-    u, v = frame.normalised(stats.y, stats.x)
+    u, v = _normalised(stats)
     phi = legendre_design(u, v, 2)
     lam = rng.uniform(0.2, 2.0, size=(9, 2))  # each tile its own strengths
     keep = _core_mask(k, phi.shape[1], core_radius)
@@ -111,10 +120,9 @@ def test_a_lower_degree_at_another_strength_from_the_top_degree_system_equals_it
     held-out predictions at ``f`` times the tiles' penalties equal refits without each tile."""
     rng = np.random.default_rng(15)
     k = 3
-    yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
-    stats = _random_statistics(9, k, rng, grid=(yy.ravel(), xx.ravel()))
+    stats = _grid_statistics(3, k, rng)
     used = stats.usable()
-    u, v = field_frame(stats.y, stats.x, used).normalised(stats.y, stats.x)
+    u, v = _normalised(stats)
     lam = rng.uniform(0.2, 2.0, size=(9, 2))
     scale = rng.uniform(0.5, 2.0, 9)
     top = _Pooled(stats, used, legendre_design(u, v, 2), _core_mask(k, 6, 1.0), scale)
@@ -139,7 +147,7 @@ def test_weighted_pooled_fit_equals_the_dense_weighted_normal_equations():
     rng = np.random.default_rng(13)
     k = 3
     stats = _random_statistics(6, k, rng)
-    u, v = field_frame(stats.y, stats.x, stats.usable()).normalised(stats.y, stats.x)
+    u, v = _normalised(stats)
     phi = legendre_design(u, v, 1)
     lam = rng.uniform(0.2, 2.0, size=(6, 2))
     scale = rng.uniform(0.1, 3.0, 6)
@@ -164,14 +172,13 @@ def test_resolved_score_equals_the_refits_seen_through_each_tiles_own_fit():
     estimator would see it, against that estimator's result, by brute-force refits without the tile."""
     rng = np.random.default_rng(12)
     k = 3
-    yy, xx = np.mgrid[0:3, 0:3] * 256.0 + 128
-    base = _random_statistics(9, k, rng, grid=(yy.ravel(), xx.ravel()))
+    base = _grid_statistics(3, k, rng)
     lam = base.lam * rng.uniform(0.5, 2.0, size=base.lam.shape)  # each tile its own strengths
     weights = rng.uniform(0.2, 1.0, 9)
     stats = TileStatistics(base.gc, base.cc, base.yy, base.count, base.y, base.x, lam, weights=weights)
     joint = fit_joint_field(stats, degrees=[1], strengths=[0.3], criterion="resolved", scored=None,
                             weighting="equal")
-    u, v = field_frame(stats.y, stats.x, stats.usable()).normalised(stats.y, stats.x)
+    u, v = _normalised(stats)
     phi = legendre_design(u, v, 1)
     total = 0.0
     for t in range(9):
@@ -322,10 +329,9 @@ def test_spread_rows_are_distinct_in_range_and_reach_both_ends(n, most):
 def test_scoring_a_subset_predicts_those_tiles_as_scoring_all_does():
     rng = np.random.default_rng(7)
     k = 3
-    yy, xx = np.mgrid[0:4, 0:4] * 256.0 + 128
-    stats = _random_statistics(16, k, rng, grid=(yy.ravel(), xx.ravel()))
+    stats = _grid_statistics(4, k, rng)
     used = stats.usable()
-    u, v = field_frame(stats.y, stats.x, used).normalised(stats.y, stats.x)
+    u, v = _normalised(stats)
     phi = legendre_design(u, v, 1)
     penalty = _tiles_penalty(k, np.tile([0.3, 1.0], (16, 1)))
     pooled = _Pooled(stats, used, phi)
@@ -402,8 +408,7 @@ def test_a_fit_from_packed_grams_equals_the_fit_from_the_matrices(core_radius, c
     unusable."""
     rng = np.random.default_rng(14)
     k = 3
-    yy, xx = np.mgrid[0:4, 0:4] * 256.0 + 128
-    stats = _random_statistics(16, k, rng, grid=(yy.ravel(), xx.ravel()))
+    stats = _grid_statistics(4, k, rng)
     count = stats.count.copy()
     if chunks > 1:
         count[[2, 9]] = 0  # not usable

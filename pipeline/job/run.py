@@ -28,6 +28,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import flags as fl
 from ..core.tiles import EDGE, Block
 from ..errors import OptionError
@@ -176,17 +178,19 @@ def run_job(
                         log=log, started=started)
 
 
-def _joint_resume(store: OutputStore, stored: list[Block], pending: list[Block]) -> tuple[list[Block], list[Block]]:
-    """For a resumed run with the joint model: ``(blocks to compute again for their statistics, blocks to
-    finish from the store)``.  Images with a model are in neither; images wholly stored none of whose tiles
-    can enter a model are finished from the store (no model, as before); the others are computed again."""
+def _joint_resume(store: OutputStore, stored: list[Block], pending: list[Block]
+                  ) -> tuple[list[Block], list[tuple[Block, np.ndarray, np.ndarray]]]:
+    """For a resumed run with the joint model: ``(blocks to compute again for their statistics, the stored
+    results (block, record, kernels) to finish images from)``.  Images with a model are in neither; images
+    wholly stored none of whose tiles can enter a model are finished from the store (no model, as before;
+    their blocks read once); the others are computed again."""
     modelled = store.modelled_images()
     unfinished = {b.image for b in pending}
-    whole = [b for b in stored if not modelled[b.image] and b.image not in unfinished]
-    hopeful = {block.image for block, record, kernels in store.read_blocks(whole)
+    whole = list(store.read_blocks([b for b in stored if not modelled[b.image] and b.image not in unfinished]))
+    hopeful = {block.image for block, record, kernels in whole
                if fl.modelled(kernels, record[..., RECORD_FIELDS.index("quality_flag")]).any()}
     recompute = [b for b in stored if not modelled[b.image] and (b.image in unfinished or b.image in hopeful)]
-    return recompute, [b for b in whole if b.image not in hopeful]
+    return recompute, [result for result in whole if result[0].image not in hopeful]
 
 
 def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, performance_report: str | None = None,
@@ -224,7 +228,11 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
                     f"({n} image{'s' if n > 1 else ''} without a model yet)")
         bar = Progress(sum(b.n_tiles for b in pending + recompute), log, progress)
         finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
-        finisher.add_stored(stored if job.model.method != "joint" else without_model)
+        if job.model.method == "joint":
+            for block, record, kernels in without_model:
+                finisher.add(block, record, kernels)
+        else:
+            finisher.add_stored(stored)
 
         held: dict[tuple[int, int, int], Any] | None = None  # blocks' results kept on the workers (joint model)
         nby, nbx = plan.grid.blocks_shape
