@@ -35,7 +35,15 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.core.diagnostics import plain_centroids
 from pipeline.core.field import fit_tiles, tile_weights
-from pipeline.core.joint import CRITERIA, STRENGTHS, PackedGrams, TileStatistics, fit_joint_field, pack_gram
+from pipeline.core.joint import (
+    CRITERIA,
+    GRAM_DTYPE,
+    STRENGTHS,
+    PackedGrams,
+    TileStatistics,
+    fit_joint_field,
+    pack_gram,
+)
 from pipeline.core.lstsq import lstsq_kernels
 from pipeline.core.moments import adaptive_moments
 from pipeline.sim.demo import demo_dataset
@@ -124,12 +132,12 @@ def candidates(stats: TileStatistics, cy: np.ndarray, cx: np.ndarray, true_at: n
 def replicated(first: dict[str, object], side: int, core_radius: float | None, scored: int | None,
                criterion: str, threads: int) -> str:
     """The joint fit's time and peak memory on ``side`` x ``side`` tiles made of ``first``'s tile statistics,
-    the Grams packed in chunks of 16 tiles, as a run's blocks of 4x4 tiles return them."""
+    the Grams packed in chunks of 16 tiles in a run's precision, as a run's blocks of 4x4 tiles return them."""
     stats: TileStatistics = first["stats"]
     n = side * side
     order = np.random.default_rng(0).permutation(np.resize(np.arange(len(stats.yy)), n))
     yy, xx = np.mgrid[0:side, 0:side] * float(TILE) + (TILE - 1) / 2
-    packed = pack_gram(stats.gc)
+    packed = pack_gram(stats.gc, GRAM_DTYPE)
     grams = PackedGrams([packed[order[i : i + 16]] for i in range(0, n, 16)], K * K)
     big = TileStatistics(grams, stats.cc[order], stats.yy[order], stats.count[order], yy.ravel(),
                          xx.ravel(), stats.lam[order], stats.kernels[order], stats.weights[order])

@@ -375,22 +375,28 @@ def test_a_tile_far_from_the_field_is_rejected_and_the_field_refitted():
     assert kept_error < 1e-3 < every_error
 
 
-@given(n=st.integers(1, 9), m=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
-def test_packed_grams_in_chunks_index_trace_and_quadratic_as_the_matrices_do(n, m, seed):
+@given(n=st.integers(1, 9), m=st.integers(1, 12), seed=st.integers(0, 2**32 - 1), single=st.booleans())
+def test_packed_grams_in_chunks_index_trace_and_quadratic_as_the_matrices_do(n, m, seed, single):
+    """Also packed in single precision (as a run keeps them): the matrices they hold, in double precision."""
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(n, m, m))
     a = a + a.transpose(0, 2, 1)
+    dtype = np.float32 if single else None
+    if single:
+        a = a.astype(np.float32).astype(np.float64)  # the matrices single-precision values hold
     order = rng.permutation(n)  # the matrix of each stored row
     cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(0, n), replace=False)) if n > 1 else []
-    assert pack_gram(a).flags.c_contiguous  # each matrix's values together
-    packed = PackedGrams(np.split(pack_gram(a[order]), cuts), m, order)  # in chunks, as blocks return them
+    assert pack_gram(a, dtype).flags.c_contiguous  # each matrix's values together
+    assert pack_gram(a, dtype).dtype == (np.float32 if single else np.float64)
+    packed = PackedGrams(np.split(pack_gram(a[order], dtype), cuts), m, order)  # in chunks, as blocks return them
     assert packed.shape == a.shape and len(packed) == n
+    assert packed[:].dtype == packed.traces().dtype == np.float64
     np.testing.assert_array_equal(packed[:], a)
     np.testing.assert_array_equal(packed[n - 1], a[n - 1])
     some = rng.choice(n, size=rng.integers(1, n + 1), replace=False)
     np.testing.assert_array_equal(packed[some], a[some])
     buffer = np.full((n + 1, m * (m + 1) // 2), np.nan)
-    np.testing.assert_array_equal(packed.rows(some, out=buffer), pack_gram(a[some]))
+    np.testing.assert_array_equal(packed.rows(some, out=buffer), pack_gram(a[some]))  # double precision
     np.testing.assert_allclose(packed.traces(), np.trace(a, axis1=1, axis2=2), rtol=1e-12, atol=1e-12)
     vectors = rng.normal(size=(len(some), m))
     np.testing.assert_allclose(packed.quadratic(vectors, some), np.einsum("ti,tij,tj->t", vectors, a[some], vectors),

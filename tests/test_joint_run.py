@@ -20,6 +20,7 @@ from pipeline.core.joint import (
     RUN_VARIATION_TILES,
     core_radius_for,
     fit_joint_tiles,
+    pack_statistics,
     variation_basis,
     variation_for,
 )
@@ -60,12 +61,36 @@ def test_the_run_stores_the_field_the_library_fits_to_the_same_tiles(joint_run):
         weights = tile_weights(ds["snr"].values[image], ds["flux"].values[image])
         fwhm = float(np.median(ds["fwhm"].values[image][usable]))
         field, residual, _ = fit_joint_tiles(
-            ds["y"].values, ds["x"].values, kernels, usable, weights, res.statistics,
+            ds["y"].values, ds["x"].values, kernels, usable, weights, pack_statistics(res.statistics),
             res.n_valid.reshape(3, 3), max_degree=3, core_radius=core_radius_for(fwhm, K))
         assert int(ds["model_degree"].values[image]) == field.degree
         stored = ds["model_coefficient"].values[image][: len(field.coefficients)]
         np.testing.assert_allclose(stored, field.coefficients, rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(ds["model_residual"].values[image], residual, rtol=1e-5)
+
+
+def test_the_grams_in_single_precision_move_the_field_by_far_less_than_its_error(joint_run):
+    """A run keeps the tiles' Grams in single precision (``pack_statistics``) from its blocks to the fit."""
+    folder, _, truth, _ = joint_run
+    ds = _open(folder / "kernels.zarr")
+    stack = xr.open_zarr(folder / "stack.zarr", consolidated=False)
+    source = stack["source"].values.astype(np.float64)
+    target = stack["target"].values[0].astype(np.float64)
+    cut = [(slice(ty * TILE, (ty + 1) * TILE), slice(tx * TILE, (tx + 1) * TILE)) for ty in range(3) for tx in range(3)]
+    res = estimate_kernels(np.stack([source[c] for c in cut]), np.stack([target[c] for c in cut]),
+                           kernel_size=K, statistics=True)
+    kernels = ds["kernel"].values[0]
+    usable = fl.modelled(kernels, ds["quality_flag"].values[0].astype(np.int64))
+    weights = tile_weights(ds["snr"].values[0], ds["flux"].values[0])
+    fields = [fit_joint_tiles(ds["y"].values, ds["x"].values, kernels, usable, weights, statistics,
+                              res.n_valid.reshape(3, 3), max_degree=3)[0]
+              for statistics in (res.statistics, pack_statistics(res.statistics))]
+    assert fields[0].degree == fields[1].degree
+    centres = ds["y"].values[:, None], ds["x"].values[None, :]
+    double, single = (f.kernel_at(*centres) for f in fields)
+    error = np.sqrt(((double - truth["kernels"][0]) ** 2).sum(axis=(-2, -1)))
+    moved = np.sqrt(((single - double) ** 2).sum(axis=(-2, -1)))
+    assert moved.max() > 0 and moved.max() < 1e-3 * error.min()
 
 
 def test_a_run_of_64_tiles_fits_the_variation_in_a_basis_of_its_tiles_kernels_as_the_library_does(tmp_path):
@@ -88,9 +113,9 @@ def test_a_run_of_64_tiles_fits_the_variation_in_a_basis_of_its_tiles_kernels_as
                            kernel_size=K, statistics=True)
     weights = tile_weights(ds["snr"].values[0], ds["flux"].values[0])
     fwhm = float(np.median(ds["fwhm"].values[0][usable]))
-    field, _, _ = fit_joint_tiles(ds["y"].values, ds["x"].values, kernels, usable, weights, res.statistics,
-                                  res.n_valid.reshape(n, n), max_degree=3, core_radius=core_radius_for(fwhm, K),
-                                  variation=RUN_VARIATION)
+    field, _, _ = fit_joint_tiles(ds["y"].values, ds["x"].values, kernels, usable, weights,
+                                  pack_statistics(res.statistics), res.n_valid.reshape(n, n), max_degree=3,
+                                  core_radius=core_radius_for(fwhm, K), variation=RUN_VARIATION)
     assert field.degree == degree
     np.testing.assert_allclose(ds["model_coefficient"].values[0][: len(field.coefficients)], field.coefficients,
                                rtol=1e-10, atol=1e-14)
@@ -202,8 +227,8 @@ def test_the_dry_run_shows_the_model_and_what_its_statistics_hold(tmp_path, caps
     job_file.write_text(yaml.safe_dump(job_dict(tmp_path, model={"method": "joint"})))
     assert main(["run", str(job_file), "--dry-run"]) == 0
     k2 = K * K
-    per_tile = (k2 * (k2 + 1) // 2 + k2 + 8) * 8 / 2**20
-    fit = (2 * (10 * k2) ** 2 + (55 + 64) * k2 * (k2 + 1) // 2) * 8 + 3 * 32 * k2**2 * 4  # degree 3: 10 terms
+    per_tile = (k2 * (k2 + 1) // 2 * 4 + (k2 + 8) * 8) / 2**20  # the packed Gram in single precision
+    fit = (2 * (10 * k2) ** 2 + (55 + 32) * k2 * (k2 + 1) // 2) * 8 + 3 * 32 * k2**2 * 4  # degree 3: 10 terms
     assert (f"model      joint fit to all tiles' pixels, degree up to 3; each block returns its tiles' normal "
             f"equations ({per_tile:.2f} MiB a tile, {9 * per_tile:.1f} MiB an image, kept where the blocks ran "
             f"until the image's fit, which takes up to about {fit / 2**20:.0f} MiB more)") in capsys.readouterr().out

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import flags as fl
 from ..core.estimate import estimate_kernels
-from ..core.joint import pack_gram
+from ..core.joint import pack_statistics
 from ..core.tiles import Block, TileGrid
 from ..io.inputs import InputReader
 from ..io.store import OutputStore, block_record
@@ -39,7 +39,7 @@ class BlockResult:
     kernels: np.ndarray  #: ``(ny, nx, k, k)`` kernels in the output dtype
     flagged: int  #: tiles flagged unusable
     #: for the joint model (``model.method: joint``): the tiles' ``(packed gc, cc, yy, lam_terms)`` in raster
-    #: order (:func:`~pipeline.core.joint.pack_gram`)
+    #: order (:func:`~pipeline.core.joint.pack_statistics`)
     statistics: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     written: bool = True  #: ``False``: computed again for its statistics only (a resumed joint run)
 
@@ -83,10 +83,7 @@ class BlockTask:
         write = (block.image, block.by, block.bx) not in self.recompute
         if write:
             self.store.write_block(block, kernels, record)
-        statistics = None
-        if joint:
-            gc, cc, yy, lam = res.statistics
-            statistics = (pack_gram(gc), cc, yy, lam)
+        statistics = pack_statistics(res.statistics) if joint else None
         return BlockResult(block, record, kernels, int(np.count_nonzero(res.flags & fl.BAD)), statistics, write)
 
     def delayed(self, block: Block) -> Any:

@@ -113,13 +113,13 @@ class Plan:
         if model.method != "joint":
             return f"fitted to the tile kernels, {degree}"
         k2 = self.job.kernel.size ** 2
-        per_tile = (k2 * (k2 + 1) // 2 + k2 + 8) * 8  # packed Gram, right-hand side, sums (float64)
+        per_tile = k2 * (k2 + 1) // 2 * 4 + (k2 + 8) * 8  # packed Gram (float32), right-hand side, sums
         ty, tx = self.grid.shape
         terms = (model.max_degree + 1) * (model.max_degree + 2) // 2 if model.degree is None else \
             (model.degree + 1) * (model.degree + 2) // 2
         # at most: the pooled system and its factor (every pixel of every term), each pair of terms' summed
-        # Grams, a batch of 64 tiles' Grams, the 32 scored tiles' matrices in single precision
-        fit = (2 * (terms * k2) ** 2 + (terms * (terms + 1) // 2 + 64) * k2 * (k2 + 1) // 2) * 8 + 3 * 32 * k2**2 * 4
+        # Grams, a batch of 32 tiles' Grams, the 32 scored tiles' matrices in single precision
+        fit = (2 * (terms * k2) ** 2 + (terms * (terms + 1) // 2 + 32) * k2 * (k2 + 1) // 2) * 8 + 3 * 32 * k2**2 * 4
         return (f"joint fit to all tiles' pixels, {degree}; each block returns its tiles' normal equations "
                 f"({per_tile / 2**20:.2f} MiB a tile, {ty * tx * per_tile / 2**20:.1f} MiB an image, kept where "
                 f"the blocks ran until the image's fit, which takes up to about {fit / 2**20:.0f} MiB more)")
