@@ -12,6 +12,7 @@ from pipeline.core.joint import (
     PackedGrams,
     TileStatistics,
     _core_mask,
+    _held_out_iterations,
     _HeldOut,
     _leave_one_out,
     _penalty_matrix,
@@ -70,11 +71,13 @@ def test_as_many_terms_as_tiles_gives_the_independent_tile_fits():
         np.testing.assert_allclose(model[t], own, rtol=1e-9, atol=1e-12 * np.abs(own).max())
 
 
+@pytest.mark.parametrize("iterations", [0, 200])
 @pytest.mark.parametrize("core_radius, weighted, basis", [(None, False, False), (1.0, False, False),
                                                          (None, True, False), (None, True, True)])
-def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted, basis):
+def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted, basis, iterations):
     """Also with the variation terms restricted to the kernel's core (the other coefficients held at zero),
-    with each tile's equations weighted, and with the variation terms in a basis of kernels."""
+    with each tile's equations weighted, and with the variation terms in a basis of kernels; by direct
+    solves alone (no iteration) and with the tiles the iteration settles (most of them here)."""
     rng = np.random.default_rng(2)
     k = 3
     stats = _grid_statistics(3, k, rng)
@@ -91,7 +94,11 @@ def test_leave_one_out_equals_a_refit_without_the_tile(core_radius, weighted, ba
         np.testing.assert_allclose(coef[1:] - coef[1:] @ kernels @ kernels.T, 0, atol=1e-12 * np.abs(coef).max())
     if core_radius is not None:  # corners of the 3x3 stamp are outside radius 1: held at zero
         assert np.all(coef[1:].reshape(-1, k, k)[:, [0, 0, -1, -1], [0, -1, 0, -1]] == 0)
-    fast = _leave_one_out(pooled, factor, coef, _HeldOut(stats, used, pooled, _tiles_penalty(k, lam)))
+    held = _HeldOut(stats, used, pooled, _tiles_penalty(k, lam))
+    if iterations:
+        _, settled = _held_out_iterations(pooled, factor, coef, held, 1.0, iterations, 1e-12)
+        assert 5 <= settled.sum() <= 8  # both ways tested
+    fast = _leave_one_out(pooled, factor, coef, held, iterations=iterations)
     for t in range(9):
         keep_t = np.arange(9) != t
         sub = TileStatistics(stats.gc[keep_t], stats.cc[keep_t], stats.yy[keep_t], stats.count[keep_t],
@@ -113,6 +120,30 @@ def test_variation_basis_spans_the_mean_and_leading_components_orthonormally():
         assert np.linalg.norm(vector - basis @ (basis.T @ vector)) < 1e-4 * np.linalg.norm(vector)
     with pytest.raises(OptionError, match="variation=0"):
         variation_basis(kernels, 0)
+
+
+@pytest.mark.parametrize("side, degree, basis", [(4, 1, False), (8, 2, False), (8, 2, True)])
+def test_the_iteration_settles_every_tile_of_a_larger_grid_as_the_direct_solves_predict_it(side, degree, basis):
+    rng = np.random.default_rng(side)
+    k = 3
+    stats = _grid_statistics(side, k, rng)
+    used = stats.usable()
+    u, v = _normalised(stats)
+    lam = rng.uniform(0.2, 2.0, size=(side * side, 2))
+    kernels = np.linalg.qr(rng.normal(size=(k * k, 4)))[0] if basis else None
+    pooled = _Pooled(stats, used, legendre_design(u, v, degree), scale=rng.uniform(0.5, 2.0, side * side),
+                     basis=kernels)
+    coef, factor = pooled.solve(_tiles_penalty(k, 0.3 * lam))
+    held = _HeldOut(stats, used, pooled, _tiles_penalty(k, lam))
+    iterated, settled = _held_out_iterations(pooled, factor, coef, held, 0.3, 200, 1e-12)
+    assert settled.all()
+    direct = _leave_one_out(pooled, factor, coef, held, strength=0.3, iterations=0)
+    np.testing.assert_allclose(iterated, direct, rtol=0, atol=1e-10 * np.abs(direct).max())
+    coef, factor = pooled.solve(_tiles_penalty(k, 0.3 * lam))  # the direct solves used the factor up
+    # in single precision (a fit's scores): the products in it, settled to 1e-6 of each tile's largest pixel
+    single = _HeldOut(stats, used, pooled, _tiles_penalty(k, lam), dtype=np.float32)
+    np.testing.assert_allclose(_leave_one_out(pooled, factor, coef, single, strength=0.3), direct, rtol=0,
+                               atol=1e-5 * np.abs(direct).max())
 
 
 def test_a_lower_degree_at_another_strength_from_the_top_degree_system_equals_its_own_fit():

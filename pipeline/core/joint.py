@@ -449,8 +449,9 @@ class _Pooled:
 
 class _HeldOut:
     """The terms of the tiles whose held-out predictions are scored, taken once for every candidate:
-    ``w_t Gc_t`` and ``w_t s_t Q_t`` (each tile's penalty at ``f = 1``; ``B_t = w_t (Gc_t + f s_t Q_t)``)
-    in the precision of the leave-one-out solves, and ``w_t c_t``."""
+    ``w_t Gc_t`` in the precision of the leave-one-out products and solves, and each tile's penalty at
+    ``f = 1`` as ``w_t s_t lam_t`` on the penalty's ``units`` (``B_t = w_t (Gc_t + f s_t Q_t)``), and
+    ``w_t c_t``."""
 
     def __init__(self, stats: TileStatistics, used: np.ndarray, pooled: _Pooled, penalty: _TilePenalty,
                  rows: np.ndarray | None = None, dtype: type = np.float64):
@@ -459,15 +460,26 @@ class _HeldOut:
         scale = pooled.scale[self.rows]
         k2 = stats.cc.shape[1]
         self.gram = np.empty((len(tiles), k2, k2), dtype=dtype)
-        self.penalty = np.empty((len(tiles), k2, k2), dtype=dtype)
         for start in range(0, len(tiles), 8):  # a few tiles at a time: no full-precision copy of them all
             part = slice(start, start + 8)
-            gc = stats.gc[tiles[part]]
-            self.gram[part] = scale[part, None, None] * gc
-            self.penalty[part] = ((scale[part] * np.trace(gc, axis1=1, axis2=2))[:, None, None]
-                                  * penalty.of(self.rows[part]))
-        self.rhs = (scale[:, None] * stats.cc[tiles]).astype(dtype, copy=False)
+            self.gram[part] = scale[part, None, None] * stats.gc[tiles[part]]
+        self.units = penalty.units  #: ``(m, k*k, k*k)``
+        #: ``(R, m)`` each tile's penalty ``w_t s_t lam_t`` on the units
+        self.penalty = (scale * _traces(stats.gc)[tiles])[:, None] * penalty.lam[self.rows]
+        self.rhs = scale[:, None] * stats.cc[tiles]
         self.dtype = dtype
+
+    def times(self, rows: np.ndarray, vectors: np.ndarray, strength: float) -> np.ndarray:
+        """``(R, k*k)``: ``B_t v_t`` of the scored tiles ``rows`` (indices into :attr:`rows`), the Grams'
+        products in :attr:`dtype`."""
+        out = np.matmul(self.gram[rows], vectors.astype(self.dtype)[..., None])[..., 0].astype(np.float64)
+        on_units = np.matmul(vectors, self.units)  # (m, R, k*k): the units are symmetric
+        return out + strength * np.einsum("rm,mri->ri", self.penalty[rows], on_units)
+
+    def matrices(self, rows: np.ndarray, strength: float) -> np.ndarray:
+        """``(R, k*k, k*k)``: ``B_t`` of the scored tiles ``rows`` in :attr:`dtype`."""
+        penalty = np.tensordot(strength * self.penalty[rows], self.units, axes=1)
+        return (self.gram[rows] + penalty.astype(self.dtype)).astype(self.dtype, copy=False)
 
 
 def _core_mask(kernel_size: int, n_terms: int, radius: float | None) -> np.ndarray | None:
@@ -491,21 +503,84 @@ def _lower_inverse(factor) -> np.ndarray:
 
 
 def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, held: _HeldOut, strength: float = 1.0,
-                   batch: int = 16) -> np.ndarray:
+                   iterations: int = 12, tolerance: float | None = None, batch: int = 16) -> np.ndarray:
     """``(R, k*k)``: the kernels of the ``held`` tiles as the fit without each of them predicts it (exact, by
     Woodbury), with ``coef`` and ``factor`` from :meth:`_Pooled.solve` (over as many terms as ``coef`` has)
-    at ``strength`` times the ``held`` tiles' penalties.  The ``k*k``-square products and solves are in
-    ``held``'s precision (``float32``: half the time, for scores)."""
+    at ``strength`` times the ``held`` tiles' penalties.
+
+    A tile's prediction solves ``(I - H_t B_t) k = U_t^T x - H_t r_t`` (``H_t = U_t^T A^-1 U_t``).  The
+    eigenvalues of ``H_t B_t`` are the tile's leverages, in ``[0, 1)`` and small where many tiles share
+    the field, so the solution is first sought by the fixed-point iteration ``k <- b + H_t B_t k``
+    (:func:`_held_out_iterations`: ``H_t`` applied through ``factor``, no ``k*k``-square matrix formed),
+    at most ``iterations`` steps, until a step changes no pixel by more than ``tolerance`` of the largest
+    (default: 1e-6 where ``held``'s precision is single, the products ``B_t k`` being taken in it; 1e-12
+    in double); the tiles it does not settle are solved directly (``H_t`` formed, the ``k*k``-square
+    products and solves in ``held``'s precision).  On W's images of 256 tiles the leverages were at most
+    0.08: every tile settled in a few steps, 5-9x faster than the direct solves.
+    """
+    p = len(coef)
+    if tolerance is None:
+        tolerance = 1e-6 if np.dtype(held.dtype) == np.float32 else 1e-12
+    predicted, settled = _held_out_iterations(pooled, factor, coef, held, strength, iterations, tolerance)
+    direct = np.flatnonzero(~settled)
+    if not len(direct):
+        return predicted
     terms = pooled.hat_terms(_lower_inverse(factor), held.dtype)
-    predicted = np.empty((len(held.rows), coef.shape[1]))
     identity = np.eye(coef.shape[1], dtype=held.dtype)
-    for start in range(0, len(held.rows), batch):
-        part = slice(start, start + batch)
+    for start in range(0, len(direct), batch):
+        part = direct[start : start + batch]
         hats = pooled.hats(terms, held.rows[part])
-        b = held.gram[part] + held.dtype(strength) * held.penalty[part]
-        rhs = pooled.phi[held.rows[part], : len(coef)] @ coef - np.matmul(hats, held.rhs[part][..., None])[..., 0]
+        b = held.matrices(part, strength)
+        rhs = pooled.phi[held.rows[part], :p] @ coef - np.matmul(hats, held.rhs[part][..., None])[..., 0]
         predicted[part] = _batched_solve(identity - hats @ b, rhs.astype(held.dtype, copy=False))
     return predicted
+
+
+def _held_out_iterations(pooled: _Pooled, factor, coef: np.ndarray, held: _HeldOut, strength: float,
+                         iterations: int, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out predictions of :func:`_leave_one_out` by the fixed-point iteration, and which tiles
+    it settled: their last step changed no pixel by more than ``tolerance`` of the largest (the error
+    left is about ``rho / (1 - rho)`` of that step at a contraction ``rho``).  A tile is left (for the
+    direct solve) as soon as its steps shrink too slowly to settle within ``iterations``."""
+    p = len(coef)
+    phi = pooled.phi[held.rows, :p]
+    spaces = pooled.spaces[:p]
+    offsets = pooled.offsets[: p + 1]
+
+    distinct = list({id(space): space for space in spaces}.values())  # the variation terms share one
+    which = [next(n for n, d in enumerate(distinct) if d is space) for space in spaces]
+
+    def hat(rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """``H_t v_t`` of the tiles ``rows``: ``U_t^T A^-1 U_t v_t`` through the factor, all at once."""
+        restricted = [space.rows(vectors.T) for space in distinct]
+        blocks = [restricted[which[i]] * phi[rows, i] for i in range(p)]
+        solved = scipy.linalg.cho_solve(factor, np.concatenate(blocks), check_finite=False)
+        combined: list = [0.0] * len(distinct)  # the terms of one space summed before it is expanded
+        for i in range(p):
+            combined[which[i]] = combined[which[i]] + solved[offsets[i] : offsets[i + 1]] * phi[rows, i]
+        return sum(space.expand(part) for space, part in zip(distinct, combined)).T
+
+    every = np.arange(len(held.rows))
+    start = phi @ coef - hat(every, held.rhs)
+    predicted = start.copy()
+    settled = np.zeros(len(every), dtype=bool)
+    active = every
+    previous = np.full(len(every), np.inf)
+    for step in range(iterations):
+        if not len(active):
+            break
+        new = start[active] + hat(active, held.times(active, predicted[active], strength))
+        change = np.abs(new - predicted[active]).max(axis=1) / np.maximum(np.abs(new).max(axis=1), 1e-300)
+        predicted[active] = new
+        done = change <= tolerance
+        settled[active[done]] = True
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = change / previous[active]  # by which the steps shrink
+            needed = np.log(tolerance / change) / np.log(rate)  # steps still to take at that rate
+        give_up = ~done & (step > 0) & ((rate >= 1) | (step + 1 + needed > iterations))
+        previous[active] = change
+        active = active[~done & ~give_up]
+    return predicted, settled
 
 
 def _far_tiles(stats: TileStatistics, kept: np.ndarray, coef: np.ndarray, design: np.ndarray,
