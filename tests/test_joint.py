@@ -429,6 +429,13 @@ def test_packed_grams_in_chunks_index_trace_and_quadratic_as_the_matrices_do(n, 
     buffer = np.full((n + 1, m * (m + 1) // 2), np.nan)
     np.testing.assert_array_equal(packed.rows(some, out=buffer), pack_gram(a[some]))  # double precision
     np.testing.assert_allclose(packed.traces(), np.trace(a, axis1=1, axis2=2), rtol=1e-12, atol=1e-12)
+    weights = rng.normal(size=(len(some), 3))
+    sums = packed.weighted_sums(some, weights, budget=8 * len(some) * 70)  # bands of 70 values (or 64)
+    assert sums.dtype == np.float64
+    np.testing.assert_allclose(sums, weights.T @ pack_gram(a[some]), rtol=1e-12,
+                               atol=1e-12 * np.abs(weights).sum(axis=0).max() * np.abs(a).max())
+    whole = PackedGrams(pack_gram(a, dtype), m)  # one chunk, in turn: the same sums
+    np.testing.assert_array_equal(whole.weighted_sums(some, weights, budget=8 * len(some) * 70), sums)
     vectors = rng.normal(size=(len(some), m))
     np.testing.assert_allclose(packed.quadratic(vectors, some), np.einsum("ti,tij,tj->t", vectors, a[some], vectors),
                                rtol=1e-10, atol=1e-10 * np.abs(a).max() * np.sum(vectors**2, axis=1).max())

@@ -52,6 +52,7 @@ Pure NumPy/SciPy.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,13 +105,18 @@ def pack_statistics(statistics: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...
     return (pack_gram(gc, GRAM_DTYPE), *rest)
 
 
+@functools.lru_cache(maxsize=4)
+def _unpacked_positions(m: int) -> np.ndarray:
+    """``(m*m,)``: where each entry of an ``m``-square symmetric matrix lies in its :func:`pack_gram` row."""
+    r, c = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+    low, high = np.minimum(r, c), np.maximum(r, c)
+    return (low * m - low * (low - 1) // 2 + high - low).ravel()
+
+
 def unpack_gram(packed: np.ndarray, m: int) -> np.ndarray:
     """The ``(n, m, m)`` symmetric matrices of :func:`pack_gram` (in double precision at least)."""
-    out = np.empty((len(packed), m, m), dtype=np.result_type(packed.dtype, np.float64))
-    upper = np.triu_indices(m)
-    out[:, upper[0], upper[1]] = packed
-    out[:, upper[1], upper[0]] = packed
-    return out
+    out = np.take(packed, _unpacked_positions(m), axis=-1).reshape(len(packed), m, m)
+    return out.astype(np.result_type(packed.dtype, np.float64), copy=False)
 
 
 class PackedGrams:
@@ -159,6 +165,29 @@ class PackedGrams:
         out = np.empty((len(stored), self.m * (self.m + 1) // 2)) if out is None else out[: len(stored)]
         for row, (c, at) in enumerate(zip(chunk, stored)):
             out[row] = self.chunks[c][at - self.starts[c]]
+        return out
+
+    def weighted_sums(self, key: np.ndarray, weights: np.ndarray, budget: int = 2**24) -> np.ndarray:
+        """``(W, m*(m+1)/2)`` in double precision: ``sum_r weights[r, w] * packed row of matrix key[r]`` for
+        each column ``w`` of the ``(R, W)`` ``weights``.  Taken over a band of the packed values at a time
+        (``budget`` bytes of all the rows' values in double precision): one product over every row for each
+        band, each value read once; the same sums whatever the chunks (the operands in aligned memory)."""
+        stored = self.stored[np.asarray(key)]
+        chunk = np.searchsorted(self.starts, stored, side="right") - 1
+        groups = [(c, np.flatnonzero(chunk == c), stored[chunk == c] - self.starts[c]) for c in np.unique(chunk)]
+        width = self.m * (self.m + 1) // 2
+        band = max(64, min(width, budget // (8 * max(len(stored), 1))))
+        memory = _aligned_empty(len(stored) * band)
+        weights = np.asarray(weights, dtype=np.float64)
+        weights_t = _aligned_empty(weights.size).reshape(weights.shape[::-1])
+        weights_t[:] = weights.T
+        out = np.empty((weights_t.shape[0], width))
+        for lo in range(0, width, band):
+            hi = min(lo + band, width)
+            values = memory[: len(stored) * (hi - lo)].reshape(len(stored), hi - lo)  # contiguous, aligned
+            for c, at, rows in groups:
+                values[at] = self.chunks[c][rows, lo:hi]
+            out[:, lo:hi] = weights_t @ values
         return out
 
     def traces(self) -> np.ndarray:
@@ -337,8 +366,9 @@ class _Pooled:
     ``keep`` (``(P*k*k,)`` bool, default all): the coefficients fitted; the
     others are held at zero (e.g. the variation terms outside the kernel's
     core).  Each pair of terms' weighted sum of the tiles' Grams is taken
-    in one product over the stored (packed) values, ``batch`` tiles at a
-    time; the system's block of that pair is cut from it at the two terms'
+    in one product over the stored values (packed: a band of them at a
+    time, :meth:`PackedGrams.weighted_sums`; matrices: ``batch`` tiles at a
+    time); the system's block of that pair is cut from it at the two terms'
     pixels (the full ``(P*k*k)^2`` matrix is never formed).
     """
 
@@ -369,17 +399,13 @@ class _Pooled:
         pair_weights = self.weights[:, upper[0], upper[1]]  # (T, pairs)
         index = np.flatnonzero(used)
         packed = isinstance(stats.gc, PackedGrams)
-        # used again and again, aligned (BLAS's sums depend on where their operands lie)
-        buffer = (_aligned_empty(min(batch, len(index)) * k2 * (k2 + 1) // 2).reshape(-1, k2 * (k2 + 1) // 2)
-                  if packed else None)
-        summed = None
-        for start in range(0, len(index), batch):
-            part = index[start : start + batch]
-            values = stats.gc.rows(part, out=buffer) if packed else stats.gc[_tile_rows(part)].reshape(-1, k2 * k2)
-            if summed is None:
-                summed = pair_weights[start : start + batch].T @ values
-            else:
-                summed += pair_weights[start : start + batch].T @ values
+        if packed:
+            summed = stats.gc.weighted_sums(index, pair_weights)
+        else:
+            summed = np.zeros((len(pair_weights.T), k2 * k2))
+            for start in range(0, len(index), batch):
+                part = index[start : start + batch]
+                summed += pair_weights[start : start + batch].T @ stats.gc[_tile_rows(part)].reshape(-1, k2 * k2)
         for i, j, row in zip(*upper, summed):
             whole = unpack_gram(row[None], k2)[0] if isinstance(stats.gc, PackedGrams) else row.reshape(k2, k2)
             block = self.spaces[i].rows(self.spaces[j].cols(whole))
