@@ -26,6 +26,7 @@ from pipeline.job.config import (
     dump_job,
     job_from_dict,
     load_job,
+    setting_differences,
 )
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
@@ -63,7 +64,7 @@ def test_minimal_job_dump_shows_every_default():
                    "regularization": "auto",
                    "penalty": "compact", "robust": True, "recentre": True, "bad_source": "fill",
                        "clip": 5.0},
-        "model": {"method": "kernels", "degree": None, "max_degree": 3, "clip": 4.0},
+        "model": {"method": "joint", "degree": None, "max_degree": 3, "clip": 4.0},
         "output": {"path": "out.zarr", "mode": "create", "dtype": "float32"},
         "compute": {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True,
                     "memory_limit": "auto", "dashboard_address": ":0", "block_tiles": None,
@@ -484,12 +485,36 @@ def test_fingerprint_ignores_where_and_how():
     assert job(input={"path": "in.zarr", "storage_options": {"anon": True}}).fingerprint() == base
     # writing a default explicitly changes nothing
     assert job(kernel={"method": "lstsq", "clip": 5}, tiles={"size": 256, "step": 256}).fingerprint() == base
-    assert job(model={"method": "kernels"}).fingerprint() == base
+    assert job(model={"method": "joint"}).fingerprint() == base
 
 
 def test_fingerprint_of_a_default_job_is_the_one_stores_already_carry():
-    """Settings added later leave the fingerprint of a job without them as it was (stores resume)."""
-    assert job().fingerprint() == "d71707e4f2044637ef447b977983b58a3d5d993d966776f7bbde90d7dfa7c251"
+    """Settings added later leave the fingerprint of a job without them as it was (stores resume); stores
+    made when the tile-kernel model was the default resume with ``model.method: kernels``."""
+    assert job().fingerprint() == "f22ef8c98dbc6b3221067d260c50f7fd1377d9a43ce6245a377c5dd9b21fd73e"
+    assert job(model={"method": "kernels"}).fingerprint() == (
+        "d71707e4f2044637ef447b977983b58a3d5d993d966776f7bbde90d7dfa7c251")
+
+
+def test_setting_differences_name_each_setting_of_the_stored_job_that_differs():
+    stored = dump_job(job(tiles={"size": 128}, model={"method": "kernels"}))
+    assert setting_differences(stored, job()) == ['model.method: "kernels" in the store, "joint" here',
+                                                  "tiles.size: 128 in the store, 256 here",
+                                                  "tiles.step: 128 in the store, 256 here"]
+    assert setting_differences(dump_job(job()), job()) == []
+    # a store from before model.method was written: the model of the tile kernels
+    old = yaml.safe_load(dump_job(job()))
+    del old["model"]["method"]
+    assert setting_differences(yaml.safe_dump(old), job()) == ['model.method: "kernels" in the store, "joint" here']
+    for unreadable in (None, "", "[1, 2", "- a list", "input: {nonsense: 1}"):
+        assert setting_differences(unreadable, job()) == []
+
+
+def test_the_default_model_is_the_joint_fit_where_the_kernel_section_allows_it():
+    assert job().model.method == "joint"
+    assert job(kernel={"method": "welch"}).model.method == "kernels"
+    assert job(kernel={"normalize": True}).model.method == "kernels"
+    assert job(kernel={"method": "lstsq", "normalize": False}).model.method == "joint"
 
 
 def test_the_joint_model_needs_the_exact_solver_and_unnormalised_kernels():
@@ -511,7 +536,7 @@ def test_the_joint_model_needs_the_exact_solver_and_unnormalised_kernels():
     {"input": {"path": "in.zarr", "mask": "mask"}},
     {"input": {"path": "in.zarr", "group": "g"}},
     {"output": {"path": "out.zarr", "dtype": "float64"}},
-    {"model": {"method": "joint"}},
+    {"model": {"method": "kernels"}},
 ])
 def test_fingerprint_changes_with_what_changes_the_result(change):
     assert job(**change).fingerprint() != job().fingerprint()

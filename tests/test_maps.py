@@ -36,8 +36,28 @@ def test_the_model_is_closer_to_the_truth_than_the_tiles(demo_map):
     assert np.all(np.isfinite(cv)) and np.all(cv < 0.2)
 
 
-def test_stored_model_is_the_fit_of_the_stored_tiles(demo_map):
-    km, _ = demo_map
+@pytest.fixture(scope="module")
+def demo_map_of_kernels(tmp_path_factory):
+    """The demo job with the model fitted to the tile kernels (``model.method: kernels``)."""
+    folder = tmp_path_factory.mktemp("demo-kernels")
+    job = demo_job(folder, ["compute.scheduler=threads", "model.method=kernels"])
+    truth = write_demo_stack(job.input.path, n_images=3, size=768, kernel_size=job.kernel.size)
+    run_job(job, progress=False)
+    return pipeline.KernelMap.open(job.output.path), truth
+
+
+def test_the_demo_runs_the_joint_model_closer_to_the_truth_than_the_model_of_the_kernels(demo_map,
+                                                                                         demo_map_of_kernels):
+    joint, truth = demo_map
+    of_kernels, _ = demo_map_of_kernels
+    assert joint.ds.attrs["kernelmap_config"].count("method: joint") == 1
+    _, joint_error = model_against_truth(joint.ds, truth)
+    _, kernels_error = model_against_truth(of_kernels.ds, truth)
+    assert np.median(joint_error) < np.median(kernels_error), (joint_error, kernels_error)
+
+
+def test_stored_model_is_the_fit_of_the_stored_tiles(demo_map_of_kernels):
+    km, _ = demo_map_of_kernels
     ds = km.ds
     for i in range(ds.sizes["image"]):
         kernels = ds["kernel"].values[i].astype(np.float64)

@@ -150,7 +150,8 @@ def test_block_records_hold_the_diagnostics_and_rebuild_them_on_resume(tmp_path)
     """Each block's record carries its tiles' diagnostics; a run killed after the last block
     but before an image's diagnostics were copied is finished from the records alone."""
     make_stack(tmp_path / "stack.zarr", n_images=2)
-    run_job(job_from_dict(job_dict(tmp_path, compute={"block_tiles": 2})), progress=False)
+    kernels = {"method": "kernels"}  # (a resumed joint run leaves images with a model as they are)
+    run_job(job_from_dict(job_dict(tmp_path, model=kernels, compute={"block_tiles": 2})), progress=False)
     path = tmp_path / "kernels.zarr"
     first = open_result(path)
     records = zarr.open_array(str(path / "status" / "records"), mode="r")
@@ -167,7 +168,7 @@ def test_block_records_hold_the_diagnostics_and_rebuild_them_on_resume(tmp_path)
         group[name][1] = group[name].fill_value
     group.attrs["kernelmap_status"] = "incomplete"
     # resumed with the default blocks (1x1 here): the store's own 2x2 blocks are kept
-    again = run_job(job_from_dict(job_dict(tmp_path, output={"mode": "resume"})), progress=False)
+    again = run_job(job_from_dict(job_dict(tmp_path, model=kernels, output={"mode": "resume"})), progress=False)
     assert again.tiles_computed == 0 and again.blocks_skipped == 2 * 4
     resumed = open_result(path)
     assert resumed.attrs["kernelmap_status"] == "complete"
@@ -381,6 +382,23 @@ def test_resume_of_another_configuration_is_refused_in_the_dry_run_and_before_an
     assert started == [] and tree_digest(tmp_path / "kernels.zarr") == before
 
 
+def test_a_refused_resume_names_the_settings_that_differ(tmp_path):
+    """E.g. a store made when the model of the tile kernels was the default, resumed with a job that does
+    not name the model: the default is now the joint fit."""
+    make_stack(tmp_path / "stack.zarr")
+    run_job(job_from_dict(job_dict(tmp_path, model={"method": "kernels"})), progress=False)
+    before = tree_digest(tmp_path / "kernels.zarr")
+    plan = plan_job(job_from_dict(job_dict(tmp_path, output={"mode": "resume"})))
+    with pytest.raises(OptionError) as refused:
+        plan.execute(progress=False)
+    said = str(refused.value)
+    assert 'model.method: "kernels" in the store, "joint" here' in said and "--set model.method=" in said
+    plan = plan_job(job_from_dict(job_dict(tmp_path, kernel={"size": 7}, model={"method": "kernels"},
+                                           output={"mode": "resume"})))
+    assert "kernel.size: 9 in the store, 7 here" in plan.describe()
+    assert tree_digest(tmp_path / "kernels.zarr") == before
+
+
 @pytest.mark.parametrize("block_tiles", [1, 2])
 def test_resumed_run_finishes_stored_blocks_through_the_same_path(tmp_path, monkeypatch, block_tiles):
     """Blocks already in the store go through ``ImageFinisher.add`` like computed ones, whatever
@@ -388,7 +406,8 @@ def test_resumed_run_finishes_stored_blocks_through_the_same_path(tmp_path, monk
     from pipeline.job.finish import ImageFinisher
 
     make_stack(tmp_path / "stack.zarr", n_images=2)
-    run_job(job_from_dict(job_dict(tmp_path, compute={"block_tiles": 2})), progress=False)
+    kernels = {"method": "kernels"}  # (the joint model's resume: tests/test_joint_run.py)
+    run_job(job_from_dict(job_dict(tmp_path, model=kernels, compute={"block_tiles": 2})), progress=False)
     first = open_result(tmp_path / "kernels.zarr")
     _lose_blocks(tmp_path / "kernels.zarr")
     added = []
@@ -400,7 +419,8 @@ def test_resumed_run_finishes_stored_blocks_through_the_same_path(tmp_path, monk
         original(self, block, record, kernels, statistics)
 
     monkeypatch.setattr(ImageFinisher, "add", add)
-    job = job_from_dict(job_dict(tmp_path, compute={"block_tiles": block_tiles}, output={"mode": "resume"}))
+    job = job_from_dict(job_dict(tmp_path, model=kernels, compute={"block_tiles": block_tiles},
+                                 output={"mode": "resume"}))
     summary = run_job(job, progress=False)
     assert summary.blocks_skipped == 6 and summary.blocks_computed == 2
     assert summary.tiles_skipped == 15 and summary.tiles_computed == 3

@@ -176,7 +176,9 @@ def test_a_region_read_with_its_halo_has_the_bad_pixels_of_the_whole_image(image
 
 
 def job(saturation) -> object:
-    return job_from_dict({"input": {"path": "in.zarr", "saturation": saturation}, "output": {"path": "out.zarr"}})
+    """(The tile-kernel model: the one stores made before these keys were written with.)"""
+    return job_from_dict({"input": {"path": "in.zarr", "saturation": saturation}, "model": {"method": "kernels"},
+                          "output": {"path": "out.zarr"}})
 
 
 def config_errors(saturation) -> list[str]:

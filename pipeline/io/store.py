@@ -331,19 +331,22 @@ class OutputStore:
 
     # ---- the output-mode policy
 
-    def opening(self, mode: str, *, fingerprint: str, input_identity: str) -> Opening:
+    def opening(self, mode: str, *, fingerprint: str, input_identity: str,
+                differences: Callable[[str | None], list[str]] | None = None) -> Opening:
         """Decide how a run with ``output.mode`` ``mode`` opens this store, reading only.
 
         ``fingerprint`` and ``input_identity`` are the ``kernelmap_fingerprint``
         and ``kernelmap_input`` attributes the run would write; a store is resumed
-        only where both match.  Nothing raises here: a refusal is returned.
+        only where both match; ``differences`` names the settings in which the run's job differs from
+        the stored ``kernelmap_config``.  Nothing raises here: a refusal is returned.
         """
         try:
-            return self._opening(mode, fingerprint, input_identity)
+            return self._opening(mode, fingerprint, input_identity, differences)
         except (OSError, ValueError, LookupError) as exc:  # an unreadable store (Zarr's errors are
             return Opening(mode, self, refusal=exc)        # ValueErrors): the run raises it before it starts
 
-    def _opening(self, mode: str, fingerprint: str, input_identity: str) -> Opening:
+    def _opening(self, mode: str, fingerprint: str, input_identity: str,
+                 differences: Callable[[str | None], list[str]] | None) -> Opening:
         if not self.exists():
             return Opening("create", self)
         if mode == "create":
@@ -356,9 +359,12 @@ class OutputStore:
             return Opening(mode, self)
         old = self.attrs()
         if old.get("kernelmap_fingerprint") != fingerprint:
+            named = differences(old.get("kernelmap_config")) if differences is not None else []
+            said = ("; ".join(named) + "): set these as the store has them to resume it (e.g. "
+                    f"--set {named[0].split(':')[0]}=...)" if named else
+                    "tiles, kernel, model, input or output dtype differ): run the same job again")
             return Opening("resume", self, refusal=OptionError(
-                f"output.mode=resume: {self.path} was made by a different configuration "
-                "(tiles, kernel, input or output dtype differ); run the same job again, or use "
+                f"output.mode=resume: {self.path} was made by a different configuration ({said}, or use "
                 "output.mode=overwrite or another output.path"
             ))
         if old.get("kernelmap_input") != input_identity:
@@ -505,11 +511,12 @@ class OutputStore:
                 coefficients[j, : len(values["model_coefficient"])] = values["model_coefficient"]
                 for name in scalars:
                     scalars[name][j] = values[name]
-            coef[where] = coefficients
-            for name, values in scalars.items():
-                group[name][where] = values
             residual = group["model_residual"]
             residual[where] = np.stack([r.residual for r in part]).astype(residual.dtype)
+            coef[where] = coefficients
+            # the degree last: it marks the image's model written (a resumed joint run leaves such images)
+            for name in sorted(scalars, key=lambda name: name == "model_degree"):
+                group[name][where] = scalars[name]
 
     def mark_complete(self, attrs: dict[str, Any] | None = None) -> None:
         """Set ``kernelmap_status`` to complete (with extra attributes) and consolidate."""

@@ -533,8 +533,10 @@ class ModelConfig(BaseModel):
     model_config = _STRICT
 
     #: ``kernels``: fitted to the tiles' kernels (:mod:`pipeline.core.field`); ``joint``: fitted to the
-    #: pixels of all tiles at once (:mod:`pipeline.core.joint`; ``kernel.method: lstsq`` only)
-    method: Literal["kernels", "joint"] = "kernels"
+    #: pixels of all tiles at once (:mod:`pipeline.core.joint`; ``kernel.method: lstsq`` without
+    #: ``kernel.normalize`` only); null (the default): ``joint`` where the kernel section allows it,
+    #: else ``kernels`` (the job then says which)
+    method: Literal["kernels", "joint"] | None = None
     #: total polynomial degree in (y, x); null: chosen by leave-one-out cross-validation
     degree: Annotated[Int, Field(ge=0, le=8)] | None = None
     #: highest degree tried when ``degree`` is null
@@ -674,11 +676,20 @@ class JobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
+        if self.model.method is None:
+            self.model.method = default_model_method(self.kernel)
         items = (_consistency(self.tiles, self.kernel) + _paths_differ(self.input, self.output)
                  + _model_fits(self.model, self.kernel))
         if items:
             raise _problems(*items)
         return self
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change the result (:meth:`fingerprint`), by section."""
+        data = self.model_dump(mode="json")
+        data["input"].pop("storage_options")
+        return {"input": data["input"], "tiles": data["tiles"], "kernel": data["kernel"], "model": data["model"],
+                "output": {"dtype": data["output"]["dtype"]}}
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of everything that changes the result.
@@ -688,15 +699,12 @@ class JobConfig(BaseModel):
         ``output.dtype``; not where the output goes, how it is written, or how
         the job is computed.
         """
-        data = self.model_dump(mode="json")
-        data["input"].pop("storage_options")
+        canonical = self.result_settings()
         for key in ("saturation", "variance", "weight", "gain", "read_noise"):
-            if data["input"][key] is None:  # the fingerprint of a job without it, as before it existed
-                del data["input"][key]
-        if data["model"]["method"] == "kernels":  # likewise
-            del data["model"]["method"]
-        canonical = {"input": data["input"], "tiles": data["tiles"], "kernel": data["kernel"],
-                     "model": data["model"], "output": {"dtype": data["output"]["dtype"]}}
+            if canonical["input"][key] is None:  # the fingerprint of a job without it, as before it existed
+                del canonical["input"][key]
+        if canonical["model"]["method"] == "kernels":  # likewise
+            del canonical["model"]["method"]
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -719,6 +727,38 @@ def _consistency(tiles: TilesConfig, kernel: _KernelBase) -> list[tuple[str, str
         items.append(("kernel.segment_size", f"{kernel.segment_size} is larger than tiles.size "
                                              f"{tiles.size}: at most {tiles.size}"))
     return items
+
+
+def setting_differences(stored: str | None, job: JobConfig) -> list[str]:
+    """How ``job``'s settings that change the result differ from those of the job a store's
+    ``kernelmap_config`` holds: ``"model.method: kernels in the store, joint here"``, ...  Empty where
+    the stored job cannot be read (written by another version)."""
+    try:
+        data = yaml.safe_load(stored) if stored else None
+        if not isinstance(data, dict):
+            return []
+        model = data.setdefault("model", {}) or {}
+        model.setdefault("method", "kernels")  # stores from before model.method: the tile-kernel model
+        data["model"] = model
+        old = JobConfig.model_validate(data).result_settings()
+    except (yaml.YAMLError, ValidationError, ConfigError, TypeError, ValueError):
+        return []
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    before, now = flat(old), flat(job.result_settings())
+    return [f"{key}: {json.dumps(before.get(key))} in the store, {json.dumps(now.get(key))} here"
+            for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+
+
+def default_model_method(kernel: _KernelBase) -> str:
+    """The model a job gets without ``model.method``: ``joint`` (closer to the truth) where the kernel
+    section allows it (``lstsq`` without ``normalize``), else ``kernels``."""
+    return "joint" if kernel.method == "lstsq" and not kernel.normalize else "kernels"
 
 
 def _model_fits(model: ModelConfig, kernel: _KernelBase) -> list[tuple[str, str]]:

@@ -24,7 +24,7 @@ from ..core.tiles import EDGE, STEP, Block, TileGrid, block_shape_for_chunks
 from ..errors import OptionError
 from ..io.inputs import Inputs, open_inputs
 from ..io.store import DIAGNOSTICS, IMAGES_PER_CHUNK, Opening, OutputStore, StoreLayout, json_attr
-from .config import JobConfig, dump_job
+from .config import JobConfig, dump_job, setting_differences
 
 if TYPE_CHECKING:
     from .run import RunSummary
@@ -287,7 +287,8 @@ def plan_job(job: JobConfig) -> Plan:
     step = job.tiles.step or job.tiles.size
     grid = TileGrid(ny, nx, job.tiles.size, step, _job_block_tiles(job, inputs))
     opening = OutputStore(job.output.path).opening(
-        job.output.mode, fingerprint=job.fingerprint(), input_identity=json_attr(inputs.identity))
+        job.output.mode, fingerprint=job.fingerprint(), input_identity=json_attr(inputs.identity),
+        differences=lambda stored: setting_differences(stored, job))
     if opening.block_tiles is not None:
         grid = replace(grid, block_tiles=opening.block_tiles)
     if opening.tile_grid is not None and opening.refusal is None:
