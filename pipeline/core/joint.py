@@ -529,20 +529,21 @@ def _lower_inverse(factor) -> np.ndarray:
 
 
 def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, held: _HeldOut, strength: float = 1.0,
-                   iterations: int = 12, tolerance: float | None = None, batch: int = 16) -> np.ndarray:
+                   iterations: int = 60, tolerance: float | None = None, batch: int = 16) -> np.ndarray:
     """``(R, k*k)``: the kernels of the ``held`` tiles as the fit without each of them predicts it (exact, by
     Woodbury), with ``coef`` and ``factor`` from :meth:`_Pooled.solve` (over as many terms as ``coef`` has)
     at ``strength`` times the ``held`` tiles' penalties.
 
     A tile's prediction solves ``(I - H_t B_t) k = U_t^T x - H_t r_t`` (``H_t = U_t^T A^-1 U_t``).  The
-    eigenvalues of ``H_t B_t`` are the tile's leverages, in ``[0, 1)`` and small where many tiles share
-    the field, so the solution is first sought by the fixed-point iteration ``k <- b + H_t B_t k``
-    (:func:`_held_out_iterations`: ``H_t`` applied through ``factor``, no ``k*k``-square matrix formed),
-    at most ``iterations`` steps, until a step changes no pixel by more than ``tolerance`` of the largest
-    (default: 1e-6 where ``held``'s precision is single, the products ``B_t k`` being taken in it; 1e-12
-    in double); the tiles it does not settle are solved directly (``H_t`` formed, the ``k*k``-square
-    products and solves in ``held``'s precision).  On W's images of 256 tiles the leverages were at most
-    0.08: every tile settled in a few steps, 5-9x faster than the direct solves.
+    eigenvalues of ``H_t B_t`` are the tile's leverages, in ``[0, 1)``, small where many tiles share the
+    field, so it is first solved by conjugate gradients (:func:`_held_out_iterations`: ``H_t`` applied
+    through ``factor``, no ``k*k``-square matrix formed), at most ``iterations`` steps, until a step
+    changes no pixel by more than ``tolerance`` of the largest (default: 1e-6 where ``held``'s precision
+    is single, the products ``B_t k`` being taken in it; 1e-12 in double); the tiles it does not settle
+    are solved directly (``H_t`` formed: ``A^-1`` in ``factor``'s memory, which is used up; the
+    ``k*k``-square products and solves in ``held``'s precision).  On W's images of 256 tiles (leverages
+    at most 0.08) a W image's fit took 0.26-0.34 s instead of 0.68-1.06 s by direct solves alone; on
+    images of 16 tiles (leverages up to about 0.9) 0.26 s instead of 0.36 s.
     """
     p = len(coef)
     if tolerance is None:
@@ -564,10 +565,10 @@ def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, held: _HeldOut, st
 
 def _held_out_iterations(pooled: _Pooled, factor, coef: np.ndarray, held: _HeldOut, strength: float,
                          iterations: int, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out predictions of :func:`_leave_one_out` by the fixed-point iteration, and which tiles
-    it settled: their last step changed no pixel by more than ``tolerance`` of the largest (the error
-    left is about ``rho / (1 - rho)`` of that step at a contraction ``rho``).  A tile is left (for the
-    direct solve) as soon as its steps shrink too slowly to settle within ``iterations``."""
+    """The held-out predictions of :func:`_leave_one_out` by conjugate gradients, and which tiles they
+    settled: their last step changed no pixel by more than ``tolerance`` of the largest.  A tile is left
+    (for the direct solve) as soon as its steps shrink too slowly (at their mean rate so far) to settle
+    within ``iterations``, or its operator shows no positive curvature (rounding)."""
     p = len(coef)
     phi = pooled.phi[held.rows, :p]
     spaces = pooled.spaces[:p]
@@ -586,25 +587,44 @@ def _held_out_iterations(pooled: _Pooled, factor, coef: np.ndarray, held: _HeldO
             combined[which[i]] = combined[which[i]] + solved[offsets[i] : offsets[i + 1]] * phi[rows, i]
         return sum(space.expand(part) for space, part in zip(distinct, combined)).T
 
+    # conjugate gradients on (I - H_t B_t) k = b, a self-adjoint positive definite operator in the inner
+    # product <u, w> = u . B_t w (its eigenvalues 1 - leverages in (0, 1]), from k = b; per step one product
+    # with B_t and one with H_t (the factor's solve) for all the tiles still moving
     every = np.arange(len(held.rows))
-    start = phi @ coef - hat(every, held.rhs)
-    predicted = start.copy()
+    b = phi @ coef - hat(every, held.rhs)
+    predicted = b.copy()
+    residual = hat(every, held.times(every, b, strength))  # b - (I - H B) b
+    on_residual = held.times(every, residual, strength)
+    direction, on_direction = residual.copy(), on_residual.copy()
+    norm = np.einsum("ri,ri->r", residual, on_residual)
     settled = np.zeros(len(every), dtype=bool)
+    first = np.full(len(every), np.nan)
     active = every
-    previous = np.full(len(every), np.inf)
     for step in range(iterations):
         if not len(active):
             break
-        new = start[active] + hat(active, held.times(active, predicted[active], strength))
-        change = np.abs(new - predicted[active]).max(axis=1) / np.maximum(np.abs(new).max(axis=1), 1e-300)
-        predicted[active] = new
-        done = change <= tolerance
-        settled[active[done]] = True
+        moved = direction[active] - hat(active, on_direction[active])  # (I - H B) p
+        curvature = np.einsum("ri,ri->r", on_direction[active], moved)
         with np.errstate(divide="ignore", invalid="ignore"):
-            rate = change / previous[active]  # by which the steps shrink
+            alpha = np.where(curvature > 0, norm[active] / curvature, 0.0)
+        update = alpha[:, None] * direction[active]
+        predicted[active] += update
+        residual[active] -= alpha[:, None] * moved
+        on_residual[active] = held.times(active, residual[active], strength)
+        new_norm = np.einsum("ri,ri->r", residual[active], on_residual[active])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            beta = np.where(norm[active] > 0, new_norm / norm[active], 0.0)
+        norm[active] = new_norm
+        direction[active] = residual[active] + beta[:, None] * direction[active]
+        on_direction[active] = on_residual[active] + beta[:, None] * on_direction[active]
+        change = np.abs(update).max(axis=1) / np.maximum(np.abs(predicted[active]).max(axis=1), 1e-300)
+        done = (change <= tolerance) & (curvature > 0)
+        settled[active[done]] = True
+        first[active] = np.where(np.isnan(first[active]), change, first[active])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = (change / first[active]) ** (1.0 / step) if step else np.zeros(len(active))
             needed = np.log(tolerance / change) / np.log(rate)  # steps still to take at that rate
-        give_up = ~done & (step > 0) & ((rate >= 1) | (step + 1 + needed > iterations))
-        previous[active] = change
+        give_up = ~done & ((curvature <= 0) | (step >= 2) & ((rate >= 1) | (step + 1 + needed > iterations)))
         active = active[~done & ~give_up]
     return predicted, settled
 
