@@ -956,14 +956,15 @@ def variation_basis(kernels: np.ndarray, size: int) -> np.ndarray:
 RUN_VARIATION = 30
 #: ... on images of at least this many usable tiles (fewer: pixels within :func:`core_radius_for`; the
 #: basis is learned from the tiles' kernels, and such systems are small anyway)
-RUN_VARIATION_TILES = 64
+RUN_VARIATION_TILES = 16
 
 
 def variation_for(n_usable: int) -> int | None:
     """The ``variation`` a run's joint fit uses on an image of ``n_usable`` usable tiles.  On W (256 tiles,
-    kernel 21) it halved the fit of an image that chose degree 3 (1.95 → 1.0 s); on the simulated images
-    of ``scripts/bench_model.py`` its errors were the pixels' within 0.0002 at 64 tiles and within 0.002
-    at 16-36 (docs/benchmarks.md)."""
+    kernel 21) it halved the fit of an image that chose degree 3 (1.95 → 1.0 s), and a run of 16 images
+    of 16 tiles took 1.31 times the model of the kernels' time instead of 1.58 with pixels; on the
+    simulated images of ``scripts/bench_model.py`` its errors were the pixels' within 0.0002 at 64
+    tiles, and at 16-36 tiles within 0.002, better on about half of them (docs/benchmarks.md)."""
     return RUN_VARIATION if n_usable >= RUN_VARIATION_TILES else None
 
 
