@@ -60,6 +60,7 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 import scipy.linalg.lapack
+import scipy.sparse
 
 from ..errors import OptionError
 from .field import KernelField, field_frame, grid_outcome, legendre_design, resolvable_terms, tile_weights
@@ -490,6 +491,7 @@ class _HeldOut:
             part = slice(start, start + 8)
             self.gram[part] = scale[part, None, None] * stats.gc[tiles[part]]
         self.units = penalty.units  #: ``(m, k*k, k*k)``
+        self._sparse_units = [scipy.sparse.csr_matrix(unit) for unit in penalty.units]  # a few per row
         #: ``(R, m)`` each tile's penalty ``w_t s_t lam_t`` on the units
         self.penalty = (scale * _traces(stats.gc)[tiles])[:, None] * penalty.lam[self.rows]
         self.rhs = scale[:, None] * stats.cc[tiles]
@@ -498,9 +500,13 @@ class _HeldOut:
     def times(self, rows: np.ndarray, vectors: np.ndarray, strength: float) -> np.ndarray:
         """``(R, k*k)``: ``B_t v_t`` of the scored tiles ``rows`` (indices into :attr:`rows`), the Grams'
         products in :attr:`dtype`."""
-        out = np.matmul(self.gram[rows], vectors.astype(self.dtype)[..., None])[..., 0].astype(np.float64)
-        on_units = np.matmul(vectors, self.units)  # (m, R, k*k): the units are symmetric
-        return out + strength * np.einsum("rm,mri->ri", self.penalty[rows], on_units)
+        single = vectors.astype(self.dtype)
+        out = np.empty(vectors.shape)
+        for row, (tile, vector) in enumerate(zip(rows, single)):  # no copy of the Grams of ``rows``
+            out[row] = self.gram[tile] @ vector
+        for unit, strengths in zip(self._sparse_units, self.penalty[rows].T):
+            out += (strength * strengths)[:, None] * (unit @ vectors.T).T
+        return out
 
     def matrices(self, rows: np.ndarray, strength: float) -> np.ndarray:
         """``(R, k*k, k*k)``: ``B_t`` of the scored tiles ``rows`` in :attr:`dtype`."""
