@@ -234,3 +234,28 @@ def test_the_dry_run_shows_the_model_and_what_its_statistics_hold(tmp_path, caps
             f"until the image's fit, which takes up to about {fit / 2**20:.0f} MiB more)") in capsys.readouterr().out
     assert main(["run", str(job_file), "--dry-run", "--set", "model.method=kernels"]) == 0
     assert "model      fitted to the tile kernels, degree up to 3" in capsys.readouterr().out
+
+
+def test_an_images_model_degree_is_written_after_everything_else_of_the_image(joint_run, tmp_path, monkeypatch):
+    """A resumed joint run leaves images whose ``model_degree`` is set as they are: a run killed while it
+    wrote an image must not leave that set before the image's diagnostics, coefficients and residuals."""
+    from pipeline.io.store import DIAGNOSTICS, ImageResults, OutputStore
+
+    folder = joint_run[0]
+    copy = tmp_path / "kernels.zarr"
+    shutil.copytree(folder / "kernels.zarr", copy)
+    km = pipeline.KernelMap.open(copy)
+    records = zarr.open_array(str(copy / "status" / "records"), mode="r")[1]
+    results = ImageResults(1, records, np.zeros(records.shape[:2], dtype=np.int64), km.field(km.ds["image"].values[1]),
+                           km.ds["model_residual"].values[1])
+    written = []
+    original = zarr.Array.__setitem__
+
+    def record(self, key, value):
+        written.append(self.basename)
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", record)
+    OutputStore(str(copy)).write_images([results])
+    assert written[-1] == "model_degree" and written.count("model_degree") == 1
+    assert set(DIAGNOSTICS) | {"model_coefficient", "model_residual", "model_cv_error"} <= set(written[:-1])
