@@ -228,7 +228,8 @@ def test_the_dry_run_shows_the_model_and_what_its_statistics_hold(tmp_path, caps
     assert main(["run", str(job_file), "--dry-run"]) == 0
     k2 = K * K
     per_tile = (k2 * (k2 + 1) // 2 * 4 + (k2 + 8) * 8) / 2**20  # the packed Gram in single precision
-    fit = (2 * (10 * k2) ** 2 + (55 + 32) * k2 * (k2 + 1) // 2) * 8 + 3 * 32 * k2**2 * 4  # degree 3: 10 terms
+    packed = k2 * (k2 + 1) // 2 * 8
+    fit = 2 * (10 * k2) ** 2 * 8 + 55 * packed + 9 * packed + 3 * 32 * k2**2 * 4  # degree 3: 10 terms; 9 tiles
     assert (f"model      joint fit to all tiles' pixels, degree up to 3; each block returns its tiles' normal "
             f"equations ({per_tile:.2f} MiB a tile, {9 * per_tile:.1f} MiB an image, kept where the blocks ran "
             f"until the image's fit, which takes up to about {fit / 2**20:.0f} MiB more)") in capsys.readouterr().out

@@ -82,9 +82,8 @@ STRENGTHS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 #: The precision a run's tiles' Grams are kept in from their block to their image's fit (:func:`pack_statistics`):
-#: half the bytes of double precision, and every sum the fit takes of them is in double precision.  On W's
-#: four images (256 tiles, kernel 21) it moved the fields' coefficients by at most 3e-6 of the largest and
-#: chose the same degrees.
+#: half the bytes of double precision, and every sum the fit takes of them is in double precision (what it
+#: changes in the fields: docs/benchmarks.md).
 GRAM_DTYPE = np.float32
 
 
@@ -547,9 +546,9 @@ def _leave_one_out(pooled: _Pooled, factor, coef: np.ndarray, held: _HeldOut, st
     changes no pixel by more than ``tolerance`` of the largest (default: 1e-6 where ``held``'s precision
     is single, the products ``B_t k`` being taken in it; 1e-12 in double); the tiles it does not settle
     are solved directly (``H_t`` formed: ``A^-1`` in ``factor``'s memory, which is used up; the
-    ``k*k``-square products and solves in ``held``'s precision).  On W's images of 256 tiles (leverages
-    at most 0.08) a W image's fit took 0.26-0.34 s instead of 0.68-1.06 s by direct solves alone; on
-    images of 16 tiles (leverages up to about 0.9) 0.26 s instead of 0.36 s.
+    ``k*k``-square products and solves in ``held``'s precision).  Where many tiles share the field
+    (leverages small) every tile settles in a few steps, far cheaper than the direct solves
+    (docs/benchmarks.md).
     """
     p = len(coef)
     if tolerance is None:
@@ -966,11 +965,9 @@ RUN_VARIATION_TILES = 16
 
 
 def variation_for(n_usable: int) -> int | None:
-    """The ``variation`` a run's joint fit uses on an image of ``n_usable`` usable tiles.  On W (256 tiles,
-    kernel 21) it halved the fit of an image that chose degree 3 (1.95 → 1.0 s), and a run of 16 images
-    of 16 tiles took 1.31 times the model of the kernels' time instead of 1.58 with pixels; on the
-    simulated images of ``scripts/bench_model.py`` its errors were the pixels' within 0.0002 at 64
-    tiles, and at 16-36 tiles within 0.002, better on about half of them (docs/benchmarks.md)."""
+    """The ``variation`` a run's joint fit uses on an image of ``n_usable`` usable tiles: far cheaper fits
+    than with pixels, as accurate on the simulated images of ``scripts/bench_model.py`` (errors and times
+    in docs/benchmarks.md)."""
     return RUN_VARIATION if n_usable >= RUN_VARIATION_TILES else None
 
 

@@ -118,8 +118,10 @@ class Plan:
         terms = (model.max_degree + 1) * (model.max_degree + 2) // 2 if model.degree is None else \
             (model.degree + 1) * (model.degree + 2) // 2
         # at most: the pooled system and its factor (every pixel of every term), each pair of terms' summed
-        # Grams, a batch of 32 tiles' Grams, the 32 scored tiles' matrices in single precision
-        fit = (2 * (terms * k2) ** 2 + (terms * (terms + 1) // 2 + 32) * k2 * (k2 + 1) // 2) * 8 + 3 * 32 * k2**2 * 4
+        # Grams, a band of every tile's Grams (at most 16 MiB), the 32 scored tiles' matrices in single precision
+        packed = k2 * (k2 + 1) // 2 * 8
+        fit = (2 * (terms * k2) ** 2 * 8 + terms * (terms + 1) // 2 * packed + min(2**24, ty * tx * packed)
+               + 3 * 32 * k2**2 * 4)
         return (f"joint fit to all tiles' pixels, {degree}; each block returns its tiles' normal equations "
                 f"({per_tile / 2**20:.2f} MiB a tile, {ty * tx * per_tile / 2**20:.1f} MiB an image, kept where "
                 f"the blocks ran until the image's fit, which takes up to about {fit / 2**20:.0f} MiB more)")
