@@ -1,0 +1,154 @@
+"""A kernel field applied to an image: the matched image and the difference image.
+
+The matched image of a source under a kernel field ``K(y, x) = sum_p phi_p(y,
+x) K_p`` (:class:`~pipeline.core.field.KernelField`) takes at each output
+pixel the kernel of that pixel::
+
+    M(y, x) = sum_(dy, dx) S(y - dy, x - dx) K_(y, x)(dy, dx)
+            = sum_p phi_p(y, x) (S * K_p)(y, x)
+
+one FFT convolution a term (the conventions' ``fftconvolve(source, K,
+"same")``) and a sum weighted by the terms' polynomials at every pixel: the
+kernel changes from pixel to pixel, so the matched image has no seams.  An
+output pixel is NaN where the kernel's stamp around it reaches a bad (NaN)
+source pixel or past the array: the pixels within ``k // 2`` of the image's
+edges, or of a bad pixel.  Applied to overlapping pieces of an image (each
+with ``k // 2`` pixels of its neighbours, NaN beyond the image, and its
+``origin`` in the image) it gives the whole image's values exactly.
+
+The difference image is ``target - matched - background``; the background
+is each tile's median of ``target - matched`` (robust to what changed),
+interpolated bilinearly between the tile centres.
+
+Pure NumPy/SciPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.ndimage
+import scipy.signal
+
+from .field import KernelField, legendre_design
+from .tiles import tile_origins
+
+__all__ = ["difference_image", "matched_image", "tile_background"]
+
+
+def _bad_reach(bad: np.ndarray, half: int) -> np.ndarray:
+    """Pixels whose ``(2 half + 1)``-square stamp holds a bad pixel or reaches past the array."""
+    padded = np.pad(bad, half, constant_values=True)
+    size = 2 * half + 1
+    reach = scipy.ndimage.maximum_filter1d(padded.astype(np.uint8), size, axis=0)
+    reach = scipy.ndimage.maximum_filter1d(reach, size, axis=1)
+    return reach[half : half + bad.shape[0], half : half + bad.shape[1]].astype(bool)
+
+
+def matched_image(source: np.ndarray, field: KernelField, *, origin: tuple[int, int] = (0, 0),
+                  rows: int = 256) -> np.ndarray:
+    """The source convolved with the kernel field, the kernel of each output pixel at that pixel.
+
+    Parameters
+    ----------
+    source
+        ``(ny, nx)`` source pixels; NaN/inf are bad.
+    field
+        The kernel field (its kernels map the source onto the target).
+    origin
+        Position in the image of ``source[0, 0]`` (where ``source`` is a piece
+        of it): the field is evaluated at image coordinates.
+    rows
+        Output rows whose terms' polynomials are evaluated at once (memory).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(ny, nx)`` float64; NaN within the kernel's half-size of a bad pixel
+        or of the array's edges.
+    """
+    source = np.asarray(source, dtype=np.float64)
+    if source.ndim != 2:
+        raise ValueError(f"source must be 2-D, got shape {source.shape}")
+    coefficients = np.asarray(field.coefficients, dtype=np.float64)
+    k = coefficients.shape[-1]
+    half = k // 2
+    bad = ~np.isfinite(source)
+    filled = np.where(bad, 0.0, source)
+    convolved = [scipy.signal.fftconvolve(filled, term, mode="same") for term in coefficients]
+    ny, nx = source.shape
+    out = np.empty((ny, nx))
+    x = origin[1] + np.arange(nx, dtype=np.float64)
+    u = (x - field.centre[1]) / field.scale[1]
+    for start in range(0, ny, rows):
+        stop = min(start + rows, ny)
+        y = origin[0] + np.arange(start, stop, dtype=np.float64)
+        v = (y - field.centre[0]) / field.scale[0]
+        phi = legendre_design(np.tile(u, stop - start), np.repeat(v, nx), field.degree)  # (rows * nx, P)
+        band = np.zeros((stop - start) * nx)
+        for p, image in enumerate(convolved):
+            band += phi[:, p] * image[start:stop].ravel()
+        out[start:stop] = band.reshape(stop - start, nx)
+    out[_bad_reach(bad, half)] = np.nan
+    return out
+
+
+def tile_background(residual: np.ndarray, tile_size: int, *, step: int | None = None) -> np.ndarray:
+    """A smooth background under ``residual`` (``target - matched``): the median of each tile's finite
+    pixels (the job's tile grid: a last row and column ending at the edges), interpolated bilinearly
+    between the tile centres (constant beyond the outermost ones)."""
+    residual = np.asarray(residual, dtype=np.float64)
+    ny, nx = residual.shape
+    step = tile_size if step is None else step
+    y0 = tile_origins(ny, tile_size, step)
+    x0 = tile_origins(nx, tile_size, step)
+    medians = np.full((len(y0), len(x0)), np.nan)
+    for i, a in enumerate(y0):
+        for j, b in enumerate(x0):
+            values = residual[a : a + tile_size, b : b + tile_size]
+            values = values[np.isfinite(values)]
+            if values.size:
+                medians[i, j] = np.median(values)
+    if not np.isfinite(medians).any():
+        return np.full((ny, nx), np.nan)
+    medians = _filled(medians)
+    cy, cx = y0 + (tile_size - 1) / 2, x0 + (tile_size - 1) / 2
+    rows = _interpolated(medians, cy, np.arange(ny, dtype=np.float64), axis=0)
+    return _interpolated(rows, cx, np.arange(nx, dtype=np.float64), axis=1)
+
+
+def difference_image(target: np.ndarray, source: np.ndarray, field: KernelField, *, tile_size: int,
+                     step: int | None = None, background: float | np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(difference, matched, background)``: ``target - matched - background`` with the matched image of
+    :func:`matched_image`; the background given, or (``None``) :func:`tile_background` on tiles of
+    ``tile_size`` every ``step`` pixels.  NaN where the target or the matched image is."""
+    target = np.asarray(target, dtype=np.float64)
+    if target.shape != np.shape(source):
+        raise ValueError(f"target {target.shape} and source {np.shape(source)} differ in shape")
+    matched = matched_image(source, field)
+    residual = target - matched
+    sky = tile_background(residual, tile_size, step=step) if background is None else \
+        np.broadcast_to(np.asarray(background, dtype=np.float64), target.shape)
+    return residual - sky, matched, np.asarray(sky)
+
+
+def _filled(values: np.ndarray) -> np.ndarray:
+    """NaN entries replaced by their nearest finite neighbour's value."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return values
+    _, (iy, ix) = scipy.ndimage.distance_transform_edt(bad, return_indices=True)
+    return values[iy, ix]
+
+
+def _interpolated(values: np.ndarray, at: np.ndarray, to: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of ``values`` known at ``at`` along ``axis`` onto ``to`` (constant beyond)."""
+    moved = np.moveaxis(values, axis, 0)
+    if len(at) == 1:
+        out = np.repeat(moved[:1], len(to), axis=0)
+    else:
+        position = np.clip(np.interp(to, at, np.arange(len(at), dtype=np.float64)), 0, len(at) - 1)
+        low = np.minimum(np.floor(position).astype(np.int64), len(at) - 2)
+        weight = (position - low)[:, None]
+        out = moved[low] * (1 - weight) + moved[low + 1] * weight
+    return np.moveaxis(out, 0, axis)

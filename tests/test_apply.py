@@ -1,0 +1,125 @@
+"""A kernel field applied to an image: the matched and difference images (``pipeline.core.apply``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.signal import fftconvolve
+
+from pipeline.core.apply import difference_image, matched_image, tile_background
+from pipeline.core.field import KernelField, polynomial_terms
+
+
+def _field(degree: int, k: int, rng: np.random.Generator, shape: tuple[int, int]) -> KernelField:
+    """A random field of ``degree`` over an image of ``shape`` (its frame: the image's extent)."""
+    terms = len(polynomial_terms(degree))
+    coefficients = rng.normal(size=(terms, k, k))
+    coefficients[1:] *= 0.3
+    ny, nx = shape
+    return KernelField(degree=degree, coefficients=coefficients, centre=((ny - 1) / 2, (nx - 1) / 2),
+                       scale=((ny - 1) / 2, (nx - 1) / 2), used=np.ones(1, bool), rejected=np.zeros(1, bool),
+                       cv_error=0.0, cv_errors={})
+
+
+def _direct(source: np.ndarray, field: KernelField, y: int, x: int) -> float:
+    """The matched value of pixel ``(y, x)`` summed directly with the kernel of that pixel."""
+    kernel = field.kernel_at(float(y), float(x))
+    h = kernel.shape[0] // 2
+    stamp = source[y - h : y + h + 1, x - h : x + h + 1][::-1, ::-1]  # S(y - dy, x - dx) at K(h + dy, h + dx)
+    return float(np.sum(stamp * kernel))
+
+
+def test_a_constant_field_matches_the_convolution_inside_and_is_nan_within_its_half_size_of_the_edges():
+    rng = np.random.default_rng(1)
+    source = rng.normal(size=(30, 41))
+    field = _field(0, 5, rng, source.shape)
+    matched = matched_image(source, field)
+    inside = (slice(2, -2), slice(2, -2))
+    np.testing.assert_allclose(matched[inside], fftconvolve(source, field.coefficients[0], mode="same")[inside],
+                               rtol=1e-12, atol=1e-12)
+    edge = np.ones(source.shape, bool)
+    edge[inside] = False
+    assert np.all(np.isnan(matched[edge])) and np.all(np.isfinite(matched[inside]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(degree=st.integers(0, 3), k=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2**32 - 1))
+def test_every_pixel_is_matched_with_its_own_kernel(degree, k, seed):
+    rng = np.random.default_rng(seed)
+    source = rng.normal(size=(23, 19))
+    field = _field(degree, k, rng, source.shape)
+    matched = matched_image(source, field, rows=7)  # bands of rows: the same values
+    h = k // 2
+    for y in range(h, source.shape[0] - h):
+        for x in range(h, source.shape[1] - h):
+            assert matched[y, x] == pytest.approx(_direct(source, field, y, x), rel=1e-9, abs=1e-9)
+
+
+def test_overlapping_pieces_give_the_whole_images_values():
+    """Each piece with the kernel's half-size of its neighbours (NaN beyond the image) and its origin."""
+    rng = np.random.default_rng(4)
+    source = rng.normal(size=(50, 64))
+    field = _field(2, 7, rng, source.shape)
+    whole = matched_image(source, field)
+    h = 3
+    padded = np.pad(source, h, constant_values=np.nan)
+    for y0, y1 in ((0, 20), (20, 50)):
+        for x0, x1 in ((0, 33), (33, 64)):
+            piece = padded[y0 : y1 + 2 * h, x0 : x1 + 2 * h]
+            out = matched_image(piece, field, origin=(y0 - h, x0 - h))[h:-h, h:-h]
+            np.testing.assert_array_equal(np.isnan(out), np.isnan(whole[y0:y1, x0:x1]))
+            np.testing.assert_allclose(out, whole[y0:y1, x0:x1], rtol=1e-12, atol=1e-12)
+
+
+def test_a_bad_source_pixel_spoils_exactly_the_pixels_whose_stamp_holds_it():
+    rng = np.random.default_rng(5)
+    source = rng.normal(size=(30, 30))
+    source[12, 17] = np.nan
+    matched = matched_image(source, _field(1, 5, rng, source.shape))
+    expected = np.zeros(source.shape, bool)
+    expected[10:15, 15:20] = True
+    expected[:2], expected[-2:], expected[:, :2], expected[:, -2:] = True, True, True, True
+    np.testing.assert_array_equal(np.isnan(matched), expected)
+
+
+def test_the_tile_background_is_each_tiles_median_interpolated_between_the_tile_centres():
+    yy, xx = np.mgrid[0:96, 0:128].astype(np.float64)
+    plane = 3.0 + 0.01 * yy - 0.02 * xx
+    background = tile_background(plane, 32)
+    inside = (slice(16, 80), slice(16, 112))  # between the outermost tile centres (15.5 ... 111.5)
+    np.testing.assert_allclose(background[inside], plane[inside], rtol=0, atol=1e-12)
+    # constant beyond the outermost centres; outliers and NaN do not move a tile's median much
+    spoilt = np.full((96, 128), 7.0)
+    spoilt[5, 5] = 1e6
+    spoilt[40:44, 60:64] = np.nan
+    np.testing.assert_array_equal(tile_background(spoilt, 32), 7.0)
+    # a last row and column of tiles end at the edges, as the job's tiles do
+    np.testing.assert_allclose(tile_background(plane[:90, :120], 32)[16:74, 16:104], plane[16:74, 16:104],
+                               rtol=0, atol=1e-12)
+
+
+def test_the_difference_of_an_exact_pair_is_zero_and_shows_what_changed_at_its_flux():
+    rng = np.random.default_rng(7)
+    source = rng.gamma(2.0, 50.0, size=(64, 80))
+    field = _field(2, 7, rng, source.shape)
+    field.coefficients[0] = np.abs(field.coefficients[0])
+    target = matched_image(source, field) + 12.5
+    changed = target.copy()
+    changed[40, 30] += 500.0  # a new point source
+    difference, matched, background = difference_image(changed, source, field, tile_size=32)
+    valid = np.isfinite(difference)
+    assert valid[3:-3, 3:-3].all() and not valid[:3].any()
+    np.testing.assert_allclose(background, 12.5, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(matched[valid], (target - 12.5)[valid], rtol=1e-12, atol=1e-9)
+    assert difference[40, 30] == pytest.approx(500.0, abs=1e-8)
+    rest = valid.copy()
+    rest[40, 30] = False
+    np.testing.assert_allclose(difference[rest], 0.0, atol=1e-8)
+
+
+def test_the_difference_refuses_images_of_other_shapes():
+    rng = np.random.default_rng(8)
+    with pytest.raises(ValueError, match="differ in shape"):
+        difference_image(np.zeros((10, 10)), np.zeros((10, 11)), _field(0, 3, rng, (10, 10)), tile_size=8)
