@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.signal import fftconvolve
 
-from pipeline.core.apply import difference_image, matched_image, tile_background
+from pipeline.core.apply import difference_image, matched_image, matched_variance, tile_background
 from pipeline.core.field import KernelField, polynomial_terms
 
 
@@ -55,6 +55,20 @@ def test_every_pixel_is_matched_with_its_own_kernel(degree, k, seed):
     for y in range(h, source.shape[0] - h):
         for x in range(h, source.shape[1] - h):
             assert matched[y, x] == pytest.approx(_direct(source, field, y, x), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("degree", [0, 2])
+def test_the_matched_variance_sums_each_pixels_own_kernel_squared_over_the_source_variance(degree):
+    rng = np.random.default_rng(degree)
+    variance = rng.uniform(1.0, 5.0, size=(21, 26))
+    field = _field(degree, 5, rng, variance.shape)
+    out = matched_variance(variance, field, rows=4)
+    for y in range(2, 19):
+        for x in range(2, 24):
+            kernel = field.kernel_at(float(y), float(x))
+            direct = np.sum(variance[y - 2 : y + 3, x - 2 : x + 3][::-1, ::-1] * kernel**2)
+            assert out[y, x] == pytest.approx(direct, rel=1e-9)
+    assert np.isnan(out[:2]).all() and np.isnan(out[:, -2:]).all()
 
 
 def test_overlapping_pieces_give_the_whole_images_values():

@@ -32,7 +32,7 @@ import scipy.signal
 from .field import KernelField, legendre_design
 from .tiles import tile_origins
 
-__all__ = ["difference_image", "matched_image", "tile_background"]
+__all__ = ["difference_image", "matched_image", "matched_variance", "tile_background"]
 
 
 def _bad_reach(bad: np.ndarray, half: int) -> np.ndarray:
@@ -75,20 +75,45 @@ def matched_image(source: np.ndarray, field: KernelField, *, origin: tuple[int, 
     bad = ~np.isfinite(source)
     filled = np.where(bad, 0.0, source)
     convolved = [scipy.signal.fftconvolve(filled, term, mode="same") for term in coefficients]
-    ny, nx = source.shape
+    out = _combined(convolved, [(p,) for p in range(len(coefficients))], field, origin, rows)
+    out[_bad_reach(bad, half)] = np.nan
+    return out
+
+
+def matched_variance(variance: np.ndarray, field: KernelField, *, origin: tuple[int, int] = (0, 0),
+                     rows: int = 256) -> np.ndarray:
+    """The variance the matched image (:func:`matched_image`) takes from independent source pixels of
+    ``variance``: ``sum_(dy, dx) V(y - dy, x - dx) K_(y, x)(dy, dx)**2``, i.e. ``sum_(p, q) phi_p phi_q
+    (V * (K_p K_q))`` (one FFT convolution a pair of terms).  NaN as in :func:`matched_image`."""
+    variance = np.asarray(variance, dtype=np.float64)
+    coefficients = np.asarray(field.coefficients, dtype=np.float64)
+    n = len(coefficients)
+    pairs = [(p, q) for p in range(n) for q in range(p, n)]
+    squares = np.stack([(1.0 if p == q else 2.0) * coefficients[p] * coefficients[q] for p, q in pairs])
+    bad = ~np.isfinite(variance)
+    filled = np.where(bad, 0.0, variance)
+    convolved = [scipy.signal.fftconvolve(filled, square, mode="same") for square in squares]
+    out = _combined(convolved, pairs, field, origin, rows)
+    out[_bad_reach(bad, coefficients.shape[-1] // 2)] = np.nan
+    return out
+
+
+def _combined(images: list[np.ndarray], terms: list[tuple[int, ...]], field: KernelField,
+              origin: tuple[int, int], rows: int) -> np.ndarray:
+    """``sum_i (prod_(p in terms[i]) phi_p) images[i]`` at every pixel, ``phi`` the field's terms at the
+    image coordinates of pixels offset by ``origin``, ``rows`` rows at a time."""
+    ny, nx = images[0].shape
     out = np.empty((ny, nx))
-    x = origin[1] + np.arange(nx, dtype=np.float64)
-    u = (x - field.centre[1]) / field.scale[1]
+    u = (origin[1] + np.arange(nx, dtype=np.float64) - field.centre[1]) / field.scale[1]
     for start in range(0, ny, rows):
         stop = min(start + rows, ny)
-        y = origin[0] + np.arange(start, stop, dtype=np.float64)
-        v = (y - field.centre[0]) / field.scale[0]
+        v = (origin[0] + np.arange(start, stop, dtype=np.float64) - field.centre[0]) / field.scale[0]
         phi = legendre_design(np.tile(u, stop - start), np.repeat(v, nx), field.degree)  # (rows * nx, P)
         band = np.zeros((stop - start) * nx)
-        for p, image in enumerate(convolved):
-            band += phi[:, p] * image[start:stop].ravel()
+        for term, image in zip(terms, images):
+            weight = phi[:, term[0]] if len(term) == 1 else np.prod(phi[:, list(term)], axis=1)
+            band += weight * image[start:stop].ravel()
         out[start:stop] = band.reshape(stop - start, nx)
-    out[_bad_reach(bad, half)] = np.nan
     return out
 
 
