@@ -137,3 +137,82 @@ def test_the_difference_refuses_images_of_other_shapes():
     rng = np.random.default_rng(8)
     with pytest.raises(ValueError, match="differ in shape"):
         difference_image(np.zeros((10, 10)), np.zeros((10, 11)), _field(0, 3, rng, (10, 10)), tile_size=8)
+
+
+# --------------------------------------------------------------------------- a simulated pair, end to end
+
+
+@pytest.fixture(scope="module")
+def demo_pair(tmp_path_factory):
+    """The demo's first epoch (a kernel that varies across the field, noise, no bad pixels), its noiseless
+    twin, and the kernel field a default run (the joint model) fitted to it."""
+    import pipeline
+    from pipeline.job.config import job_from_dict
+    from pipeline.job.run import run_job
+    from pipeline.sim.demo import demo_dataset
+
+    folder = tmp_path_factory.mktemp("apply")
+    noisy, truth = demo_dataset(n_images=1, noise=True, bad_pixels=False)
+    clean, _ = demo_dataset(n_images=1, noise=False, bad_pixels=False)
+    noisy.to_zarr(folder / "stack.zarr", mode="w", consolidated=False)
+    job = job_from_dict({"input": {"path": str(folder / "stack.zarr")}, "tiles": {"size": TILE},
+                         "kernel": {"size": truth.kernel_size}, "output": {"path": str(folder / "kernels.zarr")},
+                         "compute": {"scheduler": "threads"}})
+    assert job.model.method == "joint"
+    run_job(job, progress=False)
+    km = pipeline.KernelMap.open(folder / "kernels.zarr")
+    return noisy, clean, truth, km.field(km.ds["image"].values[0])
+
+
+TILE = 128
+
+
+def _expected_variance(clean, truth, field) -> np.ndarray:
+    """The difference's variance: the target's plus the matched source's (Poisson and read noise, gain 1)."""
+    from pipeline.sim.demo import _READ_NOISE, _SKY
+
+    target = clean["target"].values[0] - truth.background(0) + _SKY + _READ_NOISE**2
+    source = clean["source"].values.astype(np.float64) + _SKY + _READ_NOISE**2
+    return target + matched_variance(source, field)
+
+
+def test_the_difference_of_a_pair_with_nothing_changed_is_noise_at_its_expected_level_without_seams(demo_pair):
+    noisy, clean, truth, field = demo_pair
+    difference, _, background = difference_image(noisy["target"].values[0], noisy["source"].values, field,
+                                                 tile_size=TILE)
+    assert np.nanmedian(background) == pytest.approx(truth.background(0), abs=0.5)
+    z = difference / np.sqrt(_expected_variance(clean, truth, field))
+    valid = np.isfinite(z)
+    assert valid.mean() > 0.95
+    assert np.sqrt(np.mean(z[valid] ** 2)) == pytest.approx(1.0, abs=0.05)
+    n = z.shape[0] // TILE
+    for i in range(n):
+        for j in range(n):
+            tile = z[i * TILE : (i + 1) * TILE, j * TILE : (j + 1) * TILE]
+            assert np.sqrt(np.nanmean(tile**2)) == pytest.approx(1.0, abs=0.05), (i, j)
+    # no seams: pixels within 4 px of a boundary between tiles against those 16 px or more from any
+    yy, xx = np.mgrid[0 : z.shape[0], 0 : z.shape[1]]
+    apart = np.minimum(np.abs((yy + TILE // 2) % TILE - TILE // 2), np.abs((xx + TILE // 2) % TILE - TILE // 2))
+    inner_grid = (yy > TILE // 2) & (xx > TILE // 2) & (yy < z.shape[0] - TILE // 2) & (xx < z.shape[1] - TILE // 2)
+    seams = np.sqrt(np.mean(z[valid & inner_grid & (apart < 4)] ** 2))
+    inside = np.sqrt(np.mean(z[valid & (apart >= 16)] ** 2))
+    assert seams / inside == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("y, x", [(300, 420), (150, 600), (600, 150)])
+def test_a_source_new_in_the_target_is_recovered_at_its_flux(demo_pair, y, x):
+    from pipeline.sim.demo import _PSF_BETA, PSF_FWHM
+    from pipeline.sim.scenes import moffat_psf
+
+    noisy, clean, truth, field = demo_pair
+    psf = moffat_psf(41, fwhm=PSF_FWHM, beta=_PSF_BETA)
+    star = 1e5 * fftconvolve(psf / psf.sum(), truth.kernel(0, y, x), mode="same")  # the target's PSF there
+    added = np.zeros(noisy["target"].shape[1:])
+    added[y - 20 : y + 21, x - 20 : x + 21] = star
+    shot = np.random.default_rng(y).normal(size=added.shape) * np.sqrt(added)  # its own Poisson noise
+    difference, _, _ = difference_image(noisy["target"].values[0] + added + shot, noisy["source"].values, field,
+                                        tile_size=TILE)
+    yy, xx = np.mgrid[0 : added.shape[0], 0 : added.shape[1]]
+    aperture = (yy - y) ** 2 + (xx - x) ** 2 <= 8**2
+    # aperture photometry, corrected with the injected star's own fraction in the aperture
+    assert difference[aperture].sum() / added[aperture].sum() == pytest.approx(1.0, abs=0.03)
