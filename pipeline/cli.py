@@ -1,4 +1,4 @@
-"""The ``kernelmap`` command: ``run``, ``submit``, ``config``, ``report``, ``compare`` and ``demo``."""
+"""The ``kernelmap`` command: ``run``, ``submit``, ``config``, ``report``, ``compare``, ``apply`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("a", help="kernel map A")
     compare.add_argument("b", help="kernel map B")
     compare.add_argument("--out", default="kernelmap-compare", help="folder for compare.zarr and compare.png")
+    apply = sub.add_parser(
+        "apply", help="matched and difference images of a kernel map's pairs",
+        description="Convolve each source with its image's kernel-field model (the kernel of each pixel) and "
+                    "write the matched image, the background and the difference target - matched - background "
+                    "to a Zarr store. Exit status: 0 done; 2 refused (nothing written).")
+    apply.add_argument("store", help="kernel-map store written by kernelmap run")
+    apply.add_argument("--out", required=True, help="Zarr store for the images (refused if it exists)")
+    apply.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
+    apply.add_argument("--chunk", type=int, default=1024, help="side of the chunks computed and stored")
     demo = sub.add_parser("demo", help="write the built-in demo stack, run the demo job, summarise")
     demo.add_argument("--dir", default="demo-output", help="folder for the demo stack and result")
     demo.add_argument("--images", type=int, default=3, help="epochs in the demo stack")
@@ -130,6 +139,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .job.apply import apply_kernel_map
+
+    summary = apply_kernel_map(args.store, args.out, mode="overwrite" if args.overwrite else "create",
+                               chunk=args.chunk)
+    print(f"images: {summary.path} (arrays matched, difference, background; {len(summary.images)} image(s))")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from .job.config import dump_job, load_job
 
@@ -159,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kernelmap`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     handlers = {"run": _cmd_run, "config": _cmd_config, "submit": _cmd_submit, "report": _cmd_report,
-                "compare": _cmd_compare, "demo": _cmd_demo}
+                "compare": _cmd_compare, "apply": _cmd_apply, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
     except KernelmapError as exc:

@@ -161,7 +161,7 @@ def demo_pair(tmp_path_factory):
     assert job.model.method == "joint"
     run_job(job, progress=False)
     km = pipeline.KernelMap.open(folder / "kernels.zarr")
-    return noisy, clean, truth, km.field(km.ds["image"].values[0])
+    return noisy, clean, truth, km.field(km.ds["image"].values[0]), folder
 
 
 TILE = 128
@@ -177,7 +177,7 @@ def _expected_variance(clean, truth, field) -> np.ndarray:
 
 
 def test_the_difference_of_a_pair_with_nothing_changed_is_noise_at_its_expected_level_without_seams(demo_pair):
-    noisy, clean, truth, field = demo_pair
+    noisy, clean, truth, field, _ = demo_pair
     difference, _, background = difference_image(noisy["target"].values[0], noisy["source"].values, field,
                                                  tile_size=TILE)
     assert np.nanmedian(background) == pytest.approx(truth.background(0), abs=0.5)
@@ -204,7 +204,7 @@ def test_a_source_new_in_the_target_is_recovered_at_its_flux(demo_pair, y, x):
     from pipeline.sim.demo import _PSF_BETA, PSF_FWHM
     from pipeline.sim.scenes import moffat_psf
 
-    noisy, clean, truth, field = demo_pair
+    noisy, _, truth, field, _ = demo_pair
     psf = moffat_psf(41, fwhm=PSF_FWHM, beta=_PSF_BETA)
     star = 1e5 * fftconvolve(psf / psf.sum(), truth.kernel(0, y, x), mode="same")  # the target's PSF there
     added = np.zeros(noisy["target"].shape[1:])
@@ -216,3 +216,41 @@ def test_a_source_new_in_the_target_is_recovered_at_its_flux(demo_pair, y, x):
     aperture = (yy - y) ** 2 + (xx - x) ** 2 <= 8**2
     # aperture photometry, corrected with the injected star's own fraction in the aperture
     assert difference[aperture].sum() / added[aperture].sum() == pytest.approx(1.0, abs=0.03)
+
+
+def test_the_apply_job_writes_in_chunks_what_the_library_gives_for_the_whole_image(demo_pair, tmp_path):
+    import xarray as xr
+
+    from pipeline.errors import OptionError
+    from pipeline.job.apply import apply_kernel_map
+
+    noisy, _, _, field, folder = demo_pair
+    out = tmp_path / "difference.zarr"
+    summary = apply_kernel_map(folder / "kernels.zarr", out, chunk=200, log=lambda _: None)  # chunks off the tiles
+    assert summary.skipped == [] and len(summary.images) == 1
+    ds = xr.open_zarr(out, consolidated=False)
+    difference, matched, background = difference_image(noisy["target"].values[0], noisy["source"].values, field,
+                                                       tile_size=TILE)
+    np.testing.assert_array_equal(np.isnan(ds["matched"].values[0]), np.isnan(matched))
+    np.testing.assert_allclose(ds["matched"].values[0], matched, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(ds["background"].values[0], background, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(ds["difference"].values[0], difference, rtol=0, atol=0.02)  # float32 matched
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OptionError, match="already exists: nothing was changed"):
+        apply_kernel_map(folder / "kernels.zarr", out, log=lambda _: None)
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    apply_kernel_map(folder / "kernels.zarr", out, mode="overwrite", log=lambda _: None)
+    with pytest.raises(OptionError, match="is the kernel map or its input"):
+        apply_kernel_map(folder / "kernels.zarr", folder / "kernels.zarr", mode="overwrite", log=lambda _: None)
+
+
+def test_kernelmap_apply_writes_the_images_and_refuses_to_overwrite(demo_pair, tmp_path, capsys):
+    from pipeline.cli import main
+
+    folder = demo_pair[-1]
+    out = tmp_path / "images.zarr"
+    assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out), "--chunk", "512"]) == 0
+    assert "arrays matched, difference, background; 1 image(s)" in capsys.readouterr().out
+    assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out)]) == 2
+    assert "already exists: nothing was changed" in capsys.readouterr().err
+    assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out), "--overwrite"]) == 0

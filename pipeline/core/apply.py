@@ -32,7 +32,8 @@ import scipy.signal
 from .field import KernelField, legendre_design
 from .tiles import tile_origins
 
-__all__ = ["difference_image", "matched_image", "matched_variance", "tile_background"]
+__all__ = ["difference_image", "interpolated_background", "matched_image", "matched_variance", "tile_background",
+           "tile_median"]
 
 
 def _bad_reach(bad: np.ndarray, half: int) -> np.ndarray:
@@ -117,28 +118,36 @@ def _combined(images: list[np.ndarray], terms: list[tuple[int, ...]], field: Ker
     return out
 
 
+def tile_median(values: np.ndarray) -> float:
+    """The median of the finite ``values`` (NaN where there is none)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else np.nan
+
+
+def interpolated_background(medians: np.ndarray, centres: tuple[np.ndarray, np.ndarray], ys: np.ndarray,
+                            xs: np.ndarray) -> np.ndarray:
+    """``(len(ys), len(xs))``: the tiles' ``medians`` (``(ty, tx)``, NaN where unknown: the nearest known
+    one's value) interpolated bilinearly between the tile ``centres`` onto rows ``ys`` and columns ``xs``
+    (constant beyond the outermost centres); NaN everywhere where no median is known."""
+    medians = np.asarray(medians, dtype=np.float64)
+    if not np.isfinite(medians).any():
+        return np.full((len(ys), len(xs)), np.nan)
+    rows = _interpolated(_filled(medians), centres[0], np.asarray(ys, dtype=np.float64), axis=0)
+    return _interpolated(rows, centres[1], np.asarray(xs, dtype=np.float64), axis=1)
+
+
 def tile_background(residual: np.ndarray, tile_size: int, *, step: int | None = None) -> np.ndarray:
     """A smooth background under ``residual`` (``target - matched``): the median of each tile's finite
     pixels (the job's tile grid: a last row and column ending at the edges), interpolated bilinearly
-    between the tile centres (constant beyond the outermost ones)."""
+    between the tile centres (:func:`interpolated_background`)."""
     residual = np.asarray(residual, dtype=np.float64)
     ny, nx = residual.shape
     step = tile_size if step is None else step
-    y0 = tile_origins(ny, tile_size, step)
-    x0 = tile_origins(nx, tile_size, step)
-    medians = np.full((len(y0), len(x0)), np.nan)
-    for i, a in enumerate(y0):
-        for j, b in enumerate(x0):
-            values = residual[a : a + tile_size, b : b + tile_size]
-            values = values[np.isfinite(values)]
-            if values.size:
-                medians[i, j] = np.median(values)
-    if not np.isfinite(medians).any():
-        return np.full((ny, nx), np.nan)
-    medians = _filled(medians)
-    cy, cx = y0 + (tile_size - 1) / 2, x0 + (tile_size - 1) / 2
-    rows = _interpolated(medians, cy, np.arange(ny, dtype=np.float64), axis=0)
-    return _interpolated(rows, cx, np.arange(nx, dtype=np.float64), axis=1)
+    y0, x0 = tile_origins(ny, tile_size, step), tile_origins(nx, tile_size, step)
+    medians = np.array([[tile_median(residual[a : a + tile_size, b : b + tile_size]) for b in x0] for a in y0])
+    centres = (y0 + (tile_size - 1) / 2, x0 + (tile_size - 1) / 2)
+    return interpolated_background(medians, centres, np.arange(ny), np.arange(nx))
 
 
 def difference_image(target: np.ndarray, source: np.ndarray, field: KernelField, *, tile_size: int,

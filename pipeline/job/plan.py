@@ -273,10 +273,9 @@ def _keep_store_grid(opening: Opening, grid: TileGrid) -> Opening:
     return opening
 
 
-def plan_job(job: JobConfig) -> Plan:
-    """Open and check the inputs, lay out tiles, blocks and the output, and read what exists at
-    ``output.path`` (a resumed store's own blocks and its blocks done); writes nothing."""
-    inputs = open_inputs(
+def job_inputs(job: JobConfig) -> Inputs:
+    """The job's input stack, opened and checked (lazily; nothing is read but metadata)."""
+    return open_inputs(
         job.input.path, source=job.input.source, target=job.input.target, mask=job.input.mask,
         group=job.input.group, storage_options=job.input.storage_options, min_size=job.tiles.size,
         saturation=None if job.input.saturation is None else job.input.saturation.model_dump(),
@@ -285,6 +284,12 @@ def plan_job(job: JobConfig) -> Plan:
         gain=None if job.input.gain is None else job.input.gain.settings(),
         read_noise=None if job.input.read_noise is None else job.input.read_noise.settings(),
     )
+
+
+def plan_job(job: JobConfig) -> Plan:
+    """Open and check the inputs, lay out tiles, blocks and the output, and read what exists at
+    ``output.path`` (a resumed store's own blocks and its blocks done); writes nothing."""
+    inputs = job_inputs(job)
     _, ny, nx = inputs.shape
     step = job.tiles.step or job.tiles.size
     grid = TileGrid(ny, nx, job.tiles.size, step, _job_block_tiles(job, inputs))

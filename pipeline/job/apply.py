@@ -1,0 +1,154 @@
+"""``kernelmap apply``: the matched and difference images of a kernel map's pairs.
+
+For every image of a kernel map with a kernel-field model, the source is
+convolved with the model's kernel of each output pixel
+(:func:`pipeline.core.apply.matched_image`) chunk by chunk with Dask
+(``map_overlap``, the kernel's half-size of overlap, NaN beyond the image: a
+chunk's pixels are the whole image's, exactly), and written to a Zarr store
+beside the difference ``target - matched - background`` and the background
+(each tile's median of ``target - matched``, the kernel map's tiles,
+interpolated bilinearly between the tile centres).  The inputs are the ones
+the kernel map was made from (its ``kernelmap_config``); masked target pixels
+are NaN in the difference.  Two passes: the matched images with the tiles'
+medians, then the differences from the stored matched images.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ..core.apply import interpolated_background, matched_image, tile_median
+from ..core.field import KernelField
+from ..core.tiles import tile_origins
+from ..errors import InputError, OptionError
+from .config import job_from_dict
+from .plan import job_inputs
+
+__all__ = ["ApplySummary", "apply_kernel_map"]
+
+#: what each output array holds
+OUTPUTS = {
+    "matched": "source convolved with the kernel-field model's kernel of each pixel",
+    "difference": "target - matched - background",
+    "background": "each tile's median of target - matched, interpolated bilinearly between tile centres",
+}
+
+
+@dataclass(frozen=True)
+class ApplySummary:
+    """What :func:`apply_kernel_map` wrote."""
+
+    path: str
+    images: list[Any]  #: labels of the images written
+    skipped: list[Any]  #: labels of the images without a model (left NaN)
+
+
+def _matched_block(source: np.ndarray, *, field: KernelField, starts: tuple[np.ndarray, np.ndarray], half: int,
+                   block_id: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`matched_image` of one overlapped chunk (``half`` pixels of its neighbours on every side)."""
+    by, bx = block_id if block_id is not None else (0, 0)
+    return matched_image(source, field, origin=(int(starts[0][by]) - half, int(starts[1][bx]) - half))
+
+
+def _background_block(values: np.ndarray, *, medians: np.ndarray, centres: tuple[np.ndarray, np.ndarray],
+                      block_info: dict | None = None) -> np.ndarray:
+    """The interpolated background over one chunk (``values`` only gives its place and shape)."""
+    (y0, y1), (x0, x1) = block_info[0]["array-location"] if block_info else ((0, values.shape[0]),
+                                                                             (0, values.shape[1]))
+    return interpolated_background(medians, centres, np.arange(y0, y1), np.arange(x0, x1))
+
+
+def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "create", chunk: int = 1024,
+                     scheduler: str = "threads", log=print) -> ApplySummary:
+    """Write the matched, difference and background images of every modelled image of the kernel map
+    ``kernels`` to a new Zarr store ``output`` (``mode="overwrite"`` replaces one; ``"create"`` refuses)."""
+    import dask
+    import dask.array as da
+    import zarr
+
+    from ..analysis.maps import KernelMap
+
+    if mode not in ("create", "overwrite"):
+        raise OptionError(f"mode={mode!r}: use 'create' or 'overwrite'")
+    km = KernelMap.open(kernels)
+    stored = km.ds.attrs.get("kernelmap_config")
+    if not stored:
+        raise InputError(f"{kernels} holds no kernelmap_config attribute: apply needs a kernel map written by "
+                         "kernelmap run")
+    job = job_from_dict(yaml.safe_load(stored))
+    out = Path(output)
+    if Path(job.input.path).resolve() == out.resolve() or Path(kernels).resolve() == out.resolve():
+        raise OptionError(f"{out} is the kernel map or its input: write the images elsewhere")
+    if out.exists() and mode == "create":
+        raise OptionError(f"{out} already exists: nothing was changed; pass --overwrite (mode='overwrite') to "
+                          "replace it, or another output path")
+    inputs = job_inputs(job)
+    n, ny, nx = inputs.shape
+    size, step = job.tiles.size, job.tiles.step or job.tiles.size
+    y0, x0 = tile_origins(ny, size, step), tile_origins(nx, size, step)
+    centres = (y0 + (size - 1) / 2, x0 + (size - 1) / 2)
+    fields = [km.field(label) for label in km.ds["image"].values]
+    if out.exists():
+        shutil.rmtree(out)
+    group = zarr.open_group(str(out), mode="w", zarr_format=3)
+    arrays = {name: group.create_array(name, shape=(n, ny, nx), chunks=(1, chunk, chunk), dtype="float32",
+                                       fill_value=np.nan, dimension_names=("image", "y", "x"),
+                                       attributes={"long_name": what})
+              for name, what in OUTPUTS.items()}
+    group.attrs.update({"title": "kernelmap matched and difference images", "kernelmap_kernels": str(kernels),
+                        "kernelmap_input": job.input.path, "tile_size": size, "tile_step": step,
+                        "images": [str(label) for label in km.ds["image"].values]})
+    done, skipped = [], []
+    with dask.config.set(scheduler=scheduler):
+        medians_of: dict[int, Any] = {}
+        writes = []
+        for i, field in enumerate(fields):
+            label = km.ds["image"].values[i]
+            if field is None:
+                skipped.append(label)
+                continue
+            half = field.coefficients.shape[-1] // 2
+            source = (inputs.source if inputs.source.ndim == 2 else inputs.source[i]).astype(np.float64)
+            source = source.rechunk((chunk, chunk))
+            target = inputs.target[i].astype(np.float64).rechunk((chunk, chunk))
+            if inputs.mask is not None:
+                mask = inputs.mask if inputs.mask.ndim == 2 else inputs.mask[i]
+                target = da.where(mask.rechunk((chunk, chunk)) != 0, np.nan, target)
+            starts = tuple(np.concatenate([[0], np.cumsum(c)[:-1]]) for c in source.chunks)
+            matched = source.map_overlap(_matched_block, depth=half, boundary=np.nan, dtype=np.float64,
+                                         field=field, starts=starts, half=half)
+            writes.append(da.store(matched.astype(np.float32)[None], arrays["matched"],
+                                   regions=(slice(i, i + 1), slice(None), slice(None)), compute=False,
+                                   lock=False))
+            residual = target - matched
+            medians_of[i] = [[dask.delayed(tile_median)(residual[a : a + size, b : b + size]) for b in x0]
+                             for a in y0]
+            done.append(label)
+        log(f"apply: matching {len(done)} image(s) ...")
+        _, medians = dask.compute(writes, medians_of)
+        written = zarr.open_array(str(out / "matched"), mode="r")
+        stores = []
+        for i in medians:
+            grid = np.asarray(medians[i], dtype=np.float64)
+            target = inputs.target[i].astype(np.float64).rechunk((chunk, chunk))
+            if inputs.mask is not None:
+                mask = inputs.mask if inputs.mask.ndim == 2 else inputs.mask[i]
+                target = da.where(mask.rechunk((chunk, chunk)) != 0, np.nan, target)
+            matched = da.from_zarr(written)[i].astype(np.float64)
+            background = target.map_blocks(_background_block, dtype=np.float64, medians=grid, centres=centres)
+            difference = target - matched - background
+            for name, values in (("difference", difference), ("background", background)):
+                stores.append(da.store(values.astype(np.float32)[None], arrays[name],
+                                       regions=(slice(i, i + 1), slice(None), slice(None)), compute=False,
+                                       lock=False))
+        log("apply: differences ...")
+        dask.compute(stores)
+    log(f"apply: {len(done)} image(s) written to {out}" + (f"; {len(skipped)} without a model left NaN"
+                                                           if skipped else ""))
+    return ApplySummary(str(out), done, skipped)
