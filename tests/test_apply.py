@@ -229,6 +229,7 @@ def test_the_apply_job_writes_in_chunks_what_the_library_gives_for_the_whole_ima
     summary = apply_kernel_map(folder / "kernels.zarr", out, chunk=200, log=lambda _: None)  # chunks off the tiles
     assert summary.skipped == [] and len(summary.images) == 1
     ds = xr.open_zarr(out, consolidated=False)
+    assert "normalised" not in ds  # the inputs give no variances
     difference, matched, background = difference_image(noisy["target"].values[0], noisy["source"].values, field,
                                                        tile_size=TILE)
     np.testing.assert_array_equal(np.isnan(ds["matched"].values[0]), np.isnan(matched))
@@ -254,3 +255,39 @@ def test_kernelmap_apply_writes_the_images_and_refuses_to_overwrite(demo_pair, t
     assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out)]) == 2
     assert "already exists: nothing was changed" in capsys.readouterr().err
     assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_with_the_images_variances_apply_writes_the_noise_normalised_difference(tmp_path):
+    import xarray as xr
+
+    from pipeline.job.apply import apply_kernel_map
+    from pipeline.job.config import job_from_dict
+    from pipeline.job.run import run_job
+    from pipeline.sim.demo import _READ_NOISE, _SKY, demo_dataset
+
+    noisy, truth = demo_dataset(n_images=1, size=512, noise=True, bad_pixels=False)
+    clean, _ = demo_dataset(n_images=1, size=512, noise=False, bad_pixels=False)
+    noisy["target_variance"] = (clean["target"] - truth.background(0) + _SKY + _READ_NOISE**2).astype(np.float32)
+    noisy["source_variance"] = (clean["source"] + _SKY + _READ_NOISE**2).astype(np.float32)
+    noisy.to_zarr(tmp_path / "stack.zarr", mode="w", consolidated=False)
+    job = job_from_dict({"input": {"path": str(tmp_path / "stack.zarr"),
+                                   "variance": {"target": "target_variance", "source": "source_variance"}},
+                         "tiles": {"size": TILE}, "kernel": {"size": truth.kernel_size},
+                         "output": {"path": str(tmp_path / "kernels.zarr")}, "compute": {"scheduler": "threads"}})
+    run_job(job, progress=False)
+    apply_kernel_map(tmp_path / "kernels.zarr", tmp_path / "images.zarr", chunk=300, log=lambda _: None)
+    ds = xr.open_zarr(tmp_path / "images.zarr", consolidated=False)
+    z = ds["normalised"].values[0]
+    expected = ds["difference"].values[0] / np.sqrt(noisy["target_variance"].values[0] + matched_variance(
+        noisy["source_variance"].values.astype(np.float64), _first_field(tmp_path / "kernels.zarr")))
+    np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
+    valid = np.isfinite(z)
+    assert valid.mean() > 0.9 and np.sqrt(np.mean(z[valid] ** 2)) == pytest.approx(1.0, abs=0.05)
+
+
+def _first_field(path):
+    """The kernel-field model of a kernel map's first image."""
+    import pipeline
+
+    km = pipeline.KernelMap.open(path)
+    return km.field(km.ds["image"].values[0])

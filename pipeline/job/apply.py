@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..core.apply import interpolated_background, matched_image, tile_median
+from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
 from ..core.tiles import tile_origins
 from ..errors import InputError, OptionError
@@ -38,6 +38,8 @@ OUTPUTS = {
     "difference": "target - matched - background",
     "background": "each tile's median of target - matched, interpolated bilinearly between tile centres",
 }
+#: ... and, where the inputs give the variances of both images (``input.variance``, ``weight`` or the CCD model)
+NORMALISED = ("normalised", "difference / sqrt(target variance + the matched source's variance)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,20 @@ def _matched_block(source: np.ndarray, *, field: KernelField, starts: tuple[np.n
     """:func:`matched_image` of one overlapped chunk (``half`` pixels of its neighbours on every side)."""
     by, bx = block_id if block_id is not None else (0, 0)
     return matched_image(source, field, origin=(int(starts[0][by]) - half, int(starts[1][bx]) - half))
+
+
+def _matched_variance_block(variance: np.ndarray, *, field: KernelField, starts: tuple[np.ndarray, np.ndarray],
+                            half: int, block_id: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`matched_variance` of one overlapped chunk."""
+    by, bx = block_id if block_id is not None else (0, 0)
+    return matched_variance(variance, field, origin=(int(starts[0][by]) - half, int(starts[1][bx]) - half))
+
+
+def _variance_block(pixels: np.ndarray, *, variances, role: str, image: int,
+                    block_info: dict | None = None) -> np.ndarray:
+    """The ``role`` image's variances over one chunk of its ``pixels`` (:meth:`Variances.read`)."""
+    (y0, y1), (x0, x1) = block_info[0]["array-location"][-2:]
+    return variances.read(role, image, slice(y0, y1), slice(x0, x1), np.asarray(pixels, dtype=np.float64))
 
 
 def _background_block(values: np.ndarray, *, medians: np.ndarray, centres: tuple[np.ndarray, np.ndarray],
@@ -97,10 +113,12 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     if out.exists():
         shutil.rmtree(out)
     group = zarr.open_group(str(out), mode="w", zarr_format=3)
+    noise = inputs.variances
+    normalised = noise is not None and noise.given("target") and noise.given("source")
     arrays = {name: group.create_array(name, shape=(n, ny, nx), chunks=(1, chunk, chunk), dtype="float32",
                                        fill_value=np.nan, dimension_names=("image", "y", "x"),
                                        attributes={"long_name": what})
-              for name, what in OUTPUTS.items()}
+              for name, what in (*OUTPUTS.items(), *([NORMALISED] if normalised else []))}
     group.attrs.update({"title": "kernelmap matched and difference images", "kernelmap_kernels": str(kernels),
                         "kernelmap_input": job.input.path, "tile_size": size, "tile_step": step,
                         "images": [str(label) for label in km.ds["image"].values]})
@@ -143,7 +161,20 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
             matched = da.from_zarr(written)[i].astype(np.float64)
             background = target.map_blocks(_background_block, dtype=np.float64, medians=grid, centres=centres)
             difference = target - matched - background
-            for name, values in (("difference", difference), ("background", background)):
+            outputs = [("difference", difference), ("background", background)]
+            if normalised:
+                source = (inputs.source if inputs.source.ndim == 2 else inputs.source[i]).astype(np.float64)
+                source = source.rechunk((chunk, chunk))
+                half = fields[i].coefficients.shape[-1] // 2
+                starts = tuple(np.concatenate([[0], np.cumsum(c)[:-1]]) for c in source.chunks)
+                source_variance = source.map_blocks(_variance_block, dtype=np.float64, variances=noise,
+                                                    role="source", image=i)
+                spread = source_variance.map_overlap(_matched_variance_block, depth=half, boundary=np.nan,
+                                                     dtype=np.float64, field=fields[i], starts=starts, half=half)
+                target_variance = target.map_blocks(_variance_block, dtype=np.float64, variances=noise,
+                                                    role="target", image=i)
+                outputs.append(("normalised", difference / da.sqrt(target_variance + spread)))
+            for name, values in outputs:
                 stores.append(da.store(values.astype(np.float32)[None], arrays[name],
                                        regions=(slice(i, i + 1), slice(None), slice(None)), compute=False,
                                        lock=False))
