@@ -26,10 +26,11 @@ Pure NumPy/SciPy.
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 import scipy.ndimage
-import scipy.signal
+from numpy.polynomial import legendre
 
-from .field import KernelField, legendre_design
+from .field import KernelField, polynomial_terms
 from .tiles import tile_origins
 
 __all__ = ["difference_image", "interpolated_background", "matched_image", "matched_variance", "tile_background",
@@ -75,7 +76,7 @@ def matched_image(source: np.ndarray, field: KernelField, *, origin: tuple[int, 
     half = k // 2
     bad = ~np.isfinite(source)
     filled = np.where(bad, 0.0, source)
-    convolved = [scipy.signal.fftconvolve(filled, term, mode="same") for term in coefficients]
+    convolved = _convolved(filled, coefficients)
     out = _combined(convolved, [(p,) for p in range(len(coefficients))], field, origin, rows)
     out[_bad_reach(bad, half)] = np.nan
     return out
@@ -93,28 +94,44 @@ def matched_variance(variance: np.ndarray, field: KernelField, *, origin: tuple[
     squares = np.stack([(1.0 if p == q else 2.0) * coefficients[p] * coefficients[q] for p, q in pairs])
     bad = ~np.isfinite(variance)
     filled = np.where(bad, 0.0, variance)
-    convolved = [scipy.signal.fftconvolve(filled, square, mode="same") for square in squares]
+    convolved = _convolved(filled, squares)
     out = _combined(convolved, pairs, field, origin, rows)
     out[_bad_reach(bad, coefficients.shape[-1] // 2)] = np.nan
     return out
 
 
+def _convolved(image: np.ndarray, kernels: np.ndarray) -> list[np.ndarray]:
+    """``fftconvolve(image, kernel, "same")`` for each of the ``(n, k, k)`` ``kernels``, the image's
+    transform taken once."""
+    k = kernels.shape[-1]
+    shape = tuple(scipy.fft.next_fast_len(n + k - 1, real=True) for n in image.shape)
+    spectrum = scipy.fft.rfft2(image, shape)
+    half = k // 2
+    crop = (slice(half, half + image.shape[0]), slice(half, half + image.shape[1]))
+    return [scipy.fft.irfft2(spectrum * scipy.fft.rfft2(kernel, shape), shape)[crop] for kernel in kernels]
+
+
 def _combined(images: list[np.ndarray], terms: list[tuple[int, ...]], field: KernelField,
               origin: tuple[int, int], rows: int) -> np.ndarray:
     """``sum_i (prod_(p in terms[i]) phi_p) images[i]`` at every pixel, ``phi`` the field's terms at the
-    image coordinates of pixels offset by ``origin``, ``rows`` rows at a time."""
+    image coordinates of pixels offset by ``origin``: each term ``P_a(u) P_b(v)`` is a column's value
+    times a row's, so each image is weighted by an outer product, ``rows`` rows at a time."""
     ny, nx = images[0].shape
-    out = np.empty((ny, nx))
     u = (origin[1] + np.arange(nx, dtype=np.float64) - field.centre[1]) / field.scale[1]
+    v = (origin[0] + np.arange(ny, dtype=np.float64) - field.centre[0]) / field.scale[0]
+    lu, lv = legendre.legvander(u, field.degree), legendre.legvander(v, field.degree)  # (nx, d+1), (ny, d+1)
+    powers = polynomial_terms(field.degree)
+    out = np.zeros((ny, nx))
+    scratch = np.empty((min(rows, ny), nx))
     for start in range(0, ny, rows):
         stop = min(start + rows, ny)
-        v = (origin[0] + np.arange(start, stop, dtype=np.float64) - field.centre[0]) / field.scale[0]
-        phi = legendre_design(np.tile(u, stop - start), np.repeat(v, nx), field.degree)  # (rows * nx, P)
-        band = np.zeros((stop - start) * nx)
+        band, work = out[start:stop], scratch[: stop - start]
         for term, image in zip(terms, images):
-            weight = phi[:, term[0]] if len(term) == 1 else np.prod(phi[:, list(term)], axis=1)
-            band += weight * image[start:stop].ravel()
-        out[start:stop] = band.reshape(stop - start, nx)
+            column = np.prod([lu[:, powers[p][0]] for p in term], axis=0)  # (nx,)
+            row = np.prod([lv[start:stop, powers[p][1]] for p in term], axis=0)  # (rows,)
+            np.multiply(image[start:stop], column[None, :], out=work)
+            work *= row[:, None]
+            band += work
     return out
 
 

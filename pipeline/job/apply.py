@@ -9,8 +9,8 @@ beside the difference ``target - matched - background`` and the background
 (each tile's median of ``target - matched``, the kernel map's tiles,
 interpolated bilinearly between the tile centres).  The inputs are the ones
 the kernel map was made from (its ``kernelmap_config``); masked target pixels
-are NaN in the difference.  Two passes: the matched images with the tiles'
-medians, then the differences from the stored matched images.
+are NaN in the difference.  Three passes: the matched images, the tiles'
+medians, then the differences (both from the stored matched images).
 """
 
 from __future__ import annotations
@@ -80,6 +80,24 @@ def _background_block(values: np.ndarray, *, medians: np.ndarray, centres: tuple
     return interpolated_background(medians, centres, np.arange(y0, y1), np.arange(x0, x1))
 
 
+def _source(inputs, image: int, chunk: int):
+    """The source of ``image`` as float64 Dask chunks of ``chunk``, and each chunk's first row and column."""
+    source = (inputs.source if inputs.source.ndim == 2 else inputs.source[image]).astype(np.float64)
+    source = source.rechunk((chunk, chunk))
+    return source, tuple(np.concatenate([[0], np.cumsum(c)[:-1]]) for c in source.chunks)
+
+
+def _masked_target(inputs, image: int, chunk: int):
+    """The target of ``image`` as float64 Dask chunks of ``chunk``, masked pixels NaN."""
+    import dask.array as da
+
+    target = inputs.target[image].astype(np.float64).rechunk((chunk, chunk))
+    if inputs.mask is None:
+        return target
+    mask = inputs.mask if inputs.mask.ndim == 2 else inputs.mask[image]
+    return da.where(mask.rechunk((chunk, chunk)) != 0, np.nan, target)
+
+
 def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "create", chunk: int = 1024,
                      scheduler: str = "threads", log=print) -> ApplySummary:
     """Write the matched, difference and background images of every modelled image of the kernel map
@@ -124,7 +142,6 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                         "images": [str(label) for label in km.ds["image"].values]})
     done, skipped = [], []
     with dask.config.set(scheduler=scheduler):
-        medians_of: dict[int, Any] = {}
         writes = []
         for i, field in enumerate(fields):
             label = km.ds["image"].values[i]
@@ -132,41 +149,35 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                 skipped.append(label)
                 continue
             half = field.coefficients.shape[-1] // 2
-            source = (inputs.source if inputs.source.ndim == 2 else inputs.source[i]).astype(np.float64)
-            source = source.rechunk((chunk, chunk))
-            target = inputs.target[i].astype(np.float64).rechunk((chunk, chunk))
-            if inputs.mask is not None:
-                mask = inputs.mask if inputs.mask.ndim == 2 else inputs.mask[i]
-                target = da.where(mask.rechunk((chunk, chunk)) != 0, np.nan, target)
-            starts = tuple(np.concatenate([[0], np.cumsum(c)[:-1]]) for c in source.chunks)
+            source, starts = _source(inputs, i, chunk)
             matched = source.map_overlap(_matched_block, depth=half, boundary=np.nan, dtype=np.float64,
                                          field=field, starts=starts, half=half)
             writes.append(da.store(matched.astype(np.float32)[None], arrays["matched"],
                                    regions=(slice(i, i + 1), slice(None), slice(None)), compute=False,
                                    lock=False))
-            residual = target - matched
-            medians_of[i] = [[dask.delayed(tile_median)(residual[a : a + size, b : b + size]) for b in x0]
-                             for a in y0]
             done.append(label)
         log(f"apply: matching {len(done)} image(s) ...")
-        _, medians = dask.compute(writes, medians_of)
+        dask.compute(writes)
         written = zarr.open_array(str(out / "matched"), mode="r")
+        medians_of: dict[int, Any] = {}
+        for i in range(n):  # the tiles' medians of target - matched, from the stored matched images
+            if fields[i] is None:
+                continue
+            residual = _masked_target(inputs, i, chunk) - da.from_zarr(written)[i].astype(np.float64)
+            medians_of[i] = [[dask.delayed(tile_median)(residual[a : a + size, b : b + size]) for b in x0]
+                             for a in y0]
+        (medians,) = dask.compute(medians_of)
         stores = []
         for i in medians:
             grid = np.asarray(medians[i], dtype=np.float64)
-            target = inputs.target[i].astype(np.float64).rechunk((chunk, chunk))
-            if inputs.mask is not None:
-                mask = inputs.mask if inputs.mask.ndim == 2 else inputs.mask[i]
-                target = da.where(mask.rechunk((chunk, chunk)) != 0, np.nan, target)
+            target = _masked_target(inputs, i, chunk)
             matched = da.from_zarr(written)[i].astype(np.float64)
             background = target.map_blocks(_background_block, dtype=np.float64, medians=grid, centres=centres)
             difference = target - matched - background
             outputs = [("difference", difference), ("background", background)]
             if normalised:
-                source = (inputs.source if inputs.source.ndim == 2 else inputs.source[i]).astype(np.float64)
-                source = source.rechunk((chunk, chunk))
+                source, starts = _source(inputs, i, chunk)
                 half = fields[i].coefficients.shape[-1] // 2
-                starts = tuple(np.concatenate([[0], np.cumsum(c)[:-1]]) for c in source.chunks)
                 source_variance = source.map_blocks(_variance_block, dtype=np.float64, variances=noise,
                                                     role="source", image=i)
                 spread = source_variance.map_overlap(_matched_variance_block, depth=half, boundary=np.nan,
