@@ -99,9 +99,12 @@ def _masked_target(inputs, image: int, chunk: int):
 
 
 def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "create", chunk: int = 1024,
-                     scheduler: str = "threads", log=print) -> ApplySummary:
+                     scheduler: str = "threads", storage_options: dict[str, Any] | None = None,
+                     log=print) -> ApplySummary:
     """Write the matched, difference and background images of every modelled image of the kernel map
-    ``kernels`` to a new Zarr store ``output`` (``mode="overwrite"`` replaces one; ``"create"`` refuses)."""
+    ``kernels`` to a new Zarr store ``output`` (``mode="overwrite"`` replaces one; ``"create"`` refuses).
+    ``storage_options``: for the input store where the kernel map's job had some (a store does not keep
+    their values); by default none (credentials from the environment)."""
     import dask
     import dask.array as da
     import zarr
@@ -115,7 +118,9 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     if not stored:
         raise InputError(f"{kernels} holds no kernelmap_config attribute: apply needs a kernel map written by "
                          "kernelmap run")
-    job = job_from_dict(yaml.safe_load(stored))
+    data = yaml.safe_load(stored)
+    data["input"]["storage_options"] = dict(storage_options or {})  # the store keeps none of their values
+    job = job_from_dict(data)
     out = Path(output)
     if Path(job.input.path).resolve() == out.resolve() or Path(kernels).resolve() == out.resolve():
         raise OptionError(f"{out} is the kernel map or its input: write the images elsewhere")

@@ -1114,7 +1114,15 @@ def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Job
     return _build(data, overrides, name)
 
 
-def dump_job(job: JobConfig) -> str:
-    """The effective job as YAML: every default filled in, sections and keys in model order."""
-    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, default_flow_style=False,
-                          allow_unicode=True)
+#: what a stored job holds instead of each value of ``input.storage_options`` (credentials, endpoints)
+NOT_STORED = "(not stored)"
+
+
+def dump_job(job: JobConfig, *, secrets: bool = True) -> str:
+    """The effective job as YAML: every default filled in, sections and keys in model order; with
+    ``secrets=False`` (what a store's attributes keep) each value of ``input.storage_options`` is
+    :data:`NOT_STORED`."""
+    data = job.model_dump(mode="json")
+    if not secrets:
+        data["input"]["storage_options"] = {key: NOT_STORED for key in data["input"]["storage_options"]}
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)

@@ -94,7 +94,7 @@ class Plan:
         return {
             "title": "kernelmap kernel maps",
             "kernelmap_version": __version__,
-            "kernelmap_config": dump_job(job),
+            "kernelmap_config": dump_job(job, secrets=False),
             "kernelmap_fingerprint": job.fingerprint(),
             "kernelmap_input": json_attr(self.inputs.identity),
             "kernelmap_method": job.kernel.method,
