@@ -67,6 +67,12 @@ def test_a_stack_on_s3_gives_the_kernel_map_on_s3_that_it_gives_on_disk(s3, tmp_
     on_s3, on_disk = _values("s3://stacks/kernels.zarr"), _values(str(tmp_path / "kernels.zarr"))
     xr.testing.assert_identical(on_s3, on_disk)
     assert on_s3["model_degree"].values.min() >= 0
+    # the difference images, written to the object store as to disk
+    from pipeline.job.apply import apply_kernel_map
+
+    apply_kernel_map("s3://stacks/kernels.zarr", "s3://stacks/images.zarr", chunk=100, log=lambda _: None)
+    apply_kernel_map(tmp_path / "kernels.zarr", tmp_path / "images.zarr", chunk=100, log=lambda _: None)
+    xr.testing.assert_identical(_values("s3://stacks/images.zarr"), _values(str(tmp_path / "images.zarr")))
 
 
 def test_a_kernel_map_on_s3_resumes_as_on_disk_and_keeps_no_credentials(s3):

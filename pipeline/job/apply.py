@@ -15,7 +15,6 @@ medians, then the differences (both from the stored matched images).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from ..core.apply import interpolated_background, matched_image, matched_varianc
 from ..core.field import KernelField
 from ..core.tiles import tile_origins
 from ..errors import InputError, OptionError
+from ..io.store import OutputStore
 from .config import job_from_dict
 from .plan import job_inputs
 
@@ -121,11 +121,18 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     data = yaml.safe_load(stored)
     data["input"]["storage_options"] = dict(storage_options or {})  # the store keeps none of their values
     job = job_from_dict(data)
-    out = Path(output)
-    if Path(job.input.path).resolve() == out.resolve() or Path(kernels).resolve() == out.resolve():
-        raise OptionError(f"{out} is the kernel map or its input: write the images elsewhere")
+    out = OutputStore(str(output))  # a local path or an fsspec URL (credentials from the environment)
+
+    def same(a: str | Path, b: str | Path) -> bool:
+        a, b = str(a), str(b)
+        if "://" in a or "://" in b:
+            return a.rstrip("/") == b.rstrip("/")
+        return Path(a).resolve() == Path(b).resolve()
+
+    if same(job.input.path, output) or same(kernels, output):
+        raise OptionError(f"{output} is the kernel map or its input: write the images elsewhere")
     if out.exists() and mode == "create":
-        raise OptionError(f"{out} already exists: nothing was changed; pass --overwrite (mode='overwrite') to "
+        raise OptionError(f"{output} already exists: nothing was changed; pass --overwrite (mode='overwrite') to "
                           "replace it, or another output path")
     inputs = job_inputs(job)
     n, ny, nx = inputs.shape
@@ -134,8 +141,8 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     centres = (y0 + (size - 1) / 2, x0 + (size - 1) / 2)
     fields = [km.field(label) for label in km.ds["image"].values]
     if out.exists():
-        shutil.rmtree(out)
-    group = zarr.open_group(str(out), mode="w", zarr_format=3)
+        out.remove()
+    group = zarr.open_group(out.location, mode="w", zarr_format=3)
     noise = inputs.variances
     normalised = noise is not None and noise.given("target") and noise.given("source")
     arrays = {name: group.create_array(name, shape=(n, ny, nx), chunks=(1, chunk, chunk), dtype="float32",
@@ -163,7 +170,7 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
             done.append(label)
         log(f"apply: matching {len(done)} image(s) ...")
         dask.compute(writes)
-        written = zarr.open_array(str(out / "matched"), mode="r")
+        written = group["matched"]
         medians_of: dict[int, Any] = {}
         for i in range(n):  # the tiles' medians of target - matched, from the stored matched images
             if fields[i] is None:
@@ -196,6 +203,6 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                                        lock=False))
         log("apply: differences ...")
         dask.compute(stores)
-    log(f"apply: {len(done)} image(s) written to {out}" + (f"; {len(skipped)} without a model left NaN"
-                                                           if skipped else ""))
-    return ApplySummary(str(out), done, skipped)
+    log(f"apply: {len(done)} image(s) written to {output}" + (f"; {len(skipped)} without a model left NaN"
+                                                              if skipped else ""))
+    return ApplySummary(str(output), done, skipped)
