@@ -1,4 +1,5 @@
-"""The ``kernelmap`` command: ``run``, ``submit``, ``config``, ``report``, ``compare``, ``apply`` and ``demo``."""
+"""The ``kernelmap`` command: ``run``, ``submit``, ``config``, ``report``, ``compare``, ``apply``, ``ingest``
+and ``demo``."""
 
 from __future__ import annotations
 
@@ -70,6 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True, help="Zarr store for the images (refused if it exists)")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
     apply.add_argument("--chunk", type=int, default=1024, help="side of the chunks computed and stored")
+    ingest = sub.add_parser(
+        "ingest", help="FITS files to an input stack (Zarr) for kernelmap run",
+        description="Read a reference and target FITS images (plain or tile-compressed) and write the input "
+                    "stack kernelmap run reads: source, target, an optional mask, header keys as coordinates. "
+                    "Targets must be on the reference's pixel grid. Exit status: 0 done; 2 refused (nothing "
+                    "written).")
+    ingest.add_argument("reference", help="the reference (source) FITS file")
+    ingest.add_argument("targets", nargs="+", help="target FITS files or glob patterns (quoted)")
+    ingest.add_argument("--out", required=True, help="Zarr store for the stack (refused if it exists)")
+    ingest.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
+    ingest.add_argument("--hdu", default="0", help="the image HDU: an index or a name (default 0)")
+    ingest.add_argument("--mask-hdu", help="the targets' mask HDU (index or name); nonzero = bad")
+    ingest.add_argument("--mask-bits", type=int, help="the mask bits that mark a bad pixel (default: any)")
+    ingest.add_argument("--keys", default="", help="header keys to keep as coordinates, comma-separated "
+                                                   "(e.g. MJD-OBS,FILTER,AIRMASS)")
+    ingest.add_argument("--tolerance", type=float, default=0.01,
+                        help="how far (pixels) a target's grid may lie from the reference's")
     demo = sub.add_parser("demo", help="write the built-in demo stack, run the demo job, summarise")
     demo.add_argument("--dir", default="demo-output", help="folder for the demo stack and result")
     demo.add_argument("--images", type=int, default=3, help="epochs in the demo stack")
@@ -148,6 +166,18 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from .io.fits import ingest_fits
+
+    def hdu(value: str | None) -> int | str | None:
+        return int(value) if value is not None and value.lstrip("-").isdigit() else value
+
+    ingest_fits(args.reference, args.targets, args.out, hdu=hdu(args.hdu), mask_hdu=hdu(args.mask_hdu),
+                mask_bits=args.mask_bits, keys=[k.strip() for k in args.keys.split(",") if k.strip()],
+                tolerance=args.tolerance, mode="overwrite" if args.overwrite else "create")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from .job.config import dump_job, load_job
 
@@ -177,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kernelmap`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     handlers = {"run": _cmd_run, "config": _cmd_config, "submit": _cmd_submit, "report": _cmd_report,
-                "compare": _cmd_compare, "apply": _cmd_apply, "demo": _cmd_demo}
+                "compare": _cmd_compare, "apply": _cmd_apply, "ingest": _cmd_ingest, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
     except KernelmapError as exc:
