@@ -122,6 +122,16 @@ def test_fits_files_give_the_kernel_map_their_zarr_stack_gives(tmp_path):
         results.append(xr.open_zarr(tmp_path / f"{name}-kernels.zarr", consolidated=False).load())
     for name in ("kernel", "flux", "model_coefficient", "model_degree"):
         np.testing.assert_array_equal(results[0][name].values, results[1][name].values, err_msg=name)
+    # the ingested stack's WCS gives each tile centre's place on the sky
+    from astropy.wcs import WCS
+
+    mapped = results[1]
+    assert "ra" not in results[0].coords and mapped["ra"].dims == ("y", "x")
+    yy, xx = np.meshgrid(mapped["y"].values, mapped["x"].values, indexing="ij")
+    sky = WCS(_header()).pixel_to_world(xx, yy)
+    np.testing.assert_allclose(mapped["ra"].values, sky.ra.deg, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(mapped["dec"].values, sky.dec.deg, rtol=0, atol=1e-9)
+    assert "RA---TAN" in mapped.attrs["reference_wcs"]
     apply_kernel_map(tmp_path / "ingested-kernels.zarr", tmp_path / "images.zarr", log=lambda _: None)
     difference = xr.open_zarr(tmp_path / "images.zarr", consolidated=False)["difference"].values
     assert np.isfinite(difference).mean() > 0.85

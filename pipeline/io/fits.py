@@ -106,7 +106,7 @@ def grid_offset(reference_header: Any, header: Any, shape: tuple[int, int]) -> f
 def _wcs_text(header: Any) -> str:
     """The header's WCS as FITS header text (empty without one)."""
     wcs = _wcs(header)
-    return wcs.to_header_string() if wcs.has_celestial else ""
+    return wcs.to_header().tostring(sep="\n") if wcs.has_celestial else ""
 
 
 def _wcs(header: Any):

@@ -99,6 +99,9 @@ class Inputs:
     image_attrs: dict[str, Any] = field(default_factory=dict)
     chunks: tuple[int, int] = (0, 0)
     identity: dict[str, Any] = field(default_factory=dict)
+    #: the reference's WCS as FITS header text (the store's ``reference_wcs`` attribute, as ``kernelmap ingest``
+    #: writes it); empty without one
+    wcs: str = ""
 
     @cached_property
     def source(self) -> da.Array:
@@ -338,6 +341,7 @@ def open_inputs(
         image_attrs=image_attrs,
         chunks=chunks,
         identity=identity,
+        wcs=str(grp.attrs.get("reference_wcs", "") or ""),
     )
 
 

@@ -118,6 +118,7 @@ class StoreLayout:
     kernel_size: int
     dtype: str  # float32 or float64
     model_degree: int = 3  # highest degree of the kernel-field model: its number of terms
+    wcs: str = ""  # the input's reference WCS (FITS header text): the tile centres get ra and dec
 
     @property
     def n_images(self) -> int:
@@ -145,7 +146,23 @@ def _coordinates(layout: StoreLayout, attrs: dict[str, Any]) -> xr.Dataset:
                  {"long_name": "term of the kernel-field model: Legendre polynomials P_i, P_j of "
                                "u = (x - model_centre_x) / model_scale_x, v = (y - model_centre_y) / model_scale_y"}),
     }
+    if layout.wcs:
+        ra, dec = tile_sky_positions(layout.wcs, grid.centres_y, grid.centres_x)
+        coords["ra"] = (("y", "x"), ra, {"long_name": "right ascension of the tile centre", "units": "deg"})
+        coords["dec"] = (("y", "x"), dec, {"long_name": "declination of the tile centre", "units": "deg"})
+        attrs = {**attrs, "reference_wcs": layout.wcs}
     return xr.Dataset(coords=coords, attrs=attrs)
+
+
+def tile_sky_positions(wcs: str, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ra, dec)`` in degrees, ``(len(y), len(x))``, of pixel positions under a WCS given as FITS header text."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    celestial = WCS(fits.Header.fromstring(wcs, sep="\n")).celestial
+    yy, xx = np.meshgrid(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64), indexing="ij")
+    ra, dec = celestial.all_pix2world(xx, yy, 0)
+    return np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)
 
 
 def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
