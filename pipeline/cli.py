@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True, help="Zarr store for the images (refused if it exists)")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
     apply.add_argument("--chunk", type=int, default=1024, help="side of the chunks computed and stored")
+    apply.add_argument("--fits", metavar="DIR", help="also write each difference image as DIR/<image>.diff.fits "
+                                                     "(with the reference's WCS where the stack has one)")
     ingest = sub.add_parser(
         "ingest", help="FITS files to an input stack (Zarr) for kernelmap run",
         description="Read a reference and target FITS images (plain or tile-compressed) and write the input "
@@ -161,7 +163,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .job.apply import apply_kernel_map
 
     summary = apply_kernel_map(args.store, args.out, mode="overwrite" if args.overwrite else "create",
-                               chunk=args.chunk)
+                               chunk=args.chunk, fits=args.fits)
     print(f"images: {summary.path} (arrays matched, difference, background; {len(summary.images)} image(s))")
     return 0
 

@@ -132,9 +132,14 @@ def test_fits_files_give_the_kernel_map_their_zarr_stack_gives(tmp_path):
     np.testing.assert_allclose(mapped["ra"].values, sky.ra.deg, rtol=0, atol=1e-9)
     np.testing.assert_allclose(mapped["dec"].values, sky.dec.deg, rtol=0, atol=1e-9)
     assert "RA---TAN" in mapped.attrs["reference_wcs"]
-    apply_kernel_map(tmp_path / "ingested-kernels.zarr", tmp_path / "images.zarr", log=lambda _: None)
+    apply_kernel_map(tmp_path / "ingested-kernels.zarr", tmp_path / "images.zarr", fits=tmp_path / "fits",
+                     log=lambda _: None)
     difference = xr.open_zarr(tmp_path / "images.zarr", consolidated=False)["difference"].values
     assert np.isfinite(difference).mean() > 0.85
+    for i, label in enumerate(mapped["image"].values):  # and as FITS files, on the reference's sky grid
+        with fits.open(tmp_path / "fits" / f"{label}.diff.fits") as hdus:
+            np.testing.assert_array_equal(hdus[0].data, difference[i])
+            assert hdus[0].header["CTYPE1"] == "RA---TAN" and hdus[0].header["CRPIX1"] == 50.5
 
 
 def test_kernelmap_ingest_on_the_command_line(tmp_path, capsys):

@@ -87,6 +87,22 @@ def _source(inputs, image: int, chunk: int):
     return source, tuple(np.concatenate([[0], np.cumsum(c)[:-1]]) for c in source.chunks)
 
 
+def _write_fits(group, folder: str | Path, images: list[int], labels: np.ndarray, wcs: str, log) -> None:
+    """Each image's difference (and normalised difference) as ``<label>.diff.fits`` in ``folder``."""
+    from astropy.io import fits
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = fits.Header.fromstring(wcs, sep="\n") if wcs else fits.Header()
+    for i in images:
+        hdus = [fits.PrimaryHDU(np.asarray(group["difference"][i], dtype=np.float32), header=header)]
+        if "normalised" in group:
+            hdus.append(fits.ImageHDU(np.asarray(group["normalised"][i], dtype=np.float32), header=header,
+                                      name="NORMALISED"))
+        fits.HDUList(hdus).writeto(folder / f"{labels[i]}.diff.fits", overwrite=True)
+    log(f"apply: {len(images)} FITS file(s) written to {folder}")
+
+
 def _masked_target(inputs, image: int, chunk: int):
     """The target of ``image`` as float64 Dask chunks of ``chunk``, masked pixels NaN."""
     import dask.array as da
@@ -100,11 +116,13 @@ def _masked_target(inputs, image: int, chunk: int):
 
 def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "create", chunk: int = 1024,
                      scheduler: str = "threads", storage_options: dict[str, Any] | None = None,
-                     log=print) -> ApplySummary:
+                     fits: str | Path | None = None, log=print) -> ApplySummary:
     """Write the matched, difference and background images of every modelled image of the kernel map
     ``kernels`` to a new Zarr store ``output`` (``mode="overwrite"`` replaces one; ``"create"`` refuses).
     ``storage_options``: for the input store where the kernel map's job had some (a store does not keep
-    their values); by default none (credentials from the environment)."""
+    their values); by default none (credentials from the environment).  ``fits``: a new folder that also
+    gets each image's difference (and normalised difference) as a FITS file, ``<label>.diff.fits``, with
+    the input's reference WCS where it has one."""
     import dask
     import dask.array as da
     import zarr
@@ -134,6 +152,9 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     if out.exists() and mode == "create":
         raise OptionError(f"{output} already exists: nothing was changed; pass --overwrite (mode='overwrite') to "
                           "replace it, or another output path")
+    if fits is not None and Path(fits).exists() and mode == "create":
+        raise OptionError(f"{fits} already exists: nothing was changed; pass --overwrite to replace its files, or "
+                          "another folder")
     inputs = job_inputs(job)
     n, ny, nx = inputs.shape
     size, step = job.tiles.size, job.tiles.step or job.tiles.size
@@ -203,6 +224,8 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                                        lock=False))
         log("apply: differences ...")
         dask.compute(stores)
+    if fits is not None:
+        _write_fits(group, fits, [i for i in medians], km.ds["image"].values, inputs.wcs, log)
     log(f"apply: {len(done)} image(s) written to {output}" + (f"; {len(skipped)} without a model left NaN"
                                                               if skipped else ""))
     return ApplySummary(str(output), done, skipped)
