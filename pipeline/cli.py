@@ -105,6 +105,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     if args.dry_run:
+        if job.ingest is not None and not Path(job.input.path).exists():
+            print(f"ingest     {job.input.path}: to be written from {job.ingest.reference} and "
+                  f"{len(job.ingest.targets)} target file pattern(s) first; the rest of the plan reads that "
+                  "stack (kernelmap ingest writes it alone)")
+            return 0
         print(plan_job(job).describe())
         return 0
     summary = run_job(job, progress=not args.quiet, performance_report=args.performance_report)

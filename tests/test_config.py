@@ -74,13 +74,14 @@ def test_minimal_job_dump_shows_every_default():
                               "log_directory": None, "worker_lifetime": None,
                               "worker_lifetime_stagger": None, "jobs": 2, "adapt": None,
                               "start_timeout": None, "options": {}}},
+        "ingest": None,
     }
 
 
 def test_dump_keeps_section_and_field_order():
     text = dump_job(job(kernel={"method": "welch"}))
     top = [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")]
-    assert top == ["input", "tiles", "kernel", "model", "output", "compute"]
+    assert top == ["input", "tiles", "kernel", "model", "output", "compute", "ingest"]
     assert list(yaml.safe_load(text)["kernel"]) == list(WelchKernel.model_fields)
     assert list(WelchKernel.model_fields)[:3] == ["method", "size", "normalize"]
 
@@ -240,7 +241,7 @@ def test_all_errors_are_reported_together_with_dotted_paths():
         "a running scheduler ('tcp://host:8786' or 'host:8786')",
         "compute.n_workers: 0 is too small: at least 1",
         "compute.processes: 1 is not a boolean (true or false)",
-        "notes: unknown key; allowed keys: input, tiles, kernel, model, output, compute",
+        "notes: unknown key; allowed keys: input, tiles, kernel, model, output, compute, ingest",
     ]
 
 
@@ -508,6 +509,17 @@ def test_setting_differences_name_each_setting_of_the_stored_job_that_differs():
     assert setting_differences(yaml.safe_dump(old), job()) == ['model.method: "kernels" in the store, "joint" here']
     for unreadable in (None, "", "[1, 2", "- a list", "input: {nonsense: 1}"):
         assert setting_differences(unreadable, job()) == []
+
+
+def test_the_ingest_section_names_fits_files_and_needs_a_local_input_path():
+    ingest = {"reference": "ref.fits", "targets": ["e*.fits"], "hdu": "SCI", "keys": ["MJD-OBS"]}
+    loaded = job(ingest=ingest)
+    assert loaded.ingest.hdu == "SCI" and loaded.ingest.mask_hdu is None and loaded.ingest.tolerance == 0.01
+    assert loaded.fingerprint() == job().fingerprint()  # the stack's identity counts, not where it came from
+    assert any(p.startswith("ingest.targets:") for p in errors_of({**MINIMAL, "ingest": {**ingest, "targets": []}}))
+    problems = errors_of({**MINIMAL, "input": {"path": "s3://b/in.zarr"}, "ingest": ingest})
+    assert problems == ["ingest: writes the input stack to input.path, a local path: 's3://b/in.zarr' is a URL "
+                        "(ingest first, then copy the stack)"]
 
 
 def test_the_default_model_is_the_joint_fit_where_the_kernel_section_allows_it():

@@ -157,3 +157,35 @@ def test_kernelmap_ingest_on_the_command_line(tmp_path, capsys):
     other = str(tmp_path / "other.zarr")
     assert main(["ingest", reference, str(tmp_path / "t0.fits"), "--out", other, "--hdu", "SCI"]) == 2
     assert "has no image HDU 'SCI'" in capsys.readouterr().err
+
+
+def test_one_job_goes_from_fits_files_to_kernel_maps(tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.sim.demo import demo_dataset
+
+    ds, _ = demo_dataset(n_images=2, size=256, bad_pixels=False)
+    reference = _write(tmp_path / "ref.fits", ds["source"].values)
+    for i in range(2):
+        _write(tmp_path / f"epoch-{i}.fits", ds["target"].values[i], **{"MJD-OBS": 60000.0 + i})
+    job = {"ingest": {"reference": reference, "targets": [str(tmp_path / "epoch-*.fits")], "keys": ["MJD-OBS"]},
+           "input": {"path": str(tmp_path / "stack.zarr")}, "tiles": {"size": 128}, "kernel": {"size": 15},
+           "output": {"path": str(tmp_path / "kernels.zarr")}, "compute": {"scheduler": "threads"}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "to be written from" in capsys.readouterr().out and not (tmp_path / "stack.zarr").exists()
+    assert main(["run", str(path), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "ingest: 2 target(s) and the reference written" in said
+    stack = xr.open_zarr(tmp_path / "stack.zarr", consolidated=False)
+    np.testing.assert_array_equal(stack["MJD-OBS"].values, [60000.0, 60001.0])
+    maps = xr.open_zarr(tmp_path / "kernels.zarr", consolidated=False)
+    assert maps["model_degree"].values.min() >= 0 and "ra" in maps.coords
+    # run again: the stack is there, from the same files
+    assert main(["run", str(path), "--quiet", "--set", "output.mode=overwrite"]) == 0
+    assert "written from these FITS files already" in capsys.readouterr().out
+    # another ingest section: the stack there was not made from it
+    assert main(["run", str(path), "--quiet", "--set", "output.mode=overwrite", "--set", "ingest.keys=[]"]) == 2
+    assert "exists but was not written from this ingest section" in capsys.readouterr().err

@@ -120,12 +120,14 @@ def _wcs(header: Any):
 
 def ingest_fits(reference: str | Path, targets: Sequence[str | Path], output: str | Path, *, hdu: int | str = 0,
                 mask_hdu: int | str | None = None, mask_bits: int | None = None, keys: Sequence[str] = (),
-                tolerance: float = 0.01, chunk: int = 1024, mode: str = "create", log=print) -> str:
+                tolerance: float = 0.01, chunk: int = 1024, mode: str = "create", attrs: dict[str, Any] | None = None,
+                log=print) -> str:
     """Write the FITS ``reference`` and ``targets`` (paths or glob patterns) to a Zarr input stack at ``output``.
 
     ``mask_bits``: the bits of the mask HDU that mark a bad pixel (default: any).  ``keys``: header keys
-    stored as coordinates along ``image`` (each target's; numbers as floats, others as text).  Nothing is
-    written before every file has been read and checked; ``mode="create"`` refuses an existing output.
+    stored as coordinates along ``image`` (each target's; numbers as floats, others as text); ``attrs``:
+    more root attributes.  Nothing is written before every file has been read and checked;
+    ``mode="create"`` refuses an existing output.
     """
     import xarray as xr
 
@@ -171,7 +173,7 @@ def ingest_fits(reference: str | Path, targets: Sequence[str | Path], output: st
         data["mask"] = (("image", "y", "x"), np.stack([(im.mask & bits) != 0 for im in images]).astype(np.uint8))
     ds = xr.Dataset(data, coords=coords, attrs={
         "title": "kernelmap input stack from FITS files", "reference": str(reference),
-        "reference_wcs": _wcs_text(ref.header), "targets": [str(p) for p in files]})
+        "reference_wcs": _wcs_text(ref.header), "targets": [str(p) for p in files], **(attrs or {})})
     ny, nx = ref.data.shape
     encoding = {"source": {"chunks": (min(chunk, ny), min(chunk, nx))},
                 "target": {"chunks": (1, min(chunk, ny), min(chunk, nx))}}

@@ -12,6 +12,8 @@ A job file is YAML with these sections::
     output:  {path, mode, dtype}
     compute: {scheduler, n_workers, threads_per_worker, processes,
               memory_limit, dashboard_address, block_tiles}
+    ingest:  {reference, targets, hdu, mask_hdu, mask_bits, keys, tolerance}
+             (optional: FITS files written to input.path first)
 
 Only ``input.path`` and ``output.path`` are required; :func:`dump_job` shows
 every default.  A ``kernel`` section without ``method`` is the default method,
@@ -546,6 +548,28 @@ class ModelConfig(BaseModel):
     clip: Annotated[Float, Field(gt=0)] | Annotated[Int, Field(gt=0)] = 4.0
 
 
+class IngestConfig(BaseModel):
+    """FITS files to write the input stack from before the run (``kernelmap ingest``): the stack goes to
+    ``input.path`` (a local path), once; a later run finds it there and uses it."""
+
+    model_config = _STRICT
+
+    #: the reference (source) FITS file
+    reference: Name
+    #: the target FITS files or glob patterns, in order
+    targets: Annotated[list[Name], Field(min_length=1)]
+    #: the image HDU: an index or a name
+    hdu: Annotated[Int, Field(ge=0)] | Name = 0
+    #: the targets' mask HDU (index or name); nonzero (in ``mask_bits``) = bad
+    mask_hdu: Annotated[Int, Field(ge=0)] | Name | None = None
+    #: the bits of the mask that mark a bad pixel; null: any
+    mask_bits: Annotated[Int, Field(ge=1)] | None = None
+    #: header keys kept as coordinates along ``image``
+    keys: list[Name] = []
+    #: how far (pixels) a target's grid may lie from the reference's
+    tolerance: Annotated[Float, Field(gt=0)] | Annotated[Int, Field(gt=0)] = 0.01
+
+
 class OutputConfig(BaseModel):
     """The output store."""
 
@@ -668,6 +692,7 @@ class JobConfig(BaseModel):
     model: ModelConfig = ModelConfig()
     output: OutputConfig
     compute: ComputeConfig = ComputeConfig()
+    ingest: IngestConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -680,6 +705,9 @@ class JobConfig(BaseModel):
             self.model.method = default_model_method(self.kernel)
         items = (_consistency(self.tiles, self.kernel) + _paths_differ(self.input, self.output)
                  + _model_fits(self.model, self.kernel))
+        if self.ingest is not None and "://" in self.input.path:
+            items.append(("ingest", f"writes the input stack to input.path, a local path: "
+                                    f"{self.input.path!r} is a URL (ingest first, then copy the stack)"))
         if items:
             raise _problems(*items)
         return self
