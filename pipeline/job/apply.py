@@ -24,7 +24,6 @@ import yaml
 
 from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
-from ..core.tiles import tile_origins
 from ..errors import InputError, OptionError
 from ..io.store import OutputStore
 from .config import job_from_dict
@@ -125,6 +124,7 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     the input's reference WCS where it has one."""
     import dask
     import dask.array as da
+    import xarray as xr
     import zarr
 
     from ..analysis.maps import KernelMap
@@ -158,26 +158,31 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     inputs = job_inputs(job)
     n, ny, nx = inputs.shape
     size, step = job.tiles.size, job.tiles.step or job.tiles.size
-    y0, x0 = tile_origins(ny, size, step), tile_origins(nx, size, step)
-    centres = (y0 + (size - 1) / 2, x0 + (size - 1) / 2)
-    fields = [km.field(label) for label in km.ds["image"].values]
+    centres = (np.asarray(km.ds["y"].values, dtype=np.float64), np.asarray(km.ds["x"].values, dtype=np.float64))
+    y0, x0 = (np.round(c - (size - 1) / 2).astype(np.int64) for c in centres)  # the kernel map's own tiles
+    labels = km.ds["image"].values
+    fields = [km.field(label) for label in labels]
     if out.exists():
         out.remove()
-    group = zarr.open_group(out.location, mode="w", zarr_format=3)
     noise = inputs.variances
     normalised = noise is not None and noise.given("target") and noise.given("source")
-    arrays = {name: group.create_array(name, shape=(n, ny, nx), chunks=(1, chunk, chunk), dtype="float32",
-                                       fill_value=np.nan, dimension_names=("image", "y", "x"),
-                                       attributes={"long_name": what})
-              for name, what in (*OUTPUTS.items(), *([NORMALISED] if normalised else []))}
-    group.attrs.update({"title": "kernelmap matched and difference images", "kernelmap_kernels": str(kernels),
-                        "kernelmap_input": job.input.path, "tile_size": size, "tile_step": step,
-                        "images": [str(label) for label in km.ds["image"].values]})
+    # the store's layout by xarray (dimension names, the image coordinate), its values written below
+    empty = da.full((n, ny, nx), np.nan, dtype=np.float32, chunks=(1, chunk, chunk))
+    skeleton = xr.Dataset(
+        {name: (("image", "y", "x"), empty, {"long_name": what})
+         for name, what in (*OUTPUTS.items(), *([NORMALISED] if normalised else []))},
+        coords={"image": ("image", labels.astype(object) if labels.dtype.kind in "US" else labels)},
+        attrs={"title": "kernelmap matched and difference images", "kernelmap_kernels": str(kernels),
+               "kernelmap_input": job.input.path, "tile_size": size, "tile_step": step})
+    skeleton.to_zarr(out.location, mode="w", compute=False, consolidated=False, zarr_format=3,
+                     encoding={name: {"chunks": (1, chunk, chunk)} for name in skeleton.data_vars})
+    group = zarr.open_group(out.location, mode="r+")
+    arrays = {name: group[name] for name in skeleton.data_vars}
     done, skipped = [], []
     with dask.config.set(scheduler=scheduler):
         writes = []
         for i, field in enumerate(fields):
-            label = km.ds["image"].values[i]
+            label = labels[i]
             if field is None:
                 skipped.append(label)
                 continue
@@ -225,7 +230,7 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
         log("apply: differences ...")
         dask.compute(stores)
     if fits is not None:
-        _write_fits(group, fits, [i for i in medians], km.ds["image"].values, inputs.wcs, log)
+        _write_fits(group, fits, list(medians), labels, inputs.wcs, log)
     log(f"apply: {len(done)} image(s) written to {output}" + (f"; {len(skipped)} without a model left NaN"
                                                               if skipped else ""))
     return ApplySummary(str(output), done, skipped)
