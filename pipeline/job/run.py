@@ -196,7 +196,7 @@ def ingested_input(job: JobConfig, log: Callable[[str], None] = print) -> bool:
     if path.exists():
         try:
             found = zarr.open_group(str(path), mode="r").attrs.get("kernelmap_ingest")
-        except Exception:  # not a Zarr group
+        except (OSError, ValueError, LookupError):  # not a Zarr group (Zarr's errors are ValueErrors)
             found = None
         if found != stamp:
             raise OptionError(f"ingest: input.path {path} exists but was not written from this ingest section: "
