@@ -183,6 +183,8 @@ def test_one_job_goes_from_fits_files_to_kernel_maps(tmp_path, capsys):
     np.testing.assert_array_equal(stack["MJD-OBS"].values, [60000.0, 60001.0])
     maps = xr.open_zarr(tmp_path / "kernels.zarr", consolidated=False)
     assert maps["model_degree"].values.min() >= 0 and "ra" in maps.coords
+    np.testing.assert_array_equal(maps["MJD-OBS"].values, [60000.0, 60001.0])  # carried on to the kernel map
+    assert maps["MJD-OBS"].dims == ("image",)
     # run again: the stack is there, from the same files
     assert main(["run", str(path), "--quiet", "--set", "output.mode=overwrite"]) == 0
     assert "written from these FITS files already" in capsys.readouterr().out

@@ -581,3 +581,25 @@ def test_image_coordinate_length_mismatch(tmp_path: Path, zarr_format: int) -> N
     message = r"the image coordinate 'image' .* has shape \(4,\) but the target holds 3 images"
     with pytest.raises(InputError, match=message):
         open_inputs(path)
+
+
+def test_the_stacks_other_coordinates_along_image_are_carried_to_the_kernel_map(tmp_path):
+    from pipeline.job.config import job_from_dict
+    from pipeline.job.run import run_job
+    from pipeline.sim.demo import demo_dataset
+
+    ds, _ = demo_dataset(n_images=2, size=256, bad_pixels=False)
+    ds = ds.assign_coords(
+        time=("image", np.array(["2026-01-01T00:00", "2026-01-02T12:00"], dtype="datetime64[ns]")),
+        band=("image", np.array(["g", "r"], dtype=object)),
+        airmass=("image", np.array([1.1, 1.3]), {"long_name": "airmass"}))
+    ds.to_zarr(tmp_path / "stack.zarr", consolidated=False)
+    inputs = open_inputs(tmp_path / "stack.zarr")
+    assert sorted(inputs.image_coords) == ["airmass", "band", "time"]
+    run_job(job_from_dict({"input": {"path": str(tmp_path / "stack.zarr")}, "tiles": {"size": 128},
+                           "kernel": {"size": 15}, "output": {"path": str(tmp_path / "kernels.zarr")},
+                           "compute": {"scheduler": "threads"}}), progress=False)
+    maps = xr.open_zarr(tmp_path / "kernels.zarr", consolidated=False)
+    np.testing.assert_array_equal(maps["time"].values, ds["time"].values)
+    assert list(maps["band"].values) == ["g", "r"] and maps["airmass"].attrs["long_name"] == "airmass"
+    np.testing.assert_array_equal(maps["airmass"].values, [1.1, 1.3])

@@ -102,6 +102,9 @@ class Inputs:
     #: the reference's WCS as FITS header text (the store's ``reference_wcs`` attribute, as ``kernelmap ingest``
     #: writes it); empty without one
     wcs: str = ""
+    #: other coordinates along the image axis in the store (1-D arrays along it, e.g. the header keys
+    #: ``kernelmap ingest`` keeps): ``{name: (values, attributes)}``, carried to the output
+    image_coords: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
 
     @cached_property
     def source(self) -> da.Array:
@@ -342,6 +345,9 @@ def open_inputs(
         chunks=chunks,
         identity=identity,
         wcs=str(grp.attrs.get("reference_wcs", "") or ""),
+        image_coords=_image_coordinates(grp, image_name, n, where,
+                                        exclude={name for name, _ in arrays.values()} | set(noise_names)
+                                        | {image_name}),
     )
 
 
@@ -484,6 +490,21 @@ def _image_labels(
     attrs = {k: _plain(v) for k, v in node.attrs.items() if k != "_ARRAY_DIMENSIONS"}
     labels, attrs = _decode_labels(raw, attrs, name, where)
     return labels, attrs, name
+
+
+def _image_coordinates(grp: zarr.Group, name: str, n: int, where: str, *, exclude: set[str]
+                       ) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """The group's other 1-D arrays along the image axis ``name`` (``n`` long), decoded like the labels."""
+    found = {}
+    for key, node in sorted(grp.arrays(), key=lambda item: item[0]):
+        if key in exclude or node.ndim != 1 or node.shape[0] != n or _dimension_names(node) != (name,):
+            continue
+        attrs = {k: _plain(v) for k, v in node.attrs.items() if k != "_ARRAY_DIMENSIONS"}
+        values, attrs = _decode_labels(np.asarray(node[...]), attrs, key, where)
+        encoding = {"scale_factor", "add_offset", "missing_value"} | ({"units", "calendar"}
+                                                                     if values.dtype.kind in "Mm" else set())
+        found[key] = (values, {k: v for k, v in attrs.items() if not k.startswith("_") and k not in encoding})
+    return found
 
 
 def _plain(value: Any) -> Any:

@@ -31,7 +31,7 @@ import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +119,8 @@ class StoreLayout:
     dtype: str  # float32 or float64
     model_degree: int = 3  # highest degree of the kernel-field model: its number of terms
     wcs: str = ""  # the input's reference WCS (FITS header text): the tile centres get ra and dec
+    #: the input's other coordinates along ``image``: ``{name: (values, attributes)}``
+    image_coords: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def n_images(self) -> int:
@@ -146,6 +148,10 @@ def _coordinates(layout: StoreLayout, attrs: dict[str, Any]) -> xr.Dataset:
                  {"long_name": "term of the kernel-field model: Legendre polynomials P_i, P_j of "
                                "u = (x - model_centre_x) / model_scale_x, v = (y - model_centre_y) / model_scale_y"}),
     }
+    for name, (values, attributes) in layout.image_coords.items():
+        if name not in coords:
+            coords[name] = ("image", values.astype(object) if values.dtype.kind in "US" else values,
+                            dict(attributes))
     if layout.wcs:
         ra, dec = tile_sky_positions(layout.wcs, grid.centres_y, grid.centres_x)
         coords["ra"] = (("y", "x"), ra, {"long_name": "right ascension of the tile centre", "units": "deg"})

@@ -304,5 +304,5 @@ def plan_job(job: JobConfig) -> Plan:
             grid = replace(grid, rule=opening.tile_grid)
     model_degree = job.model.degree if job.model.degree is not None else job.model.max_degree
     layout = StoreLayout(grid, np.asarray(inputs.images), dict(inputs.image_attrs), job.kernel.size,
-                         job.output.dtype, model_degree, inputs.wcs)
+                         job.output.dtype, model_degree, inputs.wcs, dict(inputs.image_coords))
     return Plan(job, inputs, grid, layout, opening)
