@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import KernelmapError
+from .errors import KernelmapError, OptionError
 
 __all__ = ["main"]
 
@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True, help="Zarr store for the images (refused if it exists)")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
     apply.add_argument("--chunk", type=int, default=1024, help="side of the chunks computed and stored")
+    apply.add_argument("--storage-options", metavar="JSON",
+                       help="fsspec options for the input store (a kernel map keeps none of their values), e.g. "
+                            "'{\"anon\": true}'; default: credentials from the environment")
     apply.add_argument("--fits", metavar="DIR", help="also write each difference image as DIR/<image>.diff.fits "
                                                      "(with the reference's WCS where the stack has one)")
     ingest = sub.add_parser(
@@ -167,8 +170,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .job.apply import apply_kernel_map
 
+    options = None
+    if args.storage_options:
+        try:
+            options = json.loads(args.storage_options)
+        except json.JSONDecodeError as exc:
+            raise OptionError(f"--storage-options is not JSON ({exc}): give a JSON object, e.g. "
+                              "'{\"anon\": true}'") from None
+        if not isinstance(options, dict):
+            raise OptionError("--storage-options must be a JSON object (key: value pairs)")
     summary = apply_kernel_map(args.store, args.out, mode="overwrite" if args.overwrite else "create",
-                               chunk=args.chunk, fits=args.fits)
+                               chunk=args.chunk, fits=args.fits, storage_options=options)
     print(f"images: {summary.path} (arrays matched, difference, background; {len(summary.images)} image(s))")
     return 0
 

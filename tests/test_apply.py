@@ -255,6 +255,12 @@ def test_kernelmap_apply_writes_the_images_and_refuses_to_overwrite(demo_pair, t
     assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out)]) == 2
     assert "already exists: nothing was changed" in capsys.readouterr().err
     assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out), "--overwrite"]) == 0
+    assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out), "--overwrite",
+                 "--storage-options", "{anon: true}"]) == 2
+    assert "--storage-options is not JSON" in capsys.readouterr().err
+    assert main(["apply", str(folder / "kernels.zarr"), "--out", str(out), "--overwrite",
+                 "--storage-options", "[1]"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
 
 
 def test_with_the_images_variances_apply_writes_the_noise_normalised_difference(tmp_path):
