@@ -68,18 +68,8 @@ def matched_image(source: np.ndarray, field: KernelField, *, origin: tuple[int, 
         ``(ny, nx)`` float64; NaN within the kernel's half-size of a bad pixel
         or of the array's edges.
     """
-    source = np.asarray(source, dtype=np.float64)
-    if source.ndim != 2:
-        raise ValueError(f"source must be 2-D, got shape {source.shape}")
     coefficients = np.asarray(field.coefficients, dtype=np.float64)
-    k = coefficients.shape[-1]
-    half = k // 2
-    bad = ~np.isfinite(source)
-    filled = np.where(bad, 0.0, source)
-    convolved = _convolved(filled, coefficients)
-    out = _combined(convolved, [(p,) for p in range(len(coefficients))], field, origin, rows)
-    out[_bad_reach(bad, half)] = np.nan
-    return out
+    return _field_sum(source, coefficients, [(p,) for p in range(len(coefficients))], field, origin, rows)
 
 
 def matched_variance(variance: np.ndarray, field: KernelField, *, origin: tuple[int, int] = (0, 0),
@@ -87,16 +77,23 @@ def matched_variance(variance: np.ndarray, field: KernelField, *, origin: tuple[
     """The variance the matched image (:func:`matched_image`) takes from independent source pixels of
     ``variance``: ``sum_(dy, dx) V(y - dy, x - dx) K_(y, x)(dy, dx)**2``, i.e. ``sum_(p, q) phi_p phi_q
     (V * (K_p K_q))`` (one FFT convolution a pair of terms).  NaN as in :func:`matched_image`."""
-    variance = np.asarray(variance, dtype=np.float64)
     coefficients = np.asarray(field.coefficients, dtype=np.float64)
     n = len(coefficients)
     pairs = [(p, q) for p in range(n) for q in range(p, n)]
     squares = np.stack([(1.0 if p == q else 2.0) * coefficients[p] * coefficients[q] for p, q in pairs])
-    bad = ~np.isfinite(variance)
-    filled = np.where(bad, 0.0, variance)
-    convolved = _convolved(filled, squares)
-    out = _combined(convolved, pairs, field, origin, rows)
-    out[_bad_reach(bad, coefficients.shape[-1] // 2)] = np.nan
+    return _field_sum(variance, squares, pairs, field, origin, rows)
+
+
+def _field_sum(image: np.ndarray, kernels: np.ndarray, terms: list[tuple[int, ...]], field: KernelField,
+               origin: tuple[int, int], rows: int) -> np.ndarray:
+    """``sum_i (prod_(p in terms[i]) phi_p) (image * kernels[i])``, NaN where a kernel's stamp reaches a bad
+    (NaN) pixel of ``image`` or past the array."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"the image must be 2-D, got shape {image.shape}")
+    bad = ~np.isfinite(image)
+    out = _combined(_convolved(np.where(bad, 0.0, image), kernels), terms, field, origin, rows)
+    out[_bad_reach(bad, kernels.shape[-1] // 2)] = np.nan
     return out
 
 

@@ -154,15 +154,15 @@ class PackedGrams:
             return unpack_gram(self.rows(np.array([key])), self.m)[0]
         return unpack_gram(self.rows(key), self.m)
 
-    def rows(self, key: slice | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``(R, m*(m+1)/2)`` the packed rows of the matrices ``key``, copied (into ``out`` where given,
-        e.g. a buffer used again and again) or a view where they are stored in turn in one chunk."""
+    def rows(self, key: slice | np.ndarray) -> np.ndarray:
+        """``(R, m*(m+1)/2)`` the packed rows of the matrices ``key`` as stored: a view where they lie in
+        turn in one chunk, else a copy."""
         stored = self.stored[key]
         chunk = np.searchsorted(self.starts, stored, side="right") - 1
-        if len(stored) and out is None and chunk[0] == chunk[-1] and np.all(np.diff(stored) == 1):
+        if len(stored) and chunk[0] == chunk[-1] and np.all(np.diff(stored) == 1):
             lo = stored[0] - self.starts[chunk[0]]
             return self.chunks[chunk[0]][lo : lo + len(stored)]
-        out = np.empty((len(stored), self.m * (self.m + 1) // 2)) if out is None else out[: len(stored)]
+        out = np.empty((len(stored), self.m * (self.m + 1) // 2), dtype=np.result_type(*self.chunks))
         for row, (c, at) in enumerate(zip(chunk, stored)):
             out[row] = self.chunks[c][at - self.starts[c]]
         return out

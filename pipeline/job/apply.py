@@ -15,6 +15,7 @@ medians, then the differences (both from the stored matched images).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,18 +51,13 @@ class ApplySummary:
     skipped: list[Any]  #: labels of the images without a model (left NaN)
 
 
-def _matched_block(source: np.ndarray, *, field: KernelField, starts: tuple[np.ndarray, np.ndarray], half: int,
-                   block_id: tuple[int, int] | None = None) -> np.ndarray:
-    """:func:`matched_image` of one overlapped chunk (``half`` pixels of its neighbours on every side)."""
+def _overlapped_block(values: np.ndarray, *, apply: Callable[..., np.ndarray], field: KernelField,
+                     starts: tuple[np.ndarray, np.ndarray], half: int,
+                     block_id: tuple[int, int] | None = None) -> np.ndarray:
+    """``apply`` (:func:`matched_image` or :func:`matched_variance`) to one overlapped chunk (``half``
+    pixels of its neighbours on every side), the field at the chunk's place in the image."""
     by, bx = block_id if block_id is not None else (0, 0)
-    return matched_image(source, field, origin=(int(starts[0][by]) - half, int(starts[1][bx]) - half))
-
-
-def _matched_variance_block(variance: np.ndarray, *, field: KernelField, starts: tuple[np.ndarray, np.ndarray],
-                            half: int, block_id: tuple[int, int] | None = None) -> np.ndarray:
-    """:func:`matched_variance` of one overlapped chunk."""
-    by, bx = block_id if block_id is not None else (0, 0)
-    return matched_variance(variance, field, origin=(int(starts[0][by]) - half, int(starts[1][bx]) - half))
+    return apply(values, field, origin=(int(starts[0][by]) - half, int(starts[1][bx]) - half))
 
 
 def _variance_block(pixels: np.ndarray, *, variances, role: str, image: int,
@@ -188,8 +184,8 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                 continue
             half = field.coefficients.shape[-1] // 2
             source, starts = _source(inputs, i, chunk)
-            matched = source.map_overlap(_matched_block, depth=half, boundary=np.nan, dtype=np.float64,
-                                         field=field, starts=starts, half=half)
+            matched = source.map_overlap(_overlapped_block, depth=half, boundary=np.nan, dtype=np.float64,
+                                         apply=matched_image, field=field, starts=starts, half=half)
             writes.append(da.store(matched.astype(np.float32)[None], arrays["matched"],
                                    regions=(slice(i, i + 1), slice(None), slice(None)), compute=False,
                                    lock=False))
@@ -218,8 +214,9 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                 half = fields[i].coefficients.shape[-1] // 2
                 source_variance = source.map_blocks(_variance_block, dtype=np.float64, variances=noise,
                                                     role="source", image=i)
-                spread = source_variance.map_overlap(_matched_variance_block, depth=half, boundary=np.nan,
-                                                     dtype=np.float64, field=fields[i], starts=starts, half=half)
+                spread = source_variance.map_overlap(_overlapped_block, depth=half, boundary=np.nan,
+                                                     dtype=np.float64, apply=matched_variance, field=fields[i],
+                                                     starts=starts, half=half)
                 target_variance = target.map_blocks(_variance_block, dtype=np.float64, variances=noise,
                                                     role="target", image=i)
                 outputs.append(("normalised", difference / da.sqrt(target_variance + spread)))
