@@ -135,6 +135,8 @@ def test_the_difference_of_an_exact_pair_is_zero_and_shows_what_changed_at_its_f
 
 def test_the_difference_refuses_images_of_other_shapes():
     rng = np.random.default_rng(8)
+    with pytest.raises(ValueError, match=r"must be 2-D, got shape \(2, 10, 10\)"):
+        matched_image(np.zeros((2, 10, 10)), _field(0, 3, rng, (10, 10)))
     with pytest.raises(ValueError, match="differ in shape"):
         difference_image(np.zeros((10, 10)), np.zeros((10, 11)), _field(0, 3, rng, (10, 10)), tile_size=8)
 
