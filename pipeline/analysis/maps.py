@@ -61,14 +61,15 @@ def _require(ds: xr.Dataset, names: tuple[str, ...], where: str | None) -> None:
                      "output.path of a kernelmap run")
 
 
-def read_kernel_map(path: str | os.PathLike[str], *, lazy: tuple[str, ...] = ()) -> xr.Dataset:
+def read_kernel_map(path: str | os.PathLike[str], *, lazy: tuple[str, ...] = (),
+                    storage_options: dict[str, Any] | None = None) -> xr.Dataset:
     """A kernel-map store's Dataset, loaded; an :class:`~pipeline.errors.InputError` naming the
     problem when ``path`` is not a Zarr store or not a kernel map.
 
     Variables named in ``lazy`` (e.g. ``("kernel",)``, the bulk of a large stack) stay lazy: read
-    only what of them is indexed.
+    only what of them is indexed.  ``storage_options``: fsspec's, for a store at a URL.
     """
-    ds = _open_store(path)
+    ds = _open_store(path, **({"storage_options": storage_options} if storage_options else {}))
     _require(ds, MEASURED, os.fspath(path))
     if not lazy:
         return ds.load()

@@ -2,8 +2,14 @@
 
 PNG figures (matplotlib, non-interactive), a per-image table (``images.csv``;
 also ``images.parquet`` when pyarrow is installed), the outliers
-(``outliers.csv``) and an ``index.html`` showing them.  Every map of a stack
-shares one colour scale across its images.  Figures, by file name:
+(``outliers.csv``), a per-tile table over the stack (``tiles.csv``: each
+tile's centre, on the sky too where the kernel map has a reference WCS, and
+its medians over the images) and an ``index.html`` showing them, in a local
+folder or under an fsspec URL prefix (``s3://bucket/report``; the kernel map
+may be at a URL too).  Every map of a stack shares one colour scale across its
+images.  Maps are drawn in input pixel coordinates; where the kernel map has
+a reference WCS (and astropy is installed) on astropy's WCSAxes, with RA/Dec
+axes and N/E arrows (:mod:`pipeline.analysis.sky`).  Figures, by file name:
 
 - per image, for ``max_images`` images (:func:`panel_images`: the outliers,
   most deviant first, then the first images):
@@ -42,8 +48,9 @@ import xarray as xr
 
 from .. import flags as fl
 from ..core.moments import adaptive_moments
-from ..errors import InputError
-from .maps import model_kernels_at, read_kernel_map
+from ..errors import InputError, OptionError
+from .maps import map_extent, model_kernels_at, read_kernel_map
+from .sky import PIXELS, Sky, draw_compass, label_axes, sky_of
 from .survey import (
     COLUMNS,
     TREND_QUANTITIES,
@@ -87,11 +94,25 @@ def _pyplot():
     return plt
 
 
-def _panels(plt, n: int, title: str, size: float = 3.2):
+def _grid(plt, rows: int, cols: int, figsize: tuple[float, float], sky: Sky, spatial=lambda r, c: True):
+    """A figure of ``rows x cols`` axes, ``(rows, cols)`` array; those where ``spatial(r, c)`` are maps in input
+    pixels, WCSAxes (RA/Dec) where ``sky`` has a WCS."""
+    fig = plt.figure(figsize=figsize, constrained_layout=True)
+    axes = np.empty((rows, cols), dtype=object)
+    for r in range(rows):
+        for c in range(cols):
+            projection = sky.wcs if sky.on and spatial(r, c) else None
+            axes[r, c] = fig.add_subplot(rows, cols, r * cols + c + 1, projection=projection)
+    return fig, axes
+
+
+def _panels(plt, n: int, title: str, size: float = 3.2, sky: Sky = PIXELS, maps: int | None = None):
+    """``n`` panels, four to a row; the first ``maps`` (default: all) are maps."""
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.2, size * rows + 0.8), squeeze=False,
-                             constrained_layout=True)
+    maps = n if maps is None else maps
+    fig, axes = _grid(plt, rows, cols, (size * cols + 1.2, size * rows + 0.8), sky,
+                      spatial=lambda r, c: r * cols + c < maps)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     fig.suptitle(title)
@@ -113,21 +134,21 @@ def _edges(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return _cell_edges(y, size), _cell_edges(x, size)
 
 
-def _cells(ax, ds: xr.Dataset, values: np.ndarray, **style):
+def _cells(ax, ds: xr.Dataset, values: np.ndarray, sky: Sky = PIXELS, fontsize: float | None = None, **style):
     """A map of per-tile values, each drawn over its tile's cell, y downwards as in an image."""
     ye, xe = _edges(ds)
     im = ax.pcolormesh(xe, ye, values, shading="flat", **style)
-    _frame(ax, ds)
+    _frame(ax, ds, sky, fontsize)
     return im
 
 
-def _frame(ax, ds: xr.Dataset) -> None:
+def _frame(ax, ds: xr.Dataset, sky: Sky = PIXELS, fontsize: float | None = None) -> None:
+    """A map's limits (the tiles' cells, y downwards), aspect and axes: RA/Dec and a compass on WCSAxes."""
     ye, xe = _edges(ds)
     ax.set_xlim(xe[0], xe[-1])
     ax.set_ylim(ye[-1], ye[0])
     ax.set_aspect("equal")
-    ax.set_xlabel("x (pixel)")
-    ax.set_ylabel("y (pixel)")
+    label_axes(ax, sky, fontsize=fontsize)
 
 
 def _label(ds: xr.Dataset, i: int) -> str:
@@ -135,7 +156,7 @@ def _label(ds: xr.Dataset, i: int) -> str:
 
 
 def _map_figure(plt, ds: xr.Dataset, name: str, images: list[int], title: str, cmap: str = "viridis",
-                symmetric: bool = False):
+                symmetric: bool = False, sky: Sky = PIXELS):
     values = np.asarray(ds[name].values[images], dtype=np.float64)
     finite = values[np.isfinite(values)]
     lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
@@ -145,16 +166,16 @@ def _map_figure(plt, ds: xr.Dataset, name: str, images: list[int], title: str, c
     if hi <= lo:
         hi = lo + 1e-12
     units = ds[name].attrs.get("units", "")
-    fig, axes = _panels(plt, len(images), title)
+    fig, axes = _panels(plt, len(images), title, sky=sky)
     for ax, i, v in zip(axes, images, values):
-        im = _cells(ax, ds, v, vmin=lo, vmax=hi, cmap=cmap)
+        im = _cells(ax, ds, v, sky, vmin=lo, vmax=hi, cmap=cmap)
         ax.set_title(_label(ds, i))
     fig.colorbar(im, ax=list(axes), label=f"{name} ({units})" if units else name, shrink=0.8)
     return fig
 
 
-def _whisker_figure(plt, ds: xr.Dataset, images: list[int]):
-    fig, axes = _panels(plt, len(images), FIGURES["ellipticity"])
+def _whisker_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS):
+    fig, axes = _panels(plt, len(images), FIGURES["ellipticity"], sky=sky)
     yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
     # the tiles' step (the last tiles, set against the image edge, may lie closer)
     spacing = float(ds.attrs.get("tile_step", 0)) or (
@@ -168,19 +189,19 @@ def _whisker_figure(plt, ds: xr.Dataset, images: list[int]):
         u, v = e * np.cos(angle) * scale, e * np.sin(angle) * scale
         ax.quiver(xx, yy, u, v, angles="xy", scale_units="xy", scale=1, headwidth=0, headlength=0,
                   headaxislength=0, pivot="middle", color="k", width=0.006)
-        _frame(ax, ds)
+        _frame(ax, ds, sky)
         ax.set_title(_label(ds, i))
     fig.suptitle(f"{FIGURES['ellipticity']}; a stick one tile wide is |e| = {spacing / scale:.3g}")
     return fig
 
 
-def _flag_figure(plt, ds: xr.Dataset, images: list[int]):
+def _flag_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS):
     flags = np.asarray(ds["quality_flag"].values[images]).astype(np.int64)
-    fig, axes = _panels(plt, len(images) + 1, FIGURES["flags"])
+    fig, axes = _panels(plt, len(images) + 1, FIGURES["flags"], sky=sky, maps=len(images))
     n_bits = len(fl.FLAGS)
     for ax, i, f in zip(axes, images, flags):
         count = sum(((f & flag.mask) != 0).astype(int) for flag in fl.FLAGS)
-        im = _cells(ax, ds, count, vmin=0, vmax=n_bits, cmap="magma_r")
+        im = _cells(ax, ds, count, sky, vmin=0, vmax=n_bits, cmap="magma_r")
         unusable = (f & fl.BAD) != 0
         if unusable.any():
             yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
@@ -202,7 +223,7 @@ def _flag_figure(plt, ds: xr.Dataset, images: list[int]):
     return fig
 
 
-def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float):
+def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float, sky: Sky = PIXELS):
     kern = np.asarray(ds["kernel"][i].values, dtype=np.float64)
     ty, tx, k, _ = kern.shape
     gap = 1
@@ -218,6 +239,11 @@ def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float):
     ax.set_yticks([r * (k + gap) + k // 2 for r in range(ty)], [f"{v:.0f}" for v in ds["y"].values], fontsize=7)
     ax.set_xlabel("tile centre x (pixel)")
     ax.set_ylabel("tile centre y (pixel)")
+    if sky.on:  # the mosaic lies as the image does: a compass of the image's middle, stretched as the mosaic is
+        y0, y1, x0, x1 = map_extent(ds)
+        steps = [float(np.median(np.diff(ds[d].values))) if ds.sizes[d] > 1 else float(k + gap) for d in ("y", "x")]
+        draw_compass(ax, sky, at=((y0 + y1) / 2, (x0 + x1) / 2), stretch=tuple((k + gap) / s for s in steps))
+        ax.set_title(f"Kernels across the field, {_label(ds, i)} (N, E: the sky's directions)")
     fig.colorbar(im, ax=ax, label="kernel value", shrink=0.8)
     return fig
 
@@ -289,10 +315,10 @@ def _trend_figure(plt, result: Survey, coord: Coordinate):
     return fig
 
 
-def _pca_figure(plt, result: Survey, extent: list[float]):
+def _pca_figure(plt, result: Survey, extent: list[float], sky: Sky = PIXELS):
     pca = result.pca
     m = pca.n_components
-    fig, axes = plt.subplots(2, m + 1, figsize=(2.6 * (m + 1) + 0.6, 5.8), constrained_layout=True, squeeze=False)
+    fig, axes = _grid(plt, 2, m + 1, (2.6 * (m + 1) + 0.6, 5.8), sky, spatial=lambda r, c: r == 1 and c > 0)
     k = pca.mean.shape[-1]
     mean_kernel = pca.mean.reshape(-1, k, k).mean(axis=0)
     norm = {"kernel": "each kernel divided by its sum", "image": "each image's kernels divided by their mean sum",
@@ -312,7 +338,7 @@ def _pca_figure(plt, result: Survey, extent: list[float]):
                                    interpolation="nearest")
         axes[1, j + 1].set_title(f"PC{j + 1} spatial pattern ({100 * pca.separability[j]:.0f} % separable)",
                                  fontsize=8)
-        axes[1, j + 1].set_xlabel("x (pixel)", fontsize=8)
+        label_axes(axes[1, j + 1], sky, fontsize=8)
         fig.colorbar(im, ax=axes[1, j + 1], shrink=0.7)
     for ax in axes[0]:
         ax.set_xticks([])
@@ -384,10 +410,11 @@ def _limits(values: np.ndarray, symmetric: bool = False) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1e-12)
 
 
-def _model_map_figure(plt, ds: xr.Dataset, images: list[int], shapes: dict[str, np.ndarray], name: str):
+def _model_map_figure(plt, ds: xr.Dataset, images: list[int], shapes: dict[str, np.ndarray], name: str,
+                      sky: Sky = PIXELS):
     fine = shapes["fwhm"].shape[-1]
     title = FIGURES[f"model-{name}"]
-    fig, axes = _panels(plt, len(images), f"{title} ({fine}x{fine} positions across the tile centres)")
+    fig, axes = _panels(plt, len(images), f"{title} ({fine}x{fine} positions across the tile centres)", sky=sky)
     values = shapes[name]
     lo, hi = _limits(values)
     extent = _fine_extent(shapes["y"], shapes["x"])
@@ -406,14 +433,13 @@ def _model_map_figure(plt, ds: xr.Dataset, images: list[int], shapes: dict[str, 
                       pivot="middle", color="w", width=0.005)
         ax.plot(xx.ravel(), yy.ravel(), ".", color="k", ms=2)
         ax.set_title(_label(ds, i) + ("" if np.isfinite(v).any() else " (no model)"))
-        ax.set_xlabel("x (pixel)")
-        ax.set_ylabel("y (pixel)")
+        label_axes(ax, sky)
     units = "pixel" if name == "fwhm" else "1"
     fig.colorbar(im, ax=list(axes), label=f"model {name} ({units}); dots: tile centres", shrink=0.8)
     return fig
 
 
-def _residual_figure(plt, ds: xr.Dataset, images: list[int]):
+def _residual_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS):
     """Tile minus model: the kernels' relative L2 difference and the FWHM difference, per tile."""
     yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
     model = model_kernels_at(ds, yy, xx, images)
@@ -423,7 +449,7 @@ def _residual_figure(plt, ds: xr.Dataset, images: list[int]):
     rel = (np.asarray(ds["model_residual"].values[images], dtype=np.float64) if "model_residual" in ds
            else np.full(d_fwhm.shape, np.nan))
     cols = len(images)
-    fig, axes = plt.subplots(2, cols, figsize=(3.0 * cols + 1.4, 6.2), squeeze=False, constrained_layout=True)
+    fig, axes = _grid(plt, 2, cols, (3.0 * cols + 1.4, 6.2), sky)
     fig.suptitle(FIGURES["model-residual"])
     for row, (values, label, cmap, symmetric) in enumerate((
             (rel, "|tile - model| / |model|", "magma", False),
@@ -432,17 +458,16 @@ def _residual_figure(plt, ds: xr.Dataset, images: list[int]):
         if not symmetric:
             lo = 0.0
         for ax, i, v in zip(axes[row], images, values):
-            im = _cells(ax, ds, v, vmin=lo, vmax=hi, cmap=cmap)
+            im = _cells(ax, ds, v, sky, 8, vmin=lo, vmax=hi, cmap=cmap)
             ax.set_title(_label(ds, i) + ("" if np.isfinite(v).any() else " (no model)"), fontsize=9)
-            ax.set_xlabel("x (pixel)", fontsize=8)
         fig.colorbar(im, ax=list(axes[row]), label=label, shrink=0.8)
     return fig
 
 
-def _stack_figure(plt, ds: xr.Dataset, result: Survey):
+def _stack_figure(plt, ds: xr.Dataset, result: Survey, sky: Sky = PIXELS):
     """Maps aggregated over every image of the stack."""
     n = ds.sizes["image"]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 8.6), constrained_layout=True)
+    fig, axes = _grid(plt, 2, 2, (10, 8.6), sky)
     fig.suptitle(f"{FIGURES['stack']}: {n} images")
     grid_extent = _fine_extent(result.grid_y, result.grid_x)
     fwhm = result.model_fwhm - _quiet(np.nanmedian, result.model_fwhm.reshape(n, -1), axis=1)[:, None, None]
@@ -467,18 +492,19 @@ def _stack_figure(plt, ds: xr.Dataset, result: Survey):
     ax = axes[1, 0]
     if "model_residual" in ds:
         resid = _quiet(np.nanmedian, np.asarray(ds["model_residual"].values, dtype=np.float64), axis=0)
-        im = _cells(ax, ds, resid, cmap="magma", vmin=0)
+        im = _cells(ax, ds, resid, sky, 8, cmap="magma", vmin=0)
         fig.colorbar(im, ax=ax, label="|tile - model| / |model|", shrink=0.8)
     ax.set_title("tile minus model: median over images", fontsize=9)
     ax = axes[1, 1]
     flags = np.asarray(ds["quality_flag"].values).astype(np.int64)
     flagged = np.mean(flags != 0, axis=0)
-    im = _cells(ax, ds, 100 * flagged, cmap="magma_r", vmin=0, vmax=100)
+    im = _cells(ax, ds, 100 * flagged, sky, 8, cmap="magma_r", vmin=0, vmax=100)
     fig.colorbar(im, ax=ax, label="% of images", shrink=0.8)
     ax.set_title("tiles with any quality flag: % of images", fontsize=9)
-    for ax in axes.ravel():
-        ax.set_xlabel("x (pixel)", fontsize=8)
-        ax.set_ylabel("y (pixel)", fontsize=8)
+    for ax in axes[0]:
+        label_axes(ax, sky, fontsize=8)
+    if "model_residual" not in ds:
+        _frame(axes[1, 0], ds, sky, 8)
     return fig
 
 
@@ -494,46 +520,132 @@ def panel_images(outliers: pd.DataFrame, n_images: int, most: int) -> list[int]:
     return sorted(chosen)
 
 
-def figures(ds: xr.Dataset, *, max_images: int = 8, result: Survey | None = None, fine: int = 32) -> dict[str, Any]:
+def figures(ds: xr.Dataset, *, max_images: int = 8, result: Survey | None = None, fine: int = 32,
+            sky: Sky | None = None) -> dict[str, Any]:
     """Every figure by file stem (matplotlib Figures, not yet saved); ``result``: the stack's
     :func:`~pipeline.analysis.survey.survey` (computed when not given).  Per-image figures show
-    :func:`panel_images`."""
+    :func:`panel_images`.  ``sky``: the maps' sky (:func:`~pipeline.analysis.sky.sky_of` of ``ds`` when not
+    given): with a WCS every map is drawn on astropy's WCSAxes, RA/Dec on its axes and a compass; else
+    in pixels."""
     plt = _pyplot()
     result = survey(ds) if result is None else result
+    sky = sky_of(ds) if sky is None else sky
     images = panel_images(result.outliers, ds.sizes["image"], max_images)
     kern = np.asarray(ds["kernel"].isel(image=images).values, dtype=np.float64)
     finite = kern[np.isfinite(kern)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    out: dict[str, Any] = {f"kernels-{i}": _kernel_mosaic(plt, ds, i, lo, hi) for i in images}
-    out["fwhm"] = _map_figure(plt, ds, "fwhm", images, FIGURES["fwhm"])
-    out["ellipticity"] = _whisker_figure(plt, ds, images)
-    out["flux"] = _map_figure(plt, ds, "flux", images, FIGURES["flux"], cmap="cividis")
+    out: dict[str, Any] = {f"kernels-{i}": _kernel_mosaic(plt, ds, i, lo, hi, sky) for i in images}
+    out["fwhm"] = _map_figure(plt, ds, "fwhm", images, FIGURES["fwhm"], sky=sky)
+    out["ellipticity"] = _whisker_figure(plt, ds, images, sky)
+    out["flux"] = _map_figure(plt, ds, "flux", images, FIGURES["flux"], cmap="cividis", sky=sky)
     out["background"] = _map_figure(plt, ds, "background", images, FIGURES["background"], cmap="RdBu_r",
-                                    symmetric=True)
-    out["residual"] = _map_figure(plt, ds, "residual", images, FIGURES["residual"], cmap="magma")
-    out["flags"] = _flag_figure(plt, ds, images)
+                                    symmetric=True, sky=sky)
+    out["residual"] = _map_figure(plt, ds, "residual", images, FIGURES["residual"], cmap="magma", sky=sky)
+    out["flags"] = _flag_figure(plt, ds, images, sky)
     if has_model_variables(ds):
         shapes = _model_shapes(ds, images, fine)
-        out["model-fwhm"] = _model_map_figure(plt, ds, images, shapes, "fwhm")
-        out["model-ellipticity"] = _model_map_figure(plt, ds, images, shapes, "ellipticity")
-        out["model-residual"] = _residual_figure(plt, ds, images)
-    out["stack"] = _stack_figure(plt, ds, result)
+        out["model-fwhm"] = _model_map_figure(plt, ds, images, shapes, "fwhm", sky)
+        out["model-ellipticity"] = _model_map_figure(plt, ds, images, shapes, "ellipticity", sky)
+        out["model-residual"] = _residual_figure(plt, ds, images, sky)
+    out["stack"] = _stack_figure(plt, ds, result, sky)
     for coord in result.coordinates:
         out[coordinate_file_stem(coord)] = _trend_figure(plt, result, coord)
     if result.pca is not None:
-        out["pca"] = _pca_figure(plt, result, _fine_extent(result.grid_y, result.grid_x))
+        out["pca"] = _pca_figure(plt, result, _fine_extent(result.grid_y, result.grid_x), sky)
         out["pca-amplitudes"] = _amplitude_figure(plt, result)
     return out
 
 
-def write_tables(result: Survey, folder: Path) -> dict[str, Path]:
-    """``images.csv`` (and ``images.parquet`` where pyarrow is installed) and ``outliers.csv``."""
-    written = {"images.csv": folder / "images.csv", "outliers.csv": folder / "outliers.csv"}
-    result.table.to_csv(written["images.csv"], index=False)
-    result.outliers.to_csv(written["outliers.csv"], index=False)
+#: What each column of ``tiles.csv`` (:func:`tile_table`) holds.
+TILE_COLUMNS: dict[str, str] = {
+    "ty": "tile row (position along y)",
+    "tx": "tile column (position along x)",
+    "y": "tile centre row in input pixel coordinates",
+    "x": "tile centre column in input pixel coordinates",
+    "ra": "right ascension of the tile centre (deg; where the kernel map has a reference WCS)",
+    "dec": "declination of the tile centre (deg; where the kernel map has a reference WCS)",
+    "images": "images in the stack",
+    "fwhm_median": "median over the images of the tile's kernel FWHM (pixel)",
+    "ellipticity_median": "median over the images of the tile's kernel |e|",
+    "flux_median": "median over the images of the tile's flux scale",
+    "background_median": "median over the images of the tile's background offset",
+    "residual_median": "median over the images of the tile's fit residual / noise",
+    "snr_median": "median over the images of the tile's signal-to-noise",
+    "model_residual_median": "median over the images of |tile - model| / |model|",
+    "flagged_fraction": "fraction of the images in which the tile has any quality flag",
+    "unusable_fraction": "fraction of the images in which the tile has no kernel (no data, no signal)",
+}
+
+
+def tile_table(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per tile, raster order: its place (``ty``, ``tx``, centre ``y``, ``x`` and, where the kernel
+    map has them, ``ra``, ``dec``), the medians over the stack's images of its measurements and how often
+    it is flagged (:data:`TILE_COLUMNS`).  Reads no kernels."""
+    ny, nx = ds.sizes["y"], ds.sizes["x"]
+    ty, tx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    yy, xx = np.meshgrid(np.asarray(ds["y"].values, np.float64), np.asarray(ds["x"].values, np.float64),
+                         indexing="ij")
+    data: dict[str, Any] = {"ty": ty.ravel(), "tx": tx.ravel(), "y": yy.ravel(), "x": xx.ravel()}
+    for name in ("ra", "dec"):
+        if name in ds.coords and ds[name].dims == ("y", "x"):
+            data[name] = np.asarray(ds[name].values, np.float64).ravel()
+    data["images"] = np.full(ny * nx, ds.sizes["image"])
+    for name in ("fwhm", "ellipticity", "flux", "background", "residual", "snr", "model_residual"):
+        if name in ds and ds[name].dims == ("image", "y", "x"):
+            values = np.asarray(ds[name].values, np.float64).reshape(ds.sizes["image"], -1)
+            data[f"{name}_median"] = _quiet(np.nanmedian, values, axis=0)
+    flags = np.asarray(ds["quality_flag"].values).astype(np.int64).reshape(ds.sizes["image"], -1)
+    data["flagged_fraction"] = np.mean(flags != 0, axis=0)
+    data["unusable_fraction"] = np.mean((flags & fl.BAD) != 0, axis=0)
+    return pd.DataFrame(data)
+
+
+class _Folder:
+    """Where a report's files go: a local folder, or a prefix under an fsspec URL (``s3://bucket/report``)
+    opened with ``storage_options`` (default: credentials from the environment)."""
+
+    def __init__(self, out: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        import fsspec
+
+        self.out = os.fspath(out)
+        self.remote = "://" in self.out and not self.out.startswith("file://")
+        if self.remote:
+            self.fs, self.root = fsspec.core.url_to_fs(self.out, **(storage_options or {}))
+        else:
+            self.fs, self.root = fsspec.filesystem("file"), str(Path(fsspec.core.url_to_fs(self.out)[1]))
+
+    def make(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def path(self, name: str) -> Path | str:
+        """A file's path (local) or URL."""
+        return f"{self.out.rstrip('/')}/{name}" if self.remote else Path(self.root) / name
+
+    def open(self, name: str, mode: str = "wb"):
+        return self.fs.open(f"{self.root.rstrip('/')}/{name}", mode)
+
+    def write_text(self, name: str, text: str) -> None:
+        with self.open(name, "wb") as f:
+            f.write(text.encode("utf-8"))
+
+
+def write_tables(result: Survey, folder: str | os.PathLike[str] | _Folder, ds: xr.Dataset | None = None, *,
+                 storage_options: dict[str, Any] | None = None) -> dict[str, Path | str]:
+    """``images.csv`` (and ``images.parquet`` where pyarrow is installed) and ``outliers.csv`` in ``folder``
+    (a local folder or an fsspec URL, with ``storage_options``), and given the kernel map ``ds``, the
+    per-tile ``tiles.csv`` (:func:`tile_table`, with the tile centres' ``ra``, ``dec`` where it has
+    them; the images all lie on the reference's grid, so the per-image tables have no sky position)."""
+    where = folder if isinstance(folder, _Folder) else _Folder(folder, storage_options)
+    tables = {"images.csv": result.table, "outliers.csv": result.outliers}
+    if ds is not None:
+        tables["tiles.csv"] = tile_table(ds)
+    for name, frame in tables.items():
+        where.write_text(name, frame.to_csv(index=False))
+    written = {name: where.path(name) for name in tables}
     if importlib.util.find_spec("pyarrow") is not None:
-        written["images.parquet"] = folder / "images.parquet"
-        result.table.to_parquet(written["images.parquet"], index=False)
+        with where.open("images.parquet") as f:
+            result.table.to_parquet(f, index=False)
+        written["images.parquet"] = where.path("images.parquet")
     return written
 
 
@@ -561,13 +673,13 @@ def _page(title: str, body: str) -> str:
             f"</head><body>{body}</body></html>\n")
 
 
-def _write_pages(table: pd.DataFrame, folder: Path) -> list[str]:
+def _write_pages(table: pd.DataFrame, folder: _Folder) -> list[str]:
     """``images-<page>.html`` of :data:`PAGE_ROWS` rows each, linked to one another; their names."""
     names = [f"images-{p + 1:03d}.html" for p in range(-(-len(table) // PAGE_ROWS))]
     nav = " ".join(f'<a href="{name}">{p + 1}</a>' for p, name in enumerate(names))
     for p, name in enumerate(names):
         part = table.iloc[p * PAGE_ROWS: (p + 1) * PAGE_ROWS]
-        (folder / name).write_text(_page(
+        folder.write_text(name, _page(
             f"kernelmap images, page {p + 1}",
             f"<p><a href='index.html'>report</a> | pages: {nav} | all: <a href='images.csv'>images.csv</a></p>"
             f"<h1>Images {p * PAGE_ROWS + 1}-{p * PAGE_ROWS + len(part)} of {len(table)}</h1>{_html_table(part)}"))
@@ -576,31 +688,46 @@ def _write_pages(table: pd.DataFrame, folder: Path) -> list[str]:
 
 def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  *, max_images: int = 8, rows: int = 100,
-                 coordinates: str | os.PathLike[str] | pd.DataFrame | None = None) -> Path:
-    """Write the figures, tables and ``index.html`` of a kernel-map store; returns the index path.
+                 coordinates: str | os.PathLike[str] | pd.DataFrame | None = None,
+                 storage_options: dict[str, Any] | None = None) -> Path | str:
+    """Write the figures, tables and ``index.html`` of a kernel-map store; returns the index's path (a
+    local ``Path``, or its URL where ``out`` is one).
 
-    ``out`` defaults to ``STORE.report`` beside a local store (give it for a URL).  ``max_images``
+    ``store`` and ``out`` are local paths or fsspec URLs (``s3://bucket/kernels.zarr``); ``out`` defaults
+    to ``STORE.report`` beside a local store (give it for a URL).  ``storage_options``: the fsspec options
+    of every URL among ``store``, ``out`` and ``coordinates`` (default: none, credentials from the
+    environment); nothing of them is written.  ``max_images``
     images get per-image panels (:func:`panel_images`: the outliers first); the page shows ``rows``
     rows of the image table and every outlier up to ``rows`` (the rest in ``images.csv``,
     ``outliers.csv`` and the pages).  ``coordinates``: a
     table (CSV file or DataFrame) of per-image values with an ``image`` column of labels, added as
     coordinates along ``image`` to trend against (:func:`~pipeline.analysis.survey.with_coordinates`).
+    Maps of a kernel map with a reference WCS have RA/Dec axes and a compass (astropy; without it pixel
+    axes and a note on the page); ``tiles.csv`` gives each tile's place, on the sky too.
     """
     path = os.fspath(store)
     if out is None and "://" in path:
-        raise InputError(f"{path} is a URL: give --out, a local folder for the figures")
-    folder = Path(out) if out is not None else Path(path.rstrip("/") + ".report")
-    ds = read_kernel_map(path, lazy=("kernel",))  # the kernels of the panel images only are read
+        raise InputError(f"{path} is a URL: give --out, a folder or URL prefix for the report")
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise OptionError(f"storage_options must be a mapping of fsspec options, not {type(storage_options).__name__}")
+    folder = _Folder(out if out is not None else path.rstrip("/") + ".report", storage_options)
+    remote = "://" in path and not path.startswith("file://")
+    ds = read_kernel_map(path, lazy=("kernel",),  # the kernels of the panel images only are read
+                         storage_options=storage_options if remote else None)
     if coordinates is not None:
+        if isinstance(coordinates, (str, os.PathLike)) and "://" in os.fspath(coordinates):
+            coordinates = _read_csv_url(os.fspath(coordinates), storage_options)
         ds = with_coordinates(ds, coordinates)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.make()
     plt = _pyplot()
     result = survey(ds)
-    figs = figures(ds, max_images=max_images, result=result)
+    sky = sky_of(ds)
+    figs = figures(ds, max_images=max_images, result=result, sky=sky)
     for stem, fig in figs.items():
-        fig.savefig(folder / f"{stem}.png", dpi=100)
+        with folder.open(f"{stem}.png") as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
-    tables = write_tables(result, folder)
+    tables = write_tables(result, folder, ds)
     table, n = result.table, ds.sizes["image"]
     pages = _write_pages(table, folder) if n > rows else []
     status = ds.attrs.get("kernelmap_status", "unknown")
@@ -611,9 +738,13 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     shown_html = (f"per-image figures show {len(shown)} of {n} images"
                   + (f", the outliers among them ({html.escape(', '.join(labels[i] for i in flagged))})"
                      if flagged else "") + "; ")
-    links = ", ".join(f'<a href="{name}">{name}</a>' for name in tables)
+    links = ", ".join(f'<a href="{name}">{name}</a>' for name in tables if name != "tiles.csv")
     coords = ", ".join(f"{c.name} ({c.kind})" for c in result.coordinates)
     skipped = "".join(f"; not {html.escape(k)}: {html.escape(v)}" for k, v in result.skipped.items())
+    sky_html = ("maps in RA/Dec (the reference WCS; N, E arrows: the sky's directions)" if sky.on else
+                f"maps in input pixels ({html.escape(sky.note)})" if sky.note else "maps in input pixels")
+    sky_html += ("; each tile's place" + (", on the sky too," if "ra" in ds.coords else "") +
+                 " and its medians over the images in <a href='tiles.csv'>tiles.csv</a>")
     out_html = (f"<p>{len(outliers)} outlier finding(s) in {int(table['outlier'].sum())} image(s): more than "
                 f"{result.threshold:g} robust standard deviations from the trend of "
                 f"{', '.join(TREND_QUANTITIES)} against {html.escape(coords)} (see "
@@ -631,16 +762,24 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
                   if pages else f"<p>Also as {links}.</p>")
     sections = "".join(f'<h2>{html.escape(_title(stem))}</h2><img src="{stem}.png" alt="{html.escape(stem)}">'
                        for stem in figs)
-    (folder / "index.html").write_text(_page(
+    folder.write_text("index.html", _page(
         "kernelmap report",
         f"<h1>kernelmap report: {html.escape(str(path))}</h1>"
         f"<p>{n} image(s), {ds.sizes['y']}x{ds.sizes['x']} tiles of "
         f"{html.escape(str(ds.attrs.get('tile_size', '?')))} px, kernels {ds.sizes['ky']}x{ds.sizes['kx']}, "
         f"method {html.escape(str(ds.attrs.get('kernelmap_method', '?')))}, store {html.escape(status)}; "
-        f"{shown_html}trends against {html.escape(coords)}{skipped}.</p>"
+        f"{shown_html}trends against {html.escape(coords)}{skipped}; {sky_html}.</p>"
         f"<h2>Outliers</h2>{out_html}{model_html}"
         f"<h2>Images</h2>{table_note}{_html_table(table.head(rows))}{sections}"))
-    return folder / "index.html"
+    return folder.path("index.html")
+
+
+def _read_csv_url(url: str, storage_options: dict[str, Any] | None) -> pd.DataFrame:
+    """A CSV table at an fsspec URL."""
+    try:
+        return pd.read_csv(url, storage_options=storage_options)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {url} as a CSV table ({exc}): give a CSV file with an 'image' column") from exc
 
 
 def _title(stem: str) -> str:
