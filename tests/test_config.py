@@ -65,7 +65,7 @@ def test_minimal_job_dump_shows_every_default():
                    "penalty": "compact", "robust": True, "recentre": True, "bad_source": "fill",
                        "clip": 5.0},
         "model": {"method": "joint", "degree": None, "max_degree": 3, "clip": 4.0},
-        "output": {"path": "out.zarr", "mode": "create", "dtype": "float32"},
+        "output": {"path": "out.zarr", "mode": "create", "dtype": "float32", "images_per_shard": None},
         "compute": {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True,
                     "memory_limit": "auto", "dashboard_address": ":0", "block_tiles": None,
                     "batch": {"queue": None, "account": None, "walltime": None, "cores": None, "memory": None,

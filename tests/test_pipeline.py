@@ -176,9 +176,11 @@ def test_block_records_hold_the_diagnostics_and_rebuild_them_on_resume(tmp_path)
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    """SIGKILL a ``kernelmap run`` mid-way, resume it, compare with a run never interrupted."""
+    """SIGKILL a ``kernelmap run`` mid-way, resume it, compare with a run never interrupted (which shards its
+    arrays: the values do not depend on it)."""
     make_stack(tmp_path / "stack.zarr", n_images=3, size=256, chunk=64)
-    data = job_dict(tmp_path, compute={"scheduler": "threads", "n_workers": 1, "block_tiles": 1})
+    data = job_dict(tmp_path, compute={"scheduler": "threads", "n_workers": 1, "block_tiles": 1},
+                    output={"images_per_shard": 1})  # every block written by its task: kept when killed
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(data))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--quiet"],

@@ -16,6 +16,16 @@ from the records into the Dataset's variables, for groups of images at a time
 attribute ``kernelmap_status`` is ``"incomplete"`` until every block and every
 image's diagnostics are written, then ``"complete"``.
 
+Many small images would mean millions of small files, so where an image's
+arrays are small (:attr:`StoreLayout.images_per_shard` above 1: at least
+``IMAGES_PER_CHUNK`` images' kernels, records and model in ``SHARD_BYTES``)
+every array along ``image`` is a Zarr 3 sharded array: the same chunks, stored
+``images_per_shard`` images to a file.  A shard is rewritten whole, so only
+one process may write it: the blocks' tasks then write nothing, and the client
+writes each finished image's kernels and records with its diagnostics and
+model (records before the model, so an interrupted run resumes as before:
+blocks without a record are computed again).
+
 :class:`OutputStore` is a store at a path: it decides how a run opens it
 under ``output.mode`` (:meth:`OutputStore.opening`, reading only), creates it,
 writes blocks (from any process: it travels as its path and identifier),
@@ -90,6 +100,13 @@ DIAGNOSTICS: dict[str, tuple[str, dict[str, str]]] = {
 #: them for groups of finished images, so a group costs one chunk write per variable.
 IMAGES_PER_CHUNK = 16
 
+#: Bytes of an image-axis array's shard at most (the largest of the image's kernels, records and model
+#: coefficients, times the images per shard): images smaller than this over ``IMAGES_PER_CHUNK`` are sharded.
+SHARD_BYTES = 16 * 2**20
+
+#: Images per shard at most.
+MAX_IMAGES_PER_SHARD = 4096
+
 #: Per-image scalars of the kernel-field model: name -> (dtype, fill value, attributes).
 MODEL_VARIABLES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "model_degree": ("int8", -1, {"long_name": "total polynomial degree of the kernel-field model "
@@ -121,10 +138,38 @@ class StoreLayout:
     wcs: str = ""  # the input's reference WCS (FITS header text): the tile centres get ra and dec
     #: the input's other coordinates along ``image``: ``{name: (values, attributes)}``
     image_coords: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
+    #: images per shard asked (``output.images_per_shard``): ``None`` chooses by size, 1 is no shards
+    shard_images: int | None = None
 
     @property
     def n_images(self) -> int:
         return len(self.images)
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of the largest of one image's arrays along ``image``: its kernels, block records or model
+        coefficients."""
+        ty, tx = self.grid.shape
+        k2 = self.kernel_size**2
+        return max(ty * tx * k2 * np.dtype(self.dtype).itemsize, ty * tx * len(RECORD_FIELDS) * 8,
+                   len(polynomial_terms(self.model_degree)) * k2 * 8)
+
+    @property
+    def images_per_shard(self) -> int:
+        """Images stored to one file of every array along ``image``: :attr:`shard_images` where asked, else a
+        multiple of ``IMAGES_PER_CHUNK`` whose largest array takes at most ``SHARD_BYTES``, 1 (no shards)
+        where not even ``IMAGES_PER_CHUNK`` images fit; never more than the images (rounded up to whole
+        chunks), and 1 for a single image."""
+        n, per = self.n_images, min(self.n_images, IMAGES_PER_CHUNK)
+        if self.shard_images is not None:
+            fit = self.shard_images
+        else:
+            fit = SHARD_BYTES // self.image_bytes
+            fit = 1 if fit < per else min(fit, MAX_IMAGES_PER_SHARD)
+        if n < 2 or fit < 2:
+            return 1
+        fit = min(fit, -(-n // per) * per)
+        return max(per, fit // per * per)
 
 
 def _coordinates(layout: StoreLayout, attrs: dict[str, Any]) -> xr.Dataset:
@@ -172,12 +217,21 @@ def tile_sky_positions(wcs: str, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarr
 
 
 def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
-    """The data variables and the block records, empty (metadata only; fill values read back)."""
+    """The data variables and the block records, empty (metadata only; fill values read back); sharded
+    along ``image`` where :attr:`StoreLayout.images_per_shard` says."""
     grid, k, n = layout.grid, layout.kernel_size, layout.n_images
     ty, tx = grid.shape
     by, bx = grid.block_tiles
     per = min(n, IMAGES_PER_CHUNK)
-    group.create_array(
+    shard = layout.images_per_shard
+
+    def create_array(name: str, *, shape: tuple[int, ...], chunks: tuple[int, ...], into: zarr.Group = group,
+                     **kwargs: Any) -> None:
+        # a shard holds whole chunks: every image's all of them, ``shard`` images
+        shards = (shard, *(-(-d // c) * c for d, c in zip(shape[1:], chunks[1:]))) if shard > chunks[0] else None
+        into.create_array(name, shape=shape, chunks=chunks, shards=shards, **kwargs)
+
+    create_array(
         "kernel", shape=(n, ty, tx, k, k), chunks=(1, by, bx, k, k), dtype=layout.dtype,
         fill_value=np.nan, dimension_names=("image", "y", "x", "ky", "kx"),
         attributes={"long_name": "convolution kernel: target = kernel * source + background",
@@ -187,13 +241,13 @@ def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
     flag_attrs = {key: value for key, value in fl.cf_flag_attrs().items() if key != "flag_descriptions"}
     for name, (kind, var_attrs) in DIAGNOSTICS.items():
         extra = flag_attrs if name == "quality_flag" else {}
-        group.create_array(
+        create_array(
             name, shape=(n, ty, tx), chunks=(per, ty, tx), dtype=layout.dtype if kind == "float" else kind,
             fill_value=np.nan if kind == "float" else 0, dimension_names=("image", "y", "x"),
             attributes=_json_ready({**var_attrs, **extra}),
         )
     n_terms = len(polynomial_terms(layout.model_degree))
-    group.create_array(
+    create_array(
         "model_coefficient", shape=(n, n_terms, k, k), chunks=(per, n_terms, k, k), dtype="float64",
         fill_value=np.nan, dimension_names=("image", "term", "ky", "kx"),
         attributes={"long_name": "coefficients of the smooth kernel-field model: kernel(y, x) = "
@@ -201,17 +255,18 @@ def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
                                  "model_degree"},
     )
     for name, (dtype, fill, var_attrs) in MODEL_VARIABLES.items():
-        group.create_array(name, shape=(n,), chunks=(per,), dtype=dtype, fill_value=fill,
-                           dimension_names=("image",), attributes=var_attrs)
-    group.create_array(
+        create_array(name, shape=(n,), chunks=(per,), dtype=dtype, fill_value=fill, dimension_names=("image",),
+                     attributes=var_attrs)
+    create_array(
         "model_residual", shape=(n, ty, tx), chunks=(per, ty, tx), dtype=layout.dtype, fill_value=np.nan,
         dimension_names=("image", "y", "x"),
         attributes={"long_name": "L2 norm of (tile kernel - model kernel) over that of the model kernel, "
                                  "at the tile centre", "units": "1"},
     )
-    group.create_group(STATUS_GROUP).create_array(
-        RECORDS_ARRAY, shape=(n, ty, tx, len(RECORD_FIELDS)), chunks=(1, by, bx, len(RECORD_FIELDS)),
-        dtype="float64", fill_value=np.nan, dimension_names=("image", "y", "x", "field"),
+    create_array(
+        RECORDS_ARRAY, into=group.create_group(STATUS_GROUP), shape=(n, ty, tx, len(RECORD_FIELDS)),
+        chunks=(1, by, bx, len(RECORD_FIELDS)), dtype="float64", fill_value=np.nan,
+        dimension_names=("image", "y", "x", "field"),
         attributes={"long_name": "per-block completion records: the per-tile diagnostics of each "
                                  "written block, field 'written' = 1",
                     "fields": list(RECORD_FIELDS)},
@@ -259,6 +314,9 @@ class ImageResults:
     extra_flags: np.ndarray  #: ``(y, x)`` flags decided per image, OR-ed into ``quality_flag``
     field: KernelField | None  #: the model; ``None`` where none could be fitted
     residual: np.ndarray  #: ``(y, x)`` tile-versus-model residual
+    #: ``(y, x, ky, kx)``: the image's kernels, written with its records where given (a sharded store, whose
+    #: blocks' tasks write nothing); ``None`` where the blocks wrote both
+    kernels: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,13 +370,22 @@ _OPENED_MAX = 4
 class OutputStore:
     """The kernel-map store at ``path`` (a local path or an fsspec URL).
 
-    Only its path and identifier travel with it (tasks carry it to write their
-    blocks); ``id`` is the ``kernelmap_store_id`` given at creation, empty for a
-    store not yet created or opened (:meth:`create`, :meth:`open`).
+    Only its path, identifier and sharding travel with it (tasks carry it to
+    write their blocks); ``id`` is the ``kernelmap_store_id`` given at
+    creation, empty for a store not yet created or opened (:meth:`create`,
+    :meth:`open`); ``images_per_shard`` is its arrays' images to a shard (1:
+    not sharded).
     """
 
     path: str
     id: str = ""
+    images_per_shard: int = 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether its arrays along ``image`` are sharded: then only the client writes (blocks' kernels and
+        records with their images' diagnostics, :meth:`write_images`), never the blocks' tasks."""
+        return self.images_per_shard > 1
 
     @property
     def location(self) -> str:
@@ -396,8 +463,9 @@ class OutputStore:
                 f"({json_attr(old.get('kernelmap_input'))[:200]}); use output.mode=overwrite or another "
                 "output.path"
             ))
-        store = replace(self, id=str(old.get("kernelmap_store_id", "")))
-        records = store._records(zarr.open_group(store.location, mode="r"))
+        records = self._records(zarr.open_group(self.location, mode="r"))
+        store = replace(self, id=str(old.get("kernelmap_store_id", "")),
+                        images_per_shard=int(records.shards[0]) if records.shards else 1)
         return Opening("resume", store, block_tiles=store.block_tiles(), done=store.completed_blocks(),
                        tile_grid=store_tile_grid(old), tiles=(int(records.shape[1]), int(records.shape[2])))
 
@@ -414,7 +482,7 @@ class OutputStore:
         ds.to_zarr(location, mode="w-", consolidated=False, zarr_format=3)
         _create_variables(zarr.open_group(location, mode="r+"), layout)
         consolidate(location)
-        return replace(self, id=store_id)
+        return replace(self, id=store_id, images_per_shard=layout.images_per_shard)
 
     # ---- blocks
 
@@ -471,7 +539,10 @@ class OutputStore:
         return arrays
 
     def write_block(self, block: Block, kernels: np.ndarray, record: np.ndarray) -> None:
-        """Write one block's kernels ``(ny, nx, k, k)`` into its chunk, then its record (marks it done)."""
+        """Write one block's kernels ``(ny, nx, k, k)`` into its chunk, then its record (marks it done).
+
+        Only for a store that is not :attr:`sharded` where several processes write (a shard is rewritten
+        whole)."""
         arrays = self._block_arrays()
         region = (block.image, slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
         kern = arrays["kernel"]
@@ -506,7 +577,8 @@ class OutputStore:
     def write_images(self, results: list[ImageResults]) -> None:
         """Write the diagnostics and models of several images: one write per variable and run of
         consecutive images (``IMAGES_PER_CHUNK`` images share a chunk, so a group of finished images
-        costs about one chunk write per variable)."""
+        costs about one chunk write per variable).  Results with their kernels (all or none) have those
+        and their block records written first (a sharded store)."""
         if not results:
             return
         group = zarr.open_group(self.location, mode="r+")
@@ -516,6 +588,10 @@ class OutputStore:
             part = results[start:stop]
             where = slice(part[0].image, part[-1].image + 1)
             records = np.stack([r.records for r in part])
+            if part[0].kernels is not None:  # the blocks' kernels, then their records (which mark them done)
+                kern = group["kernel"]
+                kern[where] = np.stack([r.kernels for r in part]).astype(kern.dtype, copy=False)
+                self._records(group)[where] = records
             for i, name in enumerate(DIAGNOSTICS, start=1):
                 arr = group[name]
                 values = records[..., i]

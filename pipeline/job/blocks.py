@@ -4,7 +4,8 @@ A task reads its own pixels (and their variances, when the job names them)
 straight from the input store (no input graph moves data around), calls
 :func:`pipeline.estimate_kernels` on all the block's tiles at once, writes the
 kernels into the block's own chunk of the output store and then the block's
-record (its per-tile diagnostics, which mark it done).  What it returns is
+record (its per-tile diagnostics, which mark it done); in a sharded store the
+client writes both instead, with the image's diagnostics.  What it returns is
 what :class:`pipeline.job.finish.ImageFinisher` takes: with the joint model
 (``model.method: joint``) also the tiles' normal equations, which are not
 stored; a resumed run computes those of the stored blocks of images without a
@@ -41,7 +42,9 @@ class BlockResult:
     #: for the joint model (``model.method: joint``): the tiles' ``(packed gc, cc, yy, lam_terms)`` in raster
     #: order (:func:`~pipeline.core.joint.pack_statistics`)
     statistics: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
-    written: bool = True  #: ``False``: computed again for its statistics only (a resumed joint run)
+    #: ``False``: computed again for its statistics only (a resumed joint run); ``True``: computed for the store
+    #: (and written by the task unless the store is sharded)
+    written: bool = True
 
     @property
     def n_tiles(self) -> int:
@@ -81,7 +84,7 @@ class BlockTask:
         record = block_record({**res.as_dict(), "quality_flag": res.flags}, shape)
         kernels = res.kernels.reshape(*shape, kernel.size, kernel.size).astype(self.job.output.dtype)
         write = (block.image, block.by, block.bx) not in self.recompute
-        if write:
+        if write and not self.store.sharded:  # a sharded store's blocks are written by the client
             self.store.write_block(block, kernels, record)
         statistics = pack_statistics(res.statistics) if joint else None
         return BlockResult(block, record, kernels, int(np.count_nonzero(res.flags & fl.BAD)), statistics, write)

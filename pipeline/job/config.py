@@ -578,6 +578,19 @@ class OutputConfig(BaseModel):
     path: Name
     mode: Literal["create", "resume", "overwrite"] = "create"
     dtype: Literal["float32", "float64"] = "float32"
+    #: images to a file (Zarr shard) of every array along ``image``: null chooses by the images' size (shards
+    #: of up to 16 MiB where 16 images fit); 1: no shards (each block's task writes its own chunks, so an
+    #: interrupted run keeps every finished block); else a multiple of 16.  How the output is written, not
+    #: what it holds: not in the fingerprint, and a resumed store keeps its own.
+    images_per_shard: Annotated[Int, Field(ge=1)] | None = None
+
+    @field_validator("images_per_shard")
+    @classmethod
+    def _whole_chunks(cls, value: int | None) -> int | None:
+        if value is not None and value > 1 and value % 16:
+            raise _fail(f"{value} is not 1 or a multiple of 16 (the images of a chunk of the per-image "
+                        "variables): e.g. 256, or 1 for no shards, or null to choose by the images' size")
+        return value
 
 
 class AdaptConfig(BaseModel):

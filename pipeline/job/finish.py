@@ -119,7 +119,8 @@ def fit_image(fit: JointFit, *results: BlockResult) -> ImageFit:
 class ImageFinisher:
     """Gathers the block results of each image; once all its blocks are in, fits the image's
     kernel-field model.  Diagnostics and models are written in batches (:meth:`flush`): every
-    ``FLUSH_IMAGES`` images, ``FLUSH_SECONDS`` after the last write, and at the end.
+    ``FLUSH_IMAGES`` images (a shard's images where the store is sharded: then with their kernels and
+    records), ``FLUSH_SECONDS`` after the last write, and at the end.
 
     Parameters
     ----------
@@ -138,6 +139,9 @@ class ImageFinisher:
 
     def __init__(self, store: OutputStore, grid: TileGrid, n_images: int, model: ModelConfig):
         self.store, self.grid, self.model = store, grid, model
+        #: images written together: a shard's worth where the store is sharded (each write of part of a shard
+        #: rewrites it whole)
+        self.flush_images = max(self.FLUSH_IMAGES, store.images_per_shard)
         nby, nbx = grid.blocks_shape
         self.missing = np.full(n_images, nby * nbx)
         self.records: dict[int, np.ndarray] = {}
@@ -152,7 +156,8 @@ class ImageFinisher:
         #: caller gives to :meth:`fitted`) instead of being run here; see :meth:`take_submitted`
         self.offload: Callable[[JointFit], Any] | None = None
         self.submitted: list[Any] = []
-        self.unfitted: dict[int, np.ndarray] = {}  #: records of images whose model is being fitted elsewhere
+        #: records and kernels of images whose model is being fitted elsewhere
+        self.unfitted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def add(self, block: Block, record: np.ndarray, kernels: np.ndarray,
             statistics: tuple[np.ndarray, ...] | None = None) -> None:
@@ -188,36 +193,37 @@ class ImageFinisher:
         if self.model.method == "joint":
             if not usable.any():  # nothing to fit (and no statistics needed)
                 self.statistics.pop(image, None)
-                self._store(records, ImageFit(image, None, np.full(usable.shape, np.nan),
-                                              np.zeros(usable.shape, dtype=bool)))
+                self._store(records, kernels, ImageFit(image, None, np.full(usable.shape, np.nan),
+                                                       np.zeros(usable.shape, dtype=bool)))
                 return
             fit = self._joint_fit(image, kernels, usable, weights, field)
             if self.offload is not None:
-                self.unfitted[image] = records
+                self.unfitted[image] = records, kernels
                 self.submitted.append(self.offload(fit))
                 return
-            self._store(records, fit())
+            self._store(records, kernels, fit())
             return
         with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend with workers
             model, residual, rejected = fit_tiles(
                 self.grid.centres_y, self.grid.centres_x, kernels, usable, weights,
                 degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
             )
-        self._store(records, ImageFit(image, model, residual, rejected))
+        self._store(records, kernels, ImageFit(image, model, residual, rejected))
 
     def fitted(self, fit: ImageFit) -> None:
         """Take the model of an image whose fit was handed to :attr:`offload`."""
-        self._store(self.unfitted.pop(fit.image), fit)
+        self._store(*self.unfitted.pop(fit.image), fit)
 
     def take_submitted(self) -> list[Any]:
         """The futures handed out by :attr:`offload` since the last call."""
         submitted, self.submitted = self.submitted, []
         return submitted
 
-    def _store(self, records: np.ndarray, fit: ImageFit) -> None:
+    def _store(self, records: np.ndarray, kernels: np.ndarray, fit: ImageFit) -> None:
         extra = fl.model_outliers(fit.rejected)
-        self.pending.append(ImageResults(fit.image, records, extra, fit.model, fit.residual))
-        if len(self.pending) >= self.FLUSH_IMAGES or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
+        self.pending.append(ImageResults(fit.image, records, extra, fit.model, fit.residual,
+                                         kernels if self.store.sharded else None))
+        if len(self.pending) >= self.flush_images or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
             self.flush()
 
     def _joint_fit(self, image: int, kernels: np.ndarray, usable: np.ndarray, weights: np.ndarray,

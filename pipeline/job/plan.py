@@ -126,6 +126,21 @@ class Plan:
                 f"({per_tile / 2**20:.2f} MiB a tile, {ty * tx * per_tile / 2**20:.1f} MiB an image, kept where "
                 f"the blocks ran until the image's fit, which takes up to about {fit / 2**20:.0f} MiB more)")
 
+    def images_per_shard(self) -> int:
+        """Images to a shard of the output's arrays along ``image``: a resumed store's own, else the layout's."""
+        opening = self.opening
+        if opening.action == "resume" and opening.refusal is None:
+            return opening.store.images_per_shard
+        return self.layout.images_per_shard
+
+    def _describe_shards(self) -> str:
+        shard = self.images_per_shard()
+        if shard == 1:
+            return "no shards (each block's task writes its own chunks)"
+        n = self.layout.n_images
+        return (f"shards of {shard} images ({-(-n // shard)} file(s) an array; the client writes each finished "
+                "image's kernels and records)")
+
     def describe(self) -> str:
         """The dry-run text."""
         job, grid, inp = self.job, self.grid, self.inputs
@@ -150,7 +165,7 @@ class Plan:
             f"output     {job.output.path} (mode {job.output.mode}): kernel(image={n}, y={ty}, x={tx}, "
             f"ky={k}, kx={k}) {job.output.dtype}, chunks (1, {by}, {bx}, {k}, {k}); "
             f"{len(DIAGNOSTICS)} per-tile diagnostics and the kernel-field model, chunks of "
-            f"{min(n, IMAGES_PER_CHUNK)} images; block records in status/records",
+            f"{min(n, IMAGES_PER_CHUNK)} images; block records in status/records; {self._describe_shards()}",
         ]
         opening = self.opening
         if opening.refusal is not None:
@@ -304,5 +319,6 @@ def plan_job(job: JobConfig) -> Plan:
             grid = replace(grid, rule=opening.tile_grid)
     model_degree = job.model.degree if job.model.degree is not None else job.model.max_degree
     layout = StoreLayout(grid, np.asarray(inputs.images), dict(inputs.image_attrs), job.kernel.size,
-                         job.output.dtype, model_degree, inputs.wcs, dict(inputs.image_coords))
+                         job.output.dtype, model_degree, inputs.wcs, dict(inputs.image_coords),
+                         job.output.images_per_shard)
     return Plan(job, inputs, grid, layout, opening)
