@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="follow the job to its end; exit with its status")
     report = sub.add_parser("report", help="figures and an index.html of a kernel map")
     report.add_argument("store", help="kernel-map store written by kernelmap run")
-    report.add_argument("--out", help="folder for the figures (default: STORE.report)")
+    report.add_argument("--out", help="folder or fsspec URL prefix (s3://bucket/report) for the figures, tables and "
+                                      "index.html (default: STORE.report; give it for a STORE at a URL)")
     report.add_argument("--max-images", type=int, default=8,
                         help="images given panels: the outliers (most deviant first), then the first ones")
     report.add_argument("--rows", type=int, default=100,
@@ -58,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--coords", metavar="FILE.csv",
                         help="per-image values to trend against (time, airmass, filter...): a CSV table whose "
                              "'image' column holds the store's image labels")
+    report.add_argument("--storage-options", metavar="JSON",
+                        help="fsspec options for the URLs among STORE, --out and --coords, e.g. "
+                             "'{\"anon\": true}'; default: credentials from the environment (nothing of them "
+                             "is written)")
     compare = sub.add_parser("compare", help="per-tile differences B - A of two kernel maps")
     compare.add_argument("a", help="kernel map A")
     compare.add_argument("b", help="kernel map B")
@@ -141,11 +146,25 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return wait_for_job(submission, log=note) if args.wait else 0
 
 
+def _storage_options(text: str | None) -> dict | None:
+    """``--storage-options JSON`` as a mapping (``None`` where not given)."""
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OptionError(f"--storage-options is not JSON ({exc}): give a JSON object, e.g. "
+                          "'{\"anon\": true}'") from None
+    if not isinstance(options, dict):
+        raise OptionError("--storage-options must be a JSON object (key: value pairs)")
+    return options
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .analysis.report import write_report
 
     index = write_report(args.store, args.out, max_images=args.max_images, rows=args.rows,
-                         coordinates=args.coords)
+                         coordinates=args.coords, storage_options=_storage_options(args.storage_options))
     print(f"report: {index}")
     return 0
 
@@ -170,15 +189,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .job.apply import apply_kernel_map
 
-    options = None
-    if args.storage_options:
-        try:
-            options = json.loads(args.storage_options)
-        except json.JSONDecodeError as exc:
-            raise OptionError(f"--storage-options is not JSON ({exc}): give a JSON object, e.g. "
-                              "'{\"anon\": true}'") from None
-        if not isinstance(options, dict):
-            raise OptionError("--storage-options must be a JSON object (key: value pairs)")
+    options = _storage_options(args.storage_options)
     summary = apply_kernel_map(args.store, args.out, mode="overwrite" if args.overwrite else "create",
                                chunk=args.chunk, fits=args.fits, storage_options=options)
     print(f"images: {summary.path} (arrays matched, difference, background; {len(summary.images)} image(s))")

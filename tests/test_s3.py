@@ -100,3 +100,51 @@ def test_a_kernel_map_on_s3_resumes_as_on_disk_and_keeps_no_credentials(s3):
     xr.testing.assert_identical(_values("s3://stacks/resumed.zarr"), reference)
     assert zarr.open_group("s3://stacks/resumed.zarr", mode="r").attrs["kernelmap_status"] == "complete"
     assert np.all(reference["model_degree"].values >= 0)
+
+
+def _files(fs, root: str) -> dict[str, bytes]:
+    """Every file under ``root`` of ``fs`` by its path relative to ``root``."""
+    root = root.rstrip("/")
+    return {path[len(root) + 1:]: fs.cat_file(path) for path in fs.find(root)}
+
+
+def test_a_report_from_s3_to_s3_equals_the_report_from_disk_to_disk(s3, tmp_path, capsys):
+    """A kernel map on the sky (a reference WCS), its report written from and to the object store through
+    --storage-options: the same files, byte for byte, as on disk; no credentials in them."""
+    import json
+
+    from astropy.io import fits
+    from conftest import job_dict
+    from fsspec.implementations.local import LocalFileSystem
+    from stacks import make_stack
+
+    from pipeline.cli import main
+
+    fs, endpoint = s3
+    make_stack(tmp_path / "stack.zarr", n_images=3, noise=0.5)
+    header = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 150.0, "CRVAL2": 2.0,
+                          "CRPIX1": 96.5, "CRPIX2": 96.5, "CDELT1": -5e-5, "CDELT2": 5e-5})
+    zarr.open_group(str(tmp_path / "stack.zarr"), mode="r+").attrs["reference_wcs"] = header.tostring(sep="\n")
+    run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    fs.put(str(tmp_path / "kernels.zarr"), "stacks/report-kernels.zarr", recursive=True)
+    options = json.dumps({"key": "testing", "secret": SECRET, "client_kwargs": {"endpoint_url": endpoint}})
+    assert main(["report", "s3://stacks/report-kernels.zarr", "--out", "s3://stacks/reports/one",
+                 "--storage-options", options, "--max-images", "2", "--rows", "2"]) == 0
+    assert "report: s3://stacks/reports/one/index.html" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "kernels.zarr"), "--out", str(tmp_path / "report"),
+                 "--max-images", "2", "--rows", "2"]) == 0
+    on_s3, on_disk = _files(fs, "stacks/reports/one"), _files(LocalFileSystem(), str(tmp_path / "report"))
+    assert set(on_s3) == set(on_disk) and {"images.csv", "outliers.csv", "tiles.csv", "fwhm.png", "index.html",
+                                           "images-001.html"} <= set(on_s3)
+    for name in on_disk:
+        if name == "index.html":  # it names the store it was made from
+            assert on_s3[name].replace(b"s3://stacks/report-kernels.zarr", str(tmp_path / "kernels.zarr").encode()) \
+                == on_disk[name]
+        else:
+            assert on_s3[name] == on_disk[name], name
+    assert b"ra,dec" in on_s3["tiles.csv"] and b"maps in RA/Dec" in on_s3["index.html"]
+    for content in on_s3.values():
+        assert SECRET.encode() not in content and endpoint.encode() not in content
+    assert main(["report", "s3://stacks/report-kernels.zarr", "--out", "s3://stacks/reports/two",
+                 "--storage-options", "[1]"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err and not fs.exists("stacks/reports/two")
