@@ -84,20 +84,45 @@ def _parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser(
         "ingest", help="FITS files to an input stack (Zarr) for kernelmap run",
         description="Read a reference and target FITS images (plain or tile-compressed) and write the input "
-                    "stack kernelmap run reads: source, target, an optional mask, header keys as coordinates. "
-                    "Targets must be on the reference's pixel grid. Exit status: 0 done; 2 refused (nothing "
-                    "written).")
+                    "stack kernelmap run reads: source, target, an optional mask, variances from weight or "
+                    "variance planes, header keys as coordinates. Targets must be on the reference's pixel grid, "
+                    "or are resampled onto it with --reproject. Every file's headers are checked before anything "
+                    "is written; the images are then written in parallel. Running the same ingest again finishes "
+                    "an interrupted one. Exit status: 0 done; 2 refused (nothing written).")
     ingest.add_argument("reference", help="the reference (source) FITS file")
     ingest.add_argument("targets", nargs="+", help="target FITS files or glob patterns (quoted)")
-    ingest.add_argument("--out", required=True, help="Zarr store for the stack (refused if it exists)")
+    ingest.add_argument("--out", required=True,
+                        help="Zarr store for the stack (refused if it exists, unless it is this same ingest's: "
+                             "then it is finished)")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
     ingest.add_argument("--hdu", default="0", help="the image HDU: an index or a name (default 0)")
-    ingest.add_argument("--mask-hdu", help="the targets' mask HDU (index or name); nonzero = bad")
+    ingest.add_argument("--mask-hdu", help="the targets' mask HDU (index or name; of --mask-file where given); "
+                                           "nonzero = bad")
+    ingest.add_argument("--mask-file", metavar="TEMPLATE",
+                        help="the targets' masks in other files, from each target's path: {dir}, {name}, {stem} "
+                             "(e.g. '{dir}/{stem}.mask.fits')")
     ingest.add_argument("--mask-bits", type=int, help="the mask bits that mark a bad pixel (default: any)")
+    ingest.add_argument("--weight-hdu", help="the HDU of weights, inverse variances (0 = no data), in each image's "
+                                             "file or --weight-file")
+    ingest.add_argument("--weight-file", metavar="TEMPLATE",
+                        help="weights in other files, from each image's path (e.g. '{dir}/{stem}.weight.fits')")
+    ingest.add_argument("--variance-hdu", help="the HDU of variances (NaN or inf = no data), in each image's file "
+                                               "or --variance-file")
+    ingest.add_argument("--variance-file", metavar="TEMPLATE", help="variances in other files, from each image's "
+                                                                    "path")
+    ingest.add_argument("--no-reference-noise", action="store_true",
+                        help="the reference has no weights or variances (only the targets')")
     ingest.add_argument("--keys", default="", help="header keys to keep as coordinates, comma-separated "
                                                    "(e.g. MJD-OBS,FILTER,AIRMASS)")
     ingest.add_argument("--tolerance", type=float, default=0.01,
                         help="how far (pixels) a target's grid may lie from the reference's")
+    ingest.add_argument("--reproject", action="store_true",
+                        help="resample targets off the reference's grid onto it (bicubic; masks grown, variances "
+                             "interpolated) instead of refusing them")
+    ingest.add_argument("--chunk", type=int, default=1024, help="side of the stack's chunks (default 1024)")
+    ingest.add_argument("--workers", type=int, default=4, help="images read and written at once (threads; "
+                                                               "default 4)")
+    ingest.add_argument("--quiet", action="store_true", help="no progress output")
     demo = sub.add_parser("demo", help="write the built-in demo stack, run the demo job, summarise")
     demo.add_argument("--dir", default="demo-output", help="folder for the demo stack and result")
     demo.add_argument("--images", type=int, default=3, help="epochs in the demo stack")
@@ -113,11 +138,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     if args.dry_run:
-        if job.ingest is not None and not Path(job.input.path).exists():
-            print(f"ingest     {job.input.path}: to be written from {job.ingest.reference} and "
-                  f"{len(job.ingest.targets)} target file pattern(s) first; the rest of the plan reads that "
-                  "stack (kernelmap ingest writes it alone)")
-            return 0
+        if job.ingest is not None:
+            from .job.ingest import job_ingest_plan
+
+            ingest = job_ingest_plan(job)  # every file's headers checked
+            if not ingest.complete:
+                print(f"{ingest.describe()}: to be written from {job.ingest.reference} and "
+                      f"{len(job.ingest.targets)} target file pattern(s) first; the rest of the plan reads that "
+                      "stack (kernelmap ingest writes it alone)")
+                return 0
         print(plan_job(job).describe())
         return 0
     summary = run_job(job, progress=not args.quiet, performance_report=args.performance_report)
@@ -197,14 +226,21 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from .io.fits import ingest_fits
+    from .job.ingest import ingest_fits
 
     def hdu(value: str | None) -> int | str | None:
         return int(value) if value is not None and value.lstrip("-").isdigit() else value
 
-    ingest_fits(args.reference, args.targets, args.out, hdu=hdu(args.hdu), mask_hdu=hdu(args.mask_hdu),
-                mask_bits=args.mask_bits, keys=[k.strip() for k in args.keys.split(",") if k.strip()],
-                tolerance=args.tolerance, mode="overwrite" if args.overwrite else "create")
+    if args.workers < 1:
+        raise OptionError(f"--workers {args.workers}: give at least 1")
+    options = {"mask_hdu": hdu(args.mask_hdu), "mask_file": args.mask_file, "mask_bits": args.mask_bits,
+               "weight_hdu": hdu(args.weight_hdu), "weight_file": args.weight_file,
+               "variance_hdu": hdu(args.variance_hdu), "variance_file": args.variance_file}
+    ingest_fits(args.reference, args.targets, args.out, hdu=hdu(args.hdu),
+                keys=[k.strip() for k in args.keys.split(",") if k.strip()], tolerance=args.tolerance,
+                reproject=args.reproject, reference_noise=not args.no_reference_noise, chunk=args.chunk,
+                mode="overwrite" if args.overwrite else "create", workers=args.workers, progress=not args.quiet,
+                **{key: value for key, value in options.items() if value is not None})
     return 0
 
 

@@ -1,21 +1,26 @@
-"""FITS files to an input stack: ``kernelmap ingest``.
+"""FITS files read for ``kernelmap ingest``: image, mask, weight and variance planes, headers and WCS.
 
-One reference (the source) and many targets, each an image HDU (by index or
-name) of a FITS file, plain or tile-compressed (``.fz``), are written to a
-Zarr store that ``kernelmap run`` reads: ``source (y, x)``, ``target (image,
-y, x)`` float32 (big-endian and ``BSCALE``/``BZERO``-scaled integers become
-native floats), an optional ``mask (image, y, x)`` from each target's mask HDU
-(the bits that count configurable; nonzero = bad), the header keys asked for
-as coordinates along ``image`` and the reference's WCS as an attribute.
-Targets must lie on the reference's pixel grid: their WCS maps the corners
-and the centre of the image within ``tolerance`` pixels of the same pixels of
-the reference, else the ingest stops before writing anything and says how far
-apart they are.
+An image is a 2-D HDU (by index or name) of a FITS file, plain or
+tile-compressed (``.fz``); big-endian and ``BSCALE``/``BZERO``-scaled integers
+become native float32.  Beside it, from HDUs of the same file or of other
+files (:class:`Plane`), an optional mask (bit planes: the bits that count are
+a setting; nonzero = bad) and optional per-pixel weights (inverse variances;
+0 = no data) or variances (NaN or inf = no data), both turned into float32
+variances, a weight of 0 an infinite variance (:func:`noise_variances`).
+
+Everything about a file that can be known from its headers (that the HDUs
+exist and hold 2-D images of one shape, the WCS, header keys) is read by
+:func:`inspect_plane` without its pixels, so that a whole ingest is checked
+before anything is written; :func:`read_image` then reads one image's pixels
+and checks their values (no negative weight or variance).
+
+The ingest itself (the stack, its tasks, resuming) is :mod:`pipeline.job.ingest`.
 """
 
 from __future__ import annotations
 
 import glob
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, OptionError
+from ..errors import InputError
 
-__all__ = ["FitsImage", "ingest_fits", "read_fits_image"]
+__all__ = ["FITS_SUFFIXES", "FitsImage", "ImagePixels", "ImageSpec", "Plane", "expand_files", "file_stem",
+           "grid_offset", "inspect_plane", "noise_variances", "plane_file", "read_fits_image", "read_image",
+           "wcs_text"]
+
+#: Suffixes of FITS file names, stripped for ``{stem}`` (longest first).
+FITS_SUFFIXES = (".fits.fz", ".fits.gz", ".fit.fz", ".fit.gz", ".fits", ".fit", ".fts", ".fz")
 
 
 @dataclass(frozen=True)
@@ -39,45 +49,60 @@ class FitsImage:
     mask: np.ndarray | None = None
 
 
-def _hdu(hdus, which: int | str, path: str, what: str):
-    try:
-        hdu = hdus[which]
-    except (KeyError, IndexError):
-        names = [f"{i}: {h.name or '(no name)'}" for i, h in enumerate(hdus)]
-        raise InputError(f"{path} has no {what} HDU {which!r} (it has {', '.join(names)}): set the HDU by index "
-                         "or name") from None
-    if hdu.data is None or np.ndim(hdu.data) != 2:
-        raise InputError(f"{path}: HDU {which!r} holds no 2-D image (shape {np.shape(hdu.data)}): choose the HDU of "
-                         "the image")
-    return hdu
+@dataclass(frozen=True)
+class Plane:
+    """Where one 2-D plane of an image is: a FITS file and its HDU (index or name).
+
+    HDU 0 of a file whose primary HDU holds no data (a tile-compressed or
+    extension-only file) is its first extension.  ``what`` names the plane in
+    messages: ``image``, ``mask``, ``weight`` or ``variance``.
+    """
+
+    path: str
+    hdu: int | str = 0
+    what: str = "image"
 
 
-def read_fits_image(path: str | Path, *, hdu: int | str = 0, mask_hdu: int | str | None = None) -> FitsImage:
-    """The image of ``hdu`` of a FITS file (``.fz`` tile-compressed ones too: their first image HDU where
-    ``hdu`` is 0) as native float32 (scaled integers applied), with its header and the mask HDU's values."""
-    from astropy.io import fits
+@dataclass(frozen=True)
+class ImageSpec:
+    """The planes of one image: its pixels, and optionally its mask and its weights or variances."""
 
-    path = str(path)
-    try:
-        hdus = fits.open(path, memmap=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} cannot be read as FITS: {exc}") from None
-    with hdus:
-        which = hdu
-        if hdu == 0 and hdus[0].data is None and len(hdus) > 1:  # a compressed or extension-only file
-            which = 1
-        image = _hdu(hdus, which, path, "image")
-        data = np.asarray(image.data, dtype=np.float32)  # native byte order, BSCALE/BZERO applied
-        mask = None
-        if mask_hdu is not None:
-            mask = np.asarray(_hdu(hdus, mask_hdu, path, "mask").data)
-            if mask.shape != data.shape:
-                raise InputError(f"{path}: the mask HDU {mask_hdu!r} is {mask.shape}, the image {data.shape}")
-            mask = mask.astype(np.int64)
-        return FitsImage(path, data, image.header.copy(), mask)
+    image: Plane
+    mask: Plane | None = None
+    noise: Plane | None = None  #: its ``what`` says whether it holds weights or variances
 
 
-def _expanded(patterns: Sequence[str]) -> list[str]:
+@dataclass(frozen=True)
+class ImagePixels:
+    """One image's planes read: float32 pixels, the mask's bad pixels, float32 variances."""
+
+    data: np.ndarray
+    bad: np.ndarray | None = None  #: bool, True where the mask's counted bits are set; ``None`` without a mask
+    variance: np.ndarray | None = None  #: NaN or inf = no data; ``None`` without weights or variances
+
+
+def file_stem(path: str | os.PathLike[str]) -> str:
+    """The file name without its FITS suffixes: ``epoch-1.fits.fz`` -> ``epoch-1``."""
+    name = Path(path).name
+    for suffix in FITS_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def plane_file(template: str, image_path: str | os.PathLike[str]) -> str:
+    """The file of a plane from a template of the image file's path: ``{dir}`` (its folder, ``.`` for
+    none), ``{name}`` (its file name) and ``{stem}`` (:func:`file_stem`).
+
+    >>> plane_file("{dir}/{stem}.weight.fits", "data/epoch-1.fits.fz")
+    'data/epoch-1.weight.fits'
+    """
+    path = Path(image_path)
+    return template.format(dir=str(path.parent), name=path.name, stem=file_stem(path))
+
+
+def expand_files(patterns: Sequence[str]) -> list[str]:
+    """The files of paths and glob patterns, in order (each pattern's matches sorted)."""
     files: list[str] = []
     for pattern in patterns:
         found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
@@ -87,102 +112,174 @@ def _expanded(patterns: Sequence[str]) -> list[str]:
     return files
 
 
+def _open(path: str):
+    from astropy.io import fits
+
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        return fits.open(path, memmap=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} cannot be read as FITS: {exc}") from None
+
+
+def _select(hdus, plane: Plane):
+    """The HDU of ``plane`` in the opened file, checked to hold a 2-D image (from its header alone)."""
+    which = plane.hdu
+    if which == 0 and hdus[0].header.get("NAXIS", 0) == 0 and len(hdus) > 1:  # compressed or extensions only
+        which = 1
+    try:
+        hdu = hdus[which]
+    except (KeyError, IndexError):
+        names = [f"{i}: {h.name or '(no name)'}" for i, h in enumerate(hdus)]
+        raise InputError(f"{plane.path} has no {plane.what} HDU {plane.hdu!r} (it has {', '.join(names)}): set "
+                         f"the {plane.what} HDU by index or name") from None
+    shape = tuple(getattr(hdu, "shape", None) or ()) if getattr(hdu, "is_image", False) else ()
+    if len(shape) != 2:
+        raise InputError(f"{plane.path}: HDU {which!r} holds no 2-D image (shape {shape}): choose the HDU of the "
+                         f"{plane.what}")
+    return hdu
+
+
+def inspect_plane(plane: Plane) -> tuple[tuple[int, int], Any]:
+    """``((ny, nx), header)`` of a plane, read from its header (no pixels)."""
+    with _open(plane.path) as hdus:
+        hdu = _select(hdus, plane)
+        ny, nx = hdu.shape
+        return (int(ny), int(nx)), hdu.header.copy()
+
+
+def _pixels(plane: Plane, dtype) -> tuple[np.ndarray, Any]:
+    with _open(plane.path) as hdus:
+        hdu = _select(hdus, plane)
+        try:
+            data = np.asarray(hdu.data, dtype=dtype)  # native byte order, BSCALE/BZERO applied
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(f"{plane.path}: the {plane.what} HDU {plane.hdu!r} cannot be read: {exc}") from None
+        return data, hdu.header
+
+
+def read_fits_image(path: str | Path, *, hdu: int | str = 0, mask_hdu: int | str | None = None) -> FitsImage:
+    """The image of ``hdu`` of a FITS file (``.fz`` tile-compressed ones too: their first image HDU where
+    ``hdu`` is 0) as native float32 (scaled integers applied), with its header and the mask HDU's values."""
+    path = str(path)
+    data, header = _pixels(Plane(path, hdu), np.float32)
+    mask = None
+    if mask_hdu is not None:
+        mask, _ = _pixels(Plane(path, mask_hdu, "mask"), np.int64)
+        if mask.shape != data.shape:
+            raise InputError(f"{path}: the mask HDU {mask_hdu!r} is {mask.shape}, the image {data.shape}")
+    return FitsImage(path, data, header.copy(), mask)
+
+
+def noise_variances(values: np.ndarray, kind: str, where: str = "") -> np.ndarray:
+    """Float32 variances from weights (inverse variances) or variances.
+
+    A weight of 0, NaN or inf becomes an infinite variance (no data: a bad
+    pixel); a NaN or infinite variance stays as it is (a bad pixel too).
+
+    Raises
+    ------
+    InputError
+        A weight or variance is negative (``where`` names the plane).
+    """
+    if kind not in ("weight", "variance"):
+        raise ValueError(f"kind={kind!r}: 'weight' or 'variance'")
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        negative = values < 0
+    if negative.any():
+        mark = "0" if kind == "weight" else "NaN or inf"
+        raise InputError(f"{where or 'the ' + kind + 's'}: {int(negative.sum())} negative {kind}(s) (e.g. "
+                         f"{float(values[negative].min()):g}): a {kind} is >= 0; set pixels without data to {mark} "
+                         f"in the file, or give the {'variance' if kind == 'weight' else 'weight'} plane if that is "
+                         "what it holds")
+    if kind == "variance":
+        return values.astype(np.float32)
+    good = np.isfinite(values) & (values > 0)
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.where(good, 1.0 / np.where(good, values, 1.0), np.inf).astype(np.float32)
+
+
+def read_image(spec: ImageSpec, *, mask_bits: int | None = None) -> ImagePixels:
+    """One image's pixels (native float32), its mask's bad pixels (the bits in ``mask_bits``; any where
+    ``None``) and its float32 variances (from weights or variances: :func:`noise_variances`).
+
+    Raises
+    ------
+    InputError
+        A plane is missing, not 2-D, not shaped like the image, or holds negative weights or variances.
+    """
+    data, _ = _pixels(spec.image, np.float32)
+    bad = variance = None
+    if spec.mask is not None:
+        mask, _ = _pixels(spec.mask, np.int64)
+        _same_shape(spec.mask, mask.shape, spec.image, data.shape)
+        bad = (mask & (-1 if mask_bits is None else int(mask_bits))) != 0
+    if spec.noise is not None:
+        values, _ = _pixels(spec.noise, np.float64)
+        _same_shape(spec.noise, values.shape, spec.image, data.shape)
+        variance = noise_variances(values, spec.noise.what,
+                                   f"{spec.noise.path}, {spec.noise.what} HDU {spec.noise.hdu!r}")
+    return ImagePixels(data, bad, variance)
+
+
+def _same_shape(plane: Plane, shape: tuple[int, ...], image: Plane, image_shape: tuple[int, ...]) -> None:
+    if tuple(shape) != tuple(image_shape):
+        raise InputError(f"{plane.path}: the {plane.what} HDU {plane.hdu!r} is {shape[0]}x{shape[1]} px, the "
+                         f"image {image.path} {image_shape[0]}x{image_shape[1]}: give the {plane.what} plane of "
+                         "this image")
+
+
+def check_plane_shape(plane: Plane, image: Plane, image_shape: tuple[int, int]) -> None:
+    """Refuse a plane whose header says it is not shaped like its image (read from the headers)."""
+    shape, _ = inspect_plane(plane)
+    _same_shape(plane, shape, image, image_shape)
+
+
 def grid_offset(reference_header: Any, header: Any, shape: tuple[int, int]) -> float:
     """The largest distance in pixels between where ``header``'s WCS and the reference's put the corners
     and the centre of an image of ``shape`` on the sky (0 where neither has a celestial WCS)."""
-    ref, other = _wcs(reference_header), _wcs(header)
-    if not ref.has_celestial and not other.has_celestial:
+    ref, other = celestial_wcs(reference_header), celestial_wcs(header)
+    if ref is None and other is None:
         return 0.0
-    if ref.has_celestial != other.has_celestial:
+    if ref is None or other is None:
         return float("inf")
     ny, nx = shape
     x = np.array([0, nx - 1, 0, nx - 1, (nx - 1) / 2])
     y = np.array([0, 0, ny - 1, ny - 1, (ny - 1) / 2])
-    sky = other.celestial.pixel_to_world(x, y)
-    rx, ry = ref.celestial.world_to_pixel(sky)
+    rx, ry = ref.world_to_pixel(other.pixel_to_world(x, y))
     return float(np.max(np.hypot(rx - x, ry - y)))
 
 
-def _wcs_text(header: Any) -> str:
-    """The header's WCS as FITS header text (empty without one)."""
-    wcs = _wcs(header)
-    return wcs.to_header().tostring(sep="\n") if wcs.has_celestial else ""
+def footprint_overlaps(reference_header: Any, reference_shape: tuple[int, int], header: Any,
+                       shape: tuple[int, int]) -> bool:
+    """Whether an image of ``shape`` with ``header``'s WCS covers any of the reference's pixels (its
+    outline's bounding box in the reference's pixels against the reference's)."""
+    ref, other = celestial_wcs(reference_header), celestial_wcs(header)
+    ny, nx = shape
+    t = np.linspace(0.0, 1.0, 9)
+    x = np.concatenate([t * (nx - 1), np.full(9, nx - 1.0), t * (nx - 1), np.zeros(9)])
+    y = np.concatenate([np.zeros(9), t * (ny - 1), np.full(9, ny - 1.0), t * (ny - 1)])
+    rx, ry = ref.world_to_pixel(other.pixel_to_world(x, y))
+    if not (np.isfinite(rx).all() and np.isfinite(ry).all()):
+        return True  # let the resampling say
+    ry_n, rx_n = reference_shape
+    return bool(rx.max() >= -0.5 and rx.min() <= rx_n - 0.5 and ry.max() >= -0.5 and ry.min() <= ry_n - 0.5)
 
 
-def _wcs(header: Any):
-    """The header's WCS (astropy's notes on the header's keywords silenced)."""
+def wcs_text(header: Any) -> str:
+    """The header's celestial WCS as FITS header text (empty without one)."""
+    wcs = celestial_wcs(header)
+    return "" if wcs is None else wcs.to_header().tostring(sep="\n")
+
+
+def celestial_wcs(header: Any):
+    """The header's celestial WCS (an ``astropy.wcs.WCS``; astropy's notes on the header's keywords
+    silenced), or ``None`` without one."""
     from astropy.wcs import WCS, FITSFixedWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(header)
-
-
-def ingest_fits(reference: str | Path, targets: Sequence[str | Path], output: str | Path, *, hdu: int | str = 0,
-                mask_hdu: int | str | None = None, mask_bits: int | None = None, keys: Sequence[str] = (),
-                tolerance: float = 0.01, chunk: int = 1024, mode: str = "create", attrs: dict[str, Any] | None = None,
-                log=print) -> str:
-    """Write the FITS ``reference`` and ``targets`` (paths or glob patterns) to a Zarr input stack at ``output``.
-
-    ``mask_bits``: the bits of the mask HDU that mark a bad pixel (default: any).  ``keys``: header keys
-    stored as coordinates along ``image`` (each target's; numbers as floats, others as text); ``attrs``:
-    more root attributes.  Nothing is written before every file has been read and checked;
-    ``mode="create"`` refuses an existing output.
-    """
-    import xarray as xr
-
-    if mode not in ("create", "overwrite"):
-        raise OptionError(f"mode={mode!r}: use 'create' or 'overwrite'")
-    out = Path(output)
-    if out.exists() and mode == "create":
-        raise OptionError(f"{out} already exists: nothing was changed; use --overwrite (mode='overwrite') to "
-                          "replace it, or another output path")
-    files = _expanded([str(t) for t in targets])
-    if not files:
-        raise InputError("no target files given")
-    ref = read_fits_image(reference, hdu=hdu)
-    images = []
-    for path in files:
-        image = read_fits_image(path, hdu=hdu, mask_hdu=mask_hdu)
-        if image.data.shape != ref.data.shape:
-            raise InputError(f"{path} is {image.data.shape[0]}x{image.data.shape[1]} px, the reference "
-                             f"{reference} {ref.data.shape[0]}x{ref.data.shape[1]}: the targets must be on the "
-                             "reference's pixel grid (resample them onto it first)")
-        offset = grid_offset(ref.header, image.header, image.data.shape)
-        if offset > tolerance:
-            raise InputError(f"{path} is not on the reference's pixel grid: its WCS puts the image's corners and "
-                             f"centre up to {offset:.3g} px from the reference's (tolerance {tolerance:g} px); "
-                             "resample it onto the reference grid first, or raise the tolerance")
-        images.append(image)
-    # text as variable-length strings (object arrays: what Zarr 3 specifies)
-    coords: dict[str, Any] = {"image": ("image", np.array([Path(p).name.split(".")[0] for p in files], dtype=object))}
-    for key in keys:
-        values = [im.header.get(key) for im in images]
-        missing = [im.path for im, v in zip(images, values) if v is None]
-        if missing:
-            raise InputError(f"header key {key!r} is missing in {missing[0]}"
-                             + (f" and {len(missing) - 1} other file(s)" if len(missing) > 1 else "")
-                             + ": give only keys every target has")
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        coords[key] = ("image", np.asarray(values, dtype=np.float64) if numeric
-                       else np.array([str(v) for v in values], dtype=object))
-    data = {"source": (("y", "x"), ref.data),
-            "target": (("image", "y", "x"), np.stack([im.data for im in images]))}
-    if mask_hdu is not None:
-        bits = -1 if mask_bits is None else int(mask_bits)
-        data["mask"] = (("image", "y", "x"), np.stack([(im.mask & bits) != 0 for im in images]).astype(np.uint8))
-    ds = xr.Dataset(data, coords=coords, attrs={
-        "title": "kernelmap input stack from FITS files", "reference": str(reference),
-        "reference_wcs": _wcs_text(ref.header), "targets": [str(p) for p in files], **(attrs or {})})
-    ny, nx = ref.data.shape
-    encoding = {"source": {"chunks": (min(chunk, ny), min(chunk, nx))},
-                "target": {"chunks": (1, min(chunk, ny), min(chunk, nx))}}
-    if "mask" in data:
-        encoding["mask"] = {"chunks": (1, min(chunk, ny), min(chunk, nx))}
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    ds.to_zarr(out, mode="w-", consolidated=False, zarr_format=3, encoding=encoding)
-    log(f"ingest: {len(images)} target(s) and the reference written to {out}")
-    return str(out)
+        wcs = WCS(header)
+    return wcs.celestial if wcs.has_celestial else None

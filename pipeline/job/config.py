@@ -12,8 +12,11 @@ A job file is YAML with these sections::
     output:  {path, mode, dtype}
     compute: {scheduler, n_workers, threads_per_worker, processes,
               memory_limit, dashboard_address, block_tiles}
-    ingest:  {reference, targets, hdu, mask_hdu, mask_bits, keys, tolerance}
-             (optional: FITS files written to input.path first)
+    ingest:  {reference, targets, hdu, mask_hdu, mask_file, mask_bits,
+              weight_hdu, weight_file, variance_hdu, variance_file,
+              reference_noise, keys, tolerance, reproject, chunk}
+             (optional: FITS files written to input.path first; the
+              input section then reads their mask and variances)
 
 Only ``input.path`` and ``output.path`` are required; :func:`dump_job` shows
 every default.  A ``kernel`` section without ``method`` is the default method,
@@ -548,9 +551,27 @@ class ModelConfig(BaseModel):
     clip: Annotated[Float, Field(gt=0)] | Annotated[Int, Field(gt=0)] = 4.0
 
 
+#: Placeholders of the ``*_file`` templates of the ingest section, from each image file's path.
+INGEST_FILE_FIELDS = ("dir", "name", "stem")
+#: Names of the arrays an ingested stack holds beside ``source`` and ``target``.
+INGEST_MASK = "mask"
+INGEST_VARIANCES = {"target": "target_variance", "source": "source_variance"}
+
+_Hdu = Annotated[Int, Field(ge=0)] | Name
+
+
 class IngestConfig(BaseModel):
     """FITS files to write the input stack from before the run (``kernelmap ingest``): the stack goes to
-    ``input.path`` (a local path), once; a later run finds it there and uses it."""
+    ``input.path`` (a local path), once; a later run finds it there and uses it, an interrupted one is
+    finished.
+
+    Each image's planes come from HDUs of its own file (``*_hdu``) or of another file (``*_file``: a
+    template of the image file's path with ``{dir}``, ``{name}`` and ``{stem}`` (the name without its FITS
+    suffixes), e.g. ``"{dir}/{stem}.weight.fits"``, the plane then in its ``*_hdu`` or first image HDU).
+    Weights are inverse variances (0: no data); the stack holds variances either way (``target_variance``,
+    ``source_variance``; a weight of 0 an infinite variance, a bad pixel), and the job's ``input`` reads
+    them, and the ``mask``, without being told.
+    """
 
     model_config = _STRICT
 
@@ -559,15 +580,121 @@ class IngestConfig(BaseModel):
     #: the target FITS files or glob patterns, in order
     targets: Annotated[list[Name], Field(min_length=1)]
     #: the image HDU: an index or a name
-    hdu: Annotated[Int, Field(ge=0)] | Name = 0
-    #: the targets' mask HDU (index or name); nonzero (in ``mask_bits``) = bad
-    mask_hdu: Annotated[Int, Field(ge=0)] | Name | None = None
+    hdu: _Hdu = 0
+    #: the targets' mask HDU (index or name; of ``mask_file`` where given); nonzero (in ``mask_bits``) = bad
+    mask_hdu: _Hdu | None = None
+    #: the targets' masks in other files: a template of the target's path (``{dir}/{stem}.mask.fits``)
+    mask_file: Name | None = None
     #: the bits of the mask that mark a bad pixel; null: any
     mask_bits: Annotated[Int, Field(ge=1)] | None = None
+    #: the HDU of per-pixel weights (inverse variances; 0 = no data), of the image's file or ``weight_file``
+    weight_hdu: _Hdu | None = None
+    #: weights in other files: a template of the image's path (``{dir}/{stem}.weight.fits``)
+    weight_file: Name | None = None
+    #: the HDU of per-pixel variances (NaN or inf = no data), of the image's file or ``variance_file``
+    variance_hdu: _Hdu | None = None
+    #: variances in other files: a template of the image's path
+    variance_file: Name | None = None
+    #: whether the reference has weights or variances too (false: the source's are not known)
+    reference_noise: Bool = True
     #: header keys kept as coordinates along ``image``
     keys: list[Name] = []
     #: how far (pixels) a target's grid may lie from the reference's
     tolerance: Annotated[Float, Field(gt=0)] | Annotated[Int, Field(gt=0)] = 0.01
+    #: targets off the reference's grid resampled onto it (``reproject``) instead of refused
+    reproject: Bool = False
+    #: side of the stack's stored chunks (one image per chunk along ``image``)
+    chunk: Annotated[Int, Field(ge=16)] = 1024
+
+    #: settings added after the first stacks were written: left out of :meth:`stamp` at their defaults, so
+    #: that a stack ingested before still matches its ingest section
+    _LATER: ClassVar[tuple[str, ...]] = ("mask_file", "weight_hdu", "weight_file", "variance_hdu", "variance_file",
+                                         "reference_noise", "reproject", "chunk")
+
+    @model_validator(mode="after")
+    def _planes(self) -> IngestConfig:
+        items = []
+        weights = self.weight_hdu is not None or self.weight_file is not None
+        variances = self.variance_hdu is not None or self.variance_file is not None
+        if weights and variances:
+            items.append(("variance_hdu" if self.variance_hdu is not None else "variance_file",
+                          "weights are given too: give the weights (inverse variances) or the variances, not both"))
+        for key in ("mask_file", "weight_file", "variance_file"):
+            template = getattr(self, key)
+            if template is not None and (problem := _template_problem(template)):
+                items.append((key, problem))
+        if self.mask_bits is not None and not self.has_mask:
+            items.append(("mask_bits", "no mask is read: give mask_hdu or mask_file too, or remove mask_bits"))
+        if items:
+            raise _problems(*items)
+        return self
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the targets' masks are read (the stack then holds ``mask``)."""
+        return self.mask_hdu is not None or self.mask_file is not None
+
+    @property
+    def noise_kind(self) -> str | None:
+        """``"weight"``, ``"variance"`` or ``None``: what the noise planes hold."""
+        if self.weight_hdu is not None or self.weight_file is not None:
+            return "weight"
+        if self.variance_hdu is not None or self.variance_file is not None:
+            return "variance"
+        return None
+
+    def variance_arrays(self) -> dict[str, str]:
+        """``{role: array}`` of the variances the stack holds (empty without weights or variances)."""
+        if self.noise_kind is None:
+            return {}
+        return {role: name for role, name in INGEST_VARIANCES.items() if role == "target" or self.reference_noise}
+
+    def stamp(self) -> str:
+        """The settings as canonical JSON: a stack records them (attribute ``kernelmap_ingest``), and is
+        finished or reused only by the same settings."""
+        settings = self.model_dump(mode="json")
+        for key in self._LATER:
+            if settings[key] == type(self).model_fields[key].default:
+                del settings[key]
+        return json.dumps(settings, sort_keys=True)
+
+    @classmethod
+    def from_options(cls, reference: Any, targets: Any, **options: Any) -> IngestConfig:
+        """The settings from keyword options (those of the job file's ``ingest`` section), checked.
+
+        Raises
+        ------
+        ConfigError
+            One line per problem, each starting ``ingest.<key>``.
+        """
+        data = {"reference": reference, "targets": targets, **options}
+        try:
+            return _IngestOnly.model_validate({"ingest": data}).ingest
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc)) from None
+
+
+def _template_problem(template: str) -> str | None:
+    """What is wrong with a ``*_file`` template (``None``: nothing)."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        return f"{_show(template)} is not a template ({exc}): use {{dir}}, {{name}} or {{stem}}, e.g. " \
+               "'{dir}/{stem}.weight.fits'"
+    unknown = [name for name in fields if name not in INGEST_FILE_FIELDS]
+    if unknown:
+        return f"{_show(template)} names {{{unknown[0]}}}: the placeholders are {{dir}}, {{name}} and {{stem}}"
+    return None
+
+
+class _IngestOnly(BaseModel):
+    """The ingest section alone, validated as in a job (its errors keyed ``ingest.<key>``)."""
+
+    model_config = _STRICT
+
+    ingest: IngestConfig
 
 
 class OutputConfig(BaseModel):
@@ -721,6 +848,8 @@ class JobConfig(BaseModel):
         if self.ingest is not None and "://" in self.input.path:
             items.append(("ingest", f"writes the input stack to input.path, a local path: "
                                     f"{self.input.path!r} is a URL (ingest first, then copy the stack)"))
+        if self.ingest is not None:
+            items += _ingested_arrays(self.input, self.ingest)
         if items:
             raise _problems(*items)
         return self
@@ -748,6 +877,42 @@ class JobConfig(BaseModel):
             del canonical["model"]["method"]
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _ingested_arrays(inputs: InputConfig, ingest: IngestConfig) -> list[tuple[str, str]]:
+    """The input section reads the arrays the ingest section writes: its mask and variances, set here where
+    the input section leaves them out; problems where it names others."""
+    items = []
+    for key, name in (("source", "source"), ("target", "target")):
+        if getattr(inputs, key) != name:
+            items.append((f"input.{key}", f"{getattr(inputs, key)!r}: the ingest section writes the {key} as "
+                                          f"{name!r}: remove input.{key}"))
+    if ingest.has_mask:
+        if inputs.mask is None:
+            inputs.mask = INGEST_MASK
+        elif inputs.mask != INGEST_MASK:
+            items.append(("input.mask", f"{inputs.mask!r}: the ingest section writes the targets' mask as "
+                                        f"{INGEST_MASK!r}: remove input.mask"))
+    arrays = ingest.variance_arrays()
+    if not arrays:
+        return items
+    ccd = inputs.ccd()
+    if inputs.weight is not None:
+        items.append(("input.weight", f"the ingest section writes variances ({', '.join(arrays.values())}), not "
+                                      "weights: remove input.weight (input.variance follows the ingest section)"))
+    elif inputs.variance is None:
+        for role in arrays:
+            if role in ccd:
+                key = "gain" if inputs.gain is not None and role in inputs.gain.settings() else "read_noise"
+                items.append((f"input.{key}.{role}", f"the ingest section writes the {role}'s variances "
+                              f"({arrays[role]}): remove input.{key}.{role}, or the ingest section's weights or "
+                              "variances"))
+        if not items:
+            inputs.variance = VarianceConfig(**arrays)
+    elif inputs.variance.arrays() != arrays:
+        items.append(("input.variance", f"{inputs.variance.arrays()}: the ingest section writes the variances "
+                                        f"{arrays}: remove input.variance"))
+    return items
 
 
 def _fill_empty_sections(data: Any) -> Any:

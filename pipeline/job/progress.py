@@ -10,17 +10,18 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """Counts computed tiles out of ``total``; draws a bar on a terminal (standard error), or logs
-    a line every ``interval`` seconds and at the end.  Silent unless ``enabled``."""
+    """Counts computed tiles (or other units, ``unit``) out of ``total``; draws a bar on a terminal (standard
+    error), or logs a line every ``interval`` seconds and at the end.  Silent unless ``enabled``."""
 
-    def __init__(self, total: int, log: Callable[[str], None], enabled: bool, interval: float = 10.0):
-        self.total, self.log, self.enabled, self.interval = total, log, enabled, interval
+    def __init__(self, total: int, log: Callable[[str], None], enabled: bool, interval: float = 10.0,
+                 unit: str = "tiles"):
+        self.total, self.log, self.enabled, self.interval, self.unit = total, log, enabled, interval, unit
         self.done = 0
         self.tty = enabled and sys.stderr.isatty()
         self.start = self.last = time.monotonic()
 
     def update(self, tiles: int) -> None:
-        """Count ``tiles`` more tiles done."""
+        """Count ``tiles`` more tiles (units) done."""
         self.done += tiles
         if not self.enabled:
             return
@@ -29,10 +30,10 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)
         if self.tty:
             bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} tiles {rate:6.1f}/s")
+            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} {self.unit} {rate:6.1f}/s")
             sys.stderr.flush()
             if self.done >= self.total:
                 sys.stderr.write("\n")
         elif now - self.last >= self.interval or self.done >= self.total:
             self.last = now
-            self.log(f"progress: {self.done}/{self.total} tiles ({100 * frac:.0f} %), {rate:.1f} tiles/s")
+            self.log(f"progress: {self.done}/{self.total} {self.unit} ({100 * frac:.0f} %), {rate:.1f} {self.unit}/s")

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +38,7 @@ from .blocks import BlockResult, BlockTask
 from .config import JobConfig, load_job
 from .executors import WORKER_ENV, connect, run_in_threads, run_on_client
 from .finish import ImageFinisher, ImageFit, JointFit, fit_image
+from .ingest import ingested_input
 from .plan import Plan, plan_job
 from .progress import Progress
 
@@ -175,38 +175,10 @@ def run_job(
     elif overrides:
         raise OptionError("overrides apply to job files; pass a JobConfig already overridden")
     started = time.monotonic()
-    if job.ingest is not None:
-        ingested_input(job, log)
-    return execute_plan(plan_job(job), client=client, progress=progress, performance_report=performance_report,
-                        log=log, started=started)
-
-
-def ingested_input(job: JobConfig, log: Callable[[str], None] = print) -> bool:
-    """Write the job's ``ingest`` FITS files to ``input.path`` unless a stack ingested from the same
-    settings is there (``True``: written now).  A stack made otherwise at ``input.path`` is refused."""
-    import json
-
-    import zarr
-
-    from ..io.fits import ingest_fits
-
-    settings = job.ingest.model_dump(mode="json")
-    stamp = json.dumps(settings, sort_keys=True)
-    path = Path(job.input.path)
-    if path.exists():
-        try:
-            found = zarr.open_group(str(path), mode="r").attrs.get("kernelmap_ingest")
-        except (OSError, ValueError, LookupError):  # not a Zarr group (Zarr's errors are ValueErrors)
-            found = None
-        if found != stamp:
-            raise OptionError(f"ingest: input.path {path} exists but was not written from this ingest section: "
-                              "nothing was changed; remove it, or point input.path elsewhere")
-        log(f"ingest: the stack at {path} was written from these FITS files already")
-        return False
-    ingest_fits(job.ingest.reference, job.ingest.targets, path, hdu=job.ingest.hdu, mask_hdu=job.ingest.mask_hdu,
-                mask_bits=job.ingest.mask_bits, keys=job.ingest.keys, tolerance=job.ingest.tolerance,
-                attrs={"kernelmap_ingest": stamp}, log=log)
-    return True
+    with ExitStack() as stack:  # a cluster started to ingest the FITS files runs the job too
+        client = ingested_input(job, log, client=client, stack=stack, progress=progress)
+        return execute_plan(plan_job(job), client=client, progress=progress,
+                            performance_report=performance_report, log=log, started=started)
 
 
 def _joint_resume(store: OutputStore, stored: list[Block], pending: list[Block]

@@ -1,0 +1,507 @@
+"""``kernelmap ingest``: FITS files to an input stack, as a job of one task per image.
+
+A plan (:func:`plan_ingest`) reads every file's headers and checks them
+before anything is written: the HDUs exist and hold 2-D images, each mask,
+weight or variance plane is shaped like its image, the targets lie on the
+reference's pixel grid (their WCS within ``tolerance`` pixels of the
+reference's) or, with ``reproject``, overlap it, and the header keys asked for
+are there.  Executing it (:meth:`IngestPlan.execute`) creates the stack's
+arrays (metadata only), then runs one task per image (:func:`write_image`:
+read, check the values, resample where needed, write the image's own
+chunks) in a pool of threads or on a Dask cluster, with progress shown.
+
+The stack (Zarr 3, local): ``source (y, x)``, ``target (image, y, x)``
+float32, ``mask (image, y, x)`` uint8 with a mask plane (nonzero = bad),
+``target_variance (image, y, x)`` and ``source_variance (y, x)`` float32 with
+weights or variances (inf or NaN: no data), the header keys as coordinates
+along ``image``, chunks of one image by ``chunk`` x ``chunk`` pixels.  Root
+attributes: the reference's WCS (``reference_wcs``), the files, the targets
+resampled, and the settings (``kernelmap_ingest``).
+
+Resuming: the group ``ingest`` of the stack records which images are written
+(``target_written (image,)``, ``source_written (1,)``, one chunk each), each
+set by its task after the image's pixels.  Running the same ingest again
+(same settings, same files) writes only the images not recorded, and the
+stack equals an uninterrupted ingest's; a complete one is left as it is.  A
+stack from other settings or files, or anything else at the output, is
+refused unless ``mode="overwrite"``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, OptionError
+from ..io.fits import (
+    ImageSpec,
+    Plane,
+    celestial_wcs,
+    check_plane_shape,
+    expand_files,
+    footprint_overlaps,
+    grid_offset,
+    inspect_plane,
+    plane_file,
+    read_image,
+    wcs_text,
+)
+from .config import INGEST_MASK, INGEST_VARIANCES, IngestConfig, JobConfig
+from .progress import Progress
+
+__all__ = ["IngestPlan", "IngestSummary", "ImageTask", "ingest_fits", "ingested_input", "job_ingest_plan",
+           "plan_ingest", "stack_state", "write_image"]
+
+#: The stack's group recording which images are written, and its arrays.
+RECORD = "ingest"
+WRITTEN = {"target": "target_written", "source": "source_written"}
+#: The root attribute holding the settings a stack was ingested from (:meth:`IngestConfig.stamp`).
+STAMP = "kernelmap_ingest"
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """Onto the reference's grid: the image's and the reference's celestial WCS, the reference's shape."""
+
+    wcs: Any
+    reference_wcs: Any
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to read and write into the stack at ``output``: the reference (``index`` ``None``) or
+    target ``index``."""
+
+    output: str
+    index: int | None
+    spec: ImageSpec
+    mask_bits: int | None = None
+    mask: bool = False  #: the stack holds ``mask``
+    variance: bool = False  #: the stack holds this image's variances
+    resample: Resampling | None = None
+
+    @property
+    def name(self) -> str:
+        return "reference" if self.index is None else f"target-{self.index}"
+
+
+@dataclass(frozen=True)
+class ImageWritten:
+    """What a task wrote: which image, and how many of its pixels are bad in the stack."""
+
+    index: int | None
+    bad: int
+
+
+def write_image(task: ImageTask) -> ImageWritten:
+    """Read one image's planes, check their values, resample it where asked, and write its chunks of the
+    stack; then record it written.
+
+    Raises
+    ------
+    InputError
+        A plane cannot be read or holds negative weights or variances (the image is not recorded).
+    """
+    import zarr
+
+    from ..io.resample import resample_onto
+
+    pixels = read_image(task.spec, mask_bits=task.mask_bits)
+    data, bad, variance = pixels.data, pixels.bad, pixels.variance
+    if task.resample is not None:
+        r = task.resample
+        data, bad, variance = resample_onto(data, bad, variance, r.wcs, r.reference_wcs, r.shape)
+    group = zarr.open_group(task.output, mode="r+")
+    if task.index is None:
+        group["source"][...] = data
+        if task.variance:
+            group[INGEST_VARIANCES["source"]][...] = variance
+        group[f"{RECORD}/{WRITTEN['source']}"][0] = 1
+    else:
+        i = task.index
+        group["target"][i] = data
+        if task.mask:
+            group[INGEST_MASK][i] = np.zeros(data.shape, np.uint8) if bad is None else bad.astype(np.uint8)
+        if task.variance:
+            group[INGEST_VARIANCES["target"]][i] = variance
+        group[f"{RECORD}/{WRITTEN['target']}"][i] = 1
+    n_bad = int(np.count_nonzero(~np.isfinite(data) | (False if bad is None else bad)))
+    return ImageWritten(task.index, n_bad)
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """What an ingest did."""
+
+    path: str
+    n_images: int  #: target images in the stack
+    written: int  #: target images written now
+    resampled: tuple[str, ...] = ()  #: target files resampled onto the reference's grid
+    seconds: float = 0.0
+    reference_written: bool = True
+
+    def describe(self) -> str:
+        if self.written == self.n_images and self.reference_written:
+            text = f"ingest: {self.n_images} target(s) and the reference written to {self.path}"
+        elif self.written == 0 and not self.reference_written:
+            text = f"ingest: the stack at {self.path} was written from these FITS files already"
+        else:
+            text = (f"ingest: finished {self.path}: {self.written} of {self.n_images} target(s)"
+                    + (" and the reference" if self.reference_written else "") + " written now, the others were "
+                    "already")
+        if self.resampled:
+            text += f"; {len(self.resampled)} target(s) resampled onto the reference's grid"
+        return text + (f" in {self.seconds:.1f} s" if self.seconds else "")
+
+
+def stack_state(path: str | os.PathLike[str], stamp: str) -> str:
+    """What is at ``path``: ``"absent"``, a stack ingested with settings ``stamp`` (``"complete"``, or
+    ``"partial"`` where some image is not recorded written), or ``"other"`` (anything else)."""
+    import zarr
+
+    if not os.path.lexists(path):
+        return "absent"
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except (OSError, ValueError, LookupError):  # not a Zarr group (Zarr's errors are ValueErrors)
+        return "other"
+    if group.attrs.get(STAMP) != stamp:
+        return "other"
+    try:
+        record = group[RECORD]
+    except KeyError:
+        return "complete"  # ingested in one go, before the record was kept
+    done = all(np.asarray(record[name][...]).all() for name in WRITTEN.values())
+    return "complete" if done else "partial"
+
+
+@dataclass
+class IngestPlan:
+    """What an ingest will do, every file's headers checked: :meth:`execute` does it."""
+
+    settings: IngestConfig
+    output: str
+    state: str  #: of the output before: ``absent``, ``complete``, ``partial`` or ``other``
+    mode: str
+    files: list[str]
+    tasks: list[ImageTask] = field(default_factory=list)  #: the reference's first
+    coords: dict[str, Any] = field(default_factory=dict)
+    shape: tuple[int, int] = (0, 0)
+    resampled: list[str] = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the output holds this ingest already (nothing to do)."""
+        return self.state == "complete" and self.mode == "create"
+
+    def describe(self) -> str:
+        """One line: what will be written where."""
+        if self.complete:
+            return f"ingest     {self.output}: written from these FITS files already"
+        what = "finish" if self.state == "partial" and self.mode == "create" else "write"
+        return (f"ingest     {self.output}: {what} the stack of {self.settings.reference} and {len(self.files)} "
+                f"target(s), {self.shape[0]}x{self.shape[1]} px"
+                + (f", {len(self.resampled)} resampled onto the reference's grid" if self.resampled else ""))
+
+    def execute(self, *, client: Any = None, workers: int = 1, progress: bool = False,
+                log: Callable[[str], None] = print) -> IngestSummary:
+        """Write the stack: create it (or replace it, ``mode="overwrite"``), then run the task of every image
+        not recorded written, on ``client`` (a ``distributed.Client``) or in ``workers`` threads."""
+        import zarr
+
+        started = time.monotonic()
+        n = len(self.files)
+        if self.complete:
+            summary = IngestSummary(self.output, n, 0, tuple(self.resampled), reference_written=False)
+            log(summary.describe())
+            return summary
+        if self.state == "absent" or self.mode == "overwrite":
+            self._create()
+            pending = list(self.tasks)
+        else:
+            record = zarr.open_group(self.output, mode="r")[RECORD]
+            targets = np.asarray(record[WRITTEN["target"]][...], bool)
+            source = bool(record[WRITTEN["source"]][0])
+            pending = [t for t in self.tasks if not (source if t.index is None else targets[t.index])]
+        _run(pending, client=client, workers=workers, progress=progress, log=log)
+        summary = IngestSummary(self.output, n, sum(t.index is not None for t in pending), tuple(self.resampled),
+                                time.monotonic() - started,
+                                reference_written=any(t.index is None for t in pending))
+        log(summary.describe())
+        return summary
+
+    def _create(self) -> None:
+        """The stack's arrays (metadata), coordinates and record; the settings' stamp last."""
+        import dask.array as da
+        import xarray as xr
+        import zarr
+
+        if os.path.lexists(self.output):
+            if os.path.isdir(self.output) and not os.path.islink(self.output):
+                shutil.rmtree(self.output)
+            else:
+                os.remove(self.output)
+        s, n, (ny, nx) = self.settings, len(self.files), self.shape
+        plane = (min(s.chunk, ny), min(s.chunk, nx))
+
+        def images(dtype) -> tuple[tuple[str, ...], Any]:
+            return ("image", "y", "x"), da.zeros((n, ny, nx), dtype=dtype, chunks=(1, *plane))
+
+        reference = (("y", "x"), da.zeros((ny, nx), np.float32, chunks=plane))
+        data: dict[str, Any] = {"source": reference, "target": images(np.float32)}
+        if s.has_mask:
+            data[INGEST_MASK] = (*images(np.uint8), {"long_name": "bad pixels of the target (nonzero = bad)"})
+        for role, name in s.variance_arrays().items():
+            dims, values = images(np.float32) if role == "target" else reference
+            data[name] = (dims, values, {"long_name": f"per-pixel variance of the {role} (inf or NaN: no data)"})
+        ds = xr.Dataset(data, coords=self.coords, attrs={
+            "title": "kernelmap input stack from FITS files", "reference": s.reference,
+            "targets": list(self.files), "resampled_targets": list(self.resampled), **self.attrs})
+        encoding = {name: {"chunks": plane if ds[name].ndim == 2 else (1, *plane)} for name in data}
+        ds.to_zarr(self.output, mode="w-", consolidated=False, zarr_format=3, encoding=encoding, compute=False)
+        group = zarr.open_group(self.output, mode="r+")
+        record = group.create_group(RECORD, attributes={
+            "description": "which images of the stack are written (1), each set after the image's pixels"})
+        record.create_array(WRITTEN["target"], shape=(n,), chunks=(1,), dtype="uint8", fill_value=0)
+        record.create_array(WRITTEN["source"], shape=(1,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.attrs[STAMP] = self.settings.stamp()
+
+
+def _run(tasks: Sequence[ImageTask], *, client: Any, workers: int, progress: bool,
+         log: Callable[[str], None]) -> list[ImageWritten]:
+    """Run the tasks on ``client`` or in ``workers`` threads, counting the images as they are written; the
+    first failure cancels what has not started and is raised."""
+    bar = Progress(len(tasks), log, progress, unit="images")
+    results: list[ImageWritten] = []
+    if not tasks:
+        return results
+    if client is not None:
+        from dask.base import tokenize
+        from distributed import as_completed as completed_in_turn
+
+        token = tokenize(tasks[0].output, time.time_ns())
+        futures = [client.submit(write_image, task, key=f"kernelmap-ingest-{task.name}-{token}", pure=False)
+                   for task in tasks]
+        try:
+            for future in completed_in_turn(futures):
+                results.append(future.result())
+                bar.update(1)
+        except BaseException:
+            client.cancel(futures)
+            raise
+        return results
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="kernelmap-ingest")
+    try:
+        futures = [pool.submit(write_image, task) for task in tasks]
+        for future in as_completed(futures):
+            results.append(future.result())
+            bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _spec(settings: IngestConfig, path: str, *, reference: bool) -> ImageSpec:
+    """The planes of the image in ``path``: its HDU, and its mask (targets) and noise planes."""
+    mask = noise = None
+    if settings.has_mask and not reference:
+        where = plane_file(settings.mask_file, path) if settings.mask_file else path
+        mask = Plane(where, 0 if settings.mask_hdu is None else settings.mask_hdu, "mask")
+    kind = settings.noise_kind
+    if kind is not None and (settings.reference_noise or not reference):
+        hdu, template = getattr(settings, f"{kind}_hdu"), getattr(settings, f"{kind}_file")
+        noise = Plane(plane_file(template, path) if template else path, 0 if hdu is None else hdu, kind)
+    return ImageSpec(Plane(path, settings.hdu, "image"), mask, noise)
+
+
+def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode: str = "create",
+                attrs: dict[str, Any] | None = None) -> IngestPlan:
+    """Check an ingest from every file's headers; nothing is written.
+
+    Raises
+    ------
+    OptionError
+        The output exists and is not a stack of this ingest (``mode="create"``), or was ingested from other
+        files than the targets match now; the output is a URL or one of the input files.
+    InputError
+        A file, an HDU or a header key is missing; a plane is not 2-D or not shaped like its image; a target
+        is off the reference's grid (without ``reproject``: saying how far) or, with it, has no celestial
+        WCS or does not overlap the reference.
+    """
+    if mode not in ("create", "overwrite"):
+        raise OptionError(f"mode={mode!r}: use 'create' or 'overwrite'")
+    out = os.fspath(output)
+    if "://" in out:
+        raise OptionError(f"{out}: ingest writes a local stack; write it to a local path, then copy it")
+    files = expand_files(settings.targets)
+    state = stack_state(out, settings.stamp())
+    if state == "other" and mode == "create":
+        raise OptionError(f"{out} already exists: nothing was changed; it is not a stack ingested with these "
+                          "settings: use --overwrite (mode='overwrite') to replace it, or another output path")
+    plan = IngestPlan(settings, out, state, mode, files, attrs=dict(attrs or {}))
+    if state in ("complete", "partial") and mode == "create":
+        import zarr
+
+        stored = list(zarr.open_group(out, mode="r").attrs.get("targets", files))
+        if stored != files:
+            raise OptionError(f"{out} was ingested from {len(stored)} target file(s); the targets now match "
+                              f"{len(files)}, not the same: nothing was changed; replace it (--overwrite, "
+                              "mode='overwrite'; in a job remove it) or write the stack elsewhere")
+        if state == "complete":
+            return plan
+    inputs = {os.path.abspath(p) for p in [settings.reference, *files]}
+    if os.path.abspath(out) in inputs:
+        raise OptionError(f"{out} is one of the input files: give another output path")
+    _check(plan)
+    return plan
+
+
+def _check(plan: IngestPlan) -> None:
+    """Read every file's headers; fill the plan's tasks, coordinates, shape and attributes."""
+    s, out = plan.settings, plan.output
+    variances = s.variance_arrays()
+    ref_spec = _spec(s, s.reference, reference=True)
+    shape, ref_header = inspect_plane(ref_spec.image)
+    for extra in (ref_spec.mask, ref_spec.noise):
+        if extra is not None:
+            check_plane_shape(extra, ref_spec.image, shape)
+    ref_wcs = celestial_wcs(ref_header)
+    plan.shape = shape
+    plan.tasks = [ImageTask(out, None, ref_spec, variance="source" in variances)]
+    headers = []
+    for i, path in enumerate(plan.files):
+        spec = _spec(s, path, reference=False)
+        own, header = inspect_plane(spec.image)
+        for extra in (spec.mask, spec.noise):
+            if extra is not None:
+                check_plane_shape(extra, spec.image, own)
+        resample = None
+        if s.reproject:
+            wcs = celestial_wcs(header)
+            if ref_wcs is None or wcs is None:
+                which = s.reference if ref_wcs is None else path
+                raise InputError(f"{which} has no celestial WCS: reproject resamples the targets onto the "
+                                 "reference's grid by their WCS; give files with one, or leave reproject off")
+            offset = grid_offset(ref_header, header, own) if own == shape else float("inf")
+            if offset > s.tolerance:
+                if not footprint_overlaps(ref_header, shape, header, own):
+                    raise InputError(f"{path} does not overlap the reference {s.reference} on the sky: leave it "
+                                     "out of the targets")
+                resample = Resampling(wcs, ref_wcs, shape)
+                plan.resampled.append(path)
+        else:
+            if own != shape:
+                raise InputError(f"{path} is {own[0]}x{own[1]} px, the reference {s.reference} {shape[0]}x{shape[1]}:"
+                                 " the targets must be on the reference's pixel grid (resample them onto it: "
+                                 "reproject: true, or --reproject)")
+            offset = grid_offset(ref_header, header, own)
+            if offset > s.tolerance:
+                raise InputError(f"{path} is not on the reference's pixel grid: its WCS puts the image's corners "
+                                 f"and centre up to {offset:.3g} px from the reference's (tolerance {s.tolerance:g} "
+                                 "px); resample it onto the reference's grid (reproject: true, or --reproject), or "
+                                 "raise the tolerance")
+        headers.append(header)
+        plan.tasks.append(ImageTask(out, i, spec, s.mask_bits, mask=s.has_mask, variance="target" in variances,
+                                    resample=resample))
+    plan.coords = _coordinates(plan.files, headers, s.keys)
+    plan.attrs["reference_wcs"] = wcs_text(ref_header)
+
+
+def _coordinates(files: Sequence[str], headers: Sequence[Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The labels (file names) and the header keys along ``image``; text as variable-length strings."""
+    coords: dict[str, Any] = {"image": ("image", np.array([Path(p).name.split(".")[0] for p in files],
+                                                          dtype=object))}
+    for key in keys:
+        values = [header.get(key) for header in headers]
+        missing = [path for path, v in zip(files, values) if v is None]
+        if missing:
+            raise InputError(f"header key {key!r} is missing in {missing[0]}"
+                             + (f" and {len(missing) - 1} other file(s)" if len(missing) > 1 else "")
+                             + ": give only keys every target has")
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        coords[key] = ("image", np.asarray(values, dtype=np.float64) if numeric
+                       else np.array([str(v) for v in values], dtype=object))
+    return coords
+
+
+def ingest_fits(reference: str | os.PathLike[str], targets: Sequence[str | os.PathLike[str]],
+                output: str | os.PathLike[str], *, mode: str = "create", workers: int = 1, client: Any = None,
+                progress: bool = False, attrs: dict[str, Any] | None = None, log: Callable[[str], None] = print,
+                **options: Any) -> IngestSummary:
+    """Write the FITS ``reference`` and ``targets`` (paths or glob patterns) to a Zarr input stack at ``output``.
+
+    ``options`` are the settings of the job file's ``ingest`` section (:class:`~pipeline.job.config.IngestConfig`:
+    ``hdu``, ``mask_hdu``, ``mask_file``, ``mask_bits``, ``weight_hdu``, ``weight_file``, ``variance_hdu``,
+    ``variance_file``, ``reference_noise``, ``keys``, ``tolerance``, ``reproject``, ``chunk``).  Every file's
+    headers are read and checked before anything is written; the images are then written by one task each, on
+    ``client`` or in ``workers`` threads.  ``mode="create"`` refuses an existing output unless it is a stack
+    of this same ingest, which is finished (or left as it is, complete); ``"overwrite"`` replaces it.
+    ``attrs``: more root attributes.
+
+    Raises
+    ------
+    ConfigError
+        An option is invalid.
+    OptionError, InputError
+        See :func:`plan_ingest` and :func:`write_image`.
+    """
+    options = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in options.items()}
+    settings = IngestConfig.from_options(os.fspath(reference), [os.fspath(t) for t in targets], **options)
+    plan = plan_ingest(settings, output, mode=mode, attrs=attrs)
+    return plan.execute(client=client, workers=workers, progress=progress, log=log)
+
+
+def job_ingest_plan(job: JobConfig) -> IngestPlan:
+    """The plan of a job's ``ingest`` section (:func:`plan_ingest` to ``input.path``).
+
+    Raises
+    ------
+    OptionError
+        ``input.path`` holds something else than a stack of this ingest section (and its files).
+    """
+    path = job.input.path
+    try:
+        return plan_ingest(job.ingest, path)
+    except OptionError as exc:
+        if stack_state(path, job.ingest.stamp()) == "other":
+            raise OptionError(f"ingest: input.path {path} exists but was not written from this ingest section: "
+                              "nothing was changed; remove it, or point input.path elsewhere") from None
+        raise OptionError(f"ingest: {exc}") from None
+
+
+def ingested_input(job: JobConfig, log: Callable[[str], None] = print, *, client: Any = None,
+                   stack: ExitStack | None = None, progress: bool = False) -> Any:
+    """Write the job's ``ingest`` FITS files to ``input.path`` unless a stack ingested from the same settings
+    and files is there; finish one left unfinished.  A stack made otherwise at ``input.path`` is refused.
+
+    The images are written where the job's tasks run: on ``client`` if given, else on the cluster of
+    ``compute.scheduler`` (:func:`~pipeline.job.executors.connect`, started on ``stack`` once every file is
+    checked, so that the run can go on with it), or in threads.  Returns the client for the run: ``client``,
+    the one started, or ``None``.
+    """
+    from .executors import connect
+
+    if job.ingest is None:
+        return client
+    path = job.input.path
+    plan = job_ingest_plan(job)
+    if plan.complete:
+        log(f"ingest: the stack at {path} was written from these FITS files already")
+        return client
+    c = job.compute
+    if client is None and stack is not None:
+        client = connect(job, stack, log)()
+    workers = 1 if c.scheduler == "synchronous" else c.n_workers * c.threads_per_worker
+    plan.execute(client=client, workers=workers, progress=progress, log=log)
+    return client
