@@ -71,10 +71,17 @@ def _parser() -> argparse.ArgumentParser:
         "apply", help="matched and difference images of a kernel map's pairs",
         description="Convolve each source with its image's kernel-field model (the kernel of each pixel) and "
                     "write the matched image, the background and the difference target - matched - background "
-                    "to a Zarr store. Exit status: 0 done; 2 refused (nothing written).")
+                    "to a Zarr store; an interrupted apply is finished with --resume. Exit status: 0 done; 2 "
+                    "refused (nothing written).")
     apply.add_argument("store", help="kernel-map store written by kernelmap run")
-    apply.add_argument("--out", required=True, help="Zarr store for the images (refused if it exists)")
-    apply.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
+    apply.add_argument("--out", required=True, help="Zarr store for the images (refused if it exists, unless "
+                                                    "--overwrite or --resume)")
+    again = apply.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
+    again.add_argument("--resume", action="store_true",
+                       help="finish an interrupted apply: the images --out records as complete are kept, the others "
+                            "written (refused, naming what differs, where --out was made from another kernel map "
+                            "or with another --chunk); starts one where --out does not exist")
     apply.add_argument("--chunk", type=int, default=1024, help="side of the chunks computed and stored")
     apply.add_argument("--storage-options", metavar="JSON",
                        help="fsspec options for the input store (a kernel map keeps none of their values), e.g. "
@@ -219,9 +226,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .job.apply import apply_kernel_map
 
     options = _storage_options(args.storage_options)
-    summary = apply_kernel_map(args.store, args.out, mode="overwrite" if args.overwrite else "create",
-                               chunk=args.chunk, fits=args.fits, storage_options=options)
-    print(f"images: {summary.path} (arrays matched, difference, background; {len(summary.images)} image(s))")
+    mode = "overwrite" if args.overwrite else "resume" if args.resume else "create"
+    summary = apply_kernel_map(args.store, args.out, mode=mode, chunk=args.chunk, fits=args.fits,
+                               storage_options=options)
+    kept = f"; {len(summary.kept)} already complete" if summary.kept else ""
+    print(f"images: {summary.path} (arrays matched, difference, background; {len(summary.images)} image(s){kept})")
     return 0
 
 

@@ -299,3 +299,119 @@ def _first_field(path):
 
     km = pipeline.KernelMap.open(path)
     return km.field(km.ds["image"].values[0])
+
+
+# --------------------------------------------------------------------------- resuming an interrupted apply
+
+
+@pytest.fixture(scope="module")
+def three_images(tmp_path_factory):
+    """A kernel map of a 3-image stack (3x3 tiles of 64 px, each image with its model)."""
+    from conftest import job_dict
+    from stacks import make_stack
+
+    from pipeline.job.config import job_from_dict
+    from pipeline.job.run import run_job
+
+    folder = tmp_path_factory.mktemp("resume")
+    make_stack(folder / "stack.zarr", n_images=3, noise=0.5)
+    run_job(job_from_dict(job_dict(folder)), progress=False)
+    return folder / "kernels.zarr"
+
+
+def interrupt(out, *, unmatched: int, matched: int) -> None:
+    """As if an apply into ``out`` was killed: image ``unmatched`` with nothing recorded, image ``matched``
+    with its matched image only, both images' unrecorded pixels scribbled over."""
+    import zarr
+
+    from pipeline.job.apply import STATUS
+
+    group = zarr.open_group(str(out), mode="r+")
+    group[STATUS][unmatched] = [0, 0]
+    group[STATUS][matched] = [1, 0]
+    for name in ("matched", "difference", "background"):
+        group[name][unmatched] = 7.0
+    for name in ("difference", "background"):
+        group[name][matched] = -3.0
+    group.attrs["kernelmap_status"] = "incomplete"
+
+
+def _files(folder) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_interrupted_apply_is_finished_by_resume_as_an_uninterrupted_one_wrote_it(three_images, tmp_path):
+    import xarray as xr
+    import zarr
+
+    from pipeline.errors import OptionError
+    from pipeline.job.apply import STATUS, apply_kernel_map
+
+    out = tmp_path / "images.zarr"
+    first = apply_kernel_map(three_images, out, chunk=64, log=lambda _: None)
+    assert first.kept == [] and len(first.images) == 3
+    reference = xr.open_zarr(out, consolidated=False).load()
+    assert reference.attrs["kernelmap_status"] == "complete" and "status" not in reference.variables
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")[STATUS][:], 1)
+    labels = list(reference["image"].values)
+    interrupt(out, unmatched=1, matched=2)
+    before = _files(out)
+    with pytest.raises(OptionError, match="already exists: nothing was changed; pass --resume"):
+        apply_kernel_map(three_images, out, chunk=64, log=lambda _: None)
+    assert _files(out) == before
+    summary = apply_kernel_map(three_images, out, mode="resume", chunk=64, log=lambda _: None)
+    assert summary.kept == [labels[0]] and summary.images == labels[1:]
+    xr.testing.assert_identical(xr.open_zarr(out, consolidated=False).load(), reference)
+    # a complete image is kept as its record says: not computed again (the scribble stays)
+    zarr.open_group(str(out), mode="r+")["difference"][0, :2, :2] = 5.0
+    again = apply_kernel_map(three_images, out, mode="resume", chunk=64, log=lambda _: None)
+    assert again.images == [] and again.kept == labels
+    np.testing.assert_array_equal(xr.open_zarr(out, consolidated=False)["difference"].values[0, :2, :2], 5.0)
+    # where nothing exists, resume starts afresh
+    fresh = apply_kernel_map(three_images, tmp_path / "fresh.zarr", mode="resume", chunk=64, log=lambda _: None)
+    assert fresh.images == labels
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "fresh.zarr", consolidated=False).load(), reference)
+
+
+def test_resume_refuses_an_output_of_another_kernel_map_or_settings_naming_what_differs(three_images, tmp_path):
+    import shutil
+
+    import xarray as xr
+
+    from pipeline.errors import OptionError
+    from pipeline.job.apply import apply_kernel_map
+
+    out = tmp_path / "images.zarr"
+    apply_kernel_map(three_images, out, chunk=64, log=lambda _: None)
+    interrupt(out, unmatched=0, matched=1)
+    before = _files(out)
+    with pytest.raises(OptionError, match=r"other settings \(the chunk side: 64 there, 96 here\).* resume it with "
+                                          r"--chunk 64"):
+        apply_kernel_map(three_images, out, mode="resume", chunk=96, log=lambda _: None)
+    other = tmp_path / "other-kernels.zarr"  # the same kernels, another kernel map (another store id)
+    shutil.copytree(three_images, other)
+    import zarr
+
+    zarr.open_group(str(other), mode="r+").attrs["kernelmap_store_id"] = "0" * 32
+    with pytest.raises(OptionError, match=r"another kernel map .*\(the kernel map \(its kernelmap_store_id\): "
+                                          r"'[0-9a-f]{32}' there, '0{32}' here\)"):
+        apply_kernel_map(other, out, mode="resume", chunk=64, log=lambda _: None)
+    xr.Dataset({"a": ("x", np.arange(3.0))}).to_zarr(tmp_path / "plain.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(OptionError, match="was not made by kernelmap apply"):
+        apply_kernel_map(three_images, tmp_path / "plain.zarr", mode="resume", chunk=64, log=lambda _: None)
+    assert _files(out) == before
+
+
+def test_kernelmap_apply_resume(three_images, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "images.zarr"
+    assert main(["apply", str(three_images), "--out", str(out), "--chunk", "64"]) == 0
+    interrupt(out, unmatched=2, matched=0)
+    assert main(["apply", str(three_images), "--out", str(out), "--chunk", "64", "--resume"]) == 0
+    assert "arrays matched, difference, background; 2 image(s); 1 already complete" in capsys.readouterr().out
+    assert main(["apply", str(three_images), "--out", str(out), "--resume"]) == 2
+    assert "the chunk side: 64 there, 1024 here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["apply", str(three_images), "--out", str(out), "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -148,3 +148,36 @@ def test_a_report_from_s3_to_s3_equals_the_report_from_disk_to_disk(s3, tmp_path
     assert main(["report", "s3://stacks/report-kernels.zarr", "--out", "s3://stacks/reports/two",
                  "--storage-options", "[1]"]) == 2
     assert "must be a JSON object" in capsys.readouterr().err and not fs.exists("stacks/reports/two")
+
+
+def test_an_interrupted_apply_on_s3_is_finished_by_resume_as_on_disk(s3, tmp_path):
+    """A kernel map and its images on the object store: an apply interrupted (one image unrecorded, one
+    with only its matched image, their pixels scribbled over), then resumed, equals an uninterrupted one."""
+    from conftest import job_dict
+    from stacks import make_stack
+
+    from pipeline.errors import OptionError
+    from pipeline.job.apply import STATUS, apply_kernel_map
+
+    fs, _ = s3
+    make_stack(tmp_path / "stack.zarr", n_images=3, noise=0.5)
+    run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    fs.put(str(tmp_path / "kernels.zarr"), "stacks/apply-kernels.zarr", recursive=True)
+    kernels, out = "s3://stacks/apply-kernels.zarr", "s3://stacks/apply-images.zarr"
+    apply_kernel_map(kernels, out, chunk=64, log=lambda _: None)
+    reference = xr.open_zarr(out, consolidated=False).load()
+    group = zarr.open_group(out, mode="r+")
+    group[STATUS][0] = [0, 0]
+    group[STATUS][2] = [1, 0]
+    for name in ("matched", "difference", "background"):
+        group[name][0] = 7.0
+    group["difference"][2] = -3.0
+    group.attrs["kernelmap_status"] = "incomplete"
+    with pytest.raises(OptionError, match="the chunk side: 64 there, 128 here"):
+        apply_kernel_map(kernels, out, mode="resume", chunk=128, log=lambda _: None)
+    summary = apply_kernel_map(kernels, out, mode="resume", chunk=64, log=lambda _: None)
+    labels = list(reference["image"].values)
+    assert summary.kept == [labels[1]] and summary.images == [labels[0], labels[2]]
+    xr.testing.assert_identical(xr.open_zarr(out, consolidated=False).load(), reference)
+    apply_kernel_map(tmp_path / "kernels.zarr", tmp_path / "images.zarr", chunk=64, log=lambda _: None)
+    xr.testing.assert_identical(_values(out), _values(str(tmp_path / "images.zarr")))

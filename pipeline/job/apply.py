@@ -11,12 +11,27 @@ interpolated bilinearly between the tile centres).  The inputs are the ones
 the kernel map was made from (its ``kernelmap_config``); masked target pixels
 are NaN in the difference.  Three passes: the matched images, the tiles'
 medians, then the differences (both from the stored matched images).
+
+Each image's progress is recorded in ``status/applied`` ``(image, stage)``
+(``stage``: ``matched``, ``complete``; a subgroup, which xarray does not
+show), one chunk per image, written after the image's pixels of that stage:
+after its matched image, then after its difference, background (and
+normalised difference).  The root attributes stamp what the output is made
+from (``kernelmap_apply``: the kernel map's ``kernelmap_store_id``, the chunk
+side, whether it has the normalised difference) and ``kernelmap_status``
+(``incomplete`` until every modelled image is complete).  ``mode="resume"``
+finishes an interrupted apply: only the stages not recorded are computed (an
+image whose matched image is recorded is not matched again), and the result
+equals an uninterrupted apply's; an output made from another kernel map or
+with other settings is refused, naming what differs.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as _field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +45,11 @@ from ..io.store import OutputStore
 from .config import job_from_dict
 from .plan import job_inputs
 
-__all__ = ["ApplySummary", "apply_kernel_map"]
+__all__ = ["STAGES", "STATUS", "ApplySummary", "apply_kernel_map"]
+
+#: the per-image completion records (a subgroup, ignored by xarray) and their fields
+STATUS = "status/applied"
+STAGES = ("matched", "complete")
 
 #: what each output array holds
 OUTPUTS = {
@@ -49,6 +68,7 @@ class ApplySummary:
     path: str
     images: list[Any]  #: labels of the images written
     skipped: list[Any]  #: labels of the images without a model (left NaN)
+    kept: list[Any] = _field(default_factory=list)  #: labels of the images a resumed output already had complete
 
 
 def _overlapped_block(values: np.ndarray, *, apply: Callable[..., np.ndarray], field: KernelField,
@@ -109,11 +129,59 @@ def _masked_target(inputs, image: int, chunk: int):
     return da.where(mask.rechunk((chunk, chunk)) != 0, np.nan, target)
 
 
+def _mark(done: Any, records: Any, image: int, value: tuple[int, int]) -> None:
+    """Record ``image``'s stages (``value`` per :data:`STAGES`) once ``done`` (its pixels' stores) is."""
+    records[image] = np.asarray(value, dtype=np.uint8)
+
+
+def _stamp(kernel_map: dict[str, Any], chunk: int, normalised: bool) -> dict[str, Any]:
+    """What an output is made from: compared before it is resumed."""
+    return {"kernelmap_store_id": str(kernel_map.get("kernelmap_store_id", "")),
+            "kernelmap_fingerprint": str(kernel_map.get("kernelmap_fingerprint", "")),
+            "chunk": int(chunk), "normalised": bool(normalised)}
+
+
+#: stamp key -> what it is, and the option that sets it
+_STAMPED = {"kernelmap_store_id": ("the kernel map (its kernelmap_store_id)", "the kernel map it was made from"),
+            "kernelmap_fingerprint": ("the kernel map's job (its kernelmap_fingerprint)",
+                                      "the kernel map it was made from"),
+            "chunk": ("the chunk side", "--chunk {old} (chunk={old})"),
+            "normalised": ("whether the inputs give both images' variances (the normalised difference)",
+                           "the kernel map it was made from")}
+
+
+def _resumable(output: str | Path, group: Any, stamp: dict[str, Any]) -> np.ndarray:
+    """``(image, stage)`` records of an existing output that may be resumed with ``stamp``; refused otherwise,
+    naming what differs."""
+    attrs = dict(group.attrs)
+    try:
+        old = json.loads(attrs["kernelmap_apply"])
+    except (KeyError, TypeError, ValueError):
+        raise OptionError(f"--resume: {output} was not made by kernelmap apply (no kernelmap_apply attribute): "
+                          "nothing was changed; give another --out, or --overwrite to replace it") from None
+    differ = [key for key in stamp if old.get(key) != stamp[key]]
+    if differ:
+        said = "; ".join(f"{_STAMPED[key][0]}: {old.get(key)!r} there, {stamp[key]!r} here" for key in differ)
+        fix = " and ".join(dict.fromkeys(_STAMPED[key][1].format(old=old.get(key)) for key in differ))
+        raise OptionError(f"--resume: {output} was made from another kernel map or with other settings ({said}): "
+                          f"nothing was changed; resume it with {fix}, or pass --overwrite to replace it")
+    try:
+        records = group[STATUS]
+    except KeyError:
+        records = None
+    if records is None or records.attrs.get("fields") != list(STAGES):
+        raise OptionError(f"--resume: {output} has no per-image records ({STATUS}): its creation was interrupted; "
+                          "pass --overwrite to replace it")
+    return np.asarray(records[:]) == 1
+
+
 def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "create", chunk: int = 1024,
                      scheduler: str = "threads", storage_options: dict[str, Any] | None = None,
                      fits: str | Path | None = None, log=print) -> ApplySummary:
     """Write the matched, difference and background images of every modelled image of the kernel map
-    ``kernels`` to a new Zarr store ``output`` (``mode="overwrite"`` replaces one; ``"create"`` refuses).
+    ``kernels`` to a new Zarr store ``output`` (``mode="overwrite"`` replaces one; ``"create"`` refuses one;
+    ``"resume"`` finishes one an interrupted apply of the same kernel map with the same settings left, or
+    starts one where there is none).
     ``storage_options``: for the input store where the kernel map's job had some (a store does not keep
     their values); by default none (credentials from the environment).  ``fits``: a new folder that also
     gets each image's difference (and normalised difference) as a FITS file, ``<label>.diff.fits``, with
@@ -125,8 +193,8 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
 
     from ..analysis.maps import KernelMap
 
-    if mode not in ("create", "overwrite"):
-        raise OptionError(f"mode={mode!r}: use 'create' or 'overwrite'")
+    if mode not in ("create", "overwrite", "resume"):
+        raise OptionError(f"mode={mode!r}: use 'create', 'overwrite' or 'resume'")
     km = KernelMap.open(kernels)
     stored = km.ds.attrs.get("kernelmap_config")
     if not stored:
@@ -145,9 +213,11 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
 
     if same(job.input.path, output) or same(kernels, output):
         raise OptionError(f"{output} is the kernel map or its input: write the images elsewhere")
-    if out.exists() and mode == "create":
-        raise OptionError(f"{output} already exists: nothing was changed; pass --overwrite (mode='overwrite') to "
-                          "replace it, or another output path")
+    exists = out.exists()
+    if exists and mode == "create":
+        raise OptionError(f"{output} already exists: nothing was changed; pass --resume (mode='resume') to finish "
+                          "an interrupted apply of this kernel map, --overwrite (mode='overwrite') to replace it, "
+                          "or another output path")
     if fits is not None and Path(fits).exists() and mode == "create":
         raise OptionError(f"{fits} already exists: nothing was changed; pass --overwrite to replace its files, or "
                           "another folder")
@@ -158,10 +228,22 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     y0, x0 = (np.round(c - (size - 1) / 2).astype(np.int64) for c in centres)  # the kernel map's own tiles
     labels = km.ds["image"].values
     fields = [km.field(label) for label in labels]
-    if out.exists():
-        out.remove()
     noise = inputs.variances
     normalised = noise is not None and noise.given("target") and noise.given("source")
+    stamp = _stamp(km.ds.attrs, chunk, normalised)
+    resume = mode == "resume" and exists
+    if resume:  # checked before anything is written
+        try:
+            group = zarr.open_group(out.location, mode="r+")
+        except (OSError, ValueError, LookupError) as exc:
+            raise OptionError(f"--resume: {output} cannot be opened as a Zarr group ({exc}): nothing was changed; "
+                              "pass --overwrite to replace it") from exc
+        recorded = _resumable(output, group, stamp)
+        if recorded.shape[0] != n:
+            raise OptionError(f"--resume: {output} has {recorded.shape[0]} images, the kernel map {n}: pass "
+                              "--overwrite to replace it")
+    elif exists:
+        out.remove()
     # the store's layout by xarray (dimension names, the image coordinate), its values written below
     empty = da.full((n, ny, nx), np.nan, dtype=np.float32, chunks=(1, chunk, chunk))
     skeleton = xr.Dataset(
@@ -169,12 +251,22 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
          for name, what in (*OUTPUTS.items(), *([NORMALISED] if normalised else []))},
         coords={"image": ("image", labels.astype(object) if labels.dtype.kind in "US" else labels)},
         attrs={"title": "kernelmap matched and difference images", "kernelmap_kernels": str(kernels),
-               "kernelmap_input": job.input.path, "tile_size": size, "tile_step": step})
-    skeleton.to_zarr(out.location, mode="w", compute=False, consolidated=False, zarr_format=3,
-                     encoding={name: {"chunks": (1, chunk, chunk)} for name in skeleton.data_vars})
-    group = zarr.open_group(out.location, mode="r+")
+               "kernelmap_input": job.input.path, "tile_size": size, "tile_step": step,
+               "kernelmap_apply": json.dumps(stamp, sort_keys=True), "kernelmap_status": "incomplete"})
+    if not resume:
+        skeleton.to_zarr(out.location, mode="w", compute=False, consolidated=False, zarr_format=3,
+                         encoding={name: {"chunks": (1, chunk, chunk)} for name in skeleton.data_vars})
+        group = zarr.open_group(out.location, mode="r+")
+        records = group.create_array(STATUS, shape=(n, len(STAGES)), chunks=(1, len(STAGES)), dtype="uint8",
+                                     fill_value=0, attributes={"fields": list(STAGES), "long_name": (
+                                         "1 where the image's stage is written: its matched image, then the rest")})
+        recorded = np.zeros((n, len(STAGES)), dtype=bool)
+    else:
+        records = group[STATUS]
+        group.attrs["kernelmap_status"] = "incomplete"
     arrays = {name: group[name] for name in skeleton.data_vars}
-    done, skipped = [], []
+    matched_done, complete = recorded[:, 0], recorded[:, 1]
+    done, skipped, kept = [], [], []
     with dask.config.set(scheduler=scheduler):
         writes = []
         for i, field in enumerate(fields):
@@ -182,20 +274,27 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
             if field is None:
                 skipped.append(label)
                 continue
+            if complete[i]:
+                kept.append(label)
+                continue
+            done.append(label)
+            if matched_done[i]:
+                continue
             half = field.coefficients.shape[-1] // 2
             source, starts = _source(inputs, i, chunk)
             matched = source.map_overlap(_overlapped_block, depth=half, boundary=np.nan, dtype=np.float64,
                                          apply=matched_image, field=field, starts=starts, half=half)
-            writes.append(da.store(matched.astype(np.float32)[None], arrays["matched"],
-                                   regions=(slice(i, i + 1), slice(None), slice(None)), compute=False,
-                                   lock=False))
-            done.append(label)
-        log(f"apply: matching {len(done)} image(s) ...")
+            stored = da.store(matched.astype(np.float32)[None], arrays["matched"],
+                              regions=(slice(i, i + 1), slice(None), slice(None)), compute=False, lock=False)
+            writes.append(dask.delayed(_mark)(stored, records, i, (1, 0)))
+        if kept:
+            log(f"apply: {len(kept)} image(s) already complete in {output}")
+        log(f"apply: matching {len(writes)} image(s) ...")
         dask.compute(writes)
         written = group["matched"]
         medians_of: dict[int, Any] = {}
         for i in range(n):  # the tiles' medians of target - matched, from the stored matched images
-            if fields[i] is None:
+            if fields[i] is None or complete[i]:
                 continue
             residual = _masked_target(inputs, i, chunk) - da.from_zarr(written)[i].astype(np.float64)
             medians_of[i] = [[dask.delayed(tile_median)(residual[a : a + size, b : b + size]) for b in x0]
@@ -220,14 +319,15 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                 target_variance = target.map_blocks(_variance_block, dtype=np.float64, variances=noise,
                                                     role="target", image=i)
                 outputs.append(("normalised", difference / da.sqrt(target_variance + spread)))
-            for name, values in outputs:
-                stores.append(da.store(values.astype(np.float32)[None], arrays[name],
-                                       regions=(slice(i, i + 1), slice(None), slice(None)), compute=False,
-                                       lock=False))
+            image_stores = [da.store(values.astype(np.float32)[None], arrays[name],
+                                     regions=(slice(i, i + 1), slice(None), slice(None)), compute=False, lock=False)
+                            for name, values in outputs]
+            stores.append(dask.delayed(_mark)(image_stores, records, i, (1, 1)))
         log("apply: differences ...")
         dask.compute(stores)
+    group.attrs["kernelmap_status"] = "complete"
     if fits is not None:
-        _write_fits(group, fits, list(medians), labels, inputs.wcs, log)
-    log(f"apply: {len(done)} image(s) written to {output}" + (f"; {len(skipped)} without a model left NaN"
-                                                              if skipped else ""))
-    return ApplySummary(str(output), done, skipped)
+        _write_fits(group, fits, [i for i in range(n) if fields[i] is not None], labels, inputs.wcs, log)
+    log(f"apply: {len(done)} image(s) written to {output}" + (f"; {len(kept)} already complete" if kept else "")
+        + (f"; {len(skipped)} without a model left NaN" if skipped else ""))
+    return ApplySummary(str(output), done, skipped, kept)
