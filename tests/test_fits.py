@@ -377,6 +377,10 @@ def test_reproject_puts_a_star_where_the_reference_grid_has_it_and_spreads_the_b
     variance = ds["target_variance"].values[0]
     np.testing.assert_array_equal(variance[~bad], 4.0)
     assert np.isinf(variance[bad]).all()
+    bare = fits.Header()
+    no_wcs = _write(tmp_path / "no-wcs.fits", image, header=bare)
+    with pytest.raises(InputError, match=r"no-wcs.fits has no celestial WCS: reproject resamples"):
+        ingest_fits(reference, [no_wcs], tmp_path / "bare.zarr", reproject=True, log=_quiet)
     far = tmp_path / "far.fits"
     _write(far, image, header=_header(crpix=(500.5, 40.5)), mask=mask)
     with pytest.raises(InputError, match="does not overlap the reference"):
@@ -523,3 +527,15 @@ def test_kernel_maps_from_fits_files_with_weights_and_a_shifted_grid_match_the_s
         np.testing.assert_allclose(maps["fwhm"].values[i], truth.fwhm(i, yy, xx), rtol=0.2)
     config = yaml.safe_load(maps.attrs["kernelmap_config"])  # the run weighted its pixels by the variances
     assert config["input"]["variance"] == {"target": "target_variance", "source": "source_variance"}
+
+
+def test_settings_stamp_of_a_stack_ingested_before_the_later_settings_is_unchanged():
+    import json
+
+    from pipeline.job.config import IngestConfig
+
+    settings = IngestConfig(reference="ref.fits", targets=["t*.fits"], mask_hdu="DQ", keys=["MJD-OBS"])
+    before = {"reference": "ref.fits", "targets": ["t*.fits"], "hdu": 0, "mask_hdu": "DQ", "mask_bits": None,
+              "keys": ["MJD-OBS"], "tolerance": 0.01}
+    assert settings.stamp() == json.dumps(before, sort_keys=True)
+    assert settings.model_copy(update={"reproject": True}).stamp() != settings.stamp()

@@ -387,30 +387,27 @@ def _check(plan: IngestPlan) -> None:
             if extra is not None:
                 check_plane_shape(extra, spec.image, own)
         resample = None
-        if s.reproject:
+        offset = grid_offset(ref_header, header, own) if own == shape else float("inf")
+        if offset > s.tolerance and s.reproject:
             wcs = celestial_wcs(header)
             if ref_wcs is None or wcs is None:
                 which = s.reference if ref_wcs is None else path
-                raise InputError(f"{which} has no celestial WCS: reproject resamples the targets onto the "
-                                 "reference's grid by their WCS; give files with one, or leave reproject off")
-            offset = grid_offset(ref_header, header, own) if own == shape else float("inf")
-            if offset > s.tolerance:
-                if not footprint_overlaps(ref_header, shape, header, own):
-                    raise InputError(f"{path} does not overlap the reference {s.reference} on the sky: leave it "
-                                     "out of the targets")
-                resample = Resampling(wcs, ref_wcs, shape)
-                plan.resampled.append(path)
-        else:
-            if own != shape:
-                raise InputError(f"{path} is {own[0]}x{own[1]} px, the reference {s.reference} {shape[0]}x{shape[1]}:"
-                                 " the targets must be on the reference's pixel grid (resample them onto it: "
-                                 "reproject: true, or --reproject)")
-            offset = grid_offset(ref_header, header, own)
-            if offset > s.tolerance:
-                raise InputError(f"{path} is not on the reference's pixel grid: its WCS puts the image's corners "
-                                 f"and centre up to {offset:.3g} px from the reference's (tolerance {s.tolerance:g} "
-                                 "px); resample it onto the reference's grid (reproject: true, or --reproject), or "
-                                 "raise the tolerance")
+                raise InputError(f"{which} has no celestial WCS: reproject resamples the targets off the reference's "
+                                 f"grid ({path} is one) onto it by their WCS; give files with one")
+            if not footprint_overlaps(ref_header, shape, header, own):
+                raise InputError(f"{path} does not overlap the reference {s.reference} on the sky: leave it out "
+                                 "of the targets")
+            resample = Resampling(wcs, ref_wcs, shape)
+            plan.resampled.append(path)
+        elif own != shape:
+            raise InputError(f"{path} is {own[0]}x{own[1]} px, the reference {s.reference} {shape[0]}x{shape[1]}: "
+                             "the targets must be on the reference's pixel grid (resample them onto it: "
+                             "reproject: true, or --reproject)")
+        elif offset > s.tolerance:
+            raise InputError(f"{path} is not on the reference's pixel grid: its WCS puts the image's corners and "
+                             f"centre up to {offset:.3g} px from the reference's (tolerance {s.tolerance:g} px); "
+                             "resample it onto the reference's grid (reproject: true, or --reproject), or raise "
+                             "the tolerance")
         headers.append(header)
         plan.tasks.append(ImageTask(out, i, spec, s.mask_bits, mask=s.has_mask, variance="target" in variances,
                                     resample=resample))
