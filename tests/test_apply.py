@@ -340,16 +340,27 @@ def _files(folder) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-def test_an_interrupted_apply_is_finished_by_resume_as_an_uninterrupted_one_wrote_it(three_images, tmp_path):
+@pytest.mark.parametrize("sharded", [True, False])
+def test_an_interrupted_apply_is_finished_by_resume_as_an_uninterrupted_one_wrote_it(three_images, tmp_path,
+                                                                                      monkeypatch, sharded):
     import xarray as xr
     import zarr
 
     from pipeline.errors import OptionError
+    from pipeline.job import apply as apply_job
     from pipeline.job.apply import STATUS, apply_kernel_map
 
+    if not sharded:  # images too large to share a file: each chunk written by its own task
+        monkeypatch.setattr(apply_job, "SHARD_BYTES", 192 * 192 * 4 * 2 - 1)
     out = tmp_path / "images.zarr"
     first = apply_kernel_map(three_images, out, chunk=64, log=lambda _: None)
     assert first.kept == [] and len(first.images) == 3
+    group = zarr.open_group(str(out), mode="r")
+    for name in ("matched", "difference", "background", STATUS):
+        assert group[name].shards == (((3, 2) if name == STATUS else (3, 192, 192)) if sharded else None), name
+        files = [f for f in (out / name / "c").rglob("*") if f.is_file()]
+        # one file an array where the 3 images share a shard, else one a chunk (9 an image) or record
+        assert len(files) == (1 if sharded else 3 if name == STATUS else 27), name
     reference = xr.open_zarr(out, consolidated=False).load()
     assert reference.attrs["kernelmap_status"] == "complete" and "status" not in reference.variables
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")[STATUS][:], 1)

@@ -40,7 +40,7 @@ import threading
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +58,8 @@ if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
-           "OutputStore", "StoreLayout", "block_record", "consolidate", "json_attr", "store_tile_grid"]
+           "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "json_attr",
+           "store_tile_grid"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -584,7 +585,7 @@ class OutputStore:
         group = zarr.open_group(self.location, mode="r+")
         results = sorted(results, key=lambda r: r.image)
         coef = group["model_coefficient"]
-        for start, stop in _runs([r.image for r in results]):
+        for start, stop in consecutive_runs([r.image for r in results]):
             part = results[start:stop]
             where = slice(part[0].image, part[-1].image + 1)
             records = np.stack([r.records for r in part])
@@ -631,7 +632,7 @@ def store_tile_grid(attrs: dict[str, Any]) -> str:
     return str(attrs.get("tile_grid", STEP))
 
 
-def _runs(images: list[int]) -> list[tuple[int, int]]:
+def consecutive_runs(images: Sequence[int]) -> list[tuple[int, int]]:
     """``(start, stop)`` positions in ``images`` (sorted) of runs of consecutive indices."""
     starts = [0, *(i for i in range(1, len(images)) if images[i] != images[i - 1] + 1)]
     return list(zip(starts, [*starts[1:], len(images)]))

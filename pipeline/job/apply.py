@@ -12,6 +12,10 @@ the kernel map was made from (its ``kernelmap_config``); masked target pixels
 are NaN in the difference.  Three passes: the matched images, the tiles'
 medians, then the differences (both from the stored matched images).
 
+Images small enough to share files (two or more in ``SHARD_BYTES``, see
+:func:`images_per_shard`) are stored as Zarr 3 shards of whole images, each
+written by one task with its images' records; larger ones chunk by chunk.
+
 Each image's progress is recorded in ``status/applied`` ``(image, stage)``
 (``stage``: ``matched``, ``complete``; a subgroup, which xarray does not
 show), one chunk per image, written after the image's pixels of that stage:
@@ -41,11 +45,11 @@ import yaml
 from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
 from ..errors import InputError, OptionError
-from ..io.store import OutputStore
+from ..io.store import MAX_IMAGES_PER_SHARD, SHARD_BYTES, OutputStore, consecutive_runs
 from .config import job_from_dict
 from .plan import job_inputs
 
-__all__ = ["STAGES", "STATUS", "ApplySummary", "apply_kernel_map"]
+__all__ = ["STAGES", "STATUS", "ApplySummary", "apply_kernel_map", "images_per_shard"]
 
 #: the per-image completion records (a subgroup, ignored by xarray) and their fields
 STATUS = "status/applied"
@@ -132,6 +136,51 @@ def _masked_target(inputs, image: int, chunk: int):
 def _mark(done: Any, records: Any, image: int, value: tuple[int, int]) -> None:
     """Record ``image``'s stages (``value`` per :data:`STAGES`) once ``done`` (its pixels' stores) is."""
     records[image] = np.asarray(value, dtype=np.uint8)
+
+
+def images_per_shard(n: int, ny: int, nx: int) -> int:
+    """Images to a file (Zarr shard) of each output array: as many ``ny`` x ``nx`` float32 images as
+    ``SHARD_BYTES`` holds (at most ``MAX_IMAGES_PER_SHARD``, and the images); 1 (no shards) where fewer than
+    two fit."""
+    fit = min(SHARD_BYTES // (ny * nx * 4), MAX_IMAGES_PER_SHARD, n)
+    return fit if fit >= 2 else 1
+
+
+def _stores(arrays: dict[str, Any], records: Any, shard: int, outputs: dict[int, dict[str, Any]],
+            value: tuple[int, int]) -> list[Any]:
+    """The tasks that write each image's ``outputs`` (``{name: Dask array}``) and then record its stages
+    (``value``): chunk by chunk (``da.store``) where the output has no shards, else one task for the images
+    of each shard (:func:`_write_images`)."""
+    import dask
+    import dask.array as da
+
+    if shard == 1:
+        return [dask.delayed(_mark)([da.store(values.astype(np.float32)[None], arrays[name],
+                                              regions=(slice(i, i + 1), slice(None), slice(None)), compute=False,
+                                              lock=False) for name, values in named.items()], records, i, value)
+                for i, named in outputs.items()]
+    groups: dict[int, list[int]] = {}
+    for i in sorted(outputs):
+        groups.setdefault(i // shard, []).append(i)
+    return [dask.delayed(_write_images)(arrays, records, images, value,
+                                        {name: [outputs[i][name].astype(np.float32) for i in images]
+                                         for name in outputs[images[0]]})
+            for images in groups.values()]
+
+
+def _write_images(arrays: dict[str, Any], records: Any, images: list[int], value: tuple[int, int],
+                  values: dict[str, list[np.ndarray]]) -> None:
+    """One task's writes of ``images`` (sorted) of one shard: each array's images (a run of consecutive
+    ones at once), then their records (``value`` per :data:`STAGES`).  A shard is rewritten whole, so only
+    one task writes it."""
+    for name, per_image in values.items():
+        array = arrays[name]
+        for start, stop in consecutive_runs(images):
+            array[images[start]: images[stop - 1] + 1] = np.stack(per_image[start:stop]).astype(array.dtype)
+    first, last = images[0], images[-1] + 1
+    recorded = np.asarray(records[first:last])
+    recorded[np.asarray(images) - first] = value
+    records[first:last] = recorded
 
 
 def _stamp(kernel_map: dict[str, Any], chunk: int, normalised: bool) -> dict[str, Any]:
@@ -242,10 +291,18 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
         if recorded.shape[0] != n:
             raise OptionError(f"--resume: {output} has {recorded.shape[0]} images, the kernel map {n}: pass "
                               "--overwrite to replace it")
-    elif exists:
-        out.remove()
+        shards = group["matched"].shards  # the output's own
+        shard = int(shards[0]) if shards else 1
+    else:
+        shard = images_per_shard(n, ny, nx)
+        if exists:
+            out.remove()
+    cy, cx = min(chunk, ny), min(chunk, nx)
+    encoding: dict[str, Any] = {"chunks": (1, cy, cx)}
+    if shard > 1:  # whole images to a shard
+        encoding["shards"] = (shard, -(-ny // cy) * cy, -(-nx // cx) * cx)
     # the store's layout by xarray (dimension names, the image coordinate), its values written below
-    empty = da.full((n, ny, nx), np.nan, dtype=np.float32, chunks=(1, chunk, chunk))
+    empty = da.full((n, ny, nx), np.nan, dtype=np.float32, chunks=(shard, ny, nx) if shard > 1 else (1, cy, cx))
     skeleton = xr.Dataset(
         {name: (("image", "y", "x"), empty, {"long_name": what})
          for name, what in (*OUTPUTS.items(), *([NORMALISED] if normalised else []))},
@@ -255,9 +312,10 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                "kernelmap_apply": json.dumps(stamp, sort_keys=True), "kernelmap_status": "incomplete"})
     if not resume:
         skeleton.to_zarr(out.location, mode="w", compute=False, consolidated=False, zarr_format=3,
-                         encoding={name: {"chunks": (1, chunk, chunk)} for name in skeleton.data_vars})
+                         encoding={name: dict(encoding) for name in skeleton.data_vars})
         group = zarr.open_group(out.location, mode="r+")
-        records = group.create_array(STATUS, shape=(n, len(STAGES)), chunks=(1, len(STAGES)), dtype="uint8",
+        records = group.create_array(STATUS, shape=(n, len(STAGES)), chunks=(1, len(STAGES)),
+                                     shards=(shard, len(STAGES)) if shard > 1 else None, dtype="uint8",
                                      fill_value=0, attributes={"fields": list(STAGES), "long_name": (
                                          "1 where the image's stage is written: its matched image, then the rest")})
         recorded = np.zeros((n, len(STAGES)), dtype=bool)
@@ -268,7 +326,7 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     matched_done, complete = recorded[:, 0], recorded[:, 1]
     done, skipped, kept = [], [], []
     with dask.config.set(scheduler=scheduler):
-        writes = []
+        matching: dict[int, dict[str, Any]] = {}
         for i, field in enumerate(fields):
             label = labels[i]
             if field is None:
@@ -282,15 +340,13 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                 continue
             half = field.coefficients.shape[-1] // 2
             source, starts = _source(inputs, i, chunk)
-            matched = source.map_overlap(_overlapped_block, depth=half, boundary=np.nan, dtype=np.float64,
-                                         apply=matched_image, field=field, starts=starts, half=half)
-            stored = da.store(matched.astype(np.float32)[None], arrays["matched"],
-                              regions=(slice(i, i + 1), slice(None), slice(None)), compute=False, lock=False)
-            writes.append(dask.delayed(_mark)(stored, records, i, (1, 0)))
+            matching[i] = {"matched": source.map_overlap(
+                _overlapped_block, depth=half, boundary=np.nan, dtype=np.float64, apply=matched_image, field=field,
+                starts=starts, half=half)}
         if kept:
             log(f"apply: {len(kept)} image(s) already complete in {output}")
-        log(f"apply: matching {len(writes)} image(s) ...")
-        dask.compute(writes)
+        log(f"apply: matching {len(matching)} image(s) ...")
+        dask.compute(_stores(arrays, records, shard, matching, (1, 0)))
         written = group["matched"]
         medians_of: dict[int, Any] = {}
         for i in range(n):  # the tiles' medians of target - matched, from the stored matched images
@@ -300,14 +356,14 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
             medians_of[i] = [[dask.delayed(tile_median)(residual[a : a + size, b : b + size]) for b in x0]
                              for a in y0]
         (medians,) = dask.compute(medians_of)
-        stores = []
+        differences: dict[int, dict[str, Any]] = {}
         for i in medians:
             grid = np.asarray(medians[i], dtype=np.float64)
             target = _masked_target(inputs, i, chunk)
             matched = da.from_zarr(written)[i].astype(np.float64)
             background = target.map_blocks(_background_block, dtype=np.float64, medians=grid, centres=centres)
             difference = target - matched - background
-            outputs = [("difference", difference), ("background", background)]
+            outputs = {"difference": difference, "background": background}
             if normalised:
                 source, starts = _source(inputs, i, chunk)
                 half = fields[i].coefficients.shape[-1] // 2
@@ -318,13 +374,10 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
                                                      starts=starts, half=half)
                 target_variance = target.map_blocks(_variance_block, dtype=np.float64, variances=noise,
                                                     role="target", image=i)
-                outputs.append(("normalised", difference / da.sqrt(target_variance + spread)))
-            image_stores = [da.store(values.astype(np.float32)[None], arrays[name],
-                                     regions=(slice(i, i + 1), slice(None), slice(None)), compute=False, lock=False)
-                            for name, values in outputs]
-            stores.append(dask.delayed(_mark)(image_stores, records, i, (1, 1)))
+                outputs["normalised"] = difference / da.sqrt(target_variance + spread)
+            differences[i] = outputs
         log("apply: differences ...")
-        dask.compute(stores)
+        dask.compute(_stores(arrays, records, shard, differences, (1, 1)))
     group.attrs["kernelmap_status"] = "complete"
     if fits is not None:
         _write_fits(group, fits, [i for i in range(n) if fields[i] is not None], labels, inputs.wcs, log)
