@@ -347,11 +347,11 @@ def test_an_interrupted_apply_is_finished_by_resume_as_an_uninterrupted_one_wrot
     import zarr
 
     from pipeline.errors import OptionError
-    from pipeline.job import apply as apply_job
+    from pipeline.io import store
     from pipeline.job.apply import STATUS, apply_kernel_map
 
     if not sharded:  # images too large to share a file: each chunk written by its own task
-        monkeypatch.setattr(apply_job, "SHARD_BYTES", 192 * 192 * 4 * 2 - 1)
+        monkeypatch.setattr(store, "SHARD_BYTES", 192 * 192 * 4 * 2 - 1)
     out = tmp_path / "images.zarr"
     first = apply_kernel_map(three_images, out, chunk=64, log=lambda _: None)
     assert first.kept == [] and len(first.images) == 3

@@ -419,13 +419,27 @@ def test_ingest_in_threads_and_on_a_dask_cluster_equals_the_serial_one(tmp_path)
         xr.testing.assert_identical(xr.open_zarr(tmp_path / f"{name}.zarr", consolidated=False).load(), serial)
 
 
-def test_an_interrupted_ingest_is_finished_by_the_same_ingest_and_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("sharded", [True, False])
+def test_an_interrupted_ingest_is_finished_by_the_same_ingest_and_equals_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                               sharded):
     import zarr
 
+    from pipeline.io import store
+
+    if not sharded:  # images too large to share a file: each written by its own task
+        monkeypatch.setattr(store, "SHARD_BYTES", 48 * 64 * 4 * 2 - 1)
     reference, targets, options = _files_for_stack(tmp_path)
     whole, out = tmp_path / "whole.zarr", tmp_path / "stack.zarr"
     ingest_fits(reference, targets, whole, log=_quiet, **options)
     ingest_fits(reference, targets, out, log=_quiet, **options)
+    group = zarr.open_group(str(out), mode="r")
+    for name in ("target", "mask", "target_variance", "ingest/target_written"):
+        # the 4 targets in one shard (chunks of 32 px: shards of whole chunks), else a file a chunk
+        assert group[name].shards == (((4,) if name.startswith("ingest") else (4, 64, 64)) if sharded else None)
+        files = [f for f in (out / name / "c").rglob("*") if f.is_file()]
+        expected = 1 if sharded else 4 if name.startswith("ingest") else 4 * 2 * 2
+        # (a chunk of the mask with no bad pixel, its fill value, is not written)
+        assert len(files) <= expected if name == "mask" else len(files) == expected, name
     # forget the reference and targets 1 and 2: unrecorded, their pixels scribbled over
     group = zarr.open_group(str(out), mode="r+")
     for i in (1, 2):

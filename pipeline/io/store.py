@@ -58,8 +58,8 @@ if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
-           "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "json_attr",
-           "store_tile_grid"]
+           "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "image_encoding",
+           "json_attr", "store_tile_grid", "whole_image_shards"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -630,6 +630,23 @@ def store_tile_grid(attrs: dict[str, Any]) -> str:
     """The tile-grid rule of a store from its root attributes: its ``tile_grid``, or
     :data:`~pipeline.core.tiles.STEP` for a store written before that attribute existed."""
     return str(attrs.get("tile_grid", STEP))
+
+
+def whole_image_shards(n: int, ny: int, nx: int) -> int:
+    """Images to a file (Zarr shard) of an ``(n, ny, nx)`` float32 array of whole images: as many as
+    ``SHARD_BYTES`` holds (at most ``MAX_IMAGES_PER_SHARD`` and ``n``); 1 (no shards) where fewer than two fit."""
+    fit = min(SHARD_BYTES // (ny * nx * 4), MAX_IMAGES_PER_SHARD, n)
+    return fit if fit >= 2 else 1
+
+
+def image_encoding(shard: int, chunks: tuple[int, int], shape: tuple[int, int]) -> dict[str, Any]:
+    """The Zarr encoding of an ``(image, y, x)`` array of ``shape`` images: chunks of one image by ``chunks``,
+    and shards of ``shard`` whole images where ``shard`` > 1."""
+    (cy, cx), (ny, nx) = chunks, shape
+    encoding: dict[str, Any] = {"chunks": (1, cy, cx)}
+    if shard > 1:
+        encoding["shards"] = (shard, -(-ny // cy) * cy, -(-nx // cx) * cx)
+    return encoding
 
 
 def consecutive_runs(images: Sequence[int]) -> list[tuple[int, int]]:

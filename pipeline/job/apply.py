@@ -13,7 +13,7 @@ are NaN in the difference.  Three passes: the matched images, the tiles'
 medians, then the differences (both from the stored matched images).
 
 Images small enough to share files (two or more in ``SHARD_BYTES``, see
-:func:`images_per_shard`) are stored as Zarr 3 shards of whole images, each
+:func:`~pipeline.io.store.whole_image_shards`) are stored as Zarr 3 shards of whole images, each
 written by one task with its images' records; larger ones chunk by chunk.
 
 Each image's progress is recorded in ``status/applied`` ``(image, stage)``
@@ -45,11 +45,11 @@ import yaml
 from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
 from ..errors import InputError, OptionError
-from ..io.store import MAX_IMAGES_PER_SHARD, SHARD_BYTES, OutputStore, consecutive_runs
+from ..io.store import OutputStore, consecutive_runs, image_encoding, whole_image_shards
 from .config import job_from_dict
 from .plan import job_inputs
 
-__all__ = ["STAGES", "STATUS", "ApplySummary", "apply_kernel_map", "images_per_shard"]
+__all__ = ["STAGES", "STATUS", "ApplySummary", "apply_kernel_map"]
 
 #: the per-image completion records (a subgroup, ignored by xarray) and their fields
 STATUS = "status/applied"
@@ -136,14 +136,6 @@ def _masked_target(inputs, image: int, chunk: int):
 def _mark(done: Any, records: Any, image: int, value: tuple[int, int]) -> None:
     """Record ``image``'s stages (``value`` per :data:`STAGES`) once ``done`` (its pixels' stores) is."""
     records[image] = np.asarray(value, dtype=np.uint8)
-
-
-def images_per_shard(n: int, ny: int, nx: int) -> int:
-    """Images to a file (Zarr shard) of each output array: as many ``ny`` x ``nx`` float32 images as
-    ``SHARD_BYTES`` holds (at most ``MAX_IMAGES_PER_SHARD``, and the images); 1 (no shards) where fewer than
-    two fit."""
-    fit = min(SHARD_BYTES // (ny * nx * 4), MAX_IMAGES_PER_SHARD, n)
-    return fit if fit >= 2 else 1
 
 
 def _stores(arrays: dict[str, Any], records: Any, shard: int, outputs: dict[int, dict[str, Any]],
@@ -294,13 +286,11 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
         shards = group["matched"].shards  # the output's own
         shard = int(shards[0]) if shards else 1
     else:
-        shard = images_per_shard(n, ny, nx)
+        shard = whole_image_shards(n, ny, nx)
         if exists:
             out.remove()
     cy, cx = min(chunk, ny), min(chunk, nx)
-    encoding: dict[str, Any] = {"chunks": (1, cy, cx)}
-    if shard > 1:  # whole images to a shard
-        encoding["shards"] = (shard, -(-ny // cy) * cy, -(-nx // cx) * cx)
+    encoding = image_encoding(shard, (cy, cx), (ny, nx))
     # the store's layout by xarray (dimension names, the image coordinate), its values written below
     empty = da.full((n, ny, nx), np.nan, dtype=np.float32, chunks=(shard, ny, nx) if shard > 1 else (1, cy, cx))
     skeleton = xr.Dataset(

@@ -1,4 +1,4 @@
-"""``kernelmap ingest``: FITS files to an input stack, as a job of one task per image.
+"""``kernelmap ingest``: FITS files to an input stack, as a job of one task per image (or shard).
 
 A plan (:func:`plan_ingest`) reads every file's headers and checks them
 before anything is written: the HDUs exist and hold 2-D images, each mask,
@@ -6,21 +6,24 @@ weight or variance plane is shaped like its image, the targets lie on the
 reference's pixel grid (their WCS within ``tolerance`` pixels of the
 reference's) or, with ``reproject``, overlap it, and the header keys asked for
 are there.  Executing it (:meth:`IngestPlan.execute`) creates the stack's
-arrays (metadata only), then runs one task per image (:func:`write_image`:
-read, check the values, resample where needed, write the image's own
-chunks) in a pool of threads or on a Dask cluster, with progress shown.
+arrays (metadata only), then runs one task per image, or per shard's images
+(:func:`write_images`: read, check the values, resample where needed, write
+the images' own chunks or shard) in a pool of threads or on a Dask cluster,
+with progress shown.
 
 The stack (Zarr 3, local): ``source (y, x)``, ``target (image, y, x)``
 float32, ``mask (image, y, x)`` uint8 with a mask plane (nonzero = bad),
 ``target_variance (image, y, x)`` and ``source_variance (y, x)`` float32 with
 weights or variances (inf or NaN: no data), the header keys as coordinates
-along ``image``, chunks of one image by ``chunk`` x ``chunk`` pixels.  Root
+along ``image``, chunks of one image by ``chunk`` x ``chunk`` pixels; images
+small enough to share files (see :func:`~pipeline.io.store.whole_image_shards`)
+stored as Zarr 3 shards of whole images, each written by one task.  Root
 attributes: the reference's WCS (``reference_wcs``), the files, the targets
 resampled, and the settings (``kernelmap_ingest``).
 
 Resuming: the group ``ingest`` of the stack records which images are written
-(``target_written (image,)``, ``source_written (1,)``, one chunk each), each
-set by its task after the image's pixels.  Running the same ingest again
+(``target_written (image,)``, ``source_written (1,)``, one chunk each,
+sharded as the images), each set by its task after the image's pixels.  Running the same ingest again
 (same settings, same files) writes only the images not recorded, and the
 stack equals an uninterrupted ingest's; a complete one is left as it is.  A
 stack from other settings or files, or anything else at the output, is
@@ -55,11 +58,12 @@ from ..io.fits import (
     read_image,
     wcs_text,
 )
+from ..io.store import consecutive_runs, image_encoding, whole_image_shards
 from .config import INGEST_MASK, INGEST_VARIANCES, IngestConfig, JobConfig
 from .progress import Progress
 
 __all__ = ["IngestPlan", "IngestSummary", "ImageTask", "ingest_fits", "ingested_input", "job_ingest_plan",
-           "plan_ingest", "stack_state", "write_image"]
+           "plan_ingest", "stack_state", "write_images"]
 
 #: The stack's group recording which images are written, and its arrays.
 RECORD = "ingest"
@@ -103,40 +107,70 @@ class ImageWritten:
     bad: int
 
 
-def write_image(task: ImageTask) -> ImageWritten:
-    """Read one image's planes, check their values, resample it where asked, and write its chunks of the
-    stack; then record it written.
+def write_images(tasks: Sequence[ImageTask]) -> list[ImageWritten]:
+    """Read the images of ``tasks`` (the reference alone, or targets of one shard of the stack), check their
+    values, resample them where asked, and write them (a run of consecutive targets at once: a shard is
+    rewritten whole, so only one task writes it); then record them written.
 
     Raises
     ------
     InputError
-        A plane cannot be read or holds negative weights or variances (the image is not recorded).
+        A plane cannot be read or holds negative weights or variances: that image is not recorded (the task's
+        others are written and recorded first).
     """
-    import zarr
 
     from ..io.resample import resample_onto
 
-    pixels = read_image(task.spec, mask_bits=task.mask_bits)
-    data, bad, variance = pixels.data, pixels.bad, pixels.variance
-    if task.resample is not None:
-        r = task.resample
-        data, bad, variance = resample_onto(data, bad, variance, r.wcs, r.reference_wcs, r.shape)
-    group = zarr.open_group(task.output, mode="r+")
-    if task.index is None:
+    read, failed = [], None
+    for task in tasks:
+        try:
+            pixels = read_image(task.spec, mask_bits=task.mask_bits)
+        except InputError as exc:
+            failed = failed or exc
+            continue
+        data, bad, variance = pixels.data, pixels.bad, pixels.variance
+        if task.resample is not None:
+            r = task.resample
+            data, bad, variance = resample_onto(data, bad, variance, r.wcs, r.reference_wcs, r.shape)
+        read.append((task, (data, bad, variance)))
+    if read:
+        _write_read(read)
+    if failed is not None:
+        raise failed
+    return [ImageWritten(task.index, int(np.count_nonzero(~np.isfinite(d) | (False if b is None else b))))
+            for task, (d, b, _) in read]
+
+
+def _write_read(read: list[tuple[ImageTask, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]]) -> None:
+    """Write the images read (the reference alone, or targets of one shard), then record them written."""
+    import zarr
+
+    tasks = [task for task, _ in read]
+    read = [planes for _, planes in read]
+    group = zarr.open_group(tasks[0].output, mode="r+")
+    first = tasks[0]
+    if first.index is None:
+        data, _, variance = read[0]
         group["source"][...] = data
-        if task.variance:
+        if first.variance:
             group[INGEST_VARIANCES["source"]][...] = variance
         group[f"{RECORD}/{WRITTEN['source']}"][0] = 1
     else:
-        i = task.index
-        group["target"][i] = data
-        if task.mask:
-            group[INGEST_MASK][i] = np.zeros(data.shape, np.uint8) if bad is None else bad.astype(np.uint8)
-        if task.variance:
-            group[INGEST_VARIANCES["target"]][i] = variance
-        group[f"{RECORD}/{WRITTEN['target']}"][i] = 1
-    n_bad = int(np.count_nonzero(~np.isfinite(data) | (False if bad is None else bad)))
-    return ImageWritten(task.index, n_bad)
+        indices = [t.index for t in tasks]
+        planes = {"target": [d for d, _, _ in read]}
+        if first.mask:
+            planes[INGEST_MASK] = [np.zeros(d.shape, np.uint8) if b is None else b.astype(np.uint8)
+                                   for d, b, _ in read]
+        if first.variance:
+            planes[INGEST_VARIANCES["target"]] = [v for _, _, v in read]
+        for name, values in planes.items():
+            for start, stop in consecutive_runs(indices):
+                group[name][indices[start]: indices[stop - 1] + 1] = np.stack(values[start:stop])
+        written = group[f"{RECORD}/{WRITTEN['target']}"]
+        lo, hi = indices[0], indices[-1] + 1
+        recorded = np.asarray(written[lo:hi])
+        recorded[np.asarray(indices) - lo] = 1
+        written[lo:hi] = recorded
 
 
 @dataclass(frozen=True)
@@ -234,12 +268,31 @@ class IngestPlan:
             targets = np.asarray(record[WRITTEN["target"]][...], bool)
             source = bool(record[WRITTEN["source"]][0])
             pending = [t for t in self.tasks if not (source if t.index is None else targets[t.index])]
-        _run(pending, client=client, workers=workers, progress=progress, log=log)
+        _run(self._groups(pending), client=client, workers=workers, progress=progress, log=log)
         summary = IngestSummary(self.output, n, sum(t.index is not None for t in pending), tuple(self.resampled),
                                 time.monotonic() - started,
                                 reference_written=any(t.index is None for t in pending))
         log(summary.describe())
         return summary
+
+    @property
+    def images_per_shard(self) -> int:
+        """Targets to a file (Zarr shard) of the stack's arrays along ``image`` (1: no shards)."""
+        return whole_image_shards(len(self.files), *self.shape)
+
+    def _groups(self, tasks: Sequence[ImageTask]) -> list[list[ImageTask]]:
+        """The tasks as the groups one task writes: the reference alone, the targets of each shard together
+        (each target alone where the stack has no shards)."""
+        import zarr
+
+        shard = 1
+        if os.path.lexists(self.output):  # the stack's own (an ingest made before shards has none)
+            shards = zarr.open_group(self.output, mode="r")["target"].shards
+            shard = int(shards[0]) if shards else 1
+        groups: dict[Any, list[ImageTask]] = {}
+        for task in tasks:
+            groups.setdefault("reference" if task.index is None else task.index // shard, []).append(task)
+        return list(groups.values())
 
     def _create(self) -> None:
         """The stack's arrays (metadata), coordinates and record; the settings' stamp last."""
@@ -255,8 +308,11 @@ class IngestPlan:
         s, n, (ny, nx) = self.settings, len(self.files), self.shape
         plane = (min(s.chunk, ny), min(s.chunk, nx))
 
+        shard = self.images_per_shard
+
         def images(dtype) -> tuple[tuple[str, ...], Any]:
-            return ("image", "y", "x"), da.zeros((n, ny, nx), dtype=dtype, chunks=(1, *plane))
+            return ("image", "y", "x"), da.zeros((n, ny, nx), dtype=dtype,
+                                                 chunks=(shard, ny, nx) if shard > 1 else (1, *plane))
 
         reference = (("y", "x"), da.zeros((ny, nx), np.float32, chunks=plane))
         data: dict[str, Any] = {"source": reference, "target": images(np.float32)}
@@ -268,45 +324,49 @@ class IngestPlan:
         ds = xr.Dataset(data, coords=self.coords, attrs={
             "title": "kernelmap input stack from FITS files", "reference": s.reference,
             "targets": list(self.files), "resampled_targets": list(self.resampled), **self.attrs})
-        encoding = {name: {"chunks": plane if ds[name].ndim == 2 else (1, *plane)} for name in data}
+        encoding = {name: {"chunks": plane} if ds[name].ndim == 2 else image_encoding(shard, plane, (ny, nx))
+                    for name in data}
         ds.to_zarr(self.output, mode="w-", consolidated=False, zarr_format=3, encoding=encoding, compute=False)
         group = zarr.open_group(self.output, mode="r+")
         record = group.create_group(RECORD, attributes={
             "description": "which images of the stack are written (1), each set after the image's pixels"})
-        record.create_array(WRITTEN["target"], shape=(n,), chunks=(1,), dtype="uint8", fill_value=0)
+        record.create_array(WRITTEN["target"], shape=(n,), chunks=(1,), shards=(shard,) if shard > 1 else None,
+                            dtype="uint8", fill_value=0)
         record.create_array(WRITTEN["source"], shape=(1,), chunks=(1,), dtype="uint8", fill_value=0)
         group.attrs[STAMP] = self.settings.stamp()
 
 
-def _run(tasks: Sequence[ImageTask], *, client: Any, workers: int, progress: bool,
+def _run(groups: Sequence[Sequence[ImageTask]], *, client: Any, workers: int, progress: bool,
          log: Callable[[str], None]) -> list[ImageWritten]:
-    """Run the tasks on ``client`` or in ``workers`` threads, counting the images as they are written; the
-    first failure cancels what has not started and is raised."""
-    bar = Progress(len(tasks), log, progress, unit="images")
+    """Run a task for each group of images (:func:`write_images`) on ``client`` or in ``workers`` threads,
+    counting the images as they are written; the first failure cancels what has not started and is raised."""
+    bar = Progress(sum(len(g) for g in groups), log, progress, unit="images")
     results: list[ImageWritten] = []
-    if not tasks:
+    if not groups:
         return results
     if client is not None:
         from dask.base import tokenize
         from distributed import as_completed as completed_in_turn
 
-        token = tokenize(tasks[0].output, time.time_ns())
-        futures = [client.submit(write_image, task, key=f"kernelmap-ingest-{task.name}-{token}", pure=False)
-                   for task in tasks]
+        token = tokenize(groups[0][0].output, time.time_ns())
+        futures = [client.submit(write_images, list(group), key=f"kernelmap-ingest-{group[0].name}-{token}",
+                                 pure=False) for group in groups]
         try:
             for future in completed_in_turn(futures):
-                results.append(future.result())
-                bar.update(1)
+                written = future.result()
+                results += written
+                bar.update(len(written))
         except BaseException:
             client.cancel(futures)
             raise
         return results
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="kernelmap-ingest")
     try:
-        futures = [pool.submit(write_image, task) for task in tasks]
+        futures = [pool.submit(write_images, list(group)) for group in groups]
         for future in as_completed(futures):
-            results.append(future.result())
-            bar.update(1)
+            written = future.result()
+            results += written
+            bar.update(len(written))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results
@@ -451,7 +511,7 @@ def ingest_fits(reference: str | os.PathLike[str], targets: Sequence[str | os.Pa
     ConfigError
         An option is invalid.
     OptionError, InputError
-        See :func:`plan_ingest` and :func:`write_image`.
+        See :func:`plan_ingest` and :func:`write_images`.
     """
     options = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in options.items()}
     settings = IngestConfig.from_options(os.fspath(reference), [os.fspath(t) for t in targets], **options)
