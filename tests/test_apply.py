@@ -243,8 +243,24 @@ def test_the_apply_job_writes_in_chunks_what_the_library_gives_for_the_whole_ima
         apply_kernel_map(folder / "kernels.zarr", out, log=lambda _: None)
     assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     apply_kernel_map(folder / "kernels.zarr", out, mode="overwrite", log=lambda _: None)
-    with pytest.raises(OptionError, match="is the kernel map or its input"):
-        apply_kernel_map(folder / "kernels.zarr", folder / "kernels.zarr", mode="overwrite", log=lambda _: None)
+    inputs = _files(folder)
+    # the kernel map, a folder holding it and its input, or a place inside its input: refused, nothing deleted
+    for where in (folder / "kernels.zarr", folder, folder / "stack.zarr" / "images"):
+        with pytest.raises(OptionError, match=r"is, holds or lies inside (the kernel map|its input stack) .*nothing "
+                                              r"was changed"):
+            apply_kernel_map(folder / "kernels.zarr", where, mode="overwrite", log=lambda _: None)
+    # something apply did not write is not replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(OptionError, match="is not an output of kernelmap apply: nothing was changed"):
+        apply_kernel_map(folder / "kernels.zarr", tmp_path / "mine", mode="overwrite", log=lambda _: None)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and _files(folder) == inputs
+    # a FITS folder that exists is not written into by an apply that starts afresh
+    (tmp_path / "fits").mkdir()
+    with pytest.raises(OptionError, match="fits already exists: nothing was changed"):
+        apply_kernel_map(folder / "kernels.zarr", tmp_path / "new.zarr", mode="resume", fits=tmp_path / "fits",
+                         log=lambda _: None)
+    assert not (tmp_path / "new.zarr").exists()
 
 
 def test_kernelmap_apply_writes_the_images_and_refuses_to_overwrite(demo_pair, tmp_path, capsys):
@@ -407,6 +423,12 @@ def test_resume_refuses_an_output_of_another_kernel_map_or_settings_naming_what_
     with pytest.raises(OptionError, match=r"another kernel map .*\(the kernel map \(its kernelmap_store_id\): "
                                           r"'[0-9a-f]{32}' there, '0{32}' here\)"):
         apply_kernel_map(other, out, mode="resume", chunk=64, log=lambda _: None)
+    older = tmp_path / "older-kernels.zarr"  # a kernel map without a store id: no output of it is resumed
+    shutil.copytree(three_images, older)
+    del zarr.open_group(str(older), mode="r+").attrs["kernelmap_store_id"]
+    apply_kernel_map(older, tmp_path / "older.zarr", chunk=64, log=lambda _: None)
+    with pytest.raises(OptionError, match="the kernel map has no kernelmap_store_id"):
+        apply_kernel_map(older, tmp_path / "older.zarr", mode="resume", chunk=64, log=lambda _: None)
     xr.Dataset({"a": ("x", np.arange(3.0))}).to_zarr(tmp_path / "plain.zarr", zarr_format=3, consolidated=False)
     with pytest.raises(OptionError, match="was not made by kernelmap apply"):
         apply_kernel_map(three_images, tmp_path / "plain.zarr", mode="resume", chunk=64, log=lambda _: None)

@@ -287,6 +287,12 @@ def test_error_message_text():
     ({"output": {"path": "o", "dtype": "float16"}}, "output.dtype: 'float16' is not one of float32, float64"),
     ({"output": {"path": "in.zarr/"}},
      "output.path: 'in.zarr/' is the input store (input.path): the output must go to another store"),
+    ({"output": {"path": "."}},
+     "output.path: '.' holds the input store (input.path 'in.zarr'): the output must go elsewhere (replacing it "
+     "would delete the input)"),
+    ({"output": {"path": "in.zarr/kernels.zarr"}},
+     "output.path: 'in.zarr/kernels.zarr' lies inside the input store (input.path 'in.zarr'), which is never "
+     "written: the output must go elsewhere"),
     ({"input": {"path": "in.zarr", "target": "source"}}, "input.target: 'source' is also the source array"),
     ({"input": {"path": "in.zarr", "mask": "target"}}, "input.mask: 'target' is also the target array"),
     ({"input": {"path": ["a"]}}, "input.path: ['a'] is not a string"),
@@ -295,6 +301,10 @@ def test_error_message_text():
 ])
 def test_single_error_messages(section, expected):
     assert errors_of({**MINIMAL, **section}) == [expected]
+
+
+def test_an_output_beside_the_input_with_a_name_it_starts_with_is_fine():
+    assert job_from_dict({**MINIMAL, "output": {"path": "in.zarr2"}}).output.path == "in.zarr2"
 
 
 @pytest.mark.parametrize(("scheduler", "kind"), [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,19 @@ def test_overwrite_replaces_and_resume_of_a_complete_store_skips_everything(tmp_
     assert again.tiles_skipped == again.n_tiles and again.tiles_computed == 0
     run_job(job_from_dict(job_dict(tmp_path, output={"mode": "overwrite"})), progress=False)
     xr.testing.assert_identical(open_result(tmp_path / "kernels.zarr").drop_attrs(), first.drop_attrs())
+    # what kernelmap run did not write is not replaced: another program's store, a folder of files
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("keep")
+    shutil.copytree(tmp_path / "stack.zarr", tmp_path / "copy.zarr")
+    for other in (tmp_path / "stack.zarr", tmp_path / "notes"):
+        job = job_from_dict(job_dict(tmp_path, input={"path": str(tmp_path / "copy.zarr")},
+                                     output={"path": str(other), "mode": "overwrite"}))
+        with pytest.raises(OptionError, match="is not a kernel map written by kernelmap run: nothing was changed"):
+            run_job(job, progress=False)
+    assert (tmp_path / "notes" / "a.txt").read_text() == "keep" and (tmp_path / "stack.zarr" / "zarr.json").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder is
+    run_job(job_from_dict(job_dict(tmp_path, output={"path": str(tmp_path / "empty"), "mode": "overwrite"})),
+            progress=False)
 
 
 def test_block_records_hold_the_diagnostics_and_rebuild_them_on_resume(tmp_path):

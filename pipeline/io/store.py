@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
            "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "image_encoding",
-           "json_attr", "store_tile_grid", "whole_image_shards"]
+           "json_attr", "path_within", "store_tile_grid", "whole_image_shards"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -420,6 +420,21 @@ class OutputStore:
         """Root attributes."""
         return dict(zarr.open_group(self.location, mode="r").attrs)
 
+    def replaceable(self, attribute: str) -> bool:
+        """Whether what exists at the path may be replaced when asked: nothing, an empty folder, or a Zarr
+        group whose root attributes hold ``attribute`` (what kernelmap wrote there)."""
+        location = self.location
+        if "://" not in location:
+            p = Path(location)
+            if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+                return True
+        elif not self.exists():
+            return True
+        try:
+            return attribute in zarr.open_group(location, mode="r").attrs
+        except (OSError, ValueError, LookupError):  # not a Zarr group (Zarr's errors are ValueErrors)
+            return False
+
     # ---- the output-mode policy
 
     def opening(self, mode: str, *, fingerprint: str, input_identity: str,
@@ -445,6 +460,12 @@ class OutputStore:
                 f"output.path {self.path} already exists and output.mode is 'create': nothing was changed. "
                 "Use output.mode=resume to finish an interrupted run of this job, or output.mode=overwrite "
                 "to replace it (e.g. --set output.mode=resume)"
+            ))
+        if mode == "overwrite" and not self.replaceable("kernelmap_fingerprint"):
+            return Opening("overwrite", self, refusal=OptionError(
+                f"output.path {self.path} exists and is not a kernel map written by kernelmap run: nothing was "
+                "changed; output.mode=overwrite replaces only those. Remove it yourself, or choose another "
+                "output.path"
             ))
         if mode != "resume":
             return Opening(mode, self)
@@ -647,6 +668,16 @@ def image_encoding(shard: int, chunks: tuple[int, int], shape: tuple[int, int]) 
     if shard > 1:
         encoding["shards"] = (shard, -(-ny // cy) * cy, -(-nx // cx) * cx)
     return encoding
+
+
+def path_within(inner: str | Path, outer: str | Path) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it (local paths resolved; URLs compared as text)."""
+    a, b = _location(str(inner)), _location(str(outer))
+    if "://" in a or "://" in b:
+        a, b = a.rstrip("/"), b.rstrip("/")
+        return a == b or a.startswith(b + "/")
+    a_path, b_path = Path(a).resolve(), Path(b).resolve()
+    return a_path == b_path or b_path in a_path.parents
 
 
 def consecutive_runs(images: Sequence[int]) -> list[tuple[int, int]]:

@@ -45,7 +45,7 @@ import yaml
 from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
 from ..errors import InputError, OptionError
-from ..io.store import OutputStore, consecutive_runs, image_encoding, whole_image_shards
+from ..io.store import OutputStore, consecutive_runs, image_encoding, path_within, whole_image_shards
 from .config import job_from_dict
 from .plan import job_inputs
 
@@ -200,6 +200,10 @@ def _resumable(output: str | Path, group: Any, stamp: dict[str, Any]) -> np.ndar
     except (KeyError, TypeError, ValueError):
         raise OptionError(f"--resume: {output} was not made by kernelmap apply (no kernelmap_apply attribute): "
                           "nothing was changed; give another --out, or --overwrite to replace it") from None
+    if not stamp["kernelmap_store_id"]:
+        raise OptionError("--resume: the kernel map has no kernelmap_store_id (an older kernelmap wrote it), so an "
+                          "output made from it cannot be told from one of another such map: nothing was changed; "
+                          "pass --overwrite to write the images again")
     differ = [key for key in stamp if old.get(key) != stamp[key]]
     if differ:
         said = "; ".join(f"{_STAMPED[key][0]}: {old.get(key)!r} there, {stamp[key]!r} here" for key in differ)
@@ -246,20 +250,19 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     job = job_from_dict(data)
     out = OutputStore(str(output))  # a local path or an fsspec URL (credentials from the environment)
 
-    def same(a: str | Path, b: str | Path) -> bool:
-        a, b = str(a), str(b)
-        if "://" in a or "://" in b:
-            return a.rstrip("/") == b.rstrip("/")
-        return Path(a).resolve() == Path(b).resolve()
-
-    if same(job.input.path, output) or same(kernels, output):
-        raise OptionError(f"{output} is the kernel map or its input: write the images elsewhere")
+    for what, path in (("the kernel map", kernels), ("its input stack", job.input.path)):
+        if path_within(path, output) or path_within(output, path):
+            raise OptionError(f"{output} is, holds or lies inside {what} ({path}), which is never written: "
+                              "nothing was changed; write the images elsewhere")
     exists = out.exists()
     if exists and mode == "create":
         raise OptionError(f"{output} already exists: nothing was changed; pass --resume (mode='resume') to finish "
                           "an interrupted apply of this kernel map, --overwrite (mode='overwrite') to replace it, "
                           "or another output path")
-    if fits is not None and Path(fits).exists() and mode == "create":
+    if exists and mode == "overwrite" and not out.replaceable("kernelmap_apply"):
+        raise OptionError(f"{output} exists and is not an output of kernelmap apply: nothing was changed; "
+                          "--overwrite replaces only those. Remove it yourself, or give another output path")
+    if fits is not None and Path(fits).exists() and mode != "overwrite" and not (mode == "resume" and exists):
         raise OptionError(f"{fits} already exists: nothing was changed; pass --overwrite to replace its files, or "
                           "another folder")
     inputs = job_inputs(job)

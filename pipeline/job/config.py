@@ -985,11 +985,23 @@ def _model_fits(model: ModelConfig, kernel: _KernelBase) -> list[tuple[str, str]
 
 def _paths_differ(inp: InputConfig, out: OutputConfig) -> list[tuple[str, str]]:
     def norm(path: str) -> str:
-        return path.rstrip("/") if "://" in path else os.path.normpath(path)
+        if path.startswith("file://"):
+            path = path[len("file://"):]
+        return path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
 
-    if norm(inp.path) == norm(out.path):
+    def within(inner: str, outer: str) -> bool:
+        return inner.startswith(outer.rstrip("/" + os.sep) + ("/" if "://" in outer else os.sep))
+
+    source, output = norm(inp.path), norm(out.path)
+    if source == output:
         return [("output.path", f"{out.path!r} is the input store (input.path): the output "
                                 "must go to another store")]
+    if within(source, output):
+        return [("output.path", f"{out.path!r} holds the input store (input.path {inp.path!r}): the output "
+                                "must go elsewhere (replacing it would delete the input)")]
+    if within(output, source):
+        return [("output.path", f"{out.path!r} lies inside the input store (input.path {inp.path!r}), which "
+                                "is never written: the output must go elsewhere")]
     return []
 
 
