@@ -153,3 +153,42 @@ def test_the_tile_table_gives_each_tiles_place_on_the_sky_and_its_medians(maps, 
     assert "maps in RA/Dec" in index.read_text()
     assert "ra" not in pd.read_csv(tmp_path / "report" / "images.csv")  # the images share the reference grid
     xr.testing.assert_equal(xr.Dataset.from_dataframe(written), xr.Dataset.from_dataframe(table))
+
+
+@pytest.mark.parametrize("frame", ["swapped", "galactic"])
+def test_the_compass_and_the_axis_names_follow_the_wcs_axes_order_and_frame(frame):
+    """Longitude on the second axis, or a galactic WCS: north and east are still ICRS north and east, the
+    axes named for what they show, the tile centres' ra/dec ICRS."""
+    from astropy.wcs import WCS
+
+    from pipeline.analysis.sky import axis_names
+    from pipeline.io.store import tile_sky_positions
+
+    header = fits.Header()
+    if frame == "swapped":  # Dec along x, RA along y (decreasing upwards)
+        header.update({"CTYPE1": "DEC--TAN", "CTYPE2": "RA---TAN", "CRVAL1": 2.0, "CRVAL2": 150.0,
+                       "CRPIX1": 50.5, "CRPIX2": 40.5, "CD1_1": SCALE, "CD2_2": -SCALE, "CD1_2": 0.0, "CD2_1": 0.0})
+    else:  # the galactic centre, l to the left
+        header.update({"CTYPE1": "GLON-TAN", "CTYPE2": "GLAT-TAN", "CRVAL1": 0.0, "CRVAL2": 0.0,
+                       "CRPIX1": 50.5, "CRPIX2": 40.5, "CD1_1": -SCALE, "CD2_2": SCALE, "CD1_2": 0.0, "CD2_1": 0.0})
+    wcs = WCS(header).celestial
+    north, east = compass(wcs, 39.5, 49.5)
+    here = wcs.pixel_to_world(49.5, 39.5).icrs
+    for vector, moves in ((north, "dec"), (east, "ra")):
+        step = 20.0 * vector  # 20 px along it
+        there = wcs.pixel_to_world(49.5 + step[1], 39.5 + step[0]).icrs
+        d_ra = (there.ra.deg - here.ra.deg) * np.cos(np.radians(here.dec.deg)) * 3600
+        d_dec = (there.dec.deg - here.dec.deg) * 3600
+        along, across = (d_dec, d_ra) if moves == "dec" else (d_ra, d_dec)
+        assert along == pytest.approx(20 * SCALE * 3600, rel=1e-3) and abs(across) < 1e-3 * along, (moves, along,
+                                                                                                     across)
+    if frame == "swapped":
+        np.testing.assert_allclose(north, [0.0, 1.0], atol=1e-6)  # Dec grows along x
+        np.testing.assert_allclose(east, [-1.0, 0.0], atol=1e-6)  # RA grows downwards
+        assert axis_names(wcs) == ("RA", "Dec")
+        ra, dec = tile_sky_positions(header.tostring(sep="\n"), np.array([39.5]), np.array([49.5]))
+        np.testing.assert_allclose([ra[0, 0], dec[0, 0]], [150.0, 2.0], atol=1e-9)
+    else:
+        assert axis_names(wcs) == ("Galactic l", "Galactic b")
+        ra, dec = tile_sky_positions(header.tostring(sep="\n"), np.array([39.5]), np.array([49.5]))
+        np.testing.assert_allclose([ra[0, 0], dec[0, 0]], [266.405, -28.936], atol=1e-3)  # Sgr A* region, ICRS

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["PIXELS", "Sky", "compass", "draw_compass", "is_sky_axes", "label_axes", "sky_of"]
+from ..io.store import icrs_positions
+
+__all__ = ["PIXELS", "Sky", "axis_names", "compass", "draw_compass", "is_sky_axes", "label_axes", "sky_of"]
 
 #: How far (degrees) the WCS's sky positions of the tile centres may lie from the stored ``ra``/``dec``.
 TOLERANCE_DEG = 1e-6
@@ -68,9 +70,8 @@ def sky_of(ds: xr.Dataset) -> Sky:
     if wcs.naxis != 2:
         return Sky(note="the kernel map's reference_wcs has no celestial axes: the maps have pixel axes")
     if "ra" in ds.coords and "dec" in ds.coords:
-        yy, xx = np.meshgrid(np.asarray(ds["y"].values, np.float64), np.asarray(ds["x"].values, np.float64),
-                             indexing="ij")
-        ra, dec = wcs.all_pix2world(xx, yy, 0)
+        ra, dec = icrs_positions(wcs, *np.meshgrid(np.asarray(ds["y"].values, np.float64),
+                                                   np.asarray(ds["x"].values, np.float64), indexing="ij"))
         away = _separation(ra, dec, np.asarray(ds["ra"].values, np.float64), np.asarray(ds["dec"].values, np.float64))
         if not np.all(away <= TOLERANCE_DEG):
             return Sky(note=f"the kernel map's reference_wcs puts its tile centres up to {np.nanmax(away):.3g} deg "
@@ -86,17 +87,29 @@ def _separation(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.nda
 
 
 def compass(wcs: Any, y: float, x: float) -> tuple[np.ndarray, np.ndarray]:
-    """Unit vectors ``(dy, dx)`` in input pixels towards north and towards east at pixel ``(y, x)``
-    (zero-based) under a celestial WCS."""
-    ra, dec = (float(v) for v in wcs.all_pix2world([[x, y]], 0)[0])
+    """Unit vectors ``(dy, dx)`` in input pixels towards north and towards east (ICRS) at pixel ``(y, x)``
+    (zero-based) under a celestial WCS, whatever its axis order and frame."""
+    from astropy import units as u
+
+    here = wcs.pixel_to_world(float(x), float(y)).icrs
     scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) or 1e-4  # degrees per pixel
-    step = 0.5 * scale
     out = []
-    for d_ra, d_dec in ((0.0, step), (step / max(np.cos(np.radians(dec)), 1e-6), 0.0)):
-        px, py = wcs.all_world2pix([[ra + d_ra, dec + d_dec]], 0)[0]
+    for position_angle in (0.0, 90.0):  # north, then east (position angles from north through east)
+        there = here.directional_offset_by(position_angle * u.deg, 0.5 * scale * u.deg)
+        px, py = (float(v) for v in wcs.world_to_pixel(there))
         v = np.array([py - y, px - x])
         out.append(v / np.hypot(*v))
     return out[0], out[1]
+
+
+def axis_names(wcs: Any) -> tuple[str, str]:
+    """Labels of a celestial WCS's longitude and latitude axes: ``RA``/``Dec`` for equatorial frames,
+    ``Galactic l``/``Galactic b``, ``Ecliptic lon``/``Ecliptic lat``, else the axes' types."""
+    types = [str(t).split("-")[0].upper() for t in wcs.wcs.ctype]
+    lng, lat = types[wcs.wcs.lng], types[wcs.wcs.lat]
+    names = {("RA", "DEC"): ("RA", "Dec"), ("GLON", "GLAT"): ("Galactic l", "Galactic b"),
+             ("ELON", "ELAT"): ("Ecliptic lon", "Ecliptic lat")}
+    return names.get((lng, lat), (lng or "longitude", lat or "latitude"))
 
 
 def is_sky_axes(ax: Any) -> bool:
@@ -111,9 +124,11 @@ def label_axes(ax: Any, sky: Sky, *, fontsize: float | None = None) -> None:
         ax.set_xlabel("x (pixel)", **size)
         ax.set_ylabel("y (pixel)", **size)
         return
-    ra, dec = ax.coords[0], ax.coords[1]
-    ra.set_axislabel("RA", **size)
-    dec.set_axislabel("Dec", **size)
+    wcs = ax.wcs
+    ra, dec = ax.coords[wcs.wcs.lng], ax.coords[wcs.wcs.lat]  # the world axes in the WCS's own order
+    lng_name, lat_name = axis_names(wcs)
+    ra.set_axislabel(lng_name, **size)
+    dec.set_axislabel(lat_name, **size)
     ra.set_ticklabel_position("b")
     dec.set_ticklabel_position("l")
     ra.set_axislabel_position("b")

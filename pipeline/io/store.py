@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
            "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "image_encoding",
-           "json_attr", "path_within", "store_tile_grid", "whole_image_shards"]
+           "icrs_positions", "json_attr", "path_within", "store_tile_grid", "whole_image_shards"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -207,14 +207,21 @@ def _coordinates(layout: StoreLayout, attrs: dict[str, Any]) -> xr.Dataset:
 
 
 def tile_sky_positions(wcs: str, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(ra, dec)`` in degrees, ``(len(y), len(x))``, of pixel positions under a WCS given as FITS header text."""
+    """``(ra, dec)`` in degrees (ICRS, whatever the WCS's own frame and axis order), ``(len(y), len(x))``, of
+    pixel positions under a WCS given as FITS header text."""
     from astropy.io import fits
     from astropy.wcs import WCS
 
     celestial = WCS(fits.Header.fromstring(wcs, sep="\n")).celestial
-    yy, xx = np.meshgrid(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64), indexing="ij")
-    ra, dec = celestial.all_pix2world(xx, yy, 0)
-    return np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)
+    return icrs_positions(celestial, *np.meshgrid(np.asarray(y, np.float64), np.asarray(x, np.float64),
+                                                   indexing="ij"))
+
+
+def icrs_positions(wcs: Any, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ra, dec)`` in degrees, ICRS, of zero-based pixel positions ``(y, x)`` under a celestial
+    :class:`astropy.wcs.WCS` (any axis order, any celestial frame)."""
+    sky = wcs.pixel_to_world(np.asarray(x, np.float64), np.asarray(y, np.float64)).icrs
+    return np.asarray(sky.ra.deg, dtype=np.float64), np.asarray(sky.dec.deg, dtype=np.float64)
 
 
 def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
