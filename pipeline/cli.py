@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--coords", metavar="FILE.csv",
                         help="per-image values to trend against (time, airmass, filter...): a CSV table whose "
                              "'image' column holds the store's image labels")
+    report.add_argument("--overwrite", action="store_true",
+                        help="replace the report already in --out (a folder that is not a report is refused)")
     report.add_argument("--storage-options", metavar="JSON",
                         help="fsspec options for the URLs among STORE, --out and --coords, e.g. "
                              "'{\"anon\": true}'; default: credentials from the environment (nothing of them "
@@ -200,7 +202,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .analysis.report import write_report
 
     index = write_report(args.store, args.out, max_images=args.max_images, rows=args.rows,
-                         coordinates=args.coords, storage_options=_storage_options(args.storage_options))
+                         coordinates=args.coords, storage_options=_storage_options(args.storage_options),
+                         overwrite=args.overwrite)
     print(f"report: {index}")
     return 0
 
@@ -274,7 +277,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(summarise_demo(summary.open_dataset(), truth))
     from .analysis.report import write_report
 
-    print(f"report (open it in a browser): {write_report(summary.path, folder / 'report')}")
+    print(f"report (open it in a browser): {write_report(summary.path, folder / 'report', overwrite=True)}")
     return 0
 
 

@@ -192,3 +192,24 @@ def test_the_compass_and_the_axis_names_follow_the_wcs_axes_order_and_frame(fram
         assert axis_names(wcs) == ("Galactic l", "Galactic b")
         ra, dec = tile_sky_positions(header.tostring(sep="\n"), np.array([39.5]), np.array([49.5]))
         np.testing.assert_allclose([ra[0, 0], dec[0, 0]], [266.405, -28.936], atol=1e-3)  # Sgr A* region, ICRS
+
+
+def test_a_report_is_not_written_over_anything_unless_asked_and_then_only_over_a_report(maps, tmp_path):
+    from pipeline.errors import OptionError
+
+    _, plain_path = maps
+    out = tmp_path / "report"
+    write_report(plain_path, out, max_images=1)
+    (out / "stale.png").write_bytes(b"from an earlier report")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(OptionError, match="report exists: nothing was changed; pass --overwrite"):
+        write_report(plain_path, out, max_images=1)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    write_report(plain_path, out, max_images=1, overwrite=True)
+    assert (out / "index.html").exists() and not (out / "stale.png").exists()  # replaced whole
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(OptionError, match="is not a report written by kernelmap report: nothing was changed"):
+        write_report(plain_path, tmp_path / "mine", max_images=1, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    _close()

@@ -617,6 +617,26 @@ class _Folder:
     def make(self) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
 
+    def claim(self, overwrite: bool) -> None:
+        """Make the folder ready for a new report: refused where something is there, unless ``overwrite``
+        and it is a report (its ``index.html`` says so), which is then removed whole (no stale pages)."""
+        root = self.root.rstrip("/")
+        if not self.fs.exists(root) or (self.fs.isdir(root) and not self.fs.ls(root)):
+            return
+        if not overwrite:
+            raise OptionError(f"{self.out} exists: nothing was changed; pass --overwrite (overwrite=True) to replace "
+                              "the report there, or give another --out")
+        index = f"{root}/index.html"
+        try:
+            with self.fs.open(index, "rb") as f:
+                ours = GENERATOR.encode() in f.read(4096)
+        except (OSError, IsADirectoryError):
+            ours = False
+        if not ours:
+            raise OptionError(f"{self.out} is not a report written by kernelmap report: nothing was changed; "
+                              "--overwrite replaces only those. Remove it yourself, or give another --out")
+        self.fs.rm(root, recursive=True)
+
     def path(self, name: str) -> Path | str:
         """A file's path (local) or URL."""
         return f"{self.out.rstrip('/')}/{name}" if self.remote else Path(self.root) / name
@@ -668,9 +688,13 @@ _STYLE = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:c
           "td,th{border:1px solid #999;padding:2px 6px;text-align:right}img{max-width:100%}</style>")
 
 
+#: In the head of every page of a report: what ``--overwrite`` looks for before it replaces a folder.
+GENERATOR = "<meta name='generator' content='kernelmap report'>"
+
+
 def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}"
-            f"</head><body>{body}</body></html>\n")
+    return (f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR}<title>{html.escape(title)}</title>"
+            f"{_STYLE}</head><body>{body}</body></html>\n")
 
 
 def _write_pages(table: pd.DataFrame, folder: _Folder) -> list[str]:
@@ -689,9 +713,10 @@ def _write_pages(table: pd.DataFrame, folder: _Folder) -> list[str]:
 def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  *, max_images: int = 8, rows: int = 100,
                  coordinates: str | os.PathLike[str] | pd.DataFrame | None = None,
-                 storage_options: dict[str, Any] | None = None) -> Path | str:
-    """Write the figures, tables and ``index.html`` of a kernel-map store; returns the index's path (a
-    local ``Path``, or its URL where ``out`` is one).
+                 storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> Path | str:
+    """Write the figures, tables and ``index.html`` of a kernel-map store into a new folder; returns the
+    index's path (a local ``Path``, or its URL where ``out`` is one).  A folder that exists (not empty) is
+    refused, or with ``overwrite`` replaced where it holds a report.
 
     ``store`` and ``out`` are local paths or fsspec URLs (``s3://bucket/kernels.zarr``); ``out`` defaults
     to ``STORE.report`` beside a local store (give it for a URL).  ``storage_options``: the fsspec options
@@ -718,6 +743,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
         if isinstance(coordinates, (str, os.PathLike)) and "://" in os.fspath(coordinates):
             coordinates = _read_csv_url(os.fspath(coordinates), storage_options)
         ds = with_coordinates(ds, coordinates)
+    folder.claim(overwrite)
     folder.make()
     plt = _pyplot()
     result = survey(ds)
