@@ -9,7 +9,7 @@ import xarray as xr
 fits = pytest.importorskip("astropy.io.fits")
 
 from pipeline.errors import InputError, OptionError  # noqa: E402
-from pipeline.io.fits import read_fits_image  # noqa: E402
+from pipeline.io.fits import ImageSpec, Plane, read_image  # noqa: E402
 from pipeline.job.ingest import ingest_fits  # noqa: E402
 
 
@@ -19,6 +19,11 @@ def _header(crpix=(50.5, 40.5)) -> fits.Header:
                    "CRPIX1": crpix[0], "CRPIX2": crpix[1], "CDELT1": -7e-5, "CDELT2": 7e-5,
                    "CUNIT1": "deg", "CUNIT2": "deg"})
     return header
+
+
+def _pixels(path, hdu=0):
+    """The image of a FITS file as ingest reads it."""
+    return read_image(ImageSpec(Plane(str(path), hdu))).data
 
 
 def _write(path, data, *, header=None, compressed=False, mask=None, planes=None, **keys):
@@ -46,9 +51,9 @@ def test_every_flavour_is_read_as_native_floats(tmp_path):
     scaled_hdu.writeto(tmp_path / "scaled.fits")
     packed = _write(tmp_path / "packed.fits.fz", counts, compressed=True)  # Rice tile compression, lossless
     for path, expected in ((plain, values), (str(tmp_path / "scaled.fits"), counts), (packed, counts)):
-        image = read_fits_image(path)
-        assert image.data.dtype == np.float32 and image.data.dtype.isnative
-        np.testing.assert_array_equal(image.data, expected.astype(np.float32))
+        image = _pixels(path)
+        assert image.dtype == np.float32 and image.dtype.isnative
+        np.testing.assert_array_equal(image, expected.astype(np.float32))
 
 
 def test_ingest_writes_the_stack_run_reads_with_masks_and_header_keys(tmp_path):
@@ -69,8 +74,8 @@ def test_ingest_writes_the_stack_run_reads_with_masks_and_header_keys(tmp_path):
     assert list(ds["image"].values) == ["epoch-0", "epoch-1", "epoch-2"]
     np.testing.assert_array_equal(ds["MJD-OBS"].values, [60000.5, 60001.5, 60002.5])
     assert list(ds["FILTER"].values) == ["g", "r", "i"]
-    np.testing.assert_array_equal(ds["source"].values, read_fits_image(reference).data)
-    np.testing.assert_array_equal(ds["target"].values[2], read_fits_image(targets[2]).data)
+    np.testing.assert_array_equal(ds["source"].values, _pixels(reference))
+    np.testing.assert_array_equal(ds["target"].values[2], _pixels(targets[2]))
     np.testing.assert_array_equal(ds["mask"].values, np.stack([(m & 4) != 0 for m in masks]))
     assert ds["target"].encoding["chunks"] == (1, 32, 32)
     assert "RA---TAN" in ds.attrs["reference_wcs"]
@@ -96,12 +101,12 @@ def test_a_target_off_the_reference_grid_is_refused_saying_how_far_before_anythi
 def test_a_missing_hdu_or_file_is_named(tmp_path):
     reference = _write(tmp_path / "ref.fits", np.zeros((20, 20), np.float32))
     with pytest.raises(InputError, match=r"has no mask HDU 'DQ' \(it has 0: PRIMARY\)"):
-        read_fits_image(reference, mask_hdu="DQ")
+        read_image(ImageSpec(Plane(reference), Plane(reference, "DQ", "mask")))
     with pytest.raises(InputError, match="no file matches"):
         ingest_fits(reference, [str(tmp_path / "nothing-*.fits")], tmp_path / "s.zarr", log=lambda _: None)
     (tmp_path / "junk.fits").write_text("not a FITS file")
     with pytest.raises(InputError, match="cannot be read as FITS"):
-        read_fits_image(tmp_path / "junk.fits")
+        _pixels(tmp_path / "junk.fits")
 
 
 def test_fits_files_give_the_kernel_map_their_zarr_stack_gives(tmp_path):
@@ -373,9 +378,14 @@ def test_reproject_puts_a_star_where_the_reference_grid_has_it_and_spreads_the_b
     outside = (px < -0.5) | (px > 89.5) | (py < -0.5) | (py > 69.5)
     assert outside.any() and bad[outside].all() and np.isnan(out_image[outside]).all()
     assert np.isnan(out_image[bad]).all() and np.isfinite(out_image[~bad]).all()
-    # the variances: the weights' 4 where there is data, no data where there is none
+    # the variances: the weights' 4 times the interpolation's sum of squared weights where there is data
+    # (test_resampled_variance_is_the_variance_of_resampled_noise), no data where there is none
+    from pipeline.io.resample import spline_noise_factor
+
     variance = ds["target_variance"].values[0]
-    np.testing.assert_array_equal(variance[~bad], 4.0)
+    expected = 4.0 * spline_noise_factor(py) * spline_noise_factor(px)
+    np.testing.assert_allclose(variance[~bad], expected[~bad], rtol=1e-5)
+    assert variance[~bad].min() < 0.6 * 4 and variance[~bad].max() > 0.97 * 4  # offsets from 0 to about 0.5
     assert np.isinf(variance[bad]).all()
     bare = fits.Header()
     no_wcs = _write(tmp_path / "no-wcs.fits", image, header=bare)
@@ -553,3 +563,231 @@ def test_settings_stamp_of_a_stack_ingested_before_the_later_settings_is_unchang
               "keys": ["MJD-OBS"], "tolerance": 0.01}
     assert settings.stamp() == json.dumps(before, sort_keys=True)
     assert settings.model_copy(update={"reproject": True}).stamp() != settings.stamp()
+
+
+# --------------------------------------------------------------------------- what an ingest may remove
+
+def test_an_output_holding_or_being_an_input_or_not_written_by_ingest_is_never_removed(tmp_path):
+    import zarr
+
+    from pipeline.job.config import job_from_dict
+    from pipeline.job.ingest import job_ingest_plan
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(7)
+    reference = _write(data / "ref.fits", rng.normal(size=(20, 30)).astype(np.float32))
+    target = _write(data / "t0.fits", rng.normal(size=(20, 30)).astype(np.float32))
+    fits.PrimaryHDU(np.ones((20, 30), np.float32)).writeto(data / "t0.wht.fits")
+    fits.PrimaryHDU(np.ones((20, 30), np.float32)).writeto(data / "ref.wht.fits")
+    before = sorted(p.name for p in data.iterdir())
+    weights = {"weight_file": "{dir}/{stem}.wht.fits"}
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    for out, said in ((data, "holds the input file"), (tmp_path / "link", "holds the input file"),
+                      (data / "t0.wht.fits", "is one of the input files"),
+                      (data / "ref.wht.fits", "is one of the input files"), (target, "is one of the input files")):
+        for mode in ("create", "overwrite"):
+            with pytest.raises(OptionError, match=f"{said}.*: nothing was changed"):
+                ingest_fits(reference, [target], out, mode=mode, log=_quiet, **weights)
+    assert sorted(p.name for p in data.iterdir()) == before
+    # the job's ingest section: input.path the folder of the files
+    job = job_from_dict({"ingest": {"reference": reference, "targets": [target]}, "input": {"path": str(data)},
+                         "output": {"path": str(tmp_path / "k.zarr")}})
+    with pytest.raises(OptionError, match=r"ingest: input.path .*data holds the input file .*: nothing was changed; "
+                                          "point input.path elsewhere"):
+        job_ingest_plan(job)
+    # anything else ingest did not write: a folder of other files, a Zarr group, a file
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    group = tmp_path / "group.zarr"
+    zarr.open_group(str(group), mode="w", zarr_format=3, attributes={"title": "kernel maps"})
+    (tmp_path / "file.txt").write_text("keep me")
+    for out in (other, group, tmp_path / "file.txt"):
+        with pytest.raises(OptionError, match=r"is not a stack written by kernelmap ingest: nothing was changed; "
+                                              "remove it yourself or choose another --out"):
+            ingest_fits(reference, [target], out, mode="overwrite", log=_quiet)
+        with pytest.raises(OptionError, match=r"already exists and is not a stack written by kernelmap ingest"):
+            ingest_fits(reference, [target], out, log=_quiet)
+        job = job_from_dict({"ingest": {"reference": reference, "targets": [target]},
+                             "input": {"path": str(out)}, "output": {"path": str(tmp_path / "k.zarr")}})
+        with pytest.raises(OptionError, match=r"is not a stack written by kernelmap ingest: nothing was changed"):
+            job_ingest_plan(job)
+    assert (other / "notes.txt").read_text() == "keep me" and (tmp_path / "file.txt").read_text() == "keep me"
+    assert zarr.open_group(str(group), mode="r").attrs["title"] == "kernel maps"
+    # an empty folder is taken as no stack; a stack ingest wrote is replaced when asked
+    (tmp_path / "empty").mkdir()
+    ingest_fits(reference, [target], tmp_path / "empty", log=_quiet)
+    ingest_fits(reference, [target], tmp_path / "empty", mode="overwrite", tolerance=0.5, log=_quiet)
+    assert xr.open_zarr(tmp_path / "empty", consolidated=False).sizes["image"] == 1
+
+
+def test_an_interrupted_creation_is_written_anew_by_the_same_ingest_and_replaced_only_when_asked(tmp_path,
+                                                                                                monkeypatch):
+    import zarr
+
+    reference, targets, options = _files_for_stack(tmp_path, n=2)
+    whole, out = tmp_path / "whole.zarr", tmp_path / "stack.zarr"
+    ingest_fits(reference, targets, whole, log=_quiet, **options)
+    to_zarr = xr.Dataset.to_zarr
+
+    def crash(self, *args, **kwargs):  # the arrays' metadata written, then the process dies
+        to_zarr(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(xr.Dataset, "to_zarr", crash)
+        with pytest.raises(KeyboardInterrupt):
+            ingest_fits(reference, targets, out, log=_quiet, **options)
+    assert "kernelmap_ingest" not in zarr.open_group(str(out), mode="r").attrs
+    said = []
+    ingest_fits(reference, targets, out, log=said.append, **options)  # the same ingest: written anew
+    assert said[-1].startswith(f"ingest: 2 target(s) and the reference written to {out}")
+    xr.testing.assert_identical(xr.open_zarr(out, consolidated=False).load(),
+                                xr.open_zarr(whole, consolidated=False).load())
+    # interrupted with other settings, or by an ingest that did not mark its creation: refused saying so,
+    # replaced with --overwrite
+    for other in ({**options, "keys": []}, None):
+        with monkeypatch.context() as m:
+            m.setattr(xr.Dataset, "to_zarr", crash)
+            with pytest.raises(KeyboardInterrupt):
+                ingest_fits(reference, targets, out, mode="overwrite", log=_quiet, **(other or options))
+        if other is None:
+            group = zarr.open_group(str(out), mode="r+")
+            del group.attrs["kernelmap_ingest_creating"]
+            group.create_group("ingest")
+        with pytest.raises(OptionError, match=r"whose creation by kernelmap ingest did not finish \(it may have "
+                                              r"been interrupted.*use --overwrite"):
+            ingest_fits(reference, targets, out, log=_quiet, **options)
+        ingest_fits(reference, targets, out, mode="overwrite", log=_quiet, **options)
+        xr.testing.assert_identical(xr.open_zarr(out, consolidated=False).load(),
+                                    xr.open_zarr(whole, consolidated=False).load())
+
+
+# --------------------------------------------------------------------------- labels, masks, WCS
+
+def test_labels_are_the_file_names_without_fits_suffixes_and_must_differ(tmp_path):
+    rng = np.random.default_rng(8)
+    reference = _write(tmp_path / "ref.fits", rng.normal(size=(20, 30)).astype(np.float32))
+    dotted = [_write(tmp_path / f"ep.{i}.fits", rng.normal(size=(20, 30)).astype(np.float32)) for i in (1, 2)]
+    ingest_fits(reference, dotted, tmp_path / "s.zarr", log=_quiet)
+    assert list(xr.open_zarr(tmp_path / "s.zarr", consolidated=False)["image"].values) == ["ep.1", "ep.2"]
+    (tmp_path / "night2").mkdir()
+    same = [_write(tmp_path / "a.fits", np.zeros((20, 30), np.float32)),
+            _write(tmp_path / "night2" / "a.fits.fz", np.zeros((20, 30), np.float32), compressed=True)]
+    with pytest.raises(InputError, match=r"targets .*a.fits and .*night2/a.fits.fz both get the image label 'a'"):
+        ingest_fits(reference, same, tmp_path / "t.zarr", log=_quiet)
+    with pytest.raises(InputError, match=r"targets .*ep.1.fits and .*ep.1.fits are the same file"):
+        ingest_fits(reference, [dotted[0], dotted[0]], tmp_path / "t.zarr", log=_quiet)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_the_reference_mask_makes_its_bad_pixels_nan_and_a_reference_without_one_is_said(tmp_path):
+    from pipeline.io.inputs import open_inputs
+
+    rng = np.random.default_rng(9)
+    ref_mask = np.zeros((20, 30), np.int16)
+    ref_mask[4, 5], ref_mask[6, 7] = 2, 8  # bit 2 counts, bit 8 does not
+    source = rng.normal(size=(20, 30)).astype(np.float32)
+    reference = _write(tmp_path / "ref.fits", source, mask=ref_mask, planes={"VAR": np.ones((20, 30), np.float32)})
+    target = _write(tmp_path / "t0.fits", rng.normal(size=(20, 30)).astype(np.float32),
+                    mask=np.zeros((20, 30), np.int16), planes={"VAR": np.ones((20, 30), np.float32)})
+    said = []
+    ingest_fits(reference, [target], tmp_path / "s.zarr", mask_hdu="MASK", mask_bits=2 | 4, variance_hdu="VAR",
+                log=said.append)
+    ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    expected = np.where(ref_mask == 2, np.nan, source)
+    np.testing.assert_array_equal(ds["source"].values, expected)
+    assert ds["source_variance"].values[4, 5] == np.inf and ds["source_variance"].values[6, 7] == 1.0
+    assert not any("has no mask" in line for line in said)
+    block = open_inputs(tmp_path / "s.zarr", mask="mask").reader.read(0, slice(0, 10), slice(0, 10))
+    assert np.isnan(block.source[4, 5])  # a bad pixel of the run (NaN = bad)
+    # a reference without the mask HDU (a coadd, say): its NaNs are its only bad pixels, and the ingest says so
+    plain = _write(tmp_path / "plain-ref.fits", source)
+    said = []
+    ingest_fits(plain, [target], tmp_path / "p.zarr", mask_hdu="MASK", log=said.append)
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "p.zarr", consolidated=False)["source"].values, source)
+    assert any(f"the reference {plain} has no mask (no HDU 'MASK' in {plain}): its bad pixels are its NaN pixels "
+               "only" in line for line in said)
+    fits.PrimaryHDU(np.zeros((20, 30), np.int16)).writeto(tmp_path / "t0.dq.fits")
+    said = []
+    ingest_fits(plain, [target], tmp_path / "f.zarr", mask_file="{dir}/{stem}.dq.fits", log=said.append)
+    assert any("has no mask (no file" in line for line in said)
+
+
+def test_a_float_mask_is_bad_where_nonzero_or_nan_and_takes_no_bits(tmp_path):
+    rng = np.random.default_rng(10)
+    reference = _write(tmp_path / "ref.fits", rng.normal(size=(20, 30)).astype(np.float32))
+    mask = np.zeros((20, 30), np.float32)
+    mask[1, 1], mask[2, 2], mask[3, 3] = 0.5, np.nan, -1.0
+    target = _write(tmp_path / "t0.fits", rng.normal(size=(20, 30)).astype(np.float32), mask=mask)
+    said = []
+    ingest_fits(reference, [target], tmp_path / "s.zarr", mask_hdu="MASK", log=said.append)
+    bad = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)["mask"].values[0]
+    assert sorted(zip(*np.nonzero(bad))) == [(1, 1), (2, 2), (3, 3)]
+    assert "3 of the 600 target pixels written are bad" in said[-1]
+    with pytest.raises(InputError, match=r"t0.fits, mask HDU 'MASK' holds floating-point values, and mask bits "
+                                         "need integers: remove mask_bits"):
+        ingest_fits(reference, [target], tmp_path / "b.zarr", mask_hdu="MASK", mask_bits=1, log=_quiet)
+    assert not (tmp_path / "b.zarr").exists()
+
+
+def test_a_target_without_a_wcs_beside_a_reference_with_one_is_named(tmp_path):
+    reference = _write(tmp_path / "ref.fits", np.zeros((20, 30), np.float32))
+    bare = _write(tmp_path / "bare.fits", np.zeros((20, 30), np.float32), header=fits.Header())
+    with pytest.raises(InputError, match=r"the target .*bare.fits has no celestial WCS, the reference .*ref.fits "
+                                         "has one: where its pixels lie"):
+        ingest_fits(reference, [bare], tmp_path / "s.zarr", log=_quiet)
+    with pytest.raises(InputError, match=r"the reference .*bare.fits has no celestial WCS, the target .*ref.fits "
+                                         "has one"):
+        ingest_fits(bare, [reference], tmp_path / "s.zarr", log=_quiet)
+    ingest_fits(bare, [bare], tmp_path / "s.zarr", log=_quiet)  # neither has one: taken to be on the grid
+
+
+# --------------------------------------------------------------------------- noise through resampling
+
+def _noise_through_resampling(target_header, n_real, shape=(96, 96), variance=4.0, seed=11):
+    """Empirical per-pixel variance of white noise of ``variance`` resampled onto the reference grid of
+    ``shape`` (over ``n_real`` realisations), the stored variances, and each output pixel's input position."""
+    from astropy.wcs import WCS
+    from astropy.wcs.utils import pixel_to_pixel
+
+    from pipeline.io.resample import resample_onto
+
+    ref_wcs, wcs = WCS(_header((48.5, 48.5))), WCS(target_header)
+    rng = np.random.default_rng(seed)
+    sum2, stored = np.zeros(shape), None
+    for _ in range(n_real):
+        noise = rng.normal(0.0, np.sqrt(variance), size=shape)
+        out, bad, stored = resample_onto(noise, None, np.full(shape, variance), wcs, ref_wcs, shape)
+        sum2 += np.where(bad, np.nan, out.astype(np.float64)) ** 2
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    px, py = pixel_to_pixel(ref_wcs, wcs, xx, yy)
+    return sum2 / n_real, stored.astype(np.float64), py, px
+
+
+def test_resampled_variance_is_the_variance_of_resampled_noise():
+    """An interpolated pixel sum_i w_i x_i has the variance sum_i w_i**2 var_i: measured on white noise
+    resampled by whole shifts plus 0, 0.25 and 0.5 px, and across a rotated grid grouped by the offset."""
+    from pipeline.io.resample import spline_noise_factor
+
+    inner = np.s_[3:-3, 3:-3]  # away from the edges, where the spline is extended
+    for frac, expect in ((0.0, 1.0), (0.25, 0.758), (0.5, 0.572)):
+        # the target's pixel (x, y) is the reference's (x + 2 + frac, y - 1 + frac)
+        empirical, stored, _, _ = _noise_through_resampling(_header((48.5 - 2 - frac, 48.5 + 1 - frac)), 12)
+        assert np.isfinite(stored[inner]).all()
+        np.testing.assert_allclose(stored[inner], 4.0 * expect, rtol=2e-3)
+        assert np.mean(empirical[inner]) == pytest.approx(4.0 * expect, rel=0.02), frac
+    # rotated by 3 degrees and shifted: the offset, and so the variance, varies from pixel to pixel
+    empirical, stored, py, px = _noise_through_resampling(_rotated_header((48.1, 47.8), 3.0), 80, shape=(128, 128))
+    covered = np.isfinite(stored)
+    assert covered.mean() > 0.8
+    np.testing.assert_allclose(stored[covered], (4.0 * spline_noise_factor(py) * spline_noise_factor(px))[covered],
+                               rtol=1e-5)
+    ty, tx = py - np.round(py), px - np.round(px)  # in [-0.5, 0.5]
+    usable = np.isfinite(empirical) & (px > 3) & (px < 124) & (py > 3) & (py < 124)
+    for frac, expect in ((0.0, 1.0), (0.25, 0.758), (0.5, 0.572)):
+        near = usable & (np.abs(np.abs(ty) - frac) < 0.05) & (np.abs(np.abs(tx) - frac) < 0.05)
+        assert near.sum() > 60, frac
+        assert np.mean(stored[near]) == pytest.approx(4.0 * expect, rel=0.015), frac
+        assert np.mean(empirical[near]) / np.mean(stored[near]) == pytest.approx(1.0, abs=0.05), frac

@@ -3,8 +3,9 @@
 An image is a 2-D HDU (by index or name) of a FITS file, plain or
 tile-compressed (``.fz``); big-endian and ``BSCALE``/``BZERO``-scaled integers
 become native float32.  Beside it, from HDUs of the same file or of other
-files (:class:`Plane`), an optional mask (bit planes: the bits that count are
-a setting; nonzero = bad) and optional per-pixel weights (inverse variances;
+files (:class:`Plane`), an optional mask (integer bit planes: the bits that
+count are a setting, nonzero = bad; a floating-point mask is bad where nonzero
+or NaN, and takes no bits: :func:`mask_bad_pixels`) and optional per-pixel weights (inverse variances;
 0 = no data) or variances (NaN or inf = no data), both turned into float32
 variances, a weight of 0 an infinite variance (:func:`noise_variances`).
 
@@ -31,22 +32,13 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["FITS_SUFFIXES", "FitsImage", "ImagePixels", "ImageSpec", "Plane", "expand_files", "file_stem",
-           "grid_offset", "inspect_plane", "noise_variances", "plane_file", "read_fits_image", "read_image",
+__all__ = ["FITS_SUFFIXES", "ImagePixels", "ImageSpec", "Plane", "celestial_wcs", "check_mask_bits",
+           "check_plane_shape", "expand_files", "file_stem", "float_plane", "footprint_overlaps", "grid_offset",
+           "inspect_plane", "mask_bad_pixels", "noise_variances", "plane_exists", "plane_file", "read_image",
            "wcs_text"]
 
 #: Suffixes of FITS file names, stripped for ``{stem}`` (longest first).
 FITS_SUFFIXES = (".fits.fz", ".fits.gz", ".fit.fz", ".fit.gz", ".fits", ".fit", ".fts", ".fz")
-
-
-@dataclass(frozen=True)
-class FitsImage:
-    """One image HDU read: native float32 pixels, its header, and the mask HDU's values where asked."""
-
-    path: str
-    data: np.ndarray
-    header: Any
-    mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -149,27 +141,31 @@ def inspect_plane(plane: Plane) -> tuple[tuple[int, int], Any]:
         return (int(ny), int(nx)), hdu.header.copy()
 
 
+def plane_exists(plane: Plane) -> bool:
+    """Whether the plane's file exists and has its HDU (whatever it holds: :func:`inspect_plane` says)."""
+    if not os.path.exists(plane.path):
+        return False
+    with _open(plane.path) as hdus:
+        which = plane.hdu
+        if which == 0:
+            return True
+        try:
+            hdus[which]
+        except (KeyError, IndexError):
+            return False
+        return True
+
+
 def _pixels(plane: Plane, dtype) -> tuple[np.ndarray, Any]:
+    """The plane's values as ``dtype`` (``None``: as stored, scaled, in native byte order) and its header."""
     with _open(plane.path) as hdus:
         hdu = _select(hdus, plane)
         try:
-            data = np.asarray(hdu.data, dtype=dtype)  # native byte order, BSCALE/BZERO applied
+            data = np.asarray(hdu.data)  # BSCALE/BZERO applied
+            data = data.astype(data.dtype.newbyteorder("=") if dtype is None else dtype)  # native byte order
         except (OSError, ValueError, TypeError) as exc:
             raise InputError(f"{plane.path}: the {plane.what} HDU {plane.hdu!r} cannot be read: {exc}") from None
         return data, hdu.header
-
-
-def read_fits_image(path: str | Path, *, hdu: int | str = 0, mask_hdu: int | str | None = None) -> FitsImage:
-    """The image of ``hdu`` of a FITS file (``.fz`` tile-compressed ones too: their first image HDU where
-    ``hdu`` is 0) as native float32 (scaled integers applied), with its header and the mask HDU's values."""
-    path = str(path)
-    data, header = _pixels(Plane(path, hdu), np.float32)
-    mask = None
-    if mask_hdu is not None:
-        mask, _ = _pixels(Plane(path, mask_hdu, "mask"), np.int64)
-        if mask.shape != data.shape:
-            raise InputError(f"{path}: the mask HDU {mask_hdu!r} is {mask.shape}, the image {data.shape}")
-    return FitsImage(path, data, header.copy(), mask)
 
 
 def noise_variances(values: np.ndarray, kind: str, where: str = "") -> np.ndarray:
@@ -201,21 +197,59 @@ def noise_variances(values: np.ndarray, kind: str, where: str = "") -> np.ndarra
         return np.where(good, 1.0 / np.where(good, values, 1.0), np.inf).astype(np.float32)
 
 
-def read_image(spec: ImageSpec, *, mask_bits: int | None = None) -> ImagePixels:
-    """One image's pixels (native float32), its mask's bad pixels (the bits in ``mask_bits``; any where
-    ``None``) and its float32 variances (from weights or variances: :func:`noise_variances`).
+def mask_bad_pixels(mask: np.ndarray, mask_bits: int | None = None, where: str = "the mask") -> np.ndarray:
+    """Where a mask marks a pixel bad: an integer mask where any of ``mask_bits`` is set (any bit where
+    ``None``); a float mask (floating-point or scaled values) where it is nonzero or NaN.
 
     Raises
     ------
     InputError
-        A plane is missing, not 2-D, not shaped like the image, or holds negative weights or variances.
+        ``mask_bits`` given with a float mask (``where`` names it): bits need integers.
+    """
+    mask = np.asarray(mask)
+    if mask.dtype.kind == "f":
+        if mask_bits is not None:
+            raise InputError(_float_bits(where))
+        return (mask != 0) | np.isnan(mask)  # NaN != 0 anyway: said for the reader
+    if mask.dtype.kind == "b":
+        return mask.copy()
+    return (mask.astype(np.int64) & (-1 if mask_bits is None else int(mask_bits))) != 0
+
+
+def _float_bits(where: str) -> str:
+    return (f"{where} holds floating-point values, and mask bits need integers: remove mask_bits (--mask-bits) to "
+            "take every nonzero or NaN value as bad, or give the HDU of an integer bit mask")
+
+
+def float_plane(header: Any) -> bool:
+    """Whether a plane's header says its values are floating-point (``BITPIX`` < 0, or integers scaled by a
+    ``BSCALE`` other than 1), so that it is read as floats."""
+    return int(header.get("BITPIX", 8)) < 0 or float(header.get("BSCALE", 1.0)) != 1.0
+
+
+def check_mask_bits(plane: Plane, header: Any, mask_bits: int | None) -> None:
+    """Refuse ``mask_bits`` with a mask plane whose header says it holds floats (:func:`float_plane`)."""
+    if mask_bits is not None and float_plane(header):
+        raise InputError(_float_bits(f"{plane.path}, mask HDU {plane.hdu!r}"))
+
+
+def read_image(spec: ImageSpec, *, mask_bits: int | None = None) -> ImagePixels:
+    """One image's pixels (native float32), its mask's bad pixels (:func:`mask_bad_pixels`: the bits in
+    ``mask_bits``, any where ``None``; a float mask nonzero or NaN) and its float32 variances (from weights
+    or variances: :func:`noise_variances`).
+
+    Raises
+    ------
+    InputError
+        A plane is missing, not 2-D, not shaped like the image, or holds negative weights or variances; a
+        float mask with ``mask_bits``.
     """
     data, _ = _pixels(spec.image, np.float32)
     bad = variance = None
     if spec.mask is not None:
-        mask, _ = _pixels(spec.mask, np.int64)
+        mask, _ = _pixels(spec.mask, None)
         _same_shape(spec.mask, mask.shape, spec.image, data.shape)
-        bad = (mask & (-1 if mask_bits is None else int(mask_bits))) != 0
+        bad = mask_bad_pixels(mask, mask_bits, f"{spec.mask.path}, mask HDU {spec.mask.hdu!r}")
     if spec.noise is not None:
         values, _ = _pixels(spec.noise, np.float64)
         _same_shape(spec.noise, values.shape, spec.image, data.shape)
@@ -231,10 +265,12 @@ def _same_shape(plane: Plane, shape: tuple[int, ...], image: Plane, image_shape:
                          "this image")
 
 
-def check_plane_shape(plane: Plane, image: Plane, image_shape: tuple[int, int]) -> None:
-    """Refuse a plane whose header says it is not shaped like its image (read from the headers)."""
-    shape, _ = inspect_plane(plane)
+def check_plane_shape(plane: Plane, image: Plane, image_shape: tuple[int, int]) -> Any:
+    """Refuse a plane whose header says it is not shaped like its image (read from the headers); returns
+    the plane's header."""
+    shape, header = inspect_plane(plane)
     _same_shape(plane, shape, image, image_shape)
+    return header
 
 
 def grid_offset(reference_header: Any, header: Any, shape: tuple[int, int]) -> float:

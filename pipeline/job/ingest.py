@@ -12,22 +12,27 @@ the images' own chunks or shard) in a pool of threads or on a Dask cluster,
 with progress shown.
 
 The stack (Zarr 3, local): ``source (y, x)``, ``target (image, y, x)``
-float32, ``mask (image, y, x)`` uint8 with a mask plane (nonzero = bad),
+float32 (NaN where the reference's own mask marks a pixel bad), ``mask (image, y, x)`` uint8 with the
+targets' mask planes (nonzero = bad),
 ``target_variance (image, y, x)`` and ``source_variance (y, x)`` float32 with
 weights or variances (inf or NaN: no data), the header keys as coordinates
 along ``image``, chunks of one image by ``chunk`` x ``chunk`` pixels; images
 small enough to share files (see :func:`~pipeline.io.store.whole_image_shards`)
 stored as Zarr 3 shards of whole images, each written by one task.  Root
 attributes: the reference's WCS (``reference_wcs``), the files, the targets
-resampled, and the settings (``kernelmap_ingest``).
+resampled, and the settings (``kernelmap_ingest``), written last: while the
+stack is being created it carries ``kernelmap_ingest_creating`` (the settings)
+instead.  Image labels: the file names without their FITS suffixes, distinct.
 
 Resuming: the group ``ingest`` of the stack records which images are written
 (``target_written (image,)``, ``source_written (1,)``, one chunk each,
 sharded as the images), each set by its task after the image's pixels.  Running the same ingest again
 (same settings, same files) writes only the images not recorded, and the
-stack equals an uninterrupted ingest's; a complete one is left as it is.  A
-stack from other settings or files, or anything else at the output, is
-refused unless ``mode="overwrite"``.
+stack equals an uninterrupted ingest's; a complete one is left as it is, one
+whose creation was interrupted is created anew.  A stack from other settings
+or files (or an unfinished creation of one) is refused unless
+``mode="overwrite"``; anything at the output that kernelmap ingest did not
+write is never removed, nor an output that is or holds a file the ingest reads.
 """
 
 from __future__ import annotations
@@ -49,11 +54,14 @@ from ..io.fits import (
     ImageSpec,
     Plane,
     celestial_wcs,
+    check_mask_bits,
     check_plane_shape,
     expand_files,
+    file_stem,
     footprint_overlaps,
     grid_offset,
     inspect_plane,
+    plane_exists,
     plane_file,
     read_image,
     wcs_text,
@@ -62,14 +70,18 @@ from ..io.store import consecutive_runs, image_encoding, whole_image_shards
 from .config import INGEST_MASK, INGEST_VARIANCES, IngestConfig, JobConfig
 from .progress import Progress
 
-__all__ = ["IngestPlan", "IngestSummary", "ImageTask", "ingest_fits", "ingested_input", "job_ingest_plan",
-           "plan_ingest", "stack_state", "write_images"]
+__all__ = ["IngestPlan", "IngestSummary", "ImageTask", "ImageWritten", "files_read", "ingest_fits",
+           "ingested_input", "job_ingest_plan", "plan_ingest", "stack_kind", "stack_state", "write_images"]
 
 #: The stack's group recording which images are written, and its arrays.
 RECORD = "ingest"
 WRITTEN = {"target": "target_written", "source": "source_written"}
 #: The root attribute holding the settings a stack was ingested from (:meth:`IngestConfig.stamp`).
 STAMP = "kernelmap_ingest"
+#: The root attribute of a stack being created (the settings), replaced by :data:`STAMP` once it is.
+CREATING = "kernelmap_ingest_creating"
+#: The root attribute ``title`` of a stack.
+TITLE = "kernelmap input stack from FITS files"
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class ImageTask:
     index: int | None
     spec: ImageSpec
     mask_bits: int | None = None
-    mask: bool = False  #: the stack holds ``mask``
+    mask: bool = False  #: the stack holds ``mask`` (targets; the reference's bad pixels become NaN)
     variance: bool = False  #: the stack holds this image's variances
     resample: Resampling | None = None
 
@@ -101,10 +113,12 @@ class ImageTask:
 
 @dataclass(frozen=True)
 class ImageWritten:
-    """What a task wrote: which image, and how many of its pixels are bad in the stack."""
+    """What a task wrote: which image, and how many of its pixels are bad in the stack (NaN, masked, or
+    without data in its variances)."""
 
     index: int | None
     bad: int
+    pixels: int
 
 
 def write_images(tasks: Sequence[ImageTask]) -> list[ImageWritten]:
@@ -137,8 +151,18 @@ def write_images(tasks: Sequence[ImageTask]) -> list[ImageWritten]:
         _write_read(read)
     if failed is not None:
         raise failed
-    return [ImageWritten(task.index, int(np.count_nonzero(~np.isfinite(d) | (False if b is None else b))))
-            for task, (d, b, _) in read]
+    return [ImageWritten(task.index, int(np.count_nonzero(_bad_pixels(d, b, v))), int(d.size))
+            for task, (d, b, v) in read]
+
+
+def _bad_pixels(data: np.ndarray, bad: np.ndarray | None, variance: np.ndarray | None) -> np.ndarray:
+    """Where an image read is bad in the stack: NaN or inf, masked, or without data in its variances."""
+    out = ~np.isfinite(data)
+    if bad is not None:
+        out |= bad
+    if variance is not None:
+        out |= ~np.isfinite(variance)
+    return out
 
 
 def _write_read(read: list[tuple[ImageTask, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]]) -> None:
@@ -150,7 +174,10 @@ def _write_read(read: list[tuple[ImageTask, tuple[np.ndarray, np.ndarray | None,
     group = zarr.open_group(tasks[0].output, mode="r+")
     first = tasks[0]
     if first.index is None:
-        data, _, variance = read[0]
+        data, bad, variance = read[0]
+        if bad is not None:  # the reference's mask: NaN is a bad pixel of the source, as the run reads it
+            data = np.where(bad, np.float32(np.nan), data)
+            variance = None if variance is None else np.where(bad, np.float32(np.inf), variance)
         group["source"][...] = data
         if first.variance:
             group[INGEST_VARIANCES["source"]][...] = variance
@@ -183,6 +210,8 @@ class IngestSummary:
     resampled: tuple[str, ...] = ()  #: target files resampled onto the reference's grid
     seconds: float = 0.0
     reference_written: bool = True
+    bad: int = 0  #: bad pixels of the targets written now (NaN, masked, no data, not covered once resampled)
+    pixels: int = 0  #: pixels of the targets written now
 
     def describe(self) -> str:
         if self.written == self.n_images and self.reference_written:
@@ -195,28 +224,65 @@ class IngestSummary:
                     "already")
         if self.resampled:
             text += f"; {len(self.resampled)} target(s) resampled onto the reference's grid"
+        if self.pixels:
+            text += (f"; {self.bad} of the {self.pixels} target pixels written are bad "
+                     f"({100.0 * self.bad / self.pixels:.2g} %)")
         return text + (f" in {self.seconds:.1f} s" if self.seconds else "")
 
 
 def stack_state(path: str | os.PathLike[str], stamp: str) -> str:
-    """What is at ``path``: ``"absent"``, a stack ingested with settings ``stamp`` (``"complete"``, or
-    ``"partial"`` where some image is not recorded written), or ``"other"`` (anything else)."""
+    """What is at ``path``: ``"absent"`` (nothing, or an empty folder), a stack ingested with settings
+    ``stamp`` (``"complete"``, or ``"partial"`` where some image is not recorded written), ``"unfinished"``
+    (the creation of a stack with these settings that did not finish), or ``"other"`` (anything else:
+    :func:`stack_kind` says what)."""
     import zarr
 
     if not os.path.lexists(path):
         return "absent"
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except (OSError, ValueError, LookupError):  # not a Zarr group (Zarr's errors are ValueErrors)
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        return "absent"
+    group = _group(path)
+    if group is None:
         return "other"
     if group.attrs.get(STAMP) != stamp:
-        return "other"
+        return "unfinished" if STAMP not in group.attrs and group.attrs.get(CREATING) == stamp else "other"
     try:
         record = group[RECORD]
     except KeyError:
         return "complete"  # ingested in one go, before the record was kept
+    if not isinstance(record, zarr.Group):
+        return "other"
     done = all(np.asarray(record[name][...]).all() for name in WRITTEN.values())
     return "complete" if done else "partial"
+
+
+def stack_kind(path: str | os.PathLike[str]) -> str:
+    """Who wrote what is at ``path``: ``"absent"``; ``"stack"`` (a stack stamped by kernelmap ingest, with
+    any settings); ``"unfinished"`` (a stack whose creation by kernelmap ingest did not finish: marked as
+    being created, or holding the ``ingest`` record or the stack's title, not stamped); ``"empty"`` (an empty
+    folder); ``"foreign"`` (anything else: never removed by an ingest)."""
+    if not os.path.lexists(path):
+        return "absent"
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        return "empty"
+    group = _group(path)
+    if group is None:
+        return "foreign"
+    if STAMP in group.attrs:
+        return "stack"
+    if CREATING in group.attrs or group.attrs.get("title") == TITLE or RECORD in group:
+        return "unfinished"
+    return "foreign"
+
+
+def _group(path: str | os.PathLike[str]) -> Any:
+    """The Zarr group at ``path`` (read-only), or ``None`` where it is none."""
+    import zarr
+
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except (OSError, ValueError, LookupError):  # not a Zarr group (Zarr's errors are ValueErrors)
+        return None
 
 
 @dataclass
@@ -225,7 +291,7 @@ class IngestPlan:
 
     settings: IngestConfig
     output: str
-    state: str  #: of the output before: ``absent``, ``complete``, ``partial`` or ``other``
+    state: str  #: of the output before: ``absent``, ``complete``, ``partial``, ``unfinished`` or ``other``
     mode: str
     files: list[str]
     tasks: list[ImageTask] = field(default_factory=list)  #: the reference's first
@@ -233,6 +299,7 @@ class IngestPlan:
     shape: tuple[int, int] = (0, 0)
     resampled: list[str] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  #: said when the stack is written (e.g. no reference mask)
 
     @property
     def complete(self) -> bool:
@@ -244,6 +311,7 @@ class IngestPlan:
         if self.complete:
             return f"ingest     {self.output}: written from these FITS files already"
         what = "finish" if self.state == "partial" and self.mode == "create" else "write"
+        what = "write anew (its creation did not finish)" if self.state == "unfinished" else what
         return (f"ingest     {self.output}: {what} the stack of {self.settings.reference} and {len(self.files)} "
                 f"target(s), {self.shape[0]}x{self.shape[1]} px"
                 + (f", {len(self.resampled)} resampled onto the reference's grid" if self.resampled else ""))
@@ -260,7 +328,9 @@ class IngestPlan:
             summary = IngestSummary(self.output, n, 0, tuple(self.resampled), reference_written=False)
             log(summary.describe())
             return summary
-        if self.state == "absent" or self.mode == "overwrite":
+        for note in self.notes:
+            log(f"ingest: {note}")
+        if self.state in ("absent", "unfinished") or self.mode == "overwrite":
             self._create()
             pending = list(self.tasks)
         else:
@@ -268,10 +338,12 @@ class IngestPlan:
             targets = np.asarray(record[WRITTEN["target"]][...], bool)
             source = bool(record[WRITTEN["source"]][0])
             pending = [t for t in self.tasks if not (source if t.index is None else targets[t.index])]
-        _run(self._groups(pending), client=client, workers=workers, progress=progress, log=log)
+        written = [w for w in _run(self._groups(pending), client=client, workers=workers, progress=progress,
+                                   log=log) if w.index is not None]
         summary = IngestSummary(self.output, n, sum(t.index is not None for t in pending), tuple(self.resampled),
                                 time.monotonic() - started,
-                                reference_written=any(t.index is None for t in pending))
+                                reference_written=any(t.index is None for t in pending),
+                                bad=sum(w.bad for w in written), pixels=sum(w.pixels for w in written))
         log(summary.describe())
         return summary
 
@@ -295,12 +367,19 @@ class IngestPlan:
         return list(groups.values())
 
     def _create(self) -> None:
-        """The stack's arrays (metadata), coordinates and record; the settings' stamp last."""
+        """The stack's arrays (metadata), coordinates and record, the group marked as being created first
+        (:data:`CREATING`) and stamped with the settings last; what was at the output before is removed
+        only where kernelmap ingest wrote it (:func:`stack_kind`), checked again here."""
         import dask.array as da
         import xarray as xr
         import zarr
 
-        if os.path.lexists(self.output):
+        kind = stack_kind(self.output)
+        if kind == "foreign":
+            raise OptionError(_not_ours(self.output, self.mode == "create"))
+        if kind == "empty":
+            os.rmdir(self.output)
+        elif kind != "absent":
             if os.path.isdir(self.output) and not os.path.islink(self.output):
                 shutil.rmtree(self.output)
             else:
@@ -321,19 +400,22 @@ class IngestPlan:
         for role, name in s.variance_arrays().items():
             dims, values = images(np.float32) if role == "target" else reference
             data[name] = (dims, values, {"long_name": f"per-pixel variance of the {role} (inf or NaN: no data)"})
+        stamp = self.settings.stamp()
+        zarr.open_group(self.output, mode="w-", zarr_format=3, attributes={CREATING: stamp})
         ds = xr.Dataset(data, coords=self.coords, attrs={
-            "title": "kernelmap input stack from FITS files", "reference": s.reference,
-            "targets": list(self.files), "resampled_targets": list(self.resampled), **self.attrs})
+            "title": TITLE, "reference": s.reference, "targets": list(self.files),
+            "resampled_targets": list(self.resampled), **self.attrs, CREATING: stamp})
         encoding = {name: {"chunks": plane} if ds[name].ndim == 2 else image_encoding(shard, plane, (ny, nx))
                     for name in data}
-        ds.to_zarr(self.output, mode="w-", consolidated=False, zarr_format=3, encoding=encoding, compute=False)
+        ds.to_zarr(self.output, mode="a", consolidated=False, zarr_format=3, encoding=encoding, compute=False)
         group = zarr.open_group(self.output, mode="r+")
         record = group.create_group(RECORD, attributes={
             "description": "which images of the stack are written (1), each set after the image's pixels"})
         record.create_array(WRITTEN["target"], shape=(n,), chunks=(1,), shards=(shard,) if shard > 1 else None,
                             dtype="uint8", fill_value=0)
         record.create_array(WRITTEN["source"], shape=(1,), chunks=(1,), dtype="uint8", fill_value=0)
-        group.attrs[STAMP] = self.settings.stamp()
+        group.attrs[STAMP] = stamp
+        del group.attrs[CREATING]
 
 
 def _run(groups: Sequence[Sequence[ImageTask]], *, client: Any, workers: int, progress: bool,
@@ -373,9 +455,10 @@ def _run(groups: Sequence[Sequence[ImageTask]], *, client: Any, workers: int, pr
 
 
 def _spec(settings: IngestConfig, path: str, *, reference: bool) -> ImageSpec:
-    """The planes of the image in ``path``: its HDU, and its mask (targets) and noise planes."""
+    """The planes of the image in ``path``: its HDU, its mask and its noise planes (the reference's noise
+    where ``reference_noise``; its mask is kept or dropped by :func:`_check`, as its file has it)."""
     mask = noise = None
-    if settings.has_mask and not reference:
+    if settings.has_mask:
         where = plane_file(settings.mask_file, path) if settings.mask_file else path
         mask = Plane(where, 0 if settings.mask_hdu is None else settings.mask_hdu, "mask")
     kind = settings.noise_kind
@@ -385,19 +468,94 @@ def _spec(settings: IngestConfig, path: str, *, reference: bool) -> ImageSpec:
     return ImageSpec(Plane(path, settings.hdu, "image"), mask, noise)
 
 
+def files_read(settings: IngestConfig, files: Sequence[str]) -> list[str]:
+    """Every file an ingest of the target ``files`` may read: the reference, the targets, and every
+    plane's file (masks, weights, variances; the reference's mask file whether it exists or not)."""
+    paths = []
+    for path, reference in ((settings.reference, True), *((f, False) for f in files)):
+        spec = _spec(settings, path, reference=reference)
+        paths += [plane.path for plane in (spec.image, spec.mask, spec.noise) if plane is not None]
+    return list(dict.fromkeys(paths))
+
+
+def _check_output_apart(out: str, inputs: Sequence[str], job: bool) -> None:
+    """Refuse an output that is one of the ``inputs`` or a folder holding one (writing the stack would
+    remove it), by their absolute paths and by where their links lead."""
+    where = f"input.path {out}" if job else out
+    fix = "point input.path elsewhere" if job else "give another output path (--out)"
+    outs = {Path(os.path.abspath(out)), Path(os.path.realpath(out))}
+    for path in inputs:
+        for p in {Path(os.path.abspath(path)), Path(os.path.realpath(path))}:
+            for o in outs:
+                if p == o:
+                    raise OptionError(f"{where} is one of the input files: nothing was changed; {fix}")
+                if p.is_relative_to(o):
+                    raise OptionError(f"{where} holds the input file {path}: writing the stack there would "
+                                      f"remove it: nothing was changed; {fix}")
+
+
+def _check_labels(files: Sequence[str]) -> None:
+    """Refuse targets whose labels (file names without their FITS suffixes) are not distinct."""
+    seen: dict[str, str] = {}
+    for path in files:
+        label = file_stem(path)
+        if label in seen:
+            same = os.path.abspath(seen[label]) == os.path.abspath(path)
+            raise InputError(f"targets {seen[label]} and {path} " + ("are the same file" if same else
+                             f"both get the image label {label!r} (the file name without its FITS suffixes)")
+                             + ": the stack's images need distinct labels: "
+                             + ("give each file once" if same else "rename one of them, or leave one out"))
+        seen[label] = path
+
+
+def _not_ours(out: str, create: bool, job: bool = False) -> str:
+    """The refusal of an output that kernelmap ingest did not write."""
+    if job:
+        return (f"input.path {out} exists and is not a stack written by kernelmap ingest: nothing was changed; "
+                "remove it yourself or point input.path elsewhere")
+    return (f"{out} {'already exists and ' if create else ''}is not a stack written by kernelmap ingest: nothing "
+            "was changed; remove it yourself or choose another --out")
+
+
+def _refuse_other(out: str, mode: str, job: bool) -> None:
+    """Refuse what is at ``out`` (state ``other``) unless ``mode="overwrite"`` and kernelmap ingest wrote it."""
+    kind = stack_kind(out)
+    if kind == "foreign":
+        raise OptionError(_not_ours(out, mode == "create", job))
+    if mode == "overwrite":
+        return
+    if job:
+        if kind == "unfinished":
+            raise OptionError(f"input.path {out} is a stack whose creation by kernelmap ingest did not finish "
+                              "(it may have been interrupted), with another ingest section: nothing was changed; "
+                              "remove it, or point input.path elsewhere")
+        raise OptionError(f"input.path {out} exists but was not written from this ingest section: nothing was "
+                          "changed; remove it, or point input.path elsewhere")
+    if kind == "unfinished":
+        raise OptionError(f"{out} is a stack whose creation by kernelmap ingest did not finish (it may have been "
+                          "interrupted), begun with other settings or by an earlier version: nothing was changed; "
+                          "use --overwrite (mode='overwrite') to write it anew, or another output path")
+    raise OptionError(f"{out} already exists: nothing was changed; it is not a stack ingested with these "
+                      "settings: use --overwrite (mode='overwrite') to replace it, or another output path")
+
+
 def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode: str = "create",
-                attrs: dict[str, Any] | None = None) -> IngestPlan:
+                attrs: dict[str, Any] | None = None, job: bool = False) -> IngestPlan:
     """Check an ingest from every file's headers; nothing is written.
+
+    ``job``: for a job's ``ingest`` section (``input.path``), whose messages say so.
 
     Raises
     ------
     OptionError
-        The output exists and is not a stack of this ingest (``mode="create"``), or was ingested from other
-        files than the targets match now; the output is a URL or one of the input files.
+        The output is a URL, one of the files the ingest reads or a folder holding one; it exists and is not
+        a stack of this ingest (``mode="create"``), or was ingested from other files than the targets match
+        now; it exists and kernelmap ingest did not write it (any mode: it is never removed).
     InputError
-        A file, an HDU or a header key is missing; a plane is not 2-D or not shaped like its image; a target
-        is off the reference's grid (without ``reproject``: saying how far) or, with it, has no celestial
-        WCS or does not overlap the reference.
+        A file, an HDU or a header key is missing; two targets get one label; a plane is not 2-D or not
+        shaped like its image; a float mask with ``mask_bits``; a target is off the reference's grid (without
+        ``reproject``: saying how far) or, with it, has no celestial WCS or does not overlap the reference;
+        the reference has a celestial WCS and a target on its grid none, or the other way round.
     """
     if mode not in ("create", "overwrite"):
         raise OptionError(f"mode={mode!r}: use 'create' or 'overwrite'")
@@ -405,24 +563,23 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
     if "://" in out:
         raise OptionError(f"{out}: ingest writes a local stack; write it to a local path, then copy it")
     files = expand_files(settings.targets)
+    _check_output_apart(out, files_read(settings, files), job)
+    _check_labels(files)
     state = stack_state(out, settings.stamp())
-    if state == "other" and mode == "create":
-        raise OptionError(f"{out} already exists: nothing was changed; it is not a stack ingested with these "
-                          "settings: use --overwrite (mode='overwrite') to replace it, or another output path")
+    if state == "other":
+        _refuse_other(out, mode, job)
     plan = IngestPlan(settings, out, state, mode, files, attrs=dict(attrs or {}))
     if state in ("complete", "partial") and mode == "create":
         import zarr
 
         stored = list(zarr.open_group(out, mode="r").attrs.get("targets", files))
         if stored != files:
-            raise OptionError(f"{out} was ingested from {len(stored)} target file(s); the targets now match "
-                              f"{len(files)}, not the same: nothing was changed; replace it (--overwrite, "
-                              "mode='overwrite'; in a job remove it) or write the stack elsewhere")
+            raise OptionError(f"{'input.path ' if job else ''}{out} was ingested from {len(stored)} target file(s); "
+                              f"the targets now match {len(files)}, not the same: nothing was changed; replace it "
+                              + ("(remove it)" if job else "(--overwrite, mode='overwrite')")
+                              + " or write the stack elsewhere")
         if state == "complete":
             return plan
-    inputs = {os.path.abspath(p) for p in [settings.reference, *files]}
-    if os.path.abspath(out) in inputs:
-        raise OptionError(f"{out} is one of the input files: give another output path")
     _check(plan)
     return plan
 
@@ -433,23 +590,36 @@ def _check(plan: IngestPlan) -> None:
     variances = s.variance_arrays()
     ref_spec = _spec(s, s.reference, reference=True)
     shape, ref_header = inspect_plane(ref_spec.image)
+    if ref_spec.mask is not None and not plane_exists(ref_spec.mask):
+        # a reference (often a coadd) made otherwise than the targets: its NaNs are its only bad pixels
+        m = ref_spec.mask
+        plan.notes.append(f"the reference {s.reference} has no mask ("
+                          + (f"no file {m.path}" if not os.path.exists(m.path) else f"no HDU {m.hdu!r} in {m.path}")
+                          + "): its bad pixels are its NaN pixels only")
+        ref_spec = ImageSpec(ref_spec.image, None, ref_spec.noise)
     for extra in (ref_spec.mask, ref_spec.noise):
         if extra is not None:
-            check_plane_shape(extra, ref_spec.image, shape)
+            header = check_plane_shape(extra, ref_spec.image, shape)
+            if extra is ref_spec.mask:
+                check_mask_bits(extra, header, s.mask_bits)
     ref_wcs = celestial_wcs(ref_header)
     plan.shape = shape
-    plan.tasks = [ImageTask(out, None, ref_spec, variance="source" in variances)]
+    plan.tasks = [ImageTask(out, None, ref_spec, s.mask_bits, variance="source" in variances)]
     headers = []
     for i, path in enumerate(plan.files):
         spec = _spec(s, path, reference=False)
         own, header = inspect_plane(spec.image)
         for extra in (spec.mask, spec.noise):
             if extra is not None:
-                check_plane_shape(extra, spec.image, own)
+                plane_header = check_plane_shape(extra, spec.image, own)
+                if extra is spec.mask:
+                    check_mask_bits(extra, plane_header, s.mask_bits)
         resample = None
+        wcs = celestial_wcs(header)
+        if own == shape and (ref_wcs is None) != (wcs is None) and not s.reproject:
+            raise InputError(_one_wcs(s.reference, path, ref_wcs is None))
         offset = grid_offset(ref_header, header, own) if own == shape else float("inf")
         if offset > s.tolerance and s.reproject:
-            wcs = celestial_wcs(header)
             if ref_wcs is None or wcs is None:
                 which = s.reference if ref_wcs is None else path
                 raise InputError(f"{which} has no celestial WCS: reproject resamples the targets off the reference's "
@@ -475,10 +645,23 @@ def _check(plan: IngestPlan) -> None:
     plan.attrs["reference_wcs"] = wcs_text(ref_header)
 
 
+def _one_wcs(reference: str, path: str, target_has: bool) -> str:
+    """The refusal of a target shaped like the reference where only one of the two has a celestial WCS."""
+    if target_has:
+        return (f"the reference {reference} has no celestial WCS, the target {path} has one: whether the target is "
+                "on the reference's pixel grid cannot be told; give the reference its WCS (a target off its grid "
+                "is then found, and resampled with reproject: true, or --reproject), or give no file a WCS (the "
+                "targets are then taken to be on the reference's grid)")
+    return (f"the target {path} has no celestial WCS, the reference {reference} has one: where its pixels lie on "
+            "the reference's grid cannot be told; give it the WCS of its own pixel grid (it is then checked, and "
+            "resampled with reproject: true, or --reproject, where it is off the grid), or, if it is on the "
+            "reference's grid, the reference's WCS")
+
+
 def _coordinates(files: Sequence[str], headers: Sequence[Any], keys: Sequence[str]) -> dict[str, Any]:
-    """The labels (file names) and the header keys along ``image``; text as variable-length strings."""
-    coords: dict[str, Any] = {"image": ("image", np.array([Path(p).name.split(".")[0] for p in files],
-                                                          dtype=object))}
+    """The labels (file names without their FITS suffixes, distinct: :func:`_check_labels`) and the header
+    keys along ``image``; text as variable-length strings."""
+    coords: dict[str, Any] = {"image": ("image", np.array([file_stem(p) for p in files], dtype=object))}
     for key in keys:
         values = [header.get(key) for header in headers]
         missing = [path for path, v in zip(files, values) if v is None]
@@ -503,7 +686,9 @@ def ingest_fits(reference: str | os.PathLike[str], targets: Sequence[str | os.Pa
     ``variance_file``, ``reference_noise``, ``keys``, ``tolerance``, ``reproject``, ``chunk``).  Every file's
     headers are read and checked before anything is written; the images are then written by one task each, on
     ``client`` or in ``workers`` threads.  ``mode="create"`` refuses an existing output unless it is a stack
-    of this same ingest, which is finished (or left as it is, complete); ``"overwrite"`` replaces it.
+    of this same ingest, which is finished (or left as it is, complete; created anew where its creation was
+    interrupted); ``"overwrite"`` replaces it, only if kernelmap ingest wrote it (:func:`stack_kind`).  An
+    output that is one of the files read, or a folder holding one, is refused in either mode.
     ``attrs``: more root attributes.
 
     Raises
@@ -525,15 +710,12 @@ def job_ingest_plan(job: JobConfig) -> IngestPlan:
     Raises
     ------
     OptionError
-        ``input.path`` holds something else than a stack of this ingest section (and its files).
+        ``input.path`` holds something else than a stack of this ingest section (and its files), or is (or
+        holds) one of the files the section reads.
     """
-    path = job.input.path
     try:
-        return plan_ingest(job.ingest, path)
+        return plan_ingest(job.ingest, job.input.path, job=True)
     except OptionError as exc:
-        if stack_state(path, job.ingest.stamp()) == "other":
-            raise OptionError(f"ingest: input.path {path} exists but was not written from this ingest section: "
-                              "nothing was changed; remove it, or point input.path elsewhere") from None
         raise OptionError(f"ingest: {exc}") from None
 
 
