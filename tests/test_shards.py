@@ -203,3 +203,32 @@ def test_a_killed_sharded_run_resumes_to_the_uninterrupted_result(tmp_path, many
     resumed = xr.open_zarr(tmp_path / "kernels.zarr").load()
     assert resumed.attrs["kernelmap_status"] == "complete"
     xr.testing.assert_identical(resumed.drop_attrs(), unsharded.drop_attrs())
+
+
+def test_a_sharded_run_stopped_by_an_exception_keeps_the_images_it_finished(many, unsharded, monkeypatch):
+    """Ctrl-C (or a failing task) after 25 images: the finished images are written before the run stops
+    (a sharded store holds their kernels only once the client writes them); the resumed run computes the
+    rest and equals an uninterrupted one."""
+    from pipeline.job.blocks import BlockTask
+
+    path = many / "stopped.zarr"
+    job = many_job(many, path.name, images_per_shard=32)
+    original = BlockTask.__call__
+    calls = []
+
+    def stop_after_25_images(self, block):
+        calls.append(block)
+        if len(calls) > 25 * 4:
+            raise KeyboardInterrupt
+        return original(self, block)
+
+    monkeypatch.setattr(BlockTask, "__call__", stop_after_25_images)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job_from_dict(job), progress=False)
+    monkeypatch.setattr(BlockTask, "__call__", original)
+    done = OutputStore(str(path)).completed_blocks()
+    assert done.sum() == 25 * 4 and done[:25].all()  # none written before, all written on the way out
+    assert (zarr.open_group(path, mode="r")["model_degree"][:25] >= 0).all()
+    summary = run_job(job_from_dict({**job, "output": {**job["output"], "mode": "resume"}}), progress=False)
+    assert summary.tiles_computed == (N_IMAGES - 25) * 4
+    xr.testing.assert_identical(xr.open_zarr(path).load().drop_attrs(), unsharded.drop_attrs())

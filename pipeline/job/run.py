@@ -24,7 +24,7 @@ import datetime as _dt
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,14 +274,19 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
         task = BlockTask(plan.inputs.reader, plan.grid, job, store,
                          frozenset((b.image, b.by, b.bx) for b in recompute))
         work = pending + recompute
-        if client is not None:
-            give_up = job.compute.scheduler_kind == "batch" and job.compute.batch.adapt is None
-            run_on_client(client, task, work, finished, give_up_after=NO_WORKERS_GRACE if give_up else None,
-                          log=log, performance_report=performance_report, held=held)
-        else:
-            c = job.compute
-            run_in_threads(task, work, finished,
-                           workers=1 if c.scheduler == "synchronous" else c.n_workers * c.threads_per_worker)
+        try:
+            if client is not None:
+                give_up = job.compute.scheduler_kind == "batch" and job.compute.batch.adapt is None
+                run_on_client(client, task, work, finished, give_up_after=NO_WORKERS_GRACE if give_up else None,
+                              log=log, performance_report=performance_report, held=held)
+            else:
+                c = job.compute
+                run_in_threads(task, work, finished,
+                               workers=1 if c.scheduler == "synchronous" else c.n_workers * c.threads_per_worker)
+        except BaseException:  # interrupted, or a task failed: the images finished so far are kept (a sharded
+            with suppress(Exception):  # store has their kernels only here), the cause raised as it was
+                finisher.flush()
+            raise
     finisher.flush()
     seconds = time.monotonic() - t0
     skipped_tiles = sum(b.n_tiles for b in stored)
