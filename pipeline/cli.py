@@ -105,11 +105,11 @@ def _parser() -> argparse.ArgumentParser:
                              "then it is finished)")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
     ingest.add_argument("--hdu", default="0", help="the image HDU: an index or a name (default 0)")
-    ingest.add_argument("--mask-hdu", help="the targets' mask HDU (index or name; of --mask-file where given); "
-                                           "nonzero = bad")
+    ingest.add_argument("--mask-hdu", help="the mask HDU (index or name; of --mask-file where given) of the targets, "
+                                           "and of the reference where it has one; nonzero = bad")
     ingest.add_argument("--mask-file", metavar="TEMPLATE",
-                        help="the targets' masks in other files, from each target's path: {dir}, {name}, {stem} "
-                             "(e.g. '{dir}/{stem}.mask.fits')")
+                        help="masks in other files, from each image's path (the reference's where that file "
+                             "exists): {dir}, {name}, {stem} (e.g. '{dir}/{stem}.mask.fits')")
     ingest.add_argument("--mask-bits", type=int, help="the mask bits that mark a bad pixel (default: any)")
     ingest.add_argument("--weight-hdu", help="the HDU of weights, inverse variances (0 = no data), in each image's "
                                              "file or --weight-file")

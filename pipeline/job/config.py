@@ -581,9 +581,11 @@ class IngestConfig(BaseModel):
     targets: Annotated[list[Name], Field(min_length=1)]
     #: the image HDU: an index or a name
     hdu: _Hdu = 0
-    #: the targets' mask HDU (index or name; of ``mask_file`` where given); nonzero (in ``mask_bits``) = bad
+    #: the mask HDU (index or name; of ``mask_file`` where given) of the targets, and of the reference where it
+    #: has one; nonzero (in ``mask_bits``) = bad
     mask_hdu: _Hdu | None = None
-    #: the targets' masks in other files: a template of the target's path (``{dir}/{stem}.mask.fits``)
+    #: masks in other files: a template of each image's path (``{dir}/{stem}.mask.fits``; the reference's
+    #: where that file exists)
     mask_file: Name | None = None
     #: the bits of the mask that mark a bad pixel; null: any
     mask_bits: Annotated[Int, Field(ge=1)] | None = None
