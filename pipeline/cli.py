@@ -92,21 +92,34 @@ def _parser() -> argparse.ArgumentParser:
                                                      "(with the reference's WCS where the stack has one)")
     ingest = sub.add_parser(
         "ingest", help="FITS files to an input stack (Zarr) for kernelmap run",
-        description="Read a reference and target FITS images (plain or tile-compressed) and write the input "
-                    "stack kernelmap run reads: source, target, an optional mask, variances from weight or "
-                    "variance planes, header keys as coordinates. Targets must be on the reference's pixel grid, "
-                    "or are resampled onto it with --reproject. Every file's headers are checked before anything "
-                    "is written; the images are then written in parallel. Running the same ingest again finishes "
-                    "an interrupted one. Exit status: 0 done; 2 refused (nothing written).")
-    ingest.add_argument("reference", help="the reference (source) FITS file")
-    ingest.add_argument("targets", nargs="+", help="target FITS files or glob patterns (quoted)")
+        usage="kernelmap ingest (REF TARGET... | --pairs SRC TGT [SRC TGT ...] | --sources SRC... --targets "
+              "TGT...) --out STACK [options]",
+        description="Read FITS images (plain or tile-compressed), a reference shared by every target (REF "
+                    "TARGET...) or a source per target (--pairs, or --sources and --targets matched in order), "
+                    "and write the input stack kernelmap run reads: source, target, an optional mask, variances "
+                    "from weight or variance planes, header keys as coordinates. Every image must be on the "
+                    "pixel grid of the reference (or of the first source), or is resampled onto it with "
+                    "--reproject. Every file's headers are checked before anything is written; the images are "
+                    "then written in parallel. Running the same ingest again finishes an interrupted one. Exit "
+                    "status: 0 done; 2 refused (nothing written).")
+    ingest.add_argument("files", nargs="*", metavar="REF TARGET",
+                        help="the reference (source) FITS file, then the target FITS files or glob patterns "
+                             "(quoted)")
+    ingest.add_argument("--pairs", nargs="+", metavar="SRC TGT",
+                        help="pairs of a source and its target FITS file: SRC1 TGT1 SRC2 TGT2 ... (instead of REF "
+                             "TARGET...)")
+    ingest.add_argument("--sources", nargs="+", metavar="SRC",
+                        help="a source per target: FITS files or glob patterns (quoted), matched in order to "
+                             "--targets, as many files as they")
+    ingest.add_argument("--targets", nargs="+", metavar="TGT",
+                        help="target FITS files or glob patterns (quoted), with --sources (or after REF)")
     ingest.add_argument("--out", required=True,
                         help="Zarr store for the stack (refused if it exists, unless it is this same ingest's: "
                              "then it is finished)")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
     ingest.add_argument("--hdu", default="0", help="the image HDU: an index or a name (default 0)")
     ingest.add_argument("--mask-hdu", help="the mask HDU (index or name; of --mask-file where given) of the targets, "
-                                           "and of the reference where it has one; nonzero = bad")
+                                           "and of the reference (or each source) where it has one; nonzero = bad")
     ingest.add_argument("--mask-file", metavar="TEMPLATE",
                         help="masks in other files, from each image's path (the reference's where that file "
                              "exists): {dir}, {name}, {stem} (e.g. '{dir}/{stem}.mask.fits')")
@@ -120,14 +133,15 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--variance-file", metavar="TEMPLATE", help="variances in other files, from each image's "
                                                                     "path")
     ingest.add_argument("--no-reference-noise", action="store_true",
-                        help="the reference has no weights or variances (only the targets')")
+                        help="the reference (or the sources) has no weights or variances (only the targets')")
     ingest.add_argument("--keys", default="", help="header keys to keep as coordinates, comma-separated "
                                                    "(e.g. MJD-OBS,FILTER,AIRMASS)")
     ingest.add_argument("--tolerance", type=float, default=0.01,
-                        help="how far (pixels) a target's grid may lie from the reference's")
+                        help="how far (pixels) an image's grid may lie from the reference's (or the first "
+                             "source's)")
     ingest.add_argument("--reproject", action="store_true",
-                        help="resample targets off the reference's grid onto it (bicubic; masks grown, variances "
-                             "interpolated) instead of refusing them")
+                        help="resample images off the reference's (or the first source's) grid onto it (bicubic; "
+                             "masks grown, variances interpolated) instead of refusing them")
     ingest.add_argument("--chunk", type=int, default=1024, help="side of the stack's chunks (default 1024)")
     ingest.add_argument("--workers", type=int, default=4, help="images read and written at once (threads; "
                                                                "default 4)")
@@ -152,7 +166,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             ingest = job_ingest_plan(job)  # every file's headers checked
             if not ingest.complete:
-                print(f"{ingest.describe()}: to be written from {job.ingest.reference} and "
+                first = (job.ingest.reference if job.ingest.sources is None else
+                         f"{len(job.ingest.sources)} source file pattern(s)")
+                print(f"{ingest.describe()}: to be written from {first} and "
                       f"{len(job.ingest.targets)} target file pattern(s) first; the rest of the plan reads that "
                       "stack (kernelmap ingest writes it alone)")
                 return 0
@@ -237,6 +253,44 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+_INGEST_FORMS = ("kernelmap ingest REF TARGET... (one reference for every target), or pairs: --pairs SRC1 TGT1 "
+                 "SRC2 TGT2 ..., or --sources 'src/*.fits' --targets 'tgt/*.fits' (matched in order)")
+
+
+def _ingest_files(args: argparse.Namespace) -> tuple[str | None, list[str] | None, list[str]]:
+    """``(reference, sources, targets)`` of ``kernelmap ingest``'s arguments (a reference or sources).
+
+    Raises
+    ------
+    OptionError
+        The files are given in none or more than one of the forms, or ``--pairs`` has a source without
+        its target.
+    """
+    files, pairs, sources, targets = args.files, args.pairs, args.sources, args.targets
+    if pairs is not None:
+        if files or sources is not None or targets is not None:
+            given = files[0] if files else "--sources" if sources is not None else "--targets"
+            raise OptionError(f"--pairs gives the sources and the targets, and {given} is given too: give them "
+                              f"in one form: {_INGEST_FORMS}")
+        if len(pairs) % 2:
+            raise OptionError(f"--pairs takes a source and a target file for each pair (SRC1 TGT1 SRC2 TGT2 ...): "
+                              f"{len(pairs)} files are given, the last, {pairs[-1]}, without its target: give "
+                              "each source's target after it")
+        return None, pairs[0::2], pairs[1::2]
+    if sources is not None:
+        if files:
+            raise OptionError(f"a reference ({files[0]}) and --sources are both given: give one reference shared "
+                              f"by every target, or a source per target, not both: {_INGEST_FORMS}")
+        if targets is None:
+            raise OptionError("--sources needs --targets, one target per source, matched in order (e.g. "
+                              "--sources 'src/*.fits' --targets 'tgt/*.fits'; files after --sources are sources)")
+        return None, sources, targets
+    targets = files[1:] + (targets or [])
+    if not files or not targets:
+        raise OptionError(f"give the files: {_INGEST_FORMS}")
+    return files[0], None, targets
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from .job.ingest import ingest_fits
 
@@ -245,10 +299,11 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise OptionError(f"--workers {args.workers}: give at least 1")
+    reference, sources, targets = _ingest_files(args)
     options = {"mask_hdu": hdu(args.mask_hdu), "mask_file": args.mask_file, "mask_bits": args.mask_bits,
                "weight_hdu": hdu(args.weight_hdu), "weight_file": args.weight_file,
-               "variance_hdu": hdu(args.variance_hdu), "variance_file": args.variance_file}
-    ingest_fits(args.reference, args.targets, args.out, hdu=hdu(args.hdu),
+               "variance_hdu": hdu(args.variance_hdu), "variance_file": args.variance_file, "sources": sources}
+    ingest_fits(reference, targets, args.out, hdu=hdu(args.hdu),
                 keys=[k.strip() for k in args.keys.split(",") if k.strip()], tolerance=args.tolerance,
                 reproject=args.reproject, reference_noise=not args.no_reference_noise, chunk=args.chunk,
                 mode="overwrite" if args.overwrite else "create", workers=args.workers, progress=not args.quiet,

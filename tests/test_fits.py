@@ -791,3 +791,225 @@ def test_resampled_variance_is_the_variance_of_resampled_noise():
         assert near.sum() > 60, frac
         assert np.mean(stored[near]) == pytest.approx(4.0 * expect, rel=0.015), frac
         assert np.mean(empirical[near]) / np.mean(stored[near]) == pytest.approx(1.0, abs=0.05), frac
+
+
+# --------------------------------------------------------------------------- pairs: a source per target
+
+def _pair_files(tmp_path, n=3, *, off_grid=(), shape=(48, 64)):
+    """``n`` pairs of a source and a target with masks (bit 1 counts, bit 2 does not) and weights; the images
+    of ``off_grid`` (``"s1"``, ``"t2"``...) on a rotated grid.  Returns the sources, the targets, the pixels
+    written (``{name: (data, mask, weight, header)}``) and the ingest options."""
+    rng = np.random.default_rng(12)
+    ny, nx = shape
+    crpix = (nx / 2 + 0.5, ny / 2 + 0.5)
+    written, sources, targets = {}, [], []
+    for i in range(n):
+        for role, files in (("s", sources), ("t", targets)):
+            name = f"{role}{i}"
+            header = _rotated_header((crpix[0] + 0.4, crpix[1] - 0.3), 6.0) if name in off_grid else _header(crpix)
+            data = rng.normal(100.0, 10.0, size=shape).astype(np.float32)
+            mask = np.zeros(shape, np.int16)
+            mask[rng.integers(0, ny, 4), rng.integers(0, nx, 4)] = 1
+            mask[rng.integers(0, ny, 2), rng.integers(0, nx, 2)] = 2
+            weight = rng.uniform(0.5, 2.0, size=shape).astype(np.float32)
+            folder = tmp_path / ("src" if role == "s" else "tgt")
+            folder.mkdir(exist_ok=True)
+            files.append(_write(folder / f"{'src' if role == 's' else 'epoch'}-{i}.fits", data, header=header,
+                                mask=mask, planes={"WHT": weight}, EXPTIME=10.0 * (i + 1)))
+            written[name] = (data, mask, weight, header)
+    options = {"sources": sources, "mask_hdu": "MASK", "mask_bits": 1, "weight_hdu": "WHT", "keys": ["EXPTIME"],
+               "chunk": 32}
+    return sources, targets, written, options
+
+
+def test_a_pairs_stack_holds_each_targets_own_source_on_the_first_sources_grid_as_built_by_hand(tmp_path):
+    from astropy.wcs import WCS
+
+    from pipeline.io.inputs import open_inputs
+    from pipeline.io.resample import resample_onto
+
+    sources, targets, written, options = _pair_files(tmp_path, off_grid=("s1", "t2"))
+    out = tmp_path / "stack.zarr"
+    # without reproject, the source off the first source's grid is refused, saying how far, nothing written
+    with pytest.raises(InputError, match=r"src-1.fits is not on the first source's pixel grid: .* up to \d"):
+        ingest_fits(None, targets, out, **{**options, "reproject": False})
+    assert not out.exists()
+    said = []
+    summary = ingest_fits(None, targets, out, reproject=True, log=said.append, **options)
+    assert said[-1].startswith(f"ingest: 3 pair(s) of a source and a target written to {out}")
+    assert summary.resampled == (sources[1], targets[2])
+    ds = xr.open_zarr(out, consolidated=False).load()
+    # by hand: the sources' bad pixels (mask bit 1) NaN with an infinite variance, the targets' in the mask;
+    # the images off the grid resampled onto the first source's
+    grid = WCS(written["s0"][3]).celestial
+    expected = {name: [] for name in ("source", "source_variance", "target", "target_variance", "mask")}
+    for i in range(3):
+        for role in ("source", "target"):
+            data, mask, weight, header = written[f"{role[0]}{i}"]
+            bad = (mask & 1) != 0
+            variance = (1.0 / weight.astype(np.float64)).astype(np.float32)
+            if f"{role[0]}{i}" in ("s1", "t2"):
+                data, bad, variance = resample_onto(data, bad, variance, WCS(header).celestial, grid, (48, 64))
+            if role == "source":
+                data, variance = np.where(bad, np.nan, data), np.where(bad, np.inf, variance)
+            else:
+                expected["mask"].append(bad.astype(np.uint8))
+            expected[role].append(data.astype(np.float32))
+            expected[f"{role}_variance"].append(variance.astype(np.float32))
+    assert sorted(ds.data_vars) == sorted(expected)
+    for name, values in expected.items():
+        assert ds[name].dims == ("image", "y", "x") and ds[name].dtype == values[0].dtype, name
+        np.testing.assert_array_equal(ds[name].values, np.stack(values), err_msg=name)
+    assert list(ds["image"].values) == ["epoch-0", "epoch-1", "epoch-2"]  # the targets' names
+    np.testing.assert_array_equal(ds["EXPTIME"].values, [10.0, 20.0, 30.0])
+    assert ds.attrs["sources"] == sources and ds.attrs["targets"] == targets and "reference" not in ds.attrs
+    assert ds.attrs["resampled_sources"] == [sources[1]] and ds.attrs["resampled_targets"] == [targets[2]]
+    assert ds.attrs["reference_wcs"] == WCS(written["s0"][3]).celestial.to_header().tostring(sep="\n")
+    # the run reads one source per image, with its variances
+    inputs = open_inputs(out, mask="mask", variance={"target": "target_variance", "source": "source_variance"})
+    assert not inputs.shared_source
+    block = inputs.reader.read(1, slice(0, 48), slice(0, 64))
+    np.testing.assert_array_equal(block.source, expected["source"][1])
+    np.testing.assert_array_equal(block.source_variance, expected["source_variance"][1].astype(np.float64))
+
+
+def test_a_kernelmap_run_from_a_jobs_pairs_section_gives_each_pairs_own_kernel(tmp_path, capsys):
+    """Each pair's target is its own source (another field) convolved with another Gaussian kernel, with
+    noise: one kernelmap run from the job's ingest section finds each pair's kernel."""
+    import yaml
+    from scipy.signal import fftconvolve
+
+    from pipeline.cli import main
+    from pipeline.sim.scenes import add_noise, gaussian_kernel, render_scene
+
+    size, k = 256, 15
+    truths, fwhms, fluxes = [], (2.5, 4.0), (1.0, 1.2)
+    for i in range(2):
+        canvas, _ = render_scene(10 + i, (size, size), psf=2.5)
+        m = (canvas.shape[0] - size) // 2
+        inner = np.s_[m:m + size, m:m + size]
+        truths.append(gaussian_kernel(k, fwhm=fwhms[i], e1=0.1 * i, flux=fluxes[i]))
+        target = add_noise(30 + i, fftconvolve(canvas, truths[i], mode="same")[inner])[0] + 5.0 * i
+        _write(tmp_path / f"src-{i}.fits", add_noise(20 + i, canvas[inner])[0].astype(np.float32))
+        _write(tmp_path / f"epoch-{i}.fits", target.astype(np.float32))
+    job = {"ingest": {"sources": [str(tmp_path / "src-*.fits")], "targets": [str(tmp_path / "epoch-*.fits")]},
+           "input": {"path": str(tmp_path / "stack.zarr")}, "tiles": {"size": 128}, "kernel": {"size": k},
+           "output": {"path": str(tmp_path / "kernels.zarr")}, "compute": {"scheduler": "threads"}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "2 pair(s) of a source and a target" in said and "from 1 source file pattern(s)" in said
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert "ingest: 2 pair(s) of a source and a target written" in capsys.readouterr().out
+    assert xr.open_zarr(tmp_path / "stack.zarr", consolidated=False)["source"].dims == ("image", "y", "x")
+    maps = xr.open_zarr(tmp_path / "kernels.zarr", consolidated=False).load()
+    for i in range(2):
+        kernels = maps["kernel"].values[i].astype(np.float64)
+        errors = [np.linalg.norm(kernels - t, axis=(-2, -1)) / np.linalg.norm(t) for t in truths]
+        # its own kernel to better than 15 % per tile (the other pair's is 40 % or more away)
+        assert errors[i].max() < 0.15 and errors[1 - i].min() > 0.3, (i, errors)
+        np.testing.assert_allclose(maps["fwhm"].values[i], fwhms[i], rtol=0.06)
+        assert np.median(maps["flux"].values[i]) == pytest.approx(fluxes[i], rel=0.05)
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_an_interrupted_pairs_ingest_is_finished_per_image_and_equals_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                           sharded):
+    import zarr
+
+    from pipeline.io import store
+
+    if not sharded:  # images too large to share a file: each written by its own task
+        monkeypatch.setattr(store, "SHARD_BYTES", 48 * 64 * 4 * 2 - 1)
+    _, targets, _, options = _pair_files(tmp_path, n=4, off_grid=("s2",))
+    options["reproject"] = True
+    whole, out = tmp_path / "whole.zarr", tmp_path / "stack.zarr"
+    ingest_fits(None, targets, whole, log=_quiet, **options)
+    ingest_fits(None, targets, out, workers=3, log=_quiet, **options)
+    group = zarr.open_group(str(out), mode="r+")
+    for name in ("source", "target", "source_variance", "ingest/source_written", "ingest/target_written"):
+        assert group[name].shape[0] == 4, name
+        assert group[name].shards == (((4,) if name.startswith("ingest") else (4, 64, 64)) if sharded else None)
+    # forget pair 1 (its source and its target) and the source of pair 2: pixels scribbled over
+    for i, names in ((1, ("source", "source_variance", "target", "target_variance", "mask")),
+                     (2, ("source", "source_variance"))):
+        for name in names:
+            group[name][i] = 7
+        group["ingest/source_written"][i] = 0
+        if "target" in names:
+            group["ingest/target_written"][i] = 0
+    said = []
+    ingest_fits(None, targets, out, workers=2, log=said.append, **options)
+    assert said[-1].startswith(f"ingest: finished {out}: 2 of 4 source(s) and 1 of 4 target(s) written now")
+    xr.testing.assert_identical(xr.open_zarr(out, consolidated=False).load(),
+                                xr.open_zarr(whole, consolidated=False).load())
+    ingest_fits(None, targets, out, log=said.append, **options)
+    assert "written from these FITS files already" in said[-1]
+    # the sources' pattern matching other files now: refused
+    pattern = {**options, "sources": [str(tmp_path / "src" / "src-*.fits")]}
+    ingest_fits(None, targets, tmp_path / "glob.zarr", log=_quiet, **pattern)
+    (tmp_path / "src" / "src-0.fits").rename(tmp_path / "src" / "src-9.fits")
+    with pytest.raises(OptionError, match=r"ingested from 4 source file\(s\); the sources now match 4, not the "
+                                          "same"):
+        ingest_fits(None, targets, tmp_path / "glob.zarr", log=_quiet, **pattern)
+
+
+def test_pairs_on_the_command_line_and_their_refusals_before_anything_is_written(tmp_path, capsys):
+    from pipeline.cli import main
+
+    sources, targets, _, _ = _pair_files(tmp_path, n=2)
+    options = ["--mask-hdu", "MASK", "--weight-hdu", "WHT", "--chunk", "32", "--quiet"]
+    by_pairs, by_patterns = str(tmp_path / "pairs.zarr"), str(tmp_path / "patterns.zarr")
+    assert main(["ingest", "--pairs", sources[0], targets[0], sources[1], targets[1], "--out", by_pairs,
+                 *options]) == 0
+    assert "2 pair(s) of a source and a target written" in capsys.readouterr().out
+    assert main(["ingest", "--sources", str(tmp_path / "src" / "*.fits"), "--targets",
+                 str(tmp_path / "tgt" / "*.fits"), "--out", by_patterns, *options]) == 0
+    a, b = (xr.open_zarr(p, consolidated=False).load() for p in (by_pairs, by_patterns))
+    assert a["source"].dims == ("image", "y", "x") and list(a["image"].values) == ["epoch-0", "epoch-1"]
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    out = str(tmp_path / "refused.zarr")
+    refusals = [
+        (["--pairs", sources[0], targets[0], sources[1]], rf"--pairs takes a source and a target file for each "
+                                                            rf"pair .*: 3 files are given, the last, {sources[1]}, "
+                                                            "without its target"),
+        ([sources[0], targets[0], "--sources", sources[1]], rf"a reference \({sources[0]}\) and --sources are "
+                                                             "both given"),
+        (["--sources", sources[0], "--targets", *targets], rf"the sources match 1 file\(s\), the targets 2: pairs "
+                                                           rf"need one source per target, matched in order; the "
+                                                           rf"first target without a source is {targets[1]}"),
+        (["--sources", *sources, "--targets", targets[0]], rf"the sources match 2 file\(s\), the targets 1: .* "
+                                                           rf"the first source without a target is {sources[1]}"),
+        (["--sources", *sources], "--sources needs --targets"),
+        ([sources[0]], "give the files: kernelmap ingest REF TARGET"),
+    ]
+    for args, message in refusals:
+        assert main(["ingest", *args, "--out", out, *options]) == 2, args
+        err = capsys.readouterr().err
+        assert __import__("re").search(message, err), err
+    assert not (tmp_path / "refused.zarr").exists()
+
+
+def test_a_reference_with_sources_no_source_and_labels_of_pairs_are_refused(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.job.config import IngestConfig, job_from_dict
+
+    sources, targets, _, _ = _pair_files(tmp_path, n=2)
+    out = tmp_path / "stack.zarr"
+    with pytest.raises(ConfigError, match=r"ingest.sources: a reference \(.*src-0.fits\) is given too: give one "
+                                          "reference, the source shared by every target, or sources"):
+        ingest_fits(sources[0], targets, out, sources=sources, log=_quiet)
+    for section, message in (({"reference": sources[0], "sources": sources, "targets": targets},
+                              "ingest.sources: a reference"),
+                             ({"targets": targets}, "ingest.reference: no source is given: give the reference")):
+        with pytest.raises(ConfigError, match=message):
+            job_from_dict({"ingest": section, "input": {"path": str(out)}, "output": {"path": "k.zarr"}})
+    with pytest.raises(InputError, match=r"targets .*epoch-0.fits and .*epoch-0.fits are the same file"):
+        ingest_fits(None, [targets[0], targets[0]], out, sources=sources, log=_quiet)
+    assert not out.exists()
+    # the settings of pairs are stamped with their sources; a reference's as before
+    pairs = IngestConfig(sources=["s*.fits"], targets=["t*.fits"])
+    assert "sources" in pairs.stamp() and "reference" not in pairs.stamp()
+    assert "sources" not in IngestConfig(reference="r.fits", targets=["t*.fits"]).stamp()

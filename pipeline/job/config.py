@@ -12,7 +12,7 @@ A job file is YAML with these sections::
     output:  {path, mode, dtype}
     compute: {scheduler, n_workers, threads_per_worker, processes,
               memory_limit, dashboard_address, block_tiles}
-    ingest:  {reference, targets, hdu, mask_hdu, mask_file, mask_bits,
+    ingest:  {reference or sources, targets, hdu, mask_hdu, mask_file, mask_bits,
               weight_hdu, weight_file, variance_hdu, variance_file,
               reference_noise, keys, tolerance, reproject, chunk}
              (optional: FITS files written to input.path first; the
@@ -565,6 +565,10 @@ class IngestConfig(BaseModel):
     ``input.path`` (a local path), once; a later run finds it there and uses it, an interrupted one is
     finished.
 
+    The images come as one ``reference`` (the source shared by every target) and ``targets``, or as pairs:
+    ``sources`` and ``targets`` matched in order, one source per target (the stack's ``source`` is then
+    ``(image, y, x)``, the first source's grid the stack's).
+
     Each image's planes come from HDUs of its own file (``*_hdu``) or of another file (``*_file``: a
     template of the image file's path with ``{dir}``, ``{name}`` and ``{stem}`` (the name without its FITS
     suffixes), e.g. ``"{dir}/{stem}.weight.fits"``, the plane then in its ``*_hdu`` or first image HDU).
@@ -575,14 +579,16 @@ class IngestConfig(BaseModel):
 
     model_config = _STRICT
 
-    #: the reference (source) FITS file
-    reference: Name
+    #: the reference (source) FITS file, shared by every target; or give ``sources``
+    reference: Name | None = None
+    #: pairs: a source FITS file per target (files or glob patterns, in order, as many files as the targets)
+    sources: Annotated[list[Name], Field(min_length=1)] | None = None
     #: the target FITS files or glob patterns, in order
     targets: Annotated[list[Name], Field(min_length=1)]
     #: the image HDU: an index or a name
     hdu: _Hdu = 0
-    #: the mask HDU (index or name; of ``mask_file`` where given) of the targets, and of the reference where it
-    #: has one; nonzero (in ``mask_bits``) = bad
+    #: the mask HDU (index or name; of ``mask_file`` where given) of the targets, and of the reference (or of
+    #: each source) where it has one; nonzero (in ``mask_bits``) = bad
     mask_hdu: _Hdu | None = None
     #: masks in other files: a template of each image's path (``{dir}/{stem}.mask.fits``; the reference's
     #: where that file exists)
@@ -597,7 +603,7 @@ class IngestConfig(BaseModel):
     variance_hdu: _Hdu | None = None
     #: variances in other files: a template of the image's path
     variance_file: Name | None = None
-    #: whether the reference has weights or variances too (false: the source's are not known)
+    #: whether the reference (or the sources) have weights or variances too (false: the sources' are not known)
     reference_noise: Bool = True
     #: header keys kept as coordinates along ``image``
     keys: list[Name] = []
@@ -611,11 +617,17 @@ class IngestConfig(BaseModel):
     #: settings added after the first stacks were written: left out of :meth:`stamp` at their defaults, so
     #: that a stack ingested before still matches its ingest section
     _LATER: ClassVar[tuple[str, ...]] = ("mask_file", "weight_hdu", "weight_file", "variance_hdu", "variance_file",
-                                         "reference_noise", "reproject", "chunk")
+                                         "reference_noise", "reproject", "chunk", "sources")
 
     @model_validator(mode="after")
     def _planes(self) -> IngestConfig:
         items = []
+        if self.reference is not None and self.sources is not None:
+            items.append(("sources", f"a reference ({self.reference}) is given too: give one reference, the source "
+                                     "shared by every target, or sources, one per target, not both"))
+        elif self.reference is None and self.sources is None:
+            items.append(("reference", "no source is given: give the reference (one source shared by every "
+                                       "target) or sources (one per target, matched in order)"))
         weights = self.weight_hdu is not None or self.weight_file is not None
         variances = self.variance_hdu is not None or self.variance_file is not None
         if weights and variances:
@@ -635,6 +647,11 @@ class IngestConfig(BaseModel):
     def has_mask(self) -> bool:
         """Whether the targets' masks are read (the stack then holds ``mask``)."""
         return self.mask_hdu is not None or self.mask_file is not None
+
+    @property
+    def pairs(self) -> bool:
+        """Whether each target has its own source (``sources``), not one shared reference."""
+        return self.sources is not None
 
     @property
     def noise_kind(self) -> str | None:
@@ -658,18 +675,23 @@ class IngestConfig(BaseModel):
         for key in self._LATER:
             if settings[key] == type(self).model_fields[key].default:
                 del settings[key]
+        if settings["reference"] is None:  # pairs
+            del settings["reference"]
         return json.dumps(settings, sort_keys=True)
 
     @classmethod
     def from_options(cls, reference: Any, targets: Any, **options: Any) -> IngestConfig:
-        """The settings from keyword options (those of the job file's ``ingest`` section), checked.
+        """The settings from keyword options (those of the job file's ``ingest`` section), checked;
+        ``reference`` ``None`` for pairs (``sources=[...]``).
 
         Raises
         ------
         ConfigError
             One line per problem, each starting ``ingest.<key>``.
         """
-        data = {"reference": reference, "targets": targets, **options}
+        data = {"targets": targets, **options}
+        if reference is not None:
+            data["reference"] = reference
         try:
             return _IngestOnly.model_validate({"ingest": data}).ingest
         except ValidationError as exc:

@@ -1,38 +1,44 @@
 """``kernelmap ingest``: FITS files to an input stack, as a job of one task per image (or shard).
 
+The images: one reference (the source shared by every target) and targets,
+or pairs, a source per target (``sources``, matched to the targets in order).
 A plan (:func:`plan_ingest`) reads every file's headers and checks them
 before anything is written: the HDUs exist and hold 2-D images, each mask,
-weight or variance plane is shaped like its image, the targets lie on the
-reference's pixel grid (their WCS within ``tolerance`` pixels of the
-reference's) or, with ``reproject``, overlap it, and the header keys asked for
-are there.  Executing it (:meth:`IngestPlan.execute`) creates the stack's
-arrays (metadata only), then runs one task per image, or per shard's images
-(:func:`write_images`: read, check the values, resample where needed, write
-the images' own chunks or shard) in a pool of threads or on a Dask cluster,
-with progress shown.
+weight or variance plane is shaped like its image, every image lies on the
+stack's pixel grid (the reference's, or the first source's: its WCS within
+``tolerance`` pixels of the grid's) or, with ``reproject``, overlaps it, and
+the header keys asked for are there.  Executing it
+(:meth:`IngestPlan.execute`) creates the stack's arrays (metadata only),
+then runs one task per image, or per shard's images (:func:`write_images`:
+read, check the values, resample where needed, write the images' own chunks
+or shard) in a pool of threads or on a Dask cluster, with progress shown.
 
-The stack (Zarr 3, local): ``source (y, x)``, ``target (image, y, x)``
-float32 (NaN where the reference's own mask marks a pixel bad), ``mask (image, y, x)`` uint8 with the
-targets' mask planes (nonzero = bad),
-``target_variance (image, y, x)`` and ``source_variance (y, x)`` float32 with
-weights or variances (inf or NaN: no data), the header keys as coordinates
-along ``image``, chunks of one image by ``chunk`` x ``chunk`` pixels; images
-small enough to share files (see :func:`~pipeline.io.store.whole_image_shards`)
-stored as Zarr 3 shards of whole images, each written by one task.  Root
-attributes: the reference's WCS (``reference_wcs``), the files, the targets
-resampled, and the settings (``kernelmap_ingest``), written last: while the
-stack is being created it carries ``kernelmap_ingest_creating`` (the settings)
-instead.  Image labels: the file names without their FITS suffixes, distinct.
+The stack (Zarr 3, local): ``source (y, x)`` (pairs: ``source (image, y,
+x)``), ``target (image, y, x)`` float32 (NaN where a source's own mask marks
+a pixel bad), ``mask (image, y, x)`` uint8 with the targets' mask planes
+(nonzero = bad), ``target_variance (image, y, x)`` and ``source_variance``
+(shaped like ``source``) float32 with weights or variances (inf or NaN: no
+data), the header keys (of the targets) as coordinates along ``image``,
+chunks of one image by ``chunk`` x ``chunk`` pixels; images small enough to
+share files (see :func:`~pipeline.io.store.whole_image_shards`) stored as
+Zarr 3 shards of whole images, each written by one task (with the sources of
+the shard's pairs).  Root attributes: the grid's WCS (``reference_wcs``), the
+files (``reference`` or ``sources``, ``targets``), the files resampled
+(``resampled_targets``; pairs: ``resampled_sources``), and the settings
+(``kernelmap_ingest``), written last: while the stack is being created it
+carries ``kernelmap_ingest_creating`` (the settings) instead.  Image labels:
+the target file names without their FITS suffixes, distinct.
 
 Resuming: the group ``ingest`` of the stack records which images are written
-(``target_written (image,)``, ``source_written (1,)``, one chunk each,
-sharded as the images), each set by its task after the image's pixels.  Running the same ingest again
-(same settings, same files) writes only the images not recorded, and the
-stack equals an uninterrupted ingest's; a complete one is left as it is, one
-whose creation was interrupted is created anew.  A stack from other settings
-or files (or an unfinished creation of one) is refused unless
-``mode="overwrite"``; anything at the output that kernelmap ingest did not
-write is never removed, nor an output that is or holds a file the ingest reads.
+(``target_written (image,)``, ``source_written (1,)``, pairs ``source_written
+(image,)``, one chunk each, sharded as the images), each set by its task
+after the image's pixels.  Running the same ingest again (same settings, same
+files) writes only the images not recorded, and the stack equals an
+uninterrupted ingest's; a complete one is left as it is, one whose creation
+was interrupted is created anew.  A stack from other settings or files (or
+an unfinished creation of one) is refused unless ``mode="overwrite"``;
+anything at the output that kernelmap ingest did not write is never removed,
+nor an output that is or holds a file the ingest reads.
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ TITLE = "kernelmap input stack from FITS files"
 
 @dataclass(frozen=True)
 class Resampling:
-    """Onto the reference's grid: the image's and the reference's celestial WCS, the reference's shape."""
+    """Onto the stack's grid (the reference's, or the first source's): the image's and the grid's celestial
+    WCS, the grid's shape."""
 
     wcs: Any
     reference_wcs: Any
@@ -95,36 +102,39 @@ class Resampling:
 
 @dataclass(frozen=True)
 class ImageTask:
-    """One image to read and write into the stack at ``output``: the reference (``index`` ``None``) or
-    target ``index``."""
+    """One image to read and write into the stack at ``output``: the reference (``index`` ``None``, role
+    ``"source"``), or the target (role ``"target"``) or the source (role ``"source"``, pairs) of image
+    ``index``."""
 
     output: str
     index: int | None
     spec: ImageSpec
     mask_bits: int | None = None
-    mask: bool = False  #: the stack holds ``mask`` (targets; the reference's bad pixels become NaN)
+    mask: bool = False  #: the stack holds ``mask`` (targets; a source's bad pixels become NaN)
     variance: bool = False  #: the stack holds this image's variances
     resample: Resampling | None = None
+    role: str = "target"  #: ``"target"`` or ``"source"``
 
     @property
     def name(self) -> str:
-        return "reference" if self.index is None else f"target-{self.index}"
+        return "reference" if self.index is None else f"{self.role}-{self.index}"
 
 
 @dataclass(frozen=True)
 class ImageWritten:
-    """What a task wrote: which image, and how many of its pixels are bad in the stack (NaN, masked, or
-    without data in its variances)."""
+    """What a task wrote: which image (and whether its source or its target), and how many of its pixels are
+    bad in the stack (NaN, masked, or without data in its variances)."""
 
     index: int | None
     bad: int
     pixels: int
+    role: str = "target"
 
 
 def write_images(tasks: Sequence[ImageTask]) -> list[ImageWritten]:
-    """Read the images of ``tasks`` (the reference alone, or targets of one shard of the stack), check their
-    values, resample them where asked, and write them (a run of consecutive targets at once: a shard is
-    rewritten whole, so only one task writes it); then record them written.
+    """Read the images of ``tasks`` (the reference alone, or the targets, and the sources of pairs, of one
+    shard of the stack), check their values, resample them where asked, and write them (a run of consecutive
+    images at once: a shard is rewritten whole, so only one task writes it); then record them written.
 
     Raises
     ------
@@ -151,7 +161,7 @@ def write_images(tasks: Sequence[ImageTask]) -> list[ImageWritten]:
         _write_read(read)
     if failed is not None:
         raise failed
-    return [ImageWritten(task.index, int(np.count_nonzero(_bad_pixels(d, b, v))), int(d.size))
+    return [ImageWritten(task.index, int(np.count_nonzero(_bad_pixels(d, b, v))), int(d.size), task.role)
             for task, (d, b, v) in read]
 
 
@@ -165,35 +175,49 @@ def _bad_pixels(data: np.ndarray, bad: np.ndarray | None, variance: np.ndarray |
     return out
 
 
-def _write_read(read: list[tuple[ImageTask, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]]) -> None:
-    """Write the images read (the reference alone, or targets of one shard), then record them written."""
+Read = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def _source_planes(data: np.ndarray, bad: np.ndarray | None, variance: np.ndarray | None) -> Read:
+    """A source's pixels as the stack holds them: its mask's bad pixels NaN (a bad pixel of the source, as
+    the run reads it), their variances inf."""
+    if bad is not None:
+        data = np.where(bad, np.float32(np.nan), data)
+        variance = None if variance is None else np.where(bad, np.float32(np.inf), variance)
+    return data, bad, variance
+
+
+def _write_read(read: list[tuple[ImageTask, Read]]) -> None:
+    """Write the images read (the reference alone, or the targets and sources of one shard), then record
+    them written."""
     import zarr
 
-    tasks = [task for task, _ in read]
-    read = [planes for _, planes in read]
-    group = zarr.open_group(tasks[0].output, mode="r+")
-    first = tasks[0]
-    if first.index is None:
-        data, bad, variance = read[0]
-        if bad is not None:  # the reference's mask: NaN is a bad pixel of the source, as the run reads it
-            data = np.where(bad, np.float32(np.nan), data)
-            variance = None if variance is None else np.where(bad, np.float32(np.inf), variance)
-        group["source"][...] = data
-        if first.variance:
-            group[INGEST_VARIANCES["source"]][...] = variance
-        group[f"{RECORD}/{WRITTEN['source']}"][0] = 1
-    else:
+    group = zarr.open_group(read[0][0].output, mode="r+")
+    for role in ("source", "target"):
+        mine = [(task, _source_planes(*planes) if role == "source" else planes)
+                for task, planes in read if task.role == role]
+        if not mine:
+            continue
+        tasks, planes_read = [task for task, _ in mine], [planes for _, planes in mine]
+        first = tasks[0]
+        if first.index is None:  # the reference, (y, x)
+            data, _, variance = planes_read[0]
+            group["source"][...] = data
+            if first.variance:
+                group[INGEST_VARIANCES["source"]][...] = variance
+            group[f"{RECORD}/{WRITTEN['source']}"][0] = 1
+            continue
         indices = [t.index for t in tasks]
-        planes = {"target": [d for d, _, _ in read]}
+        planes = {role: [d for d, _, _ in planes_read]}
         if first.mask:
             planes[INGEST_MASK] = [np.zeros(d.shape, np.uint8) if b is None else b.astype(np.uint8)
-                                   for d, b, _ in read]
+                                   for d, b, _ in planes_read]
         if first.variance:
-            planes[INGEST_VARIANCES["target"]] = [v for _, _, v in read]
+            planes[INGEST_VARIANCES[role]] = [v for _, _, v in planes_read]
         for name, values in planes.items():
             for start, stop in consecutive_runs(indices):
                 group[name][indices[start]: indices[stop - 1] + 1] = np.stack(values[start:stop])
-        written = group[f"{RECORD}/{WRITTEN['target']}"]
+        written = group[f"{RECORD}/{WRITTEN[role]}"]
         lo, hi = indices[0], indices[-1] + 1
         recorded = np.asarray(written[lo:hi])
         recorded[np.asarray(indices) - lo] = 1
@@ -207,23 +231,35 @@ class IngestSummary:
     path: str
     n_images: int  #: target images in the stack
     written: int  #: target images written now
-    resampled: tuple[str, ...] = ()  #: target files resampled onto the reference's grid
+    resampled: tuple[str, ...] = ()  #: files resampled onto the stack's grid (targets, and sources of pairs)
     seconds: float = 0.0
     reference_written: bool = True
     bad: int = 0  #: bad pixels of the targets written now (NaN, masked, no data, not covered once resampled)
     pixels: int = 0  #: pixels of the targets written now
+    pairs: bool = False  #: one source per target (no reference)
+    sources_written: int = 0  #: sources of pairs written now
 
     def describe(self) -> str:
-        if self.written == self.n_images and self.reference_written:
-            text = f"ingest: {self.n_images} target(s) and the reference written to {self.path}"
+        n = self.n_images
+        if self.pairs:
+            if self.written == n and self.sources_written == n:
+                text = f"ingest: {n} pair(s) of a source and a target written to {self.path}"
+            elif self.written == 0 and self.sources_written == 0:
+                text = f"ingest: the stack at {self.path} was written from these FITS files already"
+            else:
+                text = (f"ingest: finished {self.path}: {self.sources_written} of {n} source(s) and "
+                        f"{self.written} of {n} target(s) written now, the others were already")
+        elif self.written == n and self.reference_written:
+            text = f"ingest: {n} target(s) and the reference written to {self.path}"
         elif self.written == 0 and not self.reference_written:
             text = f"ingest: the stack at {self.path} was written from these FITS files already"
         else:
-            text = (f"ingest: finished {self.path}: {self.written} of {self.n_images} target(s)"
+            text = (f"ingest: finished {self.path}: {self.written} of {n} target(s)"
                     + (" and the reference" if self.reference_written else "") + " written now, the others were "
                     "already")
         if self.resampled:
-            text += f"; {len(self.resampled)} target(s) resampled onto the reference's grid"
+            text += (f"; {len(self.resampled)} file(s) resampled onto the first source's grid" if self.pairs else
+                     f"; {len(self.resampled)} target(s) resampled onto the reference's grid")
         if self.pixels:
             text += (f"; {self.bad} of the {self.pixels} target pixels written are bad "
                      f"({100.0 * self.bad / self.pixels:.2g} %)")
@@ -293,11 +329,13 @@ class IngestPlan:
     output: str
     state: str  #: of the output before: ``absent``, ``complete``, ``partial``, ``unfinished`` or ``other``
     mode: str
-    files: list[str]
+    files: list[str]  #: the targets
     tasks: list[ImageTask] = field(default_factory=list)  #: the reference's first
     coords: dict[str, Any] = field(default_factory=dict)
     shape: tuple[int, int] = (0, 0)
-    resampled: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)  #: targets resampled onto the stack's grid
+    sources: list[str] = field(default_factory=list)  #: the sources of pairs, one per target (none: a reference)
+    resampled_sources: list[str] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  #: said when the stack is written (e.g. no reference mask)
 
@@ -312,6 +350,11 @@ class IngestPlan:
             return f"ingest     {self.output}: written from these FITS files already"
         what = "finish" if self.state == "partial" and self.mode == "create" else "write"
         what = "write anew (its creation did not finish)" if self.state == "unfinished" else what
+        if self.sources:
+            moved = len(self.resampled) + len(self.resampled_sources)
+            return (f"ingest     {self.output}: {what} the stack of {len(self.files)} pair(s) of a source and a "
+                    f"target, {self.shape[0]}x{self.shape[1]} px (the grid of the first source, {self.sources[0]})"
+                    + (f", {moved} file(s) resampled onto it" if moved else ""))
         return (f"ingest     {self.output}: {what} the stack of {self.settings.reference} and {len(self.files)} "
                 f"target(s), {self.shape[0]}x{self.shape[1]} px"
                 + (f", {len(self.resampled)} resampled onto the reference's grid" if self.resampled else ""))
@@ -324,8 +367,10 @@ class IngestPlan:
 
         started = time.monotonic()
         n = len(self.files)
+        pairs = bool(self.sources)
+        resampled = tuple(self.resampled_sources) + tuple(self.resampled)
         if self.complete:
-            summary = IngestSummary(self.output, n, 0, tuple(self.resampled), reference_written=False)
+            summary = IngestSummary(self.output, n, 0, resampled, reference_written=False, pairs=pairs)
             log(summary.describe())
             return summary
         for note in self.notes:
@@ -335,15 +380,16 @@ class IngestPlan:
             pending = list(self.tasks)
         else:
             record = zarr.open_group(self.output, mode="r")[RECORD]
-            targets = np.asarray(record[WRITTEN["target"]][...], bool)
-            source = bool(record[WRITTEN["source"]][0])
-            pending = [t for t in self.tasks if not (source if t.index is None else targets[t.index])]
+            done = {role: np.asarray(record[name][...], bool) for role, name in WRITTEN.items()}
+            pending = [t for t in self.tasks if not done[t.role][0 if t.index is None else t.index]]
         written = [w for w in _run(self._groups(pending), client=client, workers=workers, progress=progress,
-                                   log=log) if w.index is not None]
-        summary = IngestSummary(self.output, n, sum(t.index is not None for t in pending), tuple(self.resampled),
+                                   log=log) if w.role == "target"]
+        summary = IngestSummary(self.output, n, sum(t.role == "target" for t in pending), resampled,
                                 time.monotonic() - started,
                                 reference_written=any(t.index is None for t in pending),
-                                bad=sum(w.bad for w in written), pixels=sum(w.pixels for w in written))
+                                bad=sum(w.bad for w in written), pixels=sum(w.pixels for w in written),
+                                pairs=pairs, sources_written=sum(t.role == "source" and t.index is not None
+                                                                 for t in pending))
         log(summary.describe())
         return summary
 
@@ -353,8 +399,8 @@ class IngestPlan:
         return whole_image_shards(len(self.files), *self.shape)
 
     def _groups(self, tasks: Sequence[ImageTask]) -> list[list[ImageTask]]:
-        """The tasks as the groups one task writes: the reference alone, the targets of each shard together
-        (each target alone where the stack has no shards)."""
+        """The tasks as the groups one task writes: the reference alone, the targets (and the sources of
+        pairs) of each shard together (each image's alone where the stack has no shards)."""
         import zarr
 
         shard = 1
@@ -394,17 +440,20 @@ class IngestPlan:
                                                  chunks=(shard, ny, nx) if shard > 1 else (1, *plane))
 
         reference = (("y", "x"), da.zeros((ny, nx), np.float32, chunks=plane))
-        data: dict[str, Any] = {"source": reference, "target": images(np.float32)}
+        source = images(np.float32) if s.pairs else reference
+        data: dict[str, Any] = {"source": source, "target": images(np.float32)}
         if s.has_mask:
             data[INGEST_MASK] = (*images(np.uint8), {"long_name": "bad pixels of the target (nonzero = bad)"})
         for role, name in s.variance_arrays().items():
-            dims, values = images(np.float32) if role == "target" else reference
+            dims, values = images(np.float32) if role == "target" else source
             data[name] = (dims, values, {"long_name": f"per-pixel variance of the {role} (inf or NaN: no data)"})
         stamp = self.settings.stamp()
         zarr.open_group(self.output, mode="w-", zarr_format=3, attributes={CREATING: stamp})
+        files = ({"sources": list(self.sources), "targets": list(self.files),
+                  "resampled_sources": list(self.resampled_sources)} if s.pairs else
+                 {"reference": s.reference, "targets": list(self.files)})
         ds = xr.Dataset(data, coords=self.coords, attrs={
-            "title": TITLE, "reference": s.reference, "targets": list(self.files),
-            "resampled_targets": list(self.resampled), **self.attrs, CREATING: stamp})
+            "title": TITLE, **files, "resampled_targets": list(self.resampled), **self.attrs, CREATING: stamp})
         encoding = {name: {"chunks": plane} if ds[name].ndim == 2 else image_encoding(shard, plane, (ny, nx))
                     for name in data}
         ds.to_zarr(self.output, mode="a", consolidated=False, zarr_format=3, encoding=encoding, compute=False)
@@ -413,7 +462,11 @@ class IngestPlan:
             "description": "which images of the stack are written (1), each set after the image's pixels"})
         record.create_array(WRITTEN["target"], shape=(n,), chunks=(1,), shards=(shard,) if shard > 1 else None,
                             dtype="uint8", fill_value=0)
-        record.create_array(WRITTEN["source"], shape=(1,), chunks=(1,), dtype="uint8", fill_value=0)
+        if s.pairs:  # one source per image, sharded as the images
+            record.create_array(WRITTEN["source"], shape=(n,), chunks=(1,), shards=(shard,) if shard > 1 else None,
+                                dtype="uint8", fill_value=0)
+        else:
+            record.create_array(WRITTEN["source"], shape=(1,), chunks=(1,), dtype="uint8", fill_value=0)
         group.attrs[STAMP] = stamp
         del group.attrs[CREATING]
 
@@ -454,26 +507,29 @@ def _run(groups: Sequence[Sequence[ImageTask]], *, client: Any, workers: int, pr
     return results
 
 
-def _spec(settings: IngestConfig, path: str, *, reference: bool) -> ImageSpec:
-    """The planes of the image in ``path``: its HDU, its mask and its noise planes (the reference's noise
-    where ``reference_noise``; its mask is kept or dropped by :func:`_check`, as its file has it)."""
+def _spec(settings: IngestConfig, path: str, *, source: bool) -> ImageSpec:
+    """The planes of the image in ``path``: its HDU, its mask and its noise planes (a source's (the
+    reference's, or one of pairs) noise where ``reference_noise``; its mask is kept or dropped by
+    :func:`_check`, as its file has it)."""
     mask = noise = None
     if settings.has_mask:
         where = plane_file(settings.mask_file, path) if settings.mask_file else path
         mask = Plane(where, 0 if settings.mask_hdu is None else settings.mask_hdu, "mask")
     kind = settings.noise_kind
-    if kind is not None and (settings.reference_noise or not reference):
+    if kind is not None and (settings.reference_noise or not source):
         hdu, template = getattr(settings, f"{kind}_hdu"), getattr(settings, f"{kind}_file")
         noise = Plane(plane_file(template, path) if template else path, 0 if hdu is None else hdu, kind)
     return ImageSpec(Plane(path, settings.hdu, "image"), mask, noise)
 
 
-def files_read(settings: IngestConfig, files: Sequence[str]) -> list[str]:
-    """Every file an ingest of the target ``files`` may read: the reference, the targets, and every
-    plane's file (masks, weights, variances; the reference's mask file whether it exists or not)."""
+def files_read(settings: IngestConfig, files: Sequence[str], sources: Sequence[str] = ()) -> list[str]:
+    """Every file an ingest of the target ``files`` (and the ``sources`` of pairs) may read: the reference or
+    the sources, the targets, and every plane's file (masks, weights, variances; a source's mask file whether
+    it exists or not)."""
     paths = []
-    for path, reference in ((settings.reference, True), *((f, False) for f in files)):
-        spec = _spec(settings, path, reference=reference)
+    first = [settings.reference] if settings.reference is not None else list(sources)
+    for path, source in (*((f, True) for f in first), *((f, False) for f in files)):
+        spec = _spec(settings, path, source=source)
         paths += [plane.path for plane in (spec.image, spec.mask, spec.noise) if plane is not None]
     return list(dict.fromkeys(paths))
 
@@ -492,6 +548,26 @@ def _check_output_apart(out: str, inputs: Sequence[str], job: bool) -> None:
                 if p.is_relative_to(o):
                     raise OptionError(f"{where} holds the input file {path}: writing the stack there would "
                                       f"remove it: nothing was changed; {fix}")
+
+
+def _pair_sources(settings: IngestConfig, files: Sequence[str]) -> list[str]:
+    """The source files of pairs, one per target of ``files``, in order (none without pairs).
+
+    Raises
+    ------
+    InputError
+        The sources match another number of files than the targets.
+    """
+    if not settings.pairs:
+        return []
+    sources = expand_files(settings.sources or [])
+    n, m = len(sources), len(files)
+    if n != m:
+        unmatched = (f"the first target without a source is {files[n]}" if n < m else
+                     f"the first source without a target is {sources[m]}")
+        raise InputError(f"the sources match {n} file(s), the targets {m}: pairs need one source per target, "
+                         f"matched in order; {unmatched}: give as many sources as targets")
+    return sources
 
 
 def _check_labels(files: Sequence[str]) -> None:
@@ -549,13 +625,14 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
     ------
     OptionError
         The output is a URL, one of the files the ingest reads or a folder holding one; it exists and is not
-        a stack of this ingest (``mode="create"``), or was ingested from other files than the targets match
-        now; it exists and kernelmap ingest did not write it (any mode: it is never removed).
+        a stack of this ingest (``mode="create"``), or was ingested from other files than the targets (or
+        sources) match now; it exists and kernelmap ingest did not write it (any mode: it is never removed).
     InputError
-        A file, an HDU or a header key is missing; two targets get one label; a plane is not 2-D or not
-        shaped like its image; a float mask with ``mask_bits``; a target is off the reference's grid (without
-        ``reproject``: saying how far) or, with it, has no celestial WCS or does not overlap the reference;
-        the reference has a celestial WCS and a target on its grid none, or the other way round.
+        A file, an HDU or a header key is missing; two targets get one label; the sources of pairs match
+        another number of files than the targets; a plane is not 2-D or not shaped like its image; a float
+        mask with ``mask_bits``; an image is off the grid of the reference (or of the first source of pairs)
+        (without ``reproject``: saying how far) or, with it, has no celestial WCS or does not overlap it;
+        the grid's file has a celestial WCS and an image on its grid none, or the other way round.
     """
     if mode not in ("create", "overwrite"):
         raise OptionError(f"mode={mode!r}: use 'create' or 'overwrite'")
@@ -563,99 +640,165 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
     if "://" in out:
         raise OptionError(f"{out}: ingest writes a local stack; write it to a local path, then copy it")
     files = expand_files(settings.targets)
-    _check_output_apart(out, files_read(settings, files), job)
+    sources = _pair_sources(settings, files)
+    _check_output_apart(out, files_read(settings, files, sources), job)
     _check_labels(files)
     state = stack_state(out, settings.stamp())
     if state == "other":
         _refuse_other(out, mode, job)
-    plan = IngestPlan(settings, out, state, mode, files, attrs=dict(attrs or {}))
+    plan = IngestPlan(settings, out, state, mode, files, attrs=dict(attrs or {}), sources=sources)
     if state in ("complete", "partial") and mode == "create":
         import zarr
 
-        stored = list(zarr.open_group(out, mode="r").attrs.get("targets", files))
-        if stored != files:
-            raise OptionError(f"{'input.path ' if job else ''}{out} was ingested from {len(stored)} target file(s); "
-                              f"the targets now match {len(files)}, not the same: nothing was changed; replace it "
-                              + ("(remove it)" if job else "(--overwrite, mode='overwrite')")
-                              + " or write the stack elsewhere")
+        stack_attrs = zarr.open_group(out, mode="r").attrs
+        for role, now in (("target", files), ("source", sources)):
+            stored = list(stack_attrs.get(f"{role}s", now))
+            if stored != now:
+                raise OptionError(f"{'input.path ' if job else ''}{out} was ingested from {len(stored)} {role} "
+                                  f"file(s); the {role}s now match {len(now)}, not the same: nothing was changed; "
+                                  "replace it " + ("(remove it)" if job else "(--overwrite, mode='overwrite')")
+                                  + " or write the stack elsewhere")
         if state == "complete":
             return plan
     _check(plan)
     return plan
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The stack's pixel grid: the file it is of (the reference, or the first source of pairs), its header
+    and celestial WCS, its shape, and what the messages call it."""
+
+    path: str
+    header: Any
+    wcs: Any
+    shape: tuple[int, int]
+    name: str  #: ``"reference"`` or ``"first source"``
+    images: str  #: what must be on it, in messages
+
+    @property
+    def called(self) -> str:
+        return f"the {self.name} {self.path}"
+
+
+def _check_planes(s: IngestConfig, spec: ImageSpec, shape: tuple[int, int]) -> None:
+    """Refuse a mask or noise plane not shaped like its image, or a float mask with ``mask_bits``."""
+    for extra in (spec.mask, spec.noise):
+        if extra is not None:
+            header = check_plane_shape(extra, spec.image, shape)
+            if extra is spec.mask:
+                check_mask_bits(extra, header, s.mask_bits)
+
+
+def _without_mask(spec: ImageSpec) -> str | None:
+    """Why a source has no mask plane (``None``: it has one): no such file, or no such HDU in it."""
+    m = spec.mask
+    if m is None or plane_exists(m):
+        return None
+    return f"no file {m.path}" if not os.path.exists(m.path) else f"no HDU {m.hdu!r} in {m.path}"
+
+
+def _place(s: IngestConfig, grid: _Grid, path: str, own: tuple[int, int], header: Any, role: str
+           ) -> Resampling | None:
+    """How the image of ``path`` (``own`` shape, ``header``; a ``role``, ``"source"`` or ``"target"``)
+    comes onto the stack's grid: as it is (``None``) or resampled (``reproject``); else refused."""
+    wcs = celestial_wcs(header)
+    if own == grid.shape and (grid.wcs is None) != (wcs is None) and not s.reproject:
+        raise InputError(_one_wcs(grid, path, role, grid.wcs is None))
+    offset = grid_offset(grid.header, header, own) if own == grid.shape else float("inf")
+    if offset > s.tolerance and s.reproject:
+        if grid.wcs is None or wcs is None:
+            which = grid.path if grid.wcs is None else path
+            raise InputError(f"{which} has no celestial WCS: reproject resamples {grid.images} off the "
+                             f"{grid.name}'s grid ({path} is one) onto it by their WCS; give files with one")
+        if not footprint_overlaps(grid.header, grid.shape, header, own):
+            raise InputError(f"{path} does not overlap {grid.called} on the sky: leave it out "
+                             + ("of the targets" if grid.name == "reference" else "(and its pair)"))
+        return Resampling(wcs, grid.wcs, grid.shape)
+    if own != grid.shape:
+        raise InputError(f"{path} is {own[0]}x{own[1]} px, {grid.called} {grid.shape[0]}x{grid.shape[1]}: "
+                         f"{grid.images} must be on the {grid.name}'s pixel grid (resample them onto it: "
+                         "reproject: true, or --reproject)")
+    if offset > s.tolerance:
+        raise InputError(f"{path} is not on the {grid.name}'s pixel grid: its WCS puts the image's corners and "
+                         f"centre up to {offset:.3g} px from the {grid.name}'s (tolerance {s.tolerance:g} px); "
+                         f"resample it onto the {grid.name}'s grid (reproject: true, or --reproject), or raise "
+                         "the tolerance")
+    return None
+
+
 def _check(plan: IngestPlan) -> None:
-    """Read every file's headers; fill the plan's tasks, coordinates, shape and attributes."""
+    """Read every file's headers; fill the plan's tasks, coordinates, shape and attributes.  Every image goes
+    onto one pixel grid: the reference's, or for pairs the first source's."""
     s, out = plan.settings, plan.output
     variances = s.variance_arrays()
-    ref_spec = _spec(s, s.reference, reference=True)
-    shape, ref_header = inspect_plane(ref_spec.image)
-    if ref_spec.mask is not None and not plane_exists(ref_spec.mask):
-        # a reference (often a coadd) made otherwise than the targets: its NaNs are its only bad pixels
-        m = ref_spec.mask
-        plan.notes.append(f"the reference {s.reference} has no mask ("
-                          + (f"no file {m.path}" if not os.path.exists(m.path) else f"no HDU {m.hdu!r} in {m.path}")
-                          + "): its bad pixels are its NaN pixels only")
-        ref_spec = ImageSpec(ref_spec.image, None, ref_spec.noise)
-    for extra in (ref_spec.mask, ref_spec.noise):
-        if extra is not None:
-            header = check_plane_shape(extra, ref_spec.image, shape)
-            if extra is ref_spec.mask:
-                check_mask_bits(extra, header, s.mask_bits)
-    ref_wcs = celestial_wcs(ref_header)
+    pairs = s.pairs
+    first = plan.sources[0] if pairs else s.reference
+    first_spec = _spec(s, first, source=True)
+    shape, first_header = inspect_plane(first_spec.image)
+    grid = _Grid(first, first_header, celestial_wcs(first_header), shape,
+                 "first source" if pairs else "reference", "every source and target" if pairs else "the targets")
     plan.shape = shape
-    plan.tasks = [ImageTask(out, None, ref_spec, s.mask_bits, variance="source" in variances)]
+    unmasked: list[tuple[str, str]] = []  # sources without a mask plane, and why
+
+    def source_spec(path: str) -> ImageSpec:
+        spec = _spec(s, path, source=True)
+        why = _without_mask(spec)
+        if why is None:
+            return spec
+        # a source (often a coadd) made otherwise than the targets: its NaNs are its only bad pixels
+        unmasked.append((path, why))
+        return ImageSpec(spec.image, None, spec.noise)
+
+    if not pairs:
+        spec = source_spec(first)
+        _check_planes(s, spec, shape)
+        plan.tasks = [ImageTask(out, None, spec, s.mask_bits, variance="source" in variances, role="source")]
     headers = []
     for i, path in enumerate(plan.files):
-        spec = _spec(s, path, reference=False)
+        if pairs:
+            source = plan.sources[i]
+            spec = source_spec(source)
+            own, header = (shape, first_header) if i == 0 else inspect_plane(spec.image)
+            _check_planes(s, spec, own)
+            resample = None if i == 0 else _place(s, grid, source, own, header, "source")
+            if resample is not None:
+                plan.resampled_sources.append(source)
+            plan.tasks.append(ImageTask(out, i, spec, s.mask_bits, variance="source" in variances,
+                                        resample=resample, role="source"))
+        spec = _spec(s, path, source=False)
         own, header = inspect_plane(spec.image)
-        for extra in (spec.mask, spec.noise):
-            if extra is not None:
-                plane_header = check_plane_shape(extra, spec.image, own)
-                if extra is spec.mask:
-                    check_mask_bits(extra, plane_header, s.mask_bits)
-        resample = None
-        wcs = celestial_wcs(header)
-        if own == shape and (ref_wcs is None) != (wcs is None) and not s.reproject:
-            raise InputError(_one_wcs(s.reference, path, ref_wcs is None))
-        offset = grid_offset(ref_header, header, own) if own == shape else float("inf")
-        if offset > s.tolerance and s.reproject:
-            if ref_wcs is None or wcs is None:
-                which = s.reference if ref_wcs is None else path
-                raise InputError(f"{which} has no celestial WCS: reproject resamples the targets off the reference's "
-                                 f"grid ({path} is one) onto it by their WCS; give files with one")
-            if not footprint_overlaps(ref_header, shape, header, own):
-                raise InputError(f"{path} does not overlap the reference {s.reference} on the sky: leave it out "
-                                 "of the targets")
-            resample = Resampling(wcs, ref_wcs, shape)
+        _check_planes(s, spec, own)
+        resample = _place(s, grid, path, own, header, "target")
+        if resample is not None:
             plan.resampled.append(path)
-        elif own != shape:
-            raise InputError(f"{path} is {own[0]}x{own[1]} px, the reference {s.reference} {shape[0]}x{shape[1]}: "
-                             "the targets must be on the reference's pixel grid (resample them onto it: "
-                             "reproject: true, or --reproject)")
-        elif offset > s.tolerance:
-            raise InputError(f"{path} is not on the reference's pixel grid: its WCS puts the image's corners and "
-                             f"centre up to {offset:.3g} px from the reference's (tolerance {s.tolerance:g} px); "
-                             "resample it onto the reference's grid (reproject: true, or --reproject), or raise "
-                             "the tolerance")
         headers.append(header)
         plan.tasks.append(ImageTask(out, i, spec, s.mask_bits, mask=s.has_mask, variance="target" in variances,
                                     resample=resample))
+    if unmasked:
+        path, why = unmasked[0]
+        if not pairs:
+            plan.notes.append(f"the reference {path} has no mask ({why}): its bad pixels are its NaN pixels only")
+        else:
+            plan.notes.append(f"{len(unmasked)} of the {len(plan.sources)} source(s) have no mask (the first: "
+                              f"{path}, {why}): their bad pixels are their NaN pixels only")
     plan.coords = _coordinates(plan.files, headers, s.keys)
-    plan.attrs["reference_wcs"] = wcs_text(ref_header)
+    plan.attrs["reference_wcs"] = wcs_text(first_header)
 
 
-def _one_wcs(reference: str, path: str, target_has: bool) -> str:
-    """The refusal of a target shaped like the reference where only one of the two has a celestial WCS."""
-    if target_has:
-        return (f"the reference {reference} has no celestial WCS, the target {path} has one: whether the target is "
-                "on the reference's pixel grid cannot be told; give the reference its WCS (a target off its grid "
-                "is then found, and resampled with reproject: true, or --reproject), or give no file a WCS (the "
-                "targets are then taken to be on the reference's grid)")
-    return (f"the target {path} has no celestial WCS, the reference {reference} has one: where its pixels lie on "
-            "the reference's grid cannot be told; give it the WCS of its own pixel grid (it is then checked, and "
-            "resampled with reproject: true, or --reproject, where it is off the grid), or, if it is on the "
-            "reference's grid, the reference's WCS")
+def _one_wcs(grid: _Grid, path: str, role: str, image_has: bool) -> str:
+    """The refusal of an image shaped like the grid's where only one of the two has a celestial WCS."""
+    theirs = "the targets" if grid.name == "reference" else "the images"
+    grid_words = f"the {grid.name}'s"
+    if image_has:
+        return (f"{grid.called} has no celestial WCS, the {role} {path} has one: whether the {role} is "
+                f"on {grid_words} pixel grid cannot be told; give {grid.called} its WCS (an image off its grid "
+                "is then found, and resampled with reproject: true, or --reproject), or give no file a WCS ("
+                f"{theirs} are then taken to be on {grid_words} grid)")
+    return (f"the {role} {path} has no celestial WCS, {grid.called} has one: where its pixels lie on "
+            f"{grid_words} grid cannot be told; give it the WCS of its own pixel grid (it is then checked, and "
+            "resampled with reproject: true, or --reproject, where it is off the grid), or, if it is on "
+            f"{grid_words} grid, {grid_words} WCS")
 
 
 def _coordinates(files: Sequence[str], headers: Sequence[Any], keys: Sequence[str]) -> dict[str, Any]:
@@ -675,14 +818,16 @@ def _coordinates(files: Sequence[str], headers: Sequence[Any], keys: Sequence[st
     return coords
 
 
-def ingest_fits(reference: str | os.PathLike[str], targets: Sequence[str | os.PathLike[str]],
+def ingest_fits(reference: str | os.PathLike[str] | None, targets: Sequence[str | os.PathLike[str]],
                 output: str | os.PathLike[str], *, mode: str = "create", workers: int = 1, client: Any = None,
                 progress: bool = False, attrs: dict[str, Any] | None = None, log: Callable[[str], None] = print,
                 **options: Any) -> IngestSummary:
-    """Write the FITS ``reference`` and ``targets`` (paths or glob patterns) to a Zarr input stack at ``output``.
+    """Write the FITS ``reference`` and ``targets`` (paths or glob patterns) to a Zarr input stack at ``output``;
+    or pairs: ``reference`` ``None`` and ``sources=[...]`` (paths or glob patterns, one file per target, in
+    order), the stack's ``source`` then ``(image, y, x)``.
 
     ``options`` are the settings of the job file's ``ingest`` section (:class:`~pipeline.job.config.IngestConfig`:
-    ``hdu``, ``mask_hdu``, ``mask_file``, ``mask_bits``, ``weight_hdu``, ``weight_file``, ``variance_hdu``,
+    ``sources``, ``hdu``, ``mask_hdu``, ``mask_file``, ``mask_bits``, ``weight_hdu``, ``weight_file``, ``variance_hdu``,
     ``variance_file``, ``reference_noise``, ``keys``, ``tolerance``, ``reproject``, ``chunk``).  Every file's
     headers are read and checked before anything is written; the images are then written by one task each, on
     ``client`` or in ``workers`` threads.  ``mode="create"`` refuses an existing output unless it is a stack
@@ -699,7 +844,10 @@ def ingest_fits(reference: str | os.PathLike[str], targets: Sequence[str | os.Pa
         See :func:`plan_ingest` and :func:`write_images`.
     """
     options = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in options.items()}
-    settings = IngestConfig.from_options(os.fspath(reference), [os.fspath(t) for t in targets], **options)
+    if "sources" in options and options["sources"] is not None:
+        options["sources"] = [os.fspath(p) for p in options["sources"]]
+    settings = IngestConfig.from_options(None if reference is None else os.fspath(reference),
+                                         [os.fspath(t) for t in targets], **options)
     plan = plan_ingest(settings, output, mode=mode, attrs=attrs)
     return plan.execute(client=client, workers=workers, progress=progress, log=log)
 
