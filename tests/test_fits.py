@@ -117,7 +117,7 @@ def test_fits_files_give_the_kernel_map_their_zarr_stack_gives(tmp_path):
     from pipeline.job.run import run_job
     from pipeline.sim.demo import demo_dataset
 
-    ds, _ = demo_dataset(n_images=2, size=256, bad_pixels=False)
+    ds, truth = demo_dataset(n_images=2, size=256, bad_pixels=False)
     ds.to_zarr(tmp_path / "demo.zarr", consolidated=False)
     reference = _write(tmp_path / "ref.fits", ds["source"].values)
     targets = [_write(tmp_path / f"t{i}.fits", ds["target"].values[i]) for i in range(2)]
@@ -140,14 +140,42 @@ def test_fits_files_give_the_kernel_map_their_zarr_stack_gives(tmp_path):
     np.testing.assert_allclose(mapped["ra"].values, sky.ra.deg, rtol=0, atol=1e-9)
     np.testing.assert_allclose(mapped["dec"].values, sky.dec.deg, rtol=0, atol=1e-9)
     assert "RA---TAN" in mapped.attrs["reference_wcs"]
+    # the difference images: the same from both kernel maps, and noise at the level the simulation gives
     apply_kernel_map(tmp_path / "ingested-kernels.zarr", tmp_path / "images.zarr", fits=tmp_path / "fits",
                      log=lambda _: None)
-    difference = xr.open_zarr(tmp_path / "images.zarr", consolidated=False)["difference"].values
-    assert np.isfinite(difference).mean() > 0.85
+    apply_kernel_map(tmp_path / "demo-kernels.zarr", tmp_path / "demo-images.zarr", log=lambda _: None)
+    images = xr.open_zarr(tmp_path / "images.zarr", consolidated=False).load()
+    demo_images = xr.open_zarr(tmp_path / "demo-images.zarr", consolidated=False).load()
+    for name in ("difference", "matched", "background"):
+        np.testing.assert_array_equal(images[name].values, demo_images[name].values, err_msg=name)
+    difference = images["difference"].values
+    z = difference / np.sqrt(_expected_difference_variance(tmp_path / "ingested-kernels.zarr", truth))
+    tile, margin = 128, 15  # each tile's interior: a kernel's width from its edges
+    for i in range(2):
+        for ty in range(2):
+            for tx in range(2):
+                inner = z[i, ty * tile + margin:(ty + 1) * tile - margin, tx * tile + margin:(tx + 1) * tile - margin]
+                assert np.isfinite(inner).all()
+                assert np.sqrt(np.mean(inner**2)) == pytest.approx(1.0, abs=0.05), (i, ty, tx)
     for i, label in enumerate(mapped["image"].values):  # and as FITS files, on the reference's sky grid
         with fits.open(tmp_path / "fits" / f"{label}.diff.fits") as hdus:
             np.testing.assert_array_equal(hdus[0].data, difference[i])
             assert hdus[0].header["CTYPE1"] == "RA---TAN" and hdus[0].header["CRPIX1"] == 50.5
+
+
+def _expected_difference_variance(kernel_map, truth) -> np.ndarray:
+    """The variance of the demo's difference images (``demo_dataset(n_images=2, size=256, bad_pixels=False)``)
+    made with ``kernel_map``: the target's plus the matched source's, each the Poisson noise of the noiseless
+    image on the sky plus the read noise (gain 1)."""
+    import pipeline
+    from pipeline.core.apply import matched_variance
+    from pipeline.sim.demo import _READ_NOISE, _SKY, demo_dataset
+
+    clean, _ = demo_dataset(n_images=2, size=256, noise=False, bad_pixels=False)
+    km = pipeline.KernelMap.open(kernel_map)
+    source = clean["source"].values.astype(np.float64) + _SKY + _READ_NOISE**2
+    return np.stack([clean["target"].values[i] - truth.background(i) + _SKY + _READ_NOISE**2
+                     + matched_variance(source, km.field(label)) for i, label in enumerate(km.ds["image"].values)])
 
 
 def test_kernelmap_ingest_on_the_command_line(tmp_path, capsys):
