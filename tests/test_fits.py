@@ -1037,6 +1037,14 @@ def test_a_reference_with_sources_no_source_and_labels_of_pairs_are_refused(tmp_
     with pytest.raises(InputError, match=r"targets .*epoch-0.fits and .*epoch-0.fits are the same file"):
         ingest_fits(None, [targets[0], targets[0]], out, sources=sources, log=_quiet)
     assert not out.exists()
+    # sources without the mask HDU (coadds, say): their NaNs are their only bad pixels, and the ingest says so
+    plain = [_write(tmp_path / f"coadd-{i}.fits", fits.getdata(sources[i]), header=fits.getheader(sources[i]))
+             for i in range(2)]
+    said = []
+    ingest_fits(None, targets, out, sources=plain, mask_hdu="MASK", log=said.append)
+    assert any(f"2 of the 2 source(s) have no mask (the first: {plain[0]}, no HDU 'MASK' in {plain[0]}): their bad "
+               "pixels are their NaN pixels only" in line for line in said)
+    np.testing.assert_array_equal(xr.open_zarr(out, consolidated=False)["source"].values[1], fits.getdata(plain[1]))
     # the settings of pairs are stamped with their sources; a reference's as before
     pairs = IngestConfig(sources=["s*.fits"], targets=["t*.fits"])
     assert "sources" in pairs.stamp() and "reference" not in pairs.stamp()
