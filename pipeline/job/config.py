@@ -9,7 +9,7 @@ A job file is YAML with these sections::
     tiles:   {size, step}
     kernel:  {method, size, normalize, <options of the method>}
     model:   {method, degree, max_degree, clip}
-    output:  {path, mode, dtype}
+    output:  {path, mode, dtype, images_per_shard}
     compute: {scheduler, n_workers, threads_per_worker, processes,
               memory_limit, dashboard_address, block_tiles}
     ingest:  {reference or sources, targets, hdu, mask_hdu, mask_file, mask_bits,
