@@ -358,9 +358,11 @@ def test_refused_submission_is_a_clear_error_at_once(slurm, tmp_path, setting, m
 
 
 def _slow_stack_job(tmp_path: Path, n_images: int = 4) -> dict:
-    """Enough one-tile blocks (16 an image) of the exact solver for a fault to land mid-run."""
+    """Enough one-tile blocks (16 an image) of the exact solver for a fault to land mid-run, each written by
+    its task (no shards: the blocks done show in the store as the run goes)."""
     make_stack(tmp_path / "stack.zarr", n_images=n_images, size=256)
-    return job_dict(tmp_path, kernel={"method": "lstsq"}, compute={"block_tiles": 1})
+    return job_dict(tmp_path, kernel={"method": "lstsq"}, compute={"block_tiles": 1},
+                    output={"images_per_shard": 1})
 
 
 def _run_in_thread(data: dict) -> tuple[threading.Thread, dict]:
