@@ -408,10 +408,10 @@ def test_reproject_puts_a_star_where_the_reference_grid_has_it_and_spreads_the_b
     assert np.isnan(out_image[bad]).all() and np.isfinite(out_image[~bad]).all()
     # the variances: the weights' 4 times the interpolation's sum of squared weights where there is data
     # (test_resampled_variance_is_the_variance_of_resampled_noise), no data where there is none
-    from pipeline.io.resample import spline_noise_factor
+    from pipeline.io.resample import resampling_noise_factor
 
     variance = ds["target_variance"].values[0]
-    expected = 4.0 * spline_noise_factor(py) * spline_noise_factor(px)
+    expected = 4.0 * resampling_noise_factor(tgt_wcs, ref_wcs, variance.shape, (70, 90))
     np.testing.assert_allclose(variance[~bad], expected[~bad], rtol=1e-5)
     assert variance[~bad].min() < 0.6 * 4 and variance[~bad].max() > 0.97 * 4  # offsets from 0 to about 0.5
     assert np.isinf(variance[bad]).all()
@@ -797,9 +797,11 @@ def _noise_through_resampling(target_header, n_real, shape=(96, 96), variance=4.
 def test_resampled_variance_is_the_variance_of_resampled_noise():
     """An interpolated pixel sum_i w_i x_i has the variance sum_i w_i**2 var_i: measured on white noise
     resampled by whole shifts plus 0, 0.25 and 0.5 px, and across a rotated grid grouped by the offset."""
-    from pipeline.io.resample import spline_noise_factor
+    from astropy.wcs import WCS
 
-    inner = np.s_[3:-3, 3:-3]  # away from the edges, where the spline is extended
+    from pipeline.io.resample import resampling_noise_factor
+
+    inner = np.s_[16:-16, 16:-16]  # away from the input's edges, where the spline's boundary weighs otherwise
     for frac, expect in ((0.0, 1.0), (0.25, 0.758), (0.5, 0.572)):
         # the target's pixel (x, y) is the reference's (x + 2 + frac, y - 1 + frac)
         empirical, stored, _, _ = _noise_through_resampling(_header((48.5 - 2 - frac, 48.5 + 1 - frac)), 12)
@@ -807,11 +809,13 @@ def test_resampled_variance_is_the_variance_of_resampled_noise():
         np.testing.assert_allclose(stored[inner], 4.0 * expect, rtol=2e-3)
         assert np.mean(empirical[inner]) == pytest.approx(4.0 * expect, rel=0.02), frac
     # rotated by 3 degrees and shifted: the offset, and so the variance, varies from pixel to pixel
-    empirical, stored, py, px = _noise_through_resampling(_rotated_header((48.1, 47.8), 3.0), 80, shape=(128, 128))
+    header = _rotated_header((48.1, 47.8), 3.0)
+    empirical, stored, py, px = _noise_through_resampling(header, 80, shape=(128, 128))
     covered = np.isfinite(stored)
     assert covered.mean() > 0.8
-    np.testing.assert_allclose(stored[covered], (4.0 * spline_noise_factor(py) * spline_noise_factor(px))[covered],
-                               rtol=1e-5)
+    factor = resampling_noise_factor(WCS(header), WCS(_header((48.5, 48.5))), (128, 128), (128, 128))
+    # the factor of each pixel, the input's edges included, is exactly reproject's (tests/test_resample.py)
+    np.testing.assert_allclose(stored[covered], 4.0 * factor[covered], rtol=1e-5)
     ty, tx = py - np.round(py), px - np.round(px)  # in [-0.5, 0.5]
     usable = np.isfinite(empirical) & (px > 3) & (px < 124) & (py > 3) & (py < 124)
     for frac, expect in ((0.0, 1.0), (0.25, 0.758), (0.5, 0.572)):

@@ -28,8 +28,12 @@ Variances: an interpolated pixel ``sum_i w_i x_i`` has the variance
 ``sum_i w_i**2 var_i``.  The input variances are interpolated bilinearly
 (never negative: the variance of the input pixels around the position) and
 multiplied by the factor ``sum_i w_i**2`` of the bicubic spline at that
-position (:func:`spline_noise_factor`, exact for a uniform variance: it is
-separable, ``f(ty) * f(tx)``).  The noise of neighbouring resampled pixels is
+position (:func:`resampling_noise_factor`, exact for a uniform variance: it
+is separable, ``g(py) * g(px)``; in the interior ``g`` depends only on the
+fractional offset, :func:`spline_noise_factor`; within ``EDGE`` pixels of
+the input's edges the spline's boundary and reproject's taking of positions
+within half a pixel beyond the edge onto it change the weights, which
+:func:`axis_noise_factor` follows: by up to 40 % at the edge).  The noise of neighbouring resampled pixels is
 correlated (they share input pixels); the stored per-pixel variance does not
 describe that covariance, so the noise summed over several pixels is larger
 than the sum of their variances says.
@@ -49,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["resample_onto", "spline_noise_factor"]
+__all__ = ["axis_noise_factor", "resample_onto", "resampling_noise_factor", "spline_noise_factor"]
 
 #: The interpolation order of ``reproject_interp`` (``"bicubic"``: a cubic spline) and its scipy order.
 ORDER, SPLINE_ORDER = "bicubic", 3
@@ -81,6 +85,50 @@ def spline_noise_factor(t: np.ndarray, order: int = SPLINE_ORDER) -> np.ndarray:
     grid, table = _noise_table(order)
     t = np.asarray(t, dtype=np.float64)
     return np.interp(t - np.floor(t), grid, table)
+
+
+#: Input pixels from either edge within which the spline's boundary changes the interpolation weights (beyond
+#: it their squares sum as in the interior's table to better than 1e-8: the cubic spline's reach falls by
+#: 0.268 a pixel), and the line on which the edges' weights are found (its far end out of their reach).
+EDGE, _LINE = 12, 64
+
+
+@lru_cache(maxsize=8)
+def _edge_table(order: int, n: int, per_pixel: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """``(p, g(p))`` on a fine grid of ``[0, min(EDGE + 1, n - 1)]``: the sum of the squared 1-D weights of
+    ``scipy.ndimage.map_coordinates`` at ``order`` (``mode="constant"``, as reproject calls it) at position
+    ``p`` of a line of ``n`` pixels (at most ``_LINE``: a longer line's first pixels weigh the same), from
+    the interpolated unit impulse of each of its pixels."""
+    from scipy.ndimage import map_coordinates
+
+    top = min(EDGE + 1.0, n - 1.0)
+    positions = np.linspace(0.0, top, int(top * per_pixel) + 1)
+    weights = np.empty((n, len(positions)))
+    for k in range(n):
+        impulse = np.zeros(n)
+        impulse[k] = 1.0
+        weights[k] = map_coordinates(impulse, positions[None, :], order=order, mode="constant", cval=0.0)
+    return positions, (weights**2).sum(axis=0)
+
+
+def axis_noise_factor(p: np.ndarray, n: int, order: int = SPLINE_ORDER) -> np.ndarray:
+    """The sum of the squared 1-D weights of reproject's spline interpolation of ``order`` at positions ``p``
+    (zero-based) of a line of ``n`` input pixels, edges included: positions within half a pixel beyond the
+    first or last pixel taken onto it, as reproject does; NaN beyond (not covered).  The factor of a 2-D
+    position is the product of its two axes' (the spline and its prefilter are separable)."""
+    p = np.array(p, dtype=np.float64)
+    p[(p < 0) & (p >= -0.5)] = 0.0
+    p[(p >= n - 1) & (p < n - 0.5)] = n - 1.0
+    out = spline_noise_factor(p, order)
+    if n <= 1:
+        out[:] = 1.0
+    else:  # within reach of an edge: the edge's table (the far edge's weights are the near one's, reflected)
+        grid, table = _edge_table(order, min(n, _LINE))
+        near, far = p <= grid[-1], (n - 1) - p <= grid[-1]
+        out[far] = np.interp((n - 1) - p[far], grid, table)
+        out[near] = np.interp(p[near], grid, table)
+    out[~((p >= -0.5) & (p <= n - 0.5))] = np.nan
+    return out
 
 
 def resample_onto(data: np.ndarray, bad: np.ndarray | None, variance: np.ndarray | None, wcs: Any,
@@ -135,22 +183,24 @@ def resample_onto(data: np.ndarray, bad: np.ndarray | None, variance: np.ndarray
         var_out = reproject_interp((var_filled, wcs), reference_wcs, shape_out=shape, order="bilinear",
                                    return_footprint=False)
         with np.errstate(invalid="ignore"):
-            var_out = np.maximum(var_out, 0.0) * _noise_factor(wcs, reference_wcs, shape)
+            var_out = np.maximum(var_out, 0.0) * resampling_noise_factor(wcs, reference_wcs, shape, data.shape)
         bad_out |= ~np.isfinite(var_out)
         var_out = np.where(bad_out, np.inf, var_out).astype(np.float32)
     return np.where(bad_out, np.nan, out).astype(np.float32), bad_out, var_out
 
 
-def _noise_factor(wcs: Any, reference_wcs: Any, shape: tuple[int, int]) -> np.ndarray:
+def resampling_noise_factor(wcs: Any, reference_wcs: Any, shape: tuple[int, int],
+                            shape_in: tuple[int, int]) -> np.ndarray:
     """At each pixel of the reference's grid of ``shape``: the sum of the squared weights of the bicubic
-    interpolation there, ``f(ty) * f(tx)`` of the fractional parts of its position in ``wcs``'s pixels."""
+    interpolation there, ``g_y(py) * g_x(px)`` (:func:`axis_noise_factor`) of its position in the pixels of
+    ``wcs``'s image of ``shape_in``, edges included."""
     from astropy.wcs.utils import pixel_to_pixel
 
     yy, xx = np.mgrid[0: shape[0], 0: shape[1]].astype(np.float64)
     with np.errstate(invalid="ignore"):
         px, py = pixel_to_pixel(reference_wcs, wcs, xx, yy)
     px, py = np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64)
-    return spline_noise_factor(py) * spline_noise_factor(px)  # NaN where the transform has none
+    return axis_noise_factor(py, shape_in[0]) * axis_noise_factor(px, shape_in[1])  # NaN where not covered
 
 
 def _median(values: np.ndarray, good: np.ndarray) -> float:
