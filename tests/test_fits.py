@@ -1053,3 +1053,41 @@ def test_a_reference_with_sources_no_source_and_labels_of_pairs_are_refused(tmp_
     pairs = IngestConfig(sources=["s*.fits"], targets=["t*.fits"])
     assert "sources" in pairs.stamp() and "reference" not in pairs.stamp()
     assert "sources" not in IngestConfig(reference="r.fits", targets=["t*.fits"]).stamp()
+
+
+@pytest.mark.parametrize("scaling", [{"BZERO": 0.5, "BSCALE": 1.0}, {"BLANK": -99}])
+def test_an_integer_mask_read_as_floats_takes_no_bits_before_anything_is_written(tmp_path, scaling):
+    from pipeline.io.fits import float_plane
+
+    rng = np.random.default_rng(24)
+    reference = _write(tmp_path / "ref.fits", rng.normal(size=(20, 30)).astype(np.float32))
+    mask = fits.ImageHDU(np.zeros((20, 30), np.int16), name="MASK")
+    mask.header.update(scaling)
+    fits.HDUList([fits.PrimaryHDU(rng.normal(size=(20, 30)).astype(np.float32), header=_header()),
+                  mask]).writeto(tmp_path / "t0.fits")
+    assert fits.getdata(tmp_path / "t0.fits", "MASK").dtype.kind == "f"  # astropy reads it as floats
+    assert float_plane(fits.getheader(tmp_path / "t0.fits", "MASK"))
+    out = tmp_path / "s.zarr"
+    with pytest.raises(InputError, match="mask HDU 'MASK' holds floating-point values, and mask bits need integers"):
+        ingest_fits(reference, [tmp_path / "t0.fits"], out, mask_hdu="MASK", mask_bits=1, log=_quiet)
+    assert not out.exists()
+    unsigned = fits.Header({"BITPIX": 16, "BZERO": 32768, "BSCALE": 1})  # unsigned 16-bit integers
+    assert not float_plane(unsigned)
+
+
+def test_a_variance_of_0_is_a_bad_pixel_like_a_weight_of_0(tmp_path):
+    from pipeline.io.fits import noise_variances
+
+    np.testing.assert_array_equal(noise_variances(np.array([0.0, 2.0, np.nan, np.inf]), "variance"),
+                                  np.array([np.inf, 2.0, np.nan, np.inf], np.float32))
+    rng = np.random.default_rng(25)
+    variance = rng.uniform(1, 2, (20, 30)).astype(np.float32)
+    variance[2, 3] = 0.0
+    reference = _write(tmp_path / "ref.fits", rng.normal(size=(20, 30)).astype(np.float32))
+    target = _write(tmp_path / "t0.fits", rng.normal(size=(20, 30)).astype(np.float32), planes={"VAR": variance})
+    said = []
+    ingest_fits(reference, [target], tmp_path / "s.zarr", variance_hdu="VAR", reference_noise=False,
+                log=said.append)
+    stored = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)["target_variance"].values[0]
+    assert stored[2, 3] == np.inf and np.isfinite(np.delete(stored.ravel(), 2 * 30 + 3)).all()
+    assert "1 of the 600 target pixels written are bad" in said[-1]

@@ -6,8 +6,8 @@ become native float32.  Beside it, from HDUs of the same file or of other
 files (:class:`Plane`), an optional mask (integer bit planes: the bits that
 count are a setting, nonzero = bad; a floating-point mask is bad where nonzero
 or NaN, and takes no bits: :func:`mask_bad_pixels`) and optional per-pixel weights (inverse variances;
-0 = no data) or variances (NaN or inf = no data), both turned into float32
-variances, a weight of 0 an infinite variance (:func:`noise_variances`).
+0 = no data) or variances (0, NaN or inf = no data), both turned into float32
+variances, a weight or variance of 0 an infinite variance (:func:`noise_variances`).
 
 Everything about a file that can be known from its headers (that the HDUs
 exist and hold 2-D images of one shape, the WCS, header keys) is read by
@@ -33,9 +33,8 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = ["FITS_SUFFIXES", "ImagePixels", "ImageSpec", "Plane", "celestial_wcs", "check_mask_bits",
-           "check_plane_shape", "expand_files", "file_stem", "float_plane", "footprint_overlaps", "grid_offset",
-           "inspect_plane", "mask_bad_pixels", "noise_variances", "plane_exists", "plane_file", "read_image",
-           "wcs_text"]
+           "check_plane_shape", "expand_files", "file_stem", "footprint_overlaps", "grid_offset", "inspect_plane",
+           "mask_bad_pixels", "noise_variances", "plane_exists", "plane_file", "read_image", "wcs_text"]
 
 #: Suffixes of FITS file names, stripped for ``{stem}`` (longest first).
 FITS_SUFFIXES = (".fits.fz", ".fits.gz", ".fit.fz", ".fit.gz", ".fits", ".fit", ".fts", ".fz")
@@ -172,7 +171,8 @@ def noise_variances(values: np.ndarray, kind: str, where: str = "") -> np.ndarra
     """Float32 variances from weights (inverse variances) or variances.
 
     A weight of 0, NaN or inf becomes an infinite variance (no data: a bad
-    pixel); a NaN or infinite variance stays as it is (a bad pixel too).
+    pixel); so does a variance of 0 (it would weigh its pixel infinitely); a
+    NaN or infinite variance stays as it is (a bad pixel too).
 
     Raises
     ------
@@ -185,13 +185,13 @@ def noise_variances(values: np.ndarray, kind: str, where: str = "") -> np.ndarra
     with np.errstate(invalid="ignore"):
         negative = values < 0
     if negative.any():
-        mark = "0" if kind == "weight" else "NaN or inf"
+        mark = "0" if kind == "weight" else "0, NaN or inf"
         raise InputError(f"{where or 'the ' + kind + 's'}: {int(negative.sum())} negative {kind}(s) (e.g. "
                          f"{float(values[negative].min()):g}): a {kind} is >= 0; set pixels without data to {mark} "
                          f"in the file, or give the {'variance' if kind == 'weight' else 'weight'} plane if that is "
                          "what it holds")
     if kind == "variance":
-        return values.astype(np.float32)
+        return np.where(values == 0, np.inf, values).astype(np.float32)
     good = np.isfinite(values) & (values > 0)
     with np.errstate(divide="ignore", over="ignore"):
         return np.where(good, 1.0 / np.where(good, values, 1.0), np.inf).astype(np.float32)
@@ -222,13 +222,17 @@ def _float_bits(where: str) -> str:
 
 
 def float_plane(header: Any) -> bool:
-    """Whether a plane's header says its values are floating-point (``BITPIX`` < 0, or integers scaled by a
-    ``BSCALE`` other than 1), so that it is read as floats."""
-    return int(header.get("BITPIX", 8)) < 0 or float(header.get("BSCALE", 1.0)) != 1.0
+    """Whether a plane's header says its values are read as floating-point: ``BITPIX`` < 0, or integers
+    scaled by a ``BSCALE`` other than 1 or shifted by a ``BZERO`` that is not a whole number, or integers
+    with a ``BLANK`` value (astropy reads those as floats, the blank pixels NaN)."""
+    if int(header.get("BITPIX", 8)) < 0 or "BLANK" in header:
+        return True
+    bscale, bzero = float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0))
+    return bscale != 1.0 or not bzero.is_integer()
 
 
 def check_mask_bits(plane: Plane, header: Any, mask_bits: int | None) -> None:
-    """Refuse ``mask_bits`` with a mask plane whose header says it holds floats (:func:`float_plane`)."""
+    """Refuse ``mask_bits`` with a mask plane whose header says it is read as floats (:func:`float_plane`)."""
     if mask_bits is not None and float_plane(header):
         raise InputError(_float_bits(f"{plane.path}, mask HDU {plane.hdu!r}"))
 

@@ -599,7 +599,7 @@ class IngestConfig(BaseModel):
     weight_hdu: _Hdu | None = None
     #: weights in other files: a template of the image's path (``{dir}/{stem}.weight.fits``)
     weight_file: Name | None = None
-    #: the HDU of per-pixel variances (NaN or inf = no data), of the image's file or ``variance_file``
+    #: the HDU of per-pixel variances (0, NaN or inf = no data), of the image's file or ``variance_file``
     variance_hdu: _Hdu | None = None
     #: variances in other files: a template of the image's path
     variance_file: Name | None = None
