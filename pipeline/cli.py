@@ -101,7 +101,11 @@ def _parser() -> argparse.ArgumentParser:
                     "pixel grid of the reference (or of the first source), or is resampled onto it with "
                     "--reproject. Every file's headers are checked before anything is written; the images are "
                     "then written in parallel. Running the same ingest again finishes an interrupted one. Exit "
-                    "status: 0 done; 2 refused (nothing written).")
+                    "status: 0 done; 2 refused: a problem found in the files' headers or the options is refused "
+                    "before anything is written, while a value found while reading an image's pixels (e.g. a "
+                    "negative variance) stops the ingest with status 2 after the stack is created: the images "
+                    "written before are recorded, and running the same ingest again once the file is fixed writes "
+                    "the rest.")
     ingest.add_argument("files", nargs="*", metavar="REF TARGET",
                         help="the reference (source) FITS file, then the target FITS files or glob patterns "
                              "(quoted)")
@@ -128,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
                                              "file or --weight-file")
     ingest.add_argument("--weight-file", metavar="TEMPLATE",
                         help="weights in other files, from each image's path (e.g. '{dir}/{stem}.weight.fits')")
-    ingest.add_argument("--variance-hdu", help="the HDU of variances (NaN or inf = no data), in each image's file "
+    ingest.add_argument("--variance-hdu", help="the HDU of variances (0, NaN or inf = no data), in each image's file "
                                                "or --variance-file")
     ingest.add_argument("--variance-file", metavar="TEMPLATE", help="variances in other files, from each image's "
                                                                     "path")

@@ -1055,6 +1055,164 @@ def test_a_reference_with_sources_no_source_and_labels_of_pairs_are_refused(tmp_
     assert "sources" not in IngestConfig(reference="r.fits", targets=["t*.fits"]).stamp()
 
 
+# --------------------------------------------------------------------------- the files a stack was ingested from
+
+def _folder_of_files(folder, seed, *, negative=False):
+    """``ref.fits``, ``t1.fits`` and ``t2.fits`` in ``folder`` with variances (HDU ``VAR``) and an ``AIRMASS``;
+    ``negative``: t2 has a negative variance."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for name in ("ref", "t1", "t2"):
+        variance = rng.uniform(1, 2, (20, 30)).astype(np.float32)
+        if negative and name == "t2":
+            variance[3, 4] = -1.0
+        _write(folder / f"{name}.fits", rng.normal(size=(20, 30)).astype(np.float32), planes={"VAR": variance},
+               AIRMASS=1.5)
+    return folder
+
+
+def _stamped_later(path, seconds=5):
+    """Give the file at ``path`` a modification time ``seconds`` later (as a file written again has)."""
+    import os
+
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_a_stack_is_resumed_or_reused_only_from_the_files_it_was_ingested_from(tmp_path, monkeypatch, capsys):
+    import zarr
+
+    from pipeline.cli import main
+    from pipeline.job.config import job_from_dict
+    from pipeline.job.ingest import job_ingest_plan
+
+    a = _folder_of_files(tmp_path / "A", 20, negative=True)
+    b = _folder_of_files(tmp_path / "B", 21)
+    out = str(tmp_path / "x.zarr")
+    args = ["ingest", "ref.fits", "t1.fits", "t2.fits", "--out", out, "--variance-hdu", "VAR", "--workers", "1",
+            "--quiet"]
+    monkeypatch.chdir(a)
+    assert main(args) == 2  # the stack is created, ref and t1 written, t2 refused as it is read
+    said = capsys.readouterr().err
+    assert "negative variance" in said and "once the file is fixed, the same ingest again writes the rest" in said
+    group = zarr.open_group(out, mode="r")
+    assert group["ingest/target_written"][...].tolist() == [1, 0] and group["ingest/source_written"][0] == 1
+    identities = group.attrs["kernelmap_ingest_files"]
+    assert [i["path"] for i in identities] == [str((a / f"{n}.fits").resolve()) for n in ("ref", "t1", "t2")]
+    assert identities[0]["size"] == (a / "ref.fits").stat().st_size
+    assert identities[0]["mtime_ns"] == (a / "ref.fits").stat().st_mtime_ns
+    stamp = __import__("json").loads(group.attrs["kernelmap_ingest"])  # the settings as before: paths as typed
+    assert stamp["reference"] == "ref.fits" and stamp["targets"] == ["t1.fits", "t2.fits"]
+    # the same command in another folder holding files of the same names: refused, nothing written
+    monkeypatch.chdir(b)
+    assert main(args) == 2
+    said = capsys.readouterr().err
+    assert (f"{out} was ingested from other files than these: ref.fits is now the file {b.resolve()}/ref.fits, the "
+            f"stack was ingested from {a.resolve()}/ref.fits (moved, or another folder): nothing was changed; use "
+            "--overwrite") in said
+    group = zarr.open_group(out, mode="r")
+    assert group["ingest/target_written"][...].tolist() == [1, 0]
+    np.testing.assert_array_equal(group["target"][0], fits.getdata(a / "t1.fits"))
+    # a file of an image already written, changed in place: refused
+    monkeypatch.chdir(a)
+    _stamped_later(a / "t1.fits")
+    assert main(args) == 2
+    assert "t1.fits was modified since the stack was ingested: nothing was changed" in capsys.readouterr().err
+    _stamped_later(a / "t1.fits", -5)
+    # the file of the image not written yet, fixed in place: the same ingest finishes the stack
+    with fits.open(a / "t2.fits", mode="update") as hdus:
+        hdus["VAR"].data[3, 4] = 1.0
+    assert main(args) == 0
+    assert "1 of 2 target(s) written now" in capsys.readouterr().out
+    stack = xr.open_zarr(out, consolidated=False)
+    np.testing.assert_array_equal(stack["target"].values[1], fits.getdata(a / "t2.fits"))
+    assert zarr.open_group(out, mode="r").attrs["kernelmap_ingest_files"][2]["mtime_ns"] == \
+        (a / "t2.fits").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "written from these FITS files already" in capsys.readouterr().out
+    # complete: a file replaced in place under the same name (another size, or only modified) is refused
+    (a / "t2.fits").unlink()
+    _write(a / "t2.fits", np.ones((20, 30), np.float32), planes={"VAR": np.ones((20, 30), np.float32),
+                                                                  "MORE": np.ones((20, 30), np.float32)})
+    assert main(args) == 2
+    assert "t2.fits has another size: " in capsys.readouterr().err
+    (a / "t2.fits").unlink()
+    _write(a / "t2.fits", np.ones((20, 30), np.float32), planes={"VAR": np.ones((20, 30), np.float32)},
+           AIRMASS=1.5)
+    _stamped_later(a / "t2.fits")
+    assert main(args) == 2
+    assert "t2.fits was modified since the stack was ingested" in capsys.readouterr().err
+    # so is it from a job's ingest section
+    job = job_from_dict({"ingest": {"reference": "ref.fits", "targets": ["t1.fits", "t2.fits"],
+                                    "variance_hdu": "VAR"},
+                         "input": {"path": out}, "output": {"path": str(tmp_path / "k.zarr")}})
+    with pytest.raises(OptionError, match=r"ingest: input.path .*x.zarr was ingested from other files than these: "
+                                          r"t2.fits was modified .*: nothing was changed; remove it to write it again"):
+        job_ingest_plan(job)
+    # written again when asked, from the files now
+    monkeypatch.chdir(b)
+    assert main([*args, "--overwrite"]) == 0
+    np.testing.assert_array_equal(xr.open_zarr(out, consolidated=False)["target"].values[1],
+                                  fits.getdata(b / "t2.fits"))
+    # a stack ingested before the files were identified is taken as before
+    del zarr.open_group(out, mode="r+").attrs["kernelmap_ingest_files"]
+    monkeypatch.chdir(a)
+    assert main(args) == 0
+    assert "written from these FITS files already" in capsys.readouterr().out
+
+
+def test_a_file_of_an_image_not_written_changed_to_give_other_header_keys_is_refused(tmp_path, monkeypatch):
+    a = _folder_of_files(tmp_path / "A", 22, negative=True)
+    out = tmp_path / "x.zarr"
+    options = {"variance_hdu": "VAR", "keys": ["AIRMASS"], "workers": 1, "log": _quiet}
+    with pytest.raises(InputError, match="negative variance"):
+        ingest_fits(a / "ref.fits", [a / "t1.fits", a / "t2.fits"], out, **options)
+    with fits.open(a / "t2.fits", mode="update") as hdus:
+        hdus["VAR"].data[3, 4] = 1.0
+        hdus[0].header["AIRMASS"] = 2.0
+    with pytest.raises(OptionError, match=r"t2.fits was changed since the stack was created \(before its image was "
+                                          r"written\), and the files now give another value of the header key "
+                                          r"AIRMASS: nothing was changed; use --overwrite"):
+        ingest_fits(a / "ref.fits", [a / "t1.fits", a / "t2.fits"], out, **options)
+    ingest_fits(a / "ref.fits", [a / "t1.fits", a / "t2.fits"], out, mode="overwrite", **options)
+    np.testing.assert_array_equal(xr.open_zarr(out, consolidated=False)["AIRMASS"].values, [1.5, 2.0])
+
+
+@pytest.mark.parametrize("form", [".", "$PWD"])
+def test_the_stack_is_written_into_an_empty_working_folder_which_is_kept(tmp_path, monkeypatch, capsys, form):
+    import os
+
+    from pipeline.cli import main
+
+    a = _folder_of_files(tmp_path / "A", 23)
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    out = "." if form == "." else os.getcwd()
+    args = ["ingest", str(a / "ref.fits"), str(a / "t1.fits"), "--out", out, "--quiet"]
+    assert main(args) == 0
+    assert "1 target(s) and the reference written" in capsys.readouterr().out
+    assert here.stat().st_ino == inode and os.path.samefile(os.getcwd(), here)
+    np.testing.assert_array_equal(xr.open_zarr(here, consolidated=False)["target"].values[0],
+                                  fits.getdata(a / "t1.fits"))
+    assert main([*args, "--overwrite", "--keys", "AIRMASS"]) == 0  # replaced inside the folder, kept
+    assert here.stat().st_ino == inode and os.path.samefile(os.getcwd(), here)
+    assert xr.open_zarr(here, consolidated=False)["AIRMASS"].values.tolist() == [1.5]
+
+
+def test_the_exit_status_of_ingest_is_described_in_its_help(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["ingest", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 done; 2 refused" in text
+    assert ("a value found while reading an image's pixels (e.g. a negative variance) stops the ingest with status 2 "
+            "after the stack is created: the images written before are recorded, and running the same ingest again "
+            "once the file is fixed writes the rest") in text
+
+
 @pytest.mark.parametrize("scaling", [{"BZERO": 0.5, "BSCALE": 1.0}, {"BLANK": -99}])
 def test_an_integer_mask_read_as_floats_takes_no_bits_before_anything_is_written(tmp_path, scaling):
     from pipeline.io.fits import float_plane

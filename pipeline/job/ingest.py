@@ -15,16 +15,19 @@ or shard) in a pool of threads or on a Dask cluster, with progress shown.
 
 The stack (Zarr 3, local): ``source (y, x)`` (pairs: ``source (image, y,
 x)``), ``target (image, y, x)`` float32 (NaN where a source's own mask marks
-a pixel bad), ``mask (image, y, x)`` uint8 with the targets' mask planes
-(nonzero = bad), ``target_variance (image, y, x)`` and ``source_variance``
-(shaped like ``source``) float32 with weights or variances (inf or NaN: no
-data), the header keys (of the targets) as coordinates along ``image``,
-chunks of one image by ``chunk`` x ``chunk`` pixels; images small enough to
-share files (see :func:`~pipeline.io.store.whole_image_shards`) stored as
-Zarr 3 shards of whole images, each written by one task (with the sources of
-the shard's pairs).  Root attributes: the grid's WCS (``reference_wcs``), the
-files (``reference`` or ``sources``, ``targets``), the files resampled
-(``resampled_targets``; pairs: ``resampled_sources``), and the settings
+a pixel bad), ``mask (image, y, x)`` uint8, 1 where the target's mask marks a
+pixel bad (any of ``mask_bits`` set; any bit where none) else 0,
+``target_variance (image, y, x)`` and ``source_variance`` (shaped like
+``source``) float32 with weights or variances (inf or NaN: no data), the
+header keys (of the targets) as coordinates along ``image``, chunks of one
+image by ``chunk`` x ``chunk`` pixels; images small enough to share files
+(see :func:`~pipeline.io.store.whole_image_shards`) stored as Zarr 3 shards
+of whole images, each written by one task (with the sources of the shard's
+pairs).  Root attributes: the grid's WCS (``reference_wcs``), the files
+(``reference`` or ``sources``, ``targets``, as typed), the files resampled
+(``resampled_targets``; pairs: ``resampled_sources``), the identity of every
+file read (``kernelmap_ingest_files``: the absolute real path, size and
+modification time of each image and plane file), and the settings
 (``kernelmap_ingest``), written last: while the stack is being created it
 carries ``kernelmap_ingest_creating`` (the settings) instead.  Image labels:
 the target file names without their FITS suffixes, distinct.
@@ -35,10 +38,17 @@ Resuming: the group ``ingest`` of the stack records which images are written
 after the image's pixels.  Running the same ingest again (same settings, same
 files) writes only the images not recorded, and the stack equals an
 uninterrupted ingest's; a complete one is left as it is, one whose creation
-was interrupted is created anew.  A stack from other settings or files (or
-an unfinished creation of one) is refused unless ``mode="overwrite"``;
-anything at the output that kernelmap ingest did not write is never removed,
-nor an output that is or holds a file the ingest reads.
+was interrupted is created anew.  The files are compared with those the
+stack was ingested from (``kernelmap_ingest_files``; a stack without it, from
+an earlier version, is taken as before): another file under the same name
+(from another folder, say) or a file changed since is refused before
+anything is written, except a file changed in place whose images are not
+written yet (a bad file fixed), read now if the stack's grid, header keys
+and resampling stay as the stack has them.  A stack from other settings or
+files (or an unfinished creation of one) is refused unless
+``mode="overwrite"``; anything at the output that kernelmap ingest did not
+write is never removed, nor an output that is or holds a file the ingest
+reads.  An empty folder (``--out .``) is kept, the stack created in it.
 """
 
 from __future__ import annotations
@@ -76,7 +86,7 @@ from ..io.store import consecutive_runs, image_encoding, whole_image_shards
 from .config import INGEST_MASK, INGEST_VARIANCES, IngestConfig, JobConfig
 from .progress import Progress
 
-__all__ = ["IngestPlan", "IngestSummary", "ImageTask", "ImageWritten", "files_read", "ingest_fits",
+__all__ = ["IngestPlan", "IngestSummary", "ImageTask", "ImageWritten", "file_identity", "files_read", "ingest_fits",
            "ingested_input", "job_ingest_plan", "plan_ingest", "stack_kind", "stack_state", "write_images"]
 
 #: The stack's group recording which images are written, and its arrays.
@@ -84,6 +94,9 @@ RECORD = "ingest"
 WRITTEN = {"target": "target_written", "source": "source_written"}
 #: The root attribute holding the settings a stack was ingested from (:meth:`IngestConfig.stamp`).
 STAMP = "kernelmap_ingest"
+#: The root attribute holding the identity of every file an ingest reads (:func:`file_identity`), in the order
+#: of :func:`files_read`: written at creation, compared whenever the stack is resumed or found complete.
+FILES = "kernelmap_ingest_files"
 #: The root attribute of a stack being created (the settings), replaced by :data:`STAMP` once it is.
 CREATING = "kernelmap_ingest_creating"
 #: The root attribute ``title`` of a stack.
@@ -140,7 +153,7 @@ def write_images(tasks: Sequence[ImageTask]) -> list[ImageWritten]:
     ------
     InputError
         A plane cannot be read or holds negative weights or variances: that image is not recorded (the task's
-        others are written and recorded first).
+        others are written and recorded first; the same ingest, once the file is fixed, writes it).
     """
 
     from ..io.resample import resample_onto
@@ -338,6 +351,8 @@ class IngestPlan:
     resampled_sources: list[str] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  #: said when the stack is written (e.g. no reference mask)
+    identities: list[dict[str, Any]] = field(default_factory=list)  #: of the files read (:data:`FILES`)
+    refresh_files: bool = False  #: resuming: files of images not yet written changed in place, recorded anew
 
     @property
     def complete(self) -> bool:
@@ -379,11 +394,16 @@ class IngestPlan:
             self._create()
             pending = list(self.tasks)
         else:
-            record = zarr.open_group(self.output, mode="r")[RECORD]
-            done = {role: np.asarray(record[name][...], bool) for role, name in WRITTEN.items()}
+            if self.refresh_files:
+                zarr.open_group(self.output, mode="r+").attrs[FILES] = self.identities
+            done = _written(self.output)
             pending = [t for t in self.tasks if not done[t.role][0 if t.index is None else t.index]]
-        written = [w for w in _run(self._groups(pending), client=client, workers=workers, progress=progress,
-                                   log=log) if w.role == "target"]
+        try:
+            written = [w for w in _run(self._groups(pending), client=client, workers=workers, progress=progress,
+                                       log=log) if w.role == "target"]
+        except InputError as exc:  # a value found while reading an image's pixels (e.g. a negative variance)
+            raise InputError(f"{exc}; the images written before are recorded in {self.output}: once the file is "
+                             "fixed, the same ingest again writes the rest") from exc
         summary = IngestSummary(self.output, n, sum(t.role == "target" for t in pending), resampled,
                                 time.monotonic() - started,
                                 reference_written=any(t.index is None for t in pending),
@@ -423,11 +443,9 @@ class IngestPlan:
         kind = stack_kind(self.output)
         if kind == "foreign":
             raise OptionError(_not_ours(self.output, self.mode == "create"))
-        if kind == "empty":
-            os.rmdir(self.output)
-        elif kind != "absent":
+        if kind not in ("absent", "empty"):  # an empty folder is kept, the stack created in it
             if os.path.isdir(self.output) and not os.path.islink(self.output):
-                shutil.rmtree(self.output)
+                _clear_folder(self.output)  # the folder itself kept: it may be the working folder (--out .)
             else:
                 os.remove(self.output)
         s, n, (ny, nx) = self.settings, len(self.files), self.shape
@@ -453,7 +471,8 @@ class IngestPlan:
                   "resampled_sources": list(self.resampled_sources)} if s.pairs else
                  {"reference": s.reference, "targets": list(self.files)})
         ds = xr.Dataset(data, coords=self.coords, attrs={
-            "title": TITLE, **files, "resampled_targets": list(self.resampled), **self.attrs, CREATING: stamp})
+            "title": TITLE, **files, "resampled_targets": list(self.resampled), **self.attrs,
+            FILES: list(self.identities), CREATING: stamp})
         encoding = {name: {"chunks": plane} if ds[name].ndim == 2 else image_encoding(shard, plane, (ny, nx))
                     for name in data}
         ds.to_zarr(self.output, mode="a", consolidated=False, zarr_format=3, encoding=encoding, compute=False)
@@ -469,6 +488,25 @@ class IngestPlan:
             record.create_array(WRITTEN["source"], shape=(1,), chunks=(1,), dtype="uint8", fill_value=0)
         group.attrs[STAMP] = stamp
         del group.attrs[CREATING]
+
+
+def _clear_folder(path: str) -> None:
+    """Remove what the folder at ``path`` holds, keeping the folder."""
+    with os.scandir(path) as entries:
+        for entry in list(entries):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.remove(entry.path)
+
+
+def _written(output: str) -> dict[str, np.ndarray]:
+    """``{role: bool per image}``: which images of the stack at ``output`` are recorded written (the reference:
+    ``source`` of length 1)."""
+    import zarr
+
+    record = zarr.open_group(output, mode="r")[RECORD]
+    return {role: np.asarray(record[name][...], bool) for role, name in WRITTEN.items()}
 
 
 def _run(groups: Sequence[Sequence[ImageTask]], *, client: Any, workers: int, progress: bool,
@@ -526,12 +564,110 @@ def files_read(settings: IngestConfig, files: Sequence[str], sources: Sequence[s
     """Every file an ingest of the target ``files`` (and the ``sources`` of pairs) may read: the reference or
     the sources, the targets, and every plane's file (masks, weights, variances; a source's mask file whether
     it exists or not)."""
-    paths = []
+    return list(_readers(settings, files, sources))
+
+
+def _readers(settings: IngestConfig, files: Sequence[str], sources: Sequence[str]
+             ) -> dict[str, list[tuple[str, int]]]:
+    """:func:`files_read`, each with the images that read it: ``(role, index)`` as the record keeps them
+    (the reference ``("source", 0)``)."""
+    readers: dict[str, list[tuple[str, int]]] = {}
     first = [settings.reference] if settings.reference is not None else list(sources)
-    for path, source in (*((f, True) for f in first), *((f, False) for f in files)):
-        spec = _spec(settings, path, source=source)
-        paths += [plane.path for plane in (spec.image, spec.mask, spec.noise) if plane is not None]
-    return list(dict.fromkeys(paths))
+    for role, paths in (("source", first), ("target", files)):
+        for i, path in enumerate(paths):
+            spec = _spec(settings, path, source=role == "source")
+            for plane in (spec.image, spec.mask, spec.noise):
+                if plane is not None:
+                    readers.setdefault(plane.path, []).append((role, i))
+    return readers
+
+
+def file_identity(path: str) -> dict[str, Any]:
+    """What identifies a file read, as typed (``file``): its absolute real path (links followed), its size
+    and modification time in ns (both ``None`` where there is no such file)."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return {"file": path, "path": real, "size": None, "mtime_ns": None}
+    return {"file": path, "path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str] | None:
+    """How a file differs from when the stack was ingested: ``(kind, words)``, kind ``moved``, ``appeared``,
+    ``gone``, ``size`` or ``modified``; ``None``: it does not."""
+    name = new["file"]
+    if old.get("path") != new["path"]:
+        return "moved", (f"{name} is now the file {new['path']}, the stack was ingested from {old.get('path')} "
+                         "(moved, or another folder)")
+    if old.get("size") is None and new["size"] is not None:
+        return "appeared", f"{name} exists now, and did not when the stack was ingested"
+    if new["size"] is None and old.get("size") is not None:
+        return "gone", f"{name} is gone since the stack was ingested"
+    if old.get("size") != new["size"]:
+        return "size", (f"{name} has another size: {new['size']} bytes, {old.get('size')} when the stack was "
+                        "ingested")
+    if old.get("mtime_ns") != new["mtime_ns"]:
+        return "modified", f"{name} was modified since the stack was ingested"
+    return None
+
+
+def _compare_files(plan: IngestPlan, stored: Any, job: bool) -> list[str]:
+    """Refuse a stack (complete or partial) ingested from other files than ``plan`` reads now (by
+    :data:`FILES`, ``stored``), naming the first that differs and how.  A file changed in place (another size,
+    modified) whose images are none of them recorded written yet is let through: returns those files."""
+    now = plan.identities
+    readers = _readers(plan.settings, plan.files, plan.sources)
+    where, fix = _where_and_fix(plan.output, job)
+    if len(stored) != len(now):
+        raise OptionError(f"{where} was ingested from {len(stored)} file(s), this ingest reads {len(now)}: "
+                          f"nothing was changed; {fix}")
+    written = _written(plan.output) if plan.state == "partial" else None
+    changed = []
+    for old, new in zip(stored, now):
+        found = _difference(old, new)
+        if found is None:
+            continue
+        kind, words = found
+        if (kind in ("size", "modified") and written is not None
+                and not any(written[role][i] for role, i in readers[new["file"]])):
+            changed.append(new["file"])  # its images not written yet: read now
+            continue
+        raise OptionError(f"{where} was ingested from other files than these: {words}: nothing was changed; {fix}")
+    return changed
+
+
+def _where_and_fix(out: str, job: bool) -> tuple[str, str]:
+    """The output and the fix, in the refusal of a stack ingested from other files."""
+    if job:
+        return f"input.path {out}", "remove it to write it again from these files, or point input.path elsewhere"
+    return out, "use --overwrite (mode='overwrite') to write it again from these files, or another output path"
+
+
+def _check_changed(plan: IngestPlan, changed: Sequence[str], job: bool) -> None:
+    """Refuse resuming a stack where a file changed in place (of images not written yet) now gives the stack
+    another grid, header keys or resampling than it was created with."""
+    import zarr
+
+    group = zarr.open_group(plan.output, mode="r")
+    attrs = group.attrs
+    differs = None
+    if plan.attrs.get("reference_wcs") != attrs.get("reference_wcs"):
+        differs = "WCS of the stack's grid"
+    elif tuple(group["target"].shape[-2:]) != tuple(plan.shape):
+        differs = "size of the stack's grid"
+    elif list(attrs.get("resampled_targets", [])) != plan.resampled or (
+            plan.sources and list(attrs.get("resampled_sources", [])) != plan.resampled_sources):
+        differs = "set of files resampled onto the grid"
+    else:
+        for key, (_, values) in plan.coords.items():
+            if np.asarray(group[key][...]).tolist() != np.asarray(values).tolist():
+                differs = f"value of the header key {key}" if key != "image" else "labels"
+                break
+    if differs is not None:
+        where, fix = _where_and_fix(plan.output, job)
+        raise OptionError(f"{where}: {changed[0]} was changed since the stack was created (before its image was "
+                          f"written), and the files now give another {differs}: nothing was changed; {fix}")
 
 
 def _check_output_apart(out: str, inputs: Sequence[str], job: bool) -> None:
@@ -626,7 +762,8 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
     OptionError
         The output is a URL, one of the files the ingest reads or a folder holding one; it exists and is not
         a stack of this ingest (``mode="create"``), or was ingested from other files than the targets (or
-        sources) match now; it exists and kernelmap ingest did not write it (any mode: it is never removed).
+        sources) match now, or from files that differ from these (by real path, size or modification time:
+        :data:`FILES`); it exists and kernelmap ingest did not write it (any mode: it is never removed).
     InputError
         A file, an HDU or a header key is missing; two targets get one label; the sources of pairs match
         another number of files than the targets; a plane is not 2-D or not shaped like its image; a float
@@ -646,7 +783,9 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
     state = stack_state(out, settings.stamp())
     if state == "other":
         _refuse_other(out, mode, job)
-    plan = IngestPlan(settings, out, state, mode, files, attrs=dict(attrs or {}), sources=sources)
+    plan = IngestPlan(settings, out, state, mode, files, attrs=dict(attrs or {}), sources=sources,
+                      identities=[file_identity(path) for path in files_read(settings, files, sources)])
+    changed: list[str] = []
     if state in ("complete", "partial") and mode == "create":
         import zarr
 
@@ -658,9 +797,15 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
                                   f"file(s); the {role}s now match {len(now)}, not the same: nothing was changed; "
                                   "replace it " + ("(remove it)" if job else "(--overwrite, mode='overwrite')")
                                   + " or write the stack elsewhere")
+        stored = stack_attrs.get(FILES)
+        if stored is not None:  # (a stack ingested before the files were identified is taken as before)
+            changed = _compare_files(plan, stored, job)
+            plan.refresh_files = bool(changed)
         if state == "complete":
             return plan
     _check(plan)
+    if changed:
+        _check_changed(plan, changed, job)
     return plan
 
 
@@ -829,11 +974,13 @@ def ingest_fits(reference: str | os.PathLike[str] | None, targets: Sequence[str 
     ``options`` are the settings of the job file's ``ingest`` section (:class:`~pipeline.job.config.IngestConfig`:
     ``sources``, ``hdu``, ``mask_hdu``, ``mask_file``, ``mask_bits``, ``weight_hdu``, ``weight_file``, ``variance_hdu``,
     ``variance_file``, ``reference_noise``, ``keys``, ``tolerance``, ``reproject``, ``chunk``).  Every file's
-    headers are read and checked before anything is written; the images are then written by one task each, on
-    ``client`` or in ``workers`` threads.  ``mode="create"`` refuses an existing output unless it is a stack
-    of this same ingest, which is finished (or left as it is, complete; created anew where its creation was
-    interrupted); ``"overwrite"`` replaces it, only if kernelmap ingest wrote it (:func:`stack_kind`).  An
-    output that is one of the files read, or a folder holding one, is refused in either mode.
+    headers are read and checked before anything is written; the images are then written by one task per image
+    (or per Zarr shard of small images), on ``client`` or in ``workers`` threads.  ``mode="create"`` refuses an
+    existing output unless it is a stack of this same ingest from the same files (:func:`file_identity`), which
+    is finished (or left as it is, complete; created anew where its creation was interrupted); an empty folder
+    is kept and the stack created in it; ``"overwrite"`` replaces it, only if kernelmap ingest wrote it
+    (:func:`stack_kind`).  An output that is one of the files read, or a folder holding one, is refused in
+    either mode.
     ``attrs``: more root attributes.
 
     Raises
