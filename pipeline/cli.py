@@ -351,8 +351,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kernelmap {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the job again with output.mode=resume to finish it", file=sys.stderr)
+        print(f"interrupted; {_RESUME_HINTS.get(args.command, 'nothing is finished: run it again')}", file=sys.stderr)
         return 130
+
+
+#: How each command that writes is finished after it was interrupted.
+_RESUME_HINTS = {
+    "run": "run the job again with output.mode=resume (--set output.mode=resume) to finish it",
+    "demo": "run the demo again",
+    "submit": "submit the job again with output.mode=resume to finish it",
+    "apply": "run the same kernelmap apply again with --resume to finish it",
+    "ingest": "run the same kernelmap ingest again to finish it",
+    "report": "run kernelmap report again with --overwrite",
+    "compare": "run kernelmap compare again",
+}
 
 
 if __name__ == "__main__":

@@ -483,3 +483,19 @@ def test_worker_watch_cancels_what_is_left_once_no_worker_comes_back():
     assert isinstance(watch.error, BatchError) and "(4 blocks left)" in str(watch.error)
     assert client.cancelled == futures[1:] and len(waiting) == 4
     assert lines and lines[0].startswith("no workers connected for 0 s")
+
+
+@pytest.mark.parametrize(("command", "argv", "hint"), [
+    ("run", ["run", "job.yaml"], "output.mode=resume"),
+    ("apply", ["apply", "kernels.zarr", "--out", "images.zarr"], "kernelmap apply again with --resume"),
+    ("ingest", ["ingest", "ref.fits", "t.fits", "--out", "stack.zarr"], "same kernelmap ingest again"),
+])
+def test_an_interrupted_command_says_how_to_finish_it(monkeypatch, capsys, command, argv, hint):
+    import pipeline.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_cmd_{command}", interrupted)
+    assert main(argv) == 130
+    assert hint in capsys.readouterr().err
