@@ -25,9 +25,7 @@ image by ``chunk`` x ``chunk`` pixels; images small enough to share files
 of whole images, each written by one task (with the sources of the shard's
 pairs).  Root attributes: the grid's WCS (``reference_wcs``), the files
 (``reference`` or ``sources``, ``targets``, as typed), the files resampled
-(``resampled_targets``; pairs: ``resampled_sources``), the identity of every
-file read (``kernelmap_ingest_files``: the absolute real path, size and
-modification time of each image and plane file), and the settings
+(``resampled_targets``; pairs: ``resampled_sources``), and the settings
 (``kernelmap_ingest``), written last: while the stack is being created it
 carries ``kernelmap_ingest_creating`` (the settings) instead.  Image labels:
 the target file names without their FITS suffixes, distinct.
@@ -35,11 +33,14 @@ the target file names without their FITS suffixes, distinct.
 Resuming: the group ``ingest`` of the stack records which images are written
 (``target_written (image,)``, ``source_written (1,)``, pairs ``source_written
 (image,)``, one chunk each, sharded as the images), each set by its task
-after the image's pixels.  Running the same ingest again (same settings, same
+after the image's pixels, and, in its attribute ``files``, the identity of
+every file read (the absolute real path, size and modification time of each
+image and plane file: kept off the root attributes, which every reader of
+the stack loads).  Running the same ingest again (same settings, same
 files) writes only the images not recorded, and the stack equals an
 uninterrupted ingest's; a complete one is left as it is, one whose creation
 was interrupted is created anew.  The files are compared with those the
-stack was ingested from (``kernelmap_ingest_files``; a stack without it, from
+stack was ingested from (``ingest`` attribute ``files``; a stack without it, from
 an earlier version, is taken as before): another file under the same name
 (from another folder, say) or a file changed since is refused before
 anything is written, except a file changed in place whose images are not
@@ -94,9 +95,10 @@ RECORD = "ingest"
 WRITTEN = {"target": "target_written", "source": "source_written"}
 #: The root attribute holding the settings a stack was ingested from (:meth:`IngestConfig.stamp`).
 STAMP = "kernelmap_ingest"
-#: The root attribute holding the identity of every file an ingest reads (:func:`file_identity`), in the order
-#: of :func:`files_read`: written at creation, compared whenever the stack is resumed or found complete.
-FILES = "kernelmap_ingest_files"
+#: The attribute of the :data:`RECORD` group holding the identity of every file an ingest reads
+#: (:func:`file_identity`), in the order of :func:`files_read`: written at creation, compared whenever the
+#: stack is resumed or found complete.
+FILES = "files"
 #: The root attribute of a stack being created (the settings), replaced by :data:`STAMP` once it is.
 CREATING = "kernelmap_ingest_creating"
 #: The root attribute ``title`` of a stack.
@@ -305,6 +307,13 @@ def stack_state(path: str | os.PathLike[str], stamp: str) -> str:
     return "complete" if done else "partial"
 
 
+def _recorded_files(path: str | os.PathLike[str]) -> list[dict[str, Any]] | None:
+    """The identities of the files a stack was ingested from (``None``: not recorded, an earlier version's)."""
+    group = _group(path)
+    record = None if group is None or RECORD not in group else group[RECORD]
+    return None if record is None else record.attrs.get(FILES)
+
+
 def stack_kind(path: str | os.PathLike[str]) -> str:
     """Who wrote what is at ``path``: ``"absent"``; ``"stack"`` (a stack stamped by kernelmap ingest, with
     any settings); ``"unfinished"`` (a stack whose creation by kernelmap ingest did not finish: marked as
@@ -395,7 +404,7 @@ class IngestPlan:
             pending = list(self.tasks)
         else:
             if self.refresh_files:
-                zarr.open_group(self.output, mode="r+").attrs[FILES] = self.identities
+                zarr.open_group(self.output, mode="r+")[RECORD].attrs[FILES] = self.identities
             done = _written(self.output)
             pending = [t for t in self.tasks if not done[t.role][0 if t.index is None else t.index]]
         try:
@@ -472,13 +481,14 @@ class IngestPlan:
                  {"reference": s.reference, "targets": list(self.files)})
         ds = xr.Dataset(data, coords=self.coords, attrs={
             "title": TITLE, **files, "resampled_targets": list(self.resampled), **self.attrs,
-            FILES: list(self.identities), CREATING: stamp})
+            CREATING: stamp})
         encoding = {name: {"chunks": plane} if ds[name].ndim == 2 else image_encoding(shard, plane, (ny, nx))
                     for name in data}
         ds.to_zarr(self.output, mode="a", consolidated=False, zarr_format=3, encoding=encoding, compute=False)
         group = zarr.open_group(self.output, mode="r+")
         record = group.create_group(RECORD, attributes={
-            "description": "which images of the stack are written (1), each set after the image's pixels"})
+            "description": "which images of the stack are written (1), each set after the image's pixels; "
+                           "files: the identity of every file read", FILES: list(self.identities)})
         record.create_array(WRITTEN["target"], shape=(n,), chunks=(1,), shards=(shard,) if shard > 1 else None,
                             dtype="uint8", fill_value=0)
         if s.pairs:  # one source per image, sharded as the images
@@ -797,7 +807,7 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
                                   f"file(s); the {role}s now match {len(now)}, not the same: nothing was changed; "
                                   "replace it " + ("(remove it)" if job else "(--overwrite, mode='overwrite')")
                                   + " or write the stack elsewhere")
-        stored = stack_attrs.get(FILES)
+        stored = _recorded_files(out)
         if stored is not None:  # (a stack ingested before the files were identified is taken as before)
             changed = _compare_files(plan, stored, job)
             plan.refresh_files = bool(changed)
