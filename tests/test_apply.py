@@ -448,3 +448,13 @@ def test_kernelmap_apply_resume(three_images, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["apply", str(three_images), "--out", str(out), "--resume", "--overwrite"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_apply_refuses_an_output_under_a_file(three_images, tmp_path):
+    from pipeline.errors import OptionError
+    from pipeline.job.apply import apply_kernel_map
+
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(OptionError, match=r"notes.txt is a file, not a folder, so nothing can be written under it"):
+        apply_kernel_map(three_images, tmp_path / "notes.txt" / "images.zarr", log=lambda _: None)
+    assert (tmp_path / "notes.txt").read_text() == "a file"

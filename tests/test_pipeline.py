@@ -499,3 +499,16 @@ def test_an_interrupted_command_says_how_to_finish_it(monkeypatch, capsys, comma
     monkeypatch.setattr(cli, f"_cmd_{command}", interrupted)
     assert main(argv) == 130
     assert hint in capsys.readouterr().err
+
+
+def test_an_output_under_a_file_is_refused_with_a_message_not_a_traceback(tmp_path, capsys):
+    make_stack(tmp_path / "stack.zarr")
+    (tmp_path / "notes.txt").write_text("a file")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(tmp_path, output={"path": str(tmp_path / "notes.txt" / "k.zarr")})))
+    assert main(["run", str(job_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in err and "choose another output.path" in err
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+    assert main(["run", str(job_file), "--dry-run"]) == 0  # the plan says so too
+    assert "refused    output.path" in capsys.readouterr().out

@@ -58,8 +58,8 @@ if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
-           "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "image_encoding",
-           "icrs_positions", "json_attr", "path_within", "store_tile_grid", "whole_image_shards"]
+           "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "file_in_the_way",
+           "icrs_positions", "image_encoding", "json_attr", "path_within", "store_tile_grid", "whole_image_shards"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -460,6 +460,11 @@ class OutputStore:
 
     def _opening(self, mode: str, fingerprint: str, input_identity: str,
                  differences: Callable[[str | None], list[str]] | None) -> Opening:
+        blocked = file_in_the_way(self.location)
+        if blocked is not None:
+            return Opening(mode, self, refusal=OptionError(
+                f"output.path {self.path}: {blocked} is a file, not a folder, so nothing can be written under it: "
+                "nothing was changed; choose another output.path"))
         if not self.exists():
             return Opening("create", self)
         if mode == "create":
@@ -675,6 +680,18 @@ def image_encoding(shard: int, chunks: tuple[int, int], shape: tuple[int, int]) 
     if shard > 1:
         encoding["shards"] = (shard, -(-ny // cy) * cy, -(-nx // cx) * cx)
     return encoding
+
+
+def file_in_the_way(path: str | Path) -> str | None:
+    """For a local ``path``: the nearest of its parent folders that exists but is a file (nothing can be
+    written under it), else ``None`` (also for URLs)."""
+    location = _location(str(path))
+    if "://" in location:
+        return None
+    for parent in Path(location).absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else str(parent)
+    return None
 
 
 def path_within(inner: str | Path, outer: str | Path) -> bool:

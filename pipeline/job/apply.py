@@ -45,7 +45,14 @@ import yaml
 from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
 from ..errors import InputError, OptionError
-from ..io.store import OutputStore, consecutive_runs, image_encoding, path_within, whole_image_shards
+from ..io.store import (
+    OutputStore,
+    consecutive_runs,
+    file_in_the_way,
+    image_encoding,
+    path_within,
+    whole_image_shards,
+)
 from .config import job_from_dict
 from .plan import job_inputs
 
@@ -254,6 +261,10 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
         if path_within(path, output) or path_within(output, path):
             raise OptionError(f"{output} is, holds or lies inside {what} ({path}), which is never written: "
                               "nothing was changed; write the images elsewhere")
+    blocked = file_in_the_way(out.location)
+    if blocked is not None:
+        raise OptionError(f"{output}: {blocked} is a file, not a folder, so nothing can be written under it: nothing "
+                          "was changed; give another output path")
     exists = out.exists()
     if exists and mode == "create":
         raise OptionError(f"{output} already exists: nothing was changed; pass --resume (mode='resume') to finish "
