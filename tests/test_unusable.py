@@ -135,3 +135,25 @@ def test_flag_counts_and_hints():
                      "lstsq", 1)
     assert one.unusable_report().splitlines()[0] == ("every tile of 1 of 1 image is unusable (kernels NaN); "
                                                      "the output is complete: out.zarr")
+
+
+def test_the_summary_names_the_images_left_without_a_model(tmp_path, monkeypatch):
+    """An image with usable tiles whose model could not be fitted (model_degree -1; the fit is made to fail for
+    the second image here, as it does where a fit has too little to go on): the run says so, naming it."""
+    import pipeline.job.finish as finish
+
+    make_stack(tmp_path / "stack.zarr", n_images=2)
+    fit_tiles, calls = finish.fit_tiles, []
+
+    def no_model_for_the_second(*args, **kwargs):
+        calls.append(1)
+        model, residual, rejected = fit_tiles(*args, **kwargs)
+        return (None, np.full_like(residual, np.nan), np.zeros_like(rejected)) if len(calls) == 2 else \
+            (model, residual, rejected)
+
+    monkeypatch.setattr(finish, "fit_tiles", no_model_for_the_second)
+    summary = run_job(job_from_dict(job_dict(tmp_path, model={"method": "kernels"})), progress=False)
+    ds = xr.open_zarr(tmp_path / "kernels.zarr")
+    assert ds["model_degree"].values.tolist()[1] == -1 and ds["model_degree"].values[0] >= 0
+    assert summary.unmodelled_images == ("epoch-1",) and summary.unusable_images == ()
+    assert "no kernel-field model could be fitted for 1 image(s) (epoch-1: model_degree -1" in summary.describe()

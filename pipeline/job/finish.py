@@ -152,6 +152,8 @@ class ImageFinisher:
         self.last_flush = time.monotonic()
         #: images every tile of which is unusable: tiles per flag that made them so
         self.unusable: dict[int, dict[str, int]] = {}
+        #: images with a usable tile but no kernel-field model (its fit had too little to go on)
+        self.unmodelled: set[int] = set()
         #: where set, joint fits are handed to it (it returns a future of their :class:`ImageFit`, which the
         #: caller gives to :meth:`fitted`) instead of being run here; see :meth:`take_submitted`
         self.offload: Callable[[JointFit], Any] | None = None
@@ -220,6 +222,8 @@ class ImageFinisher:
         return submitted
 
     def _store(self, records: np.ndarray, kernels: np.ndarray, fit: ImageFit) -> None:
+        if fit.model is None and fit.image not in self.unusable:
+            self.unmodelled.add(fit.image)
         extra = fl.model_outliers(fit.rejected)
         self.pending.append(ImageResults(fit.image, records, extra, fit.model, fit.residual,
                                          kernels if self.store.sharded else None))

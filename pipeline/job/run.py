@@ -112,6 +112,9 @@ class RunSummary:
     unusable_images: tuple[UnusableImage, ...] = ()
     method: str = ""
     n_images: int = 0
+    #: labels of the images with usable tiles but no kernel-field model (``model_degree`` -1: the fit had too
+    #: little to go on), among those finished by this run
+    unmodelled_images: tuple[str, ...] = ()
 
     @property
     def tiles_per_second(self) -> float:
@@ -136,6 +139,10 @@ class RunSummary:
         )
         if self.unusable_images:
             text += f"; every tile unusable in {len(self.unusable_images)} image(s)"
+        if self.unmodelled_images:
+            shown = ", ".join(self.unmodelled_images[:5]) + (" ..." if len(self.unmodelled_images) > 5 else "")
+            text += (f"; no kernel-field model could be fitted for {len(self.unmodelled_images)} image(s) ({shown}: "
+                     "model_degree -1; their tiles' kernels are kept)")
         return text
 
     def unusable_report(self) -> str:
@@ -296,7 +303,8 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
                      for i, counts in sorted(finisher.unusable.items()))
     summary = RunSummary(store.path, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
                          flagged, len(pending), len(blocks) - len(pending), seconds,
-                         unusable_images=unusable, method=job.kernel.method, n_images=plan.layout.n_images)
+                         unusable_images=unusable, method=job.kernel.method, n_images=plan.layout.n_images,
+                         unmodelled_images=tuple(str(labels[i]) for i in sorted(finisher.unmodelled)))
     store.mark_complete({"kernelmap_finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     if progress:
         log(summary.describe())
