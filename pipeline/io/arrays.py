@@ -184,8 +184,25 @@ class StoredImages:
         selection: list[slice] = [slice(None)] * self.ndim
         for dim, axis in enumerate(self.order):
             selection[axis] = wanted[dim]
-        values = np.transpose(self.decode(self.array[tuple(selection)]), self.order)
+        try:
+            stored = self.array[tuple(selection)]
+        except Exception as exc:  # a damaged chunk: the codecs' errors are of many kinds
+            raise self._unreadable(selection, exc) from exc
+        values = np.transpose(self.decode(stored), self.order)
         return values if self.ndim == 2 else values[0]
+
+    def _unreadable(self, selection: list[slice], exc: Exception) -> InputError:
+        """The error of a region whose stored chunks cannot be read: the array, the chunks, the store, the fix."""
+        chunks = self.array.chunks
+        first = tuple(int(s.start or 0) // c for s, c in zip(selection, chunks))
+        last = tuple((int(s.stop) - 1 if s.stop is not None else n - 1) // c
+                     for s, c, n in zip(selection, chunks, self.array.shape))
+        where = f"chunk {first}" if first == last else f"chunks {first} to {last}"
+        return InputError(
+            f"{self.array.store_path}: array {self.name!r}, {where} (stored axes, chunks of {tuple(chunks)}), "
+            f"cannot be read ({type(exc).__name__}: {exc}): the input store is damaged there. Restore it from "
+            "its source (or mark those pixels bad with input.mask), then run again with output.mode=resume: "
+            "the blocks done so far are kept")
 
     def to_dask(self) -> da.Array:
         """The whole array as Dask, chunked like the store (its read unit)."""
