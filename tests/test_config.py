@@ -1,4 +1,4 @@
-"""Job files: defaults, overrides, error reports, cross-field checks, fingerprint."""
+"""Job files: defaults, overrides, error reports, cross-field checks, fingerprint; the licence."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pathlib
 import pickle
 import re
 import textwrap
+import tomllib
 
 import pytest
 import yaml
@@ -661,3 +662,16 @@ def test_example_configs_content():
 def test_models_forbid_extra_keys_directly():
     for model in (ComputeConfig, TilesConfig, LstsqKernel):
         assert model.model_config["extra"] == "forbid"
+
+
+# --- the command and the package ----------------------------------------------
+
+
+def test_the_licence_is_bsd_3_clause():
+    root = pathlib.Path(__file__).parents[1]
+    text = " ".join((root / "LICENSE").read_text().split())
+    assert text.startswith("BSD 3-Clause License Copyright (c) 2026, the kernelmap developers")
+    assert ("Neither the name of the copyright holder nor the names of its contributors may be used to endorse or "
+            "promote products derived from this software without specific prior written permission.") in text
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert (project["license"], project["license-files"]) == ("BSD-3-Clause", ["LICENSE"])
