@@ -8,21 +8,71 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import KernelmapError, OptionError
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` that keeps the arguments it was given (for :class:`_SetAction`'s messages)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+
+class _SetAction(argparse.Action):
+    """``--set KEY=VALUE``, collected in order; refused at once (usage, exit status 2) without its ``=``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if "=" not in values:
+            parser.error(f"{option_string} {values}: expected KEY=VALUE (e.g. {option_string} {values}="
+                         f"{_example_value(getattr(parser, 'given', []), option_string, values)})")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+
+
+def _example_value(given: Sequence[str], option: str | None, key: str) -> str:
+    """The argument after ``--set KEY`` where it looks like KEY's value (``--set tiles.size 128``), else
+    ``VALUE``."""
+    for i, arg in enumerate(given):
+        after = (i + 2 if arg == option and given[i + 1:i + 2] == [key] else i + 1 if arg == f"{option}={key}"
+                 else None)
+        if after is not None and after < len(given):
+            value = given[after]
+            if not value.startswith("--") and "=" not in value and not value.endswith((".yaml", ".yml")):
+                return value
+    return "VALUE"
+
+
+def _add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="overrides", action=_SetAction, default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="job file (YAML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a job setting, e.g. --set tiles.size=512 (value parsed as YAML; "
-                             "beats the file; may repeat)")
+    _add_set_argument(parser, "override a job setting, e.g. --set tiles.size=512 (value parsed as YAML; beats the "
+                              "file; may repeat)")
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kernelmap")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kernelmap", description="Kernel maps between image stacks.")
+    parser = _Parser(prog="kernelmap", description="Kernel maps between image stacks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run", help="run a job",
@@ -154,8 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="demo-output", help="folder for the demo stack and result")
     demo.add_argument("--images", type=int, default=3, help="epochs in the demo stack")
     demo.add_argument("--size", type=int, default=768, help="image side in pixels")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a setting of the demo job")
+    _add_set_argument(demo, "override a setting of the demo job, e.g. --set tiles.size=256 (may repeat)")
     return parser
 
 
@@ -229,18 +278,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .analysis.compare import write_comparison
-
-    store, figure = write_comparison(args.a, args.b, args.out)
     import xarray as xr
 
-    diff = xr.open_zarr(store)
-    for name in ("fwhm", "ellipticity", "flux", "kernel_difference"):
-        if name in diff:
-            values = np.asarray(diff[name].values, dtype=float)
-            print(f"{name:>18}: median {np.nanmedian(values):+.4g}, max |.| {np.nanmax(np.abs(values)):.4g}")
+    from .analysis.compare import summary_lines, write_comparison
+
+    store, figure = write_comparison(args.a, args.b, args.out)  # refuses maps without a tile in common
+    for line in summary_lines(xr.open_zarr(store)):
+        print(line)
     print(f"differences: {store}; figure: {figure}")
     return 0
 

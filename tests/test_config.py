@@ -1,7 +1,8 @@
-"""Job files: defaults, overrides, error reports, cross-field checks, fingerprint; the licence."""
+"""Job files: defaults, overrides (--set), error reports, cross-field checks, fingerprint; --version, licence."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import pathlib
 import pickle
 import re
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline import LstsqOptions, WelchOptions
+from pipeline.cli import main
 from pipeline.errors import KernelmapError
 from pipeline.job.config import (
     KERNEL_METHODS,
@@ -192,6 +194,44 @@ def test_override_selects_the_kernel_method():
 
 def test_string_override_of_an_integer_is_an_error():
     assert errors_of(MINIMAL, ['tiles.size="512"']) == ["tiles.size: '512' is not an integer"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["config", "JOB", "--set", "tiles.size", "128"],
+    ["config", "--set", "tiles.size", "128", "JOB"],
+    ["run", "JOB", "--set", "tiles.size", "128"],
+    ["submit", "JOB", "--set=tiles.size", "128"],
+])
+def test_a_set_without_its_equals_sign_is_refused_with_the_form(tmp_path, capsys, argv):
+    path = write(tmp_path, "input: {path: in.zarr}\noutput: {path: out.zarr}\n")
+    with pytest.raises(SystemExit) as info:
+        main([str(path) if a == "JOB" else a for a in argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: kernelmap {argv[0]} ")
+    assert err.endswith(f"kernelmap {argv[0]}: error: --set tiles.size: expected KEY=VALUE "
+                        "(e.g. --set tiles.size=128)\n")
+
+
+@pytest.mark.parametrize(("argv", "example"), [
+    (["config", "--set", "output.mode", "JOB"], "--set output.mode=VALUE"),  # the job file is no value
+    (["config", "JOB", "--set", "output.mode"], "--set output.mode=VALUE"),
+    (["demo", "--set", "tiles.size", "--images", "2"], "--set tiles.size=VALUE"),
+])
+def test_a_set_without_its_equals_sign_and_no_value_after_it(tmp_path, capsys, argv, example):
+    path = write(tmp_path, "input: {path: in.zarr}\noutput: {path: out.zarr}\n")
+    with pytest.raises(SystemExit) as info:
+        main([str(path) if a == "JOB" else a for a in argv])
+    assert info.value.code == 2
+    assert f"error: {example.partition('=')[0]}: expected KEY=VALUE (e.g. {example})\n" in capsys.readouterr().err
+
+
+def test_repeated_sets_are_applied_in_order(tmp_path, capsys):
+    path = write(tmp_path, "input: {path: in.zarr}\noutput: {path: out.zarr}\n")
+    assert main(["config", str(path), "--set", "tiles.size=64", "--set", "kernel.size=15",
+                 "--set", "tiles.size=48"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["tiles"]["size"], printed["kernel"]["size"]) == (48, 15)
 
 
 def test_malformed_overrides_are_all_named():
@@ -665,6 +705,13 @@ def test_models_forbid_extra_keys_directly():
 
 
 # --- the command and the package ----------------------------------------------
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"kernelmap {importlib.metadata.version('kernelmap')}\n"
 
 
 def test_the_licence_is_bsd_3_clause():
