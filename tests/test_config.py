@@ -193,7 +193,35 @@ def test_override_selects_the_kernel_method():
 
 
 def test_string_override_of_an_integer_is_an_error():
-    assert errors_of(MINIMAL, ['tiles.size="512"']) == ["tiles.size: '512' is not an integer"]
+    assert errors_of(MINIMAL, ['tiles.size="512"']) == [
+        "tiles.size: '512' is not an integer (from --set tiles.size=\"512\" on the command line)"]
+
+
+def test_errors_of_overridden_keys_name_the_override(tmp_path, capsys):
+    path = write(tmp_path, "input: {path: in.zarr}\noutput: {path: out.zarr}\ntiles: {sze: 64}\n")
+    assert main(["config", str(path), "--set", "kernel.methd=welch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kernelmap config: invalid job configuration in {path}:")
+    lines = err.splitlines()[1:]
+    assert lines[0] == "  tiles.sze: unknown key; allowed keys: size, step"  # the file's own
+    assert lines[1].startswith("  kernel.methd: unknown key for method 'lstsq'; allowed keys: method, size,")
+    assert lines[1].endswith(" (from --set kernel.methd=welch on the command line)")
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["kernel.size=20"], "kernel.size: 20 is even: the kernel needs a centre pixel, use 19 or 21 "
+                         "(from --set kernel.size=20 on the command line)"),
+    (["kernel.size=21", "kernel.size=20"], "kernel.size: 20 is even: the kernel needs a centre pixel, use 19 or "
+                                           "21 (from --set kernel.size=20 on the command line)"),
+    (["kernel.size=21", "kernel={size: 20}"], "kernel.size: 20 is even: the kernel needs a centre pixel, use 19 "
+                                              "or 21 (from --set kernel={size: 20} on the command line)"),
+    (["tiles.size=32"], "kernel.size: 21 is too large for tiles.size 32: at most 15 "
+                        "(from --set tiles.size=32 on the command line)"),
+    (["tiles.step=8"], "kernel.size: 20 is even: the kernel needs a centre pixel, use 19 or 21"),
+])
+def test_an_error_names_the_overrides_its_value_came_from(overrides, expected):
+    data = {**MINIMAL, "kernel": {"size": 20}} if overrides == ["tiles.step=8"] else MINIMAL
+    assert errors_of(data, overrides) == [expected]
 
 
 @pytest.mark.parametrize("argv", [

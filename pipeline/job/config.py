@@ -1267,7 +1267,30 @@ def _build(data: Any, overrides: Sequence[str], source: str | None) -> JobConfig
     except ValidationError as exc:
         lines = _format_errors(exc)
         lines += _partial_consistency(merged, exc)
-        raise ConfigError(lines, source=source) from None
+        raise ConfigError(_with_origins(lines, overrides), source=source) from None
+
+
+def _with_origins(lines: list[str], overrides: Sequence[str]) -> list[str]:
+    """``lines`` (``"dotted.key: message"``), each about a key set by an override marked with it: ``(from
+    --set tiles.size=8 on the command line)``.
+
+    An override is named on the lines of its key and of the keys beneath it, and on those whose message
+    names its key (``kernel.size: 21 is too large for tiles.size 32``); one replaced by a later override
+    of the same key or of a section above it is not.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    items = [(str(item), ".".join(k.strip() for k in str(item).partition("=")[0].split("."))) for item in overrides]
+    effective = [(item, key) for i, (item, key) in enumerate(items)
+                 if not any(key == later or key.startswith(later + ".") for _, later in items[i + 1:])]
+    marked = []
+    for line in lines:
+        path, _, message = line.partition(": ")
+        origins = [f"--set {item}" for item, key in effective
+                   if path == key or path.startswith(key + ".")
+                   or re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message)]
+        marked.append(f"{line} (from {' and '.join(origins)} on the command line)" if origins else line)
+    return marked
 
 
 def _partial_consistency(data: dict[str, Any], exc: ValidationError) -> list[str]:
