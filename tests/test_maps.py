@@ -303,3 +303,54 @@ def test_report_names_what_is_wrong_with_its_store(tmp_path):
     with pytest.raises(InputError, match="is a URL: give --out"):
         write_report("s3://bucket/kernels.zarr")
     assert not (tmp_path / "out").exists()
+
+
+def _nan_copy(ds: xr.Dataset, names) -> xr.Dataset:
+    """``ds`` with the floating-point variables ``names`` (along image) NaN everywhere."""
+    out = ds.copy()
+    for name in names:
+        out[name] = xr.full_like(out[name], np.nan)
+    return out
+
+
+def test_compare_refuses_maps_without_a_finite_tile_in_common(demo_map, tmp_path, capsys):
+    import warnings
+
+    from pipeline.analysis.compare import compare_maps
+    from pipeline.cli import main
+
+    km, _ = demo_map
+    a = km.ds.load()
+    floats = [name for name in a.data_vars if a[name].dims[:1] == ("image",) and a[name].dtype.kind == "f"]
+    empty = _nan_copy(a, floats)  # as a run stopped before any diagnostics were written
+    empty.attrs["kernelmap_status"] = "incomplete"
+    path = tmp_path / "empty.zarr"
+    empty.drop_encoding().to_zarr(path, zarr_format=3, consolidated=False)
+    out = tmp_path / "cmp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no All-NaN slice, Mean of empty slice ...
+        assert main(["compare", km.path, str(path), "--out", str(out)]) == 2
+        with pytest.raises(InputError, match="no tile where both are finite") as info:
+            compare_maps(empty, a)
+    err = capsys.readouterr().err
+    assert f"the kernel maps {km.path} and {path} have no tile where both are finite" in err
+    assert f"0 in {path}, whose store is incomplete" in err and "output.mode=resume" in err
+    assert "+nan" not in err and not out.exists()  # nothing written
+    assert "0 finite tile(s) in A, whose store is incomplete" in str(info.value)
+
+
+def test_compare_says_which_quantities_have_no_common_finite_tiles(demo_map, tmp_path, capsys):
+    import warnings
+
+    from pipeline.cli import main
+
+    km, _ = demo_map
+    path = tmp_path / "no-flux.zarr"
+    _nan_copy(km.ds.load(), ["flux"]).drop_encoding().to_zarr(path, zarr_format=3, consolidated=False)
+    out = tmp_path / "cmp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["compare", km.path, str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "flux: no common finite tiles" in text and "nan" not in text
+    assert "fwhm: median +0, max |.| 0" in text and (out / "compare.png").exists()

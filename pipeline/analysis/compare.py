@@ -17,14 +17,19 @@ from ..errors import InputError
 from ..io.store import consolidate
 from .maps import read_kernel_map
 
-__all__ = ["MEASUREMENTS", "compare_maps", "compare_figure", "write_comparison"]
+__all__ = ["MEASUREMENTS", "common_tiles", "compare_maps", "compare_figure", "summary_lines", "write_comparison"]
 
 #: Per-tile measurements compared (those present in both maps).
 MEASUREMENTS = ("flux", "background", "centroid_y", "centroid_x", "fwhm", "size", "e1", "e2", "ellipticity")
 
 
-def compare_maps(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
-    """Per-tile differences ``B - A`` of the measurements, and the kernels' relative L2 difference."""
+def compare_maps(a: xr.Dataset, b: xr.Dataset, *, names: tuple[str, str] = ("A", "B")) -> xr.Dataset:
+    """Per-tile differences ``B - A`` of the measurements, and the kernels' relative L2 difference.
+
+    ``names``: how the maps are called in errors (their stores, say).  An
+    :class:`~pipeline.errors.InputError` where the maps do not share the tile grid or the kernel size,
+    or where no tile is finite in both (nothing to compare: see :func:`common_tiles`).
+    """
     for coord in ("y", "x"):
         if a.sizes[coord] != b.sizes[coord] or not np.allclose(a[coord].values, b[coord].values):
             raise InputError(f"the kernel maps have different tile grids along {coord} "
@@ -50,7 +55,50 @@ def compare_maps(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
                                                units="1")
     out.attrs["b_images"] = [str(v) for v in b["image"].values]
     out.attrs.update({key: a.attrs[key] for key in ("tile_size", "tile_step") if key in a.attrs})
+    if not any(common_tiles(out).values()):
+        raise InputError(f"the kernel maps {names[0]} and {names[1]} have no tile where both are finite "
+                         f"({_finite_tiles(a)} finite tile(s) in {names[0]}{_status(a)}, {_finite_tiles(b)} in "
+                         f"{names[1]}{_status(b)}; the images are paired by position): nothing to compare. "
+                         "Check that both runs finished (kernelmap_status complete; resume an interrupted run "
+                         "with output.mode=resume), that their tiles are not all unusable (quality_flag), and "
+                         "that they were made from the same images")
     return out
+
+
+def common_tiles(diff: xr.Dataset) -> dict[str, int]:
+    """Per variable of a comparison (:func:`compare_maps`), the number of (image, tile) pairs where both
+    maps are finite, i.e. where the difference is."""
+    return {str(name): int(np.count_nonzero(np.isfinite(np.asarray(diff[name].values, dtype=np.float64))))
+            for name in diff.data_vars}
+
+
+def _finite_tiles(ds: xr.Dataset) -> int:
+    """Tiles (over every image) whose kernel is finite."""
+    kernel = np.asarray(ds["kernel"].values, dtype=np.float64)
+    return int(np.count_nonzero(np.isfinite(kernel).all(axis=(-2, -1))))
+
+
+def _status(ds: xr.Dataset) -> str:
+    status = ds.attrs.get("kernelmap_status")
+    return f", whose store is {status}" if status not in (None, "complete") else ""
+
+
+def summary_lines(diff: xr.Dataset, names: tuple[str, ...] = ("fwhm", "ellipticity", "flux", "kernel_difference"),
+                  ) -> list[str]:
+    """One line per variable of a comparison: the median and largest magnitude of the differences over
+    the tiles where both maps are finite, or ``no common finite tiles`` where there is none."""
+    lines = []
+    for name in names:
+        if name not in diff:
+            continue
+        values = np.asarray(diff[name].values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if not values.size:
+            lines.append(f"{name:>18}: no common finite tiles")
+            continue
+        lines.append(f"{name:>18}: median {np.median(values):+.4g}, max |.| {np.max(np.abs(values)):.4g} "
+                     f"({values.size} tile(s))")
+    return lines
 
 
 def compare_figure(diff: xr.Dataset, *, image: int = 0):
@@ -75,14 +123,15 @@ def compare_figure(diff: xr.Dataset, *, image: int = 0):
 
 def write_comparison(a_path: str | os.PathLike[str], b_path: str | os.PathLike[str],
                      out: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``compare.zarr`` (the differences) and ``compare.png`` into ``out``."""
+    """Write ``compare.zarr`` (the differences) and ``compare.png`` into ``out``; nothing is written where
+    :func:`compare_maps` refuses the maps."""
     from .report import _pyplot
 
     folder = Path(out)
     store = folder / "compare.zarr"
     if store.exists():
         raise InputError(f"{store} already exists: choose another --out folder or remove it")
-    diff = compare_maps(read_kernel_map(a_path), read_kernel_map(b_path))
+    diff = compare_maps(read_kernel_map(a_path), read_kernel_map(b_path), names=(str(a_path), str(b_path)))
     diff.attrs.update(a=str(a_path), b=str(b_path))
     folder.mkdir(parents=True, exist_ok=True)
     diff.to_zarr(store, mode="w-", zarr_format=3, consolidated=False)
