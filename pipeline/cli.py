@@ -272,7 +272,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     index = write_report(args.store, args.out, max_images=args.max_images, rows=args.rows,
                          coordinates=args.coords, storage_options=_storage_options(args.storage_options),
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, notify=lambda text: print(f"note: {text}", file=sys.stderr))
     print(f"report: {index}")
     return 0
 

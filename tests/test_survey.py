@@ -329,3 +329,43 @@ def test_report_takes_coordinates_from_a_table(small_map, tmp_path, capsys):
     assert "has no 'image' column" in capsys.readouterr().err
     with pytest.raises(InputError, match="no image of the store"):
         with_coordinates(ds, pd.DataFrame({"image": ["x"], "a": [1.0]}))
+
+
+def test_report_of_an_incomplete_store_says_so_and_gives_no_warnings(tmp_path, capsys):
+    """A run interrupted before two images' diagnostics were written: the report shows what is there, says
+    the store is incomplete and how many images have no diagnostics, and leaves them out of the outliers."""
+    import warnings
+
+    import zarr
+
+    from pipeline.cli import main
+
+    make_stack(tmp_path / "stack.zarr", n_images=5, noise=0.5)
+    run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    path = tmp_path / "kernels.zarr"
+    group = zarr.open_group(str(path), mode="r+")
+    for name in group.array_keys():  # every per-image variable back to its fill value, as never written
+        array = group[name]
+        if name != "image" and array.metadata.dimension_names[0] == "image":
+            for i in (1, 3):
+                array[i] = array.fill_value
+    group.attrs["kernelmap_status"] = "incomplete"
+    out = tmp_path / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no All-NaN slice, Mean of empty slice ...
+        assert main(["report", str(path), "--out", str(out)]) == 0
+        result = survey(read_kernel_map(path, lazy=("kernel",)))
+    captured = capsys.readouterr()
+    assert f"report: {out / 'index.html'}" in captured.out
+    for text in (captured.err, (out / "index.html").read_text()):
+        assert "the store is incomplete" in text
+        assert "2 of 5 image(s) have no diagnostics yet (epoch-1, epoch-3)" in text
+        assert "the figures and tables show what is there" in text and "output.mode=resume" in text
+    assert result.without_diagnostics == ["epoch-1", "epoch-3"]
+    assert not {"epoch-1", "epoch-3"} & set(pd.read_csv(out / "outliers.csv")["image"])
+    table = pd.read_csv(out / "images.csv")
+    assert table["fwhm_median"].isna().tolist() == [False, True, False, True, False]
+    for stem in ("fwhm", "ellipticity", "stack", "trends-index", "pca"):
+        assert (out / f"{stem}.png").stat().st_size > 1000, stem
+    # a finished store says nothing of the kind
+    assert survey(read_kernel_map(path).isel(image=[0, 2, 4])).without_diagnostics == []

@@ -39,6 +39,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ from .survey import (
     with_coordinates,
 )
 
-__all__ = ["FIGURES", "figures", "write_report", "write_tables"]
+__all__ = ["FIGURES", "figures", "incomplete_notice", "write_report", "write_tables"]
 
 #: File stem -> title of every figure but the per-image kernel mosaics and the trends.
 FIGURES = {
@@ -710,10 +711,26 @@ def _write_pages(table: pd.DataFrame, folder: _Folder) -> list[str]:
     return names
 
 
+def incomplete_notice(ds: xr.Dataset, result: Survey) -> str | None:
+    """What a report says of a store whose run has not finished (``kernelmap_status`` incomplete): how
+    many images have no diagnostics yet, and that the figures show what is there; ``None`` for a
+    finished store."""
+    if ds.attrs.get("kernelmap_status") != "incomplete":
+        return None
+    missing, n = result.without_diagnostics, ds.sizes["image"]
+    which = (f"{len(missing)} of {n} image(s) have no diagnostics yet "
+             f"({', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}) and are left out of the trends"
+             if missing else f"every one of the {n} image(s) has diagnostics, but some tiles may not yet")
+    return (f"the store is incomplete (kernelmap_status: incomplete: its run was interrupted or is still "
+            f"running): {which}; the figures and tables show what is there. Finish the run with "
+            "output.mode=resume (--set output.mode=resume) and report again for the whole stack")
+
+
 def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  *, max_images: int = 8, rows: int = 100,
                  coordinates: str | os.PathLike[str] | pd.DataFrame | None = None,
-                 storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> Path | str:
+                 storage_options: dict[str, Any] | None = None, overwrite: bool = False,
+                 notify: Callable[[str], None] | None = None) -> Path | str:
     """Write the figures, tables and ``index.html`` of a kernel-map store into a new folder; returns the
     index's path (a local ``Path``, or its URL where ``out`` is one).  A folder that exists (not empty) is
     refused, or with ``overwrite`` replaced where it holds a report.
@@ -728,7 +745,9 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     table (CSV file or DataFrame) of per-image values with an ``image`` column of labels, added as
     coordinates along ``image`` to trend against (:func:`~pipeline.analysis.survey.with_coordinates`).
     Maps of a kernel map with a reference WCS have RA/Dec axes and a compass (astropy; without it pixel
-    axes and a note on the page); ``tiles.csv`` gives each tile's place, on the sky too.
+    axes and a note on the page); ``tiles.csv`` gives each tile's place, on the sky too.  A store whose
+    run has not finished is reported all the same, with a notice on the page (:func:`incomplete_notice`),
+    which ``notify`` (e.g. ``print``), where given, is called with too.
     """
     path = os.fspath(store)
     if out is None and "://" in path:
@@ -747,6 +766,9 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     folder.make()
     plt = _pyplot()
     result = survey(ds)
+    notice = incomplete_notice(ds, result)
+    if notice is not None and notify is not None:
+        notify(f"{path}: {notice}")
     sky = sky_of(ds)
     figs = figures(ds, max_images=max_images, result=result, sky=sky)
     for stem, fig in figs.items():
@@ -795,6 +817,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
         f"{html.escape(str(ds.attrs.get('tile_size', '?')))} px, kernels {ds.sizes['ky']}x{ds.sizes['kx']}, "
         f"method {html.escape(str(ds.attrs.get('kernelmap_method', '?')))}, store {html.escape(status)}; "
         f"{shown_html}trends against {html.escape(coords)}{skipped}; {sky_html}.</p>"
+        + (f"<p class='notice'><strong>Note:</strong> {html.escape(notice)}.</p>" if notice else "") +
         f"<h2>Outliers</h2>{out_html}{model_html}"
         f"<h2>Images</h2>{table_note}{_html_table(table.head(rows))}{sections}"))
     return folder.path("index.html")

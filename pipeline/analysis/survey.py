@@ -52,8 +52,8 @@ from .pca import KernelPCA, kernel_pca
 
 __all__ = ["COLUMNS", "TREND_QUANTITIES", "MAX_GROUPS", "THRESHOLD", "Coordinate", "Groups", "Quantity", "Survey",
            "Trend", "coordinate_file_stem", "find_outliers", "grid_positions", "has_model_variables", "image_groups",
-           "image_table", "resistant_slope", "robust_trend", "running_median", "survey", "trend_coordinates",
-           "with_coordinates"]
+           "image_table", "images_without_diagnostics", "resistant_slope", "robust_trend", "running_median", "survey",
+           "trend_coordinates", "with_coordinates"]
 
 
 @dataclass(frozen=True)
@@ -343,6 +343,18 @@ def grid_positions(ds: xr.Dataset, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
     return np.linspace(y.min(), y.max(), n), np.linspace(x.min(), x.max(), n)
 
 
+def images_without_diagnostics(ds: xr.Dataset) -> np.ndarray:
+    """``(n,)`` bool: the images none of whose tiles has a diagnostic (FWHM, flux) or a quality flag, i.e.
+    that hold only the fill values (NaN, no flag) a run leaves in images it has not reached yet.  An
+    image a run did reach has, in every tile, either a measurement or a flag saying why there is none."""
+    n = ds.sizes["image"]
+    empty = np.asarray(ds["quality_flag"].values).astype(np.int64).reshape(n, -1) == 0
+    for name in ("fwhm", "flux"):
+        if name in ds:
+            empty &= ~np.isfinite(_per_image(ds, name))
+    return np.all(empty, axis=1)
+
+
 def _per_image(ds: xr.Dataset, name: str) -> np.ndarray:
     values = np.asarray(ds[name].values, dtype=np.float64)
     return values.reshape(len(values), -1)
@@ -394,6 +406,8 @@ class Survey:
     pca: KernelPCA | None  #: of the images with a model (None with fewer than 2)
     pca_images: np.ndarray  #: positions of the images in the PCA
     without_model: list[str] = field(default_factory=list)  #: labels of the images left out of the PCA
+    #: labels of the images with no diagnostics yet (:func:`images_without_diagnostics`), left out of the trends
+    without_diagnostics: list[str] = field(default_factory=list)
     threshold: float = THRESHOLD
     groups: Groups | None = None  #: the groups numeric coordinates are trended within
 
@@ -411,7 +425,9 @@ def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: s
     Each image's model is evaluated on a ``grid x grid`` set of positions spanning the tile centres;
     its adaptive moments give the model FWHM and ellipticity columns and the kernels go into the
     principal-component analysis (:func:`~pipeline.analysis.pca.kernel_pca`, kernels normalised by
-    ``normalize``); images without a model are left out of it and listed.
+    ``normalize``); images without a model are left out of it and listed.  Images with no diagnostics
+    (an incomplete store: :func:`images_without_diagnostics`) are listed and left out of the trends and
+    outliers (their fill values, model degree -1 and no flags, are no measurements).
     """
     n = ds.sizes["image"]
     gy, gx = grid_positions(ds, grid)
@@ -444,7 +460,10 @@ def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: s
             extra[f"pc{j + 1}"] = column
     table = image_table(ds, extra)
     coordinates, skipped = trend_coordinates(ds)
-    outliers, trends = find_outliers(table, coordinates, threshold=threshold)
+    empty = images_without_diagnostics(ds)
+    trended = table.assign(**{name: table[name].astype(np.float64).where(~empty)
+                              for name in TREND_QUANTITIES if name in table}) if empty.any() else table
+    outliers, trends = find_outliers(trended, coordinates, threshold=threshold)
     reasons: dict[int, list[str]] = {}
     for row in outliers.itertuples():
         reasons.setdefault(row.index, []).append(f"{row.quantity} vs {row.coordinate} ({row.deviation:+.1f})")
@@ -454,7 +473,8 @@ def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: s
     return Survey(table=table, outliers=outliers, coordinates=coordinates, skipped=skipped, trends=trends,
                   grid_y=gy, grid_x=gx, model_fwhm=shapes["fwhm"], model_e1=shapes["e1"], model_e2=shapes["e2"],
                   pca=pca, pca_images=pca_images, without_model=[str(v) for v in labels[~has_model]],
-                  threshold=threshold, groups=image_groups(coordinates))
+                  without_diagnostics=[str(v) for v in labels[empty]], threshold=threshold,
+                  groups=image_groups(coordinates))
 
 
 def coordinate_file_stem(coord: Coordinate) -> str:
