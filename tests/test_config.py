@@ -203,8 +203,9 @@ def test_errors_of_overridden_keys_name_the_override(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"kernelmap config: invalid job configuration in {path}:")
     lines = err.splitlines()[1:]
-    assert lines[0] == "  tiles.sze: unknown key; allowed keys: size, step"  # the file's own
-    assert lines[1].startswith("  kernel.methd: unknown key for method 'lstsq'; allowed keys: method, size,")
+    assert lines[0] == "  tiles.sze: unknown key (did you mean 'size'?); allowed keys: size, step"  # the file's own
+    assert lines[1].startswith("  kernel.methd: unknown key for method 'lstsq' (did you mean 'method'?); allowed keys: "
+                               "method, size,")
     assert lines[1].endswith(" (from --set kernel.methd=welch on the command line)")
 
 

@@ -179,7 +179,8 @@ def test_the_sections_their_single_number_form_and_the_fingerprint(tmp_path):
     ({"gain": {"target": True}}, ["input.gain.target: true is not a number (the gain in electrons per ADU), or "
                                   "the name of a per-image coordinate"]),
     ({"gain": {"target": ""}}, ["input.gain.target: must not be empty"]),
-    ({"gain": {"traget": 1}}, ["input.gain.traget: unknown key; allowed keys: source, target"]),
+    ({"gain": {"traget": 1}}, ["input.gain.traget: unknown key (did you mean 'target'?); allowed keys: source, "
+                                "target"]),
 ])
 def test_bad_sections_name_the_key_and_the_fix(section, messages):
     with pytest.raises(ConfigError) as info:

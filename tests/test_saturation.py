@@ -210,7 +210,8 @@ def test_the_section_and_its_single_number_form(tmp_path):
 @pytest.mark.parametrize(("saturation", "message"), [
     ({"target": 1, "grow": -1}, "input.saturation.grow: -1 is too small: at least 0"),
     ({"target": 1, "grow": 1.5}, "input.saturation.grow: 1.5 is not an integer"),
-    ({"target": 1, "grw": 2}, "input.saturation.grw: unknown key; allowed keys: source, target, grow"),
+    ({"target": 1, "grw": 2}, "input.saturation.grw: unknown key (did you mean 'grow'?); allowed keys: source, target, "
+                              "grow"),
     ("SATURATE", "input.saturation: 'SATURATE' is not a number or a mapping: a name is looked up for source and "
                  "target separately, so give it per image, e.g. saturation: {target: SATURATE}"),
     ({"target": "60000"}, "input.saturation.target: '60000' is quoted text, not a number: write the level "

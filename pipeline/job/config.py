@@ -31,6 +31,7 @@ line per problem, each starting with the dotted key at fault.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
@@ -1137,14 +1138,17 @@ def _message(kind: str, value: Any, ctx: Mapping[str, Any], default: str,
         return "required"
     if kind == "extra_forbidden":
         allowed = ", ".join(holder.model_fields) if holder is not None else "?"
+        close = (difflib.get_close_matches(parts[-1], list(holder.model_fields), n=1, cutoff=0.75)
+                 if holder is not None and parts else [])
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
         if holder is not None and issubclass(holder, _KernelBase):
             method = holder.model_fields["method"].default
-            msg = f"unknown key for method {method!r}; allowed keys: {allowed}"
+            msg = f"unknown key for method {method!r}{guess}; allowed keys: {allowed}"
             owners = [m for m, cls in KERNEL_METHODS.items() if m != method and parts[-1] in cls.model_fields]
             if owners:
                 msg += f" ({parts[-1]!r} is an option of method {' and '.join(map(repr, owners))})"
             return msg
-        return f"unknown key; allowed keys: {allowed}"
+        return f"unknown key{guess}; allowed keys: {allowed}"
     if kind == "literal_error":
         choices = _literal_choices(holder, parts[-1] if parts else None)
         if choices:
