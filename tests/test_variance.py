@@ -132,7 +132,8 @@ def test_the_fingerprint_follows_the_variance_settings():
                      "arrays of weights in the input store), or remove input.weight"),
     ({"variance": {"target": None}}, "input.variance: no array for the target or the source"),
     ({"variance": {"target": ""}}, "input.variance.target: must not be empty"),
-    ({"weight": {"traget": "w"}}, "input.weight.traget: unknown key; allowed keys: target, source"),
+    ({"weight": {"traget": "w"}}, "input.weight.traget: unknown key (did you mean 'target'?); allowed keys: target, "
+                                  "source"),
     ({"weight": {"target": "target"}},
      "input.weight.target: 'target' is the target array itself: give the array holding the target's weights"),
     ({"variance": {"source": "target"}},
