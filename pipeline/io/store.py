@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
            "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "file_in_the_way",
-           "icrs_positions", "image_encoding", "json_attr", "path_within", "store_tile_grid", "whole_image_shards"]
+           "icrs_positions", "image_encoding", "json_attr", "store_tile_grid", "whole_image_shards"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -692,16 +692,6 @@ def file_in_the_way(path: str | Path) -> str | None:
         if parent.exists():
             return None if parent.is_dir() else str(parent)
     return None
-
-
-def path_within(inner: str | Path, outer: str | Path) -> bool:
-    """Whether ``inner`` is ``outer`` or lies inside it (local paths resolved; URLs compared as text)."""
-    a, b = _location(str(inner)), _location(str(outer))
-    if "://" in a or "://" in b:
-        a, b = a.rstrip("/"), b.rstrip("/")
-        return a == b or a.startswith(b + "/")
-    a_path, b_path = Path(a).resolve(), Path(b).resolve()
-    return a_path == b_path or b_path in a_path.parents
 
 
 def consecutive_runs(images: Sequence[int]) -> list[tuple[int, int]]:

@@ -45,12 +45,12 @@ import yaml
 from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
 from ..errors import InputError, OptionError
+from ..io.paths import path_within
 from ..io.store import (
     OutputStore,
     consecutive_runs,
     file_in_the_way,
     image_encoding,
-    path_within,
     whole_image_shards,
 )
 from .config import job_from_dict

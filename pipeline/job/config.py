@@ -62,6 +62,7 @@ from ..core.options import MethodOptions, Option, option_fields
 from ..core.penalties import PENALTY_TERMS
 from ..core.validate import max_kernel_size, odd_size_problem
 from ..errors import ConfigError
+from ..io.paths import path_within, same_path
 
 __all__ = [
     "ConfigError",
@@ -1009,22 +1010,13 @@ def _model_fits(model: ModelConfig, kernel: _KernelBase) -> list[tuple[str, str]
 
 
 def _paths_differ(inp: InputConfig, out: OutputConfig) -> list[tuple[str, str]]:
-    def norm(path: str) -> str:
-        if path.startswith("file://"):
-            path = path[len("file://"):]
-        return path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-    def within(inner: str, outer: str) -> bool:
-        return inner.startswith(outer.rstrip("/" + os.sep) + ("/" if "://" in outer else os.sep))
-
-    source, output = norm(inp.path), norm(out.path)
-    if source == output:
+    if same_path(inp.path, out.path):
         return [("output.path", f"{out.path!r} is the input store (input.path): the output "
                                 "must go to another store")]
-    if within(source, output):
+    if path_within(inp.path, out.path):
         return [("output.path", f"{out.path!r} holds the input store (input.path {inp.path!r}): the output "
                                 "must go elsewhere (replacing it would delete the input)")]
-    if within(output, source):
+    if path_within(out.path, inp.path):
         return [("output.path", f"{out.path!r} lies inside the input store (input.path {inp.path!r}), which "
                                 "is never written: the output must go elsewhere")]
     return []

@@ -61,7 +61,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +82,7 @@ from ..io.fits import (
     read_image,
     wcs_text,
 )
+from ..io.paths import path_within, same_path
 from ..io.store import consecutive_runs, image_encoding, whole_image_shards
 from .config import INGEST_MASK, INGEST_VARIANCES, IngestConfig, JobConfig
 from .progress import Progress
@@ -288,15 +288,15 @@ def stack_state(path: str | os.PathLike[str], stamp: str) -> str:
     :func:`stack_kind` says what)."""
     import zarr
 
-    if not os.path.lexists(path):
+    kind, group = _stack_kind(path)
+    if kind in ("absent", "empty"):
         return "absent"
-    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-        return "absent"
-    group = _group(path)
-    if group is None:
+    if kind == "foreign" or (kind == "unfinished" and group.attrs.get(CREATING) != stamp):
         return "other"
+    if kind == "unfinished":
+        return "unfinished"
     if group.attrs.get(STAMP) != stamp:
-        return "unfinished" if STAMP not in group.attrs and group.attrs.get(CREATING) == stamp else "other"
+        return "other"
     try:
         record = group[RECORD]
     except KeyError:
@@ -319,18 +319,23 @@ def stack_kind(path: str | os.PathLike[str]) -> str:
     any settings); ``"unfinished"`` (a stack whose creation by kernelmap ingest did not finish: marked as
     being created, or holding the ``ingest`` record or the stack's title, not stamped); ``"empty"`` (an empty
     folder); ``"foreign"`` (anything else: never removed by an ingest)."""
+    return _stack_kind(path)[0]
+
+
+def _stack_kind(path: str | os.PathLike[str]) -> tuple[str, Any]:
+    """:func:`stack_kind` and the Zarr group opened to tell it (``None`` where there is none)."""
     if not os.path.lexists(path):
-        return "absent"
+        return "absent", None
     if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-        return "empty"
+        return "empty", None
     group = _group(path)
     if group is None:
-        return "foreign"
+        return "foreign", None
     if STAMP in group.attrs:
-        return "stack"
+        return "stack", group
     if CREATING in group.attrs or group.attrs.get("title") == TITLE or RECORD in group:
-        return "unfinished"
-    return "foreign"
+        return "unfinished", group
+    return "foreign", group
 
 
 def _group(path: str | os.PathLike[str]) -> Any:
@@ -685,15 +690,12 @@ def _check_output_apart(out: str, inputs: Sequence[str], job: bool) -> None:
     remove it), by their absolute paths and by where their links lead."""
     where = f"input.path {out}" if job else out
     fix = "point input.path elsewhere" if job else "give another output path (--out)"
-    outs = {Path(os.path.abspath(out)), Path(os.path.realpath(out))}
     for path in inputs:
-        for p in {Path(os.path.abspath(path)), Path(os.path.realpath(path))}:
-            for o in outs:
-                if p == o:
-                    raise OptionError(f"{where} is one of the input files: nothing was changed; {fix}")
-                if p.is_relative_to(o):
-                    raise OptionError(f"{where} holds the input file {path}: writing the stack there would "
-                                      f"remove it: nothing was changed; {fix}")
+        if same_path(path, out):
+            raise OptionError(f"{where} is one of the input files: nothing was changed; {fix}")
+        if path_within(path, out):
+            raise OptionError(f"{where} holds the input file {path}: writing the stack there would "
+                              f"remove it: nothing was changed; {fix}")
 
 
 def _pair_sources(settings: IngestConfig, files: Sequence[str]) -> list[str]:
