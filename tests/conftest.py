@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +69,26 @@ def edge_run(tmp_path_factory) -> tuple[Path, dict]:
     truth = make_edge_stack(folder / "stack.zarr", shape=(150, 200), k=9)
     run_job(job_from_dict(job_dict(folder, compute={"block_tiles": 2})), progress=False)
     return folder, truth
+
+
+def kill_run_after(job_file: Path, output: Path, blocks: int, *, poll: float = 0.02, timeout: float = 120) -> int:
+    """Start ``kernelmap run JOB_FILE`` in a process, SIGKILL it once ``output`` records at least ``blocks``
+    blocks done, and return how many it had (the test fails where the run ends before)."""
+    from pipeline.io.store import OutputStore
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = int(OutputStore(str(output)).completed_blocks().sum())
+        except Exception:  # not created yet, or a chunk or shard caught mid-write: look again
+            done = 0
+        if done >= blocks:
+            break
+        time.sleep(poll)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return done

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,13 +16,12 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
-from conftest import job_dict
+from conftest import job_dict, kill_run_after
 from stacks import make_stack
 
 from pipeline import flags as fl
 from pipeline.cli import main
 from pipeline.errors import OptionError
-from pipeline.io.store import OutputStore
 from pipeline.job.config import job_from_dict
 from pipeline.job.run import plan_job, run_job
 
@@ -197,21 +194,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
                     output={"images_per_shard": 1})  # every block written by its task: kept when killed
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            done = int(OutputStore(str(tmp_path / "kernels.zarr")).completed_blocks().sum())
-        except Exception:  # not created yet, or a chunk caught mid-write: look again
-            done = 0
-        if done >= 5:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    done = kill_run_after(job_file, tmp_path / "kernels.zarr", 5, poll=0.05)
     partial = xr.open_zarr(tmp_path / "kernels.zarr")
     assert partial.attrs["kernelmap_status"] == "incomplete"
     assert 0 < done < 48

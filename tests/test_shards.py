@@ -3,11 +3,6 @@ an interrupted run still resumes to the uninterrupted result."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +10,7 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
-from conftest import job_dict
+from conftest import job_dict, kill_run_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stacks import make_stack
@@ -183,21 +178,7 @@ def test_a_killed_sharded_run_resumes_to_the_uninterrupted_result(tmp_path, many
     data["compute"] = {"scheduler": "threads", "n_workers": 1}
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            done = int(OutputStore(str(tmp_path / "kernels.zarr")).completed_blocks().sum())
-        except Exception:  # not created yet, or a shard caught mid-write: look again
-            done = 0
-        if done:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    done = kill_run_after(job_file, tmp_path / "kernels.zarr", 1)
     assert 0 < done < N_IMAGES * 4 and done % 4 == 0  # whole images (a shard's, or 10 s worth)
     assert main(["run", str(job_file), "--quiet", "--set", "output.mode=resume"]) == 0
     resumed = xr.open_zarr(tmp_path / "kernels.zarr").load()
