@@ -14,10 +14,16 @@ import numpy as np
 __all__ = ["Flag", "FLAGS", "FLAG_DTYPE", "NO_DATA", "NO_SIGNAL", "MASKED",
            "REGULARIZATION_AT_BOUND", "HIGH_RESIDUAL", "OUTLIERS_CLIPPED",
            "MOMENTS_FAILED", "KERNEL_TRUNCATED", "NON_POSITIVE_FLUX", "MODEL_OUTLIER", "BAD", "NOT_MODELLED",
-           "TRUNCATION_FRACTION", "HIGH_RESIDUAL_RATIO", "cf_flag_attrs", "describe", "fit_flags",
-           "unusable_kernels", "kernel_flags", "modelled", "model_outliers"]
+           "TRUNCATION_FRACTION", "HIGH_RESIDUAL_RATIO", "PROBLEM", "INFORMATION", "PROBLEMS", "INFORMATIONAL",
+           "cf_flag_attrs", "describe", "fit_flags", "unusable_kernels", "kernel_flags", "modelled", "problems",
+           "model_outliers"]
 
 FLAG_DTYPE = np.uint16
+
+
+#: The kinds of flag: a ``problem`` says the kernel is unusable or doubtful; ``information`` says
+#: what was done to the data (pixels left out) and is set on most tiles of a good run.
+PROBLEM, INFORMATION = "problem", "information"
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class Flag:
     bit: int
     name: str
     description: str
+    kind: str = PROBLEM
 
     @property
     def mask(self) -> int:
@@ -40,12 +47,12 @@ HIGH_RESIDUAL_RATIO = 3.0
 FLAGS: tuple[Flag, ...] = (
     Flag(0, "no_data", "too few valid pixels (or segments) to estimate a kernel; kernel is NaN"),
     Flag(1, "no_signal", "the source has no usable power; kernel is NaN"),
-    Flag(2, "masked", "some pixels were bad (NaN or masked) and were excluded"),
+    Flag(2, "masked", "some pixels were bad (NaN or masked) and were excluded", INFORMATION),
     Flag(3, "regularization_at_bound", "the automatic regularisation reached its upper bound: "
                                        "the data hardly constrain the kernel"),
     Flag(4, "high_residual", "the fit residual has heavy tails: its RMS exceeds "
                               f"{HIGH_RESIDUAL_RATIO:g} robust standard deviations"),
-    Flag(5, "outliers_clipped", "the robust pass excluded outlying target pixels"),
+    Flag(5, "outliers_clipped", "the robust pass excluded outlying target pixels", INFORMATION),
     Flag(6, "moments_failed", "adaptive second moments of the kernel did not converge"),
     Flag(7, "kernel_truncated", f"more than {TRUNCATION_FRACTION * 100:g} % of the kernel's flux lies on the "
                                 "border of its stamp: the kernel is probably larger than kernel.size"),
@@ -57,6 +64,11 @@ FLAGS: tuple[Flag, ...] = (
 NO_DATA, NO_SIGNAL, MASKED, REGULARIZATION_AT_BOUND, HIGH_RESIDUAL, OUTLIERS_CLIPPED, \
     MOMENTS_FAILED, KERNEL_TRUNCATED, NON_POSITIVE_FLUX, MODEL_OUTLIER = (f.mask for f in FLAGS)
 
+
+#: Flags that only say what was done to the data (set on most tiles of a good run).
+INFORMATIONAL = sum(f.mask for f in FLAGS if f.kind == INFORMATION)
+#: Flags that say a kernel is unusable or doubtful: what "flagged" counts.
+PROBLEMS = sum(f.mask for f in FLAGS if f.kind == PROBLEM)
 
 #: Flags meaning the kernel itself is unusable (it is NaN).
 BAD = NO_DATA | NO_SIGNAL
@@ -141,6 +153,11 @@ def modelled(kernels: np.ndarray, flags: np.ndarray) -> np.ndarray:
     return finite & ((np.asarray(flags).astype(np.int64) & NOT_MODELLED) == 0)
 
 
+def problems(flags: np.ndarray | int) -> np.ndarray:
+    """Whether each tile has a problem flag (:data:`PROBLEMS`); informational flags do not count."""
+    return (np.asarray(flags).astype(np.int64) & PROBLEMS) != 0
+
+
 def model_outliers(rejected: np.ndarray) -> np.ndarray:
     """The flags the kernel-field model adds: :data:`MODEL_OUTLIER` where it rejected a tile."""
     return np.where(rejected, MODEL_OUTLIER, 0).astype(FLAG_DTYPE)
@@ -152,6 +169,7 @@ def cf_flag_attrs() -> dict[str, object]:
         "flag_masks": np.array([f.mask for f in FLAGS], dtype=FLAG_DTYPE),
         "flag_meanings": " ".join(f.name for f in FLAGS),
         "flag_descriptions": "; ".join(f"{f.name}: {f.description}" for f in FLAGS),
+        "flag_kinds": " ".join(f.kind for f in FLAGS),
     }
 
 

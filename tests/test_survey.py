@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from stacks import make_stack
 
 import pipeline
+from pipeline import flags as fl
 from pipeline.analysis import pca as pca_module
 from pipeline.analysis.maps import model_kernels_at, read_kernel_map
 from pipeline.analysis.pca import kernel_pca
@@ -257,6 +258,22 @@ def test_the_image_table_has_a_row_per_image_and_its_columns(small_map):
     assert result.pca.explained_fraction[0] > 0.5  # one direction (the width) dominates the stack
     assert abs(np.corrcoef(table["pc1"], np.arange(6))[0, 1]) > 0.95
     assert [c.name for c in result.coordinates] == ["airmass", "filter", "mjd"]
+
+
+def test_tiles_flagged_counts_problem_flags_only(small_map):
+    """masked and outliers_clipped (pixels left out) are set on most tiles of a good run: not "flagged"."""
+    ds = read_kernel_map(small_map)
+    flags = np.zeros(ds["quality_flag"].shape, dtype=np.int64)
+    flags[0] = fl.MASKED | fl.OUTLIERS_CLIPPED                     # every tile of image 0: information only
+    flags[1, 0, 0] = fl.MASKED | fl.HIGH_RESIDUAL                  # one problem among information
+    flags[2, :2, 0] = fl.MOMENTS_FAILED
+    flags[3, 1, 1] = fl.NO_DATA
+    ds["quality_flag"] = ds["quality_flag"].copy(data=flags.astype(ds["quality_flag"].dtype))
+    table = survey(ds).table
+    np.testing.assert_array_equal(table["tiles_flagged"], [0, 1, 2, 1, 0, 0])
+    np.testing.assert_array_equal(table["tiles_unusable"], [0, 0, 0, 1, 0, 0])
+    assert fl.INFORMATIONAL | fl.PROBLEMS == sum(f.mask for f in fl.FLAGS) and fl.INFORMATIONAL & fl.PROBLEMS == 0
+    assert [f.name for f in fl.FLAGS if f.kind == fl.INFORMATION] == ["masked", "outliers_clipped"]
 
 
 def test_images_without_a_model_are_left_out_of_the_components_and_listed(small_map):

@@ -78,7 +78,8 @@ COLUMNS: dict[str, str] = {
     "index": "position in the stack",
     "tiles": "tiles per image",
     "tiles_unusable": "tiles without a kernel (no data, no signal)",
-    "tiles_flagged": "tiles with any quality flag",
+    "tiles_flagged": "tiles with a problem flag (masked and outliers_clipped, which only say pixels "
+                     "were left out, do not count)",
     "tiles_model_outlier": "tiles left out of the model as outliers",
     "fwhm_median": "median over tiles of the kernel FWHM (pixel)",
     "fwhm_iqr": "interquartile range over tiles of the FWHM (pixel)",
@@ -371,7 +372,7 @@ def image_table(ds: xr.Dataset, extra: dict[str, np.ndarray] | None = None) -> p
     flags = np.asarray(ds["quality_flag"].values).astype(np.int64).reshape(n, -1)
     data["tiles"] = np.full(n, flags.shape[1])
     data["tiles_unusable"] = np.count_nonzero(flags & fl.BAD, axis=1)
-    data["tiles_flagged"] = np.count_nonzero(flags, axis=1)
+    data["tiles_flagged"] = np.count_nonzero(fl.problems(flags), axis=1)
     data["tiles_model_outlier"] = np.count_nonzero(flags & fl.MODEL_OUTLIER, axis=1)
     for name in ("fwhm", "ellipticity", "e1", "e2", "flux", "background", "residual", "snr"):
         if name in ds:
