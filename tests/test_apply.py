@@ -170,11 +170,14 @@ TILE = 128
 
 
 def _expected_variance(clean, truth, field) -> np.ndarray:
-    """The difference's variance: the target's plus the matched source's (Poisson and read noise, gain 1)."""
-    from pipeline.sim.demo import _READ_NOISE, _SKY
+    """The difference's variance: the target's plus the matched source's (Poisson and read noise), ADU²."""
+    from pipeline.sim.demo import GAIN, READ_NOISE, SKY
 
-    target = clean["target"].values[0] - truth.background(0) + _SKY + _READ_NOISE**2
-    source = clean["source"].values.astype(np.float64) + _SKY + _READ_NOISE**2
+    def variance(signal):  # Poisson in electrons plus read noise, converted to ADU²
+        return (signal * GAIN + READ_NOISE**2) / GAIN**2
+
+    target = variance(clean["target"].values[0] - truth.background(0) + SKY)
+    source = variance(clean["source"].values.astype(np.float64) + SKY)
     return target + matched_variance(source, field)
 
 
@@ -287,12 +290,12 @@ def test_with_the_images_variances_apply_writes_the_noise_normalised_difference(
     from pipeline.job.apply import apply_kernel_map
     from pipeline.job.config import job_from_dict
     from pipeline.job.run import run_job
-    from pipeline.sim.demo import _READ_NOISE, _SKY, demo_dataset
+    from pipeline.sim.demo import READ_NOISE, SKY, demo_dataset
 
     noisy, truth = demo_dataset(n_images=1, size=512, noise=True, bad_pixels=False)
     clean, _ = demo_dataset(n_images=1, size=512, noise=False, bad_pixels=False)
-    noisy["target_variance"] = (clean["target"] - truth.background(0) + _SKY + _READ_NOISE**2).astype(np.float32)
-    noisy["source_variance"] = (clean["source"] + _SKY + _READ_NOISE**2).astype(np.float32)
+    noisy["target_variance"] = (clean["target"] - truth.background(0) + SKY + READ_NOISE**2).astype(np.float32)
+    noisy["source_variance"] = (clean["source"] + SKY + READ_NOISE**2).astype(np.float32)
     noisy.to_zarr(tmp_path / "stack.zarr", mode="w", consolidated=False)
     job = job_from_dict({"input": {"path": str(tmp_path / "stack.zarr"),
                                    "variance": {"target": "target_variance", "source": "source_variance"}},

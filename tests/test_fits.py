@@ -169,12 +169,12 @@ def _expected_difference_variance(kernel_map, truth) -> np.ndarray:
     image on the sky plus the read noise (gain 1)."""
     import pipeline
     from pipeline.core.apply import matched_variance
-    from pipeline.sim.demo import _READ_NOISE, _SKY, demo_dataset
+    from pipeline.sim.demo import READ_NOISE, SKY, demo_dataset
 
     clean, _ = demo_dataset(n_images=2, size=256, noise=False, bad_pixels=False)
     km = pipeline.KernelMap.open(kernel_map)
-    source = clean["source"].values.astype(np.float64) + _SKY + _READ_NOISE**2
-    return np.stack([clean["target"].values[i] - truth.background(i) + _SKY + _READ_NOISE**2
+    source = clean["source"].values.astype(np.float64) + SKY + READ_NOISE**2
+    return np.stack([clean["target"].values[i] - truth.background(i) + SKY + READ_NOISE**2
                      + matched_variance(source, km.field(label)) for i, label in enumerate(km.ds["image"].values)])
 
 

@@ -62,8 +62,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DemoTruth",
+    "GAIN",
     "PATCH",
     "PSF_FWHM",
+    "READ_NOISE",
+    "SKY",
     "demo_dataset",
     "write_demo_stack",
 ]
@@ -73,9 +76,12 @@ PATCH = 32
 #: Moffat PSF of the simulated sky, FWHM pixels (``beta = 3.5``).
 PSF_FWHM = 2.8
 _PSF_BETA = 3.5
-_SKY = 1000.0        # ADU per pixel before sky subtraction, both images
-_READ_NOISE = 5.0    # electrons RMS
-_GAIN = 1.0          # electrons per ADU
+#: Sky level of both images before it is subtracted, ADU per pixel.
+SKY = 1000.0
+#: Read noise of both images, electrons RMS.
+READ_NOISE = 5.0
+#: Gain of both images, electrons per ADU.
+GAIN = 1.0
 
 _FWHM_FORMULA = "2.0 + 1.4 * u + 0.3 * (v - 0.5) + truth_fwhm_shift[i]"
 _E1_FORMULA = "0.035 * (X**2 - Y**2) + truth_e1_const[i]"
@@ -332,8 +338,8 @@ def demo_dataset(
     region = canvas[margin - lead:margin + size + tail, margin - lead:margin + size + tail]
 
     if noise:
-        source = add_noise(_stream(seed, _SOURCE_NOISE), scene, sky=_SKY,
-                           read_noise=_READ_NOISE, gain=_GAIN)[0]
+        source = add_noise(_stream(seed, _SOURCE_NOISE), scene, sky=SKY,
+                           read_noise=READ_NOISE, gain=GAIN)[0]
     else:
         source = scene
     target = np.empty((n_images, size, size), dtype=np.float32)
@@ -342,8 +348,8 @@ def demo_dataset(
             region, lambda yc, xc, i=i: truth.kernel(i, yc - lead, xc - lead),
             patch=PATCH, kernel_size=kernel_size)[lead:lead + size, lead:lead + size]
         if noise:
-            conv = add_noise(_stream(seed, _EPOCH, i, _NOISE), conv, sky=_SKY,
-                             read_noise=_READ_NOISE, gain=_GAIN)[0]
+            conv = add_noise(_stream(seed, _EPOCH, i, _NOISE), conv, sky=SKY,
+                             read_noise=READ_NOISE, gain=GAIN)[0]
         target[i] = conv + truth.background(i)
         if bad_pixels:
             target[i][_bad_pixels(_stream(seed, _EPOCH, i, _BAD), (size, size))] = np.nan
@@ -357,8 +363,8 @@ def demo_dataset(
             "scipy.signal.fftconvolve(source, kernel, mode='same')."),
         "scene": (f"stars and Sersic galaxies, fluxes dN/dF ~ F^-2 on [1e3, 1e6] ADU, "
                   f"Moffat PSF fwhm={PSF_FWHM} px beta={_PSF_BETA}"),
-        "noise": (f"Poisson + read noise, independently per image: sky={_SKY} ADU, "
-                  f"read_noise={_READ_NOISE} e-, gain={_GAIN} e-/ADU; sky subtracted"
+        "noise": (f"Poisson + read noise, independently per image: sky={SKY} ADU, "
+                  f"read_noise={READ_NOISE} e-, gain={GAIN} e-/ADU; sky subtracted"
                   if noise else "none"),
         "bad_pixels": ("NaN in target: a bad column segment, a few blobs, hot pixels"
                        if bad_pixels else "none"),
