@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -676,6 +678,7 @@ def test_an_interrupted_creation_is_written_anew_by_the_same_ingest_and_replaced
     # interrupted with other settings, or by an ingest that did not mark its creation: refused saying so,
     # replaced with --overwrite
     for other in ({**options, "keys": []}, None):
+        shutil.rmtree(out)  # a creation interrupted (an interrupted overwrite keeps the stack: test_swap.py)
         with monkeypatch.context() as m:
             m.setattr(xr.Dataset, "to_zarr", crash)
             with pytest.raises(KeyboardInterrupt):

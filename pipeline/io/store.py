@@ -53,6 +53,7 @@ from .. import flags as fl
 from ..core.field import KernelField, polynomial_terms
 from ..core.tiles import STEP, Block, TileGrid
 from ..errors import OptionError
+from .swap import Leftover, discard, is_url, leftovers, new_sibling, swap_into_place, tidy
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -347,6 +348,21 @@ class Opening:
     done: np.ndarray | None = None
     tile_grid: str | None = None
     tiles: tuple[int, int] | None = None
+    #: where the result goes once complete, where the run writes a replacement beside it (``store`` is then
+    #: that replacement, ``PATH.kernelmap-new-<token>``); empty: the store's own path
+    final: str = ""
+    #: replacements left by interrupted overwrites, removed before the store is written
+    leftovers: tuple[Leftover, ...] = ()
+
+    @property
+    def output(self) -> str:
+        """The output path (``output.path``): where the result is once the run completes."""
+        return self.final or self.store.path
+
+    @property
+    def replacing(self) -> bool:
+        """Whether the run writes beside the output and swaps its result in once complete."""
+        return bool(self.final) and self.final != self.store.path
 
     def open(self, layout: StoreLayout, attrs: dict[str, Any], *,
              log: Callable[[str], None] = print) -> OutputStore:
@@ -358,14 +374,32 @@ class Opening:
         if self.refusal is not None:
             raise self.refusal
         store = self.store
+        if not is_url(self.output):
+            tidy(_location(self.output), log)  # the earlier result an interrupted swap set aside
+        for leftover in self.leftovers:
+            log(f"removing {leftover.describe()}")
+            discard(leftover)
         if self.action == "resume":
             done = self.done if self.done is not None else store.completed_blocks()
+            if self.replacing:
+                log(f"resuming the replacement of {self.output} that an interrupted output.mode=overwrite left; "
+                    f"{self.output} keeps the earlier result until it is complete")
             log(f"resuming {store.path}: {int(done.sum())} of {done.size} blocks already done, skipped")
             return store
         if self.action == "overwrite":
-            log(f"overwriting {store.path}")
-            store.remove()
+            if self.replacing:
+                log(f"overwriting {self.output}: the new result is written to {store.path} and replaces it once "
+                    "complete")
+            else:
+                log(f"overwriting {store.path}")
+                store.remove()
         return store.create(layout, attrs)
+
+    def finish(self, store: OutputStore, *, log: Callable[[str], None] = print) -> None:
+        """Once the run's ``store`` is complete: swap it into place where it replaces the output."""
+        if self.replacing:
+            swap_into_place(store.location, _location(self.output))
+            log(f"replaced {self.output} with the new result")
 
 
 #: Opened arrays of the stores this process writes blocks to: (location, store id) -> arrays.
@@ -465,11 +499,21 @@ class OutputStore:
             return Opening(mode, self, refusal=OptionError(
                 f"output.path {self.path}: {blocked} is a file, not a folder, so nothing can be written under it: "
                 "nothing was changed; choose another output.path"))
+        found = tuple(x for x in leftovers(self.location) if x.kind == "new")  # replacements left unfinished
+        if mode == "resume" and found:
+            return self._resume_replacement(found, fingerprint, input_identity, differences)
+        left = (f" (an interrupted output.mode=overwrite also left {found[0].describe()}: output.mode=resume "
+                "finishes it)") if found else ""
         if not self.exists():
-            return Opening("create", self)
+            if found and mode == "create":
+                return Opening("create", self, refusal=OptionError(
+                    f"output.path {self.path}: an interrupted output.mode=overwrite left {found[0].describe()}: "
+                    "nothing was changed; use output.mode=resume to finish it, or output.mode=overwrite to start "
+                    "again (e.g. --set output.mode=resume)"))
+            return Opening("create", self, leftovers=found if mode == "overwrite" else ())
         if mode == "create":
             return Opening("create", self, refusal=OptionError(
-                f"output.path {self.path} already exists and output.mode is 'create': nothing was changed. "
+                f"output.path {self.path} already exists and output.mode is 'create'{left}: nothing was changed. "
                 "Use output.mode=resume to finish an interrupted run of this job, or output.mode=overwrite "
                 "to replace it (e.g. --set output.mode=resume)"
             ))
@@ -479,8 +523,11 @@ class OutputStore:
                 "changed; output.mode=overwrite replaces only those. Remove it yourself, or choose another "
                 "output.path"
             ))
-        if mode != "resume":
-            return Opening(mode, self)
+        if mode != "resume":  # overwrite: written beside, swapped in once complete (in place at a URL, or
+            location = self.location  # over an empty folder)
+            if is_url(location) or (Path(location).is_dir() and not any(Path(location).iterdir())):
+                return Opening(mode, self, leftovers=found)
+            return Opening(mode, replace(self, path=new_sibling(self.path)), final=self.path, leftovers=found)
         old = self.attrs()
         if old.get("kernelmap_fingerprint") != fingerprint:
             named = differences(old.get("kernelmap_config")) if differences is not None else []
@@ -502,6 +549,24 @@ class OutputStore:
                         images_per_shard=int(records.shards[0]) if records.shards else 1)
         return Opening("resume", store, block_tiles=store.block_tiles(), done=store.completed_blocks(),
                        tile_grid=store_tile_grid(old), tiles=(int(records.shape[1]), int(records.shape[2])))
+
+    def _resume_replacement(self, found: tuple[Leftover, ...], fingerprint: str, input_identity: str,
+                            differences: Callable[[str | None], list[str]] | None) -> Opening:
+        """``output.mode=resume`` where an interrupted overwrite left its replacement beside the output: the
+        replacement is resumed (and swapped in once complete); the output keeps the earlier result until
+        then."""
+        if len(found) > 1:
+            return Opening("resume", self, refusal=OptionError(
+                f"output.mode=resume: interrupted overwrites of {self.path} left {len(found)} replacements ("
+                f"{', '.join(x.path for x in found)}): nothing was changed; remove all but the one to finish, or "
+                "use output.mode=overwrite to start again"))
+        sibling = replace(self, path=found[0].path)
+        opening = sibling._opening("resume", fingerprint, input_identity, differences)
+        if isinstance(opening.refusal, OptionError):
+            return replace(opening, final=self.path, refusal=OptionError(
+                f"{opening.refusal} ({found[0].describe()}; {self.path} keeps the earlier result; "
+                "output.mode=overwrite removes that replacement and starts again)"))
+        return replace(opening, final=self.path)
 
     # ---- creating, opening
 

@@ -45,6 +45,7 @@ import yaml
 from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
 from ..errors import InputError, OptionError
+from ..io.lock import OutputLock, lock_refusal
 from ..io.paths import path_within
 from ..io.store import (
     OutputStore,
@@ -53,6 +54,7 @@ from ..io.store import (
     image_encoding,
     whole_image_shards,
 )
+from ..io.swap import discard, is_url, leftovers, new_sibling, swap_into_place, tidy
 from .config import job_from_dict
 from .plan import job_inputs
 
@@ -237,7 +239,24 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     ``storage_options``: for the input store where the kernel map's job had some (a store does not keep
     their values); by default none (credentials from the environment).  ``fits``: a new folder that also
     gets each image's difference (and normalised difference) as a FITS file, ``<label>.diff.fits``, with
-    the input's reference WCS where it has one."""
+    the input's reference WCS where the stack has one.
+
+    ``output`` is locked while it is written (``OUTPUT.kernelmap.lock``, :mod:`pipeline.io.lock`): another
+    apply to it is refused.  A local output is overwritten by writing the new images beside it
+    (``OUTPUT.kernelmap-new-<token>``) and swapping them in once complete (:mod:`pipeline.io.swap`), so
+    that an interrupted overwrite leaves the earlier images readable; ``mode="resume"`` then finishes that
+    replacement (and swaps it in).  An output at a URL is removed first, then written."""
+    lock = OutputLock(str(output), what=f"--out {output}", log=log)
+    try:
+        return _apply(kernels, output, mode=mode, chunk=chunk, scheduler=scheduler,
+                      storage_options=storage_options, fits=fits, log=log, lock=lock)
+    finally:
+        lock.release()  # where it was taken: on success, on an error and on Ctrl-C
+
+
+def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, scheduler: str,
+           storage_options: dict[str, Any] | None, fits: str | Path | None, log, lock: OutputLock) -> ApplySummary:
+    """:func:`apply_kernel_map`; ``lock`` (of ``output``) is taken once every check has passed."""
     import dask
     import dask.array as da
     import xarray as xr
@@ -265,6 +284,14 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     if blocked is not None:
         raise OptionError(f"{output}: {blocked} is a file, not a folder, so nothing can be written under it: nothing "
                           "was changed; give another output path")
+    held = lock_refusal(out.path, f"--out {output}")
+    if held is not None:
+        raise held
+    found = tuple(x for x in leftovers(out.location) if x.kind == "new")  # replacements left unfinished
+    if found and mode != "overwrite" and (mode == "create" or len(found) > 1):
+        raise OptionError(f"{output}: an interrupted --overwrite left {'; '.join(x.describe() for x in found)}: "
+                          "nothing was changed; pass --resume to finish it (one at most), or --overwrite to start "
+                          "again")
     exists = out.exists()
     if exists and mode == "create":
         raise OptionError(f"{output} already exists: nothing was changed; pass --resume (mode='resume') to finish "
@@ -273,6 +300,11 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     if exists and mode == "overwrite" and not out.replaceable("kernelmap_apply"):
         raise OptionError(f"{output} exists and is not an output of kernelmap apply: nothing was changed; "
                           "--overwrite replaces only those. Remove it yourself, or give another output path")
+    final = out  # where the images end up; ``out`` is now what is written
+    if mode == "resume" and found:  # the replacement an interrupted overwrite left: finished, then swapped in
+        out, exists = OutputStore(found[0].path), True
+    elif mode == "overwrite" and exists and not is_url(out.location) and any(Path(out.location).iterdir()):
+        out, exists = OutputStore(new_sibling(final.path)), False
     if fits is not None and Path(fits).exists() and mode != "overwrite" and not (mode == "resume" and exists):
         raise OptionError(f"{fits} already exists: nothing was changed; pass --overwrite to replace its files, or "
                           "another folder")
@@ -287,6 +319,15 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
     normalised = noise is not None and noise.given("target") and noise.given("source")
     stamp = _stamp(km.ds.attrs, chunk, normalised)
     resume = mode == "resume" and exists
+    lock.acquire()  # every check passed: from here on this apply writes the output
+    if not is_url(final.location):
+        tidy(final.location, log)  # the earlier images an interrupted swap set aside
+    for leftover in found if mode == "overwrite" else ():
+        log(f"apply: removing {leftover.describe()}")
+        discard(leftover)
+    if out is not final:
+        log(f"apply: {'resuming' if resume else 'writing'} the replacement of {output} in {out.path}; it is swapped "
+            f"in once complete ({output} keeps the earlier images until then)")
     if resume:  # checked before anything is written
         try:
             group = zarr.open_group(out.location, mode="r+")
@@ -383,6 +424,9 @@ def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "cr
         log("apply: differences ...")
         dask.compute(_stores(arrays, records, shard, differences, (1, 1)))
     group.attrs["kernelmap_status"] = "complete"
+    if out is not final:
+        swap_into_place(out.location, final.location)
+        group = zarr.open_group(final.location, mode="r")
     if fits is not None:
         _write_fits(group, fits, [i for i in range(n) if fields[i] is not None], labels, inputs.wcs, log)
     log(f"apply: {len(done)} image(s) written to {output}" + (f"; {len(kept)} already complete" if kept else "")

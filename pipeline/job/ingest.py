@@ -54,6 +54,7 @@ reads.  An empty folder (``--out .``) is kept, the stack created in it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -82,8 +83,10 @@ from ..io.fits import (
     read_image,
     wcs_text,
 )
+from ..io.lock import OutputLock, lock_refusal
 from ..io.paths import path_within, same_path
 from ..io.store import consecutive_runs, image_encoding, whole_image_shards
+from ..io.swap import discard, leftovers, new_sibling, swap_into_place, tidy
 from .config import INGEST_MASK, INGEST_VARIANCES, IngestConfig, JobConfig
 from .progress import Progress
 
@@ -392,7 +395,6 @@ class IngestPlan:
                 log: Callable[[str], None] = print) -> IngestSummary:
         """Write the stack: create it (or replace it, ``mode="overwrite"``), then run the task of every image
         not recorded written, on ``client`` (a ``distributed.Client``) or in ``workers`` threads."""
-        import zarr
 
         started = time.monotonic()
         n = len(self.files)
@@ -404,6 +406,37 @@ class IngestPlan:
             return summary
         for note in self.notes:
             log(f"ingest: {note}")
+        # one ingest per stack: released on success, on an error and on Ctrl-C
+        with OutputLock(self.output, log=lambda text: log(f"ingest: {text}")):
+            tidy(self.output, lambda text: log(f"ingest: {text}"))  # what an interrupted swap set aside
+            if self.mode == "overwrite":
+                for leftover in leftovers(self.output):
+                    log(f"ingest: removing {leftover.describe()}")
+                    discard(leftover)
+            if self.mode == "overwrite" and self.state != "absent" and _swappable(self.output):
+                # written beside the stack, swapped in once complete: an interrupted overwrite leaves it readable
+                sibling = new_sibling(self.output)
+                log(f"ingest: the new stack is written to {sibling} and replaces {self.output} once complete")
+                work = dataclasses.replace(self, output=sibling, state="absent",
+                                           tasks=[dataclasses.replace(t, output=sibling) for t in self.tasks])
+                summary = work._write(log=log, started=started, client=client, workers=workers, progress=progress,
+                                      replacing=self.output)
+                swap_into_place(sibling, self.output)
+                summary = dataclasses.replace(summary, path=self.output)
+            else:
+                summary = self._write(log=log, started=started, client=client, workers=workers, progress=progress)
+        log(summary.describe())
+        return summary
+
+    def _write(self, *, log: Callable[[str], None], started: float, client: Any, workers: int,
+               progress: bool, replacing: str | None = None) -> IngestSummary:
+        """Create the stack (or replace it in place) where asked, then run the task of every image not recorded
+        written; ``replacing``: the stack this one (written beside it) replaces once complete."""
+        import zarr
+
+        n = len(self.files)
+        pairs = bool(self.sources)
+        resampled = tuple(self.resampled_sources) + tuple(self.resampled)
         if self.state in ("absent", "unfinished") or self.mode == "overwrite":
             self._create()
             pending = list(self.tasks)
@@ -416,6 +449,9 @@ class IngestPlan:
             written = [w for w in _run(self._groups(pending), client=client, workers=workers, progress=progress,
                                        log=log) if w.role == "target"]
         except InputError as exc:  # a value found while reading an image's pixels (e.g. a negative variance)
+            if replacing is not None:
+                raise InputError(f"{exc}; {replacing} keeps the stack written before: once the file is fixed, run "
+                                 "the same ingest with --overwrite again") from exc
             raise InputError(f"{exc}; the images written before are recorded in {self.output}: once the file is "
                              "fixed, the same ingest again writes the rest") from exc
         summary = IngestSummary(self.output, n, sum(t.role == "target" for t in pending), resampled,
@@ -424,7 +460,6 @@ class IngestPlan:
                                 bad=sum(w.bad for w in written), pixels=sum(w.pixels for w in written),
                                 pairs=pairs, sources_written=sum(t.role == "source" and t.index is not None
                                                                  for t in pending))
-        log(summary.describe())
         return summary
 
     @property
@@ -503,6 +538,15 @@ class IngestPlan:
             record.create_array(WRITTEN["source"], shape=(1,), chunks=(1,), dtype="uint8", fill_value=0)
         group.attrs[STAMP] = stamp
         del group.attrs[CREATING]
+
+
+def _swappable(path: str) -> bool:
+    """Whether the stack at ``path`` can be replaced by swapping a new one into its place: anything but an
+    empty folder and the working folder or a folder holding it (those are cleared and written in place)."""
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        return False
+    here, there = os.path.realpath(os.getcwd()), os.path.realpath(path)
+    return not (here == there or here.startswith(there.rstrip(os.sep) + os.sep))
 
 
 def _clear_folder(path: str) -> None:
@@ -792,6 +836,15 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
     sources = _pair_sources(settings, files)
     _check_output_apart(out, files_read(settings, files, sources), job)
     _check_labels(files)
+    held = lock_refusal(out, f"{'input.path ' if job else ''}{out}")
+    if held is not None:
+        raise held
+    found = [x for x in leftovers(out) if x.kind == "new"]
+    if found and mode != "overwrite":
+        raise OptionError(f"{'input.path ' if job else ''}{out}: an interrupted overwrite left "
+                          f"{found[0].describe()}: nothing was changed; "
+                          + ("remove it" if job else "use --overwrite (mode='overwrite') to write the stack anew")
+                          + f" ({out} keeps the stack written before)")
     state = stack_state(out, settings.stamp())
     if state == "other":
         _refuse_other(out, mode, job)

@@ -23,6 +23,7 @@ import numpy as np
 from ..core.tiles import EDGE, STEP, Block, TileGrid, block_shape_for_chunks
 from ..errors import OptionError
 from ..io.inputs import Inputs, open_inputs
+from ..io.lock import describe_lock, lock_refusal
 from ..io.store import DIAGNOSTICS, IMAGES_PER_CHUNK, Opening, OutputStore, StoreLayout, json_attr
 from .config import JobConfig, dump_job, setting_differences
 
@@ -168,9 +169,21 @@ class Plan:
             f"{min(n, IMAGES_PER_CHUNK)} images; block records in status/records; {self._describe_shards()}",
         ]
         opening = self.opening
+        lock = describe_lock(job.output.path)
+        if lock is not None:
+            lines.append(f"lock       {lock}")
         if opening.refusal is not None:
             lines.append(f"refused    {opening.refusal}")
-        elif opening.action == "resume":
+            return "\n".join([*lines, f"compute    {_describe_compute(job)}"])
+        for leftover in opening.leftovers:
+            lines.append(f"leftover   {leftover.describe()}: removed first")
+        if opening.replacing and opening.action == "overwrite":
+            lines.append(f"replace    the new result is written to {opening.store.path} and swapped in once "
+                         f"complete; {opening.output} keeps the earlier result until then")
+        elif opening.replacing:
+            lines.append(f"replace    resuming {opening.store.path}, the replacement an interrupted overwrite "
+                         f"left; swapped in once complete ({opening.output} keeps the earlier result until then)")
+        if opening.action == "resume":
             done = self.done
             asked = self.asked_block_tiles
             lines.append(
@@ -311,6 +324,9 @@ def plan_job(job: JobConfig) -> Plan:
     opening = OutputStore(job.output.path).opening(
         job.output.mode, fingerprint=job.fingerprint(), input_identity=json_attr(inputs.identity),
         differences=lambda stored: setting_differences(stored, job))
+    held = lock_refusal(job.output.path, f"output.path {job.output.path}")
+    if held is not None:  # another run writes it: that, before what output.mode says of what it finds
+        opening = replace(opening, refusal=held)
     if opening.block_tiles is not None:
         grid = replace(grid, block_tiles=opening.block_tiles)
     if opening.tile_grid is not None and opening.refusal is None:

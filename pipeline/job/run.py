@@ -33,6 +33,7 @@ import numpy as np
 from .. import flags as fl
 from ..core.tiles import EDGE, Block
 from ..errors import OptionError
+from ..io.lock import OutputLock
 from ..io.store import RECORD_FIELDS, OutputStore
 from .blocks import BlockResult, BlockTask
 from .config import JobConfig, load_job
@@ -212,6 +213,16 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
     job, opening = plan.job, plan.opening
     if opening.refusal is not None:  # before anything is started or written
         raise opening.refusal
+    # one run per output: released on success, on an error and on Ctrl-C; the workers never touch it
+    with OutputLock(opening.output, what=f"output.path {job.output.path}", log=log):
+        return _execute(plan, client=client, progress=progress, performance_report=performance_report,
+                        log=log, t0=t0)
+
+
+def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str | None,
+             log: Callable[[str], None], t0: float) -> RunSummary:
+    """:func:`execute_plan` under the output's lock."""
+    job, opening = plan.job, plan.opening
     attrs = plan.attributes()
     blocks, done = plan.blocks, plan.done
     pending = [b for b in blocks if not done[b.image, b.by, b.bx]]
@@ -301,11 +312,12 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
     tiles_per_image = plan.n_tiles // max(1, plan.layout.n_images)
     unusable = tuple(UnusableImage(int(i), str(labels[i]), tiles_per_image, counts)
                      for i, counts in sorted(finisher.unusable.items()))
-    summary = RunSummary(store.path, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
+    summary = RunSummary(opening.output, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
                          flagged, len(pending), len(blocks) - len(pending), seconds,
                          unusable_images=unusable, method=job.kernel.method, n_images=plan.layout.n_images,
                          unmodelled_images=tuple(str(labels[i]) for i in sorted(finisher.unmodelled)))
     store.mark_complete({"kernelmap_finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
+    opening.finish(store, log=log)  # a replacement written beside the output swapped into place
     if progress:
         log(summary.describe())
     return summary
