@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
                              "'image' column holds the store's image labels")
     report.add_argument("--overwrite", action="store_true",
                         help="replace the report already in --out (a folder that is not a report is refused)")
+    report.add_argument("--stretch", choices=("linear", "asinh", "log"), default="asinh",
+                        help="colour stretch of the kernel mosaics (default: asinh, linear near zero and "
+                             "logarithmic above 1 %% of the peak, so the wings and the ringing show; log: 4 decades "
+                             "below the peak)")
+    report.add_argument("--scale", choices=("shared", "per-image"), default="shared",
+                        help="colour scale of the per-image maps and kernel mosaics: one shared by the images "
+                             "(default), or each image its own (per-image: the variation within each image shows)")
     report.add_argument("--storage-options", metavar="JSON",
                         help="fsspec options for the URLs among STORE, --out and --coords, e.g. "
                              "'{\"anon\": true}'; default: credentials from the environment (nothing of them "
@@ -272,7 +279,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     index = write_report(args.store, args.out, max_images=args.max_images, rows=args.rows,
                          coordinates=args.coords, storage_options=_storage_options(args.storage_options),
-                         overwrite=args.overwrite, notify=lambda text: print(f"note: {text}", file=sys.stderr))
+                         overwrite=args.overwrite, notify=lambda text: print(f"note: {text}", file=sys.stderr),
+                         stretch=args.stretch, scale=args.scale)
     print(f"report: {index}")
     return 0
 

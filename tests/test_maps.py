@@ -188,14 +188,14 @@ def test_report_figures_carry_their_panels_and_titles(demo_map):
     ds = km.ds.load()
     figs = figures(ds)
     assert set(figs) == {"kernels-0", "kernels-1", "kernels-2", "trends-index", *FIGURES}
-    labels = [f"image {v}" for v in ds["image"].values]
+    labels = [str(v) for v in ds["image"].values]  # the panels are titled with the image labels
     for stem in ("fwhm", "flux", "background", "residual", "ellipticity", "flags"):
         fig = figs[stem]
         assert fig._suptitle.get_text().startswith(FIGURES[stem])
-        titles = [ax.get_title() for ax in fig.axes]
+        titles = [ax.get_title().split(":")[0] for ax in fig.axes]
         assert all(label in titles for label in labels), (stem, titles)
     colorbar_labels = [ax.get_ylabel() for ax in figs["fwhm"].axes]
-    assert "fwhm (pixel)" in colorbar_labels
+    assert "kernel FWHM (pixel)" in colorbar_labels
     assert figs["kernels-1"].axes[0].get_title() == f"Kernels across the field, {labels[1]}"
     from pipeline.analysis.survey import TREND_QUANTITIES
 

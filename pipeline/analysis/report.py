@@ -4,19 +4,39 @@ PNG figures (matplotlib, non-interactive), a per-image table (``images.csv``;
 also ``images.parquet`` when pyarrow is installed), the outliers
 (``outliers.csv``), a per-tile table over the stack (``tiles.csv``: each
 tile's centre, on the sky too where the kernel map has a reference WCS, and
-its medians over the images) and an ``index.html`` showing them, in a local
-folder or under an fsspec URL prefix (``s3://bucket/report``; the kernel map
-may be at a URL too).  Every map of a stack shares one colour scale across its
-images.  Maps are drawn in input pixel coordinates; where the kernel map has
-a reference WCS (and astropy is installed) on astropy's WCSAxes, with RA/Dec
-axes and N/E arrows (:mod:`pipeline.analysis.sky`).  Figures, by file name:
+its medians over the images), the job configuration of the run
+(``job.yaml``, from the store's ``kernelmap_config``) and an ``index.html``
+showing them, each figure with a caption, in a local folder or under an
+fsspec URL prefix (``s3://bucket/report``; the kernel map may be at a URL
+too).
+
+The figures follow the conventions of astronomical images: every map and
+every kernel stamp is drawn y up (origin lower, as ds9 and FITS viewers show
+an image: row 0 at the bottom; a kernel's ``ky`` runs up its stamp as ``y``
+runs up the image, so a kernel shifting the target by ``+dy`` has its peak
+above the stamp's centre); panels are titled with the image's label (its
+``image`` coordinate); every axis and colour bar names its unit (pixel,
+kernel flux as the ratio target/source, the target's units (ADU), %,
+dimensionless).  Kernel mosaics use a ``stretch`` (:data:`STRETCHES`: ``asinh``
+by default, so that the wings and the ringing show beside the core;
+``linear``; ``log``), named on their colour bar.  The maps of a stack share
+one colour scale across its images (``scale="shared"``), or each image has
+its own (``scale="per-image"``, :data:`SCALES`) where a shared scale hides the
+variation within an image.  "Flagged" counts problem flags only
+(:data:`pipeline.flags.PROBLEMS`); the informational flags (``masked``,
+``outliers_clipped``: pixels left out) are shown apart.  Maps are drawn in
+input pixel coordinates; where the kernel map has a reference WCS (and
+astropy is installed) on astropy's WCSAxes, with RA/Dec axes and N/E arrows
+(:mod:`pipeline.analysis.sky`).  Figures, by file name:
 
 - per image, for ``max_images`` images (:func:`panel_images`: the outliers,
   most deviant first, then the first images):
   ``kernels-<i>.png`` (the kernels across the field of image ``i``);
   ``fwhm.png``, ``ellipticity.png`` (whiskers: length ``|e|``, along the
-  major axis), ``flux.png``, ``background.png``, ``residual.png``,
-  ``flags.png``: per-tile maps, one panel per image;
+  major axis, a reference stick in a corner), ``flux.png``,
+  ``background.png``, ``residual.png``: per-tile maps, one panel per image;
+  ``flags.png``: each tile coloured by its most severe problem flag
+  (:func:`flag_categories`), and the tiles with each flag;
   ``model-fwhm.png``, ``model-ellipticity.png``: the kernel-field model's
   FWHM and ellipticity on a fine grid (``fine`` x ``fine`` model kernels);
   ``model-residual.png``: tile minus model, per tile (the kernels' relative
@@ -25,13 +45,15 @@ axes and N/E arrows (:mod:`pipeline.analysis.sky`).  Figures, by file name:
   ``trends-<coordinate>.png``: each per-image summary against each image
   coordinate (:mod:`pipeline.analysis.survey`), outliers marked;
   ``stack.png``: maps of the typical model FWHM pattern and ellipticity, the
-  median tile-minus-model difference and how often each tile is flagged;
-  ``pca.png``, ``pca-amplitudes.png``: the principal components of the model
-  kernel fields (:mod:`pipeline.analysis.pca`): eigen-kernels, explained
-  variance, spatial patterns and each image's amplitudes.
+  median tile-minus-model difference and how often each tile has a problem
+  flag; ``pca.png``, ``pca-amplitudes.png``: the principal components of the
+  model kernel fields (:mod:`pipeline.analysis.pca`): eigen-kernels,
+  explained variance, spatial patterns and each image's amplitudes.
 
-The HTML page lists the outliers and the first ``rows`` images; with more,
-the whole table is in ``images.csv`` and in pages ``images-<page>.html``.
+The HTML page lists the outliers and the first ``rows`` images (numbers to
+4 significant figures on each column's largest value, the same decimals down
+the column; counts as integers); with more, the whole table is in
+``images.csv`` and in pages ``images-<page>.html``.
 """
 
 from __future__ import annotations
@@ -46,6 +68,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
+import yaml
 
 from .. import flags as fl
 from ..core.moments import adaptive_moments
@@ -64,7 +87,8 @@ from .survey import (
     with_coordinates,
 )
 
-__all__ = ["FIGURES", "figures", "incomplete_notice", "write_report", "write_tables"]
+__all__ = ["FIGURES", "LABELS", "SCALES", "SEVERITY", "STRETCHES", "caption", "coordinate_label", "figures",
+           "flag_categories", "incomplete_notice", "job_yaml", "write_report", "write_tables"]
 
 #: File stem -> title of every figure but the per-image kernel mosaics and the trends.
 FIGURES = {
@@ -84,6 +108,73 @@ FIGURES = {
 
 #: Images per page of the HTML table.
 PAGE_ROWS = 1000
+
+#: Stretches of the kernel mosaics (``--stretch``): ``asinh`` (the default) is linear near zero and
+#: logarithmic above :data:`ASINH_WIDTH` of the peak, so the wings and the (negative) ringing show beside
+#: the core; ``log`` spans :data:`LOG_DECADES` decades below the peak (values at or below zero at its foot).
+STRETCHES = ("linear", "asinh", "log")
+#: Colour scales of the per-image maps (``--scale``): ``shared`` across the images shown (the default:
+#: panels compare directly), or ``per-image`` (each panel its own limits and colour bar: the variation
+#: within each image shows even where the images differ much more).
+SCALES = ("shared", "per-image")
+#: Fraction of the peak |kernel value| where the asinh stretch turns from linear to logarithmic.
+ASINH_WIDTH = 0.01
+#: Decades below the peak a log-stretched mosaic shows.
+LOG_DECADES = 4
+
+#: Unit of the kernels' values and the flux scale: the kernel's sum is the target's flux over the source's.
+KERNEL_UNIT = "ratio target/source"
+#: Unit of the background offset: the target image's own (counts, ADU, for raw images).
+TARGET_UNIT = "ADU, target units"
+
+#: Axis and colour-bar label of each per-tile quantity, its unit spelled out.
+LABELS = {
+    "fwhm": "kernel FWHM (pixel)",
+    "flux": f"kernel flux ({KERNEL_UNIT})",
+    "background": f"background offset ({TARGET_UNIT})",
+    "residual": "fit residual RMS / noise (ratio)",
+    "ellipticity": "|e| (dimensionless)",
+    "model_residual": "|tile - model| / |model| (%)",
+    "d_fwhm": "FWHM tile - model (pixel)",
+}
+
+#: Problem flags from the most to the least severe: the flag map colours a tile by the first it has.
+SEVERITY = ("no_data", "no_signal", "non_positive_flux", "kernel_truncated", "high_residual", "model_outlier",
+            "moments_failed", "regularization_at_bound")
+
+#: Colours of the flag map's categories: no flag, information only, then the problems by :data:`SEVERITY`.
+_CATEGORY_COLOURS = ("#eeeeee", "#a6cee3", "#000000", "#636363", "#d62728", "#ff7f0e", "#9467bd", "#e377c2",
+                     "#8c564b", "#bcbd22", "#17becf", "#2ca02c")
+
+
+def _problem_flags() -> list[fl.Flag]:
+    """The problem flags, the most severe first (:data:`SEVERITY`; any other after them, in bit order)."""
+    problems = {f.name: f for f in fl.FLAGS if f.kind == fl.PROBLEM}
+    return [problems.pop(name) for name in SEVERITY if name in problems] + list(problems.values())
+
+
+def _category_names() -> list[str]:
+    info = ", ".join(f.name for f in fl.FLAGS if f.kind == fl.INFORMATION)
+    return ["no flag", f"information only ({info})"] + [f.name for f in _problem_flags()]
+
+
+def flag_categories(flags: np.ndarray) -> np.ndarray:
+    """Each tile's category on the flag map: 0 no flag, 1 informational flags only (:data:`pipeline.flags.
+    INFORMATIONAL`), ``2 + j`` where its most severe problem flag is the ``j``-th of :data:`SEVERITY`."""
+    f = np.asarray(flags).astype(np.int64)
+    out = np.where((f & fl.INFORMATIONAL) != 0, 1, 0)
+    for j, flag in reversed(list(enumerate(_problem_flags()))):
+        out = np.where((f & flag.mask) != 0, 2 + j, out)
+    return out
+
+
+def _check_options(stretch: str, scale: str) -> None:
+    if stretch not in STRETCHES:
+        raise OptionError(f"stretch={stretch!r} is not a stretch of the kernel mosaics: use one of "
+                          f"{', '.join(STRETCHES)} (--stretch)")
+    if scale not in SCALES:
+        raise OptionError(f"scale={scale!r} is not a colour scale of the maps: use one of {', '.join(SCALES)} "
+                          "(--scale)")
 
 
 def _pyplot():
@@ -136,95 +227,185 @@ def _edges(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cells(ax, ds: xr.Dataset, values: np.ndarray, sky: Sky = PIXELS, fontsize: float | None = None, **style):
-    """A map of per-tile values, each drawn over its tile's cell, y downwards as in an image."""
+    """A map of per-tile values, each drawn over its tile's cell, y up as an astronomical image is shown."""
     ye, xe = _edges(ds)
     im = ax.pcolormesh(xe, ye, values, shading="flat", **style)
     _frame(ax, ds, sky, fontsize)
     return im
 
 
+def _image(ax, values: np.ndarray, **style):
+    """``values`` drawn as an image, row 0 at the bottom (origin lower: y up, as ds9 shows a FITS image)."""
+    return ax.imshow(values, origin="lower", interpolation="nearest", **style)
+
+
 def _frame(ax, ds: xr.Dataset, sky: Sky = PIXELS, fontsize: float | None = None) -> None:
-    """A map's limits (the tiles' cells, y downwards), aspect and axes: RA/Dec and a compass on WCSAxes."""
+    """A map's limits (the tiles' cells, y up), aspect and axes: RA/Dec and a compass on WCSAxes."""
     ye, xe = _edges(ds)
     ax.set_xlim(xe[0], xe[-1])
-    ax.set_ylim(ye[-1], ye[0])
+    ax.set_ylim(ye[0], ye[-1])
     ax.set_aspect("equal")
     label_axes(ax, sky, fontsize=fontsize)
 
 
 def _label(ds: xr.Dataset, i: int) -> str:
-    return f"image {ds['image'].values[i]}"
+    """Image ``i``'s label (its ``image`` coordinate), what its panels are titled with."""
+    return str(ds["image"].values[i])
 
 
-def _map_figure(plt, ds: xr.Dataset, name: str, images: list[int], title: str, cmap: str = "viridis",
-                symmetric: bool = False, sky: Sky = PIXELS):
-    values = np.asarray(ds[name].values[images], dtype=np.float64)
+def _limits(values: np.ndarray, symmetric: bool = False) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
     if symmetric:
         lim = max(abs(lo), abs(hi)) or 1.0
         lo, hi = -lim, lim
-    if hi <= lo:
-        hi = lo + 1e-12
-    units = ds[name].attrs.get("units", "")
-    fig, axes = _panels(plt, len(images), title, sky=sky)
-    for ax, i, v in zip(axes, images, values):
-        im = _cells(ax, ds, v, sky, vmin=lo, vmax=hi, cmap=cmap)
+    return float(lo), float(hi if hi > lo else lo + 1e-12)
+
+
+def _panel_limits(values: np.ndarray, scale: str, symmetric: bool = False,
+                  floor: float | None = None) -> list[tuple[float, float]]:
+    """Colour limits of each panel of ``values`` ``(panels, ...)``: one pair for all (``shared``) or each its
+    own (``per-image``); ``floor``: the lower limit where given."""
+    pairs = ([_limits(values, symmetric)] * len(values) if scale == "shared"
+             else [_limits(v, symmetric) for v in values])
+    return pairs if floor is None else [(floor, max(hi, floor + 1e-12)) for _, hi in pairs]
+
+
+def _colour_bars(fig, ims: list, axes: list, label: str, scale: str, **style) -> None:
+    """One colour bar for the panels (``shared``), or one beside each (``per-image``), labelled ``label``."""
+    if scale == "shared":
+        fig.colorbar(ims[-1], ax=list(axes), label=label, shrink=0.8, **style)
+    else:
+        for im, ax in zip(ims, axes):
+            fig.colorbar(im, ax=ax, label=label, shrink=0.8, **style)
+
+
+def _scale_note(scale: str) -> str:
+    return "" if scale == "shared" else " (colour scale per image)"
+
+
+def _map_figure(plt, ds: xr.Dataset, name: str, images: list[int], title: str, cmap: str = "viridis",
+                symmetric: bool = False, sky: Sky = PIXELS, scale: str = "shared"):
+    values = np.asarray(ds[name].values[images], dtype=np.float64)
+    fig, axes = _panels(plt, len(images), title + _scale_note(scale), sky=sky)
+    ims = []
+    for ax, i, v, (lo, hi) in zip(axes, images, values, _panel_limits(values, scale, symmetric)):
+        ims.append(_cells(ax, ds, v, sky, vmin=lo, vmax=hi, cmap=cmap))
         ax.set_title(_label(ds, i))
-    fig.colorbar(im, ax=list(axes), label=f"{name} ({units})" if units else name, shrink=0.8)
+    _colour_bars(fig, ims, list(axes), LABELS[name], scale)
     return fig
 
 
-def _whisker_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS):
-    fig, axes = _panels(plt, len(images), FIGURES["ellipticity"], sky=sky)
+def _nice(value: float) -> float:
+    """The largest of 1, 2, 5 times a power of ten not above ``value`` (> 0)."""
+    power = 10.0 ** np.floor(np.log10(value))
+    return float(max(m * power for m in (1.0, 2.0, 5.0) if m * power <= value * (1 + 1e-9)))
+
+
+def _reference_stick(ax, quiver, e_max: float, scale: float) -> None:
+    """A reference stick with its value (``|e| = 0.05``) in the lower right corner of ``ax``, on a white
+    ground: the whiskers of ``quiver`` are ``scale`` data units (along x) per unit of ``|e|``."""
+    from matplotlib.patches import Rectangle
+
+    ref = _nice(e_max) if np.isfinite(e_max) and e_max > 0 else 0.1
+    x0, x1 = ax.get_xlim()
+    frac = min(ref * scale / (abs(x1 - x0) or 1.0), 0.9)  # the stick's length in axes fractions
+    width = max(frac + 0.06, 0.3)  # room for the label too
+    ax.add_patch(Rectangle((0.985 - width, 0.015), width, 0.14, transform=ax.transAxes,
+                           facecolor="w", edgecolor="0.6", lw=0.5, alpha=0.9, zorder=4))
+    ax.quiverkey(quiver, 0.985 - width / 2, 0.05, ref * scale, f"|e| = {ref:g}", labelpos="N", coordinates="axes",
+                 color="k", labelcolor="k", fontproperties={"size": 7}, labelsep=0.05, zorder=5)
+
+
+def _whisker_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS, scale: str = "shared"):
+    fig, axes = _panels(plt, len(images), FIGURES["ellipticity"] + _scale_note(scale).replace("colour", "stick"),
+                        sky=sky)
     yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
     # the tiles' step (the last tiles, set against the image edge, may lie closer)
     spacing = float(ds.attrs.get("tile_step", 0)) or (
         float(np.median(np.diff(ds["x"].values))) if ds.sizes["x"] > 1 else float(ds.attrs.get("tile_size", 1)))
     e_all = np.asarray(ds["ellipticity"].values[images], dtype=np.float64)
-    e_max = float(np.nanmax(e_all)) if np.isfinite(e_all).any() else 1.0
-    scale = 0.9 * spacing / max(e_max, 1e-6)  # the longest stick spans 90 % of a tile
-    for ax, i in zip(axes, images):
-        e = np.asarray(ds["ellipticity"].values[i], dtype=np.float64)
+
+    def largest(e: np.ndarray) -> float:
+        return float(np.nanmax(e)) if np.isfinite(e).any() else 1.0
+
+    for ax, i, e in zip(axes, images, e_all):
+        e_max = largest(e_all if scale == "shared" else e)
+        length = 0.9 * spacing / max(e_max, 1e-6)  # the longest stick spans 90 % of a tile
         angle = np.radians(np.asarray(ds["position_angle"].values[i], dtype=np.float64))
-        u, v = e * np.cos(angle) * scale, e * np.sin(angle) * scale
-        ax.quiver(xx, yy, u, v, angles="xy", scale_units="xy", scale=1, headwidth=0, headlength=0,
-                  headaxislength=0, pivot="middle", color="k", width=0.006)
+        u, v = e * np.cos(angle) * length, e * np.sin(angle) * length
+        q = ax.quiver(xx, yy, u, v, angles="xy", scale_units="xy", scale=1, headwidth=0, headlength=0,
+                      headaxislength=0, pivot="middle", color="k", width=0.006)
         _frame(ax, ds, sky)
+        _reference_stick(ax, q, e_max, length)
         ax.set_title(_label(ds, i))
-    fig.suptitle(f"{FIGURES['ellipticity']}; a stick one tile wide is |e| = {spacing / scale:.3g}")
     return fig
 
 
 def _flag_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS):
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
     flags = np.asarray(ds["quality_flag"].values[images]).astype(np.int64)
-    fig, axes = _panels(plt, len(images) + 1, FIGURES["flags"], sky=sky, maps=len(images))
-    n_bits = len(fl.FLAGS)
+    fig, axes = _panels(plt, len(images) + 1, FIGURES["flags"] + ": each tile by its most severe problem flag",
+                        sky=sky, maps=len(images))
+    names = _category_names()
+    colours = list(_CATEGORY_COLOURS[:len(names)])
+    cmap, norm = ListedColormap(colours), BoundaryNorm(np.arange(len(names) + 1) - 0.5, len(names))
     for ax, i, f in zip(axes, images, flags):
-        count = sum(((f & flag.mask) != 0).astype(int) for flag in fl.FLAGS)
-        im = _cells(ax, ds, count, sky, vmin=0, vmax=n_bits, cmap="magma_r")
-        unusable = (f & fl.BAD) != 0
-        if unusable.any():
-            yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
-            ax.plot(xx[unusable], yy[unusable], "x", color="tab:cyan", ms=8, label="unusable")
-            ax.legend(loc="lower right", fontsize=7)
-        ax.set_title(_label(ds, i))
-    fig.colorbar(im, ax=list(axes[:-1]), label="number of flags set", shrink=0.8)
+        _cells(ax, ds, flag_categories(f), sky, cmap=cmap, norm=norm, edgecolors="w", linewidth=0.3)
+        problem = fl.problems(f)
+        ax.set_title(f"{_label(ds, i)}: {_percent(problem.mean())} % flagged")
+    fig.legend([Patch(facecolor=c, edgecolor="0.5") for c in colours], names, loc="outside lower center",
+               ncols=min(len(names), 4), fontsize=7, title="tile colour: no flag, information only, or the most "
+                                                           "severe problem flag (listed by severity)",
+               title_fontsize=7)
     bars = axes[-1]
+    n_bits = len(fl.FLAGS)
     width = 0.8 / len(images)
+    row = n_bits - 1 - np.arange(n_bits)  # the first flag at the top, y still up
     for j, (i, f) in enumerate(zip(images, flags)):
         counts = [np.count_nonzero(f & flag.mask) for flag in fl.FLAGS]
-        bars.barh(np.arange(n_bits) + j * width, counts, height=width, label=str(ds["image"].values[i]))
-    bars.set_yticks(np.arange(n_bits) + 0.4 - width / 2, [flag.name.replace("_", " ") for flag in fl.FLAGS],
-                    fontsize=7)
-    bars.invert_yaxis()
-    bars.set_xlabel("tiles")
-    bars.set_title("tiles with each flag")
+        bars.barh(row + 0.4 - (j + 1) * width, counts, height=width, label=_label(ds, i), align="edge")
+    bars.set_yticks(row,
+                    [flag.name.replace("_", " ") + (" (info)" if flag.kind == fl.INFORMATION else "")
+                     for flag in fl.FLAGS], fontsize=7)
+    for tick, flag in zip(bars.get_yticklabels(), fl.FLAGS):
+        if flag.kind == fl.INFORMATION:
+            tick.set_color("0.45")
+    bars.set_xlabel("tiles (count)")
+    bars.set_title("tiles with each flag; (info): information, not a problem", fontsize=8)
     bars.legend(fontsize=6)
     return fig
 
 
-def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float, sky: Sky = PIXELS):
+def _percent(fraction: float) -> str:
+    """A percentage for a title: ``0`` exactly where nothing is counted, else 3 significant figures."""
+    return "0" if fraction == 0 else f"{100 * fraction:.3g}"
+
+
+def _stretch_norm(stretch: str, lo: float, hi: float):
+    """The colour normalisation of a kernel mosaic with limits ``lo``, ``hi`` under ``stretch``."""
+    from matplotlib import colors
+
+    peak = max(abs(lo), abs(hi)) or 1.0
+    if stretch == "asinh":
+        return colors.AsinhNorm(linear_width=ASINH_WIDTH * peak, vmin=lo, vmax=hi)
+    if stretch == "log":
+        top = hi if hi > 0 else peak
+        return colors.LogNorm(vmin=top * 10.0 ** -LOG_DECADES, vmax=top)
+    return colors.Normalize(vmin=lo, vmax=hi)
+
+
+def _kernel_limits(kernels: np.ndarray) -> tuple[float, float]:
+    finite = kernels[np.isfinite(kernels)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+
+
+def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float, sky: Sky = PIXELS, stretch: str = "asinh",
+                   scale: str = "shared"):
+    """The kernels of image ``i`` at their tiles' places, y up (tile row 0 and each stamp's ``ky = -h`` at the
+    bottom), coloured under ``stretch`` between ``lo`` and ``hi``."""
     kern = np.asarray(ds["kernel"][i].values, dtype=np.float64)
     ty, tx, k, _ = kern.shape
     gap = 1
@@ -232,9 +413,12 @@ def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float, sky: Sky =
     for r in range(ty):
         for c in range(tx):
             mosaic[r * (k + gap): r * (k + gap) + k, c * (k + gap): c * (k + gap) + k] = kern[r, c]
+    norm = _stretch_norm(stretch, lo, hi)
+    if stretch == "log":  # at or below zero: the foot of the scale, as below its lower limit
+        mosaic = np.where(np.isfinite(mosaic) & (mosaic < norm.vmin), norm.vmin / 10, mosaic)
     fig, ax = plt.subplots(figsize=(7, 7 * ty / max(tx, 1) + 0.6), constrained_layout=True)
-    im = ax.imshow(mosaic, vmin=lo, vmax=hi, cmap="inferno", interpolation="nearest")
-    ax.set_title(f"Kernels across the field, {_label(ds, i)}")
+    im = _image(ax, mosaic, norm=norm, cmap="inferno")
+    title = f"Kernels across the field, {_label(ds, i)}"
     ax.set_xticks([c * (k + gap) + k // 2 for c in range(tx)], [f"{v:.0f}" for v in ds["x"].values],
                   rotation=90, fontsize=7)
     ax.set_yticks([r * (k + gap) + k // 2 for r in range(ty)], [f"{v:.0f}" for v in ds["y"].values], fontsize=7)
@@ -244,8 +428,12 @@ def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float, sky: Sky =
         y0, y1, x0, x1 = map_extent(ds)
         steps = [float(np.median(np.diff(ds[d].values))) if ds.sizes[d] > 1 else float(k + gap) for d in ("y", "x")]
         draw_compass(ax, sky, at=((y0 + y1) / 2, (x0 + x1) / 2), stretch=tuple((k + gap) / s for s in steps))
-        ax.set_title(f"Kernels across the field, {_label(ds, i)} (N, E: the sky's directions)")
-    fig.colorbar(im, ax=ax, label="kernel value", shrink=0.8)
+        title += " (N, E: the sky's directions)"
+    ax.set_title(title)
+    foot = f"; below {norm.vmin:.2g}, and at or below 0, black" if stretch == "log" else ""
+    fig.colorbar(im, ax=ax, shrink=0.8, extend="min" if stretch == "log" else "neither",
+                 label=f"kernel flux per kernel pixel ({KERNEL_UNIT}); {stretch} stretch, "
+                       f"{'scale of this image' if scale == 'per-image' else 'scale shared by the images'}{foot}")
     return fig
 
 
@@ -257,8 +445,24 @@ def _scatter_size(n: int) -> float:
 _GROUP_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
                   "tab:olive", "tab:cyan", "navy")
 
+#: Units of common per-image coordinates that carry no ``units`` attribute.
+_COORDINATE_UNITS = {"airmass": "dimensionless", "mjd": "day", "jd": "day", "exptime": "s", "exposure_time": "s"}
 
-def _trend_figure(plt, result: Survey, coord: Coordinate):
+
+def coordinate_label(coord: Coordinate, ds: xr.Dataset | None = None) -> str:
+    """An axis label of a per-image coordinate with its unit: its ``units`` attribute, the position in the
+    stack, a date, a category, a known unit (:data:`_COORDINATE_UNITS`) or "no units stored"."""
+    if coord.name == "index" and (ds is None or "index" not in ds.coords):
+        return "index (position in the stack)"
+    stored = ds[coord.name].attrs.get("units") if ds is not None and coord.name in ds.coords else None
+    if stored:
+        return f"{coord.name} ({stored})"
+    unit = {"time": "date", "categorical": "category"}.get(coord.kind) or \
+        _COORDINATE_UNITS.get(coord.name.lower(), "no units stored")
+    return f"{coord.name} ({unit})"
+
+
+def _trend_figure(plt, result: Survey, coord: Coordinate, ds: xr.Dataset | None = None):
     names = [name for name in TREND_QUANTITIES if (name, coord.name) in result.trends]
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.9 * len(names) + 0.8), sharex=True,
                              constrained_layout=True, squeeze=False)
@@ -312,8 +516,13 @@ def _trend_figure(plt, result: Survey, coord: Coordinate):
     if coord.kind == "categorical":
         axes[-1].set_xticks(np.arange(len(coord.groups)), coord.groups, rotation=45 if len(coord.groups) > 6 else 0,
                             fontsize=7)
-    axes[-1].set_xlabel(coord.name + (" (position in the stack)" if coord.name == "index" else ""))
+    axes[-1].set_xlabel(coordinate_label(coord, ds))
     return fig
+
+
+def _pca_unit(result: Survey) -> str:
+    """Unit of the kernels the components were found in (their amplitudes and the mean kernel's values)."""
+    return KERNEL_UNIT if result.pca.normalize is None else "fraction of the kernel flux"
 
 
 def _pca_figure(plt, result: Survey, extent: list[float], sky: Sky = PIXELS):
@@ -324,23 +533,22 @@ def _pca_figure(plt, result: Survey, extent: list[float], sky: Sky = PIXELS):
     mean_kernel = pca.mean.reshape(-1, k, k).mean(axis=0)
     norm = {"kernel": "each kernel divided by its sum", "image": "each image's kernels divided by their mean sum",
             None: "kernels as stored"}[pca.normalize]
-    fig.suptitle(f"{FIGURES['pca']}: {len(result.pca_images)} images with a model, their models' kernels on a "
-                 f"{len(result.grid_y)}x{len(result.grid_x)} grid ({norm})")
-    axes[0, 0].imshow(mean_kernel, cmap="inferno", interpolation="nearest")
+    fig.suptitle(f"{FIGURES['pca']}: {len(result.pca_images)} images with a model,\ntheir models' kernels on a "
+                 f"{len(result.grid_y)}x{len(result.grid_x)} grid ({norm}); kernels drawn y up")
+    _image(axes[0, 0], mean_kernel, cmap="inferno")
     axes[0, 0].set_title("mean kernel (over the grid)", fontsize=9)
     for j in range(m):
         eig = pca.eigen_kernels[j]
         lim = float(np.abs(eig).max()) or 1.0
-        axes[0, j + 1].imshow(eig, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        _image(axes[0, j + 1], eig, cmap="RdBu_r", vmin=-lim, vmax=lim)
         axes[0, j + 1].set_title(f"PC{j + 1}: {100 * pca.explained_fraction[j]:.1f} % of the variance", fontsize=9)
         pattern = pca.patterns[j]
         plim = float(np.abs(pattern).max()) or 1.0
-        im = axes[1, j + 1].imshow(pattern, extent=extent, cmap="RdBu_r", vmin=-plim, vmax=plim,
-                                   interpolation="nearest")
+        im = _image(axes[1, j + 1], pattern, extent=extent, cmap="RdBu_r", vmin=-plim, vmax=plim)
         axes[1, j + 1].set_title(f"PC{j + 1} spatial pattern ({100 * pca.separability[j]:.0f} % separable)",
                                  fontsize=8)
         label_axes(axes[1, j + 1], sky, fontsize=8)
-        fig.colorbar(im, ax=axes[1, j + 1], shrink=0.7)
+        fig.colorbar(im, ax=axes[1, j + 1], shrink=0.7).set_label("weight (dimensionless)", fontsize=8)
     for ax in axes[0]:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -349,8 +557,8 @@ def _pca_figure(plt, result: Survey, extent: list[float], sky: Sky = PIXELS):
     scree.bar(index, 100 * pca.explained_fraction, color="tab:blue")
     scree.plot(index, 100 * np.cumsum(pca.explained_fraction), "o-", color="k", label="cumulative")
     scree.set_xticks(index)
-    scree.set_xlabel("component")
-    scree.set_ylabel("% of the variance")
+    scree.set_xlabel("component (number)")
+    scree.set_ylabel("variance explained (%)")
     scree.set_ylim(0, 105)
     scree.legend(fontsize=7)
     return fig
@@ -360,7 +568,7 @@ def _primary(result: Survey) -> Coordinate:
     return next(c for c in result.coordinates if c.kind in ("numeric", "time"))
 
 
-def _amplitude_figure(plt, result: Survey):
+def _amplitude_figure(plt, result: Survey, ds: xr.Dataset | None = None):
     pca = result.pca
     coord = _primary(result)
     m = pca.n_components
@@ -369,14 +577,16 @@ def _amplitude_figure(plt, result: Survey):
     x = np.asarray(coord.values)[result.pca_images]
     outlier = result.table["outlier"].to_numpy()[result.pca_images]
     n = len(result.pca_images)
+    unit = _pca_unit(result)
     for j, ax in enumerate(axes.ravel()):
         amp = pca.amplitudes[:, j]
         ax.scatter(x, amp, s=_scatter_size(n), alpha=0.6, linewidths=0, rasterized=True)
         if outlier.any():
             ax.scatter(x[outlier], amp[outlier], s=max(_scatter_size(n) * 3, 20), color="tab:red", marker="x")
         ax.axhline(0.0, color="k", lw=0.6)
-        ax.set_ylabel(f"PC{j + 1} ({100 * pca.explained_fraction[j]:.1f} %)", fontsize=8)
-    axes[-1, 0].set_xlabel(coord.name)
+        ax.set_ylabel(f"PC{j + 1} amplitude\n({unit})", fontsize=8)
+        ax.set_title(f"PC{j + 1}: {100 * pca.explained_fraction[j]:.1f} % of the variance", fontsize=8, loc="left")
+    axes[-1, 0].set_xlabel(coordinate_label(coord, ds))
     return fig
 
 
@@ -398,70 +608,61 @@ def _model_shapes(ds: xr.Dataset, images: list[int], fine: int) -> dict[str, np.
 
 
 def _fine_extent(gy: np.ndarray, gx: np.ndarray) -> list[float]:
+    """``imshow``'s extent (left, right, bottom, top) of a grid drawn origin lower: row 0 at ``gy[0]``."""
     dy, dx = (gy[1] - gy[0]) if len(gy) > 1 else 1.0, (gx[1] - gx[0]) if len(gx) > 1 else 1.0
-    return [gx[0] - dx / 2, gx[-1] + dx / 2, gy[-1] + dy / 2, gy[0] - dy / 2]
-
-
-def _limits(values: np.ndarray, symmetric: bool = False) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
-    if symmetric:
-        lim = max(abs(lo), abs(hi)) or 1.0
-        lo, hi = -lim, lim
-    return float(lo), float(hi if hi > lo else lo + 1e-12)
+    return [gx[0] - dx / 2, gx[-1] + dx / 2, gy[0] - dy / 2, gy[-1] + dy / 2]
 
 
 def _model_map_figure(plt, ds: xr.Dataset, images: list[int], shapes: dict[str, np.ndarray], name: str,
-                      sky: Sky = PIXELS):
+                      sky: Sky = PIXELS, scale: str = "shared"):
     fine = shapes["fwhm"].shape[-1]
     title = FIGURES[f"model-{name}"]
-    fig, axes = _panels(plt, len(images), f"{title} ({fine}x{fine} positions across the tile centres)", sky=sky)
+    fig, axes = _panels(plt, len(images), f"{title} ({fine}x{fine} positions across the tile centres; dots: tile "
+                        f"centres){_scale_note(scale)}", sky=sky)
     values = shapes[name]
-    lo, hi = _limits(values)
     extent = _fine_extent(shapes["y"], shapes["x"])
     yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
     step = max(fine // 8, 1)
-    for ax, i, v, ang in zip(axes, images, values, shapes["angle"]):
-        im = ax.imshow(v, extent=extent, vmin=lo, vmax=hi, cmap="viridis" if name == "fwhm" else "plasma",
-                       interpolation="nearest")
+    ims = []
+    for ax, i, v, ang, (lo, hi) in zip(axes, images, values, shapes["angle"], _panel_limits(values, scale)):
+        ims.append(_image(ax, v, extent=extent, vmin=lo, vmax=hi, cmap="viridis" if name == "fwhm" else "plasma"))
         if name == "ellipticity" and np.isfinite(v).any():
             sub = (slice(step // 2, None, step),) * 2
             fy, fx = np.meshgrid(shapes["y"], shapes["x"], indexing="ij")
             spacing = (shapes["x"][-1] - shapes["x"][0]) / max(fine - 1, 1) * step
-            scale = 0.9 * spacing / max(hi, 1e-6)
-            ax.quiver(fx[sub], fy[sub], (v * np.cos(ang) * scale)[sub], (v * np.sin(ang) * scale)[sub],
-                      angles="xy", scale_units="xy", scale=1, headwidth=0, headlength=0, headaxislength=0,
-                      pivot="middle", color="w", width=0.005)
+            length = 0.9 * spacing / max(hi, 1e-6)
+            q = ax.quiver(fx[sub], fy[sub], (v * np.cos(ang) * length)[sub], (v * np.sin(ang) * length)[sub],
+                          angles="xy", scale_units="xy", scale=1, headwidth=0, headlength=0, headaxislength=0,
+                          pivot="middle", color="w", width=0.005)
+            _reference_stick(ax, q, hi, length)
         ax.plot(xx.ravel(), yy.ravel(), ".", color="k", ms=2)
         ax.set_title(_label(ds, i) + ("" if np.isfinite(v).any() else " (no model)"))
         label_axes(ax, sky)
-    units = "pixel" if name == "fwhm" else "1"
-    fig.colorbar(im, ax=list(axes), label=f"model {name} ({units}); dots: tile centres", shrink=0.8)
+    _colour_bars(fig, ims, list(axes), f"model {LABELS[name]}", scale)
     return fig
 
 
-def _residual_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS):
-    """Tile minus model: the kernels' relative L2 difference and the FWHM difference, per tile."""
+def _residual_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS, scale: str = "shared"):
+    """Tile minus model: the kernels' relative L2 difference (%) and the FWHM difference, per tile."""
     yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
     model = model_kernels_at(ds, yy, xx, images)
     model_fwhm = np.asarray(adaptive_moments(model.reshape(-1, *model.shape[-2:])).fwhm).reshape(
         len(images), *yy.shape)
     d_fwhm = np.asarray(ds["fwhm"].values[images], dtype=np.float64) - model_fwhm
-    rel = (np.asarray(ds["model_residual"].values[images], dtype=np.float64) if "model_residual" in ds
+    rel = (100 * np.asarray(ds["model_residual"].values[images], dtype=np.float64) if "model_residual" in ds
            else np.full(d_fwhm.shape, np.nan))
     cols = len(images)
     fig, axes = _grid(plt, 2, cols, (3.0 * cols + 1.4, 6.2), sky)
-    fig.suptitle(FIGURES["model-residual"])
+    fig.suptitle(FIGURES["model-residual"] + _scale_note(scale))
     for row, (values, label, cmap, symmetric) in enumerate((
-            (rel, "|tile - model| / |model|", "magma", False),
-            (d_fwhm, "FWHM tile - model (pixel)", "RdBu_r", True))):
-        lo, hi = _limits(values, symmetric)
-        if not symmetric:
-            lo = 0.0
-        for ax, i, v in zip(axes[row], images, values):
-            im = _cells(ax, ds, v, sky, 8, vmin=lo, vmax=hi, cmap=cmap)
+            (rel, LABELS["model_residual"], "magma", False),
+            (d_fwhm, LABELS["d_fwhm"], "RdBu_r", True))):
+        ims = []
+        limits = _panel_limits(values, scale, symmetric, floor=None if symmetric else 0.0)
+        for ax, i, v, (lo, hi) in zip(axes[row], images, values, limits):
+            ims.append(_cells(ax, ds, v, sky, 8, vmin=lo, vmax=hi, cmap=cmap))
             ax.set_title(_label(ds, i) + ("" if np.isfinite(v).any() else " (no model)"), fontsize=9)
-        fig.colorbar(im, ax=list(axes[row]), label=label, shrink=0.8)
+        _colour_bars(fig, ims, list(axes[row]), label, scale)
     return fig
 
 
@@ -475,33 +676,33 @@ def _stack_figure(plt, ds: xr.Dataset, result: Survey, sky: Sky = PIXELS):
     typical = _quiet(np.nanmedian, fwhm, axis=0)
     lo, hi = _limits(typical, symmetric=True)
     ax = axes[0, 0]
-    im = ax.imshow(typical, extent=grid_extent, cmap="RdBu_r", vmin=lo, vmax=hi, interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="pixel", shrink=0.8)
+    im = _image(ax, typical, extent=grid_extent, cmap="RdBu_r", vmin=lo, vmax=hi)
+    fig.colorbar(im, ax=ax, label="model FWHM - image median (pixel)", shrink=0.8)
     ax.set_title("model FWHM - the image's median, median over images", fontsize=9)
     e1, e2 = _quiet(np.nanmedian, result.model_e1, axis=0), _quiet(np.nanmedian, result.model_e2, axis=0)
     e, angle = np.hypot(e1, e2), 0.5 * np.arctan2(e2, e1)
     ax = axes[0, 1]
-    im = ax.imshow(e, extent=grid_extent, cmap="plasma", interpolation="nearest")
+    im = _image(ax, e, extent=grid_extent, cmap="plasma")
     fy, fx = np.meshgrid(result.grid_y, result.grid_x, indexing="ij")
     spacing = (result.grid_x[-1] - result.grid_x[0]) / max(len(result.grid_x) - 1, 1)
     emax = float(np.nanmax(e)) if np.isfinite(e).any() else 1.0
-    scale = 0.9 * spacing / max(emax, 1e-6)
-    ax.quiver(fx, fy, e * np.cos(angle) * scale, e * np.sin(angle) * scale, angles="xy", scale_units="xy", scale=1,
-              headwidth=0, headlength=0, headaxislength=0, pivot="middle", color="w", width=0.008)
-    fig.colorbar(im, ax=ax, label="|median e|", shrink=0.8)
+    length = 0.9 * spacing / max(emax, 1e-6)
+    q = ax.quiver(fx, fy, e * np.cos(angle) * length, e * np.sin(angle) * length, angles="xy", scale_units="xy",
+                  scale=1, headwidth=0, headlength=0, headaxislength=0, pivot="middle", color="w", width=0.008)
+    _reference_stick(ax, q, emax, length)
+    fig.colorbar(im, ax=ax, label="|median e| (dimensionless)", shrink=0.8)
     ax.set_title("model ellipticity: median e1, e2 over images (sticks along the major axis)", fontsize=9)
     ax = axes[1, 0]
     if "model_residual" in ds:
-        resid = _quiet(np.nanmedian, np.asarray(ds["model_residual"].values, dtype=np.float64), axis=0)
+        resid = _quiet(np.nanmedian, 100 * np.asarray(ds["model_residual"].values, dtype=np.float64), axis=0)
         im = _cells(ax, ds, resid, sky, 8, cmap="magma", vmin=0)
-        fig.colorbar(im, ax=ax, label="|tile - model| / |model|", shrink=0.8)
+        fig.colorbar(im, ax=ax, label=LABELS["model_residual"], shrink=0.8)
     ax.set_title("tile minus model: median over images", fontsize=9)
     ax = axes[1, 1]
-    flags = np.asarray(ds["quality_flag"].values).astype(np.int64)
-    flagged = np.mean(flags != 0, axis=0)
+    flagged = np.mean(fl.problems(np.asarray(ds["quality_flag"].values)), axis=0)
     im = _cells(ax, ds, 100 * flagged, sky, 8, cmap="magma_r", vmin=0, vmax=100)
-    fig.colorbar(im, ax=ax, label="% of images", shrink=0.8)
-    ax.set_title("tiles with any quality flag: % of images", fontsize=9)
+    fig.colorbar(im, ax=ax, label="tiles with a problem flag (% of images)", shrink=0.8)
+    ax.set_title("tiles with a problem flag: % of images", fontsize=9)
     for ax in axes[0]:
         label_axes(ax, sky, fontsize=8)
     if "model_residual" not in ds:
@@ -522,38 +723,42 @@ def panel_images(outliers: pd.DataFrame, n_images: int, most: int) -> list[int]:
 
 
 def figures(ds: xr.Dataset, *, max_images: int = 8, result: Survey | None = None, fine: int = 32,
-            sky: Sky | None = None) -> dict[str, Any]:
+            sky: Sky | None = None, stretch: str = "asinh", scale: str = "shared") -> dict[str, Any]:
     """Every figure by file stem (matplotlib Figures, not yet saved); ``result``: the stack's
     :func:`~pipeline.analysis.survey.survey` (computed when not given).  Per-image figures show
     :func:`panel_images`.  ``sky``: the maps' sky (:func:`~pipeline.analysis.sky.sky_of` of ``ds`` when not
     given): with a WCS every map is drawn on astropy's WCSAxes, RA/Dec on its axes and a compass; else
-    in pixels."""
+    in pixels.  ``stretch``: of the kernel mosaics (:data:`STRETCHES`); ``scale``: one colour scale
+    across the images' panels, or one per image (:data:`SCALES`)."""
+    _check_options(stretch, scale)
     plt = _pyplot()
     result = survey(ds) if result is None else result
     sky = sky_of(ds) if sky is None else sky
     images = panel_images(result.outliers, ds.sizes["image"], max_images)
     kern = np.asarray(ds["kernel"].isel(image=images).values, dtype=np.float64)
-    finite = kern[np.isfinite(kern)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    out: dict[str, Any] = {f"kernels-{i}": _kernel_mosaic(plt, ds, i, lo, hi, sky) for i in images}
-    out["fwhm"] = _map_figure(plt, ds, "fwhm", images, FIGURES["fwhm"], sky=sky)
-    out["ellipticity"] = _whisker_figure(plt, ds, images, sky)
-    out["flux"] = _map_figure(plt, ds, "flux", images, FIGURES["flux"], cmap="cividis", sky=sky)
+    shared = _kernel_limits(kern)
+    out: dict[str, Any] = {
+        f"kernels-{i}": _kernel_mosaic(plt, ds, i, *(shared if scale == "shared" else _kernel_limits(k)), sky,
+                                       stretch, scale) for i, k in zip(images, kern)}
+    out["fwhm"] = _map_figure(plt, ds, "fwhm", images, FIGURES["fwhm"], sky=sky, scale=scale)
+    out["ellipticity"] = _whisker_figure(plt, ds, images, sky, scale)
+    out["flux"] = _map_figure(plt, ds, "flux", images, FIGURES["flux"], cmap="cividis", sky=sky, scale=scale)
     out["background"] = _map_figure(plt, ds, "background", images, FIGURES["background"], cmap="RdBu_r",
-                                    symmetric=True, sky=sky)
-    out["residual"] = _map_figure(plt, ds, "residual", images, FIGURES["residual"], cmap="magma", sky=sky)
+                                    symmetric=True, sky=sky, scale=scale)
+    out["residual"] = _map_figure(plt, ds, "residual", images, FIGURES["residual"], cmap="magma", sky=sky,
+                                  scale=scale)
     out["flags"] = _flag_figure(plt, ds, images, sky)
     if has_model_variables(ds):
         shapes = _model_shapes(ds, images, fine)
-        out["model-fwhm"] = _model_map_figure(plt, ds, images, shapes, "fwhm", sky)
-        out["model-ellipticity"] = _model_map_figure(plt, ds, images, shapes, "ellipticity", sky)
-        out["model-residual"] = _residual_figure(plt, ds, images, sky)
+        out["model-fwhm"] = _model_map_figure(plt, ds, images, shapes, "fwhm", sky, scale)
+        out["model-ellipticity"] = _model_map_figure(plt, ds, images, shapes, "ellipticity", sky, scale)
+        out["model-residual"] = _residual_figure(plt, ds, images, sky, scale)
     out["stack"] = _stack_figure(plt, ds, result, sky)
     for coord in result.coordinates:
-        out[coordinate_file_stem(coord)] = _trend_figure(plt, result, coord)
+        out[coordinate_file_stem(coord)] = _trend_figure(plt, result, coord, ds)
     if result.pca is not None:
         out["pca"] = _pca_figure(plt, result, _fine_extent(result.grid_y, result.grid_x), sky)
-        out["pca-amplitudes"] = _amplitude_figure(plt, result)
+        out["pca-amplitudes"] = _amplitude_figure(plt, result, ds)
     return out
 
 
@@ -567,13 +772,14 @@ TILE_COLUMNS: dict[str, str] = {
     "dec": "declination of the tile centre (deg; where the kernel map has a reference WCS)",
     "images": "images in the stack",
     "fwhm_median": "median over the images of the tile's kernel FWHM (pixel)",
-    "ellipticity_median": "median over the images of the tile's kernel |e|",
-    "flux_median": "median over the images of the tile's flux scale",
-    "background_median": "median over the images of the tile's background offset",
+    "ellipticity_median": "median over the images of the tile's kernel |e| (dimensionless)",
+    "flux_median": "median over the images of the tile's flux scale (kernel sum, ratio target/source)",
+    "background_median": "median over the images of the tile's background offset (target units, ADU)",
     "residual_median": "median over the images of the tile's fit residual / noise",
     "snr_median": "median over the images of the tile's signal-to-noise",
     "model_residual_median": "median over the images of |tile - model| / |model|",
-    "flagged_fraction": "fraction of the images in which the tile has any quality flag",
+    "flagged_fraction": "fraction of the images in which the tile has a problem flag (the informational flags, "
+                        "masked and outliers_clipped, do not count)",
     "unusable_fraction": "fraction of the images in which the tile has no kernel (no data, no signal)",
 }
 
@@ -581,7 +787,7 @@ TILE_COLUMNS: dict[str, str] = {
 def tile_table(ds: xr.Dataset) -> pd.DataFrame:
     """One row per tile, raster order: its place (``ty``, ``tx``, centre ``y``, ``x`` and, where the kernel
     map has them, ``ra``, ``dec``), the medians over the stack's images of its measurements and how often
-    it is flagged (:data:`TILE_COLUMNS`).  Reads no kernels."""
+    it has a problem flag (:data:`TILE_COLUMNS`).  Reads no kernels."""
     ny, nx = ds.sizes["y"], ds.sizes["x"]
     ty, tx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
     yy, xx = np.meshgrid(np.asarray(ds["y"].values, np.float64), np.asarray(ds["x"].values, np.float64),
@@ -596,7 +802,7 @@ def tile_table(ds: xr.Dataset) -> pd.DataFrame:
             values = np.asarray(ds[name].values, np.float64).reshape(ds.sizes["image"], -1)
             data[f"{name}_median"] = _quiet(np.nanmedian, values, axis=0)
     flags = np.asarray(ds["quality_flag"].values).astype(np.int64).reshape(ds.sizes["image"], -1)
-    data["flagged_fraction"] = np.mean(flags != 0, axis=0)
+    data["flagged_fraction"] = np.mean(fl.problems(flags), axis=0)
     data["unusable_fraction"] = np.mean((flags & fl.BAD) != 0, axis=0)
     return pd.DataFrame(data)
 
@@ -670,23 +876,54 @@ def write_tables(result: Survey, folder: str | os.PathLike[str] | _Folder, ds: x
     return written
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return "<td>yes</td>" if value else "<td></td>"
-    if isinstance(value, (float, np.floating)):
-        return "<td></td>" if not np.isfinite(value) else f"<td>{value:.4g}</td>"
-    return f"<td>{html.escape(str(value))}</td>"
+#: Significant figures of a table's numbers, on each column's largest value.
+FIGURES_SIGNIFICANT = 4
 
 
-def _html_table(frame: pd.DataFrame) -> str:
+def column_format(values: pd.Series, significant: int = FIGURES_SIGNIFICANT) -> Callable[[Any], str]:
+    """How a table column's values are written on the page: integers (and floats that are all whole
+    numbers) as integers; other numbers to ``significant`` figures on the column's largest magnitude, the
+    same decimals down the column (scientific notation, ``significant`` figures, for columns below 1e-3
+    or from 1e6); booleans as ``yes`` or blank; missing values blank; text as it is."""
+    kind = values.dtype.kind
+    if kind == "b":
+        return lambda v: "yes" if v else ""
+    if kind in "iu":
+        return lambda v: f"{int(v)}"
+    if kind != "f":
+        return lambda v: "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else str(v)
+    finite = values.to_numpy(dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+
+    def blank(text: Callable[[float], str]) -> Callable[[Any], str]:
+        return lambda v: "" if v is None or not np.isfinite(v) else text(float(v))
+
+    if finite.size and np.all(finite == np.round(finite)) and top < 1e15:
+        return blank(lambda v: f"{int(round(v))}")
+    if top == 0.0:
+        return blank(lambda v: "0")
+    exponent = int(np.floor(np.log10(top)))
+    if exponent < -3 or exponent >= 6:
+        return blank(lambda v: f"{v:.{significant - 1}e}")
+    decimals = max(significant - 1 - exponent, 0)
+    return blank(lambda v: f"{v:.{decimals}f}")
+
+
+def _html_table(frame: pd.DataFrame, formats: dict[str, Callable[[Any], str]] | None = None) -> str:
+    """``frame`` as an HTML table, each column written by its :func:`column_format` (or ``formats``)."""
+    formats = {**{str(c): column_format(frame[c]) for c in frame.columns}, **(formats or {})}
     head = "".join(f'<th title="{html.escape(COLUMNS.get(str(c), str(c)))}">{html.escape(str(c))}</th>'
                    for c in frame.columns)
-    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
+    writers = [formats[str(c)] for c in frame.columns]
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(w(v))}</td>" for w, v in zip(writers, row)) + "</tr>"
+                   for row in frame.itertuples(index=False))
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 _STYLE = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:85%}"
-          "td,th{border:1px solid #999;padding:2px 6px;text-align:right}img{max-width:100%}</style>")
+          "td,th{border:1px solid #999;padding:2px 6px;text-align:right}img{max-width:100%}"
+          "figure{margin:1em 0 2em 0}figcaption{max-width:60em;font-size:90%;color:#333}</style>")
 
 
 #: In the head of every page of a report: what ``--overwrite`` looks for before it replaces a folder.
@@ -699,15 +936,18 @@ def _page(title: str, body: str) -> str:
 
 
 def _write_pages(table: pd.DataFrame, folder: _Folder) -> list[str]:
-    """``images-<page>.html`` of :data:`PAGE_ROWS` rows each, linked to one another; their names."""
+    """``images-<page>.html`` of :data:`PAGE_ROWS` rows each, linked to one another, every page's columns
+    written as the whole table's (:func:`column_format`); their names."""
     names = [f"images-{p + 1:03d}.html" for p in range(-(-len(table) // PAGE_ROWS))]
+    formats = {str(c): column_format(table[c]) for c in table.columns}
     nav = " ".join(f'<a href="{name}">{p + 1}</a>' for p, name in enumerate(names))
     for p, name in enumerate(names):
         part = table.iloc[p * PAGE_ROWS: (p + 1) * PAGE_ROWS]
         folder.write_text(name, _page(
             f"kernelmap images, page {p + 1}",
             f"<p><a href='index.html'>report</a> | pages: {nav} | all: <a href='images.csv'>images.csv</a></p>"
-            f"<h1>Images {p * PAGE_ROWS + 1}-{p * PAGE_ROWS + len(part)} of {len(table)}</h1>{_html_table(part)}"))
+            f"<h1>Images {p * PAGE_ROWS + 1}-{p * PAGE_ROWS + len(part)} of {len(table)}</h1>"
+            f"{_html_table(part, formats)}"))
     return names
 
 
@@ -726,11 +966,106 @@ def incomplete_notice(ds: xr.Dataset, result: Survey) -> str | None:
             "output.mode=resume (--set output.mode=resume) and report again for the whole stack")
 
 
+_STRETCH_WORDS = {
+    "asinh": f"linear near zero and logarithmic above {ASINH_WIDTH * 100:g} % of the peak, so the wings and the "
+             "negative ringing show beside the core",
+    "log": f"logarithmic over {LOG_DECADES} decades below the peak; black: below that, or at or below zero",
+    "linear": "linear between the smallest and the largest value",
+}
+
+
+def caption(stem: str, ds: xr.Dataset, result: Survey | None = None, *, stretch: str = "asinh",
+            scale: str = "shared", sky: Sky = PIXELS, fine: int = 32) -> str:
+    """The caption under figure ``stem`` on the page: what it shows, in which units, how to read it."""
+    axes = "RA/Dec axes (the reference WCS; N, E arrows)" if sky.on else "input pixels"
+    panels = ("one colour scale shared by the images' panels" if scale == "shared"
+              else "each image's panel with its own colour scale")
+    info = ", ".join(f.name for f in fl.FLAGS if f.kind == fl.INFORMATION)
+    if stem.startswith("kernels-"):
+        label = _label(ds, int(stem.split("-", 1)[1]))
+        return (f"The kernel of every tile of image {label} at its tile's place (tile centres in pixel on the "
+                "axes), y up: each stamp's row offset ky runs up as the image's y does, so a kernel that moves the "
+                "target up has its peak above the stamp's centre. Colour: kernel flux per kernel pixel "
+                f"({KERNEL_UNIT}), {stretch} stretch ({_STRETCH_WORDS[stretch]}); "
+                + ("one scale for every image shown." if scale == "shared" else "this image's own scale."))
+    if stem.startswith("trends-"):
+        coord = next((c for c in (result.coordinates if result is not None else ())
+                      if coordinate_file_stem(c) == stem), None)
+        against = coordinate_label(coord, ds) if coord is not None else stem[len("trends-"):]
+        band = f"{result.threshold:g}" if result is not None else "5"
+        return ("Per-image summaries (median FWHM in pixel, median |e|, median flux scale as the ratio "
+                "target/source, median background in target units, the model's degree, tiles with a problem flag) "
+                f"against {against}: each dot an image, the line the trend and grey its band of {band} robust "
+                "standard deviations; red crosses: outliers, listed above.")
+    pca_unit = _pca_unit(result) if result is not None and result.pca is not None else KERNEL_UNIT
+    text = {
+        "fwhm": f"Kernel FWHM (pixel; Gaussian-weighted adaptive second moments) of each tile, one panel per "
+                f"image, y up in {axes}, {panels}. Blank cells: no kernel. A smooth gradient is the PSF "
+                "difference changing across the field; a cell unlike its neighbours is a local problem.",
+        "ellipticity": "Kernel ellipticity per tile: a stick along the kernel's major axis, its length "
+                       "|e| = (a^2 - b^2) / (a^2 + b^2) (dimensionless), the stick in each panel's lower right "
+                       "corner giving the scale; y up. Sticks aligned across the field: a coherent shape "
+                       "difference (guiding, focus, astigmatism).",
+        "flux": f"Flux scale of each tile: the kernel's sum, the target's flux over the source's ({KERNEL_UNIT}); "
+                f"1 where both share a photometric scale; {panels}. A pattern within an image: a flat-field or "
+                "colour difference.",
+        "background": f"Background offset of the target relative to the convolved source, per tile "
+                      f"({TARGET_UNIT}): red above, blue below zero, on a scale symmetric about zero; {panels}.",
+        "residual": "RMS of each tile's fit residual over its robust standard deviation (ratio): about 1 where the "
+                    "fit reaches the noise; above 3 the residual has heavy tails (the high_residual flag: "
+                    f"outliers, or a kernel that does not fit); {panels}.",
+        "flags": "Each tile coloured by its most severe problem flag (legend, most severe first); light blue: "
+                 f"informational flags only ({info}: pixels were left out, not a problem); grey: no flag. The % "
+                 "in each title counts tiles with a problem flag. Right: how many tiles have each flag, per image; "
+                 "(info) marks the informational flags.",
+        "model-fwhm": f"FWHM (pixel) of each image's kernel-field model (the smooth polynomial fitted to its "
+                      f"tiles' kernels) on a {fine}x{fine} grid across the tile centres (dots), y up; {panels}. "
+                      "Compare with the per-tile FWHM map: the model should follow it without its noise.",
+        "model-ellipticity": f"Ellipticity |e| (dimensionless) of each image's kernel-field model on the "
+                             f"{fine}x{fine} grid: colour, and sticks along the major axis with a reference "
+                             f"stick in the lower right corner; {panels}.",
+        "model-residual": "Tile minus model, per tile: top, the kernels' relative difference |tile - model| / "
+                          "|model| (%); bottom, the FWHM of each tile's kernel minus the model's at its centre "
+                          f"(pixel; red: the tile wider); {panels}. Large values: tiles the smooth model does not "
+                          "describe (outliers, or a field needing a higher degree).",
+        "stack": "Over every image of the stack: the model FWHM minus each image's median, median over the images "
+                 "(pixel: the FWHM pattern that persists); the median model ellipticity (dimensionless, sticks "
+                 "along the major axis, reference stick in the corner); the median tile-minus-model difference "
+                 f"(%); the % of images in which each tile has a problem flag ({info} not counted).",
+        "pca": "Principal components of the model kernel fields across the stack. Top: the mean kernel (per "
+               f"kernel pixel, {pca_unit}) and each component's eigen-kernel (a unit-norm shape, red positive, "
+               "blue negative), kernels y up. Bottom: the variance each component explains (%) and each "
+               "component's spatial pattern (its weight across the field, dimensionless).",
+        "pca-amplitudes": f"Each image's amplitude on each principal component ({pca_unit}) against the first "
+                          "numeric or time coordinate; red crosses: outlier images. A trend: the kernel field "
+                          "changing with that coordinate.",
+    }
+    return text.get(stem, "")
+
+
+def job_yaml(ds: xr.Dataset) -> str | None:
+    """The job configuration of the run that made the kernel map (its ``kernelmap_config`` attribute, YAML
+    or JSON) as YAML, to be read back with :func:`pipeline.job.config.job_from_dict` (storage option values
+    are never stored: their keys hold a placeholder); ``None`` where the store has none."""
+    stored = ds.attrs.get("kernelmap_config")
+    if not stored:
+        return None
+    try:
+        data = yaml.safe_load(stored) if isinstance(stored, str) else stored
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):  # not a mapping: kept as it is
+        text = str(stored)
+        return text if text.endswith("\n") else text + "\n"
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
 def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  *, max_images: int = 8, rows: int = 100,
                  coordinates: str | os.PathLike[str] | pd.DataFrame | None = None,
                  storage_options: dict[str, Any] | None = None, overwrite: bool = False,
-                 notify: Callable[[str], None] | None = None) -> Path | str:
+                 notify: Callable[[str], None] | None = None, stretch: str = "asinh",
+                 scale: str = "shared") -> Path | str:
     """Write the figures, tables and ``index.html`` of a kernel-map store into a new folder; returns the
     index's path (a local ``Path``, or its URL where ``out`` is one).  A folder that exists (not empty) is
     refused, or with ``overwrite`` replaced where it holds a report.
@@ -747,8 +1082,13 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     Maps of a kernel map with a reference WCS have RA/Dec axes and a compass (astropy; without it pixel
     axes and a note on the page); ``tiles.csv`` gives each tile's place, on the sky too.  A store whose
     run has not finished is reported all the same, with a notice on the page (:func:`incomplete_notice`),
-    which ``notify`` (e.g. ``print``), where given, is called with too.
+    which ``notify`` (e.g. ``print``), where given, is called with too.  ``stretch``: of the kernel mosaics
+    (:data:`STRETCHES`, default ``asinh``); ``scale``: one colour scale across the images' panels
+    (``shared``, the default) or one per image (``per-image``; :data:`SCALES`).  The job configuration of
+    the run (the store's ``kernelmap_config``) is written as ``job.yaml`` and linked from the page; each
+    figure has a caption (:func:`caption`).
     """
+    _check_options(stretch, scale)
     path = os.fspath(store)
     if out is None and "://" in path:
         raise InputError(f"{path} is a URL: give --out, a folder or URL prefix for the report")
@@ -770,12 +1110,15 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     if notice is not None and notify is not None:
         notify(f"{path}: {notice}")
     sky = sky_of(ds)
-    figs = figures(ds, max_images=max_images, result=result, sky=sky)
+    figs = figures(ds, max_images=max_images, result=result, sky=sky, stretch=stretch, scale=scale)
     for stem, fig in figs.items():
         with folder.open(f"{stem}.png") as f:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
     tables = write_tables(result, folder, ds)
+    job = job_yaml(ds)
+    if job is not None:
+        folder.write_text("job.yaml", job)
     table, n = result.table, ds.sizes["image"]
     pages = _write_pages(table, folder) if n > rows else []
     status = ds.attrs.get("kernelmap_status", "unknown")
@@ -798,7 +1141,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
                 f"{', '.join(TREND_QUANTITIES)} against {html.escape(coords)} (see "
                 "<code>pipeline.analysis.survey</code> for the rule).</p>")
     if len(outliers):
-        out_html += _html_table(outliers.head(rows))
+        out_html += _html_table(outliers.head(rows), {str(c): column_format(outliers[c]) for c in outliers})
         if len(outliers) > rows:
             out_html += f"<p>The first {rows} by deviation; all in <a href='outliers.csv'>outliers.csv</a>.</p>"
     missing = result.without_model
@@ -808,8 +1151,21 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     table_note = (f"<p>The first {rows} of {n} images; all in {links} and the pages "
                   + " ".join(f'<a href="{name}">{p + 1}</a>' for p, name in enumerate(pages)) + ".</p>"
                   if pages else f"<p>Also as {links}.</p>")
-    sections = "".join(f'<h2>{html.escape(_title(stem))}</h2><img src="{stem}.png" alt="{html.escape(stem)}">'
-                       for stem in figs)
+    sections = "".join(
+        f'<h2>{html.escape(_title(stem, ds))}</h2><figure><img src="{stem}.png" alt="{html.escape(stem)}">'
+        f"<figcaption>{html.escape(caption(stem, ds, result, stretch=stretch, scale=scale, sky=sky))}"
+        "</figcaption></figure>" for stem in figs)
+    problem = fl.problems(np.asarray(ds["quality_flag"].values))
+    info = ", ".join(f.name for f in fl.FLAGS if f.kind == fl.INFORMATION)
+    flag_html = (f"<p>Tiles flagged: {int(problem.sum())} of {problem.size} ({_percent(problem.mean())} %) have a "
+                 f"problem flag; the informational flags ({html.escape(info)}: pixels left out) are not counted "
+                 "as flagged.</p>")
+    job_html = ("<p>Job configuration: <a href='job.yaml'>job.yaml</a> (every setting of the run that made this "
+                "kernel map; storage option values are not kept).</p>" if job is not None else
+                "<p>Job configuration: none in the store (no kernelmap_config attribute).</p>")
+    figure_note = (f"Figures: maps and kernels drawn y up; kernel mosaics: {html.escape(stretch)} stretch; "
+                   + ("one colour scale shared by the images' panels." if scale == "shared"
+                      else "a colour scale per image."))
     folder.write_text("index.html", _page(
         "kernelmap report",
         f"<h1>kernelmap report: {html.escape(str(path))}</h1>"
@@ -817,9 +1173,11 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
         f"{html.escape(str(ds.attrs.get('tile_size', '?')))} px, kernels {ds.sizes['ky']}x{ds.sizes['kx']}, "
         f"method {html.escape(str(ds.attrs.get('kernelmap_method', '?')))}, store {html.escape(status)}; "
         f"{shown_html}trends against {html.escape(coords)}{skipped}; {sky_html}.</p>"
+        f"{job_html}{flag_html}<p>{figure_note}</p>"
         + (f"<p class='notice'><strong>Note:</strong> {html.escape(notice)}.</p>" if notice else "") +
         f"<h2>Outliers</h2>{out_html}{model_html}"
-        f"<h2>Images</h2>{table_note}{_html_table(table.head(rows))}{sections}"))
+        f"<h2>Images</h2>{table_note}"
+        f"{_html_table(table.head(rows), {str(c): column_format(table[c]) for c in table.columns})}{sections}"))
     return folder.path("index.html")
 
 
@@ -831,9 +1189,12 @@ def _read_csv_url(url: str, storage_options: dict[str, Any] | None) -> pd.DataFr
         raise InputError(f"cannot read {url} as a CSV table ({exc}): give a CSV file with an 'image' column") from exc
 
 
-def _title(stem: str) -> str:
+def _title(stem: str, ds: xr.Dataset | None = None) -> str:
+    """A figure's heading on the page; the kernel mosaics' name their image by its label."""
     if stem in FIGURES:
         return FIGURES[stem]
+    if stem.startswith("kernels-") and ds is not None:
+        return f"Kernels across the field, {_label(ds, int(stem.split('-', 1)[1]))}"
     if stem.startswith("trends-"):
         return f"Trends against {stem[len('trends-'):]}"
     return stem.replace("-", " ")

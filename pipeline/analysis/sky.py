@@ -7,7 +7,10 @@ its maps in input pixel coordinates (each tile over its own cell; the last
 tiles, set against the image edge, may lie closer than the step, so the tile
 grid need not be evenly spaced), so the data coordinates of every map are the
 reference image's pixels and the reference's own WCS maps them onto the sky
-exactly: no WCS of the tile grid is needed.
+exactly: no WCS of the tile grid is needed.  Maps are drawn y up (origin
+lower, as ds9 and FITS viewers show an image), and each axis names its unit:
+``x (pixel)``, ``y (pixel)``, or the sky's, ``RA (h m s)`` and ``Dec (d m s)``
+as the tick labels are written.
 
 astropy (the ``fits`` extra) is optional: without it, or where the WCS cannot
 be read or does not give the stored ``ra``/``dec``, :func:`sky_of` returns no
@@ -25,7 +28,8 @@ import xarray as xr
 
 from ..io.store import icrs_positions
 
-__all__ = ["PIXELS", "Sky", "axis_names", "compass", "draw_compass", "is_sky_axes", "label_axes", "sky_of"]
+__all__ = ["PIXELS", "Sky", "angle_unit", "axis_names", "compass", "draw_compass", "is_sky_axes", "label_axes",
+           "sky_of"]
 
 #: How far (degrees) the WCS's sky positions of the tile centres may lie from the stored ``ra``/``dec``.
 TOLERANCE_DEG = 1e-6
@@ -117,8 +121,23 @@ def is_sky_axes(ax: Any) -> bool:
     return hasattr(ax, "coords") and getattr(ax, "wcs", None) is not None
 
 
+def angle_unit(coordinate: Any) -> str:
+    """How a WCSAxes coordinate's tick labels write an angle: ``h m s`` (hours), ``d m s`` (degrees,
+    sexagesimal, the default), ``deg`` (decimal degrees), or the unit's name."""
+    from astropy import units as u
+
+    unit = coordinate.get_format_unit()
+    if unit == u.hourangle:
+        return "h m s"
+    fmt = getattr(getattr(coordinate, "_formatter_locator", None), "format", None)
+    if unit == u.deg:
+        return "deg" if fmt is not None and ":" not in fmt and "m" not in fmt else "d m s"
+    return str(unit)
+
+
 def label_axes(ax: Any, sky: Sky, *, fontsize: float | None = None) -> None:
-    """Axis labels of a map: RA/Dec and a compass on WCSAxes, else ``x (pixel)`` and ``y (pixel)``."""
+    """Axis labels of a map with their units: RA/Dec (``RA (h m s)``, ``Dec (d m s)``: as the tick labels
+    write them) and a compass on WCSAxes, else ``x (pixel)`` and ``y (pixel)``."""
     size = {} if fontsize is None else {"fontsize": fontsize}
     if not is_sky_axes(ax):
         ax.set_xlabel("x (pixel)", **size)
@@ -127,8 +146,8 @@ def label_axes(ax: Any, sky: Sky, *, fontsize: float | None = None) -> None:
     wcs = ax.wcs
     ra, dec = ax.coords[wcs.wcs.lng], ax.coords[wcs.wcs.lat]  # the world axes in the WCS's own order
     lng_name, lat_name = axis_names(wcs)
-    ra.set_axislabel(lng_name, **size)
-    dec.set_axislabel(lat_name, **size)
+    ra.set_axislabel(f"{lng_name} ({angle_unit(ra)})", **size)
+    dec.set_axislabel(f"{lat_name} ({angle_unit(dec)})", **size)
     ra.set_ticklabel_position("b")
     dec.set_ticklabel_position("l")
     ra.set_axislabel_position("b")

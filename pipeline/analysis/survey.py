@@ -58,18 +58,18 @@ __all__ = ["COLUMNS", "TREND_QUANTITIES", "MAX_GROUPS", "THRESHOLD", "Coordinate
 
 @dataclass(frozen=True)
 class Quantity:
-    label: str  #: axis label
+    label: str  #: axis label, its unit in parentheses
     resolution: float = 0.0  #: smallest scale of its scatter (counts: 0.5)
 
 
 #: Per-image summaries trended against every coordinate and tested for outliers: column -> label, resolution.
 TREND_QUANTITIES: dict[str, Quantity] = {
     "fwhm_median": Quantity("median FWHM (pixel)"),
-    "ellipticity_median": Quantity("median |e|"),
-    "flux_median": Quantity("median flux scale"),
-    "background_median": Quantity("median background"),
-    "model_degree": Quantity("model degree", 0.5),
-    "tiles_flagged": Quantity("tiles flagged", 0.5),
+    "ellipticity_median": Quantity("median |e| (dimensionless)"),
+    "flux_median": Quantity("median flux scale (ratio target/source)"),
+    "background_median": Quantity("median background (target units, ADU)"),
+    "model_degree": Quantity("model polynomial degree (integer)", 0.5),
+    "tiles_flagged": Quantity("tiles flagged (problem flags, count)", 0.5),
 }
 
 #: What each column of :func:`image_table` and :func:`survey` holds (the HTML table's header tips, the docs).
