@@ -430,9 +430,9 @@ def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float, sky: Sky =
         draw_compass(ax, sky, at=((y0 + y1) / 2, (x0 + x1) / 2), stretch=tuple((k + gap) / s for s in steps))
         title += " (N, E: the sky's directions)"
     ax.set_title(title)
-    foot = f"; below {norm.vmin:.2g}, and at or below 0, black" if stretch == "log" else ""
+    foot = f"; black: below {norm.vmin:.2g}" if stretch == "log" else ""
     fig.colorbar(im, ax=ax, shrink=0.8, extend="min" if stretch == "log" else "neither",
-                 label=f"kernel flux per kernel pixel ({KERNEL_UNIT}); {stretch} stretch, "
+                 label=f"kernel flux per kernel pixel ({KERNEL_UNIT})\n{stretch} stretch, "
                        f"{'scale of this image' if scale == 'per-image' else 'scale shared by the images'}{foot}")
     return fig
 
