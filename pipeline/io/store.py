@@ -29,7 +29,13 @@ blocks without a record are computed again).
 :class:`OutputStore` is a store at a path: it decides how a run opens it
 under ``output.mode`` (:meth:`OutputStore.opening`, reading only), creates it,
 writes blocks (from any process: it travels as its path and identifier),
-reads blocks back, writes finished images and marks it complete.
+reads blocks back, writes finished images and marks it complete.  A local
+store is overwritten by writing the new one beside it and swapping it in once
+complete (:mod:`pipeline.io.swap`; :meth:`Opening.finish`): ``output.mode:
+resume`` after an interrupted overwrite resumes that replacement (the output
+keeps the earlier result until it completes), ``overwrite`` removes it and
+starts again, ``create`` is refused naming it.  A store at a URL is removed,
+then written in place.
 """
 
 from __future__ import annotations

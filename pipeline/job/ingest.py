@@ -50,6 +50,14 @@ files (or an unfinished creation of one) is refused unless
 ``mode="overwrite"``; anything at the output that kernelmap ingest did not
 write is never removed, nor an output that is or holds a file the ingest
 reads.  An empty folder (``--out .``) is kept, the stack created in it.
+
+While it writes, an ingest holds the stack's lock (:mod:`pipeline.io.lock`):
+another ingest to it is refused.  ``mode="overwrite"`` writes the new stack
+beside the old one and swaps it in once complete (:mod:`pipeline.io.swap`;
+an empty folder, or the working folder or one holding it, is written in
+place), so an interrupted overwrite leaves the old stack readable and its
+replacement is named by the next ingest (refused unless ``--overwrite``, which
+removes it and starts again).
 """
 
 from __future__ import annotations

@@ -178,8 +178,8 @@ class Plan:
         for leftover in opening.leftovers:
             lines.append(f"leftover   {leftover.describe()}: removed first")
         if opening.replacing and opening.action == "overwrite":
-            lines.append(f"replace    the new result is written to {opening.store.path} and swapped in once "
-                         f"complete; {opening.output} keeps the earlier result until then")
+            lines.append(f"replace    the new result is written beside it ({opening.output}.kernelmap-new-<token>) "
+                         f"and swapped in once complete; {opening.output} keeps the earlier result until then")
         elif opening.replacing:
             lines.append(f"replace    resuming {opening.store.path}, the replacement an interrupted overwrite "
                          f"left; swapped in once complete ({opening.output} keeps the earlier result until then)")

@@ -9,7 +9,10 @@ marks the store complete.  A killed run is resumed by running the same job with
 ``output.mode: resume``: only blocks without a record are computed, the others
 are read back from the store and finished the same way, and every tile's result
 does not depend on which other tiles ran with it, so the result equals an
-uninterrupted run's.
+uninterrupted run's.  The run holds the output's lock (:mod:`pipeline.io.lock`)
+from the moment it starts writing to its end, however it ends; an overwrite
+writes beside the output and swaps the complete result in
+(:mod:`pipeline.io.swap`).
 
 A run in which every tile of some image is unusable (flagged ``no_data`` or
 ``no_signal``, its kernels NaN) still writes everything and marks the store
