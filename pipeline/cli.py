@@ -4,7 +4,9 @@ and ``demo``."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a job. Exit status: 0 done; 2 the job was refused (bad job file, inputs or options; "
                     "nothing is started); 3 done and the output complete, but every tile of some image is "
                     "unusable (flagged no_data or no_signal): stderr names the images, the flags and the "
-                    "option to change; 130 interrupted (resume with --set output.mode=resume).")
+                    "option to change; 1 stopped by a full disk or an exhausted quota (free space, then resume with "
+                    "--set output.mode=resume); 130 interrupted (resume with --set output.mode=resume).")
     _add_job_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     run.add_argument("--performance-report", metavar="FILE.html", help="write Dask's performance report")
@@ -405,6 +408,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; {_RESUME_HINTS.get(args.command, 'nothing is finished: run it again')}", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk, here or in a worker's task: what to do, not a traceback
+        full = no_space(exc)
+        if full is None:
+            raise
+        print(f"kernelmap {args.command}: {os.strerror(full.errno).lower()} writing {_written(args)}: free space, then "
+              f"{_after_full_disk(args)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+#: Exit status of a command stopped by an error it names (such as a full disk) after it began writing.
+EXIT_FAILED = 1
+
+
+def no_space(exc: BaseException) -> OSError | None:
+    """The ``OSError`` of a full disk or an exhausted quota (``ENOSPC``, ``EDQUOT``) that ``exc`` is or arose
+    from (its causes and contexts), else ``None``."""
+    full = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in full:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _written(args: argparse.Namespace) -> str:
+    """What the command writes (where a full disk stopped it)."""
+    if args.command in ("run", "submit"):
+        from .job.config import load_job
+
+        return load_job(args.job, args.overrides).output.path  # as it loaded before
+    if args.command == "report":
+        return args.out or f"{args.store}.report"
+    return args.dir if args.command == "demo" else args.out
+
+
+def _after_full_disk(args: argparse.Namespace) -> str:
+    """How to finish a command that a full disk stopped: as an interrupted one, except a run's output whose
+    creation was cut short (it holds no block records to resume from): removed first."""
+    if args.command == "run":
+        from .io.store import OutputStore
+
+        store = OutputStore(_written(args))
+        try:
+            if store.exists():
+                store.completed_blocks()  # raises where it holds no block records
+        except Exception:
+            return f"remove {store.path} (its creation was cut short) and run the job again"
+    return _RESUME_HINTS.get(args.command, "run it again")
 
 
 #: How each command that writes is finished after it was interrupted.

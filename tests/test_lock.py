@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -210,3 +211,51 @@ def test_the_lock_is_given_back_on_error_and_re_entered_by_its_thread(tmp_path):
     assert not Path(lock_path(out)).exists()
     assert lock_path("s3://bucket/kernels.zarr/") == "s3://bucket/kernels.zarr.kernelmap.lock"
     assert lock_path(out) == f"{out}.kernelmap.lock"
+
+
+def test_a_run_to_an_object_store_holds_a_lock_object_beside_its_output(tmp_path, monkeypatch):
+    pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "kernelmap-test-secret",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("locks")
+        make_stack(tmp_path / "stack.zarr", n_images=1, size=128)
+        url = "s3://locks/kernels.zarr"
+        data = job_dict(tmp_path, output={"path": url})
+        with OutputLock(url, command="kernelmap run elsewhere.yaml"):  # held (by this thread, another command)
+            assert fs.cat("locks/kernels.zarr.kernelmap.lock").startswith(b"{")
+            with pytest.raises(OptionError, match=rf"output.path {url} is being written by another kernelmap "
+                                                  r"command \(.*kernelmap run elsewhere.yaml\)"):
+                failure: list[BaseException] = []
+
+                def second() -> None:  # another thread: not this lock's holder
+                    try:
+                        run_job(job_from_dict(data), progress=False)
+                    except BaseException as exc:  # handed to the test's thread
+                        failure.append(exc)
+
+                thread = threading.Thread(target=second)
+                thread.start()
+                thread.join()
+                raise failure[0]
+        assert not fs.exists("locks/kernels.zarr")
+        run_job(job_from_dict(data), progress=False)
+        run_job(job_from_dict(job_dict(tmp_path, output={"path": url, "mode": "overwrite"})), progress=False)
+        assert not fs.exists("locks/kernels.zarr.kernelmap.lock")
+        assert sorted(fs.ls("locks", refresh=True)) == ["locks/kernels.zarr"]  # replaced in place at a URL
+        assert xr.open_zarr(url).attrs["kernelmap_status"] == "complete"
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -13,6 +13,8 @@ it comes, to the caller.
 
 from __future__ import annotations
 
+import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
     from ..core.tiles import Block
     from .blocks import BlockResult, BlockTask
 
-__all__ = ["WORKER_ENV", "WaitingFutures", "WorkerWatch", "connect", "run_in_threads", "run_on_client"]
+__all__ = ["SHUTDOWN_LOGGERS", "WORKER_ENV", "ShutdownHush", "WaitingFutures", "WorkerWatch", "connect", "dask_setup",
+           "run_in_threads", "run_on_client"]
 
 #: Environment of worker processes: one thread per FFT/BLAS call inside tasks.  It replaces
 #: dask's default, whose ``MALLOC_TRIM_THRESHOLD_`` slows these tasks (``scripts/bench_pipeline.py``
@@ -50,7 +53,10 @@ def _start_local_cluster(job: JobConfig, stack: ExitStack) -> Callable[[], Any]:
     c = job.compute
 
     def start() -> LocalCluster:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV}):
+        settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": WORKER_ENV}
+        if c.processes:  # Ctrl-C stops the run through this process alone (see dask_setup)
+            settings["distributed.worker.preload"] = [*dask.config.get("distributed.worker.preload", []), __name__]
+        with dask.config.set(settings):
             return LocalCluster(
                 n_workers=c.n_workers, threads_per_worker=c.threads_per_worker, processes=c.processes,
                 memory_limit=c.memory_limit, dashboard_address=c.dashboard_address,
@@ -68,6 +74,63 @@ def _start_local_cluster(job: JobConfig, stack: ExitStack) -> Callable[[], Any]:
     return lambda: stack.enter_context(Client(future.result()))
 
 
+#: Loggers of the cluster quieted while it closes after Ctrl-C: it reports every task it stops.
+SHUTDOWN_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+class ShutdownHush:
+    """Exit callback of a run's ``ExitStack``: after a :class:`KeyboardInterrupt`, the cluster's loggers
+    (:data:`SHUTDOWN_LOGGERS` and those under them) are silenced while the client and the cluster close,
+    and given back their levels once the stack has closed them.  Other exits change nothing (errors of a
+    run, and of its cluster, are reported as ever)."""
+
+    def __init__(self) -> None:
+        self._levels: dict[str, int] | None = None
+
+    def __call__(self, exc_type: type[BaseException] | None, *exc: object) -> bool:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and self._levels is None:
+            own = [name for name, logger in list(logging.root.manager.loggerDict.items())  # levels of their own
+                   if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET
+                   and name.partition(".")[0] in SHUTDOWN_LOGGERS]
+            self._levels = {name: logging.getLogger(name).level for name in (*SHUTDOWN_LOGGERS, *own)}
+            for name in self._levels:
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        return False
+
+    def restore(self) -> None:
+        """Give the loggers back their levels."""
+        for name, level in (self._levels or {}).items():
+            logging.getLogger(name).setLevel(level)
+        self._levels = None
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload of the local cluster's worker processes (``distributed.worker.preload``): they leave what
+    stopping a run is to the run's own process, and say nothing of it.
+
+    Ctrl-C at a terminal sends SIGINT to every process of the foreground
+    group, worker processes included, which would die printing their
+    tracebacks while the run still reads them: they take it as the sign that
+    the run stops, and only stop logging; the run's process stops the run and
+    closes them.  Once closing (the run ended or stopped), a worker's logs
+    are dropped (the tasks it cancels, the scheduler it loses).  And a
+    task's error is not logged by the worker: the run reads every task's
+    result and raises the error, with the task's traceback, itself (a clear
+    message where it is the package's or a full disk's).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # a worker in the client's process: SIGINT is the run's own
+    signal.signal(signal.SIGINT, lambda signum, frame: logging.disable(logging.CRITICAL))
+    closing = {"closing", "closing_gracefully", "closed", "failed"}
+
+    def reported_elsewhere(record: logging.LogRecord) -> bool:
+        return getattr(worker.status, "name", "") not in closing and not str(record.msg).startswith(
+            "Compute Failed")
+
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        logging.getLogger(name).addFilter(reported_elsewhere)
+
+
 def connect(job: JobConfig, stack: ExitStack, log: Callable[[str], None]) -> Callable[[], Any]:
     """Begin connecting to where ``compute.scheduler`` says; returns a function giving the client.
 
@@ -75,23 +138,33 @@ def connect(job: JobConfig, stack: ExitStack, log: Callable[[str], None]) -> Cal
     submitted now (a refusal raises here, before the output is touched) and
     the client waits for the first of them to start.  The function
     returns ``None`` for ``threads`` and ``synchronous`` (no cluster).
-    Everything started is closed when ``stack`` exits.
+    Everything started is closed when ``stack`` exits: quietly after Ctrl-C
+    (:class:`ShutdownHush`).
     """
     kind = job.compute.scheduler_kind
+    if kind not in ("local", "batch", "address"):
+        return lambda: None
+    hush = ShutdownHush()
+    stack.callback(hush.restore)  # once all that was started is closed
     if kind == "local":
-        return _start_local_cluster(job, stack)
-    if kind == "batch":
+        started = _start_local_cluster(job, stack)
+    elif kind == "batch":
         from .batch import submit_workers
 
-        return submit_workers(job, stack, log)
-    if kind == "address":
-        def client() -> Any:
+        started = submit_workers(job, stack, log)
+    else:
+        def started() -> Any:
             from distributed import Client
 
             return stack.enter_context(Client(job.compute.scheduler))
+    stack.push(hush)  # before the cluster closes
 
-        return client
-    return lambda: None
+    def client() -> Any:
+        made = started()
+        stack.push(hush)  # before the client closes
+        return made
+
+    return client
 
 
 def run_in_threads(task: BlockTask, blocks: Sequence[Block], on_result: Callable[[BlockResult], None], *,
