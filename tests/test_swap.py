@@ -187,6 +187,32 @@ def test_a_completed_overwrite_swaps_in_the_new_result_and_removes_what_interrup
     assert _siblings(out) == []  # no replacement, no old result, no lock left
 
 
+def test_an_overwrite_cut_short_at_its_swap_keeps_the_old_result_and_resume_swaps_the_complete_new_one(
+        tmp_path, monkeypatch):
+    make_stack(tmp_path / "stack.zarr", n_images=1, size=128)
+    out = tmp_path / "kernels.zarr"
+    run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    old = _open(out)
+    data = job_dict(tmp_path, output={"mode": "overwrite"})
+    data["kernel"]["size"] = 7
+
+    def cut(a: str, b: str) -> bool:  # the replacement complete and marked; interrupted before the exchange
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(swap, "_exchange", cut)
+        with pytest.raises(KeyboardInterrupt):
+            run_job(job_from_dict(data), progress=False)
+    xr.testing.assert_identical(_open(out), old)
+    (left,) = leftovers(out)
+    assert left.kind == "new" and left.ready and not Path(lock_path(out)).exists()
+    assert _open(Path(left.path)).attrs["kernelmap_status"] == "complete"
+    summary = run_job(job_from_dict({**data, "output": {"path": str(out), "mode": "resume"}}), progress=False,
+                      log=lambda _: None)
+    assert summary.tiles_computed == 0 and summary.path == str(out)
+    assert _open(out).sizes["ky"] == 7 and _siblings(out) == [] and not (out / MARKER).exists()
+
+
 # --------------------------------------------------------------------------- apply and ingest
 
 def test_an_interrupted_apply_overwrite_keeps_the_old_images_and_resume_swaps_in_the_new(tmp_path, monkeypatch):
