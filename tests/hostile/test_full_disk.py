@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+import zarr
 from conftest import job_dict
 from stacks import make_stack
+
+from pipeline.cli import main
 
 
 def tree_digest(path: Path) -> str:
@@ -24,7 +27,8 @@ def tree_digest(path: Path) -> str:
 
 def test_a_run_onto_a_full_disk_says_so_and_leaves_its_inputs_as_they_were(tmp_path):
     """``kernelmap run`` with its output on a tmpfs already full: exit status 1 and one line saying that the
-    disk is full, where, and what to do (no traceback); the input stack and the job file are untouched."""
+    disk is full, where, and what to do (no traceback); the input stack and the job file are untouched; and
+    once space is freed, the run said (output.mode=resume) goes through."""
     make_stack(tmp_path / "stack.zarr", n_images=2, size=128)
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -47,5 +51,10 @@ def test_a_run_onto_a_full_disk_says_so_and_leaves_its_inputs_as_they_were(tmp_p
         assert result.stderr == (f"kernelmap run: no space left on device writing {output}: free space, then run "
                                  "the job again with output.mode=resume (--set output.mode=resume) to finish it\n")
         assert (tree_digest(tmp_path / "stack.zarr"), job_file.read_bytes()) == before
+        (disk / "filler").unlink()  # space freed (and more of it): the run does as it said
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        assert main(["run", str(job_file), "--quiet", "--set", "output.mode=resume"]) == 0
+        assert zarr.open_group(output, mode="r").attrs["kernelmap_status"] == "complete"
+        assert sorted(p.name for p in disk.iterdir()) == ["kernels.zarr"]  # and no lock left
     finally:
         subprocess.run(["umount", str(disk)], check=True)
