@@ -483,7 +483,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (
             {"target": "tgt"},
             r"input\.target: no array 'tgt' in .*stack\.zarr; arrays there: badmask, badmask2d, cplx, "
-            r"cube4, empty, flags, flat, mask, narrow, short, source, target$",
+            r"cube4, empty, flags, flat, mask, narrow, short, source, target; did you mean 'target'\? Set "
+            r"input\.target to an array there$",
         ),
         ({"source": "src"}, r"input\.source: no array 'src' in .*stack\.zarr; arrays there: badmask"),
         ({"mask": "bpm"}, r"input\.mask: no array 'bpm'"),

@@ -14,6 +14,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import InputError
+from ..io.paths import check_writable
 from ..io.store import consolidate
 from .maps import read_kernel_map
 
@@ -131,6 +132,7 @@ def write_comparison(a_path: str | os.PathLike[str], b_path: str | os.PathLike[s
     store = folder / "compare.zarr"
     if store.exists():
         raise InputError(f"{store} already exists: choose another --out folder or remove it")
+    check_writable(folder, f"--out {folder}")
     diff = compare_maps(read_kernel_map(a_path), read_kernel_map(b_path), names=(str(a_path), str(b_path)))
     diff.attrs.update(a=str(a_path), b=str(b_path))
     folder.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,9 @@ import yaml
 
 from .. import flags as fl
 from ..core.moments import adaptive_moments
+from ..core.validate import check_int
 from ..errors import InputError, OptionError
+from ..io.paths import check_writable
 from .maps import map_extent, model_kernels_at, read_kernel_map
 from .sky import PIXELS, Sky, draw_compass, label_axes, sky_of
 from .survey import (
@@ -827,6 +829,8 @@ class _Folder:
     def claim(self, overwrite: bool) -> None:
         """Make the folder ready for a new report: refused where something is there, unless ``overwrite``
         and it is a report (its ``index.html`` says so), which is then removed whole (no stale pages)."""
+        if not self.remote:
+            check_writable(self.root, f"--out {self.out}")
         root = self.root.rstrip("/")
         if not self.fs.exists(root) or (self.fs.isdir(root) and not self.fs.ls(root)):
             return
@@ -1089,6 +1093,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     figure has a caption (:func:`caption`).
     """
     _check_options(stretch, scale)
+    check_int("max_images (--max-images)", max_images, 1)
     path = os.fspath(store)
     if out is None and "://" in path:
         raise InputError(f"{path} is a URL: give --out, a folder or URL prefix for the report")

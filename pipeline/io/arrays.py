@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import base64
 import difflib
+import os
 import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+import zarr.errors
 
 from ..errors import InputError
 
@@ -51,21 +56,43 @@ def _get_array(grp: zarr.Group, name: str, key: str, where: str, group: str | No
     if isinstance(node, zarr.Group):
         raise InputError(f"{key}: '{name}' in {place} is a group, not an array: set {key} to an array in it")
     if node is None:
-        subgroups = sorted(grp.group_keys())
+        folder = os.path.join(where, grp.path, name) if "://" not in where else None
+        if folder is not None and os.path.isdir(folder):
+            raise InputError(f"{key}: '{name}' in {place} is a folder without Zarr metadata (no zarr.json or "
+                             ".zarray): the store is damaged there; restore it from its source, or write the "
+                             "array again")
+        with quiet_listing():
+            subgroups = sorted(grp.group_keys())
+            names = sorted(grp.array_keys())
         hint = f"; groups there: {_listing(subgroups)} (set input.group to read one)" if subgroups else ""
-        names = sorted(grp.array_keys())
         close = _close_names(name, names) if suggest else []
         if close:
             hint += f"; did you mean {' or '.join(map(repr, close))}? Set {key} to an array there"
+        else:
+            hint += f"; set {key} to the name of one of them"
         raise InputError(f"{key}: no array '{name}' in {place}; arrays there: {_listing(names)}{hint}")
     return node
 
 
+@contextmanager
+def quiet_listing() -> Iterator[None]:
+    """Listing a group's members without Zarr's warning about each thing in it that is not Zarr (a stray
+    file, a folder without metadata): such things are not arrays, and the listing says what is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        yield
+
+
 def _lookup(grp: zarr.Group, name: str) -> zarr.Array | zarr.Group | None:
+    """Member ``name`` of the group (``None`` where there is none); refused where its metadata cannot be read."""
     try:
         return grp[name]
     except KeyError:
         return None
+    except ValueError as exc:  # metadata that is not JSON, or not Zarr's (Zarr's errors are ValueErrors)
+        raise InputError(f"'{name}' in {grp.store_path}: its Zarr metadata cannot be read ({type(exc).__name__}: "
+                         f"{exc}): the store is damaged there; restore it from its source, or write the array "
+                         "again") from None
 
 
 def _check_dtype(z: zarr.Array, name: str, key: str, where: str, *, allow_bool: bool) -> None:

@@ -98,20 +98,36 @@ def expand_files(patterns: Sequence[str]) -> list[str]:
     for pattern in patterns:
         found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not found:
-            raise InputError(f"no file matches {pattern!r}")
+            raise InputError(f"no file matches {pattern!r}: check the pattern and its folder")
         files += found
     return files
 
 
 def _open(path: str):
+    """The opened HDU list of a FITS file: refused where it is missing, not a regular file (a folder, or a pipe,
+    which would block the read), not FITS or shorter than its headers say."""
     from astropy.io import fits
 
     if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    try:
-        return fits.open(path, memmap=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} cannot be read as FITS: {exc}") from None
+        raise InputError(f"{path}: no such file; check the path")
+    if not os.path.isfile(path):
+        what = "a folder" if os.path.isdir(path) else "not a regular file (a pipe, socket or device)"
+        raise InputError(f"{path} is {what}, not a FITS file: give the path of the FITS file itself")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdus = fits.open(path, memmap=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path} cannot be read as FITS ({exc}): give a FITS file, plain or "
+                             "tile-compressed") from None
+    truncated = [w for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        hdus.close()
+        raise InputError(f"{path} is truncated ({truncated[0].message}): the file is shorter than its headers say; "
+                         "copy it again from its source")
+    for w in caught:  # astropy's other warnings, as they were given
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return hdus
 
 
 def _select(hdus, plane: Plane):

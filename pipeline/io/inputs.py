@@ -56,6 +56,7 @@ from .arrays import (
     _lookup,
     _read_chunks,
     _stored,
+    quiet_listing,
 )
 from .levels import ImageLevels
 from .noise import CCDNoise, Variances, ccd_spec, noise_spec, open_variances
@@ -244,7 +245,7 @@ def open_inputs(
     arrays: dict[str, tuple[str, zarr.Array]] = {}
     for key, name in (("source", source), ("target", target), ("mask", mask)):
         if name is not None:
-            arrays[key] = (name, _get_array(grp, name, f"input.{key}", where, group))
+            arrays[key] = (name, _get_array(grp, name, f"input.{key}", where, group, suggest=True))
 
     tgt_name, tgt_z = arrays["target"]
     src_name, src_z = arrays["source"]
@@ -253,9 +254,11 @@ def open_inputs(
 
     tgt_dims = _dimension_names(tgt_z)
     if tgt_z.ndim != 3:
+        fix = ("store a single image with a leading image axis of length 1" if tgt_z.ndim < 3 else
+               "store one 3-D array per value of the extra axes (e.g. per band), or drop an axis of length 1")
         raise InputError(
             f"input.target: array '{tgt_name}' in {where} must be 3-D (image, y, x), got shape "
-            f"{tgt_z.shape}; store a single image with a leading image axis of length 1"
+            f"{tgt_z.shape}; {fix}"
         )
     if src_z.ndim not in (2, 3):
         raise InputError(
@@ -267,7 +270,8 @@ def open_inputs(
     src = _stored(src_z, src_name, _axis_order(_dimension_names(src_z), IMAGE_DIMS[-src_z.ndim:]))
     n, ny, nx = (int(s) for s in tgt.shape)
     if n == 0:
-        raise InputError(f"input.target: array '{tgt_name}' in {where} holds no images (shape {tgt_z.shape})")
+        raise InputError(f"input.target: array '{tgt_name}' in {where} holds no images (shape {tgt_z.shape}): write "
+                         "the images into it, or set input.target to the array that holds them")
     if src.ndim == 3 and src.shape[0] != n:
         raise InputError(
             f"input.source: '{src_name}' holds {src.shape[0]} images but target '{tgt_name}' holds {n} "
@@ -364,6 +368,12 @@ def _open_group(where: str, group: str | None, storage_options: dict[str, Any] |
     except ImportError as exc:
         raise InputError(f"input.path: cannot read {where}: {exc}") from exc
     except (FileNotFoundError, zarr.errors.NodeNotFoundError, zarr.errors.ContainsArrayError) as exc:
+        if "://" not in where and os.path.exists(where) and not os.path.isdir(where):
+            what = "a file" if os.path.isfile(where) else "not a folder (a pipe, socket or device)"
+            raise InputError(
+                f"input.path: {where} is {what}, not a Zarr store (a folder with zarr.json or .zgroup at its "
+                "top): point input.path at the store"
+            ) from exc
         if _is_array(where, kwargs):
             raise InputError(
                 f"input.path: {where} is a single Zarr array, not a group: point input.path at the "
@@ -373,6 +383,11 @@ def _open_group(where: str, group: str | None, storage_options: dict[str, Any] |
             f"input.path: no Zarr store at {where}: check the path or URL "
             "(a store is a directory with zarr.json or .zgroup at its top)"
         ) from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"input.path: the Zarr metadata at the top of {where} is not JSON ({exc}): the store is damaged (its "
+            "zarr.json, .zgroup, .zattrs or .zmetadata); restore it from its source, or write the stack again"
+        ) from None
     except ValueError as exc:  # e.g. an unknown URL protocol
         raise InputError(f"input.path: cannot open {where}: {exc}") from exc
     if not group:
@@ -496,7 +511,9 @@ def _image_coordinates(grp: zarr.Group, name: str, n: int, where: str, *, exclud
                        ) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
     """The group's other 1-D arrays along the image axis ``name`` (``n`` long), decoded like the labels."""
     found = {}
-    for key, node in sorted(grp.arrays(), key=lambda item: item[0]):
+    with quiet_listing():
+        members = sorted(grp.arrays(), key=lambda item: item[0])
+    for key, node in members:
         if key in exclude or node.ndim != 1 or node.shape[0] != n or _dimension_names(node) != (name,):
             continue
         attrs = {k: _plain(v) for k, v in node.attrs.items() if k != "_ARRAY_DIMENSIONS"}

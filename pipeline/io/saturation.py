@@ -103,6 +103,13 @@ def _checked_levels(levels: ImageLevels, role: str, arr: StoredImages,
     check_range(levels, key, images)
     medians = []
     origin = "" if isinstance(levels.setting, float) else f" ({levels.origin})"
+    if arr.decoding is None and arr.dtype.kind in "iu" and float(np.min(levels.levels)) > np.iinfo(arr.dtype).max:
+        largest = np.iinfo(arr.dtype).max
+        raise InputError(
+            f"{key}: the level {float(np.min(levels.levels)):g}{origin} is above {largest}, the largest value "
+            f"the {arr.dtype} array '{arr.name}' can hold: no pixel can reach it, so it is probably in other units "
+            "than the stored pixels (e.g. electrons rather than ADU). Give the level in the units of the stored "
+            f"values (at most {largest}), or remove {key}")
     for image in sample_images(levels.levels, SATURATION_SAMPLE_IMAGES):
         median, region = _central_median(arr, image)
         medians.append((image, median))

@@ -59,6 +59,7 @@ from .. import flags as fl
 from ..core.field import KernelField, polynomial_terms
 from ..core.tiles import STEP, Block, TileGrid
 from ..errors import OptionError
+from .paths import check_writable
 from .swap import Leftover, discard, is_url, leftovers, new_sibling, swap_into_place, tidy
 
 if TYPE_CHECKING:
@@ -505,6 +506,7 @@ class OutputStore:
             return Opening(mode, self, refusal=OptionError(
                 f"output.path {self.path}: {blocked} is a file, not a folder, so nothing can be written under it: "
                 "nothing was changed; choose another output.path"))
+        check_writable(self.location, f"output.path {self.path}")  # a refusal: opening() returns it
         found = tuple(x for x in leftovers(self.location) if x.kind == "new")  # replacements left unfinished
         if mode == "resume" and found:
             return self._resume_replacement(found, fingerprint, input_identity, differences)
@@ -534,7 +536,14 @@ class OutputStore:
             if is_url(location) or (Path(location).is_dir() and not any(Path(location).iterdir())):
                 return Opening(mode, self, leftovers=found)
             return Opening(mode, replace(self, path=new_sibling(self.path)), final=self.path, leftovers=found)
-        old = self.attrs()
+        try:
+            old = self.attrs()
+        except (OSError, ValueError, LookupError):  # not a Zarr group (Zarr's errors are ValueErrors)
+            old = {}
+        if "kernelmap_fingerprint" not in old:
+            return Opening("resume", self, refusal=OptionError(
+                f"output.mode=resume: {self.path} exists and is not a kernel map written by kernelmap run: nothing "
+                "was changed; output.mode=resume finishes only those. Choose another output.path"))
         if old.get("kernelmap_fingerprint") != fingerprint:
             named = differences(old.get("kernelmap_config")) if differences is not None else []
             said = ("; ".join(named) + "): set these as the store has them to resume it (e.g. "

@@ -44,9 +44,10 @@ import yaml
 
 from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
+from ..core.validate import check_positive_int
 from ..errors import InputError, OptionError
 from ..io.lock import OutputLock, lock_refusal
-from ..io.paths import path_within
+from ..io.paths import check_writable, path_within
 from ..io.store import (
     OutputStore,
     consecutive_runs,
@@ -266,6 +267,7 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
 
     if mode not in ("create", "overwrite", "resume"):
         raise OptionError(f"mode={mode!r}: use 'create', 'overwrite' or 'resume'")
+    check_positive_int("chunk (--chunk)", chunk)
     km = KernelMap.open(kernels)
     stored = km.ds.attrs.get("kernelmap_config")
     if not stored:
@@ -284,6 +286,7 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
     if blocked is not None:
         raise OptionError(f"{output}: {blocked} is a file, not a folder, so nothing can be written under it: nothing "
                           "was changed; give another output path")
+    check_writable(out.location, f"--out {output}")
     held = lock_refusal(out.path, f"--out {output}")
     if held is not None:
         raise held

@@ -1118,10 +1118,17 @@ def _format_errors(exc: ValidationError) -> list[str]:
             continue
         if kind in ("union_tag_invalid", "union_tag_not_found"):
             method = value.get("method") if isinstance(value, Mapping) else value
-            lines.append(f"{path}.method: {_show(method)} is not one of {', '.join(KERNEL_METHODS)}")
+            lines.append(f"{path}.method: {_not_one_of(method, list(KERNEL_METHODS))}")
             continue
         lines.append(f"{path or '<job>'}: {_message(kind, value, ctx, err['msg'], holder, parts)}")
     return lines
+
+
+def _not_one_of(value: Any, choices: list[str]) -> str:
+    """``'welsh' is not one of lstsq, welch, ratio (did you mean 'welch'?)``: the choices, and the closest."""
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.75) if isinstance(value, str) else []
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{_show(value)} is not one of {', '.join(choices)}{guess}"
 
 
 def _message(kind: str, value: Any, ctx: Mapping[str, Any], default: str,
@@ -1144,7 +1151,7 @@ def _message(kind: str, value: Any, ctx: Mapping[str, Any], default: str,
     if kind == "literal_error":
         choices = _literal_choices(holder, parts[-1] if parts else None)
         if choices:
-            return f"{_show(value)} is not one of {', '.join(choices)}"
+            return _not_one_of(value, choices)
         return f"{_show(value)}: {default.lower()}"
     if kind in _TYPE_NAMES:
         return f"{_show(value)} is not {_TYPE_NAMES[kind]}"

@@ -92,7 +92,7 @@ from ..io.fits import (
     wcs_text,
 )
 from ..io.lock import OutputLock, lock_refusal
-from ..io.paths import path_within, same_path
+from ..io.paths import check_writable, path_within, same_path
 from ..io.store import consecutive_runs, image_encoding, whole_image_shards
 from ..io.swap import discard, leftovers, new_sibling, swap_into_place, tidy
 from .config import INGEST_MASK, INGEST_VARIANCES, IngestConfig, JobConfig
@@ -843,6 +843,7 @@ def plan_ingest(settings: IngestConfig, output: str | os.PathLike[str], *, mode:
     files = expand_files(settings.targets)
     sources = _pair_sources(settings, files)
     _check_output_apart(out, files_read(settings, files, sources), job)
+    check_writable(out, f"{'input.path' if job else '--out'} {out}")
     _check_labels(files)
     held = lock_refusal(out, f"{'input.path ' if job else ''}{out}")
     if held is not None:

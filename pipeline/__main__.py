@@ -1,0 +1,7 @@
+"""``python -m pipeline``: the ``kernelmap`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
