@@ -374,18 +374,20 @@ def test_flag_categories_take_the_most_severe_problem_and_leave_information_apar
     assert flag_categories(fl.MASKED | fl.HIGH_RESIDUAL | fl.NO_DATA) == 2  # no_data, the most severe
 
 
-def test_column_formats_keep_4_significant_figures_down_a_column_and_counts_whole():
-    def written(values, dtype=None):
+def test_table_numbers_keep_4_significant_figures_counts_whole_and_coordinates_as_given():
+    def written(values, dtype=None, exact=False):
         series = pd.Series(values, dtype=dtype)
-        return [column_format(series)(v) for v in series]
+        return [column_format(series, exact=exact)(v) for v in series]
 
-    assert written([2.55012, 2.7, 12.8479]) == ["2.55", "2.70", "12.85"]
-    assert written([0.04250, 0.0411749, -0.0012]) == ["0.04250", "0.04117", "-0.00120"]
-    assert written([6.475e-4, -7.2e-7]) == ["6.475e-04", "-7.200e-07"]
+    assert written([2.55012, 2.7, 12.8479, 9.99996]) == ["2.550", "2.700", "12.85", "10.00"]
+    assert written([0.04250, 0.0411749, -0.0012, 0.0]) == ["0.04250", "0.04117", "-0.001200", "0"]
+    assert written([6.475e-4, -7.2e-7, 1234.56, 3.2e7]) == ["0.0006475", "-7.200e-07", "1235", "3.200e+07"]
     assert written([3.0, np.nan, 12.0]) == ["3", "", "12"]
     assert written([1, 12, 0], "int64") == ["1", "12", "0"]
     assert written([True, False]) == ["yes", ""]
     assert written(["epoch-1", "a<b"]) == ["epoch-1", "a<b"]
+    assert written([60000.37, 60001.0, 60002.125], exact=True) == ["60000.370", "60001.000", "60002.125"]
+    assert written([1.0134567, 1.2], exact=True) == ["1.0134567", "1.2000000"]
 
 
 def test_a_store_with_only_informational_flags_has_no_tile_flagged_and_its_page_links_the_job(maps, tmp_path,
@@ -432,7 +434,7 @@ def test_a_store_with_only_informational_flags_has_no_tile_flagged_and_its_page_
     assert len(figures_on_page) == index.count("<img ") and len(figures_on_page) >= 15
     assert all(len(text) > 60 for _, text in figures_on_page)
     assert "kernel mosaics: log stretch; a colour scale per image" in index
-    # numbers: the same decimals down a column, counts as integers
+    # numbers: 4 significant figures, counts as integers
     rows = re.findall(r"<tr>(<td>.*?)</tr>", index.split("<h2>Images</h2>")[1].split("<h2>")[0])
     header = re.findall(r">([a-z0-9_]+)</th>", index.split("<h2>Images</h2>")[1].split("</tr>")[0])
     cells = [re.findall(r"<td>(.*?)</td>", row) for row in rows]

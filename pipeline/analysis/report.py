@@ -50,10 +50,10 @@ astropy is installed) on astropy's WCSAxes, with RA/Dec axes and N/E arrows
   model kernel fields (:mod:`pipeline.analysis.pca`): eigen-kernels,
   explained variance, spatial patterns and each image's amplitudes.
 
-The HTML page lists the outliers and the first ``rows`` images (numbers to
-4 significant figures on each column's largest value, the same decimals down
-the column; counts as integers); with more, the whole table is in
-``images.csv`` and in pages ``images-<page>.html``.
+The HTML page lists the outliers and the first ``rows`` images (every
+measurement to 4 significant figures, counts as integers, the images'
+coordinates as given); with more, the whole table is in ``images.csv`` and in
+pages ``images-<page>.html``.
 """
 
 from __future__ import annotations
@@ -880,15 +880,36 @@ def write_tables(result: Survey, folder: str | os.PathLike[str] | _Folder, ds: x
     return written
 
 
-#: Significant figures of a table's numbers, on each column's largest value.
+#: Significant figures of the numbers in the page's tables.
 FIGURES_SIGNIFICANT = 4
 
 
-def column_format(values: pd.Series, significant: int = FIGURES_SIGNIFICANT) -> Callable[[Any], str]:
-    """How a table column's values are written on the page: integers (and floats that are all whole
-    numbers) as integers; other numbers to ``significant`` figures on the column's largest magnitude, the
-    same decimals down the column (scientific notation, ``significant`` figures, for columns below 1e-3
-    or from 1e6); booleans as ``yes`` or blank; missing values blank; text as it is."""
+def significant_figures(value: float, significant: int = FIGURES_SIGNIFICANT) -> str:
+    """``value`` to ``significant`` figures, trailing zeros kept (``2.550``, ``0.04250``, ``1235``);
+    scientific notation below 1e-4 or from 1e6 (``-7.200e-07``); ``0`` for zero."""
+    if value == 0:
+        return "0"
+    rounded = float(f"{value:.{significant - 1}e}")  # the exponent after rounding (9.9996 -> 10.00)
+    exponent = int(np.floor(np.log10(abs(rounded))))
+    if exponent < -4 or exponent >= 6:
+        return f"{value:.{significant - 1}e}"
+    return f"{rounded:.{max(significant - 1 - exponent, 0)}f}"
+
+
+def _exact_decimals(values: np.ndarray) -> int:
+    """The decimals that write every value of ``values`` as its shortest round-trip form (at most 10
+    significant figures): a coordinate's values as given."""
+    texts = [np.format_float_positional(v, precision=10, unique=True, fractional=False, trim="-") for v in values]
+    return max((len(t.split(".")[1]) for t in texts if "." in t), default=0)
+
+
+def column_format(values: pd.Series, significant: int = FIGURES_SIGNIFICANT,
+                  exact: bool = False) -> Callable[[Any], str]:
+    """How a table column's values are written on the page: integers (and columns of floats that are all
+    whole numbers) as integers; other numbers each to ``significant`` figures
+    (:func:`significant_figures`), or, ``exact`` (the images' coordinates: times, airmasses), as given
+    with the same decimals down the column; booleans as ``yes`` or blank; missing values blank; text as
+    it is."""
     kind = values.dtype.kind
     if kind == "b":
         return lambda v: "yes" if v else ""
@@ -898,25 +919,27 @@ def column_format(values: pd.Series, significant: int = FIGURES_SIGNIFICANT) -> 
         return lambda v: "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else str(v)
     finite = values.to_numpy(dtype=np.float64)
     finite = finite[np.isfinite(finite)]
-    top = float(np.abs(finite).max()) if finite.size else 0.0
 
     def blank(text: Callable[[float], str]) -> Callable[[Any], str]:
         return lambda v: "" if v is None or not np.isfinite(v) else text(float(v))
 
-    if finite.size and np.all(finite == np.round(finite)) and top < 1e15:
+    if finite.size and np.all(finite == np.round(finite)) and np.abs(finite).max() < 1e15:
         return blank(lambda v: f"{int(round(v))}")
-    if top == 0.0:
-        return blank(lambda v: "0")
-    exponent = int(np.floor(np.log10(top)))
-    if exponent < -3 or exponent >= 6:
-        return blank(lambda v: f"{v:.{significant - 1}e}")
-    decimals = max(significant - 1 - exponent, 0)
-    return blank(lambda v: f"{v:.{decimals}f}")
+    if exact:
+        decimals = _exact_decimals(finite)
+        return blank(lambda v: f"{v:.{decimals}f}")
+    return blank(lambda v: significant_figures(v, significant))
+
+
+def _table_formats(frame: pd.DataFrame, ds: xr.Dataset | None = None) -> dict[str, Callable[[Any], str]]:
+    """Each column's :func:`column_format`; the kernel map's coordinates along ``image`` exact."""
+    exact = set() if ds is None else {str(name) for name, c in ds.coords.items() if c.dims == ("image",)}
+    return {str(c): column_format(frame[c], exact=str(c) in exact) for c in frame.columns}
 
 
 def _html_table(frame: pd.DataFrame, formats: dict[str, Callable[[Any], str]] | None = None) -> str:
     """``frame`` as an HTML table, each column written by its :func:`column_format` (or ``formats``)."""
-    formats = {**{str(c): column_format(frame[c]) for c in frame.columns}, **(formats or {})}
+    formats = {**_table_formats(frame), **(formats or {})}
     head = "".join(f'<th title="{html.escape(COLUMNS.get(str(c), str(c)))}">{html.escape(str(c))}</th>'
                    for c in frame.columns)
     writers = [formats[str(c)] for c in frame.columns]
@@ -939,11 +962,11 @@ def _page(title: str, body: str) -> str:
             f"{_STYLE}</head><body>{body}</body></html>\n")
 
 
-def _write_pages(table: pd.DataFrame, folder: _Folder) -> list[str]:
+def _write_pages(table: pd.DataFrame, folder: _Folder, ds: xr.Dataset | None = None) -> list[str]:
     """``images-<page>.html`` of :data:`PAGE_ROWS` rows each, linked to one another, every page's columns
     written as the whole table's (:func:`column_format`); their names."""
     names = [f"images-{p + 1:03d}.html" for p in range(-(-len(table) // PAGE_ROWS))]
-    formats = {str(c): column_format(table[c]) for c in table.columns}
+    formats = _table_formats(table, ds)
     nav = " ".join(f'<a href="{name}">{p + 1}</a>' for p, name in enumerate(names))
     for p, name in enumerate(names):
         part = table.iloc[p * PAGE_ROWS: (p + 1) * PAGE_ROWS]
@@ -1125,7 +1148,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     if job is not None:
         folder.write_text("job.yaml", job)
     table, n = result.table, ds.sizes["image"]
-    pages = _write_pages(table, folder) if n > rows else []
+    pages = _write_pages(table, folder, ds) if n > rows else []
     status = ds.attrs.get("kernelmap_status", "unknown")
     outliers = result.outliers
     shown = panel_images(outliers, n, max_images)
@@ -1146,7 +1169,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
                 f"{', '.join(TREND_QUANTITIES)} against {html.escape(coords)} (see "
                 "<code>pipeline.analysis.survey</code> for the rule).</p>")
     if len(outliers):
-        out_html += _html_table(outliers.head(rows), {str(c): column_format(outliers[c]) for c in outliers})
+        out_html += _html_table(outliers.head(rows), _table_formats(outliers))
         if len(outliers) > rows:
             out_html += f"<p>The first {rows} by deviation; all in <a href='outliers.csv'>outliers.csv</a>.</p>"
     missing = result.without_model
@@ -1182,7 +1205,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
         + (f"<p class='notice'><strong>Note:</strong> {html.escape(notice)}.</p>" if notice else "") +
         f"<h2>Outliers</h2>{out_html}{model_html}"
         f"<h2>Images</h2>{table_note}"
-        f"{_html_table(table.head(rows), {str(c): column_format(table[c]) for c in table.columns})}{sections}"))
+        f"{_html_table(table.head(rows), _table_formats(table, ds))}{sections}"))
     return folder.path("index.html")
 
 
