@@ -61,6 +61,8 @@ def _sky(image: np.ndarray, usable: np.ndarray) -> tuple[float, float, np.ndarra
     pixels at that level; ``None`` when nothing can be measured."""
     rows = slice(None, None, max(1, image.shape[0] // 16))  # statistics from about 16 rows
     everywhere = bool(usable.all())
+    if not usable[rows].any():  # those rows all bad: every row
+        rows = slice(None)
     level = float(np.median(image[rows] if everywhere else image[rows][usable[rows]]))
     clean = image if everywhere else np.where(usable, image, level)
     steps = np.diff(clean[rows], axis=1)

@@ -165,8 +165,13 @@ def _prepare(sources, targets, mask, kernel_size, variance=None, source_variance
     precision; the exact solver always works in float64); anything else
     becomes float64.  The inputs are never written: bad pixels are zeroed
     in copies, and arrays without bad pixels are passed on as they are.
-    Returns ``(sources, targets, bad, size)`` with ``bad`` a
-    :class:`BadPixels`.
+    Each tile of each image is scaled by a power of two to a largest
+    magnitude in ``[0.5, 1)`` (exact: only the exponents change), so that
+    squares and sums of squares neither overflow nor underflow whatever the
+    images' units; :func:`_in_units` takes the results back.  Returns
+    ``(sources, targets, bad, size, exponents)`` with ``bad`` a
+    :class:`BadPixels` and ``exponents`` ``(n, 2)``: each tile's source and
+    target scale ``2**e``.
     """
     tgt = as_image_stack(targets, "targets", ndim=(3,))
     src = as_image_stack(sources, "sources", ndim=(2, 3))
@@ -199,7 +204,48 @@ def _prepare(sources, targets, mask, kernel_size, variance=None, source_variance
         src_f = np.where(src_zero, 0.0, src_f).astype(dtype, copy=False)
     if tgt_zero.any():
         tgt_f = np.where(tgt_zero, 0.0, tgt_f).astype(dtype, copy=False)
-    return src_f, tgt_f, bad, size
+    exponents = np.stack([_exponents(src_f), _exponents(tgt_f)], axis=1)
+    src_f, tgt_f = (_scaled(a, e) for a, e in ((src_f, exponents[:, 0]), (tgt_f, exponents[:, 1])))
+    with np.errstate(over="ignore"):  # variances far beyond the squared pixels give no weight: capped
+        var_t, var_s = (None if v is None else np.minimum(_scaled(v, 2 * e), _MAX_VARIANCE)
+                        for v, e in ((bad.variance, exponents[:, 1]), (bad.source_variance, exponents[:, 0])))
+    bad = BadPixels(bad.source, bad.target, bad.mask, var_t, var_s)
+    return src_f, tgt_f, bad, size, exponents
+
+
+#: Largest variance passed on, in the units of the scaled tiles (whose pixels are below 1 in magnitude).
+_MAX_VARIANCE = 1e100
+
+
+def _exponents(tiles: np.ndarray) -> np.ndarray:
+    """``e`` per tile with its largest magnitude in ``[2**(e-1), 2**e)`` (0 for a tile of zeros); finite tiles."""
+    return np.frexp(np.abs(tiles).max(axis=(1, 2)))[1]
+
+
+def _scaled(tiles: np.ndarray, exponents: np.ndarray) -> np.ndarray:
+    """``tiles / 2**exponents`` per tile, exact (``tiles`` itself where every exponent is 0)."""
+    if not exponents.any():
+        return tiles
+    return np.ldexp(tiles, -exponents[:, None, None]).astype(tiles.dtype, copy=False)
+
+
+def _in_units(part: dict[str, np.ndarray], exponents: np.ndarray) -> dict[str, np.ndarray]:
+    """The results of tiles scaled by :func:`_prepare` in the images' own units (flags added where a
+    kernel does not fit in a float: a target some 1e300 times the source)."""
+    e_s, e_t = exponents[:, 0], exponents[:, 1]
+    if not (e_s.any() or e_t.any()):
+        return part
+    powers = {"kernels": e_t - e_s, "flux": e_t - e_s, "background": e_t, "noise": e_t,
+              "gc": 2 * e_s, "cc": e_s + e_t, "yy": 2 * e_t}
+    with np.errstate(over="ignore"):
+        out = {name: np.ldexp(a, powers[name].reshape(-1, *[1] * (a.ndim - 1))) if name in powers else a
+               for name, a in part.items()}
+    flags, unusable = fl.unusable_kernels(out["flags"], out["kernels"])
+    if np.any(flags != out["flags"]):
+        out["flags"] = flags
+        for name in ("kernels", "flux", "background"):
+            out[name] = np.where(unusable.reshape(-1, *[1] * (out[name].ndim - 1)), np.nan, out[name])
+    return out
 
 
 @dataclass(frozen=True)
@@ -341,7 +387,9 @@ def estimate_kernels(
         robust pass judges residuals against them instead of the noise
         model it fits per tile; the other methods do not use them.
     normalize
-        Divide each kernel by its sum (``flux`` still reports the sum).
+        Divide each kernel by its sum (``flux`` still reports the sum); a
+        kernel summing to zero has no normalised form: NaN, flagged
+        ``no_signal``.
     workers
         Threads over tiles (each part of the batch is estimated and
         diagnosed in its own thread; BLAS runs single-threaded inside).
@@ -372,12 +420,13 @@ def estimate_kernels(
     workers = check_positive_int("workers", workers)
     if statistics and method != "lstsq":
         raise OptionError(f"statistics=True needs method='lstsq' (the normal equations of its fits), not {method!r}")
-    src, tgt, bad, size = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
+    src, tgt, bad, size, exponents = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
     parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
 
     def run(idx: np.ndarray) -> dict[str, np.ndarray]:
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        return _estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics, statistics)
+        return _in_units(_estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics,
+                                        statistics), exponents[sl])
 
     with threadpool_limits(limits=1, user_api="blas"):
         if len(parts) == 1:
@@ -387,9 +436,12 @@ def estimate_kernels(
                 results = list(pool.map(run, parts))
     merged = results[0] if len(results) == 1 else {name: np.concatenate([r[name] for r in results])
                                                    for name in results[0]}
-    if normalize:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            merged["kernels"] = merged["kernels"] / merged["flux"][:, None, None]
+    if normalize:  # a kernel summing to zero has no normalised form: NaN and flagged as without signal
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            kernels = merged["kernels"] / merged["flux"][:, None, None]
+        merged["flags"], unusable = fl.unusable_kernels(merged["flags"], kernels)
+        kernels[unusable] = np.nan
+        merged["kernels"] = kernels
     kept = tuple(merged.pop(name) for name in ("gc", "cc", "yy", "lam_terms")) if statistics else None
     return KernelEstimates(method=method, statistics=kept, **merged)
 

@@ -89,6 +89,8 @@ def valid_gram(
     n, ny, nx = sources.shape
     k = 2 * half + 1
     shape = fft_shape((ny, nx), half)
+    if half == 0:  # a 1x1 kernel: the valid box is the whole tile, the Gram its sum of squares
+        return np.einsum("nyx,nyx->n", sources, sources)[:, None, None]
     grams = np.empty((n, k * k, k * k))
     # one tile at a time: its transforms and border arrays stay in cache
     for i in range(n):

@@ -75,7 +75,7 @@ def _operators(kernel_size: int, penalty: str, centre: tuple[float, float] = (0.
         return (lap,)
     rho2 = _radius2(k, centre)
     wall = sparse.diags(rho2**2 + 1e-4)
-    if penalty == "wings":
+    if penalty == "wings" and k > 1:  # (a 1x1 stamp has no wings)
         # leave smooth radial wing profiles out of the amplitude term, so the
         # light in extended wings (and with it the kernel sum) is kept
         rho = np.sqrt(rho2)
