@@ -1103,18 +1103,23 @@ _TYPE_NAMES = {
 }
 
 
+def _key_text(key: str) -> str:
+    """A key of a dotted path as written, quoted where it would not show (empty, or with spaces around it)."""
+    return key if key and key == key.strip() else repr(key)
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors(include_url=False):
         parts, holder = _locate(tuple(err["loc"]))
-        path = ".".join(parts)
+        path = ".".join(map(_key_text, parts))
         kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
         if kind == _CHECKS:
             problems = ctx.get("problems")
             if problems is None:
                 lines.append(f"{path or '<job>'}: {ctx['text']}")
             for key, msg in problems or ():
-                lines.append(f"{'.'.join([*parts, key])}: {msg}")
+                lines.append(f"{'.'.join([*map(_key_text, parts), key])}: {msg}")
             continue
         if kind in ("union_tag_invalid", "union_tag_not_found"):
             method = value.get("method") if isinstance(value, Mapping) else value
@@ -1226,6 +1231,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             problems.append(f"override {item!r}: the value is not valid YAML ({problem})")
             continue
+        except RecursionError:
+            problems.append(f"override {item!r}: the value nests deeper than Python can read")
+            continue
         node = result
         for depth, k in enumerate(keys[:-1]):
             child = node.get(k)
@@ -1261,16 +1269,47 @@ def _build(data: Any, overrides: Sequence[str], source: str | None) -> JobConfig
         raise ConfigError([f"the top level must be a mapping of sections ({', '.join(_SECTIONS)}), "
                            f"got {_show(data) if isinstance(data, (list, str)) else type(data).__name__}"],
                           source=source)
+    if problem := _size_problem(data):  # before any copy: a YAML bomb or a self-referring alias
+        raise ConfigError([problem], source=source)
     try:
         merged = apply_overrides(data, overrides)
     except ConfigError as exc:
         raise ConfigError(exc.errors, source=source) from None
+    if problem := _size_problem(merged):
+        raise ConfigError(_with_origins([problem], overrides), source=source)
     try:
         return JobConfig.model_validate(merged)
     except ValidationError as exc:
         lines = _format_errors(exc)
         lines += _partial_consistency(merged, exc)
         raise ConfigError(_with_origins(lines, overrides), source=source) from None
+
+
+#: Most values (mappings, lists and scalars, each alias counted where it is used) and deepest nesting a
+#: job may have: a job file has a few dozen settings, a few levels deep.
+MAX_VALUES, MAX_DEPTH = 100_000, 32
+
+
+def _size_problem(data: Any) -> str | None:
+    """What makes ``data`` too large or too deep to be a job (aliases repeating anchors, an alias inside
+    its own anchor), as a ``"dotted.key: message"`` line; ``None`` when nothing does.  Walks at most
+    :data:`MAX_VALUES` values, without recursion."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    count = 0
+    while stack:
+        value, path = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return (f"<job>: holds more than {MAX_VALUES} values (YAML aliases repeating anchors?): "
+                    "a job file has a few dozen settings; write them out")
+        if len(path) > MAX_DEPTH:
+            return (f"{'.'.join(path[:4])}...: nests deeper than {MAX_DEPTH} levels (a YAML alias inside "
+                    "its own anchor?): a job file is sections of settings; write them out")
+        if isinstance(value, Mapping):
+            stack.extend((v, (*path, str(k))) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, (*path, str(i))) for i, v in enumerate(value))
+    return None
 
 
 def _with_origins(lines: list[str], overrides: Sequence[str]) -> list[str]:
@@ -1379,6 +1418,9 @@ def load_job(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Job
         raise ConfigError([f"{where}invalid YAML: {problem}"], source=name) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"invalid YAML: {exc}"], source=name) from None
+    except RecursionError:
+        raise ConfigError([f"invalid YAML: brackets or indents nest deeper than Python can read (more than "
+                           f"{MAX_DEPTH} levels make no job)"], source=name) from None
     return _build(data, overrides, name)
 
 
