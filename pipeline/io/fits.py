@@ -248,9 +248,19 @@ def float_plane(header: Any) -> bool:
 
 
 def check_mask_bits(plane: Plane, header: Any, mask_bits: int | None) -> None:
-    """Refuse ``mask_bits`` with a mask plane whose header says it is read as floats (:func:`float_plane`)."""
-    if mask_bits is not None and float_plane(header):
+    """Refuse ``mask_bits`` with a mask plane whose header says it is read as floats (:func:`float_plane`), or
+    with bits above those its integers hold (``BITPIX``: 8 bits hold 0 to 255)."""
+    if mask_bits is None:
+        return
+    if float_plane(header):
         raise InputError(_float_bits(f"{plane.path}, mask HDU {plane.hdu!r}"))
+    width = abs(int(header.get("BITPIX", 8)))
+    if int(mask_bits) >> width:
+        raise InputError(
+            f"{plane.path}, mask HDU {plane.hdu!r}: the mask bits {mask_bits} ({int(mask_bits):#x}) go beyond the "
+            f"{width} bits of its integers (BITPIX {header.get('BITPIX', 8)}: at most {(1 << width) - 1:#x}), so "
+            "those bits are never set and the pixels they would flag count as good: give the bits of this mask's "
+            "flags (--mask-bits, mask_bits)")
 
 
 def read_image(spec: ImageSpec, *, mask_bits: int | None = None) -> ImagePixels:

@@ -322,6 +322,13 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
     normalised = noise is not None and noise.given("target") and noise.given("source")
     stamp = _stamp(km.ds.attrs, chunk, normalised)
     resume = mode == "resume" and exists
+    if resume:  # an output that cannot be resumed is refused before even the lock is taken (checked again below)
+        try:
+            readable = zarr.open_group(out.location, mode="r")
+        except (OSError, ValueError, LookupError):
+            readable = None  # refused below, saying why
+        if readable is not None:
+            _resumable(output, readable, stamp)
     lock.acquire()  # every check passed: from here on this apply writes the output
     if not is_url(final.location):
         tidy(final.location, log)  # the earlier images an interrupted swap set aside

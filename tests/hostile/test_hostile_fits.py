@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 fits = pytest.importorskip("astropy.io.fits")
 
@@ -34,12 +35,21 @@ def _truncated(path: Path) -> None:
     path.write_bytes(data[: len(data) // 4])  # the header and a quarter of the pixels
 
 
+def _with_mask(path: Path, dtype=np.uint8) -> None:
+    """An image with an 8-bit unsigned (BITPIX 8) mask HDU ``MASK``."""
+    hdus = fits.HDUList([fits.PrimaryHDU(RNG.normal(100.0, 5.0, size=(64, 64)).astype(np.float32)),
+                         fits.ImageHDU(np.zeros((64, 64), dtype), name="MASK")])
+    hdus.writeto(path)
+
+
 def ingest_case(make_target, *, options: tuple[str, ...] = (), target: str = "target.fits", out: str = "stack.zarr"):
     """A case's build: a good reference ``ref.fits`` and ``make_target(tmp / target)`` (None: nothing)."""
     def build(tmp: Path) -> list[str]:
         _image(tmp / "ref.fits")
         if make_target is not None:
             make_target(tmp / target)
+        if out == "other.zarr":  # a Zarr store another program wrote
+            zarr.open_group(str(tmp / out), mode="w").attrs["written_by"] = "another program"
         return ["ingest", str(tmp / "ref.fits"), str(tmp / target), "--out", str(tmp / out), "--quiet", *options]
     return build
 
@@ -72,6 +82,14 @@ CASES = [
     Case("fits-missing-hdu", ingest_case(_image, options=("--hdu", "SCI")), InputError,
          ("has no image HDU 'SCI' (it has 0: PRIMARY)",), ("set the image HDU by index or name",),
          api(hdu="SCI")),
+    # bits an unsigned 8-bit mask cannot hold: 256 overflows it, so no pixel would ever be flagged by them
+    Case("fits-mask-bits-overflow-an-8-bit-mask", ingest_case(_with_mask, options=("--mask-hdu", "MASK",
+                                                                                   "--mask-bits", "256")),
+         InputError, ("mask HDU 'MASK'", "mask bits 256 (0x100)", "8 bits", "at most 0xff"),
+         ("give the bits of this mask's flags",), api(mask_hdu="MASK", mask_bits=256)),
+    Case("ingest-onto-a-store-another-program-wrote", ingest_case(_image, out="other.zarr", options=("--overwrite",)),
+         OptionError, ("other.zarr is not a stack written by kernelmap ingest", "nothing was changed"),
+         ("remove it yourself or choose another --out",), api(out="other.zarr", mode="overwrite")),
     Case("ingest-output-is-an-input", ingest_case(_image, out="target.fits"), OptionError,
          ("target.fits is one of the input files", "nothing was changed"), ("give another output path",),
          api(out="target.fits")),

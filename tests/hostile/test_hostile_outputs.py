@@ -5,6 +5,7 @@ byte for byte as it was, and no byte of the inputs changes."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,19 @@ CASES = [
     Case("apply-storage-options-not-json",
          command("apply", "{tmp}/kernels.zarr", "--out", "{tmp}/images.zarr", "--storage-options", "{{anon"),
          OptionError, ("--storage-options is not JSON",), ("give a JSON object",)),
+    Case("apply-overwrite-a-store-not-from-apply",
+         command("apply", "{tmp}/kernels.zarr", "--out", "{tmp}/stack.zarr", "--overwrite"), OptionError,
+         ("stack.zarr exists and is not an output of kernelmap apply", "nothing was changed"),
+         ("Remove it yourself, or give another output path",),
+         lambda t: apply_kernel_map(t / "kernels.zarr", t / "stack.zarr", mode="overwrite", log=lambda _: None)),
+    Case("apply-resume-a-store-not-from-apply",
+         lambda t: ["apply", str(t / "kernels.zarr"), "--out", str(_foreign(t)), "--resume"], OptionError,
+         ("foreign.zarr was not made by kernelmap apply",), ("give another --out, or --overwrite",),
+         lambda t: apply_kernel_map(t / "kernels.zarr", t / "foreign.zarr", mode="resume", log=lambda _: None)),
+    Case("report-overwrite-a-folder-not-a-report",
+         command("report", "{tmp}/kernels.zarr", "--out", "{tmp}/stack.zarr", "--overwrite"), OptionError,
+         ("stack.zarr is not a report written by kernelmap report",), ("Remove it yourself, or give another --out",),
+         lambda t: write_report(t / "kernels.zarr", t / "stack.zarr", overwrite=True)),
     Case("report-no-panels", command("report", "{tmp}/kernels.zarr", "--out", "{tmp}/report", "--max-images", "0"),
          OptionError, ("max_images (--max-images)", "got 0"), ("must be an integer >= 1",),
          lambda t: write_report(t / "kernels.zarr", t / "report", max_images=0)),
@@ -137,3 +151,21 @@ def test_an_output_in_a_read_only_folder_is_refused(with_map, capsys, argv, name
         assert "choose another output path (or make that folder writable)" in result.err
         error = raises_exactly(OptionError, lambda: api(with_map), watch=[with_map])
         assert f"{locked} is on a read-only file system" in str(error)
+
+
+def test_resuming_an_output_that_cannot_be_written_is_refused(with_map, capsys):
+    """An unwritable output: the kernel map to be resumed lies on a read-only mount.  Refused before anything
+    is tried, naming the store; the store is left byte for byte."""
+    from .conftest import raises_exactly, refused
+
+    (with_map / "locked").mkdir()
+    shutil.move(with_map / "kernels.zarr", with_map / "locked" / "kernels.zarr")
+    with read_only(with_map / "locked") as locked:
+        store = locked / "kernels.zarr"
+        argv = ["run", str(with_map / "job.yaml"), "--quiet", "--set", f"output.path={store}", "--set",
+                "output.mode=resume"]
+        result = refused(capsys, argv, watch=[with_map])
+        assert f"output.path {store}: {store} is on a read-only file system" in result.err
+        assert "nothing was changed; choose another output path" in result.err
+        raises_exactly(OptionError, lambda: run_job(with_map / "job.yaml", overrides=argv[4::2], progress=False),
+                       watch=[with_map])
