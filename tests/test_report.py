@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -227,6 +228,32 @@ def test_a_report_is_not_written_over_anything_unless_asked_and_then_only_over_a
     with pytest.raises(OptionError, match="is not a report written by kernelmap report: nothing was changed"):
         write_report(plain_path, tmp_path / "mine", max_images=1, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    _close()
+
+
+def test_an_overwrite_that_fails_midway_leaves_the_earlier_report_whole(maps, tmp_path, monkeypatch):
+    import pipeline.analysis.report as report_module
+
+    _, plain_path = maps
+    out = tmp_path / "report"
+    write_report(plain_path, out, max_images=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written = []
+
+    def failing_table(*args, **kwargs):  # the figures are written by now; the tables fail
+        written.extend(p.name for p in Path(args[1].root).iterdir())
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(report_module, "write_tables", failing_table)
+    with pytest.raises(OSError, match="disk gone"):
+        write_report(plain_path, out, max_images=1, overwrite=True, stretch="log")
+    assert any(name.endswith(".png") for name in written)  # the new report was being written ...
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # ... beside the earlier one, kept whole
+    assert not [p for p in tmp_path.iterdir() if ".kernelmap-" in p.name]  # the unfinished one removed
+    monkeypatch.undo()
+    write_report(plain_path, out, max_images=1, overwrite=True, stretch="log")
+    assert (out / "index.html").read_bytes() != before["index.html"]  # the log stretch is said on the page
+    assert not [p for p in tmp_path.iterdir() if ".kernelmap-" in p.name]
     _close()
 
 

@@ -75,6 +75,7 @@ from ..core.moments import adaptive_moments
 from ..core.validate import check_int
 from ..errors import InputError, OptionError
 from ..io.paths import check_writable
+from ..io.swap import discard, leftovers, new_sibling, swap_into_place
 from .maps import map_extent, model_kernels_at, read_kernel_map
 from .sky import PIXELS, Sky, draw_compass, label_axes, sky_of
 from .survey import (
@@ -826,14 +827,18 @@ class _Folder:
     def make(self) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
 
-    def claim(self, overwrite: bool) -> None:
+    def claim(self, overwrite: bool) -> bool:
         """Make the folder ready for a new report: refused where something is there, unless ``overwrite``
-        and it is a report (its ``index.html`` says so), which is then removed whole (no stale pages)."""
+        and it is a report (its ``index.html`` says so).  Returns whether the report there is to be replaced
+        by one written beside it (a local folder: swapped in once complete, so the earlier report stays
+        whole until then); at a URL it is removed now (nothing is renamed atomically there)."""
         if not self.remote:
             check_writable(self.root, f"--out {self.out}")
+            for leftover in leftovers(self.root):  # what an interrupted replacement left: never needed again
+                discard(leftover)
         root = self.root.rstrip("/")
         if not self.fs.exists(root) or (self.fs.isdir(root) and not self.fs.ls(root)):
-            return
+            return False
         if not overwrite:
             raise OptionError(f"{self.out} exists: nothing was changed; pass --overwrite (overwrite=True) to replace "
                               "the report there, or give another --out")
@@ -846,7 +851,10 @@ class _Folder:
         if not ours:
             raise OptionError(f"{self.out} is not a report written by kernelmap report: nothing was changed; "
                               "--overwrite replaces only those. Remove it yourself, or give another --out")
-        self.fs.rm(root, recursive=True)
+        if self.remote:
+            self.fs.rm(root, recursive=True)
+            return False
+        return True
 
     def path(self, name: str) -> Path | str:
         """A file's path (local) or URL."""
@@ -1095,7 +1103,8 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
                  scale: str = "shared") -> Path | str:
     """Write the figures, tables and ``index.html`` of a kernel-map store into a new folder; returns the
     index's path (a local ``Path``, or its URL where ``out`` is one).  A folder that exists (not empty) is
-    refused, or with ``overwrite`` replaced where it holds a report.
+    refused, or with ``overwrite`` replaced where it holds a report (locally: the new report is written
+    beside it and swapped in once complete, so an interrupted report leaves the earlier one whole).
 
     ``store`` and ``out`` are local paths or fsspec URLs (``s3://bucket/kernels.zarr``); ``out`` defaults
     to ``STORE.report`` beside a local store (give it for a URL).  ``storage_options``: the fsspec options
@@ -1130,7 +1139,22 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
         if isinstance(coordinates, (str, os.PathLike)) and "://" in os.fspath(coordinates):
             coordinates = _read_csv_url(os.fspath(coordinates), storage_options)
         ds = with_coordinates(ds, coordinates)
-    folder.claim(overwrite)
+    if folder.claim(overwrite):  # the earlier report is kept whole until the new one is complete
+        final, folder = folder, _Folder(new_sibling(folder.root))
+        try:
+            _write(folder, ds, path, max_images=max_images, rows=rows, notify=notify, stretch=stretch, scale=scale)
+        except BaseException:
+            discard(folder.root)
+            raise
+        swap_into_place(folder.root, final.root)
+        return final.path("index.html")
+    _write(folder, ds, path, max_images=max_images, rows=rows, notify=notify, stretch=stretch, scale=scale)
+    return folder.path("index.html")
+
+
+def _write(folder: _Folder, ds: xr.Dataset, path: str, *, max_images: int, rows: int,
+           notify: Callable[[str], None] | None, stretch: str, scale: str) -> None:
+    """Write the report of the kernel map ``ds`` (read from ``path``) into ``folder``."""
     folder.make()
     plt = _pyplot()
     result = survey(ds)
@@ -1206,7 +1230,6 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
         f"<h2>Outliers</h2>{out_html}{model_html}"
         f"<h2>Images</h2>{table_note}"
         f"{_html_table(table.head(rows), _table_formats(table, ds))}{sections}"))
-    return folder.path("index.html")
 
 
 def _read_csv_url(url: str, storage_options: dict[str, Any] | None) -> pd.DataFrame:
