@@ -349,6 +349,8 @@ def lstsq_kernels(
     n_terms = len(pen.grams)
     auto_lam = opts.auto
     lam_fixed = opts.fixed_lam()
+    if kernel_size == 1 and auto_lam:  # one unknown, fixed by every pixel: nothing to regularise (and the
+        auto_lam, lam_fixed = False, np.full(len(pen.grams), _LAM_MIN)  # compact penalties' terms coincide)
     n, ny, nx = sources.shape
     half = kernel_size // 2
     k2 = kernel_size * kernel_size
