@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -257,6 +258,15 @@ def test_compare_command(demo_map, tmp_path, capsys):
     assert "fwhm: median +0" in text and (out / "compare.png").stat().st_size > 1000
     assert xr.open_zarr(out / "compare.zarr")["fwhm"].dims == ("image", "y", "x")
     assert main(["compare", path, path, "--out", str(out)]) == 2  # never overwrites
+    from pipeline.analysis.compare import compare_figure, compare_maps
+
+    fig = compare_figure(compare_maps(km.ds, km.ds), image=0)
+    label = str(km.ds["image"].values[0])
+    assert fig._suptitle.get_text() == f"B - A per tile, {label}"
+    bars = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 4 and all(re.search(r"\([a-z][^)]*\)$", text) for text in bars), bars
+    assert not any("(1)" in text for text in bars)
+    assert not any(ax.yaxis_inverted() for ax in fig.axes)
     assert "already exists" in capsys.readouterr().err
 
 

@@ -102,23 +102,31 @@ def summary_lines(diff: xr.Dataset, names: tuple[str, ...] = ("fwhm", "elliptici
     return lines
 
 
+#: The colour-bar label of each map of :func:`compare_figure`, its unit spelled out.
+FIGURE_LABELS = {
+    "fwhm": "B - A kernel FWHM (pixel)",
+    "ellipticity": "B - A |e| (dimensionless)",
+    "flux": "B - A kernel flux (ratio target/source)",
+    "kernel_difference": "|K_B - K_A| / |K_A| (ratio of L2 norms)",
+}
+
+
 def compare_figure(diff: xr.Dataset, *, image: int = 0):
-    """Maps of the main differences for one image pair."""
+    """Maps of the main differences for one image pair, titled with its image label, y up."""
     from .report import _cells, _pyplot
 
     plt = _pyplot()
-    names = [n for n in ("fwhm", "ellipticity", "flux", "kernel_difference") if n in diff]
+    names = [n for n in FIGURE_LABELS if n in diff]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1, 3.6), constrained_layout=True,
                              squeeze=False)
-    fig.suptitle(f"B - A per tile, image {diff['image'].values[image]}")
+    fig.suptitle(f"B - A per tile, {diff['image'].values[image]}")
     for ax, name in zip(axes[0], names):
         values = np.asarray(diff[name].values[image], dtype=np.float64)
         lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
         cmap, lo = ("magma", 0.0) if name == "kernel_difference" else ("RdBu_r", -lim)
         im = _cells(ax, diff, values, vmin=lo, vmax=lim or 1.0, cmap=cmap)
-        units = diff[name].attrs.get("units", "")
         ax.set_title(name.replace("_", " "))
-        fig.colorbar(im, ax=ax, label=f"{name} ({units})" if units else name, shrink=0.8)
+        fig.colorbar(im, ax=ax, label=FIGURE_LABELS[name], shrink=0.8)
     return fig
 
 
