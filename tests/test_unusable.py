@@ -93,6 +93,19 @@ def test_the_summary_lists_the_unusable_images(tmp_path):
     assert report[3] == f"  no_data: {unusable_hint('no_data', 'welch')}"
     assert "every tile unusable in 2 image(s)" in summary.describe()
     assert summary.tiles_flagged == 18
+    # "flagged" in the summary counts problem flags: those in the store, the model's outliers included
+    flags = np.asarray(xr.open_zarr(summary.path)["quality_flag"].values).astype(np.int64)
+    assert summary.tiles_with_problems == np.count_nonzero(fl.problems(flags)) >= 18
+    assert f"{summary.tiles_with_problems} with a problem flag (18 unusable)" in summary.describe()
+
+
+def test_informational_flags_are_not_counted_as_flagged(tmp_path):
+    make_stack(tmp_path / "stack.zarr", n_images=2)
+    summary = run_job(job_from_dict(job_dict(tmp_path)), progress=False)
+    flags = np.asarray(xr.open_zarr(summary.path)["quality_flag"].values).astype(np.int64)
+    assert np.count_nonzero(flags & fl.INFORMATIONAL) > 0  # pixels were left out on some tiles ...
+    assert summary.tiles_with_problems == np.count_nonzero(fl.problems(flags)) == 0  # ... none has a problem
+    assert "0 with a problem flag (0 unusable)" in summary.describe()
 
 
 def test_a_normal_stack_exits_zero_and_says_nothing(tmp_path, capsys):

@@ -154,6 +154,9 @@ class ImageFinisher:
         self.unusable: dict[int, dict[str, int]] = {}
         #: images with a usable tile but no kernel-field model (its fit had too little to go on)
         self.unmodelled: set[int] = set()
+        #: tiles of the images finished here with a problem flag (:data:`~pipeline.flags.PROBLEMS`: the
+        #: informational masked and outliers_clipped do not count), the model's outliers included
+        self.tiles_with_problems = 0
         #: where set, joint fits are handed to it (it returns a future of their :class:`ImageFit`, which the
         #: caller gives to :meth:`fitted`) instead of being run here; see :meth:`take_submitted`
         self.offload: Callable[[JointFit], Any] | None = None
@@ -225,6 +228,8 @@ class ImageFinisher:
         if fit.model is None and fit.image not in self.unusable:
             self.unmodelled.add(fit.image)
         extra = fl.model_outliers(fit.rejected)
+        flags = np.nan_to_num(records[..., RECORD_FIELDS.index("quality_flag")]).astype(np.int64) | extra
+        self.tiles_with_problems += int(np.count_nonzero(fl.problems(flags)))
         self.pending.append(ImageResults(fit.image, records, extra, fit.model, fit.residual,
                                          kernels if self.store.sharded else None))
         if len(self.pending) >= self.flush_images or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:

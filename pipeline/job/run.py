@@ -119,6 +119,9 @@ class RunSummary:
     #: labels of the images with usable tiles but no kernel-field model (``model_degree`` -1: the fit had too
     #: little to go on), among those finished by this run
     unmodelled_images: tuple[str, ...] = ()
+    #: tiles of the images finished by this run with a problem flag (the informational ``masked`` and
+    #: ``outliers_clipped`` do not count; the model's outliers do): what "flagged" means
+    tiles_with_problems: int = 0
 
     @property
     def tiles_per_second(self) -> float:
@@ -138,7 +141,7 @@ class RunSummary:
     def describe(self) -> str:
         text = (
             f"done: {self.tiles_computed} tiles computed, {self.tiles_skipped} skipped (already done), "
-            f"{self.tiles_flagged} flagged unusable, in {self.seconds:.1f} s "
+            f"{self.tiles_with_problems} with a problem flag ({self.tiles_flagged} unusable), in {self.seconds:.1f} s "
             f"({self.tiles_per_second:.1f} tiles/s); result: {self.path}"
         )
         if self.unusable_images:
@@ -318,7 +321,8 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
     summary = RunSummary(opening.output, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
                          flagged, len(pending), len(blocks) - len(pending), seconds,
                          unusable_images=unusable, method=job.kernel.method, n_images=plan.layout.n_images,
-                         unmodelled_images=tuple(str(labels[i]) for i in sorted(finisher.unmodelled)))
+                         unmodelled_images=tuple(str(labels[i]) for i in sorted(finisher.unmodelled)),
+                         tiles_with_problems=finisher.tiles_with_problems)
     store.mark_complete({"kernelmap_finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     opening.finish(store, log=log)  # a replacement written beside the output swapped into place
     if progress:
