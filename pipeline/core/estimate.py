@@ -165,7 +165,8 @@ def _prepare(sources, targets, mask, kernel_size, variance=None, source_variance
     precision; the exact solver always works in float64); anything else
     becomes float64.  The inputs are never written: bad pixels are zeroed
     in copies, and arrays without bad pixels are passed on as they are.
-    Each tile of each image is scaled by a power of two to a largest
+    Each tile of each image whose largest magnitude is beyond
+    ``2**±SAFE_EXPONENT`` is scaled by a power of two to a largest
     magnitude in ``[0.5, 1)`` (exact: only the exponents change), so that
     squares and sums of squares neither overflow nor underflow whatever the
     images' units; :func:`_in_units` takes the results back.  Returns
@@ -217,9 +218,17 @@ def _prepare(sources, targets, mask, kernel_size, variance=None, source_variance
 _MAX_VARIANCE = 1e100
 
 
+#: Tiles whose largest magnitude lies within ``2**±SAFE_EXPONENT`` are not scaled: their squares and sums of
+#: squares are far from float32's limits, so ordinary images (counts, calibrated fluxes) go through unchanged.
+SAFE_EXPONENT = 32
+
+
 def _exponents(tiles: np.ndarray) -> np.ndarray:
-    """``e`` per tile with its largest magnitude in ``[2**(e-1), 2**e)`` (0 for a tile of zeros); finite tiles."""
-    return np.frexp(np.abs(tiles).max(axis=(1, 2)))[1]
+    """``e`` per tile with its largest magnitude in ``[2**(e-1), 2**e)``, or 0 where that magnitude is within
+    ``2**±SAFE_EXPONENT`` (or the tile all zeros); finite tiles."""
+    exponents = np.frexp(np.abs(tiles).max(axis=(1, 2)))[1]
+    exponents[np.abs(exponents) <= SAFE_EXPONENT] = 0
+    return exponents
 
 
 def _scaled(tiles: np.ndarray, exponents: np.ndarray) -> np.ndarray:
