@@ -504,6 +504,16 @@ def _image_labels(
     raw = np.asarray(node[...])
     attrs = {k: _plain(v) for k, v in node.attrs.items() if k != "_ARRAY_DIMENSIONS"}
     labels, attrs = _decode_labels(raw, attrs, name, where)
+    values, counts = np.unique(labels, return_counts=True)
+    if (counts > 1).any():
+        twice = int(np.argmax(counts > 1))
+        label = values[twice]
+        shown = repr(label.item()) if label.dtype.kind in "iufbUS" else str(label)
+        raise InputError(
+            f"input: the image coordinate '{name}' in {where} gives the label {shown} to {counts[twice]} images: "
+            "each label names one image, so they must differ; fix the labels, or remove the coordinate (images "
+            "are then numbered 0..n-1)"
+        )
     return labels, attrs, name
 
 
