@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ..errors import InputError
-from ..io.paths import check_writable
+from ..errors import InputError, OptionError
+from ..io.paths import check_writable, path_within
 from ..io.store import consolidate
 from .maps import read_kernel_map
 
@@ -138,6 +138,10 @@ def write_comparison(a_path: str | os.PathLike[str], b_path: str | os.PathLike[s
 
     folder = Path(out)
     store = folder / "compare.zarr"
+    for what, path in (("A", a_path), ("B", b_path)):
+        if path_within(folder, path):
+            raise OptionError(f"--out {folder} is or lies inside kernel map {what} ({path}), which is never written: "
+                              "nothing was changed; give another --out folder")
     if store.exists():
         raise InputError(f"{store} already exists: choose another --out folder or remove it")
     check_writable(folder, f"--out {folder}")

@@ -74,7 +74,7 @@ from .. import flags as fl
 from ..core.moments import adaptive_moments
 from ..core.validate import check_int
 from ..errors import InputError, OptionError
-from ..io.paths import check_writable
+from ..io.paths import check_writable, path_within
 from ..io.swap import discard, leftovers, new_sibling, swap_into_place
 from .maps import map_extent, model_kernels_at, read_kernel_map
 from .sky import PIXELS, Sky, draw_compass, label_axes, sky_of
@@ -1132,6 +1132,9 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] | No
     if storage_options is not None and not isinstance(storage_options, dict):
         raise OptionError(f"storage_options must be a mapping of fsspec options, not {type(storage_options).__name__}")
     folder = _Folder(out if out is not None else path.rstrip("/") + ".report", storage_options)
+    if not folder.remote and (path_within(folder.root, path) or path_within(path, folder.root)):
+        raise OptionError(f"--out {folder.out} is, holds or lies inside the kernel map ({path}), which is never "
+                          "written: nothing was changed; give another --out")
     remote = "://" in path and not path.startswith("file://")
     ds = read_kernel_map(path, lazy=("kernel",),  # the kernels of the panel images only are read
                          storage_options=storage_options if remote else None)
