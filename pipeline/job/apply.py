@@ -282,6 +282,12 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
         if path_within(path, output) or path_within(output, path):
             raise OptionError(f"{output} is, holds or lies inside {what} ({path}), which is never written: "
                               "nothing was changed; write the images elsewhere")
+        if fits is not None and path_within(fits, path):
+            raise OptionError(f"--fits {fits} is or lies inside {what} ({path}), which is never written: nothing "
+                              "was changed; write the FITS files elsewhere")
+    if fits is not None and path_within(fits, output):
+        raise OptionError(f"--fits {fits} is or lies inside --out {output}, a Zarr store: nothing was changed; write "
+                          "the FITS files elsewhere")
     blocked = file_in_the_way(out.location)
     if blocked is not None:
         raise OptionError(f"{output}: {blocked} is a file, not a folder, so nothing can be written under it: nothing "
