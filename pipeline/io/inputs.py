@@ -389,7 +389,12 @@ def _open_group(where: str, group: str | None, storage_options: dict[str, Any] |
             "zarr.json, .zgroup, .zattrs or .zmetadata); restore it from its source, or write the stack again"
         ) from None
     except ValueError as exc:  # e.g. an unknown URL protocol
-        raise InputError(f"input.path: cannot open {where}: {exc}") from exc
+        raise InputError(f"input.path: cannot open {where}: {exc}: give a local path or a URL whose protocol "
+                         "fsspec knows (file://, s3://, gs://, https://, ...)") from exc
+    except OSError as exc:  # unreachable (a URL's host), or not readable (permissions)
+        raise InputError(f"input.path: cannot read {where} ({type(exc).__name__}: {exc}): check that the store is "
+                         "there and can be reached and read (network, input.storage_options credentials, "
+                         "permissions), then run again") from exc
     if not group:
         return root
     try:

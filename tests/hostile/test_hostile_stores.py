@@ -4,6 +4,7 @@ before anything is written: no output, no byte of the input changed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import warnings
@@ -74,6 +75,15 @@ CASES = [
     # a pipe where the store should be: opening it for reading would block, so it is refused unread
     Case("store-is-a-pipe", run_case(_store_replaced(os.mkfifo)), InputError,
          ("stack.zarr is not a folder (a pipe",), ("point input.path at the store",), api),
+    # a store at a URL whose host does not answer (nothing listens on port 9 of this machine)
+    Case("store-url-unreachable", run_case(stack=False, input={"path": "http://127.0.0.1:9/stack.zarr"}),
+         InputError, ("cannot read http://127.0.0.1:9/stack.zarr", "Cannot connect"),
+         ("check that the store is there and can be reached",), api,
+         marks=(pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None,
+                                   reason="reading stores over HTTP needs aiohttp"),)),
+    Case("store-url-unknown-protocol", run_case(stack=False, input={"path": "nosuch://bucket/stack.zarr"}),
+         InputError, ("cannot open nosuch://bucket/stack.zarr", "nosuch"), ("a URL whose protocol fsspec knows",),
+         api),
     Case("store-is-an-empty-folder", run_case(_store_replaced(Path.mkdir)), InputError,
          ("no Zarr store at", "stack.zarr"), ("a store is a directory with zarr.json or .zgroup",), api),
     Case("store-is-one-array", run_case(_store_replaced(_single_array)), InputError,
@@ -102,6 +112,8 @@ CASES = [
          ("holds 3 images", "holds 2"), ("give one source per target image",), api),
     Case("target-1-d", run_case(lambda t: _replace(t, "target", np.ones(SIZE, np.float32))), InputError,
          ("must be 3-D (image, y, x)", "(64,)"), ("leading image axis of length 1",), api),
+    Case("target-2-d", run_case(lambda t: _replace(t, "target", np.ones((SIZE, SIZE), np.float32), ["y", "x"])),
+         InputError, ("must be 3-D (image, y, x)", "(64, 64)"), ("leading image axis of length 1",), api),
     Case("target-4-d", run_case(lambda t: _replace(t, "target", np.ones((2, 3, SIZE, SIZE), np.float32))),
          InputError, ("must be 3-D (image, y, x)", "(2, 3, 64, 64)"), ("store one 3-D array per value",), api),
     Case("target-no-images", run_case(lambda t: _replace(t, "target", np.ones((0, SIZE, SIZE), np.float32),
