@@ -7,8 +7,10 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"run": _cmd_run, "config": _cmd_config, "submit": _cmd_submit, "report": _cmd_report,
                 "compare": _cmd_compare, "apply": _cmd_apply, "ingest": _cmd_ingest, "demo": _cmd_demo}
+    hook = sys.unraisablehook
+    sys.unraisablehook = anyway = _InterruptAnyway(hook)
     try:
         return handlers[args.command](args)
     except KernelmapError as exc:
@@ -415,6 +419,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kernelmap {args.command}: {os.strerror(full.errno).lower()} writing {_written(args)}: free space, then "
               f"{_after_full_disk(args)}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        anyway.cancel()
+        sys.unraisablehook = hook
+
+
+class _InterruptAnyway:
+    """``sys.unraisablehook`` while a command runs: Ctrl-C that fell inside a finaliser or a weakref callback,
+    where Python would print it and carry on, interrupts the command all the same (SIGINT again, to the main
+    thread, a moment later: once out of that callback); the rest goes to the hook it replaces.  ``cancel``:
+    no SIGINT sent after the command."""
+
+    def __init__(self, hook: Callable[[Any], object]) -> None:
+        self.hook = hook
+        self.timers: list[threading.Timer] = []
+
+    def __call__(self, unraisable: Any) -> None:
+        if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            self.hook(unraisable)
+            return
+        timer = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        timer.daemon = True
+        self.timers.append(timer)
+        timer.start()
+
+    def cancel(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
 
 
 #: Exit status of a command stopped by an error it names (such as a full disk) after it began writing.

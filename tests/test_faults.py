@@ -159,25 +159,52 @@ def assert_same_store(path: Path, reference: Path) -> None:
 
 def worker_processes(pid: int) -> list[psutil.Process]:
     """The Dask worker processes a run started (not multiprocessing's resource tracker)."""
-    return [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    found = []
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def interrupt(proc: subprocess.Popen) -> str:
+    """SIGINT to the run's whole process group, as Ctrl-C at a terminal sends it: the run ends with status
+    130 and the one line that says how to finish it, with no traceback or cluster log; its stderr."""
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == f"interrupted; {RESUME}", err
+    assert len(err.splitlines()) <= 3 and "Traceback" not in err and "distributed" not in err, err
+    return err
+
+
+def test_ctrl_c_while_the_workers_start_says_one_line(tmp_path, stacks):
+    """Ctrl-C as soon as the local cluster's worker processes exist, while they import what they run (where
+    each would die printing its traceback): the one line all the same, and the workers are gone."""
+    output = tmp_path / "kernels.zarr"
+    job_file = write_job(tmp_path, fault_job(tmp_path, stacks, "unsharded", output=output, scheduler="local"))
+    proc = start_run(job_file, session=True)
+    deadline = time.monotonic() + 60
+    while not (workers := worker_processes(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers, "no worker process started"
+    interrupt(proc)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
 
 
 def test_ctrl_c_says_one_line_and_the_store_resumes(tmp_path, stacks, references):
-    """SIGINT to the run's whole process group after its first blocks, as Ctrl-C at a terminal sends it: the
-    run (on the default local cluster of two worker processes) ends with status 130 and the one line that says
-    how to finish it, no traceback or cluster log; its workers are gone; the store resumes to the
-    uninterrupted result."""
+    """Ctrl-C once the first blocks are written, on the default local cluster of two worker processes: the
+    one line, the workers gone, and the store resumes to the uninterrupted result."""
     output = tmp_path / "kernels.zarr"
     job_file = write_job(tmp_path, fault_job(tmp_path, stacks, "unsharded", output=output, scheduler="local"))
     proc = start_run(job_file, session=True)
     done = wait_for_blocks(proc, output, 2)
     workers = worker_processes(proc.pid)
     assert len(workers) == 2
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert err.splitlines()[-1] == f"interrupted; {RESUME}", err
-    assert len(err.splitlines()) <= 3 and "Traceback" not in err and "distributed" not in err, err
+    interrupt(proc)
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
     assert 2 <= done <= blocks_done(output) < BLOCKS["unsharded"]
@@ -341,3 +368,35 @@ def test_the_cluster_s_loggers_are_quiet_only_while_an_interrupted_run_closes_it
     assert not any(logging.getLogger(name).isEnabledFor(logging.CRITICAL) for name in names)
     hush.restore()
     assert {name: logging.getLogger(name).level for name in names} == before
+
+
+def test_ctrl_c_inside_a_weakref_callback_still_interrupts_the_command(monkeypatch, capsys):
+    """Python drops an exception raised in a weakref callback or a finaliser (it prints "Exception ignored"
+    and carries on): Ctrl-C falling there would be lost, and where the callback held the import lock, every
+    other thread's import would wait for ever.  The command is interrupted all the same, without that print."""
+    import weakref
+
+    import pipeline.cli as cli
+
+    def run(args):
+        def interrupted(ref):
+            raise KeyboardInterrupt
+
+        class Thing:
+            pass
+
+        thing = Thing()
+        ref = weakref.ref(thing, interrupted)
+        del thing  # the callback runs here, its KeyboardInterrupt dropped by Python
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the command goes on: interrupted again at once
+            time.sleep(0.01)
+        return ref  # never reached
+
+    monkeypatch.setattr(cli, "_cmd_run", run)
+    hook = sys.unraisablehook
+    started = time.monotonic()
+    assert main(["run", "job.yaml"]) == 130
+    assert time.monotonic() - started < 5
+    assert capsys.readouterr().err == f"interrupted; {RESUME}\n"
+    assert sys.unraisablehook is hook

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, nullcontext
 from operator import methodcaller
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,13 @@ __all__ = ["SHUTDOWN_LOGGERS", "WORKER_ENV", "ShutdownHush", "WaitingFutures", "
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+#: Seconds a run that stops while its local cluster starts waits for the start, to close the cluster: after
+#: an error, and after Ctrl-C (then it is left to end with the process: Ctrl-C caught by Python inside an
+#: import may leave the import lock taken, and the start waiting for it for ever).
+CLUSTER_START_WAIT = 60.0
+INTERRUPTED_START_WAIT = 10.0
+
+
 def _start_local_cluster(job: JobConfig, stack: ExitStack) -> Callable[[], Any]:
     """Start a LocalCluster from ``compute`` in the background; returns a function giving its client.
 
@@ -53,6 +60,15 @@ def _start_local_cluster(job: JobConfig, stack: ExitStack) -> Callable[[], Any]:
     c = job.compute
 
     def start() -> LocalCluster:
+        if c.processes and hasattr(signal, "pthread_sigmask"):
+            # Ctrl-C at a terminal signals the whole process group: the worker processes are started with
+            # SIGINT blocked (as multiprocessing starts its resource tracker), so that it never reaches them,
+            # even while they start.  The mask passes from this thread to the cluster's threads, which start
+            # them, and on to the processes; the resource tracker, started first, would unblock it.
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": WORKER_ENV}
         if c.processes:  # Ctrl-C stops the run through this process alone (see dask_setup)
             settings["distributed.worker.preload"] = [*dask.config.get("distributed.worker.preload", []), __name__]
@@ -62,15 +78,28 @@ def _start_local_cluster(job: JobConfig, stack: ExitStack) -> Callable[[], Any]:
                 memory_limit=c.memory_limit, dashboard_address=c.dashboard_address,
             )
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernelmap-cluster-start")
-    future = pool.submit(start)
-    pool.shutdown(wait=False)
+    future: Future[LocalCluster] = Future()
 
-    def close() -> None:
-        if future.exception() is None:
-            future.result().close()
+    def starting() -> None:
+        try:
+            future.set_result(start())
+        except BaseException as exc:
+            future.set_exception(exc)
 
-    stack.callback(close)
+    # a daemon thread: a start that never ends (e.g. Ctrl-C caught inside an import in another thread) does not
+    # keep the process from exiting
+    threading.Thread(target=starting, name="kernelmap-cluster-start", daemon=True).start()
+
+    def close(exc_type: type[BaseException] | None, *exc: object) -> bool:
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        try:  # a cluster still starting is closed once started, unless that takes longer than it should
+            cluster = future.result(timeout=INTERRUPTED_START_WAIT if interrupted else CLUSTER_START_WAIT)
+        except Exception:
+            return False
+        cluster.close()
+        return False
+
+    stack.push(close)
     return lambda: stack.enter_context(Client(future.result()))
 
 
@@ -105,18 +134,18 @@ class ShutdownHush:
 
 
 def dask_setup(worker: Any) -> None:
-    """Preload of the local cluster's worker processes (``distributed.worker.preload``): they leave what
-    stopping a run is to the run's own process, and say nothing of it.
+    """Preload of the local cluster's worker processes (``distributed.worker.preload``): they leave stopping
+    a run to the run's own process, and say nothing of it.
 
     Ctrl-C at a terminal sends SIGINT to every process of the foreground
-    group, worker processes included, which would die printing their
-    tracebacks while the run still reads them: they take it as the sign that
-    the run stops, and only stop logging; the run's process stops the run and
-    closes them.  Once closing (the run ended or stopped), a worker's logs
-    are dropped (the tasks it cancels, the scheduler it loses).  And a
-    task's error is not logged by the worker: the run reads every task's
-    result and raises the error, with the task's traceback, itself (a clear
-    message where it is the package's or a full disk's).
+    group; the workers are started with it blocked (:func:`_start_local_cluster`),
+    and where it reaches one all the same it only stops its logging: the run's
+    process stops the run and closes them.  Once closing (the run ended or
+    stopped), a worker's logs are dropped (the tasks it cancels, the
+    scheduler it loses).  And a task's error is not logged by the worker: the
+    run reads every task's result and raises the error, with the task's
+    traceback, itself (a clear message where it is the package's or a full
+    disk's).
     """
     if threading.current_thread() is not threading.main_thread():
         return  # a worker in the client's process: SIGINT is the run's own
