@@ -48,6 +48,9 @@ def _open_store(path: str | os.PathLike[str], **kwargs: Any) -> xr.Dataset:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise InputError(f"cannot open {where} as a Zarr store ({exc}): give the output.path of a "
                          "kernelmap run") from exc
+    except OSError as exc:  # unreachable (a URL's host), or not readable (permissions)
+        raise InputError(f"cannot read {where} ({type(exc).__name__}: {exc}): check that the kernel map is there and "
+                         "can be reached and read (network, --storage-options credentials, permissions)") from exc
 
 
 def _require(ds: xr.Dataset, names: tuple[str, ...], where: str | None) -> None:

@@ -5,6 +5,7 @@ byte for byte as it was, and no byte of the inputs changes."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,13 @@ CASES = [
                                        "{tmp}/kernels.zarr"), OptionError,
          ("kernels.zarr is or lies inside kernel map A",), ("nothing was changed; give another --out folder",),
          lambda t: write_comparison(t / "kernels.zarr", t / "kernels.zarr", t / "kernels.zarr")),
+    # nothing listens on port 9 of this machine
+    Case("report-of-an-unreachable-map", command("report", "http://127.0.0.1:9/kernels.zarr", "--out", "{tmp}/r"),
+         InputError, ("cannot read http://127.0.0.1:9/kernels.zarr", "Cannot connect"),
+         ("check that the kernel map is there and can be reached",),
+         lambda t: write_report("http://127.0.0.1:9/kernels.zarr", t / "r"),
+         marks=(pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None,
+                                   reason="reading stores over HTTP needs aiohttp"),)),
     Case("report-no-panels", command("report", "{tmp}/kernels.zarr", "--out", "{tmp}/report", "--max-images", "0"),
          OptionError, ("max_images (--max-images)", "got 0"), ("must be an integer >= 1",),
          lambda t: write_report(t / "kernels.zarr", t / "report", max_images=0)),
