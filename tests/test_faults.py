@@ -400,3 +400,26 @@ def test_ctrl_c_inside_a_weakref_callback_still_interrupts_the_command(monkeypat
     assert time.monotonic() - started < 5
     assert capsys.readouterr().err == f"interrupted; {RESUME}\n"
     assert sys.unraisablehook is hook
+
+
+def test_a_full_disk_stops_apply_with_what_to_do_and_resume_finishes_it(tmp_path, references, small_disk):
+    """``kernelmap apply`` onto a small tmpfs: stopped with the line that names the output and ``--resume``;
+    once the disk is larger, ``--resume`` finishes it, equal to an apply never stopped."""
+    kernels = references("unsharded")
+    assert main(["apply", str(kernels), "--out", str(tmp_path / "images.zarr"), "--chunk", "128"]) == 0
+    disk = small_disk("1m")
+    output = disk / "images.zarr"
+    argv = [sys.executable, "-m", "pipeline.cli", "apply", str(kernels), "--out", str(output), "--chunk", "128"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"kernelmap apply: no space left on device writing {output}: free space, then run the "
+                             "same kernelmap apply again with --resume to finish it\n")
+    small_disk("32m")
+    assert main(["apply", str(kernels), "--out", str(output), "--chunk", "128", "--resume"]) == 0
+    got, want = zarr.open_group(output, mode="r"), zarr.open_group(tmp_path / "images.zarr", mode="r")
+    assert dict(got.attrs) == dict(want.attrs)
+    got_arrays, want_arrays = dict(arrays(got)), dict(arrays(want))
+    assert sorted(got_arrays) == sorted(want_arrays) and "difference" in want_arrays
+    for name, array in want_arrays.items():
+        assert got_arrays[name].metadata.to_dict() == array.metadata.to_dict(), name
+        assert np.asarray(got_arrays[name][...]).tobytes() == np.asarray(array[...]).tobytes(), name
