@@ -291,3 +291,32 @@ def test_an_interrupted_ingest_overwrite_keeps_the_old_stack_and_the_next_overwr
     new = xr.open_zarr(out, consolidated=False).load()
     assert new["AIRMASS"].values.tolist() == [1.25, 1.25] and "AIRMASS" not in old
     np.testing.assert_array_equal(new["target"].values, old["target"].values)
+
+
+# --------------------------------------------------------------------------- setting up a new output whole
+
+def test_a_store_stopped_while_being_set_up_leaves_nothing_at_its_path(tmp_path, monkeypatch):
+    """A new kernel map is set up beside its path and renamed into place: a failure (or a kill) meanwhile
+    leaves no half-made store that a resume would then refuse as made by another configuration."""
+    import pipeline.io.store as store_module
+
+    make_stack(tmp_path / "stack.zarr", n_images=2)
+    job = job_from_dict(job_dict(tmp_path))
+    out = Path(job.output.path)
+
+    def failing(group, layout):
+        raise OSError("stopped while setting up")
+
+    real = store_module._create_variables
+    monkeypatch.setattr(store_module, "_create_variables", failing)
+    with pytest.raises(OSError, match="stopped while setting up"):
+        run_job(job, progress=False)
+    assert not out.exists() and _siblings(out) == []  # the staging removed, nothing at the path
+    monkeypatch.setattr(store_module, "_create_variables", real)
+    # what a SIGKILL while setting up leaves: a staging sibling, removed (and named) by the next run
+    staging = _folder(Path(f"{out}{swap.CREATING}0123abcd"), **{"zarr.json": "{}"})
+    assert leftovers(out) == [Leftover(str(staging), "creating")]
+    said = []
+    summary = run_job(job, progress=False, log=said.append)
+    assert summary.path == str(out) and xr.open_zarr(out).attrs["kernelmap_status"] == "complete"
+    assert _siblings(out) == [] and any("setting up was interrupted" in line for line in said)

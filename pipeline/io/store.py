@@ -60,7 +60,7 @@ from ..core.field import KernelField, polynomial_terms
 from ..core.tiles import STEP, Block, TileGrid
 from ..errors import OptionError
 from .paths import check_writable
-from .swap import Leftover, discard, is_url, leftovers, new_sibling, swap_into_place, tidy
+from .swap import NEW, Leftover, created_in_place, discard, is_url, leftovers, new_sibling, swap_into_place, tidy
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -588,14 +588,21 @@ class OutputStore:
     def create(self, layout: StoreLayout, attrs: dict[str, Any]) -> OutputStore:
         """Write the empty store: coordinates, attributes, variable metadata and the block records.
 
-        Refuses (Zarr's error) where something exists; returns the store with its new identifier.
+        Refuses (Zarr's error) where something exists; returns the store with its new identifier.  A local
+        store is set up beside its path and renamed into place (:func:`~pipeline.io.swap.created_in_place`).
         """
-        location = self.location
         store_id = uuid.uuid4().hex
         ds = _coordinates(layout, {**attrs, "kernelmap_status": "incomplete", "kernelmap_store_id": store_id})
-        ds.to_zarr(location, mode="w-", consolidated=False, zarr_format=3)
-        _create_variables(zarr.open_group(location, mode="r+"), layout)
-        consolidate(location)
+
+        def setup(location: str) -> None:
+            ds.to_zarr(location, mode="w-", consolidated=False, zarr_format=3)
+            _create_variables(zarr.open_group(location, mode="r+"), layout)
+            consolidate(location)
+
+        if NEW in Path(self.location).name:  # a replacement, itself beside the output: set up where it is
+            setup(self.location)
+        else:  # set up beside, then renamed into place: a run stopped meanwhile leaves no half-made store
+            created_in_place(self.location, setup)
         return replace(self, id=store_id, images_per_shard=layout.images_per_shard)
 
     # ---- blocks

@@ -15,7 +15,9 @@ sibling (:func:`leftovers` tells what each holds):
   marker); the caller resumes it or removes it;
 - ``old``: the earlier result set aside by a swap (``PATH`` holds the
   marker naming it, or it is named ``PATH.kernelmap-old-<token>``): always
-  safe to remove (:func:`discard`).
+  safe to remove (:func:`discard`);
+- ``creating``: a new output whose setting up was cut short
+  (:func:`created_in_place`): always safe to remove.
 
 Where the filesystem cannot exchange two paths (not Linux, or a filesystem
 without ``RENAME_EXCHANGE``), the old result is renamed aside
@@ -42,13 +44,16 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MARKER", "NEW", "OLD", "Leftover", "discard", "is_url", "leftovers", "new_sibling", "swap_into_place",
-           "tidy"]
+__all__ = ["CREATING", "MARKER", "NEW", "OLD", "Leftover", "created_in_place", "discard", "is_url", "leftovers",
+           "new_sibling", "swap_into_place", "tidy"]
 
 #: What a replacement's sibling is named: ``PATH`` + ``NEW`` + a token.
 NEW = ".kernelmap-new-"
 #: What the earlier result set aside is named where paths cannot be exchanged: ``PATH`` + ``OLD`` + a token.
 OLD = ".kernelmap-old-"
+#: Where a new output is set up before it is renamed into place (:func:`created_in_place`): ``PATH`` +
+#: ``CREATING`` + a token; one left by a command stopped while setting up is never needed again.
+CREATING = ".kernelmap-creating-"
 #: The file a swap writes into the new result just before it goes into place (JSON: ``{"aside": NAME}``,
 #: the sibling that then holds the old result), removed once the old result is.
 MARKER = ".kernelmap-swap"
@@ -78,10 +83,11 @@ def new_sibling(path: str | os.PathLike[str]) -> str:
 
 @dataclass(frozen=True)
 class Leftover:
-    """A sibling of an output left by an interrupted replacement.
+    """A sibling of an output left by an interrupted replacement or creation.
 
-    ``kind``: ``"new"`` (a replacement not yet in place; ``ready`` where it is complete, its swap begun) or
-    ``"old"`` (the earlier result, set aside: safe to remove)."""
+    ``kind``: ``"new"`` (a replacement not yet in place; ``ready`` where it is complete, its swap begun),
+    ``"old"`` (the earlier result, set aside: safe to remove) or ``"creating"`` (a new output not set up
+    whole: safe to remove)."""
 
     path: str
     kind: str
@@ -90,6 +96,8 @@ class Leftover:
     def describe(self) -> str:
         if self.kind == "old":
             return f"{self.path} (the earlier result, set aside by an interrupted replacement)"
+        if self.kind == "creating":
+            return f"{self.path} (a new output whose setting up was interrupted)"
         state = "complete, not yet swapped in" if self.ready else "not complete"
         return f"{self.path} (the replacement an interrupted overwrite was writing: {state})"
 
@@ -120,6 +128,8 @@ def leftovers(path: str | os.PathLike[str]) -> list[Leftover]:
         full = str(parent / entry)
         if entry.startswith(name + OLD) or entry == aside:
             found.append(Leftover(full, "old"))
+        elif entry.startswith(name + CREATING):
+            found.append(Leftover(full, "creating"))
         elif entry.startswith(name + NEW):
             found.append(Leftover(full, "new", ready=os.path.isdir(full) and _marker(full) is not None))
     return found
@@ -152,7 +162,7 @@ def tidy(path: str | os.PathLike[str], log: Callable[[str], None] = print) -> li
     replacements left (``new`` leftovers), for the caller to resume or remove."""
     found = leftovers(path)
     for leftover in found:
-        if leftover.kind == "old":
+        if leftover.kind in ("old", "creating"):
             log(f"removing {leftover.describe()}")
             discard(leftover)
     if not is_url(path):
@@ -163,6 +173,25 @@ def tidy(path: str | os.PathLike[str], log: Callable[[str], None] = print) -> li
             with suppress(FileNotFoundError):
                 os.remove(os.path.join(output, MARKER))
     return [leftover for leftover in found if leftover.kind == "new"]
+
+
+def created_in_place(path: str | os.PathLike[str], create: Callable[[str], None]) -> None:
+    """Set up a new local output at ``path`` as a whole: ``create(staging)`` writes it at a sibling
+    (``PATH.kernelmap-creating-<token>``), which is then renamed to ``path`` (an empty folder there is
+    replaced), so a command stopped while setting up leaves nothing at ``path``; the sibling is removed
+    where ``create`` fails.  A URL is created in place."""
+    if is_url(path):
+        create(os.fspath(path))
+        return
+    target = _local(path)
+    staging = f"{target}{CREATING}{uuid.uuid4().hex[:12]}"
+    try:
+        create(staging)
+        os.rename(staging, target)
+    except BaseException:
+        with suppress(OSError):
+            _remove(staging)
+        raise
 
 
 def _exchange(a: str, b: str) -> bool:
