@@ -37,6 +37,7 @@ from .. import flags as fl
 from ..core.tiles import EDGE, Block
 from ..errors import OptionError
 from ..io.lock import OutputLock
+from ..io.paths import path_within
 from ..io.store import RECORD_FIELDS, OutputStore
 from .blocks import BlockResult, BlockTask
 from .config import JobConfig, load_job
@@ -219,10 +220,20 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
     job, opening = plan.job, plan.opening
     if opening.refusal is not None:  # before anything is started or written
         raise opening.refusal
+    if performance_report is not None:
+        _check_report_path(performance_report, job)
     # one run per output: released on success, on an error and on Ctrl-C; the workers never touch it
     with OutputLock(opening.output, what=f"output.path {job.output.path}", log=log):
         return _execute(plan, client=client, progress=progress, performance_report=performance_report,
                         log=log, t0=t0)
+
+
+def _check_report_path(report: str, job: JobConfig) -> None:
+    """Refuse a performance report that would be written into the input store or the output store."""
+    for key, store in (("input.path", job.input.path), ("output.path", job.output.path)):
+        if path_within(report, store):
+            raise OptionError(f"--performance-report {report} lies inside the store {key} {store}, which it "
+                              "would write into: nothing was changed; give a file outside it")
 
 
 def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str | None,

@@ -112,3 +112,22 @@ def test_a_job_file_that_is_not_there_or_not_a_file(tmp_path, capsys, name, make
     result = refused(capsys, ["run", str(tmp_path / name)], watch=[tmp_path])
     assert f"job file {str(tmp_path / name)!r} {message}" in result.err
     raises_exactly(ConfigError, lambda: load_job(tmp_path / name), watch=[tmp_path])
+
+
+@pytest.mark.parametrize("inside", ["stack.zarr", "kernels.zarr"])
+def test_a_performance_report_inside_a_store_is_refused(tmp_path, capsys, inside):
+    from pipeline.errors import OptionError
+
+    from .conftest import raises_exactly, refused
+
+    small_stack(tmp_path / "stack.zarr")
+    job_file(tmp_path)
+    report = str(tmp_path / inside / "dask.html")
+    key = "input.path" if inside == "stack.zarr" else "output.path"
+    result = refused(capsys, ["run", str(tmp_path / "job.yaml"), "--quiet", "--performance-report", report],
+                     watch=[tmp_path])
+    assert f"--performance-report {report} lies inside the store {key}" in result.err
+    assert "give a file outside it" in result.err
+    raises_exactly(OptionError, lambda: run_job(tmp_path / "job.yaml", progress=False, performance_report=report),
+                   watch=[tmp_path])
+    assert not (tmp_path / "kernels.zarr").exists()
