@@ -290,7 +290,7 @@ def test_a_yaml_bomb_is_refused_without_expanding_it(tmp):
     error = _load(tmp, _bomb(12))
     assert time.perf_counter() - started < 5
     assert error.errors == [f"<job>: holds more than {MAX_VALUES} values (YAML aliases repeating anchors?): "
-                            "a job file has a few dozen settings; write them out"]
+                            "a job file has settings and lists of files, not millions of values; write them out"]
 
 
 @pytest.mark.parametrize("text, key", [

@@ -1286,8 +1286,8 @@ def _build(data: Any, overrides: Sequence[str], source: str | None) -> JobConfig
 
 
 #: Most values (mappings, lists and scalars, each alias counted where it is used) and deepest nesting a
-#: job may have: a job file has a few dozen settings, a few levels deep.
-MAX_VALUES, MAX_DEPTH = 100_000, 32
+#: job may have: a job file has a few dozen settings, a few levels deep, and perhaps long lists of files.
+MAX_VALUES, MAX_DEPTH = 1_000_000, 32
 
 
 def _size_problem(data: Any) -> str | None:
@@ -1301,7 +1301,7 @@ def _size_problem(data: Any) -> str | None:
         count += 1
         if count > MAX_VALUES:
             return (f"<job>: holds more than {MAX_VALUES} values (YAML aliases repeating anchors?): "
-                    "a job file has a few dozen settings; write them out")
+                    "a job file has settings and lists of files, not millions of values; write them out")
         if len(path) > MAX_DEPTH:
             return (f"{'.'.join(path[:4])}...: nests deeper than {MAX_DEPTH} levels (a YAML alias inside "
                     "its own anchor?): a job file is sections of settings; write them out")
