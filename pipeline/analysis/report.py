@@ -377,7 +377,7 @@ def _flag_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS):
         if flag.kind == fl.INFORMATION:
             tick.set_color("0.45")
     bars.set_xlabel("tiles (count)")
-    bars.set_title("tiles with each flag; (info): information, not a problem", fontsize=8)
+    bars.set_title("tiles with each flag\n(info): information, not a problem", fontsize=8)
     bars.legend(fontsize=6)
     return fig
 
