@@ -132,12 +132,12 @@ def map_extent(ds: xr.Dataset) -> tuple[float, float, float, float]:
 
 def _input_shape(identity: Any) -> tuple[int, int] | None:
     """``(ny, nx)`` of the target as recorded in a store's ``kernelmap_input`` (``None`` where not there)."""
-    from ..io.arrays import IMAGE_DIMS, _axis_order
+    from ..io.arrays import IMAGE_DIMS, axis_order
 
     try:
         target = json.loads(identity)["arrays"]["target"]
         shape, names = target["shape"], target.get("dimension_names")
-        order = _axis_order(None if names is None else tuple(names), IMAGE_DIMS)
+        order = axis_order(None if names is None else tuple(names), IMAGE_DIMS)
         return int(shape[order[1]]), int(shape[order[2]])
     except (TypeError, ValueError, KeyError, IndexError):
         return None

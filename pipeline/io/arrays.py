@@ -29,7 +29,9 @@ from ..errors import InputError
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["IMAGE_DIMS", "SPATIAL_DIMS", "CFDecoding", "StoredImages"]
+__all__ = ["IMAGE_DIMS", "SPATIAL_DIMS", "CFDecoding", "StoredImages", "axis_order", "cf_decoding", "check_dtype",
+           "close_names", "describe_array", "get_array", "image_dim_name", "lookup_member", "name_listing",
+           "read_unit_shape", "stored_dimension_names", "stored_images"]
 
 IMAGE_DIMS = ("image", "y", "x")
 SPATIAL_DIMS = ("y", "x")
@@ -38,20 +40,20 @@ _CF_MISSING = ("_FillValue", "missing_value")
 _CF_PACKING = ("scale_factor", "add_offset")
 
 
-def _listing(names: list[str]) -> str:
+def name_listing(names: list[str]) -> str:
     return ", ".join(names) if names else "(none)"
 
 
-def _get_array(grp: zarr.Group, name: str, key: str, where: str, group: str | None, *,
+def get_array(grp: zarr.Group, name: str, key: str, where: str, group: str | None, *,
                suggest: bool = False) -> zarr.Array:
     """Array ``name`` of the group, or an error listing what is there (and, with ``suggest``, close names)."""
     if not isinstance(name, str) or not name:
         raise InputError(f"{key}: array names must be non-empty strings, got {name!r}")
-    node = _lookup(grp, name)
+    node = lookup_member(grp, name)
     if node is None and grp.metadata.consolidated_metadata is not None:
         # consolidated metadata can be stale: look at the store itself
         fresh = zarr.open_group(grp.store_path, mode="r", use_consolidated=False)
-        node, grp = _lookup(fresh, name), fresh
+        node, grp = lookup_member(fresh, name), fresh
     place = f"{where} (group '{group}')" if group else where
     if isinstance(node, zarr.Group):
         raise InputError(f"{key}: '{name}' in {place} is a group, not an array: set {key} to an array in it")
@@ -64,13 +66,13 @@ def _get_array(grp: zarr.Group, name: str, key: str, where: str, group: str | No
         with quiet_listing():
             subgroups = sorted(grp.group_keys())
             names = sorted(grp.array_keys())
-        hint = f"; groups there: {_listing(subgroups)} (set input.group to read one)" if subgroups else ""
-        close = _close_names(name, names) if suggest else []
+        hint = f"; groups there: {name_listing(subgroups)} (set input.group to read one)" if subgroups else ""
+        close = close_names(name, names) if suggest else []
         if close:
             hint += f"; did you mean {' or '.join(map(repr, close))}? Set {key} to an array there"
         else:
             hint += f"; set {key} to the name of one of them"
-        raise InputError(f"{key}: no array '{name}' in {place}; arrays there: {_listing(names)}{hint}")
+        raise InputError(f"{key}: no array '{name}' in {place}; arrays there: {name_listing(names)}{hint}")
     return node
 
 
@@ -83,7 +85,7 @@ def quiet_listing() -> Iterator[None]:
         yield
 
 
-def _lookup(grp: zarr.Group, name: str) -> zarr.Array | zarr.Group | None:
+def lookup_member(grp: zarr.Group, name: str) -> zarr.Array | zarr.Group | None:
     """Member ``name`` of the group (``None`` where there is none); refused where its metadata cannot be read."""
     try:
         return grp[name]
@@ -95,7 +97,7 @@ def _lookup(grp: zarr.Group, name: str) -> zarr.Array | zarr.Group | None:
                          "again") from None
 
 
-def _check_dtype(z: zarr.Array, name: str, key: str, where: str, *, allow_bool: bool) -> None:
+def check_dtype(z: zarr.Array, name: str, key: str, where: str, *, allow_bool: bool) -> None:
     """Raise unless ``z`` holds real numbers (or booleans, for a mask)."""
     kinds = "iuf" + ("b" if allow_bool else "")
     dtype = z.dtype
@@ -109,7 +111,7 @@ def _check_dtype(z: zarr.Array, name: str, key: str, where: str, *, allow_bool: 
     raise InputError(f"{key}: array '{name}' in {where} must hold {what}, got dtype {dtype}; {fix}")
 
 
-def _dimension_names(z: zarr.Array) -> tuple[str | None, ...] | None:
+def stored_dimension_names(z: zarr.Array) -> tuple[str | None, ...] | None:
     """Dimension names stored with ``z``: Zarr 3 metadata or xarray's Zarr 2 attribute."""
     names = getattr(z.metadata, "dimension_names", None)
     if names is None:
@@ -119,7 +121,7 @@ def _dimension_names(z: zarr.Array) -> tuple[str | None, ...] | None:
     return tuple(n if isinstance(n, str) else None for n in names)
 
 
-def _axis_order(names: tuple[str | None, ...] | None, expected: tuple[str, ...]) -> tuple[int, ...]:
+def axis_order(names: tuple[str | None, ...] | None, expected: tuple[str, ...]) -> tuple[int, ...]:
     """Stored axis for each expected dimension.
 
     Known names (``image``, ``y``, ``x``) locate their axis; the remaining
@@ -137,14 +139,14 @@ def _axis_order(names: tuple[str | None, ...] | None, expected: tuple[str, ...])
     return tuple(i if i is not None else next(rest) for i in order)
 
 
-def _image_dim_name(names: tuple[str | None, ...] | None, expected: tuple[str, ...]) -> str:
+def image_dim_name(names: tuple[str | None, ...] | None, expected: tuple[str, ...]) -> str:
     """Name of the stored image dimension (``image`` when unnamed)."""
     if names is None:
         return "image"
-    return names[_axis_order(names, expected)[0]] or "image"
+    return names[axis_order(names, expected)[0]] or "image"
 
 
-def _read_chunks(z: zarr.Array) -> tuple[int, ...]:
+def read_unit_shape(z: zarr.Array) -> tuple[int, ...]:
     """Shape of one stored read unit: the shard when sharded, else the chunk."""
     shards = getattr(z, "shards", None)
     return tuple(int(c) for c in (shards or z.chunks))
@@ -237,7 +239,7 @@ class StoredImages:
         from dask.base import tokenize
 
         z, name = self.array, self.name
-        chunks = _read_chunks(z)
+        chunks = read_unit_shape(z)
         token = tokenize(str(z.store_path), z.metadata.to_dict(), chunks)
         arr = da.from_array(
             z, chunks=chunks, name=f"zarr-{name}-{token}", meta=np.empty((0,) * z.ndim, dtype=z.dtype),
@@ -250,8 +252,8 @@ class StoredImages:
         return arr
 
 
-def _stored(z: zarr.Array, name: str, order: tuple[int, ...], *, decode: bool = True) -> StoredImages:
-    return StoredImages(z, name, order, _cf_decoding(z) if decode else None)
+def stored_images(z: zarr.Array, name: str, order: tuple[int, ...], *, decode: bool = True) -> StoredImages:
+    return StoredImages(z, name, order, cf_decoding(z) if decode else None)
 
 
 def _missing_values(z: zarr.Array) -> list[float]:
@@ -276,7 +278,7 @@ def _missing_values(z: zarr.Array) -> list[float]:
     return out
 
 
-def _cf_decoding(z: zarr.Array) -> CFDecoding | None:
+def cf_decoding(z: zarr.Array) -> CFDecoding | None:
     """The CF decoding xarray would apply to ``z``; ``None`` when there is none."""
     attrs = z.attrs
     missing = _missing_values(z)
@@ -298,9 +300,9 @@ def _cf_decoding(z: zarr.Array) -> CFDecoding | None:
     )
 
 
-def _describe(name: str, z: zarr.Array, *, decoded: bool) -> dict[str, Any]:
+def describe_array(name: str, z: zarr.Array, *, decoded: bool) -> dict[str, Any]:
     """JSON-serialisable identity of one stored array (and the CF decoding applied to it)."""
-    names = _dimension_names(z)
+    names = stored_dimension_names(z)
     desc: dict[str, Any] = {
         "name": name,
         "shape": [int(s) for s in z.shape],
@@ -322,7 +324,7 @@ def _describe(name: str, z: zarr.Array, *, decoded: bool) -> dict[str, Any]:
     return desc
 
 
-def _close_names(name: str, names: list[str]) -> list[str]:
+def close_names(name: str, names: list[str]) -> list[str]:
     """Names like ``name``, ignoring case first."""
     by_lower = {c.lower(): c for c in names}
     if name.lower() in by_lower:

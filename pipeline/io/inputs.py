@@ -46,17 +46,17 @@ from ..errors import InputError
 from .arrays import (
     IMAGE_DIMS,
     StoredImages,
-    _axis_order,
-    _check_dtype,
-    _describe,
-    _dimension_names,
-    _get_array,
-    _image_dim_name,
-    _listing,
-    _lookup,
-    _read_chunks,
-    _stored,
+    axis_order,
+    check_dtype,
+    describe_array,
+    get_array,
+    image_dim_name,
+    lookup_member,
+    name_listing,
     quiet_listing,
+    read_unit_shape,
+    stored_dimension_names,
+    stored_images,
 )
 from .levels import ImageLevels
 from .noise import CCDNoise, Variances, ccd_spec, noise_spec, open_variances
@@ -245,14 +245,14 @@ def open_inputs(
     arrays: dict[str, tuple[str, zarr.Array]] = {}
     for key, name in (("source", source), ("target", target), ("mask", mask)):
         if name is not None:
-            arrays[key] = (name, _get_array(grp, name, f"input.{key}", where, group, suggest=True))
+            arrays[key] = (name, get_array(grp, name, f"input.{key}", where, group, suggest=True))
 
     tgt_name, tgt_z = arrays["target"]
     src_name, src_z = arrays["source"]
     for key, (name, z) in arrays.items():
-        _check_dtype(z, name, f"input.{key}", where, allow_bool=key == "mask")
+        check_dtype(z, name, f"input.{key}", where, allow_bool=key == "mask")
 
-    tgt_dims = _dimension_names(tgt_z)
+    tgt_dims = stored_dimension_names(tgt_z)
     if tgt_z.ndim != 3:
         fix = ("store a single image with a leading image axis of length 1" if tgt_z.ndim < 3 else
                "store one 3-D array per value of the extra axes (e.g. per band), or drop an axis of length 1")
@@ -266,8 +266,8 @@ def open_inputs(
             f"for one reference shared by every target, got shape {src_z.shape}"
         )
 
-    tgt = _stored(tgt_z, tgt_name, _axis_order(tgt_dims, IMAGE_DIMS))
-    src = _stored(src_z, src_name, _axis_order(_dimension_names(src_z), IMAGE_DIMS[-src_z.ndim:]))
+    tgt = stored_images(tgt_z, tgt_name, axis_order(tgt_dims, IMAGE_DIMS))
+    src = stored_images(src_z, src_name, axis_order(stored_dimension_names(src_z), IMAGE_DIMS[-src_z.ndim:]))
     n, ny, nx = (int(s) for s in tgt.shape)
     if n == 0:
         raise InputError(f"input.target: array '{tgt_name}' in {where} holds no images (shape {tgt_z.shape}): write "
@@ -292,8 +292,8 @@ def open_inputs(
                 f"input.mask: array '{msk_name}' in {where} must be (image, y, x) like the target or "
                 f"(y, x) shared by every image, got shape {msk_z.shape}"
             )
-        order = _axis_order(_dimension_names(msk_z), IMAGE_DIMS[-msk_z.ndim:])
-        msk = _stored(msk_z, msk_name, order, decode=False)
+        order = axis_order(stored_dimension_names(msk_z), IMAGE_DIMS[-msk_z.ndim:])
+        msk = stored_images(msk_z, msk_name, order, decode=False)
         allowed = ((n, ny, nx), (ny, nx))
         dims_label = "(image, y, x)" if msk.ndim == 3 else "(y, x)"
         if tuple(msk.shape) not in allowed:
@@ -312,7 +312,7 @@ def open_inputs(
     kind, noise_arrays = noise_spec(variance, weight)
     ccd = ccd_spec(gain, read_noise, noise_arrays, kind)
     noise_names = [name for name in noise_arrays.values() if name is not None]
-    image_name = _image_dim_name(tgt_dims, IMAGE_DIMS)
+    image_name = image_dim_name(tgt_dims, IMAGE_DIMS)
     images, image_attrs, image_source = _image_labels(
         grp, image_name, n, where, exclude={name for name, _ in arrays.values()} | set(noise_names)
     )
@@ -321,8 +321,8 @@ def open_inputs(
                            images, labels, image_name,
                            exclude={name for name, _ in arrays.values()} | set(noise_names) | {image_name})
 
-    read_chunks = _read_chunks(tgt_z)
-    order = _axis_order(tgt_dims, IMAGE_DIMS)
+    read_chunks = read_unit_shape(tgt_z)
+    order = axis_order(tgt_dims, IMAGE_DIMS)
     chunks = (int(read_chunks[order[1]]), int(read_chunks[order[2]]))
 
     sat = None
@@ -335,7 +335,7 @@ def open_inputs(
         "store": store_id,
         "group": group or "",
         "image_coordinate": image_source,
-        "arrays": {key: _describe(name, z, decoded=key != "mask") for key, (name, z) in arrays.items()},
+        "arrays": {key: describe_array(name, z, decoded=key != "mask") for key, (name, z) in arrays.items()},
     }
     if sat is not None:
         identity["saturation"] = sat.identity()
@@ -405,7 +405,7 @@ def _open_group(where: str, group: str | None, storage_options: dict[str, Any] |
         what = "an array, not a group" if isinstance(node, zarr.Array) else "missing"
         raise InputError(
             f"input.group: group '{group}' in {where} is {what}; groups there: "
-            f"{_listing(sorted(root.group_keys()))}"
+            f"{name_listing(sorted(root.group_keys()))}"
         )
     return node
 
@@ -498,7 +498,7 @@ def _image_labels(
     grp: zarr.Group, name: str, n: int, where: str, *, exclude: set[str]
 ) -> tuple[np.ndarray, dict[str, Any], str | None]:
     """Labels of the image axis, their attributes and the array they came from."""
-    node = None if name in exclude else _lookup(grp, name)
+    node = None if name in exclude else lookup_member(grp, name)
     if not isinstance(node, zarr.Array):
         return np.arange(n), {}, None
     if node.ndim != 1 or node.shape[0] != n:
@@ -529,7 +529,7 @@ def _image_coordinates(grp: zarr.Group, name: str, n: int, where: str, *, exclud
     with quiet_listing():
         members = sorted(grp.arrays(), key=lambda item: item[0])
     for key, node in members:
-        if key in exclude or node.ndim != 1 or node.shape[0] != n or _dimension_names(node) != (name,):
+        if key in exclude or node.ndim != 1 or node.shape[0] != n or stored_dimension_names(node) != (name,):
             continue
         attrs = {k: _plain(v) for k, v in node.attrs.items() if k != "_ARRAY_DIMENSIONS"}
         values, attrs = _decode_labels(np.asarray(node[...]), attrs, key, where)

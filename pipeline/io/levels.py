@@ -24,7 +24,15 @@ import numpy as np
 import zarr
 
 from ..errors import InputError
-from .arrays import StoredImages, _cf_decoding, _close_names, _dimension_names, _listing, _lookup, _read_chunks
+from .arrays import (
+    StoredImages,
+    cf_decoding,
+    close_names,
+    lookup_member,
+    name_listing,
+    read_unit_shape,
+    stored_dimension_names,
+)
 
 __all__ = ["ImageLevels", "resolve_levels", "check_range", "sample_images", "central_region"]
 
@@ -92,7 +100,7 @@ def resolve_levels(setting: Any, key: str, role: str, grp: zarr.Group, arr: Stor
     if not isinstance(setting, str) or not setting:
         raise InputError(f"{key}: {setting!r} is not a number or the name of a coordinate or attribute")
     name = setting
-    node = None if name in exclude else _lookup(grp, name)
+    node = None if name in exclude else lookup_member(grp, name)
     attrs = arr.array.attrs
     # a coordinate (one value per image) before an attribute, except for a shared source (one value)
     if name in attrs and (arr.ndim == 2 or not isinstance(node, zarr.Array)):
@@ -102,12 +110,12 @@ def resolve_levels(setting: Any, key: str, role: str, grp: zarr.Group, arr: Stor
     coords = [c for c in sorted(grp.array_keys()) if c not in exclude and _along_images(grp[c], n)]
     attr_names = sorted(k for k in attrs if not k.startswith("_"))
     listed = ", ".join(attr_names[:20]) + (f" and {len(attr_names) - 20} more" if len(attr_names) > 20 else "")
-    close = _close_names(name, (coords if arr.ndim == 3 else []) + attr_names)
+    close = close_names(name, (coords if arr.ndim == 3 else []) + attr_names)
     what = f"'{name}' in {where} is a group, not a coordinate" if isinstance(node, zarr.Group) else \
         f"no coordinate '{name}' along the images in {where}"
     available = f"attributes of '{arr.name}': {listed or '(none)'}"
     if arr.ndim == 3:
-        available = f"coordinates along '{image_name}' there: {_listing(coords)}; {available}"
+        available = f"coordinates along '{image_name}' there: {name_listing(coords)}; {available}"
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
     raise InputError(f"{key}: {what}, and no attribute '{name}' of array '{arr.name}'; {available}{hint} "
                      f"Give one of those, or the {noun} as a number")
@@ -125,7 +133,7 @@ def _coordinate_levels(node: zarr.Array, name: str, key: str, role: str, arr: St
             f"{key}: '{name}' is an array of the input store (a {noun} per image), but {role} "
             f"'{arr.name}' is one 2-D reference shared by every target image, so it has one {noun}: give a "
             f"number, or the name of an attribute of array '{arr.name}'")
-    dims = _dimension_names(node)
+    dims = stored_dimension_names(node)
     if node.ndim != 1 or node.shape[0] != n:
         raise InputError(
             f"{key}: coordinate '{name}' in {where} has shape {tuple(node.shape)} but must be 1-D along "
@@ -139,7 +147,7 @@ def _coordinate_levels(node: zarr.Array, name: str, key: str, role: str, arr: St
             f"{key}: coordinate '{name}' in {where} holds {node.dtype} values, not numbers: each {noun} must "
             f"be a number in {units}")
     raw = np.asarray(node[...])
-    decoding = _cf_decoding(node)
+    decoding = cf_decoding(node)
     values = (decoding(raw) if decoding is not None else raw).astype(np.float64)
     return ImageLevels(values, f"coordinate '{name}'", name)
 
@@ -209,7 +217,7 @@ def sample_images(levels: np.ndarray, count: int) -> list[int | None]:
 
 def central_region(arr: StoredImages, image: int | None) -> tuple[np.ndarray, tuple[str, str]]:
     """The pixels of the stored read unit at the centre of ``image``, and where they lie (rows, columns)."""
-    chunks = _read_chunks(arr.array)
+    chunks = read_unit_shape(arr.array)
     ny, nx = arr.shape[-2:]
     cy, cx = (int(chunks[arr.order[-2]]), int(chunks[arr.order[-1]]))
     y0, x0 = (ny // 2) // cy * cy, (nx // 2) // cx * cx

@@ -35,12 +35,12 @@ from ..errors import InputError
 from .arrays import (
     IMAGE_DIMS,
     StoredImages,
-    _axis_order,
-    _check_dtype,
-    _describe,
-    _dimension_names,
-    _get_array,
-    _stored,
+    axis_order,
+    check_dtype,
+    describe_array,
+    get_array,
+    stored_dimension_names,
+    stored_images,
 )
 from .levels import ImageLevels, central_region, check_range, resolve_levels, sample_images
 
@@ -185,7 +185,7 @@ class Variances:
             arr: StoredImages | None = getattr(self, role)
             if role in self.ccd:
                 return self.ccd[role].identity()
-            return None if arr is None else _describe(arr.name, arr.array, decoded=True)
+            return None if arr is None else describe_array(arr.name, arr.array, decoded=True)
 
         return {"kind": self.kind, "target": one("target"), "source": one("source")}
 
@@ -306,8 +306,8 @@ def open_variances(kind: str | None, spec: dict[str, str | None], ccd: dict[str,
         if name in used:
             raise InputError(f"{key}: '{name}' is the {used[name]} array itself: give the array holding the "
                              f"{role}'s {values}")
-        z = _get_array(grp, name, key, where, group, suggest=True)
-        _check_dtype(z, name, key, where, allow_bool=False)
+        z = get_array(grp, name, key, where, group, suggest=True)
+        check_dtype(z, name, key, where, allow_bool=False)
         image = images_by_role[role]
         stored[role] = _shaped_like(z, name, key, image, role, values, where)
     models = {}
@@ -380,7 +380,7 @@ def _shaped_like(z: zarr.Array, name: str, key: str, image: StoredImages, role: 
         else:
             why = f"it must be {dims} like {role} '{image.name}', shape {image.shape}"
         raise InputError(f"{key}: array '{name}' in {where} has shape {tuple(z.shape)}, but {why}")
-    arr = _stored(z, name, _axis_order(_dimension_names(z), IMAGE_DIMS[-z.ndim:]))
+    arr = stored_images(z, name, axis_order(stored_dimension_names(z), IMAGE_DIMS[-z.ndim:]))
     if arr.shape != image.shape:
         raise InputError(
             f"{key}: array '{name}' in {where} has shape {arr.shape} as {dims} but {role} '{image.name}' has "
