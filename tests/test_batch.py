@@ -566,3 +566,34 @@ def test_batch_support_loads_off_the_main_thread_and_keeps_ctrl_c():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_lock_from_another_host_is_stale_once_its_batch_job_has_left_the_queue(slurm, tmp_path):
+    """A whole job (kernelmap submit) on a compute node holds the output's lock; once the batch system no
+    longer lists that job (cancelled, node lost), a run from another host takes the lock over, naming why."""
+    import json
+    import socket
+
+    from pipeline.io.lock import lock_path
+
+    make_stack(tmp_path / "stack.zarr", n_images=1, size=128)
+    data = job_dict(tmp_path, compute={"scheduler": "synchronous"})
+    answer = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 300", "-o", str(tmp_path / "sleep.log")],
+                            capture_output=True, text=True, check=True, timeout=30)
+    job_id = answer.stdout.strip().split(";")[0]
+    lock = Path(lock_path(tmp_path / "kernels.zarr"))
+    lock.write_text(json.dumps({"host": f"not-{socket.gethostname()}", "pid": 4242,
+                                "started": "2026-01-02T03:04:05+00:00", "process_started": 1.0,
+                                "command": "kernelmap run job.yaml", "token": "t", "batch": f"slurm:{job_id}"}))
+    try:
+        with pytest.raises(OptionError, match=rf"being written by another kernelmap command .*slurm job {job_id}"):
+            run_job(job_from_dict(data), progress=False)
+        assert not (tmp_path / "kernels.zarr").exists()
+    finally:
+        subprocess.run(["scancel", job_id], check=True, timeout=10)
+    wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True,
+                                          timeout=10).stdout.strip(), 60, "the cancelled job to leave the queue")
+    said: list[str] = []
+    run_job(job_from_dict(data), progress=False, log=said.append)
+    assert any(f"its slurm job {job_id} is no longer in the queue" in line for line in said), said
+    assert not lock.exists() and xr.open_zarr(tmp_path / "kernels.zarr").attrs["kernelmap_status"] == "complete"

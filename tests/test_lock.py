@@ -29,7 +29,7 @@ from pipeline.job.run import plan_job, run_job
 
 
 def _write_lock(output: Path, *, host: str | None = None, pid: int | None = None,
-                process_started: float | None = None) -> Path:
+                process_started: float | None = None, batch: str = "") -> Path:
     """A lock file as another command would leave it (this process, alive, by default)."""
     pid = os.getpid() if pid is None else pid
     if process_started is None:
@@ -37,7 +37,7 @@ def _write_lock(output: Path, *, host: str | None = None, pid: int | None = None
     lock = Path(lock_path(output))
     lock.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid,
                                 "started": "2026-01-02T03:04:05+00:00", "process_started": process_started,
-                                "command": "kernelmap run other.yaml", "token": "t"}))
+                                "command": "kernelmap run other.yaml", "token": "t", "batch": batch}))
     return lock
 
 
@@ -259,3 +259,23 @@ def test_a_run_to_an_object_store_holds_a_lock_object_beside_its_output(tmp_path
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_lock_names_the_batch_job_it_was_taken_in_and_another_hosts_job_is_asked_about(tmp_path, monkeypatch):
+    from pipeline.io.lock import LockHolder, read_lock
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7731")
+    mine = LockHolder.mine(str(tmp_path / "x.lock"), "kernelmap run job.yaml")
+    assert mine.batch == "slurm:7731" and "slurm job 7731" in mine.describe()
+    for variable in ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    assert LockHolder.mine(str(tmp_path / "x.lock"), "kernelmap run job.yaml").batch == ""
+    # another host's lock in a batch job whose system cannot be asked from here (no squeue): not known, refused
+    out = tmp_path / "kernels.zarr"
+    _write_lock(out, host="node-7.example.org", pid=4242, batch="slurm:7731")
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    holder = read_lock(out)
+    assert holder.batch == "slurm:7731" and holder.stale() is None
+    assert "pid 4242, slurm job 7731, since" in holder.describe()

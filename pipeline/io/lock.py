@@ -4,7 +4,8 @@ A command that writes an output (``kernelmap run``, ``apply``, ``ingest``)
 holds ``PATH.kernelmap.lock`` (:func:`lock_path`) while it writes: created
 atomically (``O_EXCL``; on an object store a conditional put where the store
 supports one), holding JSON with the holder's host, pid, the time it took the
-lock, its process's start time and its command line, and removed when the
+lock, its process's start time, its command line and its batch job (where
+it runs in one), and removed when the
 command ends, whether it succeeds, fails or is interrupted (Ctrl-C).  Only the
 process that runs the command takes it: the workers that write blocks (on this
 or other nodes) never touch it.
@@ -13,10 +14,12 @@ A second command on the same output is refused before it writes anything
 (:class:`~pipeline.errors.OptionError` naming the holder and the fix).  A lock
 left by a process that was killed (SIGKILL, a lost node) is stale where it is
 known to be: same host, and its pid no longer runs or now belongs to a
-process started at another time.  A stale lock is named and taken over (the
-command says so and goes on); a lock from another host cannot be checked and
-is refused, the message giving the command that removes it once that run is
-known to be over.
+process started at another time; or, from another host, it names the batch
+job it ran in (``kernelmap submit``'s whole job, a run inside an allocation)
+and that batch system, asked from here, no longer lists the job.  A stale
+lock is named and taken over (the command says so and goes on); any other
+lock from another host cannot be checked and is refused, the message giving
+the command that removes it once that run is known to be over.
 """
 
 from __future__ import annotations
@@ -79,27 +82,31 @@ class LockHolder:
     process_started: float  #: its process's start time (seconds since the epoch)
     command: str
     token: str = ""
+    #: the batch job the holder runs in, ``system:id`` (e.g. ``slurm:1234``), or empty
+    batch: str = ""
 
     @classmethod
     def mine(cls, lock: str, command: str) -> LockHolder:
         pid = os.getpid()
         return cls(lock, socket.gethostname(), pid, _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                   _process_started(pid) or 0.0, command, uuid.uuid4().hex)
+                   _process_started(pid) or 0.0, command, uuid.uuid4().hex, _batch_job())
 
     def to_json(self) -> str:
         return json.dumps({"host": self.host, "pid": self.pid, "started": self.started,
                            "process_started": self.process_started, "command": self.command,
-                           "token": self.token}, indent=1) + "\n"
+                           "token": self.token, "batch": self.batch}, indent=1) + "\n"
 
     def describe(self) -> str:
-        """``host H, pid P, since T (command C)``."""
-        return f"host {self.host}, pid {self.pid}, since {self.started} ({self.command})"
+        """``host H, pid P, since T (command C)``, and the batch job it runs in."""
+        job = f", {self.batch.replace(':', ' job ', 1)}" if self.batch else ""
+        return f"host {self.host}, pid {self.pid}{job}, since {self.started} ({self.command})"
 
     def stale(self) -> str | None:
         """Why the holder is known to be gone (its host is this one, its pid no longer runs or runs another
-        process), else ``None`` (alive, or on another host: not known)."""
+        process; or it ran in a batch job that its batch system, asked from here, no longer lists), else
+        ``None`` (alive, or not known)."""
         if self.host != socket.gethostname():
-            return None
+            return _batch_job_gone(self.batch)
         now = _process_started(self.pid)
         if now is None:
             return f"pid {self.pid} is no longer running on {self.host}"
@@ -107,6 +114,41 @@ class LockHolder:
             started = _dt.datetime.fromtimestamp(now, _dt.UTC).isoformat(timespec="seconds")
             return f"pid {self.pid} on {self.host} is now another process (started {started})"
         return None
+
+
+def _batch_job() -> str:
+    """``system:id`` of the batch job this process runs in (its job id variable is set), else empty."""
+    from ..job.systems import submit_systems
+
+    for system in submit_systems():
+        job_id = os.environ.get(system.job_id_variable or "")
+        if job_id:
+            return f"{system.name}:{job_id}"
+    return ""
+
+
+def _batch_job_gone(batch: str) -> str | None:
+    """Why the batch job ``system:id`` is known to have ended: its batch system, asked from here, definitely
+    no longer lists it; ``None`` where it does, or cannot be asked (no such command here, no answer)."""
+    import shutil
+    import subprocess
+
+    from ..job.systems import BATCH_SYSTEMS_TABLE
+
+    name, _, job_id = batch.partition(":")
+    system = BATCH_SYSTEMS_TABLE.get(name)
+    if system is None or not job_id or system.status_command is None or system.listed is None:
+        return None
+    command = system.status(job_id)
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        answer = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if system.listed(answer, job_id):  # listed, or an answer that is no definite "unknown job"
+        return None
+    return f"its {name} job {job_id} is no longer in the queue ({' '.join(command)})"
 
 
 def _read_text(lock: str) -> str | None:
@@ -136,7 +178,8 @@ def read_lock(path: str | os.PathLike[str]) -> LockHolder | str | None:
     try:
         data: dict[str, Any] = json.loads(text)
         return LockHolder(lock, str(data["host"]), int(data["pid"]), str(data["started"]),
-                          float(data["process_started"]), str(data.get("command", "")), str(data.get("token", "")))
+                          float(data["process_started"]), str(data.get("command", "")), str(data.get("token", "")),
+                          str(data.get("batch", "")))
     except (ValueError, KeyError, TypeError):
         return text
 
