@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import inspect
 import json
 import os
 import signal
@@ -421,7 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     finally:
         anyway.cancel()
-        sys.unraisablehook = hook
+        # as the command (not called with arguments, as by a program): what the async storage clients leave
+        # in coroutines collected at exit is no more the user's business than during the command
+        sys.unraisablehook = hook if argv is not None else _DropCoroutineGarbage(hook)
 
 
 class _InterruptAnyway:
@@ -436,7 +439,8 @@ class _InterruptAnyway:
 
     def __call__(self, unraisable: Any) -> None:
         if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
-            self.hook(unraisable)
+            if not inspect.iscoroutine(unraisable.object):  # see _DropCoroutineGarbage
+                self.hook(unraisable)
             return
         timer = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
         timer.daemon = True
@@ -446,6 +450,19 @@ class _InterruptAnyway:
     def cancel(self) -> None:
         for timer in self.timers:
             timer.cancel()
+
+
+class _DropCoroutineGarbage:
+    """``sys.unraisablehook`` that drops the exceptions left in coroutines collected unawaited (the async
+    storage clients' requests abandoned once one failed: an unreachable object store answers each of them
+    with its own traceback after the one line that says what to do); the rest goes to ``hook``."""
+
+    def __init__(self, hook: Callable[[Any], object]) -> None:
+        self.hook = hook
+
+    def __call__(self, unraisable: Any) -> None:
+        if not inspect.iscoroutine(unraisable.object):
+            self.hook(unraisable)
 
 
 #: Exit status of a command stopped by an error it names (such as a full disk) after it began writing.

@@ -48,7 +48,9 @@ def _open_store(path: str | os.PathLike[str], **kwargs: Any) -> xr.Dataset:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise InputError(f"cannot open {where} as a Zarr store ({exc}): give the output.path of a "
                          "kernelmap run") from exc
-    except OSError as exc:  # unreachable (a URL's host), or not readable (permissions)
+    except Exception as exc:  # unreachable (a URL's host), not readable (permissions), or the object store's
+        if not isinstance(exc, OSError) and "://" not in where:  # own errors (no credentials, access denied)
+            raise
         raise InputError(f"cannot read {where} ({type(exc).__name__}: {exc}): check that the kernel map is there and "
                          "can be reached and read (network, --storage-options credentials, permissions)") from exc
 

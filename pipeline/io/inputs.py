@@ -391,7 +391,9 @@ def _open_group(where: str, group: str | None, storage_options: dict[str, Any] |
     except ValueError as exc:  # e.g. an unknown URL protocol
         raise InputError(f"input.path: cannot open {where}: {exc}: give a local path or a URL whose protocol "
                          "fsspec knows (file://, s3://, gs://, https://, ...)") from exc
-    except OSError as exc:  # unreachable (a URL's host), or not readable (permissions)
+    except Exception as exc:  # unreachable (a URL's host), not readable (permissions), or the object store's
+        if not isinstance(exc, OSError) and "://" not in where:  # own errors (no credentials, access denied)
+            raise
         raise InputError(f"input.path: cannot read {where} ({type(exc).__name__}: {exc}): check that the store is "
                          "there and can be reached and read (network, input.storage_options credentials, "
                          "permissions), then run again") from exc

@@ -51,9 +51,19 @@ def _fits_pipe(tmp: Path) -> tuple[list[str], str]:
             "target.fits is not a regular file (a pipe")
 
 
+def _unreachable_object_store(tmp: Path) -> tuple[list[str], str]:
+    """An S3 endpoint nothing listens on: s3fs's own error (not an OSError) and, before, a hundred lines of
+    abandoned requests' tracebacks after the message."""
+    pytest.importorskip("s3fs")
+    text = ("input:\n  path: s3://bucket/stack.zarr\n  storage_options: {endpoint_url: 'http://127.0.0.1:9', "
+            "key: a, secret: b}\noutput:\n  path: kernels.zarr\n")
+    return ["run", str(job_file(tmp, text)), "--dry-run"], "input.path: cannot read s3://bucket/stack.zarr"
+
+
 @pytest.mark.parametrize(("how", "build"), [(_module, _missing_store), (_module, _fits_pipe), (_kernelmap, _not_yaml),
-                                           (_kernelmap, _enum_typo)],
-                         ids=["module-missing-store", "module-fits-pipe", "kernelmap-not-yaml", "kernelmap-enum-typo"])
+                                           (_kernelmap, _enum_typo), (_kernelmap, _unreachable_object_store)],
+                         ids=["module-missing-store", "module-fits-pipe", "kernelmap-not-yaml", "kernelmap-enum-typo",
+                              "kernelmap-unreachable-object-store"])
 def test_the_process_exits_2_with_one_message_and_no_traceback(tmp_path, how, build):
     argv, message = build(tmp_path)
     before = snapshot(tmp_path)
@@ -62,4 +72,5 @@ def test_the_process_exits_2_with_one_message_and_no_traceback(tmp_path, how, bu
     assert message in done.stderr and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"kernelmap {argv[0]}: ")
     assert done.stdout == ""
+    assert "Exception ignored" not in done.stderr
     assert_unchanged(before, snapshot(tmp_path))
