@@ -198,7 +198,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     partial = xr.open_zarr(tmp_path / "kernels.zarr")
     assert partial.attrs["kernelmap_status"] == "incomplete"
     assert 0 < done < 48
+    # what a chunk write cut by the kill leaves (Zarr writes NAME.<token>.partial, then renames it)
+    planted = tmp_path / "kernels.zarr" / "kernel" / "c" / "0" / "0" / "0" / "0" / "0.5f1d2e.partial"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(b"cut short")
     assert main(["run", str(job_file), "--quiet", "--set", "output.mode=resume"]) == 0
+    assert not list((tmp_path / "kernels.zarr").rglob("*.partial"))  # removed by the resume
     resumed = open_result(tmp_path / "kernels.zarr")
     assert resumed.attrs["kernelmap_status"] == "complete"
     reference = job_dict(tmp_path, output={"path": str(tmp_path / "reference.zarr")})

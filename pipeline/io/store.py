@@ -387,6 +387,7 @@ class Opening:
             log(f"removing {leftover.describe()}")
             discard(leftover)
         if self.action == "resume":
+            _remove_partial_writes(store.location, log)
             done = self.done if self.done is not None else store.completed_blocks()
             if self.replacing:
                 log(f"resuming the replacement of {self.output} that an interrupted output.mode=overwrite left; "
@@ -407,6 +408,18 @@ class Opening:
         if self.replacing:
             swap_into_place(store.location, _location(self.output))
             log(f"replaced {self.output} with the new result")
+
+
+def _remove_partial_writes(location: str, log: Callable[[str], None]) -> None:
+    """Remove the temporary files of chunk writes a killed run left in the local store at ``location``
+    (Zarr writes a chunk to ``NAME.<token>.partial`` and renames it: the chunk itself is whole or absent)."""
+    if "://" in location:
+        return
+    partial = [p for p in Path(location).rglob("*.partial") if p.is_file()]
+    for p in partial:
+        p.unlink(missing_ok=True)
+    if partial:
+        log(f"removed {len(partial)} unfinished chunk write(s) an interrupted run left in {location}")
 
 
 #: Opened arrays of the stores this process writes blocks to: (location, store id) -> arrays.
