@@ -18,14 +18,18 @@ it unchanged, and a pure shift gives about zero.
 Each tile is stripped of its mean, multiplied by a separable Hann taper (no
 edge cross) and by the union of both images' good-pixel maps (bad pixels:
 NaN, or nonzero in ``mask``; the same pixels are dropped from both images, so
-the comparison stays like for like). Power is averaged in rings of ``|f|``.
-The white noise floor of each image comes from the per-pixel variances when
-given (``sum(taper^2 var)`` per mode) and is, in any case, at least the
-lowest ring mean beyond ``|f| = 0.4``, which also absorbs the white power of
-unflagged hot pixels. Rings where both images keep ``SIGNAL_TO_FLOOR`` times
-their floor enter a weighted straight-line fit; the weights are the inverse
-variances of the ring log-powers from the noise, and the slope error is
-inflated by the reduced chi-square when the rings scatter more than the noise.
+the comparison stays like for like). Unflagged hot and dead pixels and
+cosmic-ray hits of either image (:func:`spikes`: sharper than a star, or
+light the other image has not got) are dropped from both the same way. Power
+is summed in rings of ``|f|``. The white noise floor of each image is the
+lower of its mean powers in ``0.4 <= |f| < 0.5`` and in the corners beyond
+``|f| = 0.5`` (where a PSF of FWHM >= 2 px leaves no signal), and at least
+``sum(taper^2 var)`` when per-pixel variances are given; the floor also takes
+up the white power of any hot pixel left. Rings where both images keep
+``SIGNAL_TO_FLOOR`` times their floor enter a weighted straight-line fit; the
+weights are the inverse variances of the ring log-powers from the noise (the
+taper's correlation of neighbouring modes counted), and the slope error is
+inflated by the reduced chi-square when the rings scatter more than that.
 
 The alternative measured next to it, :func:`autocorrelation_width_difference`,
 takes fixed-weight Gaussian second moments of the noise-free autocorrelation
@@ -44,14 +48,14 @@ the source is sharper is flagged ``target_sharper``; the measure costs about
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-import scipy.ndimage
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from .moments import FWHM_PER_SIGMA
 from .validate import as_image_stack
 
@@ -101,6 +105,7 @@ _N_RINGS = 32              # rings of |f| from 0 to 0.5 cycles/px (and beyond, t
 _FLOOR_FROM = 0.4          # the noise floor is measured beyond this |f|
 _LOWEST_RING_CYCLES = 3.0  # rings below 3 cycles per tile hold the taper's leakage: skipped
 _MIN_RINGS = 3
+_HANN_ENBW = 2.25          # equivalent noise bandwidth of the 2-D Hann taper, in modes (1.5 a side)
 _MIN_SIZE = 16
 
 
@@ -162,9 +167,11 @@ def _prepare(source, target, mask, variance, source_variance, despike=True):
     if min(shape[1:]) < _MIN_SIZE:
         raise InputError(f"tiles must be at least {_MIN_SIZE} x {_MIN_SIZE} pixels, got "
                          f"{shape[1:]}; use larger tiles")
-    src = _as_tiles(source, "source", shape).astype(np.float64)
-    tgt = tgt.astype(np.float64)
-    good = np.isfinite(src) & np.isfinite(tgt)
+    src = _as_tiles(source, "source", shape)
+    both = np.empty((2, *shape), dtype=np.float32)  # source and target, bad pixels 0
+    np.copyto(both[0], src, casting="unsafe")
+    np.copyto(both[1], tgt, casting="unsafe")
+    good = np.isfinite(both).all(axis=0)
     if mask is not None:
         good &= ~_as_tiles(mask, "mask", shape).astype(bool)
     variances: list[np.ndarray | None] = []
@@ -176,9 +183,11 @@ def _prepare(source, target, mask, variance, source_variance, despike=True):
         bad = ~np.isfinite(v) | (v < 0)
         variances.append(np.where(good & ~bad, v, 0.0))
         good &= ~bad
+    np.copyto(both, np.float32(0.0), where=~good)
     if despike:
-        good &= ~(spikes(src, good, tgt) | spikes(tgt, good, src))
-    return src, tgt, good, variances
+        good &= ~_pair_spikes(both[0], both[1], good)
+        np.copyto(both, np.float32(0.0), where=~good)
+    return both, good, variances
 
 
 def _box8(x: np.ndarray) -> np.ndarray:
@@ -188,26 +197,108 @@ def _box8(x: np.ndarray) -> np.ndarray:
     return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] - x
 
 
+def _max_run(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Maximum over ``size`` consecutive elements along ``axis`` (a window starting at each)."""
+
+    def part(a: np.ndarray, start: int, n: int) -> np.ndarray:
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(start, start + n)
+        return a[tuple(index)]
+
+    out, width = x, 1
+    while width * 2 <= size:  # windows of 1, 2, 4, 8 ... by doubling
+        n = out.shape[axis] - width
+        out = np.maximum(part(out, 0, n), part(out, width, n))
+        width *= 2
+    if width < size:  # the rest: one more overlapping window
+        n = out.shape[axis] - (size - width)
+        out = np.maximum(part(out, 0, n), part(out, size - width, n))
+    return out
+
+
 def _max_box(x: np.ndarray, radius: int) -> np.ndarray:
     """Maximum over each pixel's ``(2 radius + 1)`` square box (edges replicated)."""
-    size = 2 * radius + 1
-    out = scipy.ndimage.maximum_filter1d(x, size, axis=1, mode="nearest")
-    return scipy.ndimage.maximum_filter1d(out, size, axis=2, mode="nearest")
+    p = np.pad(x, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
+    return _max_run(_max_run(p, 2 * radius + 1, 1), 2 * radius + 1, 2)
 
 
 def _robust_sigma(x: np.ndarray, good: np.ndarray) -> np.ndarray:
     """Per-tile noise sigma from the median absolute difference of horizontal neighbours."""
-    d = np.abs(np.diff(x[:, ::2], axis=2))
-    d = np.where(good[:, ::2, 1:] & good[:, ::2, :-1], d, np.nan)
-    return np.nanmedian(d.reshape(d.shape[0], -1), axis=1) / (0.6745 * math.sqrt(2.0))
+    d = np.abs(np.diff(x[:, ::4], axis=2))
+    ok = good[:, ::4, 1:] & good[:, ::4, :-1]
+    return np.array([np.median(t[m]) if m.any() else 0.0 for t, m in zip(d, ok)]) / (
+        0.6745 * math.sqrt(2.0))
 
 
 def _sky_free(image: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The tiles less their median sky (float32, 0 at bad pixels) and their robust sigma."""
     sub, ok = image[:, ::4, ::4], good[:, ::4, ::4]
     sky = np.array([np.median(t[g]) if g.any() else 0.0 for t, g in zip(sub, ok)])
-    x = np.where(good, image - sky[:, None, None], 0.0).astype(np.float32)
+    x = image - sky.astype(np.float32)[:, None, None]
+    np.copyto(x, np.float32(0.0), where=~good)
     return x, _robust_sigma(x, good)[:, None, None].astype(np.float32)
+
+
+def _neighbours(shape: tuple[int, int, int]) -> np.ndarray:
+    """Flat offsets of the eight neighbours in tiles padded by one pixel."""
+    w = shape[2] + 2
+    return np.array([-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1])
+
+
+def _padded_index(mask: np.ndarray) -> np.ndarray:
+    """Flat indices of ``mask``'s pixels in the tiles padded by one pixel."""
+    h, w = mask.shape[1:]
+    t, yy, xx = np.nonzero(mask)
+    return (t * (h + 2) + yy + 1) * (w + 2) + xx + 1
+
+
+def _peel(x: np.ndarray, good: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Spikes by their neighbours alone, the test repeated without what it found.
+
+    Only pixels far enough from the sky to be spikes are tested: their
+    neighbours are gathered, not the whole tiles filtered.
+    """
+    far = good & ((x > 0.5 * SPIKE_SIGMAS * sigma) | (x < -SPIKE_SIGMAS * sigma))
+    cand = _padded_index(far)
+    values = np.pad(x, ((0, 0), (1, 1), (1, 1))).ravel()
+    usable = np.pad(good, ((0, 0), (1, 1), (1, 1))).ravel()
+    around = cand[:, None] + _neighbours(x.shape)[None, :]
+    v = values[cand]
+    sig = np.broadcast_to(sigma, x.shape)[far]
+    spike = np.zeros(cand.size, dtype=bool)
+    for _ in range(SPIKE_PASSES):
+        u = usable[around]
+        near = (values[around] * u).sum(axis=1) / np.maximum(u.sum(axis=1), 1)
+        excess = v - near
+        new = usable[cand] & (((excess > SPIKE_SIGMAS * sig) & (near < SPIKE_SHARPNESS * v))
+                              | ((excess < -SPIKE_SIGMAS * sig) & (v < -SPIKE_SIGMAS * sig)))
+        if not new.any():
+            break
+        spike |= new
+        usable[cand[new]] = False
+    found = np.zeros(far.shape, dtype=bool)
+    found[far] = spike
+    return found
+
+
+def _unmatched(x, sigma_x, peel_x, y, sigma_y, peel_y, good) -> np.ndarray:
+    """Light in ``x`` that ``y`` has not got near by, on ``x``'s flux scale."""
+    y = np.where(peel_y, np.float32(0.0), y)
+    both = good & ~peel_x & ~peel_y & (x > 5.0 * sigma_x) & (y > 5.0 * sigma_y)
+    scale = np.array([np.median(a[m] / b[m]) if m.sum() >= 10 else 1.0
+                      for a, b, m in zip(x, y, both)], dtype=np.float32)
+    brightest = np.maximum(_max_box(y, SPIKE_MATCH_RADIUS), 0.0) * scale[:, None, None]
+    return good & (x > SPIKE_UNMATCHED * brightest + SPIKE_SIGMAS_ALONE * sigma_x)
+
+
+def _grown(found: np.ndarray) -> np.ndarray:
+    """``found`` and the eight neighbours of each of its pixels."""
+    n, h, w = found.shape
+    out = np.zeros((n, h + 2, w + 2), dtype=bool)
+    index = _padded_index(found)
+    out.ravel()[index] = True
+    out.ravel()[(index[:, None] + _neighbours(found.shape)[None, :]).ravel()] = True
+    return out[:, 1:-1, 1:-1]
 
 
 def spikes(image: np.ndarray, good: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
@@ -217,14 +308,14 @@ def spikes(image: np.ndarray, good: np.ndarray, other: np.ndarray | None = None)
     the mean of its usable neighbours and that mean holds less than
     ``SPIKE_SHARPNESS`` of its value (a star's neighbours keep a third or more
     of its peak at FWHM >= 2 px), or lies that far below both the sky and its
-    neighbours (a dead pixel). With the ``other`` image of the pair, a pixel
-    more than ``SPIKE_UNMATCHED`` times the brightest pixel within
-    ``SPIKE_MATCH_RADIUS`` there (on this image's flux scale, the median ratio
-    of the pixels lit in both), plus ``SPIKE_SIGMAS_ALONE`` sigmas, is a
-    spike too: light the other image has not got (a cosmic-ray track, on sky
-    or on a galaxy). The
-    test is repeated ``SPIKE_PASSES`` times without what was found, which
-    peels tracks from their ends; all found is grown by one pixel.
+    neighbours (a dead pixel); the test is repeated ``SPIKE_PASSES`` times
+    without what was found, which peels tracks from their ends. With the
+    ``other`` image of the pair, a pixel more than ``SPIKE_UNMATCHED`` times
+    the brightest pixel within ``SPIKE_MATCH_RADIUS`` there (on this image's
+    flux scale, the median ratio of the pixels lit in both), plus
+    ``SPIKE_SIGMAS_ALONE`` sigmas, is a spike too: light the other image has
+    not got (a cosmic-ray track, on sky or on a galaxy). All found is grown by
+    one pixel.
 
     Parameters
     ----------
@@ -241,46 +332,25 @@ def spikes(image: np.ndarray, good: np.ndarray, other: np.ndarray | None = None)
         Boolean ``(n, h, w)``.
     """
     x, sigma = _sky_free(image, good)
-    ratio = SPIKE_SHARPNESS
+    found = _peel(x, good, sigma)
     if other is not None:
-        y, _ = _sky_free(other, good)
-        # the other image on this one's flux scale, from the light outside either's spikes
-        sigma_y = _robust_sigma(y, good)[:, None, None]
-        in_y = _peel(y, good, sigma_y, ratio)
-        y[in_y] = 0.0
-        # the other image on this one's flux scale: the median ratio where both show light
-        both = good & ~in_y & (x > 5.0 * sigma) & (y > 5.0 * sigma_y)
-        scale = np.array([np.median(a[m] / b[m]) if m.sum() >= 10 else 1.0
-                          for a, b, m in zip(x, y, both)], dtype=np.float32)
-        brightest = np.maximum(_max_box(y, SPIKE_MATCH_RADIUS), 0.0) * scale[:, None, None]
-        unmatched = good & (x > SPIKE_UNMATCHED * brightest + SPIKE_SIGMAS_ALONE * sigma)
-        return _peel(x, good & ~unmatched, sigma, ratio) | _grown(unmatched)
-    return _peel(x, good, sigma, ratio)
-
-
-def _grown(found: np.ndarray) -> np.ndarray:
-    return found | (_box8(found.astype(np.float32)) > 0)
-
-
-def _peel(x: np.ndarray, good: np.ndarray, sigma: np.ndarray, ratio: float) -> np.ndarray:
-    """The spike test of :func:`spikes`, repeated without what it found, then grown by one."""
-    usable = good.copy()
-    found = np.zeros_like(good)
-    for _ in range(SPIKE_PASSES):
-        u = usable.astype(np.float32)
-        near = _box8(x * u) / np.maximum(_box8(u), 1.0)
-        excess = x - near
-        spike = usable & (((excess > SPIKE_SIGMAS * sigma) & (near < ratio * x))
-                          | ((excess < -SPIKE_SIGMAS * sigma) & (x < -SPIKE_SIGMAS * sigma)))
-        if not spike.any():
-            break
-        found |= spike
-        usable &= ~spike
+        y, sigma_y = _sky_free(other, good)
+        found |= _unmatched(x, sigma, found, y, sigma_y, _peel(y, good, sigma_y), good)
     return _grown(found)
 
 
-def _rings(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ring index of every rfft2 mode, the ring centres' ``|f|`` and mode counts."""
+def _pair_spikes(src: np.ndarray, tgt: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """``spikes(src, good, tgt) | spikes(tgt, good, src)``, each image's part found once."""
+    xs, ss = _sky_free(src, good)
+    xt, st = _sky_free(tgt, good)
+    ps, pt = _peel(xs, good, ss), _peel(xt, good, st)
+    return _grown(ps | pt | _unmatched(xs, ss, ps, xt, st, pt, good)
+                  | _unmatched(xt, st, pt, xs, ss, ps, good))
+
+
+@functools.lru_cache(maxsize=8)
+def _geometry(h: int, w: int) -> tuple[np.ndarray, ...]:
+    """Taper, ring index of every rfft2 mode, ring centres' ``|f|`` and mode counts."""
     fy = scipy.fft.fftfreq(h)[:, None]
     fx = scipy.fft.rfftfreq(w)[None, :]
     f = np.sqrt(fy * fy + fx * fx)
@@ -290,33 +360,29 @@ def _rings(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     counts = np.bincount(index.ravel(), minlength=n_rings).astype(np.float64)
     sums = np.bincount(index.ravel(), weights=f.ravel(), minlength=n_rings)
     centre = np.where(counts > 0, sums / np.maximum(counts, 1.0), np.inf)
-    return index, centre, counts
-
-
-def _spectra(src, tgt, good):
-    """Ring sums of the power of the tapered, mean-free tiles, ``(2, n, rings)``."""
-    n, h, w = tgt.shape
     taper = (_hann(h)[:, None] * _hann(w)[None, :]).astype(np.float32)
+    out = (taper, index, centre, counts)
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+def _spectra(both: np.ndarray, good: np.ndarray):
+    """Ring sums of the power of the tapered, mean-free tiles, ``(2, n, rings)``."""
+    n, h, w = good.shape
+    taper, index, centre, counts = _geometry(h, w)
     weight = taper * good  # float32
-    both = np.empty((2, n, h, w), dtype=np.float32)
-    np.copyto(both[0], src, casting="unsafe")
-    np.copyto(both[1], tgt, casting="unsafe")
-    np.copyto(both, np.float32(0.0), where=~good)
-    flat_w = weight.reshape(n, 1, h * w)
-    wsum = flat_w.sum(axis=2, dtype=np.float64)
-    mean = np.einsum("knp,np->kn", both.reshape(2, n, h * w), flat_w[:, 0], dtype=np.float64)
-    mean /= np.where(wsum[:, 0] > 0, wsum[:, 0], 1.0)
-    both -= mean.astype(np.float32)[..., None, None]
-    both *= weight
-    spec = scipy.fft.rfft2(both, workers=1)
-    power = np.square(spec.real, dtype=np.float64)
-    power += np.square(spec.imag, dtype=np.float64)
-    index, centre, counts = _rings(h, w)
-    onehot = np.zeros((index.size, centre.size))
-    onehot[np.arange(index.size), index.ravel()] = 1.0
-    power = power.reshape(2 * n, -1)
-    sums = (power @ onehot).reshape(2, n, -1)
-    return sums, centre, counts, weight
+    tapered = both * weight
+    wsum = weight.sum(axis=(1, 2), dtype=np.float64)
+    mean = tapered.sum(axis=(2, 3), dtype=np.float64) / np.where(wsum > 0, wsum, 1.0)
+    tapered -= mean.astype(np.float32)[..., None, None] * weight
+    spec = scipy.fft.rfft2(tapered, workers=1)
+    power = np.square(spec.real)
+    power += np.square(spec.imag)
+    rings = centre.size
+    bins = (index.reshape(1, -1) + (np.arange(2 * n) * rings)[:, None]).ravel()
+    sums = np.bincount(bins, weights=power.ravel(), minlength=2 * n * rings)
+    return sums.reshape(2, n, rings), centre, counts, weight
 
 
 def _fit(rings, floor, centre, counts, size):
@@ -328,7 +394,8 @@ def _fit(rings, floor, centre, counts, size):
     safe = np.where(usable, signal, 1.0)
     y = np.log(safe[1]) - np.log(safe[0])
     # variance of a ring mean of |s + noise|^2 about |s|^2: (2 S N + N^2) / m
-    rel = (2.0 * safe * floor[..., None] + floor[..., None] ** 2) / (
+    # (the taper correlates neighbouring modes: a ring holds counts / _HANN_ENBW independent ones)
+    rel = (2.0 * safe * floor[..., None] + floor[..., None] ** 2) * _HANN_ENBW / (
         np.maximum(counts, 1.0) * safe * safe)
     wts = np.where(usable, 1.0 / (rel[0] + rel[1]), 0.0)
     x = np.broadcast_to(np.where(np.isfinite(centre), centre, 0.0) ** 2, wts.shape)
@@ -380,17 +447,24 @@ def sharpness(
     -------
     Sharpness
         See its attributes; the measure is ``FWHM_T^2 - FWHM_S^2``.
+
+    Raises
+    ------
+    InputError
+        If the images, mask or variances are not real arrays of matching
+        shapes, or the tiles are smaller than 16 x 16.
+    OptionError
+        If ``tolerance`` is not a finite number >= 0.
     """
     try:
         tol = float(tolerance)
     except (TypeError, ValueError):
         tol = math.nan
     if not (math.isfinite(tol) and tol >= 0.0):
-        raise InputError(f"tolerance must be a finite number >= 0 (pixels squared), got {tolerance!r}")
-    src, tgt, good, (var_s, var_t) = _prepare(source, target, mask, variance, source_variance,
-                                               despike)
-    h, w = tgt.shape[1:]
-    sums, centre, counts, weight = _spectra(src, tgt, good)
+        raise OptionError(f"tolerance must be a finite number >= 0 (pixels squared), got {tolerance!r}")
+    both, good, (var_s, var_t) = _prepare(source, target, mask, variance, source_variance, despike)
+    h, w = good.shape[1:]
+    sums, centre, counts, weight = _spectra(both, good)
     rings = sums / np.maximum(counts, 1.0)
     # the white floor: the lower of the mean powers in 0.4 <= |f| < 0.5 and in the corners
     near = (centre >= _FLOOR_FROM) & (centre < 0.5)
@@ -442,15 +516,14 @@ def autocorrelation_width_difference(
     numpy.ndarray
         ``(n,)``, pixels squared; NaN where the weighted moment fails.
     """
-    src, tgt, good, _ = _prepare(source, target, mask, None, None)
-    h, w = tgt.shape[1:]
-    weight = _hann(h)[:, None] * _hann(w)[None, :] * good
-    both = np.where(good, np.stack([src, tgt]), 0.0)
-    wsum = np.where(weight.sum(axis=(1, 2)) > 0, weight.sum(axis=(1, 2)), 1.0)
-    mean = (both * weight).sum(axis=(2, 3)) / wsum
+    both, good, _ = _prepare(source, target, mask, None, None)
+    h, w = good.shape[1:]
+    taper, index, centre = _geometry(h, w)[:3]
+    weight = taper * good
+    wsum = weight.sum(axis=(1, 2), dtype=np.float64)
+    mean = (both * weight).sum(axis=(2, 3), dtype=np.float64) / np.where(wsum > 0, wsum, 1.0)
     spec = scipy.fft.rfft2((both - mean[..., None, None]) * weight, workers=1)
-    power = spec.real**2 + spec.imag**2
-    index, centre, _ = _rings(h, w)
+    power = spec.real.astype(np.float64) ** 2 + spec.imag.astype(np.float64) ** 2
     hi = centre[index] >= _FLOOR_FROM
     floor = np.median(power[..., hi], axis=-1) / math.log(2.0)  # exponential: median = ln 2 mean
     acf = scipy.fft.irfft2(power - floor[..., None, None], s=(h, w), workers=1)
