@@ -224,12 +224,6 @@ def _max_run(x: np.ndarray, size: int, axis: int) -> np.ndarray:
     return out
 
 
-def _max_box(x: np.ndarray, radius: int) -> np.ndarray:
-    """Maximum over each pixel's ``(2 radius + 1)`` square box (edges replicated)."""
-    p = np.pad(x, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
-    return _max_run(_max_run(p, 2 * radius + 1, 1), 2 * radius + 1, 2)
-
-
 def _robust_sigma(x: np.ndarray, good: np.ndarray) -> np.ndarray:
     """Per-tile noise sigma from the median absolute difference of horizontal neighbours."""
     d = np.abs(np.diff(x[:, ::4], axis=2))
@@ -255,9 +249,7 @@ def _neighbours(shape: tuple[int, int, int]) -> np.ndarray:
 
 def _padded_index(mask: np.ndarray) -> np.ndarray:
     """Flat indices of ``mask``'s pixels in the tiles padded by one pixel."""
-    h, w = mask.shape[1:]
-    t, yy, xx = np.nonzero(mask)
-    return (t * (h + 2) + yy + 1) * (w + 2) + xx + 1
+    return np.flatnonzero(np.pad(mask, ((0, 0), (1, 1), (1, 1))))
 
 
 def _peel(x: np.ndarray, good: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -295,8 +287,18 @@ def _unmatched(x, sigma_x, peel_x, y, sigma_y, peel_y, good) -> np.ndarray:
     both = good & ~peel_x & ~peel_y & (x > 5.0 * sigma_x) & (y > 5.0 * sigma_y)
     scale = np.array([np.median(a[m] / b[m]) if m.sum() >= 10 else 1.0
                       for a, b, m in zip(x, y, both)], dtype=np.float32)
-    brightest = np.maximum(_max_box(y, SPIKE_MATCH_RADIUS), 0.0) * scale[:, None, None]
-    return good & (x > SPIKE_UNMATCHED * brightest + SPIKE_SIGMAS_ALONE * sigma_x)
+    # only pixels SPIKE_SIGMAS_ALONE sigmas above the sky can qualify: the box maximum of y
+    # (rows of maxima, then the 2 r + 1 rows of each) is taken at those alone
+    r = SPIKE_MATCH_RADIUS
+    t, yy, xx = np.nonzero(good & (x > SPIKE_SIGMAS_ALONE * sigma_x))
+    rows = _max_run(np.pad(y, ((0, 0), (r, r), (r, r)), mode="edge"), 2 * r + 1, 2)
+    near = rows[t, yy, xx]
+    for k in range(1, 2 * r + 1):
+        np.maximum(near, rows[t, yy + k, xx], out=near)
+    out = np.zeros(x.shape, dtype=bool)
+    out[t, yy, xx] = x[t, yy, xx] > (SPIKE_UNMATCHED * np.maximum(near, 0.0) * scale[t]
+                                     + SPIKE_SIGMAS_ALONE * sigma_x[t, 0, 0])
+    return out
 
 
 def _grown(found: np.ndarray) -> np.ndarray:
