@@ -49,8 +49,8 @@ equal is flagged ``target_sharper``, nor with unflagged hot and dead pixels
 (0.1 %) and 10 cosmic rays per tile; every tile with the target sharper by
 more than 10 % is flagged in the two denser fields (88 % in the sparsest, the
 rest ``nearly_equal``); every tile within 5 % is ``nearly_equal``. Cost, one
-thread, on a machine where ``estimate_kernels`` takes 24 ms per tile
-(default) and 7.7 ms (``welch``): 4.4 ms per tile, 1.5 ms of it the spectra
+thread, on a machine where ``estimate_kernels`` takes 22 ms per tile
+(default) and 7.3 ms (``welch``): 3.9 ms per tile, 1.4 ms of it the spectra
 and fit, the rest finding unflagged spikes (``despike=False`` skips that).
 """
 
