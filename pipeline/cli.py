@@ -7,6 +7,7 @@ import argparse
 import errno
 import inspect
 import json
+import logging
 import os
 import signal
 import sys
@@ -405,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "compare": _cmd_compare, "apply": _cmd_apply, "ingest": _cmd_ingest, "demo": _cmd_demo}
     hook = sys.unraisablehook
     sys.unraisablehook = anyway = _InterruptAnyway(hook)
+    tornado_log = logging.getLogger("tornado.application")
+    tornado_log.addFilter(_interrupted_sync)
     try:
         return handlers[args.command](args)
     except KernelmapError as exc:
@@ -421,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{_after_full_disk(args)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
+        tornado_log.removeFilter(_interrupted_sync)
         anyway.cancel()
         # as the command (not called with arguments, as by a program): what the async storage clients leave
         # in coroutines collected at exit is no more the user's business than during the command
@@ -450,6 +454,13 @@ class _InterruptAnyway:
     def cancel(self) -> None:
         for timer in self.timers:
             timer.cancel()
+
+
+def _interrupted_sync(record: logging.LogRecord) -> bool:
+    """Drop distributed's own error when Ctrl-C cuts its ``sync`` call short (its ``cancel`` callback then
+    reads a variable not yet set); every other record passes."""
+    return not (record.exc_info and record.exc_info[0] is NameError
+                and "sync.<locals>.cancel" in str(record.getMessage()))
 
 
 class _DropCoroutineGarbage:
