@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = ["KernelmapError", "InputError", "OptionError", "OutsideImageError", "ConfigError", "BatchError",
-           "KernelmapWarning", "OutsideImageWarning"]
+           "KernelmapWarning", "OutsideImageWarning", "unreadable_store"]
 
 
 class KernelmapError(ValueError):
@@ -71,3 +71,14 @@ class KernelmapWarning(UserWarning):
 
 class OutsideImageWarning(KernelmapWarning):
     """Positions outside the image were asked of the kernel-field model and given NaN kernels."""
+
+
+def unreadable_store(exc: Exception, where: str, *, named: str, options: str, then: str = "") -> InputError:
+    """The :class:`InputError` of a store at ``where`` that could not be read: ``exc`` an ``OSError``
+    (unreachable host, permissions) or, at a URL, the object store's own error (no credentials, access denied);
+    any other ``exc`` is raised as it is.  ``named`` says what the store is (``the store``), ``options`` where
+    its credentials are set, ``then`` what follows the checks."""
+    if not isinstance(exc, OSError) and "://" not in where:
+        raise exc
+    return InputError(f"cannot read {where} ({type(exc).__name__}: {exc}): check that {named} is there and can be "
+                      f"reached and read (network, {options} credentials, permissions){then}")

@@ -27,7 +27,7 @@ import xarray as xr
 from .. import flags as fl
 from ..core.field import STORED, KernelField, check_positions, image_extent, polynomial_terms
 from ..core.moments import adaptive_moments
-from ..errors import InputError
+from ..errors import InputError, unreadable_store
 
 __all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "map_extent", "model_kernels_at", "read_kernel_map"]
 
@@ -48,11 +48,8 @@ def _open_store(path: str | os.PathLike[str], **kwargs: Any) -> xr.Dataset:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise InputError(f"cannot open {where} as a Zarr store ({exc}): give the output.path of a "
                          "kernelmap run") from exc
-    except Exception as exc:  # unreachable (a URL's host), not readable (permissions), or the object store's
-        if not isinstance(exc, OSError) and "://" not in where:  # own errors (no credentials, access denied)
-            raise
-        raise InputError(f"cannot read {where} ({type(exc).__name__}: {exc}): check that the kernel map is there and "
-                         "can be reached and read (network, --storage-options credentials, permissions)") from exc
+    except Exception as exc:  # unreachable, not readable, or the object store's own error
+        raise unreadable_store(exc, where, named="the kernel map", options="--storage-options") from exc
 
 
 def _require(ds: xr.Dataset, names: tuple[str, ...], where: str | None) -> None:

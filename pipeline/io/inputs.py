@@ -42,7 +42,7 @@ import zarr
 import zarr.errors
 
 from ..core.saturation import mask_saturated
-from ..errors import InputError
+from ..errors import InputError, unreadable_store
 from .arrays import (
     IMAGE_DIMS,
     StoredImages,
@@ -391,12 +391,10 @@ def _open_group(where: str, group: str | None, storage_options: dict[str, Any] |
     except ValueError as exc:  # e.g. an unknown URL protocol
         raise InputError(f"input.path: cannot open {where}: {exc}: give a local path or a URL whose protocol "
                          "fsspec knows (file://, s3://, gs://, https://, ...)") from exc
-    except Exception as exc:  # unreachable (a URL's host), not readable (permissions), or the object store's
-        if not isinstance(exc, OSError) and "://" not in where:  # own errors (no credentials, access denied)
-            raise
-        raise InputError(f"input.path: cannot read {where} ({type(exc).__name__}: {exc}): check that the store is "
-                         "there and can be reached and read (network, input.storage_options credentials, "
-                         "permissions), then run again") from exc
+    except Exception as exc:  # unreachable, not readable, or the object store's own error
+        problem = unreadable_store(exc, where, named="the store", options="input.storage_options",
+                                   then=", then run again")
+        raise InputError(f"input.path: {problem}") from exc
     if not group:
         return root
     try:
