@@ -13,7 +13,8 @@ import numpy as np
 
 __all__ = ["Flag", "FLAGS", "FLAG_DTYPE", "NO_DATA", "NO_SIGNAL", "MASKED",
            "REGULARIZATION_AT_BOUND", "HIGH_RESIDUAL", "OUTLIERS_CLIPPED",
-           "MOMENTS_FAILED", "KERNEL_TRUNCATED", "NON_POSITIVE_FLUX", "MODEL_OUTLIER", "BAD", "NOT_MODELLED",
+           "MOMENTS_FAILED", "KERNEL_TRUNCATED", "NON_POSITIVE_FLUX", "MODEL_OUTLIER", "TARGET_SHARPER",
+           "NEARLY_EQUAL", "BAD", "NOT_MODELLED",
            "TRUNCATION_FRACTION", "HIGH_RESIDUAL_RATIO", "PROBLEM", "INFORMATION", "PROBLEMS", "INFORMATIONAL",
            "cf_flag_attrs", "describe", "fit_flags", "unusable_kernels", "kernel_flags", "modelled", "problems",
            "model_outliers"]
@@ -59,10 +60,17 @@ FLAGS: tuple[Flag, ...] = (
     Flag(8, "non_positive_flux", "the kernel sums to zero or less"),
     Flag(9, "model_outlier", "far from the smooth kernel-field model fitted to the image's other tiles; "
                              "left out of that model"),
+    Flag(10, "target_sharper", "the image the kernel is fitted to (the target; the source where the image's "
+                               "direction is reverse) is sharper than the image it blurs, beyond the tolerance: "
+                               "the kernel is a deconvolution, not a physical blur; left out of the model"),
+    Flag(11, "nearly_equal", "the two images' PSFs are nearly equal (their squared FWHMs differ by less than the "
+                             "tolerance or three uncertainties): the kernel is close to a delta and its shape is "
+                             "poorly constrained", INFORMATION),
 )
 
 NO_DATA, NO_SIGNAL, MASKED, REGULARIZATION_AT_BOUND, HIGH_RESIDUAL, OUTLIERS_CLIPPED, \
-    MOMENTS_FAILED, KERNEL_TRUNCATED, NON_POSITIVE_FLUX, MODEL_OUTLIER = (f.mask for f in FLAGS)
+    MOMENTS_FAILED, KERNEL_TRUNCATED, NON_POSITIVE_FLUX, MODEL_OUTLIER, TARGET_SHARPER, NEARLY_EQUAL = (
+        f.mask for f in FLAGS)
 
 
 #: Flags that only say what was done to the data (set on most tiles of a good run).
@@ -73,7 +81,7 @@ PROBLEMS = sum(f.mask for f in FLAGS if f.kind == PROBLEM)
 #: Flags meaning the kernel itself is unusable (it is NaN).
 BAD = NO_DATA | NO_SIGNAL
 #: Flags keeping a tile out of the smooth kernel-field model of its image.
-NOT_MODELLED = BAD | NON_POSITIVE_FLUX | HIGH_RESIDUAL
+NOT_MODELLED = BAD | NON_POSITIVE_FLUX | HIGH_RESIDUAL | TARGET_SHARPER
 
 
 def _bits(condition: object, flag: int) -> np.ndarray:

@@ -38,11 +38,20 @@ from .lstsq import LstsqResult, lstsq_kernels
 from .moments import FWHM_PER_SIGMA, adaptive_moments
 from .options import LstsqOptions, MethodOptions, RatioOptions, WelchOptions, option_summary
 from .ratio import ratio_kernels
+from .sharpness import MIN_TILE as SHARPNESS_MIN_TILE
+from .sharpness import Sharpness, direction_flags
+from .sharpness import sharpness as measure_sharpness
 from .validate import as_image_stack, check_kernel_size, check_positive_int, either_bad
 from .welch import welch_kernels
 
-__all__ = ["REGISTRY", "METHODS", "DEFAULT_METHOD", "Method", "KernelEstimates", "estimate_kernel",
-           "estimate_kernels", "method_options"]
+__all__ = ["REGISTRY", "METHODS", "DEFAULT_METHOD", "DIRECTIONS", "Method", "KernelEstimates", "estimate_kernel",
+           "estimate_kernels", "method_options", "tile_directions", "tile_sharpness"]
+
+#: ``direction`` choices: ``forward`` fits ``target ~ K (*) source + b``, ``reverse`` fits
+#: ``source ~ K (*) target + b``, ``auto`` each tile in the well-posed direction (its blurrier image
+#: fitted), by the sharpness measure of :mod:`pipeline.core.sharpness`.
+DIRECTIONS = ("forward", "reverse", "auto")
+FORWARD, REVERSE = 1, -1
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,13 @@ class KernelEstimates:
     position_angle: np.ndarray
     regularization: np.ndarray  #: dimensionless ``lam`` used (lstsq; geometric mean over penalty terms), else NaN
     n_valid: np.ndarray  #: target pixels fitted (lstsq) or kept segments (welch)
+    #: ``FWHM_target^2 - FWHM_source^2`` of the input pair, pixels squared (:func:`~pipeline.core.sharpness.sharpness`):
+    #: positive where the target is blurrier; NaN where not measured
+    width_difference: np.ndarray
+    width_difference_error: np.ndarray  #: its one-sigma uncertainty, pixels squared
+    #: ``1`` fitted forward (``target ~ K * source + b``), ``-1`` reverse (``source ~ K * target + b``: the
+    #: kernel, flux, background, residual, noise and snr are those of that fit, in the source's units)
+    direction: np.ndarray
     flags: np.ndarray  #: quality bits, see :mod:`pipeline.flags`
     method: str
     #: with ``statistics=True``: ``(gc, cc, yy, lam_terms)`` of each lstsq fit, as
@@ -281,6 +297,17 @@ class BadPixels:
         return BadPixels(self.source[sl], self.target[sl], cut(self.mask), cut(self.variance),
                          cut(self.source_variance))
 
+    def subset(self, rows: np.ndarray, *, swap: bool = False) -> BadPixels:
+        """The tiles ``rows`` (an index or boolean array); with ``swap`` the source's and the target's roles
+        exchanged (a reverse fit)."""
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[rows]
+
+        parts = (cut(self.source), cut(self.target), cut(self.mask), cut(self.variance), cut(self.source_variance))
+        if swap:
+            return BadPixels(parts[1], parts[0], parts[2], parts[4], parts[3])
+        return BadPixels(*parts)
+
 
 def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=True, statistics=False):
     """Kernels and diagnostics of one contiguous part of the batch (and, with ``statistics``, the
@@ -355,6 +382,71 @@ def _any_or_none(bad: np.ndarray) -> np.ndarray | None:
     return bad if bad.any() else None
 
 
+def _estimate_all(method, src, tgt, bad: BadPixels, size, opts, diagnostics, statistics, exponents, workers):
+    """:func:`_estimate_part` over the batch, in ``workers`` threads, in the images' own units."""
+    parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
+
+    def run(idx: np.ndarray) -> dict[str, np.ndarray]:
+        sl = slice(int(idx[0]), int(idx[-1]) + 1)
+        return _in_units(_estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics,
+                                        statistics), exponents[sl])
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        if len(parts) == 1:
+            results = [run(parts[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                results = list(pool.map(run, parts))
+    return results[0] if len(results) == 1 else {name: np.concatenate([r[name] for r in results])
+                                                 for name in results[0]}
+
+
+def _sharpness(src, tgt, bad: BadPixels, given: Sharpness | None, *, measure: bool) -> Sharpness | None:
+    """The sharpness measure of the batch: ``given`` (checked), else measured where asked and the tiles are
+    large enough, else ``None``."""
+    n = len(tgt)
+    if given is not None:
+        if not isinstance(given, Sharpness) or len(np.asarray(given.width_difference)) != n:
+            raise OptionError(f"sharpness must be the Sharpness of these {n} tiles (pipeline.core.sharpness."
+                              f"sharpness), got {type(given).__name__}")
+        return given
+    if not measure or min(tgt.shape[1:]) < SHARPNESS_MIN_TILE:
+        return None
+    return measure_sharpness(src, tgt, mask=bad.either, variance=bad.variance, source_variance=bad.source_variance)
+
+
+def tile_sharpness(sources: np.ndarray, targets: np.ndarray, *, kernel_size: int, mask: np.ndarray | None = None,
+                   variance: np.ndarray | None = None, source_variance: np.ndarray | None = None
+                   ) -> Sharpness | None:
+    """The sharpness measure :func:`estimate_kernels` takes of a batch (the same pixels, bit for bit), or
+    ``None`` for tiles too small to measure; arguments as there."""
+    src, tgt, bad, _, _ = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
+    return _sharpness(src, tgt, bad, None, measure=True)
+
+
+def tile_directions(direction: str | np.ndarray | int, n: int, measure: Sharpness | None = None) -> np.ndarray:
+    """Each tile's direction, ``(n,)`` int8 of ``1`` (forward) and ``-1`` (reverse), from ``direction``.
+
+    ``"forward"``, ``"reverse"``, ``+1``/``-1`` or an ``(n,)`` array of them as
+    given; ``"auto"``: reverse where ``measure`` says the target is sharper
+    beyond the tolerance (``Sharpness.target_sharper``), forward elsewhere
+    (nearly equal pairs, tiles not measured).
+    """
+    if isinstance(direction, str):
+        if direction not in DIRECTIONS:
+            raise OptionError(f"direction={direction!r} is not known; choose one of {', '.join(DIRECTIONS)}")
+        if direction == "auto":
+            if measure is None:
+                return np.full(n, FORWARD, dtype=np.int8)
+            return np.where(measure.target_sharper, REVERSE, FORWARD).astype(np.int8)
+        return np.full(n, FORWARD if direction == "forward" else REVERSE, dtype=np.int8)
+    values = np.asarray(direction)
+    if values.dtype.kind not in "iu" or values.shape not in ((), (n,)) or not np.isin(values, (FORWARD, REVERSE)).all():
+        raise OptionError(f"direction must be 'forward', 'reverse', 'auto', or 1 / -1 per tile ({n} values), "
+                          f"got {direction!r}")
+    return np.broadcast_to(values, (n,)).astype(np.int8)
+
+
 def estimate_kernels(
     sources: np.ndarray,
     targets: np.ndarray,
@@ -369,6 +461,8 @@ def estimate_kernels(
     workers: int = 1,
     diagnostics: bool = True,
     statistics: bool = False,
+    direction: str | np.ndarray = "forward",
+    sharpness: Sharpness | None = None,
     **option_keywords: Any,
 ) -> KernelEstimates:
     """Estimate the kernel of every tile of a batch, with diagnostics.
@@ -410,6 +504,20 @@ def estimate_kernels(
         ``lstsq`` only: keep each tile's background-free normal equations
         (:attr:`KernelEstimates.statistics`, ``k**4`` floats a tile), for the
         joint fit of the kernel field (:mod:`pipeline.core.joint`).
+    direction
+        ``"forward"`` (default): ``target ~ K * source + b``; ``"reverse"``:
+        ``source ~ K * target + b`` (the kernel, flux, background and the
+        fit's residual, noise and snr then describe that fit, in the
+        source's units); ``"auto"``: reverse where the target is measurably
+        sharper (:func:`~pipeline.core.sharpness.sharpness`), forward
+        elsewhere; or ``1``/``-1`` per tile.  :attr:`KernelEstimates.direction`
+        says which each tile got.
+    sharpness
+        The tiles' sharpness measure if already computed (else it is
+        measured with the diagnostics, or for ``"auto"``; tiles smaller than
+        16 pixels are not measured).  Where a kernel sharpens (the image it
+        is fitted to is the sharper one) the tile is flagged
+        ``target_sharper``; where the two are nearly equal, ``nearly_equal``.
     **option_keywords
         Method options as keywords, applied on top of ``options``; the
         names, defaults and meaning of each method's options are those of
@@ -430,27 +538,43 @@ def estimate_kernels(
     if statistics and method != "lstsq":
         raise OptionError(f"statistics=True needs method='lstsq' (the normal equations of its fits), not {method!r}")
     src, tgt, bad, size, exponents = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
-    parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
-
-    def run(idx: np.ndarray) -> dict[str, np.ndarray]:
-        sl = slice(int(idx[0]), int(idx[-1]) + 1)
-        return _in_units(_estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics,
-                                        statistics), exponents[sl])
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        if len(parts) == 1:
-            results = [run(parts[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-                results = list(pool.map(run, parts))
-    merged = results[0] if len(results) == 1 else {name: np.concatenate([r[name] for r in results])
-                                                   for name in results[0]}
+    n = len(tgt)
+    auto = isinstance(direction, str) and direction == "auto"
+    if not auto:  # checked before the work
+        tile_directions(direction, n)
+    measure = _sharpness(src, tgt, bad, sharpness, measure=diagnostics or auto)
+    directions = tile_directions(direction, n, measure)
+    reverse = directions == REVERSE
+    if not reverse.any():
+        merged = _estimate_all(method, src, tgt, bad, size, opts, diagnostics, statistics, exponents, workers)
+    else:  # the forward tiles and the reverse ones (source and target exchanged), each as a batch
+        pieces = []
+        for rows, swap in ((np.flatnonzero(~reverse), False), (np.flatnonzero(reverse), True)):
+            if rows.size:
+                s_rows, t_rows = src[rows], tgt[rows]
+                pieces.append((rows, _estimate_all(
+                    method, t_rows if swap else s_rows, s_rows if swap else t_rows, bad.subset(rows, swap=swap),
+                    size, opts, diagnostics, statistics,
+                    exponents[rows][:, ::-1] if swap else exponents[rows], workers)))
+        merged = {}
+        for name, first in pieces[0][1].items():
+            merged[name] = np.empty((n, *first.shape[1:]), dtype=np.result_type(*(p[name] for _, p in pieces)))
+            for rows, part in pieces:
+                merged[name][rows] = part[name]
     if normalize:  # a kernel summing to zero has no normalised form: NaN and flagged as without signal
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             kernels = merged["kernels"] / merged["flux"][:, None, None]
         merged["flags"], unusable = fl.unusable_kernels(merged["flags"], kernels)
         kernels[unusable] = np.nan
         merged["kernels"] = kernels
+    if measure is None:
+        merged["width_difference"] = merged["width_difference_error"] = np.full(n, np.nan)
+    else:
+        merged["width_difference"], merged["width_difference_error"] = measure.width_difference, measure.uncertainty
+        sharpens, nearly = direction_flags(measure.width_difference, measure.uncertainty, directions)
+        merged["flags"] = (merged["flags"] | np.where(sharpens, fl.TARGET_SHARPER, 0)
+                           | np.where(nearly, fl.NEARLY_EQUAL, 0)).astype(fl.FLAG_DTYPE)
+    merged["direction"] = directions
     kept = tuple(merged.pop(name) for name in ("gc", "cc", "yy", "lam_terms")) if statistics else None
     return KernelEstimates(method=method, statistics=kept, **merged)
 

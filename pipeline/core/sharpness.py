@@ -68,11 +68,14 @@ from .moments import FWHM_PER_SIGMA
 from .validate import as_image_stack
 
 __all__ = [
+    "MIN_TILE",
     "NEARLY_EQUAL_Z",
     "SIGNAL_TO_FLOOR",
     "TARGET_SHARPER_TOLERANCE",
     "Sharpness",
     "autocorrelation_width_difference",
+    "direction_flags",
+    "image_direction",
     "sharpness",
     "spikes",
 ]
@@ -115,6 +118,8 @@ _LOWEST_RING_CYCLES = 3.0  # rings below 3 cycles per tile hold the taper's leak
 _MIN_RINGS = 3
 _HANN_ENBW = 2.25          # equivalent noise bandwidth of the 2-D Hann taper, in modes (1.5 a side)
 _MIN_SIZE = 16
+#: Smallest tile side measured, pixels.
+MIN_TILE: int = _MIN_SIZE
 
 
 @dataclass(frozen=True)
@@ -491,9 +496,7 @@ def sharpness(
     diff = np.where(ok, -slope * scale, np.nan)
     err = np.where(ok, slope_err * scale, np.nan)
     band = np.where(ok, np.where(usable, centre, 0.0).max(axis=1), 0.0)
-    resolvable = np.maximum(tol, NEARLY_EQUAL_Z * np.where(ok, err, 0.0))
-    nearly = ok & (np.abs(np.where(ok, diff, 0.0)) <= resolvable)
-    sharper = ok & ~nearly & (np.where(ok, diff, 0.0) < 0)
+    sharper, nearly = direction_flags(diff, err, 1, tolerance=tol)
     direction = np.where(ok, np.sign(np.where(ok, diff, 0.0)), 0).astype(np.int8)
     return Sharpness(width_difference=diff, uncertainty=err, direction=direction,
                      rings=np.where(ok, k, 0), band=band, target_sharper=sharper,
@@ -548,3 +551,52 @@ def autocorrelation_width_difference(
     with np.errstate(divide="ignore", invalid="ignore"):
         var = np.where(m2 < s2, m2 * s2 / (s2 - m2), np.nan)
     return (var[1] - var[0]) / 2.0 * FWHM_PER_SIGMA**2
+
+
+def _resolvable(uncertainty: np.ndarray, tolerance: float) -> np.ndarray:
+    return np.maximum(tolerance, NEARLY_EQUAL_Z * np.nan_to_num(np.asarray(uncertainty, dtype=np.float64)))
+
+
+def direction_flags(
+    width_difference: np.ndarray,
+    uncertainty: np.ndarray,
+    direction: np.ndarray | int,
+    *,
+    tolerance: float = TARGET_SHARPER_TOLERANCE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which kernels sharpen, and which pairs are nearly equal, given the direction each was fitted in.
+
+    ``direction`` ``+1`` (the target fitted: a kernel sharpens where the
+    target is sharper, ``width_difference < 0``) or ``-1`` (the source fitted:
+    it sharpens where ``width_difference > 0``). Returns boolean arrays
+    ``(sharpens, nearly_equal)``: ``sharpens`` where the fitted image is
+    sharper by more than ``tolerance`` and ``NEARLY_EQUAL_Z`` uncertainties,
+    ``nearly_equal`` where ``|width_difference|`` is within them; neither
+    where not measured (NaN).
+    """
+    diff = np.asarray(width_difference, dtype=np.float64)
+    measured = np.isfinite(diff)
+    value = np.where(measured, diff, 0.0)
+    nearly = measured & (np.abs(value) <= _resolvable(uncertainty, tolerance))
+    sharpens = measured & ~nearly & (np.asarray(direction) * value < 0)
+    return sharpens, nearly
+
+
+def image_direction(
+    width_difference: np.ndarray,
+    uncertainty: np.ndarray,
+    *,
+    tolerance: float = TARGET_SHARPER_TOLERANCE,
+) -> int:
+    """The direction of an image from its tiles' measures: ``-1`` (reverse) where more of its tiles have the
+    target sharper than the source sharper (beyond ``tolerance`` and ``NEARLY_EQUAL_Z`` uncertainties), else
+    ``+1``; a tie is broken by the sign of the median measured difference, and an image with no measured tile
+    is forward."""
+    diff = np.asarray(width_difference, dtype=np.float64).ravel()
+    sharper, _ = direction_flags(diff, np.asarray(uncertainty).ravel(), 1, tolerance=tolerance)
+    blurrier, _ = direction_flags(diff, np.asarray(uncertainty).ravel(), -1, tolerance=tolerance)
+    n_sharper, n_blurrier = int(np.count_nonzero(sharper)), int(np.count_nonzero(blurrier))
+    if n_sharper != n_blurrier:
+        return -1 if n_sharper > n_blurrier else 1
+    measured = diff[np.isfinite(diff)]
+    return -1 if measured.size and np.median(measured) < 0 else 1

@@ -56,6 +56,7 @@ import numpy as np
 import zarr
 
 from .. import flags as fl
+from ..core.estimate import FORWARD, REVERSE
 from ..core.field import KernelField, polynomial_terms
 from ..core.tiles import STEP, Block, TileGrid
 from ..errors import OptionError
@@ -65,9 +66,10 @@ from .swap import NEW, Leftover, created_in_place, discard, is_url, leftovers, n
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["DIAGNOSTICS", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS", "ImageResults", "Opening",
-           "OutputStore", "StoreLayout", "block_record", "consecutive_runs", "consolidate", "file_in_the_way",
-           "icrs_positions", "image_encoding", "json_attr", "store_tile_grid", "whole_image_shards"]
+__all__ = ["DIAGNOSTICS", "DIRECTION_ATTRS", "FORWARD", "IMAGES_PER_CHUNK", "MODEL_VARIABLES", "RECORD_FIELDS",
+           "REVERSE", "ImageResults", "Opening", "OutputStore", "StoreLayout", "block_record", "consecutive_runs",
+           "consolidate", "file_in_the_way", "icrs_positions", "image_encoding", "json_attr", "store_tile_grid",
+           "whole_image_shards"]
 
 STATUS_GROUP = "status"
 RECORDS_ARRAY = "records"
@@ -101,6 +103,12 @@ DIAGNOSTICS: dict[str, tuple[str, dict[str, str]]] = {
                                               "(geometric mean over penalty terms; NaN if none)",
                                  "units": "1"}),
     "n_valid": ("int32", {"long_name": "target pixels fitted (lstsq) or segments used (welch)"}),
+    "width_difference": ("float", {
+        "long_name": "FWHM(target)^2 - FWHM(source)^2 of the input pair from the ratio of their power spectra "
+                     "(Gaussian-equivalent widths): positive where the target is the blurrier image, whatever "
+                     "the image's direction", "units": "pixel^2"}),
+    "width_difference_error": ("float", {"long_name": "one-sigma uncertainty of width_difference",
+                                         "units": "pixel^2"}),
     "quality_flag": ("uint16", {"long_name": "quality flags of the tile",
                                 "flag_descriptions": fl.cf_flag_attrs()["flag_descriptions"]}),
 }
@@ -128,6 +136,14 @@ MODEL_VARIABLES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "model_centre_x": ("float64", np.nan, {"long_name": "centre of the model's u coordinate", "units": "pixel"}),
     "model_scale_y": ("float64", np.nan, {"long_name": "scale of the model's v coordinate", "units": "pixel"}),
     "model_scale_x": ("float64", np.nan, {"long_name": "scale of the model's u coordinate", "units": "pixel"}),
+}
+
+#: The per-image ``direction`` variable: 0 until decided, then ``FORWARD`` or ``REVERSE``.
+DIRECTION_ATTRS: dict[str, Any] = {
+    "long_name": "direction of the image's kernels: 1 forward, target = kernel * source + background; "
+                 "-1 reverse, source = kernel * target + background (the sharper image is the one convolved)",
+    "flag_values": [REVERSE, FORWARD],
+    "flag_meanings": "reverse forward",
 }
 
 #: Fields of a block record, in order: ``written`` (1 once the block is stored), then the diagnostics.
@@ -250,10 +266,14 @@ def _create_variables(group: zarr.Group, layout: StoreLayout) -> None:
     create_array(
         "kernel", shape=(n, ty, tx, k, k), chunks=(1, by, bx, k, k), dtype=layout.dtype,
         fill_value=np.nan, dimension_names=("image", "y", "x", "ky", "kx"),
-        attributes={"long_name": "convolution kernel: target = kernel * source + background",
+        attributes={"long_name": "convolution kernel: target = kernel * source + background where the image's "
+                                 "direction is 1 (forward), source = kernel * target + background where it is -1 "
+                                 "(reverse)",
                     "convention": "true convolution (scipy.signal.fftconvolve, mode 'same'); "
                                   "kernel centre at (ky, kx) = (0, 0)"},
     )
+    create_array("direction", shape=(n,), chunks=(per,), dtype="int8", fill_value=0, dimension_names=("image",),
+                 attributes=DIRECTION_ATTRS)
     flag_attrs = {key: value for key, value in fl.cf_flag_attrs().items() if key != "flag_descriptions"}
     for name, (kind, var_attrs) in DIAGNOSTICS.items():
         extra = flag_attrs if name == "quality_flag" else {}
@@ -649,6 +669,23 @@ class OutputStore:
         """``(image,)`` bool: images whose kernel-field model is written (``model_degree`` at least 0; an
         image whose model could not be fitted reads as not modelled)."""
         return np.asarray(zarr.open_group(self.location, mode="r")["model_degree"][:]) >= 0
+
+    def read_directions(self) -> np.ndarray:
+        """``(image,)`` int8: each image's direction (``FORWARD``, ``REVERSE``), 0 where not decided yet; a
+        store written before directions existed reads as all forward."""
+        group = zarr.open_group(self.location, mode="r")
+        if "direction" not in group:
+            n = group["kernel"].shape[0]
+            return np.full(n, FORWARD, dtype=np.int8)
+        return np.asarray(group["direction"][:], dtype=np.int8)
+
+    def write_directions(self, directions: np.ndarray) -> None:
+        """Write the images' directions, ``(image,)`` with 0 where left as stored (the client only)."""
+        directions = np.asarray(directions, dtype=np.int8)
+        arr = zarr.open_group(self.location, mode="r+")["direction"]
+        for start, stop in consecutive_runs(np.flatnonzero(directions).tolist()):
+            images = np.flatnonzero(directions)[start:stop]
+            arr[images[0]:images[-1] + 1] = directions[images[0]:images[-1] + 1]
 
     def _block_arrays(self) -> dict[str, zarr.Array]:
         """The arrays blocks write, opened once per process and store (their metadata is read once).

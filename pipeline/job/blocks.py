@@ -21,14 +21,15 @@ from typing import Any
 import numpy as np
 
 from .. import flags as fl
-from ..core.estimate import estimate_kernels
+from ..core.estimate import FORWARD, estimate_kernels, tile_sharpness
 from ..core.joint import pack_statistics
+from ..core.sharpness import Sharpness
 from ..core.tiles import Block, TileGrid
 from ..io.inputs import InputReader
 from ..io.store import OutputStore, block_record
 from .config import JobConfig
 
-__all__ = ["BlockResult", "BlockTask"]
+__all__ = ["BlockResult", "BlockTask", "DirectedTask", "SharpnessTask"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,9 @@ class BlockTask:
     #: computed as before, not written
     recompute: frozenset[tuple[int, int, int]] = frozenset()
 
-    def __call__(self, block: Block) -> BlockResult:
-        """Read the block's pixels, estimate every tile, write the block's chunks and record."""
+    def __call__(self, block: Block, direction: int = FORWARD, measure: Sharpness | None = None) -> BlockResult:
+        """Read the block's pixels, estimate every tile in the image's ``direction``, write the block's chunks
+        and record; ``measure``: the tiles' sharpness if measured already (else measured here)."""
         ys, xs = self.grid.pixel_region(block)
         pixels = self.reader.read(block.image, ys, xs)
         src, tgt, mask, var, src_var = (None if a is None else self.grid.cut(a, block) for a in pixels)
@@ -78,7 +80,7 @@ class BlockTask:
         res = estimate_kernels(
             src, tgt, kernel_size=kernel.size, method=kernel.method, mask=mask, variance=var,
             source_variance=src_var, normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
-            statistics=joint, **kernel.estimator_options(),
+            statistics=joint, direction=np.int8(direction), sharpness=measure, **kernel.estimator_options(),
         )
         shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
         record = block_record({**res.as_dict(), "quality_flag": res.flags}, shape)
@@ -89,9 +91,52 @@ class BlockTask:
         statistics = pack_statistics(res.statistics) if joint else None
         return BlockResult(block, record, kernels, int(np.count_nonzero(res.flags & fl.BAD)), statistics, write)
 
-    def delayed(self, block: Block) -> Any:
+    def delayed(self, block: Block, direction: int = FORWARD, measure: Sharpness | None = None) -> Any:
         """The block's Dask task, named after the block."""
         import dask
 
         name = f"kernelmap-block-{block.image}-{block.by}-{block.bx}"
+        return dask.delayed(self, pure=False)(block, direction, measure, dask_key_name=name)
+
+
+@dataclass(frozen=True)
+class SharpnessTask:
+    """The sharpness measure of a block's tiles (:func:`~pipeline.core.sharpness.sharpness`): what
+    ``kernel.direction: auto`` decides an image's direction from, before its kernels are estimated."""
+
+    reader: InputReader
+    grid: TileGrid
+    kernel_size: int
+
+    def __call__(self, block: Block) -> tuple[Block, Sharpness | None]:
+        ys, xs = self.grid.pixel_region(block)
+        pixels = self.reader.read(block.image, ys, xs)
+        src, tgt, mask, var, src_var = (None if a is None else self.grid.cut(a, block) for a in pixels)
+        del pixels
+        return block, tile_sharpness(src, tgt, kernel_size=self.kernel_size, mask=mask, variance=var,
+                                     source_variance=src_var)
+
+    def delayed(self, block: Block) -> Any:
+        import dask
+
+        name = f"kernelmap-sharpness-{block.image}-{block.by}-{block.bx}"
         return dask.delayed(self, pure=False)(block, dask_key_name=name)
+
+
+@dataclass(frozen=True)
+class DirectedTask:
+    """A :class:`BlockTask` given each block's image direction and, where the pre-pass measured them, its
+    tiles' sharpness (the client's view: these travel with each block's task)."""
+
+    task: BlockTask
+    directions: np.ndarray  #: ``(image,)`` int8, every image with blocks to compute decided
+    measures: dict[tuple[int, int, int], Sharpness]
+
+    def _arguments(self, block: Block) -> tuple[int, Sharpness | None]:
+        return int(self.directions[block.image]), self.measures.pop((block.image, block.by, block.bx), None)
+
+    def __call__(self, block: Block) -> BlockResult:
+        return self.task(block, *self._arguments(block))
+
+    def delayed(self, block: Block) -> Any:
+        return self.task.delayed(block, *self._arguments(block))

@@ -7,7 +7,7 @@ A job file is YAML with these sections::
               variance: {target, source} or weight: {target, source},
               gain: {source, target}, read_noise: {source, target}}
     tiles:   {size, step}
-    kernel:  {method, size, normalize, <options of the method>}
+    kernel:  {method, size, normalize, diagnostics, direction, <options of the method>}
     model:   {method, degree, max_degree, clip}
     output:  {path, mode, dtype, images_per_shard}
     compute: {scheduler, n_workers, threads_per_worker, processes,
@@ -414,6 +414,10 @@ class _KernelBase(BaseModel):
     #: per-tile residual, noise and signal-to-noise (one more FFT convolution per
     #: tile); false leaves them NaN and saves about a third of a Welch job's time
     diagnostics: Bool = True
+    #: which image each kernel blurs: ``forward`` (target = kernel * source + background), ``reverse``
+    #: (source = kernel * target + background), ``auto`` (each image in the well-posed direction: that of
+    #: the majority of its tiles, by which image is sharper)
+    direction: Literal["auto", "forward", "reverse"] = "auto"
 
     @field_validator("size")
     @classmethod
@@ -424,8 +428,9 @@ class _KernelBase(BaseModel):
         return value
 
     def estimator_options(self) -> dict[str, Any]:
-        """Method options for :func:`pipeline.estimate_kernels` (all but method, size, normalize, diagnostics)."""
-        return self.model_dump(exclude={"method", "size", "normalize", "diagnostics"})
+        """Method options for :func:`pipeline.estimate_kernels` (all but method, size, normalize, diagnostics,
+        direction)."""
+        return self.model_dump(exclude={"method", "size", "normalize", "diagnostics", "direction"})
 
     def options(self) -> MethodOptions:
         """The method's options object (:class:`pipeline.LstsqOptions`, ...) with this section's values."""

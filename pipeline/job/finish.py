@@ -157,6 +157,10 @@ class ImageFinisher:
         #: tiles of the images finished here with a problem flag (:data:`~pipeline.flags.PROBLEMS`: the
         #: informational masked and outliers_clipped do not count), the model's outliers included
         self.tiles_with_problems = 0
+        #: tiles of the images finished here whose kernel sharpens (``target_sharper``), or whose pair is
+        #: ``nearly_equal``
+        self.tiles_target_sharper = 0
+        self.tiles_nearly_equal = 0
         #: where set, joint fits are handed to it (it returns a future of their :class:`ImageFit`, which the
         #: caller gives to :meth:`fitted`) instead of being run here; see :meth:`take_submitted`
         self.offload: Callable[[JointFit], Any] | None = None
@@ -230,6 +234,8 @@ class ImageFinisher:
         extra = fl.model_outliers(fit.rejected)
         flags = np.nan_to_num(records[..., RECORD_FIELDS.index("quality_flag")]).astype(np.int64) | extra
         self.tiles_with_problems += int(np.count_nonzero(fl.problems(flags)))
+        self.tiles_target_sharper += int(np.count_nonzero(flags & fl.TARGET_SHARPER))
+        self.tiles_nearly_equal += int(np.count_nonzero(flags & fl.NEARLY_EQUAL))
         self.pending.append(ImageResults(fit.image, records, extra, fit.model, fit.residual,
                                          kernels if self.store.sharded else None))
         if len(self.pending) >= self.flush_images or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:

@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 
 from .. import flags as fl
+from ..core.sharpness import Sharpness, image_direction
 from ..core.tiles import EDGE, Block
 from ..errors import OptionError
 from ..io.lock import OutputLock
 from ..io.paths import path_within
-from ..io.store import RECORD_FIELDS, OutputStore
-from .blocks import BlockResult, BlockTask
+from ..io.store import FORWARD, RECORD_FIELDS, REVERSE, OutputStore
+from .blocks import BlockResult, BlockTask, DirectedTask, SharpnessTask
 from .config import JobConfig, load_job
 from .executors import WORKER_ENV, connect, run_in_threads, run_on_client
 from .finish import ImageFinisher, ImageFit, JointFit, fit_image
@@ -123,6 +124,13 @@ class RunSummary:
     #: tiles of the images finished by this run with a problem flag (the informational ``masked`` and
     #: ``outliers_clipped`` do not count; the model's outliers do): what "flagged" means
     tiles_with_problems: int = 0
+    #: images (of all the output's) whose kernels are reversed: source = kernel * target + background
+    images_reversed: int = 0
+    #: of the images finished by this run: tiles whose kernel sharpens (flagged ``target_sharper``: the
+    #: minority of an image whose field crosses over, or any tile against a direction forced by the job), and
+    #: tiles whose two images are ``nearly_equal``
+    tiles_target_sharper: int = 0
+    tiles_nearly_equal: int = 0
 
     @property
     def tiles_per_second(self) -> float:
@@ -145,6 +153,15 @@ class RunSummary:
             f"{self.tiles_with_problems} with a problem flag ({self.tiles_flagged} unusable), in {self.seconds:.1f} s "
             f"({self.tiles_per_second:.1f} tiles/s); result: {self.path}"
         )
+        if self.images_reversed:
+            n, per = self.images_reversed, self.n_tiles // max(1, self.n_images)
+            text += (f"; {n} of {self.n_images} image{'s' if self.n_images != 1 else ''} reversed (target sharper "
+                     f"than source: source = kernel * target + background, {n * per} tiles)")
+        if self.tiles_target_sharper:
+            text += (f"; {self.tiles_target_sharper} tiles flagged target_sharper (the kernel would sharpen: "
+                     "against their image's direction)")
+        if self.tiles_nearly_equal:
+            text += f"; {self.tiles_nearly_equal} tiles nearly_equal (kernel close to a delta)"
         if self.unusable_images:
             text += f"; every tile unusable in {len(self.unusable_images)} image(s)"
         if self.unmodelled_images:
@@ -228,6 +245,67 @@ def execute_plan(plan: Plan, *, client: Any = None, progress: bool = True, perfo
                         log=log, t0=t0)
 
 
+def _run_blocks(job: JobConfig, client: Any, task: Any, blocks: list[Block], on_result: Callable[[Any], Any], *,
+                log: Callable[[str], None], performance_report: str | None = None,
+                held: dict[tuple[int, int, int], Any] | None = None) -> None:
+    """Run ``task`` on ``blocks`` on the client, or in this process's threads as ``compute.scheduler`` says."""
+    if client is not None:
+        give_up = job.compute.scheduler_kind == "batch" and job.compute.batch.adapt is None
+        run_on_client(client, task, blocks, on_result, give_up_after=NO_WORKERS_GRACE if give_up else None,
+                      log=log, performance_report=performance_report, held=held)
+    else:
+        c = job.compute
+        run_in_threads(task, blocks, on_result,
+                       workers=1 if c.scheduler == "synchronous" else c.n_workers * c.threads_per_worker)
+
+
+def _directions(plan: Plan, store: OutputStore, pending: list[Block], *, client: Any, log: Callable[[str], None],
+                progress: bool) -> tuple[np.ndarray, dict[tuple[int, int, int], Sharpness]]:
+    """Each image's direction, decided and written for the images with blocks to compute that have none yet,
+    and the sharpness measured on the way (by block, for the blocks' tasks to use).
+
+    ``kernel.direction: forward`` or ``reverse`` sets it; ``auto`` measures
+    every tile of those images first (:class:`~pipeline.job.blocks.SharpnessTask`)
+    and gives each image the direction of the majority of its tiles
+    (:func:`~pipeline.core.sharpness.image_direction`).  The directions are
+    written before any of the image's blocks, so a resumed run keeps them.
+    """
+    job = plan.job
+    directions = store.read_directions()
+    undecided = sorted({b.image for b in pending if directions[b.image] == 0})
+    measures: dict[tuple[int, int, int], Sharpness] = {}
+    if not undecided:
+        return directions, measures
+    decided = np.zeros_like(directions)
+    if job.kernel.direction != "auto":
+        decided[undecided] = FORWARD if job.kernel.direction == "forward" else REVERSE
+    else:
+        wanted = set(undecided)
+        blocks = [b for b in plan.blocks if b.image in wanted]
+        ty, tx = plan.grid.shape
+        widths = {image: np.full((2, ty, tx), np.nan) for image in undecided}
+        bar = Progress(sum(b.n_tiles for b in blocks), log, progress)
+        if progress:
+            log(f"measuring which image is sharper: {len(blocks)} blocks of {len(undecided)} image(s)")
+
+        def measured(result: tuple[Block, Sharpness | None]) -> None:
+            block, measure = result
+            if measure is not None:
+                measures[block.image, block.by, block.bx] = measure
+                shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
+                region = (slice(None), slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
+                widths[block.image][region] = np.stack([measure.width_difference.reshape(shape),
+                                                        measure.uncertainty.reshape(shape)])
+            bar.update(block.n_tiles)
+
+        _run_blocks(job, client, SharpnessTask(plan.inputs.reader, plan.grid, job.kernel.size), blocks, measured,
+                    log=log)
+        for image, (width, error) in widths.items():
+            decided[image] = image_direction(width, error)
+    store.write_directions(decided)
+    return np.where(decided != 0, decided, directions).astype(np.int8), measures
+
+
 def _check_report_path(report: str, job: JobConfig) -> None:
     """Refuse a performance report that would be written into the input store or the output store."""
     for key, store in (("input.path", job.input.path), ("output.path", job.output.path)):
@@ -264,7 +342,6 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
                 n = len({b.image for b in recompute})
                 log(f"computing {len(recompute)} stored blocks again for the joint model's statistics "
                     f"({n} image{'s' if n > 1 else ''} without a model yet)")
-        bar = Progress(sum(b.n_tiles for b in pending + recompute), log, progress)
         finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
         if job.model.method == "joint":
             for block, record, kernels in without_model:
@@ -295,6 +372,8 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
             client = get_client()
         if client is not None and progress:
             log(f"dashboard: {client.dashboard_link}")
+        directions, measures = _directions(plan, store, pending, client=client, log=log, progress=progress)
+        bar = Progress(sum(b.n_tiles for b in pending + recompute), log, progress)
         if client is not None and job.model.method == "joint":
             # each image's joint fit runs on a worker, beside the blocks of other images and before them, from
             # its blocks' results, which stay on the workers: the client reads only their kernels and records
@@ -310,14 +389,8 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
                          frozenset((b.image, b.by, b.bx) for b in recompute))
         work = pending + recompute
         try:
-            if client is not None:
-                give_up = job.compute.scheduler_kind == "batch" and job.compute.batch.adapt is None
-                run_on_client(client, task, work, finished, give_up_after=NO_WORKERS_GRACE if give_up else None,
-                              log=log, performance_report=performance_report, held=held)
-            else:
-                c = job.compute
-                run_in_threads(task, work, finished,
-                               workers=1 if c.scheduler == "synchronous" else c.n_workers * c.threads_per_worker)
+            _run_blocks(job, client, DirectedTask(task, directions, measures), work, finished, log=log,
+                        performance_report=performance_report, held=held)
         except BaseException:  # interrupted, or a task failed: the images finished so far are kept (a sharded
             with suppress(Exception):  # store has their kernels only here), the cause raised as it was
                 finisher.flush()
@@ -333,7 +406,10 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
                          flagged, len(pending), len(blocks) - len(pending), seconds,
                          unusable_images=unusable, method=job.kernel.method, n_images=plan.layout.n_images,
                          unmodelled_images=tuple(str(labels[i]) for i in sorted(finisher.unmodelled)),
-                         tiles_with_problems=finisher.tiles_with_problems)
+                         tiles_with_problems=finisher.tiles_with_problems,
+                         images_reversed=int(np.count_nonzero(store.read_directions() == REVERSE)),
+                         tiles_target_sharper=finisher.tiles_target_sharper,
+                         tiles_nearly_equal=finisher.tiles_nearly_equal)
     store.mark_complete({"kernelmap_finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     opening.finish(store, log=log)  # a replacement written beside the output swapped into place
     if progress:
