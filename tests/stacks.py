@@ -137,3 +137,47 @@ def make_edge_stack(
                encoding={"target": {"chunks": (1, chunk, chunk)}, "source": {"chunks": (chunk, chunk)}})
     return {"kernels": kernels, "y0": y0, "x0": x0, "intact": intact, "background": background, "tile": tile,
             "k": k, "labels": labels}
+
+
+#: The images of :func:`make_direction_stack`: label -> (source, target) FWHM of the blurring Gaussian at the
+#: left and right edges (pixels; a Moffat PSF of FWHM 2 px shared).
+DIRECTION_IMAGES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "blurrier": ((2.0, 2.0), (3.5, 3.5)),   # the target blurrier everywhere: forward
+    "sharper": ((3.5, 3.5), (1.5, 1.5)),    # the target sharper everywhere: reverse
+    "crossing": ((2.5, 2.5), (1.0, 4.5)),   # sharper on the left, blurrier on the right (majority forward)
+}
+
+
+def make_direction_stack(path: Path, *, shape: tuple[int, int] = (256, 1024), tile: int = 128, k: int = 15,
+                         seed: int = 0, images: tuple[str, ...] = tuple(DIRECTION_IMAGES)) -> dict:
+    """Write a stack whose images are the :data:`DIRECTION_IMAGES` (seeing constant in each tile, changing
+    along x; :func:`pipeline.sim.seeing.seeing_pair`), one source per image, with their variances.
+
+    Returns the truth per image and tile column (every tile row alike): ``direction[i, tx]`` (1 forward,
+    -1 reverse), ``kernels[i, tx]`` (in that direction), ``width_difference[i, tx]`` and ``fwhm_ratio[i, tx]``
+    (target over source), and the pairs themselves.
+    """
+    from pipeline.sim.seeing import seeing_pair
+
+    pairs = [seeing_pair(seed + i, shape, source_fwhm=DIRECTION_IMAGES[name][0],
+                         target_fwhm=DIRECTION_IMAGES[name][1], patch=tile) for i, name in enumerate(images)]
+    nt = shape[1] // tile
+    centres = [tx * tile + (tile - 1) / 2.0 for tx in range(nt)]
+    truth = [[p.truth(x, k) for x in centres] for p in pairs]
+    labels = np.array(list(images), dtype=object)
+    data = {
+        "source": (("image", "y", "x"), np.stack([p.source for p in pairs]).astype(np.float32)),
+        "target": (("image", "y", "x"), np.stack([p.target for p in pairs]).astype(np.float32)),
+        "source_variance": (("image", "y", "x"), np.stack([p.source_variance for p in pairs]).astype(np.float32)),
+        "target_variance": (("image", "y", "x"), np.stack([p.target_variance for p in pairs]).astype(np.float32)),
+    }
+    chunks = {name: {"chunks": (1, tile, tile)} for name in data}
+    xr.Dataset(data, coords={"image": labels}).to_zarr(path, mode="w-", zarr_format=3, encoding=chunks,
+                                                       consolidated=False)
+    return {
+        "labels": labels, "tile": tile, "k": k, "pairs": pairs,
+        "direction": np.array([[d for d, _ in row] for row in truth]),
+        "kernels": np.array([[kern for _, kern in row] for row in truth]),
+        "width_difference": np.array([[p.width_difference(x) for x in centres] for p in pairs]),
+        "fwhm_ratio": np.array([[p.fwhm_ratio(x) for x in centres] for p in pairs]),
+    }
