@@ -135,10 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="kernelmap-compare", help="folder for compare.zarr and compare.png")
     apply = sub.add_parser(
         "apply", help="matched and difference images of a kernel map's pairs",
-        description="Convolve each source with its image's kernel-field model (the kernel of each pixel) and "
-                    "write the matched image, the background and the difference target - matched - background "
-                    "to a Zarr store; an interrupted apply is finished with --resume. Exit status: 0 done; 2 "
-                    "refused (nothing written).")
+        description="Convolve the sharper image of each pair with its image's kernel-field model (the kernel "
+                    "of each pixel) and write the matched image, the background and the difference to a Zarr "
+                    "store: target - matched - background where the kernels are forward (the source convolved), "
+                    "matched - source - background where they are reversed (the target convolved; the store's "
+                    "direction says which); an interrupted apply is finished with --resume. Exit status: 0 done; "
+                    "2 refused (nothing written).")
     apply.add_argument("store", help="kernel-map store written by kernelmap run")
     apply.add_argument("--out", required=True, help="Zarr store for the images (refused if it exists, unless "
                                                     "--overwrite or --resume)")
@@ -312,7 +314,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     summary = apply_kernel_map(args.store, args.out, mode=mode, chunk=args.chunk, fits=args.fits,
                                storage_options=options)
     kept = f"; {len(summary.kept)} already complete" if summary.kept else ""
-    print(f"images: {summary.path} (arrays matched, difference, background; {len(summary.images)} image(s){kept})")
+    turned = (f"; {len(summary.reversed)} reversed, their target convolved: difference = kernel * target - source "
+              "- background" if summary.reversed else "")
+    print(f"images: {summary.path} (arrays matched, difference, background; {len(summary.images)} image(s){kept}"
+          f"{turned})")
     return 0
 
 

@@ -133,6 +133,54 @@ def test_the_difference_of_an_exact_pair_is_zero_and_shows_what_changed_at_its_f
     np.testing.assert_allclose(difference[rest], 0.0, atol=1e-8)
 
 
+def test_a_reversed_pair_convolves_the_target_and_keeps_the_sign_of_what_changed_in_it():
+    rng = np.random.default_rng(9)
+    target = rng.gamma(2.0, 50.0, size=(64, 80))  # the sharper image: source = K * target + b
+    field = _field(2, 7, rng, target.shape)
+    field.coefficients[0] = np.abs(field.coefficients[0])
+    source = matched_image(target, field) + 12.5
+    changed = target.copy()
+    changed[40, 30] += 500.0  # new in the target
+    difference, matched, background = difference_image(changed, source, field, tile_size=32, direction=-1)
+    valid = np.isfinite(difference)
+    assert valid[3:-3, 3:-3].all() and not valid[:3].any()
+    np.testing.assert_allclose(background, -12.5, rtol=0, atol=1e-9)  # the sky of matched - source
+    np.testing.assert_allclose(matched, matched_image(changed, field), rtol=0, atol=0)
+    spot = np.zeros_like(target)
+    spot[40, 30] = 500.0
+    blurred = np.array([[_direct(spot, field, y, x) for x in range(27, 34)] for y in range(37, 44)])
+    np.testing.assert_allclose(difference[37:44, 27:34], blurred, rtol=1e-9, atol=1e-8)  # K * spot, each pixel's K
+    flux = 500.0 * field.kernel_at(40.0, 30.0).sum()  # the kernel changes little over its stamp
+    assert flux > 0 and difference[37:44, 27:34].sum() == pytest.approx(flux, rel=1e-3)
+    rest = valid.copy()
+    rest[37:44, 27:34] = False
+    np.testing.assert_allclose(difference[rest], 0.0, atol=1e-8)
+    # the forward formula on the same pair is not zero: the direction matters
+    wrong, _, _ = difference_image(changed, source, field, tile_size=32, direction=1)
+    assert np.nanstd(wrong[rest]) > 10.0
+
+
+@pytest.mark.parametrize("degree", [0, 1])
+def test_the_difference_variance_passes_the_convolved_images_variance_through_the_kernel_squared(degree):
+    from pipeline.core.apply import difference_variance
+
+    rng = np.random.default_rng(10 + degree)
+    vt, vs = rng.uniform(1.0, 4.0, size=(2, 40, 48))
+    field = _field(degree, 5, rng, vt.shape)
+    np.testing.assert_array_equal(difference_variance(vt, vs, field), vt + matched_variance(vs, field))
+    np.testing.assert_array_equal(difference_variance(vt, vs, field, direction=-1), matched_variance(vt, field) + vs)
+
+
+def test_the_difference_refuses_a_direction_that_is_neither():
+    from pipeline.errors import OptionError
+
+    rng = np.random.default_rng(11)
+    for bad in (0, 2, True, "reverse", 1.0):
+        with pytest.raises(OptionError, match="use 1 \\(forward: the source convolved\\) or -1"):
+            difference_image(np.zeros((10, 10)), np.zeros((10, 10)), _field(0, 3, rng, (10, 10)), tile_size=8,
+                             direction=bad)
+
+
 def test_the_difference_refuses_images_of_other_shapes():
     rng = np.random.default_rng(8)
     with pytest.raises(ValueError, match=r"must be 2-D, got shape \(2, 10, 10\)"):

@@ -3,6 +3,16 @@
 E.g. two epochs, or two methods on the same data.  The maps must share the
 tile grid; images are paired by position (or every image of ``A`` against
 the single image of ``B``).  Differences are ``B - A``.
+
+Directions: an image's kernels run forward (``1``: ``target = kernel * source +
+background``) or reverse (``-1``: ``source = kernel * target + background``, the
+flux a ratio source/target and the background in the source's units), its
+map's ``direction`` variable (a map without one: forward).  A pair of images
+whose directions differ (say one run with ``kernel.direction: forward`` and one
+with ``auto``) is not differenced: its kernel difference and every measured
+difference are NaN, the comparison's ``direction_a``/``direction_b``
+coordinates and ``direction_differs`` attribute name it, and the summary lines
+and the figure say so.  Images of the same direction compare as before.
 """
 
 from __future__ import annotations
@@ -18,7 +28,18 @@ from ..io.paths import check_writable, path_within
 from ..io.store import consolidate
 from .maps import read_kernel_map
 
-__all__ = ["MEASUREMENTS", "common_tiles", "compare_maps", "compare_figure", "summary_lines", "write_comparison"]
+__all__ = ["MEASUREMENTS", "common_tiles", "compare_maps", "compare_figure", "direction_lines", "map_directions",
+           "summary_lines", "write_comparison"]
+
+FORWARD, REVERSE = 1, -1
+#: How each direction value is called.
+_DIRECTION_NAMES = {FORWARD: "forward", REVERSE: "reverse", 0: "undecided"}
+#: Why images of different directions are not differenced.
+WHY_NOT = ("a forward kernel blurs the source into the target, a reverse one the target into the source, so their "
+           "kernels, fluxes and backgrounds are not the same quantities")
+_DIRECTION_ATTRS = {"long_name": "direction of the image's kernels in map {which}: 1 forward (target = kernel * "
+                                 "source + background), -1 reverse (source = kernel * target + background), 0 "
+                                 "undecided", "units": "1"}
 
 #: Per-tile measurements compared (those present in both maps).
 MEASUREMENTS = ("flux", "background", "centroid_y", "centroid_x", "fwhm", "size", "e1", "e2", "ellipticity")
@@ -42,6 +63,8 @@ def compare_maps(a: xr.Dataset, b: xr.Dataset, *, names: tuple[str, str] = ("A",
     if n_b not in (n_a, 1):
         raise InputError(f"A has {n_a} images and B {n_b}: give maps with as many images, or B with one")
     b_aligned = b.isel(image=[0] * n_a if n_b == 1 else slice(None)).assign_coords(image=a["image"].values)
+    dir_a, dir_b = map_directions(a), map_directions(b)[[0] * n_a if n_b == 1 else slice(None)]
+    differ = (dir_a != 0) & (dir_b != 0) & (dir_a != dir_b)  # an undecided image has no kernels to compare
     out = xr.Dataset(coords={"image": a["image"], "y": a["y"], "x": a["x"]})
     for name in MEASUREMENTS:
         if name in a and name in b:
@@ -54,16 +77,76 @@ def compare_maps(a: xr.Dataset, b: xr.Dataset, *, names: tuple[str, str] = ("A",
                                         / (ka**2).sum(("ky", "kx"), skipna=False))
                                 ).assign_attrs(long_name="L2 norm of (kernel B - kernel A) over that of A",
                                                units="1")
+    if differ.any():  # kernels of opposite directions are not differenced
+        keep = xr.DataArray(~differ, dims="image", coords={"image": a["image"]})
+        for name in out.data_vars:
+            out[name] = out[name].where(keep)
+    out = out.assign_coords(
+        direction_a=("image", dir_a, {**_DIRECTION_ATTRS, "long_name": _DIRECTION_ATTRS["long_name"].format(
+            which="A")}),
+        direction_b=("image", dir_b, {**_DIRECTION_ATTRS, "long_name": _DIRECTION_ATTRS["long_name"].format(
+            which="B")}))
     out.attrs["b_images"] = [str(v) for v in b["image"].values]
+    out.attrs["direction_differs"] = [str(v) for v in np.asarray(a["image"].values)[differ]]
+    if differ.any():
+        out.attrs["direction_note"] = f"not compared (NaN) where the directions differ: {WHY_NOT}"
     out.attrs.update({key: a.attrs[key] for key in ("tile_size", "tile_step") if key in a.attrs})
+    if differ.all():
+        raise InputError(f"the kernel maps {names[0]} and {names[1]} have kernels of opposite directions in every "
+                         f"image pair ({_pairs(out, differ)}): nothing to compare, since {WHY_NOT}. Compare maps "
+                         "run with the same kernel.direction (forward, reverse, or auto on both)")
     if not any(common_tiles(out).values()):
+        mixed = (f"; {int(differ.sum())} image pair(s) are not compared because their directions differ "
+                 f"({_pairs(out, differ)})" if differ.any() else "")
         raise InputError(f"the kernel maps {names[0]} and {names[1]} have no tile where both are finite "
                          f"({_finite_tiles(a)} finite tile(s) in {names[0]}{_status(a)}, {_finite_tiles(b)} in "
-                         f"{names[1]}{_status(b)}; the images are paired by position): nothing to compare. "
+                         f"{names[1]}{_status(b)}; the images are paired by position{mixed}): nothing to compare. "
                          "Check that both runs finished (kernelmap_status complete; resume an interrupted run "
                          "with output.mode=resume), that their tiles are not all unusable (quality_flag), and "
                          "that they were made from the same images")
     return out
+
+
+def map_directions(ds: xr.Dataset) -> np.ndarray:
+    """``(image,)`` int8: each image's direction in a kernel map, ``1`` forward, ``-1`` reverse, ``0``
+    undecided; a map without the ``direction`` variable is all forward."""
+    n = ds.sizes["image"]
+    if "direction" not in ds.variables:
+        return np.full(n, FORWARD, dtype=np.int8)
+    values = np.asarray(ds["direction"].values)
+    if values.shape != (n,):
+        raise InputError(f"the kernel map's direction variable has shape {values.shape}, not ({n},): it is not a "
+                         "kernelmap kernel map's")
+    return values.astype(np.int8)
+
+
+def _differing(diff: xr.Dataset) -> np.ndarray:
+    """``(image,)`` bool: the pairs of a comparison whose directions differ (none for one without them)."""
+    if "direction_a" not in diff.coords or "direction_b" not in diff.coords:
+        return np.zeros(diff.sizes["image"], dtype=bool)
+    dir_a = np.asarray(diff["direction_a"].values, dtype=np.int64)
+    dir_b = np.asarray(diff["direction_b"].values, dtype=np.int64)
+    return (dir_a != 0) & (dir_b != 0) & (dir_a != dir_b)
+
+
+def _pairs(diff: xr.Dataset, which: np.ndarray, most: int = 5) -> str:
+    """``label (A forward, B reverse), ...`` for the pairs ``which`` (the first ``most``)."""
+    index = np.flatnonzero(which)
+    dir_a, dir_b = np.asarray(diff["direction_a"].values), np.asarray(diff["direction_b"].values)
+    said = [f"{diff['image'].values[i]} (A {_DIRECTION_NAMES.get(int(dir_a[i]))}, B "
+            f"{_DIRECTION_NAMES.get(int(dir_b[i]))})" for i in index[:most]]
+    return ", ".join(said) + (f" and {index.size - most} more" if index.size > most else "")
+
+
+def direction_lines(diff: xr.Dataset) -> list[str]:
+    """The lines that say which image pairs of a comparison were not compared because their kernels run in
+    opposite directions, and why (none where every pair has the same direction)."""
+    differ = _differing(diff)
+    if not differ.any():
+        return []
+    return [f"{'direction':>18}: differs in {int(differ.sum())} of {differ.size} image pair(s), not compared "
+            f"(NaN): {_pairs(diff, differ)}",
+            f"{'':>18}  ({WHY_NOT})"]
 
 
 def common_tiles(diff: xr.Dataset) -> dict[str, int]:
@@ -87,8 +170,9 @@ def _status(ds: xr.Dataset) -> str:
 def summary_lines(diff: xr.Dataset, names: tuple[str, ...] = ("fwhm", "ellipticity", "flux", "kernel_difference"),
                   ) -> list[str]:
     """One line per variable of a comparison: the median and largest magnitude of the differences over
-    the tiles where both maps are finite, or ``no common finite tiles`` where there is none."""
-    lines = []
+    the tiles where both maps are finite, or ``no common finite tiles`` where there is none; first the
+    lines of :func:`direction_lines` where image pairs differ in direction (left out of the others)."""
+    lines = direction_lines(diff)
     for name in names:
         if name not in diff:
             continue
@@ -112,14 +196,22 @@ FIGURE_LABELS = {
 
 
 def compare_figure(diff: xr.Dataset, *, image: int = 0):
-    """Maps of the main differences for one image pair, titled with its image label, y up."""
+    """Maps of the main differences for one image pair, titled with its image label, y up; where image
+    pairs differ in direction the title says which (and that the one shown, if it is one, is not compared)."""
     from .report import _cells, _pyplot
 
     plt = _pyplot()
     names = [n for n in FIGURE_LABELS if n in diff]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1, 3.6), constrained_layout=True,
                              squeeze=False)
-    fig.suptitle(f"B - A per tile, {diff['image'].values[image]}")
+    title = f"B - A per tile, {diff['image'].values[image]}"
+    differ = _differing(diff)
+    if differ[image]:
+        title += f": not compared, directions differ ({_pairs(diff, np.arange(differ.size) == image)})"
+    if differ.any():
+        title += (f"\ndirections differ in {int(differ.sum())} of {differ.size} pair(s), left out: "
+                  f"{_pairs(diff, differ, most=3)}\n(a forward kernel blurs the source, a reverse one the target)")
+    fig.suptitle(title, **({"fontsize": "medium"} if differ.any() else {}))
     for ax, name in zip(axes[0], names):
         values = np.asarray(diff[name].values[image], dtype=np.float64)
         lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
@@ -150,7 +242,8 @@ def write_comparison(a_path: str | os.PathLike[str], b_path: str | os.PathLike[s
     folder.mkdir(parents=True, exist_ok=True)
     diff.to_zarr(store, mode="w-", zarr_format=3, consolidated=False)
     consolidate(str(store))  # a plain xr.open_zarr then opens it without warnings
-    fig = compare_figure(diff)
+    same = np.flatnonzero(~_differing(diff))
+    fig = compare_figure(diff, image=int(same[0]) if same.size else 0)  # an image pair that is compared
     fig.savefig(folder / "compare.png", dpi=110)
     _pyplot().close(fig)
     return store, folder / "compare.png"

@@ -16,9 +16,23 @@ edges, or of a bad pixel.  Applied to overlapping pieces of an image (each
 with ``k // 2`` pixels of its neighbours, NaN beyond the image, and its
 ``origin`` in the image) it gives the whole image's values exactly.
 
-The difference image is ``target - matched - background``; the background
-is each tile's median of ``target - matched`` (robust to what changed),
-interpolated bilinearly between the tile centres.
+The difference image is ``target - source`` with both at the blurrier
+image's PSF: the sharper image is the one convolved.  An image's kernels run
+in its ``direction`` (the kernel map's per-image variable):
+
+* ``1`` (forward, ``target = K * source + b``): the source is convolved,
+  ``matched = K * source`` and ``difference = target - matched - background``;
+* ``-1`` (reverse, ``source = K * target + b``: the target is the sharper):
+  the target is convolved, ``matched = K * target`` and
+  ``difference = matched - source - background``.
+
+Either way what is new in the target shows positive and what is gone from it
+negative.  The background is each tile's median of the difference before it
+is subtracted (``target - matched``, or ``matched - source``: robust to what
+changed; for a reversed image minus the fitted ``b``), interpolated
+bilinearly between the tile centres, so the difference is sky-free.  Its
+variance (:func:`difference_variance`) is ``V_target + K^2 * V_source``
+forward and ``K^2 * V_target + V_source`` reverse.
 
 Pure NumPy/SciPy.
 """
@@ -30,11 +44,25 @@ import scipy.fft
 import scipy.ndimage
 from numpy.polynomial import legendre
 
+from ..errors import OptionError
 from .field import KernelField, polynomial_terms
 from .tiles import tile_origins
 
-__all__ = ["difference_image", "interpolated_background", "matched_image", "matched_variance", "tile_background",
-           "tile_median"]
+__all__ = ["FORWARD", "REVERSE", "check_direction", "difference_image", "difference_variance",
+           "interpolated_background", "matched_image", "matched_variance", "tile_background", "tile_median"]
+
+#: An image's direction: forward (the source convolved) and reverse (the target convolved), as the kernel
+#: map's ``direction`` variable holds them.
+FORWARD, REVERSE = 1, -1
+
+
+def check_direction(direction: int) -> int:
+    """``direction`` as ``FORWARD`` (1) or ``REVERSE`` (-1); an :class:`~pipeline.errors.OptionError` otherwise."""
+    if isinstance(direction, (bool, np.bool_)) or not isinstance(direction, (int, np.integer)) \
+            or int(direction) not in (FORWARD, REVERSE):
+        raise OptionError(f"direction={direction!r}: use 1 (forward: the source convolved) or -1 (reverse: the "
+                          "target convolved)")
+    return int(direction)
 
 
 def _bad_reach(bad: np.ndarray, half: int) -> np.ndarray:
@@ -53,9 +81,11 @@ def matched_image(source: np.ndarray, field: KernelField, *, origin: tuple[int, 
     Parameters
     ----------
     source
-        ``(ny, nx)`` source pixels; NaN/inf are bad.
+        ``(ny, nx)`` pixels of the image convolved (the source; the target of
+        a reversed image); NaN/inf are bad.
     field
-        The kernel field (its kernels map the source onto the target).
+        The kernel field (its kernels map the source onto the target, or for
+        a reversed image the target onto the source).
     origin
         Position in the image of ``source[0, 0]`` (where ``source`` is a piece
         of it): the field is evaluated at image coordinates.
@@ -152,9 +182,9 @@ def interpolated_background(medians: np.ndarray, centres: tuple[np.ndarray, np.n
 
 
 def tile_background(residual: np.ndarray, tile_size: int, *, step: int | None = None) -> np.ndarray:
-    """A smooth background under ``residual`` (``target - matched``): the median of each tile's finite
-    pixels (the job's tile grid: a last row and column ending at the edges), interpolated bilinearly
-    between the tile centres (:func:`interpolated_background`)."""
+    """A smooth background under ``residual`` (``target - matched``; ``matched - source`` for a reversed
+    image): the median of each tile's finite pixels (the job's tile grid: a last row and column ending at
+    the edges), interpolated bilinearly between the tile centres (:func:`interpolated_background`)."""
     residual = np.asarray(residual, dtype=np.float64)
     ny, nx = residual.shape
     step = tile_size if step is None else step
@@ -165,19 +195,42 @@ def tile_background(residual: np.ndarray, tile_size: int, *, step: int | None = 
 
 
 def difference_image(target: np.ndarray, source: np.ndarray, field: KernelField, *, tile_size: int,
-                     step: int | None = None, background: float | np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(difference, matched, background)``: ``target - matched - background`` with the matched image of
-    :func:`matched_image`; the background given, or (``None``) :func:`tile_background` on tiles of
-    ``tile_size`` every ``step`` pixels.  NaN where the target or the matched image is."""
+                     step: int | None = None, background: float | np.ndarray | None = None,
+                     direction: int = FORWARD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(difference, matched, background)`` of one pair, the sharper image convolved.
+
+    ``direction`` ``1`` (forward): ``matched`` is the source convolved with
+    ``field`` (:func:`matched_image`) and the difference ``target - matched -
+    background``; ``-1`` (reverse, ``field``'s kernels map the target onto the
+    source): ``matched`` is the target convolved and the difference
+    ``matched - source - background``.  The background given, or (``None``)
+    :func:`tile_background` of ``difference + background`` on tiles of
+    ``tile_size`` every ``step`` pixels.  NaN where an image or the matched
+    image is.
+    """
+    direction = check_direction(direction)
     target = np.asarray(target, dtype=np.float64)
     if target.shape != np.shape(source):
         raise ValueError(f"target {target.shape} and source {np.shape(source)} differ in shape")
-    matched = matched_image(source, field)
-    residual = target - matched
+    if direction == FORWARD:
+        matched = matched_image(source, field)
+        residual = target - matched
+    else:
+        matched = matched_image(target, field)
+        residual = matched - np.asarray(source, dtype=np.float64)
     sky = tile_background(residual, tile_size, step=step) if background is None else \
         np.broadcast_to(np.asarray(background, dtype=np.float64), target.shape)
     return residual - sky, matched, np.asarray(sky)
+
+
+def difference_variance(target_variance: np.ndarray, source_variance: np.ndarray, field: KernelField, *,
+                        direction: int = FORWARD) -> np.ndarray:
+    """The variance of :func:`difference_image`'s difference from independent pixels of the two images'
+    variances: ``V_target + K^2 * V_source`` forward, ``K^2 * V_target + V_source`` reverse
+    (:func:`matched_variance` for the convolved image)."""
+    if check_direction(direction) == FORWARD:
+        return np.asarray(target_variance, dtype=np.float64) + matched_variance(source_variance, field)
+    return matched_variance(target_variance, field) + np.asarray(source_variance, dtype=np.float64)
 
 
 def _filled(values: np.ndarray) -> np.ndarray:

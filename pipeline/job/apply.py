@@ -1,16 +1,31 @@
 """``kernelmap apply``: the matched and difference images of a kernel map's pairs.
 
-For every image of a kernel map with a kernel-field model, the source is
-convolved with the model's kernel of each output pixel
+For every image of a kernel map with a kernel-field model, the sharper
+image of the pair is convolved with the model's kernel of each output pixel
 (:func:`pipeline.core.apply.matched_image`) chunk by chunk with Dask
 (``map_overlap``, the kernel's half-size of overlap, NaN beyond the image: a
 chunk's pixels are the whole image's, exactly), and written to a Zarr store
-beside the difference ``target - matched - background`` and the background
-(each tile's median of ``target - matched``, the kernel map's tiles,
-interpolated bilinearly between the tile centres).  The inputs are the ones
-the kernel map was made from (its ``kernelmap_config``); masked target pixels
-are NaN in the difference.  Three passes: the matched images, the tiles'
-medians, then the differences (both from the stored matched images).
+beside the difference and the background.  Which image is convolved is the
+image's ``direction`` in the kernel map (a map without one: forward):
+
+* ``1`` (forward, ``target = K * source + b``): ``matched = K * source``,
+  ``difference = target - matched - background``;
+* ``-1`` (reverse, ``source = K * target + b``): ``matched = K * target``,
+  ``difference = matched - source - background``.
+
+Either way the difference is ``target - source`` at the blurrier PSF (what is
+new in the target is positive), and the background is each tile's median of
+it before the background is taken off (the kernel map's tiles, interpolated
+bilinearly between the tile centres), so that it is sky-free; the normalised
+difference divides by ``sqrt(V_target + K^2 * V_source)`` forward and
+``sqrt(K^2 * V_target + V_source)`` reverse.  The output's ``direction``
+coordinate ``(image,)`` (and the ``DIRECTN``/``CONVOLVD`` keywords of the
+FITS files) says which image each was convolved: ``1`` the source, ``-1``
+the target, ``0`` none (an image without a model, left NaN).  The inputs are
+the ones the kernel map was made from (its ``kernelmap_config``); masked
+target pixels are NaN in the difference (reverse: wherever the kernel's stamp
+reaches one).  Three passes: the matched images, the tiles' medians, then the
+differences (both from the stored matched images).
 
 Images small enough to share files (two or more in ``SHARD_BYTES``, see
 :func:`~pipeline.io.store.whole_image_shards`) are stored as Zarr 3 shards of whole images, each
@@ -42,7 +57,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..core.apply import interpolated_background, matched_image, matched_variance, tile_median
+from ..core.apply import FORWARD, REVERSE, interpolated_background, matched_image, matched_variance, tile_median
 from ..core.field import KernelField
 from ..core.validate import check_positive_int
 from ..errors import InputError, OptionError
@@ -67,12 +82,27 @@ STAGES = ("matched", "complete")
 
 #: what each output array holds
 OUTPUTS = {
-    "matched": "source convolved with the kernel-field model's kernel of each pixel",
-    "difference": "target - matched - background",
-    "background": "each tile's median of target - matched, interpolated bilinearly between tile centres",
+    "matched": "the sharper image convolved with the kernel-field model's kernel of each pixel: the source where "
+               "direction is 1, the target where it is -1",
+    "difference": "target - source at the blurrier PSF: target - matched - background where direction is 1, "
+                  "matched - source - background where it is -1",
+    "background": "each tile's median of the difference before the background is taken off (target - matched, or "
+                  "matched - source), interpolated bilinearly between tile centres",
 }
 #: ... and, where the inputs give the variances of both images (``input.variance``, ``weight`` or the CCD model)
-NORMALISED = ("normalised", "difference / sqrt(target variance + the matched source's variance)")
+NORMALISED = ("normalised", "difference / sqrt(variance of the image not convolved + the matched image's variance)")
+#: the output's per-image ``direction`` coordinate
+DIRECTION = {
+    "long_name": "image convolved: 1 the source (forward, difference = target - kernel * source - background); "
+                 "-1 the target (reverse, its kernels map the target onto the source: difference = kernel * "
+                 "target - source - background); 0 none (no model, left NaN)",
+    "flag_values": [REVERSE, 0, FORWARD],
+    "flag_meanings": "target_convolved no_model source_convolved",
+}
+#: the root attribute that states the convention
+CONVENTION = ("difference = target - source with both at the blurrier image's PSF, the sharper one convolved with "
+              "the kernel-field model (direction 1: target - kernel * source - background; -1: kernel * target - "
+              "source - background): what is new in the target is positive")
 
 
 @dataclass(frozen=True)
@@ -83,6 +113,8 @@ class ApplySummary:
     images: list[Any]  #: labels of the images written
     skipped: list[Any]  #: labels of the images without a model (left NaN)
     kept: list[Any] = _field(default_factory=list)  #: labels of the images a resumed output already had complete
+    #: labels of the modelled images whose kernels are reversed (their target convolved), written or kept
+    reversed: list[Any] = _field(default_factory=list)
 
 
 def _overlapped_block(values: np.ndarray, *, apply: Callable[..., np.ndarray], field: KernelField,
@@ -113,17 +145,49 @@ def _source(inputs, image: int, chunk: int):
     """The source of ``image`` as float64 Dask chunks of ``chunk``, and each chunk's first row and column."""
     source = (inputs.source if inputs.source.ndim == 2 else inputs.source[image]).astype(np.float64)
     source = source.rechunk((chunk, chunk))
-    return source, tuple(np.concatenate([[0], np.cumsum(c)[:-1]]) for c in source.chunks)
+    return source, _starts(source)
 
 
-def _write_fits(group, folder: str | Path, images: list[int], labels: np.ndarray, wcs: str, log) -> None:
-    """Each image's difference (and normalised difference) as ``<label>.diff.fits`` in ``folder``."""
+def _starts(values) -> tuple[np.ndarray, np.ndarray]:
+    """Each chunk's first row and column of a 2-D Dask array."""
+    return tuple(np.concatenate([[0], np.cumsum(c)[:-1]]) for c in values.chunks)
+
+
+def _convolved(inputs, image: int, chunk: int, direction: int):
+    """The image that is convolved (the source forward, the masked target reverse) as float64 Dask chunks of
+    ``chunk``, and each chunk's first row and column."""
+    if direction == REVERSE:
+        target = _masked_target(inputs, image, chunk)
+        return target, _starts(target)
+    return _source(inputs, image, chunk)
+
+
+def _map_directions(ds: Any, fields: list[KernelField | None]) -> np.ndarray:
+    """``(image,)`` int8: each modelled image's direction in the kernel map ``ds`` (``REVERSE`` where its
+    ``direction`` says so, else ``FORWARD``: a map without the variable is forward), 0 for the images without
+    a model."""
+    stored = np.asarray(ds["direction"].values, dtype=np.int64) if "direction" in ds else np.zeros(len(fields))
+    return np.array([0 if f is None else REVERSE if d == REVERSE else FORWARD for f, d in zip(fields, stored)],
+                    dtype=np.int8)
+
+
+def _write_fits(group, folder: str | Path, images: list[int], labels: np.ndarray, wcs: str, log,
+                directions: np.ndarray) -> None:
+    """Each image's difference (and normalised difference) as ``<label>.diff.fits`` in ``folder``, its
+    direction in the headers (``DIRECTN``, ``CONVOLVD``)."""
     from astropy.io import fits
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    header = fits.Header.fromstring(wcs, sep="\n") if wcs else fits.Header()
+    common = fits.Header.fromstring(wcs, sep="\n") if wcs else fits.Header()
     for i in images:
+        header = common.copy()
+        reverse = int(directions[i]) == REVERSE
+        header["DIRECTN"] = (REVERSE if reverse else FORWARD, "1 source convolved, -1 target convolved")
+        header["CONVOLVD"] = ("TARGET" if reverse else "SOURCE", "image convolved with the kernel field")
+        header["COMMENT"] = ("difference = kernel * target - source - background" if reverse else
+                             "difference = target - kernel * source - background")
+        header["COMMENT"] = "target - source at the blurrier PSF: what is new in the target is positive"
         hdus = [fits.PrimaryHDU(np.asarray(group["difference"][i], dtype=np.float32), header=header)]
         if "normalised" in group:
             hdus.append(fits.ImageHDU(np.asarray(group["normalised"][i], dtype=np.float32), header=header,
@@ -230,6 +294,24 @@ def _resumable(output: str | Path, group: Any, stamp: dict[str, Any]) -> np.ndar
     return np.asarray(records[:]) == 1
 
 
+def _same_directions(output: str | Path, group: Any, directions: np.ndarray, labels: np.ndarray) -> None:
+    """Refuse to resume an output whose images' directions are not the kernel map's (``directions``)."""
+    if "direction" not in group:  # written before directions were recorded: forward throughout
+        turned = [str(labels[i]) for i in np.flatnonzero(directions == REVERSE)]
+        if turned:
+            raise OptionError(f"--resume: {output} records no direction (every image's source convolved), but the "
+                              f"kernel map's kernels of {', '.join(turned[:5])}{' ...' if len(turned) > 5 else ''} "
+                              "are reversed (their target is convolved): nothing was changed; pass --overwrite to "
+                              "replace it")
+        return
+    theirs = np.asarray(group["direction"][:], dtype=np.int64)
+    differ = [str(labels[i]) for i in np.flatnonzero(theirs != directions)]
+    if differ:
+        raise OptionError(f"--resume: {output} convolved other images than the kernel map's directions say (the "
+                          f"direction of {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''} differs): "
+                          "nothing was changed; pass --overwrite to replace it")
+
+
 def apply_kernel_map(kernels: str | Path, output: str | Path, *, mode: str = "create", chunk: int = 1024,
                      scheduler: str = "threads", storage_options: dict[str, Any] | None = None,
                      fits: str | Path | None = None, log=print) -> ApplySummary:
@@ -324,6 +406,7 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
     y0, x0 = (np.round(c - (size - 1) / 2).astype(np.int64) for c in centres)  # the kernel map's own tiles
     labels = km.ds["image"].values
     fields = [km.field(label) for label in labels]
+    directions = _map_directions(km.ds, fields)
     noise = inputs.variances
     normalised = noise is not None and noise.given("target") and noise.given("source")
     stamp = _stamp(km.ds.attrs, chunk, normalised)
@@ -335,6 +418,7 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
             readable = None  # refused below, saying why
         if readable is not None:
             _resumable(output, readable, stamp)
+            _same_directions(output, readable, directions, labels)
     lock.acquire()  # every check passed: from here on this apply writes the output
     if not is_url(final.location):
         tidy(final.location, log)  # the earlier images an interrupted swap set aside
@@ -354,6 +438,7 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
         if recorded.shape[0] != n:
             raise OptionError(f"--resume: {output} has {recorded.shape[0]} images, the kernel map {n}: pass "
                               "--overwrite to replace it")
+        _same_directions(output, group, directions, labels)
         shards = group["matched"].shards  # the output's own
         shard = int(shards[0]) if shards else 1
     else:
@@ -367,8 +452,10 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
     skeleton = xr.Dataset(
         {name: (("image", "y", "x"), empty, {"long_name": what})
          for name, what in (*OUTPUTS.items(), *([NORMALISED] if normalised else []))},
-        coords={"image": ("image", labels.astype(object) if labels.dtype.kind in "US" else labels)},
-        attrs={"title": "kernelmap matched and difference images", "kernelmap_kernels": str(kernels),
+        coords={"image": ("image", labels.astype(object) if labels.dtype.kind in "US" else labels),
+                "direction": ("image", directions, DIRECTION)},
+        attrs={"title": "kernelmap matched and difference images", "kernelmap_difference": CONVENTION,
+               "kernelmap_kernels": str(kernels),
                "kernelmap_input": job.input.path, "tile_size": size, "tile_step": step,
                "kernelmap_apply": json.dumps(stamp, sort_keys=True), "kernelmap_status": "incomplete"})
     if not resume:
@@ -400,8 +487,8 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
             if matched_done[i]:
                 continue
             half = field.coefficients.shape[-1] // 2
-            source, starts = _source(inputs, i, chunk)
-            matching[i] = {"matched": source.map_overlap(
+            convolved, starts = _convolved(inputs, i, chunk, directions[i])
+            matching[i] = {"matched": convolved.map_overlap(
                 _overlapped_block, depth=half, boundary=np.nan, dtype=np.float64, apply=matched_image, field=field,
                 starts=starts, half=half)}
         if kept:
@@ -410,10 +497,15 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
         dask.compute(_stores(arrays, records, shard, matching, (1, 0)))
         written = group["matched"]
         medians_of: dict[int, Any] = {}
-        for i in range(n):  # the tiles' medians of target - matched, from the stored matched images
+        for i in range(n):  # the tiles' medians of target - matched (matched - source reversed), from the stored
+            # matched images
             if fields[i] is None or complete[i]:
                 continue
-            residual = _masked_target(inputs, i, chunk) - da.from_zarr(written)[i].astype(np.float64)
+            matched = da.from_zarr(written)[i].astype(np.float64)
+            if directions[i] == REVERSE:
+                residual = matched - _source(inputs, i, chunk)[0]
+            else:
+                residual = _masked_target(inputs, i, chunk) - matched
             medians_of[i] = [[dask.delayed(tile_median)(residual[a : a + size, b : b + size]) for b in x0]
                              for a in y0]
         (medians,) = dask.compute(medians_of)
@@ -423,19 +515,26 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
             target = _masked_target(inputs, i, chunk)
             matched = da.from_zarr(written)[i].astype(np.float64)
             background = target.map_blocks(_background_block, dtype=np.float64, medians=grid, centres=centres)
-            difference = target - matched - background
+            reverse = directions[i] == REVERSE
+            if reverse:  # the target convolved: target - source at the source's (the blurrier) PSF
+                source = _source(inputs, i, chunk)[0]
+                difference = matched - source - background
+            else:
+                difference = target - matched - background
             outputs = {"difference": difference, "background": background}
-            if normalised:
+            if normalised:  # the convolved image's variance through each pixel's kernel squared, the other's as is
                 source, starts = _source(inputs, i, chunk)
                 half = fields[i].coefficients.shape[-1] // 2
                 source_variance = source.map_blocks(_variance_block, dtype=np.float64, variances=noise,
                                                     role="source", image=i)
-                spread = source_variance.map_overlap(_overlapped_block, depth=half, boundary=np.nan,
-                                                     dtype=np.float64, apply=matched_variance, field=fields[i],
-                                                     starts=starts, half=half)
                 target_variance = target.map_blocks(_variance_block, dtype=np.float64, variances=noise,
                                                     role="target", image=i)
-                outputs["normalised"] = difference / da.sqrt(target_variance + spread)
+                convolved, kept_as_is = (target_variance, source_variance) if reverse else \
+                    (source_variance, target_variance)
+                spread = convolved.map_overlap(_overlapped_block, depth=half, boundary=np.nan,
+                                               dtype=np.float64, apply=matched_variance, field=fields[i],
+                                               starts=_starts(convolved) if reverse else starts, half=half)
+                outputs["normalised"] = difference / da.sqrt(kept_as_is + spread)
             differences[i] = outputs
         log("apply: differences ...")
         dask.compute(_stores(arrays, records, shard, differences, (1, 1)))
@@ -444,7 +543,11 @@ def _apply(kernels: str | Path, output: str | Path, *, mode: str, chunk: int, sc
         swap_into_place(out.location, final.location)
         group = zarr.open_group(final.location, mode="r")
     if fits is not None:
-        _write_fits(group, fits, [i for i in range(n) if fields[i] is not None], labels, inputs.wcs, log)
+        _write_fits(group, fits, [i for i in range(n) if fields[i] is not None], labels, inputs.wcs, log,
+                    directions)
+    turned = [labels[i] for i in range(n) if directions[i] == REVERSE]
     log(f"apply: {len(done)} image(s) written to {output}" + (f"; {len(kept)} already complete" if kept else "")
-        + (f"; {len(skipped)} without a model left NaN" if skipped else ""))
-    return ApplySummary(str(output), done, skipped, kept)
+        + (f"; {len(skipped)} without a model left NaN" if skipped else "")
+        + (f"; {len(turned)} reversed (their target convolved: difference = kernel * target - source - "
+           "background)" if turned else ""))
+    return ApplySummary(str(output), done, skipped, kept, turned)
