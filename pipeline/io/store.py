@@ -577,6 +577,7 @@ class OutputStore:
             return Opening("resume", self, refusal=OptionError(
                 f"output.mode=resume: {self.path} exists and is not a kernel map written by kernelmap run: nothing "
                 "was changed; output.mode=resume finishes only those. Choose another output.path"))
+        records = self._records(zarr.open_group(self.location, mode="r"))
         if old.get("kernelmap_fingerprint") != fingerprint:
             named = differences(old.get("kernelmap_config")) if differences is not None else []
             said = ("; ".join(named) + "): set these as the store has them to resume it (e.g. "
@@ -592,7 +593,6 @@ class OutputStore:
                 f"({json_attr(old.get('kernelmap_input'))[:200]}); use output.mode=overwrite or another "
                 "output.path"
             ))
-        records = self._records(zarr.open_group(self.location, mode="r"))
         store = replace(self, id=str(old.get("kernelmap_store_id", "")),
                         images_per_shard=int(records.shards[0]) if records.shards else 1)
         return Opening("resume", store, block_tiles=store.block_tiles(), done=store.completed_blocks(),
@@ -645,7 +645,14 @@ class OutputStore:
             records = group[f"{STATUS_GROUP}/{RECORDS_ARRAY}"]
         except KeyError:
             records = None
-        if not isinstance(records, zarr.Array) or records.attrs.get("fields") != list(RECORD_FIELDS):
+        fields = records.attrs.get("fields") if isinstance(records, zarr.Array) else None
+        if isinstance(fields, list) and fields and fields[0] == RECORD_FIELDS[0] and fields != list(RECORD_FIELDS):
+            missing = [name for name in RECORD_FIELDS if name not in fields]
+            raise OptionError(
+                f"output.mode=resume: {self.path} was written by an earlier version of kernelmap (its tiles' "
+                f"records lack {', '.join(missing) or 'the fields of this version'}), which this version cannot "
+                "finish: nothing was changed; use output.mode=overwrite or another output.path")
+        if fields != list(RECORD_FIELDS):
             raise OptionError(
                 f"output.mode=resume: {self.path} has no block records this version of kernelmap can read, "
                 "so its creation was interrupted or another program (or kernelmap version) wrote it; use "

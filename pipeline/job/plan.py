@@ -162,6 +162,7 @@ class Plan:
             f"blocks     {by}x{bx} tiles each: {nby}x{nbx} per image, {n * nby * nbx} tasks",
             f"memory     about {self.memory_per_task() / 2**20:.0f} MiB per task",
             f"kernel     {k}x{k}, method {job.kernel.method}, options {job.kernel.estimator_options()}",
+            f"direction  {_describe_direction(job.kernel.direction)}",
             f"model      {self._describe_model()}",
             f"output     {job.output.path} (mode {job.output.mode}): kernel(image={n}, y={ty}, x={tx}, "
             f"ky={k}, kx={k}) {job.output.dtype}, chunks (1, {by}, {bx}, {k}, {k}); "
@@ -232,6 +233,18 @@ def _describe_coverage(grid: TileGrid) -> str:
         text += (f"; the last tiles end at the image edges: {' and '.join(edges)} "
                  f"(tiles a step apart overlap by {regular})")
     return text
+
+
+def _describe_direction(direction: str) -> str:
+    if direction == "auto":
+        return ("auto: each image's tiles are measured first (which image is sharper) and the image fitted in "
+                "the direction of the majority: forward, target = kernel * source + background, or reverse, "
+                "source = kernel * target + background (one more read of the input)")
+    if direction == "forward":
+        return "forward for every image: target = kernel * source + background (tiles whose target is sharper "\
+               "are flagged target_sharper)"
+    return "reverse for every image: source = kernel * target + background (tiles whose source is sharper are "\
+           "flagged target_sharper)"
 
 
 def _describe_saturation(inputs: Inputs) -> str:
