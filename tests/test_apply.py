@@ -160,6 +160,23 @@ def test_a_reversed_pair_convolves_the_target_and_keeps_the_sign_of_what_changed
     assert np.nanstd(wrong[rest]) > 10.0
 
 
+@settings(max_examples=15, deadline=None)
+@given(degree=st.integers(0, 2), k=st.sampled_from([3, 5, 7]), seed=st.integers(0, 2**31 - 1),
+       sky=st.floats(-50.0, 50.0))
+def test_a_reversed_difference_is_minus_the_forward_difference_of_the_swapped_pair(degree, k, seed, sky):
+    # matched(target) - source - median(...) = -(source - matched(target) - median(...)), exactly
+    rng = np.random.default_rng(seed)
+    target, source = rng.normal(100.0, 10.0, size=(2, 40, 52))
+    source += sky
+    target[rng.integers(0, 40, 3), rng.integers(0, 52, 3)] = np.nan  # bad pixels spread alike either way
+    field = _field(degree, k, rng, target.shape)
+    reverse = difference_image(target, source, field, tile_size=16, direction=-1)
+    forward = difference_image(source, target, field, tile_size=16, direction=1)
+    np.testing.assert_array_equal(reverse[0], -forward[0])
+    np.testing.assert_array_equal(reverse[1], forward[1])  # the same image convolved
+    np.testing.assert_array_equal(reverse[2], -forward[2])
+
+
 @pytest.mark.parametrize("degree", [0, 1])
 def test_the_difference_variance_passes_the_convolved_images_variance_through_the_kernel_squared(degree):
     from pipeline.core.apply import difference_variance

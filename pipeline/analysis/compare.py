@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from ..core.estimate import FORWARD, REVERSE
 from ..errors import InputError, OptionError
 from ..io.paths import check_writable, path_within
 from ..io.store import consolidate
@@ -31,7 +32,6 @@ from .maps import read_kernel_map
 __all__ = ["MEASUREMENTS", "common_tiles", "compare_maps", "compare_figure", "direction_lines", "map_directions",
            "summary_lines", "write_comparison"]
 
-FORWARD, REVERSE = 1, -1
 #: How each direction value is called.
 _DIRECTION_NAMES = {FORWARD: "forward", REVERSE: "reverse", 0: "undecided"}
 #: Why images of different directions are not differenced.

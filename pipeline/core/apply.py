@@ -45,19 +45,17 @@ import scipy.ndimage
 from numpy.polynomial import legendre
 
 from ..errors import OptionError
+from .estimate import FORWARD, REVERSE
 from .field import KernelField, polynomial_terms
 from .tiles import tile_origins
 
 __all__ = ["FORWARD", "REVERSE", "check_direction", "difference_image", "difference_variance",
            "interpolated_background", "matched_image", "matched_variance", "tile_background", "tile_median"]
 
-#: An image's direction: forward (the source convolved) and reverse (the target convolved), as the kernel
-#: map's ``direction`` variable holds them.
-FORWARD, REVERSE = 1, -1
-
 
 def check_direction(direction: int) -> int:
-    """``direction`` as ``FORWARD`` (1) or ``REVERSE`` (-1); an :class:`~pipeline.errors.OptionError` otherwise."""
+    """``direction`` as ``FORWARD`` (1: the source convolved) or ``REVERSE`` (-1: the target convolved), the
+    values of a kernel map's ``direction`` variable; an :class:`~pipeline.errors.OptionError` otherwise."""
     if isinstance(direction, (bool, np.bool_)) or not isinstance(direction, (int, np.integer)) \
             or int(direction) not in (FORWARD, REVERSE):
         raise OptionError(f"direction={direction!r}: use 1 (forward: the source convolved) or -1 (reverse: the "
