@@ -243,8 +243,9 @@ def test_the_image_table_has_a_row_per_image_and_its_columns(small_map):
     result = survey(ds)
     table = result.table
     assert len(table) == 6 and list(table["image"]) == [f"epoch-{i}" for i in range(6)]
-    expected = {"image", "index", "airmass", "filter", "mjd", "tiles", "tiles_unusable", "tiles_flagged",
-                "tiles_model_outlier", "fwhm_median", "fwhm_iqr", "ellipticity_median", "e1_median", "e2_median",
+    expected = {"image", "index", "direction", "airmass", "filter", "mjd", "tiles", "tiles_unusable",
+                "tiles_flagged", "tiles_model_outlier", "tiles_target_sharper", "tiles_nearly_equal", "fwhm_median",
+                "fwhm_iqr", "ellipticity_median", "e1_median", "e2_median",
                 "flux_median", "background_median", "residual_median", "snr_median", "model_degree",
                 "model_cv_error", "model_residual_median", "model_fwhm_median", "model_fwhm_range",
                 "model_ellipticity_median", "pc1", "pc2", "pc3", "pc4", "outlier", "outlier_reasons"}
@@ -258,22 +259,30 @@ def test_the_image_table_has_a_row_per_image_and_its_columns(small_map):
     assert result.pca.explained_fraction[0] > 0.5  # one direction (the width) dominates the stack
     assert abs(np.corrcoef(table["pc1"], np.arange(6))[0, 1]) > 0.95
     assert [c.name for c in result.coordinates] == ["airmass", "filter", "mjd"]
+    # a stack of one direction: every image forward, no direction coordinate, every image in the components
+    assert list(table["direction"]) == ["forward"] * 6 and result.other_direction == []
 
 
 def test_tiles_flagged_counts_problem_flags_only(small_map):
-    """masked and outliers_clipped (pixels left out) are set on most tiles of a good run: not "flagged"."""
+    """masked and outliers_clipped (pixels left out) are set on most tiles of a good run, nearly_equal where the
+    PSFs are alike: not "flagged"; target_sharper (the kernel sharpens) is."""
     ds = read_kernel_map(small_map)
     flags = np.zeros(ds["quality_flag"].shape, dtype=np.int64)
     flags[0] = fl.MASKED | fl.OUTLIERS_CLIPPED                     # every tile of image 0: information only
     flags[1, 0, 0] = fl.MASKED | fl.HIGH_RESIDUAL                  # one problem among information
     flags[2, :2, 0] = fl.MOMENTS_FAILED
     flags[3, 1, 1] = fl.NO_DATA
+    flags[4, :, 2] = fl.TARGET_SHARPER | fl.OUTLIERS_CLIPPED      # a problem: the kernel sharpens
+    flags[5] = fl.NEARLY_EQUAL                                     # information: PSFs nearly equal
+    flags[5, 2, 2] |= fl.TARGET_SHARPER
     ds["quality_flag"] = ds["quality_flag"].copy(data=flags.astype(ds["quality_flag"].dtype))
     table = survey(ds).table
-    np.testing.assert_array_equal(table["tiles_flagged"], [0, 1, 2, 1, 0, 0])
+    np.testing.assert_array_equal(table["tiles_flagged"], [0, 1, 2, 1, 3, 1])
     np.testing.assert_array_equal(table["tiles_unusable"], [0, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(table["tiles_target_sharper"], [0, 0, 0, 0, 3, 1])
+    np.testing.assert_array_equal(table["tiles_nearly_equal"], [0, 0, 0, 0, 0, 9])
     assert fl.INFORMATIONAL | fl.PROBLEMS == sum(f.mask for f in fl.FLAGS) and fl.INFORMATIONAL & fl.PROBLEMS == 0
-    assert [f.name for f in fl.FLAGS if f.kind == fl.INFORMATION] == ["masked", "outliers_clipped"]
+    assert [f.name for f in fl.FLAGS if f.kind == fl.INFORMATION] == ["masked", "outliers_clipped", "nearly_equal"]
 
 
 def test_images_without_a_model_are_left_out_of_the_components_and_listed(small_map):

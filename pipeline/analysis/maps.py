@@ -11,6 +11,17 @@ arguments and raise the same errors: :class:`~pipeline.errors.InputError` for a
 dataset or store that is not a kernel map and for an image it does not hold,
 :class:`~pipeline.errors.OutsideImageError` for a position outside the image
 (:func:`map_extent`; ``outside="nan"`` gives NaN kernels there and a warning).
+
+Directions: each image's kernels go one way, its ``direction`` variable
+(:func:`image_directions`, ``+1``/``-1``; a store written before it existed is
+all forward).  Forward (``+1``): ``target = kernel * source + background``, the
+kernel blurs the source.  Reverse (``-1``, the target was the sharper image):
+``source = kernel * target + background``, the kernel blurs the target, its sum
+is the flux ratio source/target and the background is in the source's units.
+Every kernel this module returns is in its image's own direction; where images
+of both directions are evaluated together (:func:`model_kernels_at`,
+:meth:`KernelMap.model_kernels`) the directions come with them or a
+``direction=`` keyword keeps to one and refuses the others.
 """
 
 from __future__ import annotations
@@ -25,11 +36,18 @@ import numpy as np
 import xarray as xr
 
 from .. import flags as fl
+from ..core.estimate import FORWARD, REVERSE
 from ..core.field import STORED, KernelField, check_positions, image_extent, polynomial_terms
 from ..core.moments import adaptive_moments
-from ..errors import InputError, unreadable_store
+from ..errors import InputError, OptionError, unreadable_store
 
-__all__ = ["KernelMap", "KernelMapAccessor", "decode_flags", "map_extent", "model_kernels_at", "read_kernel_map"]
+__all__ = ["DIRECTION_NAMES", "FORWARD", "REVERSE", "KernelMap", "KernelMapAccessor", "decode_flags",
+           "direction_names", "image_directions", "map_extent", "model_kernels_at", "read_kernel_map"]
+
+#: Name of each direction value, as the survey table and the report write it.
+DIRECTION_NAMES = {FORWARD: "forward", REVERSE: "reverse", 0: "undecided"}
+#: Values of the ``direction=`` keyword of :func:`model_kernels_at` and :meth:`KernelMap.model_kernels`.
+DIRECTION_CHOICES = (None, "forward", "reverse")
 
 
 #: Variables every kernel map has: what the report and the comparison read.
@@ -80,17 +98,68 @@ def read_kernel_map(path: str | os.PathLike[str], *, lazy: tuple[str, ...] = (),
         {name: ds[name].load() for name in eager if name in ds.coords})
 
 
-def model_kernels_at(ds: xr.Dataset, y: Any, x: Any, images: Any = None, *, outside: str = "raise") -> np.ndarray:
+def image_directions(ds: xr.Dataset) -> np.ndarray:
+    """``(n_images,)`` int8: each image's direction, :data:`FORWARD` (``+1``: the kernel blurs the source)
+    or :data:`REVERSE` (``-1``: it blurs the target), 0 for an image a run has not reached yet; a kernel map
+    written before directions existed (no ``direction`` variable) is all forward."""
+    n = ds.sizes["image"]
+    if "direction" not in ds.variables:
+        return np.full(n, FORWARD, dtype=np.int8)
+    values = np.asarray(ds["direction"].values)
+    if values.shape != (n,):
+        raise InputError(f"the kernel map's direction variable has shape {values.shape}, not ({n},): it is not "
+                         "a kernelmap kernel map's")
+    return values.astype(np.int8)
+
+
+def direction_names(directions: np.ndarray) -> np.ndarray:
+    """``"forward"``, ``"reverse"`` (or ``"undecided"`` for 0) for each of ``directions``."""
+    return np.array([DIRECTION_NAMES.get(int(d), "undecided") for d in np.asarray(directions).ravel()],
+                    dtype=object).reshape(np.shape(directions))
+
+
+def _check_option(direction: object) -> None:
+    if direction not in DIRECTION_CHOICES:
+        raise OptionError(f"direction={direction!r} is not known: use None (each image in its own direction), "
+                          "'forward' or 'reverse'")
+
+
+def _check_direction(ds: xr.Dataset, pick: Any, direction: str | None) -> None:
+    """Refuse (:class:`~pipeline.errors.OptionError`, :class:`~pipeline.errors.InputError`) images picked
+    by ``pick`` that are not of ``direction`` (``None``: any)."""
+    _check_option(direction)
+    if direction is None:
+        return
+    want = FORWARD if direction == "forward" else REVERSE
+    index = np.arange(ds.sizes["image"])[pick]
+    other = np.atleast_1d(index)[np.atleast_1d(image_directions(ds)[pick]) != want]
+    if other.size:
+        labels = [str(v) for v in np.asarray(ds["image"].values)[other][:5]]
+        raise InputError(f"direction={direction!r}, but {other.size} of the images asked for are not {direction} "
+                         f"({', '.join(labels)}{' ...' if other.size > 5 else ''}): their kernels blur the other "
+                         f"image of the pair; pick the {direction} images (image_directions(ds) == {want}), or "
+                         "pass direction=None to get each image's kernels in its own direction")
+
+
+def model_kernels_at(ds: xr.Dataset, y: Any, x: Any, images: Any = None, *, outside: str = "raise",
+                     direction: str | None = None) -> np.ndarray:
     """Model kernels of many images at once: ``(n_images, *shape, k, k)`` at positions ``(y, x)``
     (broadcast to ``shape``), NaN for an image without a model (``model_degree < 0``).
 
     ``images``: positions along ``image`` (default: all).  The same kernels as
     :meth:`KernelMap.kernel_at` image by image, evaluated for every image in one product; positions
     outside the image raise or, with ``outside="nan"``, get NaN kernels and a warning, as there.
+
+    Each image's kernels are in its own direction (:func:`image_directions`: a reverse image's blur the
+    target, not the source), so the images of a mixed stack do not compare kernel for kernel: with
+    ``direction="forward"`` (or ``"reverse"``) every image asked for must be of that direction, else an
+    :class:`~pipeline.errors.InputError` names those that are not; ``None`` (the default) takes each
+    image as it is: read ``image_directions(ds)[images]`` beside the result.
     """
     _require(ds, (*MODEL, "model_centre_y", "model_centre_x", "model_scale_y", "model_scale_x"), None)
-    away = check_positions(y, x, map_extent(ds), outside, stacklevel=3)
     pick = slice(None) if images is None else np.asarray(images, dtype=np.int64)
+    _check_direction(ds, pick, direction)
+    away = check_positions(y, x, map_extent(ds), outside, stacklevel=3)
     degree = np.asarray(ds["model_degree"].values[pick]).astype(np.int64)
     coef = np.asarray(ds["model_coefficient"].values[pick], dtype=np.float64)  # (n, term, k, k)
     n, n_terms, k = coef.shape[0], coef.shape[1], coef.shape[-1]
@@ -184,9 +253,24 @@ class KernelMap:
         """``(y_min, y_max, x_min, x_max)`` of the input images: ``[-0.5, n - 0.5]`` (:func:`map_extent`)."""
         return map_extent(self.ds)
 
+    @property
+    def directions(self) -> np.ndarray:
+        """``(n_images,)`` int8: each image's direction, ``+1`` forward, ``-1`` reverse (:func:`image_directions`)."""
+        return image_directions(self.ds)
+
+    def direction(self, image: Any) -> int:
+        """``image``'s direction: ``+1`` forward (its kernels blur the source: ``target = kernel * source +
+        background``), ``-1`` reverse (they blur the target: ``source = kernel * target + background``), 0
+        where the run has not reached it yet."""
+        return int(self.directions[self.image_index(image)])
+
     def kernel_at(self, image: Any, y: Any, x: Any, *, outside: str = "raise") -> np.ndarray:
         """Model kernel(s) of ``image`` at input pixel position(s) ``(y, x)``: ``shape + (k, k)``.
 
+        The kernel is in the image's direction (:meth:`direction`): for a forward image (``+1``) it
+        blurs the source into the target (``target = kernel * source + background``); for a reverse
+        image (``-1``, its target the sharper) it blurs the target into the source (``source = kernel *
+        target + background``, its sum the flux ratio source/target).
         ``image`` is a label of the ``image`` coordinate, or else a position.
         Anywhere in the image (``-0.5 <= y <= ny - 0.5``, the same along x),
         beyond the outermost tile centres too; a position outside it raises an
@@ -208,13 +292,27 @@ class KernelMap:
         values[away] = np.nan
         return values
 
-    def model_kernels(self) -> xr.DataArray:
-        """The model's kernels at every tile centre, like ``kernel``."""
+    def model_kernels(self, direction: str | None = None) -> xr.DataArray:
+        """The model's kernels at every tile centre, like ``kernel``, with each image's ``direction`` as a
+        coordinate along ``image`` (``+1`` forward, ``-1`` reverse: a reverse image's kernels blur the
+        target).  ``direction="forward"`` (or ``"reverse"``): only the images of that direction, an
+        :class:`~pipeline.errors.InputError` where there are none."""
+        directions = self.directions
+        _check_option(direction)
+        keep = np.arange(self.ds.sizes["image"])
+        if direction is not None:
+            keep = np.flatnonzero(directions == (FORWARD if direction == "forward" else REVERSE))
+            if not keep.size:
+                raise InputError(f"direction={direction!r}: no image of the kernel map is {direction} "
+                                 f"({', '.join(sorted(set(direction_names(directions))))} only)")
         yy, xx = np.meshgrid(self.ds["y"].values, self.ds["x"].values, indexing="ij")
-        values = np.stack([self._kernel_at(i, yy, xx) for i in range(self.ds.sizes["image"])])
-        return xr.DataArray(values, coords=self.ds["kernel"].coords, dims=self.ds["kernel"].dims,
-                            name="model_kernel",
-                            attrs={"long_name": "kernel of the smooth kernel-field model at the tile centre"})
+        values = np.stack([self._kernel_at(int(i), yy, xx) for i in keep])
+        template = self.ds["kernel"].isel(image=keep)
+        return xr.DataArray(values, coords=template.coords, dims=template.dims, name="model_kernel",
+                            attrs={"long_name": "kernel of the smooth kernel-field model at the tile centre, in "
+                                                "its image's direction"}).assign_coords(
+            direction=("image", directions[keep], {"long_name": "1 forward: the kernel blurs the source; "
+                                                                "-1 reverse: it blurs the target"}))
 
     def _shape_map(self, name: str, model: bool) -> xr.DataArray:
         if not model:
@@ -261,8 +359,17 @@ class KernelMapAccessor:
         km = self.map
         return km._kernel_at(km.image_index(image), y, x, outside=outside, stacklevel=2)
 
-    def model_kernels(self) -> xr.DataArray:
-        return self.map.model_kernels()
+    @property
+    def directions(self) -> np.ndarray:
+        """``(n_images,)``: each image's direction, see :attr:`KernelMap.directions`."""
+        return self.map.directions
+
+    def direction(self, image: Any) -> int:
+        """``image``'s direction (``+1`` forward, ``-1`` reverse): see :meth:`KernelMap.direction`."""
+        return self.map.direction(image)
+
+    def model_kernels(self, direction: str | None = None) -> xr.DataArray:
+        return self.map.model_kernels(direction)
 
     def fwhm_map(self, model: bool = False) -> xr.DataArray:
         return self.map.fwhm_map(model)

@@ -16,6 +16,16 @@ strength varies over the field).
 >>> pca.explained_fraction                          # of the total variance, per component
 >>> pca.amplitudes[:, 0]                            # each image's weight on the first component
 
+Directions: a reverse image's kernels (its target the sharper image) blur the
+target into the source, a forward image's the source into the target; they are
+not vectors of one space (roughly, one is the other's inverse), so a
+decomposition of both together would describe the difference between the two
+kinds, not the variation of either.  Give each image's direction
+(``directions=``, e.g. :func:`pipeline.analysis.maps.image_directions`) and a
+stack of both is refused, naming the fix: decompose each direction's images
+apart (the survey, :func:`pipeline.analysis.survey.survey`, decomposes the
+images of the stack's majority direction and lists the others).
+
 Pure NumPy.  Up to 2000 images (or vector length) the decomposition is exact
 (an eigendecomposition of the smaller Gram matrix); above, a randomised range
 finder with power iterations gives the leading components (to about 1e-6 of
@@ -110,8 +120,25 @@ def _leading(x: np.ndarray, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return s[:m], vt[:m]
 
 
+def _one_direction(directions: np.ndarray, n: int) -> None:
+    """Refuse ``directions`` that are not ``(n,)`` or that hold both 1 (forward) and -1 (reverse)."""
+    if directions.shape != (n,):
+        raise InputError(f"directions must give each of the {n} images its direction, got shape {directions.shape}")
+    kinds = {int(d) for d in np.unique(directions)}
+    if not kinds <= {1, -1}:
+        raise InputError(f"directions must be 1 (forward) or -1 (reverse), got {sorted(kinds - {1, -1})}: leave "
+                         "images without a decided direction out")
+    if kinds == {1, -1}:
+        reverse = np.flatnonzero(directions == -1)
+        raise InputError(f"the kernels are of both directions ({n - reverse.size} forward, {reverse.size} reverse: "
+                         f"images {reverse[:10].tolist()}{' ...' if reverse.size > 10 else ''}); a reverse kernel "
+                         "blurs the target, a forward one the source, and one decomposition of both would mix them: "
+                         "decompose each direction's images apart (kernels[directions == 1], then "
+                         "kernels[directions == -1])")
+
+
 def kernel_pca(kernels: np.ndarray, n_components: int = 4, *, normalize: str | None = None,
-               seed: int = 0) -> KernelPCA:
+               seed: int = 0, directions: np.ndarray | None = None) -> KernelPCA:
     """Principal components of a stack of kernel fields.
 
     Parameters
@@ -130,6 +157,11 @@ def kernel_pca(kernels: np.ndarray, n_components: int = 4, *, normalize: str | N
         field kept, its overall level left out).
     seed
         Of the randomised solver used above :data:`EXACT_LIMIT` images and vector length.
+    directions
+        ``(n_images,)``: each image's direction (``1`` forward, ``-1`` reverse, as a kernel map's
+        ``direction`` variable); images of both are refused with an
+        :class:`~pipeline.errors.InputError` (see the module: decompose each direction apart).
+        ``None``: the kernels are taken to be of one direction.
 
     Returns
     -------
@@ -151,6 +183,8 @@ def kernel_pca(kernels: np.ndarray, n_components: int = 4, *, normalize: str | N
     if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)) or n_components < 1:
         raise OptionError(f"n_components must be a positive integer, got {n_components!r}")
     n, grid, k = x.shape[0], x.shape[1:-2], x.shape[-1]
+    if directions is not None:
+        _one_direction(np.asarray(directions), n)
     if n < 2:
         raise InputError(f"a principal-component analysis needs at least 2 images, got {n}")
     g = int(np.prod(grid))

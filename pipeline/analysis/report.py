@@ -23,8 +23,19 @@ by default, so that the wings and the ringing show beside the core;
 one colour scale across its images (``scale="shared"``), or each image has
 its own (``scale="per-image"``, :data:`SCALES`) where a shared scale hides the
 variation within an image.  "Flagged" counts problem flags only
-(:data:`pipeline.flags.PROBLEMS`); the informational flags (``masked``,
-``outliers_clipped``: pixels left out) are shown apart.  Maps are drawn in
+(:data:`pipeline.flags.PROBLEMS`, ``target_sharper`` among them); the
+informational flags (``masked``, ``outliers_clipped``: pixels left out;
+``nearly_equal``: the two PSFs nearly equal) are shown apart.
+
+Directions (:func:`pipeline.analysis.maps.image_directions`): a reverse image's
+kernels blur its target (the sharper image) into its source, its flux scale is
+source/target and its background in source units.  Its panels are titled
+``label (reverse)``, its kernel mosaic says so, colour bars shared with forward
+images name both units, and the table has each image's ``direction``.  What is
+computed over the stack (the principal components, the model maps of
+``stack.png``, the medians of ``tiles.csv``) takes the images of one direction,
+the majority's (:attr:`pipeline.analysis.survey.Survey.direction`), and says so;
+the trends and outliers are found within each direction.  Maps are drawn in
 input pixel coordinates; where the kernel map has a reference WCS (and
 astropy is installed) on astropy's WCSAxes, with RA/Dec axes and N/E arrows
 (:mod:`pipeline.analysis.sky`).  Figures, by file name:
@@ -37,6 +48,12 @@ astropy is installed) on astropy's WCSAxes, with RA/Dec axes and N/E arrows
   ``background.png``, ``residual.png``: per-tile maps, one panel per image;
   ``flags.png``: each tile coloured by its most severe problem flag
   (:func:`flag_categories`), and the tiles with each flag;
+  ``width-difference.png``: which image of each pair is the sharper, per tile:
+  FWHM(target)² - FWHM(source)² (pixel²; red: the target blurrier, the
+  forward direction; blue: the target sharper), on a scale symmetric about 0,
+  the tiles flagged ``target_sharper`` crossed and ``nearly_equal`` ringed,
+  panels titled ``label (direction)`` (not drawn for a kernel map without the
+  ``width_difference`` diagnostic);
   ``model-fwhm.png``, ``model-ellipticity.png``: the kernel-field model's
   FWHM and ellipticity on a fine grid (``fine`` x ``fine`` model kernels);
   ``model-residual.png``: tile minus model, per tile (the kernels' relative
@@ -76,7 +93,7 @@ from ..core.validate import check_int
 from ..errors import InputError, OptionError
 from ..io.paths import check_writable, path_within
 from ..io.swap import discard, leftovers, new_sibling, swap_into_place
-from .maps import map_extent, model_kernels_at, read_kernel_map
+from .maps import DIRECTION_NAMES, FORWARD, REVERSE, image_directions, map_extent, model_kernels_at, read_kernel_map
 from .sky import PIXELS, Sky, draw_compass, label_axes, sky_of
 from .survey import (
     COLUMNS,
@@ -101,6 +118,7 @@ FIGURES = {
     "background": "Background offset",
     "residual": "Fit residual / noise",
     "flags": "Quality flags",
+    "width-difference": "Which image is sharper: FWHM(target)² \u2212 FWHM(source)² per tile",
     "model-fwhm": "Model FWHM",
     "model-ellipticity": "Model ellipticity (whiskers along the major axis)",
     "model-residual": "Tile minus model, per tile",
@@ -127,6 +145,8 @@ LOG_DECADES = 4
 
 #: Unit of the kernels' values and the flux scale: the kernel's sum is the target's flux over the source's.
 KERNEL_UNIT = "ratio target/source"
+#: The same for a reverse image, whose kernel blurs the target: its sum is the source's flux over the target's.
+REVERSE_KERNEL_UNIT = "ratio source/target"
 #: Unit of the background offset: the target image's own (counts, ADU, for raw images).
 TARGET_UNIT = "ADU, target units"
 
@@ -139,15 +159,23 @@ LABELS = {
     "ellipticity": "|e| (dimensionless)",
     "model_residual": "|tile - model| / |model| (%)",
     "d_fwhm": "FWHM tile - model (pixel)",
+    "width_difference": "FWHM(target)² \u2212 FWHM(source)² (pixel²)",
 }
 
-#: Problem flags from the most to the least severe: the flag map colours a tile by the first it has.
-SEVERITY = ("no_data", "no_signal", "non_positive_flux", "kernel_truncated", "high_residual", "model_outlier",
-            "moments_failed", "regularization_at_bound")
+#: What the flux and background colour bars add where reverse images share them with forward ones.
+REVERSE_UNITS = {"flux": "; source/target where reverse", "background": "; source units where reverse"}
 
-#: Colours of the flag map's categories: no flag, information only, then the problems by :data:`SEVERITY`.
-_CATEGORY_COLOURS = ("#eeeeee", "#a6cee3", "#000000", "#636363", "#d62728", "#ff7f0e", "#9467bd", "#e377c2",
-                     "#8c564b", "#bcbd22", "#17becf", "#2ca02c")
+#: Problem flags from the most to the least severe: the flag map colours a tile by the first it has.
+SEVERITY = ("no_data", "no_signal", "non_positive_flux", "target_sharper", "kernel_truncated", "high_residual",
+            "model_outlier", "moments_failed", "regularization_at_bound")
+
+#: Colours of the flag map's categories: no flag, information only, then the problems by :data:`SEVERITY`
+#: (target_sharper deep blue), then spares for problems not in it.
+_CATEGORY_COLOURS = ("#eeeeee", "#a6cee3", "#000000", "#636363", "#d62728", "#08519c", "#ff7f0e", "#9467bd",
+                     "#e377c2", "#8c564b", "#bcbd22", "#17becf", "#2ca02c")
+
+#: What the informational flags say, for the page and the captions.
+_INFORMATION_WORDS = "pixels left out, or the two PSFs nearly equal"
 
 
 def _problem_flags() -> list[fl.Flag]:
@@ -256,6 +284,23 @@ def _label(ds: xr.Dataset, i: int) -> str:
     return str(ds["image"].values[i])
 
 
+def _panel_title(ds: xr.Dataset, i: int, always: bool = False) -> str:
+    """Image ``i``'s panel title: its label, with ``(reverse)`` where its kernels blur the target (with
+    ``always``, its direction whatever it is: ``blurrier (forward)``)."""
+    direction = int(image_directions(ds)[i])
+    if always or direction == REVERSE:
+        return f"{_label(ds, i)} ({DIRECTION_NAMES.get(direction, 'undecided')})"
+    return _label(ds, i)
+
+
+def _unit_label(ds: xr.Dataset, name: str, images: list[int]) -> str:
+    """The colour-bar label of ``name``, naming the reverse images' units too where some of ``images`` are."""
+    label = LABELS[name]
+    if name in REVERSE_UNITS and (image_directions(ds)[images] == REVERSE).any():
+        label = label[:-1] + REVERSE_UNITS[name] + ")"
+    return label
+
+
 def _limits(values: np.ndarray, symmetric: bool = False) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
@@ -294,8 +339,28 @@ def _map_figure(plt, ds: xr.Dataset, name: str, images: list[int], title: str, c
     ims = []
     for ax, i, v, (lo, hi) in zip(axes, images, values, _panel_limits(values, scale, symmetric)):
         ims.append(_cells(ax, ds, v, sky, vmin=lo, vmax=hi, cmap=cmap))
-        ax.set_title(_label(ds, i))
-    _colour_bars(fig, ims, list(axes), LABELS[name], scale)
+        ax.set_title(_panel_title(ds, i))
+    _colour_bars(fig, ims, list(axes), _unit_label(ds, name, images), scale)
+    return fig
+
+
+def _width_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS, scale: str = "shared"):
+    """The sharpness measure per tile, FWHM(target)² - FWHM(source)² (red: the target blurrier), on a diverging
+    scale symmetric about 0; tiles flagged target_sharper crossed, nearly_equal ringed; titled with the image's
+    label and direction."""
+    values = np.asarray(ds["width_difference"].values[images], dtype=np.float64)
+    flags = np.asarray(ds["quality_flag"].values[images]).astype(np.int64)
+    fig, axes = _panels(plt, len(images), FIGURES["width-difference"] + _scale_note(scale), sky=sky)
+    yy, xx = np.meshgrid(ds["y"].values, ds["x"].values, indexing="ij")
+    ims = []
+    for ax, i, v, f, (lo, hi) in zip(axes, images, values, flags, _panel_limits(values, scale, symmetric=True)):
+        ims.append(_cells(ax, ds, v, sky, vmin=lo, vmax=hi, cmap="RdBu_r"))
+        for mask, marker, name in ((fl.TARGET_SHARPER, "x", "target_sharper"), (fl.NEARLY_EQUAL, "o", "nearly_equal")):
+            on = (f & mask) != 0
+            if on.any():
+                ax.plot(xx[on], yy[on], marker, color="k", mfc="none", ms=6, ls="none", label=name)
+        ax.set_title(_panel_title(ds, i, always=True))
+    _colour_bars(fig, ims, list(axes), LABELS["width_difference"], scale)
     return fig
 
 
@@ -341,7 +406,7 @@ def _whisker_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS, s
                       headaxislength=0, pivot="middle", color="k", width=0.006)
         _frame(ax, ds, sky)
         _reference_stick(ax, q, e_max, length)
-        ax.set_title(_label(ds, i))
+        ax.set_title(_panel_title(ds, i))
     return fig
 
 
@@ -358,7 +423,7 @@ def _flag_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS):
     for ax, i, f in zip(axes, images, flags):
         _cells(ax, ds, flag_categories(f), sky, cmap=cmap, norm=norm, edgecolors="w", linewidth=0.3)
         problem = fl.problems(f)
-        ax.set_title(f"{_label(ds, i)}: {_percent(problem.mean())} % flagged")
+        ax.set_title(f"{_panel_title(ds, i)}: {_percent(problem.mean())} % flagged")
     fig.legend([Patch(facecolor=c, edgecolor="0.5") for c in colours], names, loc="outside lower center",
                ncols=min(len(names), 4), fontsize=7, title="tile colour: no flag, information only, or the most "
                                                            "severe problem flag (listed by severity)",
@@ -421,7 +486,8 @@ def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float, sky: Sky =
         mosaic = np.where(np.isfinite(mosaic) & (mosaic < norm.vmin), norm.vmin / 10, mosaic)
     fig, ax = plt.subplots(figsize=(7, 7 * ty / max(tx, 1) + 0.6), constrained_layout=True)
     im = _image(ax, mosaic, norm=norm, cmap="inferno")
-    title = f"Kernels across the field, {_label(ds, i)}"
+    reverse = int(image_directions(ds)[i]) == REVERSE
+    title = f"Kernels across the field, {_label(ds, i)}" + (" (reverse: they blur the target)" if reverse else "")
     ax.set_xticks([c * (k + gap) + k // 2 for c in range(tx)], [f"{v:.0f}" for v in ds["x"].values],
                   rotation=90, fontsize=7)
     ax.set_yticks([r * (k + gap) + k // 2 for r in range(ty)], [f"{v:.0f}" for v in ds["y"].values], fontsize=7)
@@ -435,7 +501,8 @@ def _kernel_mosaic(plt, ds: xr.Dataset, i: int, lo: float, hi: float, sky: Sky =
     ax.set_title(title)
     foot = f"; black: below {norm.vmin:.2g}" if stretch == "log" else ""
     fig.colorbar(im, ax=ax, shrink=0.8, extend="min" if stretch == "log" else "neither",
-                 label=f"kernel flux per kernel pixel ({KERNEL_UNIT})\n{stretch} stretch, "
+                 label=f"kernel flux per kernel pixel ({REVERSE_KERNEL_UNIT if reverse else KERNEL_UNIT})\n"
+                       f"{stretch} stretch, "
                        f"{'scale of this image' if scale == 'per-image' else 'scale shared by the images'}{foot}")
     return fig
 
@@ -528,6 +595,22 @@ def _pca_unit(result: Survey) -> str:
     return KERNEL_UNIT if result.pca.normalize is None else "fraction of the kernel flux"
 
 
+def _mixed(result: Survey) -> bool:
+    """Whether the stack holds images of both directions."""
+    d = result.directions
+    return d is not None and bool((d == REVERSE).any() and (d == FORWARD).any())
+
+
+def _direction_words(result: Survey) -> str:
+    """``images``, or where the stack holds both directions, which of them a stack-wide statistic is of and
+    how many of the others were left out: ``forward images (1 reverse left out)``."""
+    if not _mixed(result):
+        return "images"
+    name, other = DIRECTION_NAMES[result.direction], DIRECTION_NAMES[-result.direction]
+    left = int(np.count_nonzero(result.directions == -result.direction))
+    return f"{name} images ({left} {other} left out)"
+
+
 def _pca_figure(plt, result: Survey, extent: list[float], sky: Sky = PIXELS):
     pca = result.pca
     m = pca.n_components
@@ -536,8 +619,9 @@ def _pca_figure(plt, result: Survey, extent: list[float], sky: Sky = PIXELS):
     mean_kernel = pca.mean.reshape(-1, k, k).mean(axis=0)
     norm = {"kernel": "each kernel divided by its sum", "image": "each image's kernels divided by their mean sum",
             None: "kernels as stored"}[pca.normalize]
-    fig.suptitle(f"{FIGURES['pca']}: {len(result.pca_images)} images with a model,\ntheir models' kernels on a "
-                 f"{len(result.grid_y)}x{len(result.grid_x)} grid ({norm}); kernels drawn y up")
+    fig.suptitle(f"{FIGURES['pca']}: {len(result.pca_images)} {_direction_words(result)} with a model,\n"
+                 f"their models' kernels on a {len(result.grid_y)}x{len(result.grid_x)} grid ({norm}); kernels "
+                 "drawn y up")
     _image(axes[0, 0], mean_kernel, cmap="inferno")
     axes[0, 0].set_title("mean kernel (over the grid)", fontsize=9)
     for j in range(m):
@@ -639,7 +723,7 @@ def _model_map_figure(plt, ds: xr.Dataset, images: list[int], shapes: dict[str, 
                           pivot="middle", color="w", width=0.005)
             _reference_stick(ax, q, hi, length)
         ax.plot(xx.ravel(), yy.ravel(), ".", color="k", ms=2)
-        ax.set_title(_label(ds, i) + ("" if np.isfinite(v).any() else " (no model)"))
+        ax.set_title(_panel_title(ds, i) + ("" if np.isfinite(v).any() else " (no model)"))
         label_axes(ax, sky)
     _colour_bars(fig, ims, list(axes), f"model {LABELS[name]}", scale)
     return fig
@@ -664,7 +748,7 @@ def _residual_figure(plt, ds: xr.Dataset, images: list[int], sky: Sky = PIXELS, 
         limits = _panel_limits(values, scale, symmetric, floor=None if symmetric else 0.0)
         for ax, i, v, (lo, hi) in zip(axes[row], images, values, limits):
             ims.append(_cells(ax, ds, v, sky, 8, vmin=lo, vmax=hi, cmap=cmap))
-            ax.set_title(_label(ds, i) + ("" if np.isfinite(v).any() else " (no model)"), fontsize=9)
+            ax.set_title(_panel_title(ds, i) + ("" if np.isfinite(v).any() else " (no model)"), fontsize=9)
         _colour_bars(fig, ims, list(axes[row]), label, scale)
     return fig
 
@@ -673,16 +757,21 @@ def _stack_figure(plt, ds: xr.Dataset, result: Survey, sky: Sky = PIXELS):
     """Maps aggregated over every image of the stack."""
     n = ds.sizes["image"]
     fig, axes = _grid(plt, 2, 2, (10, 8.6), sky)
-    fig.suptitle(f"{FIGURES['stack']}: {n} images")
+    # the model's shape and its residual over one direction's images (a reverse kernel blurs the other image)
+    one = (np.flatnonzero(result.directions == result.direction) if _mixed(result) else np.arange(n))
+    m = len(one)
+    fig.suptitle(f"{FIGURES['stack']}: {n} images" + (f"; model maps and tile minus model over the "
+                                                       f"{m} {_direction_words(result)}" if m < n else ""))
     grid_extent = _fine_extent(result.grid_y, result.grid_x)
-    fwhm = result.model_fwhm - _quiet(np.nanmedian, result.model_fwhm.reshape(n, -1), axis=1)[:, None, None]
+    fwhm = result.model_fwhm[one] - _quiet(np.nanmedian, result.model_fwhm[one].reshape(m, -1), axis=1)[:, None,
+                                                                                                          None]
     typical = _quiet(np.nanmedian, fwhm, axis=0)
     lo, hi = _limits(typical, symmetric=True)
     ax = axes[0, 0]
     im = _image(ax, typical, extent=grid_extent, cmap="RdBu_r", vmin=lo, vmax=hi)
     fig.colorbar(im, ax=ax, label="model FWHM - image median (pixel)", shrink=0.8)
     ax.set_title("model FWHM - the image's median, median over images", fontsize=9)
-    e1, e2 = _quiet(np.nanmedian, result.model_e1, axis=0), _quiet(np.nanmedian, result.model_e2, axis=0)
+    e1, e2 = _quiet(np.nanmedian, result.model_e1[one], axis=0), _quiet(np.nanmedian, result.model_e2[one], axis=0)
     e, angle = np.hypot(e1, e2), 0.5 * np.arctan2(e2, e1)
     ax = axes[0, 1]
     im = _image(ax, e, extent=grid_extent, cmap="plasma")
@@ -697,7 +786,7 @@ def _stack_figure(plt, ds: xr.Dataset, result: Survey, sky: Sky = PIXELS):
     ax.set_title("model ellipticity: median e1, e2 over images (sticks along the major axis)", fontsize=9)
     ax = axes[1, 0]
     if "model_residual" in ds:
-        resid = _quiet(np.nanmedian, 100 * np.asarray(ds["model_residual"].values, dtype=np.float64), axis=0)
+        resid = _quiet(np.nanmedian, 100 * np.asarray(ds["model_residual"].values[one], dtype=np.float64), axis=0)
         im = _cells(ax, ds, resid, sky, 8, cmap="magma", vmin=0)
         fig.colorbar(im, ax=ax, label=LABELS["model_residual"], shrink=0.8)
     ax.set_title("tile minus model: median over images", fontsize=9)
@@ -751,6 +840,8 @@ def figures(ds: xr.Dataset, *, max_images: int = 8, result: Survey | None = None
     out["residual"] = _map_figure(plt, ds, "residual", images, FIGURES["residual"], cmap="magma", sky=sky,
                                   scale=scale)
     out["flags"] = _flag_figure(plt, ds, images, sky)
+    if "width_difference" in ds:  # a kernel map written before the sharpness measure: no map of it
+        out["width-difference"] = _width_figure(plt, ds, images, sky, scale)
     if has_model_variables(ds):
         shapes = _model_shapes(ds, images, fine)
         out["model-fwhm"] = _model_map_figure(plt, ds, images, shapes, "fwhm", sky, scale)
@@ -774,15 +865,23 @@ TILE_COLUMNS: dict[str, str] = {
     "ra": "right ascension of the tile centre (deg; where the kernel map has a reference WCS)",
     "dec": "declination of the tile centre (deg; where the kernel map has a reference WCS)",
     "images": "images in the stack",
+    "medians_direction": "direction of the images the medians are over (forward, reverse): where the stack holds "
+                         "both, the majority's (a reverse kernel blurs the target; its flux is source/target)",
+    "medians_images": "images the medians are over (those of medians_direction)",
     "fwhm_median": "median over the images of the tile's kernel FWHM (pixel)",
     "ellipticity_median": "median over the images of the tile's kernel |e| (dimensionless)",
-    "flux_median": "median over the images of the tile's flux scale (kernel sum, ratio target/source)",
-    "background_median": "median over the images of the tile's background offset (target units, ADU)",
+    "flux_median": "median over the images of the tile's flux scale (kernel sum, ratio target/source; "
+                   "source/target where the images are reverse)",
+    "background_median": "median over the images of the tile's background offset (target units, ADU; source "
+                         "units where the images are reverse)",
     "residual_median": "median over the images of the tile's fit residual / noise",
     "snr_median": "median over the images of the tile's signal-to-noise",
     "model_residual_median": "median over the images of |tile - model| / |model|",
+    "width_difference_median": "median over all the images of FWHM(target)^2 - FWHM(source)^2 (pixel^2; positive: "
+                               "the target blurrier)",
     "flagged_fraction": "fraction of the images in which the tile has a problem flag (the informational flags, "
-                        "masked and outliers_clipped, do not count)",
+                        f"{', '.join(f.name for f in fl.FLAGS if f.kind == fl.INFORMATION)}, do not count)",
+    "target_sharper_fraction": "fraction of the images in which the tile's kernel sharpens (target_sharper)",
     "unusable_fraction": "fraction of the images in which the tile has no kernel (no data, no signal)",
 }
 
@@ -790,7 +889,12 @@ TILE_COLUMNS: dict[str, str] = {
 def tile_table(ds: xr.Dataset) -> pd.DataFrame:
     """One row per tile, raster order: its place (``ty``, ``tx``, centre ``y``, ``x`` and, where the kernel
     map has them, ``ra``, ``dec``), the medians over the stack's images of its measurements and how often
-    it has a problem flag (:data:`TILE_COLUMNS`).  Reads no kernels."""
+    it has a problem flag (:data:`TILE_COLUMNS`).  Reads no kernels.
+
+    The measurements' medians are over the images of one direction (``medians_direction``): all of them,
+    or where the stack holds both directions, those of the majority (forward on a tie), since a reverse
+    image's kernel, flux and background are of the other image of its pair; the sharpness measure and
+    the flags are counted over every image."""
     ny, nx = ds.sizes["y"], ds.sizes["x"]
     ty, tx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
     yy, xx = np.meshgrid(np.asarray(ds["y"].values, np.float64), np.asarray(ds["x"].values, np.float64),
@@ -800,12 +904,22 @@ def tile_table(ds: xr.Dataset) -> pd.DataFrame:
         if name in ds.coords and ds[name].dims == ("y", "x"):
             data[name] = np.asarray(ds[name].values, np.float64).ravel()
     data["images"] = np.full(ny * nx, ds.sizes["image"])
+    directions = image_directions(ds)
+    primary = REVERSE if np.count_nonzero(directions == REVERSE) > np.count_nonzero(directions == FORWARD) \
+        else FORWARD
+    one = directions == primary if (directions == -primary).any() else np.ones(len(directions), dtype=bool)
+    data["medians_direction"] = np.full(ny * nx, DIRECTION_NAMES[primary], dtype=object)
+    data["medians_images"] = np.full(ny * nx, int(one.sum()))
     for name in ("fwhm", "ellipticity", "flux", "background", "residual", "snr", "model_residual"):
         if name in ds and ds[name].dims == ("image", "y", "x"):
-            values = np.asarray(ds[name].values, np.float64).reshape(ds.sizes["image"], -1)
+            values = np.asarray(ds[name].values, np.float64)[one].reshape(int(one.sum()), -1)
             data[f"{name}_median"] = _quiet(np.nanmedian, values, axis=0)
+    if "width_difference" in ds:
+        values = np.asarray(ds["width_difference"].values, np.float64).reshape(ds.sizes["image"], -1)
+        data["width_difference_median"] = _quiet(np.nanmedian, values, axis=0)
     flags = np.asarray(ds["quality_flag"].values).astype(np.int64).reshape(ds.sizes["image"], -1)
     data["flagged_fraction"] = np.mean(fl.problems(flags), axis=0)
+    data["target_sharper_fraction"] = np.mean((flags & fl.TARGET_SHARPER) != 0, axis=0)
     data["unusable_fraction"] = np.mean((flags & fl.BAD) != 0, axis=0)
     return pd.DataFrame(data)
 
@@ -1016,12 +1130,20 @@ def caption(stem: str, ds: xr.Dataset, result: Survey | None = None, *, stretch:
     panels = ("one colour scale shared by the images' panels" if scale == "shared"
               else "each image's panel with its own colour scale")
     info = ", ".join(f.name for f in fl.FLAGS if f.kind == fl.INFORMATION)
+    directions = image_directions(ds)
+    any_reverse = bool((directions == REVERSE).any())
+    mixed = result is not None and _mixed(result)
     if stem.startswith("kernels-"):
-        label = _label(ds, int(stem.split("-", 1)[1]))
+        i = int(stem.split("-", 1)[1])
+        label = _label(ds, i)
+        reverse = int(directions[i]) == REVERSE
         return (f"The kernel of every tile of image {label} at its tile's place (tile centres in pixel on the "
                 "axes), y up: each stamp's row offset ky runs up as the image's y does, so a kernel that moves the "
-                "target up has its peak above the stamp's centre. Colour: kernel flux per kernel pixel "
-                f"({KERNEL_UNIT}), {stretch} stretch ({_STRETCH_WORDS[stretch]}); "
+                + ("source" if reverse else "target") + " up has its peak above the stamp's centre. "
+                + (f"Image {label} is reverse (its target is the sharper image): each kernel blurs the target "
+                   "into the source, source = kernel * target + background. " if reverse else "")
+                + "Colour: kernel flux per kernel pixel "
+                f"({REVERSE_KERNEL_UNIT if reverse else KERNEL_UNIT}), {stretch} stretch ({_STRETCH_WORDS[stretch]}); "
                 + ("one scale for every image shown." if scale == "shared" else "this image's own scale."))
     if stem.startswith("trends-"):
         coord = next((c for c in (result.coordinates if result is not None else ())
@@ -1031,8 +1153,21 @@ def caption(stem: str, ds: xr.Dataset, result: Survey | None = None, *, stretch:
         return ("Per-image summaries (median FWHM in pixel, median |e|, median flux scale as the ratio "
                 "target/source, median background in target units, the model's degree, tiles with a problem flag) "
                 f"against {against}: each dot an image, the line the trend and grey its band of {band} robust "
-                "standard deviations; red crosses: outliers, listed above.")
+                "standard deviations; red crosses: outliers, listed above."
+                + (" The stack holds images of both directions: each direction's images are trended apart (as "
+                   "if each were a stack of its own; colours by direction), a reverse image's FWHM, flux "
+                   "(source/target) and background (source units) being those of the kernel that blurs its "
+                   "target." if mixed else ""))
     pca_unit = _pca_unit(result) if result is not None and result.pca is not None else KERNEL_UNIT
+    reverse_note = " Panels titled '(reverse)': images whose kernels blur the target into the source"
+    left_out = ""
+    if mixed:
+        name, other = DIRECTION_NAMES[result.direction], DIRECTION_NAMES[-result.direction]
+        left_out = (f" Only the {name} images (the stack's majority) are in it; the {other} ones are left out, "
+                    "their kernels blurring the other image of the pair"
+                    + (f" ({', '.join(result.other_direction[:10])}"
+                       f"{' ...' if len(result.other_direction) > 10 else ''})" if result.other_direction else "")
+                    + ".")
     text = {
         "fwhm": f"Kernel FWHM (pixel; Gaussian-weighted adaptive second moments) of each tile, one panel per "
                 f"image, y up in {axes}, {panels}. Blank cells: no kernel. A smooth gradient is the PSF "
@@ -1043,16 +1178,30 @@ def caption(stem: str, ds: xr.Dataset, result: Survey | None = None, *, stretch:
                        "difference (guiding, focus, astigmatism).",
         "flux": f"Flux scale of each tile: the kernel's sum, the target's flux over the source's ({KERNEL_UNIT}); "
                 f"1 where both share a photometric scale; {panels}. A pattern within an image: a flat-field or "
-                "colour difference.",
+                "colour difference." + (reverse_note + ": their flux scale is the source's over the target's "
+                                        f"({REVERSE_KERNEL_UNIT})." if any_reverse else ""),
         "background": f"Background offset of the target relative to the convolved source, per tile "
-                      f"({TARGET_UNIT}): red above, blue below zero, on a scale symmetric about zero; {panels}.",
+                      f"({TARGET_UNIT}): red above, blue below zero, on a scale symmetric about zero; {panels}."
+                      + (reverse_note + ": theirs is the source's offset relative to the convolved target, in the "
+                         "source's units." if any_reverse else ""),
         "residual": "RMS of each tile's fit residual over its robust standard deviation (ratio): about 1 where the "
                     "fit reaches the noise; above 3 the residual has heavy tails (the high_residual flag: "
                     f"outliers, or a kernel that does not fit); {panels}.",
         "flags": "Each tile coloured by its most severe problem flag (legend, most severe first); light blue: "
-                 f"informational flags only ({info}: pixels were left out, not a problem); grey: no flag. The % "
+                 f"informational flags only ({info}: {_INFORMATION_WORDS}; not a problem); grey: no flag. "
+                 "target_sharper (deep blue): the image the kernel is fitted to is the sharper of the pair, "
+                 "against the image's direction (the kernel would sharpen; left out of the model). The % "
                  "in each title counts tiles with a problem flag. Right: how many tiles have each flag, per image; "
                  "(info) marks the informational flags.",
+        "width-difference": "Which image of each pair is the sharper, per tile: FWHM(target)^2 - FWHM(source)^2 "
+                            "(pixel^2, Gaussian-equivalent widths of the input pair, from the ratio of their power "
+                            "spectra), on a diverging scale symmetric about 0: red, the target blurrier (the "
+                            "forward direction, target = kernel * source + background); blue, the target sharper "
+                            "(the reverse direction, source = kernel * target + background); white, nearly equal "
+                            f"PSFs. Each panel is titled with the image's label and direction; {panels}; y up. "
+                            "Crosses: tiles flagged target_sharper (sharper against the image's direction, left "
+                            "out of its model); rings: nearly_equal (the kernel close to a delta). An image whose "
+                            "field crosses 0 takes the direction of most of its tiles.",
         "model-fwhm": f"FWHM (pixel) of each image's kernel-field model (the smooth polynomial fitted to its "
                       f"tiles' kernels) on a {fine}x{fine} grid across the tile centres (dots), y up; {panels}. "
                       "Compare with the per-tile FWHM map: the model should follow it without its noise.",
@@ -1066,14 +1215,16 @@ def caption(stem: str, ds: xr.Dataset, result: Survey | None = None, *, stretch:
         "stack": "Over every image of the stack: the model FWHM minus each image's median, median over the images "
                  "(pixel: the FWHM pattern that persists); the median model ellipticity (dimensionless, sticks "
                  "along the major axis, reference stick in the corner); the median tile-minus-model difference "
-                 f"(%); the % of images in which each tile has a problem flag ({info} not counted).",
+                 f"(%); the % of images in which each tile has a problem flag ({info} not counted)."
+                 + (left_out.replace("in it", "in the model maps and the tile-minus-model median")
+                    + " The flags count every image." if mixed else ""),
         "pca": "Principal components of the model kernel fields across the stack. Top: the mean kernel (per "
                f"kernel pixel, {pca_unit}) and each component's eigen-kernel (a unit-norm shape, red positive, "
                "blue negative), kernels y up. Bottom: the variance each component explains (%) and each "
-               "component's spatial pattern (its weight across the field, dimensionless).",
+               "component's spatial pattern (its weight across the field, dimensionless)." + left_out,
         "pca-amplitudes": f"Each image's amplitude on each principal component ({pca_unit}) against the first "
                           "numeric or time coordinate; red crosses: outlier images. A trend: the kernel field "
-                          "changing with that coordinate.",
+                          "changing with that coordinate." + left_out,
     }
     return text.get(stem, "")
 
@@ -1203,6 +1354,12 @@ def _write(folder: _Folder, ds: xr.Dataset, path: str, *, max_images: int, rows:
     model_html = "" if not missing else (
         f"<p>{len(missing)} image(s) without a kernel-field model, left out of the principal components: "
         f"{html.escape(', '.join(missing[:50]))}{' ...' if len(missing) > 50 else ''}</p>")
+    other = result.other_direction
+    if other:
+        model_html += (f"<p>{len(other)} {DIRECTION_NAMES[-result.direction]} image(s) left out of the principal "
+                       f"components, which are of the {DIRECTION_NAMES[result.direction]} images (their kernels "
+                       f"blur the other image of the pair): {html.escape(', '.join(other[:50]))}"
+                       f"{' ...' if len(other) > 50 else ''}</p>")
     table_note = (f"<p>The first {rows} of {n} images; all in {links} and the pages "
                   + " ".join(f'<a href="{name}">{p + 1}</a>' for p, name in enumerate(pages)) + ".</p>"
                   if pages else f"<p>Also as {links}.</p>")
@@ -1213,8 +1370,9 @@ def _write(folder: _Folder, ds: xr.Dataset, path: str, *, max_images: int, rows:
     problem = fl.problems(np.asarray(ds["quality_flag"].values))
     info = ", ".join(f.name for f in fl.FLAGS if f.kind == fl.INFORMATION)
     flag_html = (f"<p>Tiles flagged: {int(problem.sum())} of {problem.size} ({_percent(problem.mean())} %) have a "
-                 f"problem flag; the informational flags ({html.escape(info)}: pixels left out) are not counted "
-                 "as flagged.</p>")
+                 f"problem flag; the informational flags ({html.escape(info)}: {_INFORMATION_WORDS}) are not "
+                 "counted as flagged.</p>")
+    flag_html += _direction_html(ds, result)
     job_html = ("<p>Job configuration: <a href='job.yaml'>job.yaml</a> (every setting of the run that made this "
                 "kernel map; storage option values are not kept).</p>" if job is not None else
                 "<p>Job configuration: none in the store (no kernelmap_config attribute).</p>")
@@ -1235,6 +1393,28 @@ def _write(folder: _Folder, ds: xr.Dataset, path: str, *, max_images: int, rows:
         f"{_html_table(table.head(rows), _table_formats(table, ds))}{sections}"))
 
 
+def _direction_html(ds: xr.Dataset, result: Survey) -> str:
+    """The page's paragraph on the images' directions: how many of each, which are reverse, the tiles whose
+    kernel sharpens or whose PSFs are nearly equal, and what the stack-wide figures are over."""
+    directions = image_directions(ds)
+    counts = {name: int(np.count_nonzero(directions == value)) for value, name in DIRECTION_NAMES.items()}
+    flags = np.asarray(ds["quality_flag"].values).astype(np.int64)
+    reverse = [_label(ds, int(i)) for i in np.flatnonzero(directions == REVERSE)]
+    text = (f"<p>Directions: {counts['forward']} forward image(s) (target = kernel * source + background), "
+            f"{counts['reverse']} reverse (the target the sharper: source = kernel * target + background, flux "
+            "source/target, background in source units)"
+            + (f": {html.escape(', '.join(reverse[:50]))}{' ...' if len(reverse) > 50 else ''}" if reverse else "")
+            + (f"; {counts['undecided']} not decided yet" if counts["undecided"] else "")
+            + f". Tiles target_sharper (the kernel would sharpen; a problem): "
+            f"{int(np.count_nonzero(flags & fl.TARGET_SHARPER))}; nearly_equal (information): "
+            f"{int(np.count_nonzero(flags & fl.NEARLY_EQUAL))}.")
+    if _mixed(result):
+        text += (f" The principal components, the model maps over the stack and the medians of tiles.csv are of "
+                 f"the {DIRECTION_NAMES[result.direction]} images, the majority; trends and outliers are found "
+                 "within each direction.")
+    return text + "</p>"
+
+
 def _read_csv_url(url: str, storage_options: dict[str, Any] | None) -> pd.DataFrame:
     """A CSV table at an fsspec URL."""
     try:
@@ -1248,7 +1428,7 @@ def _title(stem: str, ds: xr.Dataset | None = None) -> str:
     if stem in FIGURES:
         return FIGURES[stem]
     if stem.startswith("kernels-") and ds is not None:
-        return f"Kernels across the field, {_label(ds, int(stem.split('-', 1)[1]))}"
+        return f"Kernels across the field, {_panel_title(ds, int(stem.split('-', 1)[1]))}"
     if stem.startswith("trends-"):
         return f"Trends against {stem[len('trends-'):]}"
     return stem.replace("-", " ")

@@ -29,6 +29,18 @@ and each coordinate:
   (``threshold`` = 5 by default: for Gaussian scatter about one image in
   three million).  With fewer than 5 images no outlier is called.
 
+Directions (:func:`pipeline.analysis.maps.image_directions`): a reverse image's
+kernels blur its target (the sharper image) into its source, so its FWHM, flux
+scale (source/target) and background (source units) are not those of a forward
+image.  Nothing mixes the two: the table gives each image's ``direction``;
+where the stack holds both, ``direction`` is a categorical coordinate (its
+trend figure shows each direction's medians), and the trends and outliers are
+found within each direction apart, as if each were its own stack (a direction
+with fewer than 5 images then calls no outlier); the principal components are
+those of one direction's images, the majority's by default
+(:func:`survey`'s ``pca_direction``), the others listed in
+:attr:`Survey.other_direction`.
+
 Pure NumPy and pandas (which xarray requires).
 """
 
@@ -37,7 +49,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,13 +59,13 @@ import xarray as xr
 from .. import flags as fl
 from ..core.moments import adaptive_moments
 from ..errors import InputError, OptionError
-from .maps import model_kernels_at
+from .maps import DIRECTION_NAMES, FORWARD, REVERSE, direction_names, image_directions, model_kernels_at
 from .pca import KernelPCA, kernel_pca
 
-__all__ = ["COLUMNS", "TREND_QUANTITIES", "MAX_GROUPS", "THRESHOLD", "Coordinate", "Groups", "Quantity", "Survey",
-           "Trend", "coordinate_file_stem", "find_outliers", "grid_positions", "has_model_variables", "image_groups",
-           "image_table", "images_without_diagnostics", "resistant_slope", "robust_trend", "running_median", "survey",
-           "trend_coordinates", "with_coordinates"]
+__all__ = ["COLUMNS", "PCA_DIRECTIONS", "TREND_QUANTITIES", "MAX_GROUPS", "THRESHOLD", "Coordinate", "Groups",
+           "Quantity", "Survey", "Trend", "coordinate_file_stem", "find_outliers", "grid_positions",
+           "has_model_variables", "image_groups", "image_table", "images_without_diagnostics", "resistant_slope",
+           "robust_trend", "running_median", "survey", "trend_coordinates", "with_coordinates"]
 
 
 @dataclass(frozen=True)
@@ -72,15 +84,24 @@ TREND_QUANTITIES: dict[str, Quantity] = {
     "tiles_flagged": Quantity("tiles flagged (problem flags, count)", 0.5),
 }
 
+_INFORMATIONAL_NAMES = ", ".join(f.name for f in fl.FLAGS if f.kind == fl.INFORMATION)
+
 #: What each column of :func:`image_table` and :func:`survey` holds (the HTML table's header tips, the docs).
 COLUMNS: dict[str, str] = {
     "image": "image label",
     "index": "position in the stack",
+    "direction": "direction of the image's kernels: forward (target = kernel * source + background) or reverse "
+                 "(the target the sharper: source = kernel * target + background, flux source/target, background "
+                 "in source units)",
     "tiles": "tiles per image",
     "tiles_unusable": "tiles without a kernel (no data, no signal)",
-    "tiles_flagged": "tiles with a problem flag (masked and outliers_clipped, which only say pixels "
-                     "were left out, do not count)",
+    "tiles_flagged": f"tiles with a problem flag, target_sharper among them (the informational flags, "
+                     f"{_INFORMATIONAL_NAMES}, do not count)",
     "tiles_model_outlier": "tiles left out of the model as outliers",
+    "tiles_target_sharper": "tiles whose kernel sharpens (target_sharper: the image it is fitted to is the sharper "
+                            "of the pair, against the image's direction; left out of the model)",
+    "tiles_nearly_equal": "tiles whose two PSFs are nearly equal (nearly_equal, information: the kernel is close "
+                          "to a delta)",
     "fwhm_median": "median over tiles of the kernel FWHM (pixel)",
     "fwhm_iqr": "interquartile range over tiles of the FWHM (pixel)",
     "ellipticity_median": "median over tiles of |e|",
@@ -108,6 +129,8 @@ THRESHOLD = 5.0
 MIN_IMAGES = 5
 #: Fewest images of a group with its own trend and scale.
 MIN_GROUP = 10
+#: Accepted ``pca_direction`` values of :func:`survey`: the direction of the images decomposed.
+PCA_DIRECTIONS = ("majority", "forward", "reverse")
 
 
 @dataclass(frozen=True)
@@ -362,10 +385,12 @@ def _per_image(ds: xr.Dataset, name: str) -> np.ndarray:
 
 
 def image_table(ds: xr.Dataset, extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
-    """One row per image: its label and position, every other coordinate along ``image``, medians of
-    the per-tile measurements, tile counts, the model's degree and errors; ``extra`` columns appended."""
+    """One row per image: its label, position and direction (``forward``, ``reverse``), every other
+    coordinate along ``image``, medians of the per-tile measurements (each in its image's direction),
+    tile counts, the model's degree and errors; ``extra`` columns appended."""
     n = ds.sizes["image"]
-    data: dict[str, Any] = {"image": [str(v) for v in ds["image"].values], "index": np.arange(n)}
+    data: dict[str, Any] = {"image": [str(v) for v in ds["image"].values], "index": np.arange(n),
+                            "direction": direction_names(image_directions(ds))}
     for name, coord in ds.coords.items():
         if coord.dims == ("image",) and name != "image":
             data[str(name)] = np.asarray(coord.values)
@@ -374,6 +399,8 @@ def image_table(ds: xr.Dataset, extra: dict[str, np.ndarray] | None = None) -> p
     data["tiles_unusable"] = np.count_nonzero(flags & fl.BAD, axis=1)
     data["tiles_flagged"] = np.count_nonzero(fl.problems(flags), axis=1)
     data["tiles_model_outlier"] = np.count_nonzero(flags & fl.MODEL_OUTLIER, axis=1)
+    data["tiles_target_sharper"] = np.count_nonzero(flags & fl.TARGET_SHARPER, axis=1)
+    data["tiles_nearly_equal"] = np.count_nonzero(flags & fl.NEARLY_EQUAL, axis=1)
     for name in ("fwhm", "ellipticity", "e1", "e2", "flux", "background", "residual", "snr"):
         if name in ds:
             data[f"{name}_median"] = _quiet(np.nanmedian, _per_image(ds, name), axis=1)
@@ -404,9 +431,15 @@ class Survey:
     model_fwhm: np.ndarray  #: ``(n, gy, gx)`` FWHM of each image's model on the grid (NaN: no model)
     model_e1: np.ndarray
     model_e2: np.ndarray
-    pca: KernelPCA | None  #: of the images with a model (None with fewer than 2)
+    pca: KernelPCA | None  #: of the images of :attr:`direction` with a model (None with fewer than 2)
     pca_images: np.ndarray  #: positions of the images in the PCA
     without_model: list[str] = field(default_factory=list)  #: labels of the images left out of the PCA
+    #: each image's direction (``(n,)``, 1 forward, -1 reverse, 0 undecided: :func:`~.maps.image_directions`)
+    directions: np.ndarray | None = None
+    #: the direction of the images the principal components (and the report's maps over the stack) are of
+    direction: int = FORWARD
+    #: labels of the images with a model left out of the PCA for being of the other direction
+    other_direction: list[str] = field(default_factory=list)
     #: labels of the images with no diagnostics yet (:func:`images_without_diagnostics`), left out of the trends
     without_diagnostics: list[str] = field(default_factory=list)
     threshold: float = THRESHOLD
@@ -419,8 +452,44 @@ def has_model_variables(ds: xr.Dataset) -> bool:
                                        "model_scale_y", "model_scale_x"))
 
 
+def _pca_direction(directions: np.ndarray, candidates: np.ndarray, pca_direction: str) -> int:
+    """The direction decomposed: the one asked for, or that of most ``candidates`` (forward on a tie)."""
+    if pca_direction not in PCA_DIRECTIONS:
+        raise OptionError(f"pca_direction={pca_direction!r} is not known: use one of {', '.join(PCA_DIRECTIONS)}")
+    if pca_direction != "majority":
+        return FORWARD if pca_direction == "forward" else REVERSE
+    chosen = directions[candidates]
+    return REVERSE if np.count_nonzero(chosen == REVERSE) > np.count_nonzero(chosen == FORWARD) else FORWARD
+
+
+def _outliers_by_direction(table: pd.DataFrame, coordinates: list[Coordinate], directions: np.ndarray,
+                           threshold: float) -> tuple[pd.DataFrame, dict[tuple[str, str], Trend]]:
+    """:func:`find_outliers` within each direction's images apart, their trends put back together."""
+    kinds = np.unique(directions)
+    if len(kinds) < 2:
+        return find_outliers(table, coordinates, threshold=threshold)
+    n = len(table)
+    parts, trends = [], {}
+    for kind in kinds:
+        rows = np.flatnonzero(directions == kind)
+        sub = [replace(c, values=np.asarray(c.values)[rows], position=c.position[rows]) for c in coordinates]
+        found, sub_trends = find_outliers(table.iloc[rows].reset_index(drop=True), sub, threshold=threshold)
+        parts.append(found.assign(index=rows[found["index"].to_numpy(dtype=np.int64)]))
+        for key, t in sub_trends.items():
+            whole = trends.get(key) or Trend(t.quantity, t.coordinate, np.full(n, np.nan), np.full(n, np.nan),
+                                             np.full(n, np.nan), np.zeros(n, dtype=bool))
+            for name in ("trend", "scale", "deviation", "outlier"):
+                getattr(whole, name)[rows] = getattr(t, name)
+            trends[key] = whole
+    outliers = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
+    if len(outliers):
+        outliers = outliers.sort_values("deviation", key=np.abs, ascending=False, kind="stable").reset_index(
+            drop=True)
+    return outliers, trends
+
+
 def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: str | None = "kernel",
-           threshold: float = THRESHOLD) -> Survey:
+           threshold: float = THRESHOLD, pca_direction: str = "majority") -> Survey:
     """The survey view of a loaded kernel map (``kernel`` may stay lazy: it is not read).
 
     Each image's model is evaluated on a ``grid x grid`` set of positions spanning the tile centres;
@@ -429,8 +498,16 @@ def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: s
     ``normalize``); images without a model are left out of it and listed.  Images with no diagnostics
     (an incomplete store: :func:`images_without_diagnostics`) are listed and left out of the trends and
     outliers (their fill values, model degree -1 and no flags, are no measurements).
+
+    A stack of both directions (see the module) is not decomposed as one: the components are those of
+    the images of ``pca_direction`` (``"majority"``, the default: the direction of most images with a
+    model, forward on a tie; or ``"forward"``, ``"reverse"``), the others with a model are listed in
+    :attr:`Survey.other_direction`; its trends and outliers are found within each direction.
     """
+    if pca_direction not in PCA_DIRECTIONS:
+        raise OptionError(f"pca_direction={pca_direction!r} is not known: use one of {', '.join(PCA_DIRECTIONS)}")
     n = ds.sizes["image"]
+    directions = image_directions(ds)
     gy, gx = grid_positions(ds, grid)
     yy, xx = np.meshgrid(gy, gx, indexing="ij")
     k = ds.sizes["ky"]
@@ -451,20 +528,31 @@ def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: s
     extra = {"model_fwhm_median": _quiet(np.nanmedian, flat_fwhm, axis=1),
              "model_fwhm_range": _quiet(np.nanmax, flat_fwhm, axis=1) - _quiet(np.nanmin, flat_fwhm, axis=1),
              "model_ellipticity_median": _quiet(np.nanmedian, ellipticity, axis=1)}
-    pca_images = np.flatnonzero(has_model)
+    direction = _pca_direction(directions, has_model, pca_direction)
+    pca_images = np.flatnonzero(has_model & (directions == direction))
+    other = has_model & (directions != direction)
     pca = None
     if len(pca_images) >= 2:
-        pca = kernel_pca(kernels[pca_images], n_components=n_components, normalize=normalize)
+        pca = kernel_pca(kernels[pca_images], n_components=n_components, normalize=normalize,
+                         directions=directions[pca_images])
         for j in range(pca.n_components):
             column = np.full(n, np.nan)
             column[pca_images] = pca.amplitudes[:, j]
             extra[f"pc{j + 1}"] = column
     table = image_table(ds, extra)
     coordinates, skipped = trend_coordinates(ds)
+    decided = np.unique(directions[directions != 0])
+    if len(decided) > 1 and all(c.name != "direction" for c in coordinates):  # both: a coordinate of its own
+        names = tuple(DIRECTION_NAMES[int(d)] for d in (FORWARD, REVERSE))
+        text = direction_names(directions)
+        coordinates.append(Coordinate("direction", "categorical", text,
+                                      np.array([names.index(t) if t in names else len(names) for t in text],
+                                               dtype=np.float64),
+                                      names + (("undecided",) if (directions == 0).any() else ())))
     empty = images_without_diagnostics(ds)
     trended = table.assign(**{name: table[name].astype(np.float64).where(~empty)
                               for name in TREND_QUANTITIES if name in table}) if empty.any() else table
-    outliers, trends = find_outliers(trended, coordinates, threshold=threshold)
+    outliers, trends = _outliers_by_direction(trended, coordinates, directions, threshold)
     reasons: dict[int, list[str]] = {}
     for row in outliers.itertuples():
         reasons.setdefault(row.index, []).append(f"{row.quantity} vs {row.coordinate} ({row.deviation:+.1f})")
@@ -475,7 +563,8 @@ def survey(ds: xr.Dataset, *, grid: int = 5, n_components: int = 4, normalize: s
                   grid_y=gy, grid_x=gx, model_fwhm=shapes["fwhm"], model_e1=shapes["e1"], model_e2=shapes["e2"],
                   pca=pca, pca_images=pca_images, without_model=[str(v) for v in labels[~has_model]],
                   without_diagnostics=[str(v) for v in labels[empty]], threshold=threshold,
-                  groups=image_groups(coordinates))
+                  groups=image_groups(coordinates), directions=directions, direction=direction,
+                  other_direction=[str(v) for v in labels[other]])
 
 
 def coordinate_file_stem(coord: Coordinate) -> str:
