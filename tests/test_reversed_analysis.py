@@ -274,3 +274,23 @@ def test_a_store_written_before_directions_is_reported_as_all_forward_without_a_
     assert "Directions: 3 forward image(s)" in page and "width-difference" not in page
     assert "width_difference_median" not in pd.read_csv(tmp_path / "report" / "tiles.csv")
     xr.testing.assert_equal(xr.open_zarr(old)["kernel"], xr.open_zarr(store)["kernel"])  # the copy is whole
+
+
+def test_every_figure_of_a_mixed_stack_is_y_up_and_names_its_units(reversed_figures):
+    """As every report figure (tests/test_report.py): y up, a unit in parentheses on every axis and colour-bar
+    label, never "(1)"; no title naming an image by its position."""
+    unit = re.compile(r"\(([^()]+)\)")
+    figs, _, _ = reversed_figures
+    for stem, fig in figs.items():
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            assert not ax.yaxis_inverted(), (stem, ax.get_title())
+            assert all(image.origin == "lower" for image in ax.get_images()), stem
+            names = [name for name in (ax.get_xlabel(), ax.get_ylabel()) if name]
+            if ax.get_label() == "<colorbar>":
+                assert names, (stem, "a colour bar without a label")
+            for name in names:
+                units = unit.findall(name)
+                assert units and all(u.strip() not in ("", "1") for u in units), (stem, name)
+            assert not re.search(r"\bimage \d", ax.get_title()), (stem, ax.get_title())
