@@ -243,7 +243,7 @@ def test_a_run_killed_after_the_directions_resumes_to_the_same_result(runs, tmp_
 
     np.testing.assert_array_equal(OutputStore(str(tmp_path / "killed.zarr")).read_directions(), [1, -1, 1])
     summary = run_job(job_from_dict({**job, "output": {**job["output"], "mode": "resume"}}), progress=False)
-    assert summary.tiles_skipped == done
+    assert done <= summary.tiles_skipped < 48  # a block may land between the count and the kill
     resumed = xr.open_zarr(summary.path)
     for name in ds["auto"].data_vars:
         np.testing.assert_array_equal(resumed[name].values, ds["auto"][name].values, err_msg=name)

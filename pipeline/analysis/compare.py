@@ -27,9 +27,9 @@ from ..core.estimate import FORWARD, REVERSE
 from ..errors import InputError, OptionError
 from ..io.paths import check_writable, path_within
 from ..io.store import consolidate
-from .maps import read_kernel_map
+from .maps import image_directions, read_kernel_map
 
-__all__ = ["MEASUREMENTS", "common_tiles", "compare_maps", "compare_figure", "direction_lines", "map_directions",
+__all__ = ["MEASUREMENTS", "common_tiles", "compare_maps", "compare_figure", "direction_lines",
            "summary_lines", "write_comparison"]
 
 #: How each direction value is called.
@@ -63,7 +63,7 @@ def compare_maps(a: xr.Dataset, b: xr.Dataset, *, names: tuple[str, str] = ("A",
     if n_b not in (n_a, 1):
         raise InputError(f"A has {n_a} images and B {n_b}: give maps with as many images, or B with one")
     b_aligned = b.isel(image=[0] * n_a if n_b == 1 else slice(None)).assign_coords(image=a["image"].values)
-    dir_a, dir_b = map_directions(a), map_directions(b)[[0] * n_a if n_b == 1 else slice(None)]
+    dir_a, dir_b = image_directions(a), image_directions(b)[[0] * n_a if n_b == 1 else slice(None)]
     differ = (dir_a != 0) & (dir_b != 0) & (dir_a != dir_b)  # an undecided image has no kernels to compare
     out = xr.Dataset(coords={"image": a["image"], "y": a["y"], "x": a["x"]})
     for name in MEASUREMENTS:
@@ -105,19 +105,6 @@ def compare_maps(a: xr.Dataset, b: xr.Dataset, *, names: tuple[str, str] = ("A",
                          "with output.mode=resume), that their tiles are not all unusable (quality_flag), and "
                          "that they were made from the same images")
     return out
-
-
-def map_directions(ds: xr.Dataset) -> np.ndarray:
-    """``(image,)`` int8: each image's direction in a kernel map, ``1`` forward, ``-1`` reverse, ``0``
-    undecided; a map without the ``direction`` variable is all forward."""
-    n = ds.sizes["image"]
-    if "direction" not in ds.variables:
-        return np.full(n, FORWARD, dtype=np.int8)
-    values = np.asarray(ds["direction"].values)
-    if values.shape != (n,):
-        raise InputError(f"the kernel map's direction variable has shape {values.shape}, not ({n},): it is not a "
-                         "kernelmap kernel map's")
-    return values.astype(np.int8)
 
 
 def _differing(diff: xr.Dataset) -> np.ndarray:

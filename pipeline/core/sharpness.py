@@ -62,6 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
+import scipy.sparse
 
 from ..errors import InputError, OptionError
 from .moments import FWHM_PER_SIGMA
@@ -203,13 +204,6 @@ def _prepare(source, target, mask, variance, source_variance, despike=True):
     return both, good, variances
 
 
-def _box8(x: np.ndarray) -> np.ndarray:
-    """Sum of each pixel's eight neighbours (zero beyond the edges)."""
-    p = np.pad(x, ((0, 0), (1, 1), (1, 1)))
-    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
-    return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] - x
-
-
 def _max_run(x: np.ndarray, size: int, axis: int) -> np.ndarray:
     """Maximum over ``size`` consecutive elements along ``axis`` (a window starting at each)."""
 
@@ -237,43 +231,48 @@ def _robust_sigma(x: np.ndarray, good: np.ndarray) -> np.ndarray:
         0.6745 * math.sqrt(2.0))
 
 
-def _sky_free(image: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The tiles less their median sky (float32, 0 at bad pixels) and their robust sigma."""
+def _sky_sigma(image: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile median sky and robust noise sigma, ``(n,)`` each (float32)."""
     sub, ok = image[:, ::4, ::4], good[:, ::4, ::4]
-    sky = np.array([np.median(t[g]) if g.any() else 0.0 for t, g in zip(sub, ok)])
-    x = image - sky.astype(np.float32)[:, None, None]
-    np.copyto(x, np.float32(0.0), where=~good)
-    return x, _robust_sigma(x, good)[:, None, None].astype(np.float32)
+    sky = np.array([np.median(t[g]) if g.any() else 0.0 for t, g in zip(sub, ok)], dtype=np.float32)
+    return sky, _robust_sigma(image, good).astype(np.float32)
 
 
-def _neighbours(shape: tuple[int, int, int]) -> np.ndarray:
-    """Flat offsets of the eight neighbours in tiles padded by one pixel."""
-    w = shape[2] + 2
+def _neighbours(w: int) -> np.ndarray:
+    """Flat offsets of a pixel's eight neighbours in tiles ``w`` pixels wide."""
     return np.array([-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1])
 
 
-def _padded_index(mask: np.ndarray) -> np.ndarray:
-    """Flat indices of ``mask``'s pixels in the tiles padded by one pixel."""
-    return np.flatnonzero(np.pad(mask, ((0, 0), (1, 1), (1, 1))))
+def _interior(index: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """The flat ``index``es (into ``(n, h, w)`` tiles) not on a tile's outermost rows and columns."""
+    _, h, w = shape
+    y, x = (index // w) % h, index % w
+    return index[(y > 0) & (y < h - 1) & (x > 0) & (x < w - 1)]
 
 
-def _peel(x: np.ndarray, good: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Spikes by their neighbours alone, the test repeated without what it found.
+def _peel(image: np.ndarray, good: np.ndarray, sky: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Spikes by their neighbours alone, the test repeated without what it found: their flat indices.
 
-    Only pixels far enough from the sky to be spikes are tested: their
-    neighbours are gathered, not the whole tiles filtered.
+    Only pixels far enough from the sky to be spikes are tested, off the
+    tiles' outermost rows and columns (where the taper leaves no weight):
+    their neighbours are gathered, not the whole tiles filtered.
     """
-    far = good & ((x > 0.5 * SPIKE_SIGMAS * sigma) | (x < -SPIKE_SIGMAS * sigma))
-    cand = _padded_index(far)
-    values = np.pad(x, ((0, 0), (1, 1), (1, 1))).ravel()
-    usable = np.pad(good, ((0, 0), (1, 1), (1, 1))).ravel()
-    around = cand[:, None] + _neighbours(x.shape)[None, :]
-    v = values[cand]
-    sig = np.broadcast_to(sigma, x.shape)[far]
+    _, h, w = image.shape
+    hi = (sky + 0.5 * SPIKE_SIGMAS * sigma)[:, None, None]
+    lo = (sky - SPIKE_SIGMAS * sigma)[:, None, None]
+    cand = _interior(np.flatnonzero(good & ((image > hi) | (image < lo))), image.shape)
+    tile = cand // (h * w)
+    values = image.reshape(-1)
+    usable = good.reshape(-1).copy()
+    around = cand[:, None] + _neighbours(w)[None, :]
+    level = sky[tile].astype(np.float64)
+    v = values[cand] - level
+    near_values = values[around] - level[:, None]
+    sig = sigma[tile]
     spike = np.zeros(cand.size, dtype=bool)
     for _ in range(SPIKE_PASSES):
         u = usable[around]
-        near = (values[around] * u).sum(axis=1) / np.maximum(u.sum(axis=1), 1)
+        near = (near_values * u).sum(axis=1) / np.maximum(u.sum(axis=1), 1)
         excess = v - near
         new = usable[cand] & (((excess > SPIKE_SIGMAS * sig) & (near < SPIKE_SHARPNESS * v))
                               | ((excess < -SPIKE_SIGMAS * sig) & (v < -SPIKE_SIGMAS * sig)))
@@ -281,39 +280,59 @@ def _peel(x: np.ndarray, good: np.ndarray, sigma: np.ndarray) -> np.ndarray:
             break
         spike |= new
         usable[cand[new]] = False
-    found = np.zeros(far.shape, dtype=bool)
-    found[far] = spike
-    return found
+    return cand[spike]
 
 
-def _unmatched(x, sigma_x, peel_x, y, sigma_y, peel_y, good) -> np.ndarray:
-    """Light in ``x`` that ``y`` has not got near by, on ``x``'s flux scale."""
-    y = np.where(peel_y, np.float32(0.0), y)
-    both = good & ~peel_x & ~peel_y & (x > 5.0 * sigma_x) & (y > 5.0 * sigma_y)
-    scale = np.array([np.median(a[m] / b[m]) if m.sum() >= 10 else 1.0
-                      for a, b, m in zip(x, y, both)], dtype=np.float32)
-    # only pixels SPIKE_SIGMAS_ALONE sigmas above the sky can qualify: the box maximum of y
-    # (rows of maxima, then the 2 r + 1 rows of each) is taken at those alone
-    r = SPIKE_MATCH_RADIUS
-    t, yy, xx = np.nonzero(good & (x > SPIKE_SIGMAS_ALONE * sigma_x))
-    rows = _max_run(np.pad(y, ((0, 0), (r, r), (r, r)), mode="edge"), 2 * r + 1, 2)
-    near = rows[t, yy, xx]
-    for k in range(1, 2 * r + 1):
-        np.maximum(near, rows[t, yy + k, xx], out=near)
-    out = np.zeros(x.shape, dtype=bool)
-    out[t, yy, xx] = x[t, yy, xx] > (SPIKE_UNMATCHED * np.maximum(near, 0.0) * scale[t]
-                                     + SPIKE_SIGMAS_ALONE * sigma_x[t, 0, 0])
+def _unmatched(x: np.ndarray, sky_x, sigma_x, peel_x, y: np.ndarray, sky_y, sigma_y, peel_y,
+               good: np.ndarray) -> np.ndarray:
+    """Light in ``x`` that ``y`` has not got near by, on ``x``'s flux scale: flat indices.
+
+    "Near": the brightest pixel of ``y`` (its spikes ``peel_y`` left out) in
+    the 2x2 blocks within two blocks of the pixel's, which reaches 4 to 5
+    pixels (``SPIKE_MATCH_RADIUS``) either way.
+    """
+    n, h, w = x.shape
+    r = SPIKE_MATCH_RADIUS // 2
+    cleaned = y.copy()
+    cleaned.reshape(-1)[peel_y] = sky_y[peel_y // (h * w)]
+    if h % 2 or w % 2:
+        cleaned = np.pad(cleaned, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
+    blocks = np.maximum(np.maximum(cleaned[:, 0::2, 0::2], cleaned[:, 0::2, 1::2]),
+                        np.maximum(cleaned[:, 1::2, 0::2], cleaned[:, 1::2, 1::2]))
+    padded = np.pad(blocks, ((0, 0), (r, r), (r, r)), mode="edge")
+    nearby = _max_run(_max_run(padded, 2 * r + 1, 2), 2 * r + 1, 1)
+    # only pixels SPIKE_SIGMAS_ALONE sigmas above the sky can qualify
+    index = np.flatnonzero(good & (x > (sky_x + SPIKE_SIGMAS_ALONE * sigma_x)[:, None, None]))
+    t, yy, xx = index // (h * w), (index // w) % h, index % w
+    x_at = x.reshape(-1)[index] - sky_x[t]
+    y_at = cleaned[t, yy, xx] - sky_y[t]
+    near = nearby[t, yy // 2, xx // 2] - sky_y[t]
+    # the flux scale: the median ratio of the pixels lit in both (the spikes of either left out)
+    lit = (y_at > 5.0 * sigma_y[t]) & ~np.isin(index, peel_x, assume_unique=True)
+    scale = np.ones(n, dtype=np.float32)
+    counts = np.bincount(t[lit], minlength=n)
+    ratios = x_at[lit] / y_at[lit]
+    for tile, part in zip(np.flatnonzero(counts >= 10), _by_tile(ratios, counts, 10)):
+        scale[tile] = np.median(part)
+    unmatched = x_at > SPIKE_UNMATCHED * np.maximum(near, 0.0) * scale[t] + SPIKE_SIGMAS_ALONE * sigma_x[t]
+    return index[unmatched]
+
+
+def _by_tile(values: np.ndarray, counts: np.ndarray, least: int) -> list[np.ndarray]:
+    """The parts of ``values`` (sorted by tile) of the tiles with at least ``least`` of them, in tile order."""
+    parts = np.split(values, np.cumsum(counts)[:-1])
+    return [part for part, count in zip(parts, counts) if count >= least]
+
+
+def _grown(found: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """A boolean ``shape`` mask of the flat indices ``found`` and their eight neighbours."""
+    _, h, w = shape
+    t, yy, xx = found // (h * w), (found // w) % h, found % w
+    out = np.zeros(shape, dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out[t, np.clip(yy + dy, 0, h - 1), np.clip(xx + dx, 0, w - 1)] = True
     return out
-
-
-def _grown(found: np.ndarray) -> np.ndarray:
-    """``found`` and the eight neighbours of each of its pixels."""
-    n, h, w = found.shape
-    out = np.zeros((n, h + 2, w + 2), dtype=bool)
-    index = _padded_index(found)
-    out.ravel()[index] = True
-    out.ravel()[(index[:, None] + _neighbours(found.shape)[None, :]).ravel()] = True
-    return out[:, 1:-1, 1:-1]
 
 
 def spikes(image: np.ndarray, good: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
@@ -324,9 +343,11 @@ def spikes(image: np.ndarray, good: np.ndarray, other: np.ndarray | None = None)
     ``SPIKE_SHARPNESS`` of its value (a star's neighbours keep a third or more
     of its peak at FWHM >= 2 px), or lies that far below both the sky and its
     neighbours (a dead pixel); the test is repeated ``SPIKE_PASSES`` times
-    without what was found, which peels tracks from their ends. With the
-    ``other`` image of the pair, a pixel more than ``SPIKE_UNMATCHED`` times
-    the brightest pixel within ``SPIKE_MATCH_RADIUS`` there (on this image's
+    without what was found, which peels tracks from their ends (pixels on a
+    tile's outermost rows and columns are not tested: the taper gives them
+    no weight). With the ``other`` image of the pair, a pixel more than
+    ``SPIKE_UNMATCHED`` times the brightest pixel within ``SPIKE_MATCH_RADIUS``
+    (4 to 5 pixels: 2x2 blocks) there (on this image's
     flux scale, the median ratio of the pixels lit in both), plus
     ``SPIKE_SIGMAS_ALONE`` sigmas, is a spike too: light the other image has
     not got (a cosmic-ray track, on sky or on a galaxy). All found is grown by
@@ -346,26 +367,31 @@ def spikes(image: np.ndarray, good: np.ndarray, other: np.ndarray | None = None)
     numpy.ndarray
         Boolean ``(n, h, w)``.
     """
-    x, sigma = _sky_free(image, good)
-    found = _peel(x, good, sigma)
+    good = np.asarray(good, dtype=bool)
+    image = np.where(good, np.asarray(image, dtype=np.float32), np.float32(0.0))  # bad pixels: 0, unused
+    sky, sigma = _sky_sigma(image, good)
+    found = _peel(image, good, sky, sigma)
     if other is not None:
-        y, sigma_y = _sky_free(other, good)
-        found |= _unmatched(x, sigma, found, y, sigma_y, _peel(y, good, sigma_y), good)
-    return _grown(found)
+        other = np.where(good, np.asarray(other, dtype=np.float32), np.float32(0.0))
+        sky_o, sigma_o = _sky_sigma(other, good)
+        found = np.concatenate([found, _unmatched(image, sky, sigma, found, other, sky_o, sigma_o,
+                                                  _peel(other, good, sky_o, sigma_o), good)])
+    return _grown(found, image.shape)
 
 
 def _pair_spikes(src: np.ndarray, tgt: np.ndarray, good: np.ndarray) -> np.ndarray:
     """``spikes(src, good, tgt) | spikes(tgt, good, src)``, each image's part found once."""
-    xs, ss = _sky_free(src, good)
-    xt, st = _sky_free(tgt, good)
-    ps, pt = _peel(xs, good, ss), _peel(xt, good, st)
-    return _grown(ps | pt | _unmatched(xs, ss, ps, xt, st, pt, good)
-                  | _unmatched(xt, st, pt, xs, ss, ps, good))
+    ss, gs = _sky_sigma(src, good)
+    st, gt = _sky_sigma(tgt, good)
+    ps, pt = _peel(src, good, ss, gs), _peel(tgt, good, st, gt)
+    return _grown(np.concatenate([ps, pt, _unmatched(src, ss, gs, ps, tgt, st, gt, pt, good),
+                                  _unmatched(tgt, st, gt, pt, src, ss, gs, ps, good)]), good.shape)
 
 
 @functools.lru_cache(maxsize=8)
 def _geometry(h: int, w: int) -> tuple[np.ndarray, ...]:
-    """Taper, ring index of every rfft2 mode, ring centres' ``|f|`` and mode counts."""
+    """Taper, ring index of every rfft2 mode, ring centres' ``|f|``, mode counts, and the (rings x modes)
+    sparse matrix that sums the modes of each ring."""
     fy = scipy.fft.fftfreq(h)[:, None]
     fx = scipy.fft.rfftfreq(w)[None, :]
     f = np.sqrt(fy * fy + fx * fx)
@@ -379,13 +405,15 @@ def _geometry(h: int, w: int) -> tuple[np.ndarray, ...]:
     out = (taper, index, centre, counts)
     for a in out:
         a.flags.writeable = False
-    return out
+    ring_sums = scipy.sparse.csr_matrix((np.ones(index.size, dtype=np.float32), (index.ravel(), np.arange(index.size))),
+                                        shape=(n_rings, index.size))
+    return (*out, ring_sums)
 
 
 def _spectra(both: np.ndarray, good: np.ndarray):
     """Ring sums of the power of the tapered, mean-free tiles, ``(2, n, rings)``."""
     n, h, w = good.shape
-    taper, index, centre, counts = _geometry(h, w)
+    taper, _, centre, counts, ring_sums = _geometry(h, w)
     weight = taper * good  # float32
     tapered = both * weight
     wsum = weight.sum(axis=(1, 2), dtype=np.float64)
@@ -394,10 +422,8 @@ def _spectra(both: np.ndarray, good: np.ndarray):
     spec = scipy.fft.rfft2(tapered, workers=1)
     power = np.square(spec.real)
     power += np.square(spec.imag)
-    rings = centre.size
-    bins = (index.reshape(1, -1) + (np.arange(2 * n) * rings)[:, None]).ravel()
-    sums = np.bincount(bins, weights=power.ravel(), minlength=2 * n * rings)
-    return sums.reshape(2, n, rings), centre, counts, weight
+    sums = (ring_sums @ power.reshape(2 * n, -1).T).T.astype(np.float64)  # float32 sums of the rings' modes
+    return sums.reshape(2, n, centre.size), centre, counts, weight
 
 
 def _fit(rings, floor, centre, counts, size):

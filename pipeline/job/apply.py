@@ -166,7 +166,9 @@ def _map_directions(ds: Any, fields: list[KernelField | None]) -> np.ndarray:
     """``(image,)`` int8: each modelled image's direction in the kernel map ``ds`` (``REVERSE`` where its
     ``direction`` says so, else ``FORWARD``: a map without the variable is forward), 0 for the images without
     a model."""
-    stored = np.asarray(ds["direction"].values, dtype=np.int64) if "direction" in ds else np.zeros(len(fields))
+    from ..analysis.maps import image_directions
+
+    stored = image_directions(ds)
     return np.array([0 if f is None else REVERSE if d == REVERSE else FORWARD for f, d in zip(fields, stored)],
                     dtype=np.int8)
 
