@@ -1316,11 +1316,12 @@ def _write(folder: _Folder, ds: xr.Dataset, path: str, *, max_images: int, rows:
     if notice is not None and notify is not None:
         notify(f"{path}: {notice}")
     sky = sky_of(ds)
-    figs = figures(ds, max_images=max_images, result=result, sky=sky, stretch=stretch, scale=scale)
-    for stem, fig in figs.items():
-        with folder.open(f"{stem}.png") as f:
-            fig.savefig(f, format="png", dpi=100)
-        plt.close(fig)
+    with plt.rc_context({"figure.max_open_warning": 0}):  # the report's figures are made, then saved and closed
+        figs = figures(ds, max_images=max_images, result=result, sky=sky, stretch=stretch, scale=scale)
+        for stem, fig in figs.items():
+            with folder.open(f"{stem}.png") as f:
+                fig.savefig(f, format="png", dpi=100)
+            plt.close(fig)
     tables = write_tables(result, folder, ds)
     job = job_yaml(ds)
     if job is not None:
