@@ -13,6 +13,11 @@ Methods
     The textbook ``FFT(target) / FFT(source)``: the baseline that shows the
     cross-shaped edge artifact and noise amplification.
 
+Direction: every batch is measured for which image of each tile is sharper
+(:mod:`pipeline.core.sharpness`, with the diagnostics): a kernel fitted to the
+sharper image would be a deconvolution, flagged ``target_sharper``;
+``direction="reverse"`` or ``"auto"`` fit ``source ~ K * target + b`` instead.
+
 :data:`REGISTRY` holds each method's estimator and options class
 (:mod:`pipeline.core.options`); options are given as that class's object
 (``options=LstsqOptions(penalty="wings")``) or as keywords
@@ -596,7 +601,10 @@ def estimate_kernel(
     ``(kernel_size // 2, kernel_size // 2)``, not normalised unless asked.
     Raises :class:`pipeline.errors.InputError` when the inputs cannot give a
     kernel (all pixels bad, too few valid pixels, a source with no power).
-    Options (``options=`` or keywords) as in :func:`estimate_kernels`.
+    Options (``options=`` or keywords) as in :func:`estimate_kernels`, and its
+    ``direction=`` (default ``"forward"``; ``"reverse"`` gives ``K`` with
+    ``source ~ K * target + b``, ``"auto"`` whichever is well posed: see
+    :func:`estimate_kernels`, whose ``direction`` says which was taken).
     Use :func:`estimate_kernels` for diagnostics and batches.
     """
     src = as_image_stack(source, "source", ndim=(2,))

@@ -2,7 +2,9 @@
 
 A task reads its own pixels (and their variances, when the job names them)
 straight from the input store (no input graph moves data around), calls
-:func:`pipeline.estimate_kernels` on all the block's tiles at once, writes the
+:func:`pipeline.estimate_kernels` on all the block's tiles at once, in the
+direction of the block's image (with the tiles' sharpness measure where the
+run measured it first, :class:`SharpnessTask`), writes the
 kernels into the block's own chunk of the output store and then the block's
 record (its per-tile diagnostics, which mark it done); in a sharded store the
 client writes both instead, with the image's diagnostics.  What it returns is

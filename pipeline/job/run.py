@@ -1,7 +1,11 @@
 """Running a job: plan it (:mod:`~pipeline.job.plan`), then execute the plan.
 
 Executing a plan opens the output store as the plan says (create, overwrite or
-resume), runs the task of every block not yet done (:mod:`~pipeline.job.blocks`)
+resume), decides the direction of every image with blocks to compute that has
+none stored yet (``kernel.direction``; with ``auto`` by measuring which image of
+each tile is sharper first, :class:`~pipeline.job.blocks.SharpnessTask`, the
+image taking its tiles' majority) and writes it before any of its blocks,
+runs the task of every block not yet done (:mod:`~pipeline.job.blocks`)
 where ``compute.scheduler`` says (:mod:`~pipeline.job.executors`), gives each
 block result to the image finisher (:mod:`~pipeline.job.finish`), which writes
 an image's diagnostics and kernel-field model once all its blocks are in, and
