@@ -141,12 +141,12 @@ def _job(tmp_path, name: str, *, swap: bool = False, **kernel) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The direction stack (a forward, a reversed and a crossing image) run by default (auto), with source and
-    target exchanged (auto), and forced forward."""
+    target exchanged (auto), and forced forward and reverse."""
     tmp = tmp_path_factory.mktemp("direction")
     truth = make_direction_stack(tmp / "stack.zarr", k=K)
     summaries = {name: run_job(job_from_dict(_job(tmp, name, **options)), progress=False)
                  for name, options in (("auto", {}), ("swapped", {"swap": True}),
-                                       ("forward", {"direction": "forward"}))}
+                                       ("forward", {"direction": "forward"}), ("reverse", {"direction": "reverse"}))}
     return truth, summaries, {name: xr.open_zarr(s.path) for name, s in summaries.items()}
 
 
@@ -196,6 +196,20 @@ def test_no_target_sharper_flag_where_the_source_is_sharper_and_the_minority_fla
     assert used.shape == flags.shape
 
 
+def test_auto_fits_each_image_as_if_its_direction_were_known_from_the_start(runs):
+    """Blocks go their own tiles' majority way until their image is decided; those that went the other way (the
+    crossing image's left ones) are fitted again: each image equals the run forced in its direction, bit for
+    bit, model and flags included."""
+    _, summaries, ds = runs
+    assert summaries["auto"].tiles_refitted > 0 and summaries["forward"].tiles_refitted == 0
+    assert "fitted again in their image's direction" in summaries["auto"].describe()
+    for image, forced in ((0, "forward"), (1, "reverse"), (2, "forward")):
+        for name in ds["auto"].data_vars:
+            if "image" in ds["auto"][name].dims and name != "direction":
+                np.testing.assert_array_equal(ds["auto"][name].values[image], ds[forced][name].values[image],
+                                              err_msg=f"{name} of image {image}")
+
+
 def test_a_forced_forward_run_flags_the_reversed_image_and_leaves_it_unmodelled(runs):
     _, summaries, ds = runs
     flags = ds["forward"]["quality_flag"].values.astype(np.int64)
@@ -225,9 +239,9 @@ def test_reversed_kernels_are_as_accurate_as_forward_ones_on_the_same_data(runs)
     assert abs(float(np.nanmedian(auto["flux"].values[1])) - 1.0) < 0.02
 
 
-def test_a_run_killed_after_the_directions_resumes_to_the_same_result(runs, tmp_path):
-    """The directions are stored before any block; a resumed run fits the missing blocks in them, measuring
-    their tiles again (not from the first run's measures): the result equals the uninterrupted run's."""
+def test_a_run_killed_midway_resumes_to_the_same_result(runs, tmp_path):
+    """Blocks stored before their image's direction was decided (their own majority's) are taken as they are
+    and fitted again where the image goes the other way: the result equals the uninterrupted run's."""
     from conftest import kill_run_after
 
     _, summaries, ds = runs
@@ -241,7 +255,9 @@ def test_a_run_killed_after_the_directions_resumes_to_the_same_result(runs, tmp_
     assert 20 <= done < 48
     from pipeline.io.store import OutputStore
 
-    np.testing.assert_array_equal(OutputStore(str(tmp_path / "killed.zarr")).read_directions(), [1, -1, 1])
+    # an image's direction is written with its model: decided for the images finished, 0 for the others
+    stored = OutputStore(str(tmp_path / "killed.zarr")).read_directions()
+    assert all(d in (0, final) for d, final in zip(stored, [1, -1, 1])), stored
     summary = run_job(job_from_dict({**job, "output": {**job["output"], "mode": "resume"}}), progress=False)
     assert done <= summary.tiles_skipped < 48  # a block may land between the count and the kill
     resumed = xr.open_zarr(summary.path)

@@ -146,8 +146,10 @@ DIRECTION_ATTRS: dict[str, Any] = {
     "flag_meanings": "reverse forward",
 }
 
-#: Fields of a block record, in order: ``written`` (1 once the block is stored), then the diagnostics.
-RECORD_FIELDS: tuple[str, ...] = ("written", *DIAGNOSTICS)
+#: Fields of a block record, in order: ``written`` (1 once the block is stored), the diagnostics, then
+#: ``direction``: the direction its tiles were fitted in (their image's, or before the image is decided, the
+#: majority of the block's own tiles: see :mod:`pipeline.job.finish`).
+RECORD_FIELDS: tuple[str, ...] = ("written", *DIAGNOSTICS, "direction")
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,7 @@ def block_record(results: dict[str, np.ndarray], shape: tuple[int, int]) -> np.n
     """``(ny, nx, field)`` record of a block's tiles from per-tile results (raster order)."""
     record = np.empty((*shape, len(RECORD_FIELDS)), dtype=np.float64)
     record[..., 0] = 1.0
-    for i, name in enumerate(DIAGNOSTICS, start=1):
+    for i, name in enumerate(RECORD_FIELDS[1:], start=1):
         record[..., i] = np.asarray(results[name], dtype=np.float64).reshape(shape)
     return record
 
@@ -353,6 +355,8 @@ class ImageResults:
     #: ``(y, x, ky, kx)``: the image's kernels, written with its records where given (a sharded store, whose
     #: blocks' tasks write nothing); ``None`` where the blocks wrote both
     kernels: np.ndarray | None = None
+    #: the image's direction (``FORWARD``, ``REVERSE``), written with its model; 0 leaves it as stored
+    direction: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -678,21 +682,14 @@ class OutputStore:
         return np.asarray(zarr.open_group(self.location, mode="r")["model_degree"][:]) >= 0
 
     def read_directions(self) -> np.ndarray:
-        """``(image,)`` int8: each image's direction (``FORWARD``, ``REVERSE``), 0 where not decided yet; a
-        store written before directions existed reads as all forward."""
+        """``(image,)`` int8: each image's direction (``FORWARD``, ``REVERSE``), written with its model, 0
+        where the image is not finished yet; a store written before directions existed reads as all
+        forward."""
         group = zarr.open_group(self.location, mode="r")
         if "direction" not in group:
             n = group["kernel"].shape[0]
             return np.full(n, FORWARD, dtype=np.int8)
         return np.asarray(group["direction"][:], dtype=np.int8)
-
-    def write_directions(self, directions: np.ndarray) -> None:
-        """Write the images' directions, ``(image,)`` with 0 where left as stored (the client only)."""
-        directions = np.asarray(directions, dtype=np.int8)
-        arr = zarr.open_group(self.location, mode="r+")["direction"]
-        for start, stop in consecutive_runs(np.flatnonzero(directions).tolist()):
-            images = np.flatnonzero(directions)[start:stop]
-            arr[images[0]:images[-1] + 1] = directions[images[0]:images[-1] + 1]
 
     def _block_arrays(self) -> dict[str, zarr.Array]:
         """The arrays blocks write, opened once per process and store (their metadata is read once).
@@ -788,6 +785,9 @@ class OutputStore:
                 coefficients[j, : len(values["model_coefficient"])] = values["model_coefficient"]
                 for name in scalars:
                     scalars[name][j] = values[name]
+            if any(r.direction for r in part):
+                stored = np.asarray(group["direction"][where])
+                group["direction"][where] = np.array([r.direction or d for r, d in zip(part, stored)], dtype=np.int8)
             residual = group["model_residual"]
             residual[where] = np.stack([r.residual for r in part]).astype(residual.dtype)
             coef[where] = coefficients

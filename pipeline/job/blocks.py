@@ -3,8 +3,9 @@
 A task reads its own pixels (and their variances, when the job names them)
 straight from the input store (no input graph moves data around), calls
 :func:`pipeline.estimate_kernels` on all the block's tiles at once, in the
-direction of the block's image (with the tiles' sharpness measure where the
-run measured it first, :class:`SharpnessTask`), writes the
+direction of the block's image (where that is not decided yet, in the
+direction of the majority of the block's own tiles; :mod:`~pipeline.job.finish`
+fits again the blocks that turn out to go the other way), writes the
 kernels into the block's own chunk of the output store and then the block's
 record (its per-tile diagnostics, which mark it done); in a sharded store the
 client writes both instead, with the image's diagnostics.  What it returns is
@@ -25,13 +26,16 @@ import numpy as np
 from .. import flags as fl
 from ..core.estimate import FORWARD, estimate_kernels, tile_sharpness
 from ..core.joint import pack_statistics
-from ..core.sharpness import Sharpness
+from ..core.sharpness import image_direction
 from ..core.tiles import Block, TileGrid
 from ..io.inputs import InputReader
 from ..io.store import OutputStore, block_record
 from .config import JobConfig
 
-__all__ = ["BlockResult", "BlockTask", "DirectedTask", "SharpnessTask"]
+__all__ = ["UNDECIDED", "BlockResult", "BlockTask", "DirectedTask"]
+
+#: The direction of a block whose image's direction is not decided yet: its own tiles' majority is taken.
+UNDECIDED = 0
 
 
 @dataclass(frozen=True)
@@ -70,22 +74,28 @@ class BlockTask:
     #: computed as before, not written
     recompute: frozenset[tuple[int, int, int]] = frozenset()
 
-    def __call__(self, block: Block, direction: int = FORWARD, measure: Sharpness | None = None) -> BlockResult:
-        """Read the block's pixels, estimate every tile in the image's ``direction``, write the block's chunks
-        and record; ``measure``: the tiles' sharpness if measured already (else measured here)."""
+    def __call__(self, block: Block, direction: int = UNDECIDED) -> BlockResult:
+        """Read the block's pixels, estimate every tile in ``direction`` (its image's; ``UNDECIDED``: the
+        majority of the block's own tiles, by which image is sharper), write the block's chunks and record."""
         ys, xs = self.grid.pixel_region(block)
         pixels = self.reader.read(block.image, ys, xs)
         src, tgt, mask, var, src_var = (None if a is None else self.grid.cut(a, block) for a in pixels)
         del pixels
         kernel = self.job.kernel
         joint = self.job.model.method == "joint"
+        measure = None
+        if direction == UNDECIDED:
+            measure = tile_sharpness(src, tgt, kernel_size=kernel.size, mask=mask, variance=var,
+                                     source_variance=src_var)
+            direction = FORWARD if measure is None else image_direction(measure.width_difference,
+                                                                        measure.uncertainty)
         res = estimate_kernels(
             src, tgt, kernel_size=kernel.size, method=kernel.method, mask=mask, variance=var,
             source_variance=src_var, normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
             statistics=joint, direction=np.int8(direction), sharpness=measure, **kernel.estimator_options(),
         )
         shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
-        record = block_record({**res.as_dict(), "quality_flag": res.flags}, shape)
+        record = block_record({**res.as_dict(), "quality_flag": res.flags}, shape)  # and res.direction
         kernels = res.kernels.reshape(*shape, kernel.size, kernel.size).astype(self.job.output.dtype)
         write = (block.image, block.by, block.bx) not in self.recompute
         if write and not self.store.sharded:  # a sharded store's blocks are written by the client
@@ -93,52 +103,33 @@ class BlockTask:
         statistics = pack_statistics(res.statistics) if joint else None
         return BlockResult(block, record, kernels, int(np.count_nonzero(res.flags & fl.BAD)), statistics, write)
 
-    def delayed(self, block: Block, direction: int = FORWARD, measure: Sharpness | None = None) -> Any:
-        """The block's Dask task, named after the block."""
+    def delayed(self, block: Block, direction: int = UNDECIDED, name: str | None = None) -> Any:
+        """The block's Dask task, named after the block (or ``name``)."""
         import dask
 
-        name = f"kernelmap-block-{block.image}-{block.by}-{block.bx}"
-        return dask.delayed(self, pure=False)(block, direction, measure, dask_key_name=name)
-
-
-@dataclass(frozen=True)
-class SharpnessTask:
-    """The sharpness measure of a block's tiles (:func:`~pipeline.core.sharpness.sharpness`): what
-    ``kernel.direction: auto`` decides an image's direction from, before its kernels are estimated."""
-
-    reader: InputReader
-    grid: TileGrid
-    kernel_size: int
-
-    def __call__(self, block: Block) -> tuple[Block, Sharpness | None]:
-        ys, xs = self.grid.pixel_region(block)
-        pixels = self.reader.read(block.image, ys, xs)
-        src, tgt, mask, var, src_var = (None if a is None else self.grid.cut(a, block) for a in pixels)
-        del pixels
-        return block, tile_sharpness(src, tgt, kernel_size=self.kernel_size, mask=mask, variance=var,
-                                     source_variance=src_var)
-
-    def delayed(self, block: Block) -> Any:
-        import dask
-
-        name = f"kernelmap-sharpness-{block.image}-{block.by}-{block.bx}"
-        return dask.delayed(self, pure=False)(block, dask_key_name=name)
+        name = name or f"kernelmap-block-{block.image}-{block.by}-{block.bx}"
+        return dask.delayed(self, pure=False)(block, direction, dask_key_name=name)
 
 
 @dataclass(frozen=True)
 class DirectedTask:
-    """A :class:`BlockTask` given each block's image direction and, where the pre-pass measured them, its
-    tiles' sharpness (the client's view: these travel with each block's task)."""
+    """A :class:`BlockTask` given each block's image direction (the client's view: it travels with each
+    block's task); the blocks in ``refits`` are fitted again in a direction decided since, and written even
+    where the task leaves stored blocks as they are (``BlockTask.recompute``)."""
 
     task: BlockTask
-    directions: np.ndarray  #: ``(image,)`` int8, every image with blocks to compute decided
-    measures: dict[tuple[int, int, int], Sharpness]
+    directions: np.ndarray  #: ``(image,)`` int8: ``FORWARD``, ``REVERSE`` or ``UNDECIDED``
+    refits: set[tuple[int, int, int]] = dataclasses.field(default_factory=set)
 
-    def _arguments(self, block: Block) -> tuple[int, Sharpness | None]:
-        return int(self.directions[block.image]), self.measures.pop((block.image, block.by, block.bx), None)
+    def _task(self, block: Block) -> BlockTask:
+        if (block.image, block.by, block.bx) in self.refits:
+            return dataclasses.replace(self.task, recompute=frozenset())
+        return self.task
 
     def __call__(self, block: Block) -> BlockResult:
-        return self.task(block, *self._arguments(block))
+        return self._task(block)(block, int(self.directions[block.image]))
 
     def delayed(self, block: Block) -> Any:
-        return self.task.delayed(block, *self._arguments(block))
+        key = (block.image, block.by, block.bx)
+        name = f"kernelmap-refit-{block.image}-{block.by}-{block.bx}" if key in self.refits else None
+        return self._task(block).delayed(block, int(self.directions[block.image]), name=name)

@@ -7,6 +7,18 @@ by this run and, on a resumed run, those of the blocks already in the store
 image none of whose tiles has a usable kernel is noted
 (:attr:`ImageFinisher.unusable`) with the number of tiles of each flag that made
 them unusable.
+
+Directions (``kernel.direction``): an image whose direction is not decided
+(``auto``; the store's ``direction`` is written with the image's model) has
+each block fitted in the direction of the majority of the block's own tiles
+(:class:`~pipeline.job.blocks.BlockTask`).  Once all its blocks are in, the
+image takes the direction of the majority of all its tiles
+(:func:`~pipeline.core.sharpness.image_direction`, from the tiles' measures in
+the records), and the blocks fitted the other way are fitted again in it
+(:meth:`ImageFinisher.take_refits`: only where the field crosses over, or a
+block's tiles are nearly equal) before the image is finished.  Every tile of
+a finished image is thus fitted in its image's direction, as if that had been
+known from the start, whatever the order of the blocks or any interruption.
 """
 
 from __future__ import annotations
@@ -21,8 +33,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
+from ..core.estimate import FORWARD
 from ..core.field import KernelField, fit_tiles, tile_weights
 from ..core.joint import PackedGrams, core_radius_for, fit_joint_tiles, variation_for
+from ..core.sharpness import image_direction
 from ..core.tiles import Block, TileGrid
 from ..io.store import IMAGES_PER_CHUNK, RECORD_FIELDS, ImageResults, OutputStore
 from .blocks import BlockResult
@@ -137,8 +151,14 @@ class ImageFinisher:
     FLUSH_IMAGES = IMAGES_PER_CHUNK
     FLUSH_SECONDS = 10.0
 
-    def __init__(self, store: OutputStore, grid: TileGrid, n_images: int, model: ModelConfig):
+    def __init__(self, store: OutputStore, grid: TileGrid, n_images: int, model: ModelConfig,
+                 directions: np.ndarray | None = None):
         self.store, self.grid, self.model = store, grid, model
+        #: each image's direction; 0 (undecided) until its blocks are all in
+        self.directions = (np.full(n_images, FORWARD, dtype=np.int8) if directions is None
+                           else np.array(directions, dtype=np.int8))
+        #: blocks to fit again in their image's direction, decided since they were fitted: see take_refits
+        self.refits: list[tuple[Block, int]] = []
         #: images written together: a shard's worth where the store is sharded (each write of part of a shard
         #: rewrites it whole)
         self.flush_images = max(self.FLUSH_IMAGES, store.images_per_shard)
@@ -190,7 +210,36 @@ class ImageFinisher:
         for block, record, kernels in self.store.read_blocks(blocks):
             self.add(block, record, kernels)
 
+    def _directed(self, image: int) -> bool:
+        """Decide ``image``'s direction where it is not, and queue its blocks fitted the other way to be
+        fitted again (:meth:`take_refits`); whether every tile of it is fitted in its direction."""
+        records = self.records[image]
+        if self.directions[image] == 0:
+            field = {name: records[..., RECORD_FIELDS.index(name)] for name in ("width_difference",
+                                                                            "width_difference_error")}
+            self.directions[image] = image_direction(field["width_difference"], field["width_difference_error"])
+        direction = int(self.directions[image])
+        fitted = records[..., RECORD_FIELDS.index("direction")]
+        wrong = [block for block in self.grid.blocks(1)
+                 if np.any(fitted[block.ty0:block.ty1, block.tx0:block.tx1] != direction)]
+        if not wrong:
+            return True
+        self.missing[image] = len(wrong)
+        keys = {(b.by, b.bx) for b in wrong}
+        if image in self.statistics:  # the refits bring their own
+            self.statistics[image] = [(b, st) for b, st in self.statistics[image] if (b.by, b.bx) not in keys]
+        self.refits += [(dataclasses.replace(b, image=image), direction) for b in wrong]
+        return False
+
+    def take_refits(self) -> list[tuple[Block, int]]:
+        """The blocks to fit again, each with its image's direction, queued since the last call; their
+        results come back through :meth:`add` as any block's."""
+        refits, self.refits = self.refits, []
+        return refits
+
     def _finish(self, image: int) -> None:
+        if not self._directed(image):
+            return
         records, kernels = self.records.pop(image), self.kernels.pop(image)
         field = {name: records[..., i] for i, name in enumerate(RECORD_FIELDS)}
         flags = field["quality_flag"].astype(np.int64)
@@ -237,7 +286,8 @@ class ImageFinisher:
         self.tiles_target_sharper += int(np.count_nonzero(flags & fl.TARGET_SHARPER))
         self.tiles_nearly_equal += int(np.count_nonzero(flags & fl.NEARLY_EQUAL))
         self.pending.append(ImageResults(fit.image, records, extra, fit.model, fit.residual,
-                                         kernels if self.store.sharded else None))
+                                         kernels if self.store.sharded else None,
+                                         direction=int(self.directions[fit.image])))
         if len(self.pending) >= self.flush_images or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
             self.flush()
 

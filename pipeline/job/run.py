@@ -1,11 +1,10 @@
 """Running a job: plan it (:mod:`~pipeline.job.plan`), then execute the plan.
 
 Executing a plan opens the output store as the plan says (create, overwrite or
-resume), decides the direction of every image with blocks to compute that has
-none stored yet (``kernel.direction``; with ``auto`` by measuring which image of
-each tile is sharper first, :class:`~pipeline.job.blocks.SharpnessTask`, the
-image taking its tiles' majority) and writes it before any of its blocks,
-runs the task of every block not yet done (:mod:`~pipeline.job.blocks`)
+resume), runs the task of every block not yet done (:mod:`~pipeline.job.blocks`;
+with ``kernel.direction: auto`` a block of an image whose direction is not
+decided goes its own tiles' majority way, and the finisher fits again the
+blocks of an image that went the other way, :mod:`~pipeline.job.finish`)
 where ``compute.scheduler`` says (:mod:`~pipeline.job.executors`), gives each
 block result to the image finisher (:mod:`~pipeline.job.finish`), which writes
 an image's diagnostics and kernel-field model once all its blocks are in, and
@@ -33,18 +32,18 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
+from operator import methodcaller
 from typing import Any
 
 import numpy as np
 
 from .. import flags as fl
-from ..core.sharpness import Sharpness, image_direction
 from ..core.tiles import EDGE, Block
 from ..errors import OptionError
 from ..io.lock import OutputLock
 from ..io.paths import path_within
 from ..io.store import FORWARD, RECORD_FIELDS, REVERSE, OutputStore
-from .blocks import BlockResult, BlockTask, DirectedTask, SharpnessTask
+from .blocks import UNDECIDED, BlockResult, BlockTask, DirectedTask
 from .config import JobConfig, load_job
 from .executors import WORKER_ENV, connect, run_in_threads, run_on_client
 from .finish import ImageFinisher, ImageFit, JointFit, fit_image
@@ -135,6 +134,9 @@ class RunSummary:
     #: tiles whose two images are ``nearly_equal``
     tiles_target_sharper: int = 0
     tiles_nearly_equal: int = 0
+    #: tiles fitted a second time: their block went its own tiles' majority way before its image's direction was
+    #: decided, and the image went the other way (``kernel.direction: auto``, fields that cross over)
+    tiles_refitted: int = 0
 
     @property
     def tiles_per_second(self) -> float:
@@ -166,6 +168,8 @@ class RunSummary:
                      "against their image's direction)")
         if self.tiles_nearly_equal:
             text += f"; {self.tiles_nearly_equal} tiles nearly_equal (kernel close to a delta)"
+        if self.tiles_refitted:
+            text += f"; {self.tiles_refitted} tiles fitted again in their image's direction"
         if self.unusable_images:
             text += f"; every tile unusable in {len(self.unusable_images)} image(s)"
         if self.unmodelled_images:
@@ -263,51 +267,14 @@ def _run_blocks(job: JobConfig, client: Any, task: Any, blocks: list[Block], on_
                        workers=1 if c.scheduler == "synchronous" else c.n_workers * c.threads_per_worker)
 
 
-def _directions(plan: Plan, store: OutputStore, pending: list[Block], *, client: Any, log: Callable[[str], None],
-                progress: bool) -> tuple[np.ndarray, dict[tuple[int, int, int], Sharpness]]:
-    """Each image's direction, decided and written for the images with blocks to compute that have none yet,
-    and the sharpness measured on the way (by block, for the blocks' tasks to use).
-
-    ``kernel.direction: forward`` or ``reverse`` sets it; ``auto`` measures
-    every tile of those images first (:class:`~pipeline.job.blocks.SharpnessTask`)
-    and gives each image the direction of the majority of its tiles
-    (:func:`~pipeline.core.sharpness.image_direction`).  The directions are
-    written before any of the image's blocks, so a resumed run keeps them.
-    """
-    job = plan.job
+def _directions(job: JobConfig, store: OutputStore) -> np.ndarray:
+    """Each image's direction as the run starts: as stored for the images finished already, the job's
+    ``kernel.direction`` for the others, or ``UNDECIDED`` with ``auto`` (decided by the finisher once all
+    the image's blocks are in, :mod:`~pipeline.job.finish`)."""
     directions = store.read_directions()
-    undecided = sorted({b.image for b in pending if directions[b.image] == 0})
-    measures: dict[tuple[int, int, int], Sharpness] = {}
-    if not undecided:
-        return directions, measures
-    decided = np.zeros_like(directions)
     if job.kernel.direction != "auto":
-        decided[undecided] = FORWARD if job.kernel.direction == "forward" else REVERSE
-    else:
-        wanted = set(undecided)
-        blocks = [b for b in plan.blocks if b.image in wanted]
-        ty, tx = plan.grid.shape
-        widths = {image: np.full((2, ty, tx), np.nan) for image in undecided}
-        bar = Progress(sum(b.n_tiles for b in blocks), log, progress)
-        if progress:
-            log(f"measuring which image is sharper: {len(blocks)} blocks of {len(undecided)} image(s)")
-
-        def measured(result: tuple[Block, Sharpness | None]) -> None:
-            block, measure = result
-            if measure is not None:
-                measures[block.image, block.by, block.bx] = measure
-                shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
-                region = (slice(None), slice(block.ty0, block.ty1), slice(block.tx0, block.tx1))
-                widths[block.image][region] = np.stack([measure.width_difference.reshape(shape),
-                                                        measure.uncertainty.reshape(shape)])
-            bar.update(block.n_tiles)
-
-        _run_blocks(job, client, SharpnessTask(plan.inputs.reader, plan.grid, job.kernel.size), blocks, measured,
-                    log=log)
-        for image, (width, error) in widths.items():
-            decided[image] = image_direction(width, error)
-    store.write_directions(decided)
-    return np.where(decided != 0, decided, directions).astype(np.int8), measures
+        directions[directions == UNDECIDED] = FORWARD if job.kernel.direction == "forward" else REVERSE
+    return directions
 
 
 def _check_report_path(report: str, job: JobConfig) -> None:
@@ -326,7 +293,7 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
     blocks, done = plan.blocks, plan.done
     pending = [b for b in blocks if not done[b.image, b.by, b.bx]]
     stored = [b for b in blocks if done[b.image, b.by, b.bx]]
-    flagged = 0
+    flagged: dict[tuple[int, int, int], int] = {}  # unusable tiles of each block computed, as last computed
     with ExitStack() as stack:
         get_client = connect(job, stack, log) if client is None else None
         if plan.grid.block_tiles != plan.asked_block_tiles:
@@ -346,7 +313,8 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
                 n = len({b.image for b in recompute})
                 log(f"computing {len(recompute)} stored blocks again for the joint model's statistics "
                     f"({n} image{'s' if n > 1 else ''} without a model yet)")
-        finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model)
+        directions = _directions(job, store)
+        finisher = ImageFinisher(store, plan.grid, plan.layout.n_images, job.model, directions)
         if job.model.method == "joint":
             for block, record, kernels in without_model:
                 finisher.add(block, record, kernels)
@@ -356,13 +324,30 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
         held: dict[tuple[int, int, int], Any] | None = None  # blocks' results kept on the workers (joint model)
         nby, nbx = plan.grid.blocks_shape
 
+        task = BlockTask(plan.inputs.reader, plan.grid, job, store,
+                         frozenset((b.image, b.by, b.bx) for b in recompute))
+        directed = DirectedTask(task, finisher.directions, set())
+        refitted: list[int] = []  # tiles of each block fitted again
+
+        def refit(block: Block, direction: int) -> Any:
+            """Fit ``block`` again in its image's direction: a future of its result (a client), else the result."""
+            directed.refits.add((block.image, block.by, block.bx))
+            bar.total += block.n_tiles
+            refitted.append(block.n_tiles)
+            if client is None:
+                return directed(block)
+            future = client.compute(directed.delayed(block))
+            if held is None:
+                return future
+            held[block.image, block.by, block.bx] = future
+            return client.submit(methodcaller("without_statistics"), future, key=f"{future.key}-read", pure=False)
+
         def finished(result: BlockResult | ImageFit) -> list[Any]:
-            nonlocal flagged
             if isinstance(result, ImageFit):  # a model fitted on a worker
                 finisher.fitted(result)
                 return []
             if result.written:
-                flagged += result.flagged
+                flagged[result.block.image, result.block.by, result.block.bx] = result.flagged
             image = result.block.image
             finisher.add(result.block, result.record, result.kernels, result.statistics)
             bar.update(result.n_tiles)
@@ -370,14 +355,26 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
                 # an image finished without a fit (no usable tile) leaves its blocks' results on the workers
                 for key in [(image, by, bx) for by in range(nby) for bx in range(nbx)]:
                     held.pop(key, None)
-            return finisher.take_submitted()
+            more = finisher.take_submitted()
+            for block, _ in finisher.take_refits():  # blocks fitted the other way from their image
+                again = refit(block, int(finisher.directions[block.image]))
+                if client is None:
+                    more += finished(again) or []
+                else:
+                    more.append(again)
+            return more
 
         if get_client is not None:
             client = get_client()
         if client is not None and progress:
             log(f"dashboard: {client.dashboard_link}")
-        directions, measures = _directions(plan, store, pending, client=client, log=log, progress=progress)
         bar = Progress(sum(b.n_tiles for b in pending + recompute), log, progress)
+        # blocks read back from the store whose image, now complete, went the other way: fitted again first
+        early = finisher.take_refits()
+        for block, _ in early:
+            directed.refits.add((block.image, block.by, block.bx))
+            bar.total += block.n_tiles
+            refitted.append(block.n_tiles)
         if client is not None and job.model.method == "joint":
             # each image's joint fit runs on a worker, beside the blocks of other images and before them, from
             # its blocks' results, which stay on the workers: the client reads only their kernels and records
@@ -389,12 +386,10 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
                                      priority=1)
 
             finisher.offload = offload
-        task = BlockTask(plan.inputs.reader, plan.grid, job, store,
-                         frozenset((b.image, b.by, b.bx) for b in recompute))
-        work = pending + recompute
+        work = [block for block, _ in early] + pending + recompute
         try:
-            _run_blocks(job, client, DirectedTask(task, directions, measures), work, finished, log=log,
-                        performance_report=performance_report, held=held)
+            _run_blocks(job, client, directed, work, finished, log=log, performance_report=performance_report,
+                        held=held)
         except BaseException:  # interrupted, or a task failed: the images finished so far are kept (a sharded
             with suppress(Exception):  # store has their kernels only here), the cause raised as it was
                 finisher.flush()
@@ -407,13 +402,13 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
     unusable = tuple(UnusableImage(int(i), str(labels[i]), tiles_per_image, counts)
                      for i, counts in sorted(finisher.unusable.items()))
     summary = RunSummary(opening.output, plan.n_tiles, plan.n_tiles - skipped_tiles, skipped_tiles,
-                         flagged, len(pending), len(blocks) - len(pending), seconds,
+                         sum(flagged.values()), len(pending), len(blocks) - len(pending), seconds,
                          unusable_images=unusable, method=job.kernel.method, n_images=plan.layout.n_images,
                          unmodelled_images=tuple(str(labels[i]) for i in sorted(finisher.unmodelled)),
                          tiles_with_problems=finisher.tiles_with_problems,
                          images_reversed=int(np.count_nonzero(store.read_directions() == REVERSE)),
                          tiles_target_sharper=finisher.tiles_target_sharper,
-                         tiles_nearly_equal=finisher.tiles_nearly_equal)
+                         tiles_nearly_equal=finisher.tiles_nearly_equal, tiles_refitted=sum(refitted))
     store.mark_complete({"kernelmap_finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     opening.finish(store, log=log)  # a replacement written beside the output swapped into place
     if progress:
