@@ -237,9 +237,10 @@ def _describe_coverage(grid: TileGrid) -> str:
 
 def _describe_direction(direction: str) -> str:
     if direction == "auto":
-        return ("auto: each image's tiles are measured first (which image is sharper) and the image fitted in "
-                "the direction of the majority: forward, target = kernel * source + background, or reverse, "
-                "source = kernel * target + background (one more read of the input)")
+        return ("auto: each image fitted in the direction of the majority of its tiles, by which image is sharper: "
+                "forward, target = kernel * source + background, or reverse, source = kernel * target + "
+                "background (a block goes its own tiles' way until its image is complete; blocks that went the "
+                "other way are fitted again)")
     if direction == "forward":
         return "forward for every image: target = kernel * source + background (tiles whose target is sharper "\
                "are flagged target_sharper)"
