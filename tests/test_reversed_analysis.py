@@ -175,6 +175,9 @@ def test_reversed_images_say_so_in_their_kernel_mosaics_panels_and_units(reverse
     assert "2 forward images (1 reverse left out)" in figs["pca"]._suptitle.get_text()
     assert "over the 2 forward images (1 reverse left out)" in figs["stack"]._suptitle.get_text()
     assert "sharper" in caption("pca", ds, result) and "trends-direction" in figs
+    labels = [ax.get_ylabel() for ax in figs["trends-direction"].axes]
+    assert "median flux scale (ratio target/source; source/target where reverse)" in labels
+    assert "median background (target units, ADU; source units where reverse)" in labels
 
 
 def test_target_sharper_is_a_problem_coloured_apart_and_nearly_equal_is_information(reversed_map, reversed_figures):

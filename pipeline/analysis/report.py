@@ -582,12 +582,21 @@ def _trend_figure(plt, result: Survey, coord: Coordinate, ds: xr.Dataset | None 
                        color="tab:red", marker="x", label=f"{int(t.outlier.sum())} outlier(s)")
         if t.outlier.any() or (groups is not None and colours):
             ax.legend(fontsize=6, loc="upper right", ncol=2)  # "best" scans every point: slow
-        ax.set_ylabel(TREND_QUANTITIES[name].label, fontsize=8)
+        ax.set_ylabel(_trend_label(result, name), fontsize=8)
     if coord.kind == "categorical":
         axes[-1].set_xticks(np.arange(len(coord.groups)), coord.groups, rotation=45 if len(coord.groups) > 6 else 0,
                             fontsize=7)
     axes[-1].set_xlabel(coordinate_label(coord, ds))
     return fig
+
+
+def _trend_label(result: Survey, name: str) -> str:
+    """The axis label of a trended quantity, naming the reverse images' units too where the stack has any."""
+    label = TREND_QUANTITIES[name].label
+    unit = {"flux_median": "flux", "background_median": "background"}.get(name)
+    if unit is not None and result.directions is not None and (result.directions == REVERSE).any():
+        label = label[:-1] + REVERSE_UNITS[unit] + ")"
+    return label
 
 
 def _pca_unit(result: Survey) -> str:
