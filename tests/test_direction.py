@@ -92,6 +92,22 @@ def test_any_mix_of_directions_fits_each_tile_as_alone(tiles, directions):
         np.testing.assert_allclose(mixed.flux[i], alone.flux[0], rtol=1e-13)  # a sum: in any order
 
 
+def test_majority_fits_the_whole_batch_the_way_most_of_its_tiles_go(tiles):
+    src, tgt, _ = tiles
+    sources = np.concatenate([tgt[:4], src[4:]])  # the first four tiles' targets are the sharper images
+    targets = np.concatenate([src[:4], tgt[4:]])
+    auto = km.estimate_kernels(sources, targets, kernel_size=K, direction="auto")
+    np.testing.assert_array_equal(auto.direction, [-1, -1, -1, -1, 1, 1])
+    majority = km.estimate_kernels(sources, targets, kernel_size=K, direction="majority")
+    reverse = km.estimate_kernels(sources, targets, kernel_size=K, direction="reverse")
+    np.testing.assert_array_equal(majority.direction, -1)
+    for name in ("kernels", "flux", "background", "flags", "width_difference"):
+        np.testing.assert_array_equal(getattr(majority, name), getattr(reverse, name), err_msg=name)
+    assert np.all(majority.flags[4:] & fl.TARGET_SHARPER) and not np.any(majority.flags[:4] & fl.TARGET_SHARPER)
+    one = km.estimate_kernels(targets[4:], sources[4:], kernel_size=K, direction="majority")
+    np.testing.assert_array_equal(one.direction, -1)  # the last two alone, exchanged: reverse as well
+
+
 @pytest.mark.parametrize("bad", ["backward", "Auto", 2, [1, 0, 1, 1, 1, 1], 1.0, [1, -1]])
 def test_an_unknown_direction_is_refused_naming_the_choices(tiles, bad):
     src, tgt, _ = tiles

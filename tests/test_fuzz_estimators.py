@@ -127,7 +127,7 @@ def cases(draw) -> dict:
         args["find_defects"] = draw(st.booleans())
     args["normalize"] = draw(st.booleans())
     args["workers"] = draw(st.sampled_from([1, 2]))
-    args["direction"] = draw(st.sampled_from(["forward", "forward", "auto", "reverse"]))
+    args["direction"] = draw(st.sampled_from(["forward", "forward", "auto", "reverse", "majority"]))
     return args
 
 

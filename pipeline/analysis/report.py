@@ -293,12 +293,17 @@ def _panel_title(ds: xr.Dataset, i: int, always: bool = False) -> str:
     return _label(ds, i)
 
 
+def _with_reverse_units(label: str, unit: str | None, directions: np.ndarray | None) -> str:
+    """``label`` (its unit in parentheses) naming the reverse images' units too (:data:`REVERSE_UNITS`
+    ``unit``: ``flux`` or ``background``) where ``directions`` hold a reverse image."""
+    if unit in REVERSE_UNITS and directions is not None and (np.asarray(directions) == REVERSE).any():
+        return label[:-1] + REVERSE_UNITS[unit] + ")"
+    return label
+
+
 def _unit_label(ds: xr.Dataset, name: str, images: list[int]) -> str:
     """The colour-bar label of ``name``, naming the reverse images' units too where some of ``images`` are."""
-    label = LABELS[name]
-    if name in REVERSE_UNITS and (image_directions(ds)[images] == REVERSE).any():
-        label = label[:-1] + REVERSE_UNITS[name] + ")"
-    return label
+    return _with_reverse_units(LABELS[name], name, image_directions(ds)[images])
 
 
 def _limits(values: np.ndarray, symmetric: bool = False) -> tuple[float, float]:
@@ -592,11 +597,8 @@ def _trend_figure(plt, result: Survey, coord: Coordinate, ds: xr.Dataset | None 
 
 def _trend_label(result: Survey, name: str) -> str:
     """The axis label of a trended quantity, naming the reverse images' units too where the stack has any."""
-    label = TREND_QUANTITIES[name].label
     unit = {"flux_median": "flux", "background_median": "background"}.get(name)
-    if unit is not None and result.directions is not None and (result.directions == REVERSE).any():
-        label = label[:-1] + REVERSE_UNITS[unit] + ")"
-    return label
+    return _with_reverse_units(TREND_QUANTITIES[name].label, unit, result.directions)
 
 
 def _pca_unit(result: Survey) -> str:

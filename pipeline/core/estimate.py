@@ -44,7 +44,7 @@ from .moments import FWHM_PER_SIGMA, adaptive_moments
 from .options import LstsqOptions, MethodOptions, RatioOptions, WelchOptions, option_summary
 from .ratio import ratio_kernels
 from .sharpness import MIN_TILE as SHARPNESS_MIN_TILE
-from .sharpness import Sharpness, direction_flags
+from .sharpness import Sharpness, direction_flags, image_direction
 from .sharpness import sharpness as measure_sharpness
 from .validate import as_image_stack, check_kernel_size, check_positive_int, either_bad
 from .welch import welch_kernels
@@ -54,8 +54,11 @@ __all__ = ["REGISTRY", "METHODS", "DEFAULT_METHOD", "DIRECTIONS", "Method", "Ker
 
 #: ``direction`` choices: ``forward`` fits ``target ~ K (*) source + b``, ``reverse`` fits
 #: ``source ~ K (*) target + b``, ``auto`` each tile in the well-posed direction (its blurrier image
-#: fitted), by the sharpness measure of :mod:`pipeline.core.sharpness`.
-DIRECTIONS = ("forward", "reverse", "auto")
+#: fitted), ``majority`` every tile in the direction of the majority of the batch's tiles
+#: (:func:`~pipeline.core.sharpness.image_direction`), by the sharpness measure of :mod:`pipeline.core.sharpness`.
+DIRECTIONS = ("forward", "reverse", "auto", "majority")
+#: The choices that need the sharpness measure.
+_MEASURED = ("auto", "majority")
 FORWARD, REVERSE = 1, -1
 
 
@@ -435,20 +438,24 @@ def tile_directions(direction: str | np.ndarray | int, n: int, measure: Sharpnes
     ``"forward"``, ``"reverse"``, ``+1``/``-1`` or an ``(n,)`` array of them as
     given; ``"auto"``: reverse where ``measure`` says the target is sharper
     beyond the tolerance (``Sharpness.target_sharper``), forward elsewhere
-    (nearly equal pairs, tiles not measured).
+    (nearly equal pairs, tiles not measured); ``"majority"``: every tile the
+    way most of them go (:func:`~pipeline.core.sharpness.image_direction`;
+    forward where none is measured).
     """
     if isinstance(direction, str):
         if direction not in DIRECTIONS:
             raise OptionError(f"direction={direction!r} is not known; choose one of {', '.join(DIRECTIONS)}")
+        if direction in _MEASURED and measure is None:
+            return np.full(n, FORWARD, dtype=np.int8)
         if direction == "auto":
-            if measure is None:
-                return np.full(n, FORWARD, dtype=np.int8)
             return np.where(measure.target_sharper, REVERSE, FORWARD).astype(np.int8)
+        if direction == "majority":
+            return np.full(n, image_direction(measure.width_difference, measure.uncertainty), dtype=np.int8)
         return np.full(n, FORWARD if direction == "forward" else REVERSE, dtype=np.int8)
     values = np.asarray(direction)
     if values.dtype.kind not in "iu" or values.shape not in ((), (n,)) or not np.isin(values, (FORWARD, REVERSE)).all():
-        raise OptionError(f"direction must be 'forward', 'reverse', 'auto', or 1 / -1 per tile ({n} values), "
-                          f"got {direction!r}")
+        raise OptionError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, or 1 / -1 per tile "
+                          f"({n} values), got {direction!r}")
     return np.broadcast_to(values, (n,)).astype(np.int8)
 
 
@@ -515,11 +522,12 @@ def estimate_kernels(
         fit's residual, noise and snr then describe that fit, in the
         source's units); ``"auto"``: reverse where the target is measurably
         sharper (:func:`~pipeline.core.sharpness.sharpness`), forward
-        elsewhere; or ``1``/``-1`` per tile.  :attr:`KernelEstimates.direction`
-        says which each tile got.
+        elsewhere; ``"majority"``: the whole batch the way most of its tiles
+        go (as a job fits an image); or ``1``/``-1`` per tile.
+        :attr:`KernelEstimates.direction` says which each tile got.
     sharpness
         The tiles' sharpness measure if already computed (else it is
-        measured with the diagnostics, or for ``"auto"``; tiles smaller than
+        measured with the diagnostics, or for ``"auto"`` and ``"majority"``; tiles smaller than
         16 pixels are not measured).  Where a kernel sharpens (the image it
         is fitted to is the sharper one) the tile is flagged
         ``target_sharper``; where the two are nearly equal, ``nearly_equal``.
@@ -544,11 +552,11 @@ def estimate_kernels(
         raise OptionError(f"statistics=True needs method='lstsq' (the normal equations of its fits), not {method!r}")
     src, tgt, bad, size, exponents = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
     n = len(tgt)
-    auto = isinstance(direction, str) and direction == "auto"
-    if not auto:  # checked before the work
-        tile_directions(direction, n)
-    measure = _sharpness(src, tgt, bad, sharpness, measure=diagnostics or auto)
-    directions = tile_directions(direction, n, measure)
+    measured = isinstance(direction, str) and direction in _MEASURED
+    directions = None if measured else tile_directions(direction, n)  # checked before the work
+    measure = _sharpness(src, tgt, bad, sharpness, measure=diagnostics or measured)
+    if directions is None:
+        directions = tile_directions(direction, n, measure)
     reverse = directions == REVERSE
     if not reverse.any():
         merged = _estimate_all(method, src, tgt, bad, size, opts, diagnostics, statistics, exponents, workers)

@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from .. import flags as fl
-from ..core.estimate import FORWARD, estimate_kernels, tile_sharpness
+from ..core.estimate import estimate_kernels
 from ..core.joint import pack_statistics
-from ..core.sharpness import image_direction
 from ..core.tiles import Block, TileGrid
 from ..io.inputs import InputReader
 from ..io.store import OutputStore, block_record
@@ -83,16 +82,11 @@ class BlockTask:
         del pixels
         kernel = self.job.kernel
         joint = self.job.model.method == "joint"
-        measure = None
-        if direction == UNDECIDED:
-            measure = tile_sharpness(src, tgt, kernel_size=kernel.size, mask=mask, variance=var,
-                                     source_variance=src_var)
-            direction = FORWARD if measure is None else image_direction(measure.width_difference,
-                                                                        measure.uncertainty)
         res = estimate_kernels(
             src, tgt, kernel_size=kernel.size, method=kernel.method, mask=mask, variance=var,
             source_variance=src_var, normalize=kernel.normalize, workers=1, diagnostics=kernel.diagnostics,
-            statistics=joint, direction=np.int8(direction), sharpness=measure, **kernel.estimator_options(),
+            statistics=joint, direction="majority" if direction == UNDECIDED else np.int8(direction),
+            **kernel.estimator_options(),
         )
         shape = (block.ty1 - block.ty0, block.tx1 - block.tx0)
         record = block_record({**res.as_dict(), "quality_flag": res.flags}, shape)  # and res.direction

@@ -157,8 +157,9 @@ class ImageFinisher:
         #: each image's direction; 0 (undecided) until its blocks are all in
         self.directions = (np.full(n_images, FORWARD, dtype=np.int8) if directions is None
                            else np.array(directions, dtype=np.int8))
-        #: blocks to fit again in their image's direction, decided since they were fitted: see take_refits
-        self.refits: list[tuple[Block, int]] = []
+        #: blocks to fit again in their image's direction (:attr:`directions`), decided since they were fitted:
+        #: see take_refits
+        self.refits: list[Block] = []
         #: images written together: a shard's worth where the store is sharded (each write of part of a shard
         #: rewrites it whole)
         self.flush_images = max(self.FLUSH_IMAGES, store.images_per_shard)
@@ -228,12 +229,12 @@ class ImageFinisher:
         keys = {(b.by, b.bx) for b in wrong}
         if image in self.statistics:  # the refits bring their own
             self.statistics[image] = [(b, st) for b, st in self.statistics[image] if (b.by, b.bx) not in keys]
-        self.refits += [(dataclasses.replace(b, image=image), direction) for b in wrong]
+        self.refits += [dataclasses.replace(b, image=image) for b in wrong]
         return False
 
-    def take_refits(self) -> list[tuple[Block, int]]:
-        """The blocks to fit again, each with its image's direction, queued since the last call; their
-        results come back through :meth:`add` as any block's."""
+    def take_refits(self) -> list[Block]:
+        """The blocks to fit again in their image's direction (:attr:`directions`), queued since the last
+        call; their results come back through :meth:`add` as any block's."""
         refits, self.refits = self.refits, []
         return refits
 

@@ -329,11 +329,15 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
         directed = DirectedTask(task, finisher.directions, set())
         refitted: list[int] = []  # tiles of each block fitted again
 
-        def refit(block: Block, direction: int) -> Any:
-            """Fit ``block`` again in its image's direction: a future of its result (a client), else the result."""
+        def mark_refit(block: Block) -> None:
+            """Count ``block`` as fitted again in its image's direction (written even if stored before)."""
             directed.refits.add((block.image, block.by, block.bx))
             bar.total += block.n_tiles
             refitted.append(block.n_tiles)
+
+        def refit(block: Block) -> Any:
+            """Fit ``block`` again in its image's direction: a future of its result (a client), else the result."""
+            mark_refit(block)
             if client is None:
                 return directed(block)
             future = client.compute(directed.delayed(block))
@@ -356,8 +360,8 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
                 for key in [(image, by, bx) for by in range(nby) for bx in range(nbx)]:
                     held.pop(key, None)
             more = finisher.take_submitted()
-            for block, _ in finisher.take_refits():  # blocks fitted the other way from their image
-                again = refit(block, int(finisher.directions[block.image]))
+            for block in finisher.take_refits():  # blocks fitted the other way from their image
+                again = refit(block)
                 if client is None:
                     more += finished(again) or []
                 else:
@@ -371,10 +375,8 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
         bar = Progress(sum(b.n_tiles for b in pending + recompute), log, progress)
         # blocks read back from the store whose image, now complete, went the other way: fitted again first
         early = finisher.take_refits()
-        for block, _ in early:
-            directed.refits.add((block.image, block.by, block.bx))
-            bar.total += block.n_tiles
-            refitted.append(block.n_tiles)
+        for block in early:
+            mark_refit(block)
         if client is not None and job.model.method == "joint":
             # each image's joint fit runs on a worker, beside the blocks of other images and before them, from
             # its blocks' results, which stay on the workers: the client reads only their kernels and records
@@ -386,7 +388,7 @@ def _execute(plan: Plan, *, client: Any, progress: bool, performance_report: str
                                      priority=1)
 
             finisher.offload = offload
-        work = [block for block, _ in early] + pending + recompute
+        work = early + pending + recompute
         try:
             _run_blocks(job, client, directed, work, finished, log=log, performance_report=performance_report,
                         held=held)
