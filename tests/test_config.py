@@ -426,7 +426,7 @@ def test_estimator_options():
     assert LstsqKernel(regularization=[1, 2]).estimator_options()["regularization"] == [1.0, 2.0]
     assert RatioKernel().estimator_options() == {}
     assert WelchKernel().estimator_options() == {
-        "segment_size": 64, "overlap": 0.5, "window": "hann", "regularization": 1e-3, "find_defects": True}
+        "segment_size": 64, "overlap": 0.5, "window": "hann", "regularization": "auto", "find_defects": True}
 
 
 def test_estimator_options_are_accepted_by_the_estimators():

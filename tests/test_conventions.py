@@ -80,11 +80,19 @@ def test_integer_shift_is_a_delta_at_centre_plus_shift(method, shift):
     assert rel_l2(est, kernel) < max(TOLERANCE[method], 1e-6) * 3
 
 
-@pytest.mark.parametrize(("method", "tolerance"), [("lstsq", 1e-6), ("welch", 0.5), ("ratio", 1e-8)])
-def test_shift_of_a_smooth_periodic_image(method, tolerance):
-    """A smooth source (little power at high frequencies) shifted: still a delta at the shift."""
+@pytest.mark.parametrize(("method", "options", "tolerance"),
+                         [("lstsq", {}, 1e-6), ("welch", {"regularization": 1e-3}, 0.5),
+                          ("welch", {}, 0.6), ("ratio", {}, 1e-8)])
+def test_shift_of_a_smooth_periodic_image(method, options, tolerance):
+    """A smooth source (little power at high frequencies) shifted: still a delta at the shift.
+
+    Noise free, the Welch segments' only misfit is the taper's, which generalised
+    cross-validation reads as noise: ``"auto"`` smooths (lam 0.01, 0.57) where a
+    small fixed ridge does not (1e-3: 0.42).
+    """
     img = gaussian_filter(np.random.default_rng(4).standard_normal((128, 128)), 1.0, mode="wrap")
-    est = km.estimate_kernel(img, np.roll(img, (3, -2), axis=(0, 1)), kernel_size=11, method=method)
+    est = km.estimate_kernel(img, np.roll(img, (3, -2), axis=(0, 1)), kernel_size=11, method=method,
+                             **options)
     assert np.unravel_index(np.argmax(est), est.shape) == (5 + 3, 5 - 2)
     assert rel_l2(est, delta(11, 3, -2)) < tolerance
 

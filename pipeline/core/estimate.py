@@ -7,8 +7,10 @@ Methods
     penalty whose strengths maximise the Bayesian evidence, plus one robust
     pass.  No edge artifact; accurate on noisy astronomical tiles.
 ``"welch"``
-    Overlapping tapered segments, averaged cross/auto spectra, regularised
-    division.  Faster; a taper bias of a few percent remains.
+    Overlapping tapered segments, averaged cross/auto spectra, a smoothness
+    penalty whose strength the segments' own noise sets per tile, the
+    kernel confined to its stamp.  Several times faster; less accurate where
+    the field is sparse or faint.
 ``"ratio"``
     The textbook ``FFT(target) / FFT(source)``: the baseline that shows the
     cross-shaped edge artifact and noise amplification.
@@ -119,7 +121,9 @@ class KernelEstimates:
     ellipticity: np.ndarray
     #: angle of the major axis from +x towards +y, degrees in (-90, 90]: ``atan2(e2, e1) / 2``
     position_angle: np.ndarray
-    regularization: np.ndarray  #: dimensionless ``lam`` used (lstsq; geometric mean over penalty terms), else NaN
+    #: dimensionless ``lam`` used (lstsq: geometric mean over penalty terms; welch: the Laplacian's or the
+    #: fixed ridge's), NaN for ratio
+    regularization: np.ndarray
     n_valid: np.ndarray  #: target pixels fitted (lstsq) or kept segments (welch)
     #: ``FWHM_target^2 - FWHM_source^2`` of the input pair, pixels squared (:func:`~pipeline.core.sharpness.sharpness`):
     #: positive where the target is blurrier; NaN where not measured
@@ -338,6 +342,7 @@ def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=
             masked=either.reshape(n, -1).any(axis=1),
             no_data=out["n_segments"] == 0 if "n_segments" in out else False,
             no_signal=~np.any(flat != flat[:, :1], axis=1),
+            regularization_at_bound=out.get("at_bound", False),
         )
     flags, unusable = fl.unusable_kernels(flags, kernels)
     kernels[unusable] = np.nan

@@ -335,17 +335,26 @@ class WelchOptions(MethodOptions):
         "Taper of every segment: ``\"hann\"``, ``\"tukey\"`` (tapered fraction 0.5), "
         "``(\"tukey\", alpha)`` or ``\"none\"``.",
         str, choices=WINDOWS, in_job=True)
-    regularization: float = _option(
-        1e-3,
-        "Ridge factor ``lambda``: the kernel transform is ``cross / (power + eps)`` with "
-        "``eps = lambda * mean(power)`` over all frequencies of the tile's summed source "
-        "power; ``0`` is plain division (frequencies of zero power give zero).",
-        float, ge=0, in_job=True)
+    regularization: float | str = _option(
+        "auto",
+        "``\"auto\"``: a Laplacian (smoothness) penalty whose strength is chosen per tile "
+        "to minimise the estimated prediction risk, with each frequency's noise measured from "
+        "the spread of the segments; the kernel confined to its stamp and the taper's gain "
+        "undone.  A number ``lambda``: a fixed ridge, the kernel transform is "
+        "``cross / (power + eps)`` with ``eps = lambda * mean(power)`` over all frequencies of "
+        "the tile's summed source power; ``0`` is plain division (frequencies of zero power "
+        "give zero).",
+        float, choices=("auto",), ge=0, in_job=True)
     find_defects: bool = _option(
         True,
         "Find defects nobody marked (single-pixel spikes and saturation plateaus, "
         ":mod:`pipeline.core.defects`) in both images and treat them as bad pixels.",
         bool, in_job=True)
+
+    @property
+    def auto_regularization(self) -> bool:
+        """Whether the regularisation is chosen per tile (``regularization="auto"``)."""
+        return isinstance(self.regularization, str) and self.regularization == "auto"
 
     def _check(self, name: str, spec: Option, value: Any) -> None:
         if name == "window":

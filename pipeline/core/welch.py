@@ -91,11 +91,19 @@ class WelchResult:
         over the pixels of the kept segments; NaN where the kernel is NaN.
     n_segments : numpy.ndarray
         ``(n,)`` int64 number of segments used per tile.
+    lam : numpy.ndarray
+        ``(n,)`` float64 dimensionless regularisation strength used: the one
+        chosen from the data with ``regularization="auto"``, else
+        the fixed ridge factor; NaN where the kernel is NaN.
+    at_bound : numpy.ndarray
+        ``(n,)`` bool, the automatic choice ended at the largest strength searched.
     """
 
     kernels: np.ndarray
     background: np.ndarray
     n_segments: np.ndarray
+    lam: np.ndarray
+    at_bound: np.ndarray
 
 
 def taper(window: str | tuple[str, float], size: int) -> np.ndarray:
@@ -329,6 +337,8 @@ def _welch(
     cdt = np.complex64 if single else np.complex128
     cross = np.empty((n, seg, half), dtype=cdt)
     power = np.empty((n, seg, half), dtype=wdt)
+    auto = opts.auto_regularization
+    tpower = np.empty((n, seg, half), dtype=wdt) if auto else None
     sums_s = np.empty((n, ny + 1, nx + 1), dtype=wdt)
     sums_r = np.empty_like(sums_s)
     if drop is None:
@@ -364,6 +374,10 @@ def _welch(
             fsv = fs.view(wdt)
             sq = np.einsum("tsk,tsk->tk", fsv, fsv)
             np.add(sq[:, 0::2], sq[:, 1::2], out=power[a:b].reshape(c, -1))
+            if tpower is not None:
+                frv = fr.view(wdt)
+                sq = np.einsum("tsk,tsk->tk", frv, frv)
+                np.add(sq[:, 0::2], sq[:, 1::2], out=tpower[a:b].reshape(c, -1))
             # Sum over segments of conj(FS) * FR, in place.
             np.multiply(fs, fr, out=fs)
             np.add.reduce(fs, axis=1, out=cross[a:b].reshape(c, -1))
@@ -380,12 +394,17 @@ def _welch(
             for job in jobs:
                 job.result()
 
-    # Division and inverse transform in the working precision.
-    eps = regularization * (power @ colw.astype(wdt)).sum(axis=1, dtype=np.float64) / (seg * seg)
-    denom = power + eps.astype(wdt)[:, None, None]
-    ratio = np.divide(cross, denom, out=np.zeros_like(cross), where=denom > 0)
-    full = sfft.irfft2(ratio, s=(seg, seg), workers=workers, overwrite_x=True)
-    kernels = full[:, crop][:, :, crop].astype(np.float64)
+    if auto:
+        kernels, lam, at_bound = _auto_kernels(cross, power, tpower, used, colw=colw, win1=win1,
+                                               step=step, kernel_size=kernel_size, workers=workers)
+    else:
+        # Division and inverse transform in the working precision.
+        eps = regularization * (power @ colw.astype(wdt)).sum(axis=1, dtype=np.float64) / (seg * seg)
+        denom = power + eps.astype(wdt)[:, None, None]
+        ratio = np.divide(cross, denom, out=np.zeros_like(cross), where=denom > 0)
+        full = sfft.irfft2(ratio, s=(seg, seg), workers=workers, overwrite_x=True)
+        kernels = full[:, crop][:, :, crop].astype(np.float64)
+        lam, at_bound = np.full(n, float(regularization)), np.zeros(n, dtype=bool)
 
     ksum = kernels.sum(axis=(1, 2))
     mean_s = sums_s[:, -1, -1].astype(np.float64) / (ty * tx)
@@ -400,8 +419,11 @@ def _welch(
     none = used == 0
     kernels[none] = np.nan
     background[none] = np.nan
+    lam[none] = np.nan
+    at_bound[none] = False
 
-    return WelchResult(kernels=kernels, background=background, n_segments=used.astype(np.int64))
+    return WelchResult(kernels=kernels, background=background, n_segments=used.astype(np.int64),
+                       lam=lam, at_bound=at_bound)
 
 
 def _tapered_spectra(
@@ -440,3 +462,150 @@ def _tapered_spectra(
     if conj:
         return sfft.ihfft2(buf, norm="forward", workers=workers, overwrite_x=True)
     return sfft.rfft2(buf, workers=workers, overwrite_x=True)
+
+
+#: The dimensionless strengths ``regularization="auto"`` chooses among:
+#: every fourth first, then the three either side of the best of those.
+LAM_GRID = np.logspace(-6.0, 2.0, 33)
+#: Preconditioned conjugate-gradient iterations of the stamp-confined solve.
+CG_ITERATIONS = 8
+
+
+def laplacian_power(seg: int) -> np.ndarray:
+    """``|L(f)|**2`` of the 5-point Laplacian on the ``(seg, seg // 2 + 1)`` half spectrum."""
+    cy = np.cos(2.0 * np.pi * sfft.fftfreq(seg))[:, None]
+    cx = np.cos(2.0 * np.pi * sfft.rfftfreq(seg))[None, :]
+    return (4.0 - 2.0 * cy - 2.0 * cx) ** 2
+
+
+def independent_fraction(window: np.ndarray, step: int) -> float:
+    """Welch's equivalent number of independent segments per segment along one axis.
+
+    ``1 / (1 + 2 sum_k rho(k step)**2)`` with ``rho(d) = sum w(x) w(x - d) / sum w**2``
+    the taper's overlap correlation at the offsets of the other segments.
+    """
+    full = np.correlate(window, window, mode="full")
+    mid = window.size - 1
+    lags = np.arange(step, window.size, step)
+    rho = full[mid + lags] / full[mid]
+    return float(1.0 / (1.0 + 2.0 * (rho ** 2).sum()))
+
+
+def lag_gain(window: np.ndarray) -> np.ndarray:
+    """Circular ``a(d) = sum_x w(x) w(x - d mod L) / sum w**2`` of a taper, lags ``0 .. L - 1``.
+
+    What tapering the segments multiplies their auto- and cross-correlations
+    by at lag ``d`` (for a stationary signal).
+    """
+    spectrum = np.abs(np.fft.rfft(window)) ** 2
+    out = np.fft.irfft(spectrum, n=window.size)
+    return out / out[0]
+
+
+def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used: np.ndarray, *,
+                  colw: np.ndarray, win1: np.ndarray, step: int, kernel_size: int,
+                  workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kernels with a Laplacian penalty whose strength is chosen per tile from the data.
+
+    ``D = A + lam s R`` (``A`` the summed source power, ``R`` the Laplacian's
+    power, ``s = mean(A) / mean(R)`` so that ``lam`` is dimensionless).  At
+    each frequency the segments are independent looks at one kernel value:
+    their spread about their own best fit, ``(P - |C|**2 / A) / (M - 1)``
+    (``P`` the summed target power, ``M`` the kept segments times
+    :func:`independent_fraction` squared), measures the noise power
+    ``sigma2``.  ``lam`` minimises the unbiased estimate of the prediction
+    risk, ``RSS + 2 sum sigma2 A / D`` (``RSS = sum P - |C|**2 (2 D - A) / D**2``,
+    the segments' residual energy), on :data:`LAM_GRID`, all in the Fourier
+    domain.  The kernel is then confined to its stamp (:func:`_confined_solve`),
+    with the auto- and cross-correlations at the lags it uses divided by the
+    taper's :func:`lag_gain` (what tapering the segments multiplies them by).
+    Returns ``(kernels, lam, at_bound)``.
+    """
+    n, seg, _ = power.shape
+    w = colw[None, :]
+    lap = laplacian_power(seg)
+    a = power.astype(np.float64)
+    q = np.abs(cross.astype(np.complex128)) ** 2
+    scale = (a * w).sum(axis=(1, 2)) / (lap * w).sum()
+    live = a > 0
+    # each frequency's noise power from the spread of its segments about their own best fit
+    m_eff = used * independent_fraction(win1, step) ** 2
+    resid = np.where(live, tpower.astype(np.float64) - q / np.where(live, a, 1.0), 0.0)
+    noise = w * np.maximum(resid, 0.0) / np.maximum(m_eff - 1.0, 1.0)[:, None, None]
+
+    def risk(lam: np.ndarray) -> np.ndarray:
+        """The unbiased estimate of each tile's prediction risk at ``lam`` (up to a constant)."""
+        d = a + (lam * scale)[:, None, None] * lap
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+        explained = (w * q * (2.0 * d - a) * inv * inv).sum(axis=(1, 2))  # sum P - RSS
+        return 2.0 * (noise * a * inv).sum(axis=(1, 2)) - explained
+
+    # every fourth value of the grid first, then the three either side of each tile's best
+    coarse = np.arange(0, LAM_GRID.size, 4)
+    scores = np.stack([risk(np.full(n, LAM_GRID[i])) for i in coarse])
+    centre = coarse[np.argmin(scores, axis=0)]
+    fine = np.clip(centre[None, :] + np.arange(-3, 4)[:, None], 0, LAM_GRID.size - 1)
+    scores = np.stack([risk(LAM_GRID[i]) for i in fine])
+    best = np.take_along_axis(fine, np.argmin(scores, axis=0)[None, :], axis=0)[0]
+    lam = LAM_GRID[best]
+    penalty = (lam * scale)[:, None, None] * lap
+    d = a + penalty
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    # the taper's gain undone at the lags the stamp uses: 2h for A, h for C
+    h = kernel_size // 2
+    gain = lag_gain(win1)
+    undo = np.ones(seg)
+    near = np.r_[0:2 * h + 1, seg - 2 * h:seg]
+    undo[near] = 1.0 / gain[near]
+    a_lags = sfft.irfft2(a, s=(seg, seg), workers=workers)
+    a_lags *= np.outer(undo, undo)
+    d_solve = sfft.rfft2(a_lags, workers=workers).real + penalty
+    stamp_undo = undo[(np.arange(kernel_size) - h) % seg]
+    kernels = _confined_solve(cross, d_solve, inv, kernel_size, workers,
+                              rhs_scale=np.outer(stamp_undo, stamp_undo))
+    return kernels, lam, best == LAM_GRID.size - 1
+
+
+def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_size: int,
+                    workers: int, *, rhs_scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """Stamp-supported kernels minimising ``sum_f D |K|**2 - 2 Re(K* C)``, by preconditioned CG.
+
+    The normal matrix is the circulant ``D`` restricted to the stamp (its
+    products by FFTs of the segment size); the right-hand side is the cross
+    correlation on the stamp times ``rhs_scale``; the preconditioner is the
+    positive ``inv`` (``1 / D`` of a nearby ``D``) restricted the same way,
+    and the start the cropped unconfined solution ``C inv``, scaled.
+    """
+    n, seg, _ = d.shape
+    k = kernel_size
+    crop = (np.arange(k) - k // 2) % seg
+
+    def embed(x: np.ndarray) -> np.ndarray:
+        full = np.zeros((n, seg, seg))
+        full[:, crop[:, None], crop[None, :]] = x
+        return full
+
+    def cut(full: np.ndarray) -> np.ndarray:  # C-ordered whatever the batch: sums in one order
+        return np.ascontiguousarray(full[:, crop[:, None], crop[None, :]])
+
+    def through(x: np.ndarray, filt: np.ndarray) -> np.ndarray:
+        return cut(sfft.irfft2(sfft.rfft2(embed(x), workers=workers) * filt, s=(seg, seg), workers=workers))
+
+    b = cut(sfft.irfft2(cross, s=(seg, seg), workers=workers)) * rhs_scale
+    x = cut(sfft.irfft2(cross * inv, s=(seg, seg), workers=workers)) * rhs_scale
+    r = b - through(x, d)
+    z = through(r, inv)
+    p = z.copy()
+    rz = (r * z).sum(axis=(1, 2))
+    for _ in range(CG_ITERATIONS):
+        ap = through(p, d)
+        pap = (p * ap).sum(axis=(1, 2))
+        alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
+        x += alpha[:, None, None] * p
+        r -= alpha[:, None, None] * ap
+        z = through(r, inv)
+        rz_new = (r * z).sum(axis=(1, 2))
+        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
+        p = z + beta[:, None, None] * p
+        rz = rz_new
+    return x
