@@ -533,12 +533,17 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     resid = np.where(live, tpower.astype(np.float64) - q / np.where(live, a, 1.0), 0.0)
     noise = w * np.maximum(resid, 0.0) / np.maximum(m_eff - 1.0, 1.0)[:, None, None]
 
+    # risk(lam) = sum 2 (sigma2 A - |C|**2) / D + |C|**2 A / D**2 (up to a constant), where A = 0 as 0
+    first = 2.0 * (noise * a - w * q)
+    second = w * q * a
+    a_safe = np.where(live, a, 1.0)  # both coefficients are 0 there: any D > 0
+
     def risk(lam: np.ndarray) -> np.ndarray:
-        """The unbiased estimate of each tile's prediction risk at ``lam`` (up to a constant)."""
-        d = a + (lam * scale)[:, None, None] * lap
-        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
-        explained = (w * q * (2.0 * d - a) * inv * inv).sum(axis=(1, 2))  # sum P - RSS
-        return 2.0 * (noise * a * inv).sum(axis=(1, 2)) - explained
+        """The unbiased estimate of each tile's prediction risk at ``lam``, less a constant."""
+        u = (lam * scale)[:, None, None] * lap
+        u += a_safe
+        np.reciprocal(u, out=u)
+        return np.einsum("tij,tij->t", first, u) + np.einsum("tij,tij->t", second, u * u)
 
     # every fourth value of the grid first, then the three either side of each tile's best
     coarse = np.arange(0, LAM_GRID.size, 4)
@@ -562,50 +567,55 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     d_solve = sfft.rfft2(a_lags, workers=workers).real + penalty
     stamp_undo = undo[(np.arange(kernel_size) - h) % seg]
     kernels = _confined_solve(cross, d_solve, inv, kernel_size, workers,
-                              rhs_scale=np.outer(stamp_undo, stamp_undo))
+                              rhs_scale=np.outer(stamp_undo, stamp_undo),
+                              dtype=np.float32 if cross.dtype == np.complex64 else np.float64)
     return kernels, lam, best == LAM_GRID.size - 1
 
 
 def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_size: int,
-                    workers: int, *, rhs_scale: np.ndarray | float = 1.0) -> np.ndarray:
+                    workers: int, *, rhs_scale: np.ndarray | float = 1.0,
+                    dtype: np.dtype | type = np.float64) -> np.ndarray:
     """Stamp-supported kernels minimising ``sum_f D |K|**2 - 2 Re(K* C)``, by preconditioned CG.
 
     The normal matrix is the circulant ``D`` restricted to the stamp (its
-    products by FFTs of the segment size); the right-hand side is the cross
+    products by FFTs of the segment size, the stamp in the corner: a
+    circulant commutes with the shift); the right-hand side is the cross
     correlation on the stamp times ``rhs_scale``; the preconditioner is the
     positive ``inv`` (``1 / D`` of a nearby ``D``) restricted the same way,
-    and the start the cropped unconfined solution ``C inv``, scaled.
+    and the start the cropped unconfined solution ``C inv``, scaled.  The
+    iterations' transforms run in ``dtype``; the kernels are float64.
     """
-    n, seg, _ = d.shape
+    seg = d.shape[1]
     k = kernel_size
     crop = (np.arange(k) - k // 2) % seg
-
-    def embed(x: np.ndarray) -> np.ndarray:
-        full = np.zeros((n, seg, seg))
-        full[:, crop[:, None], crop[None, :]] = x
-        return full
-
-    def cut(full: np.ndarray) -> np.ndarray:  # C-ordered whatever the batch: sums in one order
-        return np.ascontiguousarray(full[:, crop[:, None], crop[None, :]])
+    d, inv = d.astype(dtype), inv.astype(dtype)
 
     def through(x: np.ndarray, filt: np.ndarray) -> np.ndarray:
-        return cut(sfft.irfft2(sfft.rfft2(embed(x), workers=workers) * filt, s=(seg, seg), workers=workers))
+        spec = sfft.rfft2(x, s=(seg, seg), workers=workers)
+        spec *= filt
+        return np.ascontiguousarray(sfft.irfft2(spec, s=(seg, seg), workers=workers)[:, :k, :k])
 
-    b = cut(sfft.irfft2(cross, s=(seg, seg), workers=workers)) * rhs_scale
-    x = cut(sfft.irfft2(cross * inv, s=(seg, seg), workers=workers)) * rhs_scale
-    r = b - through(x, d)
+    def dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:  # per tile, accumulated in float64
+        return np.einsum("tij,tij->t", u, v, dtype=np.float64)
+
+    def cut(full: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(full[:, crop[:, None], crop[None, :]])
+
+    b = (cut(sfft.irfft2(cross, s=(seg, seg), workers=workers)) * rhs_scale).astype(dtype)
+    x = cut(sfft.irfft2(cross * inv, s=(seg, seg), workers=workers)) * rhs_scale  # float64
+    r = b - through(x.astype(dtype), d)
     z = through(r, inv)
     p = z.copy()
-    rz = (r * z).sum(axis=(1, 2))
+    rz = dot(r, z)
     for _ in range(CG_ITERATIONS):
         ap = through(p, d)
-        pap = (p * ap).sum(axis=(1, 2))
+        pap = dot(p, ap)
         alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
         x += alpha[:, None, None] * p
-        r -= alpha[:, None, None] * ap
+        r -= (alpha[:, None, None] * ap).astype(dtype)
         z = through(r, inv)
-        rz_new = (r * z).sum(axis=(1, 2))
+        rz_new = dot(r, z)
         beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
-        p = z + beta[:, None, None] * p
+        p = (z + beta[:, None, None] * p).astype(dtype)
         rz = rz_new
     return x
