@@ -6,10 +6,36 @@ multiplied by a separable taper and Fourier transformed; the cross spectrum
 ``sum conj(FS) * FR`` and the source auto spectrum ``sum |FS|**2`` are summed
 over the tile's kept segments, and the kernel's transform is their regularised
 ratio. Averaging over segments tames the noise of the plain ratio, and the taper
-suppresses the cross-shaped artifact caused by non-periodic edges. The taper
-does not commute with the convolution, which leaves a bias of a few percent on
-the kernel, larger for shorter segments; an integer shift ``d`` gives a
-delta of height ``a(dy) a(dx)`` with ``a(d) = sum w(x) w(x - d) / sum w**2``.
+suppresses the cross-shaped artifact caused by non-periodic edges.
+
+Regularisation
+--------------
+``regularization="auto"`` (default) sets it per tile from the data.  At each
+frequency the segments are independent looks at one value of the kernel's
+transform, so the spread of the segments' target spectra about their own best
+fit measures the noise power there, whatever its spectrum; the strength
+``lam`` of a Laplacian (smoothness) penalty minimises the unbiased estimate of
+the prediction risk it implies (Mallows' Cp), searched on a log grid, all in
+the Fourier domain where the problem is diagonal.  The kernel is then confined
+to its stamp (a stamp-supported least-squares solution by preconditioned
+conjugate gradients, not a crop), the taper's gain ``a(d) = sum w(x) w(x - d)
+/ sum w**2`` is undone at the lags the stamp uses (tapering multiplies every
+correlation at lag ``d`` by it: a fixed ridge gives a shifted delta of height
+``a(dy) a(dx)``, "auto" of 1), and, where the source shows sources on a
+white-noise sky, the source's own noise power is taken out of its power
+(errors in variables: it would shrink the kernel, by 7 % on faint tiles).
+A number is a fixed ridge instead, ``eps = regularization * mean(power)``.
+
+Measured (``scripts/bench_estimators.py --welch-only``; 16 survey tiles of
+256 x 256, Moffat stars and Sersic galaxies, sky, Poisson and read noise,
+21 x 21 kernels, one thread): median relative L2 0.142 on bright fields
+(ridge 1e-3: 0.327; pypher's Wiener filter with its strength chosen with the
+truth 0.146; photutils with its window chosen with the truth 0.189; lstsq
+0.048), flux 0.5 %, centroid 0.04 px; sparse fields 0.28 (peers 0.28 / 0.31),
+faint ones 0.43 (0.36 / 0.41).  Photographs: relative L2 0.014 (gaussian)
+and 0.049 (motion streak) with 64-pixel segments, 0.009 / 0.020 with 128;
+their error is the taper's, not the noise's.  It adds about 0.8 ms a tile
+to the fixed ridge's 1.3 ms (float32, without the defect search).
 
 All tiles of a batch and all their segments are transformed together with
 batched real FFTs (float32 when the inputs are float32); the batch is processed
