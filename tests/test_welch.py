@@ -13,9 +13,11 @@ import pipeline as km
 from pipeline import flags as fl
 from pipeline.core import welch as welch_module
 from pipeline.core.fill import FILL_RADIUS, fill_bad_pixels
+from pipeline.core.moments import adaptive_moments
 from pipeline.core.welch import (
     LAM_GRID,
     WelchResult,
+    gaussian_core,
     independent_fraction,
     lag_gain,
     sky_noise_variance,
@@ -148,7 +150,7 @@ def test_shift_gives_delta(noise: np.ndarray, dy: int, dx: int, regularization) 
         assert res.lam.tolist() == [1e-3, 1e-3]
     for kern in res.kernels:
         assert np.unravel_index(np.argmax(kern), kern.shape) == (h + dy, h + dx)
-        assert kern[h + dy, h + dx] == pytest.approx(height, abs=0.02)
+        assert kern[h + dy, h + dx] == pytest.approx(height, abs=0.025)
         rest = kern.copy()
         rest[h + dy, h + dx] = 0.0
         assert np.abs(rest).max() < 0.03
@@ -425,13 +427,14 @@ def test_hot_pixels_nobody_marked_are_found_and_filled():
 # --- regularization="auto": the strength from the segments' own noise ---------------------------
 
 
-def auto_reference(src, tgt, *, k, seg, overlap=0.5):
+def auto_reference(src, tgt, *, k, seg, overlap=0.5, reference=None):
     """Slow loop-based ``regularization="auto"`` on one tile: the risk over the whole grid, a dense solve.
 
-    Returns ``(kernel, lam, risks)``: the stamp-confined minimiser of
-    ``sum_f D |K|**2 - 2 Re(K* C)`` with the correlations at the stamp's lags
-    divided by the taper's gain, from the normal equations written out
-    element by element and solved directly.
+    Returns ``(kernel, lam, risks, raw)``: the stamp-confined minimiser of
+    ``sum_f D |K|**2 - 2 Re(K* C)`` (plus the penalty ``lam s |L (K - G)|**2``
+    about ``reference`` G, when given, with the ``lam`` of the plain penalty)
+    from the normal equations written out element by element and solved
+    directly, divided by the taper's gain (``raw`` before that division).
     """
     step = max(1, int(round(seg * (1 - overlap))))
 
@@ -464,36 +467,55 @@ def auto_reference(src, tgt, *, k, seg, overlap=0.5):
         d = a + lam * scale * lap
         risks.append(np.sum(-np.abs(c) ** 2 * (2 * d - a) / d**2 + 2 * sigma2 * a / d))
     lam = LAM_GRID[int(np.argmin(risks))]
-    gain = lag_gain(w1)
     a_lag = np.real(np.fft.ifft2(a))
     c_lag = np.real(np.fft.ifft2(c))
     pen_lag = np.real(np.fft.ifft2(lam * scale * lap))
     h = k // 2
     offs = [(y, x) for y in range(-h, h + 1) for x in range(-h, h + 1)]
     normal = np.empty((k * k, k * k))
+    pen = np.empty((k * k, k * k))
     rhs = np.empty(k * k)
     for i, (y, x) in enumerate(offs):
-        rhs[i] = c_lag[y % seg, x % seg] / (gain[y % seg] * gain[x % seg])
+        rhs[i] = c_lag[y % seg, x % seg]
         for j, (v, u) in enumerate(offs):
-            ly, lx = (y - v) % seg, (x - u) % seg
-            normal[i, j] = a_lag[ly, lx] / (gain[ly] * gain[lx]) + pen_lag[ly, lx]
-    return np.linalg.solve(normal, rhs).reshape(k, k), lam, np.array(risks)
+            pen[i, j] = pen_lag[(y - v) % seg, (x - u) % seg]
+            normal[i, j] = a_lag[(y - v) % seg, (x - u) % seg] + pen[i, j]
+    if reference is not None:
+        rhs += pen @ reference.ravel()
+    raw = np.linalg.solve(normal, rhs).reshape(k, k)
+    gain = lag_gain(w1)[(np.arange(k) - h) % seg]
+    return raw / np.outer(gain, gain), lam, np.array(risks), raw
 
 
 @pytest.mark.parametrize("noise_level", [0.03, 0.3, 1.0])
-def test_auto_matches_loop_reference(noise_level: float) -> None:
-    """The strength the whole grid's risk picks, and the dense solve's kernel (CG within 1e-6 of it)."""
+def test_auto_matches_loop_reference(noise_level: float, monkeypatch) -> None:
+    """The strength the whole grid's risk picks, and the dense solve's kernel (CG within 1e-6 of it); a round
+    about the Gaussian core equals the dense solve with that reference."""
     kern = gaussian(9, 1.3, 1.1, 0.4, -0.3, flux=1.2)
     src, tgt = same_convolve(3, 96, kern, seed=11)
     rng = np.random.default_rng(12)
     tgt = tgt + noise_level * rng.standard_normal(tgt.shape)
+    monkeypatch.setattr(welch_module, "REFERENCE_ROUNDS", 0)
     res = welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
+    monkeypatch.setattr(welch_module, "REFERENCE_ROUNDS", 1)
+    monkeypatch.setattr(welch_module, "REFERENCE_ITERATIONS", 60)  # to convergence
+    once = welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
     for i in range(3):
-        ref, lam, risks = auto_reference(src[i], tgt[i], k=9, seg=32)
-        assert res.lam[i] == lam  # the coarse-then-fine search finds the grid's minimum
+        ref, lam, risks, raw = auto_reference(src[i], tgt[i], k=9, seg=32)
+        assert res.lam[i] == lam == once.lam[i]  # the coarse-then-fine search finds the grid's minimum
         assert np.all(np.diff(risks[: np.argmin(risks) + 1]) <= 0)  # one minimum (what the search assumes)
         np.testing.assert_allclose(res.kernels[i], ref, atol=1e-6 * np.abs(ref).max())
+        core = gaussian_core(raw[None])[0]
+        ref_once = auto_reference(src[i], tgt[i], k=9, seg=32, reference=core)[0]
+        np.testing.assert_allclose(once.kernels[i], ref_once, atol=1e-6 * np.abs(ref_once).max())
     assert not res.at_bound.any()
+
+
+def test_gaussian_core_of_a_gaussian_is_itself() -> None:
+    kern = np.stack([gaussian(21, 1.6, 1.1, 0.4, -0.7, flux=1.3), gaussian(21, 2.5, 2.5, flux=0.8)])
+    np.testing.assert_allclose(gaussian_core(kern), kern, atol=2e-5)  # moments to 1e-6, the stamp cuts the wings
+    # where the moments fail (no positive flux), no core: the plain Laplacian
+    assert not gaussian_core(-kern).any()
 
 
 def test_auto_strength_follows_the_noise() -> None:
@@ -526,16 +548,20 @@ def test_auto_is_invariant_to_units_and_offsets(log_a: float, log_b: float, off_
 
 
 def test_auto_beats_the_fixed_ridge_on_survey_tiles(survey) -> None:
-    """Survey tiles (Moffat stars and galaxies, sky, Poisson and read noise): measured 0.147 against 0.355,
-    flux within 0.36 %."""
+    """Survey tiles (Moffat stars and galaxies, sky, Poisson and read noise): measured 0.070 against 0.355,
+    flux within 0.57 %."""
     src, tgt, truth = survey
     auto = welch_kernels(src, tgt, kernel_size=truth.shape[-1])
     ridge = welch_kernels(src, tgt, kernel_size=truth.shape[-1], regularization=1e-3)
     err_auto = np.median([rel_l2(k, t) for k, t in zip(auto.kernels, truth)])
     err_ridge = np.median([rel_l2(k, t) for k, t in zip(ridge.kernels, truth)])
-    assert err_auto < 0.2 and err_auto < 0.6 * err_ridge
+    assert err_auto < 0.1 and err_auto < 0.3 * err_ridge
     flux = np.abs(auto.kernels.sum(axis=(1, 2)) / truth.sum(axis=(1, 2)) - 1)
     assert np.median(flux) < 0.01
+    # the smoothing is about the kernel's own Gaussian core, so the peak is not flattened: FWHM within 1.0 %
+    # at the median (9.1 % broader with a plain Laplacian, REFERENCE_ROUNDS = 0)
+    fwhm = np.asarray(adaptive_moments(auto.kernels).fwhm) / np.asarray(adaptive_moments(truth).fwhm) - 1
+    assert np.median(np.abs(fwhm)) < 0.02
 
 
 def test_auto_float32_agrees(noise: np.ndarray) -> None:
@@ -590,7 +616,7 @@ def test_sky_noise_variance_only_for_sources_on_a_white_sky(faint_survey) -> Non
 
 
 def test_auto_takes_the_source_noise_out_of_the_flux(faint_survey, monkeypatch) -> None:
-    """Errors in variables: the source's noise power shrinks the kernel (flux -7.4 % at the median on these
+    """Errors in variables: the source's noise power shrinks the kernel (flux -7.6 % at the median on these
     tiles); taken out of the fit's source power, the flux is right within its scatter (+0.8 %)."""
     src, tgt, truth = faint_survey
     flux = welch_kernels(src, tgt, kernel_size=21).kernels.sum(axis=(1, 2)) / truth.sum(axis=(1, 2)) - 1

@@ -16,26 +16,20 @@ transform, so the spread of the segments' target spectra about their own best
 fit measures the noise power there, whatever its spectrum; the strength
 ``lam`` of a Laplacian (smoothness) penalty minimises the unbiased estimate of
 the prediction risk it implies (Mallows' Cp), searched on a log grid, all in
-the Fourier domain where the problem is diagonal.  The kernel is then confined
-to its stamp (a stamp-supported least-squares solution by preconditioned
-conjugate gradients, not a crop), the taper's gain ``a(d) = sum w(x) w(x - d)
-/ sum w**2`` is undone at the lags the stamp uses (tapering multiplies every
-correlation at lag ``d`` by it: a fixed ridge gives a shifted delta of height
-``a(dy) a(dx)``, "auto" of 1), and, where the source shows sources on a
-white-noise sky, the source's own noise power is taken out of its power
-(errors in variables: it would shrink the kernel, by 7 % on faint tiles).
+the Fourier domain where the problem is diagonal.  The kernel is the
+least-squares solution confined to its stamp (preconditioned conjugate
+gradients, not a crop), and the Laplacian then acts on the kernel less its
+own Gaussian core (:func:`gaussian_core`, from the previous round's adaptive
+moments; :data:`REFERENCE_ROUNDS` rounds): a plain Laplacian flattens the
+peak (FWHM 9 % too broad on survey tiles; 1 % this way).  Tapering the
+segments shrinks the kernel at offset ``d`` by the taper's overlap gain
+``a(dy) a(dx)``, ``a(d) = sum w(x) w(x - d) / sum w**2`` (exactly, for a white
+source): it is divided out (a fixed ridge gives a shifted delta of height
+``a(dy) a(dx)``).  Where the source shows sources on a white-noise sky
+(:func:`sky_noise_variance`), the source's own noise power is taken out of its
+power (errors in variables: it shrank the kernel by 7.6 % on faint tiles).
 A number is a fixed ridge instead, ``eps = regularization * mean(power)``.
-
-Measured (``scripts/bench_estimators.py --welch-only``; 16 survey tiles of
-256 x 256, Moffat stars and Sersic galaxies, sky, Poisson and read noise,
-21 x 21 kernels, one thread): median relative L2 0.142 on bright fields
-(ridge 1e-3: 0.327; pypher's Wiener filter with its strength chosen with the
-truth 0.146; photutils with its window chosen with the truth 0.189; lstsq
-0.048), flux 0.5 %, centroid 0.04 px; sparse fields 0.28 (peers 0.28 / 0.31),
-faint ones 0.43 (0.36 / 0.41).  Photographs: relative L2 0.014 (gaussian)
-and 0.049 (motion streak) with 64-pixel segments, 0.009 / 0.020 with 128;
-their error is the taper's, not the noise's.  It adds about 0.8 ms a tile
-to the fixed ridge's 1.3 ms (float32, without the defect search).
+Measured figures: ``docs/benchmarks.md``.
 
 All tiles of a batch and all their segments are transformed together with
 batched real FFTs (float32 when the inputs are float32); the batch is processed
@@ -56,7 +50,7 @@ Bad in the source (``source_bad``), in the target (``target_bad``) and in
 both (``bad``, the user's mask) are filled the same way.
 
 Measured on 16 simulated survey tiles (256 x 256, 21 x 21 Gaussian kernels,
-stars and galaxies with Poisson and read noise, default options), with NaN
+stars and galaxies with Poisson and read noise, the fixed ridge 1e-3), with NaN
 at 0.01 / 0.1 / 0.3 % of the source pixels and as many of the target pixels,
 plus one bad target column a tile: every tile gives a kernel, all 49
 segments are used, and the relative L2 error ``|K - K_true| / |K_true|`` is
@@ -82,6 +76,7 @@ from __future__ import annotations
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -91,6 +86,7 @@ from numpy.lib.stride_tricks import as_strided
 from ..errors import InputError, OptionError
 from .defects import saturation_plateau, spikes
 from .fill import FILL_RADIUS, fill_bad_pixels
+from .moments import adaptive_moments
 from .options import WelchOptions, parse_window
 from .validate import check_odd_size, check_positive_int, either_bad
 
@@ -501,6 +497,10 @@ WHITE_RATIO = 1.5
 SOURCE_FRACTION = 5e-5
 #: The source power the noise correction leaves at least, as a fraction of the power measured.
 SIGNAL_FLOOR = 0.1
+#: Rounds of smoothing towards the Gaussian core of the previous round's kernel (:func:`gaussian_core`),
+#: each of this many conjugate-gradient iterations from the previous round's kernel.
+REFERENCE_ROUNDS = 4
+REFERENCE_ITERATIONS = 4
 #: Preconditioned conjugate-gradient iterations of the stamp-confined solve.
 CG_ITERATIONS = 8
 
@@ -598,57 +598,92 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     resid = np.where(live, tpower.astype(np.float64) - q / np.where(live, a, 1.0), 0.0)
     noise = w * np.maximum(resid, 0.0) / np.maximum(m_eff - 1.0, 1.0)[:, None, None]
 
-    # risk(lam) = sum 2 (sigma2 A - |C|**2) / D + |C|**2 A / D**2 (up to a constant), where A = 0 as 0
+    a_safe = np.where(live, a_fit, 1.0)  # the risk's coefficients are 0 there: any D > 0
+    h = kernel_size // 2
+    crop = (np.arange(kernel_size) - h) % seg
+    best = _risk_minimum(a, a_safe, q, noise, w, lap, scale)
+    lam = LAM_GRID[best]
+    penalty = (lam * scale)[:, None, None] * lap
+    d = a_fit + penalty
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    solve = partial(_confined_solve, cross, d, inv, kernel_size, workers,
+                    dtype=np.float32 if cross.dtype == np.complex64 else np.float64)
+    kernels = solve()
+    for _ in range(REFERENCE_ROUNDS):  # the Laplacian of (kernel - its Gaussian core) penalised
+        full = np.zeros((n, seg, seg))
+        full[:, crop[:, None], crop[None, :]] = gaussian_core(kernels)
+        pull = sfft.irfft2(sfft.rfft2(full, workers=workers) * penalty, s=(seg, seg), workers=workers)
+        kernels = solve(rhs_add=pull[:, crop[:, None], crop[None, :]], start=kernels,
+                        iterations=REFERENCE_ITERATIONS)
+    gain = lag_gain(win1)[crop]  # tapering shrinks the kernel at offset d by a(dy) a(dx)
+    kernels /= np.outer(gain, gain)
+    return kernels, lam, best == LAM_GRID.size - 1
+
+
+def _risk_minimum(a: np.ndarray, a_safe: np.ndarray, q: np.ndarray, noise: np.ndarray, w: np.ndarray,
+                  lap: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Each tile's index in :data:`LAM_GRID` of the least estimated prediction risk.
+
+    With ``D = A_fit + lam s R``, the per-frequency estimate ``K = C / D`` has
+    the residual energy ``sum P - |C|**2 (2 D - A) / D**2`` and the degrees of
+    freedom ``sum A / D``; the risk is the first plus twice the second
+    weighted by the noise power, less the constant ``sum P``.  Searched on
+    every fourth value of the grid first, then the three either side of each
+    tile's best.
+    """
+    n = len(a)
     first = 2.0 * (noise * a - w * q)
     second = w * q * a
-    a_safe = np.where(live, a_fit, 1.0)  # both coefficients are 0 there: any D > 0
 
     def risk(lam: np.ndarray) -> np.ndarray:
-        """The unbiased estimate of each tile's prediction risk at ``lam``, less a constant."""
         u = (lam * scale)[:, None, None] * lap
         u += a_safe
         np.reciprocal(u, out=u)
         return np.einsum("tij,tij->t", first, u) + np.einsum("tij,tij->t", second, u * u)
 
-    # every fourth value of the grid first, then the three either side of each tile's best
     coarse = np.arange(0, LAM_GRID.size, 4)
     scores = np.stack([risk(np.full(n, LAM_GRID[i])) for i in coarse])
     centre = coarse[np.argmin(scores, axis=0)]
     fine = np.clip(centre[None, :] + np.arange(-3, 4)[:, None], 0, LAM_GRID.size - 1)
     scores = np.stack([risk(LAM_GRID[i]) for i in fine])
-    best = np.take_along_axis(fine, np.argmin(scores, axis=0)[None, :], axis=0)[0]
-    lam = LAM_GRID[best]
-    penalty = (lam * scale)[:, None, None] * lap
-    d = a_fit + penalty
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
-    # the taper's gain undone at the lags the stamp uses: 2h for A, h for C
-    h = kernel_size // 2
-    gain = lag_gain(win1)
-    undo = np.ones(seg)
-    near = np.r_[0:2 * h + 1, seg - 2 * h:seg]
-    undo[near] = 1.0 / gain[near]
-    a_lags = sfft.irfft2(a_fit, s=(seg, seg), workers=workers)
-    a_lags *= np.outer(undo, undo)
-    d_solve = sfft.rfft2(a_lags, workers=workers).real + penalty
-    stamp_undo = undo[(np.arange(kernel_size) - h) % seg]
-    kernels = _confined_solve(cross, d_solve, inv, kernel_size, workers,
-                              rhs_scale=np.outer(stamp_undo, stamp_undo),
-                              dtype=np.float32 if cross.dtype == np.complex64 else np.float64)
-    return kernels, lam, best == LAM_GRID.size - 1
+    return np.take_along_axis(fine, np.argmin(scores, axis=0)[None, :], axis=0)[0]
+
+
+def gaussian_core(kernels: np.ndarray) -> np.ndarray:
+    """The elliptical Gaussian of each kernel's adaptive moments and sum, on its stamp (0 where they fail).
+
+    What ``regularization="auto"`` smooths towards: the Laplacian penalty acts
+    on the kernel less this core, so a sharp peak is not flattened.
+    """
+    k = kernels.shape[-1]
+    h = k // 2
+    m = adaptive_moments(kernels)
+    flux = kernels.sum(axis=(1, 2))
+    ok = np.asarray(m.converged) & (flux > 0)
+    myy, mxx, mxy = (np.where(ok, v, c) for v, c in ((m.myy, 1.0), (m.mxx, 1.0), (m.mxy, 0.0)))
+    dy = np.arange(k)[None, :, None] - h - np.where(ok, m.y, 0.0)[:, None, None]
+    dx = np.arange(k)[None, None, :] - h - np.where(ok, m.x, 0.0)[:, None, None]
+    det = (myy * mxx - mxy**2)[:, None, None]
+    core = np.exp(-0.5 * (mxx[:, None, None] * dy**2 - 2.0 * mxy[:, None, None] * dy * dx
+                          + myy[:, None, None] * dx**2) / det)
+    core *= np.where(ok, flux, 0.0)[:, None, None] / core.sum(axis=(1, 2), keepdims=True)
+    return core
 
 
 def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_size: int,
-                    workers: int, *, rhs_scale: np.ndarray | float = 1.0,
-                    dtype: np.dtype | type = np.float64) -> np.ndarray:
+                    workers: int, *, rhs_add: np.ndarray | None = None,
+                    dtype: np.dtype | type = np.float64, start: np.ndarray | None = None,
+                    iterations: int | None = None) -> np.ndarray:
     """Stamp-supported kernels minimising ``sum_f D |K|**2 - 2 Re(K* C)``, by preconditioned CG.
 
     The normal matrix is the circulant ``D`` restricted to the stamp (its
     products by FFTs of the segment size, the stamp in the corner: a
     circulant commutes with the shift); the right-hand side is the cross
-    correlation on the stamp times ``rhs_scale``; the preconditioner is the
-    positive ``inv`` (``1 / D`` of a nearby ``D``) restricted the same way,
-    and the start the cropped unconfined solution ``C inv``, scaled.  The
-    iterations' transforms run in ``dtype``; the kernels are float64.
+    correlation on the stamp, plus ``rhs_add``; the preconditioner is
+    ``inv = 1 / D`` restricted the same way.  The iterations (default
+    :data:`CG_ITERATIONS`) start from ``start`` or the cropped unconfined
+    solution ``C / D``; their transforms run in ``dtype``; the kernels are
+    float64.
     """
     seg = d.shape[1]
     k = kernel_size
@@ -666,13 +701,19 @@ def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_si
     def cut(full: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(full[:, crop[:, None], crop[None, :]])
 
-    b = (cut(sfft.irfft2(cross, s=(seg, seg), workers=workers)) * rhs_scale).astype(dtype)
-    x = cut(sfft.irfft2(cross * inv, s=(seg, seg), workers=workers)) * rhs_scale  # float64
+    b = cut(sfft.irfft2(cross, s=(seg, seg), workers=workers))
+    if rhs_add is not None:
+        b += rhs_add
+    b = b.astype(dtype)
+    if start is None:
+        x = cut(sfft.irfft2(cross * inv, s=(seg, seg), workers=workers))  # float64
+    else:
+        x = np.array(start, dtype=np.float64)
     r = b - through(x.astype(dtype), d)
     z = through(r, inv)
     p = z.copy()
     rz = dot(r, z)
-    for _ in range(CG_ITERATIONS):
+    for _ in range(CG_ITERATIONS if iterations is None else iterations):
         ap = through(p, d)
         pap = dot(p, ap)
         alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
