@@ -6,13 +6,17 @@ pixel stands alone above or below neighbours that a point spread function
 would have lit too (:func:`spikes`).  In the *source* either spoils every
 target pixel whose kernel footprint covers it, so the exact solver's robust
 pass looks for them before fitting, and treats them as bad source pixels.
+:func:`find_defects` finds both in a batch of tiles at once, with the
+result of the two applied tile by tile.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["saturation_plateau", "spikes"]
+from ..errors import InputError
+
+__all__ = ["find_defects", "saturation_plateau", "spikes"]
 
 #: Pixels at a tile's maximum value that make a saturation plateau.
 _PLATEAU = 3
@@ -133,3 +137,345 @@ def spikes(image: np.ndarray, usable: np.ndarray, other: np.ndarray | None = Non
         return found  # not an image of point sources on a sky: its own detail is that sharp
     found[ys[spike], xs[spike]] = True
     return found & usable
+
+
+def find_defects(images: np.ndarray, usable: np.ndarray | None, others: np.ndarray | None,
+                 others_usable: np.ndarray | None) -> np.ndarray:
+    """Saturation plateaus and spikes of a batch of tiles, each judged with its other image.
+
+    Equal, bit for bit, to ``saturation_plateau(images[i], u) | spikes(images[i], u, others[i],
+    ou)`` for every tile ``i`` (``u = usable[i]``, all True when ``usable`` is None; ``ou =
+    others_usable[i]`` or None), but computed for the whole batch at once: the sky statistics
+    of all tiles by one partition, the candidates by one pass over the batch, the 3x3 medians
+    of all candidates together, every comparison in the dtype the per-tile functions make it
+    in.  The few tiles the batch does not serve are passed to the per-tile functions: those
+    whose sky statistics (or whose other image's) meet a NaN among the usable pixels or have all
+    their rows unusable, and, without a mask, those with a NaN anywhere.
+
+    Parameters
+    ----------
+    images, others
+        ``(n, ny, nx)`` float32 or float64 (others: the other images of the pairs, or None;
+        other real dtypes are judged tile by tile).
+    usable, others_usable
+        ``(n, ny, nx)`` bool, or None (every pixel usable).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, ny, nx)`` bool map of the defects found.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise InputError(f"images must be (n, ny, nx), got shape {images.shape}")
+    maps = {}
+    for name, a, dtype in (("usable", usable, bool), ("others", others, None),
+                           ("others_usable", others_usable, bool)):
+        if a is not None:
+            a = np.asarray(a, dtype=dtype)
+            if a.shape != images.shape:
+                raise InputError(f"{name} must have the shape of images {images.shape}, got {a.shape}")
+        maps[name] = a
+    usable, others, others_usable = maps["usable"], maps["others"], maps["others_usable"]
+    n = len(images)
+    found = np.zeros(images.shape, dtype=bool)
+    if not found.size:
+        return found
+    floats = (np.dtype(np.float32), np.dtype(np.float64))
+    if images.dtype not in floats or (others is not None and others.dtype not in floats):
+        return _per_tile(found, range(n), images, usable, others, others_usable)
+    images, usable, others, others_usable = (
+        None if a is None else np.ascontiguousarray(a) for a in (images, usable, others, others_usable))
+    with np.errstate(invalid="ignore", over="ignore"):
+        fallback = _batch(found, images, usable, others, others_usable)
+    return _per_tile(found, np.nonzero(fallback)[0], images, usable, others, others_usable)
+
+
+def _per_tile(found: np.ndarray, tiles, images: np.ndarray, usable: np.ndarray | None,
+              others: np.ndarray | None, others_usable: np.ndarray | None) -> np.ndarray:
+    """``found`` with the given tiles judged by :func:`saturation_plateau` and :func:`spikes`."""
+    for i in tiles:
+        u = np.ones(images.shape[1:], dtype=bool) if usable is None else usable[i]
+        other = None if others is None else others[i]
+        ou = None if others_usable is None else others_usable[i]
+        found[i] = saturation_plateau(images[i], u) | spikes(images[i], u, other, ou)
+    return found
+
+
+def _batch(found: np.ndarray, images: np.ndarray, usable: np.ndarray | None, others: np.ndarray | None,
+           others_usable: np.ndarray | None) -> np.ndarray:
+    """Mark in ``found`` the defects of the batch; return the tiles left to the per-tile functions.
+
+    Every comparison is made in the dtype the per-tile functions make it in: a per-tile Python
+    float meets an image in the image's dtype, a NumPy float64 scalar in float64.
+    """
+    n, ny, nx = images.shape
+    inf = np.inf
+    # -- the tiles' sky, for spikes
+    rows = slice(None, None, max(1, ny // 16))
+    judged = np.full(n, min(ny, nx) >= 3)
+    fallback = np.zeros(n, dtype=bool)
+    if usable is not None:
+        rows_usable = usable[:, rows].any(axis=(1, 2))
+        empty = judged & ~rows_usable
+        if empty.any():  # statistics from every row, or nothing usable at all
+            fallback |= empty & usable.reshape(n, -1).any(axis=1)
+        judged &= rows_usable
+    level = np.zeros(n, dtype=images.dtype)
+    sigma = np.full(n, np.nan)
+    tiles = np.nonzero(judged)[0]
+    if len(tiles):
+        level[tiles], sigma[tiles], nan = _skies(images, usable, tiles, rows)
+        fallback[tiles[nan]] = True
+    judged &= sigma > 0
+    threshold = _SPIKE_SIGMAS * sigma
+    level64 = level.astype(np.float64)
+    high_at = np.where(judged, level64 + threshold, inf)
+    low_at = np.where(judged, level64 - threshold, -inf)
+    # -- candidates: at a tile's top, or 10 sigmas from its sky
+    top, at_top, pos = _scan(images, usable, high_at, low_at)
+    fallback |= np.isnan(top)  # a NaN among the usable pixels
+    judged &= ~fallback
+    t, y, x = _unravel(pos, ny, nx)
+    value = images.reshape(-1)[pos]
+    _plateaus(found, pos, t, value >= at_top[t], images, usable, np.isfinite(top) & ~fallback)
+    inside = (y > 0) & (y < ny - 1) & (x > 0) & (x < nx - 1) & judged[t]
+    inside &= (value > high_at[t]) | (value < low_at[t])
+    pos, t, value = pos[inside], t[inside], value[inside]
+    lvl = level[t]
+    cross = _boxes(images, usable, pos, lvl, np.array([-nx, nx, -1, 1]))
+    up, down, left, right = cross.T  # columns: elementwise maxima are faster than reductions along rows
+    extreme = (((value > np.maximum(np.maximum(up, down), np.maximum(left, right))) & (value > lvl))
+               | ((value < np.minimum(np.minimum(up, down), np.minimum(left, right))) & (value < lvl)))
+    pos, t, value, lvl = pos[extreme], t[extreme], value[extreme], lvl[extreme]  # star peaks and spikes
+    local = np.median(_boxes(images, usable, pos, lvl, _DY * nx + _DX), axis=1)  # 3x3 medians
+    thr = threshold[t]
+    high = (value > lvl) & (value - local > thr) & (local - lvl < _SPIKE_SHARPNESS * (value - lvl))
+    low = (value < lvl) & (local - value > thr)
+    spike = high | low
+    if others is not None and spike.any():
+        fallback |= _counterparts(spike, high, pos, t, value, lvl, others, others_usable, rows)
+    counts = np.bincount(t[spike], minlength=n)
+    tiles = np.nonzero(counts)[0]
+    if len(tiles):
+        pixels = np.full(n, ny * nx)
+        if usable is not None:
+            pixels[tiles] = _usable_pixels(usable, tiles)
+        kept = counts <= _SPIKE_FRACTION * pixels  # more: not an image of point sources on a sky
+        spike &= kept[t]
+        found.reshape(-1)[pos[spike]] = True
+    return fallback
+
+
+def _scan(images: np.ndarray, usable: np.ndarray | None, high_at: np.ndarray,
+          low_at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each tile's top (its usable maximum), the plateau level below it (+inf where the top is not
+    finite), and the ascending positions in the flattened batch of the usable pixels at or above
+    either the plateau level or ``high_at``, or below ``low_at`` (float64).
+
+    Chunks of tiles that stay in the cache: each pixel is read once from memory.  With a mask, the
+    top of a tile is that of its candidates above ``high_at`` when it has some (a masked maximum
+    costs as much as the rest); a tile without, or whose plateau level is not above ``high_at``,
+    is searched again alone.  The top is NaN for a NaN among the usable pixels, except with a
+    mask and candidates above ``high_at``: only a plateau depends on that (:func:`_plateaus`).
+    """
+    n, ny, nx = images.shape
+    size = ny * nx
+    dtype = images.dtype.type
+    flat = images.reshape(n, size)
+    ok = None if usable is None else usable.reshape(n, size)
+    start = _next_above(high_at, dtype)  # x > high_at exactly when x >= start
+    below = _round_up(low_at, dtype)  # x < low_at exactly when x < below
+    top = np.full(n, -np.inf, dtype=images.dtype)
+    found = []
+    step = max(1, 2**18 // size)
+    for i in range(0, n, step):
+        chunk = slice(i, i + step)
+        pixels = flat[chunk]
+        if ok is None:
+            top[chunk] = pixels.max(axis=1)
+            far = pixels >= np.fmin(start[chunk], _plateau_level(top[chunk]))[:, None]
+        else:
+            far = pixels >= start[chunk, None]
+        far |= pixels < below[chunk, None]
+        found.append(np.flatnonzero(far) + i * size)
+    pos = np.concatenate(found)
+    if ok is None:
+        return top, _plateau_level(top), pos
+    pos = pos[ok.reshape(-1)[pos]]
+    value = images.reshape(-1)[pos]
+    high = value >= start[pos // size]
+    t = pos[high] // size  # ascending
+    first = np.flatnonzero(np.diff(t, prepend=-1))
+    top[t[first]] = np.maximum.reduceat(value[high], first) if len(t) else top[:0]
+    at_top = _plateau_level(top)
+    again = np.nonzero((top == -np.inf) | (at_top < start))[0]
+    if len(again):  # no usable pixel above high_at, or plateau pixels that need not be
+        top[again] = np.max(flat[again], axis=1, where=ok[again], initial=-np.inf)
+        at_top[again] = _plateau_level(top[again])
+        extra = np.nonzero((flat[again] >= at_top[again, None]) & ok[again])
+        pos = np.union1d(pos, again[extra[0]] * size + extra[1])
+    return top, at_top, pos
+
+
+def _plateau_level(top: np.ndarray) -> np.ndarray:
+    """The least value of a saturation plateau below ``top`` (+inf where it is not finite)."""
+    high = top.astype(np.float64)
+    return np.where(np.isfinite(high), high - 1e-6 * np.abs(high), np.inf).astype(top.dtype)
+
+
+def _plateaus(found: np.ndarray, pos: np.ndarray, t: np.ndarray, at_top: np.ndarray, images: np.ndarray,
+              usable: np.ndarray | None, judged: np.ndarray) -> None:
+    """Mark the saturation plateaus among the usable candidates at ``pos`` (ascending) ``at_top``.
+
+    With a mask, a tile's top was not checked for NaN: a tile with a plateau and a NaN among its
+    usable pixels has none (its top is NaN)."""
+    n, ny, nx = found.shape
+    keep = at_top & judged[t]
+    keys, t = pos[keep], t[keep]
+    count = np.bincount(t, minlength=n)
+    enough = count >= _PLATEAU
+    if not enough.any():
+        return
+    pixels = np.full(n, ny * nx)
+    if usable is not None:
+        tiles = np.nonzero(enough)[0]
+        pixels[tiles] = _usable_pixels(usable, tiles)
+    enough &= count <= 0.25 * pixels
+    _, y, x = _unravel(keys, ny, nx)
+    touching = np.zeros(len(keys), dtype=bool)
+    for step, room in ((1, x < nx - 1), (nx, y < ny - 1)):
+        at = np.minimum(np.searchsorted(keys, keys + step), len(keys) - 1)
+        touching |= room & (keys[at] == keys + step)
+    enough &= np.bincount(t[touching], minlength=n) > 0
+    if usable is not None:
+        tiles = np.nonzero(enough)[0]
+        enough[tiles] = ~(np.isnan(images[tiles]) & usable[tiles]).any(axis=(1, 2))
+    found.reshape(-1)[keys[enough[t]]] = True
+
+
+def _counterparts(spike: np.ndarray, high: np.ndarray, pos: np.ndarray, t: np.ndarray, value: np.ndarray,
+                  lvl: np.ndarray, others: np.ndarray, others_usable: np.ndarray | None,
+                  rows: slice) -> np.ndarray:
+    """Clear in ``spike`` the high candidates whose 3x3 box in the other image is lit; return the
+    tiles left to the per-tile functions."""
+    n = len(others)
+    fallback = np.zeros(n, dtype=bool)
+    tested = np.zeros(n, dtype=bool)
+    tested[t[spike]] = True
+    if others_usable is not None:
+        tiles = np.nonzero(tested)[0]
+        rows_usable = others_usable[:, rows][tiles].any(axis=(1, 2))
+        empty = tiles[~rows_usable]
+        if len(empty):  # statistics from every row, or no test at all
+            fallback[empty[others_usable[empty].reshape(len(empty), -1).any(axis=1)]] = True
+            tested[empty] = False
+    tiles = np.nonzero(tested)[0]
+    if not len(tiles):
+        return fallback
+    o_level = np.zeros(n, dtype=others.dtype)
+    o_sigma = np.full(n, np.nan)
+    o_level[tiles], o_sigma[tiles], nan = _skies(others, others_usable, tiles, rows)
+    fallback[tiles[nan]] = True
+    tested &= ~fallback & (o_sigma > 0)
+    sel = np.nonzero(spike & tested[t])[0]
+    if not len(sel):
+        return fallback
+    ts = t[sel]
+    o_box = _boxes(others, others_usable, pos[sel], o_level[ts], _DY * others.shape[2] + _DX)
+    seen = np.abs(np.median(o_box, axis=1) - o_level[ts])
+    lit = seen > np.maximum(_COUNTERPART_SIGMAS * o_sigma[ts],
+                            _COUNTERPART_FRACTION * np.abs(value[sel] - lvl[sel]))
+    spike[sel] &= ~(lit & high[sel])  # no light makes a pixel darker than the sky: a low spike stays one
+    return fallback
+
+
+_DY, _DX = (d.ravel() for d in np.mgrid[-1:2, -1:2])
+
+
+def _usable_pixels(usable: np.ndarray, tiles: np.ndarray) -> list[int]:
+    """The number of usable pixels of each of the given tiles (a count per tile is several times
+    faster than one along an axis)."""
+    return [np.count_nonzero(usable[i]) for i in tiles]
+
+
+def _unravel(pos: np.ndarray, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tile, row and column of positions in a flattened ``(n, ny, nx)`` batch."""
+    t, rest = np.divmod(pos, ny * nx)
+    y, x = np.divmod(rest, nx)
+    return t, y, x
+
+
+def _boxes(images: np.ndarray, usable: np.ndarray | None, pos: np.ndarray, level: np.ndarray,
+           offsets: np.ndarray | int) -> np.ndarray:
+    """The pixels at ``pos + offsets`` of the flattened (C-contiguous) batch, unusable ones at their
+    tile's ``level``: ``(N, len(offsets))`` for an array of offsets, ``(N,)`` for one offset."""
+    at = pos[:, None] + offsets if np.ndim(offsets) else pos + offsets
+    box = images.reshape(-1)[at]
+    if usable is not None:
+        unusable = ~usable.reshape(-1)[at]
+        if unusable.any():  # few
+            box[unusable] = np.broadcast_to(level[:, None] if np.ndim(offsets) else level, box.shape)[unusable]
+    return box
+
+
+def _skies(images: np.ndarray, usable: np.ndarray | None, tiles: np.ndarray,
+           rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_sky`'s level (image dtype) and sigma (float64, NaN for none) of the given tiles,
+    whose ``rows`` hold usable pixels, and where a NaN met their statistics."""
+    k = len(tiles)
+    sampled = images[:, rows][tiles] if k < len(images) else images[:, rows]
+    ok = None if usable is None else (usable[:, rows][tiles] if k < len(images) else usable[:, rows])
+    steps = np.diff(sampled, axis=2).reshape(k, -1)
+    flat = sampled.reshape(k, -1)  # a copy unless every row is sampled; reordered below
+    level, _, nan = _medians(flat, None if ok is None else ok.reshape(k, -1),
+                             own=not np.may_share_memory(flat, images))
+    pairs = None if ok is None else (ok[:, :, 1:] & ok[:, :, :-1]).reshape(k, -1)
+    middle, _, nan_steps = _medians(steps, pairs, own=pairs is None)
+    spread, _, nan_spread = _medians(np.abs(steps - middle[:, None]), pairs, own=True)
+    sigma = 1.4826 * spread.astype(np.float64) / np.sqrt(2.0)  # NaN without steps
+    return level, sigma, nan | nan_steps | nan_spread
+
+
+def _medians(values: np.ndarray, valid: np.ndarray | None,
+             own: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.median`` of each row's valid values (bit for bit), their number, and whether one is NaN.
+
+    Invalid entries become +inf, and each row gets as many -inf as puts its middle where the
+    fullest row has it: one partition serves all rows.  ``own``: ``values`` may be reordered.
+    """
+    k, size = values.shape
+    dtype = values.dtype.type
+    count = np.full(k, size) if valid is None else np.count_nonzero(valid, axis=1)
+    middle = (int(count.max(initial=0)) - 1) // 2  # every row's middle value(s) at middle, middle + 1
+    if middle < 0:
+        return np.full(k, np.nan, dtype=values.dtype), count, np.zeros(k, dtype=bool)
+    if valid is not None:
+        lows = middle - (count - 1) // 2
+        work = np.empty((k, size + int(lows.max())), dtype=values.dtype)
+        work[:, :size] = values
+        np.copyto(work[:, :size], dtype(np.inf), where=~valid)
+        work[:, size:] = np.where(np.arange(work.shape[1] - size) < lows[:, None], dtype(-np.inf), dtype(np.inf))
+        values, own = work, True
+    if own:
+        values.partition(middle, axis=1)  # one kth: the fast selection
+    else:
+        values = np.partition(values, middle, axis=1)
+    at = values[:, middle]
+    above = values[:, middle + 1:].min(axis=1) if values.shape[1] > middle + 1 else at
+    median = np.where(count % 2 == 1, at, np.mean(np.stack([at, above], axis=1), axis=1))
+    median[count == 0] = np.nan
+    return median, count, (np.isnan(at) | np.isnan(above)) & (count > 0)  # NaN goes last
+
+
+def _next_above(h: np.ndarray, dtype: type) -> np.ndarray:
+    """The ``v`` of ``dtype`` for which ``x > h`` exactly when ``x >= v`` (``x`` of dtype, ``h`` float64)."""
+    f = h.astype(dtype)
+    f = np.where(f.astype(np.float64) > h, np.nextafter(f, dtype(-np.inf)), f)  # the largest not above h
+    return np.nextafter(f, dtype(np.inf))
+
+
+def _round_up(h: np.ndarray, dtype: type) -> np.ndarray:
+    """The ``g`` of ``dtype`` for which ``x < h`` exactly when ``x < g`` (``x`` of dtype, ``h`` float64)."""
+    g = h.astype(dtype)
+    return np.where(g.astype(np.float64) < h, np.nextafter(g, dtype(np.inf)), g)
