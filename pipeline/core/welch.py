@@ -84,7 +84,7 @@ import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
 
 from ..errors import InputError, OptionError
-from .defects import saturation_plateau, spikes
+from .defects import find_defects
 from .fill import FILL_RADIUS, fill_bad_pixels
 from .moments import adaptive_moments
 from .options import WelchOptions, parse_window
@@ -274,11 +274,8 @@ def _with_found_defects(images: np.ndarray, bad: np.ndarray | None, others: np.n
 
     ``others`` are the other images of the pairs (a spike has no counterpart there).
     """
-    found = np.zeros(images.shape, dtype=bool)
-    for i, image in enumerate(images):
-        usable = np.ones(image.shape, dtype=bool) if bad is None else ~bad[i]
-        other_usable = None if others_bad is None else ~others_bad[i]
-        found[i] = saturation_plateau(image, usable) | spikes(image, usable, others[i], other_usable)
+    found = find_defects(images, None if bad is None else ~bad, others,
+                         None if others_bad is None else ~others_bad)
     if not found.any():
         return bad
     return found if bad is None else bad | found
