@@ -337,13 +337,13 @@ class WelchOptions(MethodOptions):
         str, choices=WINDOWS, in_job=True)
     regularization: float | str = _option(
         "auto",
-        "``\"auto\"``: a Laplacian (smoothness) penalty whose strength is chosen per tile "
-        "to minimise the estimated prediction risk, with each frequency's noise measured from "
-        "the spread of the segments; the kernel confined to its stamp and the taper's gain "
-        "undone.  A number ``lambda``: a fixed ridge, the kernel transform is "
-        "``cross / (power + eps)`` with ``eps = lambda * mean(power)`` over all frequencies of "
-        "the tile's summed source power; ``0`` is plain division (frequencies of zero power "
-        "give zero).",
+        "``\"auto\"``: a Laplacian (smoothness) penalty on the kernel less its own Gaussian core, "
+        "its strength chosen per tile to minimise the estimated prediction risk, with each "
+        "frequency's noise measured from the spread of the segments; the kernel confined to its "
+        "stamp, the taper's gain undone and the source's noise taken out of its power.  A number "
+        "``lambda``: a fixed ridge, the kernel transform is ``cross / (power + eps)`` with "
+        "``eps = lambda * mean(power)`` over all frequencies of the tile's summed source power; "
+        "``0`` is plain division (frequencies of zero power give zero).",
         float, choices=("auto",), ge=0, in_job=True)
     find_defects: bool = _option(
         True,
