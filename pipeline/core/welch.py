@@ -525,8 +525,9 @@ def independent_fraction(window: np.ndarray, step: int) -> float:
 def lag_gain(window: np.ndarray) -> np.ndarray:
     """Circular ``a(d) = sum_x w(x) w(x - d mod L) / sum w**2`` of a taper, lags ``0 .. L - 1``.
 
-    What tapering the segments multiplies their auto- and cross-correlations
-    by at lag ``d`` (for a stationary signal).
+    What tapering the segments multiplies their correlations by at lag ``d``
+    (for a stationary signal), and so a kernel estimated from a white source
+    at offset ``d`` (per axis).
     """
     spectrum = np.abs(np.fft.rfft(window)) ** 2
     out = np.fft.irfft(spectrum, n=window.size)
@@ -577,9 +578,12 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     risk, ``RSS + 2 sum sigma2 A / D`` (``RSS = sum P - |C|**2 (2 D - A) / D**2``,
     the segments' residual energy), on :data:`LAM_GRID`, all in the Fourier
     domain.  The kernel is then confined to its stamp (:func:`_confined_solve`),
-    with the auto- and cross-correlations at the lags it uses divided by the
-    taper's :func:`lag_gain` (what tapering the segments multiplies them by).
-    Returns ``(kernels, lam, at_bound)``.
+    and for :data:`REFERENCE_ROUNDS` rounds the penalty acts on the kernel less
+    the previous round's :func:`gaussian_core`; last, the taper's gain
+    ``a(dy) a(dx)`` (:func:`lag_gain`) is divided out.  ``A`` less
+    ``source_noise`` (per tile, the source's noise power in every frequency)
+    is the source power the kernel is fitted with.  Returns ``(kernels, lam,
+    at_bound)``.
     """
     n, seg, _ = power.shape
     w = colw[None, :]
