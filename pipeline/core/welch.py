@@ -20,7 +20,8 @@ the Fourier domain where the problem is diagonal.  The kernel is the
 least-squares solution confined to its stamp (preconditioned conjugate
 gradients, not a crop), and the Laplacian then acts on the kernel less its
 own Gaussian core (:func:`gaussian_core`, from the previous round's adaptive
-moments; :data:`REFERENCE_ROUNDS` rounds): a plain Laplacian flattens the
+moments; in rounds, each tile until its core's width settles to 0.5 %, at
+most :data:`REFERENCE_ROUNDS`): a plain Laplacian flattens the
 peak (FWHM 9 % too broad on survey tiles; 1 % this way).  Tapering the
 segments shrinks the kernel at offset ``d`` by the taper's overlap gain
 ``a(dy) a(dx)``, ``a(d) = sum w(x) w(x - d) / sum w**2`` (exactly, for a white
@@ -76,7 +77,6 @@ from __future__ import annotations
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -494,10 +494,12 @@ WHITE_RATIO = 1.5
 SOURCE_FRACTION = 5e-5
 #: The source power the noise correction leaves at least, as a fraction of the power measured.
 SIGNAL_FLOOR = 0.1
-#: Rounds of smoothing towards the Gaussian core of the previous round's kernel (:func:`gaussian_core`),
-#: each of this many conjugate-gradient iterations from the previous round's kernel.
-REFERENCE_ROUNDS = 4
+#: At most this many rounds of smoothing towards the Gaussian core of the previous round's kernel
+#: (:func:`gaussian_core`), each of this many conjugate-gradient iterations from the previous round's
+#: kernel; a tile stops when its core's width changed by at most this fraction.
+REFERENCE_ROUNDS = 10
 REFERENCE_ITERATIONS = 4
+REFERENCE_TOLERANCE = 0.005
 #: Preconditioned conjugate-gradient iterations of the stamp-confined solve.
 CG_ITERATIONS = 8
 
@@ -578,8 +580,9 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     risk, ``RSS + 2 sum sigma2 A / D`` (``RSS = sum P - |C|**2 (2 D - A) / D**2``,
     the segments' residual energy), on :data:`LAM_GRID`, all in the Fourier
     domain.  The kernel is then confined to its stamp (:func:`_confined_solve`),
-    and for :data:`REFERENCE_ROUNDS` rounds the penalty acts on the kernel less
-    the previous round's :func:`gaussian_core`; last, the taper's gain
+    and in rounds (each tile until its core's width changes by at most
+    :data:`REFERENCE_TOLERANCE`, at most :data:`REFERENCE_ROUNDS`) the penalty
+    acts on the kernel less the previous round's :func:`gaussian_core`; last, the taper's gain
     ``a(dy) a(dx)`` (:func:`lag_gain`) is divided out.  ``A`` less
     ``source_noise`` (per tile, the source's noise power in every frequency)
     is the source power the kernel is fitted with.  Returns ``(kernels, lam,
@@ -607,15 +610,26 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     penalty = (lam * scale)[:, None, None] * lap
     d = a_fit + penalty
     inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
-    solve = partial(_confined_solve, cross, d, inv, kernel_size, workers,
-                    dtype=np.float32 if cross.dtype == np.complex64 else np.float64)
-    kernels = solve()
-    for _ in range(REFERENCE_ROUNDS):  # the Laplacian of (kernel - its Gaussian core) penalised
-        full = np.zeros((n, seg, seg))
-        full[:, crop[:, None], crop[None, :]] = gaussian_core(kernels)
-        pull = sfft.irfft2(sfft.rfft2(full, workers=workers) * penalty, s=(seg, seg), workers=workers)
-        kernels = solve(rhs_add=pull[:, crop[:, None], crop[None, :]], start=kernels,
-                        iterations=REFERENCE_ITERATIONS)
+    dtype = np.float32 if cross.dtype == np.complex64 else np.float64
+    kernels = _confined_solve(cross, d, inv, kernel_size, workers, dtype=dtype)
+    # Rounds in which the Laplacian acts on (kernel - its Gaussian core), each tile until its core's width
+    # settles: every tile's rounds depend on that tile alone.
+    active = np.arange(n)
+    width = np.full(n, np.nan)
+    for _ in range(REFERENCE_ROUNDS):
+        core, sigma = gaussian_core(kernels[active], with_width=True)
+        settled = np.abs(sigma / width[active] - 1.0) <= REFERENCE_TOLERANCE
+        moving = ~settled & np.isfinite(sigma)
+        width[active] = sigma
+        active, core = active[moving], core[moving]
+        if not active.size:
+            break
+        full = np.zeros((active.size, seg, seg))
+        full[:, crop[:, None], crop[None, :]] = core
+        pull = sfft.irfft2(sfft.rfft2(full, workers=workers) * penalty[active], s=(seg, seg), workers=workers)
+        kernels[active] = _confined_solve(cross[active], d[active], inv[active], kernel_size, workers, dtype=dtype,
+                                          rhs_add=pull[:, crop[:, None], crop[None, :]], start=kernels[active],
+                                          iterations=REFERENCE_ITERATIONS)
     gain = lag_gain(win1)[crop]  # tapering shrinks the kernel at offset d by a(dy) a(dx)
     kernels /= np.outer(gain, gain)
     return kernels, lam, best == LAM_GRID.size - 1
@@ -650,11 +664,12 @@ def _risk_minimum(a: np.ndarray, a_safe: np.ndarray, q: np.ndarray, noise: np.nd
     return np.take_along_axis(fine, np.argmin(scores, axis=0)[None, :], axis=0)[0]
 
 
-def gaussian_core(kernels: np.ndarray) -> np.ndarray:
+def gaussian_core(kernels: np.ndarray, *, with_width: bool = False):
     """The elliptical Gaussian of each kernel's adaptive moments and sum, on its stamp (0 where they fail).
 
     What ``regularization="auto"`` smooths towards: the Laplacian penalty acts
-    on the kernel less this core, so a sharp peak is not flattened.
+    on the kernel less this core, so a sharp peak is not flattened.  With
+    ``with_width``, also the cores' ``sigma`` (NaN where the moments fail).
     """
     k = kernels.shape[-1]
     h = k // 2
@@ -668,6 +683,8 @@ def gaussian_core(kernels: np.ndarray) -> np.ndarray:
     core = np.exp(-0.5 * (mxx[:, None, None] * dy**2 - 2.0 * mxy[:, None, None] * dy * dx
                           + myy[:, None, None] * dx**2) / det)
     core *= np.where(ok, flux, 0.0)[:, None, None] / core.sum(axis=(1, 2), keepdims=True)
+    if with_width:
+        return core, np.where(ok, np.asarray(m.sigma), np.nan)
     return core
 
 
@@ -707,7 +724,7 @@ def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_si
         b += rhs_add
     b = b.astype(dtype)
     if start is None:
-        x = cut(sfft.irfft2(cross * inv, s=(seg, seg), workers=workers))  # float64
+        x = cut(sfft.irfft2(cross * inv, s=(seg, seg), workers=workers)).astype(np.float64)
     else:
         x = np.array(start, dtype=np.float64)
     r = b - through(x.astype(dtype), d)
