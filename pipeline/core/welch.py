@@ -415,8 +415,18 @@ def _welch(
 
     if auto:
         floor = used * sky_noise_variance(sources) * float((win2.astype(np.float64) ** 2).sum())
-        kernels, lam, at_bound = _auto_kernels(cross, power, tpower, used, floor, colw=colw, win1=win1,
-                                               step=step, kernel_size=kernel_size, workers=workers)
+
+        def solve(part: slice, fft_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return _auto_kernels(cross[part], power[part], tpower[part], used[part], floor[part], colw=colw,
+                                 win1=win1, step=step, kernel_size=kernel_size, workers=fft_workers)
+
+        parts = [p for p in np.array_split(np.arange(n), min(workers, n)) if p.size] if n else []
+        if len(parts) <= 1:
+            kernels, lam, at_bound = solve(slice(None), workers)
+        else:  # each tile's solution is its own: contiguous parts in threads, one-threaded transforms
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                done = list(pool.map(lambda p: solve(slice(int(p[0]), int(p[-1]) + 1), 1), parts))
+            kernels, lam, at_bound = (np.concatenate(x) for x in zip(*done))
     else:
         # Division and inverse transform in the working precision.
         eps = regularization * (power @ colw.astype(wdt)).sum(axis=1, dtype=np.float64) / (seg * seg)
