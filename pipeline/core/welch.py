@@ -500,8 +500,9 @@ LAM_GRID = np.logspace(-6.0, 2.0, 33)
 #: A sky is white noise where its pixels scatter by less than this many times their noise
 #: (:func:`sky_noise_variance`) ...
 WHITE_RATIO = 1.5
-#: ... and it has sources where at least this fraction of the pixels stand 5 sigma above it.
-SOURCE_FRACTION = 5e-5
+#: ... and it has sources where at least this many pixels stand 5 sigma above it with a 4-neighbour 3 sigma
+#: above it (white noise alone: one in 1e9 pixels; lone bright pixels are not sources).
+SOURCE_PIXELS = 5
 #: The source power the noise correction leaves at least, as a fraction of the power measured.
 SIGNAL_FLOOR = 0.1
 #: At most this many rounds of smoothing towards the Gaussian core of the previous round's kernel
@@ -556,9 +557,10 @@ def sky_noise_variance(images: np.ndarray) -> np.ndarray:
     pixels; a photograph's or a smooth image's pixels vary far more than
     their neighbour differences (measured: survey tiles 0.96-1.10, the 8-bit
     photo 66, white noise smoothed over 1 px 2.0).  And sources must stand
-    out of it (at least :data:`SOURCE_FRACTION` of the pixels 5 sigma_d above
-    the median; survey tiles 0.14-23 per mille): an image of white noise
-    alone may be the scene itself.  Returns ``(n,)`` float64.
+    out of it (at least :data:`SOURCE_PIXELS` pixels 5 sigma_d above the
+    median with a 4-neighbour 3 sigma_d above it: a source lights its
+    neighbours, a lone pixel does not): an image of white noise, even with a
+    few bright pixels, may be the scene itself.  Returns ``(n,)`` float64.
     """
     n = len(images)
     if n == 0 or min(images.shape[1:]) < 2:
@@ -569,8 +571,15 @@ def sky_noise_variance(images: np.ndarray) -> np.ndarray:
     spread = 1.4826 * np.median(np.abs(flat - level[:, None]), axis=1)
     steps = np.diff(rows, axis=2).reshape(n, -1)
     noise = 1.4826 * np.median(np.abs(steps - np.median(steps, axis=1, keepdims=True)), axis=1) / np.sqrt(2.0)
-    bright = (images > (level + 5.0 * noise)[:, None, None]).reshape(n, -1).mean(axis=1)
-    sky = (noise > 0) & (spread < WHITE_RATIO * noise) & (bright >= SOURCE_FRACTION)
+    above = images - level[:, None, None]
+    lit = above > (3.0 * noise)[:, None, None]
+    neighbour = np.zeros_like(lit)  # a 4-neighbour lit too: a source, not a lone pixel
+    neighbour[:, 1:] |= lit[:, :-1]
+    neighbour[:, :-1] |= lit[:, 1:]
+    neighbour[:, :, 1:] |= lit[:, :, :-1]
+    neighbour[:, :, :-1] |= lit[:, :, 1:]
+    sources = ((above > (5.0 * noise)[:, None, None]) & neighbour).reshape(n, -1).sum(axis=1)
+    sky = (noise > 0) & (spread < WHITE_RATIO * noise) & (sources >= SOURCE_PIXELS)
     return np.where(sky, noise * noise, 0.0)
 
 
@@ -637,9 +646,15 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
         full = np.zeros((active.size, seg, seg))
         full[:, crop[:, None], crop[None, :]] = core
         pull = sfft.irfft2(sfft.rfft2(full, workers=workers) * penalty[active], s=(seg, seg), workers=workers)
-        kernels[active] = _confined_solve(cross[active], d[active], inv[active], kernel_size, workers, dtype=dtype,
-                                          rhs_add=pull[:, crop[:, None], crop[None, :]], start=kernels[active],
-                                          iterations=REFERENCE_ITERATIONS)
+        before = kernels[active]
+        after = _confined_solve(cross[active], d[active], inv[active], kernel_size, workers, dtype=dtype,
+                                rhs_add=pull[:, crop[:, None], crop[None, :]], start=before,
+                                iterations=REFERENCE_ITERATIONS)
+        # the core keeps the kernel's sum: a round that moves it by half is not converging; keep the last
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stable = np.abs(after.sum(axis=(1, 2)) / before.sum(axis=(1, 2)) - 1.0) <= 0.5
+        kernels[active[stable]] = after[stable]
+        active = active[stable]
     gain = lag_gain(win1)[crop]  # tapering shrinks the kernel at offset d by a(dy) a(dx)
     kernels /= np.outer(gain, gain)
     return kernels, lam, best == LAM_GRID.size - 1
