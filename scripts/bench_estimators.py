@@ -55,7 +55,7 @@ import pipeline as km
 from pipeline.core.lstsq import lstsq_kernels
 from pipeline.core.moments import adaptive_moments
 from pipeline.core.penalties import penalty_terms
-from pipeline.core.welch import welch_kernels
+from pipeline.core.welch import WelchResult, welch_kernels
 from pipeline.flags import BAD
 from pipeline.sim.defects import add_defects
 from pipeline.sim.scenes import blurred_photo, gaussian_kernel, motion_kernel, survey_tile_pair
@@ -106,22 +106,14 @@ def timed(func, repeat: int = 2):
 
 
 def photutils_kernels(src, tgt):
+    """photutils' ``make_kernel`` (TopHatWindow(0.35)) on the whole tiles, central KxK; ``None`` without it."""
     try:
-        from photutils.psf_matching import make_kernel
+        import photutils.psf_matching as pm
     except ImportError:
-        try:
-            from photutils.psf_matching import create_matching_kernel as make_kernel
-        except ImportError:
-            return None
-    from photutils.psf_matching import TopHatWindow
-
-    h = K // 2
-    c = (SIZE - 1) // 2  # photutils wants odd, centred arrays: drop the last row and column
-    out = []
-    for s, t in zip(src[:, :-1, :-1], tgt[:, :-1, :-1]):
-        full = make_kernel(s - np.median(s), t - np.median(t), window=TopHatWindow(0.35))
-        out.append(full[c - h : c + h + 1, c - h : c + h + 1])
-    return np.stack(out)
+        return None
+    make_kernel = getattr(pm, "make_kernel", None) or pm.create_matching_kernel
+    s, t = _whole_tiles(src, tgt)
+    return np.stack([_centre_crop(make_kernel(si, ti, window=pm.TopHatWindow(0.35))) for si, ti in zip(s, t)])
 
 
 # --------------------------------------------------------------------------
@@ -228,13 +220,13 @@ def photutils_sweep(src: np.ndarray, tgt: np.ndarray) -> tuple[list[np.ndarray],
     return out, (time.perf_counter() - t0) / (len(src) * len(PHOTUTILS_WINDOWS))
 
 
-def _welch_row(label: str, func, n: int, truth: np.ndarray) -> tuple[dict[str, float], str]:
-    """Time ``func`` (one thread, best of 2), print its row; its accuracy and note."""
+def _welch_row(label: str, func, n: int, truth: np.ndarray) -> dict[str, float]:
+    """Time ``func`` (one thread, best of 2), print its row; its accuracy."""
     with threadpool_limits(1):
         dt, res = timed(func)
     acc = kernel_accuracy(res.kernels, truth)
     note = ""
-    if label.startswith("welch") and np.isfinite(res.lam).any():
+    if isinstance(res, WelchResult) and np.isfinite(res.lam).any():
         note = f"lam median {np.nanmedian(res.lam):.3g} [{np.nanmin(res.lam):.3g}, {np.nanmax(res.lam):.3g}]"
         if res.at_bound.any():
             note += f", {res.at_bound.sum()} at bound"
@@ -245,7 +237,7 @@ def _welch_row(label: str, func, n: int, truth: np.ndarray) -> tuple[dict[str, f
         note += f"{', ' if note else ''}{acc['no_centroid'] - nan_tiles} moments not converged"
     print(f"  {label:34s} {acc['rel_l2']:7.4f} {acc['rel_l2_unit']:9.4f} {acc['flux']:8.4f} {acc['centroid']:9.4f} "
           f"{1e3 * dt / n:8.1f}  {note}", flush=True)
-    return acc, note
+    return acc
 
 
 def _peer_row(label: str, sweep, names: list[str], grid: list[tuple[str, tuple[float, ...]]],
@@ -283,7 +275,7 @@ def welch_table(unique: int) -> None:
         n = len(src)
         print(f"\nfield {name!r} ({FIELDS[name] or 'survey_tile_pair defaults'})")
         print(f"  {'method':34s} {'rel L2':>7s} {'(unit sum)':>9s} {'|dflux|':>8s} {'centroid':>9s} {'ms/tile':>8s}")
-        auto, _ = _welch_row("welch auto", partial(welch_kernels, src, tgt, kernel_size=K, regularization="auto"),
+        auto = _welch_row("welch auto", partial(welch_kernels, src, tgt, kernel_size=K, regularization="auto"),
                              n, truth)
         _welch_row(f"welch ridge {WELCH_RIDGE:g}",
                    partial(welch_kernels, src, tgt, kernel_size=K, regularization=WELCH_RIDGE), n, truth)

@@ -45,20 +45,27 @@ def gaussian(k: int, sy: float, sx: float, dy: float = 0.0, dx: float = 0.0, flu
     return flux * g / g.sum()
 
 
-def welch_reference(src, tgt, bad, *, k, seg, overlap=0.5, regularization=1e-3):
-    """Slow, loop-based Welch estimate with full complex FFTs (independent of the fast path)."""
+def hann(seg: int) -> np.ndarray:
+    """The periodic Hann window, written out (independent of the fast path's :func:`taper`)."""
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(seg) / seg)
+
+
+def segment_spectra(src, tgt, bad, *, seg, overlap=0.5):
+    """Loop over the Hann-tapered, mean-free segments with full complex FFTs, those touching ``bad`` left out.
+
+    Returns ``(power, cross, target_power, used, cover)``: the summed ``|FS|**2``,
+    ``conj(FS) FR`` and ``|FR|**2``, the number of segments used and the pixels they cover.
+    """
     step = max(1, int(round(seg * (1 - overlap))))
 
     def starts(length):
         pos = list(range(0, length - seg + 1, step))
-        if pos[-1] != length - seg:
-            pos.append(length - seg)
-        return pos
+        return pos if pos[-1] == length - seg else [*pos, length - seg]
 
-    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(seg) / seg)
-    w2 = np.outer(w, w)
-    cross = np.zeros((seg, seg), complex)
+    w2 = np.outer(hann(seg), hann(seg))
     power = np.zeros((seg, seg))
+    cross = np.zeros((seg, seg), complex)
+    tpower = np.zeros((seg, seg))
     cover = np.zeros(src.shape, bool)
     used = 0
     for y0 in starts(src.shape[0]):
@@ -68,10 +75,17 @@ def welch_reference(src, tgt, bad, *, k, seg, overlap=0.5, regularization=1e-3):
                 continue
             fs = np.fft.fft2((src[sl] - src[sl].mean()) * w2)
             fr = np.fft.fft2((tgt[sl] - tgt[sl].mean()) * w2)
-            cross += np.conj(fs) * fr
             power += np.abs(fs) ** 2
+            cross += np.conj(fs) * fr
+            tpower += np.abs(fr) ** 2
             cover[sl] = True
             used += 1
+    return power, cross, tpower, used, cover
+
+
+def welch_reference(src, tgt, bad, *, k, seg, overlap=0.5, regularization=1e-3):
+    """Slow, loop-based Welch estimate with full complex FFTs (independent of the fast path)."""
+    power, cross, _, used, cover = segment_spectra(src, tgt, bad, seg=seg, overlap=overlap)
     if used == 0:
         return np.full((k, k), np.nan), np.nan, 0
     full = np.real(np.fft.ifft2(cross / (power + regularization * power.mean())))
@@ -436,27 +450,9 @@ def auto_reference(src, tgt, *, k, seg, overlap=0.5, reference=None):
     from the normal equations written out element by element and solved
     directly, divided by the taper's gain (``raw`` before that division).
     """
+    a, c, p, m, _ = segment_spectra(src, tgt, None, seg=seg, overlap=overlap)
+    w1 = hann(seg)
     step = max(1, int(round(seg * (1 - overlap))))
-
-    def starts(length):
-        pos = list(range(0, length - seg + 1, step))
-        return pos if pos[-1] == length - seg else [*pos, length - seg]
-
-    w1 = taper("hann", seg)
-    w2 = np.outer(w1, w1)
-    a = np.zeros((seg, seg))
-    c = np.zeros((seg, seg), complex)
-    p = np.zeros((seg, seg))
-    m = 0
-    for y0 in starts(src.shape[0]):
-        for x0 in starts(src.shape[1]):
-            sl = (slice(y0, y0 + seg), slice(x0, x0 + seg))
-            fs = np.fft.fft2((src[sl] - src[sl].mean()) * w2)
-            fr = np.fft.fft2((tgt[sl] - tgt[sl].mean()) * w2)
-            a += np.abs(fs) ** 2
-            c += np.conj(fs) * fr
-            p += np.abs(fr) ** 2
-            m += 1
     m_eff = m * independent_fraction(w1, step) ** 2
     sigma2 = np.maximum(p - np.abs(c) ** 2 / a, 0.0) / (m_eff - 1.0)
     f = np.fft.fftfreq(seg)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["find_defects", "saturation_plateau", "spikes"]
+__all__ = ["find_defects", "saturation_plateau", "sky_statistics", "spikes"]
 
 #: Pixels at a tile's maximum value that make a saturation plateau.
 _PLATEAU = 3
@@ -417,6 +417,21 @@ def _boxes(images: np.ndarray, usable: np.ndarray | None, pos: np.ndarray, level
         if unusable.any():  # few
             box[unusable] = np.broadcast_to(level[:, None] if np.ndim(offsets) else level, box.shape)[unusable]
     return box
+
+
+def sky_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sky of each tile of a batch of wholly usable ones, as :func:`spikes` measures it, in float64.
+
+    From about 16 rows: ``level``, the median; ``sigma``, the pixel noise (the
+    robust scatter of neighbour differences over sqrt(2)); ``spread``, the
+    robust scatter of the pixels about the level.  ``(n,)`` each; NaN for
+    tiles narrower than 2 pixels.
+    """
+    n, ny = images.shape[:2]
+    rows = images[:, :: max(1, ny // 16)].astype(np.float64)
+    level, sigma, _ = _skies(rows, None, np.arange(n), slice(None))
+    spread = 1.4826 * _medians(np.abs(rows.reshape(n, -1) - level[:, None]), None, own=True)[0]
+    return level, sigma, spread
 
 
 def _skies(images: np.ndarray, usable: np.ndarray | None, tiles: np.ndarray,

@@ -84,7 +84,7 @@ import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
 
 from ..errors import InputError, OptionError
-from .defects import find_defects
+from .defects import find_defects, sky_statistics
 from .fill import FILL_RADIUS, fill_bad_pixels
 from .moments import adaptive_moments
 from .options import WelchOptions, parse_window
@@ -401,32 +401,23 @@ def _welch(
             np.multiply(fs, fr, out=fs)
             np.add.reduce(fs, axis=1, out=cross[a:b].reshape(c, -1))
 
+    # Contiguous runs of whole chunks, one per thread, written to disjoint slices.
     n_chunks = -(-n // chunk)
-    threads = min(workers, n_chunks)
-    if threads <= 1:
-        accumulate(0, n, workers)
-    else:
-        # Contiguous runs of whole chunks, one per thread, written to disjoint slices.
-        bounds = [min(n, chunk * (n_chunks * i // threads)) for i in range(threads + 1)]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            jobs = [pool.submit(accumulate, lo, hi, 1) for lo, hi in itertools.pairwise(bounds)]
-            for job in jobs:
-                job.result()
+    threads = max(1, min(workers, n_chunks))
+    _in_threads(accumulate, [min(n, chunk * (n_chunks * i // threads)) for i in range(threads + 1)], workers)
 
     if auto:
         floor = used * sky_noise_variance(sources) * float((win2.astype(np.float64) ** 2).sum())
 
-        def solve(part: slice, fft_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def solve(lo: int, hi: int, fft_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            part = slice(lo, hi)
             return _auto_kernels(cross[part], power[part], tpower[part], used[part], floor[part], colw=colw,
                                  win1=win1, step=step, kernel_size=kernel_size, workers=fft_workers)
 
-        parts = [p for p in np.array_split(np.arange(n), min(workers, n)) if p.size] if n else []
-        if len(parts) <= 1:
-            kernels, lam, at_bound = solve(slice(None), workers)
-        else:  # each tile's solution is its own: contiguous parts in threads, one-threaded transforms
-            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-                done = list(pool.map(lambda p: solve(slice(int(p[0]), int(p[-1]) + 1), 1), parts))
-            kernels, lam, at_bound = (np.concatenate(x) for x in zip(*done))
+        # each tile's solution is its own: contiguous parts of the batch
+        parts = max(1, min(workers, n))
+        done = _in_threads(solve, [n * i // parts for i in range(parts + 1)], workers)
+        kernels, lam, at_bound = (np.concatenate(x) for x in zip(*done))
     else:
         # Division and inverse transform in the working precision.
         eps = regularization * (power @ colw.astype(wdt)).sum(axis=1, dtype=np.float64) / (seg * seg)
@@ -454,6 +445,19 @@ def _welch(
 
     return WelchResult(kernels=kernels, background=background, n_segments=used.astype(np.int64),
                        lam=lam, at_bound=at_bound)
+
+
+def _in_threads(func: Any, bounds: list[int], workers: int) -> list[Any]:
+    """``func(lo, hi, fft_workers)`` over the runs between consecutive ``bounds``, in order.
+
+    One run is done here with ``workers`` for the transforms; more run in a
+    thread each, with one-threaded transforms.
+    """
+    runs = list(itertools.pairwise(bounds))
+    if len(runs) == 1:
+        return [func(*runs[0], workers)]
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        return list(pool.map(lambda run: func(*run, 1), runs))
 
 
 def _tapered_spectra(
@@ -565,12 +569,7 @@ def sky_noise_variance(images: np.ndarray) -> np.ndarray:
     n = len(images)
     if n == 0 or min(images.shape[1:]) < 2:
         return np.zeros(n)
-    rows = images[:, :: max(1, images.shape[1] // 16), :].astype(np.float64)
-    flat = rows.reshape(n, -1)
-    level = np.median(flat, axis=1)
-    spread = 1.4826 * np.median(np.abs(flat - level[:, None]), axis=1)
-    steps = np.diff(rows, axis=2).reshape(n, -1)
-    noise = 1.4826 * np.median(np.abs(steps - np.median(steps, axis=1, keepdims=True)), axis=1) / np.sqrt(2.0)
+    level, noise, spread = sky_statistics(images)
     above = images - level[:, None, None]
     lit = above > (3.0 * noise)[:, None, None]
     neighbour = np.zeros_like(lit)  # a 4-neighbour lit too: a source, not a lone pixel
