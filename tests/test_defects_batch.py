@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.defects import _sky, find_defects, saturation_plateau, spikes
+from pipeline.core.defects import _sky, find_defects, saturation_plateau, sky_statistics, spikes
 from pipeline.errors import InputError
 from pipeline.sim.defects import add_defects
 from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
@@ -316,3 +316,19 @@ def test_bad_shapes():
         find_defects(images, np.ones((2, 8, 7), dtype=bool), None, None)
     with pytest.raises(InputError, match="others must have the shape"):
         find_defects(images, None, images[:1], None)
+
+
+def test_sky_statistics_are_the_spike_search_s_sky() -> None:
+    """The batched sky (level, noise) equals the per-tile one the spike search uses, and the spread is the
+    robust scatter of the same rows about that level."""
+    rng = np.random.default_rng(4)
+    images = rng.normal(100.0, 3.0, (3, 70, 50))
+    images[0, 10:13, 10:13] += 400.0  # a source
+    images[2] *= np.linspace(1.0, 2.0, 50)  # a gradient
+    level, sigma, spread = sky_statistics(images)
+    for i, image in enumerate(images):
+        sky_level, sky_sigma, _ = _sky(image, np.ones(image.shape, dtype=bool))
+        assert (level[i], sigma[i]) == (sky_level, sky_sigma)
+        rows = image[:: max(1, image.shape[0] // 16)]
+        assert spread[i] == 1.4826 * np.median(np.abs(rows - sky_level))
+    assert spread[2] > 3 * sigma[2]  # the gradient spreads the pixels, not their neighbour differences
