@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.defects import _sky, find_defects, saturation_plateau, sky_statistics, spikes
+from pipeline.core.defects import _sky, find_defects, row_medians, saturation_plateau, sky_statistics, spikes
 from pipeline.errors import InputError
 from pipeline.sim.defects import add_defects
 from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
@@ -332,3 +334,25 @@ def test_sky_statistics_are_the_spike_search_s_sky() -> None:
         rows = image[:: max(1, image.shape[0] // 16)]
         assert spread[i] == 1.4826 * np.median(np.abs(rows - sky_level))
     assert spread[2] > 3 * sigma[2]  # the gradient spreads the pixels, not their neighbour differences
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 6), size=st.integers(1, 40),
+       dtype=st.sampled_from([np.float32, np.float64]), masked=st.booleans())
+def test_row_medians_are_numpys_medians(seed, rows, size, dtype, masked) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, size)).astype(dtype)
+    values[:, ::3] = np.round(values[:, ::3])  # ties
+    valid = rng.random((rows, size)) < 0.6 if masked else None
+    if masked:
+        valid[0] = False  # a row without values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        median, count, _ = row_medians(values.copy(), valid)
+    for i in range(rows):
+        own = values[i] if valid is None else values[i][valid[i]]
+        assert count[i] == own.size
+        if own.size:
+            assert median[i] == np.median(own) and median.dtype == dtype
+        else:
+            assert np.isnan(median[i])

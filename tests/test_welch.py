@@ -21,6 +21,7 @@ from pipeline.core.welch import (
     independent_fraction,
     lag_gain,
     sky_noise_variance,
+    stamp_operator,
     taper,
     welch_kernels,
 )
@@ -640,3 +641,22 @@ def test_core_rounds_that_run_away_are_not_kept(monkeypatch) -> None:
     monkeypatch.setattr(welch_module, "REFERENCE_ROUNDS", 0)
     first = welch_kernels(src, tgt, kernel_size=5, segment_size=32)
     np.testing.assert_array_equal(misled.kernels, first.kernels)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), seg=st.sampled_from([16, 24, 32, 48, 64]),
+       half=st.integers(0, 10), single=st.booleans())
+def test_the_stamp_operator_is_the_restriction_of_the_segment_grid_product(seed, seg, half, single) -> None:
+    # between stamp pixels the lags reach k - 1 either way: on a grid of 2k - 1 the product is the same,
+    # also where the segment grid itself wraps them (seg < 2k - 1)
+    k = 2 * half + 1
+    rng = np.random.default_rng(seed)
+    filters = rng.uniform(0.1, 2.0, size=(3, seg, seg // 2 + 1))
+    x = rng.standard_normal((3, k, k))
+    op = stamp_operator(filters, k)
+    assert op.shape[1] <= seg
+    dtype = np.float32 if single else np.float64
+    got = welch_module._stamp_product(x.astype(dtype), op.astype(np.result_type(dtype, np.complex64)), 1)
+    full = np.fft.irfft2(np.fft.rfft2(x, s=(seg, seg)) * filters, s=(seg, seg))[:, :k, :k]
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, full, rtol=0, atol=(1e-4 if single else 1e-11) * np.abs(full).max())

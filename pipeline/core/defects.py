@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["find_defects", "saturation_plateau", "sky_statistics", "spikes"]
+__all__ = ["find_defects", "row_medians", "saturation_plateau", "sky_statistics", "spikes"]
 
 #: Pixels at a tile's maximum value that make a saturation plateau.
 _PLATEAU = 3
@@ -430,7 +430,7 @@ def sky_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     n, ny = images.shape[:2]
     rows = images[:, :: max(1, ny // 16)].astype(np.float64)
     level, sigma, _ = _skies(rows, None, np.arange(n), slice(None))
-    spread = 1.4826 * _medians(np.abs(rows.reshape(n, -1) - level[:, None]), None, own=True)[0]
+    spread = 1.4826 * row_medians(np.abs(rows.reshape(n, -1) - level[:, None]), None, own=True)[0]
     return level, sigma, spread
 
 
@@ -443,16 +443,16 @@ def _skies(images: np.ndarray, usable: np.ndarray | None, tiles: np.ndarray,
     ok = None if usable is None else (usable[:, rows][tiles] if k < len(images) else usable[:, rows])
     steps = np.diff(sampled, axis=2).reshape(k, -1)
     flat = sampled.reshape(k, -1)  # a copy unless every row is sampled; reordered below
-    level, _, nan = _medians(flat, None if ok is None else ok.reshape(k, -1),
+    level, _, nan = row_medians(flat, None if ok is None else ok.reshape(k, -1),
                              own=not np.may_share_memory(flat, images))
     pairs = None if ok is None else (ok[:, :, 1:] & ok[:, :, :-1]).reshape(k, -1)
-    middle, _, nan_steps = _medians(steps, pairs, own=pairs is None)
-    spread, _, nan_spread = _medians(np.abs(steps - middle[:, None]), pairs, own=True)
+    middle, _, nan_steps = row_medians(steps, pairs, own=pairs is None)
+    spread, _, nan_spread = row_medians(np.abs(steps - middle[:, None]), pairs, own=True)
     sigma = 1.4826 * spread.astype(np.float64) / np.sqrt(2.0)  # NaN without steps
     return level, sigma, nan | nan_steps | nan_spread
 
 
-def _medians(values: np.ndarray, valid: np.ndarray | None,
+def row_medians(values: np.ndarray, valid: np.ndarray | None,
              own: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``np.median`` of each row's valid values (bit for bit), their number, and whether one is NaN.
 
@@ -478,7 +478,8 @@ def _medians(values: np.ndarray, valid: np.ndarray | None,
         values = np.partition(values, middle, axis=1)
     at = values[:, middle]
     above = values[:, middle + 1:].min(axis=1) if values.shape[1] > middle + 1 else at
-    median = np.where(count % 2 == 1, at, np.mean(np.stack([at, above], axis=1), axis=1))
+    with np.errstate(invalid="ignore"):  # rows without values: -inf and inf, set to NaN below
+        median = np.where(count % 2 == 1, at, np.mean(np.stack([at, above], axis=1), axis=1))
     median[count == 0] = np.nan
     return median, count, (np.isnan(at) | np.isnan(above)) & (count > 0)  # NaN goes last
 

@@ -6,6 +6,7 @@ import numpy as np
 import scipy.fft as sfft
 
 __all__ = [
+    "interior_models",
     "model_images",
     "residual_statistics",
     "plain_centroids",
@@ -33,6 +34,29 @@ def model_images(sources: np.ndarray, kernels: np.ndarray, *, chunk: int = 8) ->
     return out
 
 
+def interior_models(sources: np.ndarray, kernels: np.ndarray, *, chunk: int = 8) -> np.ndarray:
+    """:func:`model_images` on the tiles' interior alone, ``(n, ny - 2h, nx - 2h)`` (``h = k // 2``).
+
+    There every footprint lies inside the tile, so a circular convolution on
+    the tile's own grid gives the same values (rounding aside) as the padded
+    one, for a cheaper transform (256 against 280 points a side, 256-px
+    tiles, k = 21).
+    """
+    n, ny, nx = sources.shape
+    k = kernels.shape[-1]
+    h = k // 2
+    out = np.empty((n, ny - 2 * h, nx - 2 * h), dtype=sources.dtype)
+    finite = np.all(np.isfinite(kernels), axis=(1, 2))
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        fs = sfft.rfft2(sources[sl])
+        fk = sfft.rfft2(np.where(finite[sl, None, None], kernels[sl], 0.0).astype(sources.dtype), s=(ny, nx))
+        # the kernel's centre at (h, h) delays the convolution by h: interior pixel y sits at y + h
+        out[sl] = sfft.irfft2(fs * fk, s=(ny, nx))[:, 2 * h :, 2 * h :]
+    out[~finite] = np.nan
+    return out
+
+
 def residual_statistics(
     sources: np.ndarray,
     targets: np.ndarray,
@@ -50,8 +74,15 @@ def residual_statistics(
     1 for Gaussian residuals, large with outliers or a kernel that does not
     fit); ``signal`` is the RMS of the model ``kernel * source`` over the noise.
     """
-    n = len(sources)
-    model = model_images(sources, kernels)
+    n, ny, nx = sources.shape
+    h = kernels.shape[-1] // 2
+    border = region.copy()
+    border[:, h : ny - h, h : nx - h] = False
+    if border.any():
+        model = model_images(sources, kernels)
+    else:  # the fit region keeps off the edges (as fit_region's does): the interior suffices
+        model, region, targets = (interior_models(sources, kernels), region[:, h : ny - h, h : nx - h],
+                                  targets[:, h : ny - h, h : nx - h])
     noise = np.full(n, np.nan)
     residual = np.full(n, np.nan)
     signal = np.full(n, np.nan)

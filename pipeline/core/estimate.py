@@ -395,28 +395,32 @@ def _any_or_none(bad: np.ndarray) -> np.ndarray | None:
     return bad if bad.any() else None
 
 
+def _over_parts(func: Callable[[slice], dict[str, np.ndarray]], n: int, workers: int) -> dict[str, np.ndarray]:
+    """``func`` of contiguous parts of a batch of ``n``, in ``workers`` threads (BLAS one-threaded in
+    each); their arrays joined in order."""
+    parts = [slice(int(idx[0]), int(idx[-1]) + 1) for idx in np.array_split(np.arange(n), max(1, min(workers, n)))]
+    with threadpool_limits(limits=1, user_api="blas"):
+        if len(parts) == 1:
+            return func(parts[0])
+        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            results = list(pool.map(func, parts))
+    return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+
+
 def _estimate_all(method, src, tgt, bad: BadPixels, size, opts, diagnostics, statistics, exponents, workers):
     """:func:`_estimate_part` over the batch, in ``workers`` threads, in the images' own units."""
-    parts = np.array_split(np.arange(len(tgt)), max(1, min(workers, len(tgt))))
 
-    def run(idx: np.ndarray) -> dict[str, np.ndarray]:
-        sl = slice(int(idx[0]), int(idx[-1]) + 1)
+    def run(sl: slice) -> dict[str, np.ndarray]:
         return _in_units(_estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics,
                                         statistics), exponents[sl])
 
-    with threadpool_limits(limits=1, user_api="blas"):
-        if len(parts) == 1:
-            results = [run(parts[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-                results = list(pool.map(run, parts))
-    return results[0] if len(results) == 1 else {name: np.concatenate([r[name] for r in results])
-                                                 for name in results[0]}
+    return _over_parts(run, len(tgt), workers)
 
 
-def _sharpness(src, tgt, bad: BadPixels, given: Sharpness | None, *, measure: bool) -> Sharpness | None:
+def _sharpness(src, tgt, bad: BadPixels, given: Sharpness | None, *, measure: bool,
+               workers: int = 1) -> Sharpness | None:
     """The sharpness measure of the batch: ``given`` (checked), else measured where asked and the tiles are
-    large enough, else ``None``."""
+    large enough (in ``workers`` threads: each tile's measure is its own), else ``None``."""
     n = len(tgt)
     if given is not None:
         if not isinstance(given, Sharpness) or len(np.asarray(given.width_difference)) != n:
@@ -425,7 +429,13 @@ def _sharpness(src, tgt, bad: BadPixels, given: Sharpness | None, *, measure: bo
         return given
     if not measure or min(tgt.shape[1:]) < SHARPNESS_MIN_TILE:
         return None
-    return measure_sharpness(src, tgt, mask=bad.either, variance=bad.variance, source_variance=bad.source_variance)
+
+    def run(sl: slice) -> dict[str, np.ndarray]:
+        part = bad.part(sl)
+        return vars(measure_sharpness(src[sl], tgt[sl], mask=part.either, variance=part.variance,
+                                      source_variance=part.source_variance))
+
+    return Sharpness(**_over_parts(run, n, workers))
 
 
 def tile_sharpness(sources: np.ndarray, targets: np.ndarray, *, kernel_size: int, mask: np.ndarray | None = None,
@@ -559,7 +569,7 @@ def estimate_kernels(
     n = len(tgt)
     measured = isinstance(direction, str) and direction in _MEASURED
     directions = None if measured else tile_directions(direction, n)  # checked before the work
-    measure = _sharpness(src, tgt, bad, sharpness, measure=diagnostics or measured)
+    measure = _sharpness(src, tgt, bad, sharpness, measure=diagnostics or measured, workers=workers)
     if directions is None:
         directions = tile_directions(direction, n, measure)
     reverse = directions == REVERSE

@@ -70,6 +70,7 @@ import scipy.fft
 import scipy.sparse
 
 from ..errors import InputError, OptionError
+from .defects import row_medians
 from .moments import FWHM_PER_SIGMA
 from .validate import as_image_stack
 
@@ -228,18 +229,23 @@ def _max_run(x: np.ndarray, size: int, axis: int) -> np.ndarray:
     return out
 
 
+def _median_or_zero(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each tile's median of its ``valid`` values (``np.median``'s, bit for bit), 0 where it has none."""
+    n = len(values)
+    median, count, _ = row_medians(values.reshape(n, -1), valid.reshape(n, -1))
+    return np.where(count > 0, median, 0.0)
+
+
 def _robust_sigma(x: np.ndarray, good: np.ndarray) -> np.ndarray:
     """Per-tile noise sigma from the median absolute difference of horizontal neighbours."""
     d = np.abs(np.diff(x[:, ::4], axis=2))
     ok = good[:, ::4, 1:] & good[:, ::4, :-1]
-    return np.array([np.median(t[m]) if m.any() else 0.0 for t, m in zip(d, ok)]) / (
-        0.6745 * math.sqrt(2.0))
+    return _median_or_zero(d, ok) / (0.6745 * math.sqrt(2.0))
 
 
 def _sky_sigma(image: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile median sky and robust noise sigma, ``(n,)`` each (float32)."""
-    sub, ok = image[:, ::4, ::4], good[:, ::4, ::4]
-    sky = np.array([np.median(t[g]) if g.any() else 0.0 for t, g in zip(sub, ok)], dtype=np.float32)
+    sky = _median_or_zero(image[:, ::4, ::4], good[:, ::4, ::4]).astype(np.float32)
     return sky, _robust_sigma(image, good).astype(np.float32)
 
 

@@ -629,7 +629,9 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     d = a_fit + penalty
     inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
     dtype = np.float32 if cross.dtype == np.complex64 else np.float64
-    kernels = _confined_solve(cross, d, inv, kernel_size, workers, dtype=dtype)
+    # the solves' and the rounds' products act on the stamp alone: on the smallest grid that holds them
+    d_op, inv_op, pull_op = (stamp_operator(f, kernel_size, workers=workers) for f in (d, inv, penalty))
+    kernels = _confined_solve(cross, d, inv, kernel_size, workers, dtype=dtype, operators=(d_op, inv_op))
     # Rounds in which the Laplacian acts on (kernel - its Gaussian core), each tile until its core's width
     # settles: every tile's rounds depend on that tile alone.
     active = np.arange(n)
@@ -642,13 +644,11 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
         active, core = active[moving], core[moving]
         if not active.size:
             break
-        full = np.zeros((active.size, seg, seg))
-        full[:, crop[:, None], crop[None, :]] = core
-        pull = sfft.irfft2(sfft.rfft2(full, workers=workers) * penalty[active], s=(seg, seg), workers=workers)
+        pull = _stamp_product(core, pull_op[active], workers)
         before = kernels[active]
         after = _confined_solve(cross[active], d[active], inv[active], kernel_size, workers, dtype=dtype,
-                                rhs_add=pull[:, crop[:, None], crop[None, :]], start=before,
-                                iterations=REFERENCE_ITERATIONS)
+                                rhs_add=pull, start=before, iterations=REFERENCE_ITERATIONS,
+                                operators=(d_op[active], inv_op[active]))
         # the core keeps the kernel's sum: a round that moves it by half is not converging; keep the last
         with np.errstate(divide="ignore", invalid="ignore"):
             stable = np.abs(after.sum(axis=(1, 2)) / before.sum(axis=(1, 2)) - 1.0) <= 0.5
@@ -712,30 +712,64 @@ def gaussian_core(kernels: np.ndarray, *, with_width: bool = False):
     return core
 
 
+def stamp_operator(filters: np.ndarray, kernel_size: int, *, workers: int = 1) -> np.ndarray:
+    """The circulant ``filters`` (``(n, L, L // 2 + 1)`` half spectra) restricted to a ``k x k`` stamp,
+    as half spectra on the smallest fast grid that holds that restriction exactly.
+
+    Between two stamp pixels the lag is at most ``k - 1`` either way, so the
+    restricted operator reads the filter's real-space kernel at those lags
+    alone; on a grid of ``P >= 2k - 1`` they do not wrap onto each other.
+    Products by the result (:func:`_stamp_product`) equal the restriction of
+    the products on the ``L`` grid, at a fraction of the cost (``k = 21``:
+    ``P = 42`` against ``L = 64``).  Where ``L`` is no larger, ``filters`` are
+    returned as they are.
+    """
+    seg = filters.shape[1]
+    period = sfft.next_fast_len(2 * kernel_size - 1, real=True)
+    if period >= seg:
+        return filters
+    real = sfft.irfft2(filters, s=(seg, seg), workers=workers)
+    lags = np.arange(-(kernel_size - 1), kernel_size)
+    small = np.zeros((len(filters), period, period), dtype=real.dtype)
+    small[:, (lags % period)[:, None], (lags % period)[None, :]] = real[:, (lags % seg)[:, None], (lags % seg)[None, :]]
+    return sfft.rfft2(small, workers=workers)
+
+
+def _stamp_product(x: np.ndarray, operator: np.ndarray, workers: int) -> np.ndarray:
+    """``(n, k, k)`` stamps through a :func:`stamp_operator` (the stamp in the grid's corner: a circulant
+    commutes with the shift), in ``x``'s precision."""
+    k = x.shape[-1]
+    period = operator.shape[1]
+    spec = sfft.rfft2(x, s=(period, period), workers=workers)
+    spec *= operator
+    return np.ascontiguousarray(sfft.irfft2(spec, s=(period, period), workers=workers)[:, :k, :k])
+
+
 def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_size: int,
                     workers: int, *, rhs_add: np.ndarray | None = None,
                     dtype: np.dtype | type = np.float64, start: np.ndarray | None = None,
-                    iterations: int | None = None) -> np.ndarray:
+                    iterations: int | None = None,
+                    operators: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Stamp-supported kernels minimising ``sum_f D |K|**2 - 2 Re(K* C)``, by preconditioned CG.
 
-    The normal matrix is the circulant ``D`` restricted to the stamp (its
-    products by FFTs of the segment size, the stamp in the corner: a
-    circulant commutes with the shift); the right-hand side is the cross
-    correlation on the stamp, plus ``rhs_add``; the preconditioner is
-    ``inv = 1 / D`` restricted the same way.  The iterations (default
-    :data:`CG_ITERATIONS`) start from ``start`` or the cropped unconfined
-    solution ``C / D``; their transforms run in ``dtype``; the kernels are
-    float64.
+    The normal matrix is the circulant ``D`` restricted to the stamp; the
+    right-hand side is the cross correlation on the stamp, plus
+    ``rhs_add``; the preconditioner is ``inv = 1 / D`` restricted the same
+    way (their products by FFTs on :func:`stamp_operator`'s grid;
+    ``operators`` are ``D``'s and ``inv``'s there if already made).  The
+    iterations (default :data:`CG_ITERATIONS`) start from ``start`` or the
+    cropped unconfined solution ``C / D``; their transforms run in
+    ``dtype``; the kernels are float64.
     """
     seg = d.shape[1]
     k = kernel_size
     crop = (np.arange(k) - k // 2) % seg
-    d, inv = d.astype(dtype), inv.astype(dtype)
+    if operators is None:
+        operators = tuple(stamp_operator(f, k, workers=workers) for f in (d, inv))
+    d_op, inv_op = (op.astype(np.result_type(dtype, np.complex64)) for op in operators)
 
-    def through(x: np.ndarray, filt: np.ndarray) -> np.ndarray:
-        spec = sfft.rfft2(x, s=(seg, seg), workers=workers)
-        spec *= filt
-        return np.ascontiguousarray(sfft.irfft2(spec, s=(seg, seg), workers=workers)[:, :k, :k])
+    def through(x: np.ndarray, op: np.ndarray) -> np.ndarray:
+        return _stamp_product(x, op, workers)
 
     def dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:  # per tile, accumulated in float64
         return np.einsum("tij,tij->t", u, v, dtype=np.float64)
@@ -748,20 +782,20 @@ def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_si
         b += rhs_add
     b = b.astype(dtype)
     if start is None:
-        x = cut(sfft.irfft2(cross * inv, s=(seg, seg), workers=workers)).astype(np.float64)
+        x = cut(sfft.irfft2(cross * inv.astype(dtype), s=(seg, seg), workers=workers)).astype(np.float64)
     else:
         x = np.array(start, dtype=np.float64)
-    r = b - through(x.astype(dtype), d)
-    z = through(r, inv)
+    r = b - through(x.astype(dtype), d_op)
+    z = through(r, inv_op)
     p = z.copy()
     rz = dot(r, z)
     for _ in range(CG_ITERATIONS if iterations is None else iterations):
-        ap = through(p, d)
+        ap = through(p, d_op)
         pap = dot(p, ap)
         alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
         x += alpha[:, None, None] * p
         r -= (alpha[:, None, None] * ap).astype(dtype)
-        z = through(r, inv)
+        z = through(r, inv_op)
         rz_new = dot(r, z)
         beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
         p = (z + beta[:, None, None] * p).astype(dtype)
