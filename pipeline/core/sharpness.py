@@ -125,6 +125,7 @@ _LOWEST_RING_CYCLES = 3.0  # rings below 3 cycles per tile hold the taper's leak
 _MIN_RINGS = 3
 _HANN_ENBW = 2.25          # equivalent noise bandwidth of the 2-D Hann taper, in modes (1.5 a side)
 _MIN_SIZE = 16
+_CHUNK = 8                 # tiles whose spikes and spectra are found at once (the temporaries stay small)
 #: Smallest tile side measured, pixels.
 MIN_TILE: int = _MIN_SIZE
 
@@ -205,7 +206,9 @@ def _prepare(source, target, mask, variance, source_variance, despike=True):
         good &= ~bad
     np.copyto(both, np.float32(0.0), where=~good)
     if despike:
-        good &= ~_pair_spikes(both[0], both[1], good)
+        for start in range(0, len(good), _CHUNK):  # a few tiles at a time: the temporaries stay small
+            part = slice(start, start + _CHUNK)
+            good[part] &= ~_pair_spikes(both[0, part], both[1, part], good[part])
         np.copyto(both, np.float32(0.0), where=~good)
     return both, good, variances
 
@@ -422,19 +425,26 @@ def _geometry(h: int, w: int) -> tuple[np.ndarray, ...]:
 
 
 def _spectra(both: np.ndarray, good: np.ndarray):
-    """Ring sums of the power of the tapered, mean-free tiles, ``(2, n, rings)``."""
+    """Ring sums of the power of the tapered, mean-free tiles, ``(2, n, rings)``; :data:`_CHUNK` tiles at a
+    time (the temporaries stay small)."""
     n, h, w = good.shape
     taper, _, centre, counts, ring_sums = _geometry(h, w)
     weight = taper * good  # float32
-    tapered = both * weight
-    wsum = weight.sum(axis=(1, 2), dtype=np.float64)
-    mean = tapered.sum(axis=(2, 3), dtype=np.float64) / np.where(wsum > 0, wsum, 1.0)
-    tapered -= mean.astype(np.float32)[..., None, None] * weight
-    spec = scipy.fft.rfft2(tapered, workers=1)
-    power = np.square(spec.real)
-    power += np.square(spec.imag)
-    sums = (ring_sums @ power.reshape(2 * n, -1).T).T.astype(np.float64)  # float32 sums of the rings' modes
-    return sums.reshape(2, n, centre.size), centre, counts, weight
+    sums = np.empty((2, n, centre.size))
+    for start in range(0, n, _CHUNK):
+        part = slice(start, start + _CHUNK)
+        wt = weight[part]
+        tapered = both[:, part] * wt
+        wsum = wt.sum(axis=(1, 2), dtype=np.float64)
+        mean = tapered.sum(axis=(2, 3), dtype=np.float64) / np.where(wsum > 0, wsum, 1.0)
+        tapered -= mean.astype(np.float32)[..., None, None] * wt
+        spec = scipy.fft.rfft2(tapered, workers=1)
+        power = np.square(spec.real)
+        power += np.square(spec.imag)
+        c = tapered.shape[1]
+        # float32 sums of the rings' modes
+        sums[:, part] = (ring_sums @ power.reshape(2 * c, -1).T).T.reshape(2, c, centre.size)
+    return sums, centre, counts, weight
 
 
 def _fit(rings, floor, centre, counts, size):
