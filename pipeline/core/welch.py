@@ -513,7 +513,7 @@ SIGNAL_FLOOR = 0.1
 #: (:func:`gaussian_core`), each of this many conjugate-gradient iterations from the previous round's
 #: kernel; a tile stops when its core's width changed by at most this fraction.
 REFERENCE_ROUNDS = 10
-REFERENCE_ITERATIONS = 4
+REFERENCE_ITERATIONS = 2
 REFERENCE_TOLERANCE = 0.005
 #: Preconditioned conjugate-gradient iterations of the stamp-confined solve.
 CG_ITERATIONS = 8
