@@ -82,6 +82,7 @@ from typing import Any
 import numpy as np
 import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
+from scipy.ndimage import maximum_filter
 
 from ..errors import InputError, OptionError
 from .defects import find_defects, sky_statistics
@@ -265,7 +266,8 @@ def welch_kernels(
         src_bad, tgt_bad = (_with_found_defects(sources, src_bad, targets, tgt_bad),
                             _with_found_defects(targets, tgt_bad, sources, src_bad))
     sources, targets, unusable = _fill_isolated(sources, targets, src_bad, tgt_bad)
-    return _welch(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers)
+    return _welch(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers,
+                  source_bad=src_bad, target_bad=tgt_bad)
 
 
 def _with_found_defects(images: np.ndarray, bad: np.ndarray | None, others: np.ndarray,
@@ -323,8 +325,14 @@ def _welch(
     kernel_size: int,
     opts: WelchOptions,
     workers: int,
+    source_bad: np.ndarray | None = None,
+    target_bad: np.ndarray | None = None,
 ) -> WelchResult:
-    """The estimate from finite tiles; segments touching a ``drop`` pixel are left out."""
+    """The estimate from finite tiles; segments touching a ``drop`` pixel are left out.
+
+    ``source_bad`` and ``target_bad`` (the pixels filled or dropped in each image) are left out of
+    the full-tile refinement.
+    """
     n, ty, tx = sources.shape
     seg, overlap, regularization = opts.segment_size, opts.overlap, opts.regularization
     win1 = taper(opts.window, seg)
@@ -411,8 +419,22 @@ def _welch(
 
         def solve(lo: int, hi: int, fft_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             part = slice(lo, hi)
-            return _auto_kernels(cross[part], power[part], tpower[part], used[part], floor[part], colw=colw,
-                                 win1=win1, step=step, kernel_size=kernel_size, workers=fft_workers)
+            kern, lam_, bound, d_, pen = _auto_kernels(
+                cross[part], power[part], tpower[part], used[part], floor[part], colw=colw,
+                win1=win1, step=step, kernel_size=kernel_size, workers=fft_workers)
+            if REFINE_ITERATIONS:
+                ok = np.nonzero((used[part] > 0) & (lam_ <= REFINE_MAX_LAM))[0]
+                if ok.size:
+                    energy = (power[part][ok].astype(np.float64) * colw).sum(axis=(1, 2)) / (seg * seg)
+                    sbad, tbad = (None if m is None else m[lo:hi][ok] for m in (source_bad, target_bad))
+                    some = used[part][ok] < nseg
+                    if some.any():  # only the pixels of the kept segments
+                        out = np.zeros((ok.size, ty, tx), dtype=bool)
+                        out[some] = (sel_y[:-1].T @ kept[lo:hi][ok[some]].astype(wdt) @ sel_xt[:, :-1].T) == 0
+                        sbad, tbad = (out if m is None else m | out for m in (sbad, tbad))
+                    kern[ok] = _refine(sources[lo:hi][ok], targets[lo:hi][ok], kern[ok], d_[ok], pen[ok], energy,
+                                       sbad, tbad, workers=fft_workers)
+            return kern, lam_, bound
 
         # each tile's solution is its own: contiguous parts of the batch
         parts = max(1, min(workers, n))
@@ -517,6 +539,10 @@ REFERENCE_ITERATIONS = 4
 REFERENCE_TOLERANCE = 0.005
 #: Preconditioned conjugate-gradient iterations of the stamp-confined solve.
 CG_ITERATIONS = 8
+#: Preconditioned conjugate-gradient iterations of the full-tile refinement (:func:`_refine`; 0: none) ...
+REFINE_ITERATIONS = 8
+#: ... done on the tiles whose chosen strength is at most this (hardly any noise: the taper's misfit dominates).
+REFINE_MAX_LAM = 0.02
 
 
 def laplacian_power(seg: int) -> np.ndarray:
@@ -656,7 +682,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
         active = active[stable]
     gain = lag_gain(win1)[crop]  # tapering shrinks the kernel at offset d by a(dy) a(dx)
     kernels /= np.outer(gain, gain)
-    return kernels, lam, best == LAM_GRID.size - 1
+    return kernels, lam, best == LAM_GRID.size - 1, d, penalty
 
 
 def _risk_minimum(a: np.ndarray, a_safe: np.ndarray, q: np.ndarray, noise: np.ndarray, w: np.ndarray,
@@ -757,6 +783,94 @@ def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_si
     rz = dot(r, z)
     for _ in range(CG_ITERATIONS if iterations is None else iterations):
         ap = through(p, d)
+        pap = dot(p, ap)
+        alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
+        x += alpha[:, None, None] * p
+        r -= (alpha[:, None, None] * ap).astype(dtype)
+        z = through(r, inv)
+        rz_new = dot(r, z)
+        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
+        p = (z + beta[:, None, None] * p).astype(dtype)
+        rz = rz_new
+    return x
+
+
+def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, d: np.ndarray, penalty: np.ndarray,
+            energy: np.ndarray, source_bad: np.ndarray | None, target_bad: np.ndarray | None, *, workers: int,
+            iterations: int | None = None) -> np.ndarray:
+    """Kernels refined towards the exact least squares on the whole tile, by preconditioned CG from ``kernels``.
+
+    Minimises ``|P (T - S (*) K)|**2 + c (K - G)' Pen (K - G)`` over the tile's valid pixels
+    (those whose whole stamp lies in the tile; ``P`` removes the mean: a constant background),
+    ``G`` the kernel's Gaussian core, ``Pen`` the circulant penalty of the Welch solve and
+    ``c`` the ratio of the tile's energy to the segments' (``energy``), preconditioned by ``1 / (c D)``
+    restricted to the stamp.
+    """
+    n, ty, tx = sources.shape
+    seg = d.shape[1]
+    k = kernels.shape[-1]
+    h = k // 2
+    dtype = np.float32 if sources.dtype == np.float32 and targets.dtype == np.float32 else np.float64
+    src = sources.astype(np.float64)
+    tgt = targets.astype(np.float64)
+    valid = (slice(None), slice(2 * h, ty), slice(2 * h, tx))  # circular conv index of the valid pixels
+    # a target pixel is used where it and its whole stamp in the source are good (the same arithmetic
+    # whether or not there are bad pixels: a tile's result does not depend on the maps of others)
+    sbad = np.zeros((n, ty, tx), dtype=bool) if source_bad is None else source_bad
+    near = np.zeros((n, ty, tx), dtype=bool)
+    some = sbad.any(axis=(1, 2))
+    if some.any():
+        near[some] = maximum_filter(sbad[some], size=(1, k, k), mode="constant", cval=False)
+    if target_bad is not None:
+        near |= target_bad
+    mask = ~near[:, h:ty - h, h:tx - h]
+    good = np.maximum((~sbad).sum(axis=(1, 2), keepdims=True), 1)
+    src = np.where(sbad, 0.0, src - np.where(sbad, 0.0, src).sum(axis=(1, 2), keepdims=True) / good)
+    count = np.maximum(mask.sum(axis=(1, 2), keepdims=True), 1)
+    fs = sfft.rfft2(src.astype(dtype), workers=workers)
+    fsc = fs.conj()
+    tv = tgt[:, h:ty - h, h:tx - h]  # the target pixels of the valid conv indices
+    tv = np.where(mask, tv - (tv * mask).sum(axis=(1, 2), keepdims=True) / count, 0.0).astype(dtype)
+    # stamp lag j (0..k-1) is kernel offset j - h; conv index y = target pixel y - h
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        full = np.zeros((len(x), ty, tx), dtype=dtype)
+        full[:, :k, :k] = x
+        out = sfft.irfft2(sfft.rfft2(full, workers=workers) * fs, s=(ty, tx), workers=workers)[valid]
+        return np.where(mask, out - (out * mask).sum(axis=(1, 2), keepdims=True) / count, 0.0).astype(dtype)
+
+    def adjoint(r: np.ndarray) -> np.ndarray:
+        full = np.zeros((len(r), ty, tx), dtype=dtype)
+        full[valid] = r
+        out = sfft.irfft2(sfft.rfft2(full, workers=workers) * fsc, s=(ty, tx), workers=workers)
+        return np.ascontiguousarray(out[:, :k, :k])
+
+    full_energy = (src[valid] ** 2 * mask).sum(axis=(1, 2))  # approximately the tile's zero-lag power
+    c = (full_energy / np.maximum(energy, 1e-300))[:, None, None]
+    pen = (c * penalty).astype(dtype)
+    inv = np.divide(1.0, c * d, out=np.zeros_like(d, dtype=np.float64), where=d > 0).astype(dtype)
+
+    def through(x: np.ndarray, filt: np.ndarray) -> np.ndarray:
+        spec = sfft.rfft2(x, s=(seg, seg), workers=workers)
+        spec *= filt
+        return np.ascontiguousarray(sfft.irfft2(spec, s=(seg, seg), workers=workers)[:, :k, :k])
+
+    def dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return np.einsum("tij,tij->t", u, v, dtype=np.float64)
+
+    def normal(x: np.ndarray) -> np.ndarray:
+        return adjoint(forward(x)) + through(x, pen)
+
+    # the stamp in corner order: lag j - h at index j (forward's convention), so kernels are shifted by h
+    core = gaussian_core(kernels)
+    x = kernels.astype(np.float64)
+    b = adjoint(tv) + through(core.astype(dtype), pen)
+    r = (b - normal(x.astype(dtype))).astype(dtype)
+    z = through(r, inv)
+    p = z.copy()
+    rz = dot(r, z)
+    for _ in range(REFINE_ITERATIONS if iterations is None else iterations):
+        ap = normal(p)
         pap = dot(p, ap)
         alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
         x += alpha[:, None, None] * p
