@@ -34,8 +34,8 @@ as on a photograph), the segments' windowing, which does not commute with the
 blur, is the error left (8-bit photo, 15 x 15 kernels: relative L2 0.022 and
 0.073 against 0.004 and 0.003 for least squares on the whole tile); there the
 kernel is refined by a few iterations of the exact least squares over the
-tile's pixels, preconditioned by the Welch solve (:func:`_refine`: 0.005 on
-both; it costs about as much again as the automatic part, on those tiles only).
+tile's pixels (:func:`_refine`: 0.004 and 0.005;
+it costs 1.3-1.7 times the automatic part again, on those tiles only).
 A number is a fixed ridge instead, ``eps = regularization * mean(power)``.
 Measured figures: ``docs/benchmarks.md``.
 
@@ -426,7 +426,7 @@ def _welch(
 
         def solve(lo: int, hi: int, fft_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             part = slice(lo, hi)
-            kern, lam_, bound, d_, pen = _auto_kernels(
+            kern, lam_, bound, pen = _auto_kernels(
                 cross[part], power[part], tpower[part], used[part], floor[part], colw=colw,
                 win1=win1, step=step, kernel_size=kernel_size, workers=fft_workers)
             if REFINE_ITERATIONS:
@@ -439,7 +439,7 @@ def _welch(
                         out = np.zeros((ok.size, ty, tx), dtype=bool)
                         out[some] = (sel_y[:-1].T @ kept[lo:hi][ok[some]].astype(wdt) @ sel_xt[:, :-1].T) == 0
                         sbad, tbad = (out if m is None else m | out for m in (sbad, tbad))
-                    kern[ok] = _refine(sources[lo:hi][ok], targets[lo:hi][ok], kern[ok], d_[ok], pen[ok], energy,
+                    kern[ok] = _refine(sources[lo:hi][ok], targets[lo:hi][ok], kern[ok], pen[ok], energy,
                                        sbad, tbad, workers=fft_workers)
             return kern, lam_, bound
 
@@ -547,7 +547,7 @@ REFERENCE_TOLERANCE = 0.005
 #: Preconditioned conjugate-gradient iterations of the stamp-confined solve.
 CG_ITERATIONS = 8
 #: Conjugate-gradient iterations of the full-tile refinement (:func:`_refine`; 0: none) ...
-REFINE_ITERATIONS = 4
+REFINE_ITERATIONS = 8
 #: ... done on the tiles whose chosen strength is at most this: hardly any noise, so the taper's misfit
 #: dominates (the 8-bit photo: 2e-5-0.02; survey tiles: 0.1 and above).
 REFINE_MAX_LAM = 0.02
@@ -690,7 +690,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
         active = active[stable]
     gain = lag_gain(win1)[crop]  # tapering shrinks the kernel at offset d by a(dy) a(dx)
     kernels /= np.outer(gain, gain)
-    return kernels, lam, best == LAM_GRID.size - 1, d, penalty
+    return kernels, lam, best == LAM_GRID.size - 1, penalty
 
 
 def _risk_minimum(a: np.ndarray, a_safe: np.ndarray, q: np.ndarray, noise: np.ndarray, w: np.ndarray,
@@ -803,7 +803,7 @@ def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_si
     return x
 
 
-def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, d: np.ndarray, penalty: np.ndarray,
+def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penalty: np.ndarray,
             energy: np.ndarray, source_bad: np.ndarray | None, target_bad: np.ndarray | None, *, workers: int,
             iterations: int | None = None) -> np.ndarray:
     """Kernels refined towards the exact least squares on the whole tile, by flexible PCG from ``kernels``.
@@ -814,12 +814,13 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, d: np
     penalty of the Welch solve and ``c`` the ratio of the tile's energy to the segments'
     (``energy``).  Unlike the segments' tapered spectra, this is unbiased however little noise
     there is (the taper does not commute with the blur).  The products run through transforms
-    of the tile's size (exact: the valid pixels see no wrap-around); the preconditioner is the
-    Welch operator ``c D`` confined to the stamp, solved by :data:`CG_ITERATIONS` of PCG (so the
-    outer iteration is the flexible form).  Iterations: :data:`REFINE_ITERATIONS` unless given.
+    of the tile's size (exact: the valid pixels see no wrap-around); the preconditioner is a
+    circulant of the tile's own autocorrelation (lags within half a segment) plus the penalty,
+    confined to the stamp and solved by :data:`CG_ITERATIONS` of PCG (so the outer iteration is
+    the flexible form).  Iterations: :data:`REFINE_ITERATIONS` unless given.
     """
     n, ty, tx = sources.shape
-    seg = d.shape[1]
+    seg = penalty.shape[1]
     k = kernels.shape[-1]
     h = k // 2
     dtype = np.float32 if sources.dtype == np.float32 and targets.dtype == np.float32 else np.float64
@@ -867,7 +868,16 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, d: np
     full_energy = (src[valid] ** 2 * mask).sum(axis=(1, 2))  # approximately the tile's zero-lag power
     c = (full_energy / np.maximum(energy, 1e-300))[:, None, None]
     pen = (c * penalty).astype(dtype)
-    inv = np.divide(1.0, c * d, out=np.zeros_like(d, dtype=np.float64), where=d > 0).astype(dtype)
+    # the preconditioner: the tile's own autocorrelation at lags within half a segment (a Bartlett lag
+    # window keeps its spectrum nonnegative) as a circulant on the segment grid, plus the penalty (the
+    # Welch operator lacks the tile's large-scale power: with it the first steps overshot)
+    auto = sfft.irfft2((fs * fsc).real.astype(np.float64), s=(ty, tx), workers=workers)
+    lags = np.r_[0:seg // 2 + 1, -(seg // 2 - 1):0]
+    tri = 1.0 - np.abs(lags) / (seg // 2 + 1)
+    spec = np.maximum(sfft.rfft2(auto[:, lags[:, None] % ty, lags[None, :] % tx] * np.outer(tri, tri),
+                                 workers=workers).real, 0.0) + c * penalty
+    op = spec.astype(dtype)
+    inv = np.divide(1.0, spec, out=np.zeros_like(spec), where=spec > 0).astype(dtype)
 
     def through(x: np.ndarray, filt: np.ndarray) -> np.ndarray:
         spec = sfft.rfft2(x, s=(seg, seg), workers=workers)
@@ -880,20 +890,15 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, d: np
     def normal(x: np.ndarray) -> np.ndarray:
         return adjoint(forward(x)) + through(x, pen)
 
-    core = gaussian_core(kernels)  # stamps as they are: index j is offset j - h, as in forward
-    x = kernels.astype(np.float64)
-    b = adjoint(tv) + through(core.astype(dtype), pen)
-    cd = (c * d).astype(dtype)
-
     def precondition(r: np.ndarray) -> np.ndarray:
-        # the Welch operator confined to the stamp, solved by CG_ITERATIONS of PCG from its unconfined solution
+        # that circulant confined to the stamp, solved by CG_ITERATIONS of PCG from its unconfined solution
         y = through(r, inv).astype(np.float64)
-        rr = (r - through(y.astype(dtype), cd)).astype(dtype)
+        rr = (r - through(y.astype(dtype), op)).astype(dtype)
         zz = through(rr, inv)
         pp = zz.copy()
         rzz = dot(rr, zz)
         for _ in range(CG_ITERATIONS):
-            ap = through(pp, cd)
+            ap = through(pp, op)
             pap = dot(pp, ap)
             al = np.divide(rzz, pap, out=np.zeros_like(rzz), where=pap > 0)
             y += al[:, None, None] * pp
@@ -905,6 +910,9 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, d: np
             rzz = rz_new
         return y.astype(dtype)
 
+    core = gaussian_core(kernels)  # stamps as they are: index j is offset j - h, as in forward
+    x = kernels.astype(np.float64)
+    b = adjoint(tv) + through(core.astype(dtype), pen)
     r = (b - normal(x.astype(dtype))).astype(dtype)
     z = precondition(r)
     p = z.copy()
