@@ -872,7 +872,7 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
     # window keeps its spectrum nonnegative) as a circulant on the segment grid, plus the penalty (the
     # Welch operator lacks the tile's large-scale power: with it the first steps overshot)
     auto = sfft.irfft2((fs * fsc).real.astype(np.float64), s=(ty, tx), workers=workers)
-    lags = np.r_[0:seg // 2 + 1, -(seg // 2 - 1):0]
+    lags = np.rint(sfft.fftfreq(seg, 1.0 / seg)).astype(int)  # 0, 1, ..., -1: the circulant's lags
     tri = 1.0 - np.abs(lags) / (seg // 2 + 1)
     spec = np.maximum(sfft.rfft2(auto[:, lags[:, None] % ty, lags[None, :] % tx] * np.outer(tri, tri),
                                  workers=workers).real, 0.0) + c * penalty
