@@ -34,8 +34,8 @@ as on a photograph), the segments' windowing, which does not commute with the
 blur, is the error left (8-bit photo, 15 x 15 kernels: relative L2 0.022 and
 0.073 against 0.004 and 0.003 for least squares on the whole tile); there the
 kernel is refined by a few iterations of the exact least squares over the
-tile's pixels (:func:`_refine`: 0.004 and 0.005;
-it costs 1.3-1.7 times the automatic part again, on those tiles only).
+tile's pixels (:func:`_refine`: 0.0036 and 0.0044;
+it costs 1.4-1.7 times the automatic part again, on those tiles only).
 A number is a fixed ridge instead, ``eps = regularization * mean(power)``.
 Measured figures: ``docs/benchmarks.md``.
 
@@ -551,6 +551,8 @@ REFINE_ITERATIONS = 8
 #: ... done on the tiles whose chosen strength is at most this: hardly any noise, so the taper's misfit
 #: dominates (the 8-bit photo: 2e-5-0.02; survey tiles: 0.1 and above).
 REFINE_MAX_LAM = 0.02
+#: Conjugate-gradient iterations of each application of the refinement's preconditioner.
+REFINE_PRECONDITIONER_ITERATIONS = 4
 
 
 def laplacian_power(seg: int) -> np.ndarray:
@@ -816,8 +818,8 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
     there is (the taper does not commute with the blur).  The products run through transforms
     of the tile's size (exact: the valid pixels see no wrap-around); the preconditioner is a
     circulant of the tile's own autocorrelation (lags within half a segment) plus the penalty,
-    confined to the stamp and solved by :data:`CG_ITERATIONS` of PCG (so the outer iteration is
-    the flexible form).  Iterations: :data:`REFINE_ITERATIONS` unless given.
+    confined to the stamp and solved by :data:`REFINE_PRECONDITIONER_ITERATIONS` of PCG (so the
+    outer iteration is the flexible form).  Iterations: :data:`REFINE_ITERATIONS` unless given.
     """
     n, ty, tx = sources.shape
     seg = penalty.shape[1]
@@ -891,13 +893,13 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
         return adjoint(forward(x)) + through(x, pen)
 
     def precondition(r: np.ndarray) -> np.ndarray:
-        # that circulant confined to the stamp, solved by CG_ITERATIONS of PCG from its unconfined solution
+        # that circulant confined to the stamp, solved by a few PCG iterations from its unconfined solution
         y = through(r, inv).astype(np.float64)
         rr = (r - through(y.astype(dtype), op)).astype(dtype)
         zz = through(rr, inv)
         pp = zz.copy()
         rzz = dot(rr, zz)
-        for _ in range(CG_ITERATIONS):
+        for _ in range(REFINE_PRECONDITIONER_ITERATIONS):
             ap = through(pp, op)
             pap = dot(pp, ap)
             al = np.divide(rzz, pap, out=np.zeros_like(rzz), where=pap > 0)
