@@ -640,7 +640,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     ``a(dy) a(dx)`` (:func:`lag_gain`) is divided out.  ``A`` less
     ``source_noise`` (per tile, the source's noise power in every frequency)
     is the source power the kernel is fitted with.  Returns ``(kernels, lam,
-    at_bound)``.
+    at_bound, penalty)``, ``penalty`` the ``lam s R`` of each tile (what :func:`_refine` keeps).
     """
     n, seg, _ = power.shape
     w = colw[None, :]
