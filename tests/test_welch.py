@@ -27,7 +27,7 @@ from pipeline.core.welch import (
 )
 from pipeline.errors import OptionError
 from pipeline.sim.defects import add_defects
-from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
+from pipeline.sim.scenes import gaussian_kernel, motion_kernel, survey_tile_pair
 
 
 def same_convolve(n: int, size: int, kernel: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -660,3 +660,50 @@ def test_the_stamp_operator_is_the_restriction_of_the_segment_grid_product(seed,
     full = np.fft.irfft2(np.fft.rfft2(x, s=(seg, seg)) * filters, s=(seg, seg))[:, :k, :k]
     assert got.dtype == dtype
     np.testing.assert_allclose(got, full, rtol=0, atol=(1e-4 if single else 1e-11) * np.abs(full).max())
+
+
+@pytest.mark.parametrize("smoothing", [1.0, 2.0])
+def test_low_noise_tiles_are_refined_on_the_whole_tile(smoothing: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An 8-bit, photo-like scene (hardly any noise): the segments' windowing is the error, the refinement
+    by least squares over the whole tile takes most of it out (measured 0.059 -> 0.011, 0.121 -> 0.016 at
+    1 px smoothing; 0.111 -> 0.032, 0.145 -> 0.051 at 2 px)."""
+    from scipy.ndimage import convolve, gaussian_filter
+
+    rng = np.random.default_rng(3 if smoothing == 1.0 else 4)
+    n = 128
+    img = gaussian_filter(rng.standard_normal((n, n)), smoothing)
+    img += (np.add.outer(np.arange(n), np.arange(n) * 0.7) % 40 < 20) * img.std()  # stripes with sharp edges
+    src = np.round((img - img.min()) / (img.max() - img.min()) * 230 + 10)
+    for kernel in (gaussian_kernel(9, fwhm=2.5, e1=0.1, dy=0.3),
+                   motion_kernel(9, length=4.0, angle_deg=30.0, dy=0.5, dx=-1.0)):
+        tgt = np.round(convolve(src, kernel, mode="nearest"))
+        refined = welch_kernels(src[None], tgt[None], kernel_size=9, segment_size=32)
+        assert refined.lam[0] <= welch_module.REFINE_MAX_LAM
+        with monkeypatch.context() as m:
+            m.setattr(welch_module, "REFINE_ITERATIONS", 0)
+            plain = welch_kernels(src[None], tgt[None], kernel_size=9, segment_size=32)
+        assert rel_l2(refined.kernels[0], kernel) < 0.4 * rel_l2(plain.kernels[0], kernel)
+        assert rel_l2(refined.kernels[0], kernel) < 0.06
+
+
+@pytest.mark.parametrize("segment_size", [9, 31, 33])
+def test_refinement_with_odd_segments(segment_size: int) -> None:
+    """Odd segment sizes (down to the kernel's own size) refine too, and the refinement helps there
+    (measured 0.465 -> 0.226, 0.143 -> 0.119, 0.245 -> 0.110)."""
+    from scipy.ndimage import convolve, gaussian_filter
+
+    rng = np.random.default_rng(0)
+    small = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
+    truth = np.zeros((9, 9))
+    truth[3:6, 3:6] = small
+    for size in (9, 31, 33):  # the same draws as measured
+        src = np.round(gaussian_filter(rng.standard_normal((1, 40, 40)), 1.0) * 100)
+        if size == segment_size:
+            break
+    tgt = np.round(convolve(src[0], small, mode="nearest"))[None]
+    res = welch_kernels(src, tgt, kernel_size=9, segment_size=segment_size)
+    assert res.lam[0] <= welch_module.REFINE_MAX_LAM
+    assert np.isfinite(res.kernels).all()
+    assert rel_l2(res.kernels[0], truth) < 0.25
+    tiny = welch_kernels(src[:, :9, :9], tgt[:, :9, :9], kernel_size=9, segment_size=9)  # tile = segment = kernel
+    assert np.isfinite(tiny.kernels).all()

@@ -340,7 +340,8 @@ class WelchOptions(MethodOptions):
         "``\"auto\"``: a Laplacian (smoothness) penalty on the kernel less its own Gaussian core, "
         "its strength chosen per tile to minimise the estimated prediction risk, with each "
         "frequency's noise measured from the spread of the segments; the kernel confined to its "
-        "stamp, the taper's gain undone and the source's noise taken out of its power.  A number "
+        "stamp, the taper's gain undone and the source's noise taken out of its power; on nearly noise-free "
+        "tiles refined by least squares over the whole tile.  A number "
         "``lambda``: a fixed ridge, the kernel transform is ``cross / (power + eps)`` with "
         "``eps = lambda * mean(power)`` over all frequencies of the tile's summed source power; "
         "``0`` is plain division (frequencies of zero power give zero).",
