@@ -594,7 +594,7 @@ def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], 
     if not Path(kernelmap).exists():
         kernelmap = shutil.which("kernelmap") or kernelmap
     # "kernels": the default job with the model fitted to the tile kernels instead of the default joint fit
-    methods = ("welch", DEFAULT_METHOD) + (("kernels",) if args.joint else ())
+    methods = ("welch",) + (() if args.skip_lstsq else (DEFAULT_METHOD,)) + (("kernels",) if args.joint else ())
     runs: dict[tuple[int, str], list[tuple[float, float, str]]] = {}
     commands: dict[tuple[int, str], tuple[list[str], dict[str, str], Path]] = {}
     for n, store in sizes.items():
@@ -694,7 +694,7 @@ def main() -> int:
     p.add_argument("--repeats-large", type=int, default=2, help="repeats of the large-stack timings")
     p.add_argument("--joint", action="store_true",
                    help="also the default job with model.method: kernels, and what the default joint model adds")
-    p.add_argument("--skip-lstsq", action="store_true", help="no runs of the default (lstsq) method")
+    p.add_argument("--skip-lstsq", action="store_true", help="no runs of the default (lstsq) method (main table too)")
     p.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
