@@ -639,6 +639,7 @@ def speed_tables(args: argparse.Namespace, src_u: np.ndarray, tgt_u: np.ndarray,
         ("lstsq (default: auto lam, robust)", "lstsq", {}),
         (f"lstsq fixed lam={lam_text}", "lstsq", {"regularization": lam_fixed, "robust": False}),
         ("welch", "welch", {}),
+        ("welch float32 (diagnostics on)", "welch32", {}),
         ("welch float32, diagnostics=False", "welch32", {"diagnostics": False}),
         ("ratio", "ratio", {}),
     ]
