@@ -95,7 +95,7 @@ def survey(unique: int, seed: int = 7, field: str = "bright"):
 
 
 def welch_spectra_fit(src: np.ndarray, tgt: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """What the Welch spectra hold: median flux and centroid errors of a Gaussian fitted to them.
+    """Median flux and centroid errors of a Gaussian of the true form fitted to each tile's Welch spectra.
 
     Each tile's summed cross spectrum ``C``, source power ``A`` (less its
     noise, as Welch auto fits it) and per-frequency noise (the segments'
@@ -389,7 +389,7 @@ def welch_table(unique: int) -> None:
             parts.append(f"{text} {auto[key]:{fmt}} <= {WELCH_TARGETS[key]:{fmt}} {'met' if ok else 'NOT met'}")
         print(f"  targets for welch auto on {name!r}: " + "; ".join(parts))
         fit = welch_spectra_fit(src, tgt, truth)
-        print(f"  what the Welch spectra hold (a Gaussian of the true form fitted to them by maximum likelihood): "
+        print(f"  a Gaussian of the true form fitted to the same Welch spectra (maximum likelihood, Gaussian noise): "
               f"|dflux| {fit['flux']:.2%}, centroid {fit['centroid']:.3f} px")
         bound = information_bound(pairs)
         print(f"  information bound (an oracle told the kernel's shape, noiseless source, true variances; flux, "
