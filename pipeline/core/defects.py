@@ -444,7 +444,7 @@ def _skies(images: np.ndarray, usable: np.ndarray | None, tiles: np.ndarray,
     steps = np.diff(sampled, axis=2).reshape(k, -1)
     flat = sampled.reshape(k, -1)  # a copy unless every row is sampled; reordered below
     level, _, nan = row_medians(flat, None if ok is None else ok.reshape(k, -1),
-                             own=not np.may_share_memory(flat, images))
+                                own=not np.may_share_memory(flat, images))
     pairs = None if ok is None else (ok[:, :, 1:] & ok[:, :, :-1]).reshape(k, -1)
     middle, _, nan_steps = row_medians(steps, pairs, own=pairs is None)
     spread, _, nan_spread = row_medians(np.abs(steps - middle[:, None]), pairs, own=True)
@@ -453,7 +453,7 @@ def _skies(images: np.ndarray, usable: np.ndarray | None, tiles: np.ndarray,
 
 
 def row_medians(values: np.ndarray, valid: np.ndarray | None,
-             own: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                own: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``np.median`` of each row's valid values (bit for bit), their number, and whether one is NaN.
 
     Invalid entries become +inf, and each row gets as many -inf as puts its middle where the
