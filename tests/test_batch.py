@@ -496,8 +496,10 @@ def test_a_cancelled_whole_job_is_finished_by_resume(slurm, tmp_path, capsys):
 
 def test_workers_that_reach_their_lifetime_are_replaced(slurm, tmp_path):
     """Worker jobs shorter than the run (lifetime well under walltime): adapt submits new ones."""
-    data = _slow_stack_job(tmp_path, n_images=12)
-    data["compute"]["batch"].update({"worker_lifetime": "3s",
+    # a lifetime that outlasts a new worker's first task (its imports: 2 s on a slow machine), and a run
+    # longer than it on a fast one
+    data = _slow_stack_job(tmp_path, n_images=16)
+    data["compute"]["batch"].update({"worker_lifetime": "5s",
                                      "adapt": {"minimum_jobs": 2, "maximum_jobs": 2}})
     expected = reference(tmp_path, data)
     lines: list[str] = []
