@@ -123,10 +123,9 @@ def welch_spectra_fit(src: np.ndarray, tgt: np.ndarray, truth: np.ndarray) -> di
     power, tpower = taken["power"].astype(np.float64), taken["tpower"].astype(np.float64)
     seg = power.shape[1]
     a_fit = np.maximum(power - taken["floor"][:, None, None], welch_module.SIGNAL_FLOOR * power)
-    m_eff = used * welch_module.independent_fraction(win1, taken["kw"]["step"]) ** 2
     live = power > 0
-    spread = np.where(live, tpower - np.abs(cross) ** 2 / np.where(live, power, 1.0), 0.0)
-    noise = np.maximum(spread, 0.0) / np.maximum(m_eff - 1.0, 1.0)[:, None, None]
+    noise = welch_module.segment_noise(power, np.abs(cross.astype(np.complex128)) ** 2, tpower, used, win1=win1,
+                                       step=taken["kw"]["step"])
     lag = (np.arange(seg) + seg // 2) % seg - seg // 2
     gain = np.outer(*(2 * [welch_module.lag_gain(win1)]))
     start_m, true_m = adaptive_moments(start), adaptive_moments(truth)

@@ -89,11 +89,11 @@ from typing import Any
 import numpy as np
 import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
-from scipy.ndimage import maximum_filter
 
 from ..errors import InputError, OptionError
 from .defects import find_defects, sky_statistics
 from .fill import FILL_RADIUS, fill_bad_pixels
+from .gram import fit_region
 from .moments import adaptive_moments
 from .options import WelchOptions, parse_window
 from .validate import check_odd_size, check_positive_int, either_bad
@@ -618,6 +618,21 @@ def sky_noise_variance(images: np.ndarray) -> np.ndarray:
     return np.where(sky, noise * noise, 0.0)
 
 
+def segment_noise(power: np.ndarray, cross_power: np.ndarray, tpower: np.ndarray, used: np.ndarray, *,
+                  win1: np.ndarray, step: int) -> np.ndarray:
+    """Each frequency's noise power from the spread of the segments about their own best fit.
+
+    ``(P - |C|**2 / A) / (M - 1)`` with ``A`` the summed source power,
+    ``|C|**2`` the cross spectrum's power, ``P`` the summed target power and
+    ``M`` the kept segments times :func:`independent_fraction` squared; 0 where
+    ``A`` is.  ``(n, L, L // 2 + 1)`` float64.
+    """
+    live = power > 0
+    m_eff = used * independent_fraction(win1, step) ** 2
+    resid = np.where(live, tpower.astype(np.float64) - cross_power / np.where(live, power, 1.0), 0.0)
+    return np.maximum(resid, 0.0) / np.maximum(m_eff - 1.0, 1.0)[:, None, None]
+
+
 def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used: np.ndarray,
                   source_noise: np.ndarray, *,
                   colw: np.ndarray, win1: np.ndarray, step: int, kernel_size: int,
@@ -651,10 +666,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     q = np.abs(cross.astype(np.complex128)) ** 2
     scale = (a * w).sum(axis=(1, 2)) / (lap * w).sum()
     live = a > 0
-    # each frequency's noise power from the spread of its segments about their own best fit
-    m_eff = used * independent_fraction(win1, step) ** 2
-    resid = np.where(live, tpower.astype(np.float64) - q / np.where(live, a, 1.0), 0.0)
-    noise = w * np.maximum(resid, 0.0) / np.maximum(m_eff - 1.0, 1.0)[:, None, None]
+    noise = w * segment_noise(a, q, tpower, used, win1=win1, step=step)
 
     a_safe = np.where(live, a_fit, 1.0)  # the risk's coefficients are 0 there: any D > 0
     h = kernel_size // 2
@@ -815,6 +827,11 @@ def _confined_solve(cross: np.ndarray, d: np.ndarray, inv: np.ndarray, kernel_si
                      dtype=dtype, workers=workers)
 
 
+def _tile_dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per-tile inner products of ``(n, k, k)`` stamps, accumulated in float64."""
+    return np.einsum("tij,tij->t", u, v, dtype=np.float64)
+
+
 def _stamp_cg(b: np.ndarray, start: np.ndarray, d_op: np.ndarray, inv_op: np.ndarray, iterations: int, *,
               dtype: np.dtype | type, workers: int) -> np.ndarray:
     """``iterations`` of preconditioned CG on ``D x = b`` over ``(n, k, k)`` stamps from ``start``: ``D`` and
@@ -823,9 +840,7 @@ def _stamp_cg(b: np.ndarray, start: np.ndarray, d_op: np.ndarray, inv_op: np.nda
     def through(x: np.ndarray, op: np.ndarray) -> np.ndarray:
         return _stamp_product(x, op, workers)
 
-    def dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:  # per tile, accumulated in float64
-        return np.einsum("tij,tij->t", u, v, dtype=np.float64)
-
+    dot = _tile_dot
     d_op, inv_op = (op.astype(np.result_type(dtype, np.complex64)) for op in (d_op, inv_op))
     b = b.astype(dtype)
     x = np.array(start, dtype=np.float64)
@@ -874,13 +889,8 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
     # a target pixel is used where it and its whole stamp in the source are good (the same arithmetic
     # whether or not there are bad pixels: a tile's result does not depend on the maps of others)
     sbad = np.zeros((n, ty, tx), dtype=bool) if source_bad is None else source_bad
-    near = np.zeros((n, ty, tx), dtype=bool)
-    some = sbad.any(axis=(1, 2))
-    if some.any():
-        near[some] = maximum_filter(sbad[some], size=(1, k, k), mode="constant", cval=False)
-    if target_bad is not None:
-        near |= target_bad
-    mask = ~near[:, h:ty - h, h:tx - h]
+    usable = fit_region(sbad, k) if target_bad is None else fit_region(sbad, k) & ~target_bad
+    mask = usable[:, h:ty - h, h:tx - h]
     good = np.maximum((~sbad).sum(axis=(1, 2), keepdims=True), 1)
     src = np.where(sbad, 0.0, src - np.where(sbad, 0.0, src).sum(axis=(1, 2), keepdims=True) / good)
     count = np.maximum(mask.sum(axis=(1, 2), keepdims=True), 1).astype(dtype)
@@ -923,8 +933,7 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
     op, inv, pen_op = (stamp_operator(f, k, workers=workers).astype(complex_dtype) for f in (
         spec, np.divide(1.0, spec, out=np.zeros_like(spec), where=spec > 0), c * penalty))
 
-    def dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return np.einsum("tij,tij->t", u, v, dtype=np.float64)
+    dot = _tile_dot
 
     def normal(x: np.ndarray) -> np.ndarray:
         return adjoint(forward(x)) + _stamp_product(x, pen_op, workers)
