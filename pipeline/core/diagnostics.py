@@ -19,19 +19,10 @@ def model_images(sources: np.ndarray, kernels: np.ndarray, *, chunk: int = 8) ->
     Computed in the sources' precision (float32 stays float32), ``chunk``
     tiles per transform so the spectra stay small.
     """
-    n, ny, nx = sources.shape
+    ny, nx = sources.shape[1:]
     k = kernels.shape[-1]
-    h = k // 2
     shape = tuple(sfft.next_fast_len(s + k - 1, real=True) for s in (ny, nx))
-    out = np.empty(sources.shape, dtype=sources.dtype)
-    finite = np.all(np.isfinite(kernels), axis=(1, 2))
-    for start in range(0, n, chunk):
-        sl = slice(start, start + chunk)
-        fs = sfft.rfft2(sources[sl], s=shape)
-        fk = sfft.rfft2(np.where(finite[sl, None, None], kernels[sl], 0.0).astype(sources.dtype), s=shape)
-        out[sl] = sfft.irfft2(fs * fk, s=shape)[:, h : h + ny, h : h + nx]
-    out[~finite] = np.nan
-    return out
+    return _convolved(sources, kernels, shape, k // 2, (ny, nx), chunk)
 
 
 def interior_models(sources: np.ndarray, kernels: np.ndarray, *, chunk: int = 8) -> np.ndarray:
@@ -42,17 +33,24 @@ def interior_models(sources: np.ndarray, kernels: np.ndarray, *, chunk: int = 8)
     one, for a cheaper transform (256 against 280 points a side, 256-px
     tiles, k = 21).
     """
-    n, ny, nx = sources.shape
-    k = kernels.shape[-1]
-    h = k // 2
-    out = np.empty((n, ny - 2 * h, nx - 2 * h), dtype=sources.dtype)
+    ny, nx = sources.shape[1:]
+    h = kernels.shape[-1] // 2
+    # the kernel's centre at (h, h) delays the convolution by h: interior pixel y sits at y + h
+    return _convolved(sources, kernels, (ny, nx), 2 * h, (ny - 2 * h, nx - 2 * h), chunk)
+
+
+def _convolved(sources: np.ndarray, kernels: np.ndarray, shape: tuple[int, int], first: int,
+               size: tuple[int, int], chunk: int) -> np.ndarray:
+    """The ``size`` pixels from ``(first, first)`` on of each tile's convolution with its kernel (the
+    kernel in the corner) on a ``shape`` grid, ``chunk`` tiles per transform; NaN for NaN kernels."""
+    n = len(sources)
+    out = np.empty((n, *size), dtype=sources.dtype)
     finite = np.all(np.isfinite(kernels), axis=(1, 2))
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
-        fs = sfft.rfft2(sources[sl])
-        fk = sfft.rfft2(np.where(finite[sl, None, None], kernels[sl], 0.0).astype(sources.dtype), s=(ny, nx))
-        # the kernel's centre at (h, h) delays the convolution by h: interior pixel y sits at y + h
-        out[sl] = sfft.irfft2(fs * fk, s=(ny, nx))[:, 2 * h :, 2 * h :]
+        fs = sfft.rfft2(sources[sl], s=shape)
+        fk = sfft.rfft2(np.where(finite[sl, None, None], kernels[sl], 0.0).astype(sources.dtype), s=shape)
+        out[sl] = sfft.irfft2(fs * fk, s=shape)[:, first : first + size[0], first : first + size[1]]
     out[~finite] = np.nan
     return out
 
