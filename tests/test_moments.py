@@ -251,3 +251,31 @@ def test_bad_input(bad: np.ndarray) -> None:
 def test_bad_options(max_iter: object, tol: object) -> None:
     with pytest.raises(OptionError):
         adaptive_moments(np.ones((5, 5)), max_iter=max_iter, tol=tol)  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(fwhm=st.floats(2.5, 7.0), e1=st.floats(-0.3, 0.3), e2=st.floats(-0.3, 0.3),
+       cy=st.floats(-1.0, 1.0), cx=st.floats(-1.0, 1.0), noise=st.floats(0.0, 0.02),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_warm_start_reaches_the_same_moments(fwhm, e1, e2, cy, cx, noise, seed) -> None:
+    """Started from the moments of other stamps (a neighbour's, a slightly different kernel's), the
+    iteration stops at the same fixed point, to its tolerance, in at most as many steps."""
+    rng = np.random.default_rng(seed)
+    stamps = np.stack([sampled_gaussian(21, cov_from_shape(fwhm, e1, e2), cy, cx),
+                       sampled_gaussian(21, cov_from_shape(fwhm * 1.1, -e1, e2), -cy, cx)])
+    stamps = stamps + noise * rng.standard_normal(stamps.shape)
+    cold = adaptive_moments(stamps)
+    other = adaptive_moments(stamps[::-1] * 2.0)
+    warm = adaptive_moments(stamps, start=other)
+    np.testing.assert_array_equal(warm.converged, cold.converged)
+    for name in ("y", "x", "myy", "mxx", "mxy"):
+        np.testing.assert_allclose(getattr(warm, name), getattr(cold, name), rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(warm.flux, cold.flux)
+    own = adaptive_moments(stamps, start=cold, max_iter=2)  # from the fixed point itself: at once
+    np.testing.assert_array_equal(own.converged, cold.converged)
+
+
+def test_a_warm_start_must_hold_one_set_per_stamp() -> None:
+    m = adaptive_moments(np.ones((3, 5, 5)))
+    with pytest.raises(OptionError, match="moments of 2 stamps"):
+        adaptive_moments(np.ones((2, 5, 5)), start=m)

@@ -493,6 +493,7 @@ def test_auto_matches_loop_reference(noise_level: float, monkeypatch) -> None:
     rng = np.random.default_rng(12)
     tgt = tgt + noise_level * rng.standard_normal(tgt.shape)
     monkeypatch.setattr(welch_module, "REFERENCE_ROUNDS", 0)
+    monkeypatch.setattr(welch_module, "CG_ITERATIONS", 40)  # the confined solve alone, to convergence
     res = welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
     monkeypatch.setattr(welch_module, "REFERENCE_ROUNDS", 1)
     monkeypatch.setattr(welch_module, "REFERENCE_ITERATIONS", 60)  # to convergence
@@ -625,6 +626,27 @@ def test_auto_takes_the_source_noise_out_of_the_flux(faint_survey, monkeypatch) 
     shrunk = welch_kernels(src, tgt, kernel_size=21).kernels.sum(axis=(1, 2)) / truth.sum(axis=(1, 2)) - 1
     assert np.median(shrunk) < -0.05
     assert abs(np.median(flux)) < 0.02
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shape=st.tuples(st.integers(2, 40), st.integers(2, 40)),
+       density=st.floats(0.0, 0.2), single=st.booleans())
+def test_source_pixels_are_those_of_the_definition(seed, shape, density, single) -> None:
+    """Bright pixels (5 sigma) with a lit 4-neighbour (3 sigma), counted per image, edges included: the
+    same as the whole-image masks of the definition."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((3, *shape)) + 6.0 * (rng.random((3, *shape)) < density)
+    images = images.astype(np.float32 if single else np.float64)
+    level, noise = rng.normal(0.0, 0.1, 3), rng.uniform(0.8, 1.2, 3)
+    above = images.astype(np.float64) - level[:, None, None]
+    lit = above > 3.0 * noise[:, None, None]
+    neighbour = np.zeros_like(lit)
+    neighbour[:, 1:] |= lit[:, :-1]
+    neighbour[:, :-1] |= lit[:, 1:]
+    neighbour[:, :, 1:] |= lit[:, :, :-1]
+    neighbour[:, :, :-1] |= lit[:, :, 1:]
+    expected = ((above > 5.0 * noise[:, None, None]) & neighbour).sum(axis=(1, 2))
+    np.testing.assert_array_equal(welch_module._source_pixels(images, level, noise), expected)
 
 
 def test_core_rounds_that_run_away_are_not_kept(monkeypatch) -> None:

@@ -124,8 +124,21 @@ def _is_pd(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return (a > 0.0) & (c > 0.0) & (a * c - b * b > 0.0)
 
 
+def _warm_start(start: Moments, n: int, finite: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+                myy: np.ndarray, mxx: np.ndarray, mxy: np.ndarray) -> None:
+    """Set the finite stamps' starting centroid and covariance, in place, where ``start`` converged."""
+    fields = [np.asarray(getattr(start, name), dtype=np.float64).reshape(-1)
+              for name in ("y", "x", "myy", "mxx", "mxy")]
+    ok = np.asarray(start.converged, dtype=bool).reshape(-1)
+    if ok.size != n or any(f.size != n for f in fields):
+        raise OptionError(f"start must hold the moments of {n} stamps, got {ok.size}")
+    ok = ok & finite & _is_pd(fields[2], fields[4], fields[3])
+    for out, value in zip((cy, cx, myy, mxx, mxy), fields):
+        out[ok] = value[ok]
+
+
 def adaptive_moments(
-    kernels: np.ndarray, *, max_iter: int = 200, tol: float = 1e-6
+    kernels: np.ndarray, *, max_iter: int = 200, tol: float = 1e-6, start: Moments | None = None
 ) -> Moments:
     """Gaussian-weighted adaptive second moments of kernel stamps.
 
@@ -140,6 +153,11 @@ def adaptive_moments(
     tol
         Convergence tolerance: on the change of the centroid (pixels) and on
         the change of the weight covariance relative to its mean diagonal.
+    start
+        Moments of stamps like these (e.g. an earlier iterate of the same
+        kernels), one per stamp: where converged, the iteration starts from
+        their centroid and covariance instead of a round weight of width
+        ``min(ky, kx) / 6`` at the positive part's centroid.
 
     Returns
     -------
@@ -151,7 +169,8 @@ def adaptive_moments(
     InputError
         If ``kernels`` is not a non-empty 2-D or 3-D real array.
     OptionError
-        If ``max_iter`` or ``tol`` is out of range.
+        If ``max_iter`` or ``tol`` is out of range, or ``start`` does not hold
+        one set of moments per stamp.
 
     Notes
     -----
@@ -198,6 +217,9 @@ def adaptive_moments(
             cy[act] = np.where(ok, (pos * gy).sum(axis=(1, 2)) / tot, 0.0)
             cx[act] = np.where(ok, (pos * gx).sum(axis=(1, 2)) / tot, 0.0)
 
+    if start is not None:
+        _warm_start(start, n, finite, cy, cx, myy, mxx, mxy)
+
     max_sigma2 = float(max(ky, kx)) ** 2
     lim_y, lim_x = ky / 2.0, kx / 2.0
 
@@ -213,22 +235,26 @@ def adaptive_moments(
             w_yy, w_xy, w_xx = myy[act], mxy[act], mxx[act]
             i_yy, i_xy, i_xx, _ = _inv2(w_yy, w_xy, w_xx)
 
-            dy = gy - c_y[:, None, None]
-            dx = gx - c_x[:, None, None]
-            rho2 = (i_yy[:, None, None] * dy * dy
-                    + 2.0 * i_xy[:, None, None] * dy * dx
-                    + i_xx[:, None, None] * dx * dx)
-            iw = img * np.exp(-0.5 * rho2)
-            a = iw.sum(axis=(1, 2))
+            # The weight is separable but for its cross term: its sums over the stamp come from the
+            # weighted image's row and column sums and one product by the column offsets.
+            dy = gy[0, :, 0] - c_y[:, None]  # (k, ky)
+            dx = gx[0, 0, :] - c_x[:, None]  # (k, kx)
+            iw = (-i_xy[:, None] * dy)[:, :, None] * dx[:, None, :]  # -rho2 / 2
+            iw -= (0.5 * i_yy[:, None] * dy * dy)[:, :, None]
+            iw -= (0.5 * i_xx[:, None] * dx * dx)[:, None, :]
+            np.exp(iw, out=iw)
+            iw *= img
+            rows = iw.sum(axis=2)
+            cols = iw.sum(axis=1)
+            row_x = np.matmul(iw, dx[:, :, None])[:, :, 0]  # sum over x of I W dx, each row
+            a = rows.sum(axis=1)
             bad = ~(a > 0.0)
             a_safe = np.where(bad, 1.0, a)
-            m_y = (iw * dy).sum(axis=(1, 2)) / a_safe
-            m_x = (iw * dx).sum(axis=(1, 2)) / a_safe
-            ey = dy - m_y[:, None, None]
-            ex = dx - m_x[:, None, None]
-            q_yy = (iw * ey * ey).sum(axis=(1, 2)) / a_safe
-            q_xy = (iw * ey * ex).sum(axis=(1, 2)) / a_safe
-            q_xx = (iw * ex * ex).sum(axis=(1, 2)) / a_safe
+            m_y = (rows * dy).sum(axis=1) / a_safe
+            m_x = (cols * dx).sum(axis=1) / a_safe
+            q_yy = (rows * dy * dy).sum(axis=1) / a_safe - m_y * m_y
+            q_xy = (row_x * dy).sum(axis=1) / a_safe - m_y * m_x
+            q_xx = (cols * dx * dx).sum(axis=1) / a_safe - m_x * m_x
             bad |= ~_is_pd(q_yy, q_xy, q_xx)
 
             # Plain fixed-point step.
