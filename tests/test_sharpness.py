@@ -255,3 +255,29 @@ def test_input_errors():
     r = sharpness(a, a)
     assert np.isnan(r.width_difference).all() and (r.direction == 0).all()
     assert not r.target_sharper.any() and not r.nearly_equal.any()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shape=st.tuples(st.integers(16, 48), st.integers(16, 48)),
+       level=st.floats(-100.0, 1000.0), holes=st.integers(0, 3))
+def test_ring_spectra_of_the_mean_free_tapered_tiles(seed, shape, level, holes) -> None:
+    """The ring sums of ``|FFT((x - mean_w) w)|**2``, ``w`` the taper times the good pixels and ``mean_w`` the
+    weighted mean: straight from the definition, for tiles with and without bad pixels (a tile with none has
+    its mean taken off the taper's few modes after the transform)."""
+    from pipeline.core.sharpness import _geometry, _spectra
+
+    rng = np.random.default_rng(seed)
+    both = (level + rng.standard_normal((2, 3, *shape))).astype(np.float32)
+    good = np.ones((3, *shape), dtype=bool)
+    for _ in range(holes):
+        good[rng.integers(0, 3), rng.integers(0, shape[0]), rng.integers(0, shape[1])] = False
+    both[:, ~good] = 0.0
+    sums = _spectra(both, good)[0]
+    taper, index = _geometry(*shape)[:2]
+    for k in range(2):
+        for i in range(3):
+            w = taper.astype(np.float64) * good[i]
+            x = both[k, i].astype(np.float64)
+            power = np.abs(np.fft.rfft2((x - (x * w).sum() / w.sum()) * w)) ** 2
+            expected = np.bincount(index.ravel(), weights=power.ravel(), minlength=sums.shape[-1])
+            np.testing.assert_allclose(sums[k, i], expected, rtol=2e-3, atol=1e-4 * expected.max())

@@ -404,8 +404,8 @@ def _pair_spikes(src: np.ndarray, tgt: np.ndarray, good: np.ndarray) -> np.ndarr
 
 @functools.lru_cache(maxsize=8)
 def _geometry(h: int, w: int) -> tuple[np.ndarray, ...]:
-    """Taper, ring index of every rfft2 mode, ring centres' ``|f|``, mode counts, and the (rings x modes)
-    sparse matrix that sums the modes of each ring."""
+    """Taper, ring index of every rfft2 mode, ring centres' ``|f|``, mode counts, the taper's nonzero
+    modes (rows, columns, values), and the (rings x modes) sparse matrix that sums the modes of each ring."""
     fy = scipy.fft.fftfreq(h)[:, None]
     fx = scipy.fft.rfftfreq(w)[None, :]
     f = np.sqrt(fy * fy + fx * fx)
@@ -416,7 +416,10 @@ def _geometry(h: int, w: int) -> tuple[np.ndarray, ...]:
     sums = np.bincount(index.ravel(), weights=f.ravel(), minlength=n_rings)
     centre = np.where(counts > 0, sums / np.maximum(counts, 1.0), np.inf)
     taper = (_hann(h)[:, None] * _hann(w)[None, :]).astype(np.float32)
-    out = (taper, index, centre, counts)
+    # the taper's spectrum is nonzero in a few modes only: what removing a whole tile's mean changes
+    spectrum = scipy.fft.rfft2(taper.astype(np.float64))
+    by, bx = np.nonzero(np.abs(spectrum) > 1e-9 * np.abs(spectrum).max())
+    out = (taper, index, centre, counts, by, bx, spectrum[by, bx].astype(np.complex64))
     for a in out:
         a.flags.writeable = False
     ring_sums = scipy.sparse.csr_matrix((np.ones(index.size, dtype=np.float32), (index.ravel(), np.arange(index.size))),
@@ -428,19 +431,28 @@ def _spectra(both: np.ndarray, good: np.ndarray):
     """Ring sums of the power of the tapered, mean-free tiles, ``(2, n, rings)``; :data:`_CHUNK` tiles at a
     time (the temporaries stay small)."""
     n, h, w = good.shape
-    taper, _, centre, counts, ring_sums = _geometry(h, w)
+    taper, _, centre, counts, by, bx, taper_modes, ring_sums = _geometry(h, w)
     weight = taper * good  # float32
+    whole = good.reshape(n, -1).all(axis=1)
     sums = np.empty((2, n, centre.size))
     for start in range(0, n, _CHUNK):
         part = slice(start, start + _CHUNK)
         wt = weight[part]
         tapered = both[:, part] * wt
         wsum = wt.sum(axis=(1, 2), dtype=np.float64)
-        mean = tapered.sum(axis=(2, 3), dtype=np.float64) / np.where(wsum > 0, wsum, 1.0)
-        tapered -= mean.astype(np.float32)[..., None, None] * wt
+        mean = (tapered.sum(axis=(2, 3), dtype=np.float64) / np.where(wsum > 0, wsum, 1.0)).astype(np.float32)
+        # the mean of a tile with every pixel good comes off the taper's few modes after the transform
+        full = whole[part]
+        some = np.flatnonzero(~full)
+        if some.size:
+            tapered[:, some] -= mean[:, some, None, None] * wt[some]
         spec = scipy.fft.rfft2(tapered, workers=1)
-        power = np.square(spec.real)
-        power += np.square(spec.imag)
+        all_good = np.flatnonzero(full)
+        if all_good.size:
+            spec[:, all_good[:, None], by, bx] -= mean[:, all_good, None] * taper_modes
+        pairs = spec.view(np.float32)
+        np.square(pairs, out=pairs)
+        power = pairs[..., 0::2] + pairs[..., 1::2]
         c = tapered.shape[1]
         # float32 sums of the rings' modes
         sums[:, part] = (ring_sums @ power.reshape(2 * c, -1).T).T.reshape(2, c, centre.size)

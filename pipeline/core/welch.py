@@ -544,6 +544,9 @@ SIGNAL_FLOOR = 0.1
 REFERENCE_ROUNDS = 10
 REFERENCE_ITERATIONS = 2
 REFERENCE_TOLERANCE = 0.005
+#: The tolerance of the core's adaptive moments (a core this close is as good a reference, and the rounds
+#: stop on a width change of :data:`REFERENCE_TOLERANCE`).
+CORE_TOLERANCE = 1e-3
 #: Preconditioned conjugate-gradient iterations of the stamp-confined solve the rounds start from (they go on
 #: iterating: 2-8 of them gave the same kernels to 4 digits on the survey fields and the photos).
 CG_ITERATIONS = 4
@@ -762,7 +765,7 @@ def gaussian_core(kernels: np.ndarray, *, with_width: bool = False, start: Momen
     """
     k = kernels.shape[-1]
     h = k // 2
-    m = adaptive_moments(kernels, start=start)
+    m = adaptive_moments(kernels, start=start, tol=CORE_TOLERANCE)
     flux = kernels.sum(axis=(1, 2))
     ok = np.asarray(m.converged) & (flux > 0)
     myy, mxx, mxy = (np.where(ok, v, c) for v, c in ((m.myy, 1.0), (m.mxx, 1.0), (m.mxy, 0.0)))
