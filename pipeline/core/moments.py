@@ -237,8 +237,8 @@ def adaptive_moments(
 
             # The weight is separable but for its cross term: its sums over the stamp come from the
             # weighted image's row and column sums and one product by the column offsets.
-            dy = gy[0, :, 0] - c_y[:, None]  # (k, ky)
-            dx = gx[0, 0, :] - c_x[:, None]  # (k, kx)
+            dy = gy[0, :, 0] - c_y[:, None]  # (active, ky)
+            dx = gx[0, 0, :] - c_x[:, None]  # (active, kx)
             iw = (-i_xy[:, None] * dy)[:, :, None] * dx[:, None, :]  # -rho2 / 2
             iw -= (0.5 * i_yy[:, None] * dy * dy)[:, :, None]
             iw -= (0.5 * i_xx[:, None] * dx * dx)[:, None, :]

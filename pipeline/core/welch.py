@@ -825,18 +825,15 @@ def _confined_solve(cross: np.ndarray, inv: np.ndarray, rhs: np.ndarray, operato
     from the cropped unconfined solution ``C / D``; their transforms run in
     ``dtype``; the kernels are float64.
     """
-    seg, k = cross.shape[1], rhs.shape[-1]
-    crop = (np.arange(k) - k // 2) % seg
-    full = sfft.irfft2(cross * inv.astype(dtype), s=(seg, seg), workers=workers)
-    start = np.ascontiguousarray(full[:, crop[:, None], crop[None, :]])
+    start = _stamp_cross(cross * inv.astype(dtype), rhs.shape[-1], workers)
     return _stamp_cg(rhs, start, *operators, CG_ITERATIONS, dtype=dtype, workers=workers)
 
 
-def _stamp_cross(cross: np.ndarray, kernel_size: int, workers: int) -> np.ndarray:
-    """The cross correlations of half spectra ``cross`` at the stamp's lags, ``(n, k, k)``."""
-    seg = cross.shape[1]
+def _stamp_cross(spectra: np.ndarray, kernel_size: int, workers: int) -> np.ndarray:
+    """The real-space values of half spectra (``(n, L, L // 2 + 1)``) at the stamp's lags, ``(n, k, k)``."""
+    seg = spectra.shape[1]
     crop = (np.arange(kernel_size) - kernel_size // 2) % seg
-    return np.ascontiguousarray(sfft.irfft2(cross, s=(seg, seg), workers=workers)[:, crop[:, None], crop[None, :]])
+    return np.ascontiguousarray(sfft.irfft2(spectra, s=(seg, seg), workers=workers)[:, crop[:, None], crop[None, :]])
 
 
 def _tile_dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
