@@ -84,32 +84,18 @@ def residual_statistics(
     noise = np.full(n, np.nan)
     residual = np.full(n, np.nan)
     signal = np.full(n, np.nan)
-    fitted = region.reshape(n, -1).any(axis=1) & np.isfinite(background)
-    whole = fitted & region.reshape(n, -1).all(axis=1)
-    # tiles fitted over all their pixels (their region, as cut above): a few at a time, without copies
-    wholly = np.flatnonzero(whole)
-    for start in range(0, wholly.size, 8):
-        part = wholly[start : start + 8]
-        m = model[part].reshape(len(part), -1).astype(np.float64)
-        r = targets[part].reshape(len(part), -1) - m - background[part, None]
-        _fill_statistics(part, m, r, max_samples, noise, residual, signal)
-    for i in np.flatnonzero(fitted & ~whole):
-        sel = region[i]
-        m = model[i][sel].astype(np.float64)[None]
-        r = targets[i][sel] - m - background[i]
-        _fill_statistics(np.array([i]), m, r, max_samples, noise, residual, signal)
+    fitted = region.any(axis=(1, 2)) & np.isfinite(background)
+    whole = region.all(axis=(1, 2))
+    for i in np.flatnonzero(fitted):
+        # a tile fitted over its whole region (as cut above) needs no boolean copy
+        m = (model[i] if whole[i] else model[i][region[i]]).astype(np.float64).ravel()
+        r = (targets[i] if whole[i] else targets[i][region[i]]).ravel() - m - background[i]
+        sample = r[:: max(1, r.size // max_samples)]
+        noise[i] = 1.4826 * np.median(np.abs(sample - np.median(sample)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            residual[i] = np.sqrt(np.mean(r * r)) / noise[i]
+            signal[i] = np.std(m) / noise[i]
     return noise, residual, signal
-
-
-def _fill_statistics(tiles: np.ndarray, m: np.ndarray, r: np.ndarray, max_samples: int, noise: np.ndarray,
-                     residual: np.ndarray, signal: np.ndarray) -> None:
-    """:func:`residual_statistics` of ``tiles`` from their models ``m`` and residuals ``r``, ``(len(tiles),
-    pixels)`` float64, written into ``noise``, ``residual`` and ``signal``."""
-    sample = r[:, :: max(1, r.shape[1] // max_samples)]
-    noise[tiles] = 1.4826 * np.median(np.abs(sample - np.median(sample, axis=1, keepdims=True)), axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        residual[tiles] = np.sqrt(np.mean(r * r, axis=1)) / noise[tiles]
-        signal[tiles] = np.std(m, axis=1) / noise[tiles]
 
 
 def plain_centroids(kernels: np.ndarray, moments) -> tuple[np.ndarray, np.ndarray]:
