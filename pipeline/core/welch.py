@@ -612,7 +612,8 @@ def sky_noise_variance(images: np.ndarray) -> np.ndarray:
     level, noise, spread = sky_statistics(images)
     sky = (noise > 0) & (spread < WHITE_RATIO * noise)
     if SOURCE_PIXELS > 0 and sky.any():
-        sky[sky] = _source_pixels(images[sky], level[sky], noise[sky]) >= SOURCE_PIXELS
+        picked = images if sky.all() else images[sky]  # most often every tile: no copy
+        sky[sky] = _source_pixels(picked, level[sky], noise[sky]) >= SOURCE_PIXELS
     return np.where(sky, noise * noise, 0.0)
 
 
@@ -849,22 +850,21 @@ def _stamp_cg(b: np.ndarray, start: np.ndarray, d_op: np.ndarray, inv_op: np.nda
     def through(x: np.ndarray, op: np.ndarray) -> np.ndarray:
         return _stamp_product(x, op, workers)
 
-    dot = _tile_dot
-    d_op, inv_op = (op.astype(np.result_type(dtype, np.complex64)) for op in (d_op, inv_op))
+    d_op, inv_op = (op.astype(np.result_type(dtype, np.complex64), copy=False) for op in (d_op, inv_op))
     b = b.astype(dtype)
     x = np.array(start, dtype=np.float64)
     r = b - through(x.astype(dtype), d_op)
     z = through(r, inv_op)
     p = z.copy()
-    rz = dot(r, z)
+    rz = _tile_dot(r, z)
     for _ in range(iterations):
         ap = through(p, d_op)
-        pap = dot(p, ap)
+        pap = _tile_dot(p, ap)
         alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
         x += alpha[:, None, None] * p
         r -= (alpha[:, None, None] * ap).astype(dtype)
         z = through(r, inv_op)
-        rz_new = dot(r, z)
+        rz_new = _tile_dot(r, z)
         beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
         p = (z + beta[:, None, None] * p).astype(dtype)
         rz = rz_new
@@ -942,8 +942,6 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
     op, inv, pen_op = (stamp_operator(f, k, workers=workers).astype(complex_dtype) for f in (
         spec, np.divide(1.0, spec, out=np.zeros_like(spec), where=spec > 0), c * penalty))
 
-    dot = _tile_dot
-
     def normal(x: np.ndarray) -> np.ndarray:
         return adjoint(forward(x)) + _stamp_product(x, pen_op, workers)
 
@@ -958,11 +956,11 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
     r = (b - normal(x.astype(dtype))).astype(dtype)
     z = precondition(r)
     p = z.copy()
-    rz = dot(r, z)
+    rz = _tile_dot(r, z)
     total = REFINE_ITERATIONS if iterations is None else iterations
     for i in range(total):
         ap = normal(p)
-        pap = dot(p, ap)
+        pap = _tile_dot(p, ap)
         alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
         x += alpha[:, None, None] * p
         if i == total - 1:
@@ -970,8 +968,8 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
         r -= (alpha[:, None, None] * ap).astype(dtype)
         z_old = z
         z = precondition(r)
-        rz_new = dot(r, z)
-        beta = np.divide(rz_new - dot(r, z_old), rz, out=np.zeros_like(rz), where=rz > 0)  # flexible
+        rz_new = _tile_dot(r, z)
+        beta = np.divide(rz_new - _tile_dot(r, z_old), rz, out=np.zeros_like(rz), where=rz > 0)  # flexible
         p = (z + beta[:, None, None] * p).astype(dtype)
         rz = rz_new
     return x
