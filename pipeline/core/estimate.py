@@ -31,7 +31,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -49,7 +49,7 @@ from .sharpness import MIN_TILE as SHARPNESS_MIN_TILE
 from .sharpness import Sharpness, direction_flags, image_direction
 from .sharpness import sharpness as measure_sharpness
 from .validate import as_image_stack, check_kernel_size, check_positive_int, either_bad
-from .welch import welch_kernels
+from .welch import WelchSpectra, welch_kernels
 
 __all__ = ["REGISTRY", "METHODS", "DEFAULT_METHOD", "DIRECTIONS", "Method", "KernelEstimates", "estimate_kernel",
            "estimate_kernels", "method_options", "tile_directions", "tile_sharpness"]
@@ -321,17 +321,25 @@ class BadPixels:
         return BadPixels(*parts)
 
 
-def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=True, statistics=False):
+def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=True, statistics=False, *,
+                   measure=False, spectra: WelchSpectra | None = None):
     """Kernels and diagnostics of one contiguous part of the batch (and, with ``statistics``, the
-    lstsq fits' normal equations as arrays ``gc``, ``cc``, ``yy``, ``lam_terms``)."""
+    lstsq fits' normal equations as arrays ``gc``, ``cc``, ``yy``, ``lam_terms``; with ``measure``, the
+    estimator's own sharpness measure as ``sharpness_*`` arrays).  ``spectra``: the part's Welch spectra,
+    already summed (:func:`_spectra_of`)."""
     n = len(tgt)
     either = bad.either
-    extra = {"statistics": True} if statistics else {}
-    if REGISTRY[method].uses_variance:
-        extra.update(variance=bad.variance, source_variance=bad.source_variance)
-    result = REGISTRY[method].estimator(src, tgt, bad.mask, source_bad=_any_or_none(bad.source),
-                                        target_bad=_any_or_none(bad.target), kernel_size=size, options=options,
-                                        **extra)
+    if spectra is not None:
+        result = spectra.solve()
+    else:
+        extra = {"statistics": True} if statistics else {}
+        if measure:
+            extra["measure"] = True
+        if REGISTRY[method].uses_variance:
+            extra.update(variance=bad.variance, source_variance=bad.source_variance)
+        result = REGISTRY[method].estimator(src, tgt, bad.mask, source_bad=_any_or_none(bad.source),
+                                            target_bad=_any_or_none(bad.target), kernel_size=size, options=options,
+                                            **extra)
     out = vars(result)
     kernels = np.array(out["kernels"], dtype=np.float64)
     if isinstance(result, LstsqResult):
@@ -370,6 +378,8 @@ def _estimate_part(method, src, tgt, bad: BadPixels, size, options, diagnostics=
     if statistics:
         gc, cc, yy = result.statistics
         kept = {"gc": gc, "cc": cc, "yy": yy, "lam_terms": result.lam_terms}
+    if out.get("sharpness") is not None:
+        kept |= {_MEASURE_PREFIX + name: value for name, value in vars(out["sharpness"]).items()}
     return kept | {
         "kernels": kernels,
         "flux": flux,
@@ -407,14 +417,42 @@ def _over_parts(func: Callable[[slice], dict[str, np.ndarray]], n: int, workers:
     return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
 
 
-def _estimate_all(method, src, tgt, bad: BadPixels, size, opts, diagnostics, statistics, exponents, workers):
+def _estimate_all(method, src, tgt, bad: BadPixels, size, opts, diagnostics, statistics, exponents, workers,
+                  measure=False):
     """:func:`_estimate_part` over the batch, in ``workers`` threads, in the images' own units."""
 
     def run(sl: slice) -> dict[str, np.ndarray]:
         return _in_units(_estimate_part(method, src[sl], tgt[sl], bad.part(sl), size, opts, diagnostics,
-                                        statistics), exponents[sl])
+                                        statistics, measure=measure), exponents[sl])
 
     return _over_parts(run, len(tgt), workers)
+
+
+#: The keys of a part's results that hold the estimator's own sharpness measure.
+_MEASURE_PREFIX = "sharpness_"
+
+
+def _measures_own(method: str, opts: MethodOptions, tile_shape: tuple[int, ...]) -> bool:
+    """Whether the method measures which image is sharper from its own spectra (Welch, on segments the
+    measure resolves): the measure then costs no transform and sees the pixels the kernels are fitted to."""
+    return (method == "welch" and opts.segment_size >= SHARPNESS_MIN_TILE
+            and min(tile_shape[1:]) >= SHARPNESS_MIN_TILE)
+
+
+def _spectra_of(src, tgt, bad: BadPixels, size, opts) -> WelchSpectra:
+    """The Welch spectra of a part, its sharpness measure with them (what :func:`_estimate_part` fits)."""
+    return welch_kernels(src, tgt, bad.mask, source_bad=_any_or_none(bad.source), target_bad=_any_or_none(bad.target),
+                         kernel_size=size, options=opts, measure=True, spectra_only=True)
+
+
+def _own_measure(merged: dict[str, np.ndarray], reverse: np.ndarray) -> Sharpness:
+    """The estimator's measure, taken out of ``merged``, for the pairs as given (a reverse tile's was taken of
+    the pair exchanged: its sign turns back)."""
+    parts = {name[len(_MEASURE_PREFIX):]: merged.pop(name) for name in list(merged) if name.startswith(_MEASURE_PREFIX)}
+    diff = np.where(reverse, -parts["width_difference"], parts["width_difference"])
+    sharper, nearly = direction_flags(diff, parts["uncertainty"], FORWARD)
+    return replace(Sharpness(**parts), width_difference=diff, target_sharper=sharper, nearly_equal=nearly,
+                   direction=np.where(reverse, -parts["direction"], parts["direction"]).astype(np.int8))
 
 
 def _sharpness(src, tgt, bad: BadPixels, given: Sharpness | None, *, measure: bool,
@@ -438,13 +476,63 @@ def _sharpness(src, tgt, bad: BadPixels, given: Sharpness | None, *, measure: bo
     return Sharpness(**_over_parts(run, n, workers))
 
 
+def _fit_measured(src, tgt, bad: BadPixels, size, opts, diagnostics, exponents, direction, workers
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``direction`` ``auto`` or ``majority`` from the Welch spectra's own measure: the spectra of every tile,
+    the directions they give, and the forward tiles fitted from those spectra (their results, in order);
+    the reverse ones are left to be fitted from the pair exchanged."""
+    n = len(tgt)
+    parts = [slice(int(idx[0]), int(idx[-1]) + 1) for idx in np.array_split(np.arange(n), max(1, min(workers, n)))]
+    states = _in_parts(lambda sl: _spectra_of(src[sl], tgt[sl], bad.part(sl), size, opts), parts)
+    measure = Sharpness(**{name: np.concatenate([vars(st.sharpness)[name] for st in states])
+                           for name in vars(states[0].sharpness)})
+    directions = tile_directions(direction, n, measure)
+    forward = directions != REVERSE
+
+    def fit(item: tuple[slice, WelchSpectra]) -> dict[str, np.ndarray] | None:
+        sl, state = item
+        rows = np.flatnonzero(forward[sl])
+        if not rows.size:
+            return None
+        part = bad.part(sl)
+        if rows.size < sl.stop - sl.start:  # some of the part's tiles go the other way
+            return _in_units(_estimate_part("welch", src[sl][rows], tgt[sl][rows], part.subset(rows), size, opts,
+                                            diagnostics, spectra=state.take(rows)), exponents[sl][rows])
+        return _in_units(_estimate_part("welch", src[sl], tgt[sl], part, size, opts, diagnostics, spectra=state),
+                         exponents[sl])
+
+    done = [d for d in _in_parts(fit, list(zip(parts, states))) if d is not None]
+    if not done:
+        return {}, directions
+    return {name: np.concatenate([d[name] for d in done]) for name in done[0]}, directions
+
+
+def _in_parts(func: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``func`` of each item, a thread each (BLAS one-threaded in each), in order."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        if len(items) == 1:
+            return [func(items[0])]
+        with ThreadPoolExecutor(max_workers=len(items)) as pool:
+            return list(pool.map(func, items))
+
+
 def tile_sharpness(sources: np.ndarray, targets: np.ndarray, *, kernel_size: int, mask: np.ndarray | None = None,
-                   variance: np.ndarray | None = None, source_variance: np.ndarray | None = None
+                   variance: np.ndarray | None = None, source_variance: np.ndarray | None = None,
+                   method: str = DEFAULT_METHOD, options: MethodOptions | None = None, workers: int = 1
                    ) -> Sharpness | None:
     """The sharpness measure :func:`estimate_kernels` takes of a batch (the same pixels, bit for bit), or
-    ``None`` for tiles too small to measure; arguments as there."""
-    src, tgt, bad, _, _ = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
-    return _sharpness(src, tgt, bad, None, measure=True)
+    ``None`` for tiles too small to measure; arguments as there.  ``welch`` measures from its segments'
+    spectra (:func:`~pipeline.core.sharpness.spectra_sharpness`), the other methods from the whole tiles'
+    (:func:`~pipeline.core.sharpness.sharpness`)."""
+    src, tgt, bad, size, _ = _prepare(sources, targets, mask, kernel_size, variance, source_variance)
+    method = _check_method(method)
+    opts = method_options(method, options)
+    if _measures_own(method, opts, tgt.shape):
+        n = len(tgt)
+        parts = _over_parts(lambda sl: {name: np.asarray(v) for name, v in vars(
+            _spectra_of(src[sl], tgt[sl], bad.part(sl), size, opts).sharpness).items()}, n, workers)
+        return Sharpness(**parts)
+    return _sharpness(src, tgt, bad, None, measure=True, workers=workers)
 
 
 def tile_directions(direction: str | np.ndarray | int, n: int, measure: Sharpness | None = None) -> np.ndarray:
@@ -569,26 +657,37 @@ def estimate_kernels(
     n = len(tgt)
     measured = isinstance(direction, str) and direction in _MEASURED
     directions = None if measured else tile_directions(direction, n)  # checked before the work
-    measure = _sharpness(src, tgt, bad, sharpness, measure=diagnostics or measured, workers=workers)
-    if directions is None:
+    own = sharpness is None and (diagnostics or measured) and _measures_own(method, opts, tgt.shape)
+    measure = None if own else _sharpness(src, tgt, bad, sharpness, measure=diagnostics or measured,
+                                          workers=workers)
+    forward_done = None
+    if directions is None and own:  # the spectra first, then each tile's fit in the direction they give
+        forward_done, directions = _fit_measured(src, tgt, bad, size, opts, diagnostics, exponents, direction,
+                                                 workers)
+    elif directions is None:
         directions = tile_directions(direction, n, measure)
     reverse = directions == REVERSE
-    if not reverse.any():
-        merged = _estimate_all(method, src, tgt, bad, size, opts, diagnostics, statistics, exponents, workers)
+    if not reverse.any() and forward_done is None:
+        merged = _estimate_all(method, src, tgt, bad, size, opts, diagnostics, statistics, exponents, workers,
+                               measure=own)
     else:  # the forward tiles and the reverse ones (source and target exchanged), each as a batch
         pieces = []
         for rows, swap in ((np.flatnonzero(~reverse), False), (np.flatnonzero(reverse), True)):
-            if rows.size:
+            if rows.size and forward_done is not None and not swap:
+                pieces.append((rows, forward_done))
+            elif rows.size:
                 s_rows, t_rows = src[rows], tgt[rows]
                 pieces.append((rows, _estimate_all(
                     method, t_rows if swap else s_rows, s_rows if swap else t_rows, bad.subset(rows, swap=swap),
                     size, opts, diagnostics, statistics,
-                    exponents[rows][:, ::-1] if swap else exponents[rows], workers)))
+                    exponents[rows][:, ::-1] if swap else exponents[rows], workers, measure=own)))
         merged = {}
         for name, first in pieces[0][1].items():
             merged[name] = np.empty((n, *first.shape[1:]), dtype=np.result_type(*(p[name] for _, p in pieces)))
             for rows, part in pieces:
                 merged[name][rows] = part[name]
+    if own:
+        measure = _own_measure(merged, reverse)
     if normalize:  # a kernel summing to zero has no normalised form: NaN and flagged as without signal
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             kernels = merged["kernels"] / merged["flux"][:, None, None]

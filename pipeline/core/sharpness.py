@@ -84,6 +84,8 @@ __all__ = [
     "direction_flags",
     "image_direction",
     "sharpness",
+    "pair_spikes",
+    "spectra_sharpness",
     "spikes",
 ]
 
@@ -116,6 +118,9 @@ SPIKE_UNMATCHED: float = 3.0
 SPIKE_SIGMAS_ALONE: float = 5.0
 #: "Near": within this many pixels (a misregistration of the pair up to that).
 SPIKE_MATCH_RADIUS: int = 4
+#: A tile with more spikes than this fraction of its pixels is not an image of the sky (a photograph's texture):
+#: :func:`pair_spikes` reports none of them.
+SPIKE_MOST: float = 0.005
 #: Passes of the spike test (each peels a pixel off both ends of a cosmic-ray track).
 SPIKE_PASSES: int = 4
 
@@ -395,21 +400,61 @@ def spikes(image: np.ndarray, good: np.ndarray, other: np.ndarray | None = None)
 
 def _pair_spikes(src: np.ndarray, tgt: np.ndarray, good: np.ndarray) -> np.ndarray:
     """``spikes(src, good, tgt) | spikes(tgt, good, src)``, each image's part found once."""
+    return _grown(np.concatenate(_spike_indices(src, tgt, good)), good.shape)
+
+
+def _spike_indices(src: np.ndarray, tgt: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The flat indices of the spikes of ``src`` and of ``tgt`` (float32, 0 where not ``good``), the other
+    image of the pair given: :func:`spikes`, not grown."""
     ss, gs = _sky_sigma(src, good)
     st, gt = _sky_sigma(tgt, good)
     ps, pt = _peel(src, good, ss, gs), _peel(tgt, good, st, gt)
-    return _grown(np.concatenate([ps, pt, _unmatched(src, ss, gs, ps, tgt, st, gt, pt, good),
-                                  _unmatched(tgt, st, gt, pt, src, ss, gs, ps, good)]), good.shape)
+    return (np.concatenate([ps, _unmatched(src, ss, gs, ps, tgt, st, gt, pt, good)]),
+            np.concatenate([pt, _unmatched(tgt, st, gt, pt, src, ss, gs, ps, good)]))
+
+
+def pair_spikes(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray | None = None,
+                target_bad: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's spikes (:func:`spikes`, the other image of the pair given), not grown.
+
+    ``source`` and ``target`` are ``(n, h, w)`` tiles of one scene, finite
+    except at their bad pixels (``source_bad``, ``target_bad``: boolean maps
+    or ``None``), which are ignored in both.  Returns two boolean
+    ``(n, h, w)`` maps, the source's and the target's: hot and dead pixels,
+    and light the other image has not got (cosmic-ray tracks), one pixel
+    wide where they are, so that an estimator can fill them like other
+    isolated bad pixels.  :data:`_CHUNK` tiles at a time.
+    """
+    shape = source.shape
+    found_s = np.zeros(shape, dtype=bool)
+    found_t = np.zeros(shape, dtype=bool)
+    if min(shape[1:]) < 3:
+        return found_s, found_t
+    for start in range(0, shape[0], _CHUNK):
+        part = slice(start, start + _CHUNK)
+        good = np.ones(source[part].shape, dtype=bool)
+        for bad in (source_bad, target_bad):
+            if bad is not None:
+                good &= ~bad[part]
+        zero = np.float32(0.0)
+        src = np.where(good, source[part].astype(np.float32, copy=False), zero)
+        tgt = np.where(good, target[part].astype(np.float32, copy=False), zero)
+        for found, index in zip((found_s, found_t), _spike_indices(src, tgt, good)):
+            found[part].reshape(-1)[index] = True
+    for found in (found_s, found_t):  # so many: not an image of the sky (a photograph's texture)
+        found[found.sum(axis=(1, 2)) > SPIKE_MOST * math.prod(shape[1:])] = False
+    return found_s, found_t
 
 
 @functools.lru_cache(maxsize=8)
-def _geometry(h: int, w: int) -> tuple[np.ndarray, ...]:
+def _geometry(h: int, w: int, rings: int = _N_RINGS) -> tuple[np.ndarray, ...]:
     """Taper, ring index of every rfft2 mode, ring centres' ``|f|``, mode counts, the taper's nonzero
-    modes (rows, columns, values), and the (rings x modes) sparse matrix that sums the modes of each ring."""
+    modes (rows, columns, values), and the (rings x modes) sparse matrix that sums the modes of each ring
+    (``rings`` of them from 0 to 0.5 cycles per pixel, and more to the corners)."""
     fy = scipy.fft.fftfreq(h)[:, None]
     fx = scipy.fft.rfftfreq(w)[None, :]
     f = np.sqrt(fy * fy + fx * fx)
-    step = 0.5 / _N_RINGS
+    step = 0.5 / rings
     n_rings = int(math.ceil(math.sqrt(0.5) / step)) + 1
     index = np.minimum((f / step).astype(np.intp), n_rings - 1)
     counts = np.bincount(index.ravel(), minlength=n_rings).astype(np.float64)
@@ -459,8 +504,9 @@ def _spectra(both: np.ndarray, good: np.ndarray):
     return sums, centre, counts, weight
 
 
-def _fit(rings, floor, centre, counts, size):
-    """Weighted straight line of ``log(P_T / P_S)`` against ``|f|^2`` over the usable rings."""
+def _fit(rings, floor, centre, counts, size, looks=1.0):
+    """Weighted straight line of ``log(P_T / P_S)`` against ``|f|^2`` over the usable rings (each ring's
+    power the mean of ``looks`` independent spectra, ``(n,)`` or a number)."""
     signal = rings - floor[..., None]
     usable = ((signal >= SIGNAL_TO_FLOOR * floor[..., None]).all(axis=0)
               & (centre >= _LOWEST_RING_CYCLES / size) & (centre <= 0.5)
@@ -470,7 +516,7 @@ def _fit(rings, floor, centre, counts, size):
     # variance of a ring mean of |s + noise|^2 about |s|^2: (2 S N + N^2) / m
     # (the taper correlates neighbouring modes: a ring holds counts / _HANN_ENBW independent ones)
     rel = (2.0 * safe * floor[..., None] + floor[..., None] ** 2) * _HANN_ENBW / (
-        np.maximum(counts, 1.0) * safe * safe)
+        np.maximum(counts, 1.0) * np.reshape(looks, (-1, 1)) * safe * safe)
     wts = np.where(usable, 1.0 / (rel[0] + rel[1]), 0.0)
     x = np.broadcast_to(np.where(np.isfinite(centre), centre, 0.0) ** 2, wts.shape)
     k = usable.sum(axis=1)
@@ -530,27 +576,85 @@ def sharpness(
     OptionError
         If ``tolerance`` is not a finite number >= 0.
     """
+    tol = _check_tolerance(tolerance)
+    both, good, (var_s, var_t) = _prepare(source, target, mask, variance, source_variance, despike)
+    h, w = good.shape[1:]
+    sums, centre, counts, weight = _spectra(both, good)
+    floors = [None if var is None else np.einsum("nyx,nyx->n", weight * weight, var) for var in (var_s, var_t)]
+    return _measure(sums, centre, counts, min(h, w), tol, floors=floors)
+
+
+def _check_tolerance(tolerance: float) -> float:
     try:
         tol = float(tolerance)
     except (TypeError, ValueError):
         tol = math.nan
     if not (math.isfinite(tol) and tol >= 0.0):
         raise OptionError(f"tolerance must be a finite number >= 0 (pixels squared), got {tolerance!r}")
-    both, good, (var_s, var_t) = _prepare(source, target, mask, variance, source_variance, despike)
-    h, w = good.shape[1:]
-    sums, centre, counts, weight = _spectra(both, good)
+    return tol
+
+
+def spectra_sharpness(
+    source_power: np.ndarray,
+    target_power: np.ndarray,
+    looks: np.ndarray,
+    *,
+    tolerance: float = TARGET_SHARPER_TOLERANCE,
+) -> Sharpness:
+    """The measure of :func:`sharpness` from power spectra already averaged over segments of the tiles.
+
+    For an estimator that has them anyway (``welch``: the summed powers of
+    its tapered, mean-free segments), so the measure costs no transform of
+    its own and sees the pixels the kernel is fitted to.  The rings are one
+    mode wide (up to 32 of them to ``|f| = 0.5``), and each ring's noise is
+    that of ``looks`` independent spectra (the segments averaged).
+
+    Parameters
+    ----------
+    source_power, target_power
+        ``(n, s, s // 2 + 1)`` half spectra (``rfft2`` layout) of the
+        squared moduli of the tapered segments' transforms, summed over each
+        tile's segments.
+    looks
+        ``(n,)`` segments summed per tile (0: the tile is not measured).
+    tolerance
+        As for :func:`sharpness`.
+
+    Returns
+    -------
+    Sharpness
+    """
+    tol = _check_tolerance(tolerance)
+    n, s, half = source_power.shape
+    if target_power.shape != source_power.shape or half != s // 2 + 1:
+        raise InputError(f"source_power and target_power must be (n, s, s // 2 + 1) half spectra of one shape, "
+                         f"got {source_power.shape} and {target_power.shape}")
+    if s < _MIN_SIZE:
+        raise InputError(f"segments must be at least {_MIN_SIZE} x {_MIN_SIZE} pixels, got {s}")
+    _, _, centre, counts, *_, ring_sums = _geometry(s, s, min(_N_RINGS, s // 2))
+    both = np.stack([source_power, target_power]).reshape(2 * n, -1)
+    sums = np.asarray(ring_sums @ both.astype(np.float64, copy=False).T).T.reshape(2, n, centre.size)
+    looks = np.asarray(looks, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sums = sums / np.where(looks > 0, looks, np.nan)[:, None]  # means over the segments
+    return _measure(sums, centre, counts, s, tol, looks=looks)
+
+
+def _measure(sums, centre, counts, size, tol, *, floors=(None, None), looks=1.0) -> Sharpness:
+    """The measure from the ring sums ``(2, n, rings)`` of the source's and the target's power: their white
+    floors (at least ``floors``' where given), the fit, the flags."""
     rings = sums / np.maximum(counts, 1.0)
     # the white floor: the lower of the mean powers in 0.4 <= |f| < 0.5 and in the corners
     near = (centre >= _FLOOR_FROM) & (centre < 0.5)
     corner = np.isfinite(centre) & (centre >= 0.5)
     floor = np.minimum(sums[..., near].sum(axis=2) / counts[near].sum(),
                        sums[..., corner].sum(axis=2) / counts[corner].sum())
-    for k, var in ((0, var_s), (1, var_t)):
-        if var is not None:
-            floor[k] = np.maximum(floor[k], np.einsum("nyx,nyx->n", weight * weight, var))
+    for k, least in enumerate(floors):
+        if least is not None:
+            floor[k] = np.maximum(floor[k], least)
     floor = np.maximum(floor, np.finfo(np.float64).tiny)
     with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
-        ok, k, slope, slope_err, usable = _fit(rings, floor, centre, counts, min(h, w))
+        ok, k, slope, slope_err, usable = _fit(rings, floor, centre, counts, size, looks)
     scale = FWHM_PER_SIGMA**2 / (4.0 * math.pi**2)
     diff = np.where(ok, -slope * scale, np.nan)
     err = np.where(ok, slope_err * scale, np.nan)

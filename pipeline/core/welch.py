@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -96,9 +96,11 @@ from .fill import FILL_RADIUS, fill_bad_pixels
 from .gram import fit_region
 from .moments import Moments, adaptive_moments
 from .options import WelchOptions, parse_window
+from .sharpness import MIN_TILE as SHARPNESS_MIN_TILE
+from .sharpness import Sharpness, pair_spikes, spectra_sharpness
 from .validate import check_odd_size, check_positive_int, either_bad
 
-__all__ = ["WelchResult", "welch_kernels", "taper"]
+__all__ = ["WelchResult", "WelchSpectra", "welch_kernels", "taper"]
 
 #: Upper bound on the number of segment pixels transformed at once per image
 #: (at least one tile); the working memory per thread is about 25 bytes
@@ -134,6 +136,49 @@ class WelchResult:
     n_segments: np.ndarray
     lam: np.ndarray
     at_bound: np.ndarray
+    sharpness: Sharpness | None = None
+
+
+@dataclass
+class WelchSpectra:
+    """A batch's segment spectra summed per tile, before the kernels are solved from them.
+
+    From :func:`welch_kernels` with ``spectra_only=True``; :meth:`take` keeps
+    some of the tiles, :meth:`solve` gives their :class:`WelchResult`.
+    ``sharpness`` is the measure of which image is sharper where asked
+    (``measure=True``), else ``None``.
+    """
+
+    sources: np.ndarray  # the tiles, bad pixels filled
+    targets: np.ndarray
+    source_bad: np.ndarray | None
+    target_bad: np.ndarray | None
+    cross: np.ndarray  # (n, seg, seg // 2 + 1): sum of conj(FS) FR
+    power: np.ndarray  # sum of |FS|^2
+    target_power: np.ndarray | None  # sum of |FR|^2 (regularization="auto" or a measure)
+    sums_s: np.ndarray  # (n, ny + 1, nx + 1): segment sums, whole-tile sums last
+    sums_r: np.ndarray
+    kept: np.ndarray  # (n, ny, nx): segments used
+    sharpness: Sharpness | None
+    layout: _Layout
+    kernel_size: int
+    opts: WelchOptions
+    workers: int
+
+    def take(self, rows: np.ndarray) -> WelchSpectra:
+        """The spectra of the tiles ``rows`` (an index array)."""
+        def cut(a):
+            return None if a is None else a[rows]
+
+        measure = None if self.sharpness is None else Sharpness(**{k: v[rows] for k, v in vars(self.sharpness).items()})
+        return replace(self, sources=self.sources[rows], targets=self.targets[rows], source_bad=cut(self.source_bad),
+                       target_bad=cut(self.target_bad), cross=self.cross[rows], power=self.power[rows],
+                       target_power=cut(self.target_power), sums_s=self.sums_s[rows], sums_r=self.sums_r[rows],
+                       kept=self.kept[rows], sharpness=measure)
+
+    def solve(self) -> WelchResult:
+        """The kernels of these spectra."""
+        return _solve(self)
 
 
 def taper(window: str | tuple[str, float], size: int) -> np.ndarray:
@@ -205,8 +250,10 @@ def welch_kernels(
     source_bad: np.ndarray | None = None,
     target_bad: np.ndarray | None = None,
     workers: int = 1,
+    measure: bool = False,
+    spectra_only: bool = False,
     **option_keywords: Any,
-) -> WelchResult:
+) -> WelchResult | WelchSpectra:
     """Estimate one kernel per tile by Welch-averaged cross/auto spectra.
 
     Parameters
@@ -238,6 +285,13 @@ def welch_kernels(
         Number of threads. Chunks of tiles are processed concurrently, each
         with single-threaded :mod:`scipy.fft` transforms; a batch that fits in
         one chunk passes ``workers`` to :mod:`scipy.fft` instead.
+    measure
+        Also measure which image of each tile is sharper from the segments'
+        power spectra (:func:`pipeline.core.sharpness.spectra_sharpness`),
+        as :attr:`WelchResult.sharpness`.
+    spectra_only
+        Stop at the averaged spectra: return the :class:`WelchSpectra`
+        (kernels from :meth:`WelchSpectra.solve`).
 
     Returns
     -------
@@ -272,9 +326,11 @@ def welch_kernels(
     if opts.find_defects:
         src_bad, tgt_bad = (_with_found_defects(sources, src_bad, targets, tgt_bad),
                             _with_found_defects(targets, tgt_bad, sources, src_bad))
+        src_bad, tgt_bad = _with_spikes(sources, src_bad, targets, tgt_bad)
     sources, targets, unusable = _fill_isolated(sources, targets, src_bad, tgt_bad)
-    return _welch(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers,
-                  source_bad=src_bad, target_bad=tgt_bad)
+    spectra = _spectra(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers,
+                       source_bad=src_bad, target_bad=tgt_bad, measure=measure)
+    return spectra if spectra_only else _solve(spectra)
 
 
 def _with_found_defects(images: np.ndarray, bad: np.ndarray | None, others: np.ndarray,
@@ -288,6 +344,21 @@ def _with_found_defects(images: np.ndarray, bad: np.ndarray | None, others: np.n
     if not found.any():
         return bad
     return found if bad is None else bad | found
+
+
+def _with_spikes(sources: np.ndarray, source_bad: np.ndarray | None, targets: np.ndarray,
+                 target_bad: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``source_bad`` and ``target_bad`` with each image's spikes added: hot and dead pixels, and light the
+    other image has not got (cosmic-ray tracks; :func:`pipeline.core.sharpness.pair_spikes`)."""
+    if min(sources.shape[1:]) < SHARPNESS_MIN_TILE:
+        return source_bad, target_bad
+    found = pair_spikes(sources, targets, source_bad, target_bad)
+    out = []
+    for bad, new in zip((source_bad, target_bad), found):
+        if new.any():
+            bad = new if bad is None else bad | new
+        out.append(bad)
+    return out[0], out[1]
 
 
 def _fill_isolated(
@@ -324,7 +395,21 @@ def _fill_isolated(
     return out[0], out[1], unusable if unusable.any() else None
 
 
-def _welch(
+@dataclass(frozen=True)
+class _Layout:
+    """The segments of a tile: where they lie, their taper, and the half spectrum's Parseval weights."""
+
+    seg: int
+    step: int
+    win1: np.ndarray
+    win2: np.ndarray
+    colw: np.ndarray
+    sel_y: np.ndarray  # (ny + 1, ty): one row per segment, then all ones
+    sel_xt: np.ndarray  # (tx, nx + 1)
+    nseg: int
+
+
+def _spectra(
     sources: np.ndarray,
     targets: np.ndarray,
     drop: np.ndarray | None,
@@ -334,14 +419,15 @@ def _welch(
     workers: int,
     source_bad: np.ndarray | None = None,
     target_bad: np.ndarray | None = None,
-) -> WelchResult:
-    """The estimate from finite tiles; segments touching a ``drop`` pixel are left out.
+    measure: bool = False,
+) -> WelchSpectra:
+    """The segment spectra of finite tiles, summed per tile; segments touching a ``drop`` pixel are left out.
 
     ``source_bad`` and ``target_bad`` (the pixels filled or dropped in each image) are left out of
     the full-tile refinement.
     """
     n, ty, tx = sources.shape
-    seg, overlap, regularization = opts.segment_size, opts.overlap, opts.regularization
+    seg, overlap = opts.segment_size, opts.overlap
     win1 = taper(opts.window, seg)
 
     single = sources.dtype == np.float32 and targets.dtype == np.float32
@@ -366,20 +452,17 @@ def _welch(
     colw[0] = 1.0
     if seg % 2 == 0:
         colw[-1] = 1.0
-    crop = (np.arange(kernel_size) - kernel_size // 2) % seg
 
     cdt = np.complex64 if single else np.complex128
     cross = np.empty((n, seg, half), dtype=cdt)
     power = np.empty((n, seg, half), dtype=wdt)
-    auto = opts.auto_regularization
-    tpower = np.empty((n, seg, half), dtype=wdt) if auto else None
+    tpower = np.empty((n, seg, half), dtype=wdt) if opts.auto_regularization or measure else None
     sums_s = np.empty((n, ny + 1, nx + 1), dtype=wdt)
     sums_r = np.empty_like(sums_s)
     if drop is None:
         kept = np.ones((n, ny, nx), dtype=bool)
     else:
         kept = (sel_y[:-1] @ drop.astype(wdt) @ sel_xt[:, :-1]) == 0
-    used = kept.sum(axis=(1, 2))
     inv_area = 1.0 / (seg * seg)
     chunk = max(1, _CHUNK_PIXELS // (nseg * seg * seg))
 
@@ -421,7 +504,34 @@ def _welch(
     threads = max(1, min(workers, n_chunks))
     _in_threads(accumulate, [min(n, chunk * (n_chunks * i // threads)) for i in range(threads + 1)], workers)
 
-    if auto:
+    layout = _Layout(seg=seg, step=step, win1=win1, win2=win2, colw=colw, sel_y=sel_y, sel_xt=sel_xt, nseg=nseg)
+    sharp = None
+    if measure:
+        sharp = spectra_sharpness(power, tpower, kept.sum(axis=(1, 2)))
+    return WelchSpectra(sources=sources, targets=targets, source_bad=source_bad, target_bad=target_bad, cross=cross,
+                        power=power, target_power=tpower, sums_s=sums_s, sums_r=sums_r, kept=kept, sharpness=sharp,
+                        layout=layout, kernel_size=kernel_size, opts=opts, workers=workers)
+
+
+def _solve(sp: WelchSpectra) -> WelchResult:
+    """The kernels of the spectra ``sp``."""
+    sources, targets, source_bad, target_bad = sp.sources, sp.targets, sp.source_bad, sp.target_bad
+    cross, power, tpower, sums_s, sums_r, kept = sp.cross, sp.power, sp.target_power, sp.sums_s, sp.sums_r, sp.kept
+    lay, kernel_size, workers = sp.layout, sp.kernel_size, sp.workers
+    seg, step, win1, win2, colw, sel_y, sel_xt, nseg = (lay.seg, lay.step, lay.win1, lay.win2, lay.colw, lay.sel_y,
+                                                        lay.sel_xt, lay.nseg)
+    n, ty, tx = sources.shape
+    wdt = power.dtype
+    regularization = sp.opts.regularization
+    used = kept.sum(axis=(1, 2))
+    crop = (np.arange(kernel_size) - kernel_size // 2) % seg
+    if n == 0:
+        empty = np.zeros(0)
+        return WelchResult(kernels=np.zeros((0, kernel_size, kernel_size)), background=empty,
+                           n_segments=np.zeros(0, dtype=np.int64), lam=empty, at_bound=np.zeros(0, dtype=bool),
+                           sharpness=sp.sharpness)
+
+    if sp.opts.auto_regularization:
         floor = used * sky_noise_variance(sources) * float((win2.astype(np.float64) ** 2).sum())
 
         def solve(lo: int, hi: int, fft_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -473,7 +583,7 @@ def _welch(
     at_bound[none] = False
 
     return WelchResult(kernels=kernels, background=background, n_segments=used.astype(np.int64),
-                       lam=lam, at_bound=at_bound)
+                       lam=lam, at_bound=at_bound, sharpness=sp.sharpness)
 
 
 def _in_threads(func: Any, bounds: list[int], workers: int) -> list[Any]:
