@@ -13,9 +13,12 @@ Prints per field and ratio: the fraction of tiles with the direction right
 (a tile not measured counts as wrong), the ``target_sharper`` and
 ``nearly_equal`` rates, the median measure against the Gaussian-equivalent
 truth, and the same direction rate for the alternative measure
-(:func:`autocorrelation_width_difference`); then the summary rates over tiles
+(:func:`autocorrelation_width_difference`), and the same for the measure
+``estimate_kernels(method="welch")`` takes from its segments' spectra
+(:func:`pipeline.core.sharpness.spectra_sharpness`, through
+``tile_sharpness(..., method="welch")``); then the summary rates over tiles
 whose FWHMs differ by more than 10 %, the same with unflagged defects (hot and
-dead pixels, cosmic rays), and the time per tile of the measure next to
+dead pixels, cosmic rays), for both measures, and the time per tile of the measure next to
 ``pipeline.estimate_kernels`` (default exact solver and ``welch``, 21x21
 kernels) on the same tiles, whole batches, one thread, best of 2.
 
@@ -32,6 +35,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import pipeline as km
+from pipeline.core.estimate import tile_sharpness
 from pipeline.core.sharpness import autocorrelation_width_difference, sharpness
 from pipeline.sim.defects import add_defects
 from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
@@ -79,12 +83,14 @@ def main() -> None:
     args = ap.parse_args()
 
     summary = []
+    welch_rows: dict[str, list] = {}
     timing_src = timing_tgt = None
     for f, (field, density) in enumerate(FIELDS.items()):
         print(f"\n{field} field ({density['star_density']:g} stars, {density['galaxy_density']:g} "
               f"galaxies per pixel), {args.tiles} tiles of {SIZE}^2 per ratio")
         print(f"{'ratio':>6} {'truth':>7} {'median':>7} {'right':>6} {'sharper':>8} {'equal':>6} "
-              f"{'unmeas':>7} {'acf median':>10} {'acf right':>9}")
+              f"{'unmeas':>7} {'acf median':>10} {'acf right':>9} {'welch median':>12} {'welch right':>11} "
+              f"{'welch sharper':>13} {'welch equal':>11}")
         rows = []
         for i, ratio in enumerate(RATIOS):
             pairs = [pair(10_000 * f + 100 * i + t, ratio, density) for t in range(args.tiles)]
@@ -93,6 +99,7 @@ def main() -> None:
             if field == "sparse" and ratio == 1.2:
                 timing_src, timing_tgt = src, tgt
             r = sharpness(src, tgt)
+            w = tile_sharpness(src, tgt, kernel_size=K, method="welch")
             alt = autocorrelation_width_difference(src, tgt)
             want = 1 if ratio > 1.0 else -1 if ratio < 1.0 else 0
             right = (r.direction == want).mean() if want else math.nan
@@ -101,11 +108,17 @@ def main() -> None:
             defects = [add_defects(s, t, seed=t_i, bad_source=0.001, bad_target=0.001,
                                    flag_bad=False, cosmic_rays=10)
                        for t_i, (s, t) in enumerate(zip(src, tgt))]
-            rd = sharpness(np.stack([d.source for d in defects]), np.stack([d.target for d in defects]))
+            d_src, d_tgt = np.stack([d.source for d in defects]), np.stack([d.target for d in defects])
+            rd = sharpness(d_src, d_tgt)
+            wd = tile_sharpness(d_src, d_tgt, kernel_size=K, method="welch")
             rows.append((ratio, r, alt, rd))
+            welch_rows.setdefault(field, []).append((ratio, w, None, wd))
+            w_right = (w.direction == want).mean() if want else math.nan
             print(f"{ratio:6.2f} {truth(ratio):7.2f} {np.nanmedian(r.width_difference):7.2f} "
                   f"{right:6.2f} {r.target_sharper.mean():8.2f} {r.nearly_equal.mean():6.2f} "
-                  f"{(r.direction == 0).mean():7.2f} {np.nanmedian(alt):10.2f} {alt_right:9.2f}")
+                  f"{(r.direction == 0).mean():7.2f} {np.nanmedian(alt):10.2f} {alt_right:9.2f} "
+                  f"{np.nanmedian(w.width_difference):12.2f} {w_right:11.2f} {w.target_sharper.mean():13.2f} "
+                  f"{w.nearly_equal.mean():11.2f}")
         summary.append((field, rows))
 
     print("\nover tiles whose FWHMs differ by more than 10 % (|ratio - 1| > 0.1; 'right >=10%' "
@@ -127,6 +140,21 @@ def main() -> None:
         print(f"{field:>12} {right.mean():6.3f} {right10.mean():11.3f} {alt_right.mean():9.3f} {fp.mean():18.3f} "
               f"{tp.mean():18.3f} {eq.mean():20.3f} {right_d.mean():15.3f} {fp_d.mean():27.3f}")
 
+    print("\nthe same, measured from the Welch segments' spectra (estimate_kernels(method='welch'): "
+          "tile_sharpness(..., method='welch'); 'acf right' not measured):")
+    for field, rows in welch_rows.items():
+        clear = [(ra, r, d) for ra, r, _, d in rows if abs(ra - 1.0) > 0.1 + 1e-9]
+        right = np.concatenate([r.direction == np.sign(ra - 1.0) for ra, r, _ in clear])
+        right10 = np.concatenate([r.direction == np.sign(ra - 1.0) for ra, r, _, _ in rows
+                                  if abs(ra - 1.0) > 0.1 - 1e-9])
+        right_d = np.concatenate([d.direction == np.sign(ra - 1.0) for ra, _, d in clear])
+        fp = np.concatenate([r.target_sharper for ra, r, _, _ in rows if ra >= 1.0])
+        fp_d = np.concatenate([d.target_sharper for ra, _, _, d in rows if ra >= 1.0])
+        tp = np.concatenate([r.target_sharper for ra, r, _ in clear if ra < 1.0])
+        eq = np.concatenate([r.nearly_equal for ra, r, _, _ in rows if abs(ra - 1.0) <= 0.05 + 1e-9])
+        print(f"{field:>12} {right.mean():6.3f} {right10.mean():11.3f} {'':>9} {fp.mean():18.3f} "
+              f"{tp.mean():18.3f} {eq.mean():20.3f} {right_d.mean():15.3f} {fp_d.mean():27.3f}")
+
     n = min(args.timing_tiles, len(timing_src))
     src, tgt = timing_src[:n], timing_tgt[:n]
     measure = sharpness(src, tgt)
@@ -142,6 +170,8 @@ def main() -> None:
             "estimate_kernels welch": lambda: km.estimate_kernels(src, tgt, kernel_size=K, method="welch"),
             "  welch, the measure given": lambda: km.estimate_kernels(src, tgt, kernel_size=K, method="welch",
                                                                      sharpness=measure),
+            "  welch, forward given, no diagnostics": lambda: km.estimate_kernels(
+                src, tgt, kernel_size=K, method="welch", diagnostics=False),
         }
         for name, func in cases.items():
             print(f"  {name:34s} {1e3 * timed(func) / n:8.2f} ms")

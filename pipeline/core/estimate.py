@@ -19,6 +19,11 @@ Direction: every batch is measured for which image of each tile is sharper
 (:mod:`pipeline.core.sharpness`, with the diagnostics): a kernel fitted to the
 sharper image would be a deconvolution, flagged ``target_sharper``;
 ``direction="reverse"`` or ``"auto"`` fit ``source ~ K * target + b`` instead.
+``welch`` measures it from its own segments' spectra
+(:func:`~pipeline.core.sharpness.spectra_sharpness`, no transform of its own,
+the pixels its kernels are fitted to), the other methods from the whole
+tiles' (:func:`~pipeline.core.sharpness.sharpness`); with ``auto`` or
+``majority`` the forward tiles are fitted from the very spectra that decided.
 
 :data:`REGISTRY` holds each method's estimator and options class
 (:mod:`pipeline.core.options`); options are given as that class's object

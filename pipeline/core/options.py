@@ -349,7 +349,8 @@ class WelchOptions(MethodOptions):
     find_defects: bool = _option(
         True,
         "Find defects nobody marked (single-pixel spikes and saturation plateaus, "
-        ":mod:`pipeline.core.defects`) in both images and treat them as bad pixels.",
+        ":mod:`pipeline.core.defects`; hot and dead pixels and cosmic-ray tracks, light the other image "
+        "has not got, :func:`pipeline.core.sharpness.pair_spikes`) in both images and treat them as bad pixels.",
         bool, in_job=True)
 
     @property

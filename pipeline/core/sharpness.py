@@ -303,8 +303,9 @@ def _peel(image: np.ndarray, good: np.ndarray, sky: np.ndarray, sigma: np.ndarra
 
 
 def _unmatched(x: np.ndarray, sky_x, sigma_x, peel_x, y: np.ndarray, sky_y, sigma_y, peel_y,
-               good: np.ndarray) -> np.ndarray:
-    """Light in ``x`` that ``y`` has not got near by, on ``x``'s flux scale: flat indices.
+               good: np.ndarray, scaled_only: bool = False) -> np.ndarray:
+    """Light in ``x`` that ``y`` has not got near by, on ``x``'s flux scale: flat indices (``scaled_only``:
+    none in a tile without the 10 pixels lit in both that measure the scale; else the scale is taken as 1).
 
     "Near": the brightest pixel of ``y`` (its spikes ``peel_y`` left out) in
     the 2x2 blocks within two blocks of the pixel's, which reaches 4 to 5
@@ -334,6 +335,8 @@ def _unmatched(x: np.ndarray, sky_x, sigma_x, peel_x, y: np.ndarray, sky_y, sigm
     for tile, part in zip(np.flatnonzero(counts >= 10), _by_tile(ratios, counts, 10)):
         scale[tile] = np.median(part)
     unmatched = x_at > SPIKE_UNMATCHED * np.maximum(near, 0.0) * scale[t] + SPIKE_SIGMAS_ALONE * sigma_x[t]
+    if scaled_only:
+        unmatched &= counts[t] >= 10
     return index[unmatched]
 
 
@@ -403,14 +406,16 @@ def _pair_spikes(src: np.ndarray, tgt: np.ndarray, good: np.ndarray) -> np.ndarr
     return _grown(np.concatenate(_spike_indices(src, tgt, good)), good.shape)
 
 
-def _spike_indices(src: np.ndarray, tgt: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _spike_indices(src: np.ndarray, tgt: np.ndarray, good: np.ndarray,
+                   scaled_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The flat indices of the spikes of ``src`` and of ``tgt`` (float32, 0 where not ``good``), the other
-    image of the pair given: :func:`spikes`, not grown."""
+    image of the pair given: :func:`spikes`, not grown (``scaled_only``: unmatched light only in tiles
+    whose flux scale is measured)."""
     ss, gs = _sky_sigma(src, good)
     st, gt = _sky_sigma(tgt, good)
     ps, pt = _peel(src, good, ss, gs), _peel(tgt, good, st, gt)
-    return (np.concatenate([ps, _unmatched(src, ss, gs, ps, tgt, st, gt, pt, good)]),
-            np.concatenate([pt, _unmatched(tgt, st, gt, pt, src, ss, gs, ps, good)]))
+    return (np.concatenate([ps, _unmatched(src, ss, gs, ps, tgt, st, gt, pt, good, scaled_only)]),
+            np.concatenate([pt, _unmatched(tgt, st, gt, pt, src, ss, gs, ps, good, scaled_only)]))
 
 
 def pair_spikes(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray | None = None,
@@ -423,7 +428,10 @@ def pair_spikes(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray |
     ``(n, h, w)`` maps, the source's and the target's: hot and dead pixels,
     and light the other image has not got (cosmic-ray tracks), one pixel
     wide where they are, so that an estimator can fill them like other
-    isolated bad pixels.  :data:`_CHUNK` tiles at a time.
+    isolated bad pixels.  Light is "not got" only on the flux scale the two
+    images share (the median ratio of the pixels lit in both): a tile with
+    fewer than 10 such pixels has no unmatched light, whatever the two
+    images' units.  :data:`_CHUNK` tiles at a time.
     """
     shape = source.shape
     found_s = np.zeros(shape, dtype=bool)
@@ -439,7 +447,7 @@ def pair_spikes(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray |
         zero = np.float32(0.0)
         src = np.where(good, source[part].astype(np.float32, copy=False), zero)
         tgt = np.where(good, target[part].astype(np.float32, copy=False), zero)
-        for found, index in zip((found_s, found_t), _spike_indices(src, tgt, good)):
+        for found, index in zip((found_s, found_t), _spike_indices(src, tgt, good, scaled_only=True)):
             found[part].reshape(-1)[index] = True
     for found in (found_s, found_t):  # so many: not an image of the sky (a photograph's texture)
         found[found.sum(axis=(1, 2)) > SPIKE_MOST * math.prod(shape[1:])] = False

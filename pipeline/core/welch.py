@@ -76,7 +76,23 @@ With ``find_defects`` (default), defects nobody marked are found first
 the other image does not show) and treated as bad pixels of their image:
 0.03 % unflagged hot and dead pixels in each image gave relative L2 0.81 and
 a 33 % flux error without it, the clean tiles' 0.33 and 1.2-1.4 % with it.
-The search costs about 1 ms a tile.
+The search costs about 1 ms a tile.  Cosmic-ray tracks escape it (16 of 130
+track pixels a tile found), so each image's spikes are also looked for with
+the other image of the pair (:func:`pipeline.core.sharpness.pair_spikes`:
+light the other image has not got near by, hot and dead pixels by their
+neighbours), about 1.5 ms a tile more.  On 256^2 survey tiles with 0.1 %
+unflagged hot and dead pixels in each image and 10 cosmic rays in the
+target (kernel 21, 8 tiles, FWHM ratio 1.2 and 1.4): relative L2 0.30 / 0.10
+on the sparsest field and 0.12 / 0.08 on the sparse one, against 0.72 / 0.53
+and 0.18 / 0.09 without that search, and 0.22 / 0.08 and 0.10 / 0.07 on the
+clean tiles (segments touching a track's unfillable core are dropped: 32 of
+49 kept).  Clean tiles and the photos lose nothing (no pixel is found; a
+tile where more than :data:`~pipeline.core.sharpness.SPIKE_MOST` of the
+pixels would be is a texture, not a sky, and none of them is taken).
+
+The measure of which image is sharper (``measure=True``) comes from the
+segments' summed power spectra (:func:`pipeline.core.sharpness.spectra_sharpness`):
+no transform of its own, and the pixels the kernels are fitted to.
 """
 
 from __future__ import annotations
