@@ -438,19 +438,23 @@ def pair_spikes(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray |
     found_t = np.zeros(shape, dtype=bool)
     if min(shape[1:]) < 3:
         return found_s, found_t
+    area = math.prod(shape[1:])
     for start in range(0, shape[0], _CHUNK):
         part = slice(start, start + _CHUNK)
-        good = np.ones(source[part].shape, dtype=bool)
-        for bad in (source_bad, target_bad):
-            if bad is not None:
-                good &= ~bad[part]
-        zero = np.float32(0.0)
-        src = np.where(good, source[part].astype(np.float32, copy=False), zero)
-        tgt = np.where(good, target[part].astype(np.float32, copy=False), zero)
+        src = source[part].astype(np.float32, copy=False)
+        tgt = target[part].astype(np.float32, copy=False)
+        good = np.ones(src.shape, dtype=bool)
+        if source_bad is not None or target_bad is not None:
+            for bad in (source_bad, target_bad):
+                if bad is not None:
+                    good &= ~bad[part]
+            zero = np.float32(0.0)
+            src, tgt = np.where(good, src, zero), np.where(good, tgt, zero)
         for found, index in zip((found_s, found_t), _spike_indices(src, tgt, good, scaled_only=True)):
-            found[part].reshape(-1)[index] = True
-    for found in (found_s, found_t):  # so many: not an image of the sky (a photograph's texture)
-        found[found.sum(axis=(1, 2)) > SPIKE_MOST * math.prod(shape[1:])] = False
+            index = np.unique(index)  # a pixel may be found by both tests
+            # so many in a tile: not an image of the sky (a photograph's texture), none taken
+            many = np.bincount(index // area, minlength=len(src)) > SPIKE_MOST * area
+            found[part].reshape(-1)[index[~many[index // area]]] = True
     return found_s, found_t
 
 
