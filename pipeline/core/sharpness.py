@@ -313,8 +313,10 @@ def _unmatched(x: np.ndarray, sky_x, sigma_x, peel_x, y: np.ndarray, sky_y, sigm
     """
     n, h, w = x.shape
     r = SPIKE_MATCH_RADIUS // 2
-    cleaned = y.copy()
-    cleaned.reshape(-1)[peel_y] = sky_y[peel_y // (h * w)]
+    cleaned = y
+    if peel_y.size:  # (most tiles have no spike)
+        cleaned = y.copy()
+        cleaned.reshape(-1)[peel_y] = sky_y[peel_y // (h * w)]
     if h % 2 or w % 2:
         cleaned = np.pad(cleaned, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
     blocks = np.maximum(np.maximum(cleaned[:, 0::2, 0::2], cleaned[:, 0::2, 1::2]),
