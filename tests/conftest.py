@@ -8,6 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,18 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@contextmanager
+def strict_warnings() -> Iterator[None]:
+    """Every warning an error, as pyproject.toml's ``filterwarnings`` makes it, with the same exceptions:
+    an aiohttp session that an object-store test left to the garbage collector may be collected inside
+    the block, and its ResourceWarning is not the code's under test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "Unclosed client session", ResourceWarning)
+        warnings.filterwarnings("ignore", "Unclosed connector", ResourceWarning)
+        yield
 
 
 def job_dict(tmp_path: Path, *, base: dict[str, Any] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:

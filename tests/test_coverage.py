@@ -3,7 +3,6 @@ says what is covered, and a store written with the older grid resumes with it.""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
-from conftest import job_dict
+from conftest import job_dict, strict_warnings
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -103,8 +102,7 @@ def test_the_tile_grid_rule_is_checked():
 
 def test_a_run_on_an_awkward_shape_stores_the_edge_tiles_at_their_centres(edge_run):
     folder, truth = edge_run
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a plain open must not warn
+    with strict_warnings():  # a plain open must not warn
         ds = xr.open_zarr(folder / "kernels.zarr").load()
     np.testing.assert_array_equal(ds["y"].values, [31.5, 95.5, 117.5])  # the last tile: rows 86 .. 149
     np.testing.assert_array_equal(ds["x"].values, [31.5, 95.5, 159.5, 167.5])  # columns 136 .. 199

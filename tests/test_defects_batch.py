@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
+from conftest import strict_warnings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -346,8 +345,7 @@ def test_row_medians_are_numpys_medians(seed, rows, size, dtype, masked) -> None
     valid = rng.random((rows, size)) < 0.6 if masked else None
     if masked:
         valid[0] = False  # a row without values
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         median, count, _ = row_medians(values.copy(), valid)
     for i in range(rows):
         own = values[i] if valid is None else values[i][valid[i]]

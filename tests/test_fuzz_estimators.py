@@ -3,10 +3,9 @@ flags, or the package's input or option error; never another exception, a warnin
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
+from conftest import strict_warnings
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from scipy.signal import fftconvolve
@@ -151,8 +150,7 @@ def _check_estimates(result, n: int, k: int) -> None:
 def test_estimators_give_flagged_kernels_or_the_package_error(args):
     before = {name: np.array(value, copy=True) for name, value in args.items() if isinstance(value, np.ndarray)}
     n = args["targets"].shape[0] if args["targets"].ndim else 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         try:
             result = estimate_kernels(**args)
         except (InputError, OptionError) as exc:
@@ -174,8 +172,7 @@ def test_one_kernel_is_finite_or_the_package_error(args):
               "normalize": args["normalize"]}
     single.update({key: value for key, value in args.items() if key not in (
         "sources", "targets", "kernel_size", "method", "normalize", "mask", "variance", "source_variance", "workers")})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         try:
             kernel = estimate_kernel(**single)
         except (InputError, OptionError) as exc:

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import strict_warnings
 
 import pipeline
 from pipeline import flags as fl
@@ -324,8 +325,6 @@ def _nan_copy(ds: xr.Dataset, names) -> xr.Dataset:
 
 
 def test_compare_refuses_maps_without_a_finite_tile_in_common(demo_map, tmp_path, capsys):
-    import warnings
-
     from pipeline.analysis.compare import compare_maps
     from pipeline.cli import main
 
@@ -337,8 +336,7 @@ def test_compare_refuses_maps_without_a_finite_tile_in_common(demo_map, tmp_path
     path = tmp_path / "empty.zarr"
     empty.drop_encoding().to_zarr(path, zarr_format=3, consolidated=False)
     out = tmp_path / "cmp"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no All-NaN slice, Mean of empty slice ...
+    with strict_warnings():  # no All-NaN slice, Mean of empty slice ...
         assert main(["compare", km.path, str(path), "--out", str(out)]) == 2
         with pytest.raises(InputError, match="no tile where both are finite") as info:
             compare_maps(empty, a)
@@ -350,16 +348,13 @@ def test_compare_refuses_maps_without_a_finite_tile_in_common(demo_map, tmp_path
 
 
 def test_compare_says_which_quantities_have_no_common_finite_tiles(demo_map, tmp_path, capsys):
-    import warnings
-
     from pipeline.cli import main
 
     km, _ = demo_map
     path = tmp_path / "no-flux.zarr"
     _nan_copy(km.ds.load(), ["flux"]).drop_encoding().to_zarr(path, zarr_format=3, consolidated=False)
     out = tmp_path / "cmp"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         assert main(["compare", km.path, str(path), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "flux: no common finite tiles" in text and "nan" not in text

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import typing
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import xarray as xr
 import yaml
 import zarr
-from conftest import job_dict, kill_run_after
+from conftest import job_dict, kill_run_after, strict_warnings
 from stacks import make_stack
 
 from pipeline import flags as fl
@@ -30,8 +29,7 @@ TILE = 64
 
 
 def open_result(path) -> xr.Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a plain open must not warn
+    with strict_warnings():  # a plain open must not warn
         return xr.open_zarr(path).load()
 
 

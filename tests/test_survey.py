@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from conftest import job_dict
+from conftest import job_dict, strict_warnings
 from hypothesis import given
 from hypothesis import strategies as st
 from stacks import make_stack
@@ -360,8 +360,6 @@ def test_report_takes_coordinates_from_a_table(small_map, tmp_path, capsys):
 def test_report_of_an_incomplete_store_says_so_and_gives_no_warnings(tmp_path, capsys):
     """A run interrupted before two images' diagnostics were written: the report shows what is there, says
     the store is incomplete and how many images have no diagnostics, and leaves them out of the outliers."""
-    import warnings
-
     import zarr
 
     from pipeline.cli import main
@@ -377,8 +375,7 @@ def test_report_of_an_incomplete_store_says_so_and_gives_no_warnings(tmp_path, c
                 array[i] = array.fill_value
     group.attrs["kernelmap_status"] = "incomplete"
     out = tmp_path / "report"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no All-NaN slice, Mean of empty slice ...
+    with strict_warnings():  # no All-NaN slice, Mean of empty slice ...
         assert main(["report", str(path), "--out", str(out)]) == 0
         result = survey(read_kernel_map(path, lazy=("kernel",)))
     captured = capsys.readouterr()
