@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.field import fit_kernel_field, polynomial_terms
+from pipeline.core.field import FLOOR_BIN_TILES, _expected_squares, fit_kernel_field, polynomial_terms
 from pipeline.sim.scenes import gaussian_kernel
 
 K = 9
@@ -99,6 +99,59 @@ def test_a_wild_tile_is_rejected_and_does_not_spoil_the_model():
     assert field.rejected.sum() <= 2
     model = field.kernel_at(y[14], x[14])
     assert np.sqrt(np.sum((model - truth[14]) ** 2) / np.sum(truth[14] ** 2)) < 0.03
+
+
+def _weights(n: int, seed: int) -> np.ndarray:
+    """Weights as a field's signal-to-noise ratios give them: most alike, a tenth of the tiles (bright
+    stars) 4 to 10 times heavier (``tile_weights`` caps at 10 times the median)."""
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(n) < 0.1, rng.uniform(4.0, 10.0, n), rng.uniform(0.8, 1.25, n))
+
+
+def test_tiles_as_good_at_any_weight_are_not_rejected_for_their_weight():
+    """Kernels whose error does not shrink with their weight (Welch's: a bias of the estimator, the same in
+    bright and faint tiles): the heavy tiles are not outliers; judged by their weights alone, they were."""
+    y, x = grid(16)
+    truth = smooth_gaussian_field(y, x)
+    w = _weights(len(y), seed=3)
+    tiles = truth + 0.003 * np.random.default_rng(4).normal(size=truth.shape)
+    tiles[40] = np.roll(truth[40], 2, axis=1)  # and one bad estimate
+    field = fit_kernel_field(y, x, tiles, weights=w)
+    assert field.rejected[40]
+    assert field.rejected.sum() <= 3, np.sort(w[field.rejected])
+
+
+def test_a_heavy_tile_far_beyond_its_own_noise_is_rejected():
+    """Kernels whose error shrinks as the weights say (noise): a heavy tile twice its own expected error
+    off is rejected, though its error is smaller than a light tile's usual one."""
+    y, x = grid(16)
+    truth = smooth_gaussian_field(y, x)
+    w = _weights(len(y), seed=5)
+    noise = np.random.default_rng(6).normal(size=truth.shape) * (0.004 / np.sqrt(w))[:, None, None]
+    heavy = int(np.argmax(w))
+    bump = np.zeros((K, K))
+    bump[K // 2, K // 2 + 1] = 1.0
+    noise[heavy] += 2.0 * 0.004 / np.sqrt(w[heavy]) * np.sqrt(K * K) * bump
+    field = fit_kernel_field(y, x, truth + noise, weights=w)
+    assert np.linalg.norm(noise[heavy]) < np.median(np.linalg.norm((noise[w < 1.5]).reshape(-1, K * K), axis=1))
+    assert field.rejected[heavy]
+    assert field.rejected.sum() <= 3
+
+
+@settings(max_examples=40)
+@given(a=st.one_of(st.just(0.0), st.floats(1e-6, 10.0)), b=st.one_of(st.just(0.0), st.floats(1e-6, 10.0)),
+       seed=st.integers(0, 2**16), n=st.integers(2 * FLOOR_BIN_TILES, 300))
+def test_expected_squares_of_exact_errors_are_those_errors(a, b, seed, n):
+    """Squared residuals exactly ``a / w + b`` are expected as they are (the medians of a monotonic
+    function are its values at the medians); one weight for all: expected in proportion, whatever ``b``."""
+    if a + b == 0.0:
+        b = 1.0
+    w = _weights(n, seed)
+    squares = a / w + b
+    np.testing.assert_allclose(_expected_squares(squares, w), squares, rtol=1e-9)
+    same = np.full(n, 2.0)
+    expected = _expected_squares(squares, same)
+    np.testing.assert_allclose(expected / expected[0], 1.0)
 
 
 def test_too_few_tiles_is_an_error():

@@ -217,6 +217,42 @@ def _cv(loo: np.ndarray, kernels: np.ndarray, w: np.ndarray) -> float:
     return float(np.sqrt(np.sum(w * np.sum(loo**2, axis=1)) / np.sum(w * np.sum(kernels**2, axis=1))))
 
 
+#: Tiles a bin of weight needs for :func:`_expected_squares` to measure a floor the weights do not predict.
+FLOOR_BIN_TILES = 16
+
+
+def _expected_squares(squares: np.ndarray, w: np.ndarray, bins: int = 4) -> np.ndarray:
+    """Each tile's expected squared residual, ``a / w + b``: the part that shrinks as its weight grows (the
+    noise the weights stand for) and a floor that does not (an estimator's own bias, the same in bright
+    and faint tiles: Welch's kernels are as far from the truth at any signal-to-noise ratio).
+
+    ``a`` and ``b`` (both >= 0) are fitted, relative to their size, to the median ``squares`` of the tiles
+    in up to ``bins`` bins of equal count by weight (:data:`FLOOR_BIN_TILES` tiles a bin at least); with
+    fewer than two bins, a single weight or a bin of exact fits, ``b = 0`` (the weights alone).
+    """
+    m = len(squares)
+    inv = 1.0 / w
+    count = min(bins, m // FLOOR_BIN_TILES)
+    parts = np.array_split(np.argsort(inv, kind="stable"), max(count, 1))
+    x = np.array([np.median(inv[part]) for part in parts])
+    y = np.array([np.median(squares[part]) for part in parts])
+    if count >= 2 and np.ptp(inv) > 0 and y.min() > 0:
+        scale = y  # each bin relative to its size
+        design = np.stack([x, np.ones_like(x)], axis=1) / scale[:, None]
+        target = y / scale
+        solutions = [np.linalg.lstsq(design, target, rcond=None)[0]]
+        for column in (0, 1):  # one term alone: the non-negative solutions on the boundary
+            only = np.zeros(2)
+            only[column] = max(design[:, column] @ target / (design[:, column] @ design[:, column]), 0.0)
+            solutions.append(only)
+        feasible = [c for c in solutions if np.all(c >= 0)]
+        a, b = min(feasible, key=lambda c: float(np.sum((design @ c - target) ** 2)))
+    else:
+        a, b = float(np.median(squares * w)), 0.0
+    expected = a * inv + b
+    return np.maximum(expected, np.finfo(float).tiny)
+
+
 def fit_kernel_field(
     y: np.ndarray,
     x: np.ndarray,
@@ -243,10 +279,11 @@ def fit_kernel_field(
         cross-validation among ``0 .. max_degree`` (only degrees with at most
         half as many terms as usable tiles).
     clip
-        Tiles whose weighted residual norm (``sqrt(weight) * |residual|``)
-        exceeds the median by ``clip`` robust standard deviations are
-        rejected and the model refitted (at most ``max_iterations`` times);
-        ``inf`` keeps every tile.
+        Tiles whose residual norm, in units of its expected size
+        (:func:`_expected_squares`: the part the weights predict and a floor
+        they do not), exceeds the median by ``clip`` robust standard
+        deviations are rejected and the model refitted (at most
+        ``max_iterations`` times); ``inf`` keeps every tile.
 
     Returns
     -------
@@ -300,12 +337,13 @@ def fit_kernel_field(
     for _ in range(max_iterations):  # reject outliers at the chosen degree, refit
         coef, resid, _loo = fits[best]
         m = int(used.sum())
-        norms = np.sqrt(w[used] * np.sum(resid**2, axis=1))  # in units of each tile's expected error
+        squares = np.sum(resid**2, axis=1)
+        norms = np.sqrt(squares / _expected_squares(squares, w[used]))  # in units of each tile's expected error
         med = np.median(norms)
         spread = 1.4826 * np.median(np.abs(norms - med))
         negligible = 1e-6 * np.median(np.sqrt(w[used] * np.sum(flat[used] ** 2, axis=1)))  # round-off
-        outliers = (norms > med + clip * spread) & (norms > negligible) if np.isfinite(clip) else \
-            np.zeros(m, bool)
+        outliers = (norms > med + clip * spread) & (np.sqrt(w[used] * squares) > negligible) \
+            if np.isfinite(clip) else np.zeros(m, bool)
         if not outliers.any() or m - outliers.sum() < 2 * terms(best).sum():
             break
         used[np.flatnonzero(used)[outliers]] = False
