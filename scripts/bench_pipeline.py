@@ -39,7 +39,7 @@ the default joint model adds to it (target: at most 20 %).
 ``--details`` adds the older, longer measurements on the script's own
 synthetic stacks (``--pairs-small``/``--pairs-large``): the in-process Welch
 core floor, ``run_job`` on running LocalClusters with three worker
-environments (``MALLOC_TRIM_THRESHOLD_`` unset / 65536 / 256 MiB), the peak
+environments (glibc's ``MALLOC_*`` thresholds unset / dask's trim of 65536 / ``WORKER_ENV``'s), the peak
 RSS of the workers, and where the time of one block goes.
 
 Usage::
@@ -78,6 +78,7 @@ DATA_VERSION = 1
 GB = 1e9
 MiB = 2**20
 TRIM = "MALLOC_TRIM_THRESHOLD_"
+MALLOC = (TRIM, "MALLOC_MMAP_THRESHOLD_")  #: the allocator settings the worker environments vary
 
 
 # --------------------------------------------------------------------------- data
@@ -415,7 +416,7 @@ def start_cluster(worker_env: dict[str, str], env0: dict[str, str]):
     # the nanny copies pre-spawn-environ into this process's environment (and an
     # existing variable beats the config): start from the clean one, restore after
     os.environ.clear()
-    os.environ.update({k: v for k, v in env0.items() if k != TRIM or TRIM in worker_env})
+    os.environ.update({k: v for k, v in env0.items() if k not in MALLOC or k in worker_env})
     os.environ["DASK_LOGGING__DISTRIBUTED"] = "error"  # quiet workers (spawned with this environment)
     logging.getLogger("distributed").setLevel(logging.ERROR)
     t0 = time.perf_counter()
@@ -430,8 +431,8 @@ def start_cluster(worker_env: dict[str, str], env0: dict[str, str]):
         os.environ.update(env0)
     seconds = time.perf_counter() - t0
     pids = list(client.run(os.getpid).values())
-    trim = set(client.run(lambda: os.environ.get(TRIM, "unset")).values())
-    return cluster, client, pids, seconds, ",".join(sorted(trim))
+    seen = set(client.run(lambda: "/".join(os.environ.get(k, "unset") for k in MALLOC)).values())
+    return cluster, client, pids, seconds, ",".join(sorted(seen))
 
 
 def api_run(client, pids, job):
@@ -722,8 +723,8 @@ def main() -> int:
 
     t_start = time.perf_counter()
     env0 = dict(os.environ)
-    if env0.pop(TRIM, None) is not None:
-        print(f"note: {TRIM} is set in this shell; ignored (the worker environments set it)")
+    if any([env0.pop(k, None) is not None for k in MALLOC]):
+        print(f"note: {' / '.join(MALLOC)} set in this shell: ignored (the worker environments set them)")
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -770,22 +771,22 @@ def details(args: argparse.Namespace, folder: Path, env0: dict[str, str], log) -
     # ---- (a) API with a running cluster, side by side with the in-process floor
     import pipeline.job.run as prun
 
-    base_env = {k: str(v) for k, v in prun.WORKER_ENV.items() if k != TRIM}
-    # unset: glibc's dynamic thresholds; 65536: dask's default; 256 MiB: raised
+    base_env = {k: str(v) for k, v in prun.WORKER_ENV.items() if k not in MALLOC}
+    # unset: glibc's dynamic thresholds; 65536: dask's default trim; WORKER_ENV: the run's own
     variants = {
         "unset": base_env,
         "65536": {**base_env, TRIM: "65536"},
-        "268435456": {**base_env, TRIM: "268435456"},
+        "WORKER_ENV": {k: str(v) for k, v in prun.WORKER_ENV.items()},
     }
-    lstsq_variants = ("unset", "65536")
-    current = str(prun.WORKER_ENV.get(TRIM, "unset"))
-    log(f"starting {len(variants)} LocalClusters (2 workers x 1 thread each), {TRIM} "
+    lstsq_variants = ("unset", "WORKER_ENV")
+    current = "WORKER_ENV"
+    log(f"starting {len(variants)} LocalClusters (2 workers x 1 thread each), {' / '.join(MALLOC)}: "
         f"{' / '.join(variants)} ...")
     clusters = {}
     for name, env in variants.items():
         clusters[name] = start_cluster(env, env0)
     for name, (_, _, _, secs, seen) in clusters.items():
-        notes.append(f"cluster start ({TRIM}={name}; workers see {seen}): {secs:.1f} s")
+        notes.append(f"cluster start (malloc={name}; workers see {seen}): {secs:.1f} s")
 
     welch_small = _job(small, outs / "api-welch.zarr", "welch")
     # warm the workers (imports, FFT plans) once per cluster, untimed
@@ -845,7 +846,7 @@ def details(args: argparse.Namespace, folder: Path, env0: dict[str, str], log) -
     print(f"kernelmap pipeline benchmark: {SIZE}x{SIZE} float32 pairs, Zarr Blosc-zstd chunks 1x{CHUNK}x{CHUNK}, "
           f"tiles {TILE}, kernel {KERNEL}; 2 workers x 1 thread vs floor 2 threads; {os.cpu_count()} CPUs")
     print(f"seconds = best of N (N in brackets); ratio = to the floor on the same pairs; "
-          f"peak = largest worker RSS (MiB); trim = {TRIM} of the workers; WORKER_ENV now: trim={current}")
+          f"peak = largest worker RSS (MiB); malloc = the workers' {' / '.join(MALLOC)}")
     hdr = f"{'run':<50} {'pairs':>5} {'seconds':>12} {'Mpix/s':>7} {'ratio':>6} {'peak':>6}  target"
     print(hdr)
     print("-" * len(hdr))
@@ -862,11 +863,11 @@ def details(args: argparse.Namespace, folder: Path, env0: dict[str, str], log) -
         ratio = best / fl_s
         peak = max(r[1] for r in runs)
         tag = " [WORKER_ENV]" if name == current else ""
-        row(f"(a) run_job welch, client=, trim={name}{tag}", small_n, best, len(runs), ratio, peak,
+        row(f"(a) run_job welch, client=, malloc={name}{tag}", small_n, best, len(runs), ratio, peak,
             f"<= 1.2x {'PASS' if ratio <= 1.2 else 'FAIL'}  (all runs: {', '.join(f'{r[0]:.2f}' for r in runs)})")
     for name, r in lstsq.items():
         tag = " [WORKER_ENV]" if name == current else ""
-        row(f"(a) run_job lstsq (default), trim={name}{tag}", small_n, r[0], 1, r[0] / fl_s, r[1],
+        row(f"(a) run_job lstsq (default), malloc={name}{tag}", small_n, r[0], 1, r[0] / fl_s, r[1],
             "(no target; ratio to the Welch floor)")
     for n in sorted(stores, reverse=True):
         fbest = fl_proc[n]
@@ -920,13 +921,13 @@ def details(args: argparse.Namespace, folder: Path, env0: dict[str, str], log) -
         comp = stream["compute"]
         busy = sum(comp.values())
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(comp.items(), key=lambda kv: -kv[1])[:4])
-        print(f"(a) welch trim={name}: workers user {cpu['user']:.2f} s + sys {cpu['sys']:.2f} s, "
+        print(f"(a) welch malloc={name}: workers user {cpu['user']:.2f} s + sys {cpu['sys']:.2f} s, "
               f"{cpu['minflt'] / 1e3:.0f}k minor faults; task compute {busy:.2f} s over 2 workers x {secs:.2f} s "
               f"({100 * busy / (2 * secs):.0f} % busy) [{parts}]; transfers {stream['transfers']} "
               f"({stream['transfer_s']:.2f} s)")
     for name, r in lstsq.items():
         secs, _, cpu, stream = r
-        print(f"(a) lstsq trim={name}: workers user {cpu['user']:.2f} s + sys {cpu['sys']:.2f} s, "
+        print(f"(a) lstsq malloc={name}: workers user {cpu['user']:.2f} s + sys {cpu['sys']:.2f} s, "
               f"{cpu['minflt'] / 1e3:.0f}k minor faults, peak {r[1] / MiB:.0f} MiB")
     print(f"details: {time.perf_counter() - t_start:.0f} s"
           + (f" (data generation {gen_s:.0f} s)" if gen_s else " (data reused)"))

@@ -96,6 +96,22 @@ def test_local_cluster_with_processes_equals_a_synchronous_run(tmp_path):
     xr.testing.assert_identical(open_result(tmp_path / "cluster.zarr").drop_attrs(), reference.drop_attrs())
 
 
+def test_a_local_clusters_workers_run_in_the_worker_environment(tmp_path):
+    """The job's worker processes get ``WORKER_ENV`` (one thread a transform; the allocator keeping the
+    tasks' memory), not dask's defaults."""
+    import os
+    from contextlib import ExitStack
+
+    from pipeline.job.executors import WORKER_ENV, connect
+
+    assert WORKER_ENV["MALLOC_TRIM_THRESHOLD_"] != "65536"  # dask's default, which slows the tasks
+    job = job_from_dict(job_dict(tmp_path, compute={"scheduler": "local", "n_workers": 1, "processes": True}))
+    with ExitStack() as stack:
+        client = connect(job, stack, log=lambda message: None)()
+        seen = client.run(lambda: {name: os.environ.get(name) for name in WORKER_ENV})
+    assert list(seen.values()) == [WORKER_ENV]
+
+
 def test_create_refuses_an_existing_store_and_leaves_it_untouched(tmp_path):
     make_stack(tmp_path / "stack.zarr")
     job = job_from_dict(job_dict(tmp_path))
