@@ -154,6 +154,19 @@ def test_expected_squares_of_exact_errors_are_those_errors(a, b, seed, n):
     np.testing.assert_allclose(expected / expected[0], 1.0)
 
 
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 300), scale=st.floats(1e-3, 1e3), size=st.floats(1e-3, 1e3))
+def test_expected_squares_follow_the_units_of_the_residuals_not_of_the_weights(seed, n, scale, size):
+    """Weights in other units change nothing; residuals ``size`` times larger are expected ``size**2`` times
+    larger (whatever they are: noise, a floor, outliers)."""
+    rng = np.random.default_rng(seed)
+    w = _weights(n, seed)
+    squares = rng.exponential(size=n) * (rng.random() / w + rng.random())
+    expected = _expected_squares(squares, w)
+    np.testing.assert_allclose(_expected_squares(squares, scale * w), expected, rtol=1e-9)
+    np.testing.assert_allclose(_expected_squares(size**2 * squares, w), size**2 * expected, rtol=1e-9)
+
+
 def test_too_few_tiles_is_an_error():
     y, x = grid(2)
     kernels = polynomial_field(y, x, 1)
