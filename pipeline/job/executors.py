@@ -39,9 +39,9 @@ __all__ = ["SHUTDOWN_LOGGERS", "WORKER_ENV", "ShutdownHush", "WaitingFutures", "
 #: Environment of worker processes: one thread per FFT/BLAS call inside tasks, and glibc's allocator
 #: keeping the memory of the tasks' arrays (up to 32 MiB each, 64 MiB freed at the heap's top) for the
 #: next ones instead of handing it back to the system and faulting it in again, zeroed, at every
-#: transform (a Welch block: 10 % less CPU time; the diagnostics' model images: half).  It replaces
-#: dask's default, whose ``MALLOC_TRIM_THRESHOLD_`` of 64 KiB slows these tasks
-#: (``scripts/bench_pipeline.py`` compares both).
+#: transform (both thresholds are needed; ``docs/benchmarks.md`` has the figures).  It replaces dask's
+#: default, whose ``MALLOC_TRIM_THRESHOLD_`` of 64 KiB slows these tasks (``scripts/bench_pipeline.py
+#: --details`` compares them).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
 
