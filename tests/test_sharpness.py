@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pipeline.core.sharpness import (
     TARGET_SHARPER_TOLERANCE,
+    _tile_medians,
     autocorrelation_width_difference,
     sharpness,
     spikes,
@@ -281,3 +282,19 @@ def test_ring_spectra_of_the_mean_free_tapered_tiles(seed, shape, level, holes) 
             power = np.abs(np.fft.rfft2((x - (x * w).sum() / w.sum()) * w)) ** 2
             expected = np.bincount(index.ravel(), weights=power.ravel(), minlength=sums.shape[-1])
             np.testing.assert_allclose(sums[k, i], expected, rtol=2e-3, atol=1e-4 * expected.max())
+
+
+@settings(max_examples=60)
+@given(counts=st.lists(st.integers(0, 30), min_size=1, max_size=12), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float32, np.float64]), ties=st.booleans())
+def test_tile_medians_are_numpys_medians_bit_for_bit(counts, seed, dtype, ties):
+    """The flux scale's per-tile medians, all tiles at once, equal ``np.median`` of each tile's values (even
+    and odd counts, repeated values, either precision)."""
+    rng = np.random.default_rng(seed)
+    counts = np.array(counts)
+    tiles = np.repeat(np.arange(counts.size), counts)
+    values = (rng.integers(0, 4, tiles.size) if ties else rng.lognormal(size=tiles.size)).astype(dtype)
+    medians = _tile_medians(values, tiles, counts)
+    assert medians.dtype == dtype and medians.shape == counts.shape
+    for tile in np.flatnonzero(counts):
+        assert medians[tile] == np.median(values[tiles == tile])

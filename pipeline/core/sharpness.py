@@ -264,6 +264,10 @@ def _sky_sigma(image: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndar
     return sky, _robust_sigma(image, good).astype(np.float32)
 
 
+_EIGHT = np.ones(8)
+_EIGHT_COUNTS = np.ones(8, dtype=np.uint8)
+
+
 def _neighbours(w: int) -> np.ndarray:
     """Flat offsets of a pixel's eight neighbours in tiles ``w`` pixels wide."""
     return np.array([-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1])
@@ -298,7 +302,8 @@ def _peel(image: np.ndarray, good: np.ndarray, sky: np.ndarray, sigma: np.ndarra
     spike = np.zeros(cand.size, dtype=bool)
     for _ in range(SPIKE_PASSES):
         u = usable[around]
-        near = (near_values * u).sum(axis=1) / np.maximum(u.sum(axis=1), 1)
+        # sums of 8 by products with ones: numpy's reductions along a short last axis are several times slower
+        near = ((near_values * u) @ _EIGHT) / np.maximum(u.view(np.uint8) @ _EIGHT_COUNTS, 1)
         excess = v - near
         new = usable[cand] & (((excess > SPIKE_SIGMAS * sig) & (near < SPIKE_SHARPNESS * v))
                               | ((excess < -SPIKE_SIGMAS * sig) & (v < -SPIKE_SIGMAS * sig)))
@@ -338,21 +343,24 @@ def _unmatched(x: np.ndarray, sky_x, sigma_x, peel_x, y: np.ndarray, sky_y, sigm
     near = nearby[t, yy // 2, xx // 2] - sky_y[t]
     # the flux scale: the median ratio of the pixels lit in both (the spikes of either left out)
     lit = (y_at > 5.0 * sigma_y[t]) & ~np.isin(index, peel_x, assume_unique=True)
-    scale = np.ones(n, dtype=np.float32)
     counts = np.bincount(t[lit], minlength=n)
-    ratios = x_at[lit] / y_at[lit]
-    for tile, part in zip(np.flatnonzero(counts >= 10), _by_tile(ratios, counts, 10)):
-        scale[tile] = np.median(part)
+    scale = np.where(counts >= 10, _tile_medians(x_at[lit] / y_at[lit], t[lit], counts), np.float32(1.0))
     unmatched = x_at > SPIKE_UNMATCHED * np.maximum(near, 0.0) * scale[t] + SPIKE_SIGMAS_ALONE * sigma_x[t]
     if scaled_only:
         unmatched &= counts[t] >= 10
     return index[unmatched]
 
 
-def _by_tile(values: np.ndarray, counts: np.ndarray, least: int) -> list[np.ndarray]:
-    """The parts of ``values`` (sorted by tile) of the tiles with at least ``least`` of them, in tile order."""
-    parts = np.split(values, np.cumsum(counts)[:-1])
-    return [part for part, count in zip(parts, counts) if count >= least]
+def _tile_medians(values: np.ndarray, tiles: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each tile's median of its ``values`` (``np.median``'s, bit for bit; ``tiles`` their tiles, ``counts``
+    how many each tile has), in the values' dtype; the tiles without any get a meaningless number."""
+    if not values.size:
+        return np.zeros(counts.size, dtype=values.dtype)
+    ordered = values[np.lexsort((values, tiles))]
+    starts = np.cumsum(counts) - counts
+    low = np.minimum(starts + (counts - 1) // 2, values.size - 1)
+    high = np.minimum(starts + counts // 2, values.size - 1)
+    return (ordered[low] + ordered[high]) / values.dtype.type(2)
 
 
 def _grown(found: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
