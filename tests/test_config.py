@@ -349,7 +349,7 @@ def test_error_message_text():
      f"kernel.regularization: nan {NOT_REG}"),
     ({"kernel": {"method": "welch", "overlap": 1}}, "kernel.overlap: 1 is too large: must be less than 1"),
     ({"kernel": {"method": "welch", "window": "hamming"}},
-     "kernel.window: 'hamming' is not one of hann, tukey, none"),
+     "kernel.window: 'hamming' is not one of hann, sine, tukey, none"),
     ({"kernel": {"method": "ratio", "penalty": "compact"}},
      "kernel.penalty: unknown key for method 'ratio'; allowed keys: method, size, normalize, diagnostics, "
      "direction ('penalty' is an option of method 'lstsq')"),

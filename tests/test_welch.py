@@ -275,6 +275,34 @@ def test_taper_shapes() -> None:
     np.testing.assert_allclose(taper(("tukey", 1.0), 16), taper("hann", 16), atol=1e-15)
     np.testing.assert_allclose(taper(("tukey", 0.0), 16), 1.0)
     assert taper("none", 5).tolist() == [1.0] * 5
+    np.testing.assert_allclose(taper("sine", 16) ** 2, taper("hann", 16), atol=1e-15)
+    np.testing.assert_array_equal(taper("cosine", 16), taper("sine", 16))
+
+
+@pytest.mark.parametrize("seg", [16, 64, 128])
+def test_the_squares_of_half_overlapping_sine_tapers_sum_to_one(seg: int) -> None:
+    """What makes the sine taper unbiased for a bright star anywhere in a segment: the weight a pixel gets,
+    summed over the segments that hold it, is the same everywhere (Hann's swings between 1/2 and 1)."""
+    w = taper("sine", seg)
+    np.testing.assert_allclose(w**2 + np.roll(w, seg // 2) ** 2, 1.0, atol=1e-12)
+    h = taper("hann", seg)
+    total = h**2 + np.roll(h, seg // 2) ** 2
+    assert total.min() == pytest.approx(0.5) and total.max() == pytest.approx(1.0)
+
+
+def test_the_sine_taper_centres_the_kernels_of_bright_survey_tiles() -> None:
+    """On bright survey tiles the Hann taper pulls each kernel towards the segments' centres where bright
+    stars sit off them (0.035 px median centroid error on these 8 tiles); the sine taper does not (0.010)."""
+    kern = gaussian_kernel(21, fwhm=3.0)
+    pairs = [survey_tile_pair(seed=seed, kernel=kern, size=256) for seed in range(8)]
+    src, tgt = np.stack([p.source for p in pairs]), np.stack([p.target for p in pairs])
+    centroid, error = {}, {}
+    for window in ("hann", "sine"):
+        res = km.estimate_kernels(src, tgt, kernel_size=21, method="welch", window=window)
+        centroid[window] = np.median(np.hypot(res.centroid_x, res.centroid_y))
+        error[window] = np.median([rel_l2(k / k.sum(), kern / kern.sum()) for k in res.kernels])
+    assert centroid["sine"] < 0.5 * centroid["hann"], centroid
+    assert error["sine"] < error["hann"], error
 
 
 def test_regularization_zero_is_plain_division(noise: np.ndarray) -> None:

@@ -203,8 +203,9 @@ def taper(window: str | tuple[str, float], size: int) -> np.ndarray:
     Parameters
     ----------
     window : str or (str, float)
-        ``"hann"``, ``"tukey"`` (tapered fraction 0.5), ``("tukey", alpha)``
-        with ``0 <= alpha <= 1``, or ``"none"`` (no taper).
+        ``"hann"``, ``"sine"`` (``sqrt`` of Hann), ``"tukey"`` (tapered
+        fraction 0.5), ``("tukey", alpha)`` with ``0 <= alpha <= 1``, or
+        ``"none"`` (no taper).
     size : int
         Number of samples.
 
@@ -219,6 +220,8 @@ def taper(window: str | tuple[str, float], size: int) -> np.ndarray:
         return np.ones(size)
     if name == "hann":
         return 0.5 - 0.5 * np.cos(2.0 * np.pi * x)
+    if name == "sine":
+        return np.sin(np.pi * x)
     alpha = param  # tukey
     w = np.ones(size)
     if alpha > 0.0:
