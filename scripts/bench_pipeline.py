@@ -779,7 +779,6 @@ def details(args: argparse.Namespace, folder: Path, env0: dict[str, str], log) -
         "WORKER_ENV": {k: str(v) for k, v in prun.WORKER_ENV.items()},
     }
     lstsq_variants = ("unset", "WORKER_ENV")
-    current = "WORKER_ENV"
     log(f"starting {len(variants)} LocalClusters (2 workers x 1 thread each), {' / '.join(MALLOC)}: "
         f"{' / '.join(variants)} ...")
     clusters = {}
@@ -862,12 +861,10 @@ def details(args: argparse.Namespace, folder: Path, env0: dict[str, str], log) -
         best = min(r[0] for r in runs)
         ratio = best / fl_s
         peak = max(r[1] for r in runs)
-        tag = " [WORKER_ENV]" if name == current else ""
-        row(f"(a) run_job welch, client=, malloc={name}{tag}", small_n, best, len(runs), ratio, peak,
+        row(f"(a) run_job welch, client=, malloc={name}", small_n, best, len(runs), ratio, peak,
             f"<= 1.2x {'PASS' if ratio <= 1.2 else 'FAIL'}  (all runs: {', '.join(f'{r[0]:.2f}' for r in runs)})")
     for name, r in lstsq.items():
-        tag = " [WORKER_ENV]" if name == current else ""
-        row(f"(a) run_job lstsq (default), malloc={name}{tag}", small_n, r[0], 1, r[0] / fl_s, r[1],
+        row(f"(a) run_job lstsq (default), malloc={name}", small_n, r[0], 1, r[0] / fl_s, r[1],
             "(no target; ratio to the Welch floor)")
     for n in sorted(stores, reverse=True):
         fbest = fl_proc[n]

@@ -230,25 +230,21 @@ def _expected_squares(squares: np.ndarray, w: np.ndarray, bins: int = 4) -> np.n
     in up to ``bins`` bins of equal count by weight (:data:`FLOOR_BIN_TILES` tiles a bin at least); with
     fewer than two bins, a single weight or a bin of exact fits, ``b = 0`` (the weights alone).
     """
-    m = len(squares)
     inv = 1.0 / w
-    count = min(bins, m // FLOOR_BIN_TILES)
-    parts = np.array_split(np.argsort(inv, kind="stable"), max(count, 1))
-    x = np.array([np.median(inv[part]) for part in parts])
-    y = np.array([np.median(squares[part]) for part in parts])
-    if count >= 2 and np.ptp(inv) > 0 and y.min() > 0:
-        scale = y  # each bin relative to its size
-        design = np.stack([x, np.ones_like(x)], axis=1) / scale[:, None]
-        target = y / scale
-        solutions = [np.linalg.lstsq(design, target, rcond=None)[0]]
-        for column in (0, 1):  # one term alone: the non-negative solutions on the boundary
-            only = np.zeros(2)
-            only[column] = max(design[:, column] @ target / (design[:, column] @ design[:, column]), 0.0)
-            solutions.append(only)
-        feasible = [c for c in solutions if np.all(c >= 0)]
-        a, b = min(feasible, key=lambda c: float(np.sum((design @ c - target) ** 2)))
-    else:
-        a, b = float(np.median(squares * w)), 0.0
+    a, b = float(np.median(squares * w)), 0.0
+    count = min(bins, len(squares) // FLOOR_BIN_TILES)
+    if count >= 2 and np.ptp(inv) > 0:
+        parts = np.array_split(np.argsort(inv, kind="stable"), count)
+        x = np.array([np.median(inv[part]) for part in parts])
+        y = np.array([np.median(squares[part]) for part in parts])
+        if y.min() > 0:
+            design = np.stack([x / y, 1.0 / y], axis=1)  # each bin relative to its size: a x / y + b / y ~ 1
+            coef = np.linalg.lstsq(design, np.ones(count), rcond=None)[0]
+            if coef.min() < 0:  # the best non-negative fit is then one term alone
+                alone = [np.where(np.arange(2) == j, max(col.sum() / (col @ col), 0.0), 0.0)
+                         for j, col in enumerate(design.T)]
+                coef = min(alone, key=lambda c: float(np.sum((design @ c - 1.0) ** 2)))
+            a, b = coef
     expected = a * inv + b
     return np.maximum(expected, np.finfo(float).tiny)
 
