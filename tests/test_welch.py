@@ -51,8 +51,14 @@ def hann(seg: int) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(seg) / seg)
 
 
-def segment_spectra(src, tgt, bad, *, seg, overlap=0.5):
-    """Loop over the Hann-tapered, mean-free segments with full complex FFTs, those touching ``bad`` left out.
+def sine(seg: int) -> np.ndarray:
+    """The periodic sine taper (the square root of Hann), written out."""
+    return np.sin(np.pi * np.arange(seg) / seg)
+
+
+def segment_spectra(src, tgt, bad, *, seg, overlap=0.5, window=hann):
+    """Loop over the tapered (``window(seg)``, Hann by default), mean-free segments with full complex FFTs,
+    those touching ``bad`` left out.
 
     Returns ``(power, cross, target_power, used, cover)``: the summed ``|FS|**2``,
     ``conj(FS) FR`` and ``|FR|**2``, the number of segments used and the pixels they cover.
@@ -63,7 +69,7 @@ def segment_spectra(src, tgt, bad, *, seg, overlap=0.5):
         pos = list(range(0, length - seg + 1, step))
         return pos if pos[-1] == length - seg else [*pos, length - seg]
 
-    w2 = np.outer(hann(seg), hann(seg))
+    w2 = np.outer(window(seg), window(seg))
     power = np.zeros((seg, seg))
     cross = np.zeros((seg, seg), complex)
     tpower = np.zeros((seg, seg))
@@ -84,9 +90,9 @@ def segment_spectra(src, tgt, bad, *, seg, overlap=0.5):
     return power, cross, tpower, used, cover
 
 
-def welch_reference(src, tgt, bad, *, k, seg, overlap=0.5, regularization=1e-3):
+def welch_reference(src, tgt, bad, *, k, seg, overlap=0.5, regularization=1e-3, window=hann):
     """Slow, loop-based Welch estimate with full complex FFTs (independent of the fast path)."""
-    power, cross, _, used, cover = segment_spectra(src, tgt, bad, seg=seg, overlap=overlap)
+    power, cross, _, used, cover = segment_spectra(src, tgt, bad, seg=seg, overlap=overlap, window=window)
     if used == 0:
         return np.full((k, k), np.nan), np.nan, 0
     full = np.real(np.fft.ifft2(cross / (power + regularization * power.mean())))
@@ -109,8 +115,12 @@ def filled_reference(src, bad):
     return out, unfillable
 
 
-def test_matches_loop_reference_with_bad_pixels() -> None:
-    """Bad pixels filled in the image where they are bad; segments touching unfillable ones dropped."""
+@pytest.mark.parametrize(("window", "written_out"), [("hann", hann), ("sine", sine)])
+def test_matches_loop_reference_with_bad_pixels(window: str, written_out) -> None:
+    """Bad pixels filled in the image where they are bad; segments touching unfillable ones dropped.
+
+    Hann's segment means are removed in the Fourier domain, the sine taper's (whose spectrum is nowhere
+    zero) from the pixels: both as the reference removes them."""
     rng = np.random.default_rng(3)
     src = rng.standard_normal((3, 100, 90)) + 5.0
     tgt = circular_convolve(src, gaussian(7, 1.2, 0.9, 0.3, -0.5, flux=1.7)) + 2.0
@@ -125,12 +135,12 @@ def test_matches_loop_reference_with_bad_pixels() -> None:
     tgt_bad[1, :, 33] = True  # a bad column
     src_in, tgt_in = np.where(src_bad | bad, np.nan, src), np.where(tgt_bad | bad, np.nan, tgt)
     res = welch_kernels(src_in, tgt_in, bad, kernel_size=7, segment_size=32, source_bad=src_bad,
-                        target_bad=tgt_bad, regularization=1e-3)
+                        target_bad=tgt_bad, regularization=1e-3, window=window)
     src_f, src_u = filled_reference(src_in, src_bad | bad)
     tgt_f, tgt_u = filled_reference(tgt_in, tgt_bad | bad)
     drop = src_u | tgt_u
     for i in range(3):
-        kern, bg, used = welch_reference(src_f[i], tgt_f[i], drop[i], k=7, seg=32)
+        kern, bg, used = welch_reference(src_f[i], tgt_f[i], drop[i], k=7, seg=32, window=written_out)
         np.testing.assert_allclose(res.kernels[i], kern, atol=1e-10)
         np.testing.assert_allclose(res.background[i], bg, atol=1e-10)
         assert res.n_segments[i] == used

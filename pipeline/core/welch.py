@@ -122,6 +122,9 @@ __all__ = ["WelchResult", "WelchSpectra", "welch_kernels", "taper"]
 #: (at least one tile); the working memory per thread is about 25 bytes
 #: (float32) or 50 bytes (float64) per segment pixel.
 _CHUNK_PIXELS = 1 << 18
+#: A taper whose spectrum has at most this many nonzero bins (Hann's: 6 of the half spectrum) has the
+#: segments' means removed there; any other has them subtracted from the pixels (one pass more).
+_FEW_BINS = 16
 
 
 @dataclass(frozen=True)
@@ -461,8 +464,11 @@ def _spectra(
     win2 = np.outer(win1, win1).astype(wdt)
     # Spectrum of the taper: removing a segment's mean m is F((x - m) w) =
     # F(x w) - m F(w); only the bins where F(w) is nonzero need the correction.
+    # A taper whose spectrum is not that compact (the sine taper's is nowhere
+    # zero) has the means taken from the segments' pixels instead.
     wspec = sfft.rfft2(np.outer(win1, win1))
     wy, wx = np.nonzero(np.abs(wspec) > 1e-12 * np.abs(wspec).max())
+    in_pixels = wy.size > _FEW_BINS
     wvals = wspec[wy, wx].astype(np.complex64 if single else np.complex128)
     wvals_conj = wvals.conj()
     half = seg // 2 + 1
@@ -497,10 +503,13 @@ def _spectra(
             np.matmul(sel_y @ src.astype(wdt, copy=False), sel_xt, out=sums_s[a:b])
             np.matmul(sel_y @ tgt.astype(wdt, copy=False), sel_xt, out=sums_r[a:b])
             # Conjugated source spectra come straight from the transform.
-            fs = _tapered_spectra(src, buf_s[:c], gy, gx, step, win2, fft_workers, conj=True)
-            fr = _tapered_spectra(tgt, buf_r[:c], gy, gx, step, win2, fft_workers)
-            fs[..., wy, wx] -= (sums_s[a:b, :-1, :-1, None] * inv_area) * wvals_conj
-            fr[..., wy, wx] -= (sums_r[a:b, :-1, :-1, None] * inv_area) * wvals
+            mean_s, mean_r = (sums[a:b, :-1, :-1] * inv_area for sums in (sums_s, sums_r))
+            fs = _tapered_spectra(src, buf_s[:c], gy, gx, step, win2, fft_workers, conj=True,
+                                  means=mean_s if in_pixels else None)
+            fr = _tapered_spectra(tgt, buf_r[:c], gy, gx, step, win2, fft_workers, means=mean_r if in_pixels else None)
+            if not in_pixels:
+                fs[..., wy, wx] -= mean_s[..., None] * wvals_conj
+                fr[..., wy, wx] -= mean_r[..., None] * wvals
             gone = ~kept[a:b]
             if gone.any():
                 fs[gone] = 0
@@ -628,13 +637,15 @@ def _tapered_spectra(
     workers: int,
     *,
     conj: bool = False,
+    means: np.ndarray | None = None,
 ) -> np.ndarray:
     """Half spectra ``(c, ny, nx, L, L // 2 + 1)`` of the tapered segments.
 
     With ``conj`` the complex conjugate spectra are returned (same cost).
 
     Segments are copied from strided views of ``tiles`` into ``buf`` and
-    multiplied by the taper there; their means are not removed here.
+    multiplied by the taper there; ``means`` ``(c, ny, nx)``, where given, are
+    subtracted from them first.
     """
     c = tiles.shape[0]
     seg = win2.shape[0]
@@ -649,6 +660,8 @@ def _tapered_spectra(
                 writeable=False,
             )
             np.copyto(buf[:, sy, sx], view)
+    if means is not None:
+        buf -= means[..., None, None]
     flat = buf.reshape(-1, seg * seg)
     np.multiply(flat, win2.reshape(-1), out=flat)
     if conj:
