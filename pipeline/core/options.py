@@ -333,8 +333,9 @@ class WelchOptions(MethodOptions):
     window: str | tuple[str, float] = _option(
         "hann",
         "Taper of every segment: ``\"hann\"``, ``\"sine\"`` (the square root of Hann: at overlap 0.5 the "
-        "squares of overlapping segments' tapers sum to one, so a bright star's kernel is not pulled towards "
-        "a segment's centre), ``\"tukey\"`` (tapered fraction 0.5), ``(\"tukey\", alpha)`` or ``\"none\"``.",
+        "squares of overlapping segments' tapers sum to one, so every pixel weighs alike; its spectrum falls "
+        "off more slowly, so smooth scenes leak), ``\"tukey\"`` (tapered fraction 0.5), ``(\"tukey\", alpha)`` "
+        "or ``\"none\"``.",
         str, choices=WINDOWS, in_job=True)
     regularization: float | str = _option(
         "auto",
