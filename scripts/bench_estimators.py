@@ -100,7 +100,8 @@ def welch_spectra_fit(src: np.ndarray, tgt: np.ndarray, truth: np.ndarray) -> di
     Each tile's summed cross spectrum ``C``, source power ``A`` (less its
     noise, as Welch auto fits it) and per-frequency noise (the segments'
     spread) are taken from ``welch_kernels``; an elliptical Gaussian (flux,
-    centre, second moments: the true kernels' form) times the taper's gain is
+    centre, second moments: the true kernels' form) times the taper's gain (the tile's own where
+    Welch auto divided that out) is
     fitted by least squares weighted by the inverse noise, ``sum |C - A
     H(theta)|**2 / noise`` (maximum likelihood for Gaussian noise), from Welch
     auto's own kernel's moments.
@@ -127,10 +128,20 @@ def welch_spectra_fit(src: np.ndarray, tgt: np.ndarray, truth: np.ndarray) -> di
     noise = welch_module.segment_noise(power, np.abs(cross.astype(np.complex128)) ** 2, tpower, used, win1=win1,
                                        step=taken["kw"]["step"])
     lag = (np.arange(seg) + seg // 2) % seg - seg // 2
-    gain = np.outer(*(2 * [welch_module.lag_gain(win1)]))
+    white = np.outer(*(2 * [welch_module.lag_gain(win1)]))
+    stamp = np.ix_(*(2 * [(np.arange(K) - K // 2) % seg]))
     start_m, true_m = adaptive_moments(start), adaptive_moments(truth)
 
-    def transfer(theta: np.ndarray) -> np.ndarray:
+    def gain_of(i: int) -> np.ndarray:
+        """The taper's gain Welch divided out of tile ``i``: its own on the stamp where it has one."""
+        own = taken["kw"]["gains"]
+        if own is None or not np.isfinite(own[i]).all():
+            return white
+        gain = white.copy()
+        gain[stamp] = own[i]
+        return gain
+
+    def transfer(theta: np.ndarray, gain: np.ndarray) -> np.ndarray:
         flux, my, mx, log_yy, log_xx, rho = theta
         syy, sxx = np.exp(log_yy), np.exp(log_xx)
         sxy = np.tanh(rho) * np.sqrt(syy * sxx)
@@ -142,8 +153,11 @@ def welch_spectra_fit(src: np.ndarray, tgt: np.ndarray, truth: np.ndarray) -> di
     for i in range(len(src)):
         weight = np.sqrt(taken["kw"]["colw"][None, :] * live[i] / np.maximum(noise[i], 1e-300))
 
-        def residual(theta: np.ndarray, i: int = i, weight: np.ndarray = weight) -> np.ndarray:
-            r = (cross[i] - a_fit[i] * transfer(theta)) * weight
+        gain = gain_of(i)
+
+        def residual(theta: np.ndarray, weight: np.ndarray = weight, gain: np.ndarray = gain,
+                     i: int = i) -> np.ndarray:
+            r = (cross[i] - a_fit[i] * transfer(theta, gain)) * weight
             return np.concatenate([r.real.ravel(), r.imag.ravel()])
 
         theta0 = [start[i].sum(), start_m.y[i], start_m.x[i], np.log(max(start_m.myy[i], 0.5)),
