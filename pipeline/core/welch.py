@@ -30,7 +30,7 @@ source): it is divided out (a fixed ridge gives a shifted delta of height
 their own (:func:`source_gains`, from the source's pixels on a white sky): a
 star off a segment's centre, or near the tile's edge, weighs one side of the
 kernel more than the other (W's tiles: centroids off by 0.065 px at the
-median and 0.31 at the 99th percentile with the white gain, 0.012 and 0.048
+median and 0.31 at the 99th percentile with the white gain, 0.012 and 0.047
 with their own).  Where the source shows sources on a white-noise sky
 (:func:`sky_noise_variance`), the source's own noise power is taken out of its
 power (errors in variables: it shrank the kernel by 7.6 % on faint tiles).
