@@ -349,7 +349,7 @@ def test_error_message_text():
      f"kernel.regularization: nan {NOT_REG}"),
     ({"kernel": {"method": "welch", "overlap": 1}}, "kernel.overlap: 1 is too large: must be less than 1"),
     ({"kernel": {"method": "welch", "window": "hamming"}},
-     "kernel.window: 'hamming' is not one of hann, sine, tukey, none"),
+     "kernel.window: 'hamming' is not one of auto, hann, sine, tukey, none"),
     ({"kernel": {"method": "ratio", "penalty": "compact"}},
      "kernel.penalty: unknown key for method 'ratio'; allowed keys: method, size, normalize, diagnostics, "
      "direction ('penalty' is an option of method 'lstsq')"),
@@ -426,7 +426,7 @@ def test_estimator_options():
     assert LstsqKernel(regularization=[1, 2]).estimator_options()["regularization"] == [1.0, 2.0]
     assert RatioKernel().estimator_options() == {}
     assert WelchKernel().estimator_options() == {
-        "segment_size": 64, "overlap": 0.5, "window": "hann", "regularization": "auto", "find_defects": True}
+        "segment_size": 64, "overlap": 0.5, "window": "auto", "regularization": "auto", "find_defects": True}
 
 
 def test_estimator_options_are_accepted_by_the_estimators():

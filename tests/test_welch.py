@@ -274,6 +274,36 @@ def test_threads_and_float32_chunks_equal_one_by_one() -> None:
         assert one.n_segments[0] == batch.n_segments[i]
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_auto_window_tapers_each_tile_as_its_sky_says(workers: int) -> None:
+    """``window="auto"``: survey tiles (both images sources on a white sky) get the sine taper, white-noise
+    scenes Hann;
+    a batch that mixes them (float32, several chunks, threads) gives each tile what its own taper gives."""
+    kern = gaussian_kernel(9, fwhm=2.5, dy=0.2)
+    sky = [survey_tile_pair(seed=seed, kernel=kern, size=128) for seed in range(4)]
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((4, 128, 128))
+    src = np.stack([p.source for p in sky] + list(noise))[[0, 4, 1, 5, 6, 2, 3, 7]].astype(np.float32)
+    scenes = circular_convolve(noise, kern) + 0.3 * rng.standard_normal(noise.shape)
+    tgt = np.stack([p.target for p in sky] + list(scenes))[[0, 4, 1, 5, 6, 2, 3, 7]]
+    tgt = tgt.astype(np.float32)
+    on_sky = np.array([True, False, True, False, False, True, True, False])
+    np.testing.assert_array_equal(sky_noise_variance(src) > 0, on_sky)
+    np.testing.assert_array_equal(sky_noise_variance(tgt) > 0, on_sky)
+    auto = welch_kernels(src, tgt, kernel_size=9, segment_size=32, workers=workers)
+    for i in range(len(src)):
+        one = welch_kernels(src[i:i + 1], tgt[i:i + 1], kernel_size=9, segment_size=32,
+                            window="sine" if on_sky[i] else "hann")
+        other = welch_kernels(src[i:i + 1], tgt[i:i + 1], kernel_size=9, segment_size=32,
+                              window="hann" if on_sky[i] else "sine")
+        scale = np.abs(one.kernels[0]).max()
+        np.testing.assert_allclose(auto.kernels[i], one.kernels[0], atol=2e-5 * scale)
+        assert np.abs(other.kernels[0] - one.kernels[0]).max() > 1e-3 * scale  # the tapers do differ
+        assert auto.lam[i] == one.lam[0]
+    with pytest.raises(OptionError, match="chosen per tile"):
+        taper("auto", 16)
+
+
 @pytest.mark.parametrize("window", ["tukey", ("tukey", 0.25), "none"])
 def test_other_windows(noise: np.ndarray, window) -> None:
     kern = gaussian(9, 1.0, 1.5)

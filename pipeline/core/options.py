@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: Taper names of :class:`WelchOptions` ``window`` (the job files' choices).
-WINDOWS = ("hann", "sine", "tukey", "none")
+WINDOWS = ("auto", "hann", "sine", "tukey", "none")
 #: Other spellings :func:`parse_window` accepts.
 _WINDOW_ALIASES = {"hanning": "hann", "cosine": "sine", "boxcar": "none", "rectangular": "none"}
 
@@ -291,9 +291,9 @@ class LstsqOptions(MethodOptions):
 def parse_window(window: object) -> tuple[str, float | None]:
     """``(name, parameter)`` of a taper given as a name or a ``(name, parameter)`` pair.
 
-    Names: ``"hann"``, ``"sine"``, ``"tukey"`` (parameter: the tapered fraction,
-    in ``[0, 1]``, default 0.5) and ``"none"`` (also ``"hanning"``,
-    ``"cosine"``, ``"boxcar"``, ``"rectangular"``).
+    Names: ``"auto"`` (chosen per tile), ``"hann"``, ``"sine"``, ``"tukey"``
+    (parameter: the tapered fraction, in ``[0, 1]``, default 0.5) and ``"none"``
+    (also ``"hanning"``, ``"cosine"``, ``"boxcar"``, ``"rectangular"``).
     """
     if isinstance(window, str):
         given, param = window.lower(), None
@@ -303,7 +303,7 @@ def parse_window(window: object) -> tuple[str, float | None]:
         raise OptionError(f"window must be a name or a (name, parameter) pair, got {window!r}")
     name = _WINDOW_ALIASES.get(given, given)
     if name not in WINDOWS:
-        raise OptionError(f"unknown window {given!r}; expected 'hann', 'sine', 'tukey' or 'none'")
+        raise OptionError(f"unknown window {given!r}; expected 'auto', 'hann', 'sine', 'tukey' or 'none'")
     if name == "tukey":
         alpha = 0.5 if param is None else param
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
@@ -331,11 +331,12 @@ class WelchOptions(MethodOptions):
         "row/column is aligned to the tile's end.",
         float, ge=0, lt=1, in_job=True)
     window: str | tuple[str, float] = _option(
-        "hann",
-        "Taper of every segment: ``\"hann\"``, ``\"sine\"`` (the square root of Hann: at overlap 0.5 the "
-        "squares of overlapping segments' tapers sum to one, so every pixel weighs alike; its spectrum falls "
-        "off more slowly, so smooth scenes leak), ``\"tukey\"`` (tapered fraction 0.5), ``(\"tukey\", alpha)`` "
-        "or ``\"none\"``.",
+        "auto",
+        "Taper of every segment: ``\"auto\"``: ``\"sine\"`` on tiles whose images both show sources on a "
+        "white-noise sky, ``\"hann\"`` on the others; ``\"sine\"`` (the square root of Hann: at overlap 0.5 "
+        "the squares of overlapping segments' tapers sum to one, so every pixel weighs alike; its spectrum falls "
+        "off more slowly, so smooth scenes leak), ``\"hann\"``, ``\"tukey\"`` (tapered fraction 0.5), "
+        "``(\"tukey\", alpha)`` or ``\"none\"``.",
         str, choices=WINDOWS, in_job=True)
     regularization: float | str = _option(
         "auto",

@@ -8,6 +8,16 @@ over the tile's kept segments, and the kernel's transform is their regularised
 ratio. Averaging over segments tames the noise of the plain ratio, and the taper
 suppresses the cross-shaped artifact caused by non-periodic edges.
 
+The taper (``window="auto"``, default) is chosen per tile: the sine taper (the
+square root of Hann) where both images show sources on a white-noise sky
+(:func:`sky_noise_variance`; both, so that exchanging them changes nothing but
+the direction), Hann elsewhere.  Over half-overlapping segments
+the sine taper's squares sum to one, so every pixel weighs alike (survey
+tiles: relative error 0.057 / 0.073 against Hann's 0.064 / 0.083 on bright and
+sparse fields); its spectrum falls off more slowly than Hann's, so a smooth
+scene's low frequencies leak into its high ones (a noise-free scene smoothed
+over 2 px: 0.20 against 0.024 after the refinement below).
+
 Regularisation
 --------------
 ``regularization="auto"`` (default) sets it per tile from the data.  At each
@@ -127,6 +137,9 @@ __all__ = ["WelchResult", "WelchSpectra", "welch_kernels", "taper"]
 #: (at least one tile); the working memory per thread is about 25 bytes
 #: (float32) or 50 bytes (float64) per segment pixel.
 _CHUNK_PIXELS = 1 << 18
+#: ``window="auto"``: the second taper on tiles whose images both show sources on a white sky
+#: (:func:`sky_noise_variance`: every pixel weighs alike, and a point's spectrum does not leak), else the first.
+AUTO_WINDOWS = ("hann", "sine")
 #: A taper whose spectrum has at most this many nonzero bins (Hann's: 6 of the half spectrum) has the
 #: segments' means removed there; any other has them subtracted from the pixels (one pass more).
 _FEW_BINS = 16
@@ -184,6 +197,8 @@ class WelchSpectra:
     sums_r: np.ndarray
     kept: np.ndarray  # (n, ny, nx): segments used
     sharpness: Sharpness | None
+    window_of: np.ndarray  # (n,): each tile's taper, an index into layout.windows
+    sky: tuple[np.ndarray, np.ndarray] | None  # (n,) each: the sources' white-sky noise variance (or 0), sky level
     layout: _Layout
     kernel_size: int
     opts: WelchOptions
@@ -198,7 +213,8 @@ class WelchSpectra:
         return replace(self, sources=self.sources[rows], targets=self.targets[rows], source_bad=cut(self.source_bad),
                        target_bad=cut(self.target_bad), cross=self.cross[rows], power=self.power[rows],
                        target_power=cut(self.target_power), sums_s=self.sums_s[rows], sums_r=self.sums_r[rows],
-                       kept=self.kept[rows], sharpness=measure)
+                       kept=self.kept[rows], sharpness=measure, window_of=self.window_of[rows],
+                       sky=None if self.sky is None else (self.sky[0][rows], self.sky[1][rows]))
 
     def solve(self) -> WelchResult:
         """The kernels of these spectra."""
@@ -213,7 +229,8 @@ def taper(window: str | tuple[str, float], size: int) -> np.ndarray:
     window : str or (str, float)
         ``"hann"``, ``"sine"`` (``sqrt`` of Hann), ``"tukey"`` (tapered
         fraction 0.5), ``("tukey", alpha)`` with ``0 <= alpha <= 1``, or
-        ``"none"`` (no taper).
+        ``"none"`` (no taper); not ``"auto"``, which is chosen per tile
+        (:data:`AUTO_WINDOWS`).
     size : int
         Number of samples.
 
@@ -223,6 +240,8 @@ def taper(window: str | tuple[str, float], size: int) -> np.ndarray:
         ``(size,)`` float64 window, periodic (DFT-even) form.
     """
     name, param = parse_window(window)
+    if name == "auto":
+        raise OptionError("window 'auto' is chosen per tile, not one taper; give 'hann', 'sine', 'tukey' or 'none'")
     x = np.arange(size, dtype=np.float64) / size  # periodic: sample n of a size+1 window
     if name == "none":
         return np.ones(size)
@@ -355,8 +374,14 @@ def welch_kernels(
                             _with_found_defects(targets, tgt_bad, sources, src_bad))
         src_bad, tgt_bad = _with_spikes(sources, src_bad, targets, tgt_bad)
     sources, targets, unusable = _fill_isolated(sources, targets, src_bad, tgt_bad)
+    auto_window = parse_window(opts.window)[0] == "auto"
+    sky = _sky_noise(sources) if auto_window or opts.auto_regularization else None
+    windows, window_of = (opts.window,), np.zeros(len(sources), dtype=np.int8)
+    if auto_window:  # the sine taper where both images are sources on a white sky (either way round), Hann else
+        windows, window_of = AUTO_WINDOWS, ((sky[0] > 0) & (_sky_noise(targets)[0] > 0)).astype(np.int8)
     spectra = _spectra(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers,
-                       source_bad=src_bad, target_bad=tgt_bad, measure=measure)
+                       source_bad=src_bad, target_bad=tgt_bad, measure=measure, windows=windows,
+                       window_of=window_of, sky=sky)
     return spectra if spectra_only else _solve(spectra)
 
 
@@ -428,8 +453,7 @@ class _Layout:
 
     seg: int
     step: int
-    win1: np.ndarray
-    win2: np.ndarray
+    windows: tuple[np.ndarray, ...]  # the 1-D tapers; WelchSpectra.window_of indexes them
     colw: np.ndarray
     sel_y: np.ndarray  # (ny + 1, ty): one row per segment, then all ones
     sel_xt: np.ndarray  # (tx, nx + 1)
@@ -447,15 +471,21 @@ def _spectra(
     source_bad: np.ndarray | None = None,
     target_bad: np.ndarray | None = None,
     measure: bool = False,
+    windows: tuple = ("hann",),
+    window_of: np.ndarray | None = None,
+    sky: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> WelchSpectra:
     """The segment spectra of finite tiles, summed per tile; segments touching a ``drop`` pixel are left out.
 
-    ``source_bad`` and ``target_bad`` (the pixels filled or dropped in each image) are left out of
-    the full-tile refinement.
+    Tile ``i`` is tapered by ``windows[window_of[i]]`` (default: the first).  ``source_bad`` and
+    ``target_bad`` (the pixels filled or dropped in each image) are left out of the full-tile refinement.
     """
     n, ty, tx = sources.shape
     seg, overlap = opts.segment_size, opts.overlap
-    win1 = taper(opts.window, seg)
+    window_of = np.zeros(n, dtype=np.int8) if window_of is None else window_of
+    tapers = tuple(taper(w, seg) for w in windows)
+    present = np.unique(window_of)
+    win1 = tapers[int(present[0])] if present.size == 1 else None  # one taper for the whole batch
 
     single = sources.dtype == np.float32 and targets.dtype == np.float32
     wdt = np.dtype(np.float32 if single else np.float64)
@@ -466,14 +496,15 @@ def _spectra(
     gy, gx = _groups(py, step), _groups(px, step)
     sel_y = _selector(py, seg, ty, wdt)  # (ny + 1, ty)
     sel_xt = _selector(px, seg, tx, wdt).T.copy()  # (tx, nx + 1)
-    win2 = np.outer(win1, win1).astype(wdt)
+    win2s = np.stack([np.outer(w, w) for w in tapers]).astype(wdt)
     # Spectrum of the taper: removing a segment's mean m is F((x - m) w) =
     # F(x w) - m F(w); only the bins where F(w) is nonzero need the correction.
     # A taper whose spectrum is not that compact (the sine taper's is nowhere
-    # zero) has the means taken from the segments' pixels instead.
-    wspec = sfft.rfft2(np.outer(win1, win1))
+    # zero), or tapers that differ between tiles, have the means taken from the
+    # segments' pixels instead.
+    wspec = sfft.rfft2(np.outer(win1, win1)) if win1 is not None else np.ones((seg, seg // 2 + 1))
     wy, wx = np.nonzero(np.abs(wspec) > 1e-12 * np.abs(wspec).max())
-    in_pixels = wy.size > _FEW_BINS
+    in_pixels = win1 is None or wy.size > _FEW_BINS
     wvals = wspec[wy, wx].astype(np.complex64 if single else np.complex128)
     wvals_conj = wvals.conj()
     half = seg // 2 + 1
@@ -509,6 +540,7 @@ def _spectra(
             np.matmul(sel_y @ tgt.astype(wdt, copy=False), sel_xt, out=sums_r[a:b])
             # Conjugated source spectra come straight from the transform.
             mean_s, mean_r = (sums[a:b, :-1, :-1] * inv_area for sums in (sums_s, sums_r))
+            win2 = win2s[window_of[a]] if win1 is not None else win2s[window_of[a:b]]
             fs = _tapered_spectra(src, buf_s[:c], gy, gx, step, win2, fft_workers, conj=True,
                                   means=mean_s if in_pixels else None)
             fr = _tapered_spectra(tgt, buf_r[:c], gy, gx, step, win2, fft_workers, means=mean_r if in_pixels else None)
@@ -537,13 +569,14 @@ def _spectra(
     threads = max(1, min(workers, n_chunks))
     _in_threads(accumulate, [min(n, chunk * (n_chunks * i // threads)) for i in range(threads + 1)], workers)
 
-    layout = _Layout(seg=seg, step=step, win1=win1, win2=win2, colw=colw, sel_y=sel_y, sel_xt=sel_xt, nseg=nseg)
+    layout = _Layout(seg=seg, step=step, windows=tapers, colw=colw, sel_y=sel_y, sel_xt=sel_xt, nseg=nseg)
     sharp = None
     if measure:
         sharp = spectra_sharpness(power, tpower, kept.sum(axis=(1, 2)))
     return WelchSpectra(sources=sources, targets=targets, source_bad=source_bad, target_bad=target_bad, cross=cross,
                         power=power, target_power=tpower, sums_s=sums_s, sums_r=sums_r, kept=kept, sharpness=sharp,
-                        layout=layout, kernel_size=kernel_size, opts=opts, workers=workers)
+                        window_of=window_of, sky=sky, layout=layout, kernel_size=kernel_size, opts=opts,
+                        workers=workers)
 
 
 def _solve(sp: WelchSpectra) -> WelchResult:
@@ -551,8 +584,7 @@ def _solve(sp: WelchSpectra) -> WelchResult:
     sources, targets, source_bad, target_bad = sp.sources, sp.targets, sp.source_bad, sp.target_bad
     cross, power, tpower, sums_s, sums_r, kept = sp.cross, sp.power, sp.target_power, sp.sums_s, sp.sums_r, sp.kept
     lay, kernel_size, workers = sp.layout, sp.kernel_size, sp.workers
-    seg, step, win1, win2, colw, sel_y, sel_xt, nseg = (lay.seg, lay.step, lay.win1, lay.win2, lay.colw, lay.sel_y,
-                                                        lay.sel_xt, lay.nseg)
+    seg, step, colw, sel_y, sel_xt, nseg = lay.seg, lay.step, lay.colw, lay.sel_y, lay.sel_xt, lay.nseg
     n, ty, tx = sources.shape
     wdt = power.dtype
     regularization = sp.opts.regularization
@@ -565,16 +597,25 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                            sharpness=sp.sharpness)
 
     if sp.opts.auto_regularization:
-        noise_var, level = _sky_noise(sources)
-        floor = used * noise_var * float((win2.astype(np.float64) ** 2).sum())
+        noise_var, level = sp.sky if sp.sky is not None else _sky_noise(sources)
+        squares = np.array([float((np.outer(w, w) ** 2).sum()) for w in lay.windows])
+        floor = used * noise_var * squares[sp.window_of]
 
         def solve(lo: int, hi: int, fft_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             part = slice(lo, hi)
-            gains = source_gains(sources[part], level[part], noise_var[part], kept[part], win1=win1, step=step,
-                                 kernel_size=kernel_size)
-            kern, lam_, bound, pen = _auto_kernels(
-                cross[part], power[part], tpower[part], used[part], floor[part], colw=colw,
-                win1=win1, step=step, kernel_size=kernel_size, workers=fft_workers, gains=gains)
+            of = sp.window_of[part]
+            kern, lam_ = np.empty((hi - lo, kernel_size, kernel_size)), np.empty(hi - lo)
+            bound, pen = np.empty(hi - lo, dtype=bool), np.empty((hi - lo, *power.shape[1:]))
+            for j in np.unique(of):  # the tiles of each taper together
+                alike = bool((of == j).all())
+                out = slice(None) if alike else np.flatnonzero(of == j)
+                rows = part if alike else lo + out
+                win1 = lay.windows[j]
+                gains = source_gains(sources[rows], level[rows], noise_var[rows], kept[rows], win1=win1, step=step,
+                                     kernel_size=kernel_size)
+                kern[out], lam_[out], bound[out], pen[out] = _auto_kernels(
+                    cross[rows], power[rows], tpower[rows], used[rows], floor[rows], colw=colw,
+                    win1=win1, step=step, kernel_size=kernel_size, workers=fft_workers, gains=gains)
             if REFINE_ITERATIONS:
                 ok = np.nonzero((used[part] > 0) & (lam_ <= REFINE_MAX_LAM))[0]
                 if ok.size:
@@ -652,11 +693,11 @@ def _tapered_spectra(
     With ``conj`` the complex conjugate spectra are returned (same cost).
 
     Segments are copied from strided views of ``tiles`` into ``buf`` and
-    multiplied by the taper there; ``means`` ``(c, ny, nx)``, where given, are
-    subtracted from them first.
+    multiplied by the taper there (``win2``: ``(L, L)``, or ``(c, L, L)``, one a
+    tile); ``means`` ``(c, ny, nx)``, where given, are subtracted from them first.
     """
     c = tiles.shape[0]
-    seg = win2.shape[0]
+    seg = win2.shape[-1]
     s0, s1, s2 = tiles.strides
     for sy, y0, cy in gy:
         for sx, x0, cx in gx:
@@ -670,8 +711,11 @@ def _tapered_spectra(
             np.copyto(buf[:, sy, sx], view)
     if means is not None:
         buf -= means[..., None, None]
-    flat = buf.reshape(-1, seg * seg)
-    np.multiply(flat, win2.reshape(-1), out=flat)
+    if win2.ndim == 3:
+        np.multiply(buf, win2[:, None, None], out=buf)
+    else:
+        flat = buf.reshape(-1, seg * seg)
+        np.multiply(flat, win2.reshape(-1), out=flat)
     if conj:
         return sfft.ihfft2(buf, norm="forward", workers=workers, overwrite_x=True)
     return sfft.rfft2(buf, workers=workers, overwrite_x=True)
