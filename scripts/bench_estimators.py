@@ -101,67 +101,53 @@ def welch_spectra_fit(src: np.ndarray, tgt: np.ndarray, truth: np.ndarray) -> di
     noise, as Welch auto fits it) and per-frequency noise (the segments'
     spread) are taken from ``welch_kernels``; an elliptical Gaussian (flux,
     centre, second moments: the true kernels' form) times the taper's gain (the tile's own where
-    Welch auto divided that out) is
-    fitted by least squares weighted by the inverse noise, ``sum |C - A
-    H(theta)|**2 / noise`` (maximum likelihood for Gaussian noise), from Welch
-    auto's own kernel's moments.
+    Welch auto divided that out), with the tile's own taper, is fitted by least squares weighted by
+    the inverse noise, ``sum |C - A H(theta)|**2 / noise`` (maximum likelihood for Gaussian noise),
+    from Welch auto's own kernel's moments.
     """
     from scipy.optimize import least_squares
 
-    taken = {}
     original = welch_module._auto_kernels
+    taken = {}
 
     def keep(cross, power, tpower, used, floor, **kw):
         taken.update(cross=cross, power=power, tpower=tpower, used=used, floor=floor, kw=kw)
         return original(cross, power, tpower, used, floor, **kw)
 
-    welch_module._auto_kernels = keep
-    try:
-        start = welch_kernels(src, tgt, kernel_size=K).kernels
-    finally:
-        welch_module._auto_kernels = original
-    cross, used, win1 = taken["cross"], taken["used"], taken["kw"]["win1"]
-    power, tpower = taken["power"].astype(np.float64), taken["tpower"].astype(np.float64)
-    seg = power.shape[1]
-    a_fit = np.maximum(power - taken["floor"][:, None, None], welch_module.SIGNAL_FLOOR * power)
-    live = power > 0
-    noise = welch_module.segment_noise(power, np.abs(cross.astype(np.complex128)) ** 2, tpower, used, win1=win1,
-                                       step=taken["kw"]["step"])
-    lag = (np.arange(seg) + seg // 2) % seg - seg // 2
-    white = np.outer(*(2 * [welch_module.lag_gain(win1)]))
-    stamp = np.ix_(*(2 * [(np.arange(K) - K // 2) % seg]))
-    start_m, true_m = adaptive_moments(start), adaptive_moments(truth)
-
-    def gain_of(i: int) -> np.ndarray:
-        """The taper's gain Welch divided out of tile ``i``: its own on the stamp where it has one."""
-        own = taken["kw"]["gains"]
-        if own is None or not np.isfinite(own[i]).all():
-            return white
-        gain = white.copy()
-        gain[stamp] = own[i]
-        return gain
-
-    def transfer(theta: np.ndarray, gain: np.ndarray) -> np.ndarray:
-        flux, my, mx, log_yy, log_xx, rho = theta
-        syy, sxx = np.exp(log_yy), np.exp(log_xx)
-        sxy = np.tanh(rho) * np.sqrt(syy * sxx)
-        dy, dx = lag[:, None] - my, lag[None, :] - mx
-        g = np.exp(-0.5 * (sxx * dy**2 - 2 * sxy * dy * dx + syy * dx**2) / (syy * sxx - sxy**2))
-        return sfft.rfft2(g * (flux / g.sum()) * gain)
-
+    true_m = adaptive_moments(truth)
     flux_err, centroid_err = [], []
-    for i in range(len(src)):
-        weight = np.sqrt(taken["kw"]["colw"][None, :] * live[i] / np.maximum(noise[i], 1e-300))
+    for i in range(len(src)):  # one tile a call: its own taper, spectra and gain
+        taken.clear()
+        welch_module._auto_kernels = keep
+        try:
+            start = welch_kernels(src[i:i + 1], tgt[i:i + 1], kernel_size=K).kernels[0]
+        finally:
+            welch_module._auto_kernels = original
+        cross, used, win1 = taken["cross"][0], taken["used"], taken["kw"]["win1"]
+        power, tpower = taken["power"].astype(np.float64), taken["tpower"].astype(np.float64)
+        seg = power.shape[1]
+        a_fit = np.maximum(power - taken["floor"][:, None, None], welch_module.SIGNAL_FLOOR * power)[0]
+        noise = welch_module.segment_noise(power, np.abs(taken["cross"].astype(np.complex128)) ** 2, tpower, used,
+                                           win1=win1, step=taken["kw"]["step"])[0]
+        lag = (np.arange(seg) + seg // 2) % seg - seg // 2
+        gain = np.outer(*(2 * [welch_module.lag_gain(win1)]))  # a white source's, and the tile's own on the stamp
+        own = taken["kw"]["gains"]
+        if own is not None and np.isfinite(own[0]).all():
+            gain[np.ix_(*(2 * [(np.arange(K) - K // 2) % seg]))] = own[0]
+        weight = np.sqrt(taken["kw"]["colw"][None, :] * (power[0] > 0) / np.maximum(noise, 1e-300))
 
-        gain = gain_of(i)
-
-        def residual(theta: np.ndarray, weight: np.ndarray = weight, gain: np.ndarray = gain,
-                     i: int = i) -> np.ndarray:
-            r = (cross[i] - a_fit[i] * transfer(theta, gain)) * weight
+        def residual(theta: np.ndarray, cross=cross, a_fit=a_fit, weight=weight, gain=gain, lag=lag) -> np.ndarray:
+            flux, my, mx, log_yy, log_xx, rho = theta
+            syy, sxx = np.exp(log_yy), np.exp(log_xx)
+            sxy = np.tanh(rho) * np.sqrt(syy * sxx)
+            dy, dx = lag[:, None] - my, lag[None, :] - mx
+            g = np.exp(-0.5 * (sxx * dy**2 - 2 * sxy * dy * dx + syy * dx**2) / (syy * sxx - sxy**2))
+            r = (cross - a_fit * sfft.rfft2(g * (flux / g.sum()) * gain)) * weight
             return np.concatenate([r.real.ravel(), r.imag.ravel()])
 
-        theta0 = [start[i].sum(), start_m.y[i], start_m.x[i], np.log(max(start_m.myy[i], 0.5)),
-                  np.log(max(start_m.mxx[i], 0.5)), 0.0]
+        start_m = adaptive_moments(start[None])
+        theta0 = [start.sum(), start_m.y[0], start_m.x[0], np.log(max(start_m.myy[0], 0.5)),
+                  np.log(max(start_m.mxx[0], 0.5)), 0.0]
         theta = least_squares(residual, theta0, method="lm").x
         flux_err.append(abs(theta[0] / truth[i].sum() - 1.0))
         centroid_err.append(np.hypot(theta[1] - true_m.y[i], theta[2] - true_m.x[i]))
