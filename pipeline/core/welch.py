@@ -814,9 +814,11 @@ def source_gains(sources: np.ndarray, level: np.ndarray, noise_var: np.ndarray, 
     if not sky.size:
         return out
     dtype = np.float32 if sources.dtype == np.float32 else np.float64
-    energy = np.subtract(sources[sky], level[sky, None, None].astype(dtype), dtype=dtype)
-    energy[~(energy > (SOURCE_SIGMAS * np.sqrt(noise_var[sky]))[:, None, None].astype(dtype))] = 0.0  # NaN too
-    np.square(energy, out=energy)
+    # (pixels no kept segment holds may be NaN: the sums below never take them)
+    energy = np.subtract(sources if sky.size == n else sources[sky], level[sky, None, None].astype(dtype),
+                         dtype=dtype)
+    energy *= energy > (SOURCE_SIGMAS * np.sqrt(noise_var[sky]))[:, None, None].astype(dtype)
+    energy *= energy
     reach = np.arange(seg)[:, None] + (np.arange(k) - k // 2)[None, :]  # p + d within the segment
     pairs = np.where((reach >= 0) & (reach < seg), win1[:, None] * win1[np.clip(reach, 0, seg - 1)], 0.0)
     py, px = _positions(ty, seg, step), _positions(tx, seg, step)
