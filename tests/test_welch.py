@@ -277,8 +277,8 @@ def test_threads_and_float32_chunks_equal_one_by_one() -> None:
 @pytest.mark.parametrize("workers", [1, 3])
 def test_auto_window_tapers_each_tile_as_its_sky_says(workers: int) -> None:
     """``window="auto"``: survey tiles (both images sources on a white sky) get the sine taper, white-noise
-    scenes Hann;
-    a batch that mixes them (float32, several chunks, threads) gives each tile what its own taper gives."""
+    scenes Hann; a batch that mixes them (float32, several chunks, threads) gives each tile what its own
+    taper gives."""
     kern = gaussian_kernel(9, fwhm=2.5, dy=0.2)
     sky = [survey_tile_pair(seed=seed, kernel=kern, size=128) for seed in range(4)]
     rng = np.random.default_rng(3)
