@@ -121,7 +121,7 @@ def cases(draw) -> dict:
     elif args["method"] == "welch":
         args["segment_size"] = draw(st.one_of(st.integers(7, max(7, min(ny, nx))), st.integers(2, 40)))
         args["overlap"] = draw(st.sampled_from([0.0, 0.5, 0.9]))
-        args["window"] = draw(st.sampled_from(["hann", "sine", "tukey", "none"]))
+        args["window"] = draw(st.sampled_from(["auto", "hann", "sine", "tukey", "none"]))
         args["regularization"] = draw(st.sampled_from([0.0, 1e-3, 1.0]))
         args["find_defects"] = draw(st.booleans())
     args["normalize"] = draw(st.booleans())

@@ -331,7 +331,7 @@ def test_the_squares_of_half_overlapping_sine_tapers_sum_to_one(seg: int) -> Non
     assert total.min() == pytest.approx(0.5) and total.max() == pytest.approx(1.0)
 
 
-def _white_gains(sources, *, kernel_size):
+def _white_gains(sources, *args, kernel_size, **kwargs):
     """:func:`source_gains` switched off: the white source's gain for every tile."""
     return np.full((len(sources), kernel_size, kernel_size), np.nan)
 
@@ -347,8 +347,7 @@ def test_each_tiles_own_gain_centres_the_kernels_of_bright_survey_tiles(monkeypa
     for own in (True, False):
         with monkeypatch.context() as m:
             if not own:
-                m.setattr(welch_module, "source_gains", lambda s, *a, kernel_size, **k: _white_gains(
-                    s, kernel_size=kernel_size))
+                m.setattr(welch_module, "source_gains", _white_gains)
             for window in ("hann", "sine"):
                 res = km.estimate_kernels(src, tgt, kernel_size=21, method="welch", window=window)
                 centroid[own, window] = np.median(np.hypot(res.centroid_x, res.centroid_y))
@@ -429,8 +428,7 @@ def test_a_bright_star_at_the_tiles_edge_keeps_the_kernel_centred(monkeypatch) -
     tgt = fftconvolve(canvas, kern, mode="same")[20:-20, 20:-20] + 100.0 + rng.normal(0, 3.0, (n, n))
     own = welch_kernels(src[None], tgt[None], kernel_size=21)
     with monkeypatch.context() as m:
-        m.setattr(welch_module, "source_gains", lambda s, *a, kernel_size, **k: _white_gains(
-            s, kernel_size=kernel_size))
+        m.setattr(welch_module, "source_gains", _white_gains)
         white = welch_kernels(src[None], tgt[None], kernel_size=21)
     off = {}
     for name, res in (("own", own), ("white", white)):

@@ -471,18 +471,18 @@ def _spectra(
     source_bad: np.ndarray | None = None,
     target_bad: np.ndarray | None = None,
     measure: bool = False,
-    windows: tuple = ("hann",),
-    window_of: np.ndarray | None = None,
-    sky: tuple[np.ndarray, np.ndarray] | None = None,
+    windows: tuple,
+    window_of: np.ndarray,
+    sky: tuple[np.ndarray, np.ndarray] | None,
 ) -> WelchSpectra:
     """The segment spectra of finite tiles, summed per tile; segments touching a ``drop`` pixel are left out.
 
-    Tile ``i`` is tapered by ``windows[window_of[i]]`` (default: the first).  ``source_bad`` and
+    Tile ``i`` is tapered by ``windows[window_of[i]]``; ``sky`` is :func:`_sky_noise` of the sources (needed
+    with ``regularization="auto"``).  ``source_bad`` and
     ``target_bad`` (the pixels filled or dropped in each image) are left out of the full-tile refinement.
     """
     n, ty, tx = sources.shape
     seg, overlap = opts.segment_size, opts.overlap
-    window_of = np.zeros(n, dtype=np.int8) if window_of is None else window_of
     tapers = tuple(taper(w, seg) for w in windows)
     present = np.unique(window_of)
     win1 = tapers[int(present[0])] if present.size == 1 else None  # one taper for the whole batch
@@ -502,11 +502,13 @@ def _spectra(
     # A taper whose spectrum is not that compact (the sine taper's is nowhere
     # zero), or tapers that differ between tiles, have the means taken from the
     # segments' pixels instead.
-    wspec = sfft.rfft2(np.outer(win1, win1)) if win1 is not None else np.ones((seg, seg // 2 + 1))
-    wy, wx = np.nonzero(np.abs(wspec) > 1e-12 * np.abs(wspec).max())
-    in_pixels = win1 is None or wy.size > _FEW_BINS
-    wvals = wspec[wy, wx].astype(np.complex64 if single else np.complex128)
-    wvals_conj = wvals.conj()
+    in_pixels = True
+    if win1 is not None:
+        wspec = sfft.rfft2(np.outer(win1, win1))
+        wy, wx = np.nonzero(np.abs(wspec) > 1e-12 * np.abs(wspec).max())
+        in_pixels = wy.size > _FEW_BINS
+        wvals = wspec[wy, wx].astype(np.complex64 if single else np.complex128)
+        wvals_conj = wvals.conj()
     half = seg // 2 + 1
     # Parseval weights of the half spectrum (columns 1..ceil(seg/2)-1 count twice).
     colw = np.full(half, 2.0)
@@ -597,7 +599,7 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                            sharpness=sp.sharpness)
 
     if sp.opts.auto_regularization:
-        noise_var, level = sp.sky if sp.sky is not None else _sky_noise(sources)
+        noise_var, level = sp.sky
         squares = np.array([float((np.outer(w, w) ** 2).sum()) for w in lay.windows])
         floor = used * noise_var * squares[sp.window_of]
 
@@ -826,13 +828,9 @@ def source_gains(sources: np.ndarray, level: np.ndarray, noise_var: np.ndarray, 
     sums = np.empty((sky.size, k, k))
     whole = held.all(axis=(1, 2))
     if whole.any():  # every segment kept: one product with the pairs of every segment placed on the tile
-        on_y, on_x = np.zeros((k, ty)), np.zeros((k, tx))
-        for y0 in py:
-            on_y[:, y0:y0 + seg] += pairs.T
-        for x0 in px:
-            on_x[:, x0:x0 + seg] += pairs.T
+        on_y, on_x = (_placed(pairs.T, starts, length).astype(dtype) for starts, length in ((py, ty), (px, tx)))
         picked = energy if whole.all() else energy[whole]
-        sums[whole] = on_y.astype(dtype) @ picked @ on_x.T.astype(dtype)
+        sums[whole] = on_y @ picked @ on_x.T
     for i in np.flatnonzero(~whole):  # the kept segments' energy stacked, then the same product
         block = np.zeros((seg, seg), dtype=dtype)
         for iy, ix in zip(*np.nonzero(held[i])):
@@ -843,6 +841,14 @@ def source_gains(sources: np.ndarray, level: np.ndarray, noise_var: np.ndarray, 
         gains = sums / middle[:, None, None]
     gains[~(np.isfinite(gains).all(axis=(1, 2)) & (middle > 0))] = np.nan
     out[sky] = gains
+    return out
+
+
+def _placed(rows: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """``rows`` ``(r, seg)`` added into a ``(r, length)`` array at each of the segments' ``starts``."""
+    out = np.zeros((len(rows), length))
+    for start in starts:
+        out[:, start:start + rows.shape[1]] += rows
     return out
 
 
