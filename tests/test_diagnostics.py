@@ -44,3 +44,36 @@ def test_residual_statistics_of_an_exact_model_are_its_noise() -> None:
         np.testing.assert_allclose(residual, 1.0, rtol=0.05)
         for i in range(2):
             np.testing.assert_allclose(signal[i], model[i][region[i]].std() / noise[i], rtol=1e-9)
+
+
+def test_residual_statistics_over_a_region_with_holes_are_those_of_its_pixels() -> None:
+    # the region as weights (tiles with bad pixels) gives what its pixels alone give: the MAD of every
+    # step-th of them, their RMS and the model's spread over them; a tile without a background has none
+    rng = np.random.default_rng(5)
+    n, size, k = 11, 64, 5
+    sources = rng.standard_normal((n, size, size)) * 10.0
+    kernels = rng.random((n, k, k))
+    targets = rng.standard_normal((n, size, size)) * 3.0 + 50.0
+    bad = rng.random((n, size, size)) < 0.01
+    bad[0] = False  # whole tiles and tiles with holes in one batch
+    region = fit_region(bad, k)
+    targets[bad] = np.nan  # what a bad pixel may hold: never read
+    background = rng.normal(50.0, 1.0, n)
+    background[3] = np.nan
+    max_samples = 500
+    noise, residual, signal = residual_statistics(sources, targets, kernels, background, region,
+                                                  max_samples=max_samples)
+    models = interior_models(sources, kernels)
+    h = k // 2
+    for i in range(n):
+        if i == 3:
+            assert np.isnan([noise[i], residual[i], signal[i]]).all()
+            continue
+        inside = region[i][h:-h, h:-h]
+        m = models[i][inside].astype(np.float64)
+        r = targets[i][h:-h, h:-h][inside] - m - background[i]
+        sample = r[:: max(1, r.size // max_samples)]
+        expected = 1.4826 * np.median(np.abs(sample - np.median(sample)))
+        np.testing.assert_allclose(noise[i], expected, rtol=1e-12)
+        np.testing.assert_allclose(residual[i], np.sqrt(np.mean(r * r)) / expected, rtol=1e-9)
+        np.testing.assert_allclose(signal[i], m.std() / expected, rtol=1e-9)

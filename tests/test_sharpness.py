@@ -286,13 +286,15 @@ def test_ring_spectra_of_the_mean_free_tapered_tiles(seed, shape, level, holes) 
 
 @settings(max_examples=60)
 @given(counts=st.lists(st.integers(0, 30), min_size=1, max_size=12), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([np.float32, np.float64]), ties=st.booleans())
-def test_tile_medians_are_numpys_medians_bit_for_bit(counts, seed, dtype, ties):
+       dtype=st.sampled_from([np.float32, np.float64]), ties=st.booleans(), shuffled=st.booleans())
+def test_tile_medians_are_numpys_medians_bit_for_bit(counts, seed, dtype, ties, shuffled):
     """The flux scale's per-tile medians, all tiles at once, equal ``np.median`` of each tile's values (even
-    and odd counts, repeated values, either precision)."""
+    and odd counts, repeated values, either precision, the values grouped by tile or not)."""
     rng = np.random.default_rng(seed)
     counts = np.array(counts)
     tiles = np.repeat(np.arange(counts.size), counts)
+    if shuffled:
+        tiles = rng.permutation(tiles)
     values = (rng.integers(0, 4, tiles.size) if ties else rng.lognormal(size=tiles.size)).astype(dtype)
     medians = _tile_medians(values, tiles, counts)
     assert medians.dtype == dtype and medians.shape == counts.shape
