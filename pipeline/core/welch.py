@@ -710,9 +710,10 @@ def _tapered_spectra(
                 strides=(s0, step * s1, step * s2, s1, s2),
                 writeable=False,
             )
-            np.copyto(buf[:, sy, sx], view)
-    if means is not None:
-        buf -= means[..., None, None]
+            if means is None:
+                np.copyto(buf[:, sy, sx], view)
+            else:  # the segments' means off as they are copied
+                np.subtract(view, means[:, sy, sx, None, None], out=buf[:, sy, sx])
     if win2.ndim == 3:
         np.multiply(buf, win2[:, None, None], out=buf)
     else:
