@@ -150,7 +150,7 @@ AUTO_WINDOWS = ("hann", "sine")
 #: pixel holds at least this share of the image's source energy): there the sine taper's leakage and its
 #: weight near the segments' edges cost more than its even weighting gains (W's 1,024 tiles: relative L2
 #: 0.15-0.95 against Hann's 0.03-0.40 on the 6 tiles where it lost most, all with a share above 0.8).
-DOMINANT_SHARE = 0.9
+DOMINANT_SHARE = 0.95
 #: Tiles where one source holds at least :data:`EDGE_SOURCE_SHARE` of an image's source energy and the tile's
 #: outer band (half a kernel wide) at least :data:`EDGE_SHARE` of it are refined on the whole tile
 #: (:func:`_refine`) whatever their strength: the blurred light of a bright star at the tile's edge is cut
