@@ -123,17 +123,17 @@ def welch_spectra_fit(src: np.ndarray, tgt: np.ndarray, truth: np.ndarray) -> di
             start = welch_kernels(src[i:i + 1], tgt[i:i + 1], kernel_size=K).kernels[0]
         finally:
             welch_module._auto_kernels = original
-        cross, used, win1 = taken["cross"][0], taken["used"], taken["kw"]["win1"]
+        spectra = welch_kernels(src[i:i + 1], tgt[i:i + 1], kernel_size=K, spectra_only=True)
+        win1 = spectra.layout.windows[spectra.window_of[0]]  # the tile's taper
+        cross, used = taken["cross"][0], taken["used"]
         power, tpower = taken["power"].astype(np.float64), taken["tpower"].astype(np.float64)
         seg = power.shape[1]
         a_fit = np.maximum(power - taken["floor"][:, None, None], welch_module.SIGNAL_FLOOR * power)[0]
         noise = welch_module.segment_noise(power, np.abs(taken["cross"].astype(np.complex128)) ** 2, tpower, used,
-                                           win1=win1, step=taken["kw"]["step"])[0]
+                                           fraction=taken["kw"]["fraction"])[0]
         lag = (np.arange(seg) + seg // 2) % seg - seg // 2
-        gain = np.outer(*(2 * [welch_module.lag_gain(win1)]))  # a white source's, and the tile's own on the stamp
-        own = taken["kw"]["gains"]
-        if own is not None and np.isfinite(own[0]).all():
-            gain[np.ix_(*(2 * [(np.arange(K) - K // 2) % seg]))] = own[0]
+        gain = np.outer(*(2 * [welch_module.lag_gain(win1)]))  # a white source's, and the solve's (own) on the stamp
+        gain[np.ix_(*(2 * [(np.arange(K) - K // 2) % seg]))] = taken["kw"]["gains"][0]
         weight = np.sqrt(taken["kw"]["colw"][None, :] * (power[0] > 0) / np.maximum(noise, 1e-300))
 
         def residual(theta: np.ndarray, cross=cross, a_fit=a_fit, weight=weight, gain=gain, lag=lag) -> np.ndarray:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
-#: Tiles whose residual statistics are taken together.
-_CHUNK = 8
-
 __all__ = [
     "interior_models",
     "model_images",
@@ -91,37 +88,15 @@ def residual_statistics(
     signal = np.full(n, np.nan)
     fitted = region.any(axis=(1, 2)) & np.isfinite(background)
     whole = region.all(axis=(1, 2))
-    rows = np.flatnonzero(fitted)
-    for start in range(0, rows.size, _CHUNK):  # several tiles at a time, the region as weights
-        at = rows[start:start + _CHUNK]
-        m = model[at].reshape(at.size, -1).astype(np.float64)
-        r = targets[at].reshape(at.size, -1) - m - background[at, None]
-        inside = None if whole[at].all() else region[at].reshape(at.size, -1)
-        noise[at], residual[at], signal[at] = _statistics(r, m, inside, max_samples)
-    return noise, residual, signal
-
-
-def _statistics(resid: np.ndarray, model: np.ndarray, inside: np.ndarray | None,
-                max_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`residual_statistics` of ``(c, m)`` residuals and models (float64, a row a tile) over the
-    pixels ``inside`` (``(c, m)`` bool; ``None``: all)."""
-    if inside is None:
-        count = np.full(len(resid), resid.shape[1])
-        sample = resid[:, :: max(1, resid.shape[1] // max_samples)]
-        noise = 1.4826 * np.median(np.abs(sample - np.median(sample, axis=1)[:, None]), axis=1)
-    else:
-        count = np.count_nonzero(inside, axis=1)
-        noise = np.empty(len(resid))
-        for i, row in enumerate(resid):
-            sample = row[np.flatnonzero(inside[i])[:: max(1, count[i] // max_samples)]]
-            noise[i] = 1.4826 * np.median(np.abs(sample - np.median(sample)))
-        resid = np.where(inside, resid, 0.0)  # (a bad pixel may hold NaN)
-        model = np.where(inside, model, 0.0)
-    mean = model.sum(axis=1) / count
-    with np.errstate(divide="ignore", invalid="ignore"):
-        residual = np.sqrt(np.einsum("ij,ij->i", resid, resid) / count) / noise
-        spread = np.einsum("ij,ij->i", model, model) / count - mean * mean
-        signal = np.sqrt(np.maximum(spread, 0.0)) / noise
+    for i in np.flatnonzero(fitted):
+        # a tile fitted over its whole region (as cut above) needs no boolean copy
+        m = (model[i] if whole[i] else model[i][region[i]]).astype(np.float64).ravel()
+        r = (targets[i] if whole[i] else targets[i][region[i]]).ravel() - m - background[i]
+        sample = r[:: max(1, r.size // max_samples)]
+        noise[i] = 1.4826 * np.median(np.abs(sample - np.median(sample)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            residual[i] = np.sqrt(np.mean(r * r)) / noise[i]
+            signal[i] = np.std(m) / noise[i]
     return noise, residual, signal
 
 

@@ -633,21 +633,23 @@ def _solve(sp: WelchSpectra) -> WelchResult:
         squares = np.array([float((np.outer(w, w) ** 2).sum()) for w in lay.windows])
         floor = used * noise_var * squares[sp.window_of]
 
+        fraction = np.array([independent_fraction(w, step) for w in lay.windows])[sp.window_of]
+        # tapering shrinks a kernel at offset d by a(dy) a(dx) for a white source ...
+        white = np.stack([np.outer(g, g) for g in (lag_gain(w)[crop] for w in lay.windows)])
+
         def solve(lo: int, hi: int, fft_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             part = slice(lo, hi)
             of = sp.window_of[part]
-            kern, lam_ = np.empty((hi - lo, kernel_size, kernel_size)), np.empty(hi - lo)
-            bound, pen = np.empty(hi - lo, dtype=bool), np.empty((hi - lo, *power.shape[1:]))
-            for j in np.unique(of):  # the tiles of each taper together
-                alike = bool((of == j).all())
-                out = slice(None) if alike else np.flatnonzero(of == j)
-                rows = part if alike else lo + out
-                win1 = lay.windows[j]
-                gains = source_gains(sources[rows], level[rows], noise_var[rows], kept[rows], win1=win1, step=step,
-                                     kernel_size=kernel_size)
-                kern[out], lam_[out], bound[out], pen[out] = _auto_kernels(
-                    cross[rows], power[rows], tpower[rows], used[rows], floor[rows], colw=colw,
-                    win1=win1, step=step, kernel_size=kernel_size, workers=fft_workers, gains=gains)
+            gains = white[of]
+            for j in np.unique(of):  # ... by each tile's own where its light is known (sources on a white sky)
+                rows = np.flatnonzero(of == j)
+                tiles = part if rows.size == hi - lo else lo + rows  # (a slice: no copy of the sources)
+                own = source_gains(sources[tiles], level[tiles], noise_var[tiles], kept[tiles], win1=lay.windows[j],
+                                   step=step, kernel_size=kernel_size)
+                gains[rows] = np.where(np.isfinite(own), own, white[j])
+            kern, lam_, bound, pen = _auto_kernels(
+                cross[part], power[part], tpower[part], used[part], floor[part], colw=colw, fraction=fraction[part],
+                gains=gains, kernel_size=kernel_size, workers=fft_workers)
             if REFINE_ITERATIONS:
                 ok = np.nonzero((used[part] > 0) & ((lam_ <= REFINE_MAX_LAM) | sp.at_edge[part]))[0]
                 if ok.size:
@@ -896,17 +898,19 @@ def source_dominance(images: np.ndarray, level: np.ndarray, noise_var: np.ndarra
     h = kernel_size // 2
     reach = h // 2  # the box: the brightest pixel and this many either side
     dtype = np.float32 if images.dtype == np.float32 else np.float64
-    energy = np.subtract(images if sky.size == n else images[sky], level[sky, None, None].astype(dtype), dtype=dtype)
-    energy *= energy > (SOURCE_SIGMAS * np.sqrt(noise_var[sky]))[:, None, None].astype(dtype)
-    energy *= energy
-    total = energy.sum(axis=(1, 2), dtype=np.float64)
-    inner = energy[:, h:ty - h, h:tx - h].sum(axis=(1, 2), dtype=np.float64)
-    brightest = np.argmax(energy.reshape(sky.size, -1), axis=1)
+    # the heights over the threshold (0 elsewhere); the energies are their squares, summed by products
+    above = np.subtract(images if sky.size == n else images[sky], level[sky, None, None].astype(dtype), dtype=dtype)
+    above *= above > (SOURCE_SIGMAS * np.sqrt(noise_var[sky]))[:, None, None].astype(dtype)
+    flat = above.reshape(sky.size, -1)
+    total = np.einsum("ij,ij->i", flat, flat).astype(np.float64)
+    inner = above[:, h:ty - h, h:tx - h]
+    inner = np.einsum("tij,tij->t", inner, inner).astype(np.float64)
+    brightest = np.argmax(flat, axis=1)
     lit = np.flatnonzero(total > 0)
     for j in lit:
         y, x = divmod(int(brightest[j]), tx)
-        share[sky[j]] = energy[j, max(y - reach, 0):y + reach + 1, max(x - reach, 0):x + reach + 1].sum(
-            dtype=np.float64) / total[j]
+        box = above[j, max(y - reach, 0):y + reach + 1, max(x - reach, 0):x + reach + 1]
+        share[sky[j]] = float(np.einsum("ij,ij->", box, box)) / total[j]
     edge[sky[lit]] = 1.0 - inner[lit] / total[lit]
     return share, edge
 
@@ -967,32 +971,32 @@ def _source_pixels(images: np.ndarray, level: np.ndarray, noise: np.ndarray) -> 
 
 
 def segment_noise(power: np.ndarray, cross_power: np.ndarray, tpower: np.ndarray, used: np.ndarray, *,
-                  win1: np.ndarray, step: int) -> np.ndarray:
+                  fraction: float | np.ndarray) -> np.ndarray:
     """Each frequency's noise power from the spread of the segments about their own best fit.
 
     ``(P - |C|**2 / A) / (M - 1)`` with ``A`` the summed source power,
     ``|C|**2`` the cross spectrum's power, ``P`` the summed target power and
-    ``M`` the kept segments times :func:`independent_fraction` squared; 0 where
-    ``A`` is.  ``(n, L, L // 2 + 1)`` float64.
+    ``M`` the kept segments times ``fraction`` squared (:func:`independent_fraction`
+    of each tile's taper); 0 where ``A`` is.  ``(n, L, L // 2 + 1)`` float64.
     """
     live = power > 0
-    m_eff = used * independent_fraction(win1, step) ** 2
+    m_eff = used * np.asarray(fraction, dtype=np.float64) ** 2
     resid = np.where(live, tpower.astype(np.float64) - cross_power / np.where(live, power, 1.0), 0.0)
     return np.maximum(resid, 0.0) / np.maximum(m_eff - 1.0, 1.0)[:, None, None]
 
 
 def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used: np.ndarray,
                   source_noise: np.ndarray, *,
-                  colw: np.ndarray, win1: np.ndarray, step: int, kernel_size: int,
-                  workers: int, gains: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  colw: np.ndarray, fraction: np.ndarray, gains: np.ndarray, kernel_size: int,
+                  workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kernels with a Laplacian penalty whose strength is chosen per tile from the data.
 
     ``D = A + lam s R`` (``A`` the summed source power, ``R`` the Laplacian's
     power, ``s = mean(A) / mean(R)`` so that ``lam`` is dimensionless).  At
     each frequency the segments are independent looks at one kernel value:
     their spread about their own best fit, ``(P - |C|**2 / A) / (M - 1)``
-    (``P`` the summed target power, ``M`` the kept segments times
-    :func:`independent_fraction` squared), measures the noise power
+    (``P`` the summed target power, ``M`` the kept segments times ``fraction``,
+    each tile's taper's :func:`independent_fraction`, squared), measures the noise power
     ``sigma2``.  ``lam`` minimises the unbiased estimate of the prediction
     risk, ``RSS + 2 sum sigma2 A / D`` (``RSS = sum P - |C|**2 (2 D - A) / D**2``,
     the segments' residual energy), on :data:`LAM_GRID`, all in the Fourier
@@ -1000,8 +1004,8 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     and in rounds (each tile until its core's width changes by at most
     :data:`REFERENCE_TOLERANCE`, at most :data:`REFERENCE_ROUNDS`) the penalty
     acts on the kernel less the previous round's :func:`gaussian_core`; last, the taper's gain
-    is divided out: each tile's own (``gains``, :func:`source_gains`) where it is finite, else that
-    of a white source, ``a(dy) a(dx)`` (:func:`lag_gain`).  ``A`` less
+    ``gains`` (``(n, k, k)``: each tile's own, :func:`source_gains`, or a white source's) is divided
+    out.  ``A`` less
     ``source_noise`` (per tile, the source's noise power in every frequency)
     is the source power the kernel is fitted with.  Returns ``(kernels, lam,
     at_bound, penalty)``, ``penalty`` the ``lam s R`` of each tile (what :func:`_refine` keeps).
@@ -1015,11 +1019,9 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     q = np.abs(cross.astype(np.complex128)) ** 2
     scale = (a * w).sum(axis=(1, 2)) / (lap * w).sum()
     live = a > 0
-    noise = w * segment_noise(a, q, tpower, used, win1=win1, step=step)
+    noise = w * segment_noise(a, q, tpower, used, fraction=fraction)
 
     a_safe = np.where(live, a_fit, 1.0)  # the risk's coefficients are 0 there: any D > 0
-    h = kernel_size // 2
-    crop = (np.arange(kernel_size) - h) % seg
     best = _risk_minimum(a, a_safe, q, noise, w, lap, scale)
     lam = LAM_GRID[best]
     penalty = (lam * scale)[:, None, None] * lap
@@ -1055,10 +1057,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
         keep = np.flatnonzero(moving)[stable]
         active = active[stable]
         moments = Moments(**{f.name: getattr(moments, f.name)[keep] for f in fields(Moments)})
-    gain = lag_gain(win1)[crop]  # tapering shrinks the kernel at offset d by a(dy) a(dx) ...
-    white = np.outer(gain, gain)
-    # ... for a white source; the tile's own where its light is known (sources on a white sky)
-    kernels /= white if gains is None else np.where(np.isfinite(gains), gains, white)
+    kernels /= gains
     return kernels, lam, best == LAM_GRID.size - 1, penalty
 
 
