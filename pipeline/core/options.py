@@ -333,8 +333,8 @@ class WelchOptions(MethodOptions):
     window: str | tuple[str, float] = _option(
         "auto",
         "Taper of every segment: ``\"auto\"``: ``\"sine\"`` on tiles whose images both show sources on a "
-        "white-noise sky and neither is dominated by one source, ``\"hann\"`` on the others; ``\"sine\"`` (the "
-        "square root of Hann: at overlap 0.5 "
+        "white-noise sky, but for one bright source at the tile's edge, ``\"hann\"`` on the others; ``\"sine\"`` "
+        "(the square root of Hann: at overlap 0.5 "
         "the squares of overlapping segments' tapers sum to one, so every pixel weighs alike; its spectrum falls "
         "off more slowly, so smooth scenes leak), ``\"hann\"``, ``\"tukey\"`` (tapered fraction 0.5), "
         "``(\"tukey\", alpha)`` or ``\"none\"``.",

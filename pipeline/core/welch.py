@@ -52,11 +52,11 @@ kernel is refined by a few iterations of the exact least squares over the
 tile's pixels (:func:`_refine`: 0.0036 and 0.0044;
 it costs 1.4-1.7 times the automatic part again, on those tiles only).
 So is a tile where one bright source at the tile's edge dominates either image
-(:data:`EDGE_SHARE`): its blurred light beyond the tile is cut off, which no
-taper gain describes, and the whole tile's least squares take only what lies
-inside (W's 16 such tiles of 1,024: relative L2 0.05-0.40, 0.02-0.05 refined,
-but 0.34 for the brightest star, 5 px from the edge).  The refinement leaves
-out the target's filled pixels but keeps the source's.
+(:data:`EDGE_SHARE`; it is tapered with Hann): its blurred light beyond the
+tile is cut off, which no taper gain describes, and the whole tile's least
+squares take only what lies inside (W's 16 such tiles of 1,024: relative L2
+0.05-0.95, 0.02-0.05 refined, but 0.34 for the brightest star, 5 px from the
+edge).
 A number is a fixed ridge instead, ``eps = regularization * mean(power)``.
 Measured figures: ``docs/benchmarks.md``.
 
@@ -146,16 +146,12 @@ _CHUNK_PIXELS = 1 << 18
 #: ``window="auto"``: the second taper on tiles whose images both show sources on a white sky
 #: (:func:`sky_noise_variance`: every pixel weighs alike, and a point's spectrum does not leak), else the first.
 AUTO_WINDOWS = ("hann", "sine")
-#: ... but not where one source dominates either image (:func:`source_dominance`: the box about its brightest
-#: pixel holds at least this share of the image's source energy): there the sine taper's leakage and its
-#: weight near the segments' edges cost more than its even weighting gains (W's 1,024 tiles: relative L2
-#: 0.15-0.95 against Hann's 0.03-0.40 on the 6 tiles where it lost most, all with a share above 0.8).
-DOMINANT_SHARE = 0.95
-#: Tiles where one source holds at least :data:`EDGE_SOURCE_SHARE` of an image's source energy and the tile's
-#: outer band (half a kernel wide) at least :data:`EDGE_SHARE` of it are refined on the whole tile
-#: (:func:`_refine`) whatever their strength: the blurred light of a bright star at the tile's edge is cut
-#: off, which no taper gain describes (W: 16 of 1,024 tiles; relative L2 0.05-0.40 before, 0.02-0.05 after,
-#: but for the brightest star, 5 px from the edge: 0.40 -> 0.34).
+#: Tiles where one source holds at least :data:`EDGE_SOURCE_SHARE` of either image's source energy
+#: (:func:`source_dominance`) and the tile's outer band (half a kernel wide) at least :data:`EDGE_SHARE` of it
+#: are tapered with Hann and refined on the whole tile (:func:`_refine`) whatever their strength: the blurred
+#: light of a bright star at the tile's edge is cut off, which no taper gain describes, and the sine taper,
+#: which weighs light near the segments' edges more, suffers most (W's 16 such tiles of 1,024: relative L2
+#: 0.05-0.95 before, 0.02-0.05 after, but 0.34 for the brightest star, 5 px from the edge).
 EDGE_SOURCE_SHARE = 0.8
 EDGE_SHARE = 0.8
 #: A taper whose spectrum has at most this many nonzero bins (Hann's: 6 of the half spectrum) has the
@@ -206,7 +202,8 @@ class WelchSpectra:
 
     sources: np.ndarray  # the tiles, bad pixels filled
     targets: np.ndarray
-    target_bad: np.ndarray | None  # the target's pixels filled or dropped: left out of the whole-tile refinement
+    source_bad: np.ndarray | None  # the pixels filled or dropped in each image (the whole-tile refinement's)
+    target_bad: np.ndarray | None
     cross: np.ndarray  # (n, seg, seg // 2 + 1): sum of conj(FS) FR
     power: np.ndarray  # sum of |FS|^2
     target_power: np.ndarray | None  # sum of |FR|^2 (regularization="auto" or a measure)
@@ -228,10 +225,11 @@ class WelchSpectra:
             return None if a is None else a[rows]
 
         measure = None if self.sharpness is None else Sharpness(**{k: v[rows] for k, v in vars(self.sharpness).items()})
-        return replace(self, sources=self.sources[rows], targets=self.targets[rows], target_bad=cut(self.target_bad),
-                       cross=self.cross[rows], power=self.power[rows], target_power=cut(self.target_power),
-                       sums_s=self.sums_s[rows], sums_r=self.sums_r[rows], kept=self.kept[rows], sharpness=measure,
-                       window_of=self.window_of[rows], at_edge=self.at_edge[rows],
+        return replace(self, sources=self.sources[rows], targets=self.targets[rows], source_bad=cut(self.source_bad),
+                       target_bad=cut(self.target_bad), cross=self.cross[rows], power=self.power[rows],
+                       target_power=cut(self.target_power), sums_s=self.sums_s[rows], sums_r=self.sums_r[rows],
+                       kept=self.kept[rows], sharpness=measure, window_of=self.window_of[rows],
+                       at_edge=self.at_edge[rows],
                        sky=None if self.sky is None else (self.sky[0][rows], self.sky[1][rows]))
 
     def solve(self) -> WelchResult:
@@ -395,19 +393,18 @@ def welch_kernels(
     auto_window = parse_window(opts.window)[0] == "auto"
     n = len(sources)
     sky, windows, window_of = None, (opts.window,), np.zeros(n, dtype=np.int8)
-    dominant, at_edge = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    at_edge = np.zeros(n, dtype=bool)
     if auto_window or opts.auto_regularization:
         sky, target_sky = _sky_noise(sources), _sky_noise(targets)
-        # either image's dominant source: exchanging the images changes neither choice
+        # either image's source at the edge: exchanging the images changes neither choice
         for images, (noise_var, level) in ((sources, sky), (targets, target_sky)):
             share, edge = source_dominance(images, level, noise_var, kernel_size=kernel_size)
-            dominant |= share >= DOMINANT_SHARE
             at_edge |= (share >= EDGE_SOURCE_SHARE) & (edge >= EDGE_SHARE)
-        if auto_window:  # the sine taper where both images are sources on a white sky and none dominates, else Hann
+        if auto_window:  # the sine taper where both images are sources on a white sky, but for a source at the edge
             windows = AUTO_WINDOWS
-            window_of = ((sky[0] > 0) & (target_sky[0] > 0) & ~dominant).astype(np.int8)
+            window_of = ((sky[0] > 0) & (target_sky[0] > 0) & ~at_edge).astype(np.int8)
     spectra = _spectra(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers,
-                       target_bad=tgt_bad, measure=measure, windows=windows,
+                       source_bad=src_bad, target_bad=tgt_bad, measure=measure, windows=windows,
                        window_of=window_of, sky=sky, at_edge=at_edge)
     return spectra if spectra_only else _solve(spectra)
 
@@ -495,6 +492,7 @@ def _spectra(
     kernel_size: int,
     opts: WelchOptions,
     workers: int,
+    source_bad: np.ndarray | None = None,
     target_bad: np.ndarray | None = None,
     measure: bool = False,
     windows: tuple,
@@ -506,9 +504,9 @@ def _spectra(
 
     Tile ``i`` is tapered by ``windows[window_of[i]]``; ``sky`` is :func:`_sky_noise` of the sources (needed
     with ``regularization="auto"``); ``at_edge`` marks the tiles refined on the whole tile whatever their
-    strength (:data:`EDGE_SHARE`).  ``target_bad`` (the target's pixels filled or dropped) are left out of
-    the full-tile refinement; the source's filled pixels stay in it (each left out would take a whole stamp
-    of target pixels with it).
+    strength (:data:`EDGE_SHARE`).  ``source_bad`` and ``target_bad`` (the pixels filled or dropped in each
+    image) are left out of the full-tile refinement, but for the source's filled pixels in a tile refined
+    for its source at the edge alone (there each left out would take a whole stamp of target pixels with it).
     """
     n, ty, tx = sources.shape
     seg, overlap = opts.segment_size, opts.overlap
@@ -604,7 +602,7 @@ def _spectra(
     sharp = None
     if measure:
         sharp = spectra_sharpness(power, tpower, kept.sum(axis=(1, 2)))
-    return WelchSpectra(sources=sources, targets=targets, target_bad=target_bad, cross=cross,
+    return WelchSpectra(sources=sources, targets=targets, source_bad=source_bad, target_bad=target_bad, cross=cross,
                         power=power, target_power=tpower, sums_s=sums_s, sums_r=sums_r, kept=kept, sharpness=sharp,
                         window_of=window_of, sky=sky, layout=layout, kernel_size=kernel_size, opts=opts,
                         at_edge=at_edge,
@@ -613,7 +611,7 @@ def _spectra(
 
 def _solve(sp: WelchSpectra) -> WelchResult:
     """The kernels of the spectra ``sp``."""
-    sources, targets, target_bad = sp.sources, sp.targets, sp.target_bad
+    sources, targets, source_bad, target_bad = sp.sources, sp.targets, sp.source_bad, sp.target_bad
     cross, power, tpower, sums_s, sums_r, kept = sp.cross, sp.power, sp.target_power, sp.sums_s, sp.sums_r, sp.kept
     lay, kernel_size, workers = sp.layout, sp.kernel_size, sp.workers
     seg, step, colw, sel_y, sel_xt, nseg = lay.seg, lay.step, lay.colw, lay.sel_y, lay.sel_xt, lay.nseg
@@ -654,8 +652,9 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                 ok = np.nonzero((used[part] > 0) & ((lam_ <= REFINE_MAX_LAM) | sp.at_edge[part]))[0]
                 if ok.size:
                     energy = (power[part][ok].astype(np.float64) * colw).sum(axis=(1, 2)) / (seg * seg)
-                    # the source's filled pixels stay in (left out, each would take a stamp of target pixels)
-                    sbad, tbad = None, None if target_bad is None else target_bad[lo:hi][ok]
+                    sbad, tbad = (None if m is None else m[lo:hi][ok] for m in (source_bad, target_bad))
+                    if sbad is not None:  # the source's filled pixels stay in a noisy tile refined for its edge
+                        sbad = sbad & (lam_[ok] <= REFINE_MAX_LAM)[:, None, None]
                     some = used[part][ok] < nseg
                     if some.any():  # only the pixels of the kept segments
                         out = np.zeros((ok.size, ty, tx), dtype=bool)
