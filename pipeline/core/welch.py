@@ -55,7 +55,7 @@ So is a tile where one bright source at the tile's edge dominates either image
 (:data:`EDGE_SHARE`; it is tapered with Hann): its blurred light beyond the
 tile is cut off, which no taper gain describes, and the whole tile's least
 squares take only what lies inside (W's 16 such tiles of 1,024: relative L2
-0.05-0.95, 0.02-0.05 refined, but 0.34 for the brightest star, 5 px from the
+0.04-0.95, 0.02-0.06 refined, but 0.34 for the brightest star, 5 px from the
 edge).
 A number is a fixed ridge instead, ``eps = regularization * mean(power)``.
 Measured figures: ``docs/benchmarks.md``.
@@ -151,7 +151,7 @@ AUTO_WINDOWS = ("hann", "sine")
 #: are tapered with Hann and refined on the whole tile (:func:`_refine`) whatever their strength: the blurred
 #: light of a bright star at the tile's edge is cut off, which no taper gain describes, and the sine taper,
 #: which weighs light near the segments' edges more, suffers most (W's 16 such tiles of 1,024: relative L2
-#: 0.05-0.95 before, 0.02-0.05 after, but 0.34 for the brightest star, 5 px from the edge).
+#: 0.04-0.95 before, 0.02-0.06 after, but 0.34 for the brightest star, 5 px from the edge).
 EDGE_SOURCE_SHARE = 0.8
 EDGE_SHARE = 0.8
 #: A taper whose spectrum has at most this many nonzero bins (Hann's: 6 of the half spectrum) has the
