@@ -47,7 +47,7 @@ def test_residual_statistics_of_an_exact_model_are_its_noise() -> None:
 
 
 def test_residual_statistics_over_a_region_with_holes_are_those_of_its_pixels() -> None:
-    # the region as weights (tiles with bad pixels) gives what its pixels alone give: the MAD of every
+    # a region with holes (tiles with bad pixels) gives what its pixels alone give: the MAD of every
     # step-th of them, their RMS and the model's spread over them; a tile without a background has none
     rng = np.random.default_rng(5)
     n, size, k = 11, 64, 5

@@ -449,8 +449,8 @@ def test_a_bright_star_at_the_tiles_edge_keeps_the_kernel_centred(monkeypatch) -
 
 def test_a_tile_dominated_by_a_star_at_its_edge_is_refined_on_the_whole_tile(monkeypatch) -> None:
     """A bright star 1 px from the tile's edge, most of its blurred light beyond it: no taper gain describes
-    that; the whole tile's least squares take what lies inside (measured: relative L2 0.076 against 0.21
-    without the refinement).  Such a tile is tapered with Hann, whatever its sky."""
+    that; such a tile is tapered with Hann, whatever its sky, and the whole tile's least squares take what
+    lies inside (measured: relative L2 0.076 against 0.72 without the rule: the sine taper, no refinement)."""
     src, tgt, kern = _star_at_the_edge(9, 1.0, 1e5)
     spectra = welch_kernels(src[None], tgt[None], kernel_size=21, spectra_only=True)
     assert spectra.at_edge.tolist() == [True] and spectra.window_of.tolist() == [0]
