@@ -118,12 +118,12 @@ def welch_spectra_fit(src: np.ndarray, tgt: np.ndarray, truth: np.ndarray) -> di
     flux_err, centroid_err = [], []
     for i in range(len(src)):  # one tile a call: its own taper, spectra and gain
         taken.clear()
+        spectra = welch_kernels(src[i:i + 1], tgt[i:i + 1], kernel_size=K, spectra_only=True)
         welch_module._auto_kernels = keep
         try:
-            start = welch_kernels(src[i:i + 1], tgt[i:i + 1], kernel_size=K).kernels[0]
+            start = spectra.solve().kernels[0]
         finally:
             welch_module._auto_kernels = original
-        spectra = welch_kernels(src[i:i + 1], tgt[i:i + 1], kernel_size=K, spectra_only=True)
         win1 = spectra.layout.windows[spectra.window_of[0]]  # the tile's taper
         cross, used = taken["cross"][0], taken["used"]
         power, tpower = taken["power"].astype(np.float64), taken["tpower"].astype(np.float64)

@@ -16,7 +16,8 @@ the sine taper's squares sum to one, so every pixel weighs alike (survey
 tiles: relative error 0.057 / 0.073 against Hann's 0.064 / 0.083 on bright and
 sparse fields); its spectrum falls off more slowly than Hann's, so a smooth
 scene's low frequencies leak into its high ones (a noise-free scene smoothed
-over 2 px: 0.20 against 0.024 after the refinement below).
+over 2 px: 0.20 against 0.024 after the refinement below).  A tile whose
+dominant source lies at its edge gets Hann too (:data:`EDGE_SHARE`, below).
 
 Regularisation
 --------------
@@ -848,12 +849,10 @@ def source_gains(sources: np.ndarray, level: np.ndarray, noise_var: np.ndarray, 
     sky = np.flatnonzero(noise_var > 0)
     if not sky.size:
         return out
-    dtype = np.float32 if sources.dtype == np.float32 else np.float64
     # (pixels no kept segment holds may be NaN: the sums below never take them)
-    energy = np.subtract(sources if sky.size == n else sources[sky], level[sky, None, None].astype(dtype),
-                         dtype=dtype)
-    energy *= energy > (SOURCE_SIGMAS * np.sqrt(noise_var[sky]))[:, None, None].astype(dtype)
+    energy = _source_heights(sources, level, noise_var, sky)
     energy *= energy
+    dtype = energy.dtype
     reach = np.arange(seg)[:, None] + (np.arange(k) - k // 2)[None, :]  # p + d within the segment
     pairs = np.where((reach >= 0) & (reach < seg), win1[:, None] * win1[np.clip(reach, 0, seg - 1)], 0.0)
     py, px = _positions(ty, seg, step), _positions(tx, seg, step)
@@ -896,10 +895,7 @@ def source_dominance(images: np.ndarray, level: np.ndarray, noise_var: np.ndarra
         return share, edge
     h = kernel_size // 2
     reach = h // 2  # the box: the brightest pixel and this many either side
-    dtype = np.float32 if images.dtype == np.float32 else np.float64
-    # the heights over the threshold (0 elsewhere); the energies are their squares, summed by products
-    above = np.subtract(images if sky.size == n else images[sky], level[sky, None, None].astype(dtype), dtype=dtype)
-    above *= above > (SOURCE_SIGMAS * np.sqrt(noise_var[sky]))[:, None, None].astype(dtype)
+    above = _source_heights(images, level, noise_var, sky)  # the energies are their squares, summed by products
     flat = above.reshape(sky.size, -1)
     total = np.einsum("ij,ij->i", flat, flat).astype(np.float64)
     inner = above[:, h:ty - h, h:tx - h]
@@ -912,6 +908,16 @@ def source_dominance(images: np.ndarray, level: np.ndarray, noise_var: np.ndarra
         share[sky[j]] = float(np.einsum("ij,ij->", box, box)) / total[j]
     edge[sky[lit]] = 1.0 - inner[lit] / total[lit]
     return share, edge
+
+
+def _source_heights(images: np.ndarray, level: np.ndarray, noise_var: np.ndarray, sky: np.ndarray) -> np.ndarray:
+    """The images ``sky`` (indices) as heights above their ``level`` where over :data:`SOURCE_SIGMAS` times the
+    noise (``sqrt(noise_var)``), else 0: ``(sky.size, ty, tx)`` in the images' precision (float32 or float64)."""
+    dtype = np.float32 if images.dtype == np.float32 else np.float64
+    above = np.subtract(images if sky.size == len(images) else images[sky], level[sky, None, None].astype(dtype),
+                        dtype=dtype)
+    above *= above > (SOURCE_SIGMAS * np.sqrt(noise_var[sky]))[:, None, None].astype(dtype)
+    return above
 
 
 def _placed(rows: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
