@@ -8,7 +8,15 @@ from conftest import strict_warnings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.defects import _sky, find_defects, row_medians, saturation_plateau, sky_statistics, spikes
+from pipeline.core.defects import (
+    _sky,
+    find_defects,
+    row_medians,
+    saturation_plateau,
+    sky_statistics,
+    spikes,
+    tile_skies,
+)
 from pipeline.errors import InputError
 from pipeline.sim.defects import add_defects
 from pipeline.sim.scenes import gaussian_kernel, survey_tile_pair
@@ -32,6 +40,10 @@ def check(images, usable=None, others=None, others_usable=None) -> np.ndarray:
     got = find_defects(images, usable, others, others_usable)
     assert got.dtype == bool and got.shape == np.shape(images)
     np.testing.assert_array_equal(got, per_tile(images, usable, others, others_usable))
+    if np.asarray(images).dtype in (np.float32, np.float64):  # the sky measured beforehand: the same search
+        with np.errstate(invalid="ignore"):
+            skies = tile_skies(np.asarray(images), usable)
+        np.testing.assert_array_equal(find_defects(images, usable, others, others_usable, skies=skies), got)
     for before, after in zip(given, (images, usable, others, others_usable), strict=True):
         if before is not None:
             np.testing.assert_array_equal(before, after)
@@ -333,6 +345,18 @@ def test_sky_statistics_are_the_spike_search_s_sky() -> None:
         rows = image[:: max(1, image.shape[0] // 16)]
         assert spread[i] == 1.4826 * np.median(np.abs(rows - sky_level))
     assert spread[2] > 3 * sigma[2]  # the gradient spreads the pixels, not their neighbour differences
+    # the level and noise measured beforehand (with a mask: the spread still from every pixel of the rows)
+    usable = np.ones(images.shape, dtype=bool)
+    usable[1, 0, :5] = False
+    skies = tile_skies(images, usable)
+    for i, image in enumerate(images):
+        assert (skies.level[i], skies.sigma[i]) == _sky(image, usable[i])[:2]
+    given = sky_statistics(images, skies)
+    np.testing.assert_array_equal(given[0], skies.level)
+    np.testing.assert_array_equal(given[1], skies.sigma)
+    rows = images[:, :: images.shape[1] // 16]
+    np.testing.assert_array_equal(given[2], 1.4826 * np.median(np.abs(rows - skies.level[:, None, None]), axis=(1, 2)))
+    assert not skies.nan.any() and len(tile_skies(images[:0], None).level) == 0
 
 
 @settings(max_examples=40, deadline=None)

@@ -12,11 +12,14 @@ result of the two applied tile by tile.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["find_defects", "row_medians", "saturation_plateau", "sky_statistics", "spikes"]
+__all__ = ["TileSkies", "find_defects", "row_medians", "saturation_plateau", "sky_statistics", "spikes",
+           "tile_skies"]
 
 #: Pixels at a tile's maximum value that make a saturation plateau.
 _PLATEAU = 3
@@ -140,7 +143,7 @@ def spikes(image: np.ndarray, usable: np.ndarray, other: np.ndarray | None = Non
 
 
 def find_defects(images: np.ndarray, usable: np.ndarray | None, others: np.ndarray | None,
-                 others_usable: np.ndarray | None) -> np.ndarray:
+                 others_usable: np.ndarray | None, *, skies: TileSkies | None = None) -> np.ndarray:
     """Saturation plateaus and spikes of a batch of tiles, each judged with its other image.
 
     Equal, bit for bit, to ``saturation_plateau(images[i], u) | spikes(images[i], u, others[i],
@@ -159,6 +162,8 @@ def find_defects(images: np.ndarray, usable: np.ndarray | None, others: np.ndarr
         other real dtypes are judged tile by tile).
     usable, others_usable
         ``(n, ny, nx)`` bool, or None (every pixel usable).
+    skies
+        :func:`tile_skies` of ``images`` and ``usable``, where already measured (the same result).
 
     Returns
     -------
@@ -187,7 +192,7 @@ def find_defects(images: np.ndarray, usable: np.ndarray | None, others: np.ndarr
     images, usable, others, others_usable = (
         None if a is None else np.ascontiguousarray(a) for a in (images, usable, others, others_usable))
     with np.errstate(invalid="ignore", over="ignore"):
-        fallback = _batch(found, images, usable, others, others_usable)
+        fallback = _batch(found, images, usable, others, others_usable, skies)
     return _per_tile(found, np.nonzero(fallback)[0], images, usable, others, others_usable)
 
 
@@ -203,7 +208,7 @@ def _per_tile(found: np.ndarray, tiles, images: np.ndarray, usable: np.ndarray |
 
 
 def _batch(found: np.ndarray, images: np.ndarray, usable: np.ndarray | None, others: np.ndarray | None,
-           others_usable: np.ndarray | None) -> np.ndarray:
+           others_usable: np.ndarray | None, skies: TileSkies | None = None) -> np.ndarray:
     """Mark in ``found`` the defects of the batch; return the tiles left to the per-tile functions.
 
     Every comparison is made in the dtype the per-tile functions make it in: a per-tile Python
@@ -212,7 +217,7 @@ def _batch(found: np.ndarray, images: np.ndarray, usable: np.ndarray | None, oth
     n, ny, nx = images.shape
     inf = np.inf
     # -- the tiles' sky, for spikes
-    rows = slice(None, None, max(1, ny // 16))
+    rows = _sky_rows(ny)
     judged = np.full(n, min(ny, nx) >= 3)
     fallback = np.zeros(n, dtype=bool)
     if usable is not None:
@@ -225,7 +230,10 @@ def _batch(found: np.ndarray, images: np.ndarray, usable: np.ndarray | None, oth
     sigma = np.full(n, np.nan)
     tiles = np.nonzero(judged)[0]
     if len(tiles):
-        level[tiles], sigma[tiles], nan = _skies(images, usable, tiles, rows)
+        if skies is None:
+            level[tiles], sigma[tiles], nan = _skies(images, usable, tiles, rows)
+        else:  # (measured on every tile: each tile's statistics are its own)
+            level[tiles], sigma[tiles], nan = skies.level[tiles], skies.sigma[tiles], skies.nan[tiles]
         fallback[tiles[nan]] = True
     judged &= sigma > 0
     threshold = _SPIKE_SIGMAS * sigma
@@ -419,17 +427,46 @@ def _boxes(images: np.ndarray, usable: np.ndarray | None, pos: np.ndarray, level
     return box
 
 
-def sky_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class TileSkies:
+    """Each tile's sky as :func:`find_defects` measures it (:func:`tile_skies`), ``(n,)`` each."""
+
+    level: np.ndarray  # the median of the usable pixels of every sampled row (the images' dtype)
+    sigma: np.ndarray  # the pixel noise: robust scatter of their neighbour differences over sqrt(2); NaN for none
+    nan: np.ndarray  # bool: a NaN met these statistics
+
+
+def _sky_rows(ny: int) -> slice:
+    """The rows the sky is measured on: about 16 of them."""
+    return slice(None, None, max(1, ny // 16))
+
+
+def tile_skies(images: np.ndarray, usable: np.ndarray | None) -> TileSkies:
+    """The sky of each tile of ``images`` (``(n, ny, nx)`` float32 or float64) from its ``usable`` pixels
+    (``None``: all) of about 16 rows, as :func:`find_defects` measures it: pass it there and to the other
+    steps that need it, and it is measured once.  Tiles without usable pixels in those rows get a NaN sigma."""
+    n, ny = images.shape[:2]
+    if n == 0:
+        return TileSkies(np.zeros(0, dtype=images.dtype), np.zeros(0), np.zeros(0, dtype=bool))
+    level, sigma, nan = _skies(images, usable, np.arange(n), _sky_rows(ny))
+    return TileSkies(level, sigma, nan)
+
+
+def sky_statistics(images: np.ndarray, skies: TileSkies | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The sky of each tile of a batch of wholly usable ones, as :func:`spikes` measures it, in float64.
 
     From about 16 rows: ``level``, the median; ``sigma``, the pixel noise (the
     robust scatter of neighbour differences over sqrt(2)); ``spread``, the
     robust scatter of the pixels about the level.  ``(n,)`` each; NaN for
-    tiles narrower than 2 pixels.
+    tiles narrower than 2 pixels.  ``skies``: the level and noise, where
+    already measured (:func:`tile_skies`): only the spread is measured.
     """
     n, ny = images.shape[:2]
-    rows = images[:, :: max(1, ny // 16)].astype(np.float64)
-    level, sigma, _ = _skies(rows, None, np.arange(n), slice(None))
+    rows = images[:, _sky_rows(ny)].astype(np.float64)
+    if skies is None:
+        level, sigma, _ = _skies(rows, None, np.arange(n), slice(None))
+    else:
+        level, sigma = skies.level.astype(np.float64), skies.sigma
     spread = 1.4826 * row_medians(np.abs(rows.reshape(n, -1) - level[:, None]), None, own=True)[0]
     return level, sigma, spread
 

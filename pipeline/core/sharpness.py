@@ -77,7 +77,7 @@ import scipy.fft
 import scipy.sparse
 
 from ..errors import InputError, OptionError
-from .defects import row_medians
+from .defects import TileSkies, row_medians
 from .moments import FWHM_PER_SIGMA
 from .validate import as_image_stack
 
@@ -426,20 +426,33 @@ def _pair_spikes(src: np.ndarray, tgt: np.ndarray, good: np.ndarray) -> np.ndarr
     return _grown(np.concatenate(_spike_indices(src, tgt, good)), good.shape)
 
 
-def _spike_indices(src: np.ndarray, tgt: np.ndarray, good: np.ndarray,
-                   scaled_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _spike_indices(src: np.ndarray, tgt: np.ndarray, good: np.ndarray, scaled_only: bool = False,
+                   skies: tuple[TileSkies | None, TileSkies | None] = (None, None)) -> tuple[np.ndarray, np.ndarray]:
     """The flat indices of the spikes of ``src`` and of ``tgt`` (float32, 0 where not ``good``), the other
     image of the pair given: :func:`spikes`, not grown (``scaled_only``: unmatched light only in tiles
-    whose flux scale is measured)."""
-    ss, gs = _sky_sigma(src, good)
-    st, gt = _sky_sigma(tgt, good)
+    whose flux scale is measured; ``skies``: each image's sky, where measured already)."""
+    ss, gs = _given_sky(src, good, skies[0])
+    st, gt = _given_sky(tgt, good, skies[1])
     ps, pt = _peel(src, good, ss, gs), _peel(tgt, good, st, gt)
     return (np.concatenate([ps, _unmatched(src, ss, gs, ps, tgt, st, gt, pt, good, scaled_only)]),
             np.concatenate([pt, _unmatched(tgt, st, gt, pt, src, ss, gs, ps, good, scaled_only)]))
 
 
+def _given_sky(image: np.ndarray, good: np.ndarray, sky: TileSkies | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_sky_sigma`, or the level and noise of ``sky`` where it measured them."""
+    if sky is None:
+        return _sky_sigma(image, good)
+    level, sigma = sky.level.astype(np.float32), sky.sigma.astype(np.float32)
+    missing = sky.nan | ~np.isfinite(sigma) | ~np.isfinite(level)
+    if missing.any():
+        own = _sky_sigma(image[missing], good[missing])
+        level[missing], sigma[missing] = own
+    return level, sigma
+
+
 def pair_spikes(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray | None = None,
-                target_bad: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                target_bad: np.ndarray | None = None, *,
+                skies: tuple[TileSkies, TileSkies] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each image's spikes (:func:`spikes`, the other image of the pair given), not grown.
 
     ``source`` and ``target`` are ``(n, h, w)`` tiles of one scene, finite
@@ -451,7 +464,9 @@ def pair_spikes(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray |
     isolated bad pixels.  Light is "not got" only on the flux scale the two
     images share (the median ratio of the pixels lit in both): a tile with
     fewer than 10 such pixels has no unmatched light, whatever the two
-    images' units.  :data:`_CHUNK` tiles at a time.
+    images' units.  :data:`_CHUNK` tiles at a time.  ``skies``: each image's
+    sky (:func:`pipeline.core.defects.tile_skies`), where measured already;
+    else it is measured here (from every fourth row and column).
     """
     shape = source.shape
     found_s = np.zeros(shape, dtype=bool)
@@ -470,7 +485,9 @@ def pair_spikes(source: np.ndarray, target: np.ndarray, source_bad: np.ndarray |
                     good &= ~bad[part]
             zero = np.float32(0.0)
             src, tgt = np.where(good, src, zero), np.where(good, tgt, zero)
-        for found, index in zip((found_s, found_t), _spike_indices(src, tgt, good, scaled_only=True)):
+        given = (None, None) if skies is None else tuple(
+            TileSkies(sky.level[part], sky.sigma[part], sky.nan[part]) for sky in skies)
+        for found, index in zip((found_s, found_t), _spike_indices(src, tgt, good, scaled_only=True, skies=given)):
             index = np.unique(index)  # a pixel may be found by both tests
             # so many in a tile: not an image of the sky (a photograph's texture), none taken
             many = np.bincount(index // area, minlength=len(src)) > SPIKE_MOST * area

@@ -129,7 +129,7 @@ import scipy.fft as sfft
 from numpy.lib.stride_tricks import as_strided
 
 from ..errors import InputError, OptionError
-from .defects import find_defects, sky_statistics
+from .defects import TileSkies, find_defects, sky_statistics, tile_skies
 from .fill import FILL_RADIUS, fill_bad_pixels
 from .gram import fit_region
 from .moments import Moments, adaptive_moments
@@ -386,17 +386,23 @@ def welch_kernels(
         raise OptionError(f"segment_size {opts.segment_size} exceeds the tile size {(ty, tx)}")
     src_bad = either_bad(maps.get("bad"), maps.get("source_bad"))
     tgt_bad = either_bad(maps.get("bad"), maps.get("target_bad"))
-    if opts.find_defects:
-        src_bad, tgt_bad = (_with_found_defects(sources, src_bad, targets, tgt_bad),
-                            _with_found_defects(targets, tgt_bad, sources, src_bad))
-        src_bad, tgt_bad = _with_spikes(sources, src_bad, targets, tgt_bad)
-    sources, targets, unusable = _fill_isolated(sources, targets, src_bad, tgt_bad)
     auto_window = parse_window(opts.window)[0] == "auto"
+    skies = (None, None)  # each image's sky, measured once for the defect searches and the noise
+    if (opts.find_defects or auto_window or opts.auto_regularization) and sources.dtype == targets.dtype and \
+            sources.dtype in (np.float32, np.float64):
+        with np.errstate(invalid="ignore", over="ignore"):  # (as the defect search measures them)
+            skies = (tile_skies(sources, None if src_bad is None else ~src_bad),
+                     tile_skies(targets, None if tgt_bad is None else ~tgt_bad))
+    if opts.find_defects:
+        src_bad, tgt_bad = (_with_found_defects(sources, src_bad, targets, tgt_bad, skies[0]),
+                            _with_found_defects(targets, tgt_bad, sources, src_bad, skies[1]))
+        src_bad, tgt_bad = _with_spikes(sources, src_bad, targets, tgt_bad, skies)
+    sources, targets, unusable = _fill_isolated(sources, targets, src_bad, tgt_bad)
     n = len(sources)
     sky, windows, window_of = None, (opts.window,), np.zeros(n, dtype=np.int8)
     at_edge = np.zeros(n, dtype=bool)
     if auto_window or opts.auto_regularization:
-        sky, target_sky = _sky_noise(sources), _sky_noise(targets)
+        sky, target_sky = _sky_noise(sources, skies[0]), _sky_noise(targets, skies[1])
         # either image's source at the edge: exchanging the images changes neither choice
         for images, (noise_var, level) in ((sources, sky), (targets, target_sky)):
             share, edge = source_dominance(images, level, noise_var, kernel_size=kernel_size)
@@ -411,25 +417,29 @@ def welch_kernels(
 
 
 def _with_found_defects(images: np.ndarray, bad: np.ndarray | None, others: np.ndarray,
-                        others_bad: np.ndarray | None) -> np.ndarray | None:
+                        others_bad: np.ndarray | None, skies: TileSkies | None = None) -> np.ndarray | None:
     """``bad`` with the spikes and saturation plateaus found in each image added (``None`` if none).
 
-    ``others`` are the other images of the pairs (a spike has no counterpart there).
+    ``others`` are the other images of the pairs (a spike has no counterpart there); ``skies``: the
+    images' :func:`~pipeline.core.defects.tile_skies` with ``bad``, where measured.
     """
     found = find_defects(images, None if bad is None else ~bad, others,
-                         None if others_bad is None else ~others_bad)
+                         None if others_bad is None else ~others_bad, skies=skies)
     if not found.any():
         return bad
     return found if bad is None else bad | found
 
 
 def _with_spikes(sources: np.ndarray, source_bad: np.ndarray | None, targets: np.ndarray,
-                 target_bad: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+                 target_bad: np.ndarray | None, skies: tuple[TileSkies | None, TileSkies | None] = (None, None)
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``source_bad`` and ``target_bad`` with each image's spikes added: hot and dead pixels, and light the
-    other image has not got (cosmic-ray tracks; :func:`pipeline.core.sharpness.pair_spikes`)."""
+    other image has not got (cosmic-ray tracks; :func:`pipeline.core.sharpness.pair_spikes`; ``skies``: the
+    images' skies, where measured)."""
     if min(sources.shape[1:]) < SHARPNESS_MIN_TILE:
         return source_bad, target_bad
-    found = pair_spikes(sources, targets, source_bad, target_bad)
+    found = pair_spikes(sources, targets, source_bad, target_bad,
+                        skies=None if skies[0] is None or skies[1] is None else skies)
     out = []
     for bad, new in zip((source_bad, target_bad), found):
         if new.any():
@@ -928,12 +938,13 @@ def _placed(rows: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-def _sky_noise(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`sky_noise_variance` and each image's sky level (the median of :func:`sky_statistics`)."""
+def _sky_noise(images: np.ndarray, skies: TileSkies | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sky_noise_variance` and each image's sky level (the median of :func:`sky_statistics`; its level
+    and noise from ``skies`` where given, measured on the images before their bad pixels were filled)."""
     n = len(images)
     if n == 0 or min(images.shape[1:]) < 2:
         return np.zeros(n), np.zeros(n)
-    level, noise, spread = sky_statistics(images)
+    level, noise, spread = sky_statistics(images, skies)
     sky = (noise > 0) & (spread < WHITE_RATIO * noise)
     if SOURCE_PIXELS > 0 and sky.any():
         picked = images if sky.all() else images[sky]  # most often every tile: no copy
