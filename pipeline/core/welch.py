@@ -1160,9 +1160,11 @@ def _stamp_product(x: np.ndarray, operator: np.ndarray, workers: int) -> np.ndar
     commutes with the shift), in ``x``'s precision."""
     k = x.shape[-1]
     period = operator.shape[1]
-    spec = sfft.rfft2(x, s=(period, period), workers=workers)
+    # pruned transforms: the row transforms of the stamp's k rows only, and back only the k rows kept
+    spec = sfft.fft(sfft.rfft(x, n=period, axis=-1, workers=workers), n=period, axis=-2, workers=workers)
     spec *= operator
-    return np.ascontiguousarray(sfft.irfft2(spec, s=(period, period), workers=workers)[:, :k, :k])
+    rows = sfft.ifft(spec, axis=-2, workers=workers, overwrite_x=True)[:, :k]
+    return np.ascontiguousarray(sfft.irfft(rows, n=period, axis=-1, workers=workers)[:, :, :k])
 
 
 def _confined_solve(cross: np.ndarray, inv: np.ndarray, rhs: np.ndarray, operators: tuple[np.ndarray, np.ndarray],
