@@ -259,7 +259,8 @@ SAFE_EXPONENT = 32
 def _exponents(tiles: np.ndarray) -> np.ndarray:
     """``e`` per tile with its largest magnitude in ``[2**(e-1), 2**e)``, or 0 where that magnitude is within
     ``2**±SAFE_EXPONENT`` (or the tile all zeros); finite tiles."""
-    exponents = np.frexp(np.abs(tiles).max(axis=(1, 2)))[1]
+    flat = tiles.reshape(len(tiles), int(np.prod(tiles.shape[1:])))
+    exponents = np.frexp(np.maximum(flat.max(axis=1, initial=0.0), -flat.min(axis=1, initial=0.0)))[1]  # no |x| copy
     exponents[np.abs(exponents) <= SAFE_EXPONENT] = 0
     return exponents
 
