@@ -976,14 +976,16 @@ def _source_pixels(images: np.ndarray, level: np.ndarray, noise: np.ndarray) -> 
     Compared in the images' own precision (float32 or float64), without a copy of them.
     """
     dtype = images.dtype if images.dtype in (np.float32, np.float64) else np.float64
-    lit, bright = ((images > (level + c * noise).astype(dtype)[:, None, None]) for c in (3.0, 5.0))
-    neighbour = np.zeros_like(lit)  # a 4-neighbour lit too: a source, not a lone pixel
-    neighbour[:, 1:] |= lit[:, :-1]
-    neighbour[:, :-1] |= lit[:, 1:]
-    neighbour[:, :, 1:] |= lit[:, :, :-1]
-    neighbour[:, :, :-1] |= lit[:, :, 1:]
-    bright &= neighbour
-    return np.count_nonzero(bright.reshape(len(images), -1), axis=1)
+    n, ny, nx = images.shape
+    lit_at, bright_at = ((level + c * noise).astype(dtype) for c in (3.0, 5.0))
+    flat = images.reshape(-1)
+    index = np.flatnonzero(images > bright_at[:, None, None])  # few: only their neighbours are looked at
+    tile, rest = np.divmod(index, ny * nx)
+    y, x = np.divmod(rest, nx)
+    source = np.zeros(index.size, dtype=bool)  # a 4-neighbour lit too: a source, not a lone pixel
+    for inside, step in ((y > 0, -nx), (y < ny - 1, nx), (x > 0, -1), (x < nx - 1, 1)):
+        source |= inside & (flat[np.where(inside, index + step, index)] > lit_at[tile])
+    return np.bincount(tile[source], minlength=n)
 
 
 def segment_noise(power: np.ndarray, cross_power: np.ndarray, tpower: np.ndarray, used: np.ndarray, *,
