@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
+from .stamps import stamp_spectra
+
 __all__ = [
     "interior_models",
     "model_images",
@@ -50,8 +52,7 @@ def _convolved(sources: np.ndarray, kernels: np.ndarray, shape: tuple[int, int],
         sl = slice(start, start + chunk)
         fs = sfft.rfft2(sources[sl], s=shape)
         stamps = np.where(finite[sl, None, None], kernels[sl], 0.0).astype(sources.dtype)
-        # rfft2 of the zero-padded stamps, its rows' transforms only where the stamps have rows
-        fk = sfft.fft(sfft.rfft(stamps, n=shape[1], axis=-1), n=shape[0], axis=-2)
+        fk = stamp_spectra(stamps, shape)
         out[sl] = sfft.irfft2(fs * fk, s=shape)[:, first : first + size[0], first : first + size[1]]
     out[~finite] = np.nan
     return out

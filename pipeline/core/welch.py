@@ -136,6 +136,7 @@ from .moments import Moments, adaptive_moments
 from .options import WelchOptions, parse_window
 from .sharpness import MIN_TILE as SHARPNESS_MIN_TILE
 from .sharpness import Sharpness, pair_spikes, spectra_sharpness
+from .stamps import stamp_lags, stamp_spectra
 from .validate import check_odd_size, check_positive_int, either_bad
 
 __all__ = ["WelchResult", "WelchSpectra", "welch_kernels", "taper"]
@@ -438,8 +439,7 @@ def _with_spikes(sources: np.ndarray, source_bad: np.ndarray | None, targets: np
     images' skies, where measured)."""
     if min(sources.shape[1:]) < SHARPNESS_MIN_TILE:
         return source_bad, target_bad
-    found = pair_spikes(sources, targets, source_bad, target_bad,
-                        skies=None if skies[0] is None or skies[1] is None else skies)
+    found = pair_spikes(sources, targets, source_bad, target_bad, skies=None if skies[0] is None else skies)
     out = []
     for bad, new in zip((source_bad, target_bad), found):
         if new.any():
@@ -1162,11 +1162,9 @@ def _stamp_product(x: np.ndarray, operator: np.ndarray, workers: int) -> np.ndar
     commutes with the shift), in ``x``'s precision."""
     k = x.shape[-1]
     period = operator.shape[1]
-    # pruned transforms: the row transforms of the stamp's k rows only, and back only the k rows kept
-    spec = sfft.fft(sfft.rfft(x, n=period, axis=-1, workers=workers), n=period, axis=-2, workers=workers)
+    spec = stamp_spectra(x, (period, period), workers=workers)
     spec *= operator
-    rows = sfft.ifft(spec, axis=-2, workers=workers, overwrite_x=True)[:, :k]
-    return np.ascontiguousarray(sfft.irfft(rows, n=period, axis=-1, workers=workers)[:, :, :k])
+    return stamp_lags(spec, (period, period), k, workers=workers)
 
 
 def _confined_solve(cross: np.ndarray, inv: np.ndarray, rhs: np.ndarray, operators: tuple[np.ndarray, np.ndarray],
@@ -1266,8 +1264,7 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
     # stamp lag j (0..k-1) is kernel offset j - h; conv index y = target pixel y - h
 
     def forward(x: np.ndarray) -> np.ndarray:
-        # the stamp's transform, its k nonzero rows first (a pruned rfft2 of the padded stamp)
-        spec = sfft.fft(sfft.rfft(x, n=tx, axis=-1, workers=workers), n=ty, axis=-2, workers=workers)
+        spec = stamp_spectra(x, (ty, tx), workers=workers)
         spec *= fs
         out = sfft.irfft2(spec, s=(ty, tx), workers=workers)[valid]
         out = out - (out * weight).sum(axis=(1, 2), keepdims=True, dtype=np.float64).astype(dtype) / count
@@ -1279,9 +1276,7 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
         full[valid] = r
         spec = sfft.rfft2(full, workers=workers)
         spec *= fsc
-        # only the stamp's k x k lags: the k rows of the column transform, then theirs
-        rows = sfft.ifft(spec, axis=-2, workers=workers)[:, :k]
-        return np.ascontiguousarray(sfft.irfft(rows, n=tx, axis=-1, workers=workers)[:, :, :k])
+        return stamp_lags(spec, (ty, tx), k, workers=workers)  # only the stamp's k x k lags
 
     full_energy = (src[valid] ** 2 * mask).sum(axis=(1, 2))  # approximately the tile's zero-lag power
     c = (full_energy / np.maximum(energy, 1e-300))[:, None, None]
