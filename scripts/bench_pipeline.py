@@ -30,7 +30,10 @@ Mpix/s (150 tiles/s) and within 3.5x of the floor.
 
 ``--welch-bare`` adds Welch with the tiles' diagnostics off (``kernel:
 {method: welch, diagnostics: false}``, the model still on), the
-configuration in which the floor's targets were first set and met.
+configuration in which the floor's targets were first set and met;
+``--welch-fast`` adds Welch with the defect searches off as well
+(``find_defects: false``): the fastest Welch job, for inputs whose bad
+pixels are all masked.
 
 ``--joint`` adds the default job with ``model.method: kernels`` (the model
 fitted to the tile kernels instead of the default joint fit) and prints what
@@ -480,6 +483,8 @@ def api_run(client, pids, job):
 
 W_CODEC, W_CHUNK = "blosczstd", 1024  # the floor's store: W_blosczstd_c1024.zarr
 W_PAIRS = 4
+#: the Welch jobs of the main table with ``kernel`` options turned off, by name
+WELCH_OFF = {"welch-bare": ("diagnostics",), "welch-fast": ("diagnostics", "find_defects")}
 TILES_PER_PAIR = (SIZE // TILE) ** 2
 STACK_VERSION = 1
 
@@ -570,10 +575,10 @@ def stacked_w(w_store: Path, path: Path, copies: int, log) -> Path:
 
 
 def _job_yaml(path: Path, store: Path, out: Path, method: str | None, model: str | None = None,
-              diagnostics: bool = True) -> Path:
+              off: tuple[str, ...] = ()) -> Path:
     """The default job on ``store`` (arrays S and R); ``method`` None keeps the default method, ``model``
-    None the default model; ``diagnostics`` False turns the tiles' diagnostics off."""
-    options = ([f"method: {method}"] if method else []) + ([] if diagnostics else ["diagnostics: false"])
+    None the default model; ``off``: the ``kernel`` options turned off (``diagnostics``, ``find_defects``)."""
+    options = ([f"method: {method}"] if method else []) + [f"{name}: false" for name in off]
     kernel = f"kernel: {{{', '.join(options)}}}\n" if options else ""
     kernel += f"model: {{method: {model}}}\n" if model else ""
     path.write_text(f"input: {{path: {store}, source: S, target: R}}\n{kernel}"
@@ -602,7 +607,8 @@ def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], 
         kernelmap = shutil.which("kernelmap") or kernelmap
     # "kernels": the default job with the model fitted to the tile kernels instead of the default joint fit
     # "welch-bare": Welch with the tiles' diagnostics off, the configuration the floor's targets were set for
-    methods = (("welch",) + (("welch-bare",) if args.welch_bare else ())
+    # "welch-fast": the defect searches off as well
+    methods = (("welch",) + (("welch-bare",) if args.welch_bare else ()) + (("welch-fast",) if args.welch_fast else ())
                + (() if args.skip_lstsq else (DEFAULT_METHOD,)) + (("kernels",) if args.joint else ()))
     runs: dict[tuple[int, str], list[tuple[float, float, str]]] = {}
     commands: dict[tuple[int, str], tuple[list[str], dict[str, str], Path]] = {}
@@ -613,7 +619,7 @@ def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], 
         for method in methods:
             job = _job_yaml(outs / f"job-{method}-{n}.yaml", store, outs / f"cli-{method}-{n}.zarr",
                             None if method in (DEFAULT_METHOD, "kernels") else "welch",
-                            "kernels" if method == "kernels" else None, diagnostics=method != "welch-bare")
+                            "kernels" if method == "kernels" else None, off=WELCH_OFF.get(method, ()))
             commands[n, method] = ([kernelmap, "run", str(job)], env, ROOT)
     order = [(n, what) for n in sizes for what in ("limit", *methods)]
     log(f"whole processes, interleaved, {args.rounds} round(s): " + ", ".join(f"{w} ({n} pairs)" for n, w in order))
@@ -644,7 +650,7 @@ def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], 
             other = float(np.median([o for _, o, _ in runs[n, what]]))
             mpix, tiles = n * SIZE * SIZE / secs / 1e6, n * TILES_PER_PAIR / secs
             target = ""
-            if what in ("welch", "welch-bare"):
+            if what in ("welch", *WELCH_OFF):
                 ok = per_round <= 1.5 and secs / floor <= 1.5
                 target = f"<= 1.5x floor{'' if n == 4 * W_PAIRS else ' (judged on 16 pairs)'}: " \
                          f"{'met' if ok else 'NOT met'}"
@@ -657,6 +663,7 @@ def against_limit(args: argparse.Namespace, folder: Path, env0: dict[str, str], 
                          f"{'met' if added <= 0.2 else 'NOT met'}"
             label = {"limit": "limit.py (the floor)", "welch": "kernelmap run, welch",
                      "welch-bare": "kernelmap run, welch, no diagn.",
+                     "welch-fast": "kernelmap run, welch, no diag/def",
                      DEFAULT_METHOD: f"kernelmap run, {DEFAULT_METHOD} (default)",
                      "kernels": f"kernelmap run, {DEFAULT_METHOD}, model kernels"}[what]
             print(f"{n:5d} {label:<31} {secs:8.2f} {'[' + ', '.join(f'{w:.2f}' for w in walls) + ']':<26} "
@@ -707,6 +714,8 @@ def main() -> int:
     p.add_argument("--skip-lstsq", action="store_true", help="no runs of the default (lstsq) method (main table too)")
     p.add_argument("--welch-bare", action="store_true",
                    help="also Welch with the tiles' diagnostics off (kernel.diagnostics: false) in the main table")
+    p.add_argument("--welch-fast", action="store_true",
+                   help="also Welch with the diagnostics and the defect searches off in the main table")
     p.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

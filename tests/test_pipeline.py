@@ -16,10 +16,13 @@ import xarray as xr
 import yaml
 import zarr
 from conftest import job_dict, kill_run_after, strict_warnings
+from hypothesis import given
+from hypothesis import strategies as st
 from stacks import make_stack
 
 from pipeline import flags as fl
 from pipeline.cli import main
+from pipeline.core.tiles import grown_blocks
 from pipeline.errors import OptionError
 from pipeline.job.config import job_from_dict
 from pipeline.job.run import plan_job, run_job
@@ -266,6 +269,34 @@ def test_plan_groups_tiles_into_chunk_aligned_blocks(tmp_path):
     assert len(blocks) == 2 * 4 and sum(b.n_tiles for b in blocks) == plan.n_tiles
     ys, xs = plan.grid.pixel_region(blocks[1])
     assert (ys.start, ys.stop, xs.start, xs.stop) == (0, 128, 128, 256)
+
+
+@pytest.mark.parametrize(("kernel", "compute", "expected"), [
+    ({"method": "welch"}, {"scheduler": "synchronous"}, (6, 6)),  # 3x3 chunks: 16 blocks; 4x4 would leave 4
+    ({"method": "welch"}, {"scheduler": "local", "n_workers": 2}, (6, 6)),  # 16 blocks, 8 a worker
+    ({"method": "welch"}, {"scheduler": "local", "n_workers": 2, "threads_per_worker": 2}, (2, 2)),  # 2x2: 16 < 32
+    ({"method": "welch"}, {"scheduler": "synchronous", "block_tiles": 3}, (3, 3)),  # as asked
+    ({}, {"scheduler": "synchronous"}, (2, 2)),  # lstsq: one chunk a block
+])
+def test_welch_blocks_hold_whole_chunks_while_every_worker_keeps_eight(tmp_path, kernel, compute, expected):
+    make_stack(tmp_path / "stack.zarr", n_images=4, size=512, chunk=128)  # 8x8 tiles of 64 an image
+    plan = plan_job(job_from_dict(job_dict(tmp_path, kernel=kernel, compute=compute)))
+    assert plan.grid.block_tiles == expected
+    assert sum(b.n_tiles for b in plan.blocks) == plan.n_tiles == 4 * 64
+
+
+@given(by=st.integers(1, 9), bx=st.integers(1, 9), ty=st.integers(1, 40), tx=st.integers(1, 40),
+       n_images=st.integers(1, 50), workers=st.integers(1, 16))
+def test_grown_blocks_take_the_largest_factor_within_every_bound(by, bx, ty, tx, n_images, workers):
+    def fits(f: int) -> bool:
+        blocks = n_images * -(-ty // (by * f)) * -(-tx // (bx * f))
+        return by * f * bx * f <= 64 and by * f <= ty and bx * f <= tx and blocks >= 8 * workers
+
+    gy, gx = grown_blocks((by, bx), (ty, tx), n_images, workers=workers)
+    factor = gy // by
+    assert (gy, gx) == (by * factor, bx * factor) and factor >= 1
+    assert factor == 1 or all(fits(f) for f in range(2, factor + 1))
+    assert not fits(factor + 1)
 
 
 def test_demo_command_runs_the_demo_job(tmp_path, capsys):

@@ -52,3 +52,24 @@ def test_the_sharpness_measure_in_worker_threads_is_the_single_thread_one():
     for name in ("width_difference", "width_difference_error"):
         np.testing.assert_allclose(getattr(three, name), getattr(one, name), rtol=1e-9)
     np.testing.assert_array_equal(three.flags, one.flags)
+
+
+def test_one_blas_thread_holds_every_blas_library_to_one_thread_and_restores_them():
+    import os
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from pipeline.core.blas import one_blas_thread
+
+    def blas_threads() -> list[tuple[str, int]]:
+        return [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert before  # NumPy's BLAS at least
+        if (os.cpu_count() or 1) > 1:
+            assert any(n > 1 for _, n in before)
+        for _ in range(2):  # the stock taken at the first call serves the next
+            with one_blas_thread():
+                assert [n for _, n in blas_threads()] == [1] * len(before)
+            assert blas_threads() == before

@@ -40,10 +40,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
 from ..errors import InputError, OptionError
+from .blas import one_blas_thread
 from .diagnostics import plain_centroids, residual_statistics
 from .gram import fit_region
 from .lstsq import LstsqResult, lstsq_kernels
@@ -415,7 +415,7 @@ def _over_parts(func: Callable[[slice], dict[str, np.ndarray]], n: int, workers:
     """``func`` of contiguous parts of a batch of ``n``, in ``workers`` threads (BLAS one-threaded in
     each); their arrays joined in order."""
     parts = [slice(int(idx[0]), int(idx[-1]) + 1) for idx in np.array_split(np.arange(n), max(1, min(workers, n)))]
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         if len(parts) == 1:
             return func(parts[0])
         with ThreadPoolExecutor(max_workers=len(parts)) as pool:
@@ -515,7 +515,7 @@ def _fit_measured(src, tgt, bad: BadPixels, size, opts, diagnostics, exponents, 
 
 def _in_parts(func: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     """``func`` of each item, a thread each (BLAS one-threaded in each), in order."""
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         if len(items) == 1:
             return [func(items[0])]
         with ThreadPoolExecutor(max_workers=len(items)) as pool:

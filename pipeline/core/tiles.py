@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import OptionError
 from .validate import check_positive_int
 
-__all__ = ["EDGE", "RULES", "STEP", "TileGrid", "Block", "block_shape_for_chunks", "tile_origins"]
+__all__ = ["EDGE", "RULES", "STEP", "TileGrid", "Block", "block_shape_for_chunks", "grown_blocks", "tile_origins"]
 
 #: Tiles every ``step`` from 0 plus a last row and column ending at the far edges: every pixel covered.
 EDGE = "edge"
@@ -201,3 +201,22 @@ def block_shape_for_chunks(chunks: tuple[int, int], size: int, step: int, *, tar
             n = max(1, int(round(np.sqrt(target_tiles))))
         out.append(n)
     return out[0], out[1]
+
+
+def grown_blocks(block: tuple[int, int], tiles: tuple[int, int], n_images: int, *, workers: int,
+                 max_tiles: int = 64, per_worker: int = 8) -> tuple[int, int]:
+    """``block`` (tiles per block side) times the largest whole factor that keeps a block within
+    ``max_tiles`` tiles and inside an image of ``tiles`` (tiles per side), and leaves ``n_images`` images at
+    least ``per_worker`` blocks for each of ``workers``; ``block`` itself where no factor over 1 does.
+
+    A whole multiple of a block that reads one input chunk reads whole chunks.  Bigger blocks share a
+    batch's fixed costs among more tiles (Welch's, mostly: its iterations run a batch at once).
+    """
+    by, bx = block
+    best, factor = 1, 2
+    while by * factor * bx * factor <= max_tiles and by * factor <= tiles[0] and bx * factor <= tiles[1]:
+        blocks = n_images * -(-tiles[0] // (by * factor)) * -(-tiles[1] // (bx * factor))
+        if blocks < per_worker * workers:
+            break
+        best, factor = factor, factor + 1
+    return by * best, bx * best

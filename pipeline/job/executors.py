@@ -24,8 +24,8 @@ from operator import methodcaller
 from typing import TYPE_CHECKING, Any
 
 import dask
-from threadpoolctl import threadpool_limits
 
+from ..core.blas import one_blas_thread
 from ..errors import BatchError
 from .config import JobConfig
 
@@ -209,7 +209,7 @@ def run_in_threads(task: BlockTask, blocks: Sequence[Block], on_result: Callable
     limits overlap in time, and one ending would otherwise lift the limit under
     another, whose sums would then depend on the timing in their last bits.
     """
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(task, block) for block in blocks]
         for future in as_completed(futures):
             on_result(future.result())

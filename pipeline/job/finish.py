@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .. import flags as fl
+from ..core.blas import one_blas_thread
 from ..core.estimate import FORWARD
 from ..core.field import KernelField, fit_tiles, tile_weights
 from ..core.joint import PackedGrams, core_radius_for, fit_joint_tiles, variation_for
@@ -115,7 +115,7 @@ class JointFit:
     def __call__(self) -> ImageFit:
         if self.statistics is None:
             raise ValueError(f"image {self.image}: the joint fit has no tile statistics")
-        with threadpool_limits(limits=1, user_api="blas"):  # the same sums here and on any worker
+        with one_blas_thread():  # the same sums here and on any worker
             model, residual, rejected = fit_joint_tiles(self.y, self.x, self.kernels, self.usable, self.weights,
                                                         self.statistics, self.count, **self.options)
         return ImageFit(self.image, model, residual, rejected)
@@ -262,7 +262,7 @@ class ImageFinisher:
                 return
             self._store(records, kernels, fit())
             return
-        with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend with workers
+        with one_blas_thread():  # small products: threads only contend with workers
             model, residual, rejected = fit_tiles(
                 self.grid.centres_y, self.grid.centres_x, kernels, usable, weights,
                 degree=self.model.degree, max_degree=self.model.max_degree, clip=self.model.clip,
