@@ -1,4 +1,4 @@
-"""BLAS held to one thread while the package's own threads (or a pool of worker processes) run the work.
+"""BLAS held to one thread while the package runs its own threads (or alongside worker processes).
 
 ``threadpoolctl.threadpool_limits`` takes stock of the process's libraries
 each time it is entered (it reads ``/proc/self/maps``: about 1 ms a call,
