@@ -15,6 +15,7 @@ from pipeline.core.sharpness import (
     TARGET_SHARPER_TOLERANCE,
     _tile_medians,
     autocorrelation_width_difference,
+    pair_spikes,
     sharpness,
     spikes,
 )
@@ -186,6 +187,23 @@ def test_spikes_finds_hot_pixels_and_cosmic_rays_not_stars(blurrier):
     assert found[d.cosmic_ray & (d.target > 2000)].mean() > 0.95
     # the clean images of a crowded field: hardly a pixel (stars are never that sharp)
     assert spikes(src[:1], good, tgt[:1]).mean() < 0.002
+
+
+def test_a_bright_star_blurred_far_more_in_the_other_image_is_no_spike_but_a_wide_track_is():
+    # a 1e7 ADU star through a kernel of FWHM 4.7 px on a 3 px PSF: its peak stands 3.5 times the other
+    # image's, more than SPIKE_UNMATCHED, but its core is not sharp (its dimmest neighbour keeps half of it);
+    # a cosmic-ray track three pixels wide is light the other image has not got, its inner pixels too
+    rng = np.random.default_rng(4)
+    scene = np.zeros((128, 128))
+    faint = zip(rng.integers(12, 116, 30), rng.integers(12, 116, 30), rng.uniform(1e3, 1e4, 30))
+    for y, x, flux in ((64, 64, 1e7), *faint):
+        scene[y - 10:y + 11, x - 10:x + 11] += flux * moffat_psf(21, fwhm=3.0)
+    blurred = scipy.signal.fftconvolve(scene, gaussian_kernel(21, fwhm=4.7), mode="same")
+    src, tgt = (image + rng.normal(0.0, 10.0, image.shape) for image in (scene, blurred))
+    src[20:23, 30:46] += 5000.0
+    found_s, found_t = pair_spikes(src[None], tgt[None])
+    assert not found_s[0, 54:75, 54:75].any() and not found_t.any()
+    assert found_s[0, 20:23, 30:46].all()
 
 
 def test_pure_shift_is_nearly_equal():

@@ -120,7 +120,8 @@ SPIKE_SHARPNESS: float = 0.25
 #: A pixel over SPIKE_UNMATCHED times the brightest pixel near it in the other image (on
 #: this one's flux scale), plus SPIKE_SIGMAS_ALONE sigmas, is light the other image has not
 #: got: a cosmic ray or a hot pixel. A star's peak is at most about twice as high in the
-#: sharper image for FWHM ratios down to 0.7.
+#: sharper image for FWHM ratios down to 0.7; beyond that its core is told from a track by its
+#: shape (see :func:`_unmatched`).
 SPIKE_UNMATCHED: float = 3.0
 SPIKE_SIGMAS_ALONE: float = 5.0
 #: "Near": within this many pixels (a misregistration of the pair up to that).
@@ -321,7 +322,10 @@ def _unmatched(x: np.ndarray, sky_x, sigma_x, peel_x, y: np.ndarray, sky_y, sigm
 
     "Near": the brightest pixel of ``y`` (its spikes ``peel_y`` left out) in
     the 2x2 blocks within two blocks of the pixel's, which reaches 4 to 5
-    pixels (``SPIKE_MATCH_RADIUS``) either way.
+    pixels (``SPIKE_MATCH_RADIUS``) either way.  And the light is sharp in
+    ``x``: its dimmest 4-neighbour holds less than ``SPIKE_SHARPNESS`` of its
+    height (a track's neighbour across it; a star's core keeps more at FWHM >=
+    2 px, however much more the other image spreads it).
     """
     n, h, w = x.shape
     r = SPIKE_MATCH_RADIUS // 2
@@ -348,7 +352,24 @@ def _unmatched(x: np.ndarray, sky_x, sigma_x, peel_x, y: np.ndarray, sky_y, sigm
     unmatched = x_at > SPIKE_UNMATCHED * np.maximum(near, 0.0) * scale[t] + SPIKE_SIGMAS_ALONE * sigma_x[t]
     if scaled_only:
         unmatched &= counts[t] >= 10
-    return index[unmatched]
+    # and sharp in x: a track (or a lone pixel) has a 4-neighbour across it at the sky, a star's core has none
+    # (a bright star in the sharper image of a pair blurred more than SPIKE_UNMATCHED allows for is no spike);
+    # a wide track's inner pixels are taken with the sharp ones they touch
+    pick = np.flatnonzero(unmatched)
+    t, yy, xx = t[pick], yy[pick], xx[pick]
+    steps = ((-1, 0), (1, 0), (0, -1), (0, 1))
+    dimmest = np.minimum.reduce([x[t, np.clip(yy + dy, 0, h - 1), np.clip(xx + dx, 0, w - 1)]
+                                 for dy, dx in steps]) - sky_x[t]
+    found = index[pick]
+    taken = dimmest < SPIKE_SHARPNESS * x_at[pick]
+    inside = [(yy + dy >= 0) & (yy + dy < h) & (xx + dx >= 0) & (xx + dx < w) for dy, dx in steps]
+    while True:  # a pixel next to a taken one is taken too: a wide track's inner pixels
+        grown = taken.copy()
+        for ok, (dy, dx) in zip(inside, steps):
+            grown |= ok & np.isin(found + dy * w + dx, found[taken])
+        if (grown == taken).all():
+            return found[taken]
+        taken = grown
 
 
 def _tile_medians(values: np.ndarray, tiles: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -391,9 +412,11 @@ def spikes(image: np.ndarray, good: np.ndarray, other: np.ndarray | None = None)
     ``SPIKE_UNMATCHED`` times the brightest pixel within ``SPIKE_MATCH_RADIUS``
     (4 to 5 pixels: 2x2 blocks) there (on this image's
     flux scale, the median ratio of the pixels lit in both), plus
-    ``SPIKE_SIGMAS_ALONE`` sigmas, is a spike too: light the other image has
-    not got (a cosmic-ray track, on sky or on a galaxy). All found is grown by
-    one pixel.
+    ``SPIKE_SIGMAS_ALONE`` sigmas, and sharp (its dimmest 4-neighbour holds
+    less than ``SPIKE_SHARPNESS`` of it, or it touches such a pixel found so),
+    is a spike too: light the other image has not got (a cosmic-ray track, on
+    sky or on a galaxy; not the core of a bright star that the other image
+    spreads more). All found is grown by one pixel.
 
     Parameters
     ----------
