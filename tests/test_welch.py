@@ -571,7 +571,8 @@ def test_scattered_bad_pixels_and_a_bad_column_keep_the_clean_accuracy(survey) -
     res = welch_kernels(np.where(src_bad, np.nan, src), np.where(tgt_bad, np.nan, tgt), kernel_size=21,
                         source_bad=src_bad, target_bad=tgt_bad)
     assert np.isfinite(res.kernels).all() and np.isfinite(res.background).all()
-    assert res.n_segments.tolist() == [49] * n  # every segment used
+    # every segment the clean tiles use (all 49 but where a tile's star at its edge leaves out those holding it)
+    assert res.n_segments.tolist() == clean.n_segments.tolist() and (clean.n_segments >= 49 // 2).all()
     ratio = survey_errors(res.kernels, truth) / survey_errors(clean.kernels, truth)
     assert np.median(ratio) < 1.05 and ratio.max() < 1.15
     np.testing.assert_allclose(res.kernels.sum(axis=(1, 2)), clean.kernels.sum(axis=(1, 2)), atol=0.01)
@@ -588,9 +589,10 @@ def test_large_bad_block_drops_only_the_segments_it_touches(survey) -> None:
     bad[:, 100:140, 60:100] = True
     bad[:, 200, 30] = True  # and an isolated pixel, filled
     res = welch_kernels(np.where(bad, np.nan, src), np.where(bad, np.nan, tgt), bad, kernel_size=21)
-    assert res.n_segments.tolist() == [49 - 3 * 4] * len(src)
-    assert np.isfinite(res.kernels).all()
     clean = welch_kernels(src, tgt, kernel_size=21)
+    # (49 segments but where a tile's star at its edge leaves out those holding it)
+    assert (clean.n_segments - res.n_segments == 3 * 4).all()
+    assert np.isfinite(res.kernels).all()
     ratio = survey_errors(res.kernels, truth) / survey_errors(clean.kernels, truth)
     assert ratio.max() < 1.6
 
@@ -934,3 +936,34 @@ def test_refinement_with_odd_segments(segment_size: int) -> None:
     assert rel_l2(res.kernels[0], truth) < 0.25
     tiny = welch_kernels(src[:, :9, :9], tgt[:, :9, :9], kernel_size=9, segment_size=9)  # tile = segment = kernel
     assert np.isfinite(tiny.kernels).all()
+
+
+def test_a_bright_star_at_the_tile_edge_is_left_out_of_the_spectra_and_fitted_on_the_whole_tile() -> None:
+    """A 3e6-1e7 ADU star within a few pixels of the edge of a sparse field, through a kernel of FWHM 4.7 px:
+    its blurred light beyond the tile biased the segments that hold it (these 4 tiles: relative L2 0.24 median,
+    0.86 at most, before; 0.050 and 0.086 now); they are left out of the spectra, and the whole-tile
+    refinement takes its light."""
+    from pipeline.sim.scenes import MoffatPSF, add_noise, moffat_psf, render_scene
+
+    rng = np.random.default_rng(1)
+    truth = gaussian_kernel(21, fwhm=4.7)
+    truth /= truth.sum()
+    psf = MoffatPSF(fwhm=3.0, beta=3.5)
+    star = moffat_psf(2 * psf.half_size + 1, fwhm=3.0, beta=3.5)
+    pad, size, src, tgt = 60, 256, [], []
+    for side in range(4):
+        scene, _ = render_scene(rng, (size, size), psf=psf, star_density=5e-4, galaxy_density=2.5e-4,
+                                star_flux=(1e3, 1e5), galaxy_flux=(1e3, 1e5), margin=pad)
+        along, off = int(rng.integers(40, size - 40)), int(rng.integers(-3, 5))
+        y, x = [(off, along), (size - 1 - off, along), (along, off), (along, size - 1 - off)][side]
+        half = psf.half_size
+        scene[pad + y - half:pad + y + half + 1, pad + x - half:pad + x + half + 1] += rng.uniform(3e6, 1e7) * star
+        tile = (slice(pad, pad + size), slice(pad, pad + size))
+        src.append(add_noise(rng, scene[tile])[0])
+        tgt.append(add_noise(rng, fftconvolve(scene, truth, mode="same")[tile])[0])
+    src, tgt = np.stack(src).astype(np.float32), np.stack(tgt).astype(np.float32)
+    spectra = welch_kernels(src, tgt, kernel_size=21, spectra_only=True)
+    assert spectra.at_edge.all()
+    assert (spectra.kept.sum(axis=(1, 2)) < 49).all() and (spectra.fit_kept.sum(axis=(1, 2)) == 49).all()
+    errors = np.array([rel_l2(k, truth) for k in spectra.solve().kernels])
+    assert np.median(errors) < 0.15 and errors.max() < 0.3

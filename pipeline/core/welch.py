@@ -56,8 +56,11 @@ So is a tile where one bright source at the tile's edge dominates either image
 (:data:`EDGE_SHARE`; it is tapered with Hann): its blurred light beyond the
 tile is cut off, which no taper gain describes, and the whole tile's least
 squares take only what lies inside (W's 16 such tiles of 1,024: relative L2
-0.04-0.95, 0.02-0.06 refined, but 0.34 for the brightest star, 5 px from the
-edge).
+0.04-0.95, 0.02-0.06 refined). The segments that hold that source (any
+pixel within half a kernel of its brightest pixel) are left out of such a
+tile's spectra, where half its segments or more remain: the refinement,
+which uses every pixel, takes its light from a start the cut-off light did
+not bias (the brightest star of W, 5 px from the edge: 0.23 → 0.07).
 A number is a fixed ridge instead, ``eps = regularization * mean(power)``.
 Measured figures: ``docs/benchmarks.md``.
 
@@ -153,7 +156,7 @@ AUTO_WINDOWS = ("hann", "sine")
 #: are tapered with Hann and refined on the whole tile (:func:`_refine`) whatever their strength: the blurred
 #: light of a bright star at the tile's edge is cut off, which no taper gain describes, and the sine taper,
 #: which weighs light near the segments' edges more, suffers most (W's 16 such tiles of 1,024: relative L2
-#: 0.04-0.95 before, 0.02-0.06 after, but 0.34 for the brightest star, 5 px from the edge).
+#: 0.04-0.95 before, 0.02-0.06 after); the segments that hold the source are left out of their spectra.
 EDGE_SOURCE_SHARE = 0.8
 EDGE_SHARE = 0.8
 #: A taper whose spectrum has at most this many nonzero bins (Hann's: 6 of the half spectrum) has the
@@ -220,6 +223,9 @@ class WelchSpectra:
     kernel_size: int
     opts: WelchOptions
     workers: int
+    #: (n, ny, nx): the segments whose pixels the whole-tile refinement uses, where not ``kept`` (the tiles
+    #: whose source at the edge was left out of the spectra); ``None``: ``kept``
+    fit_kept: np.ndarray | None = None
 
     def take(self, rows: np.ndarray) -> WelchSpectra:
         """The spectra of the tiles ``rows`` (an index array)."""
@@ -231,7 +237,7 @@ class WelchSpectra:
                        target_bad=cut(self.target_bad), cross=self.cross[rows], power=self.power[rows],
                        target_power=cut(self.target_power), sums_s=self.sums_s[rows], sums_r=self.sums_r[rows],
                        kept=self.kept[rows], sharpness=measure, window_of=self.window_of[rows],
-                       at_edge=self.at_edge[rows],
+                       at_edge=self.at_edge[rows], fit_kept=cut(self.fit_kept),
                        sky=None if self.sky is None else (self.sky[0][rows], self.sky[1][rows]))
 
     def solve(self) -> WelchResult:
@@ -402,18 +408,22 @@ def welch_kernels(
     n = len(sources)
     sky, windows, window_of = None, (opts.window,), np.zeros(n, dtype=np.int8)
     at_edge = np.zeros(n, dtype=bool)
+    spare = None  # the pixels about each tile's source at the edge: their segments are left out of the spectra
     if auto_window or opts.auto_regularization:
         sky, target_sky = _sky_noise(sources, skies[0]), _sky_noise(targets, skies[1])
         # either image's source at the edge: exchanging the images changes neither choice
         for images, (noise_var, level) in ((sources, sky), (targets, target_sky)):
             share, edge = source_dominance(images, level, noise_var, kernel_size=kernel_size)
-            at_edge |= (share >= EDGE_SOURCE_SHARE) & (edge >= EDGE_SHARE)
+            ruled = (share >= EDGE_SOURCE_SHARE) & (edge >= EDGE_SHARE)
+            at_edge |= ruled
+            if ruled.any():
+                spare = _about_brightest(images, level, noise_var, np.flatnonzero(ruled), kernel_size // 2, spare)
         if auto_window:  # the sine taper where both images are sources on a white sky, but for a source at the edge
             windows = AUTO_WINDOWS
             window_of = ((sky[0] > 0) & (target_sky[0] > 0) & ~at_edge).astype(np.int8)
     spectra = _spectra(sources, targets, unusable, kernel_size=kernel_size, opts=opts, workers=workers,
                        source_bad=src_bad, target_bad=tgt_bad, measure=measure, windows=windows,
-                       window_of=window_of, sky=sky, at_edge=at_edge)
+                       window_of=window_of, sky=sky, at_edge=at_edge, spare=spare)
     return spectra if spectra_only else _solve(spectra)
 
 
@@ -510,6 +520,7 @@ def _spectra(
     window_of: np.ndarray,
     sky: tuple[np.ndarray, np.ndarray] | None,
     at_edge: np.ndarray,
+    spare: np.ndarray | None = None,
 ) -> WelchSpectra:
     """The segment spectra of finite tiles, summed per tile; segments touching a ``drop`` pixel are left out.
 
@@ -518,6 +529,8 @@ def _spectra(
     strength (:data:`EDGE_SHARE`).  ``source_bad`` and ``target_bad`` (the pixels filled or dropped in each
     image) are left out of the full-tile refinement, but for the source's filled pixels in a tile refined
     for its source at the edge alone (there each left out would take a whole stamp of target pixels with it).
+    Segments touching a ``spare`` pixel are left out of the spectra too (not of the refinement), in the tiles
+    where half their segments or more remain.
     """
     n, ty, tx = sources.shape
     seg, overlap = opts.segment_size, opts.overlap
@@ -564,6 +577,14 @@ def _spectra(
         kept = np.ones((n, ny, nx), dtype=bool)
     else:
         kept = (sel_y[:-1] @ drop.astype(wdt) @ sel_xt[:, :-1]) == 0
+    fit_kept = None
+    if spare is not None:
+        rows = np.flatnonzero(spare.any(axis=(1, 2)))
+        spared = kept[rows] & ((sel_y[:-1] @ spare[rows].astype(wdt) @ sel_xt[:, :-1]) == 0)
+        enough = spared.sum(axis=(1, 2)) >= max(1, nseg // 2)
+        if enough.any():
+            fit_kept = kept.copy()
+            kept[rows[enough]] = spared[enough]
     inv_area = 1.0 / (seg * seg)
     chunk = max(1, _CHUNK_PIXELS // (nseg * seg * seg))
 
@@ -616,8 +637,7 @@ def _spectra(
     return WelchSpectra(sources=sources, targets=targets, source_bad=source_bad, target_bad=target_bad, cross=cross,
                         power=power, target_power=tpower, sums_s=sums_s, sums_r=sums_r, kept=kept, sharpness=sharp,
                         window_of=window_of, sky=sky, layout=layout, kernel_size=kernel_size, opts=opts,
-                        at_edge=at_edge,
-                        workers=workers)
+                        at_edge=at_edge, workers=workers, fit_kept=fit_kept)
 
 
 def _solve(sp: WelchSpectra) -> WelchResult:
@@ -666,10 +686,11 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                     sbad, tbad = (None if m is None else m[lo:hi][ok] for m in (source_bad, target_bad))
                     if sbad is not None:  # the source's filled pixels stay in a noisy tile refined for its edge
                         sbad = sbad & (lam_[ok] <= REFINE_MAX_LAM)[:, None, None]
-                    some = used[part][ok] < nseg
-                    if some.any():  # only the pixels of the kept segments
+                    held = (kept if sp.fit_kept is None else sp.fit_kept)[lo:hi][ok]
+                    some = held.sum(axis=(1, 2)) < nseg
+                    if some.any():  # only the pixels of the kept segments (those of a source at the edge too)
                         out = np.zeros((ok.size, ty, tx), dtype=bool)
-                        out[some] = (sel_y[:-1].T @ kept[lo:hi][ok[some]].astype(wdt) @ sel_xt[:, :-1].T) == 0
+                        out[some] = (sel_y[:-1].T @ held[some].astype(wdt) @ sel_xt[:, :-1].T) == 0
                         sbad, tbad = (out if m is None else m | out for m in (sbad, tbad))
                     kern[ok] = _refine(sources[lo:hi][ok], targets[lo:hi][ok], kern[ok], pen[ok], energy,
                                        sbad, tbad, workers=fft_workers)
@@ -928,6 +949,19 @@ def _source_heights(images: np.ndarray, level: np.ndarray, noise_var: np.ndarray
                         dtype=dtype)
     above *= above > (SOURCE_SIGMAS * np.sqrt(noise_var[sky]))[:, None, None].astype(dtype)
     return above
+
+
+def _about_brightest(images: np.ndarray, level: np.ndarray, noise_var: np.ndarray, rows: np.ndarray, reach: int,
+                     out: np.ndarray | None) -> np.ndarray:
+    """``out`` (a new ``(n, ty, tx)`` map where ``None``) with the pixels within ``reach`` of the brightest
+    source pixel (:func:`_source_heights`) of each tile ``rows`` set."""
+    n, ty, tx = images.shape
+    out = np.zeros((n, ty, tx), dtype=bool) if out is None else out
+    heights = _source_heights(images, level, noise_var, rows)
+    ys, xs = np.divmod(np.argmax(heights.reshape(rows.size, -1), axis=1), tx)
+    for i, y, x in zip(rows, ys, xs):
+        out[i, max(y - reach, 0):y + reach + 1, max(x - reach, 0):x + reach + 1] = True
+    return out
 
 
 def _placed(rows: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
