@@ -226,6 +226,10 @@ class WelchSpectra:
     #: (n, ny, nx): the segments whose pixels the whole-tile refinement uses, where not ``kept`` (the tiles
     #: whose source at the edge was left out of the spectra); ``None``: ``kept``
     fit_kept: np.ndarray | None = None
+    #: (n, seg, seg // 2 + 1): sum over the segments of |FS|**2 times the segment's own noise level, and (n,)
+    #: the mean level (regularization="auto": the noise where a few segments hold the light)
+    weighted_power: np.ndarray | None = None
+    mean_level: np.ndarray | None = None
 
     def take(self, rows: np.ndarray) -> WelchSpectra:
         """The spectra of the tiles ``rows`` (an index array)."""
@@ -238,6 +242,7 @@ class WelchSpectra:
                        target_power=cut(self.target_power), sums_s=self.sums_s[rows], sums_r=self.sums_r[rows],
                        kept=self.kept[rows], sharpness=measure, window_of=self.window_of[rows],
                        at_edge=self.at_edge[rows], fit_kept=cut(self.fit_kept),
+                       weighted_power=cut(self.weighted_power), mean_level=cut(self.mean_level),
                        sky=None if self.sky is None else (self.sky[0][rows], self.sky[1][rows]))
 
     def solve(self) -> WelchResult:
@@ -571,6 +576,11 @@ def _spectra(
     cross = np.empty((n, seg, half), dtype=cdt)
     power = np.empty((n, seg, half), dtype=wdt)
     tpower = np.empty((n, seg, half), dtype=wdt) if opts.auto_regularization or measure else None
+    # each segment's source power weighted by its own noise level (its target's mean power from NOISE_FROM
+    # cycles a pixel across, where a blurred image holds noise alone), and each tile's mean level
+    weighted = np.empty((n, seg, half), dtype=np.float64) if opts.auto_regularization else None
+    mean_level = np.zeros(n)
+    high = int(np.ceil(NOISE_FROM * seg))  # the columns |fx| >= NOISE_FROM of the half spectra
     sums_s = np.empty((n, ny + 1, nx + 1), dtype=wdt)
     sums_r = np.empty_like(sums_s)
     if drop is None:
@@ -615,8 +625,16 @@ def _spectra(
             fs = fs.reshape(c, nseg, seg * half)
             fr = fr.reshape(c, nseg, seg * half)
             fsv = fs.view(wdt)
-            sq = np.einsum("tsk,tsk->tk", fsv, fsv)
-            np.add(sq[:, 0::2], sq[:, 1::2], out=power[a:b].reshape(c, -1))
+            if weighted is None:
+                sq = np.einsum("tsk,tsk->tk", fsv, fsv)
+                np.add(sq[:, 0::2], sq[:, 1::2], out=power[a:b].reshape(c, -1))
+            else:  # the power and the noise-weighted power by one product
+                strip = fr.reshape(c, nseg, seg, half)[..., high:].view(wdt)
+                level = np.einsum("tsyk,tsyk->ts", strip, strip) / strip[0, 0].size  # (c, nseg); 0 if dropped
+                both = np.stack([np.ones_like(level), level], axis=1).astype(wdt) @ (fsv * fsv)
+                np.add(both[:, 0, 0::2], both[:, 0, 1::2], out=power[a:b].reshape(c, -1))
+                weighted[a:b].reshape(c, -1)[:] = both[:, 1, 0::2] + both[:, 1, 1::2]
+                mean_level[a:b] = level.sum(axis=1) / np.maximum((~gone).reshape(c, -1).sum(axis=1), 1)
             if tpower is not None:
                 frv = fr.view(wdt)
                 sq = np.einsum("tsk,tsk->tk", frv, frv)
@@ -637,7 +655,8 @@ def _spectra(
     return WelchSpectra(sources=sources, targets=targets, source_bad=source_bad, target_bad=target_bad, cross=cross,
                         power=power, target_power=tpower, sums_s=sums_s, sums_r=sums_r, kept=kept, sharpness=sharp,
                         window_of=window_of, sky=sky, layout=layout, kernel_size=kernel_size, opts=opts,
-                        at_edge=at_edge, workers=workers, fit_kept=fit_kept)
+                        at_edge=at_edge, workers=workers, fit_kept=fit_kept, weighted_power=weighted,
+                        mean_level=mean_level)
 
 
 def _solve(sp: WelchSpectra) -> WelchResult:
@@ -678,7 +697,8 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                 gains[rows] = np.where(np.isfinite(own), own, white[j])
             kern, lam_, bound, pen = _auto_kernels(
                 cross[part], power[part], tpower[part], used[part], floor[part], colw=colw, fraction=fraction[part],
-                gains=gains, kernel_size=kernel_size, workers=fft_workers)
+                gains=gains, kernel_size=kernel_size, workers=fft_workers,
+                unevenness=None if sp.weighted_power is None else _unevenness(sp, part))
             if REFINE_ITERATIONS:
                 ok = np.nonzero((used[part] > 0) & ((lam_ <= REFINE_MAX_LAM) | sp.at_edge[part]))[0]
                 if ok.size:
@@ -819,6 +839,9 @@ REFINE_ITERATIONS = 8
 #: ... done on the tiles whose chosen strength is at most this: hardly any noise, so the taper's misfit
 #: dominates (the 8-bit photo: 2e-5-0.02; survey tiles: 0.1 and above).
 REFINE_MAX_LAM = 0.02
+#: Each segment's noise level is its target's mean power at horizontal frequencies of this many cycles a pixel
+#: and beyond (a kernel of FWHM 2 px or more leaves a blurred image nothing but noise there).
+NOISE_FROM = 0.4
 #: Conjugate-gradient iterations of each application of the refinement's preconditioner.
 REFINE_PRECONDITIONER_ITERATIONS = 4
 
@@ -1040,7 +1063,8 @@ def segment_noise(power: np.ndarray, cross_power: np.ndarray, tpower: np.ndarray
 def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used: np.ndarray,
                   source_noise: np.ndarray, *,
                   colw: np.ndarray, fraction: np.ndarray, gains: np.ndarray, kernel_size: int,
-                  workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  workers: int, unevenness: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kernels with a Laplacian penalty whose strength is chosen per tile from the data.
 
     ``D = A + lam s R`` (``A`` the summed source power, ``R`` the Laplacian's
@@ -1049,7 +1073,8 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     their spread about their own best fit, ``(P - |C|**2 / A) / (M - 1)``
     (``P`` the summed target power, ``M`` the kept segments times ``fraction``,
     each tile's taper's :func:`independent_fraction`, squared), measures the noise power
-    ``sigma2``.  ``lam`` minimises the unbiased estimate of the prediction
+    ``sigma2``; ``unevenness`` (:func:`_unevenness`) raises it where a few noisier segments (a bright
+    star's, noisy with its own photons) hold the power.  ``lam`` minimises the unbiased estimate of the prediction
     risk, ``RSS + 2 sum sigma2 A / D`` (``RSS = sum P - |C|**2 (2 D - A) / D**2``,
     the segments' residual energy), on :data:`LAM_GRID`, all in the Fourier
     domain.  The kernel is then confined to its stamp (:func:`_confined_solve`),
@@ -1072,6 +1097,8 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     scale = (a * w).sum(axis=(1, 2)) / (lap * w).sum()
     live = a > 0
     noise = w * segment_noise(a, q, tpower, used, fraction=fraction)
+    if unevenness is not None:
+        noise *= unevenness
 
     a_safe = np.where(live, a_fit, 1.0)  # the risk's coefficients are 0 there: any D > 0
     best = _risk_minimum(a, a_safe, q, noise, w, lap, scale)
@@ -1111,6 +1138,18 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
         moments = Moments(**{f.name: getattr(moments, f.name)[keep] for f in fields(Moments)})
     kernels /= gains
     return kernels, lam, best == LAM_GRID.size - 1, penalty
+
+
+def _unevenness(sp: WelchSpectra, part: slice) -> np.ndarray:
+    """Per frequency, how much noisier than the segments' mean are those that hold the source power there:
+    ``sum_s |FS_s|**2 n_s / (A mean(n_s))`` (``n_s`` a segment's noise level, :attr:`WelchSpectra.weighted_power`);
+    1 where undefined.  The noise of the summed cross spectrum is ``sum_s |FS_s|**2 n_s``, which the
+    segments' pooled spread (their mean noise) times ``A`` underestimates where a bright star's few
+    segments, noisier with its photons, hold most of the power."""
+    power = sp.power[part].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = sp.weighted_power[part] / (power * sp.mean_level[part][:, None, None])
+    return np.where((power > 0) & np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
 
 
 def _risk_minimum(a: np.ndarray, a_safe: np.ndarray, q: np.ndarray, noise: np.ndarray, w: np.ndarray,
