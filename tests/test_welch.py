@@ -938,30 +938,40 @@ def test_refinement_with_odd_segments(segment_size: int) -> None:
     assert np.isfinite(tiny.kernels).all()
 
 
+def _bright_star_tiles(seed: int, place) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Four float32 tile pairs (256 px) of a sparse field with one 3e6-1e7 ADU star at ``place(rng, i)`` (tile
+    pixel ``(y, x)`` of the i-th), through a Gaussian kernel of FWHM 4.7 px; and that kernel (unit sum)."""
+    from pipeline.sim.scenes import MoffatPSF, add_noise, moffat_psf, render_scene
+
+    rng = np.random.default_rng(seed)
+    truth = gaussian_kernel(21, fwhm=4.7)
+    truth /= truth.sum()
+    psf = MoffatPSF(fwhm=3.0, beta=3.5)
+    half = psf.half_size
+    star = moffat_psf(2 * half + 1, fwhm=3.0, beta=3.5)
+    pad, size, src, tgt = 60, 256, [], []
+    for i in range(4):
+        scene, _ = render_scene(rng, (size, size), psf=psf, star_density=5e-4, galaxy_density=2.5e-4,
+                                star_flux=(1e3, 1e5), galaxy_flux=(1e3, 1e5), margin=pad)
+        y, x = place(rng, i)
+        scene[pad + y - half:pad + y + half + 1, pad + x - half:pad + x + half + 1] += rng.uniform(3e6, 1e7) * star
+        tile = (slice(pad, pad + size), slice(pad, pad + size))
+        src.append(add_noise(rng, scene[tile])[0])
+        tgt.append(add_noise(rng, fftconvolve(scene, truth, mode="same")[tile])[0])
+    return np.stack(src).astype(np.float32), np.stack(tgt).astype(np.float32), truth
+
+
 def test_a_bright_star_at_the_tile_edge_is_left_out_of_the_spectra_and_fitted_on_the_whole_tile() -> None:
     """A 3e6-1e7 ADU star within a few pixels of the edge of a sparse field, through a kernel of FWHM 4.7 px:
     its blurred light beyond the tile biased the segments that hold it (these 4 tiles: relative L2 0.24 median,
     0.86 at most, before; 0.050 and 0.086 now); they are left out of the spectra, and the whole-tile
     refinement takes its light."""
-    from pipeline.sim.scenes import MoffatPSF, add_noise, moffat_psf, render_scene
 
-    rng = np.random.default_rng(1)
-    truth = gaussian_kernel(21, fwhm=4.7)
-    truth /= truth.sum()
-    psf = MoffatPSF(fwhm=3.0, beta=3.5)
-    star = moffat_psf(2 * psf.half_size + 1, fwhm=3.0, beta=3.5)
-    pad, size, src, tgt = 60, 256, [], []
-    for side in range(4):
-        scene, _ = render_scene(rng, (size, size), psf=psf, star_density=5e-4, galaxy_density=2.5e-4,
-                                star_flux=(1e3, 1e5), galaxy_flux=(1e3, 1e5), margin=pad)
-        along, off = int(rng.integers(40, size - 40)), int(rng.integers(-3, 5))
-        y, x = [(off, along), (size - 1 - off, along), (along, off), (along, size - 1 - off)][side]
-        half = psf.half_size
-        scene[pad + y - half:pad + y + half + 1, pad + x - half:pad + x + half + 1] += rng.uniform(3e6, 1e7) * star
-        tile = (slice(pad, pad + size), slice(pad, pad + size))
-        src.append(add_noise(rng, scene[tile])[0])
-        tgt.append(add_noise(rng, fftconvolve(scene, truth, mode="same")[tile])[0])
-    src, tgt = np.stack(src).astype(np.float32), np.stack(tgt).astype(np.float32)
+    def at_an_edge(rng, side):  # side i of the four, 3 px outside to 4 px inside it
+        along, off = int(rng.integers(40, 256 - 40)), int(rng.integers(-3, 5))
+        return [(off, along), (255 - off, along), (along, off), (along, 255 - off)][side]
+
+    src, tgt, truth = _bright_star_tiles(1, at_an_edge)
     spectra = welch_kernels(src, tgt, kernel_size=21, spectra_only=True)
     assert spectra.at_edge.all()
     assert (spectra.kept.sum(axis=(1, 2)) < 49).all() and (spectra.fit_kept.sum(axis=(1, 2)) == 49).all()
@@ -974,23 +984,7 @@ def test_a_bright_star_in_the_middle_is_not_fitted_with_too_little_regularisatio
     others (its photons), which the segments' pooled spread does not say; the noise is weighted by each
     segment's own level (:func:`~pipeline.core.welch._unevenness`).  These 4 tiles, FWHM 4.7 px: relative L2
     0.25-0.40 before (strengths about 1e3 times too small), 0.017-0.020 now and 0.20 on one."""
-    from pipeline.sim.scenes import MoffatPSF, add_noise, moffat_psf, render_scene
-
-    rng = np.random.default_rng(2)
-    truth = gaussian_kernel(21, fwhm=4.7)
-    truth /= truth.sum()
-    psf = MoffatPSF(fwhm=3.0, beta=3.5)
-    half = psf.half_size
-    star = moffat_psf(2 * half + 1, fwhm=3.0, beta=3.5)
-    pad, size, src, tgt = 60, 256, [], []
-    for _ in range(4):
-        scene, _ = render_scene(rng, (size, size), psf=psf, star_density=5e-4, galaxy_density=2.5e-4,
-                                star_flux=(1e3, 1e5), galaxy_flux=(1e3, 1e5), margin=pad)
-        y, x = rng.integers(pad + 40, pad + size - 40, 2)
-        scene[y - half:y + half + 1, x - half:x + half + 1] += rng.uniform(3e6, 1e7) * star
-        tile = (slice(pad, pad + size), slice(pad, pad + size))
-        src.append(add_noise(rng, scene[tile])[0])
-        tgt.append(add_noise(rng, fftconvolve(scene, truth, mode="same")[tile])[0])
-    res = welch_kernels(np.stack(src).astype(np.float32), np.stack(tgt).astype(np.float32), kernel_size=21)
+    src, tgt, truth = _bright_star_tiles(2, lambda rng, i: rng.integers(40, 256 - 40, 2))
+    res = welch_kernels(src, tgt, kernel_size=21)
     errors = np.array([rel_l2(k, truth) for k in res.kernels])
     assert np.median(errors) < 0.08 and errors.max() < 0.25

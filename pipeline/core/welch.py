@@ -579,7 +579,7 @@ def _spectra(
     # each segment's source power weighted by its own noise level (its target's mean power from NOISE_FROM
     # cycles a pixel across, where a blurred image holds noise alone), and each tile's mean level
     weighted = np.empty((n, seg, half), dtype=np.float64) if opts.auto_regularization else None
-    mean_level = np.zeros(n)
+    mean_level = None if weighted is None else np.zeros(n)
     high = int(np.ceil(NOISE_FROM * seg))  # the columns |fx| >= NOISE_FROM of the half spectra
     sums_s = np.empty((n, ny + 1, nx + 1), dtype=wdt)
     sums_r = np.empty_like(sums_s)
