@@ -11,6 +11,7 @@ from scipy.signal import fftconvolve
 
 import pipeline as km
 from pipeline import flags as fl
+from pipeline.core import profiles as profiles_module
 from pipeline.core import welch as welch_module
 from pipeline.core.fill import FILL_RADIUS, fill_bad_pixels
 from pipeline.core.moments import adaptive_moments
@@ -29,7 +30,7 @@ from pipeline.core.welch import (
 )
 from pipeline.errors import OptionError
 from pipeline.sim.defects import add_defects
-from pipeline.sim.scenes import gaussian_kernel, motion_kernel, survey_tile_pair
+from pipeline.sim.scenes import gaussian_kernel, moffat_psf, motion_kernel, survey_tile_pair
 
 
 def same_convolve(n: int, size: int, kernel: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -582,8 +583,8 @@ def test_scattered_bad_pixels_and_a_bad_column_keep_the_clean_accuracy(survey) -
 
 
 def test_large_bad_block_drops_only_the_segments_it_touches(survey) -> None:
-    """A 40x40 block cannot be filled: the 12 segments touching it are dropped (measured error
-    1.04-1.31 times the clean tiles')."""
+    """A 40x40 block cannot be filled: the 12 segments touching it are dropped (measured error 0.91-1.93
+    times the clean tiles', 1.07 at the median; the worst, 0.024 against 0.013)."""
     src, tgt, truth = survey
     bad = np.zeros(src.shape, bool)
     bad[:, 100:140, 60:100] = True
@@ -594,7 +595,8 @@ def test_large_bad_block_drops_only_the_segments_it_touches(survey) -> None:
     assert (clean.n_segments - res.n_segments == 3 * 4).all()
     assert np.isfinite(res.kernels).all()
     ratio = survey_errors(res.kernels, truth) / survey_errors(clean.kernels, truth)
-    assert ratio.max() < 1.6
+    assert np.median(ratio) < 1.3 and ratio.max() < 2.5
+    assert survey_errors(res.kernels, truth).max() < 0.08
 
 
 def test_nothing_bad_is_bit_identical(noise: np.ndarray) -> None:
@@ -649,12 +651,12 @@ def test_hot_pixels_nobody_marked_are_found_and_filled():
 # --- regularization="auto": the strength from the segments' own noise ---------------------------
 
 
-def auto_reference(src, tgt, *, k, seg, overlap=0.5, reference=None):
+def auto_reference(src, tgt, *, k, seg, overlap=0.5, reference=None, strength=None):
     """Slow loop-based ``regularization="auto"`` on one tile: the risk over the whole grid, a dense solve.
 
     Returns ``(kernel, lam, risks, raw)``: the stamp-confined minimiser of
     ``sum_f D |K|**2 - 2 Re(K* C)`` (plus the penalty ``lam s |L (K - G)|**2``
-    about ``reference`` G, when given, with the ``lam`` of the plain penalty)
+    about ``reference`` G, when given, with the ``lam`` of the plain penalty or ``strength``)
     from the normal equations written out element by element and solved
     directly, divided by the taper's gain (``raw`` before that division).
     """
@@ -670,7 +672,7 @@ def auto_reference(src, tgt, *, k, seg, overlap=0.5, reference=None):
     for lam in LAM_GRID:  # RSS + 2 sum sigma2 tr, less the constant sum P
         d = a + lam * scale * lap
         risks.append(np.sum(-np.abs(c) ** 2 * (2 * d - a) / d**2 + 2 * sigma2 * a / d))
-    lam = LAM_GRID[int(np.argmin(risks))]
+    lam = LAM_GRID[int(np.argmin(risks))] if strength is None else strength
     a_lag = np.real(np.fft.ifft2(a))
     c_lag = np.real(np.fft.ifft2(c))
     pen_lag = np.real(np.fft.ifft2(lam * scale * lap))
@@ -699,6 +701,7 @@ def test_auto_matches_loop_reference(noise_level: float, monkeypatch) -> None:
     src, tgt = same_convolve(3, 96, kern, seed=11)
     rng = np.random.default_rng(12)
     tgt = tgt + noise_level * rng.standard_normal(tgt.shape)
+    monkeypatch.setattr(welch_module, "PROFILE_ITERATIONS", 0)  # no profile: every tile in rounds
     monkeypatch.setattr(welch_module, "REFERENCE_ROUNDS", 0)
     monkeypatch.setattr(welch_module, "CG_ITERATIONS", 40)  # the confined solve alone, to convergence
     res = welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
@@ -714,6 +717,84 @@ def test_auto_matches_loop_reference(noise_level: float, monkeypatch) -> None:
         ref_once = auto_reference(src[i], tgt[i], k=9, seg=32, reference=core)[0]
         np.testing.assert_allclose(once.kernels[i], ref_once, atol=1e-6 * np.abs(ref_once).max())
     assert not res.at_bound.any()
+
+
+def profile_reference(src, tgt, core, flux, *, k, seg):
+    """The kernel smoothed towards a profile, by loops and a dense solve, on one tile.
+
+    The risk about the profile over the whole grid, ``K = (C + lam s R m) /
+    D`` (``m`` the transform of ``core``, the profile times the taper's
+    gain, centred), full complex spectra; the stamp-confined minimiser of
+    ``sum_f D |K|**2 - 2 Re(K* (C + lam s R m))`` from the normal
+    equations, divided by the gain and scaled to ``flux``.  Returns
+    ``(kernel, lam)``.
+    """
+    a, c, p, m, _ = segment_spectra(src, tgt, None, seg=seg)
+    w1 = hann(seg)
+    m_eff = m * independent_fraction(w1, seg // 2) ** 2
+    sigma2 = np.maximum(p - np.abs(c) ** 2 / a, 0.0) / (m_eff - 1.0)
+    f = np.fft.fftfreq(seg)
+    lap = (4.0 - 2.0 * np.cos(2 * np.pi * f)[:, None] - 2.0 * np.cos(2 * np.pi * f)[None, :]) ** 2
+    scale = a.mean() / lap.mean()
+    h = k // 2
+    placed = np.zeros((seg, seg))
+    for y in range(k):
+        for x in range(k):
+            placed[(y - h) % seg, (x - h) % seg] = core[y, x]
+    prior = np.fft.fft2(placed)
+    risks = []
+    for lam in LAM_GRID:
+        d = a + lam * scale * lap
+        kern = (c + lam * scale * lap * prior) / d
+        risks.append(np.sum(-2 * (np.conj(c) * kern).real + a * np.abs(kern) ** 2 + 2 * sigma2 * a / d))
+    lam = LAM_GRID[int(np.argmin(risks))]
+    ref = auto_reference(src, tgt, k=k, seg=seg, reference=core, strength=lam)[0]
+    return ref * flux / ref.sum(), lam
+
+
+@pytest.mark.parametrize("noise_level", [0.3, 1.0])
+def test_profile_kernels_match_loop_reference(noise_level: float, monkeypatch) -> None:
+    """Noisy tiles: the kernel smoothed towards the fitted profile is the dense solve about it, with the
+    strength the whole grid's risk about it picks, scaled to the profile's flux."""
+    kern = gaussian(9, 1.3, 1.1, 0.4, -0.3, flux=1.2)
+    src, tgt = same_convolve(3, 96, kern, seed=11)
+    tgt = tgt + noise_level * np.random.default_rng(12).standard_normal(tgt.shape)
+    fits = []
+    original = profiles_module.fit_profiles
+
+    def keep(*args, **kwargs):
+        out = original(*args, **kwargs)
+        fits.append(out)
+        return out
+
+    monkeypatch.setattr(profiles_module, "fit_profiles", keep)
+    monkeypatch.setattr(welch_module, "PROFILE_CG_ITERATIONS", 60)  # to convergence
+    monkeypatch.setattr(welch_module, "MOFFAT_PROMISE", -1.0)  # every tile's Moffat fit tried
+    res = welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
+    (gauss, g_core, g_value), (moffat, m_core, m_value) = fits
+    assert (res.lam > welch_module.REFINE_MAX_LAM).all()
+    for i in range(3):
+        chosen = (g_value[i] - m_value[i]) * 32**2 > welch_module.MOFFAT_GAIN
+        params, core = (moffat, m_core) if chosen else (gauss, g_core)
+        ref, _ = profile_reference(src[i], tgt[i], core[i], params[i, 0], k=9, seg=32)
+        np.testing.assert_allclose(res.kernels[i], ref, atol=1e-5 * np.abs(ref).max())
+        assert rel_l2(res.kernels[i], kern) < 0.05 * (1 + 5 * noise_level)
+
+
+def test_profile_takes_a_moffat_kernels_form() -> None:
+    """Survey tiles blurred by a Moffat kernel (beta 2.5, FWHM 3 px): the fitted Moffat profile takes its
+    peak and wings (measured relative L2 0.015-0.033 on these tiles); the rounds about the kernel's Gaussian
+    core flatten the one and lose the others (0.068-0.088)."""
+    rng = np.random.default_rng(21)
+    kernel = moffat_psf(21, fwhm=3.0, beta=2.5)
+    pairs = [survey_tile_pair(seed=rng, kernel=kernel, size=256) for _ in range(4)]
+    src, tgt = (np.stack([getattr(p, name) for p in pairs]) for name in ("source", "target"))
+    errors = [rel_l2(k, kernel) for k in welch_kernels(src, tgt, kernel_size=21).kernels]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(welch_module, "PROFILE_ITERATIONS", 0)
+        rounds = [rel_l2(k, kernel) for k in welch_kernels(src, tgt, kernel_size=21).kernels]
+    assert max(errors) < 0.04
+    assert min(rounds) > 2 * max(errors)
 
 
 def test_gaussian_core_of_a_gaussian_is_itself() -> None:
@@ -824,15 +905,24 @@ def test_sky_noise_variance_only_for_sources_on_a_white_sky(faint_survey) -> Non
     assert sky_noise_variance(np.zeros((0, 64, 64))).shape == (0,)
 
 
-def test_auto_takes_the_source_noise_out_of_the_flux(faint_survey, monkeypatch) -> None:
-    """Errors in variables: the source's noise power shrinks the kernel (flux -7.6 % at the median on these
-    tiles); taken out of the fit's source power, the flux is right within its scatter (+0.8 %)."""
+def test_auto_takes_the_source_noise_out_of_the_fit(faint_survey, monkeypatch) -> None:
+    """Errors in variables: the source's noise power shrinks the kernel's transform, broadening the profile
+    fitted to it (width +35 % at the median on these tiles) and, without a profile, the kernel's flux
+    (-7.6 %); taken out of the fit's source power, width and flux are right within their scatter (+1.8 % and
+    +2.2 % with the profile)."""
     src, tgt, truth = faint_survey
-    flux = welch_kernels(src, tgt, kernel_size=21).kernels.sum(axis=(1, 2)) / truth.sum(axis=(1, 2)) - 1
+
+    def errors() -> tuple[np.ndarray, np.ndarray]:
+        kernels = welch_kernels(src, tgt, kernel_size=21).kernels
+        width = np.asarray(adaptive_moments(kernels).sigma) / np.asarray(adaptive_moments(truth).sigma) - 1
+        return width, kernels.sum(axis=(1, 2)) / truth.sum(axis=(1, 2)) - 1
+
+    width, flux = errors()
+    assert abs(np.median(width)) < 0.04 and abs(np.median(flux)) < 0.03
     monkeypatch.setattr(welch_module, "SIGNAL_FLOOR", 1.0)  # nothing taken out
-    shrunk = welch_kernels(src, tgt, kernel_size=21).kernels.sum(axis=(1, 2)) / truth.sum(axis=(1, 2)) - 1
-    assert np.median(shrunk) < -0.05
-    assert abs(np.median(flux)) < 0.02
+    assert np.median(errors()[0]) > 0.2
+    monkeypatch.setattr(welch_module, "PROFILE_ITERATIONS", 0)
+    assert np.median(errors()[1]) < -0.05
 
 
 @settings(max_examples=30, deadline=None)

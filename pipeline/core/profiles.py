@@ -1,0 +1,183 @@
+"""Elliptical Gaussian and Moffat profiles on kernel stamps, fitted by Levenberg-Marquardt.
+
+A profile of flux ``F`` centred ``(y, x)`` pixels from the stamp's centre,
+with inverse covariance ``P = [[pyy, pxy], [pxy, pxx]]``, is
+
+    g(d) = (1 + nu q) ** (-1 / nu),    q = d' P d / 2,
+
+(``nu = 1 / beta``: a Moffat profile; ``nu -> 0``: the Gaussian ``exp(-q)``),
+scaled to sum to ``F`` on the stamp, times fixed ``gains`` (what the data's
+kernel is multiplied by, e.g. a taper's).  :func:`fit_profiles` minimises a
+quadratic form ``H' M H - 2 b' H`` in that stamp ``H``, each tile's ``M``
+given as a product: weighted least squares in the Fourier domain is one.
+Parameters are ``(n, 7)`` arrays: ``F, y, x, pyy, pxx, pxy, nu``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["PARAMETERS", "fit_profiles", "moffat_gain", "profile_stamps", "start_parameters"]
+
+#: The columns of a parameter array.
+PARAMETERS = ("flux", "y", "x", "pyy", "pxx", "pxy", "nu")
+#: The least ``nu`` of a Moffat profile (``beta`` at most 1000: a Gaussian to 1e-3) and the most (``beta`` 1).
+NU_RANGE = (1e-3, 1.0)
+
+#: ``normal(x, rows)``: the ``(m, p, k, k)`` stamps ``x`` of tiles ``rows`` through those tiles' ``M``.
+Normal = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _shape(params: np.ndarray, k: int, moffat: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Unnormalised profiles ``(n, k, k)`` and their derivatives by ``y, x, pyy, pxx, pxy`` (and ``nu``)."""
+    lag = np.arange(k, dtype=np.float64) - k // 2
+    y, x, pyy, pxx, pxy = (params[:, i, None, None] for i in range(1, 6))
+    dy = lag[None, :, None] - y
+    dx = lag[None, None, :] - x
+    q = 0.5 * (pyy * dy**2 + 2.0 * pxy * dy * dx + pxx * dx**2)
+    if moffat:
+        nu = params[:, 6, None, None]
+        base = 1.0 + nu * q
+        g = base ** (-1.0 / nu)
+        dq = -g / base
+        extra = [g * (np.log(base) / nu**2 - q / (nu * base))]
+    else:
+        g = np.exp(-q)
+        dq = -g
+        extra = []
+    return g, [-dq * (pyy * dy + pxy * dx), -dq * (pxy * dy + pxx * dx), 0.5 * dq * dy**2, 0.5 * dq * dx**2,
+               dq * dy * dx, *extra]
+
+
+def profile_stamps(params: np.ndarray, k: int, *, moffat: bool) -> np.ndarray:
+    """The ``(n, k, k)`` profiles of ``params`` (each summing to its flux), without gains."""
+    g, _ = _shape(params, k, moffat)
+    return g * (params[:, 0] / g.sum(axis=(1, 2)))[:, None, None]
+
+
+def _jacobian(params: np.ndarray, gains: np.ndarray, moffat: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The stamps ``H`` ``(n, k, k)`` and their derivatives ``(n, p, k, k)`` by the free parameters."""
+    k = gains.shape[-1]
+    g, derivs = _shape(params, k, moffat)
+    total = g.sum(axis=(1, 2))[:, None, None]
+    flux = params[:, 0, None, None]
+    unit = g / total
+    jac = [unit * gains] + [flux * (d / total - unit * (d.sum(axis=(1, 2))[:, None, None] / total)) * gains
+                            for d in derivs]
+    return flux * unit * gains, np.stack(jac, axis=1)
+
+
+def _valid(params: np.ndarray, k: int, moffat: bool) -> np.ndarray:
+    pyy, pxx, pxy = params[:, 3], params[:, 4], params[:, 5]
+    ok = np.isfinite(params).all(axis=1) & (pyy > 0) & (pxx > 0) & (pyy * pxx > pxy**2) & (params[:, 0] > 0)
+    ok &= (np.abs(params[:, 1]) <= k // 2) & (np.abs(params[:, 2]) <= k // 2)
+    if moffat:
+        ok &= (params[:, 6] >= NU_RANGE[0]) & (params[:, 6] <= NU_RANGE[1])
+    return ok
+
+
+def start_parameters(flux: np.ndarray, y: np.ndarray, x: np.ndarray, myy: np.ndarray, mxx: np.ndarray,
+                     mxy: np.ndarray) -> np.ndarray:
+    """Gaussian parameters (``nu`` 0) from a flux, a centre and second moments (a covariance)."""
+    det = myy * mxx - mxy**2
+    return np.stack([flux, y, x, mxx / det, myy / det, -mxy / det, np.zeros_like(flux)], axis=1)
+
+
+def fit_profiles(normal: Normal, rhs: np.ndarray, gains: np.ndarray, start: np.ndarray, *, moffat: bool,
+                 iterations: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt steps minimising ``H' M H - 2 b' H`` over each tile's profile parameters.
+
+    Parameters
+    ----------
+    normal : callable
+        ``normal(x, rows)``: each tile's own ``M`` times its stamps, ``(len(rows), p, k, k)`` for the tiles
+        ``rows`` (indices into the batch).
+    rhs : numpy.ndarray
+        ``b``, ``(n, k, k)``.
+    gains : numpy.ndarray
+        ``(n, k, k)``: ``H`` is the profile times these.
+    start : numpy.ndarray
+        ``(n, 7)`` starting parameters (valid ones: :func:`start_parameters`); with ``moffat``,
+        ``nu`` within :data:`NU_RANGE`.
+    moffat : bool
+        Fit ``nu`` too (else the Gaussian, ``nu`` stays as it is).
+    iterations : int
+        Jacobians evaluated; each step is tried with up to three dampings.
+
+    Returns
+    -------
+    params, stamps, value
+        ``(n, 7)``, the stamps ``H`` ``(n, k, k)`` and the quadratic form's value ``(n,)``: at the start
+        where no step lowered it.
+    """
+    n, k = len(start), gains.shape[-1]
+    free = 7 if moffat else 6
+    params = np.array(start, dtype=np.float64)
+    everyone = np.arange(n)
+    stamps, jac = _jacobian(params, gains, moffat)
+    m_h = normal(stamps[:, None], everyone)[:, 0]
+    value = _value(stamps, m_h, rhs)
+    damping = np.full(n, 1e-3)
+    eye = np.eye(free)
+    for it in range(iterations):
+        if it:
+            jac = _jacobian(params, gains, moffat)[1]
+        curvature = np.einsum("naij,nbij->nab", jac, normal(jac, everyone))
+        gradient = np.einsum("naij,nij->na", jac, m_h - rhs)
+        diag = np.diagonal(curvature, axis1=1, axis2=2)
+        pending = np.arange(n)
+        for _ in range(3):
+            system = curvature[pending] + damping[pending, None, None] * (eye * diag[pending, :, None] + 1e-12 * eye)
+            try:
+                step = -np.linalg.solve(system, gradient[pending, :, None])[:, :, 0]
+            except np.linalg.LinAlgError:
+                break
+            trial = params[pending].copy()
+            trial[:, :free] += step
+            ok = _valid(trial, k, moffat)
+            trial[~ok] = params[pending][~ok]
+            t_stamps = _jacobian(trial, gains[pending], moffat)[0]
+            t_mh = normal(t_stamps[:, None], pending)[:, 0]
+            t_value = _value(t_stamps, t_mh, rhs[pending])
+            better = ok & (t_value < value[pending])
+            took = pending[better]
+            params[took], stamps[took], m_h[took], value[took] = trial[better], t_stamps[better], t_mh[better], \
+                t_value[better]
+            damping[pending] = np.where(better, damping[pending] / 3.0, damping[pending] * 10.0)
+            pending = pending[~better]
+            if not pending.size:
+                break
+    return params, stamps, value
+
+
+def moffat_gain(normal: Normal, rhs: np.ndarray, gains: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """What freeing ``nu`` would lower the quadratic form by, as one Gauss-Newton step predicts it.
+
+    From Gaussian parameters (``nu`` taken at its least, :data:`NU_RANGE`),
+    ``g**2 / S``: ``g`` the form's half-gradient along ``nu`` and ``S`` its
+    half-curvature there, both with the other parameters' optimal response
+    taken out (a score test); 0 where the form rises with ``nu``.  One
+    iteration's cost, to skip the Moffat fit where it cannot pay.
+    """
+    at = np.array(params, dtype=np.float64)
+    at[:, 6] = NU_RANGE[0]
+    everyone = np.arange(len(at))
+    stamps, jac = _jacobian(at, gains, True)
+    m_all = normal(np.concatenate([stamps[:, None], jac], axis=1), everyone)
+    curvature = np.einsum("naij,nbij->nab", jac, m_all[:, 1:])
+    gradient = np.einsum("naij,nij->na", jac, m_all[:, 0] - rhs)
+    rest, cross = curvature[:, :6, :6], curvature[:, :6, 6]
+    try:
+        response = np.linalg.solve(rest, np.stack([cross, gradient[:, :6]], axis=2))
+    except np.linalg.LinAlgError:
+        return np.full(len(at), np.inf)  # undecided: fit
+    schur = curvature[:, 6, 6] - np.einsum("na,na->n", cross, response[:, :, 0])
+    score = gradient[:, 6] - np.einsum("na,na->n", cross, response[:, :, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((score < 0) & (schur > 0), score**2 / schur, 0.0)
+
+
+def _value(stamps: np.ndarray, m_stamps: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    return np.einsum("nij,nij->n", stamps, m_stamps - 2.0 * rhs)
