@@ -1005,6 +1005,39 @@ def test_low_noise_tiles_are_refined_on_the_whole_tile(smoothing: float, monkeyp
         assert rel_l2(refined.kernels[0], kernel) < 0.06
 
 
+def test_refinement_converges_to_the_dense_solution_about_its_reference() -> None:
+    """Iterated to convergence, the whole-tile refinement is the minimiser of
+    ``|P (T - S (*) K)|**2 + c (K - G)' Pen (K - G)`` written out as a dense least-squares problem, ``G`` the
+    reference given (the profile a noisy tile was smoothed towards) or, without one, the kernel's own
+    Gaussian core."""
+    rng = np.random.default_rng(41)
+    k, seg, size = 5, 16, 40
+    h = k // 2
+    src = fftconvolve(rng.standard_normal((size, size)), gaussian(5, 0.8, 0.8), mode="same") + 3.0
+    kern = gaussian(k, 0.9, 0.7, 0.2, -0.1, flux=1.1)
+    tgt = fftconvolve(src, kern, mode="same") + 0.05 * rng.standard_normal((size, size)) + 1.0
+    penalty = 0.3 * welch_module.laplacian_power(seg)[None]
+    start = gaussian(k, 1.2, 1.2)[None]
+    reference = gaussian(k, 1.0, 0.9, 0.1, 0.0, flux=1.05)[None]
+    energy = np.array([7.0])
+    for ref in (reference, None):
+        got = welch_module._refine(src[None], tgt[None], start, penalty, energy, None, None, workers=1,
+                                   iterations=300, reference=ref)[0]
+        s0 = src - src.mean()
+        pixels = [(y, x) for y in range(h, size - h) for x in range(h, size - h)]
+        offsets = [(dy, dx) for dy in range(-h, h + 1) for dx in range(-h, h + 1)]
+        design = np.array([[s0[y - dy, x - dx] for dy, dx in offsets] for y, x in pixels])
+        t = np.array([tgt[y, x] for y, x in pixels])
+        design -= design.mean(axis=0)
+        t -= t.mean()
+        lag = np.fft.irfft2(penalty[0], s=(seg, seg))
+        pen = np.array([[lag[(a - c) % seg, (b - d) % seg] for c, d in offsets] for a, b in offsets])
+        c = (s0[2 * h:, 2 * h:] ** 2).sum() / energy[0]
+        g = (gaussian_core(start)[0] if ref is None else ref[0]).ravel()
+        want = np.linalg.solve(design.T @ design + c * pen, design.T @ t + c * pen @ g).reshape(k, k)
+        np.testing.assert_allclose(got, want, atol=1e-8 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("segment_size", [9, 31, 33])
 def test_refinement_with_odd_segments(segment_size: int) -> None:
     """Odd segment sizes (down to the kernel's own size) refine too, and the refinement helps there

@@ -710,7 +710,7 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                 own = source_gains(sources[tiles], level[tiles], noise_var[tiles], kept[tiles], win1=lay.windows[j],
                                    step=step, kernel_size=kernel_size)
                 gains[rows] = np.where(np.isfinite(own), own, white[j])
-            kern, lam_, bound, pen = _auto_kernels(
+            kern, lam_, bound, pen, reference = _auto_kernels(
                 cross[part], power[part], tpower[part], used[part], floor[part], colw=colw, fraction=fraction[part],
                 gains=gains, kernel_size=kernel_size, workers=fft_workers,
                 unevenness=None if sp.weighted_power is None else _unevenness(sp, part))
@@ -728,7 +728,7 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                         out[some] = (sel_y[:-1].T @ held[some].astype(wdt) @ sel_xt[:, :-1].T) == 0
                         sbad, tbad = (out if m is None else m | out for m in (sbad, tbad))
                     kern[ok] = _refine(sources[lo:hi][ok], targets[lo:hi][ok], kern[ok], pen[ok], energy,
-                                       sbad, tbad, workers=fft_workers)
+                                       sbad, tbad, workers=fft_workers, reference=reference[ok])
             return kern, lam_, bound
 
         # each tile's solution is its own: contiguous parts of the batch
@@ -852,8 +852,10 @@ CORE_TOLERANCE = 1e-3
 PROFILE_ITERATIONS = 4
 MOFFAT_ITERATIONS = 6
 MOFFAT_START_NU = 0.05
-#: ... which is kept where it lowers the misfit (a chi-squared over the complex frequencies) by more than
-#: this: about the Bayesian information criterion's price of one parameter on some 2,000 frequencies.
+#: ... which is kept where it lowers the misfit (a chi-squared over the complex frequencies: about 0.5 from
+#: the noise alone) by more than this.  Less took a Moffat profile for misfits that were not noise (a
+#: Gaussian kernel's tile with an unfillable block: 0.055 -> 0.138 at 4); more lost Moffat kernels' faint
+#: tiles (0.086 -> 0.097 at 25).
 MOFFAT_GAIN = 10.0
 #: The Moffat profile is fitted only where one Gauss-Newton step from the Gaussian predicts at least this
 #: fraction of :data:`MOFFAT_GAIN` (:func:`~pipeline.core.profiles.moffat_gain`).
@@ -1096,7 +1098,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
                   source_noise: np.ndarray, *,
                   colw: np.ndarray, fraction: np.ndarray, gains: np.ndarray, kernel_size: int,
                   workers: int, unevenness: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kernels with a Laplacian penalty whose strength is chosen per tile from the data.
 
     ``D = A + lam s R`` (``A`` the summed source power, ``R`` the Laplacian's
@@ -1120,8 +1122,10 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     out.  ``A`` less
     ``source_noise`` (per tile, the source's noise power in every frequency)
     is the source power the kernel is fitted with.  Returns ``(kernels, lam,
-    at_bound, penalty)``: ``lam`` and ``at_bound`` those of the plain
-    penalty (how noisy the tile is), ``penalty`` its ``lam s R`` (what :func:`_refine` keeps).
+    at_bound, penalty, reference)``: ``lam`` and ``at_bound`` those of the plain
+    penalty (how noisy the tile is); ``penalty`` the ``lam s R`` the kernel was
+    solved with and ``reference`` the profile it acted about (NaN where that was
+    the kernel's own Gaussian core): what :func:`_refine` keeps.
     """
     n, seg, _ = power.shape
     w = colw[None, :]
@@ -1151,10 +1155,12 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     # Noisy tiles: smoothed towards a profile fitted to the spectra.
     noisy = np.flatnonzero(lam > REFINE_MAX_LAM) if PROFILE_ITERATIONS else np.zeros(0, dtype=np.intp)
     profiled = np.zeros(n, dtype=bool)
+    reference = np.full(kernels.shape, np.nan)
     if noisy.size:
-        kernels[noisy], profiled[noisy] = _profile_kernels(
+        kernels[noisy], profiled[noisy], reference[noisy], strength = _profile_kernels(
             cross[noisy], a[noisy], a_fit[noisy], q[noisy], noise[noisy], w, lap, scale[noisy], gains[noisy],
             rhs[noisy], kernels[noisy], (lam * scale)[noisy], d_op[noisy], workers=workers, dtype=dtype)
+        penalty[noisy[profiled[noisy]]] = strength[profiled[noisy], None, None] * lap
     # The others (hardly any noise, as on a photograph): rounds in which the Laplacian acts on (kernel - its
     # Gaussian core), each tile until its core's width settles: every tile's rounds depend on that tile
     # alone.  Each round's moments start from the last's.
@@ -1181,7 +1187,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
         active = active[stable]
         moments = Moments(**{f.name: getattr(moments, f.name)[keep] for f in fields(Moments)})
     kernels /= gains
-    return kernels, lam, best == LAM_GRID.size - 1, penalty
+    return kernels, lam, best == LAM_GRID.size - 1, penalty, reference
 
 
 def _unevenness(sp: WelchSpectra, part: slice) -> np.ndarray:
@@ -1242,8 +1248,8 @@ def _risk_minimum(a: np.ndarray, a_safe: np.ndarray, q: np.ndarray, noise: np.nd
 def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.ndarray, noise: np.ndarray,
                      w: np.ndarray, lap: np.ndarray, scale: np.ndarray, gains: np.ndarray, rhs: np.ndarray,
                      start: np.ndarray, start_strength: np.ndarray, d_op: np.ndarray, *, workers: int,
-                     dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
-    """Kernels smoothed towards a profile fitted to the spectra: ``(kernels, fitted)``.
+                     dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Kernels smoothed towards a profile fitted to the spectra: ``(kernels, fitted, profile, strength)``.
 
     An elliptical Gaussian, and a Moffat profile from it where that fits
     better by more than :data:`MOFFAT_GAIN` (:mod:`pipeline.core.profiles`),
@@ -1257,7 +1263,9 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     lowest that set a kernel's sum).  ``start``: the kernels of the plain
     penalty of strength ``start_strength`` (``lam s``), ``d_op`` its ``D``'s
     :func:`stamp_operator`.  ``fitted``: the tiles whose start's adaptive
-    moments succeeded; the others' kernels are their ``start``.
+    moments succeeded; the others' kernels are their ``start``.  ``profile``:
+    each tile's profile without the gains, ``strength`` its penalty's ``lam
+    s`` (NaN where not fitted).
     """
     seg = a.shape[1]
     k = start.shape[-1]
@@ -1285,8 +1293,10 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     fitted = np.asarray(mom.converged) & (flux > 0)
     kernels = start.copy()
     rows = np.flatnonzero(fitted)
+    profile = np.full(start.shape, np.nan)
+    strength = np.full(len(start), np.nan)
     if not rows.size:
-        return kernels, fitted
+        return kernels, fitted, profile, strength
     at = profiles.start_parameters(flux[rows],
                                    *(np.asarray(v)[rows] for v in (mom.y, mom.x, mom.myy, mom.mxx, mom.mxy)))
     g_rows = gains[rows]
@@ -1314,18 +1324,22 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     sub = (cross[rows], a[rows], a_fit[rows], q[rows], noise[rows], scale[rows])
     a_safe = np.where(sub[1] > 0, sub[2], 1.0)
     best = _risk_minimum(sub[1], a_safe, sub[3], sub[4], w, lap, sub[5], cross=sub[0], prior=prior)
-    strength = LAM_GRID[best] * sub[5]
-    d = sub[2] + strength[:, None, None] * lap
+    lam_s = LAM_GRID[best] * sub[5]
+    d = sub[2] + lam_s[:, None, None] * lap
     inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
     # the restriction to the stamp is linear in the filter: D's from the first solve's, the Laplacian's once
     lap_op = stamp_operator(lap[None], k, workers=workers)[0]
-    d_op = (d_op[rows] + ((strength - start_strength[rows])[:, None, None] * lap_op)).astype(cdt)
+    d_op = (d_op[rows] + ((lam_s - start_strength[rows])[:, None, None] * lap_op)).astype(cdt)
     inv_op = stamp_operator(inv, k, workers=workers).astype(cdt)
-    pull = _stamp_product(core.astype(dtype), (strength[:, None, None] * lap_op).astype(cdt), workers)
+    pull = _stamp_product(core.astype(dtype), (lam_s[:, None, None] * lap_op).astype(cdt), workers)
     out = _stamp_cg(rhs[rows] + pull, core, d_op, inv_op, PROFILE_CG_ITERATIONS, dtype=dtype, workers=workers)
     out *= (params[:, 0] / (out / g_rows).sum(axis=(1, 2)))[:, None, None]
     kernels[rows] = out
-    return kernels, fitted
+    moffat = params[:, 6] > 0
+    for kind in (False, True):
+        profile[rows[moffat == kind]] = profiles.profile_stamps(params[moffat == kind], k, moffat=kind)
+    strength[rows] = lam_s
+    return kernels, fitted, profile, strength
 
 
 def gaussian_core(kernels: np.ndarray, *, with_width: bool = False, start: Moments | None = None):
@@ -1446,12 +1460,13 @@ def _stamp_cg(b: np.ndarray, start: np.ndarray, d_op: np.ndarray, inv_op: np.nda
 
 def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penalty: np.ndarray,
             energy: np.ndarray, source_bad: np.ndarray | None, target_bad: np.ndarray | None, *, workers: int,
-            iterations: int | None = None) -> np.ndarray:
+            iterations: int | None = None, reference: np.ndarray | None = None) -> np.ndarray:
     """Kernels refined towards the exact least squares on the whole tile, by flexible PCG from ``kernels``.
 
     Minimises ``|P (T - S (*) K)|**2 + c (K - G)' Pen (K - G)`` over the tile's valid pixels
     (those whose whole stamp lies in the tile and is good in both images; ``P`` removes their
-    mean: a constant background), ``G`` the kernel's Gaussian core, ``Pen`` the circulant
+    mean: a constant background), ``G`` the ``reference`` where it is finite (the profile the Welch
+    solve acted about), else the kernel's Gaussian core, ``Pen`` the circulant
     penalty of the Welch solve and ``c`` the ratio of the tile's energy to the segments'
     (``energy``).  Unlike the segments' tapered spectra, this is unbiased however little noise
     there is (the taper does not commute with the blur).  The products run through transforms
@@ -1521,6 +1536,9 @@ def _refine(sources: np.ndarray, targets: np.ndarray, kernels: np.ndarray, penal
                          dtype=dtype, workers=workers).astype(dtype)
 
     core = gaussian_core(kernels)  # stamps as they are: index j is offset j - h, as in forward
+    if reference is not None:
+        given = np.isfinite(reference).all(axis=(1, 2))
+        core[given] = reference[given]
     x = kernels.astype(np.float64)
     b = adjoint(tv) + _stamp_product(core.astype(dtype), pen_op, workers)
     r = (b - normal(x.astype(dtype))).astype(dtype)
