@@ -30,8 +30,10 @@ NU_RANGE = (1e-3, 1.0)
 Normal = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def _shape(params: np.ndarray, k: int, moffat: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Unnormalised profiles ``(n, k, k)`` and their derivatives by ``y, x, pyy, pxx, pxy`` (and ``nu``)."""
+def _shape(params: np.ndarray, k: int, moffat: bool, *,
+           derivatives: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unnormalised profiles ``(n, k, k)`` and their derivatives ``(n, 5 or 6, k, k)`` by ``y, x, pyy, pxx,
+    pxy`` (and ``nu``)."""
     lag = np.arange(k, dtype=np.float64) - k // 2
     y, x, pyy, pxx, pxy = (params[:, i, None, None] for i in range(1, 6))
     dy = lag[None, :, None] - y
@@ -41,32 +43,42 @@ def _shape(params: np.ndarray, k: int, moffat: bool) -> tuple[np.ndarray, list[n
         nu = params[:, 6, None, None]
         base = 1.0 + nu * q
         g = base ** (-1.0 / nu)
-        dq = -g / base
-        extra = [g * (np.log(base) / nu**2 - q / (nu * base))]
     else:
         g = np.exp(-q)
-        dq = -g
-        extra = []
-    return g, [-dq * (pyy * dy + pxy * dx), -dq * (pxy * dy + pxx * dx), 0.5 * dq * dy**2, 0.5 * dq * dx**2,
-               dq * dy * dx, *extra]
+    if not derivatives:
+        return g, None
+    slope = g / base if moffat else g  # -dg/dq
+    basis = np.stack(np.broadcast_arrays(pyy * dy + pxy * dx, pxy * dy + pxx * dx, -0.5 * dy**2, -0.5 * dx**2,
+                                         -dy * dx), axis=1)
+    derivs = basis * slope[:, None]
+    if moffat:
+        by_nu = g * (np.log(base) / nu**2 - q / (nu * base))
+        derivs = np.concatenate([derivs, by_nu[:, None]], axis=1)
+    return g, derivs
 
 
 def profile_stamps(params: np.ndarray, k: int, *, moffat: bool) -> np.ndarray:
     """The ``(n, k, k)`` profiles of ``params`` (each summing to its flux), without gains."""
-    g, _ = _shape(params, k, moffat)
+    g, _ = _shape(params, k, moffat, derivatives=False)
     return g * (params[:, 0] / g.sum(axis=(1, 2)))[:, None, None]
+
+
+def _stamps(params: np.ndarray, gains: np.ndarray, moffat: bool) -> np.ndarray:
+    """The stamps ``H`` ``(n, k, k)``: the profiles times the gains."""
+    return profile_stamps(params, gains.shape[-1], moffat=moffat) * gains
 
 
 def _jacobian(params: np.ndarray, gains: np.ndarray, moffat: bool) -> tuple[np.ndarray, np.ndarray]:
     """The stamps ``H`` ``(n, k, k)`` and their derivatives ``(n, p, k, k)`` by the free parameters."""
-    k = gains.shape[-1]
-    g, derivs = _shape(params, k, moffat)
+    g, derivs = _shape(params, gains.shape[-1], moffat)
     total = g.sum(axis=(1, 2))[:, None, None]
     flux = params[:, 0, None, None]
     unit = g / total
-    jac = [unit * gains] + [flux * (d / total - unit * (d.sum(axis=(1, 2))[:, None, None] / total)) * gains
-                            for d in derivs]
-    return flux * unit * gains, np.stack(jac, axis=1)
+    jac = np.empty((len(g), 1 + derivs.shape[1], *g.shape[1:]))
+    jac[:, 0] = unit * gains
+    jac[:, 1:] = derivs - unit[:, None] * derivs.sum(axis=(2, 3), keepdims=True)
+    jac[:, 1:] *= (flux / total * gains)[:, None]
+    return flux * jac[:, 0], jac
 
 
 def _valid(params: np.ndarray, k: int, moffat: bool) -> np.ndarray:
@@ -138,7 +150,7 @@ def fit_profiles(normal: Normal, rhs: np.ndarray, gains: np.ndarray, start: np.n
             trial[:, :free] += step
             ok = _valid(trial, k, moffat)
             trial[~ok] = params[pending][~ok]
-            t_stamps = _jacobian(trial, gains[pending], moffat)[0]
+            t_stamps = _stamps(trial, gains[pending], moffat)
             t_mh = normal(t_stamps[:, None], pending)[:, 0]
             t_value = _value(t_stamps, t_mh, rhs[pending])
             better = ok & (t_value < value[pending])

@@ -1272,8 +1272,9 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     sig2 = noise / w
     good = (a > 0) & (sig2 > 0)
     # where the "noise" is the taper's misfit (a noise-free image) a few frequencies would rule the fit
-    with np.errstate(all="ignore"):
-        typical = np.nan_to_num(np.nanmedian(np.where(good, sig2, np.nan), axis=(1, 2)))
+    ranked = np.sort(np.where(good, sig2, np.inf).reshape(len(a), -1), axis=1)
+    middle = np.maximum(good.sum(axis=(1, 2)) - 1, 0) // 2
+    typical = np.where(good.any(axis=(1, 2)), np.take_along_axis(ranked, middle[:, None], axis=1)[:, 0], 0.0)
     sig2 = np.maximum(sig2, PROFILE_NOISE_FLOOR * typical[:, None, None])
     phi = np.where(good, a_fit / np.where(good, sig2 * a, 1.0), 0.0)
     cdt = np.result_type(dtype, np.complex64)
@@ -1281,12 +1282,17 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     b = _stamp_cross(cross * phi, k, workers).astype(np.float64)
     period = (m_op.shape[1], m_op.shape[1])
 
-    def normal(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        m, p = x.shape[:2]
-        spec = stamp_spectra(x.reshape(m * p, k, k).astype(dtype), period, workers=workers)
-        view = spec.reshape(m, p, *spec.shape[1:])
-        view *= m_op[rows][:, None]
-        return stamp_lags(spec, period, k, workers=workers).reshape(m, p, k, k).astype(np.float64)
+    def through(ops: np.ndarray):
+        """The fit's ``normal(x, sub)``: the tiles ``sub`` (distinct, ascending) of those with ``ops``."""
+
+        def normal(x: np.ndarray, sub: np.ndarray) -> np.ndarray:
+            m, p = x.shape[:2]
+            spec = stamp_spectra(x.reshape(m * p, k, k).astype(dtype), period, workers=workers)
+            view = spec.reshape(m, p, *spec.shape[1:])
+            view *= (ops if len(sub) == len(ops) else ops[sub])[:, None]
+            return stamp_lags(spec, period, k, workers=workers).reshape(m, p, k, k).astype(np.float64)
+
+        return normal
 
     mom = adaptive_moments(start / gains)
     flux = (start / gains).sum(axis=(1, 2))
@@ -1300,10 +1306,7 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     at = profiles.start_parameters(flux[rows],
                                    *(np.asarray(v)[rows] for v in (mom.y, mom.x, mom.myy, mom.mxx, mom.mxy)))
     g_rows = gains[rows]
-
-    def normal_rows(x: np.ndarray, sub: np.ndarray) -> np.ndarray:
-        return normal(x, rows[sub])
-
+    normal_rows = through(m_op[rows])
     params, core, value = profiles.fit_profiles(normal_rows, b[rows], g_rows, at, moffat=False,
                                                 iterations=PROFILE_ITERATIONS)
     # the stamp's sums are the spectra's over seg**2
@@ -1313,7 +1316,7 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
         at = params[promising].copy()
         at[:, 6] = MOFFAT_START_NU
         m_params, m_core, m_value = profiles.fit_profiles(
-            lambda x, sub: normal(x, rows[promising[sub]]), b[rows[promising]], g_rows[promising], at, moffat=True,
+            through(m_op[rows[promising]]), b[rows[promising]], g_rows[promising], at, moffat=True,
             iterations=MOFFAT_ITERATIONS)
         better = (value[promising] - m_value) * seg**2 > MOFFAT_GAIN
         params[promising[better]], core[promising[better]] = m_params[better], m_core[better]
