@@ -172,3 +172,24 @@ def test_moffat_gain_predicts_what_the_moffat_fit_finds() -> None:
     assert predicted[0] <= 1e-9 * abs(g_value[0]) and found[0] <= 1e-9 * abs(g_value[0])
     assert np.all((predicted[1:] > found[1:] / 3) & (predicted[1:] < 3 * found[1:]))
     np.testing.assert_allclose(moffat_[1:, 6], [0.25, 0.4], rtol=1e-3)
+
+
+def test_a_degenerate_tile_does_not_stop_the_others() -> None:
+    """A tile whose ``M`` is zero (no information) has singular steps; the other tile of the batch is fitted
+    all the same, and the degenerate one keeps a valid profile."""
+    normal, _ = blur_normal(np.array([1.0, 1.0]))
+
+    def some_blind(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        out = normal(x, rows)
+        out[rows == 0] = 0.0
+        return out
+
+    p = np.concatenate([params_of(1.0, 0.0, 0.0, np.eye(2) * 1.5, None), params_of(0.7, 0.5, -0.4, np.eye(2), None)])
+    gains = np.ones((2, K, K))
+    rhs = normal(profile_stamps(p, K, moffat=False)[:, None], np.arange(2))[:, 0]
+    rhs[0] = 0.0
+    start = p.copy()
+    start[:, :3] = (0.9, 0.1, 0.1)
+    got, _, _ = fit_profiles(some_blind, rhs, gains, start, moffat=False, iterations=20)
+    np.testing.assert_allclose(got[1], p[1], rtol=1e-5, atol=1e-6)
+    assert profiles._valid(got, K, False).all()

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernels import circular_convolve, l_kernel, rel_l2
+from scipy.optimize import least_squares
 from scipy.signal import fftconvolve
 
 import pipeline as km
@@ -752,13 +753,8 @@ def profile_reference(src, tgt, core, flux, *, k, seg):
     return ref * flux / ref.sum(), lam
 
 
-@pytest.mark.parametrize("noise_level", [0.3, 1.0])
-def test_profile_kernels_match_loop_reference(noise_level: float, monkeypatch) -> None:
-    """Noisy tiles: the kernel smoothed towards the fitted profile is the dense solve about it, with the
-    strength the whole grid's risk about it picks, scaled to the profile's flux."""
-    kern = gaussian(9, 1.3, 1.1, 0.4, -0.3, flux=1.2)
-    src, tgt = same_convolve(3, 96, kern, seed=11)
-    tgt = tgt + noise_level * np.random.default_rng(12).standard_normal(tgt.shape)
+def record_profile_fits(monkeypatch) -> list:
+    """The results of every :func:`~pipeline.core.profiles.fit_profiles` call from now on, in order."""
     fits = []
     original = profiles_module.fit_profiles
 
@@ -768,6 +764,17 @@ def test_profile_kernels_match_loop_reference(noise_level: float, monkeypatch) -
         return out
 
     monkeypatch.setattr(profiles_module, "fit_profiles", keep)
+    return fits
+
+
+@pytest.mark.parametrize("noise_level", [0.3, 1.0])
+def test_profile_kernels_match_loop_reference(noise_level: float, monkeypatch) -> None:
+    """Noisy tiles: the kernel smoothed towards the fitted profile is the dense solve about it, with the
+    strength the whole grid's risk about it picks, scaled to the profile's flux."""
+    kern = gaussian(9, 1.3, 1.1, 0.4, -0.3, flux=1.2)
+    src, tgt = same_convolve(3, 96, kern, seed=11)
+    tgt = tgt + noise_level * np.random.default_rng(12).standard_normal(tgt.shape)
+    fits = record_profile_fits(monkeypatch)
     monkeypatch.setattr(welch_module, "PROFILE_CG_ITERATIONS", 60)  # to convergence
     monkeypatch.setattr(welch_module, "MOFFAT_PROMISE", -1.0)  # every tile's Moffat fit tried
     res = welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
@@ -779,6 +786,38 @@ def test_profile_kernels_match_loop_reference(noise_level: float, monkeypatch) -
         ref, _ = profile_reference(src[i], tgt[i], core[i], params[i, 0], k=9, seg=32)
         np.testing.assert_allclose(res.kernels[i], ref, atol=1e-5 * np.abs(ref).max())
         assert rel_l2(res.kernels[i], kern) < 0.05 * (1 + 5 * noise_level)
+
+
+def test_profile_fit_is_the_maximum_likelihood_of_the_spectra(monkeypatch) -> None:
+    """The Gaussian profile is the least-squares fit of ``A H(theta)`` to the cross spectrum, each frequency
+    weighed by ``1 / (sigma2 A)`` (``sigma2`` the segments' spread, floored at a tenth of its median):
+    written out on full complex spectra and minimised by scipy, the same parameters."""
+    kern = gaussian(9, 1.3, 1.1, 0.4, -0.3, flux=1.2)
+    src, tgt = same_convolve(2, 96, kern, seed=13)
+    tgt = tgt + 0.5 * np.random.default_rng(14).standard_normal(tgt.shape)
+    fits = record_profile_fits(monkeypatch)
+    monkeypatch.setattr(welch_module, "PROFILE_ITERATIONS", 40)  # to convergence
+    monkeypatch.setattr(welch_module, "_unevenness", lambda sp, part: np.ones(sp.power[part].shape))
+    welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
+    params, core, _ = fits[0]
+    seg, k, h = 32, 9, 4
+    for i in range(2):
+        gain = core[i] / profiles_module.profile_stamps(params[i:i + 1], k, moffat=False)[0]
+        a, c, p, m, _ = segment_spectra(src[i], tgt[i], None, seg=seg)
+        m_eff = m * independent_fraction(hann(seg), seg // 2) ** 2
+        sigma2 = np.maximum(p - np.abs(c) ** 2 / a, 0.0) / (m_eff - 1.0)
+        sigma2 = np.maximum(sigma2, 0.1 * np.median(sigma2[sigma2 > 0]))
+        weight = np.sqrt(1.0 / (sigma2 * a))
+
+        def residual(theta: np.ndarray, a=a, c=c, weight=weight, gain=gain) -> np.ndarray:
+            stamp = profiles_module.profile_stamps(np.append(theta, 0.0)[None], k, moffat=False)[0] * gain
+            placed = np.zeros((seg, seg))
+            placed[np.ix_((np.arange(k) - h) % seg, (np.arange(k) - h) % seg)] = stamp
+            r = (c - a * np.fft.fft2(placed)) * weight
+            return np.concatenate([r.real.ravel(), r.imag.ravel()])
+
+        best = least_squares(residual, params[i, :6] * 1.02, x_scale="jac", xtol=1e-12, ftol=1e-12).x
+        np.testing.assert_allclose(params[i, :6], best, rtol=1e-4, atol=1e-5)
 
 
 def test_profile_takes_a_moffat_kernels_form() -> None:

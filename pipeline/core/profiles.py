@@ -144,8 +144,8 @@ def fit_profiles(normal: Normal, rhs: np.ndarray, gains: np.ndarray, start: np.n
             system = curvature[pending] + damping[pending, None, None] * (eye * diag[pending, :, None] + 1e-12 * eye)
             try:
                 step = -np.linalg.solve(system, gradient[pending, :, None])[:, :, 0]
-            except np.linalg.LinAlgError:
-                break
+            except np.linalg.LinAlgError:  # a degenerate tile: least-norm steps for all (rare)
+                step = -(np.linalg.pinv(system) @ gradient[pending, :, None])[:, :, 0]
             trial = params[pending].copy()
             trial[:, :free] += step
             ok = _valid(trial, k, moffat)
