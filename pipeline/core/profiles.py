@@ -19,10 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["PARAMETERS", "fit_profiles", "moffat_gain", "profile_stamps", "start_parameters"]
-
-#: The columns of a parameter array.
-PARAMETERS = ("flux", "y", "x", "pyy", "pxx", "pxy", "nu")
+__all__ = ["fit_profiles", "moffat_gain", "profile_stamps", "start_parameters"]
 #: The least ``nu`` of a Moffat profile (``beta`` at most 1000: a Gaussian to 1e-3) and the most (``beta`` 1).
 NU_RANGE = (1e-3, 1.0)
 

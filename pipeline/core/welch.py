@@ -433,11 +433,11 @@ def welch_kernels(
         sky, target_sky = _sky_noise(sources, skies[0]), _sky_noise(targets, skies[1])
         # either image's source at the edge: exchanging the images changes neither choice
         for images, (noise_var, level) in ((sources, sky), (targets, target_sky)):
-            share, edge = source_dominance(images, level, noise_var, kernel_size=kernel_size)
+            share, edge, brightest = _dominance(images, level, noise_var, kernel_size=kernel_size)
             ruled = (share >= EDGE_SOURCE_SHARE) & (edge >= EDGE_SHARE)
             at_edge |= ruled
             if ruled.any():
-                spare = _about_brightest(images, level, noise_var, np.flatnonzero(ruled), kernel_size // 2, spare)
+                spare = _about(brightest, np.flatnonzero(ruled), kernel_size // 2, images.shape, spare)
         if auto_window:  # the sine taper where both images are sources on a white sky, but for a source at the edge
             windows = AUTO_WINDOWS
             window_of = ((sky[0] > 0) & (target_sky[0] > 0) & ~at_edge).astype(np.int8)
@@ -976,11 +976,18 @@ def source_dominance(images: np.ndarray, level: np.ndarray, noise_var: np.ndarra
     pixels of the image's edges.  Both are 0 off a white sky (``noise_var``
     0) and where there is no source energy.  ``(n,)`` float64 each.
     """
+    return _dominance(images, level, noise_var, kernel_size=kernel_size)[:2]
+
+
+def _dominance(images: np.ndarray, level: np.ndarray, noise_var: np.ndarray, *,
+               kernel_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`source_dominance`'s ``(share, edge)`` and each image's brightest source pixel (its flat index;
+    -1 where there is no source energy)."""
     n, ty, tx = images.shape
-    share, edge = np.zeros(n), np.zeros(n)
+    share, edge, brightest_of = np.zeros(n), np.zeros(n), np.full(n, -1, dtype=np.intp)
     sky = np.flatnonzero(noise_var > 0)
     if not sky.size:
-        return share, edge
+        return share, edge, brightest_of
     h = kernel_size // 2
     reach = h // 2  # the box: the brightest pixel and this many either side
     above = _source_heights(images, level, noise_var, sky)  # the energies are their squares, summed by products
@@ -995,7 +1002,8 @@ def source_dominance(images: np.ndarray, level: np.ndarray, noise_var: np.ndarra
         box = above[j, max(y - reach, 0):y + reach + 1, max(x - reach, 0):x + reach + 1]
         share[sky[j]] = float(np.einsum("ij,ij->", box, box)) / total[j]
     edge[sky[lit]] = 1.0 - inner[lit] / total[lit]
-    return share, edge
+    brightest_of[sky[lit]] = brightest[lit]
+    return share, edge, brightest_of
 
 
 def _source_heights(images: np.ndarray, level: np.ndarray, noise_var: np.ndarray, sky: np.ndarray) -> np.ndarray:
@@ -1008,14 +1016,12 @@ def _source_heights(images: np.ndarray, level: np.ndarray, noise_var: np.ndarray
     return above
 
 
-def _about_brightest(images: np.ndarray, level: np.ndarray, noise_var: np.ndarray, rows: np.ndarray, reach: int,
-                     out: np.ndarray | None) -> np.ndarray:
-    """``out`` (a new ``(n, ty, tx)`` map where ``None``) with the pixels within ``reach`` of the brightest
-    source pixel (:func:`_source_heights`) of each tile ``rows`` set."""
-    n, ty, tx = images.shape
-    out = np.zeros((n, ty, tx), dtype=bool) if out is None else out
-    heights = _source_heights(images, level, noise_var, rows)
-    ys, xs = np.divmod(np.argmax(heights.reshape(rows.size, -1), axis=1), tx)
+def _about(pixel: np.ndarray, rows: np.ndarray, reach: int, shape: tuple[int, int, int],
+           out: np.ndarray | None) -> np.ndarray:
+    """``out`` (a new ``shape`` map where ``None``) with the pixels within ``reach`` of each tile ``rows``'s
+    ``pixel`` (flat indices, :func:`_dominance`'s brightest) set."""
+    out = np.zeros(shape, dtype=bool) if out is None else out
+    ys, xs = np.divmod(pixel[rows], shape[2])
     for i, y, x in zip(rows, ys, xs):
         out[i, max(y - reach, 0):y + reach + 1, max(x - reach, 0):x + reach + 1] = True
     return out
@@ -1324,11 +1330,11 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     h = k // 2
     shift = np.exp(2j * np.pi * h * (sfft.fftfreq(seg)[:, None] + sfft.rfftfreq(seg)[None, :]))
     prior = stamp_spectra(core, (seg, seg), workers=workers) * shift
-    sub = (cross[rows], a[rows], a_fit[rows], q[rows], noise[rows], scale[rows])
-    a_safe = np.where(sub[1] > 0, sub[2], 1.0)
-    best = _risk_minimum(sub[1], a_safe, sub[3], sub[4], w, lap, sub[5], cross=sub[0], prior=prior)
-    lam_s = LAM_GRID[best] * sub[5]
-    d = sub[2] + lam_s[:, None, None] * lap
+    a_rows, a_fit_rows = a[rows], a_fit[rows]
+    best = _risk_minimum(a_rows, np.where(a_rows > 0, a_fit_rows, 1.0), q[rows], noise[rows], w, lap, scale[rows],
+                         cross=cross[rows], prior=prior)
+    lam_s = LAM_GRID[best] * scale[rows]
+    d = a_fit_rows + lam_s[:, None, None] * lap
     inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
     # the restriction to the stamp is linear in the filter: D's from the first solve's, the Laplacian's once
     lap_op = stamp_operator(lap[None], k, workers=workers)[0]
