@@ -705,6 +705,10 @@ def _solve(sp: WelchSpectra) -> WelchResult:
         floor = used * noise_var * squares[sp.window_of]
 
         fraction = np.array([independent_fraction(w, step) for w in lay.windows])[sp.window_of]
+        spread = np.zeros(n)  # the variance of the source noise's power, each tile's kept segments together
+        for j, w in enumerate(lay.windows):
+            tiles = np.flatnonzero(sp.window_of == j)
+            spread[tiles] = source_power_spread(floor[tiles], kept[tiles], w, step)
         # tapering shrinks a kernel at offset d by a(dy) a(dx) for a white source ...
         lags = np.stack([np.outer(g, g) for g in (lag_gain(w) for w in lay.windows)])
         white = np.ascontiguousarray(lags[:, crop[:, None], crop[None, :]])
@@ -721,7 +725,7 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                 gains[rows] = np.where(np.isfinite(own), own, white[j])
             kern, lam_, bound, pen, reference = _auto_kernels(
                 cross[part], power[part], tpower[part], used[part], floor[part], colw=colw, fraction=fraction[part],
-                gains=gains, lags=lags[of], kernel_size=kernel_size, workers=fft_workers,
+                gains=gains, lags=lags[of], spread=spread[part], kernel_size=kernel_size, workers=fft_workers,
                 unevenness=None if sp.weighted_power is None else _unevenness(sp, part))
             if REFINE_ITERATIONS:
                 ok = np.nonzero((used[part] > 0) & ((lam_ <= REFINE_MAX_LAM) | sp.at_edge[part]))[0]
@@ -844,7 +848,8 @@ SOURCE_PIXELS = 5
 #: The source pixels whose light :func:`source_gains` weighs: those this many noise sigmas above the sky
 #: (2 and 3 gave centroids 0.084 and 0.097 px on faint, sparse survey tiles, all pixels less their noise 0.102).
 SOURCE_SIGMAS = 2.0
-#: The source power the noise correction leaves at least, as a fraction of the power measured.
+#: The source power the noise correction leaves at least, as a fraction of the power measured (and its square
+#: in the profile refit, :func:`source_power_spread`, as a fraction of the square).
 SIGNAL_FLOOR = 0.1
 #: At most this many rounds of smoothing towards the Gaussian core of the previous round's kernel
 #: (:func:`gaussian_core`), each of this many conjugate-gradient iterations from the previous round's
@@ -872,9 +877,10 @@ MOFFAT_PROMISE = 0.25
 #: The profile fit's noise per frequency is at least this fraction of the tile's median (a noise-free
 #: image's "noise" is the taper's misfit; a few frequencies of it would rule the fit: 0.49 -> 0.012).
 PROFILE_NOISE_FLOOR = 0.1
-#: Levenberg-Marquardt iterations refitting the profile once the taper's bias for its kernel is taken out of
-#: the spectra (:func:`taper_bias`; 0: not taken out).
-TAPER_BIAS_ITERATIONS = 1
+#: Levenberg-Marquardt iterations refitting the profile to the spectra corrected for the chosen profile: the
+#: taper's bias for it out of the cross spectrum (:func:`taper_bias`), the source noise's power's variance
+#: out of the fit's quadratic term (:func:`source_power_spread`); 0: no refit, neither correction.
+REFIT_ITERATIONS = 1
 #: Conjugate-gradient iterations of the solve smoothed towards the profile, from the profile.
 PROFILE_CG_ITERATIONS = 4
 #: Preconditioned conjugate-gradient iterations of the stamp-confined solve the rounds start from (they go on
@@ -1114,7 +1120,8 @@ def segment_noise(power: np.ndarray, cross_power: np.ndarray, tpower: np.ndarray
 
 def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used: np.ndarray,
                   source_noise: np.ndarray, *,
-                  colw: np.ndarray, fraction: np.ndarray, gains: np.ndarray, lags: np.ndarray, kernel_size: int,
+                  colw: np.ndarray, fraction: np.ndarray, gains: np.ndarray, lags: np.ndarray, spread: np.ndarray,
+                  kernel_size: int,
                   workers: int, unevenness: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kernels with a Laplacian penalty whose strength is chosen per tile from the data.
@@ -1139,7 +1146,10 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     ``gains`` (``(n, k, k)``: each tile's own, :func:`source_gains`, or a white source's) is divided
     out.  ``A`` less
     ``source_noise`` (per tile, the source's noise power in every frequency)
-    is the source power the kernel is fitted with.  Returns ``(kernels, lam,
+    is the source power the kernel is fitted with; ``lags`` (``(n, L, L)``: each
+    tile's taper's lag gains) and ``spread`` (the variance of the source
+    noise's power, :func:`source_power_spread`) what the profile's refit
+    corrects for.  Returns ``(kernels, lam,
     at_bound, penalty, reference)``: ``lam`` and ``at_bound`` those of the plain
     penalty (how noisy the tile is); ``penalty`` the ``lam s R`` the kernel was
     solved with and ``reference`` the profile it acted about (NaN where that was
@@ -1177,7 +1187,8 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     if noisy.size:
         kernels[noisy], profiled[noisy], reference[noisy], strength = _profile_kernels(
             cross[noisy], a[noisy], a_fit[noisy], q[noisy], noise[noisy], w, lap, scale[noisy], gains[noisy],
-            rhs[noisy], kernels[noisy], (lam * scale)[noisy], d_op[noisy], lags[noisy], workers=workers, dtype=dtype)
+            rhs[noisy], kernels[noisy], (lam * scale)[noisy], d_op[noisy], lags[noisy],
+            spread[noisy], workers=workers, dtype=dtype)
         penalty[noisy[profiled[noisy]]] = strength[profiled[noisy], None, None] * lap
     # The others (hardly any noise, as on a photograph): rounds in which the Laplacian acts on (kernel - its
     # Gaussian core), each tile until its core's width settles: every tile's rounds depend on that tile
@@ -1265,8 +1276,9 @@ def _risk_minimum(a: np.ndarray, a_safe: np.ndarray, q: np.ndarray, noise: np.nd
 
 def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.ndarray, noise: np.ndarray,
                      w: np.ndarray, lap: np.ndarray, scale: np.ndarray, gains: np.ndarray, rhs: np.ndarray,
-                     start: np.ndarray, start_strength: np.ndarray, d_op: np.ndarray, lags: np.ndarray, *,
-                     workers: int, dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     start: np.ndarray, start_strength: np.ndarray, d_op: np.ndarray, lags: np.ndarray,
+                     spread: np.ndarray, *, workers: int,
+                     dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kernels smoothed towards a profile fitted to the spectra: ``(kernels, fitted, profile, strength)``.
 
     An elliptical Gaussian, and a Moffat profile from it where that fits
@@ -1274,9 +1286,14 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     times the taper's ``gains``, is fitted by weighted least squares,
     ``sum |C - A_fit H|**2 / (sigma2 A)`` (``sigma2`` the noise per unit
     source power, ``noise / w``): the maximum likelihood over all the
-    frequencies, as the stamp's quadratic form.  What the taper adds to the
-    cross spectrum for that profile beyond the fit's model is taken out
-    (:func:`taper_bias`) and the profile refitted (:data:`TAPER_BIAS_ITERATIONS`).  The Laplacian then acts on
+    frequencies, as the stamp's quadratic form.  It is then refitted
+    (:data:`REFIT_ITERATIONS`) with what the taper adds to the cross
+    spectrum for that profile beyond the fit's model taken out
+    (:func:`taper_bias`, ``lags`` the taper's lag gains ``(n, L, L)``), and
+    with ``spread``, the variance of the source noise's power in ``A``
+    (:func:`source_power_spread`), taken out of ``A_fit**2`` in the
+    quadratic term (errors in variables: its expectation is the true
+    power's square plus that variance).  The Laplacian then acts on
     the kernel less that profile, its strength chosen by the risk about it
     (:func:`_risk_minimum`), the solve confined to the stamp, and the kernel
     takes the profile's flux (fitted on every frequency, not only the few
@@ -1346,20 +1363,26 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     moffat = params[:, 6] > 0
     a_rows, a_fit_rows = a[rows], a_fit[rows]
     cross_rows, q_rows, rhs_rows = cross[rows], q[rows], rhs[rows]
-    if TAPER_BIAS_ITERATIONS:  # the taper's bias for an extended source taken out, the profile refitted
-        shape = np.empty((rows.size, k, k))
+    if REFIT_ITERATIONS:  # the profile refitted to the spectra corrected for it
+        drawn = np.empty((rows.size, k, k))
         for kind in (False, True):
-            shape[moffat == kind] = profiles.profile_stamps(params[moffat == kind], k, moffat=kind)
-        cross_rows = (cross_rows - taper_bias(shape, a_fit_rows, lags[rows], workers=workers)).astype(cross.dtype)
+            drawn[moffat == kind] = profiles.profile_stamps(params[moffat == kind], k, moffat=kind)
+        cross_rows = (cross_rows - taper_bias(drawn, a_fit_rows, lags[rows], workers=workers)).astype(cross.dtype)
         q_rows = np.abs(cross_rows.astype(np.complex128)) ** 2
         rhs_rows = _stamp_cross(cross_rows, k, workers)
         b_rows = _stamp_cross(cross_rows * phi[rows], k, workers).astype(np.float64)
+        m_fit = m_op[rows]
+        if spread[rows].any():
+            squares = a_fit_rows**2
+            unbiased = np.maximum(squares - spread[rows, None, None], SIGNAL_FLOOR * squares)
+            m_fit = stamp_operator(np.where(good[rows], unbiased / np.where(good[rows], sig2[rows] * a_rows, 1.0), 0.0),
+                                   k, workers=workers).astype(cdt)
         for kind in (False, True):
             sub = np.flatnonzero(moffat == kind)
             if sub.size:
                 params[sub], core[sub], _ = profiles.fit_profiles(
-                    through(m_op[rows[sub]]), b_rows[sub], g_rows[sub], params[sub], moffat=kind,
-                    iterations=TAPER_BIAS_ITERATIONS)
+                    through(m_fit[sub]), b_rows[sub], g_rows[sub], params[sub], moffat=kind,
+                    iterations=REFIT_ITERATIONS)
     prior = stamp_spectra(core, (seg, seg), workers=workers) * shift
     best = _risk_minimum(a_rows, np.where(a_rows > 0, a_fit_rows, 1.0), q_rows, noise[rows], w, lap, scale[rows],
                          cross=cross_rows, prior=prior)
@@ -1378,6 +1401,34 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
         profile[rows[moffat == kind]] = profiles.profile_stamps(params[moffat == kind], k, moffat=kind)
     strength[rows] = lam_s
     return kernels, fitted, profile, strength
+
+
+def source_power_spread(source_noise: np.ndarray, kept: np.ndarray, window: np.ndarray, step: int) -> np.ndarray:
+    """The variance of the source noise's power summed over each tile's kept segments, at any frequency, ``(n,)``.
+
+    Each segment's noise power is exponential (complex Gaussian noise) of
+    mean ``nu = source_noise / used`` (``used`` the kept segments of
+    ``kept``, ``(n, ny, nx)``) and variance ``nu**2``; two segments ``d``
+    apart are correlated through their overlap, the covariance of their
+    powers ``nu**2 rho(dy)**2 rho(dx)**2`` (``rho`` the taper's overlap
+    correlation at ``step``-pixel offsets, :func:`independent_fraction`'s):
+    the sum over all pairs of kept segments.  It is what the noise adds, on
+    average, to the square of the source power less its mean (``A_fit``),
+    and so what the profile's refit takes out.
+    """
+    kept = np.asarray(kept, dtype=np.float64)
+    n, ny, nx = kept.shape
+    full = np.correlate(window, window, mode="full")
+    mid = window.size - 1
+
+    def pairs(count: int) -> np.ndarray:
+        apart = np.abs(np.subtract.outer(np.arange(count), np.arange(count))) * step
+        return np.where(apart < window.size, full[mid + np.minimum(apart, mid)] / full[mid], 0.0) ** 2
+
+    summed = np.einsum("tij,tij->t", pairs(ny) @ kept @ pairs(nx), kept)
+    used = kept.sum(axis=(1, 2))
+    nu = np.divide(np.asarray(source_noise, dtype=np.float64), used, out=np.zeros(n), where=used > 0)
+    return nu**2 * summed
 
 
 def taper_bias(kernels: np.ndarray, power: np.ndarray, lags: np.ndarray, *, workers: int = 1) -> np.ndarray:
