@@ -22,6 +22,7 @@ from pipeline.core.welch import (
     gaussian_core,
     independent_fraction,
     lag_gain,
+    laplacian_power,
     sky_noise_variance,
     source_dominance,
     source_gains,
@@ -804,12 +805,14 @@ def test_profile_kernels_match_loop_reference(noise_level: float, monkeypatch) -
         assert rel_l2(res.kernels[i], kern) < 0.05 * (1 + 5 * noise_level)
 
 
-def test_profile_fit_is_the_maximum_likelihood_of_the_spectra(monkeypatch) -> None:
+@pytest.mark.parametrize("share", [0.05, 2.0])
+def test_profile_fit_is_the_maximum_likelihood_of_the_spectra(share: float, monkeypatch) -> None:
     """The Gaussian profile is the least-squares fit of ``A H(theta)`` to the cross spectrum, each frequency
     weighed by ``1 / (sigma2 A)`` (``sigma2`` the segments' spread, floored at a tenth of its median):
     written out on full complex spectra and minimised by scipy, the same parameters; so is its refit to the
     cross spectrum less the taper's bias (:func:`taper_bias`), with the source power's noise variance
-    (:func:`source_power_spread`, here a given number) out of ``A**2`` in its quadratic term."""
+    (:func:`source_power_spread`, here ``share`` of the median ``A**2``) out of ``A**2`` in its quadratic
+    term where that leaves :data:`SPREAD_MOST_KEPT` of the information on the width, written out."""
     kern = gaussian(9, 1.3, 1.1, 0.4, -0.3, flux=1.2)
     src, tgt = same_convolve(2, 96, kern, seed=13)
     tgt = tgt + 0.5 * np.random.default_rng(14).standard_normal(tgt.shape)
@@ -822,14 +825,34 @@ def test_profile_fit_is_the_maximum_likelihood_of_the_spectra(monkeypatch) -> No
     monkeypatch.setattr(welch_module, "MOFFAT_PROMISE", np.inf)  # no Moffat fit
     monkeypatch.setattr(welch_module, "_unevenness", lambda sp, part: np.ones(sp.power[part].shape))
     seg, k = 32, 9
-    spread = np.array([0.5 * np.median(segment_spectra(s, t, None, seg=seg)[0] ** 2) for s, t in zip(src, tgt)])
+    spread = np.array([share * np.median(segment_spectra(s, t, None, seg=seg)[0] ** 2) for s, t in zip(src, tgt)])
     monkeypatch.setattr(welch_module, "source_power_spread", lambda noise, kept, window, step: spread[:len(noise)])
     welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
     assert len(fits) == 2 and len(biases) == 1
-    for (params, core, _), bias, taken in zip(fits, (np.zeros((2, seg, seg)), biases[0]), (np.zeros(2), spread)):
-        for i in range(2):
-            full = np.fft.fft2(np.fft.irfft2(bias[i], s=(seg, seg)))
-            check_maximum_likelihood(src[i], tgt[i], params[i], core[i], full, taken[i], seg=seg, k=k)
+    (params, core, _), (refit, refit_core, _) = fits
+    lap = laplacian_power(seg)
+    lap = np.concatenate([lap, lap[:, 1:seg // 2][:, ::-1]], axis=1)  # the full spectrum's
+    taken = []
+    for i in range(2):
+        check_maximum_likelihood(src[i], tgt[i], params[i], core[i], np.zeros((seg, seg)), 0.0, seg=seg, k=k)
+        a = segment_spectra(src[i], tgt[i], None, seg=seg)[0]
+        sigma2 = likelihood_noise(src[i], tgt[i], seg=seg)
+        placed = np.zeros((seg, seg))
+        placed[np.ix_((np.arange(k) - k // 2) % seg, (np.arange(k) - k // 2) % seg)] = core[i]
+        info = lap * np.abs(np.fft.fft2(placed)) ** 2 / (sigma2 * a)
+        kept = (info * np.maximum(a**2 - spread[i], 0.1 * a**2)).sum() / (info * a**2).sum()
+        taken.append(spread[i] if kept >= welch_module.SPREAD_MOST_KEPT else 0.0)
+        full = np.fft.fft2(np.fft.irfft2(biases[0][i], s=(seg, seg)))
+        check_maximum_likelihood(src[i], tgt[i], refit[i], refit_core[i], full, taken[i], seg=seg, k=k)
+    assert (np.array(taken) > 0).all() == (share < 1)  # (the share kept: 0.94-0.95 and 0.10)
+
+
+def likelihood_noise(src, tgt, *, seg):
+    """The profile fit's ``sigma2``: the segments' spread, floored at a tenth of its median."""
+    a, c, p, m, _ = segment_spectra(src, tgt, None, seg=seg)
+    m_eff = m * independent_fraction(hann(seg), seg // 2) ** 2
+    sigma2 = np.maximum(p - np.abs(c) ** 2 / a, 0.0) / (m_eff - 1.0)
+    return np.maximum(sigma2, 0.1 * np.median(sigma2[sigma2 > 0]))
 
 
 def check_maximum_likelihood(src, tgt, params, core, bias, spread, *, seg, k) -> None:
@@ -839,10 +862,8 @@ def check_maximum_likelihood(src, tgt, params, core, bias, spread, *, seg, k) ->
     ``q`` the quadratic term's weight."""
     h = k // 2
     gain = core / profiles_module.profile_stamps(params[None], k, moffat=False)[0]
-    a, c, p, m, _ = segment_spectra(src, tgt, None, seg=seg)
-    m_eff = m * independent_fraction(hann(seg), seg // 2) ** 2
-    sigma2 = np.maximum(p - np.abs(c) ** 2 / a, 0.0) / (m_eff - 1.0)
-    sigma2 = np.maximum(sigma2, 0.1 * np.median(sigma2[sigma2 > 0]))
+    a, c = segment_spectra(src, tgt, None, seg=seg)[:2]
+    sigma2 = likelihood_noise(src, tgt, seg=seg)
     quad = np.maximum(a**2 - spread, 0.1 * a**2) / (sigma2 * a)
     target = (c - bias) / (sigma2 * quad)
 
