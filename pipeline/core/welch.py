@@ -41,8 +41,9 @@ broad on survey tiles), so it then acts on the kernel less a profile:
   adaptive moments of a noisy, smoothed kernel are biased wide (FWHM +10 %
   on faint survey tiles, +31 % on sparse faint ones) and its sum rests on
   the few lowest frequencies; the fitted profile is neither (median relative
-  L2 0.137 -> 0.088 and 0.304 -> 0.179, flux 2.5 -> 0.9 % and 4.4 -> 3.3 %;
-  Moffat kernels 0.087 -> 0.021 on bright tiles);
+  L2 0.137 -> 0.088 and 0.304 -> 0.179, flux 2.5 -> 0.9 % and 4.4 -> 3.3 %
+  on 16 faint and sparse faint tiles; Moffat kernels 0.087 -> 0.021 on
+  bright tiles);
 - elsewhere (photographs) its own Gaussian core (:func:`gaussian_core`,
   from the previous round's adaptive moments; in rounds, each tile until
   its core's width settles to 0.5 %, at most :data:`REFERENCE_ROUNDS`).
@@ -63,10 +64,16 @@ kernels came out narrow (width -1.05 % at the median on bright survey tiles,
 with a sine taper of 64 and a PSF of FWHM 3 px).  On the profiled tiles that
 difference, for the fitted profile and the source's own autocorrelation, is
 taken out of the cross spectrum and the profile refitted to what is left
-(:func:`taper_bias`: width -0.12 %, relative L2 0.026 -> 0.014 on those
-tiles; about 5 % of the time).  Where the source shows sources on a white-noise sky
+(:func:`taper_bias`: width -0.12 %, relative L2 0.026 -> 0.015 on those
+tiles).  Where the source shows sources on a white-noise sky
 (:func:`sky_noise_variance`), the source's own noise power is taken out of its
-power (errors in variables: it shrank the kernel by 7.6 % on faint tiles).
+power (errors in variables: it shrank the kernel by 7.6 % on faint tiles);
+that leaves the variance of that power, which adds to the square of the
+source power in the profile fit's quadratic term, and the refit takes it
+out too (:func:`source_power_spread`; sparse faint survey tiles: width +13
+-> +4 %, flux +1.8 -> +0.2 % at the median, 96 tiles) where that first-order
+correction leaves two thirds of what the fit knows of the width
+(:data:`SPREAD_MOST_KEPT`).  The refit costs 4-9 % of the time.
 Where the chosen strength is at most :data:`REFINE_MAX_LAM` (hardly any noise,
 as on a photograph), the segments' windowing, which does not commute with the
 blur, is the error left (8-bit photo, 15 x 15 kernels: relative L2 0.022 and
@@ -725,7 +732,8 @@ def _solve(sp: WelchSpectra) -> WelchResult:
                 gains[rows] = np.where(np.isfinite(own), own, white[j])
             kern, lam_, bound, pen, reference = _auto_kernels(
                 cross[part], power[part], tpower[part], used[part], floor[part], colw=colw, fraction=fraction[part],
-                gains=gains, lags=lags[of], spread=spread[part], kernel_size=kernel_size, workers=fft_workers,
+                gains=gains, lags=lags[of], spread=spread[part], refit=~sp.at_edge[part], kernel_size=kernel_size,
+                workers=fft_workers,
                 unevenness=None if sp.weighted_power is None else _unevenness(sp, part))
             if REFINE_ITERATIONS:
                 ok = np.nonzero((used[part] > 0) & ((lam_ <= REFINE_MAX_LAM) | sp.at_edge[part]))[0]
@@ -1126,7 +1134,7 @@ def segment_noise(power: np.ndarray, cross_power: np.ndarray, tpower: np.ndarray
 def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used: np.ndarray,
                   source_noise: np.ndarray, *,
                   colw: np.ndarray, fraction: np.ndarray, gains: np.ndarray, lags: np.ndarray, spread: np.ndarray,
-                  kernel_size: int,
+                  refit: np.ndarray, kernel_size: int,
                   workers: int, unevenness: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kernels with a Laplacian penalty whose strength is chosen per tile from the data.
@@ -1154,7 +1162,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
     is the source power the kernel is fitted with; ``lags`` (``(n, L, L)``: each
     tile's taper's lag gains) and ``spread`` (the variance of the source
     noise's power, :func:`source_power_spread`) what the profile's refit
-    corrects for.  Returns ``(kernels, lam,
+    corrects for, on the tiles ``refit``.  Returns ``(kernels, lam,
     at_bound, penalty, reference)``: ``lam`` and ``at_bound`` those of the plain
     penalty (how noisy the tile is); ``penalty`` the ``lam s R`` the kernel was
     solved with and ``reference`` the profile it acted about (NaN where that was
@@ -1193,7 +1201,7 @@ def _auto_kernels(cross: np.ndarray, power: np.ndarray, tpower: np.ndarray, used
         kernels[noisy], profiled[noisy], reference[noisy], strength = _profile_kernels(
             cross[noisy], a[noisy], a_fit[noisy], q[noisy], noise[noisy], w, lap, scale[noisy], gains[noisy],
             rhs[noisy], kernels[noisy], (lam * scale)[noisy], d_op[noisy], lags[noisy],
-            spread[noisy], workers=workers, dtype=dtype)
+            spread[noisy], refit[noisy], workers=workers, dtype=dtype)
         penalty[noisy[profiled[noisy]]] = strength[profiled[noisy], None, None] * lap
     # The others (hardly any noise, as on a photograph): rounds in which the Laplacian acts on (kernel - its
     # Gaussian core), each tile until its core's width settles: every tile's rounds depend on that tile
@@ -1282,7 +1290,7 @@ def _risk_minimum(a: np.ndarray, a_safe: np.ndarray, q: np.ndarray, noise: np.nd
 def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.ndarray, noise: np.ndarray,
                      w: np.ndarray, lap: np.ndarray, scale: np.ndarray, gains: np.ndarray, rhs: np.ndarray,
                      start: np.ndarray, start_strength: np.ndarray, d_op: np.ndarray, lags: np.ndarray,
-                     spread: np.ndarray, *, workers: int,
+                     spread: np.ndarray, refit: np.ndarray, *, workers: int,
                      dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kernels smoothed towards a profile fitted to the spectra: ``(kernels, fitted, profile, strength)``.
 
@@ -1291,8 +1299,8 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     times the taper's ``gains``, is fitted by weighted least squares,
     ``sum |C - A_fit H|**2 / (sigma2 A)`` (``sigma2`` the noise per unit
     source power, ``noise / w``): the maximum likelihood over all the
-    frequencies, as the stamp's quadratic form.  It is then refitted
-    (:data:`REFIT_ITERATIONS`) with what the taper adds to the cross
+    frequencies, as the stamp's quadratic form.  On the tiles ``refit`` it
+    is then refitted (:data:`REFIT_ITERATIONS`) with what the taper adds to the cross
     spectrum for that profile beyond the fit's model taken out
     (:func:`taper_bias`, ``lags`` the taper's lag gains ``(n, L, L)``), and
     with ``spread``, the variance of the source noise's power in ``A``
@@ -1368,29 +1376,36 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     moffat = params[:, 6] > 0
     a_rows, a_fit_rows = a[rows], a_fit[rows]
     cross_rows, q_rows, rhs_rows = cross[rows], q[rows], rhs[rows]
-    if REFIT_ITERATIONS:  # the profile refitted to the spectra corrected for it
-        drawn = np.empty((rows.size, k, k))
+    # the profile refitted to the spectra corrected for it (not where a source at the tile's edge rules it:
+    # the whole tile's least squares refine those, and the corrections assume a taper's stationary gain)
+    again = np.flatnonzero(refit[rows]) if REFIT_ITERATIONS else np.zeros(0, dtype=np.intp)
+    if again.size:
+        tiles = rows[again]
+        drawn = np.empty((again.size, k, k))
         for kind in (False, True):
-            drawn[moffat == kind] = profiles.profile_stamps(params[moffat == kind], k, moffat=kind)
-        cross_rows = (cross_rows - taper_bias(drawn, a_fit_rows, lags[rows], workers=workers)).astype(cross.dtype)
-        q_rows = np.abs(cross_rows.astype(np.complex128)) ** 2
-        rhs_rows = _stamp_cross(cross_rows, k, workers)
-        b_rows = _stamp_cross(cross_rows * phi[rows], k, workers).astype(np.float64)
-        m_fit = m_op[rows]
-        if spread[rows].any():
-            squares = a_fit_rows**2
-            unbiased = np.maximum(squares - spread[rows, None, None], SIGNAL_FLOOR * squares)
-            weight = np.where(good[rows], 1.0 / np.where(good[rows], sig2[rows] * a_rows, 1.0), 0.0)
+            drawn[moffat[again] == kind] = profiles.profile_stamps(params[again][moffat[again] == kind], k,
+                                                                   moffat=kind)
+        cross_rows[again] -= taper_bias(drawn, a_fit[tiles], lags[tiles], workers=workers).astype(cross.dtype)
+        q_rows[again] = np.abs(cross_rows[again].astype(np.complex128)) ** 2
+        rhs_rows[again] = _stamp_cross(cross_rows[again], k, workers)
+        b_again = _stamp_cross(cross_rows[again] * phi[tiles], k, workers).astype(np.float64)
+        m_fit = m_op[tiles]
+        if spread[tiles].any():
+            squares = a_fit[tiles] ** 2
+            unbiased = np.maximum(squares - spread[tiles, None, None], SIGNAL_FLOOR * squares)
+            weight = np.where(good[tiles], 1.0 / np.where(good[tiles], sig2[tiles] * a[tiles], 1.0), 0.0)
             # a first-order correction: not where it would take much of what the fit knows of the width
-            width_info = weight * w * lap * np.abs(stamp_spectra(drawn * g_rows, (seg, seg), workers=workers)) ** 2
+            width_info = weight * w * lap * np.abs(stamp_spectra(drawn * g_rows[again], (seg, seg),
+                                                                 workers=workers)) ** 2
             kept = np.einsum("tij,tij->t", width_info, unbiased) / np.einsum("tij,tij->t", width_info, squares)
             unbiased[~(kept >= SPREAD_MOST_KEPT)] = squares[~(kept >= SPREAD_MOST_KEPT)]
             m_fit = stamp_operator(weight * unbiased, k, workers=workers).astype(cdt)
         for kind in (False, True):
-            sub = np.flatnonzero(moffat == kind)
-            if sub.size:
+            local = np.flatnonzero(moffat[again] == kind)
+            if local.size:
+                sub = again[local]
                 params[sub], core[sub], _ = profiles.fit_profiles(
-                    through(m_fit[sub]), b_rows[sub], g_rows[sub], params[sub], moffat=kind,
+                    through(m_fit[local]), b_again[local], g_rows[sub], params[sub], moffat=kind,
                     iterations=REFIT_ITERATIONS)
     prior = stamp_spectra(core, (seg, seg), workers=workers) * shift
     best = _risk_minimum(a_rows, np.where(a_rows > 0, a_fit_rows, 1.0), q_rows, noise[rows], w, lap, scale[rows],
