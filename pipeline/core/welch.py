@@ -891,8 +891,8 @@ PROFILE_NOISE_FLOOR = 0.1
 REFIT_ITERATIONS = 1
 #: ... where the source noise's correction leaves at least this share of the fit's information on the
 #: profile's width (its quadratic term weighed by ``|L(f)|**2 |H|**2``, ``L`` the Laplacian): a first-order
-#: correction that would take more is not to be trusted (sparse faint survey tiles whose relative error
-#: rose from 0.33-0.47 to 0.75-1.8 kept 0.42-0.53 of it; 0.67 and over: 0.3 % of the error at the median).
+#: correction that would take more is not to be trusted (the sparse faint survey tiles whose relative error
+#: it took from 0.33-0.47 to 0.75-1.8 kept 0.42-0.53 of it).
 SPREAD_MOST_KEPT = 2.0 / 3.0
 #: Conjugate-gradient iterations of the solve smoothed towards the profile, from the profile.
 PROFILE_CG_ITERATIONS = 4
@@ -1397,8 +1397,8 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
             # a first-order correction: not where it would take much of what the fit knows of the width
             width_info = weight * w * lap * np.abs(stamp_spectra(drawn * g_rows[again], (seg, seg),
                                                                  workers=workers)) ** 2
-            kept = np.einsum("tij,tij->t", width_info, unbiased) / np.einsum("tij,tij->t", width_info, squares)
-            unbiased[~(kept >= SPREAD_MOST_KEPT)] = squares[~(kept >= SPREAD_MOST_KEPT)]
+            share = np.einsum("tij,tij->t", width_info, unbiased) / np.einsum("tij,tij->t", width_info, squares)
+            unbiased[~(share >= SPREAD_MOST_KEPT)] = squares[~(share >= SPREAD_MOST_KEPT)]
             m_fit = stamp_operator(weight * unbiased, k, workers=workers).astype(cdt)
         for kind in (False, True):
             local = np.flatnonzero(moffat[again] == kind)
@@ -1476,11 +1476,11 @@ def taper_bias(kernels: np.ndarray, power: np.ndarray, lags: np.ndarray, *, work
     crop = (np.arange(k) - k // 2) % seg
     corr = sfft.irfft2(power, s=(seg, seg), workers=workers)
     corr /= lags
-    spread = sfft.irfft2(sfft.rfft2(corr, workers=workers) * (stamp_spectra(kernels, (seg, seg), workers=workers)
-                                                              * shift), s=(seg, seg), workers=workers)
-    spread *= lags
+    blurred = sfft.irfft2(sfft.rfft2(corr, workers=workers) * (stamp_spectra(kernels, (seg, seg), workers=workers)
+                                                               * shift), s=(seg, seg), workers=workers)
+    blurred *= lags
     model = stamp_spectra(kernels * lags[:, crop[:, None], crop[None, :]], (seg, seg), workers=workers) * shift
-    return sfft.rfft2(spread, workers=workers) - power * model
+    return sfft.rfft2(blurred, workers=workers) - power * model
 
 
 def gaussian_core(kernels: np.ndarray, *, with_width: bool = False, start: Moments | None = None):
