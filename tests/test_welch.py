@@ -826,7 +826,7 @@ def test_profile_fit_is_the_maximum_likelihood_of_the_spectra(share: float, monk
     monkeypatch.setattr(welch_module, "_unevenness", lambda sp, part: np.ones(sp.power[part].shape))
     seg, k = 32, 9
     spread = np.array([share * np.median(segment_spectra(s, t, None, seg=seg)[0] ** 2) for s, t in zip(src, tgt)])
-    monkeypatch.setattr(welch_module, "source_power_spread", lambda noise, kept, window, step: spread[:len(noise)])
+    monkeypatch.setattr(welch_module, "source_power_spread", lambda noise, kept, window, *starts: spread[:len(noise)])
     welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
     assert len(fits) == 2 and len(biases) == 1
     (params, core, _), (refit, refit_core, _) = fits
@@ -1014,12 +1014,13 @@ def test_kernels_of_star_fields_have_their_width(monkeypatch) -> None:
     assert width_error() < -0.006
 
 
-@pytest.mark.parametrize("window", ["sine", "hann"])
-def test_source_power_spread_is_that_of_white_noise(window: str) -> None:
+@pytest.mark.parametrize(("window", "size"), [("sine", 96), ("hann", 96), ("sine", 100), ("hann", 104)])
+def test_source_power_spread_is_that_of_white_noise(window: str, size: int) -> None:
     """The variance of white noise's power summed over a tile's kept segments (400 tiles of noise; a bad block
-    drops some segments), on average over the frequencies away from the lowest, within 1 %."""
+    drops some segments; the last segment of tiles of 100 and 104 px lies closer to the one before than the
+    step), on average over the frequencies away from the lowest, within 1 %."""
     rng = np.random.default_rng(5)
-    n, size, seg = 400, 96, 32
+    n, seg = 400, 32
     images = rng.standard_normal((n, size, size)) * 3.0
     bad = np.zeros((n, size, size), dtype=bool)
     bad[:, 40:52, 60:72] = True  # too clustered to fill: the segments touching it are dropped
@@ -1030,7 +1031,8 @@ def test_source_power_spread_is_that_of_white_noise(window: str) -> None:
     power = sp.power.astype(np.float64)
     w = taper(window, seg)
     mean = kept.sum() * 9.0 * (np.outer(w, w) ** 2).sum()  # the source noise's power: its mean
-    spread = source_power_spread(np.array([mean]), kept[None], w, seg // 2)[0]
+    starts = np.unique(np.minimum(np.arange(0, size, seg // 2), size - seg))
+    spread = source_power_spread(np.array([mean]), kept[None], w, starts, starts)[0]
     f = np.abs(np.fft.fftfreq(seg))[:, None] + np.fft.rfftfreq(seg)[None, :]
     away = f > 0.1
     assert abs(power.mean(axis=0)[away].mean() / mean - 1) < 0.005
@@ -1039,6 +1041,35 @@ def test_source_power_spread_is_that_of_white_noise(window: str) -> None:
     used = kept.sum()  # the independent segments' count instead, as Welch's fraction gives it: 4-13 % off
     loose = mean**2 / (used * independent_fraction(w, seg // 2) ** 2)
     assert abs(measured.mean() / loose - 1) > 0.03
+    evenly = source_power_spread(np.array([mean]), kept[None], w, *2 * [np.arange(len(starts)) * (seg // 2)])[0]
+    assert (size == 96) == (abs(measured.mean() / evenly - 1) < 0.01)  # the last segment where it lies
+
+
+def test_the_taper_bias_is_that_of_the_profile_and_the_fitted_source_power(monkeypatch) -> None:
+    """What the refit takes out is :func:`taper_bias` of the fitted profile (without the gains), of the source
+    power less its noise (floored at :data:`SIGNAL_FLOOR` of it) and of each tile's taper's lag gains."""
+    rng = np.random.default_rng(8)
+    pairs = [survey_tile_pair(seed=rng, kernel=gaussian_kernel(21, fwhm=3.0), size=256) for _ in range(2)]
+    src, tgt = (np.stack([getattr(p, name) for p in pairs]) for name in ("source", "target"))
+    calls, fits = [], record_profile_fits(monkeypatch)
+    original = welch_module.taper_bias
+    monkeypatch.setattr(welch_module, "taper_bias",
+                        lambda *a, **kw: calls.append(tuple(np.copy(v) for v in a[:3])) or original(*a, **kw))
+    monkeypatch.setattr(welch_module, "MOFFAT_PROMISE", np.inf)  # the Gaussian's fit, then its refit
+    sp = welch_kernels(src, tgt, kernel_size=21, spectra_only=True)
+    sp.solve()
+    (drawn, power, lags), = calls
+    params = fits[0][0]
+    np.testing.assert_allclose(drawn, profiles_module.profile_stamps(params, 21, moffat=False), rtol=1e-12)
+    noise_var = sp.sky[0]
+    assert (noise_var > 0).all()
+    w = sp.layout.windows[sp.window_of[0]]
+    floor = sp.kept.sum(axis=(1, 2)) * noise_var * (np.outer(w, w) ** 2).sum()
+    a = sp.power.astype(np.float64)
+    np.testing.assert_allclose(power, np.maximum(a - floor[:, None, None], welch_module.SIGNAL_FLOOR * a), rtol=1e-12)
+    for i in range(2):
+        w = sp.layout.windows[sp.window_of[i]]
+        np.testing.assert_allclose(lags[i], np.outer(lag_gain(w), lag_gain(w)), rtol=1e-12)
 
 
 def test_the_source_noise_does_not_widen_the_profile(monkeypatch) -> None:
@@ -1061,7 +1092,7 @@ def test_the_source_noise_does_not_widen_the_profile(monkeypatch) -> None:
 
     width, flux = errors()
     assert width < 0.09 and abs(flux) < 0.01
-    monkeypatch.setattr(welch_module, "source_power_spread", lambda noise, kept, window, step: np.zeros(len(noise)))
+    monkeypatch.setattr(welch_module, "source_power_spread", lambda noise, kept, window, *starts: np.zeros(len(noise)))
     width, flux = errors()
     assert width > 0.14 and flux > 0.02
 
