@@ -246,7 +246,8 @@ def _at_edge(grid: list[tuple[str, tuple[float, ...]]], best: int) -> bool:
 
 
 def kernel_accuracy(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Medians over the tiles with a finite kernel: rel L2 as is and at unit sum, |flux/true - 1|, centroid (px).
+    """Medians over the tiles with a finite kernel: rel L2 as is and at unit sum, |flux/true - 1|, centroid (px);
+    and the signed ``flux_bias`` (flux/true - 1) and ``width_bias`` (adaptive-moment sigma/true - 1).
 
     The flux is the kernel's sum; the centroid error is the distance between the
     adaptive-moment centroids of the estimate and of the truth (the same for
@@ -255,7 +256,8 @@ def kernel_accuracy(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """
     ok = np.isfinite(est).all(axis=(1, 2))
     if not ok.any():
-        return {**dict.fromkeys(("rel_l2", "rel_l2_unit", "flux", "centroid"), np.nan), "no_centroid": len(est)}
+        return {**dict.fromkeys(("rel_l2", "rel_l2_unit", "flux", "centroid", "flux_bias", "width_bias"), np.nan),
+                "no_centroid": len(est)}
     est, tru = est[ok], truth[ok]
 
     def l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -266,10 +268,13 @@ def kernel_accuracy(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     centroid = np.hypot(np.asarray(m_est.y) - m_tru.y, np.asarray(m_est.x) - m_tru.x)
     centroid[~(np.asarray(m_est.converged) & np.asarray(m_tru.converged))] = np.nan
     found = np.isfinite(centroid)
+    width = np.asarray(m_est.sigma) / np.asarray(m_tru.sigma) - 1.0
     return {
         "rel_l2": l2(est, tru),
         "rel_l2_unit": l2(est / flux[:, None, None], tru / true_flux[:, None, None]),
         "flux": float(np.median(np.abs(flux / true_flux - 1.0))),
+        "flux_bias": float(np.median(flux / true_flux - 1.0)),
+        "width_bias": float(np.median(width[found])) if found.any() else np.nan,
         "centroid": float(np.median(centroid[found])) if found.any() else np.nan,
         "no_centroid": int(len(est) - found.sum()) + int((~ok).sum()),
     }
@@ -402,6 +407,8 @@ def welch_table(unique: int) -> None:
             ok = auto[key] <= WELCH_TARGETS[key]
             parts.append(f"{text} {auto[key]:{fmt}} <= {WELCH_TARGETS[key]:{fmt}} {'met' if ok else 'NOT met'}")
         print(f"  targets for welch auto on {name!r}: " + "; ".join(parts))
+        print(f"  biases of welch auto (signed medians): width {auto['width_bias']:+.2%}, "
+              f"flux {auto['flux_bias']:+.2%}")
         fit = welch_spectra_fit(src, tgt, truth)
         print(f"  a Gaussian of the true form fitted to the same Welch spectra (maximum likelihood, Gaussian noise): "
               f"|dflux| {fit['flux']:.2%}, centroid {fit['centroid']:.3f} px")
