@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 from pipeline.core import profiles
-from pipeline.core.profiles import fit_profiles, profile_stamps, start_parameters
+from pipeline.core.profiles import draw, fit_profiles, profile_stamps, start_parameters
 
 K = 15
 
@@ -43,6 +43,15 @@ def test_profile_is_the_written_out_one(flux, y, x, cov, beta) -> None:
     want = moffat(K, flux, y, x, cov, beta)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13 * flux)
     assert got.sum() == pytest.approx(flux)
+
+
+def test_profiles_of_either_kind_are_drawn_as_their_kind() -> None:
+    """A batch of Gaussian (``nu`` 0) and Moffat profiles: each as :func:`profile_stamps` of its own kind."""
+    cov = np.array([[2.0, 0.3], [0.3, 1.5]])
+    batch = np.concatenate([params_of(1.0, 0.3, -0.2, cov, beta) for beta in (None, 2.5, None, 4.0)])
+    got = draw(batch, K)
+    for i, beta in enumerate((None, 2.5, None, 4.0)):
+        np.testing.assert_array_equal(got[i], profile_stamps(batch[i:i + 1], K, moffat=beta is not None)[0])
 
 
 def test_a_steep_moffat_profile_is_the_gaussian() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["fit_profiles", "moffat_gain", "profile_stamps", "start_parameters"]
+__all__ = ["draw", "fit_profiles", "moffat_gain", "profile_stamps", "start_parameters"]
 #: The least ``nu`` of a Moffat profile (``beta`` at most 1000: a Gaussian to 1e-3) and the most (``beta`` 1).
 NU_RANGE = (1e-3, 1.0)
 
@@ -58,6 +58,15 @@ def profile_stamps(params: np.ndarray, k: int, *, moffat: bool) -> np.ndarray:
     """The ``(n, k, k)`` profiles of ``params`` (each summing to its flux), without gains."""
     g, _ = _shape(params, k, moffat, derivatives=False)
     return g * (params[:, 0] / g.sum(axis=(1, 2)))[:, None, None]
+
+
+def draw(params: np.ndarray, k: int) -> np.ndarray:
+    """:func:`profile_stamps` of profiles of either kind: a Moffat profile where ``nu > 0``, else the Gaussian."""
+    out = np.empty((len(params), k, k))
+    moffat = params[:, 6] > 0
+    for kind in (False, True):
+        out[moffat == kind] = profile_stamps(params[moffat == kind], k, moffat=kind)
+    return out
 
 
 def _stamps(params: np.ndarray, gains: np.ndarray, moffat: bool) -> np.ndarray:

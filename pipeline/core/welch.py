@@ -714,10 +714,10 @@ def _solve(sp: WelchSpectra) -> WelchResult:
 
         fraction = np.array([independent_fraction(w, step) for w in lay.windows])[sp.window_of]
         spread = np.zeros(n)  # the variance of the source noise's power, each tile's kept segments together
+        starts = _positions(ty, seg, step), _positions(tx, seg, step)
         for j, w in enumerate(lay.windows):
             tiles = np.flatnonzero(sp.window_of == j)
-            spread[tiles] = source_power_spread(floor[tiles], kept[tiles], w, _positions(ty, seg, step),
-                                                _positions(tx, seg, step))
+            spread[tiles] = source_power_spread(floor[tiles], kept[tiles], w, *starts)
         # tapering shrinks a kernel at offset d by a(dy) a(dx) for a white source ...
         lags = np.stack([np.outer(g, g) for g in (lag_gain(w) for w in lay.windows)])
         white = np.ascontiguousarray(lags[:, crop[:, None], crop[None, :]])
@@ -1330,7 +1330,9 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     middle = np.maximum(good.sum(axis=(1, 2)) - 1, 0) // 2
     typical = np.where(good.any(axis=(1, 2)), np.take_along_axis(ranked, middle[:, None], axis=1)[:, 0], 0.0)
     sig2 = np.maximum(sig2, PROFILE_NOISE_FLOOR * typical[:, None, None])
-    phi = np.where(good, a_fit / np.where(good, sig2 * a, 1.0), 0.0)
+    scaled = np.where(good, sig2 * a, 1.0)
+    weight = np.where(good, 1.0 / scaled, 0.0)  # of the fit's squared residuals
+    phi = np.where(good, a_fit / scaled, 0.0)
     cdt = np.result_type(dtype, np.complex64)
     m_op = stamp_operator(phi * a_fit, k, workers=workers).astype(cdt)
     b = _stamp_cross(cross * phi, k, workers).astype(np.float64)
@@ -1375,9 +1377,6 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
         better = (value[promising] - m_value) * seg**2 > MOFFAT_GAIN
         params[promising[better]], core[promising[better]] = m_params[better], m_core[better]
 
-    h = k // 2
-    shift = np.exp(2j * np.pi * h * (sfft.fftfreq(seg)[:, None] + sfft.rfftfreq(seg)[None, :]))
-    moffat = params[:, 6] > 0
     a_rows, a_fit_rows = a[rows], a_fit[rows]
     cross_rows, q_rows, rhs_rows = cross[rows], q[rows], rhs[rows]
     # the profile refitted to the spectra corrected for it (not where a source at the tile's edge rules it:
@@ -1385,10 +1384,8 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     again = np.flatnonzero(refit[rows]) if REFIT_ITERATIONS else np.zeros(0, dtype=np.intp)
     if again.size:
         tiles = rows[again]
-        drawn = np.empty((again.size, k, k))
-        for kind in (False, True):
-            drawn[moffat[again] == kind] = profiles.profile_stamps(params[again][moffat[again] == kind], k,
-                                                                   moffat=kind)
+        drawn = profiles.draw(params[again], k)
+        moffat = params[again, 6] > 0
         cross_rows[again] -= taper_bias(drawn, a_fit[tiles], lags[window_of[tiles]],
                                         workers=workers).astype(cross.dtype)
         q_rows[again] = np.abs(cross_rows[again].astype(np.complex128)) ** 2
@@ -1398,21 +1395,20 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
         if spread[tiles].any():
             squares = a_fit[tiles] ** 2
             unbiased = np.maximum(squares - spread[tiles, None, None], SIGNAL_FLOOR * squares)
-            weight = np.where(good[tiles], 1.0 / np.where(good[tiles], sig2[tiles] * a[tiles], 1.0), 0.0)
             # a first-order correction: not where it would take much of what the fit knows of the width
-            width_info = weight * w * lap * np.abs(stamp_spectra(drawn * g_rows[again], (seg, seg),
-                                                                 workers=workers)) ** 2
+            width_info = weight[tiles] * w * lap * np.abs(stamp_spectra(drawn * g_rows[again], (seg, seg),
+                                                                        workers=workers)) ** 2
             share = np.einsum("tij,tij->t", width_info, unbiased) / np.einsum("tij,tij->t", width_info, squares)
             unbiased[~(share >= SPREAD_MOST_KEPT)] = squares[~(share >= SPREAD_MOST_KEPT)]
-            m_fit = stamp_operator(weight * unbiased, k, workers=workers).astype(cdt)
+            m_fit = stamp_operator(weight[tiles] * unbiased, k, workers=workers).astype(cdt)
         for kind in (False, True):
-            local = np.flatnonzero(moffat[again] == kind)
+            local = np.flatnonzero(moffat == kind)
             if local.size:
                 sub = again[local]
                 params[sub], core[sub], _ = profiles.fit_profiles(
                     through(m_fit[local]), b_again[local], g_rows[sub], params[sub], moffat=kind,
                     iterations=REFIT_ITERATIONS)
-    prior = stamp_spectra(core, (seg, seg), workers=workers) * shift
+    prior = _centred_spectra(core, seg, workers)
     best = _risk_minimum(a_rows, np.where(a_rows > 0, a_fit_rows, 1.0), q_rows, noise[rows], w, lap, scale[rows],
                          cross=cross_rows, prior=prior)
     lam_s = LAM_GRID[best] * scale[rows]
@@ -1426,8 +1422,7 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     out = _stamp_cg(rhs_rows + pull, core, d_op, inv_op, PROFILE_CG_ITERATIONS, dtype=dtype, workers=workers)
     out *= (params[:, 0] / (out / g_rows).sum(axis=(1, 2)))[:, None, None]
     kernels[rows] = out
-    for kind in (False, True):
-        profile[rows[moffat == kind]] = profiles.profile_stamps(params[moffat == kind], k, moffat=kind)
+    profile[rows] = profiles.draw(params, k)
     strength[rows] = lam_s
     return kernels, fitted, profile, strength
 
@@ -1485,15 +1480,22 @@ def taper_bias(kernels: np.ndarray, power: np.ndarray, lags: np.ndarray, *, work
     """
     seg = power.shape[1]
     k = kernels.shape[-1]
-    shift = np.exp(2j * np.pi * (k // 2) * (sfft.fftfreq(seg)[:, None] + sfft.rfftfreq(seg)[None, :]))
     crop = (np.arange(k) - k // 2) % seg
     corr = sfft.irfft2(power, s=(seg, seg), workers=workers)
     corr /= lags
-    blurred = sfft.irfft2(sfft.rfft2(corr, workers=workers) * (stamp_spectra(kernels, (seg, seg), workers=workers)
-                                                               * shift), s=(seg, seg), workers=workers)
+    blurred = sfft.irfft2(sfft.rfft2(corr, workers=workers) * _centred_spectra(kernels, seg, workers),
+                          s=(seg, seg), workers=workers)
     blurred *= lags
-    model = stamp_spectra(kernels * lags[:, crop[:, None], crop[None, :]], (seg, seg), workers=workers) * shift
+    model = _centred_spectra(kernels * lags[:, crop[:, None], crop[None, :]], seg, workers)
     return sfft.rfft2(blurred, workers=workers) - power * model
+
+
+def _centred_spectra(stamps: np.ndarray, seg: int, workers: int) -> np.ndarray:
+    """The ``(n, L, L // 2 + 1)`` half spectra of ``(n, k, k)`` stamps centred on the ``L x L`` grid's origin
+    (offset ``j`` at lag ``j``, as the kernels' transforms are)."""
+    h = stamps.shape[-1] // 2
+    shift = np.exp(2j * np.pi * h * (sfft.fftfreq(seg)[:, None] + sfft.rfftfreq(seg)[None, :]))
+    return stamp_spectra(stamps, (seg, seg), workers=workers) * shift
 
 
 def gaussian_core(kernels: np.ndarray, *, with_width: bool = False, start: Moments | None = None):
