@@ -25,7 +25,8 @@ cosmic-ray case: an iteratively reweighted dense pixel least-squares fit with a
 noise model (see :func:`irls_reference`), and the targets the default is held
 to against it.
 
-Between them (alone with ``--welch-only``, followed by the photo case): Welch
+Between them (alone with ``--welch-only``, followed by the photo case and the
+kernel forms): Welch
 against the default and its FFT peers on the survey-like fields of
 :data:`FIELDS` (bright and crowded, faint, sparse, sparse and faint;
 ``--unique`` distinct tiles each).  Per field and method: the median relative
@@ -39,9 +40,13 @@ pypher's Wiener filter (``homogenization_kernel``) and photutils'
 swept and the value best against the truth kept (a generous comparison; they
 are compared at unit sum only, as photutils' kernels have unit sum).  Then
 whether ``welch auto`` meets its targets on each field (:data:`WELCH_TARGETS`)
-and on the photo case (:data:`WELCH_PHOTO_TARGET`).
+and on the photo case (:data:`WELCH_PHOTO_TARGET`).  Last of these, the kernel
+forms: Welch and the default on the same fields with kernels that are not
+Gaussians (``bench_bright_star.KERNELS``: a Moffat profile, an elongated one, a
+core with a wide offset wing; :data:`FORM_TILES` tiles a field, each kernel
+scaled by a flux of 0.9-1.1).
 
-    python scripts/bench_estimators.py [--tiles 64] [--unique 16] [--defects-only | --welch-only]
+    python scripts/bench_estimators.py [--tiles 64] [--unique 16] [--defects-only | --welch-only | --forms-only]
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import numpy as np
 import scipy.fft as sfft
 import scipy.linalg
 import scipy.signal
+from bench_bright_star import KERNELS  # (a script beside this one)
 from threadpoolctl import threadpool_limits
 
 import pipeline as km
@@ -418,6 +424,32 @@ def welch_table(unique: int) -> None:
               f"with the noisy source (its noise corrected for): |dflux| {bound['noisy_flux']:.2%}")
     print(f"\n(Welch section: {time.perf_counter() - t_start:.0f} s)")
 
+#: The kernels of the forms table (``bench_bright_star.KERNELS``) and its tiles a field.
+FORMS = ("gauss4.7", "moffat2.5", "moffat4-elongated", "core+wing")
+FORM_TILES = 32
+
+
+def forms_table(unique: int = FORM_TILES) -> None:
+    """Welch and the default on each field of :data:`FIELDS` with the kernels of :data:`FORMS`."""
+    print(f"\nkernel forms: {unique} tiles {SIZE}x{SIZE} per field and form, kernel {K}x{K} "
+          f"(bench_bright_star.KERNELS, flux 0.9-1.1); median rel L2, |dflux|, centroid (px)")
+    print(f"  {'form':18s} {'field':13s} {'welch auto':>26s} {'lstsq default':>26s}")
+    t_start = time.perf_counter()
+    for form in FORMS:
+        for name in FIELDS:
+            rng = np.random.default_rng(7)
+            pairs = [survey_tile_pair(seed=rng, kernel=KERNELS[form] * rng.uniform(0.9, 1.1), size=SIZE,
+                                      **FIELDS[name]) for _ in range(unique)]
+            src, tgt, truth = (np.stack([getattr(p, a) for p in pairs]) for a in ("source", "target", "kernel"))
+            cells = []
+            for func in (welch_kernels, lstsq_kernels):
+                with threadpool_limits(1):
+                    acc = kernel_accuracy(func(src, tgt, kernel_size=K).kernels, truth)
+                cells.append(f"{acc['rel_l2']:.4f} {acc['flux']:6.2%} {acc['centroid']:.3f}")
+            print(f"  {form:18s} {name:13s} {cells[0]:>26s} {cells[1]:>26s}", flush=True)
+    print(f"(forms: {time.perf_counter() - t_start:.0f} s)")
+
+
 # --------------------------------------------------------------------------
 # defect cases
 
@@ -629,13 +661,19 @@ def main() -> None:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--defects-only", action="store_true", help="print only the defect table")
     only.add_argument("--welch-only", action="store_true",
-                      help="print only the Welch table (fields against the default and FFT peers, the photo case)")
+                      help="print only the Welch table (fields against the default and FFT peers, the photo case, "
+                           "the kernel forms)")
+    only.add_argument("--forms-only", action="store_true", help="print only the kernel forms table")
     args = parser.parse_args()
+    if args.forms_only:
+        forms_table()
+        return
 
     fields = args.unique or 64
     if args.welch_only:
         welch_table(fields)
         photo_case()
+        forms_table()
         return
     args.unique = args.unique or 16
     src_u, tgt_u, truth_u = survey(args.unique)
@@ -643,6 +681,7 @@ def main() -> None:
         speed_tables(args, src_u, tgt_u, truth_u)
         photo_case()
         welch_table(fields)
+        forms_table()
     defect_table(src_u, tgt_u, truth_u)
 
 
