@@ -70,7 +70,7 @@ from pipeline.core.penalties import penalty_terms
 from pipeline.core.welch import WelchResult, welch_kernels
 from pipeline.flags import BAD
 from pipeline.sim.defects import add_defects
-from pipeline.sim.scenes import blurred_photo, gaussian_kernel, motion_kernel, survey_tile_pair
+from pipeline.sim.scenes import blurred_photo, gaussian_kernel, moffat_psf, motion_kernel, survey_tile_pair
 
 K = 21
 SIZE = 256
@@ -424,21 +424,39 @@ def welch_table(unique: int) -> None:
               f"with the noisy source (its noise corrected for): |dflux| {bound['noisy_flux']:.2%}")
     print(f"\n(Welch section: {time.perf_counter() - t_start:.0f} s)")
 
-#: The kernels of the forms table (``bench_bright_star.KERNELS``) and its tiles a field.
-FORMS = ("gauss4.7", "moffat2.5", "moffat4-elongated", "core+wing")
+def matching_kernel(fwhm: float, beta: float, *, size: int = 129) -> np.ndarray:
+    """The unit-sum ``K x K`` kernel that takes the simulated PSF (``survey_tile_pair``'s Moffat profile, FWHM 3
+    px, beta 3.5) to a wider Moffat profile: PSF matching between two nights' seeing (by division of their
+    transforms on a ``size`` grid), cut to the stamp (2 % of the light lies beyond it for 4 px and beta 2.5,
+    6 % for 5 px and beta 2.2) and scaled to unit sum."""
+    def transform(f: float, b: float) -> np.ndarray:
+        psf = moffat_psf(size, fwhm=f, beta=b)
+        return np.fft.fft2(np.fft.ifftshift(psf / psf.sum()))
+
+    full = np.fft.fftshift(np.fft.ifft2(transform(fwhm, beta) / transform(3.0, 3.5)).real)
+    c, h = size // 2, K // 2
+    kernel = full[c - h:c + h + 1, c - h:c + h + 1]
+    return kernel / kernel.sum()
+
+
+#: The kernels of the forms table and its tiles a field: ``bench_bright_star.KERNELS``' and the kernels that
+#: match the simulated PSF to Moffat profiles of other FWHM and beta (a sharp core and wide wings).
+FORMS = {**{name: KERNELS[name] for name in ("gauss4.7", "moffat2.5", "moffat4-elongated", "core+wing")},
+         "match to 4 px, beta 2.5": matching_kernel(4.0, 2.5), "match to 5 px, beta 2.2": matching_kernel(5.0, 2.2)}
 FORM_TILES = 32
 
 
 def forms_table(unique: int = FORM_TILES) -> None:
     """Welch and the default on each field of :data:`FIELDS` with the kernels of :data:`FORMS`."""
     print(f"\nkernel forms: {unique} tiles {SIZE}x{SIZE} per field and form, kernel {K}x{K} "
-          f"(bench_bright_star.KERNELS, flux 0.9-1.1); median rel L2, |dflux|, centroid (px)")
-    print(f"  {'form':18s} {'field':13s} {'welch auto':>26s} {'lstsq default':>26s}")
+          f"(bench_bright_star.KERNELS and PSF-matching kernels, flux 0.9-1.1); median rel L2, |dflux|, "
+          f"centroid (px)")
+    print(f"  {'form':24s} {'field':13s} {'welch auto':>26s} {'lstsq default':>26s}")
     t_start = time.perf_counter()
-    for form in FORMS:
+    for form, kernel in FORMS.items():
         for name in FIELDS:
             rng = np.random.default_rng(7)
-            pairs = [survey_tile_pair(seed=rng, kernel=KERNELS[form] * rng.uniform(0.9, 1.1), size=SIZE,
+            pairs = [survey_tile_pair(seed=rng, kernel=kernel * rng.uniform(0.9, 1.1), size=SIZE,
                                       **FIELDS[name]) for _ in range(unique)]
             src, tgt, truth = (np.stack([getattr(p, a) for p in pairs]) for a in ("source", "target", "kernel"))
             cells = []
@@ -446,7 +464,7 @@ def forms_table(unique: int = FORM_TILES) -> None:
                 with threadpool_limits(1):
                     acc = kernel_accuracy(func(src, tgt, kernel_size=K).kernels, truth)
                 cells.append(f"{acc['rel_l2']:.4f} {acc['flux']:6.2%} {acc['centroid']:.3f}")
-            print(f"  {form:18s} {name:13s} {cells[0]:>26s} {cells[1]:>26s}", flush=True)
+            print(f"  {form:24s} {name:13s} {cells[0]:>26s} {cells[1]:>26s}", flush=True)
     print(f"(forms: {time.perf_counter() - t_start:.0f} s)")
 
 

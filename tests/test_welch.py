@@ -787,11 +787,10 @@ def test_profile_kernels_match_loop_reference(noise_level: float, monkeypatch) -
     monkeypatch.setattr(welch_module, "taper_bias", lambda *a, **kw: biases.append(original(*a, **kw)) or biases[-1])
     monkeypatch.setattr(welch_module, "PROFILE_CG_ITERATIONS", 60)  # to convergence
     monkeypatch.setattr(welch_module, "MOFFAT_PROMISE", -1.0)  # every tile's Moffat fit tried
-    monkeypatch.setattr(welch_module, "WING_PROMISE", np.inf)  # (two Gaussians': their own test)
     res = welch_kernels(src, tgt, kernel_size=9, segment_size=32, find_defects=False)
     (_, _, g_value), (_, _, m_value), *refits = fits
     assert (res.lam > welch_module.REFINE_MAX_LAM).all()
-    chosen = (g_value - m_value) * 32**2 > welch_module.PROFILE_GAIN
+    chosen = (g_value - m_value) * 32**2 > welch_module.MOFFAT_GAIN
     kinds = [kind for kind in (False, True) if (chosen == kind).any()]
     assert len(refits) == len(kinds) and len(biases) == 1
     final = {}
@@ -824,7 +823,6 @@ def test_profile_fit_is_the_maximum_likelihood_of_the_spectra(share: float, monk
     monkeypatch.setattr(welch_module, "PROFILE_ITERATIONS", 40)  # to convergence
     monkeypatch.setattr(welch_module, "REFIT_ITERATIONS", 40)
     monkeypatch.setattr(welch_module, "MOFFAT_PROMISE", np.inf)  # no Moffat fit
-    monkeypatch.setattr(welch_module, "WING_PROMISE", np.inf)  # nor two Gaussians'
     monkeypatch.setattr(welch_module, "_unevenness", lambda sp, part: np.ones(sp.power[part].shape))
     seg, k = 32, 9
     spread = np.array([share * np.median(segment_spectra(s, t, None, seg=seg)[0] ** 2) for s, t in zip(src, tgt)])
@@ -863,14 +861,14 @@ def check_maximum_likelihood(src, tgt, params, core, bias, spread, *, seg, k) ->
     least squares of ``A H(theta)`` against ``C - bias``; as residuals ``sqrt(q) (H - A (C - bias) / (sigma2 A q))``,
     ``q`` the quadratic term's weight."""
     h = k // 2
-    gain = core / profiles_module.profile_stamps(params[None], k, kind="gaussian")[0]
+    gain = core / profiles_module.profile_stamps(params[None], k, moffat=False)[0]
     a, c = segment_spectra(src, tgt, None, seg=seg)[:2]
     sigma2 = likelihood_noise(src, tgt, seg=seg)
     quad = np.maximum(a**2 - spread, 0.1 * a**2) / (sigma2 * a)
     target = (c - bias) / (sigma2 * quad)
 
     def residual(theta: np.ndarray) -> np.ndarray:
-        stamp = profiles_module.profile_stamps(np.append(theta, (0.0, 0.0, 1.0))[None], k, kind="gaussian")[0] * gain
+        stamp = profiles_module.profile_stamps(np.append(theta, 0.0)[None], k, moffat=False)[0] * gain
         placed = np.zeros((seg, seg))
         placed[np.ix_((np.arange(k) - h) % seg, (np.arange(k) - h) % seg)] = stamp
         r = (np.fft.fft2(placed) - target) * np.sqrt(quad)
@@ -894,24 +892,6 @@ def test_profile_takes_a_moffat_kernels_form() -> None:
         rounds = [rel_l2(k, kernel) for k in welch_kernels(src, tgt, kernel_size=21).kernels]
     assert max(errors) < 0.04
     assert min(rounds) > 2 * max(errors)
-
-
-def test_profile_takes_a_core_and_wing_kernels_form(monkeypatch) -> None:
-    """Survey tiles blurred by a core and a wider wing (0.8 of the light in a Gaussian of FWHM 2.5 px, 0.2 in
-    one of 6.25 px 0.8 px off): two Gaussians take the wing (median relative L2 0.028 on these tiles, one of
-    them 0.135: a tile whose wing the score test does not see); a Gaussian or a Moffat profile cannot (0.107),
-    whatever the strength about them."""
-    rng = np.random.default_rng(21)
-    kernel = 0.8 * gaussian_kernel(21, fwhm=2.5) / gaussian_kernel(21, fwhm=2.5).sum()
-    wing = gaussian_kernel(21, fwhm=6.25, dx=0.8)
-    kernel = kernel + 0.2 * wing / wing.sum()
-    pairs = [survey_tile_pair(seed=rng, kernel=kernel, size=256) for _ in range(4)]
-    src, tgt = (np.stack([getattr(p, name) for p in pairs]) for name in ("source", "target"))
-    errors = [rel_l2(k, kernel) for k in welch_kernels(src, tgt, kernel_size=21).kernels]
-    monkeypatch.setattr(welch_module, "WING_PROMISE", np.inf)
-    without = [rel_l2(k, kernel) for k in welch_kernels(src, tgt, kernel_size=21).kernels]
-    assert np.median(errors) < 0.04
-    assert np.median(without) > 2.5 * np.median(errors)
 
 
 def test_gaussian_core_of_a_gaussian_is_itself() -> None:
@@ -1076,12 +1056,11 @@ def test_the_taper_bias_is_that_of_the_profile_and_the_fitted_source_power(monke
     monkeypatch.setattr(welch_module, "taper_bias",
                         lambda *a, **kw: calls.append(tuple(np.copy(v) for v in a[:3])) or original(*a, **kw))
     monkeypatch.setattr(welch_module, "MOFFAT_PROMISE", np.inf)  # the Gaussian's fit, then its refit
-    monkeypatch.setattr(welch_module, "WING_PROMISE", np.inf)
     sp = welch_kernels(src, tgt, kernel_size=21, spectra_only=True)
     sp.solve()
     (drawn, power, lags), = calls
     params = fits[0][0]
-    np.testing.assert_allclose(drawn, profiles_module.profile_stamps(params, 21, kind="gaussian"), rtol=1e-12)
+    np.testing.assert_allclose(drawn, profiles_module.profile_stamps(params, 21, moffat=False), rtol=1e-12)
     noise_var = sp.sky[0]
     assert (noise_var > 0).all()
     w = sp.layout.windows[sp.window_of[0]]
@@ -1359,38 +1338,6 @@ def test_a_bright_star_at_the_tile_edge_is_left_out_of_the_spectra_and_fitted_on
     assert (spectra.kept.sum(axis=(1, 2)) < 49).all() and (spectra.fit_kept.sum(axis=(1, 2)) == 49).all()
     errors = np.array([rel_l2(k, truth) for k in spectra.solve().kernels])
     assert np.median(errors) < 0.15 and errors.max() < 0.3
-
-
-def test_two_gaussians_are_not_offered_where_a_source_at_the_edge_rules_the_tile(monkeypatch) -> None:
-    """With every tile's extensions tried, the tiles a bright star at their edge rules get a Moffat fit but no
-    two Gaussians' (their misfit is the edge's: a Moffat kernel's such tiles were worse with them); the same
-    stars inside the tiles get both."""
-    kinds = []
-    original = profiles_module.fit_profiles
-
-    def keep(*args, **kwargs):
-        kinds.append((kwargs["kind"], len(args[3])))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(profiles_module, "fit_profiles", keep)
-    monkeypatch.setattr(welch_module, "MOFFAT_PROMISE", -1.0)
-    monkeypatch.setattr(welch_module, "WING_PROMISE", -1.0)
-
-    def at_an_edge(rng, side):
-        along, off = int(rng.integers(40, 256 - 40)), int(rng.integers(-3, 5))
-        return [(off, along), (255 - off, along), (along, off), (along, 255 - off)][side]
-
-    for place, edge in ((at_an_edge, True), (lambda rng, i: rng.integers(40, 256 - 40, 2), False)):
-        kinds.clear()
-        src, tgt, _ = _bright_star_tiles(1, place)
-        spectra = welch_kernels(src, tgt, kernel_size=21, spectra_only=True)
-        assert (spectra.at_edge == edge).all()
-        spectra.solve()
-        first = {}  # each kind's first fit (the refits come after)
-        for kind, tiles in kinds:
-            first.setdefault(kind, tiles)
-        assert first["moffat"] == first["gaussian"] > 0
-        assert first.get("two_gaussians", 0) == (0 if edge else first["gaussian"])
 
 
 def test_a_bright_star_in_the_middle_is_not_fitted_with_too_little_regularisation() -> None:

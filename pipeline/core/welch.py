@@ -33,12 +33,11 @@ gradients, not a crop).  A plain Laplacian flattens the peak (FWHM 9 % too
 broad on survey tiles), so it then acts on the kernel less a profile:
 
 - on noisy tiles (strength above :data:`REFINE_MAX_LAM`: survey tiles), an
-  elliptical Gaussian, or a Moffat profile or two Gaussians (a core and a
-  wing) where that fits the spectra better by :data:`PROFILE_GAIN` for each
-  parameter it adds (:mod:`pipeline.core.profiles`), fitted to the spectra
-  by maximum likelihood, every frequency weighed by what it knows
-  (:func:`_profile_kernels`); its strength chosen again by the risk about
-  the profile, and the kernel given the profile's flux.  The
+  elliptical Gaussian, or a Moffat profile where that fits the spectra
+  better by more than :data:`MOFFAT_GAIN` (:mod:`pipeline.core.profiles`),
+  fitted to the spectra by maximum likelihood, every frequency weighed by
+  what it knows (:func:`_profile_kernels`); its strength chosen again by the
+  risk about the profile, and the kernel given the profile's flux.  The
   adaptive moments of a noisy, smoothed kernel are biased wide (FWHM +10 %
   on faint survey tiles, +31 % on sparse faint ones) and its sum rests on
   the few lowest frequencies; the fitted profile is neither (median relative
@@ -878,33 +877,13 @@ PROFILE_ITERATIONS = 4
 MOFFAT_ITERATIONS = 6
 MOFFAT_START_NU = 0.05
 #: ... which is kept where it lowers the misfit (a chi-squared over the complex frequencies: about 0.5 from
-#: the noise alone) by more than this for each parameter it adds to the profile chosen so far.  Less took a
-#: Moffat profile for misfits that were not noise (a Gaussian kernel's tile with an unfillable block: 0.055
-#: -> 0.138 at 4); more lost Moffat kernels' faint tiles (0.086 -> 0.097 at 25).
-PROFILE_GAIN = 10.0
+#: the noise alone) by more than this.  Less took a Moffat profile for misfits that were not noise (a
+#: Gaussian kernel's tile with an unfillable block: 0.055 -> 0.138 at 4); more lost Moffat kernels' faint
+#: tiles (0.086 -> 0.097 at 25).
+MOFFAT_GAIN = 10.0
 #: The Moffat profile is fitted only where one Gauss-Newton step from the Gaussian predicts at least this
-#: fraction of what it must gain (:func:`~pipeline.core.profiles.extension_gains`).
+#: fraction of :data:`MOFFAT_GAIN` (:func:`~pipeline.core.profiles.moffat_gain`).
 MOFFAT_PROMISE = 0.25
-#: Two Gaussians (a core and a wider wing about it, :mod:`~pipeline.core.profiles`: two parameters more than
-#: the Gaussian, one more than the Moffat profile) from the Gaussian in the same way, the wing starting at
-#: :data:`WING_START` (its share of the light and its width over the core's).  A core and an offset wide wing
-#: (0.8 of the light in FWHM 2.5 px, 0.2 in 6.25 px 0.8 px off; median relative L2 of 32 survey tiles a
-#: field): bright 0.103 -> 0.031, sparse 0.138 -> 0.102, faint 0.161 -> 0.153; Gaussian kernels unchanged;
-#: Moffat kernels within 1 % but an elongated beta-4 one's bright tiles (0.0125 -> 0.0131).  Needing 15 a
-#: parameter kept less of the wing's gain (bright 0.034), 25 hardly any (bright 0.076).  Not fitted where a
-#: source at the tile's edge rules it (:data:`EDGE_SHARE`): there the misfit is the edge's
-#: (``bench_bright_star.py``, a Moffat kernel, a star of 3e5-1e6 ADU at the edge: 0.083 / 0.108 -> 0.090 /
-#: 0.159 with them).
-WING_ITERATIONS = 8
-WING_START = (0.15, 2.0)
-WING_PROMISE = 0.25
-#: A profile must also gain at least this share of what the profile chosen so far gained over the
-#: Gaussian: at a high signal the profiles' own misfit, not the noise, sets how much better one fits (a
-#: Moffat kernel's bright tile: the Moffat profile 2290 better than the Gaussian and 0.017 from the truth,
-#: two Gaussians 16.6 better still and 0.044 from it).  0.01 took two Gaussians on more of an elongated
-#: Moffat kernel's bright tiles (0.0125 -> 0.0144); 0.04 lost some of the core and wing's bright stars
-#: (``bench_bright_star.py``, middle, 3e5-1e6 ADU: 80th percentile 0.027 -> 0.092).
-EXTENSION_SHARE = 0.02
 #: The profile fit's noise per frequency is at least this fraction of the tile's median (a noise-free
 #: image's "noise" is the taper's misfit; a few frequencies of it would rule the fit: 0.49 -> 0.012).
 PROFILE_NOISE_FLOOR = 0.1
@@ -1317,15 +1296,12 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
                      dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kernels smoothed towards a profile fitted to the spectra: ``(kernels, fitted, profile, strength)``.
 
-    An elliptical Gaussian, and from it a Moffat profile or two Gaussians (a
-    core and a wing; not on the tiles a source at their edge rules, those not
-    ``refit``) where the score test promises them and they fit better than
-    the profile chosen so far by :data:`PROFILE_GAIN` for each parameter they
-    add and by :data:`EXTENSION_SHARE` of what it gained
-    (:mod:`pipeline.core.profiles`), times the taper's ``gains``, is fitted
-    by weighted least squares, ``sum |C - A_fit H|**2 / (sigma2 A)``
-    (``sigma2`` the noise per unit source power, ``noise / w``): the maximum
-    likelihood over all the frequencies, as the stamp's quadratic form.  On the tiles ``refit`` it
+    An elliptical Gaussian, and a Moffat profile from it where that fits
+    better by more than :data:`MOFFAT_GAIN` (:mod:`pipeline.core.profiles`),
+    times the taper's ``gains``, is fitted by weighted least squares,
+    ``sum |C - A_fit H|**2 / (sigma2 A)`` (``sigma2`` the noise per unit
+    source power, ``noise / w``): the maximum likelihood over all the
+    frequencies, as the stamp's quadratic form.  On the tiles ``refit`` it
     is then refitted (:data:`REFIT_ITERATIONS`) with what the taper adds to the cross
     spectrum for that profile, the source's light spread as its
     autocorrelation says, beyond what it adds for points (with the white
@@ -1387,30 +1363,19 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
                                    *(np.asarray(v)[rows] for v in (mom.y, mom.x, mom.myy, mom.mxx, mom.mxy)))
     g_rows = gains[rows]
     normal_rows = through(m_op[rows])
-    params, core, value = profiles.fit_profiles(normal_rows, b[rows], g_rows, at, kind="gaussian",
+    params, core, value = profiles.fit_profiles(normal_rows, b[rows], g_rows, at, moffat=False,
                                                 iterations=PROFILE_ITERATIONS)
-    gaussian, gaussian_value = params.copy(), value.copy()
-    # each extension from the Gaussian where the score test promises it (two Gaussians not where a source at
-    # the edge rules the tile: the misfit there is the edge's), taken where it fits better than the profile
-    # chosen so far by PROFILE_GAIN a parameter more and EXTENSION_SHARE of what that one gained (the stamp's
-    # sums are the spectra's over seg**2)
-    extensions = (("moffat", MOFFAT_ITERATIONS, MOFFAT_PROMISE, [6], [MOFFAT_START_NU], np.ones(len(rows), bool)),
-                  ("two_gaussians", WING_ITERATIONS, WING_PROMISE, [7, 8], list(WING_START), refit[rows]))
-    forecast = profiles.extension_gains(normal_rows, b[rows], g_rows, gaussian) * seg**2
-    for (kind, iterations, promise, columns, values, offered), predicted in zip(extensions, forecast.T):
-        promising = np.flatnonzero(offered & (predicted > promise * PROFILE_GAIN * len(columns)))
-        if not promising.size:
-            continue
-        at = gaussian[promising].copy()
-        at[:, columns] = values
-        e_params, e_core, e_value = profiles.fit_profiles(
-            through(m_op[rows[promising]]), b[rows[promising]], g_rows[promising], at, kind=kind,
-            iterations=iterations)
-        added = profiles.parameter_counts(e_params) - profiles.parameter_counts(params[promising])
-        so_far = (gaussian_value[promising] - value[promising]) * seg**2
-        better = (value[promising] - e_value) * seg**2 > np.maximum(PROFILE_GAIN * added, EXTENSION_SHARE * so_far)
-        took = promising[better]
-        params[took], core[took], value[took] = e_params[better], e_core[better], e_value[better]
+    # the stamp's sums are the spectra's over seg**2
+    promising = np.flatnonzero(profiles.moffat_gain(normal_rows, b[rows], g_rows, params) * seg**2
+                               > MOFFAT_GAIN * MOFFAT_PROMISE)
+    if promising.size:
+        at = params[promising].copy()
+        at[:, 6] = MOFFAT_START_NU
+        m_params, m_core, m_value = profiles.fit_profiles(
+            through(m_op[rows[promising]]), b[rows[promising]], g_rows[promising], at, moffat=True,
+            iterations=MOFFAT_ITERATIONS)
+        better = (value[promising] - m_value) * seg**2 > MOFFAT_GAIN
+        params[promising[better]], core[promising[better]] = m_params[better], m_core[better]
 
     a_rows, a_fit_rows = a[rows], a_fit[rows]
     cross_rows, q_rows, rhs_rows = cross[rows], q[rows], rhs[rows]
@@ -1420,7 +1385,7 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     if again.size:
         tiles = rows[again]
         drawn = profiles.draw(params[again], k)
-        kind_of = profiles.kinds(params[again])
+        moffat = params[again, 6] > 0
         cross_rows[again] -= taper_bias(drawn, a_fit[tiles], lags[window_of[tiles]],
                                         workers=workers).astype(cross.dtype)
         q_rows[again] = np.abs(cross_rows[again].astype(np.complex128)) ** 2
@@ -1436,12 +1401,12 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
             share = np.einsum("tij,tij->t", width_info, unbiased) / np.einsum("tij,tij->t", width_info, squares)
             unbiased[~(share >= SPREAD_MOST_KEPT)] = squares[~(share >= SPREAD_MOST_KEPT)]
             m_fit = stamp_operator(weight[tiles] * unbiased, k, workers=workers).astype(cdt)
-        for code, kind in enumerate(profiles.KINDS):
-            local = np.flatnonzero(kind_of == code)
+        for kind in (False, True):
+            local = np.flatnonzero(moffat == kind)
             if local.size:
                 sub = again[local]
                 params[sub], core[sub], _ = profiles.fit_profiles(
-                    through(m_fit[local]), b_again[local], g_rows[sub], params[sub], kind=kind,
+                    through(m_fit[local]), b_again[local], g_rows[sub], params[sub], moffat=kind,
                     iterations=REFIT_ITERATIONS)
     prior = _centred_spectra(core, seg, workers)
     best = _risk_minimum(a_rows, np.where(a_rows > 0, a_fit_rows, 1.0), q_rows, noise[rows], w, lap, scale[rows],
