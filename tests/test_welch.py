@@ -18,6 +18,7 @@ from pipeline.core.fill import FILL_RADIUS, fill_bad_pixels
 from pipeline.core.moments import adaptive_moments
 from pipeline.core.welch import (
     LAM_GRID,
+    PROFILE_LAM_GRID,
     WelchResult,
     gaussian_core,
     independent_fraction,
@@ -727,7 +728,7 @@ def test_auto_matches_loop_reference(noise_level: float, monkeypatch) -> None:
 def profile_reference(src, tgt, core, flux, *, k, seg, bias):
     """The kernel smoothed towards a profile, by loops and a dense solve, on one tile.
 
-    The risk about the profile over the whole grid, ``K = (C + lam s R m) /
+    The risk about the profile over the whole grid (:data:`PROFILE_LAM_GRID`), ``K = (C + lam s R m) /
     D`` (``m`` the transform of ``core``, the profile times the taper's
     gain, centred; ``C`` less the full spectrum ``bias``, the noise ``sigma2``
     from ``C`` itself), full complex spectra; the stamp-confined minimiser of
@@ -750,11 +751,11 @@ def profile_reference(src, tgt, core, flux, *, k, seg, bias):
             placed[(y - h) % seg, (x - h) % seg] = core[y, x]
     prior = np.fft.fft2(placed)
     risks = []
-    for lam in LAM_GRID:
+    for lam in PROFILE_LAM_GRID:
         d = a + lam * scale * lap
         kern = (c + lam * scale * lap * prior) / d
         risks.append(np.sum(-2 * (np.conj(c) * kern).real + a * np.abs(kern) ** 2 + 2 * sigma2 * a / d))
-    lam = LAM_GRID[int(np.argmin(risks))]
+    lam = PROFILE_LAM_GRID[int(np.argmin(risks))]
     ref = auto_reference(src, tgt, k=k, seg=seg, reference=core, strength=lam, bias=bias)[0]
     return ref * flux / ref.sum(), lam
 
