@@ -26,8 +26,7 @@ noise model (see :func:`irls_reference`), and the targets the default is held
 to against it.
 
 Between them (alone with ``--welch-only``, followed by the photo case and the
-kernel forms): Welch
-against the default and its FFT peers on the survey-like fields of
+kernel forms): Welch against the default and its FFT peers on the survey-like fields of
 :data:`FIELDS` (bright and crowded, faint, sparse, sparse and faint;
 ``--unique`` distinct tiles each).  Per field and method: the median relative
 L2 error as is and with estimate and truth scaled to unit sum, the median
@@ -43,8 +42,9 @@ whether ``welch auto`` meets its targets on each field (:data:`WELCH_TARGETS`)
 and on the photo case (:data:`WELCH_PHOTO_TARGET`).  Last of these, the kernel
 forms: Welch and the default on the same fields with kernels that are not
 Gaussians (``bench_bright_star.KERNELS``: a Moffat profile, an elongated one, a
-core with a wide offset wing; :data:`FORM_TILES` tiles a field, each kernel
-scaled by a flux of 0.9-1.1).
+core with a wide offset wing; and the kernels that match the simulated PSF to
+wider Moffat profiles, :func:`matching_kernel`; :data:`FORM_TILES` tiles a
+field, each kernel scaled by a flux of 0.9-1.1).
 
     python scripts/bench_estimators.py [--tiles 64] [--unique 16] [--defects-only | --welch-only | --forms-only]
 """
@@ -423,6 +423,7 @@ def welch_table(unique: int) -> None:
               f"shift, background fitted): |dflux| {bound['flux']:.2%}, centroid {bound['centroid']:.3f} px; "
               f"with the noisy source (its noise corrected for): |dflux| {bound['noisy_flux']:.2%}")
     print(f"\n(Welch section: {time.perf_counter() - t_start:.0f} s)")
+
 
 def matching_kernel(fwhm: float, beta: float, *, size: int = 129) -> np.ndarray:
     """The unit-sum ``K x K`` kernel that takes the simulated PSF (``survey_tile_pair``'s Moffat profile, FWHM 3

@@ -728,8 +728,8 @@ def test_auto_matches_loop_reference(noise_level: float, monkeypatch) -> None:
 def profile_reference(src, tgt, core, flux, *, k, seg, bias):
     """The kernel smoothed towards a profile, by loops and a dense solve, on one tile.
 
-    The risk about the profile over the whole grid (:data:`PROFILE_LAM_GRID`), ``K = (C + lam s R m) /
-    D`` (``m`` the transform of ``core``, the profile times the taper's
+    The risk about the profile over the whole grid (:data:`PROFILE_LAM_GRID`),
+    ``K = (C + lam s R m) / D`` (``m`` the transform of ``core``, the profile times the taper's
     gain, centred; ``C`` less the full spectrum ``bias``, the noise ``sigma2``
     from ``C`` itself), full complex spectra; the stamp-confined minimiser of
     ``sum_f D |K|**2 - 2 Re(K* (C + lam s R m))`` from the normal

@@ -854,8 +854,8 @@ LAM_GRID = np.logspace(-6.0, 2.0, 33)
 #: :data:`LAM_GRID` stops (median relative L2 of 32 tiles a field, bright / faint / sparse / sparse faint:
 #: the survey's Gaussian kernels 0.0150 / 0.0776 / 0.0511 / 0.1942 -> 0.0109 / 0.0569 / 0.0380 / 0.1715; a
 #: Moffat kernel's 0.0185 / 0.0790 / 0.0383 / 0.2254 -> 0.0151 / 0.0585 / 0.0279 / 0.1994); where it does
-#: not, the risk stops short of it (a core and wide wing, a sharp-core PSF-matching kernel: within 3 %,
-#: or better).  Up to 1e4: most of that (0.0110 / 0.0583 / 0.0386 / 0.1777).
+#: not (a core and wide wing, a sharp-core PSF-matching kernel), the kernels move by 2 % at most, or
+#: improve.  Up to 1e4: most of that (0.0110 / 0.0583 / 0.0386 / 0.1777).
 PROFILE_LAM_GRID = np.logspace(-6.0, 6.0, 49)
 #: A sky is white noise where its pixels scatter by less than this many times their noise
 #: (:func:`sky_noise_variance`) ...
@@ -1322,9 +1322,9 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     the kernel less that profile, its strength chosen by the risk about it
     (:func:`_risk_minimum`, on :data:`PROFILE_LAM_GRID`), the solve confined
     to the stamp, and the kernel takes the profile's flux (fitted on every
-    frequency, not only the few lowest that set a kernel's sum).  ``start``: the kernels of the plain
-    penalty of strength ``start_strength`` (``lam s``), ``d_op`` its ``D``'s
-    :func:`stamp_operator`.  ``fitted``: the tiles whose start's adaptive
+    frequency, not only the few lowest that set a kernel's sum).  ``start``:
+    the kernels of the plain penalty of strength ``start_strength`` (``lam
+    s``), ``d_op`` its ``D``'s :func:`stamp_operator`.  ``fitted``: the tiles whose start's adaptive
     moments succeeded; the others' kernels are their ``start``.  ``profile``:
     each tile's profile without the gains, ``strength`` its penalty's ``lam
     s`` (NaN where not fitted).
