@@ -52,6 +52,7 @@ field, each kernel scaled by a flux of 0.9-1.1).
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from functools import partial
 
@@ -426,15 +427,17 @@ def welch_table(unique: int) -> None:
 
 
 def matching_kernel(fwhm: float, beta: float, *, size: int = 129) -> np.ndarray:
-    """The unit-sum ``K x K`` kernel that takes the simulated PSF (``survey_tile_pair``'s Moffat profile, FWHM 3
-    px, beta 3.5) to a wider Moffat profile: PSF matching between two nights' seeing (by division of their
-    transforms on a ``size`` grid), cut to the stamp (2 % of the light lies beyond it for 4 px and beta 2.5,
-    6 % for 5 px and beta 2.2) and scaled to unit sum."""
+    """The unit-sum ``K x K`` kernel that takes the simulated PSF (``survey_tile_pair``'s default Moffat profile,
+    FWHM 3 px, beta 3.5) to a wider Moffat profile: PSF matching between two nights' seeing (by division of
+    their transforms on a ``size`` grid), cut to the stamp (2 % of the light lies beyond it for 4 px and beta
+    2.5, 6 % for 5 px and beta 2.2) and scaled to unit sum."""
     def transform(f: float, b: float) -> np.ndarray:
         psf = moffat_psf(size, fwhm=f, beta=b)
         return np.fft.fft2(np.fft.ifftshift(psf / psf.sum()))
 
-    full = np.fft.fftshift(np.fft.ifft2(transform(fwhm, beta) / transform(3.0, 3.5)).real)
+    simulated = inspect.signature(survey_tile_pair).parameters
+    source = transform(simulated["psf_fwhm"].default, simulated["psf_beta"].default)
+    full = np.fft.fftshift(np.fft.ifft2(transform(fwhm, beta) / source).real)
     c, h = size // 2, K // 2
     kernel = full[c - h:c + h + 1, c - h:c + h + 1]
     return kernel / kernel.sum()

@@ -1324,8 +1324,9 @@ def _profile_kernels(cross: np.ndarray, a: np.ndarray, a_fit: np.ndarray, q: np.
     to the stamp, and the kernel takes the profile's flux (fitted on every
     frequency, not only the few lowest that set a kernel's sum).  ``start``:
     the kernels of the plain penalty of strength ``start_strength`` (``lam
-    s``), ``d_op`` its ``D``'s :func:`stamp_operator`.  ``fitted``: the tiles whose start's adaptive
-    moments succeeded; the others' kernels are their ``start``.  ``profile``:
+    s``), ``d_op`` its ``D``'s :func:`stamp_operator`.  ``fitted``: the
+    tiles whose start's adaptive moments succeeded; the others' kernels are
+    their ``start``.  ``profile``:
     each tile's profile without the gains, ``strength`` its penalty's ``lam
     s`` (NaN where not fitted).
     """
